@@ -1,0 +1,433 @@
+"""Stat-based change detection over the items (SPEC section 4), without inotify.
+
+The scanner keeps one small tuple per tracked file:
+    name -> (size, mtime_ns, ino, ctime_ns, mode, sha256 digest as 32 raw bytes)
+and one per tracked folder:
+    name -> (mtime_ns, ctime_ns, ino, file base names, sub-folder base names)
+Names are relative to the installation directory with "/" separators, kept as the
+interpreter's native str internally and handed out as text.
+
+Two passes:
+- poll(): cheap, every second or so. Stats the hot files (client.keys) and every tracked
+  folder; only a folder whose fingerprint changed is listed again, which catches creates,
+  deletes and renames anywhere (a new sub-folder is scanned in full). It also re-checks the
+  few files left for retry (changed while being hashed) or "racy" (see below).
+- full_pass(): stats every file; catches in-place edits, which do not touch the folder.
+
+A file is hashed only when its fingerprint changed. Same content with a new mtime is a
+"touch": reported for items whose mtime is data (agent-info keepalives), otherwise the
+fingerprint is updated silently.
+
+Racy files (the problem git calls "racily clean"): kernels stamp files with a coarse clock
+(a few ms, or a second on some file systems), so a file rewritten with the same size right
+after we hashed it can keep the same fingerprint. A file whose mtime/ctime is within
+RACY_NS of the moment it was hashed is hashed again on the following polls until it is older.
+"""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import collections
+import errno
+import fnmatch
+import hashlib
+import os
+import re
+import stat
+import time
+
+from wazuh_cluster import compat
+
+# Files modified this close to the moment we hash them are hashed again later (see above).
+RACY_NS = 2 * 10 ** 9
+READ_CHUNK = 1 << 20
+# What receivers accept (SPEC section 4): printable ASCII, no backslash; anything else is skipped
+# here (reported once) instead of failing on every peer.
+_PORTABLE = re.compile(compat.native_str(r"^[\x20-\x5b\x5d-\x7e]{1,255}$"))
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_GONE = (errno.ENOENT, errno.ENOTDIR)
+
+
+class ChangeSet(collections.namedtuple("ChangeSet",
+                                       ("changed", "touched", "deleted", "deleted_dirs"))):
+    """What one pass saw: sorted lists of text names relative to the installation."""
+    __slots__ = ()
+
+    def is_empty(self):
+        """True when the pass saw nothing worth telling anyone."""
+        return not (self.changed or self.touched or self.deleted or self.deleted_dirs)
+
+    def to_event(self):
+        """The frame body pushed to subscribers of the internal daemon."""
+        return {"event": "changes", "changed": list(self.changed), "touched": list(self.touched),
+                "deleted": list(self.deleted), "deleted_dirs": list(self.deleted_dirs)}
+
+
+class _Collector(object):
+    """Mutable accumulator of one pass (sets, so a name seen twice counts once)."""
+    __slots__ = ("changed", "touched", "deleted", "deleted_dirs")
+
+    def __init__(self):
+        self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
+
+    def freeze(self):
+        # A file deleted and re-created inside one pass is simply "changed".
+        self.deleted -= self.changed
+        self.touched -= self.changed
+        return ChangeSet(*[sorted(compat.to_text(n) for n in names) for names in
+                           (self.changed, self.touched, self.deleted, self.deleted_dirs)])
+
+
+def _fingerprint(st):
+    return (st.st_size, compat.stat_mtime_ns(st), st.st_ino, compat.stat_ctime_ns(st),
+            stat.S_IMODE(st.st_mode))
+
+
+def _dir_fingerprint(st):
+    return (compat.stat_mtime_ns(st), compat.stat_ctime_ns(st), st.st_ino)
+
+
+def _kind_word(mode):
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "special file"
+
+
+class Scanner(object):
+    """Change detection over `items` (config.Item tuples) below `home`.
+
+    `exclude_patterns` are fnmatch patterns matched against base names (files and folders).
+    `report(name, reason)` is called once per skipped entry (symlink, special file,
+    unportable name, unreadable file); `clock` is monotonic and only times the passes;
+    `wall` returns epoch seconds and only serves the racy-file check.
+    """
+
+    def __init__(self, home, items, exclude_patterns, clock=compat.monotonic, wall=time.time,
+                 report=None):
+        self.home = compat.native_str(home)
+        self.items = tuple(items)
+        self.exclude = tuple(compat.native_str(p) for p in exclude_patterns)
+        self._clock = clock
+        self._wall = wall
+        self._report = report or (lambda name, reason: None)
+        self._files = {}
+        self._dirs = {}
+        self._retry = set()
+        self._racy = set()
+        self._noted = {}
+        self._primed = False
+        self._roots = []  # (item, native relative path)
+        for item in self.items:
+            self._roots.append((item, compat.native_str(item.path)))
+        self.last_full_pass = None   # monotonic time of the end of the last full pass
+        self.last_poll = None
+        self.full_pass_seconds = 0.0
+        self.poll_seconds = 0.0
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._files)
+
+    def __contains__(self, name):
+        return compat.native_str(name) in self._files
+
+    def item_of(self, name):
+        """The item a name belongs to (the longest matching path), or None."""
+        name = compat.native_str(name)
+        best = None
+        for item, rel in self._roots:
+            if name == rel or name.startswith(rel + "/"):
+                if best is None or len(rel) > len(best[1]):
+                    best = (item, rel)
+        return best[0] if best else None
+
+    def get(self, name):
+        """The record of one file as a dict (manifest format) or None."""
+        rec = self._files.get(compat.native_str(name))
+        if rec is None:
+            return None
+        item = self.item_of(name)
+        return {"size": rec[0], "mtime_ns": rec[1], "mode": rec[4], "sha256": _hex(rec[5]),
+                "item": item.name if item else None}
+
+    def rows(self):
+        """Yield (name, item, size, mtime_ns, ino, ctime_ns, mode, sha256 hex) per file."""
+        for name, rec in self._files.items():
+            item = self.item_of(name)
+            yield (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
+                   rec[3], rec[4], _hex(rec[5]))
+
+    def row(self, name):
+        """One row as in rows(), or None."""
+        name = compat.native_str(name)
+        rec = self._files.get(name)
+        if rec is None:
+            return None
+        item = self.item_of(name)
+        return (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
+                rec[3], rec[4], _hex(rec[5]))
+
+    # -- seeding from the database ------------------------------------------------------------
+
+    def load(self, rows):
+        """Seed the map from (name, size, mtime_ns, ino, ctime_ns, mode, sha256 hex) rows.
+
+        Used at start so that unchanged files are not hashed again; the next pass must be a
+        full pass (poll() does one by itself when the folders were never listed). Rows with
+        a bad digest are ignored: the file is simply hashed again.
+        """
+        for name, size, mtime_ns, ino, ctime_ns, mode, sha in rows:
+            try:
+                digest = binascii.unhexlify(compat.to_bytes(sha))
+            except (TypeError, ValueError, binascii.Error):
+                continue
+            if len(digest) != 32:
+                continue
+            self._files[compat.native_str(name)] = (size, mtime_ns, ino, ctime_ns, mode, digest)
+
+    # -- passes -------------------------------------------------------------------------------
+
+    def full_pass(self):
+        """Stat every file of every item; return a ChangeSet."""
+        start = self._clock()
+        out = _Collector()
+        seen_files = set() if not self._primed else None
+        self._retry.clear()  # every file is looked at below; failures re-add themselves
+        for item, rel in self._roots:
+            if item.kind == "file":
+                self._check_path(item, rel, out)
+                if seen_files is not None:
+                    seen_files.add(rel)
+            else:
+                self._scan_dir(item, rel, out, deep=True, root=True)
+        if seen_files is not None:
+            self._drop_unseen(seen_files, out)
+        self._primed = True
+        end = self._clock()
+        self.full_pass_seconds = end - start
+        self.last_full_pass = self.last_poll = end
+        return out.freeze()
+
+    def poll(self):
+        """Hot files, folder fingerprints, retries and racy files; return a ChangeSet."""
+        if not self._primed:
+            return self.full_pass()
+        start = self._clock()
+        out = _Collector()
+        for item, rel in self._roots:
+            if item.kind == "file":
+                if item.hot:
+                    self._check_path(item, rel, out)
+            elif rel not in self._dirs:
+                self._scan_dir(item, rel, out, deep=True, root=True)
+        # Parents first, so a removed tree is reported once, as its top-most folder.
+        for rel in sorted(self._dirs):
+            record = self._dirs.get(rel)
+            if record is None:  # dropped with its parent during this loop
+                continue
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                st = None
+            if st is None or _dir_fingerprint(st) != record[:3]:
+                item = self.item_of(rel)
+                self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel))
+        for rel in list(self._retry | self._racy):
+            self._retry.discard(rel)
+            self._check_path(self.item_of(rel), rel, out)
+        end = self._clock()
+        self.poll_seconds = end - start
+        self.last_poll = end
+        return out.freeze()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _abs(self, rel):
+        return os.path.join(self.home, rel)
+
+    def _is_root(self, rel):
+        return any(rel == r for _, r in self._roots)
+
+    def _excluded(self, base):
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(base, pattern):
+                return True
+        return False
+
+    def _note(self, rel, reason):
+        """Report a skipped entry once (not on every pass)."""
+        if self._noted.get(rel) != reason:
+            self._noted[rel] = reason
+            self._report(compat.to_text(rel, errors="replace"), reason)
+
+    def _drop_unseen(self, seen_files, out):
+        """After the first full pass of a seeded map: files of the db that are gone."""
+        for rel in list(self._files):
+            if rel in seen_files:
+                continue
+            parent = rel.rsplit("/", 1)[0]
+            record = self._dirs.get(parent)
+            if record is None or rel.rsplit("/", 1)[1] not in record[3]:
+                del self._files[rel]
+                out.deleted.add(rel)
+
+    def _check_path(self, item, rel, out):
+        """lstat one file by name and check it (hot files, retries, racy files)."""
+        try:
+            st = os.lstat(self._abs(rel))
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self._note(rel, "cannot stat: %s" % exc.strerror)
+            self._forget_file(rel, out)
+            return
+        if stat.S_ISREG(st.st_mode):
+            self._check_file(item, rel, st, out)
+        else:
+            self._note(rel, "%s skipped (not followed)" % _kind_word(st.st_mode))
+            self._forget_file(rel, out)
+
+    def _forget_file(self, rel, out):
+        self._retry.discard(rel)
+        self._racy.discard(rel)
+        if self._files.pop(rel, None) is not None:
+            out.deleted.add(rel)
+
+    def _check_file(self, item, rel, st, out):
+        """Compare a regular file's lstat with the map; hash it only when needed."""
+        fp = _fingerprint(st)
+        old = self._files.get(rel)
+        if old is not None and old[:5] == fp and rel not in self._racy:
+            return
+        hashed_at = int(self._wall() * 1e9)
+        result = self._hash(rel)
+        if result is None:
+            return  # changed while reading, vanished or unreadable: retried later
+        digest, fp = result
+        self._files[rel] = fp + (digest,)
+        self._noted.pop(rel, None)
+        if hashed_at - RACY_NS <= max(fp[1], fp[3]) <= hashed_at + RACY_NS:
+            self._racy.add(rel)
+        else:
+            self._racy.discard(rel)
+        if old is None or old[5] != digest:
+            out.changed.add(rel)
+        elif old[1] != fp[1] and item is not None and item.mtime_is_data:
+            out.touched.add(rel)
+
+    def _hash(self, rel):
+        """SHA-256 of a file, stat-ed before and after; None when it moved under us."""
+        path = self._abs(rel)
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno not in _GONE and exc.errno != errno.ELOOP:
+                self._note(rel, "cannot read: %s" % exc.strerror)
+            self._retry.add(rel)
+            return None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                self._retry.add(rel)
+                return None
+            sha = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, READ_CHUNK)
+                if not chunk:
+                    break
+                sha.update(chunk)
+            after = os.fstat(fd)
+            now = os.lstat(path)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self._note(rel, "cannot read: %s" % exc.strerror)
+            self._retry.add(rel)
+            return None
+        finally:
+            os.close(fd)
+        fp = _fingerprint(before)
+        if _fingerprint(after) != fp or _fingerprint(now) != fp:
+            # Written or replaced while we read it: not reported yet, read again next poll.
+            self._retry.add(rel)
+            return None
+        return sha.digest(), fp
+
+    def _scan_dir(self, item, rel, out, deep, root=False):
+        """List one folder; recurse into new sub-folders (all of them when `deep`)."""
+        old = self._dirs.get(rel)
+        path = self._abs(rel)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                if root or old is not None:
+                    self._note(rel, "%s where a folder was expected" % _kind_word(st.st_mode))
+                self._forget_dir(rel, out, root)
+                return
+            entries = compat.scandir(path)
+            listing = []
+            for entry in entries:
+                listing.append(entry)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self._note(rel, "cannot list: %s" % exc.strerror)
+                if old is not None:
+                    return  # keep what we knew; a permission glitch is not a deletion
+            self._forget_dir(rel, out, root)
+            return
+        recursive = item is not None and item.recursive
+        files, subdirs = [], []
+        for entry in listing:
+            base = entry.name
+            if self._excluded(base):
+                continue
+            child = rel + "/" + base
+            if not _PORTABLE.match(base):
+                self._note(child, "name not portable (printable ASCII only), skipped")
+                continue
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished between listing and stat: the next pass will tell
+            mode = est.st_mode
+            if stat.S_ISREG(mode):
+                files.append(base)
+                self._check_file(item, child, est, out)
+            elif stat.S_ISDIR(mode) and recursive:
+                subdirs.append(base)
+                if deep or child not in self._dirs:
+                    self._scan_dir(item, child, out, deep)
+            else:
+                if not stat.S_ISDIR(mode):
+                    self._note(child, "%s skipped (not followed)" % _kind_word(mode))
+                else:
+                    self._note(child, "sub-folder of a non-recursive item, skipped")
+        files = tuple(sorted(files))
+        subdirs = tuple(sorted(subdirs))
+        if old is not None:
+            kept = set(files)
+            for base in old[3]:
+                if base not in kept:
+                    self._forget_file(rel + "/" + base, out)
+            kept = set(subdirs)
+            for base in old[4]:
+                if base not in kept:
+                    self._forget_dir(rel + "/" + base, out, False)
+        self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
+
+    def _forget_dir(self, rel, out, root):
+        """A folder vanished (or is no folder any more): drop everything below it."""
+        record = self._dirs.pop(rel, None)
+        if record is None:
+            return
+        for base in record[3]:
+            self._forget_file(rel + "/" + base, out)
+        for base in record[4]:
+            # Only the top-most vanished folder is reported: removing it removes the rest.
+            self._forget_dir(rel + "/" + base, out, True)
+        if not root:
+            out.deleted_dirs.add(rel)
+
+
+def _hex(digest):
+    return compat.to_text(binascii.hexlify(digest))

@@ -1,0 +1,322 @@
+"""Change detection: fingerprints, hashing only when needed, folder polls, exclusions."""
+from __future__ import absolute_import, division, print_function
+
+import collections
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from wazuh_cluster import compat, scanner
+
+Item = collections.namedtuple("Item", ("name", "path", "kind", "source", "recursive", "mode",
+                                       "dir_mode", "hot", "mtime_is_data", "delete_dirs"))
+
+ITEMS = (
+    Item("client.keys", "etc/client.keys", "file", "master", False, 0o640, 0o770, True, False,
+         False),
+    Item("shared", "etc/shared", "dir", "master", True, 0o660, 0o770, False, False, True),
+    Item("agent-groups", "queue/agent-groups", "dir", "master", False, 0o660, 0o770, False,
+         False, False),
+    Item("agent-info", "queue/agent-info", "dir", "client", False, 0o660, 0o770, False, True,
+         False),
+)
+EXCLUDE = ("merged.mg", "ar.conf", "ossec.conf", "*~", ".*.tmp", "*.tmp", "*.swp", ".*")
+SEC = 10 ** 9
+BASE_NS = 1500000000 * SEC  # far in the past: files stamped with it are never "racy"
+
+
+@pytest.fixture
+def home():
+    path = tempfile.mkdtemp(prefix="wzc-scan-")
+    for folder in ("etc/shared/default", "queue/agent-groups", "queue/agent-info"):
+        os.makedirs(os.path.join(path, folder))
+    yield path
+    shutil.rmtree(path)
+
+
+def write(home, name, data, mtime_ns=BASE_NS):
+    path = os.path.join(home, name)
+    with open(path, "wb") as handle:
+        handle.write(compat.to_bytes(data))
+    if mtime_ns is not None:
+        compat.set_mtime_ns(path, mtime_ns)
+    return path
+
+
+def make(home, **kwargs):
+    notes = []
+    scan = scanner.Scanner(home, ITEMS, EXCLUDE, report=lambda n, r: notes.append((n, r)),
+                           **kwargs)
+    return scan, notes
+
+
+def test_first_pass_reports_every_file_as_changed(home):
+    write(home, "etc/client.keys", "001 web01 any k\n")
+    write(home, "etc/shared/default/agent.conf", "<agent_config/>")
+    write(home, "queue/agent-groups/001", "default")
+    scan, _ = make(home)
+    changes = scan.full_pass()
+    assert changes.changed == ["etc/client.keys", "etc/shared/default/agent.conf",
+                               "queue/agent-groups/001"]
+    assert changes.deleted == [] and changes.touched == []
+    assert all(isinstance(n, compat.text_type) for n in changes.changed)
+    assert len(scan) == 3
+    assert scan.full_pass().is_empty()
+    assert scan.poll().is_empty()
+
+
+def test_poll_before_any_pass_does_a_full_pass(home):
+    write(home, "etc/shared/default/agent.conf", "x")
+    scan, _ = make(home)
+    assert scan.poll().changed == ["etc/shared/default/agent.conf"]
+    assert scan.last_full_pass is not None
+
+
+def test_record_has_sha256_and_item(home):
+    write(home, "etc/shared/default/agent.conf", "abc")
+    scan, _ = make(home)
+    scan.full_pass()
+    rec = scan.get("etc/shared/default/agent.conf")
+    assert rec["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert rec["size"] == 3 and rec["mtime_ns"] == BASE_NS and rec["item"] == "shared"
+    assert scan.get("nope") is None
+
+
+def test_client_keys_edit_in_place_is_seen_by_poll(home):
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    scan, _ = make(home)
+    scan.full_pass()
+    write(home, "etc/client.keys", "001 web01 any k2\n")
+    assert scan.poll().changed == ["etc/client.keys"]
+
+
+def test_create_delete_rename_in_shared_seen_by_poll(home):
+    write(home, "etc/shared/default/a.txt", "a")
+    scan, _ = make(home)
+    scan.full_pass()
+    write(home, "etc/shared/default/b.txt", "b")
+    assert scan.poll().changed == ["etc/shared/default/b.txt"]
+    os.unlink(os.path.join(home, "etc/shared/default/a.txt"))
+    changes = scan.poll()
+    assert changes.deleted == ["etc/shared/default/a.txt"] and changes.changed == []
+    os.rename(os.path.join(home, "etc/shared/default/b.txt"),
+              os.path.join(home, "etc/shared/default/c.txt"))
+    changes = scan.poll()
+    assert changes.changed == ["etc/shared/default/c.txt"]
+    assert changes.deleted == ["etc/shared/default/b.txt"]
+
+
+def test_rename_over_existing_file_is_a_change(home):
+    write(home, "etc/shared/default/agent.conf", "old")
+    scan, _ = make(home)
+    scan.full_pass()
+    write(home, "etc/shared/default/.agent.conf.x1.tmp", "new")
+    os.rename(os.path.join(home, "etc/shared/default/.agent.conf.x1.tmp"),
+              os.path.join(home, "etc/shared/default/agent.conf"))
+    assert scan.poll().changed == ["etc/shared/default/agent.conf"]
+
+
+def test_in_place_edit_same_size_same_mtime_seen_by_full_pass(home):
+    path = write(home, "etc/shared/default/agent.conf", "aaaa")
+    scan, _ = make(home, wall=lambda: 4e9)  # nothing is "racy" seen from 2096
+    scan.full_pass()
+    write(home, "etc/shared/default/agent.conf", "bbbb")  # same size, mtime set back
+    assert os.stat(path).st_size == 4
+    assert scan.poll().is_empty()  # folder unchanged: the cheap pass cannot know
+    assert scan.full_pass().changed == ["etc/shared/default/agent.conf"]
+
+
+def test_racy_file_is_hashed_again_until_old(home):
+    # Wall clock pinned to the file's own mtime: a rewrite within the same clock tick keeps
+    # the fingerprint, so only the racy re-hash can see it.
+    now = [BASE_NS / 1e9]
+    path = write(home, "etc/client.keys", "k1\n")
+    scan, _ = make(home, wall=lambda: now[0])
+    scan.full_pass()
+    st = os.stat(path)
+    write(home, "etc/client.keys", "k2\n")
+    os.utime(path, (st.st_atime, st.st_mtime))
+    assert scan.poll().changed == ["etc/client.keys"]
+    now[0] += 3600
+    assert scan.poll().is_empty()
+    assert scan.poll().is_empty()
+
+
+def test_touch_is_reported_only_for_mtime_is_data(home):
+    write(home, "queue/agent-info/web01-any", "Linux web01")
+    write(home, "etc/shared/default/agent.conf", "conf")
+    scan, _ = make(home)
+    scan.full_pass()
+    compat.set_mtime_ns(os.path.join(home, "queue/agent-info/web01-any"), BASE_NS + SEC)
+    compat.set_mtime_ns(os.path.join(home, "etc/shared/default/agent.conf"), BASE_NS + SEC)
+    changes = scan.full_pass()
+    assert changes.touched == ["queue/agent-info/web01-any"]
+    assert changes.changed == []
+    assert scan.get("etc/shared/default/agent.conf")["mtime_ns"] == BASE_NS + SEC
+    assert scan.full_pass().is_empty()
+
+
+def test_group_folder_removal(home):
+    os.makedirs(os.path.join(home, "etc/shared/web/sub"))
+    write(home, "etc/shared/web/agent.conf", "w")
+    write(home, "etc/shared/web/sub/x", "x")
+    scan, _ = make(home)
+    scan.full_pass()
+    shutil.rmtree(os.path.join(home, "etc/shared/web"))
+    changes = scan.poll()
+    assert changes.deleted == ["etc/shared/web/agent.conf", "etc/shared/web/sub/x"]
+    assert changes.deleted_dirs == ["etc/shared/web"]
+    assert len(scan) == 0
+
+
+def test_new_group_folder_with_subfolders_seen_by_poll(home):
+    scan, _ = make(home)
+    scan.full_pass()
+    os.makedirs(os.path.join(home, "etc/shared/db/deep"))
+    write(home, "etc/shared/db/deep/f", "f")
+    write(home, "etc/shared/db/agent.conf", "c")
+    assert scan.poll().changed == ["etc/shared/db/agent.conf", "etc/shared/db/deep/f"]
+
+
+def test_missing_item_folders_are_empty_then_appear(home):
+    shutil.rmtree(os.path.join(home, "queue"))
+    scan, _ = make(home)
+    assert scan.full_pass().is_empty()
+    os.makedirs(os.path.join(home, "queue/agent-info"))
+    write(home, "queue/agent-info/a-any", "")
+    assert scan.poll().changed == ["queue/agent-info/a-any"]
+
+
+def test_item_root_removed_deletes_files_but_not_the_root(home):
+    write(home, "queue/agent-groups/001", "default")
+    scan, _ = make(home)
+    scan.full_pass()
+    shutil.rmtree(os.path.join(home, "queue/agent-groups"))
+    changes = scan.poll()
+    assert changes.deleted == ["queue/agent-groups/001"]
+    assert changes.deleted_dirs == []
+
+
+def test_exclusions(home):
+    for name in ("merged.mg", "ar.conf", "ossec.conf", "agent.conf~", ".agent.conf.AbC1.tmp",
+                 "x.swp", ".hidden", "agent.conf"):
+        write(home, "etc/shared/default/" + name, name)
+    write(home, "etc/shared/ar.conf", "global")
+    scan, _ = make(home)
+    assert scan.full_pass().changed == ["etc/shared/default/agent.conf"]
+
+
+def test_non_recursive_item_ignores_subfolders(home):
+    os.makedirs(os.path.join(home, "queue/agent-groups/sub"))
+    write(home, "queue/agent-groups/sub/f", "f")
+    scan, notes = make(home)
+    assert scan.full_pass().is_empty()
+    assert [n for n, _ in notes] == ["queue/agent-groups/sub"]
+
+
+def test_symlink_and_fifo_reported_once_not_followed(home):
+    target = write(home, "secret", "do not send")
+    os.symlink(target, os.path.join(home, "etc/shared/default/link"))
+    os.mkfifo(os.path.join(home, "etc/shared/default/fifo"))
+    scan, notes = make(home)
+    assert scan.full_pass().is_empty()
+    scan.full_pass()
+    write(home, "etc/shared/default/new", "n")
+    scan.poll()
+    assert sorted(n for n, _ in notes) == ["etc/shared/default/fifo", "etc/shared/default/link"]
+    assert "symbolic link" in dict(notes)["etc/shared/default/link"]
+
+
+def test_client_keys_replaced_by_symlink_is_deleted_not_followed(home):
+    write(home, "etc/client.keys", "k")
+    scan, notes = make(home)
+    scan.full_pass()
+    target = write(home, "other", "secret")
+    os.unlink(os.path.join(home, "etc/client.keys"))
+    os.symlink(target, os.path.join(home, "etc/client.keys"))
+    assert scan.poll().deleted == ["etc/client.keys"]
+    assert notes and notes[0][0] == "etc/client.keys"
+
+
+def test_unportable_name_skipped_and_reported(home):
+    write(home, "etc/shared/default/back\\slash", "x")
+    scan, notes = make(home)
+    assert scan.full_pass().is_empty()
+    assert notes[0][0] == "etc/shared/default/back\\slash"
+
+
+def test_file_changing_during_hashing_is_retried_not_reported(home, monkeypatch):
+    path = write(home, "etc/shared/default/agent.conf", "v1")
+    scan, _ = make(home)
+    real_read = os.read
+    calls = []
+
+    def racing_read(fd, size):
+        data = real_read(fd, size)
+        if not calls:
+            calls.append(1)
+            write(home, "etc/shared/default/agent.conf", "v2-longer", mtime_ns=None)
+        return data
+    monkeypatch.setattr(scanner.os, "read", racing_read)
+    assert scan.full_pass().is_empty()
+    assert "etc/shared/default/agent.conf" not in scan
+    monkeypatch.setattr(scanner.os, "read", real_read)
+    assert scan.poll().changed == ["etc/shared/default/agent.conf"]
+    with open(path, "rb") as handle:
+        assert scan.get("etc/shared/default/agent.conf")["size"] == len(handle.read())
+
+
+def test_vanished_file_during_scan_is_not_an_error(home, monkeypatch):
+    write(home, "etc/shared/default/a", "a")
+    scan, _ = make(home)
+    real_open = os.open
+
+    def vanishing_open(path, flags, *mode):
+        os.unlink(path)
+        return real_open(path, flags, *mode)
+    monkeypatch.setattr(scanner.os, "open", vanishing_open)
+    assert scan.full_pass().is_empty()
+    monkeypatch.setattr(scanner.os, "open", real_open)
+    assert scan.poll().is_empty()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_unreadable_file_reported_once_and_kept_out(home):
+    path = write(home, "etc/shared/default/a", "a")
+    os.chmod(path, 0)
+    scan, notes = make(home)
+    scan.full_pass()
+    scan.full_pass()
+    assert len(notes) == 1 and "a" not in scan
+
+
+def test_seeded_from_rows_does_not_rehash_unchanged(home, monkeypatch):
+    write(home, "etc/shared/default/a", "a")
+    write(home, "etc/shared/default/b", "b")
+    first, _ = make(home)
+    first.full_pass()
+    rows = [(r[0],) + r[2:] for r in first.rows()]
+    rows.append(("etc/shared/default/gone", 1, BASE_NS, 1, BASE_NS, 0o660, "00" * 32))
+    write(home, "etc/shared/default/b", "B")
+    second, _ = make(home)
+    second.load(rows)
+    hashed = []
+    real_hash = second._hash
+    monkeypatch.setattr(second, "_hash", lambda rel: hashed.append(rel) or real_hash(rel))
+    changes = second.full_pass()
+    assert changes.changed == ["etc/shared/default/b"]
+    assert changes.deleted == ["etc/shared/default/gone"]
+    assert hashed == ["etc/shared/default/b"]
+
+
+def test_native_str_paths_on_this_interpreter(home):
+    # 2.7: names come back from listdir as bytes str; they must leave as text.
+    write(home, "etc/shared/default/agent.conf", "a")
+    scan = scanner.Scanner(compat.to_text(home), ITEMS, [compat.to_text(p) for p in EXCLUDE])
+    changes = scan.full_pass()
+    assert changes.changed == [u"etc/shared/default/agent.conf"]
+    assert isinstance(changes.changed[0], compat.text_type)
+    assert isinstance(list(scan.rows())[0][0], compat.text_type)
+    assert changes.to_event()["event"] == "changes"
