@@ -1,0 +1,17 @@
+"""Collection settings shared by every test folder.
+
+tests/bench holds benchmarks: they are run by hand and never collected. tests/integration is
+put on sys.path so that its modules can `import harness`.
+"""
+from __future__ import absolute_import, division, print_function
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+collect_ignore = ["bench"]
+
+for _path in (os.path.join(HERE, "integration"), os.path.join(os.path.dirname(HERE), "lib")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
