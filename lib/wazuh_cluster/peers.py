@@ -1,0 +1,515 @@
+"""Peer admission and long-lived node sessions: PeerServer (every node), Dialer (clients).
+
+Settings (build them with `make_settings(**fields)`; the lead fills them from the config):
+
+    node_name               this node's name ([A-Za-z0-9._-]{1,64})
+    cluster_name            <cluster><name>
+    key                     the 32-character cluster key (text); never logged, hidden in repr
+    role                    "master" or "client"
+    bind_addr, port         where PeerServer listens; a bind_addr other than 0.0.0.0 is also the
+                            source address the Dialer connects from (so a master sees a listed
+                            address when several nodes share one host on 127.0.0.x)
+    nodes                   the <nodes> entries (IP addresses or host names, resolved each time)
+    own_addresses           addresses of this node (the Dialer skips them)
+    keepalive               seconds between keepalives; a peer is dead after three silent ones
+    handshake_timeout       deadline of the whole handshake + hello exchange (seconds)
+    max_frame_bytes         largest frame accepted (ciphertext length), default 4 MiB
+    allow_unlisted_peers    accept peers whose address is not in `nodes`
+    max_connections         bound on connections (sessions + handshakes) of the PeerServer
+    max_pending_handshakes  bound on handshakes in progress
+    version                 our software version, sent in HELLO_INFO
+    io_timeout              a frame stalled midway or a send without progress for this long
+                            closes the session (default: 3 * keepalive)
+    reconnect_min, reconnect_max   Dialer backoff bounds in seconds (capped exponential + jitter)
+
+After the handshake the dialing client sends HELLO_INFO {"name","role","version"}; the master
+answers HELLO_INFO or ERROR {"code","message"} (second master, duplicate name) and closes. A
+listener of role client answers the handshake (the dialer learns its role) and then closes.
+"""
+from __future__ import absolute_import, division, print_function
+
+import collections
+import logging
+import random
+import socket
+import threading
+
+from wazuh_cluster import channel, compat, protocol
+from wazuh_cluster.errors import HandshakeError, ProtocolError
+from wazuh_cluster.session import Session
+
+log = logging.getLogger("wazuh_cluster")
+
+_FIELDS = ("node_name", "cluster_name", "key", "role", "bind_addr", "port", "nodes",
+           "own_addresses", "keepalive", "handshake_timeout", "max_frame_bytes",
+           "allow_unlisted_peers", "max_connections", "max_pending_handshakes", "version",
+           "io_timeout", "reconnect_min", "reconnect_max")
+_DEFAULTS = {
+    "bind_addr": "0.0.0.0", "port": 1516, "nodes": (), "own_addresses": (), "keepalive": 30.0,
+    "handshake_timeout": 10.0, "max_frame_bytes": channel.DEFAULT_MAX_FRAME_BYTES,
+    "allow_unlisted_peers": False, "max_connections": 256, "max_pending_handshakes": 32,
+    "version": "3.0.0", "io_timeout": None, "reconnect_min": 1.0, "reconnect_max": 60.0,
+}
+
+
+class PeerSettings(collections.namedtuple("PeerSettings", _FIELDS)):
+    """Frozen settings of PeerServer/Dialer (see the module doc). repr hides the key."""
+    __slots__ = ()
+
+    def __repr__(self):
+        shown = ", ".join("%s=%r" % (f, "<hidden>" if f == "key" else getattr(self, f))
+                          for f in _FIELDS)
+        return "PeerSettings(%s)" % shown
+
+    def effective_io_timeout(self):
+        return self.io_timeout if self.io_timeout else 3.0 * self.keepalive
+
+
+def make_settings(**fields):
+    """PeerSettings from keyword fields; missing optional ones take the defaults above."""
+    values = dict(_DEFAULTS)
+    values.update(fields)
+    missing = [f for f in _FIELDS if f not in values]
+    if missing:
+        raise ValueError("missing settings: %s" % ", ".join(missing))
+    if values["role"] not in channel.ROLE_CODES:
+        raise ValueError("role must be 'master' or 'client'")
+    if not channel.valid_node_name(values["node_name"]):
+        raise ValueError("invalid node name")
+    values["nodes"] = tuple(values["nodes"])
+    values["own_addresses"] = tuple(values["own_addresses"])
+    return PeerSettings(**values)
+
+
+def resolve(host, port=None):
+    """All IP addresses of `host` (a literal resolves to itself); empty list when unknown."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, socket.error, UnicodeError):
+        return []
+    out = []
+    for info in infos:
+        addr = info[4][0]
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+class NodeRegistry(object):
+    """Live sessions by node name (the master's view of its clients). Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sessions = {}
+
+    def register(self, session):
+        """(True, None) when registered; (False, existing session) when the name is live."""
+        with self._lock:
+            current = self._sessions.get(session.peer_name)
+            if current is not None and not current.closed:
+                return False, current
+            self._sessions[session.peer_name] = session
+            return True, None
+
+    def unregister(self, session):
+        """Forget `session` if it is still the one registered under its name."""
+        with self._lock:
+            if self._sessions.get(session.peer_name) is session:
+                del self._sessions[session.peer_name]
+
+    def get(self, name):
+        """The live session of node `name`, or None."""
+        with self._lock:
+            s = self._sessions.get(name)
+        return s if s is not None and not s.closed else None
+
+    def sessions(self):
+        """List of the live sessions."""
+        with self._lock:
+            return [s for s in self._sessions.values() if not s.closed]
+
+    def snapshot(self):
+        """List of peer info dicts (name, role, address, version, connected_since, ...)."""
+        return [s.info() for s in self.sessions()]
+
+    def close_all(self, reason="shutting down"):
+        """Close every session."""
+        for s in self.sessions():
+            s.close(reason)
+
+
+class _PeerHandler(compat.socketserver.BaseRequestHandler):
+    """Hands the accepted connection to its server (the transport logic lives there)."""
+
+    def handle(self):
+        self.server.serve_peer(self.request, self.client_address)
+
+
+class PeerServer(compat.socketserver.ThreadingTCPServer):
+    """The cluster port: admits peers, runs the server side of the handshake and the sessions.
+
+    settings: PeerSettings; dispatcher: mapping cmd -> callable(session, args, data);
+    registry: NodeRegistry shared with the daemon (a new one when None);
+    on_session(session): called when a client session is registered (master only);
+    on_close(session, reason): called when such a session ends (after it left the registry).
+    """
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, settings, dispatcher, registry=None, on_session=None, on_close=None,
+                 nonce_book=None):
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.registry = registry if registry is not None else NodeRegistry()
+        self.on_session = on_session
+        self.on_close = on_close
+        self.nonce_book = nonce_book if nonce_book is not None else channel.NONCE_BOOK
+        self._count_lock = threading.Lock()
+        self._admitted = set()
+        self._pending = set()
+        self._allowed = None
+        self._allowed_at = None
+        self._thread = None
+        compat.socketserver.ThreadingTCPServer.__init__(
+            self, (settings.bind_addr, settings.port), _PeerHandler)
+        compat.set_cloexec(self.socket.fileno())
+
+    @property
+    def address(self):
+        """(host, port) actually bound (port 0 in settings picks a free one)."""
+        return self.socket.getsockname()[:2]
+
+    def start(self):
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.2,),
+                                        name="peer-server")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop accepting, close the listening socket and every session."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(5.0)
+        self.server_close()
+        self.registry.close_all("shutting down")
+
+    def counts(self):
+        """(connections, pending handshakes) right now."""
+        with self._count_lock:
+            return len(self._admitted), len(self._pending)
+
+    # -- socketserver hooks -----------------------------------------------------------------
+
+    def get_request(self):
+        sock, addr = compat.socketserver.ThreadingTCPServer.get_request(self)
+        compat.set_cloexec(sock.fileno())
+        return sock, addr
+
+    def verify_request(self, request, client_address):
+        host = client_address[0]
+        peer = _fmt(client_address)
+        if not self.settings.allow_unlisted_peers and host not in self._allowed_addresses():
+            log.warning("refused peer %s: address not in <nodes>", peer)
+            return False
+        with self._count_lock:
+            if len(self._pending) >= self.settings.max_pending_handshakes:
+                reason = "too many pending handshakes (%d)" % len(self._pending)
+            elif len(self._admitted) >= self.settings.max_connections:
+                reason = "too many connections (%d)" % len(self._admitted)
+            else:
+                self._admitted.add(request)
+                self._pending.add(request)
+                return True
+        log.warning("refused peer %s: %s", peer, reason)
+        return False
+
+    def shutdown_request(self, request):
+        with self._count_lock:
+            self._admitted.discard(request)
+            self._pending.discard(request)
+        compat.socketserver.ThreadingTCPServer.shutdown_request(self, request)
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error serving peer %s", _fmt(client_address))
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def _allowed_addresses(self):
+        # Host names in <nodes> are re-resolved at most every 30 s, not on every accept.
+        now = compat.monotonic()
+        if self._allowed is None or now - self._allowed_at > 30.0:
+            allowed = set()
+            for entry in self.settings.nodes:
+                allowed.update(resolve(entry))
+            self._allowed, self._allowed_at = allowed, now
+        return self._allowed
+
+    def _handshake_done(self, request):
+        with self._count_lock:
+            self._pending.discard(request)
+
+    def serve_peer(self, sock, address):
+        """Handshake, hello, then run the session in this (handler) thread."""
+        s = self.settings
+        peer = _fmt(address)
+        deadline = compat.monotonic() + s.handshake_timeout
+        try:
+            hs = channel.server_handshake(sock, s.key, s.node_name, s.cluster_name, s.role,
+                                          s.handshake_timeout, s.max_frame_bytes,
+                                          self.nonce_book)
+        except HandshakeError as exc:
+            log.warning("refused peer %s: handshake failed: %s", peer, exc.message)
+            return
+        who = "%s (%s)" % (peer, hs.peer_name)
+        ch = channel.SecureChannel(sock, hs.codec, hs.peer_name, hs.peer_role,
+                                   s.effective_io_timeout())
+        if s.role != "master":
+            log.debug("peer %s learned that this node is a client; closing", who)
+            ch.close()
+            return
+        try:
+            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
+            if frame is None:
+                log.warning("refused peer %s: no hello before the deadline", who)
+                return
+            if frame[0] != protocol.HELLO_INFO:
+                log.warning("refused peer %s: expected a hello, got %s", who,
+                            protocol.type_name(frame[0]))
+                return
+            hello, _ = protocol.decode_body(frame[3])
+            if hs.peer_role == "master":
+                log.error("refused peer %s: a second master in cluster %s", who, s.cluster_name)
+                _refuse(ch, "second_master", "node %s is already the master of cluster %s"
+                        % (s.node_name, s.cluster_name))
+                return
+            session = Session(ch, self.dispatcher, s.keepalive, self._closed, address,
+                              _version(hello), max_handlers=8)
+            ok, other = self.registry.register(session)
+            if not ok:
+                log.error("refused peer %s: node name %s already connected from %s", who,
+                          hs.peer_name, other.describe_address())
+                _refuse(ch, "duplicate_name", "node name %s is already connected"
+                        % hs.peer_name)
+                return
+            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
+                {"name": s.node_name, "role": s.role, "version": s.version}))
+        except ProtocolError as exc:
+            log.warning("refused peer %s: %s", who, exc.message)
+            ch.close()
+            return
+        finally:
+            self._handshake_done(sock)
+        log.info("node %s connected from %s (version %s)", hs.peer_name, peer, session.version)
+        if self.on_session is not None:
+            self.on_session(session)
+        session.run()
+
+    def _closed(self, session, reason):
+        self.registry.unregister(session)
+        log.info("node %s (%s) disconnected: %s", session.peer_name,
+                 session.describe_address(), reason)
+        if self.on_close is not None:
+            self.on_close(session, reason)
+
+
+def _refuse(ch, code, message):
+    try:
+        ch.send_frame(protocol.ERROR, 0, 0, protocol.encode_body(
+            {"code": code, "message": message}))
+    except ProtocolError:
+        pass
+    ch.close()
+
+
+def _fmt(address):
+    return "%s:%s" % (address[0], address[1])
+
+
+def _version(hello):
+    v = hello.get("version")
+    return compat.to_text(v)[:64] if isinstance(v, compat.string_types) else None
+
+
+class Dialer(object):
+    """A client's link to its master: find it among `nodes`, keep one session, reconnect.
+
+    dispatcher: commands the master may call on us; on_session(session) when a session starts,
+    on_close(session, reason) when it ends. `rng` (random.Random-like) and `resolver`
+    (host -> list of IPs) are seams for tests. start() runs it in a thread; stop() returns promptly.
+    """
+
+    def __init__(self, settings, dispatcher, on_session=None, on_close=None, nonce_book=None,
+                 rng=None, resolver=None):
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.on_session = on_session
+        self.on_close = on_close
+        self.nonce_book = nonce_book if nonce_book is not None else channel.NONCE_BOOK
+        self.rng = rng if rng is not None else random.Random()
+        self.resolver = resolver if resolver is not None else resolve
+        self.session = None
+        self.attempts = 0
+        self._stop = threading.Event()
+        self._connecting = None
+        self._thread = None
+
+    @property
+    def master_name(self):
+        s = self.session
+        return s.peer_name if s is not None and not s.closed else None
+
+    def start(self):
+        """Run the dial/keep/reconnect loop in a background thread."""
+        self._thread = threading.Thread(target=self.run, name="dialer")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop dialing and close the session; returns once the thread ended (or timeout)."""
+        self._stop.set()
+        sock = self._connecting
+        if sock is not None:
+            _close_sock(sock)
+        if self.session is not None:
+            self.session.close("shutting down")
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_connected(self, timeout):
+        """Poll until a session is up (True) or `timeout` passes (False)."""
+        end = compat.monotonic() + timeout
+        while compat.monotonic() < end:
+            s = self.session
+            if s is not None and not s.closed:
+                return True
+            if self._stop.wait(0.02):
+                return False
+        return False
+
+    def backoff(self):
+        """Next delay: capped exponential in the attempt count, with jitter in [50 %, 100 %]."""
+        s = self.settings
+        base = min(s.reconnect_max, s.reconnect_min * (2 ** min(self.attempts, 30)))
+        return base * (0.5 + 0.5 * self.rng.random())
+
+    def run(self):
+        """The loop (blocking): dial, run the session, back off, until stop()."""
+        warned = False
+        while not self._stop.is_set():
+            session = self._find_master()
+            if session is None:
+                if not warned:
+                    log.warning("no master reachable among %s; retrying with backoff",
+                                ", ".join(self.settings.nodes) or "no nodes")
+                    warned = True
+                self.attempts += 1
+                self._stop.wait(self.backoff())
+                continue
+            warned = False
+            self.session = session
+            if self._stop.is_set():
+                session.close("shutting down")
+                break
+            if self.on_session is not None:
+                self.on_session(session)
+            lived = compat.monotonic()
+            session.run()
+            if compat.monotonic() - lived > 3 * self.settings.keepalive:
+                self.attempts = 0
+            else:
+                self.attempts += 1
+            if not self._stop.is_set():
+                self._stop.wait(self.backoff())
+
+    def _own(self):
+        own = set(self.settings.own_addresses)
+        for a in self.settings.own_addresses:
+            own.update(self.resolver(a))
+        return own
+
+    def _find_master(self):
+        s = self.settings
+        own = self._own()
+        for entry in s.nodes:
+            if self._stop.is_set():
+                return None
+            if entry in own:
+                continue
+            for ip in self.resolver(entry):
+                if ip in own or self._stop.is_set():
+                    continue
+                session = self._try(ip)
+                if session is not None:
+                    return session
+        return None
+
+    def _try(self, ip):
+        s = self.settings
+        peer = "%s:%s" % (ip, s.port)
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        compat.set_cloexec(sock.fileno())
+        self._connecting = sock
+        try:
+            if s.bind_addr not in ("0.0.0.0", "::", "") and family == socket.AF_INET \
+                    and ":" not in s.bind_addr:
+                sock.bind((s.bind_addr, 0))
+            sock.settimeout(s.handshake_timeout)
+            sock.connect((ip, s.port))
+            deadline = compat.monotonic() + s.handshake_timeout
+            hs = channel.client_handshake(sock, s.key, s.node_name, s.cluster_name, s.role,
+                                          s.handshake_timeout, s.max_frame_bytes,
+                                          self.nonce_book)
+            ch = channel.SecureChannel(sock, hs.codec, hs.peer_name, hs.peer_role,
+                                       s.effective_io_timeout())
+            if hs.peer_role != "master":
+                log.debug("node %s at %s is a client, not the master", hs.peer_name, peer)
+                ch.close()
+                return None
+            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
+                {"name": s.node_name, "role": s.role, "version": s.version}))
+            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
+            if frame is None:
+                log.warning("master %s at %s did not answer our hello", hs.peer_name, peer)
+                ch.close()
+                return None
+            header, _ = protocol.decode_body(frame[3])
+            if frame[0] == protocol.ERROR:
+                log.error("master %s at %s refused us: %s", hs.peer_name, peer,
+                          compat.to_text(header.get("message") or header.get("code") or "?"))
+                ch.close()
+                return None
+            if frame[0] != protocol.HELLO_INFO:
+                log.warning("master %s at %s sent %s instead of a hello", hs.peer_name, peer,
+                            protocol.type_name(frame[0]))
+                ch.close()
+                return None
+            self._connecting = None
+            session = Session(ch, self.dispatcher, s.keepalive, self._closed, (ip, s.port),
+                              _version(header))
+            log.info("connected to master %s at %s", hs.peer_name, peer)
+            return session
+        except HandshakeError as exc:
+            log.warning("handshake with %s failed: %s", peer, exc.message)
+        except ProtocolError as exc:
+            log.warning("session with %s failed: %s", peer, exc.message)
+        except (socket.error, OSError) as exc:
+            log.debug("cannot reach %s: %s", peer, exc)
+        self._connecting = None
+        _close_sock(sock)
+        return None
+
+    def _closed(self, session, reason):
+        if self.on_close is not None:
+            self.on_close(session, reason)
+
+
+def _close_sock(sock):
+    try:
+        sock.close()
+    except (OSError, socket.error):
+        pass

@@ -1,0 +1,355 @@
+"""One long-lived session with a peer over a SecureChannel: keepalives, requests and responses.
+
+The session knows nothing about commands: its owner hands it a `dispatcher`, a mapping
+cmd -> callable(session, args, data) returning (result, data) or (result, data, compress).
+A callable raising ClusterError answers {"ok": false, "error": {"code": exc.code, ...}}.
+
+Threads: one reader thread per session (it also sends the keepalives) and one short-lived thread
+per incoming request (bounded by `max_handlers`), so a handler may itself call the peer.
+Messages larger than one chunk travel as a REQUEST/RESPONSE frame with FLAG_MORE followed by
+FILE_CHUNK frames of the same request id; the receiver bounds what it buffers.
+"""
+from __future__ import absolute_import, division, print_function
+
+import logging
+import threading
+import time
+
+from wazuh_cluster import compat, protocol
+from wazuh_cluster.channel import ChannelClosed
+from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
+
+log = logging.getLogger("wazuh_cluster")
+
+FLAG_OF_RESPONSE = 0x04          # on FILE_CHUNK: continues a RESPONSE (else a REQUEST)
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+MISSED_KEEPALIVES = 3
+
+
+class _Pending(object):
+    __slots__ = ("event", "header", "data", "error")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.header = None
+        self.data = b""
+        self.error = None
+
+
+class _Assembly(object):
+    __slots__ = ("msg_type", "flags", "parts", "size")
+
+    def __init__(self, msg_type, flags):
+        self.msg_type = msg_type
+        self.flags = flags
+        self.parts = []
+        self.size = 0
+
+
+class Session(object):
+    """A session over an authenticated SecureChannel.
+
+    channel: channel.SecureChannel; dispatcher: mapping of commands (see module doc);
+    keepalive: seconds between keepalives (the peer is dead after three silent intervals);
+    on_close: callable(session, reason) called once when the session ends;
+    address: the peer's (host, port); version: the peer's software version (from HELLO_INFO).
+    """
+
+    def __init__(self, channel, dispatcher, keepalive=30.0, on_close=None, address=None,
+                 version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8):
+        self.channel = channel
+        self.dispatcher = dispatcher if dispatcher is not None else {}
+        self.keepalive = float(keepalive)
+        self.on_close = on_close
+        self.peer_name = channel.peer_name
+        self.peer_role = channel.peer_role
+        self.address = address
+        self.version = version
+        self.max_message_bytes = max_message_bytes
+        self.connected_since = time.time()              # display only
+        self.connected_since_mono = compat.monotonic()
+        self.last_keepalive = None                      # wall time, display only
+        self.last_keepalive_mono = None
+        self.last_received_mono = self.connected_since_mono
+        self.close_reason = None
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._next_rid = 0
+        self._assemblies = {}
+        self._buffered = 0
+        self._handlers = threading.BoundedSemaphore(max_handlers)
+        self._closed = threading.Event()
+        self._reader = None
+
+    def __repr__(self):
+        return "<Session %s %s %s>" % (self.peer_name, self.peer_role, self.describe_address())
+
+    # -- public -----------------------------------------------------------------------------
+
+    def describe_address(self):
+        """'host:port' of the peer for log lines."""
+        if not self.address:
+            return "?"
+        return "%s:%s" % (self.address[0], self.address[1])
+
+    @property
+    def closed(self):
+        return self._closed.is_set()
+
+    def info(self):
+        """Peer information for cluster_control (-n): plain JSON-able values."""
+        return {
+            "name": self.peer_name, "role": self.peer_role,
+            "address": self.address[0] if self.address else None,
+            "version": self.version, "connected_since": self.connected_since,
+            "connected_since_mono": self.connected_since_mono,
+            "last_keepalive": self.last_keepalive,
+            "last_keepalive_mono": self.last_keepalive_mono,
+            "connected": not self.closed,
+        }
+
+    def start(self):
+        """Start the reader thread."""
+        self._reader = threading.Thread(target=self._run, name="session-%s" % self.peer_name)
+        self._reader.daemon = True
+        self._reader.start()
+        return self
+
+    def run(self):
+        """Run the reader loop in the calling thread until the session ends."""
+        self._run()
+
+    def wait_closed(self, timeout=None):
+        """Block until the session ends (or `timeout` passes); True when closed."""
+        return self._closed.wait(timeout)
+
+    def call(self, cmd, args=None, data=b"", timeout=60.0, compress=False):
+        """Ask the peer to run `cmd`; returns (result, data) or raises RequestError.
+
+        RequestError.code is the peer's error code, "timeout" or "closed".
+        """
+        rid, slot = self._register()
+        try:
+            try:
+                self._send_message(protocol.REQUEST, rid, {"cmd": cmd, "args": args or {}},
+                                   data, compress)
+            except ProtocolError as exc:
+                raise RequestError("session with %s closed: %s" % (self.peer_name, exc.message),
+                                   "closed")
+            if not slot.event.wait(timeout):
+                raise RequestError("no answer from %s to %s within %ss" %
+                                   (self.peer_name, cmd, timeout), "timeout")
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+        if slot.error is not None:
+            raise slot.error
+        return protocol.unwrap(slot.header), slot.data
+
+    def close(self, reason="closed locally", notify=True):
+        """End the session: tell the peer (when `notify`), close the socket, fail pending calls."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self.close_reason = reason
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._assemblies.clear()
+        if notify:
+            try:
+                self.channel.send_frame(protocol.CLOSE, 0, 0,
+                                        protocol.encode_body({"reason": reason}))
+            except ProtocolError:
+                pass
+        self.channel.close()
+        for slot in pending:
+            slot.error = RequestError("session with %s closed: %s" % (self.peer_name, reason),
+                                      "closed")
+            slot.event.set()
+        if self.on_close is not None:
+            try:
+                self.on_close(self, reason)
+            except Exception:  # the owner's callback must not kill the reader thread
+                log.exception("on_close callback failed for %s", self.peer_name)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _register(self):
+        slot = _Pending()
+        with self._lock:
+            if self._closed.is_set():
+                raise RequestError("session with %s is closed" % self.peer_name, "closed")
+            while True:
+                self._next_rid = (self._next_rid % 0xFFFFFFFF) + 1
+                if self._next_rid not in self._pending:
+                    break
+            rid = self._next_rid
+            self._pending[rid] = slot
+        return rid, slot
+
+    def _send_message(self, msg_type, rid, header, data, compress):
+        body = protocol.encode_body(header, data)
+        flags = 0
+        if compress:
+            body = protocol.compress(body)
+            flags |= protocol.FLAG_COMPRESSED
+        chunk = protocol.CHUNK_SIZE
+        if len(body) <= chunk:
+            self.channel.send_frame(msg_type, flags, rid, body)
+            return
+        view = memoryview(body)
+        self.channel.send_frame(msg_type, flags | protocol.FLAG_MORE, rid,
+                                view[:chunk].tobytes())
+        cont = FLAG_OF_RESPONSE if msg_type == protocol.RESPONSE else 0
+        pos = chunk
+        while pos < len(body):
+            end = min(pos + chunk, len(body))
+            more = protocol.FLAG_MORE if end < len(body) else 0
+            self.channel.send_frame(protocol.FILE_CHUNK, cont | more, rid,
+                                    view[pos:end].tobytes())
+            pos = end
+
+    def _reply(self, rid, envelope, data=b"", compress=False):
+        try:
+            self._send_message(protocol.RESPONSE, rid, envelope, data, compress)
+        except ProtocolError as exc:
+            log.debug("could not answer %s: %s", self.peer_name, exc.message)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def _run(self):
+        last_sent = compat.monotonic()
+        try:
+            while not self._closed.is_set():
+                now = compat.monotonic()
+                wait = max(0.0, min(last_sent + self.keepalive - now,
+                                    self.last_received_mono + MISSED_KEEPALIVES * self.keepalive
+                                    - now))
+                frame = self.channel.recv_frame(wait)
+                now = compat.monotonic()
+                if frame is not None:
+                    self.last_received_mono = now
+                    self._handle(frame)
+                elif now - self.last_received_mono >= MISSED_KEEPALIVES * self.keepalive:
+                    log.warning("session with %s (%s) closed: peer missed %d keepalives",
+                                self.peer_name, self.describe_address(), MISSED_KEEPALIVES)
+                    self.close("peer missed keepalives", notify=False)
+                    return
+                if now - last_sent >= self.keepalive and not self._closed.is_set():
+                    self.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"")
+                    last_sent = now
+        except ChannelClosed as exc:
+            if not self._closed.is_set():
+                log.info("session with %s (%s) closed: %s", self.peer_name,
+                         self.describe_address(), exc.message)
+            self.close(exc.message, notify=False)
+        except ProtocolError as exc:
+            if not self._closed.is_set():
+                log.warning("session with %s (%s) closed: protocol error: %s", self.peer_name,
+                            self.describe_address(), exc.message)
+            self.close("protocol error: %s" % exc.message, notify=False)
+
+    def _handle(self, frame):
+        msg_type, flags, rid, body = frame
+        if msg_type == protocol.KEEPALIVE:
+            self.last_keepalive_mono = compat.monotonic()
+            self.last_keepalive = time.time()
+        elif msg_type in (protocol.REQUEST, protocol.RESPONSE):
+            self._start_message(msg_type, flags, rid, body)
+        elif msg_type == protocol.FILE_CHUNK:
+            self._continue_message(flags, rid, body)
+        elif msg_type == protocol.ERROR:
+            header, _ = protocol.decode_body(body)
+            log.error("session with %s (%s) refused by the peer: %s", self.peer_name,
+                      self.describe_address(), _text(header.get("message")))
+            self.close("refused by the peer: %s" % _text(header.get("code")), notify=False)
+        elif msg_type == protocol.CLOSE:
+            header, _ = protocol.decode_body(body)
+            log.info("session with %s (%s) closed by the peer: %s", self.peer_name,
+                     self.describe_address(), _text(header.get("reason")))
+            self.close("closed by the peer", notify=False)
+        else:
+            raise ProtocolError("unexpected %s frame" % protocol.type_name(msg_type))
+
+    def _start_message(self, msg_type, flags, rid, body):
+        if flags & protocol.FLAG_MORE:
+            key = (msg_type, rid)
+            if key in self._assemblies or len(self._assemblies) >= 64:
+                raise ProtocolError("too many or duplicate partial messages")
+            asm = _Assembly(msg_type, flags)
+            self._assemblies[key] = asm
+            self._add_part(asm, body)
+            return
+        self._complete(msg_type, flags, rid, body)
+
+    def _continue_message(self, flags, rid, body):
+        msg_type = protocol.RESPONSE if flags & FLAG_OF_RESPONSE else protocol.REQUEST
+        asm = self._assemblies.get((msg_type, rid))
+        if asm is None:
+            raise ProtocolError("chunk for no open message")
+        self._add_part(asm, body)
+        if not flags & protocol.FLAG_MORE:
+            del self._assemblies[(msg_type, rid)]
+            self._buffered -= asm.size
+            self._complete(msg_type, asm.flags, rid, b"".join(asm.parts))
+
+    def _add_part(self, asm, body):
+        asm.size += len(body)
+        self._buffered += len(body)
+        if asm.size > self.max_message_bytes or self._buffered > self.max_message_bytes:
+            raise ProtocolError("message larger than %d bytes" % self.max_message_bytes)
+        asm.parts.append(body)
+
+    def _complete(self, msg_type, flags, rid, body):
+        if flags & protocol.FLAG_COMPRESSED:
+            body = protocol.inflate_bounded(body, self.max_message_bytes)
+        header, data = protocol.decode_body(body)
+        if msg_type == protocol.RESPONSE:
+            with self._lock:
+                slot = self._pending.get(rid)
+            if slot is None:
+                log.debug("late answer %d from %s ignored", rid, self.peer_name)
+                return
+            slot.header, slot.data = header, data
+            slot.event.set()
+            return
+        if not self._handlers.acquire(False):
+            self._reply(rid, protocol.error_envelope("busy", "too many requests in progress"))
+            return
+        worker = threading.Thread(target=self._serve, args=(rid, header, data),
+                                  name="request-%s" % self.peer_name)
+        worker.daemon = True
+        worker.start()
+
+    def _serve(self, rid, header, data):
+        try:
+            cmd = header.get("cmd")
+            args = header.get("args") or {}
+            handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
+            if handler is None:
+                self._reply(rid, protocol.error_envelope(
+                    "unknown_command", "unknown command %r" % (_text(cmd)[:64],)))
+                return
+            try:
+                answer = handler(self, args, data)
+            except ClusterError as exc:
+                self._reply(rid, protocol.error_envelope(exc.code, exc.message))
+                return
+            except Exception as exc:  # a handler bug must not kill the session
+                log.exception("command %s from %s failed", cmd, self.peer_name)
+                self._reply(rid, protocol.error_envelope("internal", type(exc).__name__))
+                return
+            result, out = answer[0], answer[1]
+            compress = bool(answer[2]) if len(answer) > 2 else False
+            self._reply(rid, protocol.ok_envelope(result), out or b"", compress)
+        finally:
+            self._handlers.release()
+
+
+def _text(value):
+    if value is None:
+        return ""
+    if isinstance(value, compat.string_types):
+        return compat.to_text(value)
+    return compat.to_text(repr(value))
