@@ -1,4 +1,4 @@
-"""The encrypted channel between cluster nodes (SPEC §5): handshake, key schedule, AEAD frames.
+"""The encrypted channel between cluster nodes (SPEC s.5): handshake, key schedule, AEAD frames.
 
 This is the only module that imports `cryptography` (3.3.x on Python 2.7, any recent one on 3.x).
 
@@ -168,7 +168,7 @@ class Keys(object):
 
 
 def derive_keys(key, cluster_name, ch, sh_body):
-    """Key schedule of SPEC §5 from the shared key (text or bytes) and both hellos."""
+    """Key schedule of SPEC s.5 from the shared key (text or bytes) and both hellos."""
     th = hashlib.sha256(ch + sh_body).digest()
     hkdf = HKDF(algorithm=hashes.SHA256(), length=128,
                 salt=b"wzc1 salt" + lp(compat.to_bytes(cluster_name)),

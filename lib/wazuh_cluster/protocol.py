@@ -1,4 +1,4 @@
-"""Message types and frame bodies of a cluster session (STYLE §6). A leaf: no socket, no crypto.
+"""Message types and frame bodies of a cluster session (STYLE s.6). A leaf: no socket, no crypto.
 
 A frame's plaintext is type(1) | flags(1) | request_id(u32) | body (see channel.py). A body is
 
