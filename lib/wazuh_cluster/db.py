@@ -1,0 +1,361 @@
+"""The cluster database (var/db/cluster.db): schema, migrations, queries.
+
+The internal daemon is its only writer, through one connection opened after the fork. The
+database is a cache of what the files and the peers say: it can always be rebuilt from a
+rescan, so a corrupt, unreadable or foreign file is moved aside and a fresh one created
+instead of refusing to start (a crash loop helps nobody).
+
+SQL stays within SQLite 3.6.20 (CentOS 6): no UPSERT (INSERT OR REPLACE instead), no WITHOUT
+ROWID, no CTEs, no partial indexes; WAL only where the library has it; connect(timeout=...)
+instead of PRAGMA busy_timeout; writers in BEGIN IMMEDIATE through transaction(); bound
+parameters only; one transaction per batch.
+"""
+from __future__ import absolute_import, division, print_function
+
+import contextlib
+import os
+import sqlite3
+import time
+
+from wazuh_cluster import compat
+
+STATES = ("pending", "synchronized", "failed", "invalid")
+CONNECT_TIMEOUT = 30.0
+# SQLite before 3.32 allows at most 999 bound parameters per statement.
+_CHUNK = 500
+
+# Each migration takes the schema from version N-1 to N, inside one transaction.
+# Version 1 is the 3.0-like core (files and node/file/state rows); version 2 adds deletion
+# tombstones, agents, peers and meta, and the indexes the queries need.
+MIGRATIONS = (
+    (1, (
+        "CREATE TABLE files (name TEXT PRIMARY KEY, item TEXT NOT NULL, size INTEGER NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,"
+        " mode INTEGER NOT NULL, sha256 TEXT NOT NULL)",
+        "CREATE TABLE states (node TEXT NOT NULL, file TEXT NOT NULL, state TEXT NOT NULL,"
+        " updated REAL NOT NULL, PRIMARY KEY (node, file))",
+    )),
+    (2, (
+        "ALTER TABLE files ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE files ADD COLUMN deleted_at REAL",
+        "CREATE INDEX states_node_state ON states (node, state)",
+        "CREATE INDEX states_file ON states (file)",
+        "CREATE TABLE agents (name TEXT PRIMARY KEY, node TEXT, keepalive_ns INTEGER,"
+        " updated REAL NOT NULL)",
+        "CREATE TABLE peers (node TEXT PRIMARY KEY, role TEXT, address TEXT, version TEXT,"
+        " last_seen REAL NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class _Unusable(Exception):
+    """The file opened but is not a database we can use (reason in args[0])."""
+
+
+def _chunks(seq, size=_CHUNK):
+    seq = list(seq)
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+class ClusterDB(object):
+    """One connection to the cluster database; `log` is a logging.Logger.
+
+    `path` may be ":memory:" (tests). `wall` returns epoch seconds for the `updated`
+    columns (display only). `connect` is the seam a test uses to fake an unusable file.
+    """
+
+    def __init__(self, path, log, wall=time.time):
+        self.path = path
+        self.log = log
+        self._wall = wall
+        self._conn = None
+        self._depth = 0
+        self.in_memory = False
+        self._open()
+
+    # -- opening, checking, migrating --------------------------------------------------------
+
+    def _connect(self, path):
+        conn = sqlite3.connect(path, timeout=CONNECT_TIMEOUT, isolation_level=None)
+        conn.text_factory = compat.text_type
+        return conn
+
+    def _open(self):
+        try:
+            self._conn = self._connect(self.path)
+            self._check()
+        except (sqlite3.DatabaseError, _Unusable) as exc:
+            self._close_quietly()
+            if self.path == ":memory:":
+                raise
+            self._move_aside(exc)
+            try:
+                self._conn = self._connect(self.path)
+                self._check()
+            except (sqlite3.DatabaseError, _Unusable, OSError) as exc2:
+                # Still unusable (e.g. the folder is not writable): run from memory so the
+                # daemon keeps working; the cache is rebuilt by the next start.
+                self._close_quietly()
+                self.log.error("cluster database %s unusable (%s); running from memory",
+                               self.path, exc2)
+                self._conn = self._connect(":memory:")
+                self.in_memory = True
+                self._check()
+        self._configure()
+        self._migrate()
+
+    def _check(self):
+        """Integrity check and schema sanity; raises _Unusable or sqlite3.DatabaseError."""
+        rows = self._conn.execute("PRAGMA integrity_check").fetchall()
+        if [tuple(r) for r in rows] != [("ok",)]:
+            raise _Unusable("integrity check: %s" % "; ".join(str(r[0]) for r in rows[:3]))
+        tables = set(r[0] for r in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if not tables:
+            return
+        if "schema_version" not in tables:
+            raise _Unusable("not a wazuh-cluster database (no schema_version table)")
+        version = self.version()
+        if version is None or version > SCHEMA_VERSION:
+            raise _Unusable("schema version %r unknown to this program (%d)"
+                            % (version, SCHEMA_VERSION))
+
+    def _configure(self):
+        if sqlite3.sqlite_version_info >= (3, 7, 0) and not self.in_memory \
+                and self.path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+
+    def _migrate(self):
+        tables = set(r[0] for r in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"))
+        with self.transaction() as conn:
+            if "schema_version" not in tables:
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        current = start = self.version()
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            with self.transaction() as conn:
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
+            if start:
+                self.log.info("cluster database %s migrated to schema version %d",
+                              self.path, version)
+            current = version
+
+    def _move_aside(self, reason):
+        """Rename the database and its -wal/-shm/-journal to NAME.corrupt-TIMESTAMP."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self._wall()))
+        target = "%s.corrupt-%s" % (self.path, stamp)
+        counter = 1
+        while os.path.exists(target):
+            counter += 1
+            target = "%s.corrupt-%s-%d" % (self.path, stamp, counter)
+        self.log.error("cluster database %s unusable (%s): moved aside to %s, starting a "
+                       "fresh one (it is rebuilt from a rescan)", self.path, reason, target)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.rename(self.path + suffix, target + suffix)
+            except OSError as exc:
+                if suffix == "" and os.path.exists(self.path):
+                    self.log.error("cannot move %s aside: %s", self.path, exc)
+
+    def _close_quietly(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    def close(self):
+        """Close the connection (safe to call twice)."""
+        self._close_quietly()
+
+    def version(self):
+        """The schema version stored in the file (None when unreadable)."""
+        try:
+            row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        return row[0] if row else None
+
+    # -- the one transaction helper ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); nested calls join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._conn
+            finally:
+                self._depth -= 1
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self._conn
+        except BaseException:
+            self._depth = 0
+            self._conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self._conn.execute("COMMIT")
+
+    # -- files -------------------------------------------------------------------------------
+
+    def load_files(self):
+        """[(name, size, mtime_ns, ino, ctime_ns, mode, sha256)] of files not deleted."""
+        return self._conn.execute(
+            "SELECT name, size, mtime_ns, ino, ctime_ns, mode, sha256 FROM files"
+            " WHERE deleted = 0").fetchall()
+
+    def file_count(self):
+        """Number of live (not deleted) file rows."""
+        return self._conn.execute("SELECT COUNT(*) FROM files WHERE deleted = 0").fetchone()[0]
+
+    def save_files(self, rows):
+        """Insert or replace (name, item, size, mtime_ns, ino, ctime_ns, mode, sha256) rows."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO files (name, item, size, mtime_ns, ino, ctime_ns, mode,"
+                " sha256, deleted, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)",
+                [tuple(r) for r in rows])
+
+    def mark_deleted(self, names):
+        """Keep a tombstone for deleted files (what clients must delete too)."""
+        now = self._wall()
+        with self.transaction() as conn:
+            conn.executemany("UPDATE files SET deleted = 1, deleted_at = ? WHERE name = ?",
+                             [(now, n) for n in names])
+
+    def deleted_files(self, names=None):
+        """Names among `names` (or all) that carry a deletion tombstone."""
+        if names is None:
+            return [r[0] for r in self._conn.execute(
+                "SELECT name FROM files WHERE deleted = 1")]
+        found = []
+        for chunk in _chunks(names):
+            found.extend(r[0] for r in self._conn.execute(
+                "SELECT name FROM files WHERE deleted = 1 AND name IN (%s)"
+                % ",".join("?" * len(chunk)), chunk))
+        return found
+
+    def purge_deleted(self, older_than):
+        """Forget tombstones (and their states) older than `older_than` epoch seconds."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM states WHERE file IN (SELECT name FROM files"
+                         " WHERE deleted = 1 AND deleted_at < ?)", (older_than,))
+            cur = conn.execute("DELETE FROM files WHERE deleted = 1 AND deleted_at < ?",
+                               (older_than,))
+            return cur.rowcount
+
+    # -- node / file / state rows -------------------------------------------------------------
+
+    def set_states(self, rows):
+        """Store [node, file, state] rows in one transaction; returns how many."""
+        now = self._wall()
+        clean = []
+        for row in rows:
+            node, name, state = row
+            if state not in STATES:
+                raise ValueError("state %r is not one of %s" % (state, ", ".join(STATES)))
+            clean.append((node, name, state, now))
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
+                             " VALUES (?, ?, ?, ?)", clean)
+        return len(clean)
+
+    def mark_pending(self, nodes, names):
+        """Every (node, file) pair becomes pending; returns the number of rows written."""
+        return self.set_states([(node, name, "pending") for node in nodes for name in names])
+
+    def states(self, node=None, names=None):
+        """[[node, file, state]] filtered by node and/or file names, sorted."""
+        sql = "SELECT node, file, state FROM states"
+        where, params = [], []
+        if node is not None:
+            where.append("node = ?")
+            params.append(node)
+        if names is None:
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            rows = self._conn.execute(sql + " ORDER BY node, file", params).fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(names):
+                clause = where + ["file IN (%s)" % ",".join("?" * len(chunk))]
+                rows.extend(self._conn.execute(sql + " WHERE " + " AND ".join(clause),
+                                               params + list(chunk)))
+            rows.sort()
+        return [list(r) for r in rows]
+
+    def pending(self, node):
+        """Files pending for `node`, sorted."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT file FROM states WHERE node = ? AND state = 'pending' ORDER BY file",
+            (node,))]
+
+    def state_counts(self):
+        """{node: {state: count}}."""
+        counts = {}
+        for node, state, count in self._conn.execute(
+                "SELECT node, state, COUNT(*) FROM states GROUP BY node, state"):
+            counts.setdefault(node, {})[state] = count
+        return counts
+
+    # -- peers, agents, meta ------------------------------------------------------------------
+
+    def record_peer(self, node, role, address, version):
+        """Insert or refresh a peer (last_seen = now)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO peers (node, role, address, version, last_seen)"
+                         " VALUES (?, ?, ?, ?, ?)", (node, role, address, version, self._wall()))
+
+    def peers(self):
+        """[{node, role, address, version, last_seen}] sorted by node."""
+        return [dict(zip(("node", "role", "address", "version", "last_seen"), r))
+                for r in self._conn.execute("SELECT node, role, address, version, last_seen"
+                                            " FROM peers ORDER BY node")]
+
+    def known_nodes(self):
+        """{node: role or None} from the peers table and the nodes named in states rows."""
+        nodes = dict((r[0], None) for r in self._conn.execute("SELECT DISTINCT node FROM states"))
+        for node, role in self._conn.execute("SELECT node, role FROM peers"):
+            nodes[node] = role
+        return nodes
+
+    def record_agents(self, rows):
+        """Store [agent file name, reporting node, keepalive_ns or None] rows."""
+        now = self._wall()
+        clean = [(name, node, keepalive, now) for name, node, keepalive in rows]
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO agents (name, node, keepalive_ns, updated)"
+                             " VALUES (?, ?, ?, ?)", clean)
+        return len(clean)
+
+    def agents(self):
+        """{agent file name: (reporting node, keepalive_ns)}."""
+        return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
+            "SELECT name, node, keepalive_ns FROM agents"))
+
+    def get_meta(self, key, default=None):
+        """A value of the meta table (text) or `default`."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key, value):
+        """Store a meta value; None deletes the key."""
+        with self.transaction() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             (key, value))

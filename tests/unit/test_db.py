@@ -1,0 +1,232 @@
+"""Cluster database: schema, migrations, corrupt files moved aside, queries."""
+from __future__ import absolute_import, division, print_function
+
+import glob
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+
+import pytest
+
+from wazuh_cluster import db as dbmod
+
+
+class ListLog(object):
+    """Just enough of a logger to assert on what was said."""
+
+    def __init__(self):
+        self.lines = []
+
+    def _add(self, level, msg, *args):
+        self.lines.append((level, msg % args if args else msg))
+
+    def error(self, msg, *args):
+        self._add("error", msg, *args)
+
+    def warning(self, msg, *args):
+        self._add("warning", msg, *args)
+
+    def info(self, msg, *args):
+        self._add("info", msg, *args)
+
+    def debug(self, msg, *args):
+        self._add("debug", msg, *args)
+
+
+@pytest.fixture
+def folder():
+    path = tempfile.mkdtemp(prefix="wzc-db-")
+    yield path
+    shutil.rmtree(path)
+
+
+def open_db(folder, log=None):
+    return dbmod.ClusterDB(os.path.join(folder, "cluster.db"), log or ListLog())
+
+
+def row(name, sha="ab" * 32, item="shared"):
+    return (name, item, 3, 1500000000 * 10 ** 9 + 123, 42, 1500000000 * 10 ** 9 + 456, 0o660, sha)
+
+
+def test_fresh_database_has_current_schema(folder):
+    db = open_db(folder)
+    assert db.version() == dbmod.SCHEMA_VERSION
+    tables = set(r[0] for r in db._conn.execute("SELECT name FROM sqlite_master"))
+    assert set(["files", "states", "agents", "peers", "meta", "schema_version"]) <= tables
+    db.close()
+    db.close()
+    db = open_db(folder)
+    assert db.version() == dbmod.SCHEMA_VERSION
+
+
+def test_files_round_trip_with_big_nanoseconds(folder):
+    db = open_db(folder)
+    db.save_files([row("etc/shared/a"), row("etc/client.keys", item="client.keys")])
+    db.close()
+    db = open_db(folder)
+    rows = sorted(db.load_files())
+    assert rows[0] == ("etc/client.keys", 3, 1500000000 * 10 ** 9 + 123, 42,
+                       1500000000 * 10 ** 9 + 456, 0o660, "ab" * 32)
+    assert db.file_count() == 2
+    db.mark_deleted(["etc/shared/a"])
+    assert [r[0] for r in db.load_files()] == ["etc/client.keys"]
+    assert db.deleted_files(["etc/shared/a", "etc/client.keys"]) == ["etc/shared/a"]
+    db.save_files([row("etc/shared/a")])  # re-created: the tombstone goes away
+    assert db.deleted_files() == []
+
+
+def test_purge_deleted_drops_old_tombstones_and_states(folder):
+    now = [1000.0]
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: now[0])
+    db.save_files([row("etc/shared/a")])
+    db.mark_pending(["n2"], ["etc/shared/a"])
+    db.mark_deleted(["etc/shared/a"])
+    now[0] = 5000.0
+    assert db.purge_deleted(older_than=2000.0) == 1
+    assert db.states() == [] and db.deleted_files() == []
+
+
+def test_migration_from_version_1_keeps_rows(folder):
+    path = os.path.join(folder, "cluster.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    for sql in dbmod.MIGRATIONS[0][1]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row("etc/shared/a"))
+    conn.execute("INSERT INTO states VALUES ('n2', 'etc/shared/a', 'synchronized', 1.0)")
+    conn.commit()
+    conn.close()
+    log = ListLog()
+    db = dbmod.ClusterDB(path, log)
+    assert db.version() == dbmod.SCHEMA_VERSION
+    assert [r[0] for r in db.load_files()] == ["etc/shared/a"]
+    assert db.states() == [["n2", "etc/shared/a", "synchronized"]]
+    db.record_peer("n2", "client", "127.0.0.2", "1.0")
+    assert any("migrated" in line for _, line in log.lines)
+    assert not glob.glob(path + ".corrupt-*")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 1000, b"SQLite format 3\x00" + b"\xff" * 50])
+def test_garbage_file_is_moved_aside_and_rebuilt(folder, content):
+    path = os.path.join(folder, "cluster.db")
+    if content:
+        with open(path, "wb") as handle:
+            handle.write(content)
+        with open(path + "-journal", "wb") as handle:
+            handle.write(b"junk")
+    log = ListLog()
+    db = dbmod.ClusterDB(path, log)
+    assert db.version() == dbmod.SCHEMA_VERSION and not db.in_memory
+    moved = glob.glob(path + ".corrupt-*")
+    if content:
+        assert sorted(os.path.basename(p).split("-")[-1] for p in moved) != []
+        # SQLite may have discarded the bogus journal itself; it must not sit by the new db.
+        assert not os.path.exists(path + "-journal") or open(path + "-journal", "rb").read() != b"junk"
+        assert [lvl for lvl, _ in log.lines] == ["error"]
+    else:
+        assert moved == [] and log.lines == []  # an empty file is a new database
+
+
+def test_truncated_database_is_moved_aside(folder):
+    path = os.path.join(folder, "cluster.db")
+    db = open_db(folder)
+    db.save_files([row("etc/shared/f%05d" % i) for i in range(3000)])
+    db.close()
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size // 2)
+    log = ListLog()
+    db = dbmod.ClusterDB(path, log)
+    assert db.load_files() == []
+    assert len(glob.glob(path + ".corrupt-*")) == 1
+    db.save_files([row("etc/shared/a")])
+    assert db.file_count() == 1
+
+
+def test_foreign_database_is_moved_aside(folder):
+    path = os.path.join(folder, "cluster.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE manager_file_status (id_manager TEXT, id_file TEXT, status TEXT)")
+    conn.commit()
+    conn.close()
+    db = dbmod.ClusterDB(path, ListLog())
+    assert db.version() == dbmod.SCHEMA_VERSION
+    assert len(glob.glob(path + ".corrupt-*")) == 1
+
+
+def test_newer_schema_is_moved_aside(folder):
+    path = os.path.join(folder, "cluster.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (999)")
+    conn.commit()
+    conn.close()
+    db = dbmod.ClusterDB(path, ListLog())
+    assert db.version() == dbmod.SCHEMA_VERSION
+
+
+def test_unwritable_location_runs_from_memory(folder):
+    log = ListLog()
+    db = dbmod.ClusterDB(os.path.join(folder, "missing", "cluster.db"), log)
+    assert db.in_memory and db.version() == dbmod.SCHEMA_VERSION
+    assert any("running from memory" in line for _, line in log.lines)
+
+
+def test_states_set_query_pending(folder):
+    db = open_db(folder)
+    assert db.set_states([["n2", "etc/a", "pending"], ["n2", "etc/b", "synchronized"],
+                          ["n3", "etc/a", "failed"]]) == 3
+    assert db.pending("n2") == ["etc/a"]
+    assert db.states(node="n3") == [["n3", "etc/a", "failed"]]
+    assert db.states(names=["etc/a"]) == [["n2", "etc/a", "pending"], ["n3", "etc/a", "failed"]]
+    assert db.states(node="n2", names=["etc/b", "x"]) == [["n2", "etc/b", "synchronized"]]
+    db.set_states([["n2", "etc/a", "synchronized"]])
+    assert db.pending("n2") == []
+    assert db.state_counts() == {"n2": {"synchronized": 2}, "n3": {"failed": 1}}
+    with pytest.raises(ValueError):
+        db.set_states([["n2", "etc/a", "bogus"]])
+
+
+def test_one_transaction_per_batch_rolls_back_entirely(folder):
+    db = open_db(folder)
+    with pytest.raises(ValueError):
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO meta VALUES ('a', '1')")
+            db.set_states([["n2", "f", "pending"]])  # nested: joins the outer transaction
+            raise ValueError("boom")
+    assert db.get_meta("a") is None and db.states() == []
+
+
+def test_large_batch_and_many_names(folder):
+    db = open_db(folder)
+    names = ["etc/shared/g/f%05d" % i for i in range(5000)]
+    db.save_files([row(n) for n in names])
+    db.mark_pending(["n2", "n3"], names)
+    assert len(db.pending("n3")) == 5000
+    assert len(db.states(names=names)) == 10000
+
+
+def test_peers_agents_meta(folder):
+    db = open_db(folder)
+    db.record_peer("n2", "client", "127.0.0.2", "1.0")
+    db.record_peer("n2", "client", "127.0.0.9", "1.1")
+    db.set_states([["n3", "f", "pending"]])
+    assert [p["address"] for p in db.peers()] == ["127.0.0.9"]
+    assert db.known_nodes() == {"n2": "client", "n3": None}
+    db.record_agents([["web01-any", "n2", 123]])
+    assert db.agents() == {"web01-any": ("n2", 123)}
+    db.set_meta("held_removal", '{"removed": 3}')
+    assert db.get_meta("held_removal") == '{"removed": 3}'
+    db.set_meta("held_removal", None)
+    assert db.get_meta("held_removal", "none") == "none"
+
+
+def test_works_with_a_real_logger(folder):
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), logging.getLogger("test"))
+    assert db.version() == dbmod.SCHEMA_VERSION
