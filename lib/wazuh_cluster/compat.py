@@ -1,0 +1,159 @@
+"""Every difference between Python 2.7 and 3.x lives here (STYLE §2)."""
+from __future__ import absolute_import, division, print_function
+
+import os
+import sys
+import time
+
+PY2 = sys.version_info[0] == 2
+VERSION = "%d.%d.%d" % sys.version_info[:3]
+
+if PY2:  # pragma: no cover - exercised by the 2.7 run
+    import SocketServer as socketserver  # noqa: F401
+    import Queue as queue  # noqa: F401
+    text_type = unicode  # noqa: F821
+    binary_type = str
+    string_types = (str, unicode)  # noqa: F821
+    integer_types = (int, long)  # noqa: F821
+    FileExistsError = OSError
+    FileNotFoundError = OSError
+    InterruptedError = OSError
+    ConnectionError = OSError
+    BrokenPipeError = OSError
+    input_ = raw_input  # noqa: F821
+else:
+    import socketserver  # noqa: F401
+    import queue  # noqa: F401
+    text_type = str
+    binary_type = bytes
+    string_types = (str,)
+    integer_types = (int,)
+    import builtins as _builtins
+    FileExistsError = _builtins.FileExistsError
+    FileNotFoundError = _builtins.FileNotFoundError
+    InterruptedError = _builtins.InterruptedError
+    ConnectionError = _builtins.ConnectionError
+    BrokenPipeError = _builtins.BrokenPipeError
+    input_ = input
+
+try:
+    monotonic = time.monotonic
+except AttributeError:  # 2.7
+    def monotonic():
+        """Seconds from an arbitrary point, never going backwards (CLOCK_MONOTONIC)."""
+        return _monotonic_27()
+
+    def _monotonic_27():
+        import ctypes
+        import ctypes.util
+
+        class _Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+        librt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+        clock_gettime = librt.clock_gettime
+        clock_gettime.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+        ts = _Timespec()
+
+        def _now():
+            if clock_gettime(1, ctypes.byref(ts)) != 0:
+                raise OSError(ctypes.get_errno(), "clock_gettime failed")
+            return ts.tv_sec + ts.tv_nsec * 1e-9
+
+        global _monotonic_27
+        _monotonic_27 = _now
+        return _now()
+
+
+def to_bytes(value, encoding="utf-8"):
+    """Text to bytes at the boundary; bytes pass through."""
+    if isinstance(value, binary_type):
+        return value
+    return value.encode(encoding)
+
+
+def to_text(value, encoding="utf-8", errors="strict"):
+    """Bytes to text at the boundary; text passes through."""
+    if isinstance(value, text_type):
+        return value
+    return value.decode(encoding, errors)
+
+
+def native_str(value):
+    """The interpreter's own str type (bytes on 2.7, text on 3.x)."""
+    if PY2:
+        return to_bytes(value)
+    return to_text(value)
+
+
+class DirEntry(object):
+    """The part of os.DirEntry we use, for listdir+lstat on 2.7."""
+    __slots__ = ("name", "path", "_st")
+
+    def __init__(self, directory, name):
+        self.name = name
+        self.path = os.path.join(directory, name)
+        self._st = None
+
+    def stat(self, follow_symlinks=False):
+        if self._st is None:
+            self._st = os.lstat(self.path)
+        return self._st
+
+    def is_dir(self, follow_symlinks=False):
+        import stat
+        return stat.S_ISDIR(self.stat().st_mode)
+
+    def is_file(self, follow_symlinks=False):
+        import stat
+        return stat.S_ISREG(self.stat().st_mode)
+
+    def is_symlink(self):
+        import stat
+        return stat.S_ISLNK(self.stat().st_mode)
+
+
+def scandir(path):
+    """Iterate a folder's entries without following symlinks: os.scandir on 3.x."""
+    if hasattr(os, "scandir"):
+        return os.scandir(path)
+    return [DirEntry(path, name) for name in os.listdir(path)]
+
+
+def set_cloexec(fd):
+    """Close-on-exec for a descriptor (3.x does it by default; 2.7 does not)."""
+    import fcntl
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+
+
+def stat_mtime_ns(st):
+    """A file's mtime in integer nanoseconds (2.7 only has the float)."""
+    ns = getattr(st, "st_mtime_ns", None)
+    if ns is not None:
+        return ns
+    return int(round(st.st_mtime * 1e9))
+
+
+def stat_ctime_ns(st):
+    """A file's ctime in integer nanoseconds."""
+    ns = getattr(st, "st_ctime_ns", None)
+    if ns is not None:
+        return ns
+    return int(round(st.st_ctime * 1e9))
+
+
+def set_mtime_ns(path, mtime_ns):
+    """Set a file's atime and mtime from integer nanoseconds."""
+    if hasattr(os, "utime") and not PY2:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    else:
+        seconds = mtime_ns / 1e9
+        os.utime(path, (seconds, seconds))
+
+
+def hmac_compare(a, b):
+    """Constant-time comparison (hmac.compare_digest exists from 2.7.7)."""
+    import hmac
+    return hmac.compare_digest(a, b)
+

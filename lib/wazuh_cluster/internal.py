@@ -1,0 +1,216 @@
+"""wazuh-clusterd-internal: one select() loop over its UNIX socket, a poll timer and a self-pipe.
+
+It is the only writer of the cluster database; the commands themselves live in the service it
+is handed (catalog.Catalog), so the loop only moves messages and time.
+"""
+from __future__ import absolute_import, division, print_function
+
+import argparse
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+
+from wazuh_cluster import __version__, compat, config, daemon, localsock, logs, paths
+from wazuh_cluster.errors import ClusterError, ConfigError, ProtocolError, RequestError
+
+DAEMON = "wazuh-clusterd-internal"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=DAEMON, description="Wazuh cluster internal daemon.")
+    daemon.add_common_arguments(parser)
+    parser.add_argument("-t", dest="node_type", choices=("master", "client"),
+                        help="node type (as Wazuh 3.0: -tmaster or -tclient)")
+    return parser.parse_args(argv)
+
+
+class InternalLoop(object):
+    """accept, read requests, tick the service, push events, handle signals."""
+
+    def __init__(self, listener, service, signals, clock=compat.monotonic, parent=None):
+        self.listener = listener
+        self.service = service
+        self.signals = signals
+        self.clock = clock
+        self.parent = parent
+        self.connections = []
+        self.running = True
+        self.log = logs.get("internal")
+
+    def run(self):
+        next_tick = self.clock()
+        while self.running:
+            now = self.clock()
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + self.service.tick_interval
+            self.wait(max(0.0, next_tick - self.clock()))
+            if self.parent is not None and os.getppid() != self.parent:
+                self.log.info("wazuh-clusterd is gone; stopping.")
+                self.running = False
+
+    def wait(self, timeout):
+        readers = [self.listener, self.signals] + self.connections
+        writers = [c for c in self.connections if c.outbuf]
+        try:
+            readable, writable, _ = select.select(readers, writers, [], timeout)
+        except (select.error, OSError) as err:
+            if err.args[0] == errno.EINTR:
+                return
+            raise
+        for conn in writable:
+            conn.flush()
+        for obj in readable:
+            if obj is self.listener:
+                self.accept()
+            elif obj is self.signals:
+                self.handle_signals(self.signals.drain())
+            else:
+                self.read_requests(obj)
+        self.reap()
+
+    def accept(self):
+        try:
+            sock, _ = self.listener.accept()
+        except socket.error as err:
+            if err.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return
+            self.log.warning("accept on the internal socket failed: %s", err)
+            return
+        self.connections.append(localsock.Connection(sock))
+
+    def read_requests(self, conn):
+        try:
+            messages = conn.read_messages()
+        except ProtocolError as err:
+            conn.send(localsock.error_reply(None, "protocol", str(err)))
+            conn.closed = not conn.outbuf
+            self.log.debug("internal socket client: %s", err)
+            return
+        for body in messages:
+            conn.send(self.answer(body, conn))
+
+    def answer(self, body, conn):
+        try:
+            request = localsock.decode(body)
+        except ProtocolError as err:
+            return localsock.error_reply(None, "protocol", str(err))
+        request_id = request.get("id")
+        cmd = request.get("cmd")
+        args = request.get("args") or {}
+        if not isinstance(args, dict) or not isinstance(cmd, compat.string_types):
+            return localsock.error_reply(request_id, "protocol", "'cmd' must be a string and "
+                                         "'args' an object")
+        if cmd == "subscribe":
+            conn.subscribed = True
+            return {"id": request_id, "ok": True, "result": {"subscribed": True}}
+        try:
+            result = self.service.handle(cmd, args)
+        except RequestError as err:
+            return localsock.error_reply(request_id, err.code, err.message)
+        return {"id": request_id, "ok": True, "result": result}
+
+    def tick(self, now):
+        event = self.service.tick(now)
+        if event:
+            for conn in self.connections:
+                if conn.subscribed:
+                    conn.send(event)
+
+    def reap(self):
+        alive = []
+        for conn in self.connections:
+            if conn.closed:
+                conn.close()
+            elif len(conn.outbuf) > localsock.MAX_REPLY:
+                # A subscriber that never reads must not grow our memory without bound.
+                self.log.warning("dropping a local client that does not read its replies")
+                conn.close()
+            else:
+                alive.append(conn)
+        self.connections = alive
+
+    def handle_signals(self, received):
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("Received signal %d; stopping.", signum)
+                self.running = False
+            elif signum == signal.SIGHUP:
+                self.service.handle("rescan", {})
+
+    def close(self):
+        for conn in self.connections:
+            conn.close()
+        self.connections = []
+
+
+def main(argv=None, script=None):
+    """Entry point of bin/wazuh-clusterd-internal; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print("%s %s (Python %s)" % (DAEMON, __version__, compat.VERSION))
+        return 0
+    home = paths.find_home(args.home, script or sys.argv[0])
+    layout = paths.Paths(home)
+    try:
+        cfg = config.load(layout)
+    except ConfigError as err:
+        for problem in err.problems:
+            sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, problem))
+        return 1
+    node_type = args.node_type or cfg.node_type
+    created = daemon.ensure_dirs([os.path.dirname(layout.ossec_log), layout.run_dir,
+                                  os.path.dirname(layout.internal_socket),
+                                  os.path.dirname(layout.db_file)])
+    log = logs.setup(DAEMON, layout.ossec_log, args.debug,
+                     args.foreground and sys.stderr.isatty())
+    try:
+        daemon.drop_privileges(created + [layout.ossec_log])
+        return run(cfg, layout, node_type, args, log)
+    except ClusterError as err:
+        log.error("%s", err)
+        sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, err))
+        return 1
+
+
+def run(cfg, layout, node_type, args, log):
+    from wazuh_cluster.service import build_service
+    parent = os.getppid()
+    ready = daemon.Readiness()
+    if not args.foreground:
+        ready.daemonize()
+        parent = None
+    pid_file = None
+    listener = None
+    service = None
+    try:
+        try:
+            listener = localsock.bind_unix(layout.internal_socket)
+            service = build_service(cfg, layout, node_type)
+            pid_file = daemon.write_pid_file(layout.pid_file(DAEMON, os.getpid()))
+        except (ClusterError, OSError, IOError) as err:
+            ready.failed("%s: ERROR: %s" % (DAEMON, err))
+            raise ClusterError(str(err))
+        signals = daemon.SelfPipe()
+        signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        log.info("Starting %s %s (Python %s) for a %s node.", DAEMON, __version__,
+                 compat.VERSION, node_type)
+        loop = InternalLoop(listener, service, signals, parent=parent)
+        ready.ready()
+        try:
+            loop.run()
+        finally:
+            loop.close()
+    finally:
+        if listener is not None:
+            listener.close()
+            daemon.remove_file(layout.internal_socket)
+        if service is not None:
+            service.close()
+        if pid_file:
+            daemon.remove_file(pid_file)
+    log.info("%s stopped.", DAEMON)
+    return 0

@@ -1,0 +1,212 @@
+"""Length-prefixed JSON over local UNIX sockets: the internal daemon's API and cluster_control's.
+
+A frame is a 4-byte big-endian length and a UTF-8 JSON object. Requests are
+{"id", "cmd", "args"}; replies {"id", "ok", "result"} or {"id", "ok": false, "error": {code,
+message}}; pushed events carry "event" instead of "id".
+"""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import json
+import os
+import socket
+import struct
+
+from wazuh_cluster import compat
+from wazuh_cluster.errors import ProtocolError, RequestError
+
+HEADER = struct.Struct(">I")
+MAX_MESSAGE = 1 << 20
+MAX_REPLY = 256 << 20
+
+
+def encode(obj):
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    return HEADER.pack(len(data)) + data
+
+
+def decode(data):
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise ProtocolError("message is not UTF-8 JSON")
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    return obj
+
+
+def error_reply(request_id, code, message):
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def bind_unix(path, mode=0o660, gid=None):
+    """Listen on a UNIX socket path; a stale socket (nobody answers) is replaced.
+
+    A live socket means another daemon is running: that is an error, not something to steal.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except socket.error as err:
+        if err.args[0] in (errno.ECONNREFUSED, errno.ENOTSOCK):
+            os.unlink(path)
+        elif err.args[0] != errno.ENOENT:
+            raise
+    else:
+        raise RequestError("%s is in use by a running daemon" % path, "busy")
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    compat.set_cloexec(sock.fileno())
+    # The mode is set on the path before anyone can connect: bind under a restrictive umask
+    # of our own (this process only creates sockets here; files are written with explicit modes).
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    sock.listen(64)
+    return sock
+
+
+class Connection(object):
+    """One client of a select() server: non-blocking, with input and output buffers."""
+
+    def __init__(self, sock, max_message=MAX_MESSAGE):
+        self.sock = sock
+        self.sock.setblocking(False)
+        compat.set_cloexec(sock.fileno())
+        self.max_message = max_message
+        self.inbuf = b""
+        self.outbuf = b""
+        self.closed = False
+        self.subscribed = False
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def read_messages(self):
+        """Read what is there; return complete messages. Raises ProtocolError on bad framing."""
+        try:
+            data = self.sock.recv(65536)
+        except socket.error as err:
+            if err.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return []
+            self.closed = True
+            return []
+        if not data:
+            self.closed = True
+            return []
+        self.inbuf += data
+        messages = []
+        while len(self.inbuf) >= HEADER.size:
+            (length,) = HEADER.unpack(self.inbuf[:HEADER.size])
+            if length > self.max_message or length == 0:
+                self.inbuf = b""
+                raise ProtocolError("message length %d outside 1..%d" % (length, self.max_message))
+            if len(self.inbuf) < HEADER.size + length:
+                break
+            body = self.inbuf[HEADER.size:HEADER.size + length]
+            self.inbuf = self.inbuf[HEADER.size + length:]
+            messages.append(body)
+        return messages
+
+    def send(self, obj):
+        self.outbuf += encode(obj)
+        self.flush()
+
+    def flush(self):
+        while self.outbuf and not self.closed:
+            try:
+                sent = self.sock.send(self.outbuf[:1 << 20])
+            except socket.error as err:
+                if err.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    return
+                self.closed = True
+                return
+            self.outbuf = self.outbuf[sent:]
+
+    def close(self):
+        self.closed = True
+        try:
+            self.sock.close()
+        except socket.error:
+            pass
+
+
+class Client(object):
+    """A blocking client: `call(cmd, args)` returns the result or raises RequestError."""
+
+    def __init__(self, path, timeout=30.0):
+        self.path = path
+        self.timeout = timeout
+        self.sock = None
+        self.next_id = 1
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        compat.set_cloexec(sock.fileno())
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except socket.error as err:
+            sock.close()
+            raise RequestError("cannot connect to %s: %s" % (self.path, err.args[-1]),
+                               "unreachable")
+        self.sock = sock
+        return self
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self):
+        return self.connect() if self.sock is None else self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, cmd, args=None):
+        if self.sock is None:
+            self.connect()
+        request_id = self.next_id
+        self.next_id += 1
+        try:
+            self.sock.sendall(encode({"id": request_id, "cmd": cmd, "args": args or {}}))
+            while True:
+                reply = self.receive()
+                if reply.get("id") == request_id:
+                    break
+        except socket.timeout:
+            self.close()
+            raise RequestError("%s did not answer %r in %.0f s" % (self.path, cmd, self.timeout),
+                               "timeout")
+        except socket.error as err:
+            self.close()
+            raise RequestError("%s: %s" % (self.path, err.args[-1]), "unreachable")
+        if reply.get("ok"):
+            return reply.get("result")
+        error = reply.get("error") or {}
+        raise RequestError(error.get("message", "request failed"), error.get("code", "error"))
+
+    def receive(self):
+        """One message (a reply or a pushed event); blocks up to the timeout."""
+        header = self._read_exact(HEADER.size)
+        (length,) = HEADER.unpack(header)
+        if length > MAX_REPLY:
+            raise ProtocolError("reply of %d bytes is too large" % length)
+        return decode(self._read_exact(length))
+
+    def _read_exact(self, size):
+        chunks = []
+        while size:
+            data = self.sock.recv(min(size, 1 << 20))
+            if not data:
+                raise socket.error(errno.ECONNRESET, "connection closed")
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks)

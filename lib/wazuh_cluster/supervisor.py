@@ -1,0 +1,87 @@
+"""wazuh-clusterd's child: start wazuh-clusterd-internal, restart it when it dies, stop it."""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+from wazuh_cluster import compat, logs
+
+RESTART_MIN = 1.0
+
+
+class InternalSupervisor(object):
+    """Runs `wazuh-clusterd-internal -t<type>` under the interpreter we run under.
+
+    sys.executable and the inherited environment (LD_LIBRARY_PATH included) are what make a
+    software-collection Python work for the child too.
+    """
+
+    def __init__(self, script, home, node_type, debug=0, restart_max=30.0,
+                 clock=compat.monotonic, spawn=subprocess.Popen):
+        self.argv = [sys.executable, script, "-t" + node_type, "-f", "-D", home]
+        self.argv += ["-d"] * debug
+        self.restart_max = restart_max
+        self.clock = clock
+        self.spawn = spawn
+        self.log = logs.get("supervisor")
+        self.process = None
+        self.delay = RESTART_MIN
+        self.next_start = 0.0
+        self.started_at = 0.0
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process else None
+
+    def start(self):
+        with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+            self.process = self.spawn(self.argv, stdin=null_in, stdout=null_out,
+                                      stderr=null_out, close_fds=True, env=dict(os.environ))
+        self.started_at = self.clock()
+        self.log.info("Started wazuh-clusterd-internal (pid %d).", self.process.pid)
+
+    def check(self):
+        """Reap a dead child and restart it with backoff; returns seconds until the next check."""
+        now = self.clock()
+        if self.process is not None:
+            code = self.process.poll()
+            if code is None:
+                if now - self.started_at > self.restart_max:
+                    self.delay = RESTART_MIN
+                return self.restart_max
+            self.log.error("wazuh-clusterd-internal (pid %d) exited with status %s; restarting "
+                           "in %.0f s.", self.process.pid, code, self.delay)
+            self.process = None
+            self.next_start = now + self.delay
+            self.delay = min(self.delay * 2, self.restart_max)
+        if now >= self.next_start:
+            self.start()
+            return self.restart_max
+        return self.next_start - now
+
+    def stop(self, timeout=5.0):
+        """SIGTERM, wait a bounded time, then SIGKILL: the child must not outlive us."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            process.send_signal(signal.SIGTERM)
+        except OSError as err:
+            if err.errno != errno.ESRCH:
+                raise
+        deadline = self.clock() + timeout
+        while process.poll() is None and self.clock() < deadline:
+            _sleep(0.02)
+        if process.poll() is None:
+            self.log.warning("wazuh-clusterd-internal (pid %d) ignored SIGTERM; killing it.",
+                             process.pid)
+            process.kill()
+            process.wait()
+
+
+def _sleep(seconds):
+    import time
+    time.sleep(seconds)
