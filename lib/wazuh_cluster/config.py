@@ -14,6 +14,7 @@ import socket
 import subprocess
 import xml.etree.ElementTree as ElementTree
 
+from wazuh_cluster.compat import string_types
 from wazuh_cluster.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -134,6 +135,9 @@ CLUSTER_ELEMENTS = (
     ("disabled", to_yes_no, "yes"),
 )
 
+# Checked only when the cluster is enabled: Wazuh ships a disabled block with an empty key.
+ENABLED_ONLY = ("key", "nodes")
+
 # cluster.NAME=value in internal_options.conf / local_internal_options.conf.
 OPTIONS = (
     ("poll_interval", to_float_range(0.05, 60), "1"),
@@ -166,7 +170,7 @@ class ClusterConfig(collections.namedtuple("ClusterConfig", _CONFIG_FIELDS)):
     __slots__ = ()
 
     def __repr__(self):
-        shown = ", ".join("%s=%r" % (f, "<hidden>" if f == "key" else getattr(self, f))
+        shown = ", ".join("%s='%s'" % (f, "<hidden>" if f == "key" else getattr(self, f))
                           for f in self._fields)
         return "ClusterConfig(%s)" % shown
 
@@ -214,29 +218,32 @@ def node_list(element, path, problems):
     nodes = []
     for child in element:
         if child.tag != "node":
-            problems.append("%s: <cluster><nodes>: unknown element <%s>" % (path, child.tag))
+            problems.append(("nodes", "%s: <cluster><nodes>: unknown element <%s>"
+                             % (path, child.tag)))
             continue
         text = (child.text or "").strip()
         try:
             nodes.append(to_host(text))
         except ValueError as err:
-            problems.append("%s: <cluster><nodes><node>: %r %s" % (path, text, err))
-    if not nodes and not problems:
-        problems.append("%s: <cluster><nodes>: no <node> listed" % path)
+            problems.append(("nodes", "%s: <cluster><nodes><node>: '%s' %s" % (path, text, err)))
     return tuple(nodes)
 
 
 def read_cluster(path, problems):
-    """Convert the <cluster> block into a dict of values, collecting problems."""
+    """Convert the <cluster> block into a dict of values.
+
+    Problems are collected as (element, line) so that the rules which only matter to a running
+    cluster (key, nodes) can be dropped for a disabled one, as Wazuh ships it.
+    """
     root = parse_ossec_conf(read_text(path), path)
     found, elements = cluster_elements(root)
     if not found:
-        problems.append("%s: no <cluster> block" % path)
+        problems.append((None, "%s: no <cluster> block" % path))
         return {}
     known = dict((name, (conv, default)) for name, conv, default in CLUSTER_ELEMENTS)
     for tag in elements:
         if tag not in known:
-            problems.append("%s: <cluster>: unknown element <%s>" % (path, tag))
+            problems.append((None, "%s: <cluster>: unknown element <%s>" % (path, tag)))
     values = {}
     for name, convert, default in CLUSTER_ELEMENTS:
         element = elements.get(name)
@@ -252,8 +259,9 @@ def read_cluster(path, problems):
         try:
             values[name] = convert(text)
         except ValueError as err:
-            shown = "" if name == "key" else "%r " % text
-            problems.append("%s: <cluster><%s>: %s%s" % (path, name, shown, err))
+            shown = "" if name == "key" else "'%s' " % text
+            problems.append((name, "%s: <cluster><%s>: %s%s" % (path, name, shown, err)))
+            values[name] = None
     return values
 
 
@@ -272,7 +280,7 @@ def read_options(paths_in_order, problems):
                 continue
             key, sep, value = line.partition("=")
             if not sep:
-                problems.append("%s:%d: %r has no '='" % (path, number, line))
+                problems.append("%s:%d: '%s' has no '='" % (path, number, line))
                 continue
             raw[key.strip()[len("cluster."):]] = value.strip()
             where[key.strip()[len("cluster."):]] = "%s:%d" % (path, number)
@@ -286,7 +294,7 @@ def read_options(paths_in_order, problems):
         try:
             values[name] = convert(text)
         except ValueError as err:
-            problems.append("%s: cluster.%s: %r %s" % (where.get(name, "default"), name, text, err))
+            problems.append("%s: cluster.%s: '%s' %s" % (where.get(name, "default"), name, text, err))
             values[name] = convert(default)
     return Options(**values)
 
@@ -312,10 +320,9 @@ def load_items(path):
     names = [item.name for item in items]
     for name in set(names):
         if names.count(name) > 1:
-            problems.append("%s: item name %r used twice" % (path, name))
+            problems.append("%s: item name '%s' used twice" % (path, name))
     exclude = data.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(p, str) or hasattr(p, "encode")
-                                                for p in exclude):
+    if not isinstance(exclude, list) or not all(isinstance(p, string_types) for p in exclude):
         problems.append("%s: \"exclude\" must be a list of patterns" % path)
         exclude = []
     if problems:
@@ -328,24 +335,24 @@ def convert_item(raw):
         raise ValueError("must be an object")
     unknown = set(raw) - set(ITEM_FIELDS)
     if unknown:
-        raise ValueError("unknown field %r" % sorted(unknown)[0])
+        raise ValueError("unknown field '%s'" % sorted(unknown)[0])
     for field in ("name", "path", "kind", "source"):
-        if not isinstance(raw.get(field), type(u"")) and not isinstance(raw.get(field), str):
-            raise ValueError("field %r is required and must be a string" % field)
+        if not isinstance(raw.get(field), string_types):
+            raise ValueError("field '%s' is required and must be a string" % field)
     path = raw["path"]
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError("path %r must be relative to the installation, without '.' or '..'"
+        raise ValueError("path '%s' must be relative to the installation, without '.' or '..'"
                          % path)
     if raw["kind"] not in ("file", "dir"):
-        raise ValueError("kind %r must be 'file' or 'dir'" % raw["kind"])
+        raise ValueError("kind '%s' must be 'file' or 'dir'" % raw["kind"])
     if raw["source"] not in ("master", "client"):
-        raise ValueError("source %r must be 'master' or 'client'" % raw["source"])
+        raise ValueError("source '%s' must be 'master' or 'client'" % raw["source"])
     flags = {}
     for field in ("recursive", "hot", "mtime_is_data", "delete_dirs"):
         value = raw.get(field, False)
         if not isinstance(value, bool):
-            raise ValueError("field %r must be true or false" % field)
+            raise ValueError("field '%s' must be true or false" % field)
         flags[field] = value
     modes = {}
     for field, default in (("mode", "0660"), ("dir_mode", "0770")):
@@ -402,11 +409,14 @@ def load(paths, addresses=host_addresses, resolver=resolve):
 
     `addresses` and `resolver` are the seams for `hostname --all-ip-addresses` and DNS.
     """
-    problems = []
+    cluster_problems = []
     try:
-        values = read_cluster(paths.ossec_conf, problems)
+        values = read_cluster(paths.ossec_conf, cluster_problems)
     except (IOError, OSError) as err:
         raise ConfigError("%s: cannot read: %s" % (paths.ossec_conf, err.strerror or err))
+    disabled = values.get("disabled") is not False
+    problems = [line for element, line in cluster_problems
+                if not (disabled and element in ENABLED_ONLY)]
     options = read_options([paths.internal_options, paths.local_internal_options], problems)
     try:
         items, exclude = load_items(paths.cluster_json)
@@ -416,7 +426,7 @@ def load(paths, addresses=host_addresses, resolver=resolve):
     if problems:
         raise ConfigError(problems)
     own = None
-    if not values["disabled"]:
+    if not disabled:
         own = validate_enabled(paths.ossec_conf, values, addresses, resolver, problems)
     if problems:
         raise ConfigError(problems)
@@ -438,7 +448,7 @@ def validate_enabled(path, values, addresses, resolver, problems):
         return None
     for node in nodes:
         if not resolver(node):
-            problems.append("%s: <cluster><nodes><node>: %r does not resolve" % (path, node))
+            problems.append("%s: <cluster><nodes><node>: '%s' does not resolve" % (path, node))
     host = tuple(addresses())
     own = find_own_address(values["bind_addr"], nodes, host, resolver)
     if own is None:

@@ -1,5 +1,5 @@
 """Daemon plumbing shared by both daemons: arguments, fork with a readiness report, PID files,
-privilege drop, and signals that only record (STYLE §5, §9)."""
+privilege drop, and signals that only record (STYLE section 5, section 9)."""
 from __future__ import absolute_import, division, print_function
 
 import errno
