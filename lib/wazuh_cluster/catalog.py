@@ -1,0 +1,346 @@
+"""Glue between the scanner and the cluster database, and the command service of the internal
+daemon (CONTRACT: "Internal daemon UNIX socket API").
+
+The select() loop of internal.py owns the transport; it calls
+    catalog.tick(now)          every loop turn (cheap when nothing is due) -> event dict or None
+    catalog.handle(cmd, args)  for every request                         -> result dict
+and pushes the events returned by tick() to its subscribers.
+
+Who gets a changed file ("pending" rows), kept simple on purpose:
+- on a master, a changed or deleted file of a master-owned item is pending for every known
+  peer whose role is "client" or unknown;
+- on a client, a changed, touched or deleted file of a client-owned item (agent-info) is
+  pending for every known peer whose role is "master".
+Known peers are those recorded by the peer_seen command plus any node named in states rows
+(set_states); this node's own name is never a target.
+"""
+from __future__ import absolute_import, division, print_function
+
+import json
+import os
+import stat
+import time
+
+from wazuh_cluster import compat, errors, scanner as scanner_mod
+
+ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
+TOMBSTONE_SECONDS = 30 * 86400
+PURGE_EVERY = 3600.0
+_NODE_LINE = '#"node_name":'
+
+
+def _bad(message):
+    return errors.RequestError(message, "bad_request")
+
+
+def _opt_text(args, key):
+    value = args.get(key)
+    if value is not None and not isinstance(value, compat.string_types):
+        raise _bad("%r must be a string or null" % key)
+    return value
+
+
+def _opt_text_list(args, key):
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, compat.string_types) for v in value):
+        raise _bad("%r must be a list of strings or null" % key)
+    return value
+
+
+def _rows(args, key, width):
+    value = args.get(key)
+    if not isinstance(value, list):
+        raise _bad("%r must be a list of rows" % key)
+    for row in value:
+        if not isinstance(row, list) or len(row) != width:
+            raise _bad("every row of %r must be a list of %d values" % (key, width))
+    return value
+
+
+class Catalog(object):
+    """Scanner + ClusterDB + the socket commands.
+
+    home, items (config.Item tuples), exclude (fnmatch patterns), db (db.ClusterDB),
+    log (logging.Logger); role "master" or "client"; node_name = this node (never a target);
+    poll_interval / scan_interval = cluster.poll_interval / cluster.scan_interval seconds;
+    clock = monotonic seconds (cadence); wall = epoch seconds (display and agent status only).
+    """
+
+    def __init__(self, home, items, exclude, db, log, role="master", node_name=None,
+                 poll_interval=1.0, scan_interval=10.0, clock=compat.monotonic, wall=time.time):
+        self.home = home
+        self.items = tuple(items)
+        self.db = db
+        self.log = log
+        self.role = role
+        self.node_name = node_name
+        self.poll_interval = float(poll_interval)
+        self.scan_interval = float(scan_interval)
+        self._wall = wall
+        self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
+                                           report=self._skipped)
+        self.scanner.load(db.load_files())
+        self._rescan = True        # the first tick is a full pass (reconciles db and disk)
+        self._last_full = None
+        self._last_poll = None
+        self._last_purge = None
+        self._last_scan_wall = None
+        self._node_cache = {}      # agent-info name -> (sha256, node_name from the file)
+        self._commands = {
+            "status": self._cmd_status,
+            "manifest": self._cmd_manifest,
+            "pending": self._cmd_pending,
+            "set_states": self._cmd_set_states,
+            "states": self._cmd_states,
+            "rescan": self._cmd_rescan,
+            "peer_seen": self._cmd_peer_seen,
+            "peers": self._cmd_peers,
+            "agents": self._cmd_agents,
+            "agent_nodes": self._cmd_agent_nodes,
+            "meta_get": self._cmd_meta_get,
+            "meta_set": self._cmd_meta_set,
+        }
+
+    def commands(self):
+        """Names of the commands handle() knows (sorted)."""
+        return sorted(self._commands)
+
+    def _skipped(self, name, reason):
+        self.log.warning("%s: %s", name, reason)
+
+    # -- the timer ----------------------------------------------------------------------------
+
+    def timeout(self, now):
+        """Seconds until tick() has work to do (for the select() timeout); 0 when due."""
+        if self._rescan or self._last_full is None:
+            return 0.0
+        due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval)
+        return max(0.0, due - now)
+
+    def tick(self, now):
+        """Run the pass that is due at monotonic time `now`, store it, return its event.
+
+        A full pass every scan_interval (and on rescan), otherwise a poll every
+        poll_interval; nothing when neither is due. Returns None when nothing changed, else
+        {"event": "changes", "changed": [..], "touched": [..], "deleted": [..],
+         "deleted_dirs": [..]} for the subscribers.
+        """
+        if self._rescan or self._last_full is None or now - self._last_full >= self.scan_interval:
+            changes = self.scanner.full_pass()
+            self._rescan = False
+            self._last_full = self._last_poll = now
+            self._last_scan_wall = self._wall()
+        elif now - self._last_poll >= self.poll_interval:
+            changes = self.scanner.poll()
+            self._last_poll = now
+        else:
+            return None
+        if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
+            self._last_purge = now
+            self.db.purge_deleted(self._wall() - TOMBSTONE_SECONDS)
+        if changes.is_empty():
+            return None
+        self._store(changes)
+        return changes.to_event()
+
+    def _store(self, changes):
+        """One transaction: file rows, tombstones and pending rows of one pass."""
+        rows = []
+        for name in changes.changed + changes.touched:
+            row = self.scanner.row(name)
+            if row is not None:
+                rows.append(row)
+        outgoing = [n for n in changes.changed + changes.touched + changes.deleted
+                    if self._sent_by_us(n)]
+        targets = self._targets() if outgoing else []
+        with self.db.transaction():
+            if rows:
+                self.db.save_files(rows)
+            if changes.deleted:
+                self.db.mark_deleted(changes.deleted)
+            if targets:
+                self.db.mark_pending(targets, outgoing)
+
+    def _sent_by_us(self, name):
+        item = self.scanner.item_of(name)
+        return item is not None and item.source == self.role
+
+    def _targets(self):
+        """Peers that should receive what this node owns (see the module docstring)."""
+        wanted = ("client", None) if self.role == "master" else ("master",)
+        return sorted(node for node, role in self.db.known_nodes().items()
+                      if role in wanted and node != self.node_name)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def handle(self, cmd, args):
+        """Run one socket command; returns its result dict or raises errors.RequestError."""
+        func = self._commands.get(cmd)
+        if func is None:
+            raise errors.RequestError("unknown command %r" % (cmd,), "unknown_command")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise _bad("args must be an object")
+        return func(args)
+
+    def _cmd_status(self, args):
+        return {"files": len(self.scanner), "last_scan": self._last_scan_wall,
+                "scan_seconds": round(self.scanner.full_pass_seconds, 6),
+                "poll_seconds": round(self.scanner.poll_seconds, 6),
+                "db": self.db.path, "db_in_memory": self.db.in_memory, "role": self.role,
+                "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
+                "peers": len(self.db.peers())}
+
+    def _cmd_manifest(self, args):
+        source = _opt_text(args, "source")
+        if source not in (None, "master", "client"):
+            raise _bad("source must be \"master\", \"client\" or null")
+        names = _opt_text_list(args, "items")
+        wanted = set(item.name for item in self.items
+                     if (source is None or item.source == source)
+                     and (names is None or item.name in names))
+        files = {}
+        for name, item, size, mtime_ns, _ino, _ctime, mode, sha in self.scanner.rows():
+            if item in wanted:
+                files[name] = {"sha256": sha, "size": size, "mtime_ns": mtime_ns, "mode": mode,
+                               "item": item}
+        return {"files": files}
+
+    def _cmd_pending(self, args):
+        node = _opt_text(args, "node")
+        if not node:
+            raise _bad("\"node\" is required")
+        files = self.db.pending(node)
+        return {"files": files, "deleted": sorted(self.db.deleted_files(files))}
+
+    def _cmd_set_states(self, args):
+        rows = _rows(args, "rows", 3)
+        for row in rows:
+            if not all(isinstance(v, compat.string_types) for v in row):
+                raise _bad("rows are [node, file, state] strings")
+        try:
+            return {"updated": self.db.set_states(rows)}
+        except ValueError as exc:
+            raise _bad(str(exc))
+
+    def _cmd_states(self, args):
+        return {"rows": self.db.states(_opt_text(args, "node"), _opt_text_list(args, "files"))}
+
+    def _cmd_rescan(self, args):
+        self._rescan = True
+        return {"scheduled": True}
+
+    def _cmd_peer_seen(self, args):
+        name = _opt_text(args, "name")
+        role = _opt_text(args, "role")
+        if not name:
+            raise _bad("\"name\" is required")
+        if role not in ("master", "client"):
+            raise _bad("\"role\" must be \"master\" or \"client\"")
+        self.db.record_peer(name, role, _opt_text(args, "address"), _opt_text(args, "version"))
+        return {"recorded": True}
+
+    def _cmd_peers(self, args):
+        return {"peers": self.db.peers()}
+
+    def _cmd_agent_nodes(self, args):
+        rows = _rows(args, "rows", 2)
+        info = self._item_path("agent-info", "queue/agent-info")
+        clean = []
+        for agent, node in rows:
+            if not isinstance(agent, compat.string_types) or not isinstance(
+                    node, compat.string_types):
+                raise _bad("rows are [agent-info file name, node] strings")
+            record = self.scanner.get(info + "/" + agent)
+            clean.append((agent, node, record["mtime_ns"] if record else None))
+        return {"updated": self.db.record_agents(clean)}
+
+    def _cmd_meta_get(self, args):
+        key = _opt_text(args, "key")
+        if not key:
+            raise _bad("\"key\" is required")
+        value = self.db.get_meta(key)
+        return {"value": json.loads(value) if value is not None else None}
+
+    def _cmd_meta_set(self, args):
+        key = _opt_text(args, "key")
+        if not key:
+            raise _bad("\"key\" is required")
+        value = args.get("value")
+        self.db.set_meta(key, None if value is None else json.dumps(value, sort_keys=True))
+        return {"stored": True}
+
+    # -- agents -------------------------------------------------------------------------------
+
+    def _item_path(self, name, default):
+        for item in self.items:
+            if item.name == name:
+                return item.path
+        return default
+
+    def _cmd_agents(self, args):
+        """One row per agent of client.keys with its status (SPEC section 2)."""
+        keys_path = os.path.join(self.home, self._item_path("client.keys", "etc/client.keys"))
+        info = self._item_path("agent-info", "queue/agent-info")
+        try:
+            with open(keys_path, "rb") as handle:
+                text = compat.to_text(handle.read(), errors="replace")
+        except (IOError, OSError):
+            text = ""
+        recorded = self.db.agents()
+        now = self._wall()
+        agents = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
+                continue  # blank, comment, malformed or removed agent
+            agent_id, name, ip = parts[0], parts[1], parts[2]
+            file_name = "%s-%s" % (name, ip.split("/")[0])
+            status, keepalive, node = self._agent_state(info + "/" + file_name, now)
+            if node is None:
+                node = recorded.get(file_name, (None, None))[0]
+            agents.append({"id": agent_id, "name": name, "ip": ip, "status": status,
+                           "node_name": node, "last_keepalive": keepalive})
+        return {"agents": agents}
+
+    def _agent_state(self, rel, now):
+        """(status, keepalive epoch seconds or None, node_name from the file or None)."""
+        try:
+            st = os.lstat(os.path.join(self.home, rel))
+        except OSError:
+            return "Never connected", None, None
+        if not stat.S_ISREG(st.st_mode):
+            return "Never connected", None, None
+        keepalive = compat.stat_mtime_ns(st) / 1e9
+        if now - keepalive > ACTIVE_SECONDS:
+            status = "Disconnected"
+        elif st.st_size == 0:
+            status = "Pending"
+        else:
+            status = "Active"
+        return status, keepalive, self._node_name_of(rel, st)
+
+    def _node_name_of(self, rel, st):
+        """The #"node_name": line of an agent-info file, cached by content hash."""
+        if st.st_size == 0:
+            return None
+        record = self.scanner.get(rel)
+        sha = record["sha256"] if record else None
+        cached = self._node_cache.get(rel)
+        if sha is not None and cached is not None and cached[0] == sha:
+            return cached[1]
+        node = None
+        try:
+            with open(os.path.join(self.home, rel), "rb") as handle:
+                data = compat.to_text(handle.read(65536), errors="replace")
+        except (IOError, OSError):
+            return None
+        for line in data.splitlines():
+            if line.startswith(_NODE_LINE):
+                node = line[len(_NODE_LINE):].strip().strip('"') or None
+        if sha is not None:
+            self._node_cache[rel] = (sha, node)
+        return node

@@ -1,0 +1,204 @@
+"""Catalog: the internal daemon's commands and its timer (scanner + database)."""
+from __future__ import absolute_import, division, print_function
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from wazuh_cluster import catalog as catalog_mod
+from wazuh_cluster import compat, db as dbmod, errors
+
+from test_scanner import EXCLUDE, ITEMS, write  # noqa: I100 - shared fixtures of the scanner
+
+NOW = 1700000000.0
+
+
+@pytest.fixture
+def home():
+    path = tempfile.mkdtemp(prefix="wzc-cat-")
+    for folder in ("etc/shared/default", "queue/agent-groups", "queue/agent-info", "var/db"):
+        os.makedirs(os.path.join(path, folder))
+    yield path
+    shutil.rmtree(path)
+
+
+class Clock(object):
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(home, role="master", node_name="master01"):
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    return catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role=role, node_name=node_name,
+                               poll_interval=1.0, scan_interval=10.0, wall=lambda: NOW)
+
+
+def test_first_tick_is_a_full_pass_and_stores_files(home):
+    write(home, "etc/shared/default/agent.conf", "conf")
+    cat = make(home)
+    assert cat.timeout(0.0) == 0.0
+    event = cat.tick(0.0)
+    assert event["event"] == "changes"
+    assert event["changed"] == ["etc/shared/default/agent.conf"]
+    assert cat.tick(0.5) is None           # nothing due yet
+    assert cat.timeout(0.5) == pytest.approx(0.5)
+    assert cat.tick(1.0) is None           # poll, nothing changed
+    assert [r[0] for r in cat.db.load_files()] == ["etc/shared/default/agent.conf"]
+    status = cat.handle("status", {})
+    assert status["files"] == 1 and status["last_scan"] == NOW and status["role"] == "master"
+
+
+def test_restart_does_not_report_unchanged_files(home):
+    write(home, "etc/shared/default/agent.conf", "conf")
+    write(home, "etc/shared/default/old", "old")
+    cat = make(home)
+    cat.tick(0.0)
+    cat.db.close()
+    os.unlink(os.path.join(home, "etc/shared/default/old"))
+    cat = make(home)
+    event = cat.tick(0.0)
+    assert event["changed"] == [] and event["deleted"] == ["etc/shared/default/old"]
+    assert cat.db.deleted_files() == ["etc/shared/default/old"]
+
+
+def test_changes_mark_pending_for_known_clients_only(home):
+    cat = make(home)
+    cat.tick(0.0)
+    cat.handle("peer_seen", {"name": "client01", "role": "client", "address": "127.0.0.2",
+                             "version": "1.0"})
+    cat.handle("peer_seen", {"name": "master01", "role": "client"})  # our own name: never
+    cat.handle("set_states", {"rows": [["client02", "etc/client.keys", "synchronized"]]})
+    write(home, "etc/client.keys", "001 web01 any k\n")
+    write(home, "queue/agent-info/web01-any", "Linux")  # client-owned: not sent by a master
+    event = cat.tick(1.0)
+    assert event["changed"] == ["etc/client.keys", "queue/agent-info/web01-any"]
+    assert cat.handle("pending", {"node": "client01"}) == {"files": ["etc/client.keys"],
+                                                           "deleted": []}
+    assert cat.handle("pending", {"node": "client02"})["files"] == ["etc/client.keys"]
+    assert cat.handle("pending", {"node": "master01"})["files"] == []
+    os.unlink(os.path.join(home, "etc/client.keys"))
+    cat.tick(2.0)
+    assert cat.handle("pending", {"node": "client01"})["deleted"] == ["etc/client.keys"]
+    assert cat.handle("set_states", {"rows": [["client01", "etc/client.keys",
+                                               "synchronized"]]}) == {"updated": 1}
+    assert cat.handle("pending", {"node": "client01"})["files"] == []
+
+
+def test_client_sends_agent_info_touches_to_master(home):
+    write(home, "queue/agent-info/web01-any", "Linux")
+    cat = make(home, role="client", node_name="client01")
+    cat.tick(0.0)
+    cat.handle("peer_seen", {"name": "master01", "role": "master"})
+    compat.set_mtime_ns(os.path.join(home, "queue/agent-info/web01-any"), 1600000000 * 10 ** 9)
+    event = cat.tick(10.0)
+    assert event["touched"] == ["queue/agent-info/web01-any"]
+    assert cat.handle("pending", {"node": "master01"})["files"] == ["queue/agent-info/web01-any"]
+
+
+def test_rescan_schedules_a_full_pass(home):
+    cat = make(home)
+    cat.tick(0.0)
+    path = write(home, "etc/shared/default/agent.conf", "aaaa")
+    cat.tick(10.0)
+    write(home, "etc/shared/default/agent.conf", "bbbb")  # in place, mtime restored
+    assert cat.handle("rescan", {}) == {"scheduled": True}
+    assert cat.timeout(10.1) == 0.0
+    assert cat.tick(10.1)["changed"] == ["etc/shared/default/agent.conf"]
+    assert os.path.exists(path)
+
+
+def test_manifest_filters_by_source_and_item(home):
+    write(home, "etc/shared/default/agent.conf", "abc")
+    write(home, "queue/agent-info/web01-any", "Linux")
+    cat = make(home)
+    cat.tick(0.0)
+    files = cat.handle("manifest", {"source": "master", "items": None})["files"]
+    assert list(files) == ["etc/shared/default/agent.conf"]
+    entry = files["etc/shared/default/agent.conf"]
+    assert entry["item"] == "shared" and entry["size"] == 3
+    assert entry["sha256"].startswith("ba7816bf")
+    assert list(cat.handle("manifest", {"items": ["agent-info"]})["files"]) == \
+        ["queue/agent-info/web01-any"]
+    assert len(cat.handle("manifest", {})["files"]) == 2
+    json.dumps(cat.handle("manifest", {}))
+
+
+def test_states_query(home):
+    cat = make(home)
+    cat.handle("set_states", {"rows": [["n2", "a", "failed"], ["n3", "a", "invalid"]]})
+    assert cat.handle("states", {"node": "n2"}) == {"rows": [["n2", "a", "failed"]]}
+    assert len(cat.handle("states", {"node": None, "files": ["a"]})["rows"]) == 2
+
+
+@pytest.mark.parametrize("cmd,args,code", [
+    ("nope", {}, "unknown_command"),
+    ("status", [], "bad_request"),
+    ("pending", {}, "bad_request"),
+    ("set_states", {"rows": [["n", "f", "bogus"]]}, "bad_request"),
+    ("set_states", {"rows": [["n", "f"]]}, "bad_request"),
+    ("set_states", {"rows": "x"}, "bad_request"),
+    ("states", {"files": "x"}, "bad_request"),
+    ("manifest", {"source": "other"}, "bad_request"),
+    ("peer_seen", {"name": "n2", "role": "boss"}, "bad_request"),
+    ("meta_get", {}, "bad_request"),
+])
+def test_bad_requests_raise_request_error_with_code(home, cmd, args, code):
+    cat = make(home)
+    with pytest.raises(errors.RequestError) as info:
+        cat.handle(cmd, args)
+    assert info.value.code == code
+
+
+def test_meta_and_peers(home):
+    cat = make(home)
+    assert cat.handle("meta_get", {"key": "held_removal"}) == {"value": None}
+    cat.handle("meta_set", {"key": "held_removal", "value": {"removed": 40, "total": 50}})
+    assert cat.handle("meta_get", {"key": "held_removal"})["value"] == {"removed": 40,
+                                                                         "total": 50}
+    cat.handle("meta_set", {"key": "held_removal", "value": None})
+    assert cat.handle("meta_get", {"key": "held_removal"})["value"] is None
+    cat.handle("peer_seen", {"name": "c1", "role": "client", "address": "127.0.0.2"})
+    assert [p["node"] for p in cat.handle("peers", {})["peers"]] == ["c1"]
+    assert "agents" in cat.commands() and "status" in cat.commands()
+
+
+def test_agents_status_and_node_name(home):
+    write(home, "etc/client.keys", "\n".join([
+        "001 web01 10.0.0.5 k1", "002 db01 any k2", "003 !gone 10.0.0.7 k3",
+        "004 new01 10.0.0.0/24 k4", "005 old01 any k5", "# comment", ""]))
+    info = os.path.join(home, "queue/agent-info")
+    write(home, "queue/agent-info/web01-10.0.0.5",
+          'Linux web01\n#"manager_hostname":m1\n#"node_name":client01\n',
+          mtime_ns=int((NOW - 60) * 1e9))
+    write(home, "queue/agent-info/db01-any", "", mtime_ns=int((NOW - 10) * 1e9))
+    write(home, "queue/agent-info/old01-any", "Linux old01\n", mtime_ns=int((NOW - 1831) * 1e9))
+    assert os.path.isdir(info)
+    cat = make(home)
+    cat.tick(0.0)
+    cat.handle("agent_nodes", {"rows": [["old01-any", "client02"]]})
+    agents = dict((a["id"], a) for a in cat.handle("agents", {})["agents"])
+    assert sorted(agents) == ["001", "002", "004", "005"]
+    assert agents["001"]["status"] == "Active" and agents["001"]["node_name"] == "client01"
+    assert agents["001"]["last_keepalive"] == pytest.approx(NOW - 60)
+    assert agents["002"]["status"] == "Pending"
+    assert agents["004"]["status"] == "Never connected" and agents["004"]["ip"] == "10.0.0.0/24"
+    assert agents["005"]["status"] == "Disconnected" and agents["005"]["node_name"] == "client02"
+    json.dumps(agents)
+
+
+def test_skipped_entries_are_logged_once(home, caplog):
+    os.symlink("/etc/passwd", os.path.join(home, "etc/shared/default/link"))
+    cat = make(home)
+    with caplog.at_level(logging.WARNING, logger="test-catalog"):
+        cat.tick(0.0)
+        cat.tick(10.0)
+        cat.tick(20.0)
+    assert len([r for r in caplog.records if "link" in r.getMessage()]) == 1
