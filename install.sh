@@ -284,9 +284,12 @@ if [ "$IS_ROOT" = yes ]; then
 fi
 
 mkdir -p "$PREFIX" || die "cannot create $PREFIX"
+VAR_EXISTED=no
+[ -d "$PREFIX/var" ] && VAR_EXISTED=yes
 mkdir -p "$STATE" "$BACKUP" || die "cannot create $STATE"
 chmod 0750 "$STATE"
 touch "$MANIFEST" || die "cannot write $MANIFEST"
+[ "$VAR_EXISTED" = yes ] || manifest_add dir var
 
 # Folders and their Wazuh 3.0 permissions (SPEC §2); the daemons run as ossec and write in them.
 mkdir_rec bin

@@ -15,3 +15,13 @@ collect_ignore = ["bench"]
 for _path in (os.path.join(HERE, "integration"), os.path.join(os.path.dirname(HERE), "lib")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (item.rep_call...): fixtures print logs on failure."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
