@@ -365,7 +365,8 @@ def _recv_exact_deadline(sock, n, deadline):
                 continue
             raise HandshakeError("connection error during handshake: %s" % _errname(exc))
         if not chunk:
-            raise HandshakeError("peer closed the connection during the handshake")
+            raise HandshakeError("peer closed the connection during the handshake "
+                                 "(wrong key or cluster name, or not admitted)")
         buf += chunk
     return buf
 

@@ -194,7 +194,7 @@ class Session(object):
         if compress:
             body = protocol.compress(body)
             flags |= protocol.FLAG_COMPRESSED
-        chunk = protocol.CHUNK_SIZE
+        chunk = min(protocol.CHUNK_SIZE, self.channel.codec.max_body())
         if len(body) <= chunk:
             self.channel.send_frame(msg_type, flags, rid, body)
             return

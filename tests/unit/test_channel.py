@@ -1,0 +1,531 @@
+"""Handshake, frame codec and SecureChannel/Session over real loopback TCP (SPEC s.5)."""
+from __future__ import absolute_import, division, print_function
+
+import os
+import random
+import socket
+import struct
+import threading
+
+import pytest
+
+from wazuh_cluster import channel, compat, protocol
+from wazuh_cluster.channel import (FrameCodec, HandshakeError, NonceBook, SecureChannel,
+                                   client_handshake, server_handshake)
+from wazuh_cluster.errors import ProtocolError, RequestError
+from wazuh_cluster.session import Session
+
+KEY = "K3yK3yK3yK3yK3yK3yK3yK3yK3yK3y12"
+OTHER_KEY = "0therKey0therKey0therKey0therKe"
+
+
+def wait_for(predicate, timeout=10.0, step=0.01):
+    """Poll `predicate` until it is true or `timeout` passes; returns its last value."""
+    end = compat.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or compat.monotonic() > end:
+            return value
+        threading.Event().wait(step)
+
+
+def tcp_pair():
+    """A connected (client, server) pair of TCP sockets on 127.0.0.1."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    c = socket.create_connection(lsock.getsockname(), timeout=5)
+    s, _ = lsock.accept()
+    lsock.close()
+    return c, s
+
+
+class Result(object):
+    value = None
+    error = None
+
+
+def in_thread(fn, *args, **kwargs):
+    """Run fn in a thread; returns (thread, Result)."""
+    res = Result()
+
+    def run():
+        try:
+            res.value = fn(*args, **kwargs)
+        except Exception as exc:  # reported to the test through res.error
+            res.error = exc
+    t = threading.Thread(target=run)
+    t.daemon = True
+    t.start()
+    return t, res
+
+
+def handshake(server_kw=None, client_kw=None):
+    """Run both sides; returns (client Result, server Result, client sock, server sock)."""
+    skw = dict(key=KEY, node_name="master01", cluster_name="wazuh", role="master",
+               timeout=5, nonce_book=NonceBook())
+    ckw = dict(key=KEY, node_name="client01", cluster_name="wazuh", role="client",
+               timeout=5, nonce_book=NonceBook())
+    skw.update(server_kw or {})
+    ckw.update(client_kw or {})
+    c, s = tcp_pair()
+
+    def server():
+        try:
+            return server_handshake(s, **skw)
+        except HandshakeError:
+            s.close()
+            raise
+    ts, sres = in_thread(server)
+
+    def client():
+        try:
+            return client_handshake(c, **ckw)
+        except HandshakeError:
+            c.close()
+            raise
+    tc, cres = in_thread(client)
+    tc.join(10)
+    ts.join(10)
+    return cres, sres, c, s
+
+
+def close_all(*socks):
+    for x in socks:
+        try:
+            x.close()
+        except (OSError, socket.error):
+            pass
+
+
+# -- handshake ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("server_role", ["master", "client"])
+def test_handshake_both_roles_interoperate(server_role):
+    cres, sres, c, s = handshake(server_kw={"role": server_role})
+    try:
+        assert cres.error is None and sres.error is None
+        assert cres.value.peer_role == server_role
+        assert cres.value.peer_name == "master01"
+        assert sres.value.peer_role == "client" and sres.value.peer_name == "client01"
+        cc, sc = cres.value.codec, sres.value.codec
+        assert sc.open_frame(cc.seal(3, 0, 7, b"hi")) == (3, 0, 7, b"hi")
+        assert cc.open_frame(sc.seal(4, 1, 8, b"yo")) == (4, 1, 8, b"yo")
+    finally:
+        close_all(c, s)
+
+
+def test_wrong_key_fails_on_both_sides_without_key_material():
+    cres, sres, c, s = handshake(client_kw={"key": OTHER_KEY})
+    try:
+        assert isinstance(cres.error, HandshakeError)
+        assert "wrong key" in cres.error.message
+        assert isinstance(sres.error, HandshakeError)
+        for err in (cres.error, sres.error):
+            assert KEY not in str(err) and OTHER_KEY not in str(err)
+            assert KEY not in repr(err) and OTHER_KEY not in repr(err)
+    finally:
+        close_all(c, s)
+
+
+def test_other_cluster_name_refused_by_server_and_peer_gets_no_detail():
+    cres, sres, c, s = handshake(client_kw={"cluster_name": "other"})
+    try:
+        assert isinstance(sres.error, HandshakeError)
+        assert "another cluster" in sres.error.message
+        assert isinstance(cres.error, HandshakeError)
+        assert "closed" in cres.error.message
+    finally:
+        close_all(c, s)
+
+
+def test_client_checks_server_cluster_name():
+    # a server that answers with another cluster name is refused by the client
+    c, s = tcp_pair()
+    book = NonceBook()
+    t, cres = in_thread(client_handshake, c, KEY, "client01", "wazuh", "client", 5, 1 << 20, book)
+    n = struct.unpack(">H", s.recv(2))[0]
+    ch = s.recv(n)
+    sh_body = channel.build_hello(channel.MSG_SH, "master", os.urandom(32), "m", "evil")
+    keys = channel.derive_keys(KEY, "evil", ch, sh_body)
+    msg = sh_body + keys.server_finished()
+    s.sendall(struct.pack(">H", len(msg)) + msg)
+    t.join(10)
+    assert isinstance(cres.error, HandshakeError) and "another cluster" in cres.error.message
+    close_all(c, s)
+
+
+def raw_ch(name, cluster="wazuh", role_code=2, nonce=None):
+    nonce = nonce or os.urandom(32)
+    return (b"WZC1" + struct.pack(">BB", 1, role_code) + nonce +
+            channel.lp(compat.to_bytes(name)) + channel.lp(compat.to_bytes(cluster)))
+
+
+def server_against_raw(payload, timeout=5, book=None):
+    """Send raw bytes to server_handshake; returns its HandshakeError (or None)."""
+    c, s = tcp_pair()
+    t, sres = in_thread(server_handshake, s, KEY, "master01", "wazuh", "master", timeout,
+                        1 << 20, book or NonceBook())
+    if payload:
+        c.sendall(payload)
+    t.join(timeout + 5)
+    close_all(c, s)
+    return sres.error
+
+
+@pytest.mark.parametrize("name", [b"a/b", b"a\nb", b"", b"x" * 65, b"caf\xc3\xa9", b"a b",
+                                  b"..\x00"])
+def test_bad_node_names_refused(name):
+    ch = raw_ch(name)
+    err = server_against_raw(struct.pack(">H", len(ch)) + ch)
+    assert isinstance(err, HandshakeError) and "node name" in err.message
+
+
+def test_own_node_name_refused():
+    ch = raw_ch(b"master01")
+    err = server_against_raw(struct.pack(">H", len(ch)) + ch)
+    assert isinstance(err, HandshakeError) and "own node name" in err.message
+
+
+def test_unknown_role_code_refused():
+    ch = raw_ch(b"c1", role_code=9)
+    err = server_against_raw(struct.pack(">H", len(ch)) + ch)
+    assert isinstance(err, HandshakeError) and "role" in err.message
+
+
+def test_own_nonce_reflected_refused():
+    book = NonceBook()
+    mine = book.new_nonce()
+    ch = raw_ch(b"c1", nonce=mine)
+    err = server_against_raw(struct.pack(">H", len(ch)) + ch, book=book)
+    assert isinstance(err, HandshakeError) and "own nonces" in err.message
+
+
+def test_client_refuses_server_hello_carrying_its_own_nonce():
+    c, s = tcp_pair()
+    book = NonceBook()
+    t, cres = in_thread(client_handshake, c, KEY, "client01", "wazuh", "client", 5, 1 << 20, book)
+    n = struct.unpack(">H", s.recv(2))[0]
+    ch = s.recv(n)
+    reflected = b"WZC1" + struct.pack(">B", 2) + ch[5:] + b"\x00" * 32
+    s.sendall(struct.pack(">H", len(reflected)) + reflected)
+    t.join(10)
+    assert isinstance(cres.error, HandshakeError) and "own nonces" in cres.error.message
+    close_all(c, s)
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,   # TLS ClientHello
+    b"\x00\x00", b"\x02\x01" + b"A" * 513, b"\x00\x05WZC1\x01",
+])
+def test_garbage_instead_of_hello_refused(payload):
+    err = server_against_raw(payload, timeout=1)
+    assert isinstance(err, HandshakeError)
+
+
+def test_silent_peer_hits_the_deadline():
+    err = server_against_raw(b"", timeout=0.3)
+    assert isinstance(err, HandshakeError) and "deadline" in err.message
+
+
+def test_recorded_handshake_replayed_into_new_connection_fails():
+    # record a genuine client's bytes, then replay them against a fresh server
+    c, s = tcp_pair()
+    t, sres = in_thread(server_handshake, s, KEY, "master01", "wazuh", "master", 5, 1 << 20,
+                        NonceBook())
+    cres = client_handshake(c, KEY, "client01", "wazuh", "client", 5, 1 << 20, NonceBook())
+    t.join(10)
+    assert sres.error is None and cres is not None
+    close_all(c, s)
+    # reconstruct what the client sent: CH and CF are deterministic given the transcript,
+    # so build a CH with a fixed nonce, run once, and replay CH+CF to a new server.
+    nonce = os.urandom(32)
+    ch = raw_ch(b"client01", nonce=nonce)
+    c, s = tcp_pair()
+    t, sres = in_thread(server_handshake, s, KEY, "master01", "wazuh", "master", 5, 1 << 20,
+                        NonceBook())
+    c.sendall(struct.pack(">H", len(ch)) + ch)
+    n = struct.unpack(">H", c.recv(2))[0]
+    sh = b""
+    while len(sh) < n:
+        sh += c.recv(n - len(sh))
+    keys = channel.derive_keys(KEY, "wazuh", ch, sh[:-32])
+    cf = b"\x03" + keys.client_finished()
+    c.sendall(struct.pack(">H", len(cf)) + cf)
+    t.join(10)
+    assert sres.error is None
+    close_all(c, s)
+    c, s = tcp_pair()
+    t, sres = in_thread(server_handshake, s, KEY, "master01", "wazuh", "master", 5, 1 << 20,
+                        NonceBook())
+    c.sendall(struct.pack(">H", len(ch)) + ch + struct.pack(">H", len(cf)) + cf)
+    t.join(10)
+    assert isinstance(sres.error, HandshakeError) and "client failed" in sres.error.message
+    close_all(c, s)
+
+
+def test_keys_and_codec_repr_hide_material():
+    keys = channel.derive_keys(KEY, "wazuh", b"a", b"b")
+    codec = FrameCodec(keys.k_c2s, keys.k_s2c)
+    for text in (repr(keys), repr(codec)):
+        assert KEY not in text
+        assert repr(keys.k_c2s) not in text
+
+
+def test_key_schedule_matches_spec():
+    from cryptography.hazmat.backends import default_backend
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    import hashlib
+    import hmac
+    ch, sh = b"CH bytes", b"SH bytes"
+    th = hashlib.sha256(ch + sh).digest()
+    okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=b"wzc1 salt" + b"\x00\x05wazuh",
+               info=b"wzc1 keys" + th, backend=default_backend()).derive(compat.to_bytes(KEY))
+    keys = channel.derive_keys(KEY, "wazuh", ch, sh)
+    assert (keys.k_c2s, keys.k_s2c, keys.fk_c, keys.fk_s) == (okm[:32], okm[32:64], okm[64:96],
+                                                             okm[96:])
+    assert keys.server_finished() == hmac.new(okm[96:], b"server finished" + th,
+                                              hashlib.sha256).digest()
+
+
+# -- frame codec ----------------------------------------------------------------------------
+
+def codec_pair(max_frame=1 << 16):
+    a, b = os.urandom(32), os.urandom(32)
+    return FrameCodec(a, b, max_frame), FrameCodec(b, a, max_frame)
+
+
+def test_codec_roundtrip_and_counters():
+    x, y = codec_pair()
+    for i in range(50):
+        body = os.urandom(i * 7)
+        assert y.open_frame(x.seal(3, 0, i, body)) == (3, 0, i, body)
+    assert x.send_counter == 50 and y.recv_counter == 50
+    assert x.recv_counter == 0
+
+
+def test_codec_rejects_replay_reorder_reflection():
+    x, y = codec_pair()
+    f1 = x.seal(3, 0, 1, b"one")
+    f2 = x.seal(3, 0, 2, b"two")
+    y.open_frame(f1)
+    with pytest.raises(ProtocolError):
+        y.open_frame(f1)                      # replay
+    x, y = codec_pair()
+    f1, f2 = x.seal(3, 0, 1, b"one"), x.seal(3, 0, 2, b"two")
+    with pytest.raises(ProtocolError):
+        y.open_frame(f2)                      # reorder / drop
+    x, y = codec_pair()
+    with pytest.raises(ProtocolError):
+        x.open_frame(x.seal(3, 0, 1, b"me"))  # reflection to the sender
+
+
+def test_codec_stays_broken_after_a_failure():
+    x, y = codec_pair()
+    good = x.seal(3, 0, 1, b"a")
+    with pytest.raises(ProtocolError):
+        y.open_frame(good[:-1])
+    with pytest.raises(ProtocolError):
+        y.open_frame(good)
+
+
+@pytest.mark.parametrize("length", [0, 1, channel.MIN_FRAME - 1, (1 << 16) + 1, 0xFFFFFFFF])
+def test_length_checked_before_reading(length):
+    x, y = codec_pair()
+    with pytest.raises(ProtocolError):
+        y.check_length(struct.pack(">I", length))
+
+
+def test_oversized_seal_refused():
+    x, y = codec_pair(max_frame=1024)
+    with pytest.raises(ProtocolError):
+        x.seal(3, 0, 0, b"z" * 1024)
+
+
+def test_key_update_keeps_frames_flowing_and_changes_key():
+    x, y = codec_pair()
+    x._send.counter = y._recv.counter = channel.REKEY_AFTER - 3
+    frames = [x.seal(3, 0, i, b"f%d" % i) for i in range(6)]
+    assert x.send_epoch == 1 and x.send_counter == 3
+    for i, f in enumerate(frames):
+        assert y.open_frame(f)[3] == b"f%d" % i
+    assert y.recv_epoch == 1 and y.recv_counter == 3
+    # a frame from the previous epoch cannot be replayed into the new one
+    with pytest.raises(ProtocolError):
+        y.open_frame(frames[0])
+
+
+def test_hard_limit_never_exceeded():
+    x, y = codec_pair()
+    x._send.counter = channel.HARD_LIMIT
+    with pytest.raises(ProtocolError):
+        x.seal(3, 0, 0, b"")
+
+
+def test_property_any_mutation_of_a_sealed_frame_is_rejected():
+    rng = random.Random(20261128)
+    seen = set()
+    for i in range(400):
+        x, y = codec_pair()
+        for _ in range(rng.randrange(3)):       # mutate a frame at a random counter
+            y.open_frame(x.seal(3, 0, 0, b"warm"))
+        body = bytes(bytearray(rng.getrandbits(8) for _ in range(rng.randrange(0, 200))))
+        wire = bytearray(x.seal(rng.randrange(8), rng.randrange(64), rng.getrandbits(32), body))
+        kind = rng.randrange(3)
+        if kind == 0:
+            pos = rng.randrange(len(wire) * 8)
+            wire[pos // 8] ^= 1 << (pos % 8)
+        elif kind == 1:
+            wire = wire[:rng.randrange(len(wire))]
+        else:
+            wire += bytearray(rng.getrandbits(8) for _ in range(rng.randrange(1, 40)))
+        with pytest.raises(ProtocolError):
+            y.open_frame(bytes(wire))
+    # counters (hence nonces) never repeat under one key, across key updates too
+    x, y = codec_pair()
+    x._send.counter = channel.REKEY_AFTER - 100
+    for _ in range(300):
+        nonce = (x.send_epoch, x._send.nonce())
+        assert nonce not in seen
+        seen.add(nonce)
+        y_counter = (x.send_epoch, x.send_counter)
+        x.seal(3, 0, 0, b"")
+        assert (x.send_epoch, x.send_counter) > y_counter
+
+
+# -- SecureChannel over TCP -----------------------------------------------------------------
+
+def channel_pair(io_timeout=5.0, max_frame=1 << 20):
+    cres, sres, c, s = handshake(server_kw={"max_frame_bytes": max_frame},
+                                 client_kw={"max_frame_bytes": max_frame})
+    assert cres.error is None and sres.error is None
+    cc = SecureChannel(c, cres.value.codec, "master01", "master", io_timeout)
+    sc = SecureChannel(s, sres.value.codec, "client01", "client", io_timeout)
+    return cc, sc
+
+
+def test_secure_channel_frames_and_timeout():
+    cc, sc = channel_pair()
+    try:
+        assert sc.recv_frame(0.05) is None
+        cc.send_frame(3, 0, 9, b"x" * 300000)
+        assert sc.recv_frame(5) == (3, 0, 9, b"x" * 300000)
+        sc.send_frame(4, 0, 9, b"ok")
+        assert cc.recv_frame(5) == (4, 0, 9, b"ok")
+    finally:
+        cc.close()
+        sc.close()
+
+
+def test_secure_channel_peer_close_and_stall():
+    cc, sc = channel_pair(io_timeout=0.3)
+    cc.close()
+    with pytest.raises(channel.ChannelClosed):
+        sc.recv_frame(5)
+    cc, sc = channel_pair(io_timeout=0.3)
+    cc.sock.sendall(struct.pack(">I", 100) + b"abc")     # stalls mid-frame
+    with pytest.raises(ProtocolError) as info:
+        sc.recv_frame(5)
+    assert "stalled" in info.value.message
+    assert sc.closed
+    cc.close()
+
+
+def test_secure_channel_length_max_plus_one_refused_without_reading():
+    cc, sc = channel_pair(max_frame=4096)
+    cc.sock.sendall(struct.pack(">I", 4097))
+    with pytest.raises(ProtocolError) as info:
+        sc.recv_frame(5)
+    assert "length" in info.value.message
+    cc.close()
+
+
+# -- Session --------------------------------------------------------------------------------
+
+def session_pair(dispatcher, keepalive=5.0, **kw):
+    cc, sc = channel_pair()
+    closed = []
+    a = Session(cc, dispatcher, keepalive, on_close=lambda s, r: closed.append(("a", r)),
+                address=("127.0.0.1", 1), **kw).start()
+    b = Session(sc, dispatcher, keepalive, on_close=lambda s, r: closed.append(("b", r)),
+                address=("127.0.0.1", 2), **kw).start()
+    return a, b, closed
+
+
+def test_session_call_echo_errors_and_big_data():
+    from wazuh_cluster.errors import TransferError
+
+    def echo(session, args, data):
+        return {"n": args.get("n"), "peer": session.peer_name}, data
+
+    def fail(session, args, data):
+        raise TransferError("disk full")
+
+    def bug(session, args, data):
+        raise ValueError("oops")
+    a, b, closed = session_pair({"echo": echo, "fail": fail, "bug": bug})
+    try:
+        assert a.call("echo", {"n": 1}, b"abc", timeout=10) == ({"n": 1, "peer": "client01"},
+                                                                b"abc")
+        big = os.urandom(1000) * 3000       # 3 MB: several FILE_CHUNK frames each way
+        result, data = b.call("echo", {"n": 2}, big, timeout=30, compress=True)
+        assert data == big and result["peer"] == "master01"
+        with pytest.raises(RequestError) as info:
+            a.call("fail", timeout=10)
+        assert info.value.code == "failed" and "disk full" in info.value.message
+        with pytest.raises(RequestError) as info:
+            a.call("bug", timeout=10)
+        assert info.value.code == "internal"
+        with pytest.raises(RequestError) as info:
+            a.call("nope", timeout=10)
+        assert info.value.code == "unknown_command"
+    finally:
+        a.close()
+        b.close()
+    assert wait_for(lambda: len(closed) == 2)
+
+
+def test_session_call_timeout_and_close_fails_pending():
+    gate = threading.Event()
+
+    def slow(session, args, data):
+        gate.wait(10)
+        return None, b""
+    a, b, closed = session_pair({"slow": slow})
+    try:
+        with pytest.raises(RequestError) as info:
+            a.call("slow", timeout=0.2)
+        assert info.value.code == "timeout"
+        t, res = in_thread(a.call, "slow", None, b"", 30)
+        assert wait_for(lambda: a._pending)
+        b.close("test over")
+        t.join(10)
+        assert isinstance(res.error, RequestError) and res.error.code == "closed"
+    finally:
+        gate.set()
+        a.close()
+    assert wait_for(lambda: len(closed) == 2)
+
+
+def test_session_keepalives_and_dead_peer():
+    a, b, closed = session_pair({}, keepalive=0.1)
+    try:
+        assert wait_for(lambda: a.last_keepalive_mono is not None and
+                        b.last_keepalive_mono is not None)
+        assert a.info()["connected"] and a.info()["name"] == "master01"
+        # silence b's reader and writer: a must declare it dead after three intervals
+        b._closed.set()
+        assert wait_for(lambda: a.closed, timeout=10)
+        assert "keepalive" in a.close_reason
+    finally:
+        a.close()
+        b.channel.close()
+
+
+def test_session_garbage_frame_type_closes():
+    a, b, closed = session_pair({})
+    a.channel.send_frame(99, 0, 0, b"")
+    assert wait_for(lambda: b.closed and a.closed, timeout=10)
+    assert "protocol error" in b.close_reason
