@@ -1,0 +1,103 @@
+"""Frame bodies, bounded inflate, chunking and the request/response envelope (protocol.py)."""
+from __future__ import absolute_import, division, print_function
+
+import io
+import os
+import struct
+import zlib
+
+import pytest
+
+from wazuh_cluster import protocol
+from wazuh_cluster.errors import ProtocolError, RequestError
+
+
+def test_message_type_codes_are_unique_and_named():
+    codes = list(protocol.MESSAGE_TYPES.values())
+    assert len(codes) == len(set(codes))
+    assert all(0 < c < 256 for c in codes)
+    for name, code in protocol.MESSAGE_TYPES.items():
+        assert protocol.type_name(code) == name
+    assert protocol.type_name(250) == "type250"
+
+
+def test_body_roundtrip_with_raw_data():
+    data = os.urandom(5000)
+    body = protocol.encode_body({"cmd": "push", "args": {"files": ["etc/client.keys"]}}, data)
+    header, raw = protocol.decode_body(body)
+    assert header == {"cmd": "push", "args": {"files": ["etc/client.keys"]}}
+    assert raw == data
+
+
+def test_body_roundtrip_non_ascii_text():
+    header, raw = protocol.decode_body(protocol.encode_body({"m": u"caf\u00e9"}))
+    assert header["m"] == u"caf\u00e9" and raw == b""
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\x00\x00", struct.pack(">I", 10) + b"{}",                  # too short / overrun
+    struct.pack(">I", 2) + b"[]", struct.pack(">I", 3) + b"{x}",      # not an object / not JSON
+    struct.pack(">I", 2) + b"\xff\xfe",                                # not UTF-8
+    struct.pack(">I", 0xFFFFFFFF) + b"{}",
+])
+def test_malformed_bodies_refused(body):
+    with pytest.raises(ProtocolError):
+        protocol.decode_body(body)
+
+
+def test_inflate_bounded_roundtrip_and_bomb():
+    data = b"agent-info " * 1000
+    assert protocol.inflate_bounded(protocol.compress(data), len(data)) == data
+    bomb = zlib.compress(b"\x00" * (20 * 1024 * 1024), 9)
+    with pytest.raises(ProtocolError):
+        protocol.inflate_bounded(bomb, 1024 * 1024)
+    with pytest.raises(ProtocolError):
+        protocol.inflate_bounded(protocol.compress(data), len(data) - 1)
+
+
+def test_inflate_corrupt_stream_refused():
+    with pytest.raises(ProtocolError):
+        protocol.inflate_bounded(b"not zlib at all", 1000)
+
+
+def test_inflate_truncated_stream_refused_where_zlib_can_tell():
+    if not hasattr(zlib.decompressobj(), "eof"):
+        pytest.skip("this zlib binding cannot tell a truncated stream")
+    stream = protocol.compress(os.urandom(4000))
+    with pytest.raises(ProtocolError):
+        protocol.inflate_bounded(stream[:len(stream) // 2], 10000)
+
+
+def test_chunks_are_at_most_one_mib_and_reassemble():
+    data = os.urandom(2 * protocol.CHUNK_SIZE + 17)
+    chunks = list(protocol.iter_chunks(data))
+    assert [len(c) for c in chunks] == [protocol.CHUNK_SIZE, protocol.CHUNK_SIZE, 17]
+    assert b"".join(chunks) == data
+    assert list(protocol.iter_chunks(b"")) == [b""]
+    assert list(protocol.iter_chunks(b"abcde", 2)) == [b"ab", b"cd", b"e"]
+    with pytest.raises(ValueError):
+        list(protocol.iter_chunks(b"x", 0))
+
+
+def test_file_chunks():
+    data = os.urandom(3000)
+    chunks = list(protocol.iter_file_chunks(io.BytesIO(data), 1024))
+    assert [len(c) for c in chunks] == [1024, 1024, 952]
+    assert b"".join(chunks) == data
+
+
+def test_envelopes():
+    assert protocol.unwrap(protocol.ok_envelope({"a": 1})) == {"a": 1}
+    env = protocol.error_envelope("invalid", "path refused")
+    assert env == {"ok": False, "result": None,
+                   "error": {"code": "invalid", "message": "path refused"}}
+    with pytest.raises(RequestError) as info:
+        protocol.unwrap(env)
+    assert info.value.code == "invalid" and info.value.message == "path refused"
+
+
+@pytest.mark.parametrize("env", [None, [], {}, {"ok": False}, {"ok": False, "error": "x"},
+                                 {"ok": "yes"}])
+def test_malformed_envelopes_raise_request_error(env):
+    with pytest.raises(RequestError):
+        protocol.unwrap(env)
