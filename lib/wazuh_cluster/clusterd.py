@@ -67,8 +67,7 @@ def main(argv=None, script=None):
         return 1
     if args.test:
         return 0
-    created = daemon.ensure_dirs([os.path.dirname(layout.cluster_log), layout.run_dir,
-                                  os.path.dirname(layout.internal_socket)])
+    created = daemon.ensure_dirs(layout.daemon_dirs())
     log = logs.setup(DAEMON, layout.cluster_log, args.debug, args.foreground)
     if cfg.disabled:
         log.info("Cluster disabled. Exiting.")
@@ -118,7 +117,8 @@ class ClusterNode(object):
         self.signals = daemon.SelfPipe()
         self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self.internal = InternalSupervisor(internal_script(script), layout.home, cfg.node_type,
-                                           debug, cfg.options.internal_restart_max)
+                                           layout.ossec_log, debug,
+                                           cfg.options.internal_restart_max)
         self.running = False
 
     def start(self):

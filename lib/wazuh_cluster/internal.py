@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, config, daemon, localsock, logs, paths
+from wazuh_cluster import __version__, catalog, compat, config, daemon, db, localsock, logs, paths
 from wazuh_cluster.errors import ClusterError, ConfigError, ProtocolError, RequestError
 
 DAEMON = "wazuh-clusterd-internal"
@@ -41,13 +41,9 @@ class InternalLoop(object):
         self.log = logs.get("internal")
 
     def run(self):
-        next_tick = self.clock()
         while self.running:
-            now = self.clock()
-            if now >= next_tick:
-                self.tick(now)
-                next_tick = now + self.service.tick_interval
-            self.wait(max(0.0, next_tick - self.clock()))
+            self.tick(self.clock())
+            self.wait(self.service.timeout(self.clock()))
             if self.parent is not None and os.getppid() != self.parent:
                 self.log.info("wazuh-clusterd is gone; stopping.")
                 self.running = False
@@ -162,22 +158,26 @@ def main(argv=None, script=None):
             sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, problem))
         return 1
     node_type = args.node_type or cfg.node_type
-    created = daemon.ensure_dirs([os.path.dirname(layout.ossec_log), layout.run_dir,
-                                  os.path.dirname(layout.internal_socket),
-                                  os.path.dirname(layout.db_file)])
     log = logs.setup(DAEMON, layout.ossec_log, args.debug,
                      args.foreground and sys.stderr.isatty())
     try:
+        created = daemon.ensure_dirs(layout.daemon_dirs())
         daemon.drop_privileges(created + [layout.ossec_log])
         return run(cfg, layout, node_type, args, log)
-    except ClusterError as err:
+    except (ClusterError, OSError, IOError) as err:
         log.error("%s", err)
         sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, err))
         return 1
 
 
+def build_catalog(cfg, layout, node_type, database, log):
+    """The scanner and the database behind the socket commands."""
+    return catalog.Catalog(layout.home, cfg.items, cfg.exclude, database, log, role=node_type,
+                           node_name=cfg.node_name, poll_interval=cfg.options.poll_interval,
+                           scan_interval=cfg.options.scan_interval)
+
+
 def run(cfg, layout, node_type, args, log):
-    from wazuh_cluster.service import build_service
     parent = os.getppid()
     ready = daemon.Readiness()
     if not args.foreground:
@@ -185,11 +185,12 @@ def run(cfg, layout, node_type, args, log):
         parent = None
     pid_file = None
     listener = None
-    service = None
+    service = database = None
     try:
         try:
             listener = localsock.bind_unix(layout.internal_socket)
-            service = build_service(cfg, layout, node_type)
+            database = db.ClusterDB(layout.db_file, log)
+            service = build_catalog(cfg, layout, node_type, database, log)
             pid_file = daemon.write_pid_file(layout.pid_file(DAEMON, os.getpid()))
         except (ClusterError, OSError, IOError) as err:
             ready.failed("%s: ERROR: %s" % (DAEMON, err))
@@ -208,8 +209,8 @@ def run(cfg, layout, node_type, args, log):
         if listener is not None:
             listener.close()
             daemon.remove_file(layout.internal_socket)
-        if service is not None:
-            service.close()
+        if database is not None:
+            database.close()
         if pid_file:
             daemon.remove_file(pid_file)
     log.info("%s stopped.", DAEMON)

@@ -68,6 +68,11 @@ class Paths(object):
     def backup_agents(self):
         return self.join("backup", "agents")
 
+    def daemon_dirs(self):
+        """Folders the daemons write into; created (and handed to ossec) when missing."""
+        return [os.path.dirname(self.cluster_log), self.run_dir, os.path.dirname(self.db_file),
+                os.path.dirname(self.internal_socket)]
+
     def pid_file(self, daemon, pid):
         return os.path.join(self.run_dir, "%s-%d.pid" % (daemon, pid))
 

@@ -19,10 +19,11 @@ class InternalSupervisor(object):
     software-collection Python work for the child too.
     """
 
-    def __init__(self, script, home, node_type, debug=0, restart_max=30.0,
+    def __init__(self, script, home, node_type, log_file, debug=0, restart_max=30.0,
                  clock=compat.monotonic, spawn=subprocess.Popen):
         self.argv = [sys.executable, script, "-t" + node_type, "-f", "-D", home]
         self.argv += ["-d"] * debug
+        self.log_file = log_file
         self.restart_max = restart_max
         self.clock = clock
         self.spawn = spawn
@@ -37,9 +38,10 @@ class InternalSupervisor(object):
         return self.process.pid if self.process else None
 
     def start(self):
-        with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
-            self.process = self.spawn(self.argv, stdin=null_in, stdout=null_out,
-                                      stderr=null_out, close_fds=True, env=dict(os.environ))
+        # A crash before the child's own logging is up still reaches its log file.
+        with open(os.devnull, "rb") as null_in, open(self.log_file, "ab") as errors:
+            self.process = self.spawn(self.argv, stdin=null_in, stdout=errors, stderr=errors,
+                                      close_fds=True, env=dict(os.environ))
         self.started_at = self.clock()
         self.log.info("Started wazuh-clusterd-internal (pid %d).", self.process.pid)
 
@@ -58,7 +60,15 @@ class InternalSupervisor(object):
             self.next_start = now + self.delay
             self.delay = min(self.delay * 2, self.restart_max)
         if now >= self.next_start:
-            self.start()
+            try:
+                self.start()
+            except (OSError, IOError) as err:
+                # e.g. the interpreter is not executable by user ossec: say so, retry later.
+                self.log.error("Cannot start %s: %s; retrying in %.0f s.", self.argv[1], err,
+                               self.delay)
+                self.next_start = now + self.delay
+                self.delay = min(self.delay * 2, self.restart_max)
+                return self.delay
             return self.restart_max
         return self.next_start - now
 
