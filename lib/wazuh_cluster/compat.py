@@ -1,4 +1,4 @@
-"""Every difference between Python 2.7 and 3.x lives here (STYLE §2)."""
+"""Every difference between Python 2.7 and 3.x lives here (STYLE section 2)."""
 from __future__ import absolute_import, division, print_function
 
 import os

@@ -38,7 +38,7 @@ class HandshakeError(ProtocolError):
 
 
 class PathRefused(ClusterError):
-    """A file name from a peer failed the receiving rules (SPEC §4)."""
+    """A file name from a peer failed the receiving rules (SPEC section 4)."""
     code = "invalid"
 
 
