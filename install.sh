@@ -458,8 +458,9 @@ elif grep -q '<cluster>' "$CONF"; then
     say "kept the <cluster> block of $CONF"
 else
     # No backup to restore here: --uninstall strips the marked block, keeping later edits.
+    # A file without a final newline gets one, so that our marker starts its own line.
+    [ -z "$(tail -c 1 "$CONF")" ] || echo >> "$CONF"
     {
-        echo ""
         echo "$BLOCK_BEGIN"
         sed -e "s|<node>NODE_IP</node>|<node>$(host_address || echo 127.0.0.1)</node>|" "$TEMPLATE"
         echo "$BLOCK_END"

@@ -252,7 +252,7 @@ def write_cluster_conf(prefix, name, node_name, node_type, key, bind_addr, port,
 
 
 def write_internal_options(prefix, options):
-    """etc/local_internal_options.conf with cluster.NAME=value lines (SPEC §2)."""
+    """etc/local_internal_options.conf with cluster.NAME=value lines (SPEC 2)."""
     path = os.path.join(prefix, "etc", "local_internal_options.conf")
     write_file(path, u"".join(u"%s=%s\n" % item for item in sorted(options.items())))
     return path

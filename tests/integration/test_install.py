@@ -1,4 +1,4 @@
-"""install.sh: fresh install, ossec.conf handling, upgrade in place, uninstall (SPEC §7)."""
+"""install.sh: fresh install, ossec.conf handling, upgrade in place, uninstall (SPEC 7)."""
 from __future__ import absolute_import, division, print_function
 
 import io

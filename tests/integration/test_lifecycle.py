@@ -1,4 +1,4 @@
-"""Daemon lifecycle as ossec-control and Wazuh 3.0 drive it (SPEC §2, §3).
+"""Daemon lifecycle as ossec-control and Wazuh 3.0 drive it (SPEC 2, 3).
 
 Every node is a copy of the session's installation (harness.base_install) with its own
 loopback address, port and ossec.conf.
