@@ -30,6 +30,7 @@ import collections
 import errno
 import fnmatch
 import hashlib
+import operator
 import os
 import re
 import stat
@@ -77,9 +78,14 @@ class _Collector(object):
                            (self.changed, self.touched, self.deleted, self.deleted_dirs)])
 
 
-def _fingerprint(st):
-    return (st.st_size, compat.stat_mtime_ns(st), st.st_ino, compat.stat_ctime_ns(st),
-            stat.S_IMODE(st.st_mode))
+if hasattr(os.stat_result, "st_mtime_ns"):
+    # One C call builds the whole fingerprint: this is the inner loop of every pass.
+    _fingerprint = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_ctime_ns",
+                                       "st_mode")
+else:  # 2.7: float times only
+    def _fingerprint(st):
+        return (st.st_size, compat.stat_mtime_ns(st), st.st_ino, compat.stat_ctime_ns(st),
+                st.st_mode)
 
 
 def _dir_fingerprint(st):
@@ -108,6 +114,9 @@ class Scanner(object):
         self.home = compat.native_str(home)
         self.items = tuple(items)
         self.exclude = tuple(compat.native_str(p) for p in exclude_patterns)
+        # One regex for all patterns: 8 fnmatch calls per file cost more than the lstat.
+        self._exclude_re = re.compile("|".join(
+            "(?:%s)" % fnmatch.translate(p) for p in self.exclude) or "(?!)")
         self._clock = clock
         self._wall = wall
         self._report = report or (lambda name, reason: None)
@@ -149,7 +158,8 @@ class Scanner(object):
         if rec is None:
             return None
         item = self.item_of(name)
-        return {"size": rec[0], "mtime_ns": rec[1], "mode": rec[4], "sha256": _hex(rec[5]),
+        return {"size": rec[0], "mtime_ns": rec[1], "mode": stat.S_IMODE(rec[4]),
+                "sha256": _hex(rec[5]),
                 "item": item.name if item else None}
 
     def rows(self):
@@ -157,7 +167,7 @@ class Scanner(object):
         for name, rec in self._files.items():
             item = self.item_of(name)
             yield (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
-                   rec[3], rec[4], _hex(rec[5]))
+                   rec[3], stat.S_IMODE(rec[4]), _hex(rec[5]))
 
     def row(self, name):
         """One row as in rows(), or None."""
@@ -167,7 +177,7 @@ class Scanner(object):
             return None
         item = self.item_of(name)
         return (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
-                rec[3], rec[4], _hex(rec[5]))
+                rec[3], stat.S_IMODE(rec[4]), _hex(rec[5]))
 
     # -- seeding from the database ------------------------------------------------------------
 
@@ -185,7 +195,9 @@ class Scanner(object):
                 continue
             if len(digest) != 32:
                 continue
-            self._files[compat.native_str(name)] = (size, mtime_ns, ino, ctime_ns, mode, digest)
+            # The map keeps the whole st_mode (tracked files are regular), rows the bits.
+            self._files[compat.native_str(name)] = (size, mtime_ns, ino, ctime_ns,
+                                                    stat.S_IFREG | mode, digest)
 
     # -- passes -------------------------------------------------------------------------------
 
@@ -251,10 +263,7 @@ class Scanner(object):
         return any(rel == r for _, r in self._roots)
 
     def _excluded(self, base):
-        for pattern in self.exclude:
-            if fnmatch.fnmatchcase(base, pattern):
-                return True
-        return False
+        return self._exclude_re.match(base) is not None
 
     def _note(self, rel, reason):
         """Report a skipped entry once (not on every pass)."""
@@ -338,7 +347,6 @@ class Scanner(object):
                     break
                 sha.update(chunk)
             after = os.fstat(fd)
-            now = os.lstat(path)
         except OSError as exc:
             if exc.errno not in _GONE:
                 self._note(rel, "cannot read: %s" % exc.strerror)
@@ -347,20 +355,21 @@ class Scanner(object):
         finally:
             os.close(fd)
         fp = _fingerprint(before)
-        if _fingerprint(after) != fp or _fingerprint(now) != fp:
-            # Written or replaced while we read it: not reported yet, read again next poll.
+        if _fingerprint(after) != fp:
+            # Written while we read it: not reported yet, read again at the next poll. (A
+            # file renamed over this one meanwhile has another inode: the next pass sees it.)
             self._retry.add(rel)
             return None
         return sha.digest(), fp
 
     def _scan_dir(self, item, rel, out, deep, root=False):
         """List one folder; recurse into new sub-folders (all of them when `deep`)."""
-        old = self._dirs.get(rel)
+        old_dir = self._dirs.get(rel)
         path = self._abs(rel)
         try:
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
-                if root or old is not None:
+                if root or old_dir is not None:
                     self._note(rel, "%s where a folder was expected" % _kind_word(st.st_mode))
                 self._forget_dir(rel, out, root)
                 return
@@ -371,24 +380,41 @@ class Scanner(object):
         except OSError as exc:
             if exc.errno not in _GONE:
                 self._note(rel, "cannot list: %s" % exc.strerror)
-                if old is not None:
+                if old_dir is not None:
                     return  # keep what we knew; a permission glitch is not a deletion
             self._forget_dir(rel, out, root)
             return
         recursive = item is not None and item.recursive
         files, subdirs = [], []
+        known = self._files.get
+        racy = self._racy
+        prefix = rel + "/"
         for entry in listing:
             base = entry.name
-            if self._excluded(base):
+            child = prefix + base
+            old = known(child)
+            if old is not None:
+                # Fast path (nearly every file of every pass): known, so neither excluded
+                # nor unportable; one lstat and one tuple comparison.
+                try:
+                    est = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between listing and stat: the next pass will tell
+                if stat.S_ISREG(est.st_mode):
+                    files.append(base)
+                    if old[:5] != _fingerprint(est) or child in racy:
+                        self._check_file(item, child, est, out)
+                    continue
+            elif self._excluded(base):
                 continue
-            child = rel + "/" + base
-            if not _PORTABLE.match(base):
+            elif not _PORTABLE.match(base):
                 self._note(child, "name not portable (printable ASCII only), skipped")
                 continue
-            try:
-                est = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished between listing and stat: the next pass will tell
+            else:
+                try:
+                    est = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
             mode = est.st_mode
             if stat.S_ISREG(mode):
                 files.append(base)
@@ -397,22 +423,22 @@ class Scanner(object):
                 subdirs.append(base)
                 if deep or child not in self._dirs:
                     self._scan_dir(item, child, out, deep)
+            elif not stat.S_ISDIR(mode):
+                self._note(child, "%s skipped (not followed)" % _kind_word(mode))
             else:
-                if not stat.S_ISDIR(mode):
-                    self._note(child, "%s skipped (not followed)" % _kind_word(mode))
-                else:
-                    self._note(child, "sub-folder of a non-recursive item, skipped")
-        files = tuple(sorted(files))
-        subdirs = tuple(sorted(subdirs))
-        if old is not None:
-            kept = set(files)
-            for base in old[3]:
-                if base not in kept:
-                    self._forget_file(rel + "/" + base, out)
+                self._note(child, "sub-folder of a non-recursive item, skipped")
+        files = tuple(files)
+        subdirs = tuple(subdirs)
+        if old_dir is not None:
+            if old_dir[3] != files:
+                kept = set(files)
+                for base in old_dir[3]:
+                    if base not in kept:
+                        self._forget_file(prefix + base, out)
             kept = set(subdirs)
-            for base in old[4]:
+            for base in old_dir[4]:
                 if base not in kept:
-                    self._forget_dir(rel + "/" + base, out, False)
+                    self._forget_dir(prefix + base, out, False)
         self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
 
     def _forget_dir(self, rel, out, root):
