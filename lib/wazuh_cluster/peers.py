@@ -294,8 +294,14 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                 _refuse(ch, "duplicate_name", "node name %s is already connected"
                         % hs.peer_name)
                 return
-            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
-                {"name": s.node_name, "role": s.role, "version": s.version}))
+            try:
+                ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
+                    {"name": s.node_name, "role": s.role, "version": s.version}))
+            except ProtocolError:
+                session.on_close = None      # never announced: just leave the registry
+                session.close("lost before the hello", notify=False)
+                self.registry.unregister(session)
+                raise
         except ProtocolError as exc:
             log.warning("refused peer %s: %s", who, exc.message)
             ch.close()
@@ -304,7 +310,12 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             self._handshake_done(sock)
         log.info("node %s connected from %s (version %s)", hs.peer_name, peer, session.version)
         if self.on_session is not None:
-            self.on_session(session)
+            try:
+                self.on_session(session)
+            except Exception:  # the owner's bug must not leave a registered, dead session
+                log.exception("on_session callback failed for %s", hs.peer_name)
+                session.close("internal error")
+                return
         session.run()
 
     def _closed(self, session, reason):

@@ -38,6 +38,8 @@ CLOSE = MESSAGE_TYPES["CLOSE"]
 
 FLAG_COMPRESSED = 0x01   # the raw data (all chunks together) is a zlib stream
 FLAG_MORE = 0x02         # more FILE_CHUNK frames follow for this request id
+FLAG_RESPONSE_CHUNK = 0x04   # on FILE_CHUNK: continues a RESPONSE (else a REQUEST)
+# 0x80 is reserved by channel.py (key update)
 
 CHUNK_SIZE = 1024 * 1024          # file data travels in chunks of at most 1 MiB
 MAX_HEADER_BYTES = 256 * 1024     # a JSON header larger than this is refused

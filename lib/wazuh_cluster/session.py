@@ -21,7 +21,7 @@ from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 log = logging.getLogger("wazuh_cluster")
 
-FLAG_OF_RESPONSE = 0x04          # on FILE_CHUNK: continues a RESPONSE (else a REQUEST)
+FLAG_OF_RESPONSE = protocol.FLAG_RESPONSE_CHUNK
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 MISSED_KEEPALIVES = 3
 
