@@ -135,19 +135,36 @@ shquote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 
 # ---------------------------------------------------------------- uninstall
 stop_daemons() {
-    local ctl pidf pid
+    local ctl pidf pid pids= n=0 left
     ctl="$PREFIX/bin/ossec-control"
-    if [ -x "$ctl" ] && { owned bin/ossec-control || grep -q wazuh-clusterd "$ctl" 2>/dev/null; }; then
-        # Ours, or Wazuh's that manages wazuh-clusterd: both stop our daemons (Wazuh's stops all).
-        if owned bin/ossec-control; then "$ctl" stop >/dev/null 2>&1; fi
+    # Our ossec-control stops only our daemons; a Wazuh one would stop the whole manager, so
+    # for that case (and whatever else is left) our daemons are signalled directly.
+    if [ -x "$ctl" ] && owned bin/ossec-control; then
+        for pidf in "$PREFIX"/var/run/wazuh-clusterd*.pid; do
+            [ -f "$pidf" ] && pids="$pids $(cat "$pidf" 2>/dev/null)"
+        done
+        "$ctl" stop >/dev/null 2>&1
     fi
-    # Whatever control script there is, make sure no daemon of ours keeps running.
     for pidf in "$PREFIX"/var/run/wazuh-clusterd*.pid; do
         [ -f "$pidf" ] || continue
         pid=$(cat "$pidf" 2>/dev/null)
-        case "$pid" in ''|*[!0-9]*) ;; *) kill -TERM "$pid" 2>/dev/null ;; esac
+        case "$pid" in ''|*[!0-9]*) ;; *) kill -TERM "$pid" 2>/dev/null; pids="$pids $pid" ;; esac
         rm -f "$pidf"
     done
+    # Wait (bounded) until they are gone, so that nothing they write outlives the removal.
+    while [ $n -lt 100 ]; do
+        left=
+        for pid in $pids; do
+            case "$pid" in ''|*[!0-9]*) continue ;; esac
+            if kill -0 "$pid" 2>/dev/null && ! grep -q ') Z' "/proc/$pid/stat" 2>/dev/null; then
+                left="$left $pid"
+            fi
+        done
+        [ -z "$left" ] && return 0
+        sleep 0.1 2>/dev/null || sleep 1
+        n=$((n + 1))
+    done
+    warn "daemons still running after SIGTERM:$left"
 }
 
 strip_conf_block() {  # remove our marked block from etc/ossec.conf

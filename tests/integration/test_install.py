@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 from harness import (  # noqa: F401  (fixtures are found by pytest through these imports)
-    Node, free_port, install, new_address, python, read_log, run, tmp_prefix_dir, uninstall,
+    INSTALL_SH, Node, free_port, install, new_address, python, read_log, run, tmp_prefix_dir, uninstall,
     wait_for, workspace, write_file, _need_ossec_user)
 
 
@@ -280,3 +280,35 @@ def test_install_errors_are_one_clear_line(tmp_prefix_dir):
     assert result.rc != 0 and "--bogus" in result.err
     result = uninstall(os.path.join(tmp_prefix_dir, "never-installed"), check=False)
     assert result.rc != 0 and "nothing to uninstall" in result.err
+
+
+def test_install_without_no_start_restarts_and_uninstall_stops(tmp_prefix_dir, python):
+    _need_ossec_user()
+    prefix = os.path.join(tmp_prefix_dir, "ossec")
+    os.makedirs(os.path.join(prefix, "etc"))
+    address = new_address()
+    port = free_port(address)
+    conf = CLUSTER_CONF.replace("<node_type>client</node_type>", "<node_type>master</node_type>")
+    conf = conf.replace("<bind_addr>0.0.0.0</bind_addr>", "<bind_addr>%s</bind_addr>" % address)
+    conf = conf.replace("<port>1516</port>", "<port>%d</port>" % port)
+    conf = conf.replace("<node>10.0.0.1</node>", "<node>%s</node>" % address)
+    conf_path = os.path.join(prefix, "etc", "ossec.conf")
+    write_file(conf_path, conf)
+    node = Node(prefix)
+    try:
+        result = run(["bash", INSTALL_SH, "--prefix", prefix, "--python", python], timeout=300)
+        assert result.rc == 0, node.explain("install.sh", result)
+        node.wait_running()
+        pids = node.all_pids()
+        # Re-running upgrades and restarts: new daemons, same configuration.
+        result = run(["bash", INSTALL_SH, "--prefix", prefix, "--python", python], timeout=300)
+        assert result.rc == 0, node.explain("install.sh again", result)
+        node.wait_running()
+        assert not set(node.all_pids()) & set(pids)
+        pids = node.all_pids()
+        uninstall(prefix)
+        node.wait_stopped(pids)
+        assert not os.path.exists(os.path.join(prefix, "lib", "wazuh_cluster"))
+        assert read(conf_path) == conf
+    finally:
+        node.cleanup()
