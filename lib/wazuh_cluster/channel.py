@@ -469,11 +469,25 @@ def server_handshake(sock, key, node_name, cluster_name, role,
     return HandshakeResult(hello.node_name, hello.role, hello.cluster_name, codec)
 
 
+class ChannelClosed(ProtocolError):
+    """The peer closed the connection cleanly between frames."""
+    code = "closed"
+
+
 def wait_readable(sock, timeout):
-    """True when `sock` is readable within `timeout` seconds (None = forever); retries EINTR."""
+    """True when `sock` is readable within `timeout` seconds (None = forever); retries EINTR.
+
+    Raises ChannelClosed when the socket was closed meanwhile (by another thread).
+    """
+    try:
+        fd = sock.fileno()
+    except (socket.error, OSError, ValueError):   # 2.7: a closed socket raises EBADF
+        fd = -1
+    if fd < 0:
+        raise ChannelClosed("channel is closed")
     if hasattr(select, "poll"):
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         while True:
             try:
@@ -489,11 +503,6 @@ def wait_readable(sock, timeout):
             if exc.args and exc.args[0] == errno.EINTR:
                 continue
             raise
-
-
-class ChannelClosed(ProtocolError):
-    """The peer closed the connection cleanly between frames."""
-    code = "closed"
 
 
 class SecureChannel(object):

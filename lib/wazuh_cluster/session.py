@@ -249,6 +249,9 @@ class Session(object):
                 log.warning("session with %s (%s) closed: protocol error: %s", self.peer_name,
                             self.describe_address(), exc.message)
             self.close("protocol error: %s" % exc.message, notify=False)
+        except Exception:  # a bug here must still close the session and fail pending calls
+            log.exception("session with %s (%s) failed", self.peer_name, self.describe_address())
+            self.close("internal error", notify=False)
 
     def _handle(self, frame):
         msg_type, flags, rid, body = frame
