@@ -1,0 +1,385 @@
+"""cluster_control: the command line of the cluster (SPEC section 6).
+
+It reads the configuration, then talks to the local wazuh-clusterd over
+queue/ossec/cluster_control; on a client, wazuh-clusterd asks the master for the cluster-wide
+views (nodes, agents, health). Exit status: 0 on success; 1 with one line on stderr when
+something is wrong (daemon not running, cluster disabled, master unreachable, unknown node,
+nothing held, configuration error); 2 for a usage error (argparse).
+
+JSON output (-j): one object per command, always with these keys (values from the daemon;
+a key the daemon did not send is null, a count it did not send is 0). Times are epoch seconds
+(float) or null; "ago" values are seconds (float) or null.
+
+  -l  {"files":  [{"node": str, "file": str, "status": str}]}
+          status: "pending" | "synchronized" | "failed" | "invalid"
+  -a  {"agents": [{"id": str, "name": str, "ip": str, "status": str,
+                   "node_name": str|null, "last_keepalive": float|null}]}
+          status: "Active" | "Pending" | "Disconnected" | "Never connected"
+  -n  {"nodes":  [{"name": str, "type": "master"|"client"|null,
+                   "status": "connected"|"disconnected", "address": str|null,
+                   "version": str|null, "last_keepalive": float|null,
+                   "connected_since": float|null}]}
+  -i  {"nodes":  [{"node": str, "type": str|null, "connected": bool, "agents": int,
+                   "pending": int, "failed": int, "invalid": int, "synchronized": int,
+                   "last_sync_ago": float|null, "last_sync_ok": bool|null}],
+       "held":   [{"node": str, "message": str, "since": float|null}]}
+  -p, -f  {"scheduled": [str]}        the peers told to push / to run a full round
+  -s      {"scheduled": bool}
+  --confirm-removals  {"removed": [str]}   names of the agents removed
+  -V      {"version": str}
+"""
+from __future__ import absolute_import, division, print_function
+
+import argparse
+import collections
+import errno
+import json
+import os
+import socket
+import sys
+import time
+
+from wazuh_cluster import __version__, compat, config, localsock, paths
+from wazuh_cluster.errors import ConfigError, RequestError
+
+PROG = "cluster_control"
+
+# Error codes of the daemon's replies -> what the operator is told first.
+CODE_TEXT = {
+    "unreachable": "master unreachable",
+    "unknown_node": "unknown node",
+    "nothing_held": "nothing to confirm",
+    "timeout": "no answer",
+}
+
+# (key, default) of every row of a listing: the stable JSON shape documented above.
+FILE_KEYS = (("node", None), ("file", None), ("status", None))
+AGENT_KEYS = (("id", None), ("name", None), ("ip", None), ("status", None),
+              ("node_name", None), ("last_keepalive", None))
+NODE_KEYS = (("name", None), ("type", None), ("status", None), ("address", None),
+             ("version", None), ("last_keepalive", None), ("connected_since", None))
+HEALTH_KEYS = (("node", None), ("type", None), ("connected", False), ("agents", 0),
+               ("pending", 0), ("failed", 0), ("invalid", 0), ("synchronized", 0),
+               ("last_sync_ago", None), ("last_sync_ok", None))
+HELD_KEYS = (("node", None), ("message", None), ("since", None))
+
+
+class Failure(Exception):
+    """Something the operator must be told in one line; main() returns 1."""
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+def table(headers, rows):
+    """Left-aligned columns two spaces apart, header first; no trailing blanks."""
+    rows = [[u"-" if cell is None else compat.text_type(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    return [u"  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+            for line in [list(headers)] + rows]
+
+
+def when(epoch):
+    """Epoch seconds as local 'YYYY/MM/DD HH:MM:SS'; '-' for None."""
+    if epoch is None:
+        return u"-"
+    return compat.to_text(time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(epoch)))
+
+
+def ago(seconds, ok=None):
+    """'12 s ago' ('never' for None), with ' (failed)' when the round did not end clean."""
+    if seconds is None:
+        return u"never"
+    return u"%d s ago%s" % (int(round(seconds)), u" (failed)" if ok is False else u"")
+
+
+def yes_no(value):
+    return u"yes" if value else u"no"
+
+
+def pick(rows, keys):
+    """Rows reduced to the documented keys (stable JSON, whatever else the daemon sends)."""
+    return [collections.OrderedDict((k, row.get(k, d)) for k, d in keys)
+            for row in rows or [] if isinstance(row, dict)]
+
+
+def id_order(agent):
+    value = agent.get("id") or ""
+    return (0, int(value), value) if value.isdigit() else (1, 0, value)
+
+
+# -- per command: request, JSON shape, text ---------------------------------------------------
+
+def shape_files(result):
+    rows = pick(result.get("files"), FILE_KEYS)
+    rows.sort(key=lambda r: (r["node"] or "", r["file"] or ""))
+    return {"files": rows}
+
+
+def text_files(data):
+    return table(("Manager", "Filename", "Status"),
+                 [(r["node"], r["file"], r["status"]) for r in data["files"]])
+
+
+def shape_agents(result):
+    return {"agents": sorted(pick(result.get("agents"), AGENT_KEYS), key=id_order)}
+
+
+def text_agents(data):
+    return table(("ID", "IP", "Name", "Status", "Node name"),
+                 [(a["id"], a["ip"], a["name"], a["status"], a["node_name"])
+                  for a in data["agents"]])
+
+
+def shape_nodes(result):
+    return {"nodes": pick(result.get("nodes"), NODE_KEYS)}
+
+
+def text_nodes(data):
+    return table(("Node", "Status", "Address", "Type", "Version", "Last keepalive"),
+                 [(n["name"], n["status"], n["address"], n["type"], n["version"],
+                   when(n["last_keepalive"])) for n in data["nodes"]])
+
+
+def shape_health(result):
+    return {"nodes": pick(result.get("nodes"), HEALTH_KEYS),
+            "held": pick(result.get("held"), HELD_KEYS)}
+
+
+def text_health(data):
+    lines = table(("Node", "Type", "Connected", "Last sync", "Pending", "Failed", "Invalid",
+                   "Agents"),
+                  [(n["node"], n["type"], yes_no(n["connected"]),
+                    u"-" if n["type"] == "master" and n["last_sync_ago"] is None
+                    else ago(n["last_sync_ago"], n["last_sync_ok"]),
+                    n["pending"], n["failed"], n["invalid"], n["agents"])
+                   for n in data["nodes"]])
+    for held in data["held"]:
+        lines.append(u"WARNING: %s: %s (held since %s; confirm with '%s --confirm-removals' "
+                     u"on that node)" % (held["node"], held["message"], when(held["since"]),
+                                         PROG))
+    return lines
+
+
+def shape_scheduled(result):
+    value = result.get("scheduled")
+    return {"scheduled": sorted(value) if isinstance(value, list) else bool(value)}
+
+
+def text_push(data):
+    peers = data["scheduled"]
+    return [u"Push scheduled to: %s." % u", ".join(peers) if peers
+            else u"Push scheduled (no connected peer right now)."]
+
+
+def text_force(data):
+    peers = data["scheduled"]
+    return [u"Full resync scheduled with: %s." % u", ".join(peers) if peers
+            else u"Full resync scheduled (no connected peer right now)."]
+
+
+def text_scan(data):
+    return [u"Scan scheduled." if data["scheduled"] else u"Scan not scheduled."]
+
+
+def shape_removed(result):
+    removed = result.get("removed")
+    return {"removed": list(removed) if isinstance(removed, list) else []}
+
+
+def text_removed(data):
+    names = data["removed"]
+    return [u"Held agent removal confirmed: %d agent(s) removed%s" % (
+        len(names), (u": " + u", ".join(names)) if names else u".")]
+
+
+def file_name(home, name):
+    """A file as the cluster names it: relative to the installation, '/'-separated.
+
+    Accepts 3.0's '/etc/client.keys' and absolute paths inside the installation too.
+    """
+    name = name.replace(os.sep, "/")
+    prefix = home.rstrip("/") + "/"
+    if name.startswith(prefix):
+        name = name[len(prefix):]
+    return name.lstrip("/")
+
+
+Action = collections.namedtuple("Action", "dest command args shape text")
+
+# The order is the order of precedence when argparse lets two through (it does not).
+ACTIONS = (
+    Action("files", "files",
+           lambda o, home: {"nodes": o.managers,
+                            "files": [file_name(home, f) for f in o.files] or None},
+           shape_files, text_files),
+    Action("agents", "agents", lambda o, home: {}, shape_agents, text_agents),
+    Action("nodes", "nodes", lambda o, home: {"names": o.nodes or None}, shape_nodes,
+           text_nodes),
+    Action("health", "health", lambda o, home: {}, shape_health, text_health),
+    Action("push", "push", lambda o, home: {}, shape_scheduled, text_push),
+    Action("force", "force", lambda o, home: {"nodes": o.managers}, shape_scheduled,
+           text_force),
+    Action("scan", "scan", lambda o, home: {}, shape_scheduled, text_scan),
+    Action("confirm_removals", "confirm_removals", lambda o, home: {}, shape_removed,
+           text_removed),
+)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Wazuh cluster control: ask the local wazuh-clusterd about the "
+        "cluster, or tell it to push, resync or scan now.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-l", "--list-files", dest="files", nargs="*", metavar="FILE",
+                       help="status of the cluster files (all, or these), per node")
+    group.add_argument("-a", "--list-agents", dest="agents", action="store_true",
+                       help="agents, their status and the node they report to")
+    group.add_argument("-n", "--list-nodes", dest="nodes", nargs="*", metavar="NODE",
+                       help="nodes of the cluster (all, or these)")
+    group.add_argument("-i", "--health", dest="health", action="store_true",
+                       help="per node: connected, last sync, pending/failed/invalid files, "
+                       "agents; and any agent removal held back")
+    group.add_argument("-p", "--push", dest="push", action="store_true",
+                       help="push pending changes now")
+    group.add_argument("-f", "--force", dest="force", action="store_true",
+                       help="force a full resync now (with -m, with those nodes only)")
+    group.add_argument("-s", "--scan", dest="scan", action="store_true",
+                       help="scan the cluster files for changes now")
+    group.add_argument("--confirm-removals", dest="confirm_removals", action="store_true",
+                       help="apply an agent removal held back by the mass-removal guard")
+    group.add_argument("-V", "--version", dest="version", action="store_true",
+                       help="print the version and exit")
+    parser.add_argument("-m", "--manager", dest="managers", nargs="+", metavar="NODE",
+                        help="restrict -l and -f to these nodes")
+    parser.add_argument("-j", "--json", dest="json", action="store_true",
+                        help="JSON output (shapes in the module documentation)")
+    parser.add_argument("-D", dest="home", metavar="DIR",
+                        help="installation directory (default: the one this script is in, "
+                        "else DIRECTORY of /etc/ossec-init.conf, else /var/ossec)")
+    return parser
+
+
+def chosen_action(options):
+    for action in ACTIONS:
+        value = getattr(options, action.dest)
+        if value is not None and value is not False:
+            return action
+    return None
+
+
+def connect(path, timeout):
+    """A localsock.Client already connected to wazuh-clusterd, or Failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    compat.set_cloexec(sock.fileno())
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except socket.error as err:
+        sock.close()
+        if err.args[0] in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+            raise Failure("wazuh-clusterd is not running (no daemon at %s)" % path)
+        if err.args[0] in (errno.EACCES, errno.EPERM):
+            raise Failure("permission denied on %s: run as root or as a member of the ossec "
+                          "group" % path)
+        raise Failure("cannot connect to wazuh-clusterd at %s: %s" % (path, err.args[-1]))
+    client = localsock.Client(path, timeout)
+    client.sock = sock
+    return client
+
+
+def request(client, command, args):
+    """The daemon's result; its errors (and a lost connection) become Failure."""
+    try:
+        result = client.call(command, args)
+    except RequestError as err:
+        if client.sock is None:
+            # localsock.Client drops the socket only on local trouble, never on an error reply.
+            if err.code == "timeout":
+                raise Failure("wazuh-clusterd did not answer in %.0f s" % client.timeout)
+            raise Failure("wazuh-clusterd closed the connection (is it stopping?)")
+        label = CODE_TEXT.get(err.code)
+        raise Failure("%s: %s" % (label, err.message) if label
+                      else "%s (%s)" % (err.message, err.code))
+    finally:
+        client.close()
+    if not isinstance(result, dict):
+        raise Failure("wazuh-clusterd sent an unexpected answer to '%s'" % command)
+    return result
+
+
+def load_config(home):
+    try:
+        cfg = config.load(paths.Paths(home))
+    except ConfigError as err:
+        raise Failure("configuration error: %s" % err.message)
+    if cfg.disabled:
+        raise Failure("cluster is disabled in %s" % paths.Paths(home).ossec_conf)
+    return cfg
+
+
+def emit(lines, out):
+    for line in lines:
+        out.write(line + u"\n" if isinstance(line, compat.text_type)
+                  else compat.to_text(line) + u"\n")
+
+
+def run(options, script, out):
+    """Carry out the parsed command line; returns the exit code or raises Failure."""
+    if options.version:
+        if options.json:
+            emit([compat.to_text(json.dumps({"version": __version__}))], out)
+        else:
+            emit([u"%s (wazuh-cluster) %s" % (PROG, __version__)], out)
+        return 0
+    action = chosen_action(options)
+    if action is None:
+        raise Failure("nothing to do: give one of -l, -a, -n, -i, -p, -f, -s, "
+                      "--confirm-removals (see -h)")
+    if options.managers is not None and action.dest not in ("files", "force"):
+        raise Failure("-m applies to -l and -f only")
+    home = paths.find_home(options.home, script)
+    cfg = load_config(home)
+    client = connect(paths.Paths(home).control_socket, cfg.options.request_timeout + 10)
+    data = action.shape(request(client, action.command, action.args(options, home)))
+    if options.json:
+        emit([compat.to_text(json.dumps(data, indent=2, separators=(",", ": ")))], out)
+    else:
+        emit(action.text(data), out)
+    return 0
+
+
+def main(argv=None, script=None, out=None, err=None):
+    """cluster_control's entry point; returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        options = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:  # -h (0) or a usage error (2): argparse printed why
+        return exc.code if isinstance(exc.code, int) else 2
+    err = TextOut(err)
+    try:
+        return run(options, script, TextOut(out))
+    except Failure as exc:
+        err.write(u"%s: %s\n" % (PROG, u" ".join(compat.to_text(exc.args[0]).split())))
+        return 1
+    except KeyboardInterrupt:
+        err.write(u"%s: interrupted\n" % PROG)
+        return 130
+
+
+class TextOut(object):
+    """Writes text to a stream that takes native str (2.7 stdout) or text (3.x, StringIO)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+        except TypeError:
+            self.stream.write(compat.native_str(text))
+        except UnicodeEncodeError:  # an ASCII-only terminal or pipe
+            self.stream.write(text.encode("ascii", "replace").decode("ascii"))

@@ -1,0 +1,451 @@
+"""cluster_control (control.main) against a real control socket served by a fake daemon.
+
+The fake is the daemon's own ControlServer (localsock framing, peer credentials) handed a
+dispatcher of canned results in the documented shapes, or error replies; the installation is
+a temporary folder with a real ossec.conf <cluster> block and the shipped etc/cluster.json.
+"""
+from __future__ import absolute_import, division, print_function
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+
+from wazuh_cluster import compat, control, paths  # noqa: E402
+from wazuh_cluster.control_server import ControlServer  # noqa: E402
+from wazuh_cluster.errors import RequestError  # noqa: E402
+
+KEY = "abcdefghijklmnopqrstuvwxyz012345"
+NOW = time.time()
+
+CONF = u"""<ossec_config>
+  <cluster>
+    <name>wazuh</name>
+    <node_name>node01</node_name>
+    <node_type>master</node_type>
+    <key>%(key)s</key>
+    <interval>2m</interval>
+    <port>1516</port>
+    <bind_addr>127.0.0.2</bind_addr>
+    <nodes>
+      <node>127.0.0.2</node>
+      <node>127.0.0.3</node>
+    </nodes>
+    <hidden>no</hidden>
+    <disabled>%(disabled)s</disabled>
+  </cluster>
+</ossec_config>
+"""
+
+NODES = {"nodes": [
+    {"name": "node01", "type": "master", "status": "connected", "address": "127.0.0.2",
+     "version": "3.0.0+py.1", "last_keepalive": NOW, "connected_since": None},
+    {"name": "node02-long-name", "type": "client", "status": "connected",
+     "address": "127.0.0.3", "version": "3.0.0+py.1", "last_keepalive": NOW - 5,
+     "connected_since": NOW - 100, "extra": "ignored"},
+    {"name": "node03", "type": None, "status": "disconnected", "address": None,
+     "version": None, "last_keepalive": None, "connected_since": None},
+]}
+AGENTS = {"agents": [
+    {"id": "010", "name": "web10", "ip": "10.0.0.10", "status": "Disconnected",
+     "node_name": "node02-long-name", "last_keepalive": NOW - 4000},
+    {"id": "002", "name": "db-server-02", "ip": "any", "status": "Active",
+     "node_name": "node01", "last_keepalive": NOW},
+    {"id": "003", "name": "new", "ip": "10.0.0.0/24", "status": "Never connected",
+     "node_name": None, "last_keepalive": None},
+]}
+FILES = {"files": [
+    {"node": "node02-long-name", "file": "etc/shared/default/agent.conf", "status": "pending"},
+    {"node": "node02-long-name", "file": "etc/client.keys", "status": "synchronized"},
+    {"node": "node03", "file": "etc/client.keys", "status": "failed"},
+]}
+HEALTH = {"nodes": [
+    {"node": "node01", "type": "master", "connected": True, "agents": 1, "pending": 0,
+     "failed": 0, "invalid": 0, "synchronized": 0, "last_sync_ago": None,
+     "last_sync_ok": None},
+    {"node": "node02-long-name", "type": "client", "connected": True, "agents": 1,
+     "pending": 3, "failed": 1, "invalid": 2, "synchronized": 40, "last_sync_ago": 12.4,
+     "last_sync_ok": True},
+    {"node": "node03", "type": "client", "connected": False, "agents": 0, "pending": 0,
+     "failed": 0, "invalid": 0, "synchronized": 0, "last_sync_ago": 300.0,
+     "last_sync_ok": False},
+], "held": [{"node": "node02-long-name", "since": NOW - 60,
+             "message": "client.keys from the master removes 5 of 6 agents."}]}
+
+RESULTS = {
+    "nodes": NODES, "agents": AGENTS, "files": FILES, "health": HEALTH,
+    "push": {"scheduled": ["node03", "node02-long-name"]},
+    "force": {"scheduled": ["node03"]},
+    "scan": {"scheduled": True},
+    "confirm_removals": {"removed": ["web10", "new"]},
+    "status": {"cluster": "wazuh", "node": "node01"},
+}
+
+
+class FakeDaemon(object):
+    """Dispatcher for ControlServer: canned results; `errors[cmd] = (code, message)`."""
+
+    def __init__(self):
+        self.calls = []
+        self.results = dict(RESULTS)
+        self.errors = {}
+
+    def handle(self, cmd, args):
+        self.calls.append((cmd, args))
+        if cmd in self.errors:
+            code, message = self.errors[cmd]
+            raise RequestError(message, code)
+        if cmd not in self.results:
+            raise RequestError("unknown command '%s'" % cmd, "unknown_command")
+        return self.results[cmd]
+
+
+def write(path, text):
+    with io.open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+@pytest.fixture
+def home():
+    # Short path: a UNIX socket path is limited to 107 bytes.
+    path = tempfile.mkdtemp(prefix="wcc")
+    for folder in ("etc", "queue/ossec", "logs", "var/run"):
+        os.makedirs(os.path.join(path, folder))
+    write(os.path.join(path, "etc", "ossec.conf"), CONF % {"key": KEY, "disabled": "no"})
+    shutil.copy(os.path.join(ROOT, "etc", "cluster.json"), os.path.join(path, "etc"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(home):
+    fake = FakeDaemon()
+    server = ControlServer(paths.Paths(home).control_socket, fake)
+    server.start()
+    assert server.thread is not None, "the fake daemon could not listen"
+    yield fake
+    server.stop()
+
+
+def cli(home, *args):
+    """control.main(args + ['-D', home]) -> (exit code, stdout text, stderr text)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = control.main(list(args) + ["-D", home], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(home, *args):
+    code, out, err = cli(home, *args)
+    assert (code, err) == (0, u""), (code, out, err)
+    return out
+
+
+def fails(home, *args):
+    code, out, err = cli(home, *args)
+    assert code == 1, (code, out, err)
+    assert out == u""
+    assert err.endswith(u"\n") and err.count(u"\n") == 1, repr(err)
+    assert err.startswith(u"cluster_control: ")
+    return err
+
+
+def columns(text, headers):
+    """Split an aligned table into cells by the header's column offsets; checks alignment."""
+    lines = text.rstrip(u"\n").split(u"\n")
+    starts = [lines[0].index(h) for h in headers]
+    assert starts[0] == 0
+    rows = []
+    for line in lines:
+        cells = []
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(line)
+            cell = line[start:end]
+            # A column starts where the previous one (plus two blanks) left off.
+            assert start == 0 or line[start - 2:start] == u"  ", (line, headers[i])
+            assert not cell.startswith(u" ") and cell.strip(), (line, headers[i])
+            cells.append(cell.rstrip())
+        assert line == line.rstrip()
+        rows.append(cells)
+    assert rows[0] == list(headers)
+    return rows[1:]
+
+
+DATE_RE = re.compile(r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}$")
+
+
+def local(epoch):
+    return time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(epoch))
+
+
+# -- listings ------------------------------------------------------------------------------------
+
+def test_nodes_table(home, daemon):
+    rows = columns(ok(home, "-n"), ["Node", "Status", "Address", "Type", "Version",
+                                    "Last keepalive"])
+    assert rows[0][:5] == ["node01", "connected", "127.0.0.2", "master", "3.0.0+py.1"]
+    assert rows[0][5] == local(NOW) and DATE_RE.match(rows[0][5])
+    assert rows[1][0] == "node02-long-name" and rows[1][5] == local(NOW - 5)
+    assert rows[2] == ["node03", "disconnected", "-", "-", "-", "-"]
+    assert daemon.calls == [("nodes", {"names": None})]
+
+
+def test_nodes_by_name_are_passed_on(home, daemon):
+    ok(home, "-n", "node01", "node03")
+    assert daemon.calls == [("nodes", {"names": ["node01", "node03"]})]
+
+
+def test_nodes_json_shape(home, daemon):
+    data = json.loads(ok(home, "-n", "-j"))
+    assert list(data) == ["nodes"]
+    for node in data["nodes"]:
+        assert sorted(node) == sorted(["name", "type", "status", "address", "version",
+                                       "last_keepalive", "connected_since"])
+        assert isinstance(node["name"], compat.string_types)
+        assert node["status"] in ("connected", "disconnected")
+        for key in ("last_keepalive", "connected_since"):
+            assert node[key] is None or isinstance(node[key], float)
+    assert data["nodes"][1]["connected_since"] == NOW - 100
+
+
+def test_agents_table_sorted_by_id(home, daemon):
+    rows = columns(ok(home, "-a"), ["ID", "IP", "Name", "Status", "Node name"])
+    assert rows == [["002", "any", "db-server-02", "Active", "node01"],
+                    ["003", "10.0.0.0/24", "new", "Never connected", "-"],
+                    ["010", "10.0.0.10", "web10", "Disconnected", "node02-long-name"]]
+
+
+def test_agents_json_shape(home, daemon):
+    data = json.loads(ok(home, "-j", "-a"))
+    assert list(data) == ["agents"]
+    assert [a["id"] for a in data["agents"]] == ["002", "003", "010"]
+    for agent in data["agents"]:
+        assert sorted(agent) == sorted(["id", "name", "ip", "status", "node_name",
+                                        "last_keepalive"])
+        assert agent["status"] in ("Active", "Pending", "Disconnected", "Never connected")
+        assert agent["last_keepalive"] is None or isinstance(agent["last_keepalive"], float)
+    assert data["agents"][1]["node_name"] is None
+
+
+def test_files_table(home, daemon):
+    rows = columns(ok(home, "-l"), ["Manager", "Filename", "Status"])
+    assert rows == [["node02-long-name", "etc/client.keys", "synchronized"],
+                    ["node02-long-name", "etc/shared/default/agent.conf", "pending"],
+                    ["node03", "etc/client.keys", "failed"]]
+    assert daemon.calls == [("files", {"nodes": None, "files": None})]
+
+
+def test_files_named_in_3_0_style_or_absolute_are_relative_names(home, daemon):
+    ok(home, "-l", "/etc/client.keys", os.path.join(home, "etc", "shared", "x"),
+       "queue/agent-groups/001")
+    assert daemon.calls[0][1]["files"] == ["etc/client.keys", "etc/shared/x",
+                                           "queue/agent-groups/001"]
+
+
+def test_files_restricted_to_managers(home, daemon):
+    ok(home, "-l", "etc/client.keys", "-m", "node02-long-name", "node03")
+    ok(home, "-m", "node03", "-l")
+    assert daemon.calls == [
+        ("files", {"nodes": ["node02-long-name", "node03"], "files": ["etc/client.keys"]}),
+        ("files", {"nodes": ["node03"], "files": None})]
+
+
+def test_files_json_shape(home, daemon):
+    data = json.loads(ok(home, "-l", "-j"))
+    assert list(data) == ["files"]
+    assert len(data["files"]) == 3
+    for row in data["files"]:
+        assert sorted(row) == ["file", "node", "status"]
+        assert all(isinstance(v, compat.string_types) for v in row.values())
+
+
+def test_empty_listing_prints_the_header(home, daemon):
+    daemon.results["files"] = {"files": []}
+    assert ok(home, "-l") == u"Manager  Filename  Status\n"
+
+
+def test_health_table_and_held_warning(home, daemon):
+    lines = ok(home, "-i").rstrip(u"\n").split(u"\n")
+    rows = columns(u"\n".join(lines[:-1]), ["Node", "Type", "Connected", "Last sync", "Pending",
+                                            "Failed", "Invalid", "Agents"])
+    assert rows[0] == ["node01", "master", "yes", "-", "0", "0", "0", "1"]
+    assert rows[1] == ["node02-long-name", "client", "yes", "12 s ago", "3", "1", "2", "1"]
+    assert rows[2] == ["node03", "client", "no", "300 s ago (failed)", "0", "0", "0", "0"]
+    assert lines[-1].startswith(u"WARNING: node02-long-name: client.keys from the master "
+                                u"removes 5 of 6 agents. (held since %s;" % local(NOW - 60))
+    assert u"--confirm-removals" in lines[-1]
+
+
+def test_health_never_synced_client(home, daemon):
+    daemon.results["health"] = {"nodes": [dict(HEALTH["nodes"][1], last_sync_ago=None,
+                                               last_sync_ok=None)], "held": []}
+    rows = columns(ok(home, "-i"), ["Node", "Type", "Connected", "Last sync", "Pending",
+                                    "Failed", "Invalid", "Agents"])
+    assert rows[0][3] == "never"
+
+
+def test_health_json_shape(home, daemon):
+    daemon.results["health"] = {"nodes": HEALTH["nodes"] + [{"node": "bare"}],
+                                "held": HEALTH["held"]}
+    data = json.loads(ok(home, "-i", "-j"))
+    assert sorted(data) == ["held", "nodes"]
+    keys = ["node", "type", "connected", "agents", "pending", "failed", "invalid",
+            "synchronized", "last_sync_ago", "last_sync_ok"]
+    for node in data["nodes"]:
+        assert sorted(node) == sorted(keys)
+        assert isinstance(node["connected"], bool)
+        for key in ("agents", "pending", "failed", "invalid", "synchronized"):
+            assert isinstance(node[key], int) and not isinstance(node[key], bool)
+        assert node["last_sync_ago"] is None or isinstance(node["last_sync_ago"], float)
+        assert node["last_sync_ok"] in (None, True, False)
+    bare = data["nodes"][-1]
+    assert (bare["connected"], bare["pending"], bare["last_sync_ago"]) == (False, 0, None)
+    assert data["held"] == [{"node": "node02-long-name", "message": HEALTH["held"][0]["message"],
+                             "since": NOW - 60}]
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+def test_push(home, daemon):
+    assert ok(home, "-p") == u"Push scheduled to: node02-long-name, node03.\n"
+    assert json.loads(ok(home, "-p", "-j")) == {"scheduled": ["node02-long-name", "node03"]}
+    daemon.results["push"] = {"scheduled": []}
+    assert u"no connected peer" in ok(home, "-p")
+    assert [c[0] for c in daemon.calls] == ["push"] * 3
+
+
+def test_force_all_and_some(home, daemon):
+    assert ok(home, "-f", "-m", "node03") == u"Full resync scheduled with: node03.\n"
+    ok(home, "-f")
+    assert daemon.calls == [("force", {"nodes": ["node03"]}), ("force", {"nodes": None})]
+    assert json.loads(ok(home, "-f", "-j")) == {"scheduled": ["node03"]}
+
+
+def test_scan(home, daemon):
+    assert ok(home, "-s") == u"Scan scheduled.\n"
+    assert json.loads(ok(home, "-s", "-j")) == {"scheduled": True}
+    assert daemon.calls[0] == ("scan", {})
+
+
+def test_confirm_removals(home, daemon):
+    assert ok(home, "--confirm-removals") == (u"Held agent removal confirmed: 2 agent(s) "
+                                              u"removed: web10, new\n")
+    assert json.loads(ok(home, "--confirm-removals", "-j")) == {"removed": ["web10", "new"]}
+
+
+def test_version_needs_no_daemon(home):
+    assert ok(home, "-V") == u"cluster_control (wazuh-cluster) %s\n" % control.__version__
+    assert json.loads(ok(home, "-V", "-j")) == {"version": control.__version__}
+
+
+def test_help(home, capsys):
+    assert control.main(["-h"]) == 0
+    assert u"--confirm-removals" in capsys.readouterr().out
+
+
+# -- errors: exit 1 and one line on stderr ------------------------------------------------------
+
+def test_daemon_not_running_no_socket(home):
+    for args in (["-n"], ["-l"], ["-p"], ["-i", "-j"]):
+        assert u"wazuh-clusterd is not running" in fails(home, *args)
+
+
+def test_daemon_not_running_stale_socket(home):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(paths.Paths(home).control_socket)
+    sock.close()  # the path stays, nobody listens: connection refused
+    assert u"wazuh-clusterd is not running" in fails(home, "-a")
+
+
+def test_disabled_cluster(home, daemon):
+    write(os.path.join(home, "etc", "ossec.conf"), CONF % {"key": "", "disabled": "yes"})
+    assert u"cluster is disabled" in fails(home, "-n")
+    assert daemon.calls == []
+
+
+def test_configuration_error(home, daemon):
+    write(os.path.join(home, "etc", "ossec.conf"), CONF % {"key": "short", "disabled": "no"})
+    err = fails(home, "-n")
+    assert u"configuration error" in err and u"<key>" in err and u"short" not in err
+    assert daemon.calls == []
+
+
+def test_master_unreachable(home, daemon):
+    daemon.errors["nodes"] = ("unreachable", "the master is unreachable (no session with it)")
+    err = fails(home, "-n")
+    assert u"master unreachable" in err
+
+
+def test_unknown_node(home, daemon):
+    daemon.errors["files"] = ("unknown_node", "unknown node 'nope'")
+    assert u"unknown node" in fails(home, "-l", "-m", "nope")
+    daemon.errors["force"] = ("unknown_node", "node 'nope' is not connected")
+    assert u"nope" in fails(home, "-f", "-m", "nope")
+
+
+def test_nothing_held(home, daemon):
+    daemon.errors["confirm_removals"] = ("nothing_held", "no agent removal is held back")
+    assert u"no agent removal is held back" in fails(home, "--confirm-removals")
+
+
+def test_other_daemon_error_keeps_its_code(home, daemon):
+    daemon.errors["scan"] = ("failed", "the internal daemon is\nrestarting")
+    assert fails(home, "-s") == u"cluster_control: the internal daemon is restarting (failed)\n"
+
+
+def test_daemon_closing_the_connection(home):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(paths.Paths(home).control_socket)
+    listener.listen(1)
+    import threading
+
+    def close_first():
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.close()
+    thread = threading.Thread(target=close_first)
+    thread.start()
+    try:
+        assert u"closed the connection" in fails(home, "-n")
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_manager_applies_to_files_and_force_only(home, daemon):
+    assert u"-m applies to -l and -f only" in fails(home, "-a", "-m", "node01")
+    assert daemon.calls == []
+
+
+def test_no_action(home, daemon):
+    assert u"nothing to do" in fails(home)
+
+
+def test_usage_error_is_2(home, capsys):
+    assert cli(home, "-a", "-n")[0] == 2
+    assert u"not allowed with" in capsys.readouterr().err
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+def test_table_alignment_and_none():
+    lines = control.table(("A", "Long header"), [("xxxx", None), ("y", "z")])
+    assert lines == [u"A     Long header", u"xxxx  -", u"y     z"]
+
+
+def test_time_helpers():
+    assert control.when(None) == u"-"
+    assert DATE_RE.match(control.when(NOW))
+    assert control.ago(11.6) == u"12 s ago"
+    assert control.ago(None) == u"never"
+    assert control.ago(3, False) == u"3 s ago (failed)"
