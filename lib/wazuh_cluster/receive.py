@@ -1,0 +1,797 @@
+"""The receiving side of a transfer: the security boundary (SPEC section 4).
+
+Everything a peer sends is untrusted input, even after the channel authenticated it: a shared
+key only proves "a member of the cluster". So, for every name, in this order:
+
+1. `check_name`: the text is split on "/" and each component checked before any system call.
+2. `item_for`: the name must fall inside an item that the sender's role may write, and must
+   not be excluded; a master never takes a master-owned file from a client.
+3. `Receiver`: destination folders are walked from the installation directory with lstat,
+   never following a symlink; the target must be absent or a regular file; the data goes to
+   `.NAME.RANDOM.tmp` in the same folder and is renamed over the target only after it was
+   written fully, checked against its SHA-256 and flushed.
+
+Durability without a per-file fsync bill (SPEC section 8): a batch writes all its temporary
+files, flushes them at once (syncfs(2) on each file system touched, through ctypes; where the C
+library has no syncfs, e.g. CentOS 6's glibc 2.12, each file is fsync'd instead), then renames
+each over its target and fsyncs every folder touched once. Only then is a file reported
+`synchronized`.
+
+States returned per name: "synchronized", "failed" (an I/O error, a full disk, a checksum
+mismatch: retrying may work, the old file is intact) and "invalid" (refused by the rules:
+retrying will not help).
+
+Modification times are compared with a slack of MTIME_SLACK_NS: Python 2.7 sets and reads
+mtimes through floats and utimes(2), which keep about a microsecond, so a 2.7 node reads back
+a slightly different mtime than it was given; without the slack a full round would re-send
+the same touch forever.
+"""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import collections
+import errno
+import fnmatch
+import hashlib
+import os
+import re
+import stat
+
+from wazuh_cluster import compat
+from wazuh_cluster.errors import PathRefused, TransferError
+
+try:
+    import ctypes
+except ImportError:  # pragma: no cover - interpreters built without ctypes
+    ctypes = None
+
+SYNCHRONIZED = "synchronized"
+FAILED = "failed"
+INVALID = "invalid"
+ROLES = ("master", "client")
+
+MAX_COMPONENT = 255
+MAX_PATH = 1024
+MTIME_SLACK_NS = 2000
+ESCAPE_MAX = 160
+LOG_DETAIL_LINES = 20
+CHUNK = 1 << 20
+
+_GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
+_HEX64 = re.compile(u"^[0-9a-f]{64}$")
+# .NAME.RANDOM.tmp; NAME may be cut short so that the whole name fits in MAX_COMPONENT.
+_TEMP_RE = re.compile(u"^\\.(.+)\\.[0-9a-f]{12}\\.tmp$")
+_TEMP_OVERHEAD = len(".") + len(".") + 12 + len(".tmp")
+_GONE = (errno.ENOENT, errno.ENOTDIR)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_TEMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
+# os.utime(fd, ns=...) exists where the platform has futimens (3.3+); 2.7 goes by path.
+_UTIME_FD = os.utime in getattr(os, "supports_fd", ())
+
+
+class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mtime_ns",
+                                                   "meta_only"))):
+    """One file of a batch: text name, bytes, SHA-256 hex, mtime in ns, meta_only flag.
+
+    meta_only=True means "same content as you have, only the mtime changed" (an agent-info
+    keepalive): `data` is ignored and may be None.
+    """
+    __slots__ = ()
+
+    def __new__(cls, name, data, sha256, mtime_ns, meta_only=False):
+        return super(Incoming, cls).__new__(cls, name, data, sha256, mtime_ns, meta_only)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+def check_name(name):
+    """Split a peer's file name into its components, or raise PathRefused(reason).
+
+    Pure: no system call. The name must be text (2.7 str is taken when it is ASCII), relative,
+    printable ASCII without backslash, with no empty, "." or ".." component, each component
+    at most 255 bytes and the whole at most 1024.
+    """
+    if isinstance(name, compat.binary_type) and not isinstance(name, compat.text_type):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            raise PathRefused("name is not ASCII")
+    if not isinstance(name, compat.text_type):
+        raise PathRefused("name is not text")
+    if not name:
+        raise PathRefused("empty name")
+    if len(name) > MAX_PATH:
+        raise PathRefused("name longer than %d bytes" % MAX_PATH)
+    if not _GOOD_NAME.match(name):
+        raise PathRefused(_bad_character(name))
+    if name.startswith(u"/"):
+        raise PathRefused("absolute name")
+    parts = name.split(u"/")
+    for part in parts:
+        if not part:
+            raise PathRefused("empty component")
+        if part in (u".", u".."):
+            raise PathRefused("'%s' component" % part)
+        if len(part) > MAX_COMPONENT:
+            raise PathRefused("component longer than %d bytes" % MAX_COMPONENT)
+    return parts
+
+
+def _bad_character(name):
+    for char in name:
+        code = ord(char)
+        if code == 0:
+            return "NUL character"
+        if code < 0x20 or code == 0x7f:
+            return "control character 0x%02x" % code
+        if code > 0x7f:
+            return "non-ASCII character"
+        if char == u"\\":
+            return "backslash"
+    return "bad character"  # pragma: no cover - the regex and this loop agree
+
+
+def escape(name, limit=ESCAPE_MAX):
+    """A name as a quoted, printable-ASCII string of bounded length, safe for a log line.
+
+    Takes anything a peer may have sent (text, bytes, other types); never raises.
+    """
+    if isinstance(name, compat.binary_type):
+        codes = bytearray(name[:limit + 1])
+        total = len(name)
+    elif isinstance(name, compat.text_type):
+        codes = [ord(char) for char in name[:limit + 1]]
+        total = len(name)
+    else:
+        return "<%s>" % type(name).__name__
+    out = []
+    for code in codes[:limit]:
+        if 0x20 <= code < 0x7f and code not in (0x5c, 0x27):
+            out.append(chr(code))
+        elif code in (0x5c, 0x27):
+            out.append("\\" + chr(code))
+        elif code < 0x100:
+            out.append("\\x%02x" % code)
+        elif code < 0x10000:
+            out.append("\\u%04x" % code)
+        else:
+            out.append("\\U%08x" % code)
+    text = "'" + "".join(out) + "'"
+    if total > limit:
+        text += "...(%d characters)" % total
+    return text
+
+
+# -- items ------------------------------------------------------------------------------------
+
+def _match(parts, items):
+    """(item, components below it) of the most specific item holding `parts`, or (None, None).
+
+    A file item holds its exact path; a dir item holds the files right below it, or at any
+    depth when recursive.
+    """
+    best, best_rest, best_len = None, None, -1
+    for item in items:
+        root = item.path.split("/")
+        size = len(root)
+        if size <= best_len or parts[:size] != root:
+            continue
+        rest = parts[size:]
+        if item.kind == "file":
+            if rest:
+                continue
+        elif not rest or (not item.recursive and len(rest) != 1):
+            continue
+        best, best_rest, best_len = item, rest, size
+    return best, best_rest
+
+
+def _check_roles(item, sender_role, receiver_role):
+    if sender_role not in ROLES or receiver_role not in ROLES:
+        raise ValueError("roles must be 'master' or 'client'")
+    if receiver_role == "master" and sender_role == "client" and item.source == "master":
+        raise PathRefused("master-owned file pushed by a client")
+    if sender_role == receiver_role:
+        raise PathRefused("a %s does not take files from another %s" % (receiver_role,
+                                                                        sender_role))
+    if item.source != sender_role:
+        raise PathRefused("item '%s' is written by the %s, not by a %s"
+                          % (item.name, item.source, sender_role))
+
+
+def _check_excluded(rest, exclude):
+    for part in rest:
+        for pattern in exclude:
+            if fnmatch.fnmatchcase(part, pattern):
+                raise PathRefused("excluded name ('%s' matches '%s')" % (part, pattern))
+
+
+def _locate(name, items, sender_role, receiver_role, exclude):
+    parts = check_name(name)
+    item, rest = _match(parts, items)
+    if item is None:
+        raise PathRefused("not inside any item")
+    _check_roles(item, sender_role, receiver_role)
+    if item.kind == "dir":
+        # Like the scanner: a pattern applies to folders below the item root too.
+        _check_excluded(rest, exclude)
+    return item, parts
+
+
+def item_for(name, items, sender_role, receiver_role, exclude=()):
+    """The Item (config.Item) that a peer's file name falls in, or raise PathRefused.
+
+    `sender_role`/`receiver_role` are "master" or "client". The item must be one the sender's
+    role writes (item.source == sender_role); a client pushing a master-owned file to a master
+    gets the reason "master-owned file pushed by a client" (record it `invalid`). `exclude`
+    holds the fnmatch patterns of the items table; they apply to every component below a dir
+    item's root (an explicit file item is never excluded).
+    """
+    return _locate(name, items, sender_role, receiver_role, exclude)[0]
+
+
+def manifest_diff(sender_manifest, local_manifest, full, items=()):
+    """What a receiver needs, from two manifests {name: {"sha256", "mtime_ns", "size", ...}}.
+
+    Returns sorted lists (need_data, need_meta, delete):
+    - need_data: names the receiver lacks or holds with another SHA-256;
+    - need_meta: same SHA-256, mtimes differ by more than MTIME_SLACK_NS, in an item whose
+      mtime is data (agent-info keepalives; `items` tells which);
+    - delete: receiver names the sender does not have, only when `full` is true, i.e. the
+      sender's manifest covers all of its own items. The caller passes as `local_manifest`
+      only files the sender is the source of: on the master, the agent-info files of the
+      agents that this client reports (other clients' agents share the folder).
+    Pure; names are not checked here (the Receiver does that when applying).
+    """
+    need_data, need_meta = [], []
+    for name, theirs in sender_manifest.items():
+        mine = local_manifest.get(name)
+        if mine is None or mine.get("sha256") != theirs.get("sha256"):
+            need_data.append(name)
+            continue
+        if abs((mine.get("mtime_ns") or 0) - (theirs.get("mtime_ns") or 0)) <= MTIME_SLACK_NS:
+            continue
+        item = _match(name.split("/"), items)[0]
+        if item is not None and item.mtime_is_data:
+            need_meta.append(name)
+    delete = [name for name in local_manifest if name not in sender_manifest] if full else []
+    return sorted(need_data), sorted(need_meta), sorted(delete)
+
+
+def dirs_to_remove(sender_names, local_dirs):
+    """Local folders (e.g. etc/shared/<group>) to remove because the sender has none.
+
+    `sender_names`: every file and folder name the sender has in the delete_dirs items (its
+    empty folders included, or they would be removed here); `local_dirs`: the receiver's
+    folders there. A local folder is kept when a sender name equals it or lies below it.
+    Only the top-most folders are returned (removing one removes what is below), sorted.
+    """
+    kept = set()
+    for name in sender_names:
+        parts = name.split("/")
+        for size in range(1, len(parts) + 1):
+            kept.add("/".join(parts[:size]))
+    gone = sorted(d for d in set(local_dirs) if d not in kept)
+    top = []
+    for folder in gone:
+        if not any(folder.startswith(parent + "/") for parent in top):
+            top.append(folder)
+    return top
+
+
+# -- file-system helpers ----------------------------------------------------------------------
+
+def _load_syncfs():
+    """syncfs(2) through ctypes, or None where the C library lacks it (glibc < 2.14)."""
+    if ctypes is None:
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+
+    def syncfs(fd):
+        if func(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return syncfs
+
+
+# Module level so that a test can set it to None and exercise the per-file fsync path.
+SYNCFS = _load_syncfs()
+
+
+def _set_mtime(fd, path, mtime_ns):
+    if _UTIME_FD:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    else:
+        compat.set_mtime_ns(path, mtime_ns)
+
+
+def _fsync_folder(path):
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_of_fd(fd):
+    sha = hashlib.sha256()
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            return sha.hexdigest()
+        sha.update(chunk)
+
+
+def _write_all(fd, data):
+    size = len(data)
+    offset = 0
+    while offset < size:
+        # Slices of at most CHUNK: a 2.7 os.write takes no memoryview.
+        piece = data if offset == 0 and size <= CHUNK else data[offset:offset + CHUNK]
+        written = os.write(fd, piece)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        offset += written
+
+
+def _temp_name(base):
+    random = binascii.hexlify(os.urandom(6)).decode("ascii")
+    return "." + base[:MAX_COMPONENT - _TEMP_OVERHEAD] + "." + random + ".tmp"
+
+
+def _temp_of(stem, base):
+    """True when a temporary file's stem is `base`, or `base` cut short by _temp_name."""
+    if stem == base:
+        return True
+    return len(stem) == MAX_COMPONENT - _TEMP_OVERHEAD and base.startswith(stem)
+
+
+def _rmtree(path):
+    """Remove a folder and everything below it; symlinks are removed, never followed."""
+    for base in os.listdir(path):
+        child = os.path.join(path, base)
+        try:
+            mode = os.lstat(child).st_mode
+        except OSError as exc:
+            if exc.errno in _GONE:
+                continue
+            raise
+        if stat.S_ISDIR(mode):
+            _rmtree(child)
+        else:
+            os.unlink(child)
+    os.rmdir(path)
+
+
+def _kind(mode):
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _why(exc):
+    if isinstance(exc, (OSError, IOError)):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+# -- the receiver -----------------------------------------------------------------------------
+
+class Receiver(object):
+    """Applies batches of files from one peer under the installation directory `home`.
+
+    `items`/`exclude` come from the items table (config.load_items); `log` is a
+    logging.Logger; `owner_gid` is the group given to written files and created folders when
+    running as root (the `ossec` group). `role` is this node's role ("master" or "client").
+    `newer_only` (default: true on a master) applies an item whose mtime is data (agent-info)
+    only when the incoming mtime is newer than the local file's: when two clients report the
+    same agent the newest keepalive wins, and an older one is answered `synchronized` without
+    writing (the master's copy is the better one; nothing to retry).
+
+    Not thread-safe: one batch at a time per Receiver.
+    """
+
+    def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None):
+        if role not in ROLES:
+            raise ValueError("role must be 'master' or 'client'")
+        self.home = compat.native_str(os.path.abspath(home))
+        self.items = tuple(items)
+        self.exclude = tuple(compat.to_text(p) for p in exclude)
+        self.log = log
+        self.owner_gid = owner_gid
+        self.role = role
+        self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
+
+    def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None):
+        """Apply one batch from a peer; return (states, reasons).
+
+        files: iterable of Incoming (a generator is fine: each file's data is written to its
+            temporary file and not kept); deletes: file names; deleted_dirs: folder names
+            inside a delete_dirs item (a group folder), removed recursively.
+        sender_role: the peer's role; by default the other role than ours.
+        states: {name: "synchronized" | "failed" | "invalid"} for every name given.
+        reasons: {name: one-line reason} for every name not simply applied (failed, invalid,
+            and an agent-info kept because the local one is newer).
+        Order: folders removed, files deleted, files written. Refused and failed names are
+        logged here (at most LOG_DETAIL_LINES lines and a count per batch).
+        """
+        sender = sender_role or ("client" if self.role == "master" else "master")
+        batch = _Batch(self, sender)
+        for name in deleted_dirs:
+            batch.run(name, batch.remove_dir, name)
+        for name in deletes:
+            batch.run(name, batch.delete, name)
+        for incoming in files:
+            name = getattr(incoming, "name", None)
+            batch.run(name, batch.stage, incoming)
+        batch.flush()
+        batch.commit()
+        batch.sync_folders()
+        self._report(batch)
+        return batch.states, batch.reasons
+
+    def cleanup_temp_files(self):
+        """Remove our leftover `.NAME.RANDOM.tmp` files under every item; return the count.
+
+        Call it at start, before any batch: a batch in progress owns such files.
+        """
+        removed = 0
+        for item in self.items:
+            parts = [compat.native_str(p) for p in item.path.split("/")]
+            if item.kind == "file":
+                folder, only, deep = parts[:-1], parts[-1], False
+            else:
+                folder, only, deep = parts, None, item.recursive
+            path = self._existing_folder(folder)
+            if path is not None:
+                removed += self._clean_folder(path, only, deep)
+        if removed:
+            self.log.info("removed %d leftover temporary files", removed)
+        return removed
+
+    # -- helpers shared with _Batch -----------------------------------------------------------
+
+    def _existing_folder(self, parts):
+        """Path of home/parts when every component is a real folder (no symlink), else None."""
+        path = self.home
+        for part in parts:
+            path = os.path.join(path, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return None
+            except OSError:
+                return None
+        return path
+
+    def _clean_folder(self, path, only, deep):
+        removed = 0
+        try:
+            entries = list(compat.scandir(path))
+        except OSError as exc:
+            self.log.warning("cannot list %s: %s", escape(path), _why(exc))
+            return 0
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            if stat.S_ISDIR(mode):
+                if deep:
+                    removed += self._clean_folder(entry.path, only, deep)
+                continue
+            match = _TEMP_RE.match(compat.to_text(entry.name, errors="replace"))
+            if not match or not stat.S_ISREG(mode):
+                continue
+            if only is not None and not _temp_of(match.group(1), compat.to_text(only)):
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    self.log.warning("cannot remove %s: %s", escape(entry.path), _why(exc))
+        return removed
+
+    def _report(self, batch):
+        bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
+        for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
+            word = "refused" if state == INVALID else "failed to apply"
+            self.log.warning("%s %s from %s: %s", word, escape(name), batch.sender,
+                             batch.reasons.get(name, "?"))
+        if len(bad) > LOG_DETAIL_LINES:
+            self.log.warning("... and %d more files refused or failed in this batch",
+                             len(bad) - LOG_DETAIL_LINES)
+
+
+class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev"))):
+    """A file waiting for the flush: temp is None for a meta-only (mtime) update."""
+    __slots__ = ()
+
+
+class _Batch(object):
+    """The state of one apply_batch call (see Receiver.apply_batch)."""
+
+    def __init__(self, receiver, sender):
+        self.rx = receiver
+        self.sender = sender
+        self.states = {}
+        self.reasons = {}
+        self.staged = []
+        self.touched = {}      # folder path -> names whose outcome depends on its fsync
+        self.folders = {}      # tuple of components -> (path, st_dev), verified this batch
+        self.fsync_each = SYNCFS is None
+        self.as_root = _running_as_root(receiver.owner_gid)
+
+    def run(self, name, action, arg):
+        key = name if isinstance(name, compat.string_types) else escape(name)
+        try:
+            action(arg)
+        except PathRefused as exc:
+            self._set(key, INVALID, exc.message)
+        except TransferError as exc:
+            self._set(key, FAILED, exc.message)
+        except (OSError, IOError) as exc:
+            self._set(key, FAILED, _why(exc))
+
+    def _set(self, name, state, reason=None):
+        self.states[name] = state
+        if reason is not None:
+            self.reasons[name] = reason
+        else:
+            self.reasons.pop(name, None)
+
+    def _locate(self, name):
+        return _locate(name, self.rx.items, self.sender, self.rx.role, self.rx.exclude)
+
+    def _folder(self, parts, item, create):
+        """(path, st_dev) of home/parts, walked with lstat; missing folders created if asked.
+
+        A symlink or a non-folder on the way is refused. Without `create`, a missing folder
+        raises OSError(ENOENT).
+        """
+        key = tuple(parts)
+        known = self.folders.get(key)
+        if known is not None:
+            return known
+        path = self.rx.home
+        dev = None
+        for index, part in enumerate(parts):
+            parent = path
+            path = os.path.join(path, compat.native_str(part))
+            cached = self.folders.get(key[:index + 1])
+            if cached is not None:
+                dev = cached[1]
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT or not create:
+                    raise
+                st = self._mkdir(path, item)
+                self.touched.setdefault(parent, [])
+            if not stat.S_ISDIR(st.st_mode):
+                raise PathRefused("%s on the way: %s" % (_kind(st.st_mode),
+                                                        "/".join(parts[:index + 1])))
+            dev = st.st_dev
+            self.folders[key[:index + 1]] = (path, dev)
+        if dev is None:
+            dev = os.stat(path).st_dev  # home itself
+        self.folders[key] = (path, dev)
+        return path, dev
+
+    def _mkdir(self, path, item):
+        try:
+            os.mkdir(path, item.dir_mode)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            return os.lstat(path)  # raced with another writer: checked by the caller
+        os.chmod(path, item.dir_mode)  # the umask narrowed mkdir's mode
+        if self.as_root:
+            os.chown(path, -1, self.rx.owner_gid)
+        return os.lstat(path)
+
+    def _target(self, parts, item, create):
+        """(folder path, dev, target path, lstat of the target or None)."""
+        folder, dev = self._folder(parts[:-1], item, create)
+        target = os.path.join(folder, compat.native_str(parts[-1]))
+        try:
+            st = os.lstat(target)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return folder, dev, target, None
+        if not stat.S_ISREG(st.st_mode):
+            raise PathRefused("target is %s" % _kind(st.st_mode))
+        return folder, dev, target, st
+
+    # -- the three kinds of work --------------------------------------------------------------
+
+    def remove_dir(self, name):
+        item, parts = self._locate(name)
+        if item.kind != "dir" or not item.delete_dirs:
+            raise PathRefused("item '%s' does not allow removing folders" % item.name)
+        try:
+            folder, _ = self._folder(parts[:-1], item, create=False)
+            target = os.path.join(folder, compat.native_str(parts[-1]))
+            st = os.lstat(target)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            self._set(name, SYNCHRONIZED)  # already gone
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            raise PathRefused("target is %s" % _kind(st.st_mode))
+        self.folders.clear()  # verified folders below it are gone
+        _rmtree(target)
+        self.touched.setdefault(folder, []).append(name)
+        self._set(name, SYNCHRONIZED)
+
+    def delete(self, name):
+        item, parts = self._locate(name)
+        if item.kind == "file":
+            # client.keys missing on the master is the removal guard's business (SPEC 4).
+            raise PathRefused("item '%s' is never deleted by a peer" % item.name)
+        try:
+            folder, _, target, st = self._target(parts, item, create=False)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            st = None
+        if st is None:
+            self._set(name, SYNCHRONIZED)
+            return
+        try:
+            os.unlink(target)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        self.touched.setdefault(folder, []).append(name)
+        self._set(name, SYNCHRONIZED)
+
+    def stage(self, incoming):
+        if not isinstance(incoming, Incoming):
+            raise PathRefused("not a file record")
+        name = incoming.name
+        item, parts = self._locate(name)
+        sha = _check_fields(incoming)
+        if not incoming.meta_only and hashlib.sha256(incoming.data).hexdigest() != sha:
+            raise TransferError("checksum mismatch")
+        folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
+        if (st is not None and self.rx.newer_only and item.mtime_is_data
+                and incoming.mtime_ns <= compat.stat_mtime_ns(st) + MTIME_SLACK_NS):
+            self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
+            return
+        if incoming.meta_only:
+            if st is None:
+                raise TransferError("meta-only update of a file we do not have")
+            self._touch(target, sha, incoming.mtime_ns)
+            temp = None
+        else:
+            temp = self._write_temp(folder, parts[-1], incoming, item)
+        self.staged.append(_Staged(name, temp, target, folder, dev))
+        self._set(name, SYNCHRONIZED)
+
+    def _touch(self, target, sha, mtime_ns):
+        fd = os.open(target, _READ_FLAGS)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PathRefused("target is not a regular file")
+            if _sha256_of_fd(fd) != sha:
+                raise TransferError("meta-only update but the local content differs")
+            _set_mtime(fd, target, mtime_ns)
+            if self.fsync_each:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_temp(self, folder, base, incoming, item):
+        temp = os.path.join(folder, compat.native_str(_temp_name(base)))
+        fd = os.open(temp, _TEMP_FLAGS, 0o600)
+        try:
+            _write_all(fd, incoming.data)
+            os.fchmod(fd, item.mode)
+            if self.as_root:
+                os.fchown(fd, -1, self.rx.owner_gid)
+            _set_mtime(fd, temp, incoming.mtime_ns)
+            if self.fsync_each:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    # -- the end of a batch -------------------------------------------------------------------
+
+    def flush(self):
+        """One syncfs per file system for all staged files (already fsync'd without it)."""
+        if self.fsync_each or not self.staged:
+            return
+        failed_devs = {}
+        by_dev = {}
+        for entry in self.staged:
+            by_dev.setdefault(entry.dev, entry.folder)
+        for dev, folder in by_dev.items():
+            try:
+                fd = os.open(folder, _DIR_FLAGS)
+                try:
+                    SYNCFS(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                failed_devs[dev] = "flush failed: %s" % _why(exc)
+        if failed_devs:
+            kept = []
+            for entry in self.staged:
+                if entry.dev in failed_devs:
+                    self._fail(entry, failed_devs[entry.dev])
+                else:
+                    kept.append(entry)
+            self.staged = kept
+
+    def commit(self):
+        """Rename each temporary file over its target."""
+        for entry in self.staged:
+            if entry.temp is None:
+                continue
+            try:
+                os.rename(entry.temp, entry.target)
+            except OSError as exc:
+                self._fail(entry, "rename failed: %s" % _why(exc))
+                continue
+            self.touched.setdefault(entry.folder, []).append(entry.name)
+        self.staged = []
+
+    def sync_folders(self):
+        """fsync every folder touched, once; its files fail when that fails."""
+        for folder in sorted(self.touched):
+            try:
+                _fsync_folder(folder)
+            except OSError as exc:
+                for name in self.touched[folder]:
+                    self._set(name, FAILED, "folder fsync failed: %s" % _why(exc))
+
+    def _fail(self, entry, reason):
+        if entry.temp is not None:
+            _unlink_quietly(entry.temp)
+        self._set(entry.name, FAILED, reason)
+
+
+def _running_as_root(owner_gid):
+    """True when written files get `owner_gid` (we run as root and a group was given)."""
+    return owner_gid is not None and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _check_fields(incoming):
+    sha = incoming.sha256
+    if isinstance(sha, compat.binary_type) and not isinstance(sha, compat.text_type):
+        sha = sha.decode("ascii", "replace")
+    if not isinstance(sha, compat.text_type) or not _HEX64.match(sha.lower()):
+        raise PathRefused("bad sha256 field")
+    mtime = incoming.mtime_ns
+    if isinstance(mtime, bool) or not isinstance(mtime, compat.integer_types) or mtime < 0:
+        raise PathRefused("bad mtime_ns field")
+    if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray)):
+        raise PathRefused("bad data field")
+    return sha.lower()
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

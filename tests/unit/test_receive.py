@@ -1,0 +1,656 @@
+"""The receiving side (SPEC section 4): name rules, item/role rules, safe writes, deletions."""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from wazuh_cluster import compat, receive
+from wazuh_cluster.config import Item
+from wazuh_cluster.errors import PathRefused
+from wazuh_cluster.receive import Incoming, Receiver
+
+ITEMS = (
+    Item("client.keys", "etc/client.keys", "file", "master", False, 0o640, 0o770, True, False,
+         False),
+    Item("shared", "etc/shared", "dir", "master", True, 0o660, 0o770, False, False, True),
+    Item("agent-groups", "queue/agent-groups", "dir", "master", False, 0o660, 0o770, False,
+         False, False),
+    Item("agent-info", "queue/agent-info", "dir", "client", False, 0o660, 0o770, False, True,
+         False),
+)
+EXCLUDE = ("merged.mg", "ar.conf", "ossec.conf", "*~", ".*", "*.tmp", "*.swp")
+SEC = 10 ** 9
+BASE_NS = 1500000000 * SEC + 123456789
+LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "lib")
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log():
+    logger = logging.getLogger("wazuh_cluster.test_receive")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.lines = handler.lines
+    yield logger
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def home():
+    path = tempfile.mkdtemp(prefix="wzc-recv-")
+    for folder in ("etc/shared/default", "queue/agent-groups", "queue/agent-info"):
+        os.makedirs(os.path.join(path, folder))
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def outside():
+    path = tempfile.mkdtemp(prefix="wzc-outside-")
+    with open(os.path.join(path, "victim"), "wb") as handle:
+        handle.write(b"precious")
+    yield path
+    shutil.rmtree(path)
+
+
+def client_rx(home, log, **kwargs):
+    return Receiver(home, ITEMS, EXCLUDE, log, role="client", **kwargs)
+
+
+def master_rx(home, log, **kwargs):
+    return Receiver(home, ITEMS, EXCLUDE, log, role="master", **kwargs)
+
+
+def inc(name, data, mtime_ns=BASE_NS, meta_only=False, sha=None):
+    return Incoming(name, data, sha or hashlib.sha256(data).hexdigest(), mtime_ns, meta_only)
+
+
+def put(home, name, data, mtime_ns=None):
+    path = os.path.join(home, name)
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as handle:
+        handle.write(data)
+    if mtime_ns is not None:
+        compat.set_mtime_ns(path, mtime_ns)
+    return path
+
+
+def read(home, name):
+    with open(os.path.join(home, name), "rb") as handle:
+        return handle.read()
+
+
+def temp_files(home):
+    found = []
+    for folder, dirs, files in os.walk(home):
+        found.extend(os.path.join(folder, f) for f in files if f.endswith(".tmp"))
+    return found
+
+
+def mtime_ns(path):
+    return compat.stat_mtime_ns(os.lstat(path))
+
+
+# -- names ------------------------------------------------------------------------------------
+
+def test_check_name_splits_a_good_name():
+    assert receive.check_name(u"etc/shared/default/agent.conf") == [
+        u"etc", u"shared", u"default", u"agent.conf"]
+    assert receive.check_name(u"etc/shared/a b/c-d_e.f+g(h)") [-1] == u"c-d_e.f+g(h)"
+
+
+@pytest.mark.parametrize("name,reason", [
+    (u"", "empty name"),
+    (u"/etc/client.keys", "absolute"),
+    (u"etc//client.keys", "empty component"),
+    (u"etc/shared/", "empty component"),
+    (u".", "'.' component"),
+    (u"etc/./client.keys", "'.' component"),
+    (u"..", "'..' component"),
+    (u"etc/shared/../../x", "'..' component"),
+    (u"etc/shared/a\x00b", "NUL"),
+    (u"etc/shared/a\nb", "control character 0x0a"),
+    (u"etc/shared/a\x1bb", "control character 0x1b"),
+    (u"etc/shared/a\x7fb", "control character 0x7f"),
+    (u"etc/shared/a\\b", "backslash"),
+    (u"etc/shared/caf\u00e9", "non-ASCII"),
+    (u"etc/shared/\u2215etc", "non-ASCII"),
+    (b"etc/shared/caf\xc3\xa9", "not ASCII"),
+    (u"etc/shared/" + u"a" * 256, "component longer than 255"),
+    (u"etc/shared/" + u"/".join([u"d" * 200] * 6), "longer than 1024"),
+    (None, "not text"),
+    (42, "not text"),
+])
+def test_check_name_refuses(name, reason):
+    with pytest.raises(PathRefused) as info:
+        receive.check_name(name)
+    assert reason in info.value.message
+    assert info.value.code == "invalid"
+
+
+def test_check_name_limits_are_inclusive():
+    assert receive.check_name(u"etc/shared/" + u"a" * 255)[-1] == u"a" * 255
+    name = u"etc/shared/" + u"/".join([u"d" * 200] * 4) + u"/" + u"f" * 209
+    assert len(name) == 1024
+    assert len(receive.check_name(name)) == 7
+
+
+def test_check_name_takes_ascii_native_str():
+    assert receive.check_name(compat.native_str("etc/client.keys")) == [u"etc", u"client.keys"]
+
+
+def test_names_are_refused_before_any_system_call(home, log, monkeypatch):
+    calls = []
+
+    def spy(name):
+        def fail(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError("system call %s" % name)
+        return fail
+    rx = client_rx(home, log)
+    for name in ("lstat", "stat", "open", "mkdir", "unlink", "rename", "listdir"):
+        monkeypatch.setattr(os, name, spy(name))
+    bad = [u"../etc/passwd", u"/etc/passwd", u"etc/shared/a\x00", u"etc/shared/\u00e9",
+           u"etc/shared/a\\b", u"etc/shared/../../x"]
+    states, reasons = rx.apply_batch([inc(n, b"x") for n in bad], deletes=bad,
+                                     deleted_dirs=bad)
+    monkeypatch.undo()
+    assert calls == []
+    assert set(states.values()) == set(["invalid"])
+    assert len(states) == len(bad)
+
+
+def test_escape_is_bounded_printable_ascii():
+    assert receive.escape(u"etc/shared/x") == "'etc/shared/x'"
+    shown = receive.escape(u"a\nb\x00c\u00e9\U0001f600'\\")
+    assert shown == "'a\\x0ab\\x00c\\xe9\\U0001f600\\'\\\\'"
+    assert receive.escape(b"\xff\n") == "'\\xff\\x0a'"
+    long_text = receive.escape(u"x" * 100000)
+    assert len(long_text) < 200 and long_text.endswith("...(100000 characters)")
+    assert receive.escape(None) == "<NoneType>"
+    for value in (u"\r\n\t", b"\x1b[31m", u"\u202e"):
+        out = receive.escape(value)
+        assert all(0x20 <= ord(c) < 0x7f for c in out)
+
+
+# -- items and roles --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,item", [
+    (u"etc/client.keys", "client.keys"),
+    (u"etc/shared/default/agent.conf", "shared"),
+    (u"etc/shared/agent.conf", "shared"),
+    (u"etc/shared/a/b/c/d.conf", "shared"),
+    (u"queue/agent-groups/001", "agent-groups"),
+])
+def test_item_for_master_owned_on_a_client(name, item):
+    assert receive.item_for(name, ITEMS, "master", "client", EXCLUDE).name == item
+
+
+def test_item_for_agent_info_on_the_master():
+    found = receive.item_for(u"queue/agent-info/web01-10.0.0.5", ITEMS, "client", "master",
+                             EXCLUDE)
+    assert found.name == "agent-info"
+
+
+@pytest.mark.parametrize("name", [
+    u"etc/shared",                      # an item root is no file
+    u"queue/agent-info",
+    u"etc/ossec.conf",                  # outside every item
+    u"etc/client.keys.bak",
+    u"etc/client.keys/x",
+    u"queue/agent-groups/sub/001",      # below a non-recursive item
+    u"queue/rids/001",
+    u"var/db/cluster.db",
+])
+def test_item_for_refuses_names_outside_items(name):
+    with pytest.raises(PathRefused) as info:
+        receive.item_for(name, ITEMS, "master", "client", EXCLUDE)
+    assert "not inside any item" in info.value.message
+
+
+@pytest.mark.parametrize("name", [
+    u"etc/shared/default/merged.mg", u"etc/shared/ar.conf", u"etc/shared/default/ossec.conf",
+    u"etc/shared/default/agent.conf~", u"etc/shared/.git/config",
+    u"etc/shared/default/.agent.conf.0123456789ab.tmp", u"etc/shared/default/x.swp",
+])
+def test_item_for_refuses_excluded_names(name):
+    with pytest.raises(PathRefused) as info:
+        receive.item_for(name, ITEMS, "master", "client", EXCLUDE)
+    assert "excluded" in info.value.message
+
+
+@pytest.mark.parametrize("name", [u"etc/client.keys", u"etc/shared/default/agent.conf",
+                                  u"queue/agent-groups/001"])
+def test_master_refuses_master_owned_files_from_a_client(name):
+    with pytest.raises(PathRefused) as info:
+        receive.item_for(name, ITEMS, "client", "master", EXCLUDE)
+    assert info.value.message == "master-owned file pushed by a client"
+    assert info.value.code == "invalid"
+
+
+def test_client_refuses_agent_info_from_the_master():
+    with pytest.raises(PathRefused) as info:
+        receive.item_for(u"queue/agent-info/web01-any", ITEMS, "master", "client", EXCLUDE)
+    assert "written by the client" in info.value.message
+
+
+def test_same_role_peers_write_nothing():
+    with pytest.raises(PathRefused):
+        receive.item_for(u"queue/agent-info/web01-any", ITEMS, "client", "client", EXCLUDE)
+    with pytest.raises(PathRefused):
+        receive.item_for(u"etc/client.keys", ITEMS, "master", "master", EXCLUDE)
+
+
+def test_unknown_roles_are_a_programming_error(home, log):
+    with pytest.raises(ValueError):
+        receive.item_for(u"etc/client.keys", ITEMS, "boss", "client", EXCLUDE)
+    with pytest.raises(ValueError):
+        Receiver(home, ITEMS, EXCLUDE, log)
+
+
+def test_most_specific_item_wins():
+    items = ITEMS + (Item("special", "etc/shared/special", "dir", "client", False, 0o600,
+                          0o700, False, False, False),)
+    assert receive.item_for(u"etc/shared/special/x", items, "client", "master").name == \
+        "special"
+    assert receive.item_for(u"etc/shared/other/x", items, "master", "client").name == "shared"
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def test_new_file_gets_content_mode_mtime_and_new_folders(home, log):
+    old_umask = os.umask(0o077)
+    try:
+        rx = client_rx(home, log)
+        states, reasons = rx.apply_batch([
+            inc(u"etc/shared/newgroup/sub/agent.conf", b"<agent_config/>\n"),
+            inc(u"etc/client.keys", b"001 web01 any " + b"k" * 64 + b"\n", BASE_NS + 7),
+        ])
+        assert os.umask(0o077) == 0o077  # the receiver never changed the umask
+    finally:
+        os.umask(old_umask)
+    assert states == {u"etc/shared/newgroup/sub/agent.conf": "synchronized",
+                      u"etc/client.keys": "synchronized"}
+    assert reasons == {}
+    path = os.path.join(home, "etc/shared/newgroup/sub/agent.conf")
+    assert read(home, "etc/shared/newgroup/sub/agent.conf") == b"<agent_config/>\n"
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    assert stat.S_IMODE(os.lstat(os.path.join(home, "etc/client.keys")).st_mode) == 0o640
+    for folder in ("etc/shared/newgroup", "etc/shared/newgroup/sub"):
+        assert stat.S_IMODE(os.lstat(os.path.join(home, folder)).st_mode) == 0o770
+    assert abs(mtime_ns(path) - BASE_NS) <= receive.MTIME_SLACK_NS
+    assert abs(mtime_ns(os.path.join(home, "etc/client.keys")) - BASE_NS - 7) <= \
+        receive.MTIME_SLACK_NS
+    if not compat.PY2:
+        assert mtime_ns(path) == BASE_NS  # nanoseconds where the interpreter has them
+    assert temp_files(home) == []
+
+
+def test_existing_file_is_replaced(home, log):
+    put(home, "etc/shared/default/agent.conf", b"old")
+    states, _ = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
+                                                      b"new")])
+    assert states[u"etc/shared/default/agent.conf"] == "synchronized"
+    assert read(home, "etc/shared/default/agent.conf") == b"new"
+
+
+def test_every_file_of_a_generator_batch_lands(home, log):
+    names = [u"etc/shared/g%d/f%d" % (n % 7, n) for n in range(300)]
+    files = (inc(name, name.encode("ascii") * 3) for name in names)
+    states, reasons = client_rx(home, log).apply_batch(files)
+    assert reasons == {}
+    assert all(states[name] == "synchronized" for name in names)
+    assert read(home, names[123]) == names[123].encode("ascii") * 3
+    assert temp_files(home) == []
+
+
+def test_per_file_fsync_when_syncfs_is_missing(home, log, monkeypatch):
+    monkeypatch.setattr(receive, "SYNCFS", None)
+    states, _ = client_rx(home, log).apply_batch([inc(u"etc/shared/default/a", b"a"),
+                                                  inc(u"queue/agent-groups/001", b"default")])
+    assert set(states.values()) == set(["synchronized"])
+    assert read(home, "queue/agent-groups/001") == b"default"
+
+
+def test_a_failed_flush_fails_the_batch_and_keeps_old_files(home, log, monkeypatch):
+    put(home, "etc/shared/default/agent.conf", b"old")
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(receive, "SYNCFS", broken)
+    states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
+                                                            b"new")])
+    assert states[u"etc/shared/default/agent.conf"] == "failed"
+    assert "Input/output error" in reasons[u"etc/shared/default/agent.conf"]
+    assert read(home, "etc/shared/default/agent.conf") == b"old"
+    assert temp_files(home) == []
+
+
+def test_long_base_name_fits_its_temporary_file(home, log):
+    name = u"etc/shared/default/" + u"n" * 255
+    states, _ = client_rx(home, log).apply_batch([inc(name, b"x")])
+    assert states[name] == "synchronized"
+    assert read(home, name) == b"x"
+
+
+def test_checksum_mismatch_keeps_the_old_file(home, log):
+    put(home, "etc/shared/default/agent.conf", b"old")
+    bad = inc(u"etc/shared/default/agent.conf", b"new", sha=hashlib.sha256(b"other").hexdigest())
+    states, reasons = client_rx(home, log).apply_batch([bad])
+    assert states[u"etc/shared/default/agent.conf"] == "failed"
+    assert "checksum" in reasons[u"etc/shared/default/agent.conf"]
+    assert read(home, "etc/shared/default/agent.conf") == b"old"
+    assert temp_files(home) == []
+
+
+@pytest.mark.parametrize("field", ["sha256", "mtime_ns", "data"])
+def test_malformed_records_are_invalid(home, log, field):
+    good = inc(u"etc/shared/default/a", b"a")
+    bad = good._replace(**{field: {"sha256": u"zz", "mtime_ns": -1, "data": 5}[field]})
+    states, _ = client_rx(home, log).apply_batch([bad, "not a record"])
+    assert states[u"etc/shared/default/a"] == "invalid"
+    assert states["<NoneType>"] == "invalid"  # no name: keyed by its escaped form
+    assert not os.path.exists(os.path.join(home, "etc/shared/default/a"))
+
+
+def test_symlink_in_a_parent_folder_is_not_followed(home, log, outside):
+    os.symlink(outside, os.path.join(home, "etc/shared/evil"))
+    states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/evil/victim", b"pwn"),
+                                                        inc(u"etc/shared/evil/new", b"pwn")])
+    assert states == {u"etc/shared/evil/victim": "invalid", u"etc/shared/evil/new": "invalid"}
+    assert "symlink" in reasons[u"etc/shared/evil/victim"]
+    assert os.listdir(outside) == ["victim"]
+    with open(os.path.join(outside, "victim"), "rb") as handle:
+        assert handle.read() == b"precious"
+
+
+def test_symlinked_item_root_is_not_followed(home, log, outside):
+    shutil.rmtree(os.path.join(home, "queue/agent-groups"))
+    os.symlink(outside, os.path.join(home, "queue/agent-groups"))
+    states, _ = client_rx(home, log).apply_batch([inc(u"queue/agent-groups/victim", b"x")])
+    assert states[u"queue/agent-groups/victim"] == "invalid"
+    with open(os.path.join(outside, "victim"), "rb") as handle:
+        assert handle.read() == b"precious"
+
+
+def test_symlink_as_the_target_is_not_followed(home, log, outside):
+    link = os.path.join(home, "etc/shared/default/agent.conf")
+    os.symlink(os.path.join(outside, "victim"), link)
+    states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
+                                                            b"pwn")])
+    assert states[u"etc/shared/default/agent.conf"] == "invalid"
+    assert "symlink" in reasons[u"etc/shared/default/agent.conf"]
+    assert os.path.islink(link)
+    with open(os.path.join(outside, "victim"), "rb") as handle:
+        assert handle.read() == b"precious"
+    assert temp_files(home) == []
+
+
+def test_folder_where_the_file_should_be(home, log):
+    os.makedirs(os.path.join(home, "etc/shared/default/agent.conf/inner"))
+    states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
+                                                            b"x")])
+    assert states[u"etc/shared/default/agent.conf"] == "invalid"
+    assert "folder" in reasons[u"etc/shared/default/agent.conf"]
+    assert os.path.isdir(os.path.join(home, "etc/shared/default/agent.conf/inner"))
+
+
+def test_file_where_a_folder_should_be(home, log):
+    put(home, "etc/shared/grp", b"a file")
+    states, _ = client_rx(home, log).apply_batch([inc(u"etc/shared/grp/agent.conf", b"x")])
+    assert states[u"etc/shared/grp/agent.conf"] == "invalid"
+    assert read(home, "etc/shared/grp") == b"a file"
+
+
+def test_refused_and_failed_files_are_logged_escaped_and_bounded(home, log):
+    files = [inc(u"etc/shared/x\n%d" % n, b"x") for n in range(receive.LOG_DETAIL_LINES + 5)]
+    states, _ = client_rx(home, log).apply_batch(files)
+    assert set(states.values()) == set(["invalid"])
+    assert len(log.lines) == receive.LOG_DETAIL_LINES + 1
+    assert all("\n" not in line for line in log.lines)
+    assert "5 more" in log.lines[-1]
+
+
+def test_master_records_master_owned_pushes_invalid_and_writes_nothing(home, log):
+    put(home, "etc/client.keys", b"master's keys")
+    states, reasons = master_rx(home, log).apply_batch(
+        [inc(u"etc/client.keys", b"forged"), inc(u"etc/shared/default/agent.conf", b"forged")],
+        deletes=[u"etc/shared/default/x"], deleted_dirs=[u"etc/shared/default"])
+    assert set(states.values()) == set(["invalid"])
+    assert reasons[u"etc/client.keys"] == "master-owned file pushed by a client"
+    assert read(home, "etc/client.keys") == b"master's keys"
+    assert os.path.isdir(os.path.join(home, "etc/shared/default"))
+    assert any("master-owned file pushed by a client" in line for line in log.lines)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_group_is_set_when_running_as_root(home, log):
+    gid = 54321
+    states, _ = client_rx(home, log, owner_gid=gid).apply_batch(
+        [inc(u"etc/shared/newgrp/agent.conf", b"x")])
+    assert states[u"etc/shared/newgrp/agent.conf"] == "synchronized"
+    assert os.lstat(os.path.join(home, "etc/shared/newgrp/agent.conf")).st_gid == gid
+    assert os.lstat(os.path.join(home, "etc/shared/newgrp")).st_gid == gid
+
+
+# -- agent-info: newest wins, meta-only -------------------------------------------------------
+
+AI = u"queue/agent-info/web01-10.0.0.5"
+
+
+def test_newest_agent_info_wins_on_the_master(home, log):
+    path = put(home, AI, b"from node02\n", BASE_NS)
+    rx = master_rx(home, log)
+    states, reasons = rx.apply_batch([inc(AI, b"from node03\n", BASE_NS - 10 * SEC)])
+    assert states[AI] == "synchronized"
+    assert "newer" in reasons[AI]
+    assert read(home, AI) == b"from node02\n"
+    assert abs(mtime_ns(path) - BASE_NS) <= receive.MTIME_SLACK_NS
+    states, reasons = rx.apply_batch([inc(AI, b"from node03\n", BASE_NS + 10 * SEC)])
+    assert states[AI] == "synchronized" and AI not in reasons
+    assert read(home, AI) == b"from node03\n"
+    assert abs(mtime_ns(path) - BASE_NS - 10 * SEC) <= receive.MTIME_SLACK_NS
+
+
+def test_same_keepalive_is_not_rewritten(home, log):
+    put(home, AI, b"a\n", BASE_NS)
+    states, reasons = master_rx(home, log).apply_batch([inc(AI, b"b\n", BASE_NS)])
+    assert states[AI] == "synchronized" and AI in reasons
+    assert read(home, AI) == b"a\n"
+
+
+def test_newer_only_can_be_turned_off(home, log):
+    put(home, AI, b"newer\n", BASE_NS)
+    states, _ = master_rx(home, log, newer_only=False).apply_batch(
+        [inc(AI, b"older\n", BASE_NS - SEC)])
+    assert states[AI] == "synchronized"
+    assert read(home, AI) == b"older\n"
+
+
+def test_meta_only_update_sets_the_mtime(home, log):
+    path = put(home, AI, b"Linux web01\n", BASE_NS)
+    touch = inc(AI, b"Linux web01\n", BASE_NS + 5 * SEC, meta_only=True)
+    states, reasons = master_rx(home, log).apply_batch([touch._replace(data=None)])
+    assert states[AI] == "synchronized" and reasons == {}
+    assert read(home, AI) == b"Linux web01\n"
+    assert abs(mtime_ns(path) - BASE_NS - 5 * SEC) <= receive.MTIME_SLACK_NS
+
+
+def test_meta_only_update_fails_when_the_content_differs(home, log):
+    path = put(home, AI, b"local\n", BASE_NS)
+    touch = inc(AI, b"remote\n", BASE_NS + 5 * SEC, meta_only=True)
+    states, reasons = master_rx(home, log).apply_batch([touch])
+    assert states[AI] == "failed"
+    assert "differs" in reasons[AI]
+    assert abs(mtime_ns(path) - BASE_NS) <= receive.MTIME_SLACK_NS
+
+
+def test_meta_only_update_of_a_missing_file_fails(home, log):
+    states, _ = master_rx(home, log).apply_batch([inc(AI, b"x", meta_only=True)])
+    assert states[AI] == "failed"
+    assert not os.path.exists(os.path.join(home, AI))
+
+
+# -- deletions --------------------------------------------------------------------------------
+
+def test_delete_removes_a_regular_file(home, log):
+    put(home, "etc/shared/default/agent.conf", b"x")
+    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/shared/default/agent.conf",
+                                                          u"queue/agent-groups/404"])
+    assert states == {u"etc/shared/default/agent.conf": "synchronized",
+                      u"queue/agent-groups/404": "synchronized"}
+    assert not os.path.exists(os.path.join(home, "etc/shared/default/agent.conf"))
+
+
+def test_delete_does_not_follow_symlinks(home, log, outside):
+    os.symlink(os.path.join(outside, "victim"), os.path.join(home, "etc/shared/default/link"))
+    os.symlink(outside, os.path.join(home, "etc/shared/evil"))
+    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/shared/default/link",
+                                                          u"etc/shared/evil/victim"])
+    assert states == {u"etc/shared/default/link": "invalid",
+                      u"etc/shared/evil/victim": "invalid"}
+    assert os.path.islink(os.path.join(home, "etc/shared/default/link"))
+    assert os.listdir(outside) == ["victim"]
+
+
+def test_delete_of_a_folder_or_a_file_item_is_refused(home, log):
+    put(home, "etc/client.keys", b"keys")
+    os.makedirs(os.path.join(home, "etc/shared/default/sub"))
+    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/client.keys",
+                                                          u"etc/shared/default/sub"])
+    assert set(states.values()) == set(["invalid"])
+    assert read(home, "etc/client.keys") == b"keys"
+    assert os.path.isdir(os.path.join(home, "etc/shared/default/sub"))
+
+
+def test_group_folder_removal_does_not_follow_symlinks(home, log, outside):
+    put(home, "etc/shared/old/agent.conf", b"x")
+    put(home, "etc/shared/old/deep/er/file", b"y")
+    os.symlink(outside, os.path.join(home, "etc/shared/old/link"))
+    os.symlink(os.path.join(outside, "victim"), os.path.join(home, "etc/shared/old/deep/vl"))
+    states, _ = client_rx(home, log).apply_batch(deleted_dirs=[u"etc/shared/old",
+                                                               u"etc/shared/never"])
+    assert states == {u"etc/shared/old": "synchronized", u"etc/shared/never": "synchronized"}
+    assert not os.path.lexists(os.path.join(home, "etc/shared/old"))
+    assert os.listdir(outside) == ["victim"]
+    with open(os.path.join(outside, "victim"), "rb") as handle:
+        assert handle.read() == b"precious"
+
+
+def test_group_folder_removal_refuses_symlinks_and_other_items(home, log, outside):
+    os.symlink(outside, os.path.join(home, "etc/shared/linked"))
+    os.makedirs(os.path.join(home, "queue/agent-groups/sub"))
+    put(home, "etc/shared/afile", b"x")
+    states, _ = client_rx(home, log).apply_batch(deleted_dirs=[
+        u"etc/shared/linked", u"etc/shared/linked/inner", u"queue/agent-groups/sub",
+        u"etc/shared/afile", u"etc/shared", u"etc"])
+    assert set(states.values()) == set(["invalid"])
+    assert os.path.islink(os.path.join(home, "etc/shared/linked"))
+    assert os.listdir(outside) == ["victim"]
+    assert os.path.isdir(os.path.join(home, "queue/agent-groups/sub"))
+    assert os.path.isfile(os.path.join(home, "etc/shared/afile"))
+
+
+def test_removed_group_can_come_back_in_the_same_batch(home, log):
+    put(home, "etc/shared/grp/old.conf", b"old")
+    states, _ = client_rx(home, log).apply_batch(
+        [inc(u"etc/shared/grp/agent.conf", b"new")], deleted_dirs=[u"etc/shared/grp"])
+    assert states[u"etc/shared/grp/agent.conf"] == "synchronized"
+    assert os.listdir(os.path.join(home, "etc/shared/grp")) == ["agent.conf"]
+
+
+# -- temporary files --------------------------------------------------------------------------
+
+def test_cleanup_removes_only_our_leftover_temporary_files(home, log, outside):
+    ours = [put(home, "etc/shared/default/.agent.conf.0123456789ab.tmp", b"x"),
+            put(home, "etc/shared/a/b/.f.aaaaaaaaaaaa.tmp", b"x"),
+            put(home, "queue/agent-info/.web01-any.bbbbbbbbbbbb.tmp", b"x"),
+            put(home, "etc/.client.keys.cccccccccccc.tmp", b"x")]
+    kept = [put(home, "etc/shared/default/agent.conf", b"x"),
+            put(home, "etc/shared/default/other.tmp", b"x"),
+            put(home, "etc/.ossec.conf.dddddddddddd.tmp", b"x"),    # not an item of ours
+            put(home, "queue/rids/.001.eeeeeeeeeeee.tmp", b"x"),
+            put(outside, ".victim.ffffffffffff.tmp", b"x")]
+    os.symlink(outside, os.path.join(home, "etc/shared/link"))
+    assert client_rx(home, log).cleanup_temp_files() == len(ours)
+    assert not any(os.path.exists(p) for p in ours)
+    assert all(os.path.exists(p) for p in kept)
+
+
+FULL_DISK = r"""
+import hashlib, json, logging, resource, signal, sys
+from wazuh_cluster import receive
+from wazuh_cluster.config import Item
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write() then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+items = (Item("shared", "etc/shared", "dir", "master", True, 0o660, 0o770, False, False, True),)
+rx = receive.Receiver(sys.argv[1], items, (), logging.getLogger("x"), role="client")
+def inc(name, data):
+    return receive.Incoming(name, data, hashlib.sha256(data).hexdigest(), 10 ** 18)
+states, reasons = rx.apply_batch([inc(u"etc/shared/default/agent.conf", b"n" * 100000),
+                                  inc(u"etc/shared/default/small", b"fits")])
+sys.stdout.write(json.dumps([states, reasons]))
+"""
+
+
+def test_full_disk_keeps_the_old_file_and_reports_failed(home):
+    put(home, "etc/shared/default/agent.conf", b"old content")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([LIB] + [p for p in [env.get("PYTHONPATH")] if p])
+    out = subprocess.check_output([sys.executable, "-c", FULL_DISK, home], env=env)
+    states, reasons = json.loads(out.decode("utf-8"))
+    assert states == {u"etc/shared/default/agent.conf": "failed",
+                      u"etc/shared/default/small": "synchronized"}
+    assert "too large" in reasons[u"etc/shared/default/agent.conf"].lower()
+    assert read(home, "etc/shared/default/agent.conf") == b"old content"
+    assert read(home, "etc/shared/default/small") == b"fits"
+    assert temp_files(home) == []
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+def entry(sha, mtime=BASE_NS, size=1):
+    return {"sha256": sha, "mtime_ns": mtime, "size": size}
+
+
+def test_manifest_diff():
+    sender = {u"etc/shared/default/a": entry("1"), u"etc/shared/default/b": entry("2"),
+              u"etc/shared/default/c": entry("3", BASE_NS + SEC),
+              AI: entry("4", BASE_NS + SEC), u"queue/agent-info/x-any": entry("5", BASE_NS + 1),
+              u"etc/client.keys": entry("6")}
+    local = {u"etc/shared/default/a": entry("1"), u"etc/shared/default/b": entry("x"),
+             u"etc/shared/default/c": entry("3"), AI: entry("4"),
+             u"queue/agent-info/x-any": entry("5"), u"etc/shared/default/gone": entry("7")}
+    need_data, need_meta, delete = receive.manifest_diff(sender, local, False, ITEMS)
+    assert need_data == [u"etc/client.keys", u"etc/shared/default/b"]
+    assert need_meta == [AI]  # c differs only in mtime, which is no data for shared files
+    assert delete == []
+    assert receive.manifest_diff(sender, local, True, ITEMS)[2] == [u"etc/shared/default/gone"]
+
+
+def test_dirs_to_remove():
+    sender = [u"etc/shared/default/agent.conf", u"etc/shared/web/x/y", u"etc/shared/empty"]
+    local = [u"etc/shared/default", u"etc/shared/web", u"etc/shared/web/x", u"etc/shared/web/z",
+             u"etc/shared/old", u"etc/shared/old/sub", u"etc/shared/empty"]
+    assert receive.dirs_to_remove(sender, local) == [u"etc/shared/old", u"etc/shared/web/z"]
