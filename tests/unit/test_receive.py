@@ -605,7 +605,9 @@ from wazuh_cluster.config import Item
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write() then fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 items = (Item("shared", "etc/shared", "dir", "master", True, 0o660, 0o770, False, False, True),)
-rx = receive.Receiver(sys.argv[1], items, (), logging.getLogger("x"), role="client")
+log = logging.getLogger("x")
+log.addHandler(logging.NullHandler())
+rx = receive.Receiver(sys.argv[1], items, (), log, role="client")
 def inc(name, data):
     return receive.Incoming(name, data, hashlib.sha256(data).hexdigest(), 10 ** 18)
 states, reasons = rx.apply_batch([inc(u"etc/shared/default/agent.conf", b"n" * 100000),
@@ -618,7 +620,10 @@ def test_full_disk_keeps_the_old_file_and_reports_failed(home):
     put(home, "etc/shared/default/agent.conf", b"old content")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([LIB] + [p for p in [env.get("PYTHONPATH")] if p])
-    out = subprocess.check_output([sys.executable, "-c", FULL_DISK, home], env=env)
+    child = subprocess.Popen([sys.executable, "-c", FULL_DISK, home], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate()
+    assert child.returncode == 0, err
     states, reasons = json.loads(out.decode("utf-8"))
     assert states == {u"etc/shared/default/agent.conf": "failed",
                       u"etc/shared/default/small": "synchronized"}

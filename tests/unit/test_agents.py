@@ -1,0 +1,343 @@
+"""client.keys handling: parsing, removals, the mass-removal guard, backups, status."""
+from __future__ import absolute_import, division, print_function
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from wazuh_cluster import agents, compat
+from wazuh_cluster.agents import Agent
+from wazuh_cluster.errors import ClusterError
+
+KEY = "a" * 64
+LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "lib")
+NOW = 1700000000.0  # 2023/Nov/14 UTC (local time in the tests is set to UTC)
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+@pytest.fixture
+def log():
+    logger = logging.getLogger("wazuh_cluster.test_agents")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.lines = handler.lines
+    yield logger
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def home():
+    path = tempfile.mkdtemp(prefix="wzc-agents-")
+    for folder in ("queue/agent-info", "queue/agent-groups", "queue/rids", "queue/syscheck",
+                   "queue/rootcheck"):
+        os.makedirs(os.path.join(path, folder))
+    yield path
+    os.chmod(path, 0o755)
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def utc():
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+def keys(*lines):
+    return "".join(line + "\n" for line in lines)
+
+
+def line(agent_id, name, ip="any"):
+    return "%s %s %s %s" % (agent_id, name, ip, KEY)
+
+
+def put(path, data, mtime=None):
+    with open(path, "wb") as handle:
+        handle.write(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+def test_parse_client_keys():
+    text = keys(line("001", "web01", "10.0.0.5"), "", "   ", line("002", "!db01", "10.0.0.6"),
+                line("003", "#old", "any"), line("004", "net", "10.0.0.0/24"),
+                "garbage", "005 onlythree any", "006 a b c d", "# a comment line",
+                line("../x", "evil"), line("007", "../../etc"), line("008", "sl/ash"),
+                line("009", ".."), line("010", "ok", "10.0.0.1;rm"))
+    parsed = agents.parse_client_keys(text)
+    assert list(parsed) == ["001", "002", "003", "004"]
+    assert parsed["001"] == Agent("001", "web01", "10.0.0.5", KEY, False)
+    assert parsed["002"] == Agent("002", "db01", "10.0.0.6", KEY, True)
+    assert parsed["003"].removed and parsed["003"].name == "old"
+    assert parsed["004"].ip == "10.0.0.0/24"
+    assert parsed.skipped == 9
+    assert [a.id for a in parsed.active()] == ["001", "004"]
+
+
+def test_parse_client_keys_takes_bytes_and_crlf():
+    parsed = agents.parse_client_keys(b"001 web01 any " + KEY.encode("ascii") + b"\r\n\xff\xfe\n")
+    assert list(parsed) == ["001"] and parsed.skipped == 1
+
+
+def test_parse_empty_file():
+    parsed = agents.parse_client_keys("")
+    assert len(parsed) == 0 and parsed.skipped == 0
+
+
+def test_later_line_of_an_id_wins():
+    parsed = agents.parse_client_keys(keys(line("001", "a"), line("001", "!a")))
+    assert parsed["001"].removed
+
+
+# -- removals ---------------------------------------------------------------------------------
+
+OLD = keys(line("001", "web01", "10.0.0.5"), line("002", "db01"), line("003", "mail"),
+           line("004", "!gone"))
+
+
+def test_removed_agents_line_gone_and_marks():
+    new = keys(line("002", "!db01"), line("003", "#mail"), line("004", "!gone"))
+    assert [a.id for a in agents.removed_agents(OLD, new)] == ["001", "002", "003"]
+
+
+def test_removed_agents_ignores_already_removed_and_rekeyed():
+    new = OLD.replace(KEY, "b" * 64)
+    assert agents.removed_agents(OLD, new) == []
+
+
+def test_an_id_with_a_new_name_or_ip_is_a_removal_of_the_old_agent():
+    new = keys(line("001", "web01", "10.0.0.9"), line("002", "db02"), line("003", "mail"))
+    assert [a.id for a in agents.removed_agents(OLD, new)] == ["001", "002"]
+
+
+def test_guard_holds_back_removing_all_agents():
+    ok, message = agents.RemovalGuard(0.5).check(OLD, "")
+    assert not ok
+    assert "all 3 agents" in message and "--confirm-removals" in message
+    assert "\n" not in message
+    ok, _ = agents.RemovalGuard(1.0).check(keys(line("001", "only")), keys(line("001", "!only")))
+    assert not ok
+
+
+def test_guard_holds_back_more_than_the_ratio():
+    old = keys(*[line("%03d" % n, "a%d" % n) for n in range(10)])
+    six_gone = keys(*[line("%03d" % n, "a%d" % n) for n in range(4)])
+    ok, message = agents.RemovalGuard(0.5).check(old, six_gone)
+    assert not ok and "6 of 10" in message
+    five_gone = keys(*[line("%03d" % n, "a%d" % n) for n in range(5)])
+    ok, message = agents.RemovalGuard(0.5).check(old, five_gone)
+    assert ok and "5 of 10" in message
+
+
+def test_guard_lets_small_changes_and_additions_through():
+    guard = agents.RemovalGuard(0.5)
+    assert guard.check(OLD, OLD + line("005", "new") + "\n") == (True, "")
+    assert guard.check("", keys(line("001", "first"))) == (True, "")
+    assert guard.check("", "") == (True, "")
+    ok, message = guard.check(OLD, keys(line("001", "web01", "10.0.0.5"), line("002", "db01")))
+    assert ok and "1 of 3" in message
+
+
+# -- names, files, status ---------------------------------------------------------------------
+
+def test_agent_info_name():
+    assert agents.agent_info_name(Agent("001", "web01", "10.0.0.5", KEY, False)) == \
+        "web01-10.0.0.5"
+    assert agents.agent_info_name(Agent("002", "web02", "any", KEY, False)) == "web02-any"
+    assert agents.agent_info_name(Agent("003", "net", "10.0.0.0/24", KEY, False)) == \
+        "net-10.0.0.0"
+
+
+def test_agent_files_follow_wazuh_layout():
+    agent = Agent("004", "net", "10.0.0.0/24", KEY, True)
+    home = "/some/home"
+    rel = [os.path.relpath(p, home) for p in agents.agent_files(home, agent)]
+    assert rel == ["queue/agent-info/net-10.0.0.0",
+                   "queue/syscheck/(net) 10.0.0.0->syscheck",
+                   "queue/syscheck/.(net) 10.0.0.0->syscheck.cpt",
+                   "queue/syscheck/(net) 10.0.0.0->syscheck-registry",
+                   "queue/syscheck/.(net) 10.0.0.0->syscheck-registry.cpt",
+                   "queue/rootcheck/(net) 10.0.0.0->rootcheck",
+                   "queue/agent-groups/004",
+                   "queue/rids/004"]
+    anyone = Agent("005", "web", "any", KEY, True)
+    assert os.path.basename(agents.agent_files(home, anyone)[5]) == "(web) any->rootcheck"
+
+
+class FakeStat(object):
+    def __init__(self, mtime, size):
+        self.st_mtime = mtime
+        self.st_size = size
+
+
+def test_agent_status_rules():
+    assert agents.agent_status(None, NOW) == "Never connected"
+    assert agents.agent_status(FakeStat(NOW - 10, 200), NOW) == "Active"
+    assert agents.agent_status(FakeStat(NOW - 1830, 200), NOW) == "Active"
+    assert agents.agent_status(FakeStat(NOW - 10, 0), NOW) == "Pending"
+    assert agents.agent_status(FakeStat(NOW - 1831, 200), NOW) == "Disconnected"
+    assert agents.agent_status(FakeStat(NOW - 5000, 0), NOW) == "Disconnected"
+
+
+def test_agent_status_at_a_path(home):
+    path = os.path.join(home, "queue/agent-info/web01-any")
+    assert agents.agent_status_at(path, NOW) == "Never connected"
+    put(path, b"", NOW - 60)
+    assert agents.agent_status_at(path, NOW) == "Pending"
+    put(path, b"Linux web01\n", NOW - 60)
+    assert agents.agent_status_at(path, NOW) == "Active"
+    assert agents.agent_status(os.stat(path), NOW + 3600) == "Disconnected"
+
+
+# -- backup and removal -----------------------------------------------------------------------
+
+AGENT = Agent("001", "web01", "10.0.0.0/24", KEY, True)
+
+
+def make_agent_files(home, agent=AGENT):
+    paths = agents.agent_files(home, agent)
+    for index, path in enumerate(paths):
+        put(path, ("content %d" % index).encode("ascii"), NOW - 100 - index)
+    return paths
+
+
+def test_backup_and_remove(home, log, utc):
+    paths = make_agent_files(home)
+    other = os.path.join(home, "queue/agent-info/db01-any")
+    put(other, b"other agent")
+    folder = agents.backup_and_remove(home, AGENT, NOW, log)
+    assert folder == os.path.join(home, "backup/agents/2023/Nov/14/001-web01-10.0.0.0")
+    assert sorted(os.listdir(folder)) == sorted([
+        "agent-info", "syscheck", "syscheck.cpt", "syscheck-registry", "syscheck-registry.cpt",
+        "rootcheck", "agent-group", "rids"])
+    with open(os.path.join(folder, "syscheck.cpt"), "rb") as handle:
+        assert handle.read() == b"content 2"
+    assert int(os.stat(os.path.join(folder, "agent-info")).st_mtime) == int(NOW - 100)
+    assert not any(os.path.exists(p) for p in paths)
+    assert os.path.exists(other)
+    for sub in ("backup/agents/2023", "backup/agents/2023/Nov/14", folder):
+        assert stat.S_IMODE(os.stat(os.path.join(home, sub)).st_mode) == 0o750
+
+
+def test_second_backup_of_the_same_day_gets_a_suffix(home, log, utc):
+    make_agent_files(home)
+    first = agents.backup_and_remove(home, AGENT, NOW, log)
+    make_agent_files(home)
+    second = agents.backup_and_remove(home, AGENT, NOW + 60, log)
+    make_agent_files(home)
+    third = agents.backup_and_remove(home, AGENT, NOW + 120, log)
+    assert second == first + "-002" and third == first + "-003"
+    assert len(os.listdir(second)) == 8
+
+
+def test_only_existing_files_are_backed_up(home, log, utc):
+    put(agents.agent_files(home, AGENT)[0], b"info")
+    folder = agents.backup_and_remove(home, AGENT, NOW, log)
+    assert os.listdir(folder) == ["agent-info"]
+
+
+def test_nothing_to_back_up_makes_no_folder(home, log):
+    assert agents.backup_and_remove(home, AGENT, NOW, log) is None
+    assert not os.path.exists(os.path.join(home, "backup"))
+
+
+def test_symlinks_are_neither_copied_nor_removed(home, log, utc):
+    target = os.path.join(home, "elsewhere")
+    put(target, b"not the agent's")
+    info = agents.agent_files(home, AGENT)[0]
+    os.symlink(target, info)
+    put(agents.agent_files(home, AGENT)[6], b"default")
+    folder = agents.backup_and_remove(home, AGENT, NOW, log)
+    assert os.listdir(folder) == ["agent-group"]
+    assert os.path.islink(info)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_nothing_is_removed_when_the_backup_is_impossible_readonly(home, log):
+    paths = make_agent_files(home)
+    os.makedirs(os.path.join(home, "backup"))
+    os.chmod(os.path.join(home, "backup"), 0o500)
+    try:
+        with pytest.raises(ClusterError):
+            agents.backup_and_remove(home, AGENT, NOW, log)
+    finally:
+        os.chmod(os.path.join(home, "backup"), 0o755)
+    assert all(os.path.exists(p) for p in paths)
+
+
+def test_nothing_is_removed_when_the_backup_is_impossible(home, log):
+    paths = make_agent_files(home)
+    put(os.path.join(home, "backup"), b"a file where the backup folder should be")
+    with pytest.raises(ClusterError) as info:
+        agents.backup_and_remove(home, AGENT, NOW, log)
+    assert info.value.code == "backup"
+    assert all(os.path.exists(p) for p in paths)
+    assert any(level == "ERROR" and "backup failed" in message
+               for level, message in log.lines)
+
+
+FAILED_COPY = r"""
+import json, logging, resource, signal, sys
+from wazuh_cluster import agents
+from wazuh_cluster.errors import ClusterError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write() then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+agent = agents.Agent("001", "web01", "10.0.0.0/24", "k", True)
+try:
+    log = logging.getLogger("x")
+    log.addHandler(logging.NullHandler())
+    agents.backup_and_remove(sys.argv[1], agent, 1700000000.0, log)
+    sys.stdout.write("no error")
+except ClusterError as err:
+    sys.stdout.write(err.code)
+"""
+
+
+def test_a_failed_copy_removes_nothing_and_leaves_no_partial_backup(home):
+    paths = make_agent_files(home)
+    put(paths[0], b"small")                # copied before the failure
+    put(paths[1], b"x" * 1000)             # too large for the subprocess's RLIMIT_FSIZE
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([LIB] + [p for p in [env.get("PYTHONPATH")] if p])
+    child = subprocess.Popen([sys.executable, "-c", FAILED_COPY, home], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate()
+    assert (child.returncode, out.decode("ascii")) == (0, "backup"), err
+    assert all(os.path.exists(p) for p in paths)
+    day = os.path.dirname(agents.backup_folder_name(home, AGENT, NOW))
+    assert os.listdir(day) == []
+
+
+def test_backup_folder_name_is_in_local_time_with_english_months(utc):
+    agent = Agent("007", "bond", "any", KEY, True)
+    for month in range(1, 13):
+        when = time.mktime((2024, month, 3, 12, 0, 0, 0, 0, -1))
+        path = agents.backup_folder_name("/h", agent, when)
+        assert path == "/h/backup/agents/2024/%s/03/007-bond-any" % agents.MONTHS[month - 1]
+    assert compat.to_text(agents.MONTHS[8]) == u"Sep"
