@@ -535,9 +535,14 @@ class SecureChannel(object):
     def closed(self):
         return self._closed
 
-    def send_frame(self, msg_type, flags, request_id, body=b""):
-        """Seal and send one frame; raises ProtocolError (channel closed) on any failure."""
-        with self._send_lock:
+    def send_frame(self, msg_type, flags, request_id, body=b"", block=True):
+        """Seal and send one frame; raises ProtocolError (channel closed) on any failure.
+
+        With block=False nothing is sent (and False returned) when another thread is sending.
+        """
+        if not self._send_lock.acquire(block):
+            return False
+        try:
             if self._closed:
                 raise ChannelClosed("channel is closed")
             wire = self.codec.seal(msg_type, flags, request_id, body)
@@ -549,6 +554,9 @@ class SecureChannel(object):
             except (socket.error, OSError) as exc:
                 self.close()
                 raise ChannelClosed("connection lost while sending: %s" % _errname(exc))
+        finally:
+            self._send_lock.release()
+        return True
 
     def _recv_into(self, view, deadline_end):
         got = 0

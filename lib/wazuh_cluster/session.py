@@ -4,13 +4,17 @@ The session knows nothing about commands: its owner hands it a `dispatcher`, a m
 cmd -> callable(session, args, data) returning (result, data) or (result, data, compress).
 A callable raising ClusterError answers {"ok": false, "error": {"code": exc.code, ...}}.
 
-Threads: one reader thread per session (it also sends the keepalives) and one short-lived thread
-per incoming request (bounded by `max_handlers`), so a handler may itself call the peer.
+Threads: one reader thread per session (it also sends the keepalives) and up to `max_handlers`
+worker threads that serve incoming requests from a bounded queue, so a handler may itself call
+the peer. The reader never blocks on sending: a keepalive is skipped while another frame is being
+sent (that frame proves we are alive), so two peers pushing bulk data at each other at once cannot
+deadlock with both readers waiting to write.
 Messages larger than one chunk travel as a REQUEST/RESPONSE frame with FLAG_MORE followed by
 FILE_CHUNK frames of the same request id; the receiver bounds what it buffers.
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import logging
 import threading
 import time
@@ -56,7 +60,8 @@ class Session(object):
     """
 
     def __init__(self, channel, dispatcher, keepalive=30.0, on_close=None, address=None,
-                 version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8):
+                 version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8,
+                 max_queued=256):
         self.channel = channel
         self.dispatcher = dispatcher if dispatcher is not None else {}
         self.keepalive = float(keepalive)
@@ -77,7 +82,10 @@ class Session(object):
         self._next_rid = 0
         self._assemblies = {}
         self._buffered = 0
-        self._handlers = threading.BoundedSemaphore(max_handlers)
+        self._max_handlers = max_handlers
+        self._max_queued = max_queued
+        self._requests = collections.deque()
+        self._workers = 0
         self._closed = threading.Event()
         self._reader = None
 
@@ -212,7 +220,12 @@ class Session(object):
 
     def _reply(self, rid, envelope, data=b"", compress=False):
         try:
-            self._send_message(protocol.RESPONSE, rid, envelope, data, compress)
+            try:
+                self._send_message(protocol.RESPONSE, rid, envelope, data, compress)
+            except (TypeError, ValueError) as exc:   # a result JSON cannot carry
+                log.error("answer to %s is not serialisable: %s", self.peer_name, exc)
+                self._send_message(protocol.RESPONSE, rid, protocol.error_envelope(
+                    "internal", "unserialisable result"), b"", False)
         except ProtocolError as exc:
             log.debug("could not answer %s: %s", self.peer_name, exc.message)
 
@@ -237,7 +250,8 @@ class Session(object):
                     self.close("peer missed keepalives", notify=False)
                     return
                 if now - last_sent >= self.keepalive and not self._closed.is_set():
-                    self.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"")
+                    # never wait for the writer here (see the module doc)
+                    self.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"", block=False)
                     last_sent = now
         except ChannelClosed as exc:
             if not self._closed.is_set():
@@ -317,37 +331,53 @@ class Session(object):
             slot.header, slot.data = header, data
             slot.event.set()
             return
-        if not self._handlers.acquire(False):
-            self._reply(rid, protocol.error_envelope("busy", "too many requests in progress"))
-            return
-        worker = threading.Thread(target=self._serve, args=(rid, header, data),
-                                  name="request-%s" % self.peer_name)
+        with self._lock:
+            if len(self._requests) >= self._max_queued:
+                raise ProtocolError("more than %d requests outstanding" % self._max_queued)
+            self._requests.append((rid, header, data))
+            if self._workers >= self._max_handlers:
+                return
+            self._workers += 1
+        worker = threading.Thread(target=self._work, name="request-%s" % self.peer_name)
         worker.daemon = True
         worker.start()
 
-    def _serve(self, rid, header, data):
-        try:
-            cmd = header.get("cmd")
-            args = header.get("args") or {}
-            handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
-            if handler is None:
-                self._reply(rid, protocol.error_envelope(
-                    "unknown_command", "unknown command %r" % (_text(cmd)[:64],)))
-                return
+    def _work(self):
+        while True:
+            with self._lock:
+                if not self._requests or self._closed.is_set():
+                    self._workers -= 1
+                    return
+                rid, header, data = self._requests.popleft()
             try:
-                answer = handler(self, args, data)
-            except ClusterError as exc:
-                self._reply(rid, protocol.error_envelope(exc.code, exc.message))
-                return
-            except Exception as exc:  # a handler bug must not kill the session
-                log.exception("command %s from %s failed", cmd, self.peer_name)
-                self._reply(rid, protocol.error_envelope("internal", type(exc).__name__))
-                return
-            result, out = answer[0], answer[1]
-            compress = bool(answer[2]) if len(answer) > 2 else False
-            self._reply(rid, protocol.ok_envelope(result), out or b"", compress)
-        finally:
-            self._handlers.release()
+                self._serve(rid, header, data)
+            except Exception:  # keep the worker count right whatever a handler did
+                log.exception("request %d from %s failed", rid, self.peer_name)
+
+    def _serve(self, rid, header, data):
+        cmd = header.get("cmd")
+        args = header.get("args") or {}
+        handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
+        if handler is None:
+            self._reply(rid, protocol.error_envelope(
+                "unknown_command", "unknown command %r" % (_text(cmd)[:64],)))
+            return
+        try:
+            answer = handler(self, args, data)
+        except ClusterError as exc:
+            self._reply(rid, protocol.error_envelope(exc.code, exc.message))
+            return
+        except Exception as exc:  # a handler bug must not kill the session
+            log.exception("command %s from %s failed", cmd, self.peer_name)
+            self._reply(rid, protocol.error_envelope("internal", type(exc).__name__))
+            return
+        if not isinstance(answer, tuple) or len(answer) not in (2, 3):
+            log.error("command %s returned %r, not (result, data)", cmd, type(answer).__name__)
+            self._reply(rid, protocol.error_envelope("internal", "malformed handler answer"))
+            return
+        result, out = answer[0], answer[1]
+        compress = bool(answer[2]) if len(answer) > 2 else False
+        self._reply(rid, protocol.ok_envelope(result), out or b"", compress)
 
 
 def _text(value):

@@ -529,3 +529,60 @@ def test_session_garbage_frame_type_closes():
     a.channel.send_frame(99, 0, 0, b"")
     assert wait_for(lambda: b.closed and a.closed, timeout=10)
     assert "protocol error" in b.close_reason
+
+
+def test_bulk_both_ways_at_once_does_not_deadlock():
+    # both readers must keep reading while both writers push more than the socket buffers hold
+    def echo(session, args, data):
+        return {"n": len(data)}, data
+    a, b, closed = session_pair({"echo": echo}, keepalive=0.02)
+    try:
+        big = os.urandom(1 << 20) * 6
+        calls = [in_thread(a.call, "echo", None, big, 60), in_thread(b.call, "echo", None, big, 60),
+                 in_thread(a.call, "echo", None, big, 60), in_thread(b.call, "echo", None, big, 60)]
+        for t, res in calls:
+            t.join(90)
+            assert res.error is None, res.error
+            assert res.value[1] == big
+        assert not a.closed and not b.closed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_requests_beyond_max_handlers_queue_and_complete():
+    gate = threading.Event()
+    running = []
+
+    def slow(session, args, data):
+        running.append(args["i"])
+        gate.wait(10)
+        return {"i": args["i"]}, b""
+    a, b, closed = session_pair({"slow": slow}, max_handlers=2)
+    try:
+        calls = [in_thread(a.call, "slow", {"i": i}, b"", 30) for i in range(10)]
+        assert wait_for(lambda: len(running) == 2)
+        assert b._workers == 2
+        gate.set()
+        for i, (t, res) in enumerate(calls):
+            t.join(30)
+            assert res.error is None and res.value[0] == {"i": i}
+        assert wait_for(lambda: b._workers == 0)
+    finally:
+        gate.set()
+        a.close()
+        b.close()
+
+
+def test_unserialisable_result_answers_internal_error():
+    a, b, closed = session_pair({"bad": lambda s, args, data: ({"x": object()}, b""),
+                                 "odd": lambda s, args, data: None})
+    try:
+        for cmd in ("bad", "odd"):
+            with pytest.raises(RequestError) as info:
+                a.call(cmd, timeout=10)
+            assert info.value.code == "internal"
+        assert not a.closed
+    finally:
+        a.close()
+        b.close()
