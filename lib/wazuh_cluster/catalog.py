@@ -26,6 +26,7 @@ from wazuh_cluster import compat, errors, scanner as scanner_mod
 ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
 TOMBSTONE_SECONDS = 30 * 86400
 PURGE_EVERY = 3600.0
+MAX_EVENT_NAMES = 10000
 _NODE_LINE = '#"node_name":'
 
 
@@ -125,7 +126,9 @@ class Catalog(object):
         A full pass every scan_interval (and on rescan), otherwise a poll every
         poll_interval; nothing when neither is due. Returns None when nothing changed, else
         {"event": "changes", "changed": [..], "touched": [..], "deleted": [..],
-         "deleted_dirs": [..]} for the subscribers.
+         "deleted_dirs": [..]} for the subscribers. When more than MAX_EVENT_NAMES files
+        changed at once the lists are empty and "overflow": true asks subscribers for a full
+        integrity round (manifest) instead.
         """
         if self._rescan or self._last_full is None or now - self._last_full >= self.scan_interval:
             changes = self.scanner.full_pass()
@@ -143,20 +146,24 @@ class Catalog(object):
         if changes.is_empty():
             return None
         self._store(changes)
-        return changes.to_event()
+        event = changes.to_event()
+        if len(changes.changed) + len(changes.touched) + len(changes.deleted) > MAX_EVENT_NAMES:
+            # A first start or a mass change: lists this long would make a frame of megabytes;
+            # subscribers are told to fetch the manifest (a full integrity round) instead.
+            event = {"event": "changes", "overflow": True, "changed": [], "touched": [],
+                     "deleted": [], "deleted_dirs": event["deleted_dirs"]}
+        return event
 
     def _store(self, changes):
         """One transaction: file rows, tombstones and pending rows of one pass."""
-        rows = []
-        for name in changes.changed + changes.touched:
-            row = self.scanner.row(name)
-            if row is not None:
-                rows.append(row)
+        scanner = self.scanner
+        rows = (scanner.row(name) for name in changes.changed + changes.touched
+                if name in scanner)
         outgoing = [n for n in changes.changed + changes.touched + changes.deleted
                     if self._sent_by_us(n)]
         targets = self._targets() if outgoing else []
         with self.db.transaction():
-            if rows:
+            if changes.changed or changes.touched:
                 self.db.save_files(rows)
             if changes.deleted:
                 self.db.mark_deleted(changes.deleted)

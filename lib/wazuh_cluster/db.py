@@ -222,12 +222,15 @@ class ClusterDB(object):
         return self._conn.execute("SELECT COUNT(*) FROM files WHERE deleted = 0").fetchone()[0]
 
     def save_files(self, rows):
-        """Insert or replace (name, item, size, mtime_ns, ino, ctime_ns, mode, sha256) rows."""
+        """Insert or replace (name, item, size, mtime_ns, ino, ctime_ns, mode, sha256) rows.
+
+        `rows` may be a generator: 100 000 rows are never held in memory at once.
+        """
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO files (name, item, size, mtime_ns, ino, ctime_ns, mode,"
                 " sha256, deleted, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)",
-                [tuple(r) for r in rows])
+                (tuple(r) for r in rows))
 
     def mark_deleted(self, names):
         """Keep a tombstone for deleted files (what clients must delete too)."""
@@ -275,7 +278,12 @@ class ClusterDB(object):
 
     def mark_pending(self, nodes, names):
         """Every (node, file) pair becomes pending; returns the number of rows written."""
-        return self.set_states([(node, name, "pending") for node in nodes for name in names])
+        now = self._wall()
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
+                             " VALUES (?, ?, 'pending', ?)",
+                             ((node, name, now) for node in nodes for name in names))
+        return len(nodes) * len(names)
 
     def states(self, node=None, names=None):
         """[[node, file, state]] filtered by node and/or file names, sorted."""

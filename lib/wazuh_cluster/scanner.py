@@ -1,8 +1,9 @@
 """Stat-based change detection over the items (SPEC section 4), without inotify.
 
-The scanner keeps one small tuple per tracked file:
-    name -> (size, mtime_ns, ino, ctime_ns, mode, sha256 digest as 32 raw bytes)
-and one per tracked folder:
+The scanner keeps one small bytes object per tracked file (memory: 100 000 files must fit a
+daemon of 100 MB; a tuple of Python ints costs three times as much):
+    name -> struct(size, mtime_ns, ino, ctime_ns, st_mode) + sha256 digest (32 raw bytes)
+and one tuple per tracked folder:
     name -> (mtime_ns, ctime_ns, ino, file base names, sub-folder base names)
 Names are relative to the installation directory with "/" separators, kept as the
 interpreter's native str internally and handed out as text.
@@ -34,6 +35,7 @@ import operator
 import os
 import re
 import stat
+import struct
 import time
 
 from wazuh_cluster import compat
@@ -46,6 +48,9 @@ READ_CHUNK = 1 << 20
 _PORTABLE = re.compile(compat.native_str(r"^[\x20-\x5b\x5d-\x7e]{1,255}$"))
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _GONE = (errno.ENOENT, errno.ENOTDIR)
+# A file record: the packed fingerprint, then the digest.
+_FP = struct.Struct("<qqQqI")
+_FP_LEN = _FP.size
 
 
 class ChangeSet(collections.namedtuple("ChangeSet",
@@ -158,16 +163,16 @@ class Scanner(object):
         if rec is None:
             return None
         item = self.item_of(name)
-        return {"size": rec[0], "mtime_ns": rec[1], "mode": stat.S_IMODE(rec[4]),
-                "sha256": _hex(rec[5]),
+        size, mtime_ns, _ino, _ctime_ns, mode = _FP.unpack_from(rec)
+        return {"size": size, "mtime_ns": mtime_ns, "mode": stat.S_IMODE(mode),
+                "sha256": _hex(rec[_FP_LEN:]),
                 "item": item.name if item else None}
 
     def rows(self):
         """Yield (name, item, size, mtime_ns, ino, ctime_ns, mode, sha256 hex) per file."""
         for name, rec in self._files.items():
             item = self.item_of(name)
-            yield (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
-                   rec[3], stat.S_IMODE(rec[4]), _hex(rec[5]))
+            yield _row(name, item, rec)
 
     def row(self, name):
         """One row as in rows(), or None."""
@@ -176,8 +181,7 @@ class Scanner(object):
         if rec is None:
             return None
         item = self.item_of(name)
-        return (compat.to_text(name), item.name if item else None, rec[0], rec[1], rec[2],
-                rec[3], stat.S_IMODE(rec[4]), _hex(rec[5]))
+        return _row(name, item, rec)
 
     # -- seeding from the database ------------------------------------------------------------
 
@@ -196,8 +200,8 @@ class Scanner(object):
             if len(digest) != 32:
                 continue
             # The map keeps the whole st_mode (tracked files are regular), rows the bits.
-            self._files[compat.native_str(name)] = (size, mtime_ns, ino, ctime_ns,
-                                                    stat.S_IFREG | mode, digest)
+            self._files[compat.native_str(name)] = _FP.pack(
+                size, mtime_ns, ino, ctime_ns, stat.S_IFREG | mode) + digest
 
     # -- passes -------------------------------------------------------------------------------
 
@@ -273,12 +277,11 @@ class Scanner(object):
 
     def _drop_unseen(self, seen_files, out):
         """After the first full pass of a seeded map: files of the db that are gone."""
+        for rel, record in self._dirs.items():
+            prefix = rel + "/"
+            seen_files.update(prefix + base for base in record[3])
         for rel in list(self._files):
-            if rel in seen_files:
-                continue
-            parent = rel.rsplit("/", 1)[0]
-            record = self._dirs.get(parent)
-            if record is None or rel.rsplit("/", 1)[1] not in record[3]:
+            if rel not in seen_files:
                 del self._files[rel]
                 out.deleted.add(rel)
 
@@ -307,22 +310,22 @@ class Scanner(object):
         """Compare a regular file's lstat with the map; hash it only when needed."""
         fp = _fingerprint(st)
         old = self._files.get(rel)
-        if old is not None and old[:5] == fp and rel not in self._racy:
+        if old is not None and old.startswith(_FP.pack(*fp)) and rel not in self._racy:
             return
         hashed_at = int(self._wall() * 1e9)
         result = self._hash(rel)
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later
         digest, fp = result
-        self._files[rel] = fp + (digest,)
+        self._files[rel] = _FP.pack(*fp) + digest
         self._noted.pop(rel, None)
         if hashed_at - RACY_NS <= max(fp[1], fp[3]) <= hashed_at + RACY_NS:
             self._racy.add(rel)
         else:
             self._racy.discard(rel)
-        if old is None or old[5] != digest:
+        if old is None or old[_FP_LEN:] != digest:
             out.changed.add(rel)
-        elif old[1] != fp[1] and item is not None and item.mtime_is_data:
+        elif _FP.unpack_from(old)[1] != fp[1] and item is not None and item.mtime_is_data:
             out.touched.add(rel)
 
     def _hash(self, rel):
@@ -374,9 +377,6 @@ class Scanner(object):
                 self._forget_dir(rel, out, root)
                 return
             entries = compat.scandir(path)
-            listing = []
-            for entry in entries:
-                listing.append(entry)
         except OSError as exc:
             if exc.errno not in _GONE:
                 self._note(rel, "cannot list: %s" % exc.strerror)
@@ -384,25 +384,53 @@ class Scanner(object):
                     return  # keep what we knew; a permission glitch is not a deletion
             self._forget_dir(rel, out, root)
             return
+        try:
+            # Iterated lazily: a list of 50 000 DirEntry objects (with their cached stat)
+            # would cost more memory than the whole map.
+            listed = self._list_entries(item, rel, entries, out, deep)
+        except OSError as exc:  # the listing itself failed half-way (I/O error, removed)
+            self._note(rel, "cannot list: %s" % exc.strerror)
+            return
+        finally:
+            close = getattr(entries, "close", None)
+            if close is not None:
+                close()
+        files, subdirs = listed
+        prefix = rel + "/"
+        if old_dir is not None:
+            if old_dir[3] != files:
+                kept = set(files)
+                for base in old_dir[3]:
+                    if base not in kept:
+                        self._forget_file(prefix + base, out)
+            kept = set(subdirs)
+            for base in old_dir[4]:
+                if base not in kept:
+                    self._forget_dir(prefix + base, out, False)
+        self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
+
+    def _list_entries(self, item, rel, entries, out, deep):
+        """Check every entry of one folder; returns (file base names, sub-folder names)."""
         recursive = item is not None and item.recursive
         files, subdirs = [], []
         known = self._files.get
         racy = self._racy
+        pack = _FP.pack
         prefix = rel + "/"
-        for entry in listing:
+        for entry in entries:
             base = entry.name
             child = prefix + base
             old = known(child)
             if old is not None:
                 # Fast path (nearly every file of every pass): known, so neither excluded
-                # nor unportable; one lstat and one tuple comparison.
+                # nor unportable; one lstat and one bytes comparison.
                 try:
                     est = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue  # vanished between listing and stat: the next pass will tell
                 if stat.S_ISREG(est.st_mode):
                     files.append(base)
-                    if old[:5] != _fingerprint(est) or child in racy:
+                    if not old.startswith(pack(*_fingerprint(est))) or child in racy:
                         self._check_file(item, child, est, out)
                     continue
             elif self._excluded(base):
@@ -427,19 +455,7 @@ class Scanner(object):
                 self._note(child, "%s skipped (not followed)" % _kind_word(mode))
             else:
                 self._note(child, "sub-folder of a non-recursive item, skipped")
-        files = tuple(files)
-        subdirs = tuple(subdirs)
-        if old_dir is not None:
-            if old_dir[3] != files:
-                kept = set(files)
-                for base in old_dir[3]:
-                    if base not in kept:
-                        self._forget_file(prefix + base, out)
-            kept = set(subdirs)
-            for base in old_dir[4]:
-                if base not in kept:
-                    self._forget_dir(prefix + base, out, False)
-        self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
+        return tuple(files), tuple(subdirs)
 
     def _forget_dir(self, rel, out, root):
         """A folder vanished (or is no folder any more): drop everything below it."""
@@ -453,6 +469,12 @@ class Scanner(object):
             self._forget_dir(rel + "/" + base, out, True)
         if not root:
             out.deleted_dirs.add(rel)
+
+
+def _row(name, item, rec):
+    size, mtime_ns, ino, ctime_ns, mode = _FP.unpack_from(rec)
+    return (compat.to_text(name), item.name if item else None, size, mtime_ns, ino, ctime_ns,
+            stat.S_IMODE(mode), _hex(rec[_FP_LEN:]))
 
 
 def _hex(digest):

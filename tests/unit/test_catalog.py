@@ -202,3 +202,15 @@ def test_skipped_entries_are_logged_once(home, caplog):
         cat.tick(10.0)
         cat.tick(20.0)
     assert len([r for r in caplog.records if "link" in r.getMessage()]) == 1
+
+
+def test_mass_change_event_overflows_to_a_full_round(home, monkeypatch):
+    monkeypatch.setattr(catalog_mod, "MAX_EVENT_NAMES", 2)
+    for i in range(3):
+        write(home, "etc/shared/default/f%d" % i, "x")
+    cat = make(home)
+    event = cat.tick(0.0)
+    assert event["overflow"] is True and event["changed"] == []
+    assert len(cat.db.load_files()) == 3
+    write(home, "etc/shared/default/g", "y")
+    assert cat.tick(1.0)["changed"] == ["etc/shared/default/g"]
