@@ -171,6 +171,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         self._allowed = None
         self._allowed_at = None
         self._thread = None
+        self._stopping = threading.Event()
         compat.socketserver.ThreadingTCPServer.__init__(
             self, (settings.bind_addr, settings.port), _PeerHandler)
         compat.set_cloexec(self.socket.fileno())
@@ -190,6 +191,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
 
     def stop(self):
         """Stop accepting, close the listening socket and every session."""
+        self._stopping.set()
         if self._thread is not None:
             self.shutdown()
             self._thread.join(5.0)
@@ -308,6 +310,9 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             return
         finally:
             self._handshake_done(sock)
+        if self._stopping.is_set():          # stop() ran while this handshake was in flight
+            session.close("shutting down")
+            return
         log.info("node %s connected from %s (version %s)", hs.peer_name, peer, session.version)
         if self.on_session is not None:
             try:

@@ -586,3 +586,21 @@ def test_unserialisable_result_answers_internal_error():
     finally:
         a.close()
         b.close()
+
+
+def test_session_traffic_crosses_a_key_update():
+    def echo(session, args, data):
+        return None, data
+    a, b, closed = session_pair({"echo": echo}, keepalive=30.0)
+    try:
+        for x, y in ((a, b), (b, a)):
+            x.channel.codec._send.counter = y.channel.codec._recv.counter = \
+                channel.REKEY_AFTER - 2
+        for i in range(5):
+            assert a.call("echo", None, b"%d" % i, timeout=10)[1] == b"%d" % i
+        assert a.channel.codec.send_epoch == 1 and b.channel.codec.recv_epoch == 1
+        assert b.channel.codec.send_epoch == 1 and a.channel.codec.recv_epoch == 1
+        assert not a.closed and not b.closed
+    finally:
+        a.close()
+        b.close()
