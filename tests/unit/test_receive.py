@@ -633,6 +633,60 @@ def test_full_disk_keeps_the_old_file_and_reports_failed(home):
     assert temp_files(home) == []
 
 
+ENOSPC = r"""
+import hashlib, json, logging, os, sys
+from wazuh_cluster import receive
+from wazuh_cluster.config import Item
+home = sys.argv[1]
+os.makedirs(os.path.join(home, "etc/shared/default"))
+with open(os.path.join(home, "etc/shared/default/agent.conf"), "wb") as handle:
+    handle.write(b"old content")
+items = (Item("shared", "etc/shared", "dir", "master", True, 0o660, 0o770, False, False, True),)
+log = logging.getLogger("x")
+log.addHandler(logging.NullHandler())
+rx = receive.Receiver(home, items, (), log, role="client")
+def inc(name, data):
+    return receive.Incoming(name, data, hashlib.sha256(data).hexdigest(), 10 ** 18)
+states, reasons = rx.apply_batch([inc(u"etc/shared/default/agent.conf", b"n" * 200000)])
+with open(os.path.join(home, "etc/shared/default/agent.conf"), "rb") as handle:
+    old = handle.read().decode("ascii")
+left = sorted(os.listdir(os.path.join(home, "etc/shared/default")))
+sys.stdout.write(json.dumps([states, reasons, old, left]))
+"""
+
+
+def _can_mount_tmpfs():
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    try:
+        return subprocess.call(["unshare", "-m", "true"]) == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a tmpfs")
+def test_no_space_left_keeps_the_old_file_and_reports_failed():
+    mountpoint = tempfile.mkdtemp(prefix="wzc-enospc-")
+    try:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([LIB] + [p for p in [env.get("PYTHONPATH")] if p])
+        # A private mount namespace: the 64 KiB tmpfs disappears with the child.
+        shell = ('mount --make-rprivate / && mount -t tmpfs -o size=64k tmpfs "$1" && '
+                 'exec "$2" -c "$3" "$1"')
+        child = subprocess.Popen(["unshare", "-m", "sh", "-c", shell, "sh", mountpoint,
+                                  sys.executable, ENOSPC], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = child.communicate()
+        assert child.returncode == 0, err
+        states, reasons, old, left = json.loads(out.decode("utf-8"))
+    finally:
+        os.rmdir(mountpoint)
+    assert states == {u"etc/shared/default/agent.conf": "failed"}
+    assert "No space left" in reasons[u"etc/shared/default/agent.conf"]
+    assert old == u"old content"
+    assert left == [u"agent.conf"]
+
+
 # -- manifests --------------------------------------------------------------------------------
 
 def entry(sha, mtime=BASE_NS, size=1):
