@@ -263,10 +263,11 @@ if ! "$PYTHON" -c 'import cryptography' >/dev/null 2>&1; then
     "$PYTHON" -m pip --version >/dev/null 2>&1 \
         || die "cryptography is missing and pip is not available for $PYREAL; install pip for it (e.g. python3-pip, python27-python-pip, or '$PYREAL -m ensurepip') and re-run"
     say "installing $REQ for $PYREAL"
+    PIPHINT="pip could not install $REQ for $PYREAL (a distribution Python may want its package: python3-cryptography, python27-python-cryptography)"
     if [ "$IS_ROOT" = yes ]; then
-        "$PYTHON" -m pip install -q "$REQ" || die "pip could not install $REQ for $PYREAL"
+        "$PYTHON" -m pip install -q "$REQ" || die "$PIPHINT"
     else
-        "$PYTHON" -m pip install -q --user "$REQ" || die "pip could not install $REQ for $PYREAL"
+        "$PYTHON" -m pip install -q --user "$REQ" || die "$PIPHINT"
     fi
     "$PYTHON" -c 'import cryptography' >/dev/null 2>&1 \
         || die "cryptography still cannot be imported by $PYREAL after pip install"
@@ -311,16 +312,16 @@ touch "$MANIFEST" || die "cannot write $MANIFEST"
 # Folders and their Wazuh 3.0 permissions (SPEC §2); the daemons run as ossec and write in them.
 mkdir_rec bin
 mkdir_rec lib
-mkdir_rec etc
+mkdir_rec etc 0770 root:ossec
 mkdir_rec etc/shared 0770 root:ossec
 mkdir_rec queue
 mkdir_rec queue/agent-info 0770 ossec:ossec
 mkdir_rec queue/agent-groups 0770 ossec:ossec
 mkdir_rec queue/ossec 0770 ossec:ossec
-mkdir_rec queue/rids
-mkdir_rec queue/syscheck
-mkdir_rec queue/rootcheck
-mkdir_rec backup
+mkdir_rec queue/rids 0770 ossec:ossec
+mkdir_rec queue/syscheck 0750 ossec:ossec
+mkdir_rec queue/rootcheck 0750 ossec:ossec
+mkdir_rec backup 0750 ossec:ossec
 mkdir_rec backup/agents 0750 ossec:ossec
 mkdir_rec logs
 mkdir_rec var
