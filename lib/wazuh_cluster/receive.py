@@ -15,7 +15,8 @@ Durability without a per-file fsync bill (SPEC section 8): a batch writes all it
 files, flushes them at once (syncfs(2) on each file system touched, through ctypes; where the C
 library has no syncfs, e.g. CentOS 6's glibc 2.12, each file is fsync'd instead), then renames
 each over its target and fsyncs every folder touched once. Only then is a file reported
-`synchronized`.
+`synchronized`. (syncfs also flushes other writers' dirty data on that file system, and
+kernels before 5.8 do not report writeback errors through it; the per-file path does.)
 
 States returned per name: "synchronized", "failed" (an I/O error, a full disk, a checksum
 mismatch: retrying may work, the old file is intact) and "invalid" (refused by the rules:
@@ -429,14 +430,18 @@ class Receiver(object):
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
         batch = _Batch(self, sender)
-        for name in deleted_dirs:
-            batch.run(name, batch.remove_dir, name)
-        for name in deletes:
-            batch.run(name, batch.delete, name)
-        for incoming in files:
-            name = getattr(incoming, "name", None)
-            batch.run(name, batch.stage, incoming)
-        batch.flush()
+        try:
+            for name in deleted_dirs:
+                batch.run(name, batch.remove_dir, name)
+            for name in deletes:
+                batch.run(name, batch.delete, name)
+            for incoming in files:
+                batch.run(getattr(incoming, "name", None), batch.stage, incoming)
+            batch.flush()
+        except BaseException:
+            # A bug or a signal (SIGTERM at stop): no temporary file outlives the batch.
+            batch.abandon()
+            raise
         batch.commit()
         batch.sync_folders()
         self._report(batch)
@@ -764,6 +769,13 @@ class _Batch(object):
             except OSError as exc:
                 for name in self.touched[folder]:
                     self._set(name, FAILED, "folder fsync failed: %s" % _why(exc))
+
+    def abandon(self):
+        """Remove the temporary files of everything staged; the old files stay."""
+        for entry in self.staged:
+            if entry.temp is not None:
+                _unlink_quietly(entry.temp)
+        self.staged = []
 
     def _fail(self, entry, reason):
         if entry.temp is not None:

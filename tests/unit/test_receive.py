@@ -713,3 +713,13 @@ def test_dirs_to_remove():
     local = [u"etc/shared/default", u"etc/shared/web", u"etc/shared/web/x", u"etc/shared/web/z",
              u"etc/shared/old", u"etc/shared/old/sub", u"etc/shared/empty"]
     assert receive.dirs_to_remove(sender, local) == [u"etc/shared/old", u"etc/shared/web/z"]
+
+
+def test_an_unexpected_error_mid_batch_leaves_no_temporary_file(home, log):
+    def files():
+        yield inc(u"etc/shared/default/a", b"a")
+        raise RuntimeError("the session broke")
+    with pytest.raises(RuntimeError):
+        client_rx(home, log).apply_batch(files())
+    assert temp_files(home) == []
+    assert not os.path.exists(os.path.join(home, "etc/shared/default/a"))
