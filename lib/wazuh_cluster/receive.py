@@ -345,6 +345,14 @@ def _write_all(fd, data):
         offset += written
 
 
+def _copy_fd(fd, source):
+    while True:
+        chunk = os.read(source, CHUNK)
+        if not chunk:
+            return
+        _write_all(fd, chunk)
+
+
 def _temp_name(base):
     random = binascii.hexlify(os.urandom(6)).decode("ascii")
     return "." + base[:MAX_COMPONENT - _TEMP_OVERHEAD] + "." + random + ".tmp"
@@ -682,35 +690,46 @@ class _Batch(object):
         if incoming.meta_only:
             if st is None:
                 raise TransferError("meta-only update of a file we do not have")
-            self._touch(target, sha, incoming.mtime_ns)
-            temp = None
+            temp = self._touch(folder, parts[-1], target, sha, incoming.mtime_ns, item)
         else:
-            temp = self._write_temp(folder, parts[-1], incoming, item)
+            temp = self._write_temp(folder, parts[-1], incoming.mtime_ns, item,
+                                    _write_all, incoming.data)
         self.staged.append(_Staged(name, temp, target, folder, dev))
         self._set(name, SYNCHRONIZED)
 
-    def _touch(self, target, sha, mtime_ns):
+    def _touch(self, folder, base, target, sha, mtime_ns, item):
+        """Set the mtime of a file whose content is the sender's; a temp file path or None."""
         fd = os.open(target, _READ_FLAGS)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise PathRefused("target is not a regular file")
             if _sha256_of_fd(fd) != sha:
                 raise TransferError("meta-only update but the local content differs")
-            _set_mtime(fd, target, mtime_ns)
+            try:
+                _set_mtime(fd, target, mtime_ns)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EACCES):
+                    raise
+                # Another user's file (Wazuh's remoted writes agent-info as ossecr): only
+                # its owner may set its times, so a copy with the new mtime replaces it.
+                os.lseek(fd, 0, os.SEEK_SET)
+                return self._write_temp(folder, base, mtime_ns, item, _copy_fd, fd)
             if self.fsync_each:
                 os.fsync(fd)
+            return None
         finally:
             os.close(fd)
 
-    def _write_temp(self, folder, base, incoming, item):
+    def _write_temp(self, folder, base, mtime_ns, item, fill, source):
+        """A complete temporary file next to the target: fill(fd, source) writes the data."""
         temp = os.path.join(folder, compat.native_str(_temp_name(base)))
         fd = os.open(temp, _TEMP_FLAGS, 0o600)
         try:
-            _write_all(fd, incoming.data)
+            fill(fd, source)
             os.fchmod(fd, item.mode)
             if self.as_root:
                 os.fchown(fd, -1, self.rx.owner_gid)
-            _set_mtime(fd, temp, incoming.mtime_ns)
+            _set_mtime(fd, temp, mtime_ns)
             if self.fsync_each:
                 os.fsync(fd)
         except BaseException:

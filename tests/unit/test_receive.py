@@ -723,3 +723,53 @@ def test_an_unexpected_error_mid_batch_leaves_no_temporary_file(home, log):
         client_rx(home, log).apply_batch(files())
     assert temp_files(home) == []
     assert not os.path.exists(os.path.join(home, "etc/shared/default/a"))
+
+
+def _in_child_as(uid, gid, function):
+    """Run function() in a forked child under uid/gid; return what it returned (JSON)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(write_end, json.dumps(function()).encode("utf-8"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    return json.loads(b"".join(chunks).decode("utf-8"))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to act as two users")
+def test_meta_only_update_of_another_users_file_replaces_it(home, log):
+    """Only a file's owner may set its times: Wazuh's remoted owns agent-info files."""
+    os.chmod(home, 0o755)
+    for folder in ("queue", "queue/agent-info"):
+        os.chmod(os.path.join(home, folder), 0o777)
+    path = put(home, AI, b"Linux web01\n", BASE_NS)
+    os.chmod(path, 0o666)
+    touch = inc(AI, b"Linux web01\n", BASE_NS + 5 * SEC, meta_only=True)
+
+    def apply():
+        return master_rx(home, log).apply_batch([touch])
+    states, reasons = _in_child_as(65534, 65534, apply)
+    assert states == {AI: "synchronized"} and reasons == {}
+    assert read(home, AI) == b"Linux web01\n"
+    assert abs(mtime_ns(path) - BASE_NS - 5 * SEC) <= receive.MTIME_SLACK_NS
+    assert os.lstat(path).st_uid == 65534
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    assert temp_files(home) == []
