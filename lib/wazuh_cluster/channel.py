@@ -257,6 +257,11 @@ class FrameCodec(object):
 
     def seal(self, msg_type, flags, request_id, body):
         """Return the wire bytes (4-byte length + ciphertext) of one frame."""
+        prefix, ciphertext = self.seal_parts(msg_type, flags, request_id, body)
+        return prefix + ciphertext
+
+    def seal_parts(self, msg_type, flags, request_id, body):
+        """(4-byte length prefix, ciphertext) of one frame, for a scatter-gather send."""
         if self.broken:
             raise ProtocolError("channel is closed after an error")
         flags &= ~FLAG_KEY_UPDATE
@@ -270,9 +275,9 @@ class FrameCodec(object):
                                 (length, self.max_frame_bytes))
         prefix = LENGTH.pack(length)
         d = self._send
-        out = prefix + d.aead.encrypt(d.nonce(), plain, prefix)
+        ciphertext = d.aead.encrypt(d.nonce(), plain, prefix)
         d.advance(update)
-        return out
+        return prefix, ciphertext
 
     def check_length(self, prefix):
         """Validate a 4-byte length prefix before anything else is read; returns L."""
@@ -505,6 +510,29 @@ def wait_readable(sock, timeout):
             raise
 
 
+_SMALL_BUFFER = 1 << 16
+
+
+def _send_parts(sock, parts):
+    """Send the byte strings in `parts` in order, without joining them when sendmsg exists."""
+    if not hasattr(sock, "sendmsg"):          # 2.7: one copy is cheaper than two packets
+        sock.sendall(b"".join(parts))
+        return
+    views = [memoryview(p) for p in parts]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except socket.error as exc:
+            if exc.args and exc.args[0] == errno.EINTR:
+                continue
+            raise
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
 class SecureChannel(object):
     """Blocking frames over a connected socket after a handshake.
 
@@ -521,7 +549,7 @@ class SecureChannel(object):
         self.io_timeout = io_timeout
         self._send_lock = threading.Lock()
         self._closed = False
-        self._buf = bytearray(min(codec.max_frame_bytes, 1 << 16))
+        self._buf = bytearray(_SMALL_BUFFER)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, socket.error):
@@ -545,9 +573,9 @@ class SecureChannel(object):
         try:
             if self._closed:
                 raise ChannelClosed("channel is closed")
-            wire = self.codec.seal(msg_type, flags, request_id, body)
+            parts = self.codec.seal_parts(msg_type, flags, request_id, body)
             try:
-                self.sock.sendall(wire)
+                _send_parts(self.sock, parts)
             except socket.timeout:
                 self.close()
                 raise ProtocolError("send stalled for %ss" % self.io_timeout)
@@ -587,6 +615,10 @@ class SecureChannel(object):
             raise ChannelClosed("channel is closed")
         try:
             if not wait_readable(self.sock, timeout):
+                # idle: give back a big receive buffer (the master holds one session per
+                # client); reusing it while data flows avoids a fresh mmap per 1 MiB frame
+                if len(self._buf) > _SMALL_BUFFER:
+                    self._buf = bytearray(_SMALL_BUFFER)
                 return None
             prefix = bytearray(4)
             try:
