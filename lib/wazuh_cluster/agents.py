@@ -267,6 +267,22 @@ def backup_and_remove(home, agent, now, log):
     return folder
 
 
+def clean_removed_agents(home, old_text, new_text, now, log):
+    """backup_and_remove every agent of removed_agents(old_text, new_text).
+
+    For a client that just applied a client.keys from its master (after RemovalGuard.check
+    let it through). Returns [(Agent, backup folder or None, ClusterError or None)]; one
+    agent's failed backup does not stop the others (its files stay, ready for a retry).
+    """
+    results = []
+    for agent in removed_agents(old_text, new_text):
+        try:
+            results.append((agent, backup_and_remove(home, agent, now, log), None))
+        except ClusterError as err:
+            results.append((agent, None, err))
+    return results
+
+
 def _backup_error(log, agent, detail):
     message = ("agent %s (%s): backup failed, its files are kept: %s"
                % (agent.id, agent_info_name(agent), detail))

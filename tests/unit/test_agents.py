@@ -341,3 +341,19 @@ def test_backup_folder_name_is_in_local_time_with_english_months(utc):
         path = agents.backup_folder_name("/h", agent, when)
         assert path == "/h/backup/agents/2024/%s/03/007-bond-any" % agents.MONTHS[month - 1]
     assert compat.to_text(agents.MONTHS[8]) == u"Sep"
+
+
+def test_clean_removed_agents_backs_up_each_removed_agent(home, log, utc):
+    web = Agent("001", "web01", "10.0.0.5", KEY, False)
+    db = Agent("002", "db01", "any", KEY, False)
+    kept = Agent("003", "mail", "any", KEY, False)
+    for agent in (web, db, kept):
+        make_agent_files(home, agent)
+    old = keys(line("001", "web01", "10.0.0.5"), line("002", "db01"), line("003", "mail"))
+    new = keys(line("002", "!db01"), line("003", "mail"))
+    results = agents.clean_removed_agents(home, old, new, NOW, log)
+    assert [(a.id, os.path.basename(folder), err) for a, folder, err in results] == [
+        ("001", "001-web01-10.0.0.5", None), ("002", "002-db01-any", None)]
+    assert not any(os.path.exists(p) for p in agents.agent_files(home, web))
+    assert not any(os.path.exists(p) for p in agents.agent_files(home, db))
+    assert all(os.path.exists(p) for p in agents.agent_files(home, kept))
