@@ -211,11 +211,16 @@ class ClusterDB(object):
 
     # -- files -------------------------------------------------------------------------------
 
-    def load_files(self):
-        """[(name, size, mtime_ns, ino, ctime_ns, mode, sha256)] of files not deleted."""
+    def iter_files(self):
+        """Iterate (name, size, mtime_ns, ino, ctime_ns, mode, sha256) of files not deleted,
+        without holding them all in memory (used to seed the scanner at start)."""
         return self._conn.execute(
             "SELECT name, size, mtime_ns, ino, ctime_ns, mode, sha256 FROM files"
-            " WHERE deleted = 0").fetchall()
+            " WHERE deleted = 0")
+
+    def load_files(self):
+        """[(name, size, mtime_ns, ino, ctime_ns, mode, sha256)] of files not deleted."""
+        return self.iter_files().fetchall()
 
     def file_count(self):
         """Number of live (not deleted) file rows."""

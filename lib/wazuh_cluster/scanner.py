@@ -205,13 +205,21 @@ class Scanner(object):
 
     # -- passes -------------------------------------------------------------------------------
 
-    def full_pass(self):
-        """Stat every file of every item; return a ChangeSet."""
+    def full_pass(self, only=None):
+        """Stat every file of every item (or of the items named in `only`); a ChangeSet.
+
+        The first pass always covers every item.
+        """
         start = self._clock()
         out = _Collector()
+        if not self._primed:
+            only = None
         seen_files = set() if not self._primed else None
-        self._retry.clear()  # every file is looked at below; failures re-add themselves
+        if only is None:
+            self._retry.clear()  # every file is looked at below; failures re-add themselves
         for item, rel in self._roots:
+            if only is not None and item.name not in only:
+                continue
             if item.kind == "file":
                 self._check_path(item, rel, out)
                 if seen_files is not None:
