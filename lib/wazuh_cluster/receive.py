@@ -366,20 +366,29 @@ def _temp_of(stem, base):
 
 
 def _rmtree(path):
-    """Remove a folder and everything below it; symlinks are removed, never followed."""
-    for base in os.listdir(path):
-        child = os.path.join(path, base)
-        try:
-            mode = os.lstat(child).st_mode
-        except OSError as exc:
-            if exc.errno in _GONE:
-                continue
-            raise
-        if stat.S_ISDIR(mode):
-            _rmtree(child)
-        else:
-            os.unlink(child)
-    os.rmdir(path)
+    """Remove a folder and everything below it; symlinks are removed, never followed.
+
+    Iterative: a local tree deeper than the recursion limit must not break a batch.
+    """
+    stack = [(path, False)]
+    while stack:
+        current, emptied = stack.pop()
+        if emptied:
+            os.rmdir(current)
+            continue
+        stack.append((current, True))
+        for base in os.listdir(current):
+            child = os.path.join(current, base)
+            try:
+                mode = os.lstat(child).st_mode
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue
+                raise
+            if stat.S_ISDIR(mode):
+                stack.append((child, False))
+            else:
+                os.unlink(child)
 
 
 def _kind(mode):
