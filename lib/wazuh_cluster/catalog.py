@@ -21,7 +21,9 @@ import os
 import stat
 import time
 
-from wazuh_cluster import compat, errors, scanner as scanner_mod
+from wazuh_cluster import compat, errors
+from wazuh_cluster import db as db_mod
+from wazuh_cluster import scanner as scanner_mod
 
 ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
 TOMBSTONE_SECONDS = 30 * 86400
@@ -103,6 +105,7 @@ class Catalog(object):
         self._last_purge = None
         self._last_scan_wall = None
         self._node_cache = {}      # agent-info name -> (sha256, node_name from the file)
+        self._db_errors = 0
         self._commands = {
             "status": self._cmd_status,
             "manifest": self._cmd_manifest,
@@ -166,12 +169,21 @@ class Catalog(object):
             self._last_poll = now
         else:
             return None
-        if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
-            self._last_purge = now
-            self.db.purge_deleted(self._wall() - TOMBSTONE_SECONDS)
+        try:
+            if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
+                self._last_purge = now
+                self.db.purge_deleted(self._wall() - TOMBSTONE_SECONDS)
+            if not changes.is_empty():
+                self._store(changes)
+        except db_mod.Error as exc:
+            # The database is a cache: a full disk must not stop change detection. The next
+            # full pass after a restart (or a rescan) rebuilds what was not stored.
+            self._db_errors += 1
+            if self._db_errors == 1 or self._db_errors % 100 == 0:
+                self.log.error("cluster database write failed (%d times so far): %s",
+                               self._db_errors, exc)
         if changes.is_empty():
             return None
-        self._store(changes)
         event = changes.to_event()
         if len(changes.changed) + len(changes.touched) + len(changes.deleted) > MAX_EVENT_NAMES:
             # A first start or a mass change: lists this long would make a frame of megabytes;
@@ -217,7 +229,11 @@ class Catalog(object):
             args = {}
         if not isinstance(args, dict):
             raise _bad("args must be an object")
-        return func(args)
+        try:
+            return func(args)
+        except db_mod.Error as exc:
+            self.log.error("cluster database error in %s: %s", cmd, exc)
+            raise errors.RequestError("cluster database error: %s" % exc, "db_error")
 
     def _cmd_status(self, args):
         return {"files": len(self.scanner), "last_scan": self._last_scan_wall,

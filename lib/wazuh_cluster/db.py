@@ -20,6 +20,8 @@ import time
 from wazuh_cluster import compat
 
 STATES = ("pending", "synchronized", "failed", "invalid")
+# What callers catch around database work (disk full, I/O error, locked past the timeout).
+Error = sqlite3.Error
 CONNECT_TIMEOUT = 30.0
 # SQLite before 3.32 allows at most 999 bound parameters per statement.
 _CHUNK = 500

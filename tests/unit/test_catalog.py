@@ -229,3 +229,18 @@ def test_items_this_node_only_receives_are_passed_on_a_slower_cadence(home):
     assert cat.timeout(10.0) == pytest.approx(1.0)
     event = cat.tick(60.0)
     assert event["touched"] == ["queue/agent-info/web01-any"]
+
+
+def test_database_errors_do_not_stop_detection(home, monkeypatch):
+    cat = make(home)
+    cat.tick(0.0)
+
+    def broken(*args):
+        raise dbmod.Error("disk I/O error")
+    monkeypatch.setattr(cat.db, "save_files", broken)
+    monkeypatch.setattr(cat.db, "pending", broken)
+    write(home, "etc/shared/default/new", "n")
+    assert cat.tick(1.0)["changed"] == ["etc/shared/default/new"]
+    with pytest.raises(errors.RequestError) as info:
+        cat.handle("pending", {"node": "x"})
+    assert info.value.code == "db_error"

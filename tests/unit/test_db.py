@@ -124,7 +124,8 @@ def test_garbage_file_is_moved_aside_and_rebuilt(folder, content):
     if content:
         assert sorted(os.path.basename(p).split("-")[-1] for p in moved) != []
         # SQLite may have discarded the bogus journal itself; it must not sit by the new db.
-        assert not os.path.exists(path + "-journal") or open(path + "-journal", "rb").read() != b"junk"
+        journal = path + "-journal"
+        assert not os.path.exists(journal) or open(journal, "rb").read() != b"junk"
         assert [lvl for lvl, _ in log.lines] == ["error"]
     else:
         assert moved == [] and log.lines == []  # an empty file is a new database
