@@ -2,17 +2,25 @@
 from __future__ import absolute_import, division, print_function
 
 import argparse
+import errno
 import os
 import select
 import signal
 import socket
 import sys
+import threading
 
-from wazuh_cluster import __version__, compat, config, daemon, logs, paths
+from wazuh_cluster import __version__, compat, config, daemon, logs, paths, peers
+from wazuh_cluster.commands import Commands
+from wazuh_cluster.control_server import ControlServer
 from wazuh_cluster.errors import ClusterError, ConfigError
+from wazuh_cluster.inbox import Inbox
+from wazuh_cluster.internal_link import InternalLink, Subscription
 from wazuh_cluster.supervisor import InternalSupervisor
+from wazuh_cluster.sync import SyncManager
 
 DAEMON = "wazuh-clusterd"
+INTERNAL_START_WAIT = 10.0
 
 
 def parse_args(argv):
@@ -31,22 +39,6 @@ def check_config(home, out=sys.stderr):
         for problem in err.problems:
             out.write("%s: ERROR: %s\n" % (DAEMON, problem))
         return None
-
-
-def bind_listener(cfg):
-    """Bind bind_addr:port now, so that a busy port is reported by the starting command."""
-    family = socket.AF_INET6 if ":" in cfg.bind_addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    compat.set_cloexec(sock.fileno())
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((cfg.bind_addr, cfg.port))
-        sock.listen(128)
-    except socket.error as err:
-        sock.close()
-        raise ClusterError("cannot listen on %s:%d: %s"
-                           % (cfg.bind_addr, cfg.port, err.args[-1]))
-    return sock
 
 
 def internal_script(script):
@@ -68,7 +60,7 @@ def main(argv=None, script=None):
     if args.test:
         return 0
     created = daemon.ensure_dirs(layout.daemon_dirs())
-    log = logs.setup(DAEMON, layout.cluster_log, args.debug, args.foreground)
+    log = logs.setup(DAEMON, layout.cluster_log, max(args.debug, cfg.options.log_level), args.foreground)
     if cfg.disabled:
         log.info("Cluster disabled. Exiting.")
         return 0
@@ -82,16 +74,16 @@ def main(argv=None, script=None):
 
 
 def run(cfg, layout, args, script, log):
-    listener = bind_listener(cfg)
+    # Bound before the fork, so that a busy port is what the starting command reports.
+    node = ClusterNode(cfg, layout, script, max(args.debug, cfg.options.log_level))
     ready = daemon.Readiness()
     if not args.foreground:
         ready.daemonize()
     try:
-        node = ClusterNode(cfg, layout, listener, script, args.debug)
         pid_file = daemon.write_pid_file(layout.pid_file(DAEMON, os.getpid()))
-    except (ClusterError, OSError, IOError) as err:
-        ready.failed("%s: ERROR: %s" % (DAEMON, err))
-        raise
+    except (OSError, IOError) as err:
+        ready.failed("%s: ERROR: cannot write its PID file: %s" % (DAEMON, err))
+        raise ClusterError("cannot write the PID file: %s" % err)
     try:
         log.info("Starting %s %s (Python %s) as %s node '%s' of cluster '%s' on %s:%d.",
                  DAEMON, __version__, compat.VERSION, cfg.node_type, cfg.node_name, cfg.name,
@@ -106,14 +98,52 @@ def run(cfg, layout, args, script, log):
     return 0
 
 
-class ClusterNode(object):
-    """The running daemon: its loop watches signals and the internal daemon."""
+def peer_settings(cfg):
+    options = cfg.options
+    return peers.make_settings(
+        node_name=cfg.node_name, cluster_name=cfg.name, key=cfg.key, role=cfg.node_type,
+        bind_addr=cfg.bind_addr, port=cfg.port, nodes=cfg.nodes,
+        own_addresses=(cfg.own_address,), keepalive=options.keepalive,
+        handshake_timeout=options.handshake_timeout, max_frame_bytes=options.max_frame_bytes,
+        allow_unlisted_peers=options.allow_unlisted_peers,
+        max_connections=options.max_connections,
+        max_pending_handshakes=options.max_pending_handshakes, version=__version__,
+        reconnect_max=options.reconnect_max)
 
-    def __init__(self, cfg, layout, listener, script, debug):
+
+class ClusterNode(object):
+    """The running daemon: the cluster port, the master link (clients), the synchronisation,
+    the control socket, and a loop that watches signals and the internal daemon."""
+
+    def __init__(self, cfg, layout, script, debug):
         self.cfg = cfg
         self.layout = layout
-        self.listener = listener
         self.log = logs.get()
+        self.stopping = threading.Event()
+        self.link = InternalLink(layout.internal_socket, cfg.options.request_timeout)
+        self.sync = SyncManager(cfg, layout, self.link)
+        self.inbox = Inbox(cfg, layout, self.link)
+        self.settings = peer_settings(cfg)
+        dispatcher = {}  # filled below, before any session can start
+        self.registry = peers.NodeRegistry()
+        try:
+            self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
+                                           on_session=self.sync.session_started,
+                                           on_close=self.sync.session_ended)
+        except socket.error as err:
+            raise ClusterError("cannot listen on %s:%d: %s"
+                               % (cfg.bind_addr, cfg.port, err.args[-1]))
+        self.dialer = None
+        if not cfg.is_master:
+            self.dialer = peers.Dialer(self.settings, dispatcher,
+                                       on_session=self.sync.session_started,
+                                       on_close=self.sync.session_ended)
+        commands = Commands(self)
+        dispatcher.update(self.inbox.handlers())
+        dispatcher.update(commands.peer_handlers())
+        self.control = ControlServer(layout.control_socket, commands)
+        self.events = Subscription(layout.internal_socket, self.sync.on_event,
+                                   self.sync.on_reconnect, self.stopping)
         self.signals = daemon.SelfPipe()
         self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self.internal = InternalSupervisor(internal_script(script), layout.home, cfg.node_type,
@@ -124,14 +154,24 @@ class ClusterNode(object):
     def start(self):
         self.running = True
         self.internal.start()
+        # Sessions need the catalog: do not accept peers before it answers (or give up waiting
+        # and let each request retry; the supervisor keeps restarting it).
+        if not self.link.wait_ready(INTERNAL_START_WAIT, self.stopping):
+            self.log.warning("wazuh-clusterd-internal does not answer yet; starting anyway.")
+        self.inbox.start()
+        self.control.start()
+        self.server.start()
+        self.events.start()
+        if self.dialer is not None:
+            self.dialer.start()
 
     def loop(self):
         while self.running:
             timeout = self.internal.check()
             try:
                 readable = select.select([self.signals], [], [], timeout)[0]
-            except select.error as err:
-                if err.args[0] == 4:  # EINTR on 2.7; the self-pipe carries the signal
+            except (select.error, OSError) as err:
+                if err.args[0] == errno.EINTR:
                     continue
                 raise
             if readable:
@@ -146,9 +186,15 @@ class ClusterNode(object):
                 self.log.info("Received SIGHUP; restart the daemon to apply a new configuration.")
 
     def stop(self):
+        """Stop promptly: ossec-control does not wait, and nothing may be left half-written."""
         self.running = False
+        self.stopping.set()
+        self.events.stop()
+        if self.dialer is not None:
+            self.dialer.stop()
+        self.server.stop()
+        self.sync.stop()
+        self.control.stop()
+        self.inbox.stop()
         self.internal.stop()
-        try:
-            self.listener.close()
-        except socket.error:
-            pass
+        self.link.close()

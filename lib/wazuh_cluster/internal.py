@@ -158,7 +158,7 @@ def main(argv=None, script=None):
             sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, problem))
         return 1
     node_type = args.node_type or cfg.node_type
-    log = logs.setup(DAEMON, layout.ossec_log, args.debug,
+    log = logs.setup(DAEMON, layout.ossec_log, max(args.debug, cfg.options.log_level),
                      args.foreground and sys.stderr.isatty())
     try:
         created = daemon.ensure_dirs(layout.daemon_dirs())

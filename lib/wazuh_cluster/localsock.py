@@ -193,6 +193,11 @@ class Client(object):
         error = reply.get("error") or {}
         raise RequestError(error.get("message", "request failed"), error.get("code", "error"))
 
+    def wait_readable(self, timeout):
+        """True when a message (or the end of the connection) is waiting."""
+        import select
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
     def receive(self):
         """One message (a reply or a pushed event); blocks up to the timeout."""
         header = self._read_exact(HEADER.size)

@@ -1,0 +1,184 @@
+"""What cluster_control can ask wazuh-clusterd, and what a client forwards to its master.
+
+Commands run on the local daemon; the cluster-wide views (nodes, agents, health) are the
+master's: a client asks its master through the session and adds what only it knows.
+"""
+from __future__ import absolute_import, division, print_function
+
+import time
+
+from wazuh_cluster import __version__, compat
+from wazuh_cluster.errors import RequestError
+
+FORWARDED = ("nodes", "agents", "health")
+
+
+def _names(args, key):
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, compat.string_types) for v in value):
+        raise RequestError("'%s' must be a list of names" % key, "bad_request")
+    return value
+
+
+class Commands(object):
+    """Dispatch table of the control socket; `node` is the running ClusterNode."""
+
+    def __init__(self, node):
+        self.node = node
+        self.cfg = node.cfg
+        self.table = {
+            "status": self.status,
+            "nodes": self.nodes,
+            "agents": self.agents,
+            "files": self.files,
+            "health": self.health,
+            "push": self.push,
+            "force": self.force,
+            "scan": self.scan,
+            "confirm_removals": self.confirm_removals,
+        }
+
+    def handle(self, cmd, args):
+        func = self.table.get(cmd)
+        if func is None:
+            raise RequestError("unknown command '%s'" % cmd, "unknown_command")
+        return func(args)
+
+    def peer_handlers(self):
+        """What a client may ask the master on its session (cluster-wide views)."""
+        def forwarded(func):
+            return lambda session, args, data: (func(args if isinstance(args, dict) else {}),
+                                                b"")
+        return {"cluster_nodes": forwarded(self.master_nodes),
+                "cluster_agents": forwarded(self.master_agents),
+                "cluster_health": forwarded(self.master_health)}
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def master_session(self):
+        dialer = self.node.dialer
+        session = dialer.session if dialer is not None else None
+        if session is None or session.closed:
+            raise RequestError("the master is unreachable (no session with it)", "unreachable")
+        return session
+
+    def ask_master(self, cmd, args):
+        result, _ = self.master_session().call("cluster_" + cmd, args,
+                                               timeout=self.cfg.options.request_timeout)
+        return result
+
+    def cluster_wide(self, cmd, args, local):
+        return local(args) if self.cfg.is_master else self.ask_master(cmd, args)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def status(self, args):
+        master = self.cfg.node_name if self.cfg.is_master else (
+            self.node.dialer.master_name if self.node.dialer else None)
+        return {"cluster": self.cfg.name, "node": self.cfg.node_name,
+                "type": self.cfg.node_type, "version": __version__,
+                "python": compat.VERSION, "master": master,
+                "peers": sorted(s.peer_name for s in self.sessions())}
+
+    def sessions(self):
+        if self.cfg.is_master:
+            return self.node.registry.sessions()
+        session = self.node.dialer.session if self.node.dialer else None
+        return [session] if session is not None and not session.closed else []
+
+    def nodes(self, args):
+        return self.cluster_wide("nodes", args, self.master_nodes)
+
+    def master_nodes(self, args):
+        wanted = _names(args, "names")
+        rows = [{"name": self.cfg.node_name, "type": "master", "status": "connected",
+                 "address": self.cfg.own_address, "version": __version__,
+                 "last_keepalive": time.time(), "connected_since": None}]
+        live = {}
+        for info in self.node.registry.snapshot():
+            live[info["name"]] = {"name": info["name"], "type": info["role"],
+                                  "status": "connected", "address": info["address"],
+                                  "version": info["version"],
+                                  "last_keepalive": info["last_keepalive"],
+                                  "connected_since": info["connected_since"]}
+        for peer in self.node.link.call("peers")["peers"]:
+            name = peer.get("node") or peer.get("name")
+            if name and name not in live and name != self.cfg.node_name:
+                live[name] = {"name": name, "type": peer.get("role"), "status": "disconnected",
+                              "address": peer.get("address"), "version": peer.get("version"),
+                              "last_keepalive": peer.get("last_seen"), "connected_since": None}
+        rows.extend(live[name] for name in sorted(live))
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(r["name"] for r in rows))
+            if unknown:
+                raise RequestError("unknown node '%s'" % unknown[0], "unknown_node")
+            rows = [r for r in rows if r["name"] in wanted]
+        return {"nodes": rows}
+
+    def agents(self, args):
+        return self.cluster_wide("agents", args, self.master_agents)
+
+    def master_agents(self, args):
+        return self.node.link.call("agents")
+
+    def files(self, args):
+        nodes = _names(args, "nodes")
+        files = _names(args, "files")
+        rows = self.node.link.call("states", {"node": None, "files": files})["rows"]
+        if nodes is not None:
+            known = set(r[0] for r in rows) | set(s.peer_name for s in self.sessions())
+            unknown = sorted(set(nodes) - known)
+            if unknown:
+                raise RequestError("unknown node '%s'" % unknown[0], "unknown_node")
+            rows = [r for r in rows if r[0] in nodes]
+        return {"files": [{"node": r[0], "file": r[1], "status": r[2]} for r in rows]}
+
+    def health(self, args):
+        result = self.cluster_wide("health", args, self.master_health)
+        held = self.node.inbox.held_summary()
+        if held:
+            result.setdefault("held", []).append(dict(held, node=self.cfg.node_name))
+        return result
+
+    def master_health(self, args):
+        sync = self.node.sync.status()
+        counts = {}
+        for node, _name, state in self.node.link.call("states", {"node": None})["rows"]:
+            entry = counts.setdefault(node, {"pending": 0, "failed": 0, "invalid": 0,
+                                             "synchronized": 0})
+            if state in entry:
+                entry[state] += 1
+        agents = {}
+        for agent in self.node.link.call("agents")["agents"]:
+            agents[agent.get("node_name")] = agents.get(agent.get("node_name"), 0) + 1
+        rows = []
+        for node in self.master_nodes({})["nodes"]:
+            name = node["name"]
+            entry = {"node": name, "type": node["type"], "connected": node["status"] ==
+                     "connected", "agents": agents.get(name, 0)}
+            entry.update(counts.get(name, {"pending": 0, "failed": 0, "invalid": 0,
+                                           "synchronized": 0}))
+            entry.update(sync.get(name, {"last_sync_ago": None, "last_sync_ok": None}))
+            rows.append(entry)
+        return {"nodes": rows, "held": []}
+
+    def push(self, args):
+        self.node.link.call("rescan")
+        return {"scheduled": self.node.sync.push_now()}
+
+    def force(self, args):
+        names = _names(args, "nodes")
+        if names is not None:
+            known = set(s.peer_name for s in self.sessions())
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise RequestError("node '%s' is not connected" % unknown[0], "unknown_node")
+        return {"scheduled": self.node.sync.force(names)}
+
+    def scan(self, args):
+        return self.node.link.call("rescan")
+
+    def confirm_removals(self, args):
+        return self.node.inbox.confirm_removals()

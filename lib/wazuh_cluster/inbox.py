@@ -1,0 +1,222 @@
+"""What peers send us: our manifest on request, and batches of files to check and apply.
+
+The sender is only "a member of the cluster": every header field is checked here, every name
+by receive.Receiver (SPEC section 4). On a client, client.keys passes the mass-removal guard and
+the agents it drops are backed up and cleaned; on the master, agent-info records which node
+reports each agent.
+"""
+from __future__ import absolute_import, division, print_function
+
+import base64
+import hashlib
+import os
+import posixpath
+import threading
+import time
+
+from wazuh_cluster import agents, compat, logs, receive
+from wazuh_cluster.errors import RequestError
+
+HELD_KEY = "held_client_keys"
+
+
+def _bad(message):
+    return RequestError(message, "bad_request")
+
+
+def _check_list(header, key, fields):
+    value = header.get(key, [])
+    if not isinstance(value, list):
+        raise _bad("'%s' must be a list" % key)
+    for entry in value:
+        if fields is None:
+            if not isinstance(entry, compat.string_types):
+                raise _bad("'%s' entries must be names" % key)
+            continue
+        if not isinstance(entry, dict):
+            raise _bad("'%s' entries must be objects" % key)
+        for field, kind in fields:
+            if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+                raise _bad("'%s' entries need '%s'" % (key, field))
+    return value
+
+
+def parse_batch(header, data):
+    """(incoming files, deletes, deleted folders) of a sync_files request, or RequestError."""
+    if not isinstance(header, dict):
+        raise _bad("the request must be an object")
+    files = _check_list(header, "files", (("name", compat.string_types),
+                                          ("sha256", compat.string_types),
+                                          ("mtime_ns", compat.integer_types),
+                                          ("size", compat.integer_types)))
+    meta = _check_list(header, "meta", (("name", compat.string_types),
+                                        ("sha256", compat.string_types),
+                                        ("mtime_ns", compat.integer_types)))
+    deletes = _check_list(header, "delete", None)
+    dirs = _check_list(header, "delete_dirs", None)
+    if sum(entry["size"] for entry in files) != len(data) or \
+            any(entry["size"] < 0 for entry in files):
+        raise _bad("file sizes do not add up to the data sent")
+    incoming = []
+    offset = 0
+    for entry in files:
+        chunk = data[offset:offset + entry["size"]]
+        offset += entry["size"]
+        incoming.append(receive.Incoming(entry["name"], chunk, entry["sha256"],
+                                         entry["mtime_ns"], False))
+    for entry in meta:
+        incoming.append(receive.Incoming(entry["name"], None, entry["sha256"], entry["mtime_ns"],
+                                         True))
+    return incoming, deletes, dirs
+
+
+class Inbox(object):
+    """Dispatcher entries sync_manifest and sync_files, and the held client.keys change."""
+
+    def __init__(self, cfg, layout, link):
+        self.cfg = cfg
+        self.home = layout.home
+        self.link = link
+        self.log = logs.get("inbox")
+        self.receiver = receive.Receiver(layout.home, cfg.items, cfg.exclude, self.log,
+                                         role=cfg.node_type)
+        self.guard = agents.RemovalGuard(cfg.options.max_removed_agents_ratio)
+        self.lock = threading.Lock()
+        keys = [item for item in cfg.items if item.name == "client.keys"]
+        self.keys_name = keys[0].path if keys else None
+        self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
+
+    def start(self):
+        removed = self.receiver.cleanup_temp_files()
+        if removed:
+            self.log.info("Removed %d temporary file(s) left by an interrupted transfer.",
+                          removed)
+
+    def stop(self):
+        pass
+
+    def handlers(self):
+        return {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}
+
+    # -- requests from peers --------------------------------------------------------------------
+
+    def sync_manifest(self, session, args, data):
+        """Our copy of the items the asking peer owns, to compare with its own."""
+        source = args.get("source")
+        if source != session.peer_role:
+            raise RequestError("a %s may only compare its own items" % session.peer_role,
+                               "forbidden")
+        return {"files": self.link.call("manifest", {"source": source})["files"]}, b""
+
+    def sync_files(self, session, args, data):
+        incoming, deletes, dirs = parse_batch(args, data)
+        peer = session.peer_name
+        with self.lock:
+            hold = None
+            if not self.cfg.is_master and session.peer_role == "master":
+                incoming, deletes, hold = self.guard_keys(incoming, deletes)
+            before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
+                else None
+            states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
+                                                        sender_role=session.peer_role)
+            if hold is not None:
+                states[self.keys_name] = "pending"
+            if before is not None and states.get(self.keys_name) == "synchronized":
+                self.drop_agents(before, self.read_keys())
+        invalid = [[peer, name, "invalid"] for name, state in states.items() if state == "invalid"]
+        if invalid:
+            self.link.call("set_states", {"rows": invalid})
+        if self.cfg.is_master and self.info_dir:
+            self.record_agents(peer, states, reasons)
+        return {"states": states}, b""
+
+    # -- client.keys on a client ----------------------------------------------------------------
+
+    def touches_keys(self, incoming, deletes):
+        return self.keys_name in deletes or any(f.name == self.keys_name for f in incoming)
+
+    def read_keys(self):
+        try:
+            with open(os.path.join(self.home, *self.keys_name.split("/")), "rb") as handle:
+                return compat.to_text(handle.read(), errors="replace")
+        except (IOError, OSError):
+            return ""
+
+    def guard_keys(self, incoming, deletes):
+        """Hold back a client.keys change that removes too many agents at once."""
+        if not self.touches_keys(incoming, deletes):
+            return incoming, deletes, None
+        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
+        if not new and self.keys_name not in deletes:
+            return incoming, deletes, None
+        new_text = compat.to_text(new[0].data, errors="replace") if new else ""
+        ok, message = self.guard.check(self.read_keys(), new_text)
+        if ok:
+            self.store_held(None)
+            return incoming, deletes, None
+        held = {"data": base64.b64encode(new[0].data).decode("ascii") if new else None,
+                "sha256": new[0].sha256 if new else None,
+                "mtime_ns": new[0].mtime_ns if new else None,
+                "message": message, "since": time.time()}
+        if self.held() is None or self.held().get("sha256") != held["sha256"]:
+            self.log.warning("%s Held back until 'cluster_control --confirm-removals'.",
+                             message)
+        self.store_held(held)
+        return ([f for f in incoming if f.name != self.keys_name],
+                [d for d in deletes if d != self.keys_name], held)
+
+    def held(self):
+        return self.link.call("meta_get", {"key": HELD_KEY})["value"]
+
+    def store_held(self, value):
+        if value is not None or self.held() is not None:
+            self.link.call("meta_set", {"key": HELD_KEY, "value": value})
+
+    def held_summary(self):
+        held = self.held() if not self.cfg.is_master else None
+        return {"message": held["message"], "since": held["since"]} if held else None
+
+    def confirm_removals(self):
+        """Apply the held client.keys change (operator's decision) and clean its agents."""
+        if self.cfg.is_master:
+            raise RequestError("nothing is held on a master: the guard protects clients",
+                               "nothing_held")
+        with self.lock:
+            held = self.held()
+            if held is None:
+                raise RequestError("no agent removal is held back", "nothing_held")
+            before = self.read_keys()
+            if held["data"] is None:
+                states, reasons = self.receiver.apply_batch([], [self.keys_name], [],
+                                                            sender_role="master")
+            else:
+                data = base64.b64decode(held["data"])
+                incoming = receive.Incoming(self.keys_name, data,
+                                            hashlib.sha256(data).hexdigest(),
+                                            held["mtime_ns"], False)
+                states, reasons = self.receiver.apply_batch([incoming], [], [],
+                                                            sender_role="master")
+            if states.get(self.keys_name) != "synchronized":
+                raise RequestError("could not apply the held client.keys: %s"
+                                   % reasons.get(self.keys_name, "unknown error"), "failed")
+            removed = self.drop_agents(before, self.read_keys())
+            self.store_held(None)
+        self.log.warning("Held agent removal confirmed by the operator: %d agent(s) removed.",
+                         len(removed))
+        return {"removed": [a.name for a in removed]}
+
+    def drop_agents(self, old_text, new_text):
+        """Back up and remove the files of agents that left client.keys (logged there)."""
+        results = agents.clean_removed_agents(self.home, old_text, new_text, time.time(),
+                                              self.log)
+        return [agent for agent, _folder, _error in results]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def record_agents(self, peer, states, reasons):
+        """The peer reports these agents now (a report older than ours is not applied)."""
+        rows = [[posixpath.basename(name), peer] for name, state in states.items()
+                if state == "synchronized" and name not in reasons
+                and posixpath.dirname(name) == self.info_dir]
+        if rows:
+            self.link.call("agent_nodes", {"rows": rows})

@@ -1,0 +1,117 @@
+"""wazuh-clusterd's view of the internal daemon: thread-safe calls and a change subscription."""
+from __future__ import absolute_import, division, print_function
+
+import socket
+import threading
+
+from wazuh_cluster import compat, localsock, logs
+from wazuh_cluster.errors import ProtocolError, RequestError
+
+
+class InternalUnavailable(RequestError):
+    """The internal daemon cannot be reached (it is starting or restarting)."""
+    code = "internal_unavailable"
+
+
+class InternalLink(object):
+    """Calls to wazuh-clusterd-internal over its UNIX socket, from any thread.
+
+    The internal daemon may be restarting: a call that cannot connect raises RequestError
+    ("unreachable") and the next one reconnects.
+    """
+
+    def __init__(self, path, timeout=60.0):
+        self.path = path
+        self.timeout = timeout
+        self._client = localsock.Client(path, timeout)
+        self._lock = threading.Lock()
+
+    def call(self, cmd, args=None):
+        with self._lock:
+            try:
+                return self._client.call(cmd, args)
+            except RequestError as err:
+                self._client.close()
+                if err.code in ("unreachable", "timeout"):
+                    raise InternalUnavailable("internal daemon unavailable: %s" % err.message)
+                raise
+            except ProtocolError:
+                self._client.close()
+                raise
+
+    def wait_ready(self, timeout, stopping):
+        """Poll until the internal daemon answers (True) or `timeout` passes (False)."""
+        deadline = compat.monotonic() + timeout
+        while not stopping.is_set():
+            try:
+                self.call("status")
+                return True
+            except InternalUnavailable:
+                if compat.monotonic() >= deadline:
+                    return False
+                stopping.wait(0.05)
+        return False
+
+    def close(self):
+        with self._lock:
+            self._client.close()
+
+
+class Subscription(object):
+    """A thread that subscribes to change events and hands each to `on_event(event)`.
+
+    It reconnects while the internal daemon restarts; `on_reconnect()` is called after each
+    (re)subscription, since events may have been missed meanwhile.
+    """
+
+    def __init__(self, path, on_event, on_reconnect, stopping, retry=0.5):
+        self.path = path
+        self.on_event = on_event
+        self.on_reconnect = on_reconnect
+        self.stopping = stopping
+        self.retry = retry
+        self.log = logs.get("link")
+        self.thread = threading.Thread(target=self.run, name="internal-events")
+        self.thread.daemon = True
+        self._client = None
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def run(self):
+        warned = False
+        while not self.stopping.is_set():
+            client = localsock.Client(self.path, timeout=30.0)
+            try:
+                client.call("subscribe")
+            except (RequestError, ProtocolError) as err:
+                client.close()
+                if not warned:
+                    self.log.warning("internal daemon not reachable yet (%s)", err)
+                    warned = True
+                self.stopping.wait(self.retry)
+                continue
+            if warned:
+                self.log.info("internal daemon reachable again")
+            warned = False
+            self._client = client
+            self.on_reconnect()
+            self._read(client)
+            client.close()
+
+    def _read(self, client):
+        while not self.stopping.is_set():
+            try:
+                if not client.wait_readable(0.5):
+                    continue
+                message = client.receive()
+            except (socket.error, ProtocolError, ValueError):
+                return
+            if message.get("event"):
+                self.on_event(message)
+
+    def stop(self):
+        client = self._client
+        if client is not None:
+            client.close()

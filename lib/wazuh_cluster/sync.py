@@ -1,0 +1,412 @@
+"""Synchronisation: what this node owns goes to its peers; what peers send is checked and applied.
+
+Sending (one `PeerSync` thread per session, the owner drives):
+  * pushes: the internal daemon's change events, debounced by cluster.push_delay, so that a
+    burst becomes one transfer;
+  * full rounds: at session start and every <interval>: the peer's manifest of our items is
+    compared with ours (checksums both ways) and every difference is repaired, including drift
+    that nothing recorded (a file edited or deleted by hand, a lost database).
+Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
+goes through receive.Receiver, which enforces the rules of SPEC section 4.
+Every outcome is recorded as <node> <file> <state> through the internal daemon.
+"""
+from __future__ import absolute_import, division, print_function
+
+import hashlib
+import os
+import threading
+
+from wazuh_cluster import compat, logs
+from wazuh_cluster.errors import ClusterError, RequestError
+from wazuh_cluster.internal_link import InternalUnavailable
+
+BATCH_BYTES = 8 << 20
+BATCH_FILES = 2000
+COMPRESS_FROM = 64 << 10
+MAX_FILE_BYTES = 48 << 20
+RETRY_DELAY = 2.0
+INTERNAL_RETRY = 1.0
+
+
+def read_stable(path):
+    """(data, sha256, mtime_ns) of a regular file, or None when it changed while being read.
+
+    A file rewritten during the read is sent later, never half old and half new.
+    """
+    try:
+        before = os.lstat(path)
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        after = os.lstat(path)
+    except (IOError, OSError):
+        return None
+    if (before.st_size, compat.stat_mtime_ns(before), before.st_ino) != \
+            (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
+        return None
+    return data, hashlib.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+
+
+def plan_round(mine, theirs, items_by_name, delete_extra):
+    """Compare our manifest with the peer's: (send_data, send_meta, delete, delete_dirs, same).
+
+    Manifests map name -> {"sha256", "mtime_ns", "item", ...}. Same content with another mtime
+    travels as metadata only, for items whose mtime is data (agent-info). With `delete_extra`
+    (we own every file of these items), the peer's extra files and group folders go.
+    """
+    send_data, send_meta, same = [], [], []
+    for name in sorted(mine):
+        ours, other = mine[name], theirs.get(name)
+        if other is None or other.get("sha256") != ours["sha256"]:
+            send_data.append(name)
+        elif other.get("mtime_ns") != ours["mtime_ns"] and \
+                getattr(items_by_name.get(ours["item"]), "mtime_is_data", False):
+            send_meta.append(name)
+        else:
+            same.append(name)
+    delete, delete_dirs = [], []
+    if delete_extra:
+        delete = sorted(name for name in theirs if name not in mine)
+        delete_dirs = extra_dirs(mine, theirs, items_by_name)
+    return send_data, send_meta, delete, delete_dirs, same
+
+
+def extra_dirs(mine, theirs, items_by_name):
+    """Group folders (first level below a delete_dirs item) the peer has and we do not."""
+    def groups(manifest):
+        found = set()
+        for name, entry in manifest.items():
+            item = items_by_name.get(entry.get("item"))
+            if item is None or not item.delete_dirs:
+                continue
+            rest = name[len(item.path) + 1:]
+            if "/" in rest:
+                found.add(item.path + "/" + rest.split("/", 1)[0])
+        return found
+    return sorted(groups(theirs) - groups(mine))
+
+
+class PeerSync(object):
+    """Sends what this node owns to one peer, from one thread, one request at a time."""
+
+    def __init__(self, session, home, role, link, items, interval, push_delay, request_timeout,
+                 clock=compat.monotonic):
+        self.session = session
+        self.home = home
+        self.peer = session.peer_name
+        self.role = role
+        self.link = link
+        self.items = dict((item.name, item) for item in items if item.source == role)
+        self.interval = interval
+        self.push_delay = push_delay
+        self.request_timeout = request_timeout
+        self.clock = clock
+        self.log = logs.get("sync")
+        self.cond = threading.Condition()
+        self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
+        self.full_wanted = True
+        self.first_change = None
+        self.stopped = False
+        self.last_round = None
+        self.last_round_ok = None
+        self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
+        self.thread.daemon = True
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+    # -- what to do -----------------------------------------------------------------------------
+
+    def notify(self, event):
+        """Queue the names of a change event that belong to items we own."""
+        with self.cond:
+            for key, bucket in (("changed", self.changed), ("touched", self.touched),
+                                ("deleted", self.deleted), ("deleted_dirs", self.deleted_dirs)):
+                bucket.update(n for n in event.get(key) or () if self.owns(n))
+            if self.has_push() and self.first_change is None:
+                self.first_change = self.clock()
+            self.cond.notify()
+
+    def request_full(self):
+        with self.cond:
+            self.full_wanted = True
+            self.cond.notify()
+
+    def owns(self, name):
+        for item in self.items.values():
+            if name == item.path or name.startswith(item.path + "/"):
+                return True
+        return False
+
+    def has_push(self):
+        return bool(self.changed or self.touched or self.deleted or self.deleted_dirs)
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def run(self):
+        try:
+            while True:
+                job = self.next_job()
+                if job is None:
+                    return
+                try:
+                    job()
+                except RequestError as err:
+                    if err.code != InternalUnavailable.code:
+                        raise
+                    # Our internal daemon, or the peer's, is restarting: wait, then compare
+                    # everything again.
+                    self.log.warning("Synchronisation with %s paused: %s", self.peer, err)
+                    with self.cond:
+                        self.cond.wait(INTERNAL_RETRY)
+                    self.request_full()
+        except RequestError as err:
+            if not self.session.closed:
+                self.log.warning("Synchronisation with %s stopped: %s", self.peer, err)
+                self.session.close("synchronisation failed: %s" % err)
+        except ClusterError as err:
+            self.log.error("Synchronisation with %s failed: %s", self.peer, err)
+            self.session.close("synchronisation failed")
+
+    def next_job(self):
+        """Block until something is due; return the callable that does it, None to stop."""
+        with self.cond:
+            while True:
+                if self.stopped or self.session.closed:
+                    return None
+                now = self.clock()
+                if self.full_wanted:
+                    self.full_wanted = False
+                    self.clear_push()
+                    return self.full_round
+                if self.has_push() and now - self.first_change >= self.push_delay:
+                    job = self.take_push()
+                    return lambda: self.push(*job)
+                wait = self.interval - (now - self.last_round) if self.last_round else 0
+                if wait <= 0:
+                    self.full_wanted = True
+                    continue
+                if self.has_push():
+                    wait = min(wait, self.push_delay - (now - self.first_change))
+                self.cond.wait(max(0.01, min(wait, 1.0)))
+
+    def clear_push(self):
+        self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
+        self.first_change = None
+
+    def take_push(self):
+        job = (sorted(self.changed), sorted(self.touched - self.changed), sorted(self.deleted),
+               sorted(self.deleted_dirs))
+        self.clear_push()
+        return job
+
+    def retry_later(self, names):
+        with self.cond:
+            self.changed.update(names)
+            self.first_change = self.clock() + RETRY_DELAY
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def manifest(self):
+        return self.link.call("manifest", {"source": self.role})["files"]
+
+    def full_round(self):
+        started = self.clock()
+        mine = self.manifest()
+        result, _ = self.session.call("sync_manifest", {"source": self.role},
+                                      timeout=self.request_timeout)
+        theirs = result.get("files") if isinstance(result, dict) else None
+        if not isinstance(theirs, dict):
+            raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
+        if self.role == "client":
+            theirs = dict((n, e) for n, e in theirs.items() if n in mine)
+        send_data, send_meta, delete, dirs, same = plan_round(
+            mine, theirs, self.items, delete_extra=self.role == "master")
+        states = dict((name, "synchronized") for name in same)
+        states.update(self.send(mine, send_data, send_meta, delete, dirs))
+        self.record(states)
+        self.last_round = self.clock()
+        self.last_round_ok = all(s == "synchronized" for s in states.values())
+        self.log.debug("Full round with %s: %d sent, %d metadata, %d deleted, %d folders, "
+                       "%d unchanged in %.2f s.", self.peer, len(send_data), len(send_meta),
+                       len(delete), len(dirs), len(same), self.last_round - started)
+
+    def push(self, changed, touched, deleted, deleted_dirs):
+        mine = self.manifest()
+        send_data = [n for n in changed if n in mine]
+        send_meta = [n for n in touched if n in mine]
+        delete = [n for n in deleted if n not in mine]
+        dirs = [d for d in deleted_dirs if not any(n.startswith(d + "/") for n in mine)]
+        if self.role == "client":
+            delete, dirs = [], []  # a master keeps agent-info; its own manager decides
+        states = self.send(mine, send_data, send_meta, delete, dirs)
+        self.record(states)
+        self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted.", self.peer,
+                       len(send_data), len(send_meta), len(delete) + len(dirs))
+
+    def send(self, mine, send_data, send_meta, delete, dirs):
+        """Send in batches; return {name: state} as the peer reported it.
+
+        `mine` is our manifest: a metadata-only update carries the checksum the receiver must
+        already have, so that it never stamps a new mtime on other content.
+        """
+        states = {}
+        batch = Batch()
+        postponed = []
+        for name in send_data:
+            got = read_stable(os.path.join(self.home, *name.split("/")))
+            if got is None:
+                postponed.append(name)
+                continue
+            if batch.full(len(got[0])):
+                states.update(self.call_files(batch))
+                batch = Batch()
+            batch.add_file(name, *got)
+        for name in send_meta:
+            try:
+                st = os.lstat(os.path.join(self.home, *name.split("/")))
+            except OSError:
+                continue
+            batch.meta.append({"name": name, "sha256": mine[name]["sha256"],
+                               "mtime_ns": compat.stat_mtime_ns(st)})
+        batch.delete.extend(delete)
+        batch.delete_dirs.extend(dirs)
+        if not batch.empty():
+            states.update(self.call_files(batch))
+        if postponed:
+            self.retry_later(postponed)
+        return states
+
+    def call_files(self, batch):
+        data = b"".join(batch.data)
+        result, _ = self.session.call("sync_files", batch.header(), data,
+                                      timeout=self.request_timeout,
+                                      compress=len(data) >= COMPRESS_FROM)
+        states = result.get("states") if isinstance(result, dict) else None
+        if not isinstance(states, dict):
+            raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
+        return states
+
+    def record(self, states):
+        rows = [[self.peer, name, state] for name, state in sorted(states.items())
+                if state in ("synchronized", "failed", "invalid", "pending")]
+        for start in range(0, len(rows), 5000):
+            self.link.call("set_states", {"rows": rows[start:start + 5000]})
+        failed = [name for name, state in states.items() if state == "failed"]
+        if failed:
+            self.log.warning("%d file(s) failed on %s (e.g. %s); retried at the next round.",
+                             len(failed), self.peer, failed[0])
+
+
+class Batch(object):
+    """Files (data concatenated), metadata updates and deletions of one sync_files request."""
+
+    def __init__(self):
+        self.files, self.data, self.meta, self.delete, self.delete_dirs = [], [], [], [], []
+        self.size = 0
+
+    def full(self, extra):
+        return self.files and (self.size + extra > BATCH_BYTES or len(self.files) >= BATCH_FILES)
+
+    def add_file(self, name, data, sha256, mtime_ns):
+        self.files.append({"name": name, "sha256": sha256, "mtime_ns": mtime_ns,
+                           "size": len(data)})
+        self.data.append(data)
+        self.size += len(data)
+
+    def empty(self):
+        return not (self.files or self.meta or self.delete or self.delete_dirs)
+
+    def header(self):
+        return {"files": self.files, "meta": self.meta, "delete": self.delete,
+                "delete_dirs": self.delete_dirs}
+
+
+class SyncManager(object):
+    """One PeerSync per live session; change events and operator requests fan out to them."""
+
+    def __init__(self, cfg, layout, link):
+        self.cfg = cfg
+        self.home = layout.home
+        self.link = link
+        self.log = logs.get("sync")
+        self.lock = threading.Lock()
+        self.peers = {}
+
+    def session_started(self, session):
+        try:
+            self.link.call("peer_seen", {"name": session.peer_name, "role": session.peer_role,
+                                         "address": session.address[0] if session.address
+                                         else None, "version": session.version})
+        except RequestError as err:
+            self.log.warning("Cannot record node %s: %s", session.peer_name, err)
+        options = self.cfg.options
+        worker = PeerSync(session, self.home, self.cfg.node_type, self.link, self.cfg.items,
+                          self.cfg.interval, options.push_delay, options.request_timeout)
+        with self.lock:
+            old = self.peers.pop(session.peer_name, None)
+            self.peers[session.peer_name] = worker
+        if old is not None:
+            old.stop()
+        self.log.info("Session with %s node %s (%s) started.", session.peer_role,
+                      session.peer_name, session.describe_address())
+        worker.start()
+
+    def session_ended(self, session, reason):
+        with self.lock:
+            worker = self.peers.get(session.peer_name)
+            if worker is not None and worker.session is session:
+                del self.peers[session.peer_name]
+            else:
+                worker = None
+        if worker is not None:
+            worker.stop()
+        self.log.info("Session with %s node %s ended: %s.", session.peer_role,
+                      session.peer_name, reason)
+
+    def workers(self, names=None):
+        with self.lock:
+            return [w for n, w in sorted(self.peers.items()) if names is None or n in names]
+
+    def on_event(self, event):
+        for worker in self.workers():
+            worker.notify(event)
+
+    def on_reconnect(self):
+        # Events may have been lost while the internal daemon restarted: compare everything.
+        for worker in self.workers():
+            worker.request_full()
+
+    def push_now(self):
+        """Send what is queued without waiting for the debounce; returns the peers told."""
+        workers = self.workers()
+        for worker in workers:
+            with worker.cond:
+                if worker.has_push():
+                    worker.first_change = worker.clock() - worker.push_delay
+                worker.cond.notify()
+        return [w.peer for w in workers]
+
+    def force(self, names=None):
+        """A full round now with these peers (all when None); returns the peers told."""
+        workers = self.workers(names)
+        for worker in workers:
+            worker.request_full()
+        return [w.peer for w in workers]
+
+    def status(self):
+        """Per peer: last full round (monotonic seconds ago) and whether it ended clean."""
+        now = compat.monotonic()
+        return dict((w.peer, {"last_sync_ago": None if w.last_round is None
+                              else round(now - w.last_round, 3),
+                              "last_sync_ok": w.last_round_ok})
+                    for w in self.workers())
+
+    def stop(self):
+        for worker in self.workers():
+            worker.stop()
