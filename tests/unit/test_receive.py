@@ -777,7 +777,11 @@ def test_meta_only_update_of_another_users_file_replaces_it(home, log):
 
 def test_group_folder_deeper_than_the_recursion_limit_is_removed(home, log):
     path = os.path.join(home, "etc/shared/deep")
-    os.makedirs(os.path.join(path, *(["d"] * (sys.getrecursionlimit() + 50))))
+    current = path
+    os.mkdir(current)
+    for _ in range(sys.getrecursionlimit() + 50):  # os.makedirs would recurse itself
+        current = os.path.join(current, "d")
+        os.mkdir(current)
     states, reasons = client_rx(home, log).apply_batch(deleted_dirs=[u"etc/shared/deep"])
     assert states == {u"etc/shared/deep": "synchronized"}, reasons
     assert not os.path.lexists(path)
