@@ -220,14 +220,14 @@ def test_items_this_node_only_receives_are_passed_on_a_slower_cadence(home):
     write(home, "queue/agent-info/web01-any", "Linux")
     write(home, "etc/shared/default/agent.conf", "conf")
     cat = make(home)  # master: agent-info is foreign
-    assert cat.foreign_scan_interval == 60.0
+    assert cat.foreign_scan_interval == catalog_mod.FOREIGN_SCAN_INTERVAL
     cat.tick(0.0)
     compat.set_mtime_ns(os.path.join(home, "queue/agent-info/web01-any"), 1600000000 * 10 ** 9)
     write(home, "etc/shared/default/agent.conf", "CONF")  # in place, same size and mtime
     event = cat.tick(10.0)
     assert event["changed"] == ["etc/shared/default/agent.conf"] and event["touched"] == []
     assert cat.timeout(10.0) == pytest.approx(1.0)
-    event = cat.tick(60.0)
+    event = cat.tick(catalog_mod.FOREIGN_SCAN_INTERVAL)
     assert event["touched"] == ["queue/agent-info/web01-any"]
 
 
