@@ -146,6 +146,27 @@ def test_health(cluster):
     assert len(lines) == 4 and not any(line.startswith("WARNING") for line in lines)
 
 
+def test_json_shapes_from_the_real_daemon(cluster):
+    shapes = {
+        "-n": ("nodes", {"name", "type", "status", "address", "version", "last_keepalive",
+                         "connected_since"}),
+        "-a": ("agents", {"id", "name", "ip", "status", "node_name", "last_keepalive"}),
+        "-l": ("files", {"node", "file", "status"}),
+        "-i": ("nodes", {"node", "type", "connected", "agents", "pending", "failed", "invalid",
+                         "synchronized", "last_sync_ago", "last_sync_ok"}),
+    }
+    for node in cluster[:2]:
+        for option, (key, fields) in sorted(shapes.items()):
+            data = as_json(node, option)
+            assert key in data and data[key], (node.name, option, data)
+            for row in data[key]:
+                assert set(row) == fields, (node.name, option, row)
+        held = as_json(node, "-i")["held"]
+        assert isinstance(held, list)
+        for row in as_json(node, "-n")["nodes"]:
+            assert isinstance(row["last_keepalive"], (float, type(None)))
+
+
 # -- actions --------------------------------------------------------------------------------------
 
 def test_scan_and_push_bring_a_new_shared_file_to_the_clients(cluster):
