@@ -12,11 +12,12 @@ key only proves "a member of the cluster". So, for every name, in this order:
    written fully, checked against its SHA-256 and flushed.
 
 Durability without a per-file fsync bill (SPEC section 8): a batch writes all its temporary
-files, flushes them at once (syncfs(2) on each file system touched, through ctypes; where the C
-library has no syncfs, e.g. CentOS 6's glibc 2.12, each file is fsync'd instead), then renames
-each over its target and fsyncs every folder touched once. Only then is a file reported
-`synchronized`. (syncfs also flushes other writers' dirty data on that file system, and
-kernels before 5.8 do not report writeback errors through it; the per-file path does.)
+files, flushes them at once, then renames each over its target and fsyncs every folder
+touched once. Only then is a file reported `synchronized`. The flush: the first
+FSYNC_EACH_UP_TO files of a batch are fsync'd one by one (a small push stays cheap on a busy
+manager), the rest by one syncfs(2) per file system, through ctypes. syncfs also flushes
+other writers' dirty data and, before Linux 5.8, does not report writeback errors; where the
+C library lacks it (CentOS 6's glibc 2.12) every file is fsync'd.
 
 States returned per name: "synchronized", "failed" (an I/O error, a full disk, a checksum
 mismatch: retrying may work, the old file is intact) and "invalid" (refused by the rules:
@@ -57,6 +58,7 @@ MTIME_SLACK_NS = 2000
 ESCAPE_MAX = 160
 LOG_DETAIL_LINES = 20
 CHUNK = 1 << 20
+FSYNC_EACH_UP_TO = 8
 
 _GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
@@ -553,7 +555,8 @@ class _Batch(object):
         self.staged = []
         self.touched = {}      # folder path -> names whose outcome depends on its fsync
         self.folders = {}      # tuple of components -> (path, st_dev), verified this batch
-        self.fsync_each = SYNCFS is None
+        self.fsynced = 0       # files fsync'd one by one (the first few, or all without syncfs)
+        self.unflushed = {}    # st_dev -> a folder on it: written, waiting for syncfs
         self.as_root = _running_as_root(receiver.owner_gid)
 
     def run(self, name, action, arg):
@@ -699,14 +702,14 @@ class _Batch(object):
         if incoming.meta_only:
             if st is None:
                 raise TransferError("meta-only update of a file we do not have")
-            temp = self._touch(folder, parts[-1], target, sha, incoming.mtime_ns, item)
+            temp = self._touch((folder, dev), parts[-1], target, sha, incoming.mtime_ns, item)
         else:
-            temp = self._write_temp(folder, parts[-1], incoming.mtime_ns, item,
+            temp = self._write_temp((folder, dev), parts[-1], incoming.mtime_ns, item,
                                     _write_all, incoming.data)
         self.staged.append(_Staged(name, temp, target, folder, dev))
         self._set(name, SYNCHRONIZED)
 
-    def _touch(self, folder, base, target, sha, mtime_ns, item):
+    def _touch(self, where, base, target, sha, mtime_ns, item):
         """Set the mtime of a file whose content is the sender's; a temp file path or None."""
         fd = os.open(target, _READ_FLAGS)
         try:
@@ -722,16 +725,15 @@ class _Batch(object):
                 # Another user's file (Wazuh's remoted writes agent-info as ossecr): only
                 # its owner may set its times, so a copy with the new mtime replaces it.
                 os.lseek(fd, 0, os.SEEK_SET)
-                return self._write_temp(folder, base, mtime_ns, item, _copy_fd, fd)
-            if self.fsync_each:
-                os.fsync(fd)
+                return self._write_temp(where, base, mtime_ns, item, _copy_fd, fd)
+            self._make_durable(fd, where)
             return None
         finally:
             os.close(fd)
 
-    def _write_temp(self, folder, base, mtime_ns, item, fill, source):
+    def _write_temp(self, where, base, mtime_ns, item, fill, source):
         """A complete temporary file next to the target: fill(fd, source) writes the data."""
-        temp = os.path.join(folder, compat.native_str(_temp_name(base)))
+        temp = os.path.join(where[0], compat.native_str(_temp_name(base)))
         fd = os.open(temp, _TEMP_FLAGS, 0o600)
         try:
             fill(fd, source)
@@ -739,8 +741,7 @@ class _Batch(object):
             if self.as_root:
                 os.fchown(fd, -1, self.rx.owner_gid)
             _set_mtime(fd, temp, mtime_ns)
-            if self.fsync_each:
-                os.fsync(fd)
+            self._make_durable(fd, where)
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp)
@@ -748,17 +749,24 @@ class _Batch(object):
         os.close(fd)
         return temp
 
+    def _make_durable(self, fd, where):
+        """fsync the first FSYNC_EACH_UP_TO files of a batch, leave the rest to one syncfs.
+
+        A push of one or two files (a client.keys edit) then costs an fsync or two instead
+        of flushing everything else dirty on the file system (alerts, archives).
+        """
+        if SYNCFS is None or self.fsynced < FSYNC_EACH_UP_TO:
+            os.fsync(fd)
+            self.fsynced += 1
+        else:
+            self.unflushed.setdefault(where[1], where[0])
+
     # -- the end of a batch -------------------------------------------------------------------
 
     def flush(self):
-        """One syncfs per file system for all staged files (already fsync'd without it)."""
-        if self.fsync_each or not self.staged:
-            return
+        """One syncfs per file system holding files not fsync'd one by one."""
         failed_devs = {}
-        by_dev = {}
-        for entry in self.staged:
-            by_dev.setdefault(entry.dev, entry.folder)
-        for dev, folder in by_dev.items():
+        for dev, folder in self.unflushed.items():
             try:
                 fd = os.open(folder, _DIR_FLAGS)
                 try:

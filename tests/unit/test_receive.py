@@ -339,6 +339,7 @@ def test_a_failed_flush_fails_the_batch_and_keeps_old_files(home, log, monkeypat
     def broken(fd):
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(receive, "SYNCFS", broken)
+    monkeypatch.setattr(receive, "FSYNC_EACH_UP_TO", 0)  # every file waits for the syncfs
     states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
                                                             b"new")])
     assert states[u"etc/shared/default/agent.conf"] == "failed"
@@ -785,3 +786,20 @@ def test_group_folder_deeper_than_the_recursion_limit_is_removed(home, log):
     states, reasons = client_rx(home, log).apply_batch(deleted_dirs=[u"etc/shared/deep"])
     assert states == {u"etc/shared/deep": "synchronized"}, reasons
     assert not os.path.lexists(path)
+
+
+def test_small_batches_fsync_each_file_large_ones_flush_once(home, log, monkeypatch):
+    calls = []
+    real = receive.SYNCFS
+
+    def counting(fd):
+        calls.append(fd)
+        real(fd)
+    monkeypatch.setattr(receive, "SYNCFS", counting)
+    rx = client_rx(home, log)
+    small = [inc(u"etc/shared/default/s%d" % n, b"s") for n in range(receive.FSYNC_EACH_UP_TO)]
+    assert set(rx.apply_batch(small)[0].values()) == set(["synchronized"])
+    assert calls == []
+    large = [inc(u"etc/shared/g%d/l%d" % (n % 3, n), b"l") for n in range(50)]
+    assert set(rx.apply_batch(large)[0].values()) == set(["synchronized"])
+    assert len(calls) == 1  # one file system
