@@ -535,7 +535,7 @@ def test_bulk_both_ways_at_once_does_not_deadlock():
     # both readers must keep reading while both writers push more than the socket buffers hold
     def echo(session, args, data):
         return {"n": len(data)}, data
-    a, b, closed = session_pair({"echo": echo}, keepalive=0.02)
+    a, b, closed = session_pair({"echo": echo}, keepalive=0.25)
     try:
         big = os.urandom(1 << 20) * 6
         calls = [in_thread(a.call, "echo", None, big, 60), in_thread(b.call, "echo", None, big, 60),
@@ -601,6 +601,24 @@ def test_session_traffic_crosses_a_key_update():
         assert a.channel.codec.send_epoch == 1 and b.channel.codec.recv_epoch == 1
         assert b.channel.codec.send_epoch == 1 and a.channel.codec.recv_epoch == 1
         assert not a.closed and not b.closed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reader_keeps_reading_while_the_writer_is_busy():
+    # regression: a reader that waited for the send lock to send its keepalive stopped reading,
+    # and two peers pushing bulk data at each other could then deadlock
+    a, b, closed = session_pair({}, keepalive=0.05)
+    a.keepalive = 30.0                       # only the test sends from a
+    try:
+        with b.channel._send_lock:           # b's writer is "busy" the whole time
+            start = compat.monotonic()
+            while compat.monotonic() < start + 0.5:
+                a.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"")
+                threading.Event().wait(0.01)
+            assert (b.last_keepalive_mono or 0) > start + 0.3
+        assert not b.closed
     finally:
         a.close()
         b.close()
