@@ -38,6 +38,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 
 from wazuh_cluster import compat
 from wazuh_cluster.errors import PathRefused, TransferError
@@ -420,7 +421,8 @@ class Receiver(object):
     same agent the newest keepalive wins, and an older one is answered `synchronized` without
     writing (the master's copy is the better one; nothing to retry).
 
-    Not thread-safe: one batch at a time per Receiver.
+    Thread-safe: batches are applied one at a time (on the master several client sessions
+    may report the same agent; "newest wins" needs its check and its rename together).
     """
 
     def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None):
@@ -433,12 +435,15 @@ class Receiver(object):
         self.owner_gid = owner_gid
         self.role = role
         self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
+        self._lock = threading.Lock()
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
-            temporary file and not kept); deletes: file names; deleted_dirs: folder names
+            temporary file and not kept; but it runs under the Receiver's lock, so one that
+            waits on a slow peer delays other peers' batches); deletes: file names;
+            deleted_dirs: folder names
             inside a delete_dirs item (a group folder), removed recursively.
         sender_role: the peer's role; by default the other role than ours.
         states: {name: "synchronized" | "failed" | "invalid"} for every name given.
@@ -447,7 +452,11 @@ class Receiver(object):
         Order: folders removed, files deleted, files written. Refused and failed names are
         logged here (at most LOG_DETAIL_LINES lines and a count per batch).
         """
-        sender = sender_role or ("client" if self.role == "master" else "master")
+        with self._lock:
+            return self._apply(files, deletes, deleted_dirs,
+                               sender_role or ("client" if self.role == "master" else "master"))
+
+    def _apply(self, files, deletes, deleted_dirs, sender):
         batch = _Batch(self, sender)
         try:
             for name in deleted_dirs:

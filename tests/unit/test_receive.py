@@ -803,3 +803,25 @@ def test_small_batches_fsync_each_file_large_ones_flush_once(home, log, monkeypa
     large = [inc(u"etc/shared/g%d/l%d" % (n % 3, n), b"l") for n in range(50)]
     assert set(rx.apply_batch(large)[0].values()) == set(["synchronized"])
     assert len(calls) == 1  # one file system
+
+
+def test_concurrent_reports_of_one_agent_keep_the_newest(home, log):
+    import threading
+    rx = master_rx(home, log)
+    errors = []
+
+    def report(node, mtime):
+        try:
+            for _ in range(20):
+                rx.apply_batch([inc(AI, node.encode("ascii"), mtime)])
+        except Exception as exc:  # any error in a thread is reported by the assertion below
+            errors.append(exc)
+    threads = [threading.Thread(target=report, args=("node%d" % n, BASE_NS + n * SEC))
+               for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert read(home, AI) == b"node3"
+    assert temp_files(home) == []
