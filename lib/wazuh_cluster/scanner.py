@@ -89,8 +89,10 @@ if hasattr(os.stat_result, "st_mtime_ns"):
                                        "st_mode")
 else:  # 2.7: float times only
     def _fingerprint(st):
-        return (st.st_size, compat.stat_mtime_ns(st), st.st_ino, compat.stat_ctime_ns(st),
-                st.st_mode)
+        # compat.stat_mtime_ns/stat_ctime_ns inlined (same formula): two calls and two
+        # getattr per file are a third of a 2.7 pass.
+        return (st.st_size, int(round(st.st_mtime * 1e9)), st.st_ino,
+                int(round(st.st_ctime * 1e9)), st.st_mode)
 
 
 def _dir_fingerprint(st):
