@@ -28,7 +28,6 @@ from wazuh_cluster import scanner as scanner_mod
 ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
 TOMBSTONE_SECONDS = 30 * 86400
 PURGE_EVERY = 3600.0
-MAX_EVENT_NAMES = 10000
 # Items this node only receives (agent-info on a master; shared files on a client) are
 # written by our own sync; a hand edit there only matters to the integrity round (every
 # `interval`, 2 min by default), so their full pass runs on that slower cadence: 50 000
@@ -76,13 +75,14 @@ class Catalog(object):
     log (logging.Logger); role "master" or "client"; node_name = this node (never a target);
     poll_interval / scan_interval = cluster.poll_interval / cluster.scan_interval seconds;
     foreign_scan_interval = full-pass cadence of the items this node only receives
-    (default max(scan_interval, FOREIGN_SCAN_INTERVAL));
+    (default max(scan_interval, FOREIGN_SCAN_INTERVAL)); max_event_names = beyond this many
+    names an event is sent as {"overflow": true} with empty lists (None: never);
     clock = monotonic seconds (cadence); wall = epoch seconds (display and agent status only).
     """
 
     def __init__(self, home, items, exclude, db, log, role="master", node_name=None,
                  poll_interval=1.0, scan_interval=10.0, foreign_scan_interval=None,
-                 clock=compat.monotonic, wall=time.time):
+                 max_event_names=None, clock=compat.monotonic, wall=time.time):
         self.home = home
         self.items = tuple(items)
         self.db = db
@@ -94,6 +94,7 @@ class Catalog(object):
         if foreign_scan_interval is None:
             foreign_scan_interval = max(self.scan_interval, FOREIGN_SCAN_INTERVAL)
         self.foreign_scan_interval = float(foreign_scan_interval)
+        self.max_event_names = max_event_names
         self._own = frozenset(i.name for i in self.items if i.source == role)
         self._foreign = frozenset(i.name for i in self.items if i.source != role)
         self._wall = wall
@@ -147,9 +148,9 @@ class Catalog(object):
         receives every foreign_scan_interval (and over everything on rescan), otherwise a
         poll every poll_interval; nothing when none is due. Returns None when nothing changed, else
         {"event": "changes", "changed": [..], "touched": [..], "deleted": [..],
-         "deleted_dirs": [..]} for the subscribers. When more than MAX_EVENT_NAMES files
-        changed at once the lists are empty and "overflow": true asks subscribers for a full
-        integrity round (manifest) instead.
+         "deleted_dirs": [..]} for the subscribers. When max_event_names is set and more
+        files changed at once, the lists are empty and "overflow": true asks subscribers for
+        a full integrity round (manifest) instead.
         """
         first = self._rescan or self._last_full is None
         own_due = first or now - self._last_full >= self.scan_interval
@@ -187,7 +188,8 @@ class Catalog(object):
         if changes.is_empty():
             return None
         event = changes.to_event()
-        if len(changes.changed) + len(changes.touched) + len(changes.deleted) > MAX_EVENT_NAMES:
+        size = len(changes.changed) + len(changes.touched) + len(changes.deleted)
+        if self.max_event_names is not None and size > self.max_event_names:
             # A first start or a mass change: lists this long would make a frame of megabytes;
             # subscribers are told to fetch the manifest (a full integrity round) instead.
             event = {"event": "changes", "overflow": True, "changed": [], "touched": [],

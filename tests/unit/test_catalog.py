@@ -204,11 +204,12 @@ def test_skipped_entries_are_logged_once(home, caplog):
     assert len([r for r in caplog.records if "link" in r.getMessage()]) == 1
 
 
-def test_mass_change_event_overflows_to_a_full_round(home, monkeypatch):
-    monkeypatch.setattr(catalog_mod, "MAX_EVENT_NAMES", 2)
+def test_mass_change_event_overflows_to_a_full_round(home):
     for i in range(3):
         write(home, "etc/shared/default/f%d" % i, "x")
     cat = make(home)
+    assert cat.max_event_names is None
+    cat.max_event_names = 2
     event = cat.tick(0.0)
     assert event["overflow"] is True and event["changed"] == []
     assert len(cat.db.load_files()) == 3
