@@ -80,7 +80,9 @@ _UTIME_FD = os.utime in getattr(os, "supports_fd", ())
 
 class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mtime_ns",
                                                    "meta_only"))):
-    """One file of a batch: text name, bytes, SHA-256 hex, mtime in ns, meta_only flag.
+    """One file of a batch: text name, data, SHA-256 hex, mtime in ns, meta_only flag.
+
+    data: bytes, bytearray or memoryview (a slice of a received buffer: nothing is copied).
 
     meta_only=True means "same content as you have, only the mtime changed" (an agent-info
     keepalive): `data` is ignored and may be None.
@@ -340,7 +342,7 @@ def _write_all(fd, data):
     size = len(data)
     offset = 0
     while offset < size:
-        # Slices of at most CHUNK: a 2.7 os.write takes no memoryview.
+        # At most CHUNK per call; slicing a memoryview copies nothing.
         piece = data if offset == 0 and size <= CHUNK else data[offset:offset + CHUNK]
         written = os.write(fd, piece)
         if written <= 0:
@@ -674,10 +676,9 @@ class _Batch(object):
         self._set(name, SYNCHRONIZED)
 
     def delete(self, name):
+        # A file item (client.keys) is deleted too, as SPEC section 4 says of every
+        # master-owned file; holding back a mass agent removal is the caller's guard's job.
         item, parts = self._locate(name)
-        if item.kind == "file":
-            # client.keys missing on the master is the removal guard's business (SPEC 4).
-            raise PathRefused("item '%s' is never deleted by a peer" % item.name)
         try:
             folder, _, target, st = self._target(parts, item, create=False)
         except OSError as exc:
@@ -842,7 +843,7 @@ def _check_fields(incoming):
     mtime = incoming.mtime_ns
     if isinstance(mtime, bool) or not isinstance(mtime, compat.integer_types) or mtime < 0:
         raise PathRefused("bad mtime_ns field")
-    if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray)):
+    if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
 

@@ -535,14 +535,35 @@ def test_delete_does_not_follow_symlinks(home, log, outside):
     assert os.listdir(outside) == ["victim"]
 
 
-def test_delete_of_a_folder_or_a_file_item_is_refused(home, log):
-    put(home, "etc/client.keys", b"keys")
+def test_delete_of_a_folder_is_refused(home, log):
     os.makedirs(os.path.join(home, "etc/shared/default/sub"))
-    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/client.keys",
-                                                          u"etc/shared/default/sub"])
-    assert set(states.values()) == set(["invalid"])
-    assert read(home, "etc/client.keys") == b"keys"
+    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/shared/default/sub"])
+    assert states == {u"etc/shared/default/sub": "invalid"}
     assert os.path.isdir(os.path.join(home, "etc/shared/default/sub"))
+
+
+def test_a_file_item_deleted_on_the_master_is_deleted_on_a_client(home, log):
+    put(home, "etc/client.keys", b"keys")
+    states, _ = client_rx(home, log).apply_batch(deletes=[u"etc/client.keys"])
+    assert states == {u"etc/client.keys": "synchronized"}
+    assert not os.path.exists(os.path.join(home, "etc/client.keys"))
+    put(home, "etc/client.keys", b"keys")
+    states, _ = master_rx(home, log).apply_batch(deletes=[u"etc/client.keys"])
+    assert states == {u"etc/client.keys": "invalid"}
+    assert read(home, "etc/client.keys") == b"keys"
+
+
+def test_data_may_be_a_memoryview_slice(home, log):
+    buf = b"headerAAAABBBBBtrailer"
+    view = memoryview(buf)
+    states, _ = client_rx(home, log).apply_batch([
+        Incoming(u"etc/shared/default/a", view[6:10], hashlib.sha256(b"AAAA").hexdigest(),
+                 BASE_NS),
+        Incoming(u"etc/shared/default/b", view[10:15], hashlib.sha256(b"BBBBB").hexdigest(),
+                 BASE_NS)])
+    assert set(states.values()) == set(["synchronized"])
+    assert read(home, "etc/shared/default/a") == b"AAAA"
+    assert read(home, "etc/shared/default/b") == b"BBBBB"
 
 
 def test_group_folder_removal_does_not_follow_symlinks(home, log, outside):
