@@ -5,7 +5,10 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -231,3 +234,34 @@ def test_peers_agents_meta(folder):
 def test_works_with_a_real_logger(folder):
     db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), logging.getLogger("test"))
     assert db.version() == dbmod.SCHEMA_VERSION
+
+
+KILLED_WRITER = r"""
+import logging, sys
+sys.path.insert(0, sys.argv[2])
+from wazuh_cluster import db as dbmod
+db = dbmod.ClusterDB(sys.argv[1], logging.getLogger("child"))
+db.save_files([(u"etc/shared/committed", u"shared", 1, 2, 3, 4, 432, u"ab" * 32)])
+with db.transaction():
+    db.save_files([(u"etc/shared/f%05d" % i, u"shared", 1, 2, 3, 4, 432, u"cd" * 32)
+                   for i in range(2000)])
+    sys.stdout.write("inside\n")
+    sys.stdout.flush()
+    sys.stdin.readline()  # killed here, in the middle of the transaction
+"""
+
+
+def test_writer_killed_mid_transaction_loses_only_that_transaction(folder):
+    path = os.path.join(folder, "cluster.db")
+    lib = os.path.dirname(os.path.dirname(os.path.abspath(dbmod.__file__)))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, path, lib],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"inside\n"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    log = ListLog()
+    db = dbmod.ClusterDB(path, log)
+    assert [r[0] for r in db.load_files()] == ["etc/shared/committed"]
+    assert not glob.glob(path + ".corrupt-*") and log.lines == []
