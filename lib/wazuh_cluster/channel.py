@@ -100,22 +100,9 @@ class _Reader(object):
         (n,) = struct.unpack(">H", self.take(2))
         return self.take(n)
 
-    def end(self):
-        if self.pos != len(self.data):
-            raise HandshakeError("malformed handshake message (trailing bytes)")
 
-
-class Hello(object):
-    """A parsed CH or SH_body."""
-    __slots__ = ("msg_type", "role", "nonce", "node_name", "cluster_name", "raw")
-
-    def __init__(self, msg_type, role, nonce, node_name, cluster_name, raw):
-        self.msg_type = msg_type
-        self.role = role
-        self.nonce = nonce
-        self.node_name = node_name
-        self.cluster_name = cluster_name
-        self.raw = raw
+# A parsed CH or SH_body; `raw` is its exact bytes (they enter the transcript hash).
+Hello = collections.namedtuple("Hello", "msg_type role nonce node_name cluster_name raw")
 
 
 def build_hello(msg_type, role, nonce, node_name, cluster_name):

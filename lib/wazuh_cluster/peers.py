@@ -416,7 +416,11 @@ class Dialer(object):
         """The loop (blocking): dial, run the session, back off, until stop()."""
         warned = False
         while not self._stop.is_set():
-            session = self._find_master()
+            try:
+                session = self._find_master()
+            except Exception:  # a bug must not end the client's only link to its master
+                log.exception("dialing the master failed")
+                session = None
             if session is None:
                 if not warned:
                     log.warning("no master reachable among %s; retrying with backoff",
@@ -430,9 +434,13 @@ class Dialer(object):
             if self._stop.is_set():
                 session.close("shutting down")
                 break
-            if self.on_session is not None:
-                self.on_session(session)
             lived = compat.monotonic()
+            if self.on_session is not None:
+                try:
+                    self.on_session(session)
+                except Exception:  # the owner's bug: drop this session, keep dialing
+                    log.exception("on_session callback failed for %s", session.peer_name)
+                    session.close("internal error")
             session.run()
             if compat.monotonic() - lived > 3 * self.settings.keepalive:
                 self.attempts = 0
