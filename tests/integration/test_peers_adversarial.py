@@ -483,3 +483,75 @@ def test_dialer_backs_off_and_stops_promptly_when_master_unreachable(ctx):
     assert not d._thread.is_alive()
     warns = [m for m in ctx.cap.lines() if "no master reachable" in m and "127.0.0.7" in m]
     assert len(warns) == 1
+
+
+# -- the same server in its own process ----------------------------------------------------
+
+SERVER_SCRIPT = r"""
+import json, logging, sys, threading
+sys.path.insert(0, sys.argv[1])
+logging.basicConfig(stream=sys.stderr, level=logging.DEBUG, format="%(levelname)s %(message)s")
+from wazuh_cluster import peers
+cfg = json.loads(sys.stdin.readline())          # the key never travels in argv or environment
+settings = peers.make_settings(**cfg)
+def ping(session, args, data):
+    return {"pong": args.get("n"), "from": session.peer_name}, data
+server = peers.PeerServer(settings, {"ping": ping}).start()
+sys.stdout.write("PORT %d\n" % server.address[1])
+sys.stdout.flush()
+sys.stdin.read()                                 # EOF: stop
+server.stop()
+"""
+
+
+def test_server_in_its_own_process(ctx):
+    import json
+    import subprocess
+    import sys
+    lib = os.path.dirname(os.path.dirname(os.path.abspath(peers.__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, lib], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+
+    def pump():
+        for raw in iter(proc.stderr.readline, b""):
+            lines.append(raw.decode("utf-8", "replace"))
+    reader = threading.Thread(target=pump)
+    reader.daemon = True
+    reader.start()
+    try:
+        cfg = {"node_name": "master09", "cluster_name": "wazuh", "key": KEY, "role": "master",
+               "bind_addr": "127.0.0.8", "port": 0, "nodes": ["127.0.0.8"],
+               "allow_unlisted_peers": True, "keepalive": 1.0, "handshake_timeout": 1.0}
+        proc.stdin.write((json.dumps(cfg) + "\n").encode("utf-8"))
+        proc.stdin.flush()
+        port = int(proc.stdout.readline().split()[1])
+        cs = ctx.client_settings._replace(node_name="client09", bind_addr="127.0.0.47",
+                                          port=port, nodes=["127.0.0.8"], own_addresses=[])
+        d = peers.Dialer(cs, {}, nonce_book=NonceBook()).start()
+        try:
+            assert d.wait_connected(15)
+            bad = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bad.bind(("127.0.0.48", 0))
+            bad.connect(("127.0.0.8", port))
+            with pytest.raises(HandshakeError):
+                channel.client_handshake(bad, OTHER_KEY, "intruder", "wazuh", "client", 5,
+                                         MAX_FRAME, NonceBook())
+            bad.close()
+            assert wait_for(lambda: any("127.0.0.48:" in m and "wrong key" in m
+                                        for m in lines)), lines
+            assert d.session.call("ping", {"n": 3}, timeout=10)[0] == {"pong": 3,
+                                                                       "from": "client09"}
+        finally:
+            d.stop()
+    finally:
+        proc.stdin.close()
+        if not wait_for(lambda: proc.poll() is not None, timeout=20):
+            proc.kill()                      # bounded: a hung server fails the test below
+            proc.wait()
+        reader.join(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0, "".join(lines)
+    assert len([m for m in lines if "127.0.0.48:" in m]) == 1
+    assert not [m for m in lines if KEY in m or OTHER_KEY in m]
