@@ -172,6 +172,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         self._allowed_at = None
         self._thread = None
         self._stopping = threading.Event()
+        if ":" in settings.bind_addr:
+            self.address_family = socket.AF_INET6
         compat.socketserver.ThreadingTCPServer.__init__(
             self, (settings.bind_addr, settings.port), _PeerHandler)
         compat.set_cloexec(self.socket.fileno())

@@ -172,6 +172,13 @@ def expect_one_line(c, ip, reason):
 
 # -- before the key is proven --------------------------------------------------------------
 
+def test_settings_and_objects_never_show_the_key(ctx):
+    for obj in (ctx.settings, ctx.client_settings, ctx.first_session, ctx.first_session.channel,
+                ctx.first_session.channel.codec):
+        assert KEY not in repr(obj) and KEY not in str(obj)
+    assert "<hidden>" in repr(ctx.settings)
+
+
 def test_wrong_key(ctx):
     sock = connect_from("127.0.0.10", ctx.port)
     with pytest.raises(HandshakeError) as info:
