@@ -51,6 +51,8 @@ _GONE = (errno.ENOENT, errno.ENOTDIR)
 # A file record: the packed fingerprint, then the digest.
 _FP = struct.Struct("<qqQqI")
 _FP_LEN = _FP.size
+_INO = struct.Struct("<Q")
+_INO_AT = 16  # offset of the inode in _FP
 
 
 class ChangeSet(collections.namedtuple("ChangeSet",
@@ -259,7 +261,8 @@ class Scanner(object):
                 st = None
             if st is None or _dir_fingerprint(st) != record[:3]:
                 item = self.item_of(rel)
-                self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel))
+                self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
+                               quick=True)
         for rel in list(self._retry | self._racy):
             self._retry.discard(rel)
             self._check_path(self.item_of(rel), rel, out)
@@ -375,8 +378,15 @@ class Scanner(object):
             return None
         return sha.digest(), fp
 
-    def _scan_dir(self, item, rel, out, deep, root=False):
-        """List one folder; recurse into new sub-folders (all of them when `deep`)."""
+    def _scan_dir(self, item, rel, out, deep, root=False, quick=False):
+        """List one folder; recurse into new sub-folders (all of them when `deep`).
+
+        `quick` (a poll re-listing a folder whose mtime changed): a known name whose inode
+        from the listing (d_ino, no system call) is unchanged is not stat-ed. The poll looks
+        for creations, deletions and renames; in-place edits are the full pass's job. This
+        keeps a busy folder (agent-info on a master receives a file every few ms) from
+        costing a stat of all its 50 000 entries at every poll.
+        """
         old_dir = self._dirs.get(rel)
         path = self._abs(rel)
         try:
@@ -397,7 +407,7 @@ class Scanner(object):
         try:
             # Iterated lazily: a list of 50 000 DirEntry objects (with their cached stat)
             # would cost more memory than the whole map.
-            listed = self._list_entries(item, rel, entries, out, deep)
+            listed = self._list_entries(item, rel, entries, out, deep, quick)
         except OSError as exc:  # the listing itself failed half-way (I/O error, removed)
             self._note(rel, "cannot list: %s" % exc.strerror)
             return
@@ -419,12 +429,13 @@ class Scanner(object):
                     self._forget_dir(prefix + base, out, False)
         self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
 
-    def _list_entries(self, item, rel, entries, out, deep):
+    def _list_entries(self, item, rel, entries, out, deep, quick):
         """Check every entry of one folder; returns (file base names, sub-folder names)."""
         recursive = item is not None and item.recursive
         files, subdirs = [], []
         known = self._files.get
         racy = self._racy
+        retry = self._retry
         pack = _FP.pack
         prefix = rel + "/"
         for entry in entries:
@@ -432,6 +443,11 @@ class Scanner(object):
             child = prefix + base
             old = known(child)
             if old is not None:
+                if quick and child not in racy and child not in retry:
+                    inode = getattr(entry, "inode", None)  # 2.7's DirEntry has none
+                    if inode is not None and inode() == _INO.unpack_from(old, _INO_AT)[0]:
+                        files.append(base)
+                        continue
                 # Fast path (nearly every file of every pass): known, so neither excluded
                 # nor unportable; one lstat and one bytes comparison.
                 try:

@@ -257,6 +257,21 @@ def run(workdir, opts):
     assert changes.is_empty(), changes
     print("poll(): CPU %.3f ms per call (%d folders, hot client.keys)"
           % (poll * 1e3, len(scan._dirs)))
+    info = os.path.join(home, "queue/agent-info")
+
+    def one_more_agent():
+        # What a master sees all day: sync renames a received agent-info file into place,
+        # so the folder's mtime changes and the poll re-lists 50 000 entries.
+        tmp = os.path.join(info, ".agent000001-10.0.0.1.x.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(b"Linux agent000001 updated\n")
+        os.rename(tmp, os.path.join(info, "agent000001-10.0.0.1"))
+        return scan.poll()
+    busy, changes = cpu_timed(one_more_agent, 20)
+    assert changes.changed + changes.touched == ["queue/agent-info/agent000001-10.0.0.1"], \
+        changes
+    print("poll() re-listing agent-info after a file was renamed into it: CPU %.1f ms"
+          % (busy * 1e3))
     own = frozenset(("client.keys", "shared", "agent-groups"))
     own_cost, _ = cpu_timed(lambda: scan.full_pass(own), 10)
     foreign_cost, _ = cpu_timed(lambda: scan.full_pass(frozenset(["agent-info"])), 10)

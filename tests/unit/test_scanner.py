@@ -320,3 +320,34 @@ def test_native_str_paths_on_this_interpreter(home):
     assert isinstance(changes.changed[0], compat.text_type)
     assert isinstance(list(scan.rows())[0][0], compat.text_type)
     assert changes.to_event()["event"] == "changes"
+
+
+def test_poll_relisting_a_busy_folder_stats_only_new_or_replaced_entries(home, monkeypatch):
+    for i in range(20):
+        write(home, "queue/agent-info/a%02d-any" % i, "x")
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    stats = []
+
+    class CountingEntry(object):
+        def __init__(self, entry):
+            self._entry = entry
+            self.name = entry.name
+            if hasattr(entry, "inode"):
+                self.inode = entry.inode
+
+        def stat(self, follow_symlinks=True):
+            stats.append(self.name)
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    real_scandir = scanner.compat.scandir
+    monkeypatch.setattr(scanner.compat, "scandir",
+                        lambda path: [CountingEntry(e) for e in real_scandir(path)])
+    info = os.path.join(home, "queue/agent-info")
+    write(home, "queue/agent-info/.a03-any.x.tmp", "y")
+    os.rename(os.path.join(info, ".a03-any.x.tmp"), os.path.join(info, "a03-any"))
+    write(home, "queue/agent-info/new-any", "n")
+    changes = scan.poll()
+    assert changes.changed == ["queue/agent-info/a03-any", "queue/agent-info/new-any"]
+    if not compat.PY2:
+        assert sorted(stats) == ["a03-any", "new-any"]
