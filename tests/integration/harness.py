@@ -70,13 +70,14 @@ def _text(data):
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
-def run(cmd, timeout=120.0, env=None, cwd=None, check=False, stdin_data=None):
+def run(cmd, timeout=120.0, env=None, cwd=None, check=False, stdin_data=None, argv_prefix=()):
     """Run `cmd` (a list) to completion; returns Result(cmd, rc, out, err) with text output.
 
     Output goes to temporary files, not pipes: a daemon that forks and keeps an inherited
-    descriptor must not make the caller wait for the daemon's exit.
+    descriptor must not make the caller wait for the daemon's exit. `argv_prefix` goes before
+    the command (e.g. setpriv ... to run it as another user).
     """
-    cmd = [str(part) for part in cmd]
+    cmd = [str(part) for part in list(argv_prefix) + list(cmd)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         stdin = subprocess.PIPE if stdin_data is not None else open(os.devnull, "rb")
         try:
@@ -105,6 +106,15 @@ def run(cmd, timeout=120.0, env=None, cwd=None, check=False, stdin_data=None):
 
 
 # ------------------------------------------------------------------ processes
+
+def find_executable(name):
+    """Path of `name` on PATH, or None (shutil.which is 3.x only)."""
+    for folder in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
 
 def alive(pid):
     """The process exists and is not a zombie (PID 1 of a container may never reap it)."""
@@ -278,6 +288,10 @@ def pid_files(prefix, daemon=DAEMON):
     return found
 
 
+# What init gives ossec-control: no PYTHONPATH, no LD_LIBRARY_PATH, a short PATH.
+BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+
+
 class Node(object):
     """One installation under `prefix` and the daemons started from it."""
 
@@ -297,13 +311,16 @@ class Node(object):
                                   self.address, self.port, nodes or [self.address],
                                   disabled=disabled, interval=interval, hidden=hidden)
 
-    # -- driving
+    # -- driving: with the bare environment of an init script, as on a real manager (the
+    # installed entry points must not depend on the test's PYTHONPATH or PATH).
     def control(self, *args, **kwargs):
-        """PREFIX/bin/ossec-control ARGS; returns the Result."""
+        """PREFIX/bin/ossec-control ARGS in a bare environment; returns the Result."""
+        kwargs.setdefault("env", dict(BARE_ENV))
         return run([self.path("bin", "ossec-control")] + list(args), **kwargs)
 
     def daemon(self, *args, **kwargs):
-        """PREFIX/bin/wazuh-clusterd ARGS, Wazuh 3.0 style; returns the Result."""
+        """PREFIX/bin/wazuh-clusterd ARGS (Wazuh 3.0 style) in a bare environment."""
+        kwargs.setdefault("env", dict(BARE_ENV))
         return run([self.path("bin", DAEMON)] + list(args), **kwargs)
 
     def start(self, timeout=10.0):

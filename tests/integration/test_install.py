@@ -6,10 +6,14 @@ import os
 import re
 import stat
 import subprocess
+import sys
+
+import pytest
 
 from harness import (  # noqa: F401  (fixtures are found by pytest through these imports)
-    INSTALL_SH, Node, free_port, install, new_address, python, read_log, run, tmp_prefix_dir, uninstall,
-    wait_for, workspace, write_file, _need_ossec_user)
+    INSTALL_SH, Node, find_executable, free_port, install, new_address, new_key, proc_exe, python,
+    read_log, run, tmp_prefix_dir, uninstall, wait_for, workspace, write_cluster_conf, write_file,
+    _need_ossec_user)
 
 
 def read(path):
@@ -310,5 +314,77 @@ def test_install_without_no_start_restarts_and_uninstall_stops(tmp_prefix_dir, p
         node.wait_stopped(pids)
         assert not os.path.exists(os.path.join(prefix, "lib", "wazuh_cluster"))
         assert read(conf_path) == conf
+    finally:
+        node.cleanup()
+
+
+def _venv_with_cryptography(workspace, python):
+    """A venv of `python` that imports cryptography with no environment at all (3.x only)."""
+    import cryptography
+    venv = os.path.join(workspace, "venv-%d" % os.getpid())
+    if not os.path.exists(venv):
+        run([python, "-m", "venv", "--without-pip", venv], check=True)
+        site = run([os.path.join(venv, "bin", "python"), "-c",
+                    "import site; print(site.getsitepackages()[0])"], check=True).out.strip()
+        deps = os.path.dirname(os.path.dirname(os.path.abspath(cryptography.__file__)))
+        write_file(os.path.join(site, "wazuh-cluster-test-deps.pth"), u"%s\n" % deps)
+    return os.path.join(venv, "bin", "python")
+
+
+def test_interpreter_that_needs_no_environment_is_written_into_the_scripts(
+        tmp_prefix_dir, workspace, python):
+    _need_ossec_user()
+    if sys.version_info[0] == 2:
+        pytest.skip("needs the venv module (Python 3); the 2.7 run covers the sh wrappers")
+    venv_python = _venv_with_cryptography(workspace, python)
+    assert run(["env", "-i", venv_python, "-c", "import cryptography"]).rc == 0
+    prefix = os.path.join(tmp_prefix_dir, "ossec")
+    install(prefix, venv_python)
+    for name in ("wazuh-clusterd", "wazuh-clusterd-internal", "cluster_control"):
+        first = read(os.path.join(prefix, "bin", name)).splitlines()[0]
+        assert first == "#!" + venv_python, name
+    assert not os.path.exists(os.path.join(prefix, "lib", "wazuh-cluster-bin"))
+    address = new_address()
+    write_cluster_conf(prefix, "wazuh", "node01", "master", new_key(), address,
+                       free_port(address), [address])
+    node = Node(prefix)
+    try:
+        node.start()  # a bare environment: the first line alone finds the interpreter
+        assert proc_exe(node.internal_pid()) == os.path.realpath(venv_python)
+    finally:
+        node.stop()
+        node.cleanup()
+
+
+def test_install_and_run_as_an_unprivileged_user(tmp_prefix_dir, python):
+    """Not root: install.sh creates the folders as that user and the daemons run as it."""
+    if os.geteuid() != 0 or not find_executable("setpriv"):
+        pytest.skip("needs root and setpriv to switch to an unprivileged user")
+    uid = gid = 65534
+    base = os.path.join(tmp_prefix_dir, "user")
+    os.mkdir(base)
+    os.chown(base, uid, gid)
+    prefix = os.path.join(base, "ossec")
+    as_user = ["setpriv", "--reuid=%d" % uid, "--regid=%d" % gid, "--clear-groups"]
+    env = dict(os.environ, HOME=base)
+    result = run(as_user + ["bash", INSTALL_SH, "--no-start", "--prefix", prefix,
+                            "--python", python], env=env, timeout=300)
+    assert result.rc == 0, result
+    st = os.stat(os.path.join(prefix, "etc", "ossec.conf"))
+    assert (st.st_uid, st.st_gid) == (uid, gid)
+    assert mode(os.path.join(prefix, "etc", "shared")) == 0o770
+    address = new_address()
+    conf = write_cluster_conf(prefix, "wazuh", "node01", "master", new_key(), address,
+                              free_port(address), [address])
+    os.chown(conf, uid, gid)
+    node = Node(prefix)
+    try:
+        result = node.control("start", argv_prefix=as_user)
+        assert result.rc == 0, node.explain("start as an unprivileged user", result)
+        node.wait_running()
+        for pid in (node.running_pid(), node.internal_pid()):
+            assert os.stat("/proc/%d" % pid).st_uid == uid
+        result = node.control("stop", argv_prefix=as_user)
+        assert result.rc == 0
     finally:
         node.cleanup()
