@@ -439,7 +439,7 @@ class Receiver(object):
         self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
         self._lock = threading.Lock()
 
-    def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None):
+    def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
@@ -447,7 +447,8 @@ class Receiver(object):
             waits on a slow peer delays other peers' batches); deletes: file names;
             deleted_dirs: folder names
             inside a delete_dirs item (a group folder), removed recursively.
-        sender_role: the peer's role; by default the other role than ours.
+        sender_role: the peer's role; by default the other role than ours. peer: the peer's
+            node name, for log lines only.
         states: {name: "synchronized" | "failed" | "invalid"} for every name given.
         reasons: {name: one-line reason} for every name not simply applied (failed, invalid,
             and an agent-info kept because the local one is newer).
@@ -455,10 +456,10 @@ class Receiver(object):
         logged here (at most LOG_DETAIL_LINES lines and a count per batch).
         """
         with self._lock:
-            return self._apply(files, deletes, deleted_dirs,
-                               sender_role or ("client" if self.role == "master" else "master"))
+            sender = sender_role or ("client" if self.role == "master" else "master")
+            return self._apply(files, deletes, deleted_dirs, sender, peer)
 
-    def _apply(self, files, deletes, deleted_dirs, sender):
+    def _apply(self, files, deletes, deleted_dirs, sender, peer):
         batch = _Batch(self, sender)
         try:
             for name in deleted_dirs:
@@ -474,7 +475,7 @@ class Receiver(object):
             raise
         batch.commit()
         batch.sync_folders()
-        self._report(batch)
+        self._report(batch, peer)
         return batch.states, batch.reasons
 
     def cleanup_temp_files(self):
@@ -539,11 +540,12 @@ class Receiver(object):
                     self.log.warning("cannot remove %s: %s", escape(entry.path), _why(exc))
         return removed
 
-    def _report(self, batch):
+    def _report(self, batch, peer):
         bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
+        sender = batch.sender if peer is None else "%s %s" % (batch.sender, escape(peer))
         for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
             word = "refused" if state == INVALID else "failed to apply"
-            self.log.warning("%s %s from %s: %s", word, escape(name), batch.sender,
+            self.log.warning("%s %s from %s: %s", word, escape(name), sender,
                              batch.reasons.get(name, "?"))
         if len(bad) > LOG_DETAIL_LINES:
             self.log.warning("... and %d more files refused or failed in this batch",

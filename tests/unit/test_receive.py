@@ -437,12 +437,14 @@ def test_master_records_master_owned_pushes_invalid_and_writes_nothing(home, log
     put(home, "etc/client.keys", b"master's keys")
     states, reasons = master_rx(home, log).apply_batch(
         [inc(u"etc/client.keys", b"forged"), inc(u"etc/shared/default/agent.conf", b"forged")],
-        deletes=[u"etc/shared/default/x"], deleted_dirs=[u"etc/shared/default"])
+        deletes=[u"etc/shared/default/x"], deleted_dirs=[u"etc/shared/default"],
+        peer=u"node02")
     assert set(states.values()) == set(["invalid"])
     assert reasons[u"etc/client.keys"] == "master-owned file pushed by a client"
     assert read(home, "etc/client.keys") == b"master's keys"
     assert os.path.isdir(os.path.join(home, "etc/shared/default"))
-    assert any("master-owned file pushed by a client" in line for line in log.lines)
+    assert "refused 'etc/client.keys' from client 'node02': master-owned file pushed by a " \
+        "client" in log.lines
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
