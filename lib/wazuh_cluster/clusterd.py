@@ -88,7 +88,13 @@ def run(cfg, layout, args, script, log):
         log.info("Starting %s %s (Python %s) as %s node '%s' of cluster '%s' on %s:%d.",
                  DAEMON, __version__, compat.VERSION, cfg.node_type, cfg.node_name, cfg.name,
                  cfg.bind_addr, cfg.port)
-        node.start()
+        try:
+            node.start()
+        except Exception as err:
+            # After the fork stderr is /dev/null: the log and the starting command must say why.
+            log.exception("Cannot start: %s", err)
+            ready.failed("%s: ERROR: cannot start: %s" % (DAEMON, err))
+            raise
         ready.ready()
         node.loop()
     finally:
@@ -145,7 +151,8 @@ class ClusterNode(object):
         self.events = Subscription(layout.internal_socket, self.sync.on_event,
                                    self.sync.on_reconnect, self.stopping)
         self.signals = daemon.SelfPipe()
-        self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        # SIGCHLD only wakes the loop, which then reaps and restarts the internal daemon.
+        self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
         self.internal = InternalSupervisor(internal_script(script), layout.home, cfg.node_type,
                                            layout.ossec_log, debug,
                                            cfg.options.internal_restart_max)

@@ -32,6 +32,10 @@ class SelfPipe(object):
     def install(self, signums):
         for signum in signums:
             signal.signal(signum, self._handler)
+            # Restart system calls in the other threads (2.7 would make their socket calls
+            # fail with EINTR); the loop's select() is woken through the wakeup fd instead.
+            signal.siginterrupt(signum, False)
+        signal.set_wakeup_fd(self.write_fd)
 
     def _handler(self, signum, frame):
         self.received.append(signum)

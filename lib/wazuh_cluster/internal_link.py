@@ -71,11 +71,14 @@ class Subscription(object):
         self.stopping = stopping
         self.retry = retry
         self.log = logs.get("link")
-        self.thread = threading.Thread(target=self.run, name="internal-events")
-        self.thread.daemon = True
+        self.thread = None
         self._client = None
 
     def start(self):
+        # Created here, not in __init__: the daemon forks between the two, and a Thread object
+        # made before a fork cannot be started after it (Python 3.13 refuses).
+        self.thread = threading.Thread(target=self.run, name="internal-events")
+        self.thread.daemon = True
         self.thread.start()
         return self
 
