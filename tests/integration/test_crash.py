@@ -1,0 +1,370 @@
+"""Crashes and a full disk during transfers: a file is always entirely one version or another.
+
+A master holds a few MB of random etc/shared files; every version of every file the test
+writes is remembered by its SHA-256. wazuh-clusterd is killed with SIGKILL (no cleanup at all)
+at moments chosen while a transfer runs: as soon as the receiver's temporary files appear,
+as soon as the first file has been renamed into place, or after a random delay. After each
+kill every file on the client must be one whole version (never a mixture, never unknown
+content); after the restart no temporary file may be left and the cluster converges.
+
+The full-disk case mounts a 1 MiB tmpfs over the client's etc/shared. That needs root and a
+private mount namespace (tests/run provides one); otherwise it is skipped with the reason.
+Every wait polls a condition with a bound; a failing test prints the nodes' logs.
+"""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import hashlib
+import io
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from harness import (alive, base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+                     wait_for, workspace, write_internal_options)
+from test_sync import FAST, KEYS, converge, put, tree
+
+GROUPS = ("default", "web", "db", "mail", "dmz")
+N_FILES = 300
+SIZES = (2048, 20480)           # random sizes: ~3.3 MB in all
+CHANGED_PER_ROUND = 90
+CLIENT_ROUNDS = 20
+MASTER_ROUNDS = 8
+SYNC_WAIT = 40.0
+SHARED = ("etc/shared",)
+TRIGGERS = ("temporary files", "first rename", "random delay")
+
+
+# ------------------------------------------------------------------ helpers
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+class Versions(object):
+    """Every version of every master file the test wrote: {name: set(sha256)}."""
+
+    def __init__(self, master, rng):
+        self.master = master
+        self.rng = rng
+        self.known = {}
+        self.names = []
+
+    def write(self, rel, data=None):
+        """Replace master file `rel` by rename (what an editor or Wazuh's own tools do)."""
+        if data is None:
+            data = os.urandom(self.rng.randint(*SIZES))
+        path = self.master.path(*rel.split("/"))
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+        temp = os.path.join(folder, ".%s.new" % os.path.basename(path))
+        with io.open(temp, "wb") as handle:
+            handle.write(data)
+        os.rename(temp, path)
+        self.known.setdefault(rel, set()).add(_sha(data))
+        if rel not in self.names:
+            self.names.append(rel)
+        return rel
+
+    def change(self, count):
+        names = self.rng.sample(self.names, count)
+        for rel in names:
+            self.write(rel)
+        return names
+
+    def check_whole(self, node):
+        """Every file under the node's etc/shared is one whole version the master had."""
+        bad = []
+        for rel, sha in sorted(tree(node.prefix, SHARED).items()):
+            if sha not in self.known.get(rel, ()):
+                bad.append(rel)
+        assert not bad, "%d file(s) on %s are not a whole version written on the master, " \
+            "e.g. %s\n%s" % (len(bad), node.name, bad[:5], node.dump_logs())
+
+
+def temp_files(node, parts=("etc/shared", "etc", "queue/agent-groups")):
+    """The receiver's leftover `.NAME.RANDOM.tmp` files under these folders (recursive)."""
+    found = []
+    for part in parts:
+        top = node.path(*part.split("/"))
+        recursive = part == "etc/shared"
+        for folder, dirs, files in os.walk(top):
+            found.extend(os.path.join(folder, f) for f in files
+                         if f.startswith(".") and f.endswith(".tmp"))
+            if not recursive:
+                del dirs[:]
+    return found
+
+
+def quick_temp_seen(node):
+    """Cheap poll (only the group folders): does a temporary file exist right now?"""
+    for group in GROUPS:
+        try:
+            names = os.listdir(node.path("etc", "shared", group))
+        except OSError:
+            continue
+        if any(n.startswith(".") and n.endswith(".tmp") for n in names):
+            return True
+    return False
+
+
+def inodes(node, names):
+    found = {}
+    for rel in names:
+        try:
+            found[rel] = os.stat(node.path(*rel.split("/"))).st_ino
+        except OSError:
+            found[rel] = None
+    return found
+
+
+def renamed(node, before):
+    return [rel for rel, ino in inodes(node, before).items() if ino != before[rel]]
+
+
+def kill_hard(node):
+    """SIGKILL wazuh-clusterd (no cleanup runs); wait until both daemons are gone.
+
+    The internal daemon notices its parent is gone and stops by itself (checked here too).
+    """
+    pid = node.running_pid()
+    assert pid, node.explain("wazuh-clusterd is not running on %s" % node.name)
+    internal = node.internal_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), 10, what="wazuh-clusterd of %s to die" % node.name)
+    if internal:
+        wait_for(lambda: not alive(internal), 15,
+                 what="wazuh-clusterd-internal of %s to stop after its parent died" % node.name)
+
+
+def kill_during_transfer(victim, receiver, changed_before, trigger, rng, start_delay=0.0):
+    """Kill `victim` when `trigger` happens on `receiver` (or once the transfer is over).
+
+    Returns what the receiver looked like at the kill: (temporary files seen, renamed count).
+    """
+    began = time.time()
+    delay = start_delay + rng.uniform(0.0, 1.5)
+
+    def due():
+        if trigger == "temporary files" and quick_temp_seen(receiver):
+            return True
+        moved = renamed(receiver, changed_before)
+        if trigger == "first rename" and moved:
+            return True
+        if trigger == "random delay" and time.time() - began >= delay:
+            return True
+        # The transfer ended before the trigger was seen: kill anyway (a kill when idle).
+        return len(moved) == len(changed_before)
+    wait_for(due, SYNC_WAIT, 0.002, what="the transfer to %s to begin" % receiver.name)
+    seen_temp = quick_temp_seen(receiver)
+    kill_hard(victim)
+    return seen_temp, len(renamed(receiver, changed_before))
+
+
+# ------------------------------------------------------------------ fixture
+
+def _pair(make_node, client_setup=None):
+    master = make_node("master", "master", configure=False)
+    client = make_node("client", "client", configure=False)
+    client.port = master.port
+    for node in (master, client):
+        node.configure(node.name, [master.address, client.address], interval="3s")
+        write_internal_options(node.prefix, FAST)
+    put(master, "etc/client.keys", KEYS)
+    if client_setup is not None:
+        client_setup(client)
+    return master, client
+
+
+@pytest.fixture
+def big_pair(make_node):
+    rng = random.Random(os.urandom(8))
+    master, client = _pair(make_node)
+    versions = Versions(master, rng)
+    for rel, sha in tree(master.prefix, SHARED).items():  # whatever install.sh put there
+        versions.known.setdefault(rel, set()).add(sha)
+        versions.names.append(rel)
+    for i in range(N_FILES):
+        versions.write("etc/shared/%s/file%03d.bin" % (GROUPS[i % len(GROUPS)], i))
+    master.start()
+    client.start()
+    converge([master, client], SYNC_WAIT, SHARED)
+    return master, client, versions, rng
+
+
+# ------------------------------------------------------------------ tests
+
+def test_client_killed_during_transfers_keeps_whole_files_and_converges(big_pair):
+    master, client, versions, rng = big_pair
+    mid_transfer = 0
+    for round_no in range(CLIENT_ROUNDS):
+        trigger = TRIGGERS[round_no % len(TRIGGERS)]
+        catch_up = round_no % 2 == 1
+        if catch_up:
+            # Changed while the client is down: killed again during its catch-up round.
+            kill_hard(client)
+            versions.check_whole(client)
+            changed = versions.change(CHANGED_PER_ROUND)
+            before = inodes(client, changed)
+            client.start()
+        else:
+            before = inodes(client, versions.names)
+            changed = versions.change(CHANGED_PER_ROUND)
+            before = dict((rel, before[rel]) for rel in changed)
+        seen_temp, moved = kill_during_transfer(client, client, before, trigger, rng)
+        if seen_temp or 0 < moved < len(changed):
+            mid_transfer += 1
+        versions.check_whole(client)
+        client.start()
+        converge([master, client], SYNC_WAIT, SHARED)
+        leftovers = temp_files(client)
+        assert not leftovers, client.explain("round %d: temporary files left after the "
+                                             "restart: %s" % (round_no, leftovers[:5]))
+    print("client rounds interrupted mid-transfer: %d of %d" % (mid_transfer, CLIENT_ROUNDS))
+    assert client.running_pid() and master.running_pid()
+
+
+def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair):
+    master, client, versions, rng = big_pair
+    for round_no in range(MASTER_ROUNDS):
+        trigger = TRIGGERS[round_no % len(TRIGGERS)]
+        before = inodes(client, versions.names)
+        changed = versions.change(CHANGED_PER_ROUND)
+        before = dict((rel, before[rel]) for rel in changed)
+        kill_during_transfer(master, client, before, trigger, rng)
+        versions.check_whole(client)
+        # The client was not killed: whatever batch it was applying ends, and its temporary
+        # files go, without any restart.
+        wait_for(lambda: not temp_files(client), 15,
+                 what="round %d: the client's temporary files to go" % round_no)
+        assert client.running_pid(), client.explain("the client died with its master")
+        versions.check_whole(client)
+        master.start()
+        converge([master, client], SYNC_WAIT, SHARED)
+    assert not temp_files(client) and not temp_files(master)
+
+
+# ------------------------------------------------------------------ full disk
+
+def _private_mount_namespace():
+    """True when an ancestor process lives in another mount namespace than ours.
+
+    tests/run (and the dev wrapper) run pytest under `unshare -m`; a mount made here then
+    vanishes with the namespace and never reaches the machine's mounts.
+    """
+    def ns(pid):
+        try:
+            return os.readlink("/proc/%s/ns/mnt" % pid)
+        except OSError:
+            return None
+    ours = ns("self")
+    pid = os.getppid()
+    while ours and pid > 1:
+        theirs = ns(pid)
+        if theirs is not None and theirs != ours:
+            return True
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                pid = int(handle.read().rsplit(")", 1)[-1].split()[1])
+        except (IOError, OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _states(node, peer):
+    try:
+        conn = sqlite3.connect(node.path("var", "db", "cluster.db"), timeout=10)
+    except sqlite3.Error:
+        return {}
+    try:
+        return dict(conn.execute("SELECT file, state FROM states WHERE node = ?", (peer,)))
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+def _fill(folder):
+    """Write an excluded filler file (`filler~`) until the file system is full."""
+    path = os.path.join(folder, "filler~")
+    chunk = b"\0" * 4096
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, chunk)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture
+def small_disk_pair(make_node):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs over the client's etc/shared needs root")
+    if not _private_mount_namespace():
+        pytest.skip("needs a private mount namespace so that the test's tmpfs cannot leak "
+                    "into the machine's mounts: run the suite through tests/run")
+    import grp
+    gid = grp.getgrnam("ossec").gr_gid
+    mounted, nodes = [], []
+
+    def small_shared(client):
+        target = client.path("etc", "shared")
+        subprocess.check_call(["mount", "-t", "tmpfs", "-o",
+                               "size=1m,mode=0770,uid=0,gid=%d" % gid, "tmpfs", target])
+        mounted.append(target)
+
+    try:
+        master, client = _pair(make_node, small_shared)
+        nodes.extend((master, client))
+        rng = random.Random(os.urandom(8))
+        versions = Versions(master, rng)
+        for rel in tree(master.prefix, SHARED):
+            os.unlink(master.path(*rel.split("/")))
+        for i in range(8):
+            versions.write("etc/shared/%s/small%d.bin" % (GROUPS[i % 2], i), os.urandom(8192))
+        master.start()
+        client.start()
+        converge([master, client], SYNC_WAIT, SHARED)
+        yield master, client, versions
+    finally:
+        for node in nodes:  # the daemons go first: a busy mount cannot be unmounted
+            node.cleanup()
+        for target in mounted:
+            if subprocess.call(["umount", target]) != 0:
+                subprocess.call(["umount", "-l", target])
+
+
+def test_full_disk_on_a_client_keeps_old_files_records_failed_and_resumes(small_disk_pair):
+    master, client, versions = small_disk_pair
+    old = tree(client.prefix, SHARED)
+    filler = _fill(client.path("etc", "shared"))
+    changed = ["etc/shared/default/small0.bin", "etc/shared/web/small1.bin"]
+    for rel in changed:
+        versions.write(rel, os.urandom(200 * 1024))
+    new_file = versions.write("etc/shared/default/big.bin", os.urandom(300 * 1024))
+    wanted = changed + [new_file]
+    wait_for(lambda: all(_states(master, client.name).get(rel) == "failed" for rel in wanted),
+             SYNC_WAIT, what="state 'failed' recorded on the master for the files that do "
+             "not fit: %s" % _states(master, client.name))
+    now = tree(client.prefix, SHARED)
+    for rel in changed:
+        assert now.get(rel) == old[rel], "%s changed on a full disk" % rel
+    assert new_file not in now
+    assert "failed to apply" in client.log(), client.dump_logs()
+    assert not temp_files(client, ("etc/shared",))
+    os.unlink(filler)
+    converge([master, client], SYNC_WAIT, SHARED)
+    wait_for(lambda: all(_states(master, client.name).get(rel) == "synchronized"
+                         for rel in wanted),
+             SYNC_WAIT, what="state 'synchronized' once there is room")
+    versions.check_whole(client)
