@@ -183,7 +183,10 @@ def agent_status(st, now):
 
     "Never connected" without a file; a keepalive (mtime) at most 1830 s old is "Active",
     or "Pending" for an empty file (the agent only said it started); older "Disconnected".
+    Pure; given a path instead of a stat result it is agent_status_at(path, now).
     """
+    if isinstance(st, compat.string_types):
+        return agent_status_at(st, now)
     if st is None:
         return "Never connected"
     if now - compat.stat_mtime_ns(st) / 1e9 > ACTIVE_SECONDS:

@@ -212,6 +212,10 @@ def test_agent_status_at_a_path(home):
     put(path, b"Linux web01\n", NOW - 60)
     assert agents.agent_status_at(path, NOW) == "Active"
     assert agents.agent_status(os.stat(path), NOW + 3600) == "Disconnected"
+    assert agents.agent_status(path, NOW) == "Active"
+    os.unlink(path)
+    os.symlink(os.path.join(home, "elsewhere"), path)
+    assert agents.agent_status_at(path, NOW) == "Never connected"
 
 
 # -- backup and removal -----------------------------------------------------------------------
