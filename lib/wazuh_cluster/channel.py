@@ -35,12 +35,17 @@ import select
 import socket
 import struct
 import threading
+import warnings
 
-from cryptography.hazmat.backends import default_backend
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.exceptions import InvalidTag
+with warnings.catch_warnings():
+    # cryptography 3.3 warns on import under Python 2.7, which we support on purpose: the
+    # warning would be the first line an operator sees from every command.
+    warnings.simplefilter("ignore")
+    from cryptography.hazmat.backends import default_backend
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from cryptography.exceptions import InvalidTag
 
 from wazuh_cluster import compat
 from wazuh_cluster.errors import HandshakeError, ProtocolError
