@@ -23,6 +23,7 @@ import io
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -323,6 +324,11 @@ class Node(object):
         kwargs.setdefault("env", dict(BARE_ENV))
         return run([self.path("bin", DAEMON)] + list(args), **kwargs)
 
+    def cluster_control(self, *args, **kwargs):
+        """PREFIX/bin/cluster_control ARGS in a bare environment; returns the Result."""
+        kwargs.setdefault("env", dict(BARE_ENV))
+        return run([self.path("bin", "cluster_control")] + list(args), **kwargs)
+
     def start(self, timeout=10.0):
         """ossec-control start; asserts success and waits for both daemons' PID files."""
         result = self.control("start")
@@ -370,6 +376,12 @@ class Node(object):
 
     def log(self, name="cluster.log"):
         return read_log(self.prefix, name)
+
+    def wait_log(self, pattern, timeout=10.0, name="cluster.log"):
+        """Wait until a line of logs/NAME matches the regex `pattern`; returns the match."""
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log(name)), timeout,
+                        what="/%s/ in %s of %s" % (pattern, name, self.name))
 
     def explain(self, message, result=None):
         """`message`, the command's output and the node's logs: what a failure needs."""
