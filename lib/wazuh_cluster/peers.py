@@ -373,6 +373,25 @@ class Dialer(object):
         self._stop = threading.Event()
         self._connecting = None
         self._thread = None
+        self._last_report = None
+        self._repeats = 0
+
+    def _report(self, level, fmt, *args):
+        """Log a dial failure once; identical ones that follow only count (STYLE s.9).
+
+        level None marks a success: a pending count is then logged and the memory reset.
+        """
+        text = fmt % args if args else fmt
+        if level is not None and text == self._last_report:
+            self._repeats += 1
+            log.debug("%s (again)", text)
+            return
+        if self._repeats:
+            log.info("previous message repeated %d more time(s): %s", self._repeats,
+                     self._last_report)
+        self._last_report, self._repeats = (text if level is not None else None), 0
+        if level is not None:
+            log.log(level, "%s", text)
 
     @property
     def master_name(self):
@@ -500,29 +519,32 @@ class Dialer(object):
                 {"name": s.node_name, "role": s.role, "version": s.version}))
             frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
             if frame is None:
-                log.warning("master %s at %s did not answer our hello", hs.peer_name, peer)
+                self._report(logging.WARNING, "master %s at %s did not answer our hello",
+                             hs.peer_name, peer)
                 ch.close()
                 return None
             header, _ = protocol.decode_body(frame[3])
             if frame[0] == protocol.ERROR:
-                log.error("master %s at %s refused us: %s", hs.peer_name, peer,
+                self._report(logging.ERROR, "master %s at %s refused us: %s", hs.peer_name, peer,
                           compat.to_text(header.get("message") or header.get("code") or "?"))
                 ch.close()
                 return None
             if frame[0] != protocol.HELLO_INFO:
-                log.warning("master %s at %s sent %s instead of a hello", hs.peer_name, peer,
+                self._report(logging.WARNING, "master %s at %s sent %s instead of a hello",
+                             hs.peer_name, peer,
                             protocol.type_name(frame[0]))
                 ch.close()
                 return None
             self._connecting = None
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, (ip, s.port),
                               _version(header))
+            self._report(None, "")
             log.info("connected to master %s at %s", hs.peer_name, peer)
             return session
         except HandshakeError as exc:
-            log.warning("handshake with %s failed: %s", peer, exc.message)
+            self._report(logging.WARNING, "handshake with %s failed: %s", peer, exc.message)
         except ProtocolError as exc:
-            log.warning("session with %s failed: %s", peer, exc.message)
+            self._report(logging.WARNING, "session with %s failed: %s", peer, exc.message)
         except (socket.error, OSError) as exc:
             log.debug("cannot reach %s: %s", peer, exc)
         self._connecting = None

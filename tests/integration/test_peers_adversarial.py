@@ -562,3 +562,18 @@ def test_server_in_its_own_process(ctx):
     assert proc.returncode == 0, "".join(lines)
     assert len([m for m in lines if "127.0.0.48:" in m]) == 1
     assert not [m for m in lines if KEY in m or OTHER_KEY in m]
+
+
+def test_dialer_with_a_wrong_key_logs_its_failure_once_then_counts(ctx):
+    cs = ctx.client_settings._replace(node_name="client06", bind_addr="127.0.0.49",
+                                      key=OTHER_KEY, own_addresses=[], reconnect_min=0.01,
+                                      reconnect_max=0.05)
+    d = peers.Dialer(cs, {}, nonce_book=NonceBook()).start()
+    try:
+        assert wait_for(lambda: d._repeats >= 3)
+    finally:
+        d.stop()
+    mine = [m for m in ctx.cap.lines() if m.startswith("handshake with 127.0.0.2:")]
+    assert len(mine) == 1 and "wrong key" in mine[0]
+    assert wait_for(lambda: len(ctx.cap.about("127.0.0.49")) >= 4)   # master logs each one
+    legit_works(ctx)
