@@ -176,25 +176,25 @@ def escape(name, limit=ESCAPE_MAX):
 # -- items ------------------------------------------------------------------------------------
 
 def _match(parts, items):
-    """(item, components below it) of the most specific item holding `parts`, or (None, None).
+    """(item, components below it) of the item holding `parts`, or (None, None).
 
-    A file item holds its exact path; a dir item holds the files right below it, or at any
-    depth when recursive.
+    The owner is the item with the longest path that `parts` starts with, as for the scanner
+    (nested items keep their own rules). A file item holds its exact path; a dir item holds
+    the files right below it, or at any depth when recursive.
     """
-    best, best_rest, best_len = None, None, -1
+    best, best_len = None, -1
     for item in items:
         root = item.path.split("/")
-        size = len(root)
-        if size <= best_len or parts[:size] != root:
-            continue
-        rest = parts[size:]
-        if item.kind == "file":
-            if rest:
-                continue
-        elif not rest or (not item.recursive and len(rest) != 1):
-            continue
-        best, best_rest, best_len = item, rest, size
-    return best, best_rest
+        if best_len < len(root) <= len(parts) and parts[:len(root)] == root:
+            best, best_len = item, len(root)
+    if best is None:
+        return None, None
+    rest = parts[best_len:]
+    if best.kind == "file":
+        return (best, rest) if not rest else (None, None)
+    if not rest or (not best.recursive and len(rest) != 1):
+        return None, None
+    return best, rest
 
 
 def _check_roles(item, sender_role, receiver_role):

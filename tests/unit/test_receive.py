@@ -275,6 +275,8 @@ def test_most_specific_item_wins():
     assert receive.item_for(u"etc/shared/special/x", items, "client", "master").name == \
         "special"
     assert receive.item_for(u"etc/shared/other/x", items, "master", "client").name == "shared"
+    with pytest.raises(PathRefused):  # below the nested non-recursive item: not "shared"
+        receive.item_for(u"etc/shared/special/a/b", items, "master", "client")
 
 
 # -- writing ----------------------------------------------------------------------------------
