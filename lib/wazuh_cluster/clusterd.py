@@ -10,10 +10,10 @@ import socket
 import sys
 import threading
 
-from wazuh_cluster import __version__, compat, config, daemon, logs, paths, peers
+from wazuh_cluster import __version__, compat, daemon, logs, peers
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
-from wazuh_cluster.errors import ClusterError, ConfigError
+from wazuh_cluster.errors import ClusterError
 from wazuh_cluster.inbox import Inbox
 from wazuh_cluster.internal_link import InternalLink, Subscription
 from wazuh_cluster.supervisor import InternalSupervisor
@@ -31,16 +31,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_config(home, out=sys.stderr):
-    """Load the configuration; on problems print one line each and return None."""
-    try:
-        return config.load(paths.Paths(home))
-    except ConfigError as err:
-        for problem in err.problems:
-            out.write("%s: ERROR: %s\n" % (DAEMON, problem))
-        return None
-
-
 def internal_script(script):
     """wazuh-clusterd-internal sits next to the real wazuh-clusterd script."""
     return os.path.join(os.path.dirname(os.path.realpath(script)), "wazuh-clusterd-internal")
@@ -49,18 +39,12 @@ def internal_script(script):
 def main(argv=None, script=None):
     """Entry point of bin/wazuh-clusterd; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.version:
-        print("%s %s (Python %s)" % (DAEMON, __version__, compat.VERSION))
-        return 0
-    home = paths.find_home(args.home, script or sys.argv[0])
-    layout = paths.Paths(home)
-    cfg = check_config(home)
-    if cfg is None:
-        return 1
-    if args.test:
-        return 0
+    status, cfg, layout = daemon.begin(DAEMON, args, script)
+    if status is not None or args.test:
+        return status or 0
     created = daemon.ensure_dirs(layout.daemon_dirs())
-    log = logs.setup(DAEMON, layout.cluster_log, max(args.debug, cfg.options.log_level), args.foreground)
+    log = logs.setup(DAEMON, layout.cluster_log, max(args.debug, cfg.options.log_level),
+                     args.foreground)
     if cfg.disabled:
         log.info("Cluster disabled. Exiting.")
         return 0
@@ -68,9 +52,7 @@ def main(argv=None, script=None):
         daemon.drop_privileges(created + [layout.cluster_log])
         return run(cfg, layout, args, script or sys.argv[0], log)
     except ClusterError as err:
-        log.error("%s", err)
-        sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, err))
-        return 1
+        return daemon.failed(DAEMON, log, err)
 
 
 def run(cfg, layout, args, script, log):

@@ -20,7 +20,6 @@ if PY2:  # pragma: no cover - exercised by the 2.7 run
     InterruptedError = OSError
     ConnectionError = OSError
     BrokenPipeError = OSError
-    input_ = raw_input  # noqa: F821
 else:
     import socketserver  # noqa: F401
     import queue  # noqa: F401
@@ -34,7 +33,6 @@ else:
     InterruptedError = _builtins.InterruptedError
     ConnectionError = _builtins.ConnectionError
     BrokenPipeError = _builtins.BrokenPipeError
-    input_ = input
 
 try:
     monotonic = time.monotonic

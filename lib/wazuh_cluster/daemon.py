@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 
-from wazuh_cluster import compat
-from wazuh_cluster.errors import ClusterError
+from wazuh_cluster import __version__, compat, config, paths
+from wazuh_cluster.errors import ClusterError, ConfigError
 
 PID_MODE = 0o640
 USER = GROUP = "ossec"
@@ -197,3 +197,28 @@ def add_common_arguments(parser):
     parser.add_argument("-D", dest="home", metavar="DIR",
                         help="installation directory (default: from /etc/ossec-init.conf)")
     parser.add_argument("-V", dest="version", action="store_true", help="print version and exit")
+
+
+def begin(name, args, script):
+    """The shared start of both daemons: -V, the installation directory, the configuration.
+
+    Returns (exit status, None, None) when the command is over (version printed, or the
+    configuration refused with one line per problem), else (None, config, layout).
+    """
+    if args.version:
+        print("%s %s (Python %s)" % (name, __version__, compat.VERSION))
+        return 0, None, None
+    layout = paths.Paths(paths.find_home(args.home, script or sys.argv[0]))
+    try:
+        return None, config.load(layout), layout
+    except ConfigError as err:
+        for problem in err.problems:
+            sys.stderr.write("%s: ERROR: %s\n" % (name, problem))
+        return 1, None, None
+
+
+def failed(name, log, err):
+    """A daemon that cannot run says why in its log and on stderr; returns the exit status."""
+    log.error("%s", err)
+    sys.stderr.write("%s: ERROR: %s\n" % (name, err))
+    return 1

@@ -13,8 +13,8 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, catalog, compat, config, daemon, db, localsock, logs, paths
-from wazuh_cluster.errors import ClusterError, ConfigError, ProtocolError, RequestError
+from wazuh_cluster import __version__, catalog, compat, daemon, db, localsock, logs
+from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 DAEMON = "wazuh-clusterd-internal"
 
@@ -146,17 +146,9 @@ class InternalLoop(object):
 def main(argv=None, script=None):
     """Entry point of bin/wazuh-clusterd-internal; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.version:
-        print("%s %s (Python %s)" % (DAEMON, __version__, compat.VERSION))
-        return 0
-    home = paths.find_home(args.home, script or sys.argv[0])
-    layout = paths.Paths(home)
-    try:
-        cfg = config.load(layout)
-    except ConfigError as err:
-        for problem in err.problems:
-            sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, problem))
-        return 1
+    status, cfg, layout = daemon.begin(DAEMON, args, script)
+    if status is not None:
+        return status
     node_type = args.node_type or cfg.node_type
     log = logs.setup(DAEMON, layout.ossec_log, max(args.debug, cfg.options.log_level),
                      args.foreground and sys.stderr.isatty())
@@ -165,9 +157,7 @@ def main(argv=None, script=None):
         daemon.drop_privileges(created + [layout.ossec_log])
         return run(cfg, layout, node_type, args, log)
     except (ClusterError, OSError, IOError) as err:
-        log.error("%s", err)
-        sys.stderr.write("%s: ERROR: %s\n" % (DAEMON, err))
-        return 1
+        return daemon.failed(DAEMON, log, err)
 
 
 def build_catalog(cfg, layout, node_type, database, log):
