@@ -22,7 +22,10 @@ set -u
 umask 022
 
 PROG=install.sh
-PREFIX=/var/ossec
+# The default prefix is the Wazuh installation this host already has, else /var/ossec.
+PREFIX=$(sed -n 's/^DIRECTORY=["'"'"']\{0,1\}\([^"'"'"']*\)["'"'"']\{0,1\}[[:space:]]*$/\1/p' \
+    /etc/ossec-init.conf 2>/dev/null | tail -n 1)
+[ -n "$PREFIX" ] || PREFIX=/var/ossec
 PYTHON=
 START=yes
 UNINSTALL=no
@@ -41,7 +44,8 @@ warn() { echo "$PROG: warning: $*" >&2; }
 usage() {
     cat <<EOF
 Usage: $PROG [--prefix DIR] [--python PATH] [--no-start] [--uninstall]
-  --prefix DIR    Wazuh installation directory (default /var/ossec)
+  --prefix DIR    Wazuh installation directory (default: DIRECTORY of /etc/ossec-init.conf,
+                  else /var/ossec)
   --python PATH   interpreter to run the daemons (default: python3 >= 3.6, else python2.7 on PATH)
   --no-start      do not run 'ossec-control restart' at the end
   --uninstall     remove what a previous run installed and restore what it replaced
