@@ -255,7 +255,15 @@ class Catalog(object):
         wanted = set(item.name for item in self.items
                      if (source is None or item.source == source)
                      and (names is None or item.name in names))
+        only = _opt_text_list(args, "names")
         files = {}
+        if only is not None:
+            # A push asks about the few files it sends, not the whole catalogue.
+            for name in only:
+                record = self.scanner.get(name)
+                if record is not None and record["item"] in wanted:
+                    files[name] = record
+            return {"files": files}
         for name, item, size, mtime_ns, _ino, _ctime, mode, sha in self.scanner.rows():
             if item in wanted:
                 files[name] = {"sha256": sha, "size": size, "mtime_ns": mtime_ns, "mode": mode,

@@ -212,8 +212,12 @@ class PeerSync(object):
 
     # -- sending --------------------------------------------------------------------------------
 
-    def manifest(self):
-        return self.link.call("manifest", {"source": self.role})["files"]
+    def manifest(self, names=None):
+        """Our manifest of the items we own (of `names` only, when given)."""
+        args = {"source": self.role}
+        if names is not None:
+            args["names"] = names
+        return self.link.call("manifest", args)["files"]
 
     def full_round(self):
         started = self.clock()
@@ -237,11 +241,15 @@ class PeerSync(object):
                        len(delete), len(dirs), len(same), self.last_round - started)
 
     def push(self, changed, touched, deleted, deleted_dirs):
-        mine = self.manifest()
+        mine = self.manifest(changed + touched + deleted)
         send_data = [n for n in changed if n in mine]
         send_meta = [n for n in touched if n in mine]
         delete = [n for n in deleted if n not in mine]
-        dirs = [d for d in deleted_dirs if not any(n.startswith(d + "/") for n in mine)]
+        dirs = list(deleted_dirs)
+        if dirs:
+            # A folder recreated meanwhile is not deleted: its files would be on our side.
+            everything = self.manifest()
+            dirs = [d for d in dirs if not any(n.startswith(d + "/") for n in everything)]
         if self.role == "client":
             delete, dirs = [], []  # a master keeps agent-info; its own manager decides
         states = self.send(mine, send_data, send_meta, delete, dirs)
