@@ -86,6 +86,13 @@ def cluster(make_node):
     return nodes
 
 
+def stop(node):
+    """ossec-control stop does not wait (Wazuh's convention): wait for the processes to go."""
+    pids = node.all_pids()
+    node.stop()
+    node.wait_stopped(pids, timeout=10)
+
+
 def converge(nodes, timeout=SYNC_WAIT, parts=MASTER_ITEMS):
     master = nodes[0]
     wait_for(lambda: all(tree(n.prefix, parts) == tree(master.prefix, parts) for n in nodes[1:]),
@@ -209,13 +216,11 @@ def test_emptied_client_keys_is_held_back_on_clients(cluster):
 
 def test_client_restarted_and_master_restarted_converge(cluster):
     master, client1 = cluster[0], cluster[1]
-    client1.stop()
-    wait_for(lambda: not client1.running_pid(), 10, what="client1 stopped")
+    stop(client1)
     put(master, "etc/shared/default/while-down.txt", u"changed while client1 was down\n")
     client1.start()
     converge(cluster)
-    master.stop()
-    wait_for(lambda: not master.running_pid(), 10, what="master stopped")
+    stop(master)
     put(master, "etc/shared/default/after-restart.txt", u"master back\n")
     master.start()
     converge(cluster)
@@ -223,8 +228,7 @@ def test_client_restarted_and_master_restarted_converge(cluster):
 
 def test_client_database_deleted_is_rebuilt_and_sync_goes_on(cluster):
     master, client1 = cluster[0], cluster[1]
-    client1.stop()
-    wait_for(lambda: not client1.running_pid(), 10, what="client1 stopped")
+    stop(client1)
     os.unlink(client1.path("var", "db", "cluster.db"))
     put(master, "etc/shared/default/after-db-loss.txt", u"x\n")
     client1.start()
