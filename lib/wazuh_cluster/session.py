@@ -73,8 +73,9 @@ class Session(object):
         self.max_message_bytes = max_message_bytes
         self.connected_since = time.time()              # display only
         self.connected_since_mono = compat.monotonic()
-        self.last_keepalive = None                      # wall time, display only
-        self.last_keepalive_mono = None
+        # the hello exchange that opened the session counts as the first keepalive
+        self.last_keepalive = self.connected_since      # wall time, display only
+        self.last_keepalive_mono = self.connected_since_mono
         self.last_received_mono = self.connected_since_mono
         self.close_reason = None
         self._lock = threading.Lock()
