@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 
-from wazuh_cluster import compat, logs
+from wazuh_cluster import compat, logs, pathrules
 from wazuh_cluster.errors import ClusterError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -46,27 +46,17 @@ def read_stable(path):
     return data, hashlib.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
 
 
-def plan_round(mine, theirs, items_by_name, delete_extra):
+def plan_round(mine, theirs, items, delete_extra):
     """Compare our manifest with the peer's: (send_data, send_meta, delete, delete_dirs, same).
 
     Manifests map name -> {"sha256", "mtime_ns", "item", ...}. Same content with another mtime
     travels as metadata only, for items whose mtime is data (agent-info). With `delete_extra`
     (we own every file of these items), the peer's extra files and group folders go.
     """
-    send_data, send_meta, same = [], [], []
-    for name in sorted(mine):
-        ours, other = mine[name], theirs.get(name)
-        if other is None or other.get("sha256") != ours["sha256"]:
-            send_data.append(name)
-        elif other.get("mtime_ns") != ours["mtime_ns"] and \
-                getattr(items_by_name.get(ours["item"]), "mtime_is_data", False):
-            send_meta.append(name)
-        else:
-            same.append(name)
-    delete, delete_dirs = [], []
-    if delete_extra:
-        delete = sorted(name for name in theirs if name not in mine)
-        delete_dirs = extra_dirs(mine, theirs, items_by_name)
+    send_data, send_meta, delete = pathrules.manifest_diff(mine, theirs, delete_extra,
+                                                           tuple(items.values()))
+    same = sorted(set(mine) - set(send_data) - set(send_meta))
+    delete_dirs = extra_dirs(mine, theirs, items) if delete_extra else []
     return send_data, send_meta, delete, delete_dirs, same
 
 

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from wazuh_cluster import compat, receive
+from wazuh_cluster import compat, pathrules, receive
 from wazuh_cluster.config import Item
 from wazuh_cluster.errors import PathRefused
 from wazuh_cluster.receive import Incoming, Receiver
@@ -115,9 +115,9 @@ def mtime_ns(path):
 # -- names ------------------------------------------------------------------------------------
 
 def test_check_name_splits_a_good_name():
-    assert receive.check_name(u"etc/shared/default/agent.conf") == [
+    assert pathrules.check_name(u"etc/shared/default/agent.conf") == [
         u"etc", u"shared", u"default", u"agent.conf"]
-    assert receive.check_name(u"etc/shared/a b/c-d_e.f+g(h)") [-1] == u"c-d_e.f+g(h)"
+    assert pathrules.check_name(u"etc/shared/a b/c-d_e.f+g(h)") [-1] == u"c-d_e.f+g(h)"
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -144,20 +144,20 @@ def test_check_name_splits_a_good_name():
 ])
 def test_check_name_refuses(name, reason):
     with pytest.raises(PathRefused) as info:
-        receive.check_name(name)
+        pathrules.check_name(name)
     assert reason in info.value.message
     assert info.value.code == "invalid"
 
 
 def test_check_name_limits_are_inclusive():
-    assert receive.check_name(u"etc/shared/" + u"a" * 255)[-1] == u"a" * 255
+    assert pathrules.check_name(u"etc/shared/" + u"a" * 255)[-1] == u"a" * 255
     name = u"etc/shared/" + u"/".join([u"d" * 200] * 4) + u"/" + u"f" * 209
     assert len(name) == 1024
-    assert len(receive.check_name(name)) == 7
+    assert len(pathrules.check_name(name)) == 7
 
 
 def test_check_name_takes_ascii_native_str():
-    assert receive.check_name(compat.native_str("etc/client.keys")) == [u"etc", u"client.keys"]
+    assert pathrules.check_name(compat.native_str("etc/client.keys")) == [u"etc", u"client.keys"]
 
 
 def test_names_are_refused_before_any_system_call(home, log, monkeypatch):
@@ -182,15 +182,15 @@ def test_names_are_refused_before_any_system_call(home, log, monkeypatch):
 
 
 def test_escape_is_bounded_printable_ascii():
-    assert receive.escape(u"etc/shared/x") == "'etc/shared/x'"
-    shown = receive.escape(u"a\nb\x00c\u00e9\U0001f600'\\")
+    assert pathrules.escape(u"etc/shared/x") == "'etc/shared/x'"
+    shown = pathrules.escape(u"a\nb\x00c\u00e9\U0001f600'\\")
     assert shown == "'a\\x0ab\\x00c\\xe9\\U0001f600\\'\\\\'"
-    assert receive.escape(b"\xff\n") == "'\\xff\\x0a'"
-    long_text = receive.escape(u"x" * 100000)
+    assert pathrules.escape(b"\xff\n") == "'\\xff\\x0a'"
+    long_text = pathrules.escape(u"x" * 100000)
     assert len(long_text) < 200 and long_text.endswith("...(100000 characters)")
-    assert receive.escape(None) == "<NoneType>"
+    assert pathrules.escape(None) == "<NoneType>"
     for value in (u"\r\n\t", b"\x1b[31m", u"\u202e"):
-        out = receive.escape(value)
+        out = pathrules.escape(value)
         assert all(0x20 <= ord(c) < 0x7f for c in out)
 
 
@@ -204,11 +204,11 @@ def test_escape_is_bounded_printable_ascii():
     (u"queue/agent-groups/001", "agent-groups"),
 ])
 def test_item_for_master_owned_on_a_client(name, item):
-    assert receive.item_for(name, ITEMS, "master", "client", EXCLUDE).name == item
+    assert pathrules.item_for(name, ITEMS, "master", "client", EXCLUDE).name == item
 
 
 def test_item_for_agent_info_on_the_master():
-    found = receive.item_for(u"queue/agent-info/web01-10.0.0.5", ITEMS, "client", "master",
+    found = pathrules.item_for(u"queue/agent-info/web01-10.0.0.5", ITEMS, "client", "master",
                              EXCLUDE)
     assert found.name == "agent-info"
 
@@ -225,7 +225,7 @@ def test_item_for_agent_info_on_the_master():
 ])
 def test_item_for_refuses_names_outside_items(name):
     with pytest.raises(PathRefused) as info:
-        receive.item_for(name, ITEMS, "master", "client", EXCLUDE)
+        pathrules.item_for(name, ITEMS, "master", "client", EXCLUDE)
     assert "not inside any item" in info.value.message
 
 
@@ -236,7 +236,7 @@ def test_item_for_refuses_names_outside_items(name):
 ])
 def test_item_for_refuses_excluded_names(name):
     with pytest.raises(PathRefused) as info:
-        receive.item_for(name, ITEMS, "master", "client", EXCLUDE)
+        pathrules.item_for(name, ITEMS, "master", "client", EXCLUDE)
     assert "excluded" in info.value.message
 
 
@@ -244,27 +244,27 @@ def test_item_for_refuses_excluded_names(name):
                                   u"queue/agent-groups/001"])
 def test_master_refuses_master_owned_files_from_a_client(name):
     with pytest.raises(PathRefused) as info:
-        receive.item_for(name, ITEMS, "client", "master", EXCLUDE)
+        pathrules.item_for(name, ITEMS, "client", "master", EXCLUDE)
     assert info.value.message == "master-owned file pushed by a client"
     assert info.value.code == "invalid"
 
 
 def test_client_refuses_agent_info_from_the_master():
     with pytest.raises(PathRefused) as info:
-        receive.item_for(u"queue/agent-info/web01-any", ITEMS, "master", "client", EXCLUDE)
+        pathrules.item_for(u"queue/agent-info/web01-any", ITEMS, "master", "client", EXCLUDE)
     assert "written by the client" in info.value.message
 
 
 def test_same_role_peers_write_nothing():
     with pytest.raises(PathRefused):
-        receive.item_for(u"queue/agent-info/web01-any", ITEMS, "client", "client", EXCLUDE)
+        pathrules.item_for(u"queue/agent-info/web01-any", ITEMS, "client", "client", EXCLUDE)
     with pytest.raises(PathRefused):
-        receive.item_for(u"etc/client.keys", ITEMS, "master", "master", EXCLUDE)
+        pathrules.item_for(u"etc/client.keys", ITEMS, "master", "master", EXCLUDE)
 
 
 def test_unknown_roles_are_a_programming_error(home, log):
     with pytest.raises(ValueError):
-        receive.item_for(u"etc/client.keys", ITEMS, "boss", "client", EXCLUDE)
+        pathrules.item_for(u"etc/client.keys", ITEMS, "boss", "client", EXCLUDE)
     with pytest.raises(ValueError):
         Receiver(home, ITEMS, EXCLUDE, log)
 
@@ -272,11 +272,11 @@ def test_unknown_roles_are_a_programming_error(home, log):
 def test_most_specific_item_wins():
     items = ITEMS + (Item("special", "etc/shared/special", "dir", "client", False, 0o600,
                           0o700, False, False, False),)
-    assert receive.item_for(u"etc/shared/special/x", items, "client", "master").name == \
+    assert pathrules.item_for(u"etc/shared/special/x", items, "client", "master").name == \
         "special"
-    assert receive.item_for(u"etc/shared/other/x", items, "master", "client").name == "shared"
+    assert pathrules.item_for(u"etc/shared/other/x", items, "master", "client").name == "shared"
     with pytest.raises(PathRefused):  # below the nested non-recursive item: not "shared"
-        receive.item_for(u"etc/shared/special/a/b", items, "master", "client")
+        pathrules.item_for(u"etc/shared/special/a/b", items, "master", "client")
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -727,18 +727,11 @@ def test_manifest_diff():
     local = {u"etc/shared/default/a": entry("1"), u"etc/shared/default/b": entry("x"),
              u"etc/shared/default/c": entry("3"), AI: entry("4"),
              u"queue/agent-info/x-any": entry("5"), u"etc/shared/default/gone": entry("7")}
-    need_data, need_meta, delete = receive.manifest_diff(sender, local, False, ITEMS)
+    need_data, need_meta, delete = pathrules.manifest_diff(sender, local, False, ITEMS)
     assert need_data == [u"etc/client.keys", u"etc/shared/default/b"]
     assert need_meta == [AI]  # c differs only in mtime, which is no data for shared files
     assert delete == []
-    assert receive.manifest_diff(sender, local, True, ITEMS)[2] == [u"etc/shared/default/gone"]
-
-
-def test_dirs_to_remove():
-    sender = [u"etc/shared/default/agent.conf", u"etc/shared/web/x/y", u"etc/shared/empty"]
-    local = [u"etc/shared/default", u"etc/shared/web", u"etc/shared/web/x", u"etc/shared/web/z",
-             u"etc/shared/old", u"etc/shared/old/sub", u"etc/shared/empty"]
-    assert receive.dirs_to_remove(sender, local) == [u"etc/shared/old", u"etc/shared/web/z"]
+    assert pathrules.manifest_diff(sender, local, True, ITEMS)[2] == [u"etc/shared/default/gone"]
 
 
 def test_an_unexpected_error_mid_batch_leaves_no_temporary_file(home, log):

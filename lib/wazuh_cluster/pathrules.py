@@ -1,0 +1,199 @@
+"""The receiving rules for file names from a peer (SPEC section 4), pure: no system calls.
+
+`check_name` splits a name on "/" and checks each component before anything touches the disk;
+`item_for` finds the item the name falls in and checks that the sender's role may write it;
+`manifest_diff` says what a receiver lacks, comparing two manifests.
+"""
+from __future__ import absolute_import, division, print_function
+
+import fnmatch
+import re
+
+from wazuh_cluster import compat
+from wazuh_cluster.errors import PathRefused
+
+ROLES = ("master", "client")
+MAX_COMPONENT = 255
+MAX_PATH = 1024
+# Python 2.7 sets and reads mtimes through floats (about a microsecond of precision): without
+# a slack a full round would re-send the same touch forever.
+MTIME_SLACK_NS = 2000
+ESCAPE_MAX = 160
+
+_GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
+
+
+# -- names ------------------------------------------------------------------------------------
+
+def check_name(name):
+    """Split a peer's file name into its components, or raise PathRefused(reason).
+
+    Pure: no system call. The name must be text (2.7 str is taken when it is ASCII), relative,
+    printable ASCII without backslash, with no empty, "." or ".." component, each component
+    at most 255 bytes and the whole at most 1024.
+    """
+    if isinstance(name, compat.binary_type) and not isinstance(name, compat.text_type):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            raise PathRefused("name is not ASCII")
+    if not isinstance(name, compat.text_type):
+        raise PathRefused("name is not text")
+    if not name:
+        raise PathRefused("empty name")
+    if len(name) > MAX_PATH:
+        raise PathRefused("name longer than %d bytes" % MAX_PATH)
+    if not _GOOD_NAME.match(name):
+        raise PathRefused(_bad_character(name))
+    if name.startswith(u"/"):
+        raise PathRefused("absolute name")
+    parts = name.split(u"/")
+    for part in parts:
+        if not part:
+            raise PathRefused("empty component")
+        if part in (u".", u".."):
+            raise PathRefused("'%s' component" % part)
+        if len(part) > MAX_COMPONENT:
+            raise PathRefused("component longer than %d bytes" % MAX_COMPONENT)
+    return parts
+
+
+def _bad_character(name):
+    for char in name:
+        code = ord(char)
+        if code == 0:
+            return "NUL character"
+        if code < 0x20 or code == 0x7f:
+            return "control character 0x%02x" % code
+        if code > 0x7f:
+            return "non-ASCII character"
+        if char == u"\\":
+            return "backslash"
+    return "bad character"  # pragma: no cover - the regex and this loop agree
+
+
+def escape(name, limit=ESCAPE_MAX):
+    """A name as a quoted, printable-ASCII string of bounded length, safe for a log line.
+
+    Takes anything a peer may have sent (text, bytes, other types); never raises.
+    """
+    if isinstance(name, compat.binary_type):
+        codes = bytearray(name[:limit + 1])
+        total = len(name)
+    elif isinstance(name, compat.text_type):
+        codes = [ord(char) for char in name[:limit + 1]]
+        total = len(name)
+    else:
+        return "<%s>" % type(name).__name__
+    out = []
+    for code in codes[:limit]:
+        if 0x20 <= code < 0x7f and code not in (0x5c, 0x27):
+            out.append(chr(code))
+        elif code in (0x5c, 0x27):
+            out.append("\\" + chr(code))
+        elif code < 0x100:
+            out.append("\\x%02x" % code)
+        elif code < 0x10000:
+            out.append("\\u%04x" % code)
+        else:
+            out.append("\\U%08x" % code)
+    text = "'" + "".join(out) + "'"
+    if total > limit:
+        text += "...(%d characters)" % total
+    return text
+
+
+# -- items ------------------------------------------------------------------------------------
+
+def _match(parts, items):
+    """(item, components below it) of the item holding `parts`, or (None, None).
+
+    The owner is the item with the longest path that `parts` starts with, as for the scanner
+    (nested items keep their own rules). A file item holds its exact path; a dir item holds
+    the files right below it, or at any depth when recursive.
+    """
+    best, best_len = None, -1
+    for item in items:
+        root = item.path.split("/")
+        if best_len < len(root) <= len(parts) and parts[:len(root)] == root:
+            best, best_len = item, len(root)
+    if best is None:
+        return None, None
+    rest = parts[best_len:]
+    if best.kind == "file":
+        return (best, rest) if not rest else (None, None)
+    if not rest or (not best.recursive and len(rest) != 1):
+        return None, None
+    return best, rest
+
+
+def _check_roles(item, sender_role, receiver_role):
+    if sender_role not in ROLES or receiver_role not in ROLES:
+        raise ValueError("roles must be 'master' or 'client'")
+    if receiver_role == "master" and sender_role == "client" and item.source == "master":
+        raise PathRefused("master-owned file pushed by a client")
+    if sender_role == receiver_role:
+        raise PathRefused("a %s does not take files from another %s" % (receiver_role,
+                                                                        sender_role))
+    if item.source != sender_role:
+        raise PathRefused("item '%s' is written by the %s, not by a %s"
+                          % (item.name, item.source, sender_role))
+
+
+def _check_excluded(rest, exclude):
+    for part in rest:
+        for pattern in exclude:
+            if fnmatch.fnmatchcase(part, pattern):
+                raise PathRefused("excluded name ('%s' matches '%s')" % (part, pattern))
+
+
+def locate(name, items, sender_role, receiver_role, exclude):
+    parts = check_name(name)
+    item, rest = _match(parts, items)
+    if item is None:
+        raise PathRefused("not inside any item")
+    _check_roles(item, sender_role, receiver_role)
+    if item.kind == "dir":
+        # Like the scanner: a pattern applies to folders below the item root too.
+        _check_excluded(rest, exclude)
+    return item, parts
+
+
+def item_for(name, items, sender_role, receiver_role, exclude=()):
+    """The Item (config.Item) that a peer's file name falls in, or raise PathRefused.
+
+    `sender_role`/`receiver_role` are "master" or "client". The item must be one the sender's
+    role writes (item.source == sender_role); a client pushing a master-owned file to a master
+    gets the reason "master-owned file pushed by a client" (record it `invalid`). `exclude`
+    holds the fnmatch patterns of the items table; they apply to every component below a dir
+    item's root (an explicit file item is never excluded).
+    """
+    return locate(name, items, sender_role, receiver_role, exclude)[0]
+
+
+def manifest_diff(sender_manifest, local_manifest, full, items=()):
+    """What a receiver needs, from two manifests {name: {"sha256", "mtime_ns", "size", ...}}.
+
+    Returns sorted lists (need_data, need_meta, delete):
+    - need_data: names the receiver lacks or holds with another SHA-256;
+    - need_meta: same SHA-256, mtimes differ by more than MTIME_SLACK_NS, in an item whose
+      mtime is data (agent-info keepalives; `items` tells which);
+    - delete: receiver names the sender does not have, only when `full` is true, i.e. the
+      sender's manifest covers all of its own items. The caller passes as `local_manifest`
+      only files the sender is the source of: on the master, the agent-info files of the
+      agents that this client reports (other clients' agents share the folder).
+    Pure; names are not checked here (the Receiver does that when applying).
+    """
+    need_data, need_meta = [], []
+    for name, theirs in sender_manifest.items():
+        mine = local_manifest.get(name)
+        if mine is None or mine.get("sha256") != theirs.get("sha256"):
+            need_data.append(name)
+            continue
+        if abs((mine.get("mtime_ns") or 0) - (theirs.get("mtime_ns") or 0)) <= MTIME_SLACK_NS:
+            continue
+        item = _match(name.split("/"), items)[0]
+        if item is not None and item.mtime_is_data:
+            need_meta.append(name)
+    delete = [name for name in local_manifest if name not in sender_manifest] if full else []
+    return sorted(need_data), sorted(need_meta), sorted(delete)
