@@ -111,6 +111,10 @@ class Inbox(object):
     def sync_files(self, session, args, data):
         incoming, deletes, dirs = parse_batch(args, data)
         peer = session.peer_name
+        refused = {}
+        if session.peer_role == "client":
+            refused = self.refuse_deletes(peer, deletes + dirs)
+            deletes, dirs = [], []
         with self.lock:
             hold = None
             if not self.cfg.is_master and session.peer_role == "master":
@@ -123,12 +127,28 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
                 self.drop_agents(before, self.read_keys())
+        states.update(refused)
         invalid = [[peer, name, "invalid"] for name, state in states.items() if state == "invalid"]
         if invalid:
             self.link.call("set_states", {"rows": invalid})
         if self.cfg.is_master and self.info_dir:
             self.record_agents(peer, states, reasons)
         return {"states": states}, b""
+
+    def refuse_deletes(self, peer, names):
+        """{name: "invalid"} for deletions a client asked of us; logged (bounded).
+
+        No client deletes on its master (PeerSync sends none): an agent's agent-info goes
+        only when the master's own manager removes the agent. A peer holding the key must not
+        erase what the other clients reported.
+        """
+        for name in names[:receive.LOG_DETAIL_LINES]:
+            self.log.warning("refused deletion of %s from client %s: a client never deletes "
+                             "files on the master", receive.escape(name), peer)
+        if len(names) > receive.LOG_DETAIL_LINES:
+            self.log.warning("... and %d more deletions refused from client %s",
+                             len(names) - receive.LOG_DETAIL_LINES, peer)
+        return dict((name, "invalid") for name in names)
 
     # -- client.keys on a client ----------------------------------------------------------------
 
