@@ -234,3 +234,22 @@ def test_malformed_batches_are_answered_with_errors_and_the_master_goes_on(hosti
     assert snapshot(master.prefix) == before
     assert not dialer.session.closed
     still_serves_real_client(master, client)
+
+
+def test_a_client_cannot_delete_agent_info_on_the_master(hostile):
+    """A key holder must not erase what the other clients reported (no client deletes)."""
+    master, client, dialer = hostile
+    put(client, "queue/agent-info/web01-any", agent_info("client"))
+    target = master.path("queue", "agent-info", "web01-any")
+    wait_for(lambda: os.path.exists(target), SYNC_WAIT,
+             what="the real client's agent-info on the master")
+    names = ["queue/agent-info/web01-any", "queue/agent-info"]
+    result, _ = dialer.session.call("sync_files", {"delete": names[:1],
+                                                   "delete_dirs": names[1:]},
+                                    b"", timeout=30)
+    assert result["states"] == dict((n, "invalid") for n in names), result
+    wait_for(lambda: invalid_recorded(master, names), SYNC_WAIT,
+             what="'invalid' rows for the refused deletions")
+    assert os.path.exists(target)
+    assert len(refusal_lines(master, "queue/agent-info/web01-any")) == 1, master.dump_logs()
+    still_serves_real_client(master, client)
