@@ -253,3 +253,38 @@ def test_a_client_cannot_delete_agent_info_on_the_master(hostile):
     assert os.path.exists(target)
     assert len(refusal_lines(master, "queue/agent-info/web01-any")) == 1, master.dump_logs()
     still_serves_real_client(master, client)
+
+
+def test_hostile_metadata_updates_and_planted_symlinks_are_refused(hostile):
+    master, client, dialer = hostile
+    info = master.path("queue", "agent-info")
+    keys = master.path("etc", "client.keys")
+    outside = os.path.join(os.path.dirname(master.prefix), "outside-target")
+    with io.open(outside, "wb") as handle:
+        handle.write(b"outside\n")
+    # Planted by someone on the master's host: links out of queue/agent-info.
+    os.symlink(keys, os.path.join(info, "link-keys-any"))
+    os.symlink(outside, os.path.join(info, "link-out-any"))
+    os.symlink(os.path.dirname(master.prefix), os.path.join(info, "link-dir"))
+    before_keys = os.stat(keys)
+    states = send(dialer, [u"queue/agent-info/link-keys-any", u"queue/agent-info/link-out-any",
+                           u"queue/agent-info/link-dir/x-any"])
+    assert set(states.values()) <= set(["invalid", "failed"]), states
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    meta = [{"name": name, "sha256": sha, "mtime_ns": 4102444800 * 10 ** 9}
+            for name in HOSTILE_NAMES + [u"queue/agent-info/link-keys-any",
+                                         u"queue/agent-info/link-out-any",
+                                         u"queue/agent-info/never-sent-any"]]
+    result, _ = dialer.session.call("sync_files", {"meta": meta}, b"", timeout=30)
+    assert set(result["states"].values()) <= set(["invalid", "failed"]), result
+    after_keys = os.stat(keys)
+    assert (after_keys.st_mtime, after_keys.st_size) == (before_keys.st_mtime,
+                                                         before_keys.st_size)
+    with io.open(keys, encoding="utf-8") as handle:
+        assert handle.read() == KEYS
+    with io.open(outside, "rb") as handle:
+        assert handle.read() == b"outside\n"
+    assert int(os.stat(outside).st_mtime) != 4102444800
+    assert os.path.islink(os.path.join(info, "link-keys-any"))
+    assert not payload_anywhere(os.path.dirname(master.prefix))
+    still_serves_real_client(master, client)
