@@ -226,6 +226,24 @@ if [ "$UNINSTALL" = yes ]; then
     do_uninstall
 fi
 
+# ---------------------------------------------------------------- user
+# Created first: the interpreter must be one that user ossec can run.
+if [ "$IS_ROOT" = yes ]; then
+    if ! getent group ossec >/dev/null 2>&1; then
+        if command -v groupadd >/dev/null 2>&1; then groupadd -r ossec
+        else addgroup -S ossec; fi || die "cannot create group ossec"
+        say "created group ossec"
+    fi
+    if ! getent passwd ossec >/dev/null 2>&1; then
+        if command -v useradd >/dev/null 2>&1; then
+            useradd -r -g ossec -d "$PREFIX" -s /sbin/nologin -M ossec
+        else
+            adduser -S -G ossec -h "$PREFIX" -s /sbin/nologin -H ossec
+        fi || die "cannot create user ossec"
+        say "created user ossec"
+    fi
+fi
+
 # ---------------------------------------------------------------- interpreter
 [ -f "$SRC/bin/wazuh-clusterd" ] && [ -d "$SRC/lib/wazuh_cluster" ] \
     || die "run install.sh from the wazuh-cluster source tree ($SRC has no bin/wazuh-clusterd)"
@@ -239,6 +257,22 @@ sys.stdout.write(sys.executable)'
 
 py_ok() { "$1" -c "$PYCHECK" 2>/dev/null; }
 
+# as_ossec CMD...: run CMD as user ossec with our environment (root only).
+as_ossec() {
+    if command -v setpriv >/dev/null 2>&1; then
+        setpriv --reuid=ossec --regid=ossec --init-groups "$@"
+    else
+        su -s /bin/sh ossec -c "$(for a in "$@"; do printf '%s ' "$(shquote "$a")"; done)"
+    fi
+}
+
+# The daemons drop to user ossec and start their child with the same interpreter: as root, an
+# interpreter ossec cannot run (one under a private home, like /root/.pyenv) is no use.
+ossec_can_run() {
+    [ "$IS_ROOT" = yes ] || return 0
+    as_ossec "$1" -c 'import sys' >/dev/null 2>&1
+}
+
 if [ -n "$PYTHON" ]; then
     case "$PYTHON" in
         */*) [ -x "$PYTHON" ] || die "interpreter $PYTHON not found or not executable" ;;
@@ -246,15 +280,22 @@ if [ -n "$PYTHON" ]; then
     esac
     PYREAL=$(py_ok "$PYTHON") \
         || die "$PYTHON is not Python 2.7 or 3.6+ (found $("$PYTHON" -V 2>&1 | head -n 1))"
+    ossec_can_run "$PYREAL" \
+        || die "user ossec cannot run $PYREAL (is it under a private folder such as /root?); give --python an interpreter that ossec can run"
 else
     PYREAL=
-    # python3 first (maintained), python2.7 for old distributions (CentOS 6 software collection).
-    for cand in python3 python2.7; do
+    UNUSABLE=
+    # python3 first (maintained), python2.7 for old distributions (CentOS 6 software collection),
+    # then the system's own when those on PATH are private to root (pyenv under /root).
+    for cand in python3 python2.7 /usr/bin/python3 /usr/bin/python2.7 /usr/local/bin/python3; do
         command -v "$cand" >/dev/null 2>&1 || continue
-        if PYREAL=$(py_ok "$cand"); then PYTHON=$cand; break; fi
+        if PYREAL=$(py_ok "$cand"); then
+            if ossec_can_run "$PYREAL"; then PYTHON=$cand; break; fi
+            UNUSABLE="$UNUSABLE $PYREAL"
+        fi
         PYREAL=
     done
-    [ -n "$PYREAL" ] || die "no Python 2.7 or 3.6+ found on PATH (python3, python2.7); use --python PATH"
+    [ -n "$PYREAL" ] || die "no Python 2.7 or 3.6+ that user ossec can run (found but private:${UNUSABLE:- none}); use --python PATH"
 fi
 [ -n "$PYREAL" ] && [ -x "$PYREAL" ] || die "cannot tell the absolute path of $PYTHON (sys.executable is empty)"
 PYVER=$("$PYREAL" -c 'import sys; sys.stdout.write("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
@@ -288,23 +329,7 @@ elif ! env -i "$PYREAL" -c 'import cryptography' >/dev/null 2>&1; then
 fi
 [ "$WRAP" = yes ] && say "$PYREAL needs its environment: entry points will be sh wrappers"
 
-# ---------------------------------------------------------------- user, folders
-if [ "$IS_ROOT" = yes ]; then
-    if ! getent group ossec >/dev/null 2>&1; then
-        if command -v groupadd >/dev/null 2>&1; then groupadd -r ossec
-        else addgroup -S ossec; fi || die "cannot create group ossec"
-        say "created group ossec"
-    fi
-    if ! getent passwd ossec >/dev/null 2>&1; then
-        if command -v useradd >/dev/null 2>&1; then
-            useradd -r -g ossec -d "$PREFIX" -s /sbin/nologin -M ossec
-        else
-            adduser -S -G ossec -h "$PREFIX" -s /sbin/nologin -H ossec
-        fi || die "cannot create user ossec"
-        say "created user ossec"
-    fi
-fi
-
+# ---------------------------------------------------------------- folders
 mkdir -p "$PREFIX" || die "cannot create $PREFIX"
 VAR_EXISTED=no
 [ -d "$PREFIX/var" ] && VAR_EXISTED=yes
