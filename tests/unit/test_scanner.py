@@ -2,6 +2,7 @@
 from __future__ import absolute_import, division, print_function
 
 import collections
+import json
 import os
 import shutil
 import tempfile
@@ -61,7 +62,7 @@ def test_first_pass_reports_every_file_as_changed(home):
     assert changes.changed == ["etc/client.keys", "etc/shared/default/agent.conf",
                                "queue/agent-groups/001"]
     assert changes.deleted == [] and changes.touched == []
-    assert all(isinstance(n, compat.text_type) for n in changes.changed)
+    assert all(isinstance(n, str) for n in changes.changed)  # native str, ASCII
     assert len(scan) == 3
     assert scan.full_pass().is_empty()
     assert scan.poll().is_empty()
@@ -312,14 +313,15 @@ def test_seeded_from_rows_does_not_rehash_unchanged(home, monkeypatch):
 
 
 def test_native_str_paths_on_this_interpreter(home):
-    # 2.7: names come back from listdir as bytes str; they must leave as text.
+    # 2.7: names come back from listdir as bytes str; rows (db) leave as text, events as
+    # native str that JSON-encodes like text.
     write(home, "etc/shared/default/agent.conf", "a")
     scan = scanner.Scanner(compat.to_text(home), ITEMS, [compat.to_text(p) for p in EXCLUDE])
     changes = scan.full_pass()
     assert changes.changed == [u"etc/shared/default/agent.conf"]
-    assert isinstance(changes.changed[0], compat.text_type)
     assert isinstance(list(scan.rows())[0][0], compat.text_type)
-    assert changes.to_event()["event"] == "changes"
+    event = changes.to_event()
+    assert json.loads(json.dumps(event))["changed"] == [u"etc/shared/default/agent.conf"]
 
 
 def test_poll_relisting_a_busy_folder_stats_only_new_or_replaced_entries(home, monkeypatch):
