@@ -59,8 +59,9 @@ def parse_batch(header, data):
         raise _bad("file sizes do not add up to the data sent")
     incoming = []
     offset = 0
+    view = memoryview(data)  # slices of it, not copies: a batch may be megabytes
     for entry in files:
-        chunk = data[offset:offset + entry["size"]]
+        chunk = view[offset:offset + entry["size"]]
         offset += entry["size"]
         incoming.append(receive.Incoming(entry["name"], chunk, entry["sha256"],
                                          entry["mtime_ns"], False))
@@ -169,12 +170,13 @@ class Inbox(object):
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         if not new and self.keys_name not in deletes:
             return incoming, deletes, None
-        new_text = compat.to_text(new[0].data, errors="replace") if new else ""
+        new_data = bytes(new[0].data) if new else b""
+        new_text = compat.to_text(new_data, errors="replace")
         ok, message = self.guard.check(self.read_keys(), new_text)
         if ok:
             self.store_held(None)
             return incoming, deletes, None
-        held = {"data": base64.b64encode(new[0].data).decode("ascii") if new else None,
+        held = {"data": base64.b64encode(new_data).decode("ascii") if new else None,
                 "sha256": new[0].sha256 if new else None,
                 "mtime_ns": new[0].mtime_ns if new else None,
                 "message": message, "since": time.time()}
