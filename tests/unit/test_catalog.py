@@ -128,6 +128,9 @@ def test_manifest_filters_by_source_and_item(home):
     assert list(cat.handle("manifest", {"items": ["agent-info"]})["files"]) == \
         ["queue/agent-info/web01-any"]
     assert len(cat.handle("manifest", {})["files"]) == 2
+    assert list(cat.handle("manifest", {"source": "master", "names": [
+        "etc/shared/default/agent.conf", "queue/agent-info/web01-any", "nope"]})["files"]) == \
+        ["etc/shared/default/agent.conf"]
     json.dumps(cat.handle("manifest", {}))
 
 
