@@ -47,13 +47,23 @@ def _sha(data):
 
 
 class Versions(object):
-    """Every version of every master file the test wrote: {name: set(sha256)}."""
+    """The master's files and their versions around one round of changes.
+
+    `before` is the master's etc/shared when the round began (the client had converged to
+    it), `after` what it is once the round's changes are written. A client file may only be
+    one of these two versions: never a mixture, never a third thing.
+    """
 
     def __init__(self, master, rng):
         self.master = master
         self.rng = rng
-        self.known = {}
-        self.names = []
+        self.names = sorted(tree(master.prefix, SHARED))
+        self.serial = 0
+        self.begin_round()
+
+    def begin_round(self):
+        self.before = tree(self.master.prefix, SHARED)
+        self.after = self.before
 
     def write(self, rel, data=None):
         """Replace master file `rel` by rename (what an editor or Wazuh's own tools do)."""
@@ -67,25 +77,36 @@ class Versions(object):
         with io.open(temp, "wb") as handle:
             handle.write(data)
         os.rename(temp, path)
-        self.known.setdefault(rel, set()).add(_sha(data))
         if rel not in self.names:
             self.names.append(rel)
         return rel
 
-    def change(self, count):
-        names = self.rng.sample(self.names, count)
-        for rel in names:
+    def change(self, count, creates=4, deletes=4):
+        """Rewrite `count` files, create and delete a few; returns every name touched."""
+        self.begin_round()
+        picked = self.rng.sample(self.names, count + deletes)
+        changed, gone = picked[:count], picked[count:]
+        for rel in changed:
             self.write(rel)
-        return names
+        for rel in gone:
+            os.unlink(self.master.path(*rel.split("/")))
+            self.names.remove(rel)
+        for _ in range(creates):
+            self.serial += 1
+            rel = "etc/shared/%s/new%04d.bin" % (self.rng.choice(GROUPS), self.serial)
+            changed.append(self.write(rel))
+        self.after = tree(self.master.prefix, SHARED)
+        return changed + gone
 
     def check_whole(self, node):
-        """Every file under the node's etc/shared is one whole version the master had."""
+        """Every file under the node's etc/shared is the version before or after the round."""
         bad = []
         for rel, sha in sorted(tree(node.prefix, SHARED).items()):
-            if sha not in self.known.get(rel, ()):
+            if sha not in (self.before.get(rel), self.after.get(rel)):
                 bad.append(rel)
-        assert not bad, "%d file(s) on %s are not a whole version written on the master, " \
-            "e.g. %s\n%s" % (len(bad), node.name, bad[:5], node.dump_logs())
+        assert not bad, "%d file(s) on %s are neither the version before nor the one after " \
+            "the master's changes, e.g. %s\n%s" % (len(bad), node.name, bad[:5],
+                                                   node.dump_logs())
 
 
 def temp_files(node, parts=("etc/shared", "etc", "queue/agent-groups")):
@@ -187,11 +208,9 @@ def big_pair(make_node):
     rng = random.Random(os.urandom(8))
     master, client = _pair(make_node)
     versions = Versions(master, rng)
-    for rel, sha in tree(master.prefix, SHARED).items():  # whatever install.sh put there
-        versions.known.setdefault(rel, set()).add(sha)
-        versions.names.append(rel)
     for i in range(N_FILES):
         versions.write("etc/shared/%s/file%03d.bin" % (GROUPS[i % len(GROUPS)], i))
+    versions.begin_round()
     master.start()
     client.start()
     converge([master, client], SYNC_WAIT, SHARED)
@@ -214,15 +233,16 @@ def test_client_killed_during_transfers_keeps_whole_files_and_converges(big_pair
             before = inodes(client, changed)
             client.start()
         else:
-            before = inodes(client, versions.names)
+            snapshot = inodes(client, versions.names)
             changed = versions.change(CHANGED_PER_ROUND)
-            before = dict((rel, before[rel]) for rel in changed)
+            before = dict((rel, snapshot.get(rel)) for rel in changed)
         seen_temp, moved = kill_during_transfer(client, client, before, trigger, rng)
         if seen_temp or 0 < moved < len(changed):
             mid_transfer += 1
         versions.check_whole(client)
         client.start()
         converge([master, client], SYNC_WAIT, SHARED)
+        versions.begin_round()
         leftovers = temp_files(client)
         assert not leftovers, client.explain("round %d: temporary files left after the "
                                              "restart: %s" % (round_no, leftovers[:5]))
@@ -232,12 +252,15 @@ def test_client_killed_during_transfers_keeps_whole_files_and_converges(big_pair
 
 def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair):
     master, client, versions, rng = big_pair
+    mid_transfer = 0
     for round_no in range(MASTER_ROUNDS):
         trigger = TRIGGERS[round_no % len(TRIGGERS)]
-        before = inodes(client, versions.names)
+        snapshot = inodes(client, versions.names)
         changed = versions.change(CHANGED_PER_ROUND)
-        before = dict((rel, before[rel]) for rel in changed)
-        kill_during_transfer(master, client, before, trigger, rng)
+        before = dict((rel, snapshot.get(rel)) for rel in changed)
+        seen_temp, moved = kill_during_transfer(master, client, before, trigger, rng)
+        if seen_temp or 0 < moved < len(changed):
+            mid_transfer += 1
         versions.check_whole(client)
         # The client was not killed: whatever batch it was applying ends, and its temporary
         # files go, without any restart.
@@ -247,6 +270,8 @@ def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair
         versions.check_whole(client)
         master.start()
         converge([master, client], SYNC_WAIT, SHARED)
+        versions.begin_round()
+    print("master rounds killed mid-transfer: %d of %d" % (mid_transfer, MASTER_ROUNDS))
     assert not temp_files(client) and not temp_files(master)
 
 
@@ -328,8 +353,9 @@ def small_disk_pair(make_node):
         nodes.extend((master, client))
         rng = random.Random(os.urandom(8))
         versions = Versions(master, rng)
-        for rel in tree(master.prefix, SHARED):
+        for rel in versions.names:
             os.unlink(master.path(*rel.split("/")))
+        versions.names = []
         for i in range(8):
             versions.write("etc/shared/%s/small%d.bin" % (GROUPS[i % 2], i), os.urandom(8192))
         master.start()
@@ -367,4 +393,5 @@ def test_full_disk_on_a_client_keeps_old_files_records_failed_and_resumes(small_
     wait_for(lambda: all(_states(master, client.name).get(rel) == "synchronized"
                          for rel in wanted),
              SYNC_WAIT, what="state 'synchronized' once there is room")
+    versions.begin_round()
     versions.check_whole(client)
