@@ -104,11 +104,14 @@ class Catalog(object):
         self._rescan = True        # the first tick is a full pass (reconciles db and disk)
         self._last_full = None     # last pass over the items this node sends
         self._last_foreign = None  # last pass over the items it receives
+        self._last_foreign_poll = None
         self._last_poll = None
         self._last_purge = None
         self._last_scan_wall = None
         self._node_cache = {}      # agent-info name -> (sha256, node_name from the file)
         self._db_errors = 0
+        self._carry = []           # ChangeSets found between ticks (on-demand passes)
+        self._clock = clock
         self._commands = {
             "status": self._cmd_status,
             "manifest": self._cmd_manifest,
@@ -146,7 +149,8 @@ class Catalog(object):
 
         A full pass over the items this node sends every scan_interval, over the items it
         receives every foreign_scan_interval (and over everything on rescan), otherwise a
-        poll every poll_interval; nothing when none is due. Returns None when nothing changed, else
+        poll every poll_interval (of the received items' folders only every
+        scan_interval); nothing when none is due. Returns None when nothing changed, else
         {"event": "changes", "changed": [..], "touched": [..], "deleted": [..],
          "deleted_dirs": [..]} for the subscribers. When max_event_names is set and more
         files changed at once, the lists are empty and "overflow": true asks subscribers for
@@ -164,27 +168,30 @@ class Catalog(object):
             if own_due:
                 self._last_full = now
             if foreign_due:
-                self._last_foreign = now
+                self._last_foreign = self._last_foreign_poll = now
             self._last_poll = now
             self._last_scan_wall = self._wall()
         elif now - self._last_poll >= self.poll_interval:
-            changes = self.scanner.poll()
+            if now - self._last_foreign_poll >= self.scan_interval:
+                # The folders of received items too, but only every scan_interval: a master
+                # re-listing 50 000 agent-info entries at every poll while files arrive
+                # would spend a third of a core on 2.7.
+                changes = self.scanner.poll()
+                self._last_foreign_poll = now
+            else:
+                changes = self.scanner.poll(self._own)
             self._last_poll = now
         else:
             return None
-        try:
-            if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
-                self._last_purge = now
-                self.db.purge_deleted(self._wall() - TOMBSTONE_SECONDS)
-            if not changes.is_empty():
-                self._store(changes)
-        except db_mod.Error as exc:
-            # The database is a cache: a full disk must not stop change detection. The next
-            # full pass after a restart (or a rescan) rebuilds what was not stored.
-            self._db_errors += 1
-            if self._db_errors == 1 or self._db_errors % 100 == 0:
-                self.log.error("cluster database write failed (%d times so far): %s",
-                               self._db_errors, exc)
+        if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
+            self._last_purge = now
+            self._safely(self.db.purge_deleted, self._wall() - TOMBSTONE_SECONDS)
+        if not changes.is_empty():
+            self._safely(self._store, changes)
+        if self._carry:
+            # Changes found by an on-demand pass (see _refresh_received) since the last tick.
+            changes = scanner_mod.merge(self._carry + [changes])
+            self._carry = []
         if changes.is_empty():
             return None
         event = changes.to_event()
@@ -195,6 +202,33 @@ class Catalog(object):
             event = {"event": "changes", "overflow": True, "changed": [], "touched": [],
                      "deleted": [], "deleted_dirs": event["deleted_dirs"]}
         return event
+
+    def _safely(self, func, arg):
+        try:
+            func(arg)
+        except db_mod.Error as exc:
+            # The database is a cache: a full disk must not stop change detection. The next
+            # full pass after a restart (or a rescan) rebuilds what was not stored.
+            self._db_errors += 1
+            if self._db_errors == 1 or self._db_errors % 100 == 0:
+                self.log.error("cluster database write failed (%d times so far): %s",
+                               self._db_errors, exc)
+
+    def _refresh_received(self):
+        """A peer asks for our copy of what it owns (its integrity round): make it current.
+
+        The items this node only receives are otherwise fully passed every
+        foreign_scan_interval; a hand edit there must be visible to the round that repairs
+        it. At most one such pass per scan_interval; its changes go out with the next tick.
+        """
+        now = self._clock()
+        if self._last_foreign is not None and now - self._last_foreign < self.scan_interval:
+            return
+        changes = self.scanner.full_pass(self._foreign)
+        self._last_foreign = self._last_foreign_poll = now
+        if not changes.is_empty():
+            self._safely(self._store, changes)
+            self._carry.append(changes)
 
     def _store(self, changes):
         """One transaction: file rows, tombstones and pending rows of one pass."""
@@ -264,6 +298,8 @@ class Catalog(object):
                 if record is not None and record["item"] in wanted:
                     files[name] = record
             return {"files": files}
+        if source is not None and source != self.role:
+            self._refresh_received()
         for name, item, size, mtime_ns, _ino, _ctime, mode, sha in self.scanner.rows():
             if item in wanted:
                 files[name] = {"sha256": sha, "size": size, "mtime_ns": mtime_ns, "mode": mode,

@@ -71,6 +71,22 @@ class ChangeSet(collections.namedtuple("ChangeSet",
                 "deleted": list(self.deleted), "deleted_dirs": list(self.deleted_dirs)}
 
 
+def merge(changesets):
+    """One ChangeSet from several, in order (a later change wins over an earlier deletion)."""
+    out = _Collector()
+    for cs in changesets:
+        for name in cs.deleted:
+            out.changed.discard(name)
+            out.touched.discard(name)
+            out.deleted.add(name)
+        for name in cs.changed:
+            out.deleted.discard(name)
+            out.changed.add(name)
+        out.touched.update(cs.touched)
+        out.deleted_dirs.update(cs.deleted_dirs)
+    return out.freeze()
+
+
 class _Collector(object):
     """Mutable accumulator of one pass (sets, so a name seen twice counts once)."""
     __slots__ = ("changed", "touched", "deleted", "deleted_dirs")
@@ -242,13 +258,18 @@ class Scanner(object):
         self.last_full_pass = self.last_poll = end
         return out.freeze()
 
-    def poll(self):
-        """Hot files, folder fingerprints, retries and racy files; return a ChangeSet."""
+    def poll(self, only=None):
+        """Hot files, folder fingerprints, retries and racy files; return a ChangeSet.
+
+        `only`: names of the items whose folders are looked at (default all).
+        """
         if not self._primed:
             return self.full_pass()
         start = self._clock()
         out = _Collector()
         for item, rel in self._roots:
+            if only is not None and item.name not in only:
+                continue
             if item.kind == "file":
                 if item.hot:
                     self._check_path(item, rel, out)
@@ -259,12 +280,14 @@ class Scanner(object):
             record = self._dirs.get(rel)
             if record is None:  # dropped with its parent during this loop
                 continue
+            item = self.item_of(rel)
+            if only is not None and (item is None or item.name not in only):
+                continue
             try:
                 st = os.lstat(self._abs(rel))
             except OSError:
                 st = None
             if st is None or _dir_fingerprint(st) != record[:3]:
-                item = self.item_of(rel)
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
         for rel in list(self._retry | self._racy):

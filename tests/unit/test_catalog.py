@@ -78,6 +78,7 @@ def test_changes_mark_pending_for_known_clients_only(home):
     cat.handle("set_states", {"rows": [["client02", "etc/client.keys", "synchronized"]]})
     write(home, "etc/client.keys", "001 web01 any k\n")
     write(home, "queue/agent-info/web01-any", "Linux")  # client-owned: not sent by a master
+    cat.handle("rescan", {})  # a pass over everything, received items included
     event = cat.tick(1.0)
     assert event["changed"] == ["etc/client.keys", "queue/agent-info/web01-any"]
     assert cat.handle("pending", {"node": "client01"}) == {"files": ["etc/client.keys"],
@@ -248,3 +249,40 @@ def test_database_errors_do_not_stop_detection(home, monkeypatch):
     with pytest.raises(errors.RequestError) as info:
         cat.handle("pending", {"node": "x"})
     assert info.value.code == "db_error"
+
+
+def test_received_items_folders_are_polled_every_scan_interval(home):
+    cat = make(home)  # master: agent-info is received
+    cat.tick(0.0)
+    write(home, "queue/agent-info/new-any", "Linux")
+    write(home, "etc/shared/default/new", "n")
+    assert cat.tick(1.0)["changed"] == ["etc/shared/default/new"]
+    assert cat.tick(2.0) is None
+    write(home, "etc/shared/default/other", "o")
+    assert cat.tick(3.0)["changed"] == ["etc/shared/default/other"]
+    event = cat.tick(10.0)  # full pass of our own items; received folders were not listed
+    assert event is None or "queue/agent-info/new-any" not in event["changed"]
+    assert cat.tick(11.0)["changed"] == ["queue/agent-info/new-any"]
+
+
+def test_a_peer_asking_for_received_items_gets_a_fresh_view(home):
+    clock = Clock()
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="client", node_name="c1",
+                              clock=clock, wall=lambda: NOW)
+    path = write(home, "etc/shared/default/agent.conf", "from master")
+    cat.tick(clock())
+    write(home, "etc/shared/default/agent.conf", "BY HAND  EDIT")  # in place, same mtime
+    clock.t += 20
+    entry = cat.handle("manifest", {"source": "master"})["files"]["etc/shared/default/agent.conf"]
+    assert entry["size"] == os.path.getsize(path) == 13
+    assert cat.tick(clock.t)["changed"] == ["etc/shared/default/agent.conf"]  # then pushed
+
+
+def test_merge_of_change_sets():
+    from wazuh_cluster.scanner import ChangeSet, merge
+    a = ChangeSet(["x"], ["t"], ["y"], [])
+    b = ChangeSet(["y"], [], ["x"], ["d"])
+    merged = merge([a, b])
+    assert merged == ChangeSet(["y"], ["t"], ["x"], ["d"])
