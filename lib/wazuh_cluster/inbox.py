@@ -170,7 +170,7 @@ class Inbox(object):
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         if not new and self.keys_name not in deletes:
             return incoming, deletes, None
-        new_data = bytes(new[0].data) if new else b""
+        new_data = new[0].data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
         new_text = compat.to_text(new_data, errors="replace")
         ok, message = self.guard.check(self.read_keys(), new_text)
         if ok:
@@ -181,8 +181,7 @@ class Inbox(object):
                 "mtime_ns": new[0].mtime_ns if new else None,
                 "message": message, "since": time.time()}
         if self.held() is None or self.held().get("sha256") != held["sha256"]:
-            self.log.warning("%s Held back until 'cluster_control --confirm-removals'.",
-                             message)
+            self.log.warning("%s", message)
         self.store_held(held)
         return ([f for f in incoming if f.name != self.keys_name],
                 [d for d in deletes if d != self.keys_name], held)

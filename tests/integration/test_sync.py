@@ -208,7 +208,7 @@ def test_emptied_client_keys_is_held_back_on_clients(cluster):
     master, client1 = cluster[0], cluster[1]
     put(client1, "queue/agent-info/web01-any", agent_info("client1"))
     put(master, "etc/client.keys", u"")
-    wait_for(lambda: "Held back" in client1.log(), SYNC_WAIT, what="the guard's warning")
+    wait_for(lambda: "held back" in client1.log(), SYNC_WAIT, what="the guard's warning")
     with open(client1.path("etc", "client.keys")) as handle:
         assert handle.read() == KEYS
     assert os.path.exists(client1.path("queue", "agent-info", "web01-any"))
