@@ -300,7 +300,7 @@ class Catalog(object):
             return {"files": files}
         if source is not None and source != self.role:
             self._refresh_received()
-        for name, item, size, mtime_ns, _ino, _ctime, mode, sha in self.scanner.rows():
+        for name, item, size, mtime_ns, _ino, _ctime, mode, sha in self.scanner.rows(wanted):
             if item in wanted:
                 files[name] = {"sha256": sha, "size": size, "mtime_ns": mtime_ns, "mode": mode,
                                "item": item}

@@ -313,13 +313,14 @@ def test_seeded_from_rows_does_not_rehash_unchanged(home, monkeypatch):
 
 
 def test_native_str_paths_on_this_interpreter(home):
-    # 2.7: names come back from listdir as bytes str; rows (db) leave as text, events as
-    # native str that JSON-encodes like text.
+    # 2.7: names come back from listdir as bytes str; rows and events keep the native str,
+    # which compares and JSON-encodes like text (printable ASCII only).
     write(home, "etc/shared/default/agent.conf", "a")
     scan = scanner.Scanner(compat.to_text(home), ITEMS, [compat.to_text(p) for p in EXCLUDE])
     changes = scan.full_pass()
     assert changes.changed == [u"etc/shared/default/agent.conf"]
-    assert isinstance(list(scan.rows())[0][0], compat.text_type)
+    assert list(scan.rows())[0][0] == u"etc/shared/default/agent.conf"
+    assert isinstance(list(scan.rows())[0][7], compat.text_type)
     event = changes.to_event()
     assert json.loads(json.dumps(event))["changed"] == [u"etc/shared/default/agent.conf"]
 
