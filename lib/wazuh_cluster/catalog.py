@@ -13,6 +13,23 @@ Who gets a changed file ("pending" rows), kept simple on purpose:
   pending for every known peer whose role is "master".
 Known peers are those recorded by the peer_seen command plus any node named in states rows
 (set_states); this node's own name is never a target.
+
+Commands (args -> result; errors: RequestError codes unknown_command, bad_request, db_error):
+  status      {}                                  -> {files, last_scan, scan_seconds, ...}
+  manifest    {source?, items?, names?}           -> {files: {name: {sha256, size, mtime_ns,
+                                                      mode, item}}}
+  pending     {node}                              -> {files: [..], deleted: [..]}
+  set_states  {rows: [[node, file, state]]}       -> {updated: n}
+  states      {node?, files?}                     -> {rows: [[node, file, state]]}
+  rescan      {}                                  -> {scheduled: true}
+  peer_seen   {name, role, address?, version?}    -> {recorded: true}
+  peers       {}                                  -> {peers: [{node, role, address, version,
+                                                      last_seen}]}
+  agents      {}                                  -> {agents: [{id, name, ip, status,
+                                                      node_name, last_keepalive}]}
+  agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
+  meta_get    {key}                               -> {value: JSON value or null}
+  meta_set    {key, value}  (null deletes)        -> {stored: true}
 """
 from __future__ import absolute_import, division, print_function
 
