@@ -358,7 +358,9 @@ class Scanner(object):
             st = os.lstat(self._abs(rel))
         except OSError as exc:
             if exc.errno not in _GONE:
+                # Cannot look: keep what we knew (a "deleted" would delete it everywhere).
                 self._note(rel, "cannot stat: %s" % exc.strerror)
+                return
             self._forget_file(rel, out)
             return
         if stat.S_ISREG(st.st_mode):
@@ -506,8 +508,13 @@ class Scanner(object):
                 # nor unportable; one lstat and one bytes comparison.
                 try:
                     est = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # vanished between listing and stat: the next pass will tell
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        # Cannot look (EACCES, EIO): keep what we knew. Reporting it deleted
+                        # would delete it on every client.
+                        self._note(child, "cannot stat: %s" % exc.strerror)
+                        files.append(base)
+                    continue  # vanished between listing and stat: gone
                 if stat.S_ISREG(est.st_mode):
                     files.append(base)
                     if not old.startswith(pack(*_fingerprint(est))) or child in racy:
@@ -521,7 +528,9 @@ class Scanner(object):
             else:
                 try:
                     est = entry.stat(follow_symlinks=False)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        self._note(child, "cannot stat: %s" % exc.strerror)
                     continue
             mode = est.st_mode
             if stat.S_ISREG(mode):

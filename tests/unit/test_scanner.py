@@ -354,3 +354,43 @@ def test_poll_relisting_a_busy_folder_stats_only_new_or_replaced_entries(home, m
     assert changes.changed == ["queue/agent-info/a03-any", "queue/agent-info/new-any"]
     if not compat.PY2:
         assert sorted(stats) == ["a03-any", "new-any"]
+
+
+def test_stat_errors_other_than_missing_are_never_reported_as_deletions(home, monkeypatch):
+    import errno
+    write(home, "etc/client.keys", "k")
+    write(home, "etc/shared/default/a", "a")
+    scan, notes = make(home)
+    scan.full_pass()
+    real_lstat = os.lstat
+
+    def denied(path, *args, **kwargs):
+        if path.endswith("client.keys"):
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_lstat(path, *args, **kwargs)
+    monkeypatch.setattr(scanner.os, "lstat", denied)
+    assert scan.poll().is_empty() and scan.full_pass().is_empty()
+    assert "etc/client.keys" in scan and notes[0][0] == "etc/client.keys"
+
+
+def test_listed_entry_that_cannot_be_stat_ed_is_kept(home, monkeypatch):
+    import errno
+    write(home, "etc/shared/default/a", "a")
+    scan, notes = make(home)
+    scan.full_pass()
+
+    class DeniedEntry(object):
+        def __init__(self, entry):
+            self.name = entry.name
+
+        def stat(self, follow_symlinks=True):
+            raise OSError(errno.EIO, "Input/output error")
+
+    real_scandir = scanner.compat.scandir
+    monkeypatch.setattr(scanner.compat, "scandir",
+                        lambda path: [DeniedEntry(e) for e in real_scandir(path)])
+    assert scan.full_pass().is_empty()
+    assert "etc/shared/default/a" in scan and notes[0][0] == "etc/shared/default/a"
+    monkeypatch.setattr(scanner.compat, "scandir", real_scandir)
+    os.unlink(os.path.join(home, "etc/shared/default/a"))
+    assert scan.full_pass().deleted == ["etc/shared/default/a"]
