@@ -531,6 +531,8 @@ class Scanner(object):
                 except OSError as exc:
                     if exc.errno not in _GONE:
                         self._note(child, "cannot stat: %s" % exc.strerror)
+                        if child in self._dirs:
+                            subdirs.append(base)  # a known folder: keep it, as for files
                     continue
             mode = est.st_mode
             if stat.S_ISREG(mode):
