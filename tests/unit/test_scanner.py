@@ -373,7 +373,8 @@ def test_stat_errors_other_than_missing_are_never_reported_as_deletions(home, mo
     assert "etc/client.keys" in scan and notes[0][0] == "etc/client.keys"
 
 
-def test_listed_entry_that_cannot_be_stat_ed_is_kept(home, monkeypatch):
+@pytest.mark.parametrize("denied", ["a", "default"])
+def test_listed_entry_that_cannot_be_stat_ed_is_kept(home, monkeypatch, denied):
     import errno
     write(home, "etc/shared/default/a", "a")
     scan, notes = make(home)
@@ -382,16 +383,20 @@ def test_listed_entry_that_cannot_be_stat_ed_is_kept(home, monkeypatch):
     class DeniedEntry(object):
         def __init__(self, entry):
             self.name = entry.name
+            self._entry = entry
 
         def stat(self, follow_symlinks=True):
-            raise OSError(errno.EIO, "Input/output error")
+            if self.name == denied:
+                raise OSError(errno.EIO, "Input/output error")
+            return self._entry.stat(follow_symlinks=follow_symlinks)
 
     real_scandir = scanner.compat.scandir
     monkeypatch.setattr(scanner.compat, "scandir",
                         lambda path: [DeniedEntry(e) for e in real_scandir(path)])
     assert scan.full_pass().is_empty()
     assert "etc/shared/default/a" in scan
-    assert sorted(n for n, _ in notes) == ["etc/shared/default", "etc/shared/default/a"]
+    assert [n for n, _ in notes] == ["etc/shared/default/a" if denied == "a"
+                                     else "etc/shared/default"]
     monkeypatch.setattr(scanner.compat, "scandir", real_scandir)
     os.unlink(os.path.join(home, "etc/shared/default/a"))
     assert scan.full_pass().deleted == ["etc/shared/default/a"]
