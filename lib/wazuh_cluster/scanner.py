@@ -303,10 +303,13 @@ class Scanner(object):
             elif rel not in self._dirs:
                 self._scan_dir(item, rel, out, deep=True, root=True)
         # Parents first, so a removed tree is reported once, as its top-most folder.
+        blocked = ()
         for rel in sorted(self._dirs):
             record = self._dirs.get(rel)
             if record is None:  # dropped with its parent during this loop
                 continue
+            if rel.startswith(blocked):
+                continue  # below an item folder that is a symlink now: never walked through
             item = self.item_of(rel)
             if only is not None and (item is None or item.name not in only):
                 continue
@@ -314,6 +317,8 @@ class Scanner(object):
                 st = os.lstat(self._abs(rel))
             except OSError:
                 st = None
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                blocked += (rel + "/",)
             if st is None or _dir_fingerprint(st) != record[:3]:
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
@@ -450,6 +455,10 @@ class Scanner(object):
             if not stat.S_ISDIR(st.st_mode):
                 if root or old_dir is not None:
                     self._note(rel, "%s where a folder was expected" % _kind_word(st.st_mode))
+                if root:
+                    # An item folder turned into a symlink (or a file) is an operator's
+                    # mistake: keep what we knew rather than have every peer delete it all.
+                    return
                 self._forget_dir(rel, out, root)
                 return
             entries = compat.scandir(path)

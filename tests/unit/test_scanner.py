@@ -400,3 +400,18 @@ def test_listed_entry_that_cannot_be_stat_ed_is_kept(home, monkeypatch, denied):
     monkeypatch.setattr(scanner.compat, "scandir", real_scandir)
     os.unlink(os.path.join(home, "etc/shared/default/a"))
     assert scan.full_pass().deleted == ["etc/shared/default/a"]
+
+
+def test_item_folder_replaced_by_a_symlink_is_not_followed_nor_deleted(home):
+    write(home, "etc/shared/default/a", "a")
+    scan, notes = make(home)
+    scan.full_pass()
+    os.rename(os.path.join(home, "etc/shared"), os.path.join(home, "elsewhere"))
+    os.symlink(os.path.join(home, "elsewhere"), os.path.join(home, "etc/shared"))
+    assert scan.poll().is_empty() and scan.full_pass().is_empty()
+    write(home, "elsewhere/default/b", "b")  # seen only through the symlink: ignored
+    assert scan.poll().is_empty() and scan.full_pass().is_empty()
+    assert "etc/shared/default/a" in scan and notes[0][0] == "etc/shared"
+    os.unlink(os.path.join(home, "etc/shared"))
+    os.rename(os.path.join(home, "elsewhere"), os.path.join(home, "etc/shared"))
+    assert scan.poll().changed == ["etc/shared/default/b"]
