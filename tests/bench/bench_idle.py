@@ -16,10 +16,12 @@ with bind_addr and nodes 127.0.0.2, default internal options (poll 1 s, full pas
 client.keys listing those agents). Figures, each next to its target:
 1. both daemons' CPU (utime+stime of /proc/PID/stat, % of one core) over --idle seconds once
    the first full pass is done (status' last_scan), and their RSS (VmRSS);
-2. their RSS with --tracked files (more agent-info files are added);
+2. their RSS with --tracked files (more agent-info files are added), and again after a
+   restart with those files (no burst of new files behind the figure);
 3. the delay from a change to its event on the internal socket (a subscription), --samples
    times each: client.keys edited in place; a shared file created, renamed over, deleted
-   (targets: one poll period); a shared file edited in place (one scan interval). A random pause
+   (targets: p50 within one poll period, max 2 s as SPEC's p99); a shared file edited in place
+   (one scan interval). A random pause
    before each change spreads the changes over the poll (scan) phase.
 """
 from __future__ import absolute_import, division, print_function
@@ -238,11 +240,9 @@ class Bench(object):
         build(self.node, self.options, self.ids)
         print("built %d shared files in %d groups, %d agent-info files in %.1f s"
               % (self.options.shared, self.options.groups, self.options.agents, now() - start))
-        env = dict(BARE_ENV)
-        if os.environ.get("LD_LIBRARY_PATH"):
-            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         start = now()
-        result = lab_harness.run([self.node.path("bin", "ossec-control"), "start"], 120, env)
+        result = lab_harness.run([self.node.path("bin", "ossec-control"), "start"], 120,
+                                 self.env())
         if result.rc != 0:
             raise lab_harness.LabError("ossec-control start failed: %s%s\n%s" % (
                 result.out, result.err, self.node.dump_logs()))
@@ -290,7 +290,34 @@ class Bench(object):
         print("   %d tracked files" % st["files"])
         for name, pid in zip((DAEMON, INTERNAL), self.pids()):
             self.report(name + " RSS", rss_kib(pid) / 1024.0, "MB", 100.0, "%.1f")
-            print("  %-44s %10.1f MB" % (name + " peak RSS (VmHWM)", rss_kib(pid, "VmHWM") / 1024.0))
+            print("  %-44s %10.1f MB" % (name + " peak RSS (VmHWM)",
+                                         rss_kib(pid, "VmHWM") / 1024.0))
+
+    def restarted(self):
+        """RSS at the same size after a restart: without the burst of new files (whose event
+        and hashing raise the peak) the steady state of a node that starts with them."""
+        start = now()
+        result = lab_harness.run([self.node.path("bin", "ossec-control"), "restart"], 120,
+                                 self.env())
+        if result.rc != 0:
+            raise lab_harness.LabError("ossec-control restart failed: %s%s\n%s" % (
+                result.out, result.err, self.node.dump_logs()))
+        wait_for(self.node.running, 30, what="both daemons")
+        st = wait_for(lambda: (status(self.node) or {}).get("last_scan") and status(self.node),
+                      900, 0.5, what="the first full pass after the restart")
+        print("\n2b. restarted with %d tracked files: first pass done %.1f s after the restart"
+              % (st["files"], now() - start))
+        time.sleep(self.options.settle)
+        for name, pid in zip((DAEMON, INTERNAL), self.pids()):
+            self.report(name + " RSS", rss_kib(pid) / 1024.0, "MB", 100.0, "%.1f")
+            print("  %-44s %10.1f MB" % (name + " peak RSS (VmHWM)",
+                                         rss_kib(pid, "VmHWM") / 1024.0))
+
+    def env(self):
+        env = dict(BARE_ENV)
+        if os.environ.get("LD_LIBRARY_PATH"):
+            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+        return env
 
     def latency(self):
         opts = self.options
@@ -379,7 +406,9 @@ class Bench(object):
                     self.report(what + " p50 (none seen)", float("inf"), "s", target)
                     continue
                 self.report(what + " p50", percentile(delays, 0.5), "s", target)
-                self.report(what + " max", max(delays), "s", target)
+                # SPEC section 8 bounds the tail at p99 <= 2 s (one poll plus the pass that
+                # may be running); in-place edits wait for the next full pass in any case.
+                self.report(what + " max", max(delays), "s", target if target == SCAN else 2.0)
         finally:
             events.close()
 
@@ -496,6 +525,7 @@ def main(argv=None):
         bench.setup()
         bench.idle()
         bench.tracked()
+        bench.restarted()
         bench.latency()
         bench.summary()
     finally:

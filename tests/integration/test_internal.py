@@ -454,6 +454,10 @@ def test_a_subscriber_that_never_reads_does_not_block_other_clients(make_node):
                           changed=names)
         assert call(node, "status")["files"] == len(MASTER_FILES) - 1 + rounds * per_round
         assert alive(node.internal_pid())
+        # The scenario holds only if the lazy subscriber was sent more than a UNIX socket
+        # buffer holds (about 200 KiB by default): the daemon had to keep the rest queued.
+        pushed = sum(len(localsock.encode(event)) for event in reader.events)
+        assert pushed > 1 << 20, pushed
     finally:
         reader.close()
         lazy.close()
