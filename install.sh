@@ -227,8 +227,9 @@ if [ "$UNINSTALL" = yes ]; then
 fi
 
 # ---------------------------------------------------------------- user
-# Created first: the interpreter must be one that user ossec can run.
-if [ "$IS_ROOT" = yes ]; then
+# Created before the interpreter is chosen: it must be one that user ossec can run.
+create_user() {
+    [ "$IS_ROOT" = yes ] || return 0
     if ! getent group ossec >/dev/null 2>&1; then
         if command -v groupadd >/dev/null 2>&1; then groupadd -r ossec
         else addgroup -S ossec; fi || die "cannot create group ossec"
@@ -242,7 +243,7 @@ if [ "$IS_ROOT" = yes ]; then
         fi || die "cannot create user ossec"
         say "created user ossec"
     fi
-fi
+}
 
 # ---------------------------------------------------------------- interpreter
 [ -f "$SRC/bin/wazuh-clusterd" ] && [ -d "$SRC/lib/wazuh_cluster" ] \
@@ -280,9 +281,11 @@ if [ -n "$PYTHON" ]; then
     esac
     PYREAL=$(py_ok "$PYTHON") \
         || die "$PYTHON is not Python 2.7 or 3.6+ (found $("$PYTHON" -V 2>&1 | head -n 1))"
+    create_user
     ossec_can_run "$PYREAL" \
         || die "user ossec cannot run $PYREAL (is it under a private folder such as /root?); give --python an interpreter that ossec can run"
 else
+    create_user
     PYREAL=
     UNUSABLE=
     # python3 first (maintained), python2.7 for old distributions (CentOS 6 software collection),
