@@ -31,6 +31,7 @@ import io
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -67,7 +68,7 @@ INTERNAL = "wazuh-clusterd-internal"
 LATENCY_POLL = 0.005
 TREE_POLL = 0.02
 CHANGE_TIMEOUT = 30.0
-SYNC_TIMEOUT = 600.0
+SYNC_TIMEOUT = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORDS = ("agent_config", "localfile", "location", "log_format", "syslog", "apache", "frequency",
          "syscheck", "directories", "check_all", "yes", "no", "rootcheck", "ignore", "/var/log",
@@ -255,10 +256,32 @@ class Bench(object):
                            "master" if k == 0 else "client", addresses[k], port)
             lab_harness.install_node(node.prefix, self.python,
                                      self.nodes[0].prefix if self.nodes else None)
+            if k == 0:
+                self.apply_patches(node.prefix)
             # Default internal options: the targets are about what a manager runs.
             lab_harness.configure(node, key, addresses, opt.interval, {})
             self.nodes.append(node)
         self.write_tree()
+
+    def apply_patches(self, prefix):
+        """--patch module.NAME=VALUE: set a constant in the installed copy (never the repo).
+
+        For measuring a proposed change next to the code as it is; the output says so.
+        """
+        for patch in self.opt.patch:
+            target, value = patch.split("=", 1)
+            module, name = target.rsplit(".", 1)
+            path = os.path.join(prefix, "lib", "wazuh_cluster", module + ".py")
+            with io.open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            new, count = re.subn(r"(?m)^%s = .*$" % re.escape(name), u"%s = %s" % (name, value),
+                                 text)
+            if count != 1:
+                raise RuntimeError("--patch %s: no single '%s = ' line in %s"
+                                   % (patch, name, path))
+            with io.open(path, "w", encoding="utf-8") as handle:
+                handle.write(new)
+            print("PATCHED installed copy: %s.%s = %s" % (module, name, value))
 
     def write_tree(self):
         master = self.master
@@ -441,7 +464,7 @@ class Bench(object):
         done = [None, None]
         master_pids = [self.pid(self.master, DAEMON), self.pid(self.master, INTERNAL)]
         cpu0 = sum(proc_cpu(p) for p in master_pids)
-        start = now()
+        start = checked = now()
         self.start(clients, parallel=True)
         deadline = start + SYNC_TIMEOUT
         while None in done:
@@ -461,6 +484,13 @@ class Bench(object):
                         done[k] = stamp
             if stamp > deadline:
                 raise RuntimeError("first sync not finished after %d s" % SYNC_TIMEOUT)
+            if stamp - checked > 1.0:
+                checked = stamp
+                for k, client in enumerate(clients):
+                    failure = self.session_failure(logs[k], offsets[k])
+                    if failure:
+                        raise RuntimeError("first sync cannot finish, %s: %s"
+                                           % (client.name, failure))
             time.sleep(TREE_POLL)
         end = max(done)
         session = [s if s is not None else start for s in session]
@@ -469,6 +499,19 @@ class Bench(object):
         figures["cpu_master"].append(sum(proc_cpu(p) for p in master_pids) - cpu0)
         figures["cpu_clients"].append(sum(proc_cpu(self.pid(c, d)) for c in clients
                                           for d in (DAEMON, INTERNAL)))
+
+    def session_failure(self, path, offset):
+        """The first 'closed: protocol error' line logged since `offset`, or None."""
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode("utf-8", "replace")
+        except (IOError, OSError):
+            return None
+        for line in text.splitlines():
+            if "closed: protocol error" in line:
+                return line.strip()
+        return None
 
     def session_up(self, path, offset):
         try:
@@ -518,7 +561,7 @@ class Bench(object):
             self.pause()
             data = self.content("create %d" % i, self.file_size())
             write_owned(master.path(*created.split("/")), data)
-            self.measure(lat, missed, "create", clients, created, data)
+            created_ok = self.measure(lat, missed, "create", clients, created, data)
             self.pause()
             data = self.content("rename %d" % i, self.file_size())
             tmp = master.path("etc", "shared", target_group, ".bench-rename.tmp")
@@ -527,7 +570,10 @@ class Bench(object):
             self.measure(lat, missed, "rename", clients, renamed, data)
             self.pause()
             os.unlink(master.path(*created.split("/")))
-            self.measure(lat, missed, "delete", clients, created, None)
+            if created_ok:
+                self.measure(lat, missed, "delete", clients, created, None)
+            else:
+                missed["delete"] += 1  # never arrived: its deletion proves nothing
         print("\na. change -> identical on 2 clients, %d changes per kind (default options: poll "
               "1 s, push_delay 0.2 s)" % self.opt.changes)
         print("   %-8s %8s %8s %8s %8s   target p50 <= 1.0 s, p99 <= 2.0 s"
@@ -559,9 +605,10 @@ class Bench(object):
                 break
             if now() - start > CHANGE_TIMEOUT:
                 missed[kind] += 1
-                return
+                return False
             time.sleep(LATENCY_POLL)
         lat[kind].append(now() - start)
+        return True
 
     # -- c. incremental -----------------------------------------------------------------------
 
@@ -812,11 +859,16 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", help="parent folder of the installations (default /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the installations")
+    parser.add_argument("--patch", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="set a constant in the installed copy to measure a proposed "
+                             "change, e.g. sync.BATCH_FILES=1000 (repeatable)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     options = parse_args(sys.argv[1:] if argv is None else argv)
+    # Line-buffered even into a file or a pipe: a long run shows each figure when it is ready.
+    sys.stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", 1)
     if os.geteuid() == 0 and not os.environ.get(NS_MARK):
         return reexec_in_namespace()
     work = tempfile.mkdtemp(prefix="wazuh-bench-sync.", dir=options.workdir)
