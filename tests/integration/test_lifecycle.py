@@ -159,7 +159,11 @@ def test_wazuh30_style_start_and_kill(make_node):
         assert handle.read() == "%d\n" % pid
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert alive(pid)
-    wait_for(node.internal_pid, 5.0, what="wazuh-clusterd-internal PID file")
+    internal = wait_for(node.internal_pid, 5.0, what="wazuh-clusterd-internal PID file")
+    internal_file = node.path("var", "run", "%s-%d.pid" % (INTERNAL, internal))
+    with open(internal_file) as handle:
+        assert handle.read() == "%d\n" % internal
+    assert stat.S_IMODE(os.stat(internal_file).st_mode) == 0o640
     # ossec-control's stop: SIGTERM every PID of the glob, remove the files, do not wait.
     pids = []
     for pid_file in glob.glob(node.path("var", "run", "wazuh-clusterd*.pid")):
@@ -227,3 +231,31 @@ def dead_pid():
     while alive(pid):
         pid -= 1
     return pid
+
+
+def test_sigterm_to_wazuh_clusterd_alone_stops_both_and_removes_pid_files(make_node):
+    node = make_node("node01", "master")
+    node.start()
+    pids = [node.running_pid(), node.internal_pid()]
+    os.kill(pids[0], signal.SIGTERM)
+    node.wait_stopped(pids, timeout=10.0)
+    wait_for(lambda: not glob.glob(node.path("var", "run", "*.pid")), 5.0,
+             what="both PID files removed by the daemons themselves")
+    assert node.control("status").rc == 1
+
+
+def test_json_output_of_start_and_stop(make_node):
+    node = make_node("node01", "master")
+    started = node.control("-j", "start")
+    assert started.rc == 0
+    assert json.loads(started.out) == {"error": 0, "data": "Completed."}
+    node.wait_running()
+    stopped = node.control("-j", "stop")
+    assert json.loads(stopped.out)["error"] == 0
+    bad = make_node("node02", "master")
+    bad.key = "short"
+    bad.configure("master")
+    failed = bad.control("-j", "start")
+    assert failed.rc == 1
+    answer = json.loads(failed.out)
+    assert answer["error"] == 1 and "did not start correctly" in answer["message"]
