@@ -115,7 +115,8 @@ def scandir(path):
     """Iterate a folder's entries without following symlinks: os.scandir on 3.x."""
     if hasattr(os, "scandir"):
         return os.scandir(path)
-    return [DirEntry(path, name) for name in os.listdir(path)]
+    names = os.listdir(path)  # here, so that a missing folder raises at the call
+    return (DirEntry(path, name) for name in names)
 
 
 def set_cloexec(fd):

@@ -60,7 +60,9 @@ def overlay_supported():
 def test_sudo_install_sh_gives_a_running_single_master_under_var_ossec():
     before = [os.path.exists(p) for p in ("/etc/ossec-init.conf", "/var/ossec")]
     workdir = tempfile.mkdtemp(prefix="wazuh-cluster-sysinstall-")
-    env = dict(os.environ, T=workdir, REPO=REPO)
+    # The operator's environment: not the test run's PYTHONPATH (another interpreter's deps).
+    env = dict((k, v) for k, v in os.environ.items() if not k.startswith("PYTHON"))
+    env.update(T=workdir, REPO=REPO)
     try:
         result = run(["unshare", "-m", "sh", "-c", SCRIPT], env=env, timeout=600)
         out = result.out + result.err
