@@ -1,11 +1,12 @@
 """Crashes and a full disk during transfers: a file is always entirely one version or another.
 
-A master holds a few MB of random etc/shared files; every version of every file the test
-writes is remembered by its SHA-256. wazuh-clusterd is killed with SIGKILL (no cleanup at all)
-at moments chosen while a transfer runs: as soon as the receiver's temporary files appear,
-as soon as the first file has been renamed into place, or after a random delay. After each
-kill every file on the client must be one whole version (never a mixture, never unknown
-content); after the restart no temporary file may be left and the cluster converges.
+A master holds a few MB of random etc/shared files and a client.keys; each round rewrites,
+creates and deletes some of them, and the SHA-256 of every file before and after the round is
+kept. wazuh-clusterd is killed with SIGKILL (no cleanup at all) at moments chosen while the
+transfer runs: as soon as the receiver's temporary files appear, as soon as the first file has
+been renamed into place, or after a random delay. After each kill every file on the client
+must be entirely its version before or after the round (never a mixture, never anything
+else); after the restart no temporary file may be left and the cluster converges.
 
 The full-disk case mounts a 1 MiB tmpfs over the client's etc/shared. That needs root and a
 private mount namespace (tests/run provides one); otherwise it is skipped with the reason.
@@ -36,7 +37,8 @@ CHANGED_PER_ROUND = 90
 CLIENT_ROUNDS = 20
 MASTER_ROUNDS = 8
 SYNC_WAIT = 40.0
-SHARED = ("etc/shared",)
+SHARED = ("etc/client.keys", "etc/shared")
+KEYS_NAME = "etc/client.keys"
 TRIGGERS = ("temporary files", "first rename", "random delay")
 
 
@@ -57,7 +59,8 @@ class Versions(object):
     def __init__(self, master, rng):
         self.master = master
         self.rng = rng
-        self.names = sorted(tree(master.prefix, SHARED))
+        self.names = sorted(n for n in tree(master.prefix, SHARED) if n != KEYS_NAME)
+        self.keys = KEYS
         self.serial = 0
         self.begin_round()
 
@@ -82,7 +85,8 @@ class Versions(object):
         return rel
 
     def change(self, count, creates=4, deletes=4):
-        """Rewrite `count` files, create and delete a few; returns every name touched."""
+        """Rewrite `count` files, create and delete a few, add an agent to client.keys;
+        returns every name touched."""
         self.begin_round()
         picked = self.rng.sample(self.names, count + deletes)
         changed, gone = picked[:count], picked[count:]
@@ -95,8 +99,12 @@ class Versions(object):
             self.serial += 1
             rel = "etc/shared/%s/new%04d.bin" % (self.rng.choice(GROUPS), self.serial)
             changed.append(self.write(rel))
+        self.keys += u"%03d agent%d any %032x\n" % (100 + self.serial, self.serial,
+                                                   self.rng.getrandbits(128))
+        self.write(KEYS_NAME, self.keys.encode("utf-8"))
+        self.names.remove(KEYS_NAME)
         self.after = tree(self.master.prefix, SHARED)
-        return changed + gone
+        return changed + gone + [KEYS_NAME]
 
     def check_whole(self, node):
         """Every file under the node's etc/shared is the version before or after the round."""
