@@ -28,7 +28,7 @@ import pytest
 
 from harness import (alive, base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
-from test_sync import FAST, KEYS, converge, put, tree
+from test_sync import FAST, KEYS, put
 
 GROUPS = ("default", "web", "db", "mail", "dmz")
 N_FILES = 300
@@ -46,6 +46,43 @@ TRIGGERS = ("temporary files", "first rename", "random delay")
 
 def _sha(data):
     return hashlib.sha256(data).hexdigest()
+
+
+def tree(prefix, parts=("etc/client.keys", "etc/shared", "queue/agent-groups")):
+    """{relative name: sha256} of the regular files under these items, excluded names out.
+
+    Like test_sync.tree, but a file that a running daemon removes or replaces while it is
+    being walked is simply left out (the caller polls again), instead of raising.
+    """
+    found = {}
+    for part in parts:
+        path = os.path.join(prefix, *part.split("/"))
+        if not os.path.isdir(path):
+            files = [(os.path.dirname(path), os.path.basename(path))]
+        else:
+            files = []
+            for folder, _dirs, names in os.walk(path):
+                files.extend((folder, name) for name in names
+                             if name not in ("merged.mg", "ar.conf", "ossec.conf")
+                             and not name.startswith("."))
+        for folder, name in files:
+            full = os.path.join(folder, name)
+            try:
+                with io.open(full, "rb") as handle:
+                    found[os.path.relpath(full, prefix).replace(os.sep, "/")] = \
+                        _sha(handle.read())
+            except (IOError, OSError) as err:
+                if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+    return found
+
+
+def converge(nodes, timeout=40.0, parts=("etc/client.keys", "etc/shared", "queue/agent-groups")):
+    """Wait until every node's files are the first node's (the master's)."""
+    master = nodes[0]
+    wait_for(lambda: all(tree(n.prefix, parts) == tree(master.prefix, parts)
+                         for n in nodes[1:]),
+             timeout, 0.1, what="nodes identical to %s (%s)" % (master.name, (parts,)))
 
 
 class Versions(object):

@@ -18,7 +18,8 @@ import pytest
 
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
-from test_sync import FAST, KEYS, agent_info, converge, put, tree
+from test_crash import converge  # race-free while daemons delete files
+from test_sync import FAST, KEYS, agent_info, put
 
 from wazuh_cluster import compat, peers
 from wazuh_cluster.errors import RequestError

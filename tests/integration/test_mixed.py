@@ -21,7 +21,8 @@ import pytest
 from harness import (Node, base_install, clone_install, free_port, install,  # noqa: F401
                      new_address, new_key, python, run, tmp_prefix_dir, wait_for, workspace,
                      write_internal_options)
-from test_sync import FAST, KEYS, agent_info, converge, put, tree
+from test_crash import converge, tree  # race-free while daemons delete files
+from test_sync import FAST, KEYS, agent_info, put
 
 from wazuh_cluster import compat
 

@@ -18,7 +18,8 @@ import pytest
 from harness import (BARE_ENV, base_install, make_node, python, run,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_cluster_conf,
                      write_internal_options)
-from test_sync import FAST, KEYS, agent_info, converge, put, tree
+from test_crash import converge, tree  # race-free while daemons delete files
+from test_sync import FAST, KEYS, agent_info, put
 
 SUBNET = "10.250.0"
 PORT = 1516
