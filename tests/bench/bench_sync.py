@@ -2,6 +2,7 @@
 
     python tests/bench/bench_sync.py [--files 10000] [--groups 300] [--changes 100]
                                      [--agents 50000] [--reps 3] [--only abcd] [--keep]
+                                     [--patch MODULE.NAME=VALUE ...]
     (2.7: PYTHONPATH=/tmp/t27 /root/.pyenv/versions/2.7.18/bin/python tests/bench/bench_sync.py)
 
 One installation per node (install.sh once, copies after) on loopback addresses of their own,
@@ -22,6 +23,9 @@ c. 1 % of the files rewritten -> both clients identical, from the master's chang
    syncing the same change into two destinations holding the previous state.
 d. --agents agent-info files over four clients, then keepalive touches of all of them: time,
    the master daemons' CPU (utime+stime) and RSS, then their idle CPU.
+--patch sets a module constant in the installed copy only (e.g. protocol.MAX_HEADER_BYTES=
+67108864), so that a proposed change is measured next to the code as it is; the run says so.
+The machine is shared: the load average is printed at the start and at the end.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -729,15 +733,19 @@ class Bench(object):
         self.report_agents("keepalive touch", pids, cpu0, elapsed,
                            "(touching took %.2f s; clients see touches at their full pass, "
                            "every 10 s)" % written)
+        time.sleep(self.opt.settle)  # states recorded, sessions quiet: idle from here
         cpu0 = [proc_cpu(p) for p in pids]
         client_pids = [self.pid(clients[0], DAEMON), self.pid(clients[0], INTERNAL)]
         ccpu0 = [proc_cpu(p) for p in client_pids]
         time.sleep(self.opt.idle)
-        idle = sum(proc_cpu(p) - c for p, c in zip(pids, cpu0)) / self.opt.idle
+        used = [(proc_cpu(p) - c) / self.opt.idle for p, c in zip(pids, cpu0)]
+        idle = sum(used)
         cidle = sum(proc_cpu(p) - c for p, c in zip(client_pids, ccpu0)) / self.opt.idle
         limit = 1.0 if not compat.PY2 else 2.0
-        print("   idle %d s: master both daemons %.2f %% of a core, client1 %.2f %%   "
-              "(target <= %.0f %%)" % (self.opt.idle, idle * 100, cidle * 100, limit))
+        print("   idle %d s (after %d s): master both daemons %.2f %% of a core (clusterd %.2f, "
+              "internal %.2f), client1 %.2f %%   (target <= %.0f %%)"
+              % (self.opt.idle, self.opt.settle, idle * 100, used[0] * 100, used[1] * 100,
+                 cidle * 100, limit))
         rss = [proc_mem(p) for p in pids]
         print("   RSS now: clusterd %.1f MB (peak %.1f), internal %.1f MB (peak %.1f)   "
               "(target <= 100 MB each)" % (rss[0][0], rss[0][1], rss[1][0], rss[1][1]))
@@ -854,6 +862,8 @@ def parse_args(argv):
     parser.add_argument("--keys-agents", type=int, default=200, help="agents in client.keys")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of rsync and of c")
     parser.add_argument("--idle", type=float, default=30.0, help="idle CPU window (d), s")
+    parser.add_argument("--settle", type=float, default=15.0,
+                        help="pause before the idle window (d), s")
     parser.add_argument("--interval", default="2m", help="<interval> of ossec.conf")
     parser.add_argument("--only", default="abcd", help="which parts to run (letters)")
     parser.add_argument("--seed", type=int, default=1)
