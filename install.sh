@@ -116,7 +116,7 @@ backup_once() {  # PATH
 }
 
 mkdir_rec() {  # PATH [MODE [OWNER]]: create (recording what we create), then mode/owner
-    local rel=$1 mode=${2:-} owner=${3:-} part= comp
+    local rel=$1 mode=${2:-} owner=${3:-} part='' comp
     local IFS=/
     for comp in $rel; do
         [ -n "$comp" ] || continue
@@ -139,7 +139,7 @@ shquote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 
 # ---------------------------------------------------------------- uninstall
 stop_daemons() {
-    local ctl pidf pid pids= n=0 left
+    local ctl pidf pid pids='' n=0 left
     ctl="$PREFIX/bin/ossec-control"
     # Our ossec-control stops only our daemons; a Wazuh one would stop the whole manager, so
     # for that case (and whatever else is left) our daemons are signalled directly.
@@ -405,7 +405,7 @@ ENVLINES=
 for var in LD_LIBRARY_PATH PATH PYTHONPATH PYTHONHOME X_SCLS MANPATH PKG_CONFIG_PATH XDG_DATA_DIRS; do
     eval "isset=\${$var+x}"
     [ -n "$isset" ] || continue
-    eval "val=\${$var}"
+    val=; eval "val=\${$var}"
     ENVLINES="$ENVLINES$var=$(shquote "$val"); export $var
 "
 done
