@@ -36,6 +36,7 @@ SIZES = (2048, 20480)           # random sizes: ~3.3 MB in all
 CHANGED_PER_ROUND = 90
 CLIENT_ROUNDS = 20
 MASTER_ROUNDS = 8
+INTERNAL_ROUNDS = 4
 SYNC_WAIT = 40.0
 SHARED = ("etc/client.keys", "etc/shared")
 KEYS_NAME = "etc/client.keys"
@@ -209,8 +210,10 @@ def kill_hard(node):
                  what="wazuh-clusterd-internal of %s to stop after its parent died" % node.name)
 
 
-def kill_during_transfer(victim, receiver, changed_before, trigger, rng, start_delay=0.0):
-    """Kill `victim` when `trigger` happens on `receiver` (or once the transfer is over).
+def kill_during_transfer(victim, receiver, changed_before, trigger, rng, start_delay=0.0,
+                         action=None):
+    """Kill `victim` (or run `action`) when `trigger` happens on `receiver` (or once the
+    transfer is over).
 
     Returns what the receiver looked like at the kill: (temporary files seen, renamed count).
     """
@@ -229,7 +232,10 @@ def kill_during_transfer(victim, receiver, changed_before, trigger, rng, start_d
         return len(moved) == len(changed_before)
     wait_for(due, SYNC_WAIT, 0.002, what="the transfer to %s to begin" % receiver.name)
     seen_temp = quick_temp_seen(receiver)
-    kill_hard(victim)
+    if action is not None:
+        action()
+    else:
+        kill_hard(victim)
     return seen_temp, len(renamed(receiver, changed_before))
 
 
@@ -318,6 +324,31 @@ def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair
         versions.begin_round()
     print("master rounds killed mid-transfer: %d of %d" % (mid_transfer, MASTER_ROUNDS))
     assert not temp_files(client) and not temp_files(master)
+
+
+def test_internal_daemon_killed_during_transfers_is_restarted_and_sync_goes_on(big_pair):
+    """SIGKILL of wazuh-clusterd-internal (the catalog) on either side mid-transfer: the
+    supervisor restarts it, the transfer is redone, nothing is restarted by hand."""
+    master, client, versions, rng = big_pair
+    for round_no in range(INTERNAL_ROUNDS):
+        victim = (client, master)[round_no % 2]
+        trigger = TRIGGERS[round_no % len(TRIGGERS)]
+        snapshot = inodes(client, versions.names)
+        changed = versions.change(CHANGED_PER_ROUND // 2)
+        before = dict((rel, snapshot.get(rel)) for rel in changed)
+        internal = victim.internal_pid()
+        assert internal, victim.explain("no internal daemon on %s" % victim.name)
+
+        def hit():
+            os.kill(internal, signal.SIGKILL)
+        kill_during_transfer(None, client, before, trigger, rng, action=hit)
+        versions.check_whole(client)
+        wait_for(lambda: victim.internal_pid() not in (None, internal), SYNC_WAIT,
+                 what="round %d: a new wazuh-clusterd-internal on %s" % (round_no, victim.name))
+        converge([master, client], SYNC_WAIT, SHARED)
+        versions.begin_round()
+        assert not temp_files(client), client.explain("temporary files left")
+    assert client.running_pid() and master.running_pid()
 
 
 # ------------------------------------------------------------------ full disk
