@@ -273,6 +273,8 @@ class Bench(object):
         self.report("both daemons CPU (% of one core)", sum(used), "%", limit)
         for name, pid in zip((DAEMON, INTERNAL), pids):
             self.report(name + " RSS", rss_kib(pid) / 1024.0, "MB", 100.0, "%.1f")
+            print("  %-44s %10.1f MB" % (name + " peak RSS (VmHWM)",
+                                         rss_kib(pid, "VmHWM") / 1024.0))
 
     def tracked(self):
         opts = self.options
