@@ -439,6 +439,15 @@ def workspace():
     path = tempfile.mkdtemp(prefix="wazuh-cluster-it-")
     os.chmod(path, 0o755)
     yield path
+    # Whatever a test left running from here (a failed teardown) must not outlive the session.
+    leftovers = processes_under(path)
+    for pid in leftovers:
+        kill(pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: not [pid for pid in leftovers if alive(pid)], 5.0,
+                 what="leftover daemons to exit")
+    except AssertionError:
+        pass
     shutil.rmtree(path, ignore_errors=True)
 
 
