@@ -289,3 +289,27 @@ def test_hostile_metadata_updates_and_planted_symlinks_are_refused(hostile):
     assert os.path.islink(os.path.join(info, "link-keys-any"))
     assert not payload_anywhere(os.path.dirname(master.prefix))
     still_serves_real_client(master, client)
+
+
+def test_rogue_asking_for_the_masters_manifest_or_reusing_a_clients_name_is_refused(hostile):
+    master, client, dialer = hostile
+    with pytest.raises(RequestError) as info:
+        dialer.session.call("sync_manifest", {"source": "master"}, timeout=30)
+    assert info.value.code == "forbidden"
+    # A second session under the real client's name, from another listed address.
+    settings = dialer.settings._replace(node_name=client.name)
+    twin = peers.Dialer(settings, {"sync_manifest": _rogue_manifest,
+                                   "sync_files": _rogue_files})
+    dialer.stop()  # the listed address is the rogue's: free it for the twin
+    twin.start()
+    try:
+        refusal = "node name %s already connected" % client.name
+        wait_for(lambda: refusal in master.log() or twin.session is not None,
+                 SYNC_WAIT, what="the master's answer to a second '%s'" % client.name)
+        assert twin.session is None or twin.session.closed, "a duplicate name was accepted"
+    finally:
+        twin.stop()
+    ended = [line for line in master.log().splitlines()
+             if "Session with client node %s " % client.name in line and " ended" in line]
+    assert not ended, "the real client's session suffered: %s" % ended
+    still_serves_real_client(master, client)
