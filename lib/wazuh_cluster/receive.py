@@ -309,33 +309,42 @@ class Receiver(object):
         return path
 
     def _clean_folder(self, path, only, deep):
+        """Remove our temporary files in `path` (and below when `deep`).
+
+        Entries are taken one at a time and a name is matched before anything is stat-ed:
+        queue/agent-info may hold 100 000 files, and listing them all with their stat results
+        at start would double the daemon's memory.
+        """
         removed = 0
         try:
-            entries = list(compat.scandir(path))
+            entries = compat.scandir(path)
         except OSError as exc:
             self.log.warning("cannot list %s: %s", escape(path), _why(exc))
             return 0
         for entry in entries:
-            try:
-                mode = entry.stat(follow_symlinks=False).st_mode
-            except OSError:
-                continue
-            if stat.S_ISDIR(mode):
-                if deep:
-                    removed += self._clean_folder(entry.path, only, deep)
-                continue
             match = _TEMP_RE.match(compat.to_text(entry.name, errors="replace"))
-            if not match or not stat.S_ISREG(mode):
+            if match is None:
+                if deep and self._is_folder(entry):
+                    removed += self._clean_folder(entry.path, only, deep)
                 continue
             if only is not None and not _temp_of(match.group(1), compat.to_text(only)):
                 continue
             try:
+                if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                    continue
                 os.unlink(entry.path)
                 removed += 1
             except OSError as exc:
                 if exc.errno not in _GONE:
                     self.log.warning("cannot remove %s: %s", escape(entry.path), _why(exc))
         return removed
+
+    @staticmethod
+    def _is_folder(entry):
+        try:
+            return entry.is_dir(follow_symlinks=False)
+        except OSError:
+            return False
 
     def _report(self, batch, peer):
         bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
