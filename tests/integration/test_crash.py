@@ -14,6 +14,7 @@ Every wait polls a condition with a bound; a failing test prints the nodes' logs
 """
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import errno
 import hashlib
 import io
@@ -37,6 +38,8 @@ CHANGED_PER_ROUND = 90
 CLIENT_ROUNDS = 20
 MASTER_ROUNDS = 8
 INTERNAL_ROUNDS = 4
+AGENT_INFO_FILES = 200
+AGENT_INFO_ROUNDS = 6
 SYNC_WAIT = 40.0
 SHARED = ("etc/client.keys", "etc/shared")
 KEYS_NAME = "etc/client.keys"
@@ -170,10 +173,10 @@ def temp_files(node, parts=("etc/shared", "etc", "queue/agent-groups")):
 
 
 def quick_temp_seen(node):
-    """Cheap poll (only the group folders): does a temporary file exist right now?"""
-    for group in GROUPS:
+    """Cheap poll (group folders, agent-info): does a temporary file exist right now?"""
+    for folder in [("etc", "shared", g) for g in GROUPS] + [("queue", "agent-info")]:
         try:
-            names = os.listdir(node.path("etc", "shared", group))
+            names = os.listdir(node.path(*folder))
         except OSError:
             continue
         if any(n.startswith(".") and n.endswith(".tmp") for n in names):
@@ -349,6 +352,47 @@ def test_internal_daemon_killed_during_transfers_is_restarted_and_sync_goes_on(b
         versions.begin_round()
         assert not temp_files(client), client.explain("temporary files left")
     assert client.running_pid() and master.running_pid()
+
+
+def test_master_killed_while_receiving_agent_info_keeps_whole_files_and_converges(big_pair):
+    """The other direction: the master applies agent-info from its client when killed."""
+    master, client, versions, rng = big_pair
+    info = ("queue/agent-info",)
+    names = ["queue/agent-info/agent%d-any" % n for n in range(AGENT_INFO_FILES)]
+
+    def rewrite(rels):
+        # By rename, so that the client never sends a half-written file: what is tested is
+        # the master's side.
+        for rel in rels:
+            noise = binascii.hexlify(os.urandom(rng.randint(512, 3072))).decode("ascii")
+            text = u"Linux agent %s\n%s\n#\"node_name\":client\n" % (rel, noise)
+            folder, base = rel.rsplit("/", 1)
+            temp = put(client, "%s/.%s.new" % (folder, base), text)  # excluded: a dot name
+            os.rename(temp, client.path(*rel.split("/")))
+    rewrite(names)
+    converge([master, client], SYNC_WAIT, info)
+    mid_transfer = 0
+    for round_no in range(AGENT_INFO_ROUNDS):
+        trigger = TRIGGERS[round_no % len(TRIGGERS)]
+        before_tree = tree(client.prefix, info)
+        snapshot = inodes(master, names)
+        changed = rng.sample(names, AGENT_INFO_FILES // 2)
+        rewrite(changed)
+        after_tree = tree(client.prefix, info)
+        before = dict((rel, snapshot.get(rel)) for rel in changed)
+        seen_temp, moved = kill_during_transfer(master, master, before, trigger, rng)
+        if seen_temp or 0 < moved < len(changed):
+            mid_transfer += 1
+        bad = [rel for rel, sha in tree(master.prefix, info).items()
+               if sha not in (before_tree.get(rel), after_tree.get(rel))]
+        assert not bad, master.explain("round %d: agent-info on the master neither before "
+                                       "nor after: %s" % (round_no, bad[:5]))
+        master.start()
+        converge([master, client], SYNC_WAIT, info)
+        assert not temp_files(master, ("queue/agent-info",)), master.explain("leftovers")
+    print("master rounds killed while applying agent-info: %d of %d"
+          % (mid_transfer, AGENT_INFO_ROUNDS))
+    assert client.running_pid()
 
 
 # ------------------------------------------------------------------ full disk
