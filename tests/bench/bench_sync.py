@@ -733,7 +733,22 @@ class Bench(object):
         self.report_agents("keepalive touch", pids, cpu0, elapsed,
                            "(touching took %.2f s; clients see touches at their full pass, "
                            "every 10 s)" % written)
-        time.sleep(self.opt.settle)  # states recorded, sessions quiet: idle from here
+        time.sleep(self.opt.settle)  # states recorded, sessions quiet
+        # An integrity round everywhere now (cluster_control -f on every node): its cost,
+        # and the next scheduled rounds are then <interval> away, out of the idle window.
+        cpu0 = [proc_cpu(p) for p in pids]
+        for node in [master] + clients:
+            control = localsock.Client(node.path("queue", "ossec", "cluster_control"), 60)
+            try:
+                control.call("force", {})
+            finally:
+                control.close()
+        time.sleep(self.opt.round_window)
+        cpu = [proc_cpu(p) - c for p, c in zip(pids, cpu0)]
+        print("   forced integrity round of all %d nodes: master CPU clusterd %.2f s + internal "
+              "%.2f s within %d s; RSS clusterd peak %.1f MB, internal peak %.1f MB"
+              % (len(clients) + 1, cpu[0], cpu[1], self.opt.round_window,
+                 proc_mem(pids[0])[1], proc_mem(pids[1])[1]))
         cpu0 = [proc_cpu(p) for p in pids]
         client_pids = [self.pid(clients[0], DAEMON), self.pid(clients[0], INTERNAL)]
         ccpu0 = [proc_cpu(p) for p in client_pids]
@@ -862,6 +877,8 @@ def parse_args(argv):
     parser.add_argument("--keys-agents", type=int, default=200, help="agents in client.keys")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of rsync and of c")
     parser.add_argument("--idle", type=float, default=30.0, help="idle CPU window (d), s")
+    parser.add_argument("--round-window", type=float, default=30.0,
+                        help="seconds given to a forced integrity round (d)")
     parser.add_argument("--settle", type=float, default=15.0,
                         help="pause before the idle window (d), s")
     parser.add_argument("--interval", default="2m", help="<interval> of ossec.conf")
