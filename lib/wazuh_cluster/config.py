@@ -150,7 +150,7 @@ OPTIONS = (
     ("max_removed_agents_ratio", to_float_range(0, 1), "0.5"),
     ("max_connections", to_int_range(1, 4096), "64"),
     ("max_pending_handshakes", to_int_range(1, 1024), "16"),
-    ("push_delay", to_float_range(0, 30), "0.2"),
+    ("push_delay", to_float_range(0, 30), "0.05"),
     ("reconnect_max", to_float_range(1, 3600), "30"),
     ("internal_restart_max", to_float_range(1, 600), "30"),
     ("log_level", to_int_range(0, 2), "0"),

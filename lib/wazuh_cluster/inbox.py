@@ -107,7 +107,14 @@ class Inbox(object):
         if source != session.peer_role:
             raise RequestError("a %s may only compare its own items" % session.peer_role,
                                "forbidden")
-        return {"files": self.link.call("manifest", {"source": source})["files"]}, b""
+        query = {"source": source}
+        names = args.get("names")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, compat.string_types)
+                                                      for n in names):
+                raise _bad("'names' must be a list of names")
+            query["names"] = names
+        return {"files": self.link.call("manifest", query)["files"]}, b""
 
     def sync_files(self, session, args, data):
         incoming, deletes, dirs = parse_batch(args, data)

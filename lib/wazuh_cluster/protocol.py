@@ -42,7 +42,9 @@ FLAG_RESPONSE_CHUNK = 0x04   # on FILE_CHUNK: continues a RESPONSE (else a REQUE
 # 0x80 is reserved by channel.py (key update)
 
 CHUNK_SIZE = 1024 * 1024          # file data travels in chunks of at most 1 MiB
-MAX_HEADER_BYTES = 256 * 1024     # a JSON header larger than this is refused
+# A JSON header larger than this is refused. Headers carry manifests and file lists (a
+# 10 000-file round is ~2 MB of JSON); the whole message is bounded by the session anyway.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 _U32 = struct.Struct(">I")
 
 

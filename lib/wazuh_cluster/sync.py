@@ -212,8 +212,11 @@ class PeerSync(object):
     def full_round(self):
         started = self.clock()
         mine = self.manifest()
-        result, _ = self.session.call("sync_manifest", {"source": self.role},
-                                      timeout=self.request_timeout)
+        args = {"source": self.role}
+        if self.role == "client":
+            # The master holds every client's agent-info: ask only about ours.
+            args["names"] = sorted(mine)
+        result, _ = self.session.call("sync_manifest", args, timeout=self.request_timeout)
         theirs = result.get("files") if isinstance(result, dict) else None
         if not isinstance(theirs, dict):
             raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
@@ -261,24 +264,32 @@ class PeerSync(object):
             if got is None:
                 postponed.append(name)
                 continue
-            if batch.full(len(got[0])):
-                states.update(self.call_files(batch))
-                batch = Batch()
+            batch = self.flush_if_full(batch, states, len(got[0]))
             batch.add_file(name, *got)
         for name in send_meta:
             try:
                 st = os.lstat(os.path.join(self.home, *name.split("/")))
             except OSError:
                 continue
+            batch = self.flush_if_full(batch, states)
             batch.meta.append({"name": name, "sha256": mine[name]["sha256"],
                                "mtime_ns": compat.stat_mtime_ns(st)})
-        batch.delete.extend(delete)
+        for name in delete:
+            batch = self.flush_if_full(batch, states)
+            batch.delete.append(name)
         batch.delete_dirs.extend(dirs)
         if not batch.empty():
             states.update(self.call_files(batch))
         if postponed:
             self.retry_later(postponed)
         return states
+
+    def flush_if_full(self, batch, states, extra=0):
+        """Send `batch` when one more entry would make it too large; return the batch to fill."""
+        if not batch.full(extra):
+            return batch
+        states.update(self.call_files(batch))
+        return Batch()
 
     def call_files(self, batch):
         data = b"".join(batch.data)
@@ -308,8 +319,10 @@ class Batch(object):
         self.files, self.data, self.meta, self.delete, self.delete_dirs = [], [], [], [], []
         self.size = 0
 
-    def full(self, extra):
-        return self.files and (self.size + extra > BATCH_BYTES or len(self.files) >= BATCH_FILES)
+    def full(self, extra=0):
+        """True when the batch has reached its data or entry bound (keeps headers small)."""
+        entries = len(self.files) + len(self.meta) + len(self.delete)
+        return entries > 0 and (self.size + extra > BATCH_BYTES or entries >= BATCH_FILES)
 
     def add_file(self, name, data, sha256, mtime_ns):
         self.files.append({"name": name, "sha256": sha256, "mtime_ns": mtime_ns,

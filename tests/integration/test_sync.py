@@ -234,3 +234,15 @@ def test_client_database_deleted_is_rebuilt_and_sync_goes_on(cluster):
     client1.start()
     converge(cluster)
     assert os.path.exists(client1.path("var", "db", "cluster.db"))
+
+
+def test_thousands_of_files_travel_in_bounded_batches_and_rounds(cluster):
+    """A round's manifest and a push of 3000 files exceed any single small header."""
+    master = cluster[0]
+    for n in range(3000):
+        put(master, "etc/shared/bulk%02d/file-%04d.conf" % (n % 30, n), u"line %d\n" % n)
+    converge(cluster, timeout=90)
+    # A later integrity round (interval 3 s) over the same 3000 files must not fail either.
+    put(master, "etc/shared/default/after-bulk.txt", u"x\n")
+    converge(cluster, timeout=30)
+    assert "protocol error" not in cluster[1].log() + master.log()

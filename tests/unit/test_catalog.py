@@ -23,7 +23,14 @@ def home():
     for folder in ("etc/shared/default", "queue/agent-groups", "queue/agent-info", "var/db"):
         os.makedirs(os.path.join(path, folder))
     yield path
+    # Close the databases first: one closed by the garbage collector during rmtree removes
+    # its -wal file under rmtree's feet.
+    while OPENED:
+        OPENED.pop().close()
     shutil.rmtree(path)
+
+
+OPENED = []
 
 
 class Clock(object):
@@ -37,6 +44,7 @@ class Clock(object):
 def make(home, role="master", node_name="master01"):
     log = logging.getLogger("test-catalog")
     db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    OPENED.append(db)
     return catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role=role, node_name=node_name,
                                poll_interval=1.0, scan_interval=10.0, wall=lambda: NOW)
 
@@ -269,6 +277,7 @@ def test_a_peer_asking_for_received_items_gets_a_fresh_view(home):
     clock = Clock()
     log = logging.getLogger("test-catalog")
     db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    OPENED.append(db)
     cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="client", node_name="c1",
                               clock=clock, wall=lambda: NOW)
     path = write(home, "etc/shared/default/agent.conf", "from master")
