@@ -88,6 +88,74 @@ CONF = u"""<!-- written by tests/lab_harness.py -->
 """
 
 
+# ------------------------------------------------------------------ running as root
+# As root the daemons drop to user ossec, which the machine may lack, and the interpreters may
+# live under /root (0700). This is tests/run's recipe: a private mount namespace where
+# /etc/passwd and /etc/group are copies holding an `ossec` user and /root is traversable, so
+# nothing of the machine's /etc or /root changes.
+NS_SCRIPT = r'''
+t=$0
+mount --make-rprivate / || exit 97
+mount --bind "$t/passwd" /etc/passwd && mount --bind "$t/group" /etc/group || exit 97
+for e in /root/* /root/.[!.]*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    n=${e##*/}
+    if [ -d "$e" ] && [ ! -L "$e" ]; then mkdir -p "$t/root/$n"; else : > "$t/root/$n"; fi
+    mount --rbind "$e" "$t/root/$n" || exit 97
+done
+mount --rbind "$t/root" /root || exit 97
+exec "$@"
+'''
+NS_FAILED = 97
+
+
+def _free_id():
+    import grp
+    import pwd
+    ident = 9999
+    while True:
+        try:
+            pwd.getpwuid(ident)
+        except KeyError:
+            try:
+                grp.getgrgid(ident)
+            except KeyError:
+                return ident
+        ident += 1
+
+
+def run_in_ossec_namespace(ns, argv, mark, home="/var/ossec"):
+    """Run argv (as root) in tests/run's namespace prepared in folder `ns`; return its status.
+
+    `mark` is set in the child's environment so that a script re-running itself knows it is
+    inside. Status NS_FAILED means the namespace could not be set up.
+    """
+    import grp
+    import pwd
+    with open("/etc/passwd") as src:
+        passwd = src.read()
+    with open("/etc/group") as src:
+        group = src.read()
+    try:
+        pwd.getpwnam("ossec")
+        grp.getgrnam("ossec")
+    except KeyError:
+        ident = _free_id()
+        passwd = passwd.rstrip("\n") + "\nossec:x:%d:%d::%s:/sbin/nologin\n" % (ident, ident,
+                                                                                 home)
+        group = group.rstrip("\n") + "\nossec:x:%d:\n" % ident
+    for name, text in (("passwd", passwd), ("group", group)):
+        with open(os.path.join(ns, name), "w") as out:
+            out.write(text)
+        os.chmod(os.path.join(ns, name), 0o644)
+    if not os.path.isdir(os.path.join(ns, "root")):
+        os.mkdir(os.path.join(ns, "root"))
+    os.chmod(os.path.join(ns, "root"), 0o711)
+    env = dict(os.environ)
+    env[mark] = "1"
+    return subprocess.call(["unshare", "-m", "sh", "-c", NS_SCRIPT, ns] + list(argv), env=env)
+
+
 class LabError(Exception):
     """The lab cannot be set up or driven; the message says why."""
 

@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,20 +54,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_MARK = "WAZUH_CLUSTER_BENCH_IDLE_NS"
 # What an init script gives ossec-control (plus LD_LIBRARY_PATH for a software collection).
 BARE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-# tests/run's recipe (as_ossec_ready): $0 is the folder with the passwd/group copies.
-NS_SCRIPT = r'''
-t=$0
-mount --make-rprivate / || exit 97
-mount --bind "$t/passwd" /etc/passwd && mount --bind "$t/group" /etc/group || exit 97
-for e in /root/* /root/.[!.]*; do
-    [ -e "$e" ] || [ -L "$e" ] || continue
-    n=${e##*/}
-    if [ -d "$e" ] && [ ! -L "$e" ]; then mkdir "$t/root/$n"; else : > "$t/root/$n"; fi
-    mount --rbind "$e" "$t/root/$n" || exit 97
-done
-mount --rbind "$t/root" /root || exit 97
-exec "$@"
-'''
 SHARED_BLOB = (b"<agent_config>\n  <localfile>\n    <location>/var/log/messages</location>\n"
                b"    <log_format>syslog</log_format>\n  </localfile>\n</agent_config>\n") * 12
 
@@ -438,61 +423,16 @@ class Bench(object):
 # ------------------------------------------------------------------ namespace and main
 
 def reexec_in_namespace(argv):
-    """As root: run again in tests/run's namespace (user ossec, traversable /root)."""
-    import grp
-    import pwd
+    """As root: run again where user ossec exists and /root is traversable (tests/run's way)."""
     ns = tempfile.mkdtemp(prefix="wazuh-bench-idle-ns.")
     try:
-        with open("/etc/passwd") as src:
-            passwd = src.read()
-        with open("/etc/group") as src:
-            group = src.read()
-        try:
-            gid = grp.getgrnam("ossec").gr_gid
-        except KeyError:
-            gid = None
-        try:
-            pwd.getpwnam("ossec")
-            has_user = True
-        except KeyError:
-            has_user = False
-        if gid is None or not has_user:
-            ident = 9999
-            while _id_taken(ident):
-                ident += 1
-            if gid is None:
-                gid = ident
-                group = group.rstrip("\n") + "\nossec:x:%d:\n" % gid
-            if not has_user:
-                passwd = passwd.rstrip("\n") + "\nossec:x:%d:%d::/var/ossec:/sbin/nologin\n" % (
-                    ident, gid)
-        for name, text in (("passwd", passwd), ("group", group)):
-            with open(os.path.join(ns, name), "w") as out:
-                out.write(text)
-            os.chmod(os.path.join(ns, name), 0o644)
-        os.mkdir(os.path.join(ns, "root"))
-        os.chmod(os.path.join(ns, "root"), 0o711)
-        env = dict(os.environ)
-        env[NS_MARK] = "1"
-        cmd = [sys.executable, os.path.abspath(__file__)] + list(argv)
-        rc = subprocess.call(["unshare", "-m", "sh", "-c", NS_SCRIPT, ns] + cmd, env=env)
-        if rc == 97:
+        argv = [sys.executable, os.path.abspath(__file__)] + list(argv)
+        rc = lab_harness.run_in_ossec_namespace(ns, argv, NS_MARK)
+        if rc == lab_harness.NS_FAILED:
             sys.stderr.write("bench_idle: cannot set up the mount namespace for user ossec\n")
         return rc
     finally:
         shutil.rmtree(ns, ignore_errors=True)
-
-
-def _id_taken(ident):
-    import grp
-    import pwd
-    for lookup in (pwd.getpwuid, grp.getgrgid):
-        try:
-            lookup(ident)
-            return True
-        except KeyError:
-            pass
-    return False
 
 
 def parse_args(argv):

@@ -6,7 +6,7 @@
     (2.7: PYTHONPATH=/tmp/t27 /root/.pyenv/versions/2.7.18/bin/python tests/bench/bench_sync.py)
 
 One installation per node (install.sh once, copies after) on loopback addresses of their own,
-default internal options (poll 1 s, full pass 10 s, push_delay 0.2 s), the daemons run by the
+default internal options (poll 1 s, full pass 10 s, push_delay: see config.OPTIONS), the daemons run by the
 interpreter running this script. As root the daemons drop to user `ossec`: the script re-runs
 itself in a private mount namespace holding such a user (as tests/run does), touching neither
 /etc nor /root. Figures, each next to its same-run baseline or target:
@@ -50,23 +50,11 @@ sys.path.insert(0, os.path.join(REPO, "lib"))
 
 import lab_harness  # noqa: E402
 from lab_harness import LabNode, wait_for  # noqa: E402
-from wazuh_cluster import compat, localsock  # noqa: E402
+from wazuh_cluster import compat, config, localsock  # noqa: E402
 
 NS_MARK = "WAZUH_CLUSTER_BENCH_NS"
-# tests/run's namespace: copies of passwd/group (+ ossec), /root made traversable for ossec.
-NS_SCRIPT = r'''
-t=$0
-mount --make-rprivate / || exit 97
-mount --bind "$t/passwd" /etc/passwd && mount --bind "$t/group" /etc/group || exit 97
-for e in /root/* /root/.[!.]*; do
-    [ -e "$e" ] || [ -L "$e" ] || continue
-    n=${e##*/}
-    if [ -d "$e" ] && [ ! -L "$e" ]; then mkdir -p "$t/root/$n"; else : > "$t/root/$n"; fi
-    mount --rbind "$e" "$t/root/$n" || exit 97
-done
-mount --rbind "$t/root" /root || exit 97
-exec "$@"
-'''
+# The shipped default debounce, read from the configuration table (what the figures include).
+PUSH_DELAY = float(dict((n, d) for n, _c, d in config.OPTIONS)["push_delay"])
 DAEMON = "wazuh-clusterd"
 INTERNAL = "wazuh-clusterd-internal"
 LATENCY_POLL = 0.005
@@ -579,7 +567,7 @@ class Bench(object):
             else:
                 missed["delete"] += 1  # never arrived: its deletion proves nothing
         print("\na. change -> identical on 2 clients, %d changes per kind (default options: poll "
-              "1 s, push_delay 0.2 s)" % self.opt.changes)
+              "1 s, push_delay %g s)" % (self.opt.changes, PUSH_DELAY))
         print("   %-8s %8s %8s %8s %8s   target p50 <= 1.0 s, p99 <= 2.0 s"
               % ("kind", "p50", "p99", "max", "missed"))
         for kind in ("keys", "create", "rename", "delete"):
@@ -672,8 +660,8 @@ class Bench(object):
         ours_m, rs_m = median(ours), median(rs_fsync)
         print("\nc. %d of %d files rewritten -> 2 clients identical (median of %d)"
               % (count, self.opt.files, self.opt.reps))
-        print("   ours, from the master's change event %7.3f s   [%s] (includes push_delay 0.2 s)"
-              % (ours_m, " ".join("%.3f" % v for v in ours)))
+        print("   ours, from the master's change event %7.3f s   [%s] (includes push_delay %g s)"
+              % (ours_m, " ".join("%.3f" % v for v in ours), PUSH_DELAY))
         print("   ours, from the rescan request        %7.3f s   [%s]"
               % (median(ours_from_rescan), " ".join("%.3f" % v for v in ours_from_rescan)))
         print("   rsync -a --fsync (daemon)            %7.3f s   [%s]"
@@ -681,7 +669,8 @@ class Bench(object):
         print("   rsync -a         (daemon)            %7.3f s   [%s]"
               % (median(rs_plain), " ".join("%.3f" % v for v in rs_plain)))
         print("   ratio ours/rsync-fsync               %7.2f    (target <= 0.25; without the "
-              "0.2 s debounce %.2f)" % (ours_m / rs_m, max(0.0, ours_m - 0.2) / rs_m))
+              "%g s debounce %.2f)" % (ours_m / rs_m, PUSH_DELAY,
+                                    max(0.0, ours_m - PUSH_DELAY) / rs_m))
         self.results.append(("c incremental ratio", ours_m / rs_m, 0.25))
 
     # -- d. agent-info ------------------------------------------------------------------------
@@ -826,42 +815,11 @@ class Bench(object):
 
 def reexec_in_namespace():
     """As root: run again where user ossec exists and /root is traversable (tests/run's way)."""
-    import grp
-    import pwd
-    ns = tempfile.mkdtemp(prefix="wazuh-bench-ns.")
+    ns = tempfile.mkdtemp(prefix="wazuh-bench-sync-ns.")
     try:
-        with open("/etc/passwd") as src:
-            passwd = src.read()
-        with open("/etc/group") as src:
-            group = src.read()
-        try:
-            pwd.getpwnam("ossec")
-            grp.getgrnam("ossec")
-        except KeyError:
-            ident = 9999
-            while True:
-                try:
-                    pwd.getpwuid(ident)
-                except KeyError:
-                    try:
-                        grp.getgrgid(ident)
-                    except KeyError:
-                        break
-                ident += 1
-            passwd = passwd.rstrip("\n") + "\nossec:x:%d:%d::/var/ossec:/sbin/nologin\n" % (
-                ident, ident)
-            group = group.rstrip("\n") + "\nossec:x:%d:\n" % ident
-        for name, text in (("passwd", passwd), ("group", group)):
-            with open(os.path.join(ns, name), "w") as out:
-                out.write(text)
-            os.chmod(os.path.join(ns, name), 0o644)
-        os.mkdir(os.path.join(ns, "root"))
-        os.chmod(os.path.join(ns, "root"), 0o711)
-        env = dict(os.environ)
-        env[NS_MARK] = "1"
         argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
-        rc = subprocess.call(["unshare", "-m", "sh", "-c", NS_SCRIPT, ns] + argv, env=env)
-        if rc == 97:
+        rc = lab_harness.run_in_ossec_namespace(ns, argv, NS_MARK)
+        if rc == lab_harness.NS_FAILED:
             sys.stderr.write("bench_sync: cannot set up the mount namespace for user ossec\n")
         return rc
     finally:
