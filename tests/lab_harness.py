@@ -156,6 +156,20 @@ def run_in_ossec_namespace(ns, argv, mark, home="/var/ossec"):
     return subprocess.call(["unshare", "-m", "sh", "-c", NS_SCRIPT, ns] + list(argv), env=env)
 
 
+
+def reexec_in_ossec_namespace(script, argv, mark, tag):
+    """As root: run `script argv` again in a throwaway namespace folder; return its status."""
+    import shutil
+    ns = tempfile.mkdtemp(prefix="wazuh-%s-ns." % tag)
+    try:
+        rc = run_in_ossec_namespace(ns, [sys.executable, os.path.abspath(script)] + list(argv),
+                                    mark)
+        if rc == NS_FAILED:
+            sys.stderr.write("%s: cannot set up the mount namespace for user ossec\n" % tag)
+        return rc
+    finally:
+        shutil.rmtree(ns, ignore_errors=True)
+
 class LabError(Exception):
     """The lab cannot be set up or driven; the message says why."""
 

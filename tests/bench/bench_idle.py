@@ -422,19 +422,6 @@ class Bench(object):
 
 # ------------------------------------------------------------------ namespace and main
 
-def reexec_in_namespace(argv):
-    """As root: run again where user ossec exists and /root is traversable (tests/run's way)."""
-    ns = tempfile.mkdtemp(prefix="wazuh-bench-idle-ns.")
-    try:
-        argv = [sys.executable, os.path.abspath(__file__)] + list(argv)
-        rc = lab_harness.run_in_ossec_namespace(ns, argv, NS_MARK)
-        if rc == lab_harness.NS_FAILED:
-            sys.stderr.write("bench_idle: cannot set up the mount namespace for user ossec\n")
-        return rc
-    finally:
-        shutil.rmtree(ns, ignore_errors=True)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=int, default=10000, help="files in etc/shared")
@@ -456,7 +443,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     options = parse_args(argv)
     if os.geteuid() == 0 and not os.environ.get(NS_MARK):
-        return reexec_in_namespace(argv)
+        return lab_harness.reexec_in_ossec_namespace(__file__, argv, NS_MARK, "bench_idle")
     work = tempfile.mkdtemp(prefix="wazuh-bench-idle.", dir=options.workdir)
     os.chmod(work, 0o755)  # user ossec must reach the installation
     print("bench_idle: Python %s (%s), %d CPU(s), load %s" % (

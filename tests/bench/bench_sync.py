@@ -813,19 +813,6 @@ class Bench(object):
 
 # ------------------------------------------------------------------ namespace and main
 
-def reexec_in_namespace():
-    """As root: run again where user ossec exists and /root is traversable (tests/run's way)."""
-    ns = tempfile.mkdtemp(prefix="wazuh-bench-sync-ns.")
-    try:
-        argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
-        rc = lab_harness.run_in_ossec_namespace(ns, argv, NS_MARK)
-        if rc == lab_harness.NS_FAILED:
-            sys.stderr.write("bench_sync: cannot set up the mount namespace for user ossec\n")
-        return rc
-    finally:
-        shutil.rmtree(ns, ignore_errors=True)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=10000, help="shared files (b, c)")
@@ -855,7 +842,8 @@ def main(argv=None):
     # Line-buffered even into a file or a pipe: a long run shows each figure when it is ready.
     sys.stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", 1)
     if os.geteuid() == 0 and not os.environ.get(NS_MARK):
-        return reexec_in_namespace()
+        return lab_harness.reexec_in_ossec_namespace(__file__, sys.argv[1:], NS_MARK,
+                                                     "bench_sync")
     work = tempfile.mkdtemp(prefix="wazuh-bench-sync.", dir=options.workdir)
     os.chmod(work, 0o755)  # user ossec must reach the installations
     bench = Bench(options, work)
