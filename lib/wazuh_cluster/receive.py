@@ -12,12 +12,13 @@ key only proves "a member of the cluster". So, for every name, in this order:
    written fully, checked against its SHA-256 and flushed.
 
 Durability without a per-file fsync bill (SPEC section 8): a batch writes all its temporary
-files, flushes them at once, then renames each over its target and fsyncs every folder
-touched once. Only then is a file reported `synchronized`. The flush: the first
-FSYNC_EACH_UP_TO files of a batch are fsync'd one by one (a small push stays cheap on a busy
-manager), the rest by one syncfs(2) per file system, through ctypes. syncfs also flushes
-other writers' dirty data and, before Linux 5.8, does not report writeback errors; where the
-C library lacks it (CentOS 6's glibc 2.12) every file is fsync'd.
+files, flushes them at once, then renames each over its target and flushes the folders
+touched. Only then is a file reported `synchronized`. Small batches (up to FSYNC_EACH_UP_TO
+files, or folders) fsync one by one, so a push of a file or two stays cheap on a busy manager;
+larger ones use one syncfs(2) per file system (through ctypes) for the data, and another
+after the renames. syncfs also flushes other writers' dirty data and, before Linux 5.8, does
+not report writeback errors; where the C library lacks it (CentOS 6's glibc 2.12) every file
+and folder is fsync'd.
 
 States returned per name: "synchronized", "failed" (an I/O error, a full disk, a checksum
 mismatch: retrying may work, the old file is intact) and "invalid" (refused by the rules:
@@ -122,6 +123,15 @@ def _fsync_folder(path):
     fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs_folder(path):
+    """syncfs(2) of the file system holding the folder `path`."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        SYNCFS(fd)
     finally:
         os.close(fd)
 
@@ -257,7 +267,7 @@ class Receiver(object):
             return self._apply(files, deletes, deleted_dirs, sender, peer)
 
     def _apply(self, files, deletes, deleted_dirs, sender, peer):
-        batch = _Batch(self, sender)
+        batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
         try:
             for name in deleted_dirs:
                 batch.run(name, batch.remove_dir, name)
@@ -366,7 +376,7 @@ class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "fold
 class _Batch(object):
     """The state of one apply_batch call (see Receiver.apply_batch)."""
 
-    def __init__(self, receiver, sender):
+    def __init__(self, receiver, sender, expected=None):
         self.rx = receiver
         self.sender = sender
         self.states = {}
@@ -375,6 +385,10 @@ class _Batch(object):
         self.touched = {}      # folder path -> names whose outcome depends on its fsync
         self.folders = {}      # tuple of components -> (path, st_dev), verified this batch
         self.fsynced = 0       # files fsync'd one by one (the first few, or all without syncfs)
+        # A batch known to be large goes straight to syncfs: fsyncs of its first files
+        # would only add to the one flush it needs anyway.
+        self.fsync_budget = FSYNC_EACH_UP_TO if expected is None or \
+            expected <= FSYNC_EACH_UP_TO else 0
         self.unflushed = {}    # st_dev -> a folder on it: written, waiting for syncfs
         self.as_root = _running_as_root(receiver.owner_gid)
 
@@ -573,7 +587,7 @@ class _Batch(object):
         A push of one or two files (a client.keys edit) then costs an fsync or two instead
         of flushing everything else dirty on the file system (alerts, archives).
         """
-        if SYNCFS is None or self.fsynced < FSYNC_EACH_UP_TO:
+        if SYNCFS is None or self.fsynced < self.fsync_budget:
             os.fsync(fd)
             self.fsynced += 1
         else:
@@ -586,11 +600,7 @@ class _Batch(object):
         failed_devs = {}
         for dev, folder in self.unflushed.items():
             try:
-                fd = os.open(folder, _DIR_FLAGS)
-                try:
-                    SYNCFS(fd)
-                finally:
-                    os.close(fd)
+                _syncfs_folder(folder)
             except OSError as exc:
                 failed_devs[dev] = "flush failed: %s" % _why(exc)
         if failed_devs:
@@ -616,13 +626,29 @@ class _Batch(object):
         self.staged = []
 
     def sync_folders(self):
-        """fsync every folder touched, once; its files fail when that fails."""
-        for folder in sorted(self.touched):
+        """Make the renames durable; a file fails when its folder's flush fails.
+
+        Up to FSYNC_EACH_UP_TO folders are fsync'd one by one; beyond that (a change spread
+        over many group folders) one syncfs per file system costs less than a journal commit
+        per folder.
+        """
+        if SYNCFS is None or len(self.touched) <= FSYNC_EACH_UP_TO:
+            groups = [([folder], folder, _fsync_folder) for folder in sorted(self.touched)]
+        else:
+            by_dev = {}
+            for folder in sorted(self.touched):
+                try:
+                    by_dev.setdefault(os.stat(folder).st_dev, []).append(folder)
+                except OSError:
+                    by_dev.setdefault(None, []).append(folder)  # fails below, named
+            groups = [(folders, folders[0], _syncfs_folder) for folders in by_dev.values()]
+        for folders, opened, flush in groups:
             try:
-                _fsync_folder(folder)
+                flush(opened)
             except OSError as exc:
-                for name in self.touched[folder]:
-                    self._set(name, FAILED, "folder fsync failed: %s" % _why(exc))
+                for folder in folders:
+                    for name in self.touched[folder]:
+                        self._set(name, FAILED, "folder flush failed: %s" % _why(exc))
 
     def abandon(self):
         """Remove the temporary files of everything staged; the old files stay."""

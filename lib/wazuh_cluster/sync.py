@@ -1,8 +1,10 @@
 """Synchronisation: what this node owns goes to its peers; what peers send is checked and applied.
 
 Sending (one `PeerSync` thread per session, the owner drives):
-  * pushes: the internal daemon's change events, debounced by cluster.push_delay, so that a
-    burst becomes one transfer;
+  * pushes: the internal daemon's change events, sent at once when the line is quiet; while a
+    push is in flight, and for cluster.push_delay after it began, new changes gather and
+    travel together (one event already holds everything a scan pass found, so a burst is one
+    transfer without making the first change wait);
   * full rounds: at session start and every <interval>: the peer's manifest of our items is
     compared with ours (checksums both ways) and every difference is repaired, including drift
     that nothing recorded (a file edited or deleted by hand, a lost database).
@@ -94,7 +96,7 @@ class PeerSync(object):
         self.cond = threading.Condition()
         self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
         self.full_wanted = True
-        self.first_change = None
+        self.next_push = 0.0  # monotonic time before which no push starts
         self.stopped = False
         self.last_round = None
         self.last_round_ok = None
@@ -118,8 +120,6 @@ class PeerSync(object):
             for key, bucket in (("changed", self.changed), ("touched", self.touched),
                                 ("deleted", self.deleted), ("deleted_dirs", self.deleted_dirs)):
                 bucket.update(n for n in event.get(key) or () if self.owns(n))
-            if self.has_push() and self.first_change is None:
-                self.first_change = self.clock()
             self.cond.notify()
 
     def request_full(self):
@@ -169,25 +169,35 @@ class PeerSync(object):
             while True:
                 if self.stopped or self.session.closed:
                     return None
-                now = self.clock()
-                if self.full_wanted:
-                    self.full_wanted = False
-                    self.clear_push()
-                    return self.full_round
-                if self.has_push() and now - self.first_change >= self.push_delay:
-                    job = self.take_push()
-                    return lambda: self.push(*job)
-                wait = self.interval - (now - self.last_round) if self.last_round else 0
-                if wait <= 0:
-                    self.full_wanted = True
-                    continue
-                if self.has_push():
-                    wait = min(wait, self.push_delay - (now - self.first_change))
-                self.cond.wait(max(0.01, min(wait, 1.0)))
+                job, wait = self.due(self.clock())
+                if job is not None:
+                    return job
+                self.cond.wait(max(0.001, min(wait, 1.0)))
+
+    def due(self, now):
+        """(job, 0) when a full round or a push is due at monotonic `now`, else (None, wait).
+
+        A round (asked for, or <interval> after the last one) comes first and covers what is
+        queued. A push starts at once unless one started less than push_delay ago. Called
+        with the condition held.
+        """
+        if self.last_round is None or now - self.last_round >= self.interval:
+            self.full_wanted = True
+        if self.full_wanted:
+            self.full_wanted = False
+            self.clear_push()
+            return self.full_round, 0
+        if self.has_push() and now >= self.next_push:
+            self.next_push = now + self.push_delay
+            job = self.take_push()
+            return (lambda: self.push(*job)), 0
+        wait = self.interval - (now - self.last_round)
+        if self.has_push():
+            wait = min(wait, self.next_push - now)
+        return None, wait
 
     def clear_push(self):
         self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
-        self.first_change = None
 
     def take_push(self):
         job = (sorted(self.changed), sorted(self.touched - self.changed), sorted(self.deleted),
@@ -198,7 +208,7 @@ class PeerSync(object):
     def retry_later(self, names):
         with self.cond:
             self.changed.update(names)
-            self.first_change = self.clock() + RETRY_DELAY
+            self.next_push = max(self.next_push, self.clock() + RETRY_DELAY)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -394,12 +404,11 @@ class SyncManager(object):
             worker.request_full()
 
     def push_now(self):
-        """Send what is queued without waiting for the debounce; returns the peers told."""
+        """Send what is queued without waiting for push_delay; returns the peers told."""
         workers = self.workers()
         for worker in workers:
             with worker.cond:
-                if worker.has_push():
-                    worker.first_change = worker.clock() - worker.push_delay
+                worker.next_push = 0.0
                 worker.cond.notify()
         return [w.peer for w in workers]
 

@@ -814,13 +814,41 @@ def test_small_batches_fsync_each_file_large_ones_flush_once(home, log, monkeypa
         calls.append(fd)
         real(fd)
     monkeypatch.setattr(receive, "SYNCFS", counting)
+    fsyncs = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        fsyncs.append(fd)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     rx = client_rx(home, log)
     small = [inc(u"etc/shared/default/s%d" % n, b"s") for n in range(receive.FSYNC_EACH_UP_TO)]
     assert set(rx.apply_batch(small)[0].values()) == set(["synchronized"])
-    assert calls == []
+    assert calls == [] and len(fsyncs) == receive.FSYNC_EACH_UP_TO + 1  # files, then the folder
+    del fsyncs[:]
     large = [inc(u"etc/shared/g%d/l%d" % (n % 3, n), b"l") for n in range(50)]
     assert set(rx.apply_batch(large)[0].values()) == set(["synchronized"])
-    assert len(calls) == 1  # one file system
+    assert len(calls) == 1  # one file system; the first files were not fsync'd on their own
+    # the three group folders, and etc/shared which got them: fsync'd one by one
+    assert len(fsyncs) == 4
+    del calls[:], fsyncs[:]
+    spread = [inc(u"etc/shared/h%d/l%d" % (n, n), b"l") for n in range(50)]
+    assert set(rx.apply_batch(spread)[0].values()) == set(["synchronized"])
+    assert len(calls) == 2 and fsyncs == []  # the data, then the 51 folders at once
+
+
+def test_a_failed_folder_flush_fails_its_files(home, log, monkeypatch):
+    calls = []
+
+    def fails_second_time(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(receive, "SYNCFS", fails_second_time)
+    names = [u"etc/shared/h%d/f" % n for n in range(receive.FSYNC_EACH_UP_TO + 1)]
+    states, reasons = client_rx(home, log).apply_batch([inc(n, b"x") for n in names])
+    assert set(states.values()) == set(["failed"])
+    assert "folder flush failed: Input/output error" in reasons[names[0]]
 
 
 def test_concurrent_reports_of_one_agent_keep_the_newest(home, log):
