@@ -8,7 +8,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 
 from wazuh_cluster import __version__, compat, daemon, logs, peers
 from wazuh_cluster.commands import Commands
@@ -107,7 +106,7 @@ class ClusterNode(object):
         self.cfg = cfg
         self.layout = layout
         self.log = logs.get()
-        self.stopping = threading.Event()
+        self.stopping = compat.Event()
         self.link = InternalLink(layout.internal_socket, cfg.options.request_timeout)
         self.sync = SyncManager(cfg, layout, self.link)
         self.inbox = Inbox(cfg, layout, self.link)

@@ -156,3 +156,128 @@ def hmac_compare(a, b):
     import hmac
     return hmac.compare_digest(a, b)
 
+
+
+# -- timed waits ----------------------------------------------------------------------------------
+# 2.7's Condition.wait(timeout) and Event.wait(timeout) poll, sleeping up to 50 ms between
+# looks: a thread told to go on wakes late (a push ~25 ms late on average) and an idle
+# thread waiting with a timeout still wakes ~20 times a second. There, timed waits block
+# like untimed ones and one timer thread per process, asleep in select() until the next
+# deadline, wakes the waiters whose time is up.
+
+if PY2:  # pragma: no cover - exercised by the 2.7 run
+    import heapq as _heapq
+    import itertools as _itertools
+    import select as _select
+    import threading as _threading
+
+    class _Timers(object):
+        """Calls callbacks at monotonic deadlines, from one daemon thread (started lazily)."""
+
+        def __init__(self):
+            self.lock = _threading.Lock()
+            self.heap = []
+            self.seq = _itertools.count()
+            self.pid = None
+            self.pipe = None
+
+        def add(self, deadline, callback):
+            entry = [deadline, next(self.seq), callback]
+            with self.lock:
+                if self.pid != os.getpid():  # first use, or a forked child: no thread yet
+                    self._start()
+                _heapq.heappush(self.heap, entry)
+                first = self.heap[0] is entry
+            if first:
+                os.write(self.pipe[1], b"x")
+            return entry
+
+        @staticmethod
+        def cancel(entry):
+            entry[2] = None  # dropped when it reaches the top
+
+        def _start(self):
+            if self.pipe is not None:  # a forked child: the parent's pipe and thread
+                for fd in self.pipe:
+                    os.close(fd)
+            self.pid = os.getpid()
+            self.heap = []
+            self.pipe = os.pipe()
+            for fd in self.pipe:
+                set_cloexec(fd)
+            thread = _threading.Thread(target=self._run, args=(self.pipe[0],),
+                                       name="timed-waits")
+            thread.daemon = True
+            thread.start()
+
+        def _run(self, wake_fd):
+            while True:
+                due = []
+                with self.lock:
+                    now = monotonic()
+                    while self.heap and (self.heap[0][2] is None or self.heap[0][0] <= now):
+                        due.append(_heapq.heappop(self.heap)[2])
+                    timeout = self.heap[0][0] - now if self.heap else None
+                for callback in due:
+                    if callback is not None:
+                        callback()
+                try:
+                    if _select.select([wake_fd], [], [], timeout)[0]:
+                        os.read(wake_fd, 4096)
+                except (OSError, IOError, _select.error):
+                    pass  # EINTR: look at the heap again
+
+    _TIMERS = _Timers()
+
+    class Condition(_threading._Condition):
+        """threading.Condition whose timed wait blocks and is woken by the timer thread."""
+
+        def __init__(self, lock=None):
+            _threading._Condition.__init__(self, lock)
+
+        def wait(self, timeout=None):
+            if timeout is None:
+                return _threading._Condition.wait(self)
+            entry = _TIMERS.add(monotonic() + max(0.0, timeout), self._expire)
+            try:
+                _threading._Condition.wait(self)
+            finally:
+                _TIMERS.cancel(entry)
+
+        def _expire(self):
+            with self:
+                self.notify_all()
+
+    class Event(object):
+        """threading.Event with Condition above: the same API, prompt on 2.7."""
+
+        def __init__(self):
+            self._cond = Condition(_threading.Lock())
+            self._flag = False
+
+        def is_set(self):
+            return self._flag
+        isSet = is_set
+
+        def set(self):
+            with self._cond:
+                self._flag = True
+                self._cond.notify_all()
+
+        def clear(self):
+            with self._cond:
+                self._flag = False
+
+        def wait(self, timeout=None):
+            deadline = None if timeout is None else monotonic() + timeout
+            with self._cond:
+                while not self._flag:
+                    left = None if deadline is None else deadline - monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+                return self._flag
+else:
+    import threading as _threading
+    Condition = _threading.Condition
+    Event = _threading.Event

@@ -171,7 +171,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         self._allowed = None
         self._allowed_at = None
         self._thread = None
-        self._stopping = threading.Event()
+        self._stopping = compat.Event()
         if ":" in settings.bind_addr:
             self.address_family = socket.AF_INET6
         compat.socketserver.ThreadingTCPServer.__init__(
@@ -370,7 +370,7 @@ class Dialer(object):
         self.resolver = resolver if resolver is not None else resolve
         self.session = None
         self.attempts = 0
-        self._stop = threading.Event()
+        self._stop = compat.Event()
         self._connecting = None
         self._thread = None
         self._last_report = None

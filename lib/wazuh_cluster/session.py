@@ -34,7 +34,7 @@ class _Pending(object):
     __slots__ = ("event", "header", "data", "error")
 
     def __init__(self):
-        self.event = threading.Event()
+        self.event = compat.Event()
         self.header = None
         self.data = b""
         self.error = None
@@ -87,7 +87,7 @@ class Session(object):
         self._max_queued = max_queued
         self._requests = collections.deque()
         self._workers = 0
-        self._closed = threading.Event()
+        self._closed = compat.Event()
         self._reader = None
 
     def __repr__(self):

@@ -93,7 +93,7 @@ class PeerSync(object):
         self.request_timeout = request_timeout
         self.clock = clock
         self.log = logs.get("sync")
-        self.cond = threading.Condition()
+        self.cond = compat.Condition()
         self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
         self.full_wanted = True
         self.next_push = 0.0  # monotonic time before which no push starts

@@ -1,0 +1,72 @@
+"""compat's timed waits: threading's API, on 2.7 woken by one timer thread instead of polling."""
+from __future__ import absolute_import, division, print_function
+
+import os
+import threading
+
+from wazuh_cluster import compat
+
+
+def test_event_wait_times_out_false_after_its_timeout():
+    event = compat.Event()
+    start = compat.monotonic()
+    assert event.wait(0.05) is False
+    assert compat.monotonic() - start >= 0.05 - 1e-3
+
+
+def test_event_set_by_another_thread_ends_a_long_wait():
+    event = compat.Event()
+    threading.Thread(target=event.set).start()
+    assert event.wait(600) is True  # returns as soon as it is set, not after the timeout
+    assert event.is_set()
+    event.clear()
+    assert not event.is_set() and event.wait(0) is False
+
+
+def test_condition_notify_wakes_a_timed_wait_and_a_timeout_ends_one():
+    cond = compat.Condition()
+    state = []
+
+    def produce():
+        with cond:
+            state.append("ready")
+            cond.notify()
+    with cond:
+        threading.Thread(target=produce).start()
+        while not state:
+            cond.wait(600)
+        start = compat.monotonic()
+        cond.wait(0.05)
+        assert compat.monotonic() - start >= 0.05 - 1e-3
+    assert state == ["ready"]
+
+
+def test_many_waiters_with_different_deadlines_all_return():
+    events = [compat.Event() for _ in range(20)]
+    results = []
+
+    def wait(event, timeout):
+        results.append(event.wait(timeout))
+    threads = [threading.Thread(target=wait, args=(e, 0.01 * (k % 5)))
+               for k, e in enumerate(events)]
+    for thread in threads:
+        thread.start()
+    for event in events[::2]:
+        event.set()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 20 and not any(t.is_alive() for t in threads)
+
+
+def test_timed_waits_work_in_a_forked_child():
+    if compat.PY2:
+        compat.Event().wait(0.01)  # the parent's timer thread exists before the fork
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = compat.Event().wait(0.01) is False
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
