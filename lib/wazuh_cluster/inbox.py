@@ -117,6 +117,7 @@ class Inbox(object):
         return {"files": self.link.call("manifest", query)["files"]}, b""
 
     def sync_files(self, session, args, data):
+        started = time.time()
         incoming, deletes, dirs = parse_batch(args, data)
         peer = session.peer_name
         refused = {}
@@ -141,6 +142,8 @@ class Inbox(object):
             self.link.call("set_states", {"rows": invalid})
         if self.cfg.is_master and self.info_dir:
             self.record_agents(peer, states, reasons)
+        self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
+                       len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         return {"states": states}, b""
 
     def refuse_deletes(self, peer, names):

@@ -220,8 +220,9 @@ class PeerSync(object):
         return self.link.call("manifest", args)["files"]
 
     def full_round(self):
-        started = self.clock()
+        marks = [self.clock()]
         mine = self.manifest()
+        marks.append(self.clock())
         args = {"source": self.role}
         if self.role == "client":
             # The master holds every client's agent-info: ask only about ours.
@@ -232,18 +233,24 @@ class PeerSync(object):
             raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
         if self.role == "client":
             theirs = dict((n, e) for n, e in theirs.items() if n in mine)
+        marks.append(self.clock())
         send_data, send_meta, delete, dirs, same = plan_round(
             mine, theirs, self.items, delete_extra=self.role == "master")
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
+        marks.append(self.clock())
         self.record(states)
-        self.last_round = self.clock()
+        marks.append(self.clock())
+        self.last_round = marks[-1]
         self.last_round_ok = all(s == "synchronized" for s in states.values())
         self.log.debug("Full round with %s: %d sent, %d metadata, %d deleted, %d folders, "
-                       "%d unchanged in %.2f s.", self.peer, len(send_data), len(send_meta),
-                       len(delete), len(dirs), len(same), self.last_round - started)
+                       "%d unchanged in %.2f s (manifests %.2f + %.2f s, transfers %.2f s, "
+                       "states %.2f s).", self.peer, len(send_data), len(send_meta),
+                       len(delete), len(dirs), len(same), marks[-1] - marks[0],
+                       *[b - a for a, b in zip(marks, marks[1:])])
 
     def push(self, changed, touched, deleted, deleted_dirs):
+        started = self.clock()
         mine = self.manifest(changed + touched + deleted)
         send_data = [n for n in changed if n in mine]
         send_meta = [n for n in touched if n in mine]
@@ -255,10 +262,14 @@ class PeerSync(object):
             dirs = [d for d in dirs if not any(n.startswith(d + "/") for n in everything)]
         if self.role == "client":
             delete, dirs = [], []  # a master keeps agent-info; its own manager decides
+        manifested = self.clock()
         states = self.send(mine, send_data, send_meta, delete, dirs)
+        sent = self.clock()
         self.record(states)
-        self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted.", self.peer,
-                       len(send_data), len(send_meta), len(delete) + len(dirs))
+        self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted in %.3f s (manifest "
+                       "%.3f s, transfer %.3f s, states %.3f s).", self.peer, len(send_data),
+                       len(send_meta), len(delete) + len(dirs), self.clock() - started,
+                       manifested - started, sent - manifested, self.clock() - sent)
 
     def send(self, mine, send_data, send_meta, delete, dirs):
         """Send in batches; return {name: state} as the peer reported it.

@@ -252,7 +252,8 @@ class Bench(object):
             if k == 0:
                 self.apply_patches(node.prefix)
             # Default internal options: the targets are about what a manager runs.
-            lab_harness.configure(node, key, addresses, opt.interval, {})
+            lab_harness.configure(node, key, addresses, opt.interval,
+                                  {"cluster.log_level": "1"} if opt.debug else {})
             self.nodes.append(node)
         self.write_tree()
 
@@ -855,6 +856,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", help="parent folder of the installations (default /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the installations")
+    parser.add_argument("--debug", action="store_true",
+                        help="cluster.log_level=1 on every node (timings in cluster.log; "
+                             "with --keep to read them)")
     parser.add_argument("--patch", action="append", default=[], metavar="MODULE.NAME=VALUE",
                         help="set a constant in the installed copy to measure a proposed "
                              "change, e.g. sync.BATCH_FILES=1000 (repeatable)")
