@@ -40,37 +40,26 @@ import re
 import stat
 import threading
 
-from wazuh_cluster import compat
+from wazuh_cluster import compat, fsops
 from wazuh_cluster.errors import PathRefused, TransferError
 from wazuh_cluster.pathrules import MAX_COMPONENT, MTIME_SLACK_NS, ROLES, escape, locate
-
-try:
-    import ctypes
-except ImportError:  # pragma: no cover - interpreters built without ctypes
-    ctypes = None
 
 SYNCHRONIZED = "synchronized"
 FAILED = "failed"
 INVALID = "invalid"
 
 LOG_DETAIL_LINES = 20
-CHUNK = 1 << 20
 FSYNC_EACH_UP_TO = 8
 
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
 # .NAME.RANDOM.tmp; NAME may be cut short so that the whole name fits in MAX_COMPONENT.
 _TEMP_RE = re.compile(u"^\\.(.+)\\.[0-9a-f]{12}\\.tmp$")
 _TEMP_OVERHEAD = len(".") + len(".") + 12 + len(".tmp")
-_GONE = (errno.ENOENT, errno.ENOTDIR)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _TEMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
-# os.utime(fd, ns=...) exists where the platform has futimens (3.3+); 2.7 goes by path.
-_UTIME_FD = os.utime in getattr(os, "supports_fd", ())
 
 
 class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mtime_ns",
@@ -88,82 +77,7 @@ class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mt
         return super(Incoming, cls).__new__(cls, name, data, sha256, mtime_ns, meta_only)
 
 
-# -- file-system helpers ----------------------------------------------------------------------
-
-def _load_syncfs():
-    """syncfs(2) through ctypes, or None where the C library lacks it (glibc < 2.14)."""
-    if ctypes is None:
-        return None
-    try:
-        func = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int]
-    func.restype = ctypes.c_int
-
-    def syncfs(fd):
-        if func(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    return syncfs
-
-
-# Module level so that a test can set it to None and exercise the per-file fsync path.
-SYNCFS = _load_syncfs()
-
-
-def _set_mtime(fd, path, mtime_ns):
-    if _UTIME_FD:
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
-    else:
-        compat.set_mtime_ns(path, mtime_ns)
-
-
-def _fsync_folder(path):
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _syncfs_folder(path):
-    """syncfs(2) of the file system holding the folder `path`."""
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        SYNCFS(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256_of_fd(fd):
-    sha = hashlib.sha256()
-    while True:
-        chunk = os.read(fd, CHUNK)
-        if not chunk:
-            return sha.hexdigest()
-        sha.update(chunk)
-
-
-def _write_all(fd, data):
-    size = len(data)
-    offset = 0
-    while offset < size:
-        # At most CHUNK per call; slicing a memoryview copies nothing.
-        piece = data if offset == 0 and size <= CHUNK else data[offset:offset + CHUNK]
-        written = os.write(fd, piece)
-        if written <= 0:
-            raise OSError(errno.EIO, "short write")
-        offset += written
-
-
-def _copy_fd(fd, source):
-    while True:
-        chunk = os.read(source, CHUNK)
-        if not chunk:
-            return
-        _write_all(fd, chunk)
-
+# -- temporary files ---------------------------------------------------------------------------
 
 def _temp_name(base):
     random = binascii.hexlify(os.urandom(6)).decode("ascii")
@@ -175,46 +89,6 @@ def _temp_of(stem, base):
     if stem == base:
         return True
     return len(stem) == MAX_COMPONENT - _TEMP_OVERHEAD and base.startswith(stem)
-
-
-def _rmtree(path):
-    """Remove a folder and everything below it; symlinks are removed, never followed.
-
-    Iterative: a local tree deeper than the recursion limit must not break a batch.
-    """
-    stack = [(path, False)]
-    while stack:
-        current, emptied = stack.pop()
-        if emptied:
-            os.rmdir(current)
-            continue
-        stack.append((current, True))
-        for base in os.listdir(current):
-            child = os.path.join(current, base)
-            try:
-                mode = os.lstat(child).st_mode
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    continue
-                raise
-            if stat.S_ISDIR(mode):
-                stack.append((child, False))
-            else:
-                os.unlink(child)
-
-
-def _kind(mode):
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    return "not a regular file"
-
-
-def _why(exc):
-    if isinstance(exc, (OSError, IOError)):
-        return exc.strerror or str(exc)
-    return str(exc)
 
 
 # -- the receiver -----------------------------------------------------------------------------
@@ -329,7 +203,7 @@ class Receiver(object):
         try:
             entries = compat.scandir(path)
         except OSError as exc:
-            self.log.warning("cannot list %s: %s", escape(path), _why(exc))
+            self.log.warning("cannot list %s: %s", escape(path), fsops.why(exc))
             return 0
         for entry in entries:
             match = _TEMP_RE.match(compat.to_text(entry.name, errors="replace"))
@@ -345,8 +219,8 @@ class Receiver(object):
                 os.unlink(entry.path)
                 removed += 1
             except OSError as exc:
-                if exc.errno not in _GONE:
-                    self.log.warning("cannot remove %s: %s", escape(entry.path), _why(exc))
+                if exc.errno not in fsops.GONE:
+                    self.log.warning("cannot remove %s: %s", escape(entry.path), fsops.why(exc))
         return removed
 
     @staticmethod
@@ -401,7 +275,7 @@ class _Batch(object):
         except TransferError as exc:
             self._set(key, FAILED, exc.message)
         except (OSError, IOError) as exc:
-            self._set(key, FAILED, _why(exc))
+            self._set(key, FAILED, fsops.why(exc))
 
     def _set(self, name, state, reason=None):
         self.states[name] = state
@@ -440,7 +314,7 @@ class _Batch(object):
                 st = self._mkdir(path, item)
                 self.touched.setdefault(parent, [])
             if not stat.S_ISDIR(st.st_mode):
-                raise PathRefused("%s on the way: %s" % (_kind(st.st_mode),
+                raise PathRefused("%s on the way: %s" % (fsops.kind(st.st_mode),
                                                         "/".join(parts[:index + 1])))
             dev = st.st_dev
             self.folders[key[:index + 1]] = (path, dev)
@@ -472,7 +346,7 @@ class _Batch(object):
                 raise
             return folder, dev, target, None
         if not stat.S_ISREG(st.st_mode):
-            raise PathRefused("target is %s" % _kind(st.st_mode))
+            raise PathRefused("target is %s" % fsops.kind(st.st_mode))
         return folder, dev, target, st
 
     # -- the three kinds of work --------------------------------------------------------------
@@ -486,14 +360,14 @@ class _Batch(object):
             target = os.path.join(folder, compat.native_str(parts[-1]))
             st = os.lstat(target)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in fsops.GONE:
                 raise
             self._set(name, SYNCHRONIZED)  # already gone
             return
         if not stat.S_ISDIR(st.st_mode):
-            raise PathRefused("target is %s" % _kind(st.st_mode))
+            raise PathRefused("target is %s" % fsops.kind(st.st_mode))
         self.folders.clear()  # verified folders below it are gone
-        _rmtree(target)
+        fsops.rmtree(target)
         self.touched.setdefault(folder, []).append(name)
         self._set(name, SYNCHRONIZED)
 
@@ -504,7 +378,7 @@ class _Batch(object):
         try:
             folder, _, target, st = self._target(parts, item, create=False)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in fsops.GONE:
                 raise
             st = None
         if st is None:
@@ -537,7 +411,7 @@ class _Batch(object):
             temp = self._touch((folder, dev), parts[-1], target, sha, incoming.mtime_ns, item)
         else:
             temp = self._write_temp((folder, dev), parts[-1], incoming.mtime_ns, item,
-                                    _write_all, incoming.data)
+                                    fsops.write_all, incoming.data)
         self.staged.append(_Staged(name, temp, target, folder, dev))
         self._set(name, SYNCHRONIZED)
 
@@ -547,17 +421,17 @@ class _Batch(object):
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise PathRefused("target is not a regular file")
-            if _sha256_of_fd(fd) != sha:
+            if fsops.sha256_of_fd(fd) != sha:
                 raise TransferError("meta-only update but the local content differs")
             try:
-                _set_mtime(fd, target, mtime_ns)
+                fsops.set_mtime(fd, target, mtime_ns)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EACCES):
                     raise
                 # Another user's file (Wazuh's remoted writes agent-info as ossecr): only
                 # its owner may set its times, so a copy with the new mtime replaces it.
                 os.lseek(fd, 0, os.SEEK_SET)
-                return self._write_temp(where, base, mtime_ns, item, _copy_fd, fd)
+                return self._write_temp(where, base, mtime_ns, item, fsops.copy_fd, fd)
             self._make_durable(fd, where)
             return None
         finally:
@@ -572,7 +446,7 @@ class _Batch(object):
             os.fchmod(fd, item.mode)
             if self.as_root:
                 os.fchown(fd, -1, self.rx.owner_gid)
-            _set_mtime(fd, temp, mtime_ns)
+            fsops.set_mtime(fd, temp, mtime_ns)
             self._make_durable(fd, where)
         except BaseException:
             os.close(fd)
@@ -587,7 +461,7 @@ class _Batch(object):
         A push of one or two files (a client.keys edit) then costs an fsync or two instead
         of flushing everything else dirty on the file system (alerts, archives).
         """
-        if SYNCFS is None or self.fsynced < self.fsync_budget:
+        if fsops.SYNCFS is None or self.fsynced < self.fsync_budget:
             os.fsync(fd)
             self.fsynced += 1
         else:
@@ -600,9 +474,9 @@ class _Batch(object):
         failed_devs = {}
         for dev, folder in self.unflushed.items():
             try:
-                _syncfs_folder(folder)
+                fsops.syncfs_folder(folder)
             except OSError as exc:
-                failed_devs[dev] = "flush failed: %s" % _why(exc)
+                failed_devs[dev] = "flush failed: %s" % fsops.why(exc)
         if failed_devs:
             kept = []
             for entry in self.staged:
@@ -620,7 +494,7 @@ class _Batch(object):
             try:
                 os.rename(entry.temp, entry.target)
             except OSError as exc:
-                self._fail(entry, "rename failed: %s" % _why(exc))
+                self._fail(entry, "rename failed: %s" % fsops.why(exc))
                 continue
             self.touched.setdefault(entry.folder, []).append(entry.name)
         self.staged = []
@@ -632,8 +506,8 @@ class _Batch(object):
         over many group folders) one syncfs per file system costs less than a journal commit
         per folder.
         """
-        if SYNCFS is None or len(self.touched) <= FSYNC_EACH_UP_TO:
-            groups = [([folder], folder, _fsync_folder) for folder in sorted(self.touched)]
+        if fsops.SYNCFS is None or len(self.touched) <= FSYNC_EACH_UP_TO:
+            groups = [([folder], folder, fsops.fsync_folder) for folder in sorted(self.touched)]
         else:
             by_dev = {}
             for folder in sorted(self.touched):
@@ -641,14 +515,14 @@ class _Batch(object):
                     by_dev.setdefault(os.stat(folder).st_dev, []).append(folder)
                 except OSError:
                     by_dev.setdefault(None, []).append(folder)  # fails below, named
-            groups = [(folders, folders[0], _syncfs_folder) for folders in by_dev.values()]
+            groups = [(folders, folders[0], fsops.syncfs_folder) for folders in by_dev.values()]
         for folders, opened, flush in groups:
             try:
                 flush(opened)
             except OSError as exc:
                 for folder in folders:
                     for name in self.touched[folder]:
-                        self._set(name, FAILED, "folder flush failed: %s" % _why(exc))
+                        self._set(name, FAILED, "folder flush failed: %s" % fsops.why(exc))
 
     def abandon(self):
         """Remove the temporary files of everything staged; the old files stay."""

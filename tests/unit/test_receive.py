@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from wazuh_cluster import compat, pathrules, receive
+from wazuh_cluster import compat, fsops, pathrules, receive
 from wazuh_cluster.config import Item
 from wazuh_cluster.errors import PathRefused
 from wazuh_cluster.receive import Incoming, Receiver
@@ -328,7 +328,7 @@ def test_every_file_of_a_generator_batch_lands(home, log):
 
 
 def test_per_file_fsync_when_syncfs_is_missing(home, log, monkeypatch):
-    monkeypatch.setattr(receive, "SYNCFS", None)
+    monkeypatch.setattr(fsops, "SYNCFS", None)
     states, _ = client_rx(home, log).apply_batch([inc(u"etc/shared/default/a", b"a"),
                                                   inc(u"queue/agent-groups/001", b"default")])
     assert set(states.values()) == set(["synchronized"])
@@ -340,7 +340,7 @@ def test_a_failed_flush_fails_the_batch_and_keeps_old_files(home, log, monkeypat
 
     def broken(fd):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(receive, "SYNCFS", broken)
+    monkeypatch.setattr(fsops, "SYNCFS", broken)
     monkeypatch.setattr(receive, "FSYNC_EACH_UP_TO", 0)  # every file waits for the syncfs
     states, reasons = client_rx(home, log).apply_batch([inc(u"etc/shared/default/agent.conf",
                                                             b"new")])
@@ -808,12 +808,12 @@ def test_group_folder_deeper_than_the_recursion_limit_is_removed(home, log):
 
 def test_small_batches_fsync_each_file_large_ones_flush_once(home, log, monkeypatch):
     calls = []
-    real = receive.SYNCFS
+    real = fsops.SYNCFS
 
     def counting(fd):
         calls.append(fd)
         real(fd)
-    monkeypatch.setattr(receive, "SYNCFS", counting)
+    monkeypatch.setattr(fsops, "SYNCFS", counting)
     fsyncs = []
     real_fsync = os.fsync
 
@@ -844,7 +844,7 @@ def test_a_failed_folder_flush_fails_its_files(home, log, monkeypatch):
         calls.append(fd)
         if len(calls) == 2:
             raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(receive, "SYNCFS", fails_second_time)
+    monkeypatch.setattr(fsops, "SYNCFS", fails_second_time)
     names = [u"etc/shared/h%d/f" % n for n in range(receive.FSYNC_EACH_UP_TO + 1)]
     states, reasons = client_rx(home, log).apply_batch([inc(n, b"x") for n in names])
     assert set(states.values()) == set(["failed"])

@@ -1,0 +1,149 @@
+"""Durable file operations of the receiving side: flushing (fsync, syncfs), writing, removing.
+
+No policy lives here (that is receive.py): these helpers only do one system-level thing each,
+the same on 2.7 and 3.x.
+"""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import hashlib
+import os
+import stat
+
+from wazuh_cluster import compat
+
+try:
+    import ctypes
+except ImportError:  # pragma: no cover - interpreters built without ctypes
+    ctypes = None
+
+CHUNK = 1 << 20
+GONE = (errno.ENOENT, errno.ENOTDIR)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
+# os.utime(fd, ns=...) exists where the platform has futimens (3.3+); 2.7 goes by path.
+_UTIME_FD = os.utime in getattr(os, "supports_fd", ())
+
+
+def load_syncfs():
+    """syncfs(2) through ctypes, or None where the C library lacks it (glibc < 2.14)."""
+    if ctypes is None:
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+
+    def syncfs(fd):
+        if func(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return syncfs
+
+
+# Module level so that a test can set it to None and exercise the per-file fsync path;
+# callers read it as fsops.SYNCFS at each use.
+SYNCFS = load_syncfs()
+
+
+def set_mtime(fd, path, mtime_ns):
+    """Set the file's atime and mtime to `mtime_ns`: by descriptor where possible."""
+    if _UTIME_FD:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    else:
+        compat.set_mtime_ns(path, mtime_ns)
+
+
+def fsync_folder(path):
+    """fsync(2) a folder: the names created, renamed or removed in it become durable."""
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs_folder(path):
+    """syncfs(2) of the file system holding the folder `path`."""
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        SYNCFS(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of_fd(fd):
+    """SHA-256 hex of what is left to read from `fd`."""
+    sha = hashlib.sha256()
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            return sha.hexdigest()
+        sha.update(chunk)
+
+
+def write_all(fd, data):
+    """Write all of `data` (bytes or a memoryview), CHUNK at most per call."""
+    size = len(data)
+    offset = 0
+    while offset < size:
+        # At most CHUNK per call; slicing a memoryview copies nothing.
+        piece = data if offset == 0 and size <= CHUNK else data[offset:offset + CHUNK]
+        written = os.write(fd, piece)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        offset += written
+
+
+def copy_fd(fd, source):
+    """Copy what is left to read from descriptor `source` into `fd`."""
+    while True:
+        chunk = os.read(source, CHUNK)
+        if not chunk:
+            return
+        write_all(fd, chunk)
+
+
+def rmtree(path):
+    """Remove a folder and everything below it; symlinks are removed, never followed.
+
+    Iterative: a local tree deeper than the recursion limit must not break a batch.
+    """
+    stack = [(path, False)]
+    while stack:
+        current, emptied = stack.pop()
+        if emptied:
+            os.rmdir(current)
+            continue
+        stack.append((current, True))
+        for base in os.listdir(current):
+            child = os.path.join(current, base)
+            try:
+                mode = os.lstat(child).st_mode
+            except OSError as exc:
+                if exc.errno in GONE:
+                    continue
+                raise
+            if stat.S_ISDIR(mode):
+                stack.append((child, False))
+            else:
+                os.unlink(child)
+
+
+def kind(mode):
+    """What a non-regular file is, for a refusal message."""
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def why(exc):
+    """The one-line reason of an exception, for states and log lines."""
+    if isinstance(exc, (OSError, IOError)):
+        return exc.strerror or str(exc)
+    return str(exc)
