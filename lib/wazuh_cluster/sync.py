@@ -14,6 +14,7 @@ Every outcome is recorded as <node> <file> <state> through the internal daemon.
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import hashlib
 import os
 import threading
@@ -24,6 +25,7 @@ from wazuh_cluster.internal_link import InternalUnavailable
 
 BATCH_BYTES = 8 << 20
 BATCH_FILES = 2000
+PIPELINE = 2
 COMPRESS_FROM = 64 << 10
 MAX_FILE_BYTES = 48 << 20
 RETRY_DELAY = 2.0
@@ -275,42 +277,39 @@ class PeerSync(object):
         """Send in batches; return {name: state} as the peer reported it.
 
         `mine` is our manifest: a metadata-only update carries the checksum the receiver must
-        already have, so that it never stamps a new mtime on other content.
+        already have, so that it never stamps a new mtime on other content. Up to PIPELINE
+        batches are in flight: the next one is read while the peer applies the last.
         """
-        states = {}
+        calls = InFlight(self.call_files, PIPELINE)
         batch = Batch()
         postponed = []
-        for name in send_data:
-            got = read_stable(os.path.join(self.home, *name.split("/")))
-            if got is None:
-                postponed.append(name)
-                continue
-            batch = self.flush_if_full(batch, states, len(got[0]))
-            batch.add_file(name, *got)
-        for name in send_meta:
-            try:
-                st = os.lstat(os.path.join(self.home, *name.split("/")))
-            except OSError:
-                continue
-            batch = self.flush_if_full(batch, states)
-            batch.meta.append({"name": name, "sha256": mine[name]["sha256"],
-                               "mtime_ns": compat.stat_mtime_ns(st)})
-        for name in delete:
-            batch = self.flush_if_full(batch, states)
-            batch.delete.append(name)
-        batch.delete_dirs.extend(dirs)
-        if not batch.empty():
-            states.update(self.call_files(batch))
+        try:
+            for name in send_data:
+                got = read_stable(os.path.join(self.home, *name.split("/")))
+                if got is None:
+                    postponed.append(name)
+                    continue
+                batch = calls.submit_if_full(batch, len(got[0]))
+                batch.add_file(name, *got)
+            for name in send_meta:
+                try:
+                    st = os.lstat(os.path.join(self.home, *name.split("/")))
+                except OSError:
+                    continue
+                batch = calls.submit_if_full(batch)
+                batch.meta.append({"name": name, "sha256": mine[name]["sha256"],
+                                   "mtime_ns": compat.stat_mtime_ns(st)})
+            for name in delete:
+                batch = calls.submit_if_full(batch)
+                batch.delete.append(name)
+            batch.delete_dirs.extend(dirs)
+            if not batch.empty():
+                calls.submit(batch)
+        finally:
+            states = calls.finish()
         if postponed:
             self.retry_later(postponed)
         return states
-
-    def flush_if_full(self, batch, states, extra=0):
-        """Send `batch` when one more entry would make it too large; return the batch to fill."""
-        if not batch.full(extra):
-            return batch
-        states.update(self.call_files(batch))
-        return Batch()
 
     def call_files(self, batch):
         data = b"".join(batch.data)
@@ -331,6 +330,60 @@ class PeerSync(object):
         if failed:
             self.log.warning("%d file(s) failed on %s (e.g. %s); retried at the next round.",
                              len(failed), self.peer, failed[0])
+
+
+class InFlight(object):
+    """sync_files calls running at once (at most `depth`), each from a thread of its own.
+
+    finish() waits for all of them and returns their states merged; the first error any of
+    them raised is raised there, once every call has ended.
+    """
+
+    def __init__(self, call, depth):
+        self.call = call
+        self.depth = depth
+        self.running = collections.deque()
+        self.states = {}
+        self.error = None
+
+    def submit_if_full(self, batch, extra=0):
+        """Submit `batch` when one more entry would make it too large; return the one to fill."""
+        if not batch.full(extra):
+            return batch
+        self.submit(batch)
+        return Batch()
+
+    def submit(self, batch):
+        while len(self.running) >= self.depth:
+            self._join(self.running.popleft())
+        if self.error is not None:
+            raise self.error
+        result = {}
+        thread = threading.Thread(target=self._run, args=(batch, result), name="sync-files")
+        thread.daemon = True
+        thread.start()
+        self.running.append((thread, result))
+
+    def _run(self, batch, result):
+        try:
+            result["states"] = self.call(batch)
+        except Exception as err:  # raised again in the thread that owns the calls
+            result["error"] = err
+
+    def _join(self, running):
+        thread, result = running
+        thread.join()
+        if "error" in result:
+            self.error = self.error or result["error"]
+        else:
+            self.states.update(result.get("states") or {})
+
+    def finish(self):
+        while self.running:
+            self._join(self.running.popleft())
+        if self.error is not None:
+            raise self.error
+        return self.states
 
 
 class Batch(object):

@@ -407,7 +407,7 @@ class Bench(object):
         dests = [c.path("etc", "shared") for c in clients]
         self.start_rsyncd()
         figures = {"plain": [], "fsync": [], "start": [], "session": [], "cpu_master": [],
-                   "cpu_clients": []}
+                   "cpu_clients": [], "cpu_clients_internal": []}
         for rep in range(self.opt.reps):
             if rep:
                 self.reset_clients(clients)
@@ -431,8 +431,9 @@ class Bench(object):
         print("   ours, from the clients' start        %7.3f s   [%s]" % (ours_start, row("start")))
         print("   ours, from the first session up      %7.3f s   [%s]"
               % (ours_session, row("session")))
-        print("   ours, CPU: master daemons %s s; both clients' daemons %s s"
-              % (row("cpu_master"), row("cpu_clients")))
+        print("   ours, CPU: master daemons %s s; both clients' daemons %s s (of which "
+              "internal %s s)" % (row("cpu_master"), row("cpu_clients"),
+                                  row("cpu_clients_internal")))
         print("   rsync -a --fsync (daemon)            %7.3f s   [%s]" % (rs_fsync, row("fsync")))
         print("   rsync -a         (daemon)            %7.3f s   [%s]" % (rs_plain, row("plain")))
         print("   ratio ours(session)/rsync-fsync      %7.2f    (target <= 1.0; from start %.2f)%s"
@@ -493,6 +494,8 @@ class Bench(object):
         figures["cpu_master"].append(sum(proc_cpu(p) for p in master_pids) - cpu0)
         figures["cpu_clients"].append(sum(proc_cpu(self.pid(c, d)) for c in clients
                                           for d in (DAEMON, INTERNAL)))
+        figures["cpu_clients_internal"].append(sum(proc_cpu(self.pid(c, INTERNAL))
+                                                   for c in clients))
 
     def session_failure(self, path, offset):
         """The first 'closed: protocol error' line logged since `offset`, or None."""

@@ -3,9 +3,14 @@ push per push_delay, with what arrived meanwhile travelling together."""
 from __future__ import absolute_import, division, print_function
 
 import os
+import threading
+import time
 
-from wazuh_cluster import config
-from wazuh_cluster.sync import PeerSync
+import pytest
+
+from wazuh_cluster import compat, config
+from wazuh_cluster.errors import RequestError
+from wazuh_cluster.sync import Batch, InFlight, PeerSync
 
 ITEMS, _EXCLUDE = config.load_items(os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -95,3 +100,55 @@ def test_a_file_changing_while_read_is_retried_later_not_at_once():
     assert lists is None and wait > 0
     lists, _ = take(sync, clock() + 2.5)
     assert lists == ([u"etc/shared/default/a.conf"], [], [], [])
+
+
+def wait_until(condition, timeout=60.0):
+    deadline = compat.monotonic() + timeout
+    while not condition():
+        assert compat.monotonic() < deadline, "condition never met"
+        time.sleep(0.001)
+
+
+def test_in_flight_calls_merge_their_states_and_never_exceed_the_depth():
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    gate = threading.Event()
+
+    def call(batch):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(60)
+        with lock:
+            running[0] -= 1
+        return dict((f["name"], "synchronized") for f in batch.files)
+    calls = InFlight(call, 2)
+    for n in range(5):
+        batch = Batch()
+        batch.add_file(u"etc/shared/default/f%d" % n, b"x", "0" * 64, 1)
+        if n == 2:
+            wait_until(lambda: running[0] == 2)  # both first calls are inside
+            gate.set()  # let everything go from here
+        calls.submit(batch)
+    states = calls.finish()
+    assert peak[0] == 2
+    assert sorted(states) == [u"etc/shared/default/f%d" % n for n in range(5)]
+
+
+def test_an_error_of_one_call_is_raised_once_all_calls_ended():
+    finished = []
+
+    def call(batch):
+        name = batch.files[0]["name"]
+        if name.endswith("f0"):
+            raise RequestError("no answer", "timeout")
+        finished.append(name)
+        return {name: "synchronized"}
+    calls = InFlight(call, 2)
+    for n in range(2):
+        batch = Batch()
+        batch.add_file(u"etc/shared/default/f%d" % n, b"x", "0" * 64, 1)
+        calls.submit(batch)
+    with pytest.raises(RequestError):
+        calls.finish()
+    assert finished == [u"etc/shared/default/f1"]
