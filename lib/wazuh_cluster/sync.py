@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 
-from wazuh_cluster import compat, logs, pathrules
+from wazuh_cluster import compat, logs, pathrules, protocol
 from wazuh_cluster.errors import ClusterError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -212,12 +212,14 @@ class PeerSync(object):
     def full_round(self):
         started = self.clock()
         mine = self.manifest()
-        args = {"source": self.role}
+        args = {"source": self.role, "manifest_in_data": True}
         if self.role == "client":
             # The master holds every client's agent-info: ask only about ours.
             args["names"] = sorted(mine)
-        result, _ = self.session.call("sync_manifest", args, timeout=self.request_timeout)
+        result, data = self.session.call("sync_manifest", args, timeout=self.request_timeout)
         theirs = result.get("files") if isinstance(result, dict) else None
+        if theirs is None and isinstance(result, dict) and result.get("files_in_data"):
+            theirs = protocol.decode_json_data(data)  # relayed as bytes (inbox.sync_manifest)
         if not isinstance(theirs, dict):
             raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
         if self.role == "client":
