@@ -109,7 +109,7 @@ def inflate_bounded(data, max_length):
         raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
     if not getattr(d, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
         raise ProtocolError("compressed data truncated")
-    return out + tail
+    return out + tail if tail else out  # no copy of megabytes for nothing
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):
