@@ -37,6 +37,7 @@ def internal_script(script):
 
 def main(argv=None, script=None):
     """Entry point of bin/wazuh-clusterd; returns the exit status."""
+    daemon.limit_malloc_arenas()  # before any thread (see there)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     status, cfg, layout = daemon.begin(DAEMON, args, script)
     if status is not None or args.test:

@@ -14,10 +14,14 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, receive
+from wazuh_cluster import agents, compat, logs, pathrules, receive
 from wazuh_cluster.errors import RequestError
 
 HELD_KEY = "held_client_keys"
+COMPRESS_FROM = 64 << 10
+# Bytes of names per "manifest" request to the internal daemon (its requests are at most
+# localsock.MAX_MESSAGE; JSON may escape a name to more than its length).
+NAMES_BYTES_PER_QUERY = 256 << 10
 
 
 def _bad(message):
@@ -71,6 +75,32 @@ def parse_batch(header, data):
     return incoming, deletes, dirs
 
 
+def manifest_queries(source, names, as_data):
+    """The internal daemon's "manifest" requests for a peer's query.
+
+    A request to the internal daemon is at most localsock.MAX_MESSAGE: a long list of names
+    (a client with tens of thousands of agents) is asked for in slices.
+    """
+    base = {"source": source}
+    if as_data:
+        base["as_data"] = True
+    if names is None:
+        yield base
+        return
+    start = 0
+    while True:
+        end, size = start, 0
+        while end < len(names) and (end == start or size < NAMES_BYTES_PER_QUERY):
+            size += len(names[end]) + 4
+            end += 1
+        query = dict(base)
+        query["names"] = names[start:end]
+        yield query
+        if end >= len(names):
+            return
+        start = end
+
+
 class Inbox(object):
     """Dispatcher entries sync_manifest and sync_files, and the held client.keys change."""
 
@@ -102,19 +132,39 @@ class Inbox(object):
     # -- requests from peers --------------------------------------------------------------------
 
     def sync_manifest(self, session, args, data):
-        """Our copy of the items the asking peer owns, to compare with its own."""
+        """Our copy of the items the asking peer owns, to compare with its own.
+
+        With "manifest_in_data": true the mapping travels as the raw data of the answer
+        (compressed), relayed from the internal daemon without being parsed here: four
+        clients asking for 12 500 agent-info files each at once would otherwise hold tens of
+        megabytes of dicts and JSON text in this process. Otherwise it is the "files" field.
+        """
         source = args.get("source")
         if source != session.peer_role:
             raise RequestError("a %s may only compare its own items" % session.peer_role,
                                "forbidden")
-        query = {"source": source}
         names = args.get("names")
         if names is not None:
             if not isinstance(names, list) or not all(isinstance(n, compat.string_types)
                                                       for n in names):
                 raise _bad("'names' must be a list of names")
-            query["names"] = names
-        return {"files": self.link.call("manifest", query)["files"]}, b""
+            # No file of ours has a longer name; a huge one must not reach the internal
+            # daemon's bounded requests.
+            names = [n for n in names if len(n) <= pathrules.MAX_PATH]
+        if args.get("manifest_in_data") is not True:
+            files = {}
+            for query in manifest_queries(source, names, False):
+                files.update(self.link.call("manifest", query)["files"])
+            return {"files": files}, b""
+        parts = []
+        for query in manifest_queries(source, names, True):
+            part = self.link.call_data("manifest", query)[1] or b"{}"
+            if len(part) > 2:
+                parts.append(part[1:-1])  # the entries of the JSON object
+            del part
+        data = b"{" + b",".join(parts) + b"}"
+        del parts[:]
+        return {"files_in_data": True}, data, len(data) >= COMPRESS_FROM
 
     def sync_files(self, session, args, data):
         started = time.time()

@@ -87,9 +87,18 @@ class InternalLoop(object):
             self.log.debug("internal socket client: %s", err)
             return
         for body in messages:
-            conn.send(self.answer(body, conn))
+            reply = self.answer(body, conn)
+            result = reply.get("result")
+            if isinstance(result, localsock.WithData):
+                # The raw bytes follow the reply as a frame of their own (localsock).
+                reply["result"] = result.result
+                reply["data"] = len(result.data)
+                conn.send(reply, result.data)
+            else:
+                conn.send(reply)
 
     def answer(self, body, conn):
+        """The reply to one request; its "result" may be a localsock.WithData."""
         try:
             request = localsock.decode(body)
         except ProtocolError as err:

@@ -27,9 +27,14 @@ class InternalLink(object):
         self._lock = threading.Lock()
 
     def call(self, cmd, args=None):
+        """The result of `cmd`; InternalUnavailable while the daemon restarts."""
+        return self.call_data(cmd, args)[0]
+
+    def call_data(self, cmd, args=None):
+        """(result, raw bytes after the reply or None): see localsock.WithData."""
         with self._lock:
             try:
-                return self._client.call(cmd, args)
+                return self._client.call_data(cmd, args)
             except RequestError as err:
                 self._client.close()
                 if err.code in ("unreachable", "timeout"):

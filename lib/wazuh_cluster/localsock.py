@@ -3,6 +3,9 @@
 A frame is a 4-byte big-endian length and a UTF-8 JSON object. Requests are
 {"id", "cmd", "args"}; replies {"id", "ok", "result"} or {"id", "ok": false, "error": {code,
 message}}; pushed events carry "event" instead of "id".
+A reply may announce raw bytes with "data": N; the next frame then holds those N bytes as they
+are (not JSON). This lets wazuh-clusterd relay a large answer, such as a manifest of tens of
+thousands of files, to a peer without parsing it into Python objects and encoding it again.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -33,6 +36,15 @@ def decode(data):
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a JSON object")
     return obj
+
+
+class WithData(object):
+    """A command result followed by raw bytes (see the module docstring)."""
+    __slots__ = ("result", "data")
+
+    def __init__(self, result, data):
+        self.result = result
+        self.data = data
 
 
 def error_reply(request_id, code, message):
@@ -114,8 +126,11 @@ class Connection(object):
             messages.append(body)
         return messages
 
-    def send(self, obj):
+    def send(self, obj, data=None):
+        """Queue one message (and, when `data` is not None, the raw frame it announces)."""
         self.outbuf += encode(obj)
+        if data is not None:
+            self.outbuf += HEADER.pack(len(data)) + data
         self.flush()
 
     def flush(self):
@@ -171,6 +186,11 @@ class Client(object):
         self.close()
 
     def call(self, cmd, args=None):
+        """Run `cmd` on the server; its result, or RequestError."""
+        return self.call_data(cmd, args)[0]
+
+    def call_data(self, cmd, args=None):
+        """(result, raw bytes announced by the reply or None), or RequestError."""
         if self.sock is None:
             self.connect()
         request_id = self.next_id
@@ -181,6 +201,9 @@ class Client(object):
                 reply = self.receive()
                 if reply.get("id") == request_id:
                     break
+            data = None
+            if reply.get("data") is not None:
+                data = self._read_raw(reply["data"])
         except socket.timeout:
             self.close()
             raise RequestError("%s did not answer %r in %.0f s" % (self.path, cmd, self.timeout),
@@ -189,7 +212,7 @@ class Client(object):
             self.close()
             raise RequestError("%s: %s" % (self.path, err.args[-1]), "unreachable")
         if reply.get("ok"):
-            return reply.get("result")
+            return reply.get("result"), data
         error = reply.get("error") or {}
         raise RequestError(error.get("message", "request failed"), error.get("code", "error"))
 
@@ -205,6 +228,13 @@ class Client(object):
         if length > MAX_REPLY:
             raise ProtocolError("reply of %d bytes is too large" % length)
         return decode(self._read_exact(length))
+
+    def _read_raw(self, announced):
+        """The raw frame that follows a reply announcing `announced` bytes."""
+        (length,) = HEADER.unpack(self._read_exact(HEADER.size))
+        if length != announced or length > MAX_REPLY:
+            raise ProtocolError("raw frame of %d bytes, %r announced" % (length, announced))
+        return self._read_exact(length)
 
     def _read_exact(self, size):
         chunks = []

@@ -76,6 +76,17 @@ def decode_body(body):
     return header, body[4 + n:]
 
 
+def decode_json_data(data):
+    """The JSON object carried as raw data (a relayed manifest); ProtocolError when malformed."""
+    try:
+        obj = json.loads(data)  # bytes: 3.6+ and 2.7 both detect UTF-8 themselves
+    except (ValueError, UnicodeDecodeError, TypeError):
+        raise ProtocolError("data is not valid JSON")
+    if not isinstance(obj, dict):
+        raise ProtocolError("data is not a JSON object")
+    return obj
+
+
 def compress(data, level=1):
     """zlib stream of `data` (level 1: compression is the main cost of a bulk push)."""
     return zlib.compress(data, level)
@@ -98,7 +109,7 @@ def inflate_bounded(data, max_length):
         raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
     if not getattr(d, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
         raise ProtocolError("compressed data truncated")
-    return out + tail
+    return out + tail if tail else out  # no copy of megabytes for nothing
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):

@@ -19,7 +19,7 @@ import hashlib
 import os
 import threading
 
-from wazuh_cluster import compat, logs, pathrules
+from wazuh_cluster import compat, logs, pathrules, protocol
 from wazuh_cluster.errors import ClusterError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -30,6 +30,10 @@ COMPRESS_FROM = 64 << 10
 MAX_FILE_BYTES = 48 << 20
 RETRY_DELAY = 2.0
 INTERNAL_RETRY = 1.0
+# One round at a time in a process compares manifests: each holds two of them (tens of
+# thousands of dicts), and a master forced to compare with four clients at once peaked at
+# four times that. Transfers are outside it.
+ROUND_SLOT = threading.BoundedSemaphore(1)
 
 
 def read_stable(path):
@@ -223,21 +227,14 @@ class PeerSync(object):
 
     def full_round(self):
         marks = [self.clock()]
-        mine = self.manifest()
-        marks.append(self.clock())
-        args = {"source": self.role}
-        if self.role == "client":
-            # The master holds every client's agent-info: ask only about ours.
-            args["names"] = sorted(mine)
-        result, _ = self.session.call("sync_manifest", args, timeout=self.request_timeout)
-        theirs = result.get("files") if isinstance(result, dict) else None
-        if not isinstance(theirs, dict):
-            raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
-        if self.role == "client":
-            theirs = dict((n, e) for n, e in theirs.items() if n in mine)
-        marks.append(self.clock())
-        send_data, send_meta, delete, dirs, same = plan_round(
-            mine, theirs, self.items, delete_extra=self.role == "master")
+        with ROUND_SLOT:
+            mine, theirs = self.manifests(marks)
+            send_data, send_meta, delete, dirs, same = plan_round(
+                mine, theirs, self.items, delete_extra=self.role == "master")
+            # Only the entries sent as metadata are needed from here: the manifests (tens of
+            # thousands of dicts) go before the transfers, and another round may begin.
+            mine = dict((name, mine[name]) for name in send_meta)
+            del theirs
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
         marks.append(self.clock())
@@ -250,6 +247,25 @@ class PeerSync(object):
                        "states %.2f s).", self.peer, len(send_data), len(send_meta),
                        len(delete), len(dirs), len(same), marks[-1] - marks[0],
                        *[b - a for a, b in zip(marks, marks[1:])])
+
+    def manifests(self, marks):
+        """(ours, the peer's) for a full round; a mark is added after each."""
+        mine = self.manifest()
+        marks.append(self.clock())
+        args = {"source": self.role, "manifest_in_data": True}
+        if self.role == "client":
+            # The master holds every client's agent-info: ask only about ours.
+            args["names"] = sorted(mine)
+        result, data = self.session.call("sync_manifest", args, timeout=self.request_timeout)
+        theirs = result.get("files") if isinstance(result, dict) else None
+        if theirs is None and isinstance(result, dict) and result.get("files_in_data"):
+            theirs = protocol.decode_json_data(data)  # relayed as bytes (inbox.sync_manifest)
+        if not isinstance(theirs, dict):
+            raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
+        if self.role == "client":
+            theirs = dict((n, e) for n, e in theirs.items() if n in mine)
+        marks.append(self.clock())
+        return mine, theirs
 
     def push(self, changed, touched, deleted, deleted_dirs):
         started = self.clock()

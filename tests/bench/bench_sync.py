@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -330,15 +331,59 @@ class Bench(object):
             self.started.append(node)
 
     def stop_all(self):
-        for node in reversed(self.started):
+        try:
+            for node in reversed(self.started):
+                try:
+                    node.stop()
+                except Exception as err:  # noqa: BLE001 - cleanup must go on for the others
+                    print("warning: stopping %s: %s" % (node.name, err))
+            self.started = []
+            if self.rsyncd is not None and self.rsyncd.poll() is None:
+                self.rsyncd.terminate()
+                self.rsyncd.wait()
+        finally:
+            self.kill_leftovers()
+
+    def leftovers(self):
+        """PIDs of processes still running from our installations (their command line names
+        a path under self.work): only what this run started, whatever its PID files say."""
+        mark = os.path.join(self.work, "")
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
             try:
-                node.stop()
-            except Exception as err:  # noqa: BLE001 - cleanup must go on for the others
-                print("warning: stopping %s: %s" % (node.name, err))
-        self.started = []
-        if self.rsyncd is not None and self.rsyncd.poll() is None:
-            self.rsyncd.terminate()
-            self.rsyncd.wait()
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    argv = handle.read().split(b"\0")
+            except (IOError, OSError):
+                continue
+            if any(arg.decode("utf-8", "replace").startswith(mark) or
+                   ("=" + mark) in arg.decode("utf-8", "replace") for arg in argv) \
+                    and lab_harness.alive(int(entry)):
+                found.append(int(entry))
+        return found
+
+    def kill_leftovers(self):
+        """No daemon may outlive the benchmark (ossec-control stop removes the PID files and
+        does not wait; a daemon missed there would keep running from a removed folder)."""
+        pids = self.leftovers()
+        if not pids:
+            return
+        print("warning: %d process(es) outlived the stop: %s; terminating them"
+              % (len(pids), " ".join(map(str, pids))))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = now() + 10
+            while now() < deadline and [p for p in pids if lab_harness.alive(p)]:
+                time.sleep(0.1)
+            pids = [p for p in pids if lab_harness.alive(p)]
+            if not pids:
+                return
+        print("warning: still alive after SIGKILL: %s" % " ".join(map(str, pids)))
 
     def internal(self, node, cmd, args=None):
         client = localsock.Client(node.path("queue", "ossec", "cluster_db"), timeout=60)
@@ -868,6 +913,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     options = parse_args(sys.argv[1:] if argv is None else argv)
     # Line-buffered even into a file or a pipe: a long run shows each figure when it is ready.
@@ -875,6 +924,9 @@ def main(argv=None):
     if os.geteuid() == 0 and not os.environ.get(NS_MARK):
         return lab_harness.reexec_in_ossec_namespace(__file__, sys.argv[1:], NS_MARK,
                                                      "bench_sync")
+    # A SIGTERM or SIGHUP (a timeout, a closed terminal) must still run the cleanup below.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     work = tempfile.mkdtemp(prefix="wazuh-bench-sync.", dir=options.workdir)
     os.chmod(work, 0o755)  # user ossec must reach the installations
     bench = Bench(options, work)

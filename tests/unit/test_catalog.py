@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from wazuh_cluster import catalog as catalog_mod
-from wazuh_cluster import compat, db as dbmod, errors
+from wazuh_cluster import compat, db as dbmod, errors, localsock
 
 from test_scanner import EXCLUDE, ITEMS, write  # noqa: I100 - shared fixtures of the scanner
 
@@ -141,6 +141,25 @@ def test_manifest_filters_by_source_and_item(home):
         "etc/shared/default/agent.conf", "queue/agent-info/web01-any", "nope"]})["files"]) == \
         ["etc/shared/default/agent.conf"]
     json.dumps(cat.handle("manifest", {}))
+
+
+def test_manifest_as_data_is_the_same_mapping_as_json_bytes(home):
+    write(home, "etc/shared/default/agent.conf", "abc")
+    write(home, "etc/shared/default/we\"ird.conf", "x")  # a quote must be escaped
+    write(home, "queue/agent-info/web01-any", "Linux")
+    write(home, "queue/agent-info/db01-10.0.0.2", "")
+    cat = make(home)
+    cat.tick(0.0)
+    for args in ({}, {"source": "master"}, {"source": "client"},
+                 {"source": "client", "names": ["queue/agent-info/web01-any", "nope",
+                                                "etc/shared/default/agent.conf"]},
+                 {"source": "client", "names": []}):
+        plain = cat.handle("manifest", dict(args))["files"]
+        raw = cat.handle("manifest", dict(args, as_data=True))
+        assert isinstance(raw, localsock.WithData)
+        assert raw.result == {"count": len(plain)}
+        assert isinstance(raw.data, bytes)
+        assert json.loads(raw.data.decode("utf-8")) == plain
 
 
 def test_states_query(home):

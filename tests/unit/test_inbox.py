@@ -1,0 +1,105 @@
+"""inbox.sync_manifest: the manifest a peer asks for, relayed from the internal daemon."""
+from __future__ import absolute_import, division, print_function
+
+import json
+
+import pytest
+
+from wazuh_cluster import inbox, protocol
+from wazuh_cluster.errors import ProtocolError, RequestError
+
+
+class FakeLink(object):
+    """The internal daemon's "manifest" over a fixed mapping (as catalog answers it)."""
+
+    def __init__(self, files):
+        self.files = files
+        self.queries = []
+
+    def _select(self, args):
+        names = args.get("names")
+        return dict((n, e) for n, e in self.files.items() if names is None or n in names)
+
+    def call(self, cmd, args):
+        assert cmd == "manifest" and not args.get("as_data")
+        self.queries.append(args)
+        return {"files": self._select(args)}
+
+    def call_data(self, cmd, args):
+        assert cmd == "manifest" and args.get("as_data") is True
+        self.queries.append(args)
+        files = self._select(args)
+        return {"count": len(files)}, json.dumps(files).encode("ascii")
+
+
+class FakeSession(object):
+    peer_role = "client"
+    peer_name = "client1"
+
+
+def make_inbox(files):
+    box = inbox.Inbox.__new__(inbox.Inbox)  # only the link is used by sync_manifest
+    box.link = FakeLink(files)
+    return box
+
+
+def entry(i):
+    return {"sha256": "%064x" % i, "size": i, "mtime_ns": i * 10, "mode": 432,
+            "item": "agent-info"}
+
+
+FILES = dict(("queue/agent-info/agent%05d-any" % i, entry(i)) for i in range(300))
+
+
+@pytest.mark.parametrize("in_data", [False, True])
+@pytest.mark.parametrize("names", [None, [], sorted(FILES)[:7] + ["queue/agent-info/nope"],
+                                   ["queue/agent-info/" + "x" * (1 << 20)] + sorted(FILES)[:2],
+                                   sorted(FILES) + ["queue/agent-info/nope"]])
+def test_the_answer_is_the_asked_part_of_the_manifest_either_way(monkeypatch, names, in_data):
+    monkeypatch.setattr(inbox, "NAMES_BYTES_PER_QUERY", 1000)  # several slices for 300 names
+    box = make_inbox(FILES)
+    args = {"source": "client", "names": names}
+    if in_data:
+        args["manifest_in_data"] = True
+    answer = box.sync_manifest(FakeSession(), args, b"")
+    expected = dict((n, e) for n, e in FILES.items() if names is None or n in names)
+    if in_data:
+        assert answer[0] == {"files_in_data": True}
+        assert protocol.decode_json_data(answer[1]) == expected
+    else:
+        assert answer == ({"files": expected}, b"")
+    if names is not None and len(names) > 100:
+        assert len(box.link.queries) > 1
+    for query in box.link.queries:
+        assert query["source"] == "client"
+        assert len(json.dumps(query)) < 1000 + 100
+
+
+def test_names_are_asked_in_slices_that_cover_them_once():
+    names = ["n%04d" % i for i in range(1000)]
+    queries = list(inbox.manifest_queries("client", names, True))
+    assert [n for q in queries for n in q["names"]] == names
+    assert all(q["as_data"] is True and q["source"] == "client" for q in queries)
+    assert list(inbox.manifest_queries("client", [], False)) == [{"source": "client",
+                                                                  "names": []}]
+    assert list(inbox.manifest_queries("master", None, False)) == [{"source": "master"}]
+    # A name longer than a slice still travels (alone).
+    huge = ["x" * (inbox.NAMES_BYTES_PER_QUERY + 10), "y"]
+    assert [q["names"] for q in inbox.manifest_queries("client", huge, False)] == \
+        [[huge[0]], ["y"]]
+
+
+def test_a_peer_may_only_ask_about_its_own_items():
+    box = make_inbox(FILES)
+    with pytest.raises(RequestError) as info:
+        box.sync_manifest(FakeSession(), {"source": "master"}, b"")
+    assert info.value.code == "forbidden"
+    with pytest.raises(RequestError) as info:
+        box.sync_manifest(FakeSession(), {"source": "client", "names": [1, 2]}, b"")
+    assert info.value.code == "bad_request"
+
+
+def test_relayed_data_that_is_not_a_json_object_is_a_protocol_error():
+    for bad in (b"", b"[1]", b"{", b"\xff\xfe"):
+        with pytest.raises(ProtocolError):
+            protocol.decode_json_data(bad)
