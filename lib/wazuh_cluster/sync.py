@@ -25,7 +25,12 @@ from wazuh_cluster.internal_link import InternalUnavailable
 
 BATCH_BYTES = 8 << 20
 BATCH_FILES = 2000
-PIPELINE = 2
+# sync_files batches in flight to one peer. A master sending to its clients reads the next
+# batch while a client applies the last; clients all send to one master, which is busy with
+# all of them already: a second batch from each would only wait decoded in its memory
+# (50k agent-info from 4 clients: 88 -> 113 MB peak).
+PIPELINE_FROM_MASTER = 2
+PIPELINE_FROM_CLIENT = 1
 COMPRESS_FROM = 64 << 10
 MAX_FILE_BYTES = 48 << 20
 RETRY_DELAY = 2.0
@@ -293,10 +298,11 @@ class PeerSync(object):
         """Send in batches; return {name: state} as the peer reported it.
 
         `mine` is our manifest: a metadata-only update carries the checksum the receiver must
-        already have, so that it never stamps a new mtime on other content. Up to PIPELINE
+        already have, so that it never stamps a new mtime on other content. Up to PIPELINE_*
         batches are in flight: the next one is read while the peer applies the last.
         """
-        calls = InFlight(self.call_files, PIPELINE)
+        calls = InFlight(self.call_files, PIPELINE_FROM_MASTER if self.role == "master"
+                         else PIPELINE_FROM_CLIENT)
         batch = Batch()
         postponed = []
         try:
