@@ -329,13 +329,15 @@ class Catalog(object):
                      if (source is None or item.source == source)
                      and (names is None or item.name in names))
         only = _opt_text_list(args, "names")
+        if source is not None and source != self.role:
+            # A peer's round compares with our copy of its files: it must be current (a
+            # stale mtime would have the peer send its keepalives again), names or not.
+            self._refresh_received()
         if only is not None:
             # A push asks about the few files it sends, not the whole catalogue.
             rows = (self.scanner.row(name) for name in only)
             rows = [row for row in rows if row is not None and row[1] in wanted]
         else:
-            if source is not None and source != self.role:
-                self._refresh_received()
             rows = (row for row in self.scanner.rows(wanted) if row[1] in wanted)
         if args.get("as_data") is True:
             # The files mapping as JSON bytes after the reply: wazuh-clusterd relays it to

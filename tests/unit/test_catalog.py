@@ -11,6 +11,7 @@ import pytest
 
 from wazuh_cluster import catalog as catalog_mod
 from wazuh_cluster import compat, db as dbmod, errors, localsock
+from wazuh_cluster.pathrules import MTIME_SLACK_NS
 
 from test_scanner import EXCLUDE, ITEMS, write  # noqa: I100 - shared fixtures of the scanner
 
@@ -306,6 +307,25 @@ def test_a_peer_asking_for_received_items_gets_a_fresh_view(home):
     entry = cat.handle("manifest", {"source": "master"})["files"]["etc/shared/default/agent.conf"]
     assert entry["size"] == os.path.getsize(path) == 13
     assert cat.tick(clock.t)["changed"] == ["etc/shared/default/agent.conf"]  # then pushed
+
+
+def test_a_client_asking_by_names_gets_fresh_mtimes_of_its_files(home):
+    clock = Clock()
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    OPENED.append(db)
+    cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="master", node_name="m",
+                              clock=clock, wall=lambda: NOW)
+    name = "queue/agent-info/web01-any"
+    path = write(home, name, "Linux")
+    cat.tick(clock())
+    keepalive = compat.stat_mtime_ns(os.stat(path)) + 60 * 10 ** 9
+    compat.set_mtime_ns(path, keepalive)  # written by a client's push, not yet scanned
+    clock.t += 20
+    for as_data in (False, True):
+        got = cat.handle("manifest", {"source": "client", "names": [name], "as_data": as_data})
+        files = json.loads(got.data.decode("utf-8")) if as_data else got["files"]
+        assert abs(files[name]["mtime_ns"] - keepalive) <= MTIME_SLACK_NS
 
 
 def test_merge_of_change_sets():
