@@ -42,12 +42,14 @@ class Clock(object):
         return self.t
 
 
-def make(home, role="master", node_name="master01"):
+def make(home, role="master", node_name="master01", **options):
     log = logging.getLogger("test-catalog")
     db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
     OPENED.append(db)
+    options.setdefault("poll_interval", 1.0)
+    options.setdefault("scan_interval", 10.0)
     return catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role=role, node_name=node_name,
-                               poll_interval=1.0, scan_interval=10.0, wall=lambda: NOW)
+                               wall=lambda: NOW, **options)
 
 
 def test_first_tick_is_a_full_pass_and_stores_files(home):
@@ -311,11 +313,7 @@ def test_a_peer_asking_for_received_items_gets_a_fresh_view(home):
 
 def test_a_client_asking_by_names_gets_fresh_mtimes_of_its_files(home):
     clock = Clock()
-    log = logging.getLogger("test-catalog")
-    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
-    OPENED.append(db)
-    cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="master", node_name="m",
-                              clock=clock, wall=lambda: NOW)
+    cat = make(home, clock=clock)
     name = "queue/agent-info/web01-any"
     path = write(home, name, "Linux")
     cat.tick(clock())

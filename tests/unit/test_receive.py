@@ -807,20 +807,14 @@ def test_group_folder_deeper_than_the_recursion_limit_is_removed(home, log):
 
 
 def test_small_batches_fsync_each_file_large_ones_flush_once(home, log, monkeypatch):
-    calls = []
-    real = fsops.SYNCFS
-
-    def counting(fd):
-        calls.append(fd)
-        real(fd)
-    monkeypatch.setattr(fsops, "SYNCFS", counting)
-    fsyncs = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd):
-        fsyncs.append(fd)
-        real_fsync(fd)
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    def counting(real, calls):
+        def call(fd):
+            calls.append(fd)
+            real(fd)
+        return call
+    calls, fsyncs = [], []
+    monkeypatch.setattr(fsops, "SYNCFS", counting(fsops.SYNCFS, calls))
+    monkeypatch.setattr(os, "fsync", counting(os.fsync, fsyncs))
     rx = client_rx(home, log)
     small = [inc(u"etc/shared/default/s%d" % n, b"s") for n in range(receive.FSYNC_EACH_UP_TO)]
     assert set(rx.apply_batch(small)[0].values()) == set(["synchronized"])
