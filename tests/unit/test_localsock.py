@@ -10,18 +10,23 @@ from wazuh_cluster import localsock
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 
-def serve_once(server_sock, reply, data=None):
-    """Answer one request on `server_sock` with `reply` (its id copied) and raw `data`."""
+def read_request(server_sock):
+    """(connection, the first request) read from `server_sock`, left blocking."""
     conn = localsock.Connection(server_sock)
     messages = []
     while not messages:
         server_sock.setblocking(True)
         messages = conn.read_messages()
-    request = localsock.decode(messages[0])
+    server_sock.setblocking(True)
+    return conn, localsock.decode(messages[0])
+
+
+def serve_once(server_sock, reply, data=None):
+    """Answer one request on `server_sock` with `reply` (its id copied) and raw `data`."""
+    conn, request = read_request(server_sock)
     reply = dict(reply, id=request["id"])
     if data is not None:
         reply["data"] = len(data)
-    server_sock.setblocking(True)
     conn.send(reply, data)
 
 
@@ -70,13 +75,7 @@ def test_a_raw_frame_of_another_length_than_announced_is_a_protocol_error():
     client, server = client_pair()
 
     def lying():
-        conn = localsock.Connection(server)
-        messages = []
-        while not messages:
-            server.setblocking(True)
-            messages = conn.read_messages()
-        request = localsock.decode(messages[0])
-        server.setblocking(True)
+        _, request = read_request(server)
         server.sendall(localsock.encode({"id": request["id"], "ok": True, "result": 1,
                                          "data": 10}) + localsock.HEADER.pack(3) + b"abc")
     worker = threading.Thread(target=lying)
