@@ -14,11 +14,10 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, pathrules, receive
+from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive
 from wazuh_cluster.errors import RequestError
 
 HELD_KEY = "held_client_keys"
-COMPRESS_FROM = 64 << 10
 # Bytes of names per "manifest" request to the internal daemon (its requests are at most
 # localsock.MAX_MESSAGE; JSON may escape a name to more than its length).
 NAMES_BYTES_PER_QUERY = 256 << 10
@@ -164,7 +163,7 @@ class Inbox(object):
             del part
         data = b"{" + b",".join(parts) + b"}"
         del parts[:]
-        return {"files_in_data": True}, data, len(data) >= COMPRESS_FROM
+        return {"files_in_data": True}, data, protocol.worth_compressing(data)
 
     def sync_files(self, session, args, data):
         started = time.time()

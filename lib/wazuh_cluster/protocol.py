@@ -36,6 +36,7 @@ ERROR = MESSAGE_TYPES["ERROR"]
 FILE_CHUNK = MESSAGE_TYPES["FILE_CHUNK"]
 CLOSE = MESSAGE_TYPES["CLOSE"]
 
+COMPRESS_FROM = 64 << 10  # bytes of data from which a message is compressed
 FLAG_COMPRESSED = 0x01   # the raw data (all chunks together) is a zlib stream
 FLAG_MORE = 0x02         # more FILE_CHUNK frames follow for this request id
 FLAG_RESPONSE_CHUNK = 0x04   # on FILE_CHUNK: continues a RESPONSE (else a REQUEST)
@@ -85,6 +86,11 @@ def decode_json_data(data):
     if not isinstance(obj, dict):
         raise ProtocolError("data is not a JSON object")
     return obj
+
+
+def worth_compressing(data):
+    """True when a message's data is large enough for zlib to pay (below, framing dominates)."""
+    return len(data) >= COMPRESS_FROM
 
 
 def compress(data, level=1):

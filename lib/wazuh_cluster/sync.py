@@ -34,7 +34,6 @@ BATCH_FILES = 2000
 # (50k agent-info from 4 clients: 88 -> 113 MB peak).
 PIPELINE_FROM_MASTER = 2
 PIPELINE_FROM_CLIENT = 1
-COMPRESS_FROM = 64 << 10
 MAX_FILE_BYTES = 48 << 20
 RETRY_DELAY = 2.0
 INTERNAL_RETRY = 1.0
@@ -340,7 +339,7 @@ class PeerSync(object):
         data = b"".join(batch.data)
         result, _ = self.session.call("sync_files", batch.header(), data,
                                       timeout=self.request_timeout,
-                                      compress=len(data) >= COMPRESS_FROM)
+                                      compress=protocol.worth_compressing(data))
         states = result.get("states") if isinstance(result, dict) else None
         if not isinstance(states, dict):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
