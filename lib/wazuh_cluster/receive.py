@@ -39,6 +39,7 @@ import os
 import re
 import stat
 import threading
+import time
 
 from wazuh_cluster import compat, fsops
 from wazuh_cluster.errors import PathRefused, TransferError
@@ -142,6 +143,11 @@ class Receiver(object):
 
     def _apply(self, files, deletes, deleted_dirs, sender, peer):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
+        clock = [time.time()]
+
+        def lap():
+            clock.append(time.time())
+            return clock[-1] - clock[-2]
         try:
             for name in deleted_dirs:
                 batch.run(name, batch.remove_dir, name)
@@ -149,13 +155,19 @@ class Receiver(object):
                 batch.run(name, batch.delete, name)
             for incoming in files:
                 batch.run(getattr(incoming, "name", None), batch.stage, incoming)
+            staged = lap()
             batch.flush()
         except BaseException:
             # A bug or a signal (SIGTERM at stop): no temporary file outlives the batch.
             batch.abandon()
             raise
+        flushed = lap()
         batch.commit()
+        renamed = lap()
         batch.sync_folders()
+        self.log.debug("Batch of %d names: written in %.3f s, flushed %.3f s, renamed %.3f s, "
+                       "folders flushed %.3f s.", len(batch.states), staged, flushed, renamed,
+                       lap())
         self._report(batch, peer)
         return batch.states, batch.reasons
 

@@ -49,7 +49,7 @@ def log():
     logger = logging.getLogger("wazuh_cluster.test_receive")
     handler = ListHandler()
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+    logger.setLevel(logging.INFO)  # not the per-batch timing line (DEBUG)
     logger.lines = handler.lines
     yield logger
     logger.removeHandler(handler)
