@@ -6,6 +6,8 @@
     (2.7: PYTHONPATH=/tmp/t27 /root/.pyenv/versions/2.7.18/bin/python tests/bench/bench_sync.py)
 
 One installation per node (install.sh once, copies after) on loopback addresses of their own,
+each on a fresh journaled ext4 of its own (--disk own, the default: a loop device, as root; see
+Bench.node_disk for why), the rsync destinations on the clients' disks,
 default internal options (poll 1 s, full pass 10 s, push_delay: see config.OPTIONS), the daemons run by the
 interpreter running this script. As root the daemons drop to user `ossec`: the script re-runs
 itself in a private mount namespace holding such a user (as tests/run does), touching neither
@@ -30,6 +32,7 @@ The machine is shared: the load average is printed at the start and at the end.
 from __future__ import absolute_import, division, print_function
 
 import argparse
+import glob
 import hashlib
 import io
 import math
@@ -64,6 +67,8 @@ TREE_POLL = 0.02
 CHANGE_TIMEOUT = 30.0
 SYNC_TIMEOUT = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DISK_BYTES = 2 << 30          # sparse: only what is written takes space
+DISK_INODES = 131072          # 50 000 agent-info files and 10 000 shared ones fit
 WORDS = ("agent_config", "localfile", "location", "log_format", "syslog", "apache", "frequency",
          "syscheck", "directories", "check_all", "yes", "no", "rootcheck", "ignore", "/var/log",
          "/etc", "/usr/bin", "realtime", "command", "alias", "wodle", "interval", "12h",
@@ -204,6 +209,7 @@ class Bench(object):
         self.started = []
         self.rsyncd = None
         self.rsync_port = None
+        self.disks = []         # mount points of the nodes' own file systems (--disk own)
         self.expected = {}      # group -> set of file names (the generated tree)
         self.text_pool = self.make_pool()
         self.results = []
@@ -246,7 +252,7 @@ class Bench(object):
         sys.stdout.flush()
         for k in range(count):
             name = "master" if k == 0 else "client%d" % k
-            node = LabNode(os.path.join(self.work, name), name,
+            node = LabNode(os.path.join(self.node_disk(name), name), name,
                            "master" if k == 0 else "client", addresses[k], port)
             lab_harness.install_node(node.prefix, self.python,
                                      self.nodes[0].prefix if self.nodes else None)
@@ -257,6 +263,44 @@ class Bench(object):
                                   {"cluster.log_level": "1"} if opt.debug else {})
             self.nodes.append(node)
         self.write_tree()
+
+    def node_disk(self, name):
+        """The folder holding node `name`'s installation: its own file system with --disk own.
+
+        Each manager of a real cluster has its own disk, with a journal. This machine's root file
+        system has none, and then ext4 skips every inode freed in the last minute when it
+        allocates one (recently_deleted): emptying 20 000 files before each run made the next
+        run's file creations cost 200-400 us each, more for whichever run came later. A fresh
+        journaled ext4 per node (a loop device on a sparse image) measures what a manager sees.
+        """
+        if self.opt.disk == "shared":
+            return self.work
+        image = os.path.join(self.work, name + ".img")
+        mount = os.path.join(self.work, name + "-disk")
+        os.mkdir(mount)
+        with open(image, "wb") as handle:
+            handle.truncate(DISK_BYTES)
+        for cmd in (["mkfs.ext4", "-q", "-F", "-N", str(DISK_INODES),
+                     "-E", "lazy_itable_init=0,lazy_journal_init=0", image],
+                    ["mount", "-o", "loop", image, mount]):
+            result = lab_harness.run(cmd)
+            if result.rc != 0:
+                raise RuntimeError("%s failed: %s" % (" ".join(cmd), result.err.strip()))
+        self.disks.append(mount)
+        os.chmod(mount, 0o755)
+        return mount
+
+    def release_disks(self):
+        """Unmount the nodes' file systems; with --keep their logs are copied out first."""
+        for mount in self.disks:
+            if self.opt.keep:
+                for logs in glob.glob(os.path.join(mount, "*", "logs")):
+                    shutil.copytree(logs, os.path.join(
+                        self.work, os.path.basename(os.path.dirname(logs)) + "-logs"))
+            result = lab_harness.run(["umount", mount])
+            if result.rc != 0:
+                print("warning: umount %s: %s" % (mount, result.err.strip()))
+        self.disks = []
 
     def apply_patches(self, prefix):
         """--patch module.NAME=VALUE: set a constant in the installed copy (never the repo).
@@ -659,7 +703,9 @@ class Bench(object):
         master = self.master
         if self.rsyncd is None:
             self.start_rsyncd()
-        rdest = [os.path.join(self.work, "rsync-dest", "rs%d" % k) for k in range(4)]
+        # rs0 and rs1 (--fsync), rs2 and rs3 (plain): one of each on each client's disk.
+        rdest = [os.path.join(os.path.dirname(clients[k % 2].prefix), "rsync-dest", "rs%d" % k)
+                 for k in range(4)]
         for dest in rdest:
             make_dir(dest)
         self.rsync(rdest, True)  # the previous state, untimed
@@ -903,7 +949,12 @@ def parse_args(argv):
     parser.add_argument("--only", default="abcd", help="which parts to run (letters)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", help="parent folder of the installations (default /tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the installations")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the installations (with --disk own: the images, and the "
+                             "logs copied out as NODE-logs)")
+    parser.add_argument("--disk", choices=("own", "shared"), default="own",
+                        help="own: each node on a fresh journaled ext4 of its own (a loop "
+                             "device; needs root, mkfs.ext4, losetup); shared: all in --workdir")
     parser.add_argument("--debug", action="store_true",
                         help="cluster.log_level=1 on every node (timings in cluster.log; "
                              "with --keep to read them)")
@@ -921,6 +972,9 @@ def main(argv=None):
     options = parse_args(sys.argv[1:] if argv is None else argv)
     # Line-buffered even into a file or a pipe: a long run shows each figure when it is ready.
     sys.stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", 1)
+    if options.disk == "own" and os.geteuid() != 0:
+        sys.stderr.write("bench_sync: --disk own needs root (loop mounts); use --disk shared\n")
+        return 2
     if os.geteuid() == 0 and not os.environ.get(NS_MARK):
         return lab_harness.reexec_in_ossec_namespace(__file__, sys.argv[1:], NS_MARK,
                                                      "bench_sync")
@@ -930,10 +984,11 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="wazuh-bench-sync.", dir=options.workdir)
     os.chmod(work, 0o755)  # user ossec must reach the installations
     bench = Bench(options, work)
-    print("bench_sync: Python %s (%s), %d CPU(s), %s; load average %s" % (
+    print("bench_sync: Python %s (%s), %d CPU(s), %s; load average %s; disks: %s" % (
         sys.version.split()[0], bench.python, os.sysconf("SC_NPROCESSORS_ONLN"),
         subprocess.check_output(["rsync", "--version"]).decode().splitlines()[0],
-        " ".join("%.2f" % v for v in os.getloadavg())))
+        " ".join("%.2f" % v for v in os.getloadavg()),
+        "one fresh journaled ext4 per node" if options.disk == "own" else "all in " + work))
     try:
         bench.run()
     except Exception:
@@ -943,6 +998,7 @@ def main(argv=None):
         raise
     finally:
         bench.stop_all()
+        bench.release_disks()
         if options.keep:
             print("kept %s" % work)
         else:
