@@ -117,8 +117,11 @@ else:  # 2.7: float times only
                 int(round(st.st_ctime * 1e9)), st.st_mode)
 
 
-def _dir_fingerprint(st):
-    return (compat.stat_mtime_ns(st), compat.stat_ctime_ns(st), st.st_ino)
+if hasattr(os.stat_result, "st_mtime_ns"):
+    _dir_fingerprint = operator.attrgetter("st_mtime_ns", "st_ctime_ns", "st_ino")
+else:
+    def _dir_fingerprint(st):
+        return (int(round(st.st_mtime * 1e9)), int(round(st.st_ctime * 1e9)), st.st_ino)
 
 
 def _kind_word(mode):
@@ -151,6 +154,7 @@ class Scanner(object):
         self._report = report or (lambda name, reason: None)
         self._files = {}
         self._dirs = {}
+        self._plan = None  # the poll's folder list, kept until a folder comes or goes
         self._retry = set()
         self._racy = set()
         self._noted = {}
@@ -302,19 +306,17 @@ class Scanner(object):
                     self._check_path(item, rel, out)
             elif rel not in self._dirs:
                 self._scan_dir(item, rel, out, deep=True, root=True)
-        # Parents first, so a removed tree is reported once, as its top-most folder.
         blocked = ()
-        for rel in sorted(self._dirs):
+        for rel, path, item in self._poll_plan():
             record = self._dirs.get(rel)
             if record is None:  # dropped with its parent during this loop
                 continue
             if rel.startswith(blocked):
                 continue  # below an item folder that is a symlink now: never walked through
-            item = self.item_of(rel)
             if only is not None and (item is None or item.name not in only):
                 continue
             try:
-                st = os.lstat(self._abs(rel))
+                st = os.lstat(path)
             except OSError:
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
@@ -331,6 +333,14 @@ class Scanner(object):
         return out.freeze()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _poll_plan(self):
+        """(name, path, item) of every tracked folder, parents first (a removed tree is then
+        reported once, as its top-most folder). Built again only after a folder came or went:
+        sorting and resolving 300 group folders every second was most of an idle poll."""
+        if self._plan is None:
+            self._plan = [(rel, self._abs(rel), self.item_of(rel)) for rel in sorted(self._dirs)]
+        return self._plan
 
     def _abs(self, rel):
         return os.path.join(self.home, rel)
@@ -492,6 +502,8 @@ class Scanner(object):
             for base in old_dir[4]:
                 if base not in kept:
                     self._forget_dir(prefix + base, out, False)
+        if old_dir is None:
+            self._plan = None
         self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
 
     def _list_entries(self, item, rel, entries, out, deep, quick):
@@ -562,6 +574,7 @@ class Scanner(object):
         record = self._dirs.pop(rel, None)
         if record is None:
             return
+        self._plan = None
         for base in record[3]:
             self._forget_file(rel + "/" + base, out)
         for base in record[4]:

@@ -181,6 +181,24 @@ def test_new_group_folder_with_subfolders_seen_by_poll(home):
     assert scan.poll().changed == ["etc/shared/db/agent.conf", "etc/shared/db/deep/f"]
 
 
+def test_folders_that_came_and_went_are_polled_from_then_on(home):
+    """The poll's folder list is kept between polls: a folder found by one poll is watched by
+    the next, and one removed and made again is watched again."""
+    scan, _ = make(home)
+    scan.full_pass()
+    os.makedirs(os.path.join(home, "etc/shared/web"))
+    write(home, "etc/shared/web/a", "a")
+    assert scan.poll().changed == ["etc/shared/web/a"]
+    write(home, "etc/shared/web/b", "b")
+    assert scan.poll().changed == ["etc/shared/web/b"]
+    shutil.rmtree(os.path.join(home, "etc/shared/web"))
+    assert scan.poll().deleted_dirs == ["etc/shared/web"]
+    os.makedirs(os.path.join(home, "etc/shared/web"))
+    assert scan.poll().is_empty()
+    write(home, "etc/shared/web/c", "c")
+    assert scan.poll().changed == ["etc/shared/web/c"]
+
+
 def test_missing_item_folders_are_empty_then_appear(home):
     shutil.rmtree(os.path.join(home, "queue"))
     scan, _ = make(home)
