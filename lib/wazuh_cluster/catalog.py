@@ -40,7 +40,7 @@ import os
 import stat
 import time
 
-from wazuh_cluster import compat, errors, localsock
+from wazuh_cluster import compat, errors, localsock, manifest
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -55,26 +55,6 @@ PURGE_EVERY = 3600.0
 # every poll; a "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 120.0
 _NODE_LINE = '#"node_name":'
-
-
-_quote = json.JSONEncoder(ensure_ascii=True).encode
-
-
-def manifest_json(rows, count=None):
-    """JSON bytes of {name: {sha256, size, mtime_ns, mode, item}} from scanner rows.
-
-    Written entry by entry: the same text json.dumps would give for the dict of dicts,
-    without building those (12 500 of them are ~7 MB of Python objects). `count`, a
-    one-element list, receives the number of entries.
-    """
-    parts = []
-    for name, item, size, mtime_ns, _ino, _ctime, mode, sha in rows:
-        parts.append('%s:{"sha256":"%s","size":%d,"mtime_ns":%d,"mode":%d,"item":%s}'
-                     % (_quote(compat.to_text(name)), sha, size, mtime_ns, mode,
-                        _quote(item)))
-    if count is not None:
-        count[0] = len(parts)
-    return compat.to_bytes("{" + ",".join(parts) + "}")
 
 
 def _bad(message):
@@ -343,7 +323,7 @@ class Catalog(object):
             # The files mapping as JSON bytes after the reply: wazuh-clusterd relays it to
             # the asking peer as it is (no dict per file on its side; see localsock).
             count = [0]
-            data = manifest_json(rows, count)
+            data = manifest.to_json(rows, count)
             return localsock.WithData({"count": count[0]}, data)
         files = {}
         for name, item, size, mtime_ns, _ino, _ctime, mode, sha in rows:

@@ -1,8 +1,7 @@
 """The receiving rules for file names from a peer (SPEC section 4), pure: no system calls.
 
 `check_name` splits a name on "/" and checks each component before anything touches the disk;
-`item_for` finds the item the name falls in and checks that the sender's role may write it;
-`manifest_diff` says what a receiver lacks, comparing two manifests.
+`item_for` finds the item the name falls in and checks that the sender's role may write it.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -105,7 +104,7 @@ def escape(name, limit=ESCAPE_MAX):
 
 # -- items ------------------------------------------------------------------------------------
 
-def _match(parts, items):
+def owner(parts, items):
     """(item, components below it) of the item holding `parts`, or (None, None).
 
     The owner is the item with the longest path that `parts` starts with, as for the scanner
@@ -149,7 +148,7 @@ def _check_excluded(rest, exclude):
 
 def locate(name, items, sender_role, receiver_role, exclude):
     parts = check_name(name)
-    item, rest = _match(parts, items)
+    item, rest = owner(parts, items)
     if item is None:
         raise PathRefused("not inside any item")
     _check_roles(item, sender_role, receiver_role)
@@ -169,31 +168,3 @@ def item_for(name, items, sender_role, receiver_role, exclude=()):
     item's root (an explicit file item is never excluded).
     """
     return locate(name, items, sender_role, receiver_role, exclude)[0]
-
-
-def manifest_diff(sender_manifest, local_manifest, full, items=()):
-    """What a receiver needs, from two manifests {name: {"sha256", "mtime_ns", "size", ...}}.
-
-    Returns sorted lists (need_data, need_meta, delete):
-    - need_data: names the receiver lacks or holds with another SHA-256;
-    - need_meta: same SHA-256, mtimes differ by more than MTIME_SLACK_NS, in an item whose
-      mtime is data (agent-info keepalives; `items` tells which);
-    - delete: receiver names the sender does not have, only when `full` is true, i.e. the
-      sender's manifest covers all of its own items. The caller passes as `local_manifest`
-      only files the sender is the source of: on the master, the agent-info files of the
-      agents that this client reports (other clients' agents share the folder).
-    Pure; names are not checked here (the Receiver does that when applying).
-    """
-    need_data, need_meta = [], []
-    for name, theirs in sender_manifest.items():
-        mine = local_manifest.get(name)
-        if mine is None or mine.get("sha256") != theirs.get("sha256"):
-            need_data.append(name)
-            continue
-        if abs((mine.get("mtime_ns") or 0) - (theirs.get("mtime_ns") or 0)) <= MTIME_SLACK_NS:
-            continue
-        item = _match(name.split("/"), items)[0]
-        if item is not None and item.mtime_is_data:
-            need_meta.append(name)
-    delete = [name for name in local_manifest if name not in sender_manifest] if full else []
-    return sorted(need_data), sorted(need_meta), sorted(delete)

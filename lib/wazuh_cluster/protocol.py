@@ -77,17 +77,6 @@ def decode_body(body):
     return header, body[4 + n:]
 
 
-def decode_json_data(data):
-    """The JSON object carried as raw data (a relayed manifest); ProtocolError when malformed."""
-    try:
-        obj = json.loads(data)  # bytes: 3.6+ and 2.7 both detect UTF-8 themselves
-    except (ValueError, UnicodeDecodeError, TypeError):
-        raise ProtocolError("data is not valid JSON")
-    if not isinstance(obj, dict):
-        raise ProtocolError("data is not a JSON object")
-    return obj
-
-
 def worth_compressing(data):
     """True when a message's data is large enough for zlib to pay (below, framing dominates)."""
     return len(data) >= COMPRESS_FROM

@@ -19,8 +19,8 @@ import hashlib
 import os
 import threading
 
-from wazuh_cluster import compat, logs, pathrules, protocol
-from wazuh_cluster.errors import ClusterError, RequestError
+from wazuh_cluster import compat, logs, manifest, protocol
+from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
 # Data per sync_files batch. With two batches in flight per client, each held in several
@@ -68,8 +68,8 @@ def plan_round(mine, theirs, items, delete_extra):
     travels as metadata only, for items whose mtime is data (agent-info). With `delete_extra`
     (we own every file of these items), the peer's extra files and group folders go.
     """
-    send_data, send_meta, delete = pathrules.manifest_diff(mine, theirs, delete_extra,
-                                                           tuple(items.values()))
+    send_data, send_meta, delete = manifest.diff(mine, theirs, delete_extra,
+                                                 tuple(items.values()))
     same = sorted(set(mine) - set(send_data) - set(send_meta))
     delete_dirs = extra_dirs(mine, theirs, items) if delete_extra else []
     return send_data, send_meta, delete, delete_dirs, same
@@ -80,7 +80,7 @@ def extra_dirs(mine, theirs, items_by_name):
     def groups(manifest):
         found = set()
         for name, entry in manifest.items():
-            item = items_by_name.get(entry.get("item"))
+            item = items_by_name.get(entry.item)
             if item is None or not item.delete_dirs:
                 continue
             rest = name[len(item.path) + 1:]
@@ -226,11 +226,11 @@ class PeerSync(object):
     # -- sending --------------------------------------------------------------------------------
 
     def manifest(self, names=None):
-        """Our manifest of the items we own (of `names` only, when given)."""
-        args = {"source": self.role}
+        """Our manifest {name: manifest.Entry} of the items we own (of `names` only)."""
+        args = {"source": self.role, "as_data": True}
         if names is not None:
             args["names"] = names
-        return self.link.call("manifest", args)["files"]
+        return manifest.decode(self.link.call_data("manifest", args)[1] or b"{}")
 
     def full_round(self):
         marks = [self.clock()]
@@ -264,11 +264,14 @@ class PeerSync(object):
             # The master holds every client's agent-info: ask only about ours.
             args["names"] = sorted(mine)
         result, data = self.session.call("sync_manifest", args, timeout=self.request_timeout)
-        theirs = result.get("files") if isinstance(result, dict) else None
-        if theirs is None and isinstance(result, dict) and result.get("files_in_data"):
-            theirs = protocol.decode_json_data(data)  # relayed as bytes (inbox.sync_manifest)
-        if not isinstance(theirs, dict):
-            raise RequestError("%s sent a malformed manifest" % self.peer, "protocol")
+        try:
+            if isinstance(result, dict) and result.get("files_in_data"):
+                theirs = manifest.decode(data)  # relayed as bytes (inbox.sync_manifest)
+            else:
+                theirs = manifest.compact(result.get("files") if isinstance(result, dict)
+                                          else None)
+        except ProtocolError as err:
+            raise RequestError("%s sent a malformed manifest: %s" % (self.peer, err), "protocol")
         if self.role == "client":
             theirs = dict((n, e) for n, e in theirs.items() if n in mine)
         marks.append(self.clock())
@@ -321,7 +324,7 @@ class PeerSync(object):
                 except OSError:
                     continue
                 batch = calls.submit_if_full(batch)
-                batch.meta.append({"name": name, "sha256": mine[name]["sha256"],
+                batch.meta.append({"name": name, "sha256": mine[name].sha256,
                                    "mtime_ns": compat.stat_mtime_ns(st)})
             for name in delete:
                 batch = calls.submit_if_full(batch)

@@ -1,7 +1,6 @@
 """Every rule of the configuration, with every kind of bad value (SPEC section 2, issue 2)."""
 from __future__ import absolute_import, division, print_function
 
-import json
 import os
 import shutil
 import subprocess

@@ -713,27 +713,6 @@ def test_no_space_left_keeps_the_old_file_and_reports_failed():
     assert left == [u"agent.conf"]
 
 
-# -- manifests --------------------------------------------------------------------------------
-
-def entry(sha, mtime=BASE_NS, size=1):
-    return {"sha256": sha, "mtime_ns": mtime, "size": size}
-
-
-def test_manifest_diff():
-    sender = {u"etc/shared/default/a": entry("1"), u"etc/shared/default/b": entry("2"),
-              u"etc/shared/default/c": entry("3", BASE_NS + SEC),
-              AI: entry("4", BASE_NS + SEC), u"queue/agent-info/x-any": entry("5", BASE_NS + 1),
-              u"etc/client.keys": entry("6")}
-    local = {u"etc/shared/default/a": entry("1"), u"etc/shared/default/b": entry("x"),
-             u"etc/shared/default/c": entry("3"), AI: entry("4"),
-             u"queue/agent-info/x-any": entry("5"), u"etc/shared/default/gone": entry("7")}
-    need_data, need_meta, delete = pathrules.manifest_diff(sender, local, False, ITEMS)
-    assert need_data == [u"etc/client.keys", u"etc/shared/default/b"]
-    assert need_meta == [AI]  # c differs only in mtime, which is no data for shared files
-    assert delete == []
-    assert pathrules.manifest_diff(sender, local, True, ITEMS)[2] == [u"etc/shared/default/gone"]
-
-
 def test_an_unexpected_error_mid_batch_leaves_no_temporary_file(home, log):
     def files():
         yield inc(u"etc/shared/default/a", b"a")
