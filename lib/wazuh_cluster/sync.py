@@ -77,9 +77,9 @@ def plan_round(mine, theirs, items, delete_extra):
 
 def extra_dirs(mine, theirs, items_by_name):
     """Group folders (first level below a delete_dirs item) the peer has and we do not."""
-    def groups(manifest):
+    def groups(files):
         found = set()
-        for name, entry in manifest.items():
+        for name, entry in files.items():
             item = items_by_name.get(entry.item)
             if item is None or not item.delete_dirs:
                 continue
