@@ -285,7 +285,8 @@ class Bench(object):
                     ["mount", "-o", "loop", image, mount]):
             result = lab_harness.run(cmd)
             if result.rc != 0:
-                raise RuntimeError("%s failed: %s" % (" ".join(cmd), result.err.strip()))
+                raise RuntimeError("%s failed: %s (--disk shared needs no loop device)"
+                                   % (" ".join(cmd), result.err.strip()))
         self.disks.append(mount)
         os.chmod(mount, 0o755)
         return mount
