@@ -64,10 +64,6 @@ class Paths(object):
     def ossec_log(self):
         return self.join("logs", "ossec.log")
 
-    @property
-    def backup_agents(self):
-        return self.join("backup", "agents")
-
     def daemon_dirs(self):
         """Folders the daemons write into; created (and handed to ossec) when missing."""
         return [os.path.dirname(self.cluster_log), self.run_dir, os.path.dirname(self.db_file),

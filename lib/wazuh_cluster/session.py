@@ -128,10 +128,6 @@ class Session(object):
         """Run the reader loop in the calling thread until the session ends."""
         self._run()
 
-    def wait_closed(self, timeout=None):
-        """Block until the session ends (or `timeout` passes); True when closed."""
-        return self._closed.wait(timeout)
-
     def call(self, cmd, args=None, data=b"", timeout=60.0, compress=False):
         """Ask the peer to run `cmd`; returns (result, data) or raises RequestError.
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from harness import (Node, base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
-                     wait_for, workspace, write_file, write_internal_options)
+from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+                     wait_for, workspace, write_internal_options)
 
 FAST = {"cluster.poll_interval": "0.2", "cluster.scan_interval": "1", "cluster.push_delay": "0.05",
         "cluster.keepalive": "1", "cluster.reconnect_max": "1",
