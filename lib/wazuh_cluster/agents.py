@@ -9,6 +9,13 @@ a copy and we keep (nothing is lost).
 
 Names from client.keys end up in file names, so a line whose ID, name or IP could reach
 outside a folder ("/", "..", control characters) is not an agent but a garbage line.
+
+The mass-removal guard (SPEC sections 4 and 11) tells two kinds of removal apart. A removal
+mark (`manage_agents -r` rewrites `001 agent01 IP KEY` as `001 !agent01 IP KEY`) is a
+deliberate act of Wazuh's own tool and always passes, even for the last agent. A line that
+vanishes (an empty, truncated, rebuilt or older file) is what the guard holds back. A mark
+counts only when it is the old line itself with the mark added (same ID, name, IP and key):
+a marked line that differs, like a line that disappeared, says the old agent's line is gone.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -39,11 +46,13 @@ Agent = collections.namedtuple("Agent", ("id", "name", "ip", "key", "removed"))
 
 
 class ClientKeys(collections.OrderedDict):
-    """id -> Agent in file order; `skipped` counts the non-blank lines that are no agent."""
+    """id -> Agent in file order; `skipped` counts the non-blank lines that are no agent;
+    `marks` holds every marked line as (id, name, ip, key), duplicates and all."""
 
     def __init__(self, *args, **kwargs):
         collections.OrderedDict.__init__(self, *args, **kwargs)
         self.skipped = 0
+        self.marks = set()
 
     def active(self):
         """The agents not marked removed."""
@@ -56,7 +65,9 @@ def parse_client_keys(text):
     Agent(id, name, ip, key, removed): `name` without the "!"/"#" mark, `removed` True when
     it had one. Blank lines are ignored; lines that are not `ID NAME IP KEY` with a safe ID
     (digits), name ([A-Za-z0-9._-], not "." or "..") and IP ("any", an address, optionally
-    /prefix) are skipped and counted. A repeated ID: the later line wins.
+    /prefix) are skipped and counted. A repeated ID: the later line wins, except that a
+    marked line never hides an active one (Wazuh skips marked lines when it looks an ID up,
+    and reuses the ID of a removed agent for a new one).
     """
     keys = ClientKeys()
     for line in compat.to_text(text, errors="replace").splitlines():
@@ -66,8 +77,12 @@ def parse_client_keys(text):
         agent = _parse_line(fields)
         if agent is None:
             keys.skipped += 1
-        else:
-            keys[agent.id] = agent
+            continue
+        if agent.removed:
+            keys.marks.add(agent[:4])
+            if agent.id in keys and not keys[agent.id].removed:
+                continue
+        keys[agent.id] = agent
     return keys
 
 
@@ -102,13 +117,21 @@ def _removed(old, new):
     return gone
 
 
+def _split_removed(old, new):
+    """(marked, vanished): the agents of _removed(old, new), by how they left."""
+    marked, vanished = [], []
+    for agent in _removed(old, new):
+        (marked if agent[:4] in new.marks else vanished).append(agent)
+    return marked, vanished
+
+
 class RemovalGuard(object):
-    """Holds back a client.keys change that removes too many agents at once (SPEC section 4).
+    """Holds back a client.keys change whose agent lines vanish en masse (SPEC 4 and 11).
 
     A master reinstalled or restored with an empty client.keys must not wipe every client's
-    agents: a change that leaves no active agent out of at least one, or removes more than
-    `max_ratio` of the active ones, waits for an operator (cluster_control
-    --confirm-removals).
+    agents. Agents marked removed (`!`/`#`, Wazuh's manage_agents -r) always pass. Lines that
+    vanished are held for an operator (cluster_control --confirm-removals) when the change
+    leaves no active agent, or when they are more than `max_ratio` of the active agents.
     """
 
     def __init__(self, max_ratio):
@@ -121,17 +144,20 @@ class RemovalGuard(object):
         """
         old, new = parse_client_keys(old_text), parse_client_keys(new_text)
         before = len(old.active())
-        after = len(new.active())
-        gone = len(_removed(old, new))
-        if before and not after:
-            return False, ("client.keys change held back: it removes all %d agents (0 active "
-                           "left); run cluster_control --confirm-removals to apply it" % before)
-        if before and gone > self.max_ratio * before:
-            return False, ("client.keys change held back: it removes %d of %d agents (more "
-                           "than %g%%); run cluster_control --confirm-removals to apply it"
-                           % (gone, before, self.max_ratio * 100))
+        marked, vanished = _split_removed(old, new)
+        gone = len(marked) + len(vanished)
+        if vanished and not new.active():
+            return False, ("client.keys change held back: it removes all %d agents (%d line(s) "
+                           "gone without a removal mark, 0 active left); run cluster_control "
+                           "--confirm-removals to apply it" % (before, len(vanished)))
+        if len(vanished) > self.max_ratio * before:
+            return False, ("client.keys change held back: the lines of %d of %d agents are "
+                           "gone without a removal mark (more than %g%%); run cluster_control "
+                           "--confirm-removals to apply it"
+                           % (len(vanished), before, self.max_ratio * 100))
         if gone:
-            return True, "client.keys change removes %d of %d agents" % (gone, before)
+            return True, ("client.keys change removes %d of %d agents (%d marked removed)"
+                          % (gone, before, len(marked)))
         return True, ""
 
 

@@ -110,8 +110,21 @@ def test_parse_empty_file():
 
 
 def test_later_line_of_an_id_wins():
-    parsed = agents.parse_client_keys(keys(line("001", "a"), line("001", "!a")))
-    assert parsed["001"].removed
+    parsed = agents.parse_client_keys(keys(line("001", "a"), line("001", "b")))
+    assert parsed["001"].name == "b"
+    parsed = agents.parse_client_keys(keys(line("001", "!a"), line("001", "#b")))
+    assert parsed["001"].removed and parsed["001"].name == "b"
+
+
+def test_a_marked_line_never_hides_an_active_line_of_its_id():
+    # Wazuh skips marked lines when it looks an ID up, and gives a removed agent's ID to a
+    # new agent: either order, the ID's agent is the active one.
+    for text in (keys(line("001", "a"), line("001", "!a")),
+                 keys(line("001", "!old"), line("001", "new"))):
+        parsed = agents.parse_client_keys(text)
+        assert not parsed["001"].removed, text
+    assert agents.removed_agents(keys(line("001", "a")),
+                                 keys(line("001", "a"), line("001", "!a"))) == []
 
 
 # -- removals ---------------------------------------------------------------------------------
@@ -140,8 +153,65 @@ def test_guard_holds_back_removing_all_agents():
     assert not ok
     assert "all 3 agents" in message and "--confirm-removals" in message
     assert "\n" not in message
-    ok, _ = agents.RemovalGuard(1.0).check(keys(line("001", "only")), keys(line("001", "!only")))
-    assert not ok
+    for vanished in ("", "\n\n", keys(line("004", "!gone")), "garbage\n"):
+        ok, _ = agents.RemovalGuard(1.0).check(keys(line("001", "only")), vanished)
+        assert not ok, vanished
+
+
+# -- removal marks (SPEC 11): deliberate, they pass -------------------------------------------
+
+def test_guard_lets_the_only_agent_marked_removed_through():
+    for mark in ("!", "#"):
+        ok, message = agents.RemovalGuard(0.5).check(keys(line("001", "only", "10.0.0.20")),
+                                                     keys(line("001", mark + "only",
+                                                               "10.0.0.20")))
+        assert ok and "1 of 1 agents (1 marked removed)" in message, mark
+    ok, _ = agents.RemovalGuard(0.0).check(keys(line("001", "only")), keys(line("001", "!only")))
+    assert ok
+
+
+def test_guard_lets_every_agent_marked_removed_through():
+    old = keys(*[line("%03d" % n, "a%d" % n) for n in range(10)])
+    all_marked = keys(*[line("%03d" % n, "!a%d" % n) for n in range(10)])
+    ok, message = agents.RemovalGuard(0.5).check(old, all_marked)
+    assert ok and "10 of 10" in message
+
+
+def test_guard_counts_only_vanished_lines_when_marks_and_vanished_mix():
+    old = keys(*[line("%03d" % n, "a%d" % n) for n in range(10)])
+    # 3 marked + 6 vanished: 6 of 10 vanished is more than half -> held.
+    mixed = keys(*([line("%03d" % n, "!a%d" % n) for n in range(3)] + [line("009", "a9")]))
+    ok, message = agents.RemovalGuard(0.5).check(old, mixed)
+    assert not ok and "6 of 10" in message
+    # 6 marked + 3 vanished: passes the ratio; the marks do not count against it.
+    mixed = keys(*([line("%03d" % n, "!a%d" % n) for n in range(6)] + [line("009", "a9")]))
+    ok, message = agents.RemovalGuard(0.5).check(old, mixed)
+    assert ok and "9 of 10 agents (6 marked removed)" in message
+    # Nothing active left and one line vanished: held, however many were marked.
+    mixed = keys(*[line("%03d" % n, "!a%d" % n) for n in range(9)])
+    ok, message = agents.RemovalGuard(0.5).check(old, mixed)
+    assert not ok and "all 10 agents" in message
+
+
+def test_a_mark_on_a_different_line_is_a_vanished_line():
+    old = keys(line("001", "only", "10.0.0.20"))
+    for changed in (line("001", "!other", "10.0.0.20"), line("001", "!only", "10.0.0.21"),
+                    line("002", "!only", "10.0.0.20"),
+                    line("001", "!only", "10.0.0.20").replace(KEY, "b" * 64)):
+        ok, _ = agents.RemovalGuard(0.5).check(old, keys(changed))
+        assert not ok, changed
+    # The ID of the marked agent given to a new agent: the old agent's mark still counts.
+    ok, _ = agents.RemovalGuard(0.5).check(old, keys(line("001", "!only", "10.0.0.20"),
+                                                     line("001", "new", "10.0.0.30")))
+    assert ok
+
+
+def test_a_duplicated_mark_still_marks_and_an_active_duplicate_keeps_the_agent():
+    old = keys(line("001", "a"), line("002", "b"))
+    twice = keys(line("001", "!a"), line("001", "!a"), line("002", "b"))
+    assert agents.RemovalGuard(0.5).check(old, twice)[0]
+    kept = keys(line("001", "!a"), line("001", "a"), line("002", "b"))
+    assert agents.RemovalGuard(0.5).check(old, kept) == (True, "")
 
 
 def test_guard_holds_back_more_than_the_ratio():
