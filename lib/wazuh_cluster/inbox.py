@@ -223,7 +223,8 @@ class Inbox(object):
             return ""
 
     def guard_keys(self, incoming, deletes):
-        """Hold back a client.keys change that removes too many agents at once."""
+        """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);
+        agents marked removed pass."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
@@ -233,6 +234,8 @@ class Inbox(object):
         new_text = compat.to_text(new_data, errors="replace")
         ok, message = self.guard.check(self.read_keys(), new_text)
         if ok:
+            if message:  # agents marked removed (manage_agents -r) or a few lines gone
+                self.log.info("%s", message)
             self.store_held(None)
             return incoming, deletes, None
         held = {"data": base64.b64encode(new_data).decode("ascii") if new else None,
