@@ -72,6 +72,10 @@ def run(cfg, layout, args, script, log):
                  cfg.bind_addr, cfg.port)
         try:
             node.start()
+        except ClusterError as err:
+            # One line, known cause (the internal daemon cannot start): main() logs it.
+            ready.failed("%s: ERROR: %s" % (DAEMON, err))
+            raise
         except Exception as err:
             # After the fork stderr is /dev/null: the log and the starting command must say why.
             log.exception("Cannot start: %s", err)
@@ -142,10 +146,11 @@ class ClusterNode(object):
 
     def start(self):
         self.running = True
-        self.internal.start()
-        # Sessions need the catalog: do not accept peers before it answers (or give up waiting
-        # and let each request retry; the supervisor keeps restarting it).
-        if not self.link.wait_ready(INTERNAL_START_WAIT, self.stopping):
+        # Sessions need the catalog: do not accept peers before it answers. One that cannot
+        # start at all is a ClusterError (we exit non-zero); one that is only slow is waited
+        # for a while, then each request retries and the supervisor restarts it if it dies.
+        if not self.internal.start_checked(lambda: self.link.wait_ready(0, self.stopping),
+                                           INTERNAL_START_WAIT, self.stopping):
             self.log.warning("wazuh-clusterd-internal does not answer yet; starting anyway.")
         self.inbox.start()
         self.control.start()

@@ -1,4 +1,11 @@
-"""wazuh-clusterd's child: start wazuh-clusterd-internal, restart it when it dies, stop it."""
+"""wazuh-clusterd's child: start wazuh-clusterd-internal, restart it when it dies, stop it.
+
+The first start is checked (start_checked): a child that cannot be executed, or that exits
+before it answers, is a ClusterError whose one line names the cause (the exec error, or the
+exit status and the last line the child wrote to its log), so that wazuh-clusterd exits
+non-zero and ossec-control reports "did not start correctly" instead of a cluster that can
+never work. A later death is restarted with backoff (check).
+"""
 from __future__ import absolute_import, division, print_function
 
 import errno
@@ -8,8 +15,11 @@ import subprocess
 import sys
 
 from wazuh_cluster import compat, logs
+from wazuh_cluster.errors import ClusterError
 
 RESTART_MIN = 1.0
+CAUSE_BYTES = 4096  # how much of the child's last output is read for the cause of its exit
+CAUSE_MAX = 300  # characters of that cause in the one-line error
 
 
 class InternalSupervisor(object):
@@ -32,6 +42,7 @@ class InternalSupervisor(object):
         self.delay = RESTART_MIN
         self.next_start = 0.0
         self.started_at = 0.0
+        self.log_offset = 0
 
     @property
     def pid(self):
@@ -40,10 +51,59 @@ class InternalSupervisor(object):
     def start(self):
         # A crash before the child's own logging is up still reaches its log file.
         with open(os.devnull, "rb") as null_in, open(self.log_file, "ab") as errors:
+            errors.seek(0, os.SEEK_END)
+            self.log_offset = errors.tell()
             self.process = self.spawn(self.argv, stdin=null_in, stdout=errors, stderr=errors,
                                       close_fds=True, env=dict(os.environ))
         self.started_at = self.clock()
         self.log.info("Started wazuh-clusterd-internal (pid %d).", self.process.pid)
+
+    def start_checked(self, answers, timeout, stopping, poll=0.05):
+        """Start the child and wait until `answers()` is true: True, or False when `timeout`
+        seconds pass with the child still running and silent (or `stopping` is set).
+
+        ClusterError (one line naming the cause) when it cannot be executed or exits first.
+        """
+        try:
+            self.start()
+        except (OSError, IOError) as err:
+            raise ClusterError("cannot start %s with %s: %s"
+                               % (self.argv[1], self.argv[0], err.strerror or err))
+        deadline = self.clock() + timeout
+        while not stopping.is_set():
+            code = self.process.poll()
+            if code is not None:
+                raise ClusterError(self.exit_cause(code))
+            if answers():
+                return True
+            if self.clock() >= deadline:
+                return False
+            stopping.wait(poll)
+        return False
+
+    def exit_cause(self, code):
+        """One line: the child exited during its start, with `code` and its last output."""
+        pid, self.process = self.process.pid, None
+        status = "signal %d" % -code if code < 0 else "status %d" % code
+        line = self.last_output()
+        return "wazuh-clusterd-internal (pid %d) exited during its start with %s%s" % (
+            pid, status, ": " + line if line else " (nothing in %s)" % self.log_file)
+
+    def last_output(self):
+        """The last non-empty line the child wrote to its log since it was started."""
+        try:
+            with open(self.log_file, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(self.log_offset, handle.tell() - CAUSE_BYTES))
+                data = handle.read(CAUSE_BYTES)
+        except (OSError, IOError):
+            return ""
+        lines = [line.strip() for line in data.splitlines() if line.strip()]
+        if not lines:
+            return ""
+        text = compat.to_text(lines[-1], errors="replace")
+        text = u"".join(c if u" " <= c < u"\x7f" else u"?" for c in text)
+        return text[:CAUSE_MAX]
 
     def check(self):
         """Reap a dead child and restart it with backoff; returns seconds until the next check."""

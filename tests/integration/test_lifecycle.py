@@ -6,6 +6,7 @@ loopback address, port and ossec.conf.
 from __future__ import absolute_import, division, print_function
 
 import glob
+import io
 import json
 import os
 import signal
@@ -137,6 +138,33 @@ def test_internal_daemon_killed_is_restarted(make_node):
     assert alive(new) and not alive(old)
     assert node.running_pid() == main_pid
     assert node.control("status").rc == 0
+
+
+def test_internal_daemon_that_cannot_start_makes_the_start_fail_with_its_cause(make_node):
+    node = make_node("node01", "master")
+    # The real script (behind the sh wrapper when the interpreter needs its environment).
+    real = node.path("lib", "wazuh-cluster-bin", INTERNAL)
+    script = real if os.path.exists(real) else node.path("bin", INTERNAL)
+    with io.open(script, encoding="utf-8") as handle:
+        text = handle.read()
+    assert u"from wazuh_cluster.internal import main" in text
+    write_file(script, text.replace(u"wazuh_cluster.internal import", u"wazuh_cluster.gone import"))
+    result = node.control("start")
+    assert result.rc == 1, node.explain("start with a broken internal daemon", result)
+    assert "wazuh-clusterd did not start correctly." in result.out
+    assert "Completed." not in result.out
+    cause = [line for line in result.err.splitlines() if line.strip()]
+    assert len(cause) == 1, result
+    assert cause[0].startswith("wazuh-clusterd: ERROR: wazuh-clusterd-internal (pid ")
+    assert "exited during its start with status 1" in cause[0] and "gone" in cause[0], cause
+    assert "exited during its start" in node.log() and "gone" in node.log()
+    wait_for(lambda: not [pid for pid in node.all_pids() if alive(pid)], 10.0,
+             what="no daemon left running")
+    assert not glob.glob(node.path("var", "run", "*.pid"))
+    assert node.control("status").rc == 1
+    # Run by hand in the foreground it exits non-zero with the same line.
+    result = node.daemon("-f")
+    assert result.rc == 1 and "exited during its start" in result.err, result
 
 
 def test_daemons_run_under_the_installed_interpreter(make_node, python):
