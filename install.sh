@@ -115,7 +115,10 @@ backup_once() {  # PATH
     fi
 }
 
-mkdir_rec() {  # PATH [MODE [OWNER]]: create (recording what we create), then mode/owner
+# mkdir_rec PATH [MODE [OWNER]]: create the missing folders (recorded in the manifest), then
+# give PATH its MODE and OWNER only when it is ours (created now or by an earlier run). A
+# folder that was there before us (a Wazuh manager's own) keeps its owner, group and mode.
+mkdir_rec() {
     local rel=$1 mode=${2:-} owner=${3:-} part='' comp
     local IFS=/
     for comp in $rel; do
@@ -127,6 +130,7 @@ mkdir_rec() {  # PATH [MODE [OWNER]]: create (recording what we create), then mo
         fi
     done
     unset IFS
+    manifest_has dir "$rel" || return 0
     [ -n "$mode" ] && { chmod "$mode" "$PREFIX/$rel" || die "cannot chmod $PREFIX/$rel"; }
     if [ -n "$owner" ] && [ "$IS_ROOT" = yes ]; then
         chown "$owner" "$PREFIX/$rel" || die "cannot chown $PREFIX/$rel to $owner"
@@ -258,20 +262,48 @@ sys.stdout.write(sys.executable)'
 
 py_ok() { "$1" -c "$PYCHECK" 2>/dev/null; }
 
-# as_ossec CMD...: run CMD as user ossec with our environment (root only).
-as_ossec() {
-    if command -v setpriv >/dev/null 2>&1; then
-        setpriv --reuid=ossec --regid=ossec --init-groups "$@"
+# The environment that sh wrappers give the interpreter (software collections need their
+# LD_LIBRARY_PATH; a PYTHONPATH may hold cryptography), as sh assignments.
+ENVLINES=
+for var in LD_LIBRARY_PATH PATH PYTHONPATH PYTHONHOME X_SCLS MANPATH PKG_CONFIG_PATH XDG_DATA_DIRS; do
+    eval "isset=\${$var+x}"
+    [ -n "$isset" ] || continue
+    val=; eval "val=\${$var}"
+    ENVLINES="$ENVLINES$var=$(shquote "$val"); export $var
+"
+done
+
+# as_daemon SCRIPT ARGS...: sh -c SCRIPT the way ossec-control runs the daemons: through a
+# shell with a bare environment and, as root, as user ossec (group ossec only), so that every
+# path, library and module is looked up with ossec's rights. setpriv execs `env` while still
+# privileged; everything after it (the shell, the interpreter, the loader) runs as ossec.
+DAEMON_PATH=/usr/sbin:/usr/bin:/sbin:/bin
+as_daemon() {
+    local script=$1 args='' a
+    shift
+    if [ "$IS_ROOT" != yes ]; then
+        env -i PATH="$DAEMON_PATH" /bin/sh -c "$script" sh "$@"
+    elif command -v setpriv >/dev/null 2>&1; then
+        setpriv --reuid=ossec --regid=ossec --clear-groups \
+            env -i PATH="$DAEMON_PATH" /bin/sh -c "$script" sh "$@"
     else
-        su -s /bin/sh ossec -c "$(for a in "$@"; do printf '%s ' "$(shquote "$a")"; done)"
+        for a in "$@"; do args="$args $(shquote "$a")"; done
+        su -s /bin/sh ossec -c "env -i PATH=$DAEMON_PATH /bin/sh -c $(shquote "$script") sh$args"
     fi
 }
 
-# The daemons drop to user ossec and start their child with the same interpreter: as root, an
-# interpreter ossec cannot run (one under a private home, like /root/.pyenv) is no use.
-ossec_can_run() {
-    [ "$IS_ROOT" = yes ] || return 0
-    as_ossec "$1" -c 'import sys' >/dev/null 2>&1
+# daemon_python bare|env PY CODE: PY -c CODE as the daemons will run it, in a bare environment
+# or in the one the sh wrappers set.
+daemon_python() {
+    local envlines=
+    [ "$1" = env ] && envlines=$ENVLINES
+    as_daemon "${envlines}exec \"\$1\" -c \"\$2\"" "$2" "$3" >/dev/null 2>&1
+}
+
+RUNNER="user $(id -un)"
+[ "$IS_ROOT" = yes ] && RUNNER="user ossec"
+unusable() {  # PY: the one-line error for an interpreter the daemons' user cannot start
+    echo "$RUNNER cannot run $1 (it, or a library it loads, is under a folder $RUNNER cannot enter, such as /root): install a system-wide Python 2.7 or 3.6+ or give --python PATH of one that $RUNNER can run"
 }
 
 if [ -n "$PYTHON" ]; then
@@ -282,8 +314,7 @@ if [ -n "$PYTHON" ]; then
     PYREAL=$(py_ok "$PYTHON") \
         || die "$PYTHON is not Python 2.7 or 3.6+ (found $("$PYTHON" -V 2>&1 | head -n 1))"
     create_user
-    ossec_can_run "$PYREAL" \
-        || die "user ossec cannot run $PYREAL (is it under a private folder such as /root?); give --python an interpreter that ossec can run"
+    daemon_python env "$PYREAL" 'import sys' || die "$(unusable "$PYREAL")"
 else
     create_user
     PYREAL=
@@ -293,12 +324,12 @@ else
     for cand in python3 python2.7 /usr/bin/python3 /usr/bin/python2.7 /usr/local/bin/python3; do
         command -v "$cand" >/dev/null 2>&1 || continue
         if PYREAL=$(py_ok "$cand"); then
-            if ossec_can_run "$PYREAL"; then PYTHON=$cand; break; fi
+            if daemon_python env "$PYREAL" 'import sys'; then PYTHON=$cand; break; fi
             UNUSABLE="$UNUSABLE $PYREAL"
         fi
         PYREAL=
     done
-    [ -n "$PYREAL" ] || die "no Python 2.7 or 3.6+ that user ossec can run (found but private:${UNUSABLE:- none}); use --python PATH"
+    [ -n "$PYREAL" ] || die "no Python 2.7 or 3.6+ that $RUNNER can run (found but private:${UNUSABLE:- none}): install a system-wide one or use --python PATH"
 fi
 [ -n "$PYREAL" ] && [ -x "$PYREAL" ] || die "cannot tell the absolute path of $PYTHON (sys.executable is empty)"
 PYVER=$("$PYREAL" -c 'import sys; sys.stdout.write("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
@@ -321,16 +352,19 @@ if ! "$PYTHON" -c 'import cryptography' >/dev/null 2>&1; then
         || die "cryptography still cannot be imported by $PYREAL after pip install"
 fi
 
-# An interpreter that needs the environment it was found with (software collections: their
-# LD_LIBRARY_PATH; or a PYTHONPATH holding cryptography) gets sh wrappers as entry points, since
-# ossec-control runs from init with a bare environment.
-WRAP=no
-if ! env -i "$PYREAL" -c 'import sys' >/dev/null 2>&1; then
+# Entry points are sh wrappers when the interpreter needs the environment it was found with
+# (ossec-control runs from init with a bare one). Decided as the daemons will run: a library
+# or module reached through a private folder works for root, not for ossec.
+if daemon_python bare "$PYREAL" 'import cryptography'; then
+    WRAP=no
+elif daemon_python env "$PYREAL" 'import cryptography'; then
     WRAP=yes
-elif ! env -i "$PYREAL" -c 'import cryptography' >/dev/null 2>&1; then
-    WRAP=yes
+    say "$PYREAL needs its environment: entry points will be sh wrappers"
+elif daemon_python env "$PYREAL" 'import sys'; then
+    die "$RUNNER can run $PYREAL but cannot import cryptography (installed under a folder $RUNNER cannot enter, such as /root/.local?): install it system-wide for $PYREAL (e.g. as root without --user, or python3-cryptography) or give --python PATH"
+else
+    die "$(unusable "$PYREAL")"
 fi
-[ "$WRAP" = yes ] && say "$PYREAL needs its environment: entry points will be sh wrappers"
 
 # ---------------------------------------------------------------- folders
 mkdir -p "$PREFIX" || die "cannot create $PREFIX"
@@ -363,8 +397,44 @@ if [ ! -e "$PREFIX/logs/cluster.log" ]; then
     : > "$PREFIX/logs/cluster.log" || die "cannot create $PREFIX/logs/cluster.log"
     manifest_add created logs/cluster.log
 fi
-chmod 0660 "$PREFIX/logs/cluster.log"
-[ "$IS_ROOT" = yes ] && chown ossec:ossec "$PREFIX/logs/cluster.log" "$PREFIX/logs"
+if manifest_has created logs/cluster.log; then
+    chmod 0660 "$PREFIX/logs/cluster.log"
+    [ "$IS_ROOT" = yes ] && chown ossec:ossec "$PREFIX/logs/cluster.log"
+fi
+if manifest_has dir logs && [ "$IS_ROOT" = yes ]; then
+    chown ossec:ossec "$PREFIX/logs"
+fi
+
+# What the daemons need where the folders and files were there before us: we change none of
+# them (a Wazuh manager's own stay as Wazuh made them), so say what is missing instead.
+daemon_can() {  # write|read PATH
+    case "$1" in
+        write) as_daemon '[ -w "$1" ] && { [ ! -d "$1" ] || [ -x "$1" ]; }' "$2" ;;
+        *) as_daemon '[ -r "$1" ]' "$2" ;;
+    esac
+}
+need() {  # write|read REL WHY
+    local path="$PREFIX/$2"
+    [ -e "$path" ] || return 0
+    daemon_can "$1" "$path" && return 0
+    warn "$RUNNER cannot $1 $path ($(stat -c '%U:%G %a' "$path" 2>/dev/null), left as it was), where $3: give group ossec that right (as Wazuh 3.0 does) or the cluster will fail there"
+}
+need write etc "clients replace client.keys"
+for rel in etc/shared queue/agent-groups queue/agent-info; do
+    need write "$rel" "files are synchronised"
+done
+for rel in queue/rids queue/syscheck queue/rootcheck backup/agents; do
+    need write "$rel" "removed agents' files are backed up and cleaned"
+done
+need write queue/ossec "the daemons make their sockets"
+need write var/run "the daemons write their PID files"
+need write var/db "the cluster database lives"
+for rel in logs logs/cluster.log logs/ossec.log; do
+    need write "$rel" "the daemons log"
+done
+for rel in etc/ossec.conf etc/internal_options.conf etc/local_internal_options.conf; do
+    need read "$rel" "the configuration is read"
+done
 
 # ---------------------------------------------------------------- files
 install_file() {  # SRC REL MODE: copy atomically (a running daemon keeps its old inode)
@@ -401,14 +471,6 @@ if [ "$WRAP" = yes ]; then
 else
     rm -rf "${PREFIX:?}/$REALBIN_REL"
 fi
-ENVLINES=
-for var in LD_LIBRARY_PATH PATH PYTHONPATH PYTHONHOME X_SCLS MANPATH PKG_CONFIG_PATH XDG_DATA_DIRS; do
-    eval "isset=\${$var+x}"
-    [ -n "$isset" ] || continue
-    val=; eval "val=\${$var}"
-    ENVLINES="$ENVLINES$var=$(shquote "$val"); export $var
-"
-done
 for src in "$SRC"/bin/*; do
     [ -f "$src" ] || continue
     name=$(basename "$src")

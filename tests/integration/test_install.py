@@ -388,3 +388,55 @@ def test_install_and_run_as_an_unprivileged_user(tmp_prefix_dir, python):
         assert result.rc == 0
     finally:
         node.cleanup()
+
+
+# -- the interpreter is checked as the daemons will run it (issue 12) -------------------------
+
+def _private_folder(parent):
+    """A 0700 folder of root's: user ossec cannot enter it."""
+    path = os.path.join(parent, "private")
+    os.mkdir(path)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _one_line(result):
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.rc != 0 and len(lines) == 1, result
+    return lines[0]
+
+
+def test_interpreter_that_user_ossec_cannot_reach_is_refused_in_one_line(tmp_prefix_dir, python):
+    if os.geteuid() != 0:
+        pytest.skip("only root installs for another user")
+    _need_ossec_user()
+    # Root runs it (setpriv would even exec it, resolving the path while still privileged);
+    # the privilege-dropped daemon would get "Permission denied".
+    link = os.path.join(_private_folder(tmp_prefix_dir), "python")
+    os.symlink(python, link)
+    assert run([link, "-c", "import sys"]).rc == 0
+    prefix = os.path.join(tmp_prefix_dir, "ossec")
+    line = _one_line(install(prefix, link, check=False))
+    assert line.startswith("install.sh: error: user ossec cannot run %s " % link), line
+    assert "--python PATH" in line and "system-wide" in line
+    assert not os.path.exists(prefix), "nothing is installed"
+
+
+def test_cryptography_that_user_ossec_cannot_import_is_refused_in_one_line(tmp_prefix_dir,
+                                                                          python):
+    if os.geteuid() != 0:
+        pytest.skip("only root installs for another user")
+    _need_ossec_user()
+    if not needs_environment(python):
+        pytest.skip("this interpreter imports cryptography from its own site-packages")
+    import cryptography
+    deps = os.path.dirname(os.path.dirname(os.path.abspath(cryptography.__file__)))
+    hidden = os.path.join(_private_folder(tmp_prefix_dir), "deps")
+    os.symlink(deps, hidden)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": hidden}
+    assert run([python, "-c", "import cryptography"], env=env).rc == 0  # root imports it
+    prefix = os.path.join(tmp_prefix_dir, "ossec")
+    line = _one_line(install(prefix, python, env=env, check=False))
+    assert line.startswith("install.sh: error: user ossec can run %s but cannot import "
+                           "cryptography" % python), line
+    assert "--python PATH" in line
