@@ -495,8 +495,8 @@ class _Batch(object):
                 raise
         if any(entry.temp == temp for entry in self.staged):
             raise TransferError("the same file twice in one batch")
-        if stat.S_ISREG(os.lstat(temp).st_mode):
-            _unlink_quietly(temp)
+        if not stat.S_ISDIR(os.lstat(temp).st_mode):
+            _unlink_quietly(temp)  # only that name goes, never what a symlink points to
         return os.open(temp, _TEMP_FLAGS, 0o600)
 
     def _make_durable(self, fd, where):
