@@ -61,7 +61,7 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import compat, fsops, paths, staging
+from wazuh_cluster import compat, fsops, paths, peertimes, staging
 from wazuh_cluster.errors import PathRefused, TransferError
 from wazuh_cluster.pathrules import (MTIME_SLACK_NS, ROLES, TEMP_PATTERN, check_mtime,
                                      clamp_mtime, escape, in_future, locate)
@@ -72,10 +72,6 @@ INVALID = "invalid"
 
 LOG_DETAIL_LINES = 20
 FSYNC_EACH_UP_TO = 8
-DEFAULT_MAX_FUTURE_SECONDS = 60
-# A peer whose times keep being clamped is said again after this long (monotonic seconds).
-CLAMP_LOG_EVERY = 3600.0
-MAX_CLAMP_PEERS = 1024
 
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -122,7 +118,7 @@ class Receiver(object):
     """
 
     def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None,
-                 staging_dir=None, max_future_seconds=DEFAULT_MAX_FUTURE_SECONDS,
+                 staging_dir=None, max_future_seconds=peertimes.DEFAULT_MAX_FUTURE_SECONDS,
                  clock=time.time):
         if role not in ROLES:
             raise ValueError("role must be 'master' or 'client'")
@@ -135,9 +131,7 @@ class Receiver(object):
         self.role = role
         self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
         self.staging = staging.Staging(staging_dir or paths.Paths(home).staging_dir, log)
-        self.max_future_ns = int(max_future_seconds * 10 ** 9)
-        self.clock = clock
-        self._clamps = {}  # peer -> [monotonic time of its last line, clamps since]
+        self.times = peertimes.FutureTimes(log, max_future_seconds, clock)
         self._lock = threading.Lock()
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None):
@@ -206,7 +200,7 @@ class Receiver(object):
         bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
         sender = batch.sender if peer is None else "%s %s" % (batch.sender, escape(peer))
         if batch.clamped:
-            self._report_clamped(batch, sender)
+            self.times.tell(sender, batch.clamped, batch.clamp_example)
         for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
             word = "refused" if state == INVALID else "failed to apply"
             self.log.warning("%s %s from %s: %s", word, escape(name), sender,
@@ -214,25 +208,6 @@ class Receiver(object):
         if len(bad) > LOG_DETAIL_LINES:
             self.log.warning("... and %d more files refused or failed in this batch",
                              len(bad) - LOG_DETAIL_LINES)
-
-    def _report_clamped(self, batch, sender):
-        """One line per peer and CLAMP_LOG_EVERY, whatever the number of files and batches."""
-        now = compat.monotonic()
-        note = self._clamps.get(sender)
-        if note is not None and now - note[0] < CLAMP_LOG_EVERY:
-            note[1] += batch.clamped
-            return
-        if note is None and len(self._clamps) >= MAX_CLAMP_PEERS:
-            self._clamps.clear()  # peer names are the peers' own text: bounded memory
-        earlier = note[1] if note is not None else 0
-        self._clamps[sender] = [now, 0]
-        name, mtime_ns = batch.clamp_example
-        self.log.warning(
-            "mtimes more than %d s ahead of this node's clock from %s (%d file(s), e.g. %s "
-            "dated %s%s): applied with this node's time; check that node's clock (said once "
-            "an hour per peer)", self.max_future_ns // 10 ** 9, sender, batch.clamped,
-            escape(name), _utc(mtime_ns),
-            ", %d more since the last line" % earlier if earlier else "")
 
 
 class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev",
@@ -260,7 +235,7 @@ class _Batch(object):
             expected <= FSYNC_EACH_UP_TO else 0
         self.unflushed = {}    # st_dev -> a folder on it: written, waiting for syncfs
         self.as_root = _running_as_root(receiver.owner_gid)
-        self.now_ns = int(receiver.clock() * 10 ** 9)
+        self.now_ns = receiver.times.now_ns()
         self.clamped = 0       # mtimes beyond now + max_future_ns, applied as now
         self.clamp_example = None
         self.staging_checked = False
@@ -410,7 +385,7 @@ class _Batch(object):
             local_ns = compat.stat_mtime_ns(st)
             # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
             if mtime_ns <= local_ns + MTIME_SLACK_NS and \
-                    not in_future(local_ns, self.now_ns, self.rx.max_future_ns):
+                    not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
                 self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
                 return
         where = (folder, dev)
@@ -427,7 +402,7 @@ class _Batch(object):
 
     def _sane_mtime(self, name, mtime_ns):
         """The mtime to apply: a time beyond now + the allowed slack becomes now."""
-        applied, clamped = clamp_mtime(mtime_ns, self.now_ns, self.rx.max_future_ns)
+        applied, clamped = clamp_mtime(mtime_ns, self.now_ns, self.rx.times.max_future_ns)
         if clamped:
             self.clamped += 1
             if self.clamp_example is None:
@@ -608,14 +583,6 @@ def _copy_checked(sha):
         if fsops.copy_fd(fd, source) != sha:
             raise TransferError("meta-only update but the local content differs")
     return fill
-
-
-def _utc(mtime_ns):
-    """An mtime as 'YYYY-MM-DD HH:MM:SS UTC' for a log line (seconds where time_t ends)."""
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(mtime_ns // 10 ** 9))
-    except (ValueError, OverflowError, OSError):
-        return "%d s after 1970" % (mtime_ns // 10 ** 9)
 
 
 def _unlink_quietly(path):

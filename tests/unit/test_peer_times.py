@@ -12,7 +12,7 @@ import pytest
 
 from test_receive import (AI, SEC, client_rx, home, inc, log, master_rx, mtime_ns,  # noqa
                           put, read)
-from wazuh_cluster import config, pathrules, receive
+from wazuh_cluster import config, pathrules, peertimes, receive
 from wazuh_cluster.errors import PathRefused
 
 NOW = 1700000000                     # the receiver's clock in these tests (2023)
@@ -118,11 +118,11 @@ def test_one_line_per_peer_whatever_the_files_and_batches(home, log):
 
 def test_the_line_comes_back_after_an_hour_with_a_count(home, log, monkeypatch):
     ticks = [1000.0]
-    monkeypatch.setattr(receive.compat, "monotonic", lambda: ticks[0])
+    monkeypatch.setattr(peertimes.compat, "monotonic", lambda: ticks[0])
     rx = rx_at(home, log)
     for _ in range(3):
         rx.apply_batch([inc(AI, b"x", YEAR_2100_NS)], peer="rogue01")
-    ticks[0] += receive.CLAMP_LOG_EVERY + 1
+    ticks[0] += peertimes.CLAMP_LOG_EVERY + 1
     rx.apply_batch([inc(AI, b"x", YEAR_2100_NS)], peer="rogue01")
     lines = clamp_lines(log)
     assert len(lines) == 2 and "2 more since the last line" in lines[1]
