@@ -87,8 +87,8 @@ class Staging(object):
     def check(self):
         """(Re)verify the staging folder, creating it when missing; its st_dev or None.
 
-        Called at start and before each batch (one lstat): a folder removed by hand comes
-        back, one replaced by a symlink or by another user's folder is not used.
+        Called at start and by each batch that writes a file (one lstat): a folder removed
+        by hand comes back, one replaced by a symlink or by another user's folder is not used.
         """
         try:
             st = self._lstat_or_create()
