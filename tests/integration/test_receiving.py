@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 
-from harness import (base_install, make_node, new_address, python,  # noqa: F401
+from harness import (base_install, make_node, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace)
 from test_hostile import ROGUE, hostile  # noqa: F401
 from test_sync import KEYS, SYNC_WAIT, agent_info, cluster, converge, put  # noqa: F401

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from test_receive import (EXCLUDE, ITEMS, LIB, _can_mount_tmpfs, client_rx, home, inc,  # noqa
+from test_receive import (ITEMS, LIB, _can_mount_tmpfs, client_rx, home, inc,  # noqa
                           log, master_rx, outside, put, read)
 from wazuh_cluster import compat, paths, scanner, staging
 
