@@ -371,6 +371,34 @@ def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair
     no_leftovers(master)
 
 
+def test_leftovers_of_a_crash_are_removed_at_start_and_nothing_else(make_node):
+    """What a SIGKILL leaves (files in the staging folder, in-place NAME.tmp.cluster files,
+    .NAME.RANDOM.tmp files of older versions) goes when wazuh-clusterd starts."""
+    master, client = _pair(make_node)
+    put(master, "queue/agent-groups/001", u"web")
+    put(master, "etc/shared/default/agent.conf", u"<agent_config/>\n")
+    master.start()
+    client.start()
+    converge([master, client])
+    kill_hard(client)
+    leftovers = ["queue/cluster-staging/001.0123456789ab.tmp",
+                 "queue/cluster-staging/agent.conf.abcdefabcdef.tmp",
+                 "queue/agent-groups/002.tmp.cluster",
+                 "etc/shared/default/agent.conf.tmp.cluster",
+                 "etc/client.keys.tmp.cluster",
+                 "etc/shared/default/.agent.conf.0123456789ab.tmp"]
+    kept = ["queue/agent-groups/001", "queue/rids/001.tmp.cluster"]
+    for rel in leftovers + kept[1:]:
+        put(client, rel, u"half written")
+    client.start()
+    wait_for(lambda: not [rel for rel in leftovers
+                          if os.path.lexists(client.path(*rel.split("/")))], 15,
+             what="the crash's leftovers removed on %s" % client.name)
+    assert all(os.path.exists(client.path(*rel.split("/"))) for rel in kept)
+    client.wait_log(r"Removed %d temporary file" % len(leftovers))
+    converge([master, client])
+
+
 def test_internal_daemon_killed_during_transfers_is_restarted_and_sync_goes_on(big_pair):
     """SIGKILL of wazuh-clusterd-internal (the catalog) on either side mid-transfer: the
     supervisor restarts it, the transfer is redone, nothing is restarted by hand."""
