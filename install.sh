@@ -203,6 +203,7 @@ do_uninstall() {
     rm -f "$PREFIX"/var/db/cluster.db "$PREFIX"/var/db/cluster.db-journal \
         "$PREFIX"/var/db/cluster.db-wal "$PREFIX"/var/db/cluster.db-shm \
         "$PREFIX"/queue/ossec/cluster_db "$PREFIX"/queue/ossec/cluster_control
+    rm -rf "${PREFIX:?}"/queue/cluster-staging  # the receiver's temporary files (ours alone)
     if manifest_has dir logs || manifest_has created logs/cluster.log; then
         rm -f "$PREFIX"/logs/cluster.log
     fi

@@ -148,6 +148,7 @@ OPTIONS = (
     ("max_frame_bytes", to_int_range(1 << 16, 64 << 20), str(4 << 20)),
     ("allow_unlisted_peers", to_bool01, "0"),
     ("max_removed_agents_ratio", to_float_range(0, 1), "0.5"),
+    ("max_future_seconds", to_int_range(0, 3600), "60"),
     ("max_connections", to_int_range(1, 4096), "64"),
     ("max_pending_handshakes", to_int_range(1, 1024), "16"),
     ("push_delay", to_float_range(0, 30), "0.05"),

@@ -21,8 +21,10 @@ CHUNK = 1 << 20
 GONE = (errno.ENOENT, errno.ENOTDIR)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
-# os.utime(fd, ns=...) exists where the platform has futimens (3.3+); 2.7 goes by path.
+# os.utime(fd, ns=...) exists where the platform has futimens (3.3+); on 2.7 futimens(3) is
+# called through ctypes (load_futimens), and only without it does set_mtime go by path.
 _UTIME_FD = os.utime in getattr(os, "supports_fd", ())
 
 
@@ -44,17 +46,55 @@ def load_syncfs():
     return syncfs
 
 
+def load_futimens():
+    """futimens(3) through ctypes as futimens(fd, ns), or None where it cannot be had."""
+    if ctypes is None:
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).futimens
+    except (OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        # time_t and long are both C long under Linux's C libraries, 32- or 64-bit.
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    func.argtypes = [ctypes.c_int, ctypes.POINTER(Timespec)]
+    func.restype = ctypes.c_int
+
+    def futimens(fd, mtime_ns):
+        seconds, nanoseconds = divmod(mtime_ns, 10 ** 9)
+        times = (Timespec * 2)(Timespec(seconds, nanoseconds), Timespec(seconds, nanoseconds))
+        if func(fd, times) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return futimens
+
+
 # Module level so that a test can set it to None and exercise the per-file fsync path;
 # callers read it as fsops.SYNCFS at each use.
 SYNCFS = load_syncfs()
+FUTIMENS = None if _UTIME_FD else load_futimens()
+
+
+def utime_by_fd():
+    """True when set_mtime can work on a descriptor alone (never through a name)."""
+    return _UTIME_FD or FUTIMENS is not None
 
 
 def set_mtime(fd, path, mtime_ns):
-    """Set the file's atime and mtime to `mtime_ns`: by descriptor where possible."""
+    """Set the file's atime and mtime to `mtime_ns`: by descriptor where possible.
+
+    `path` is only used where no descriptor-based call exists; None there raises ENOSYS.
+    """
     if _UTIME_FD:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
-    else:
+    elif FUTIMENS is not None:
+        FUTIMENS(fd, mtime_ns)
+    elif path is not None:
         compat.set_mtime_ns(path, mtime_ns)
+    else:
+        raise OSError(errno.ENOSYS, "no way to set a file's times through its descriptor")
 
 
 def fsync_folder(path):
@@ -99,12 +139,23 @@ def write_all(fd, data):
 
 
 def copy_fd(fd, source):
-    """Copy what is left to read from descriptor `source` into `fd`."""
+    """Copy what is left to read from descriptor `source` into `fd`; SHA-256 hex of it.
+
+    The digest is of the bytes copied: checking it proves what was written, with no window
+    between a check and a later read.
+    """
+    sha = hashlib.sha256()
     while True:
         chunk = os.read(source, CHUNK)
         if not chunk:
-            return
+            return sha.hexdigest()
+        sha.update(chunk)
         write_all(fd, chunk)
+
+
+def open_folder(path):
+    """A descriptor of the folder `path` itself: a symlink there is not followed (ELOOP)."""
+    return os.open(path, DIR_FLAGS | _O_NOFOLLOW)
 
 
 def rmtree(path):

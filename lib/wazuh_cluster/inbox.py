@@ -109,7 +109,8 @@ class Inbox(object):
         self.link = link
         self.log = logs.get("inbox")
         self.receiver = receive.Receiver(layout.home, cfg.items, cfg.exclude, self.log,
-                                         role=cfg.node_type)
+                                         role=cfg.node_type, staging_dir=layout.staging_dir,
+                                         max_future_seconds=cfg.options.max_future_seconds)
         self.guard = agents.RemovalGuard(cfg.options.max_removed_agents_ratio)
         self.lock = threading.Lock()
         keys = [item for item in cfg.items if item.name == "client.keys"]
@@ -180,7 +181,8 @@ class Inbox(object):
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
-                                                        sender_role=session.peer_role)
+                                                        sender_role=session.peer_role,
+                                                        peer=peer)
             if hold is not None:
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":

@@ -1,7 +1,8 @@
-"""The receiving rules for file names from a peer (SPEC section 4), pure: no system calls.
+"""Receiving rules for file names and times from a peer (SPEC section 4); pure: no system call.
 
 `check_name` splits a name on "/" and checks each component before anything touches the disk;
-`item_for` finds the item the name falls in and checks that the sender's role may write it.
+`item_for` finds the item the name falls in and checks that the sender's role may write it;
+`check_mtime` and `clamp_mtime` bound the modification times a peer may give a file.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -18,6 +19,12 @@ MAX_PATH = 1024
 # a slack a full round would re-send the same touch forever.
 MTIME_SLACK_NS = 2000
 ESCAPE_MAX = 160
+# A time no file system stores: beyond signed 64-bit nanoseconds (year 2262).
+MAX_MTIME_NS = (1 << 63) - 1
+# The receiver's temporary files where they cannot be staged away from the target's folder
+# carry Wazuh 3.0's own cluster name (SPEC section 11); such names are never synchronised.
+TEMP_SUFFIX = ".tmp.cluster"
+TEMP_PATTERN = "*" + TEMP_SUFFIX
 
 _GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
 
@@ -100,6 +107,37 @@ def escape(name, limit=ESCAPE_MAX):
     if total > limit:
         text += "...(%d characters)" % total
     return text
+
+
+# -- times ------------------------------------------------------------------------------------
+
+def check_mtime(mtime_ns):
+    """Raise PathRefused unless `mtime_ns` is whole nanoseconds from 1970 to 2262.
+
+    Before 1970, a bool, a float or a number beyond what a file system stores is not a time
+    any honest peer read from a file.
+    """
+    if isinstance(mtime_ns, bool) or not isinstance(mtime_ns, compat.integer_types):
+        raise PathRefused("bad mtime_ns field")
+    if not 0 <= mtime_ns <= MAX_MTIME_NS:
+        raise PathRefused("mtime_ns out of range (before 1970 or after 2262)")
+
+
+def clamp_mtime(mtime_ns, now_ns, max_future_ns):
+    """(mtime to apply, True when clamped): a time beyond now + max_future_ns becomes now.
+
+    Wall-clock data compared with the wall clock: a peer's clock ahead of ours, or an insider
+    claiming year 2100 so that "newest keepalive wins" keeps an agent on it forever, gets our
+    present instead; the next honest report wins again.
+    """
+    if mtime_ns > now_ns + max_future_ns:
+        return now_ns, True
+    return mtime_ns, False
+
+
+def in_future(mtime_ns, now_ns, max_future_ns):
+    """True when a local file's mtime lies beyond now + max_future_ns (never trusted to win)."""
+    return mtime_ns > now_ns + max_future_ns
 
 
 # -- items ------------------------------------------------------------------------------------

@@ -57,6 +57,11 @@ class Paths(object):
         return self.join("queue", "ossec", "cluster_control")
 
     @property
+    def staging_dir(self):
+        """The receiver's temporary files (staging.py): a folder of ours, next to queue/*."""
+        return self.join("queue", "cluster-staging")
+
+    @property
     def cluster_log(self):
         return self.join("logs", "cluster.log")
 
@@ -67,7 +72,7 @@ class Paths(object):
     def daemon_dirs(self):
         """Folders the daemons write into; created (and handed to ossec) when missing."""
         return [os.path.dirname(self.cluster_log), self.run_dir, os.path.dirname(self.db_file),
-                os.path.dirname(self.internal_socket)]
+                os.path.dirname(self.internal_socket), self.staging_dir]
 
     def pid_file(self, daemon, pid):
         return os.path.join(self.run_dir, "%s-%d.pid" % (daemon, pid))

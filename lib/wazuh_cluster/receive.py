@@ -8,8 +8,9 @@ key only proves "a member of the cluster". So, for every name, in this order:
    not be excluded; a master never takes a master-owned file from a client.
 3. `Receiver`: destination folders are walked from the installation directory with lstat,
    never following a symlink; the target must be absent or a regular file; the data goes to
-   `.NAME.RANDOM.tmp` in the same folder and is renamed over the target only after it was
-   written fully, checked against its SHA-256 and flushed.
+   a temporary file in our staging folder (staging.py: never a temporary name where a Wazuh
+   daemon reads names) and is renamed over the target only after it was written fully,
+   checked against its SHA-256 and flushed.
 
 Durability without a per-file fsync bill (SPEC section 8): a batch writes all its temporary
 files, flushes them at once, then renames each over its target and flushes the folders
@@ -20,18 +21,37 @@ after the renames. syncfs also flushes other writers' dirty data and, before Lin
 not report writeback errors; where the C library lacks it (CentOS 6's glibc 2.12) every file
 and folder is fsync'd.
 
+Hard links: nothing is ever changed in place through a name that may be another file's. A
+file with other names (st_nlink > 1: a link planted in a synchronised folder to another
+agent's file or to a file outside the tree) would pass any change of its content, times or
+mode on to those names. The rule, operation by operation:
+- content: always a new file renamed over the name; the other names keep the old file.
+- times (a meta-only keepalive): set in place only on a file with one name, checked with
+  fstat on the descriptor that is then given the time (futimens, no second lookup of the
+  name); otherwise, or where the owner alone may set its times, or where times can only be
+  set by name, a copy of the current content (hashed while copied, checked against the
+  sender's SHA-256) with the new time is renamed over the name.
+- mode and group: only ever given to our own new temporary files and folders, by descriptor.
+- unlink (a deletion, a removed group folder): removes that one name; other names of the
+  same file keep their content and times (the shared inode's ctime and link count change,
+  nothing a reader of the other name relies on).
+
+Times from peers: an mtime before 1970 or beyond 2262 is refused (`invalid`); one beyond now +
+max_future_seconds (cluster.max_future_seconds) is applied as this node's present, and said
+once an hour per peer. A local agent-info whose mtime lies beyond that bound never wins
+"newest keepalive wins": otherwise one report dated 2100 would keep an agent on its sender
+forever.
+
 States returned per name: "synchronized", "failed" (an I/O error, a full disk, a checksum
 mismatch: retrying may work, the old file is intact) and "invalid" (refused by the rules:
 retrying will not help).
 
-Modification times are compared with a slack of MTIME_SLACK_NS: Python 2.7 sets and reads
-mtimes through floats and utimes(2), which keep about a microsecond, so a 2.7 node reads back
-a slightly different mtime than it was given; without the slack a full round would re-send
-the same touch forever.
+Modification times are compared with a slack of MTIME_SLACK_NS: Python 2.7 reads mtimes
+through floats, which keep about a microsecond, so a 2.7 node reads back a slightly different
+mtime than it was given; without the slack a full round would re-send the same touch forever.
 """
 from __future__ import absolute_import, division, print_function
 
-import binascii
 import collections
 import errno
 import hashlib
@@ -41,9 +61,10 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import compat, fsops
+from wazuh_cluster import compat, fsops, paths, peertimes, staging
 from wazuh_cluster.errors import PathRefused, TransferError
-from wazuh_cluster.pathrules import MAX_COMPONENT, MTIME_SLACK_NS, ROLES, escape, locate
+from wazuh_cluster.pathrules import (MTIME_SLACK_NS, ROLES, TEMP_PATTERN, check_mtime,
+                                     clamp_mtime, escape, in_future, locate)
 
 SYNCHRONIZED = "synchronized"
 FAILED = "failed"
@@ -53,9 +74,6 @@ LOG_DETAIL_LINES = 20
 FSYNC_EACH_UP_TO = 8
 
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
-# .NAME.RANDOM.tmp; NAME may be cut short so that the whole name fits in MAX_COMPONENT.
-_TEMP_RE = re.compile(u"^\\.(.+)\\.[0-9a-f]{12}\\.tmp$")
-_TEMP_OVERHEAD = len(".") + len(".") + 12 + len(".tmp")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -78,20 +96,6 @@ class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mt
         return super(Incoming, cls).__new__(cls, name, data, sha256, mtime_ns, meta_only)
 
 
-# -- temporary files ---------------------------------------------------------------------------
-
-def _temp_name(base):
-    random = binascii.hexlify(os.urandom(6)).decode("ascii")
-    return "." + base[:MAX_COMPONENT - _TEMP_OVERHEAD] + "." + random + ".tmp"
-
-
-def _temp_of(stem, base):
-    """True when a temporary file's stem is `base`, or `base` cut short by _temp_name."""
-    if stem == base:
-        return True
-    return len(stem) == MAX_COMPONENT - _TEMP_OVERHEAD and base.startswith(stem)
-
-
 # -- the receiver -----------------------------------------------------------------------------
 
 class Receiver(object):
@@ -105,20 +109,29 @@ class Receiver(object):
     same agent the newest keepalive wins, and an older one is answered `synchronized` without
     writing (the master's copy is the better one; nothing to retry).
 
+    `staging_dir` is where temporary files are written (default PREFIX/queue/cluster-staging,
+    see staging.py). `max_future_seconds` bounds how far ahead of `clock()` (epoch seconds) a
+    peer's mtime may be (see the module docstring).
+
     Thread-safe: batches are applied one at a time (on the master several client sessions
     may report the same agent; "newest wins" needs its check and its rename together).
     """
 
-    def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None):
+    def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None,
+                 staging_dir=None, max_future_seconds=peertimes.DEFAULT_MAX_FUTURE_SECONDS,
+                 clock=time.time):
         if role not in ROLES:
             raise ValueError("role must be 'master' or 'client'")
         self.home = compat.native_str(os.path.abspath(home))
         self.items = tuple(items)
-        self.exclude = tuple(compat.to_text(p) for p in exclude)
+        # Our own temporary names are never a file to synchronise, whatever the items table says.
+        self.exclude = tuple(compat.to_text(p) for p in exclude) + (compat.to_text(TEMP_PATTERN),)
         self.log = log
         self.owner_gid = owner_gid
         self.role = role
         self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
+        self.staging = staging.Staging(staging_dir or paths.Paths(home).staging_dir, log)
+        self.times = peertimes.FutureTimes(log, max_future_seconds, clock)
         self._lock = threading.Lock()
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None):
@@ -135,7 +148,8 @@ class Receiver(object):
         reasons: {name: one-line reason} for every name not simply applied (failed, invalid,
             and an agent-info kept because the local one is newer).
         Order: folders removed, files deleted, files written. Refused and failed names are
-        logged here (at most LOG_DETAIL_LINES lines and a count per batch).
+        logged here (at most LOG_DETAIL_LINES lines and a count per batch), mtimes clamped
+        once an hour per peer.
         """
         with self._lock:
             sender = sender_role or ("client" if self.role == "master" else "master")
@@ -172,79 +186,21 @@ class Receiver(object):
         return batch.states, batch.reasons
 
     def cleanup_temp_files(self):
-        """Remove our leftover `.NAME.RANDOM.tmp` files under every item; return the count.
+        """Remove every leftover temporary file (staging.Staging.cleanup); return the count.
 
         Call it at start, before any batch: a batch in progress owns such files.
         """
-        removed = 0
-        for item in self.items:
-            parts = [compat.native_str(p) for p in item.path.split("/")]
-            if item.kind == "file":
-                folder, only, deep = parts[:-1], parts[-1], False
-            else:
-                folder, only, deep = parts, None, item.recursive
-            path = self._existing_folder(folder)
-            if path is not None:
-                removed += self._clean_folder(path, only, deep)
+        with self._lock:
+            removed = self.staging.cleanup(self.home, self.items)
         if removed:
             self.log.info("removed %d leftover temporary files", removed)
         return removed
 
-    # -- helpers shared with _Batch -----------------------------------------------------------
-
-    def _existing_folder(self, parts):
-        """Path of home/parts when every component is a real folder (no symlink), else None."""
-        path = self.home
-        for part in parts:
-            path = os.path.join(path, part)
-            try:
-                if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    return None
-            except OSError:
-                return None
-        return path
-
-    def _clean_folder(self, path, only, deep):
-        """Remove our temporary files in `path` (and below when `deep`).
-
-        Entries are taken one at a time and a name is matched before anything is stat-ed:
-        queue/agent-info may hold 100 000 files, and listing them all with their stat results
-        at start would double the daemon's memory.
-        """
-        removed = 0
-        try:
-            entries = compat.scandir(path)
-        except OSError as exc:
-            self.log.warning("cannot list %s: %s", escape(path), fsops.why(exc))
-            return 0
-        for entry in entries:
-            match = _TEMP_RE.match(compat.to_text(entry.name, errors="replace"))
-            if match is None:
-                if deep and self._is_folder(entry):
-                    removed += self._clean_folder(entry.path, only, deep)
-                continue
-            if only is not None and not _temp_of(match.group(1), compat.to_text(only)):
-                continue
-            try:
-                if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-                    continue
-                os.unlink(entry.path)
-                removed += 1
-            except OSError as exc:
-                if exc.errno not in fsops.GONE:
-                    self.log.warning("cannot remove %s: %s", escape(entry.path), fsops.why(exc))
-        return removed
-
-    @staticmethod
-    def _is_folder(entry):
-        try:
-            return entry.is_dir(follow_symlinks=False)
-        except OSError:
-            return False
-
     def _report(self, batch, peer):
         bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
         sender = batch.sender if peer is None else "%s %s" % (batch.sender, escape(peer))
+        if batch.clamped:
+            self.times.tell(sender, batch.clamped, batch.clamp_example)
         for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
             word = "refused" if state == INVALID else "failed to apply"
             self.log.warning("%s %s from %s: %s", word, escape(name), sender,
@@ -254,8 +210,10 @@ class Receiver(object):
                              len(bad) - LOG_DETAIL_LINES)
 
 
-class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev"))):
-    """A file waiting for the flush: temp is None for a meta-only (mtime) update."""
+class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev",
+                                                 "staged"))):
+    """A file waiting for the flush: temp is None for a meta-only (mtime) update done in
+    place; `staged` is True when temp is in the staging folder (not next to the target)."""
     __slots__ = ()
 
 
@@ -277,6 +235,10 @@ class _Batch(object):
             expected <= FSYNC_EACH_UP_TO else 0
         self.unflushed = {}    # st_dev -> a folder on it: written, waiting for syncfs
         self.as_root = _running_as_root(receiver.owner_gid)
+        self.now_ns = receiver.times.now_ns()
+        self.clamped = 0       # mtimes beyond now + max_future_ns, applied as now
+        self.clamp_example = None
+        self.staging_checked = False
 
     def run(self, name, action, arg):
         key = name if isinstance(name, compat.string_types) else escape(name)
@@ -342,10 +304,15 @@ class _Batch(object):
             if exc.errno != errno.EEXIST:
                 raise
             return os.lstat(path)  # raced with another writer: checked by the caller
-        os.chmod(path, item.dir_mode)  # the umask narrowed mkdir's mode
-        if self.as_root:
-            os.chown(path, -1, self.rx.owner_gid)
-        return os.lstat(path)
+        # By descriptor: a name swapped for a symlink meanwhile is not followed (ELOOP).
+        fd = fsops.open_folder(path)
+        try:
+            os.fchmod(fd, item.dir_mode)  # the umask narrowed mkdir's mode
+            if self.as_root:
+                os.fchown(fd, -1, self.rx.owner_gid)
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def _target(self, parts, item, create):
         """(folder path, dev, target path, lstat of the target or None)."""
@@ -412,47 +379,74 @@ class _Batch(object):
         sha = _check_fields(incoming)
         if not incoming.meta_only and hashlib.sha256(incoming.data).hexdigest() != sha:
             raise TransferError("checksum mismatch")
+        mtime_ns = self._sane_mtime(name, incoming.mtime_ns)
         folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
-        if (st is not None and self.rx.newer_only and item.mtime_is_data
-                and incoming.mtime_ns <= compat.stat_mtime_ns(st) + MTIME_SLACK_NS):
-            self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
-            return
+        if st is not None and self.rx.newer_only and item.mtime_is_data:
+            local_ns = compat.stat_mtime_ns(st)
+            # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
+            if mtime_ns <= local_ns + MTIME_SLACK_NS and \
+                    not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
+                self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
+                return
+        where = (folder, dev)
         if incoming.meta_only:
             if st is None:
                 raise TransferError("meta-only update of a file we do not have")
-            temp = self._touch((folder, dev), parts[-1], target, sha, incoming.mtime_ns, item)
+            entry = self._touch(where, parts[-1], target, sha, mtime_ns, item)
         else:
-            temp = self._write_temp((folder, dev), parts[-1], incoming.mtime_ns, item,
-                                    fsops.write_all, incoming.data)
-        self.staged.append(_Staged(name, temp, target, folder, dev))
+            entry = self._write_temp(where, parts[-1], mtime_ns, item, fsops.write_all,
+                                     incoming.data)
+        temp, staged = entry
+        self.staged.append(_Staged(name, temp, target, folder, dev, staged))
         self._set(name, SYNCHRONIZED)
 
+    def _sane_mtime(self, name, mtime_ns):
+        """The mtime to apply: a time beyond now + the allowed slack becomes now."""
+        applied, clamped = clamp_mtime(mtime_ns, self.now_ns, self.rx.times.max_future_ns)
+        if clamped:
+            self.clamped += 1
+            if self.clamp_example is None:
+                self.clamp_example = (name, mtime_ns)
+        return applied
+
     def _touch(self, where, base, target, sha, mtime_ns, item):
-        """Set the mtime of a file whose content is the sender's; a temp file path or None."""
+        """Give the sender's mtime to a file whose content is the sender's.
+
+        Returns (temp path or None when set in place, staged flag). In place only on a file
+        with a single name and by descriptor (see "Hard links" in the module docstring).
+        """
         fd = os.open(target, _READ_FLAGS)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise PathRefused("target is not a regular file")
-            if fsops.sha256_of_fd(fd) != sha:
-                raise TransferError("meta-only update but the local content differs")
-            try:
-                fsops.set_mtime(fd, target, mtime_ns)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EACCES):
-                    raise
+            if st.st_nlink == 1 and fsops.utime_by_fd():
+                if fsops.sha256_of_fd(fd) != sha:
+                    raise TransferError("meta-only update but the local content differs")
+                try:
+                    fsops.set_mtime(fd, None, mtime_ns)
+                    self._make_durable(fd, where)
+                    return None, False
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EACCES):
+                        raise
                 # Another user's file (Wazuh's remoted writes agent-info as ossecr): only
                 # its owner may set its times, so a copy with the new mtime replaces it.
                 os.lseek(fd, 0, os.SEEK_SET)
-                return self._write_temp(where, base, mtime_ns, item, fsops.copy_fd, fd)
-            self._make_durable(fd, where)
-            return None
+            return self._write_temp(where, base, mtime_ns, item, _copy_checked(sha), fd)
         finally:
             os.close(fd)
 
     def _write_temp(self, where, base, mtime_ns, item, fill, source):
-        """A complete temporary file next to the target: fill(fd, source) writes the data."""
-        temp = os.path.join(where[0], compat.native_str(_temp_name(base)))
-        fd = os.open(temp, _TEMP_FLAGS, 0o600)
+        """A complete temporary file for the target: fill(fd, source) writes the data.
+
+        Returns (its path, True when in the staging folder).
+        """
+        if not self.staging_checked:  # once a batch, when it first writes a file
+            self.rx.staging.check()
+            self.staging_checked = True
+        temp, staged = self.rx.staging.temp_path(where[0], where[1], base)
+        fd = self._create(temp, staged)
         try:
             fill(fd, source)
             os.fchmod(fd, item.mode)
@@ -465,7 +459,20 @@ class _Batch(object):
             _unlink_quietly(temp)
             raise
         os.close(fd)
-        return temp
+        return temp, staged
+
+    def _create(self, temp, staged):
+        """Open a new temporary file; an in-place name left over by a crash is replaced."""
+        try:
+            return os.open(temp, _TEMP_FLAGS, 0o600)
+        except OSError as exc:
+            if staged or exc.errno != errno.EEXIST:
+                raise
+        if any(entry.temp == temp for entry in self.staged):
+            raise TransferError("the same file twice in one batch")
+        if not stat.S_ISDIR(os.lstat(temp).st_mode):
+            _unlink_quietly(temp)  # only that name goes, never what a symlink points to
+        return os.open(temp, _TEMP_FLAGS, 0o600)
 
     def _make_durable(self, fd, where):
         """fsync the first FSYNC_EACH_UP_TO files of a batch, leave the rest to one syncfs.
@@ -506,6 +513,10 @@ class _Batch(object):
             try:
                 os.rename(entry.temp, entry.target)
             except OSError as exc:
+                if exc.errno == errno.EXDEV and entry.staged:
+                    # Same st_dev but another mount (a bind mount): written in place from
+                    # now on; this file travels again at the next round.
+                    self.rx.staging.cross_device(entry.folder)
                 self._fail(entry, "rename failed: %s" % fsops.why(exc))
                 continue
             self.touched.setdefault(entry.folder, []).append(entry.name)
@@ -560,12 +571,18 @@ def _check_fields(incoming):
         sha = sha.decode("ascii", "replace")
     if not isinstance(sha, compat.text_type) or not _HEX64.match(sha.lower()):
         raise PathRefused("bad sha256 field")
-    mtime = incoming.mtime_ns
-    if isinstance(mtime, bool) or not isinstance(mtime, compat.integer_types) or mtime < 0:
-        raise PathRefused("bad mtime_ns field")
+    check_mtime(incoming.mtime_ns)
     if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
+
+
+def _copy_checked(sha):
+    """A fill function for _write_temp: copy a descriptor, which must hash to `sha`."""
+    def fill(fd, source):
+        if fsops.copy_fd(fd, source) != sha:
+            raise TransferError("meta-only update but the local content differs")
+    return fill
 
 
 def _unlink_quietly(path):

@@ -39,6 +39,7 @@ import struct
 import time
 
 from wazuh_cluster import compat
+from wazuh_cluster.pathrules import TEMP_PATTERN
 
 # Files modified this close to the moment we hash them are hashed again later (see above).
 RACY_NS = 2 * 10 ** 9
@@ -145,7 +146,8 @@ class Scanner(object):
                  report=None):
         self.home = compat.native_str(home)
         self.items = tuple(items)
-        self.exclude = tuple(compat.native_str(p) for p in exclude_patterns)
+        # The receiver's in-place temporary names (staging.py) are never files of an item.
+        self.exclude = tuple(compat.native_str(p) for p in exclude_patterns) + (TEMP_PATTERN,)
         # One regex for all patterns: 8 fnmatch calls per file cost more than the lstat.
         self._exclude_re = re.compile("|".join(
             "(?:%s)" % fnmatch.translate(p) for p in self.exclude) or "(?!)")

@@ -6,13 +6,17 @@ kept. wazuh-clusterd is killed with SIGKILL (no cleanup at all) at moments chose
 transfer runs: as soon as the receiver's temporary files appear, as soon as the first file has
 been renamed into place, or after a random delay. After each kill every file on the client
 must be entirely its version before or after the round (never a mixture, never anything
-else); after the restart no temporary file may be left and the cluster converges. The same
+else), no temporary name may show in the folders Wazuh's daemons read (the temporary files
+live in queue/cluster-staging); after the restart no temporary file may be left, in the
+staging folder or anywhere else, and the cluster converges. The same
 holds for the master killed while it sends, for the master killed while it applies agent-info
 from its client, and for wazuh-clusterd-internal killed on either side (its supervisor
 restarts it and the synchronisation goes on).
 
 The full-disk case mounts a 1 MiB tmpfs over the client's etc/shared. That needs root and a
 private mount namespace (tests/run provides one); otherwise it is skipped with the reason.
+There etc/shared is not on the staging folder's file system: its temporary files carry Wazuh
+3.0's in-place name, NAME.tmp.cluster, and must be gone just the same.
 Every wait polls a condition with a bound; a failing test prints the nodes' logs.
 """
 from __future__ import absolute_import, division, print_function
@@ -175,30 +179,50 @@ def no_leftovers(node, parts=("etc/shared", "etc", "queue/agent-groups"), what="
         raise AssertionError(node.explain("%s: %s" % (err, temp_files(node, parts)[:5])))
 
 
+STAGING = ("queue", "cluster-staging")
+
+
+def temporary_name(name):
+    """A name the receiver gives temporary files where no staging folder serves (3.0's
+    NAME.tmp.cluster), or gave them before it had one (.NAME.RANDOM.tmp)."""
+    return name.endswith(".tmp.cluster") or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def temp_files(node, parts=("etc/shared", "etc", "queue/agent-groups")):
-    """The receiver's leftover `.NAME.RANDOM.tmp` files under these folders (recursive)."""
-    found = []
+    """The receiver's temporary files: in its staging folder, or under these folders."""
+    found = staged_files(node)
     for part in parts:
         top = node.path(*part.split("/"))
         recursive = part == "etc/shared"
         for folder, dirs, files in os.walk(top):
-            found.extend(os.path.join(folder, f) for f in files
-                         if f.startswith(".") and f.endswith(".tmp"))
+            found.extend(os.path.join(folder, f) for f in files if temporary_name(f))
             if not recursive:
                 del dirs[:]
     return found
 
 
+def staged_files(node):
+    try:
+        return [node.path(*(STAGING + (name,))) for name in os.listdir(node.path(*STAGING))]
+    except OSError:
+        return []
+
+
 def quick_temp_seen(node):
-    """Cheap poll (group folders, agent-info): does a temporary file exist right now?"""
-    for folder in [("etc", "shared", g) for g in GROUPS] + [("queue", "agent-info")]:
+    """Cheap poll: does a temporary file of a transfer exist right now?"""
+    return bool(staged_files(node))
+
+
+def misread_names(node):
+    """Temporary names in the folders Wazuh's daemons read (SPEC section 11): must be none."""
+    found = []
+    for folder in [("etc", "shared", g) for g in GROUPS] + [("queue", "agent-info"),
+                                                             ("queue", "agent-groups")]:
         try:
-            names = os.listdir(node.path(*folder))
+            found.extend(n for n in os.listdir(node.path(*folder)) if temporary_name(n))
         except OSError:
             continue
-        if any(n.startswith(".") and n.endswith(".tmp") for n in names):
-            return True
-    return False
+    return found
 
 
 def inodes(node, names):
@@ -256,6 +280,9 @@ def kill_during_transfer(victim, receiver, changed_before, trigger, rng, start_d
         action()
     else:
         kill_hard(victim)
+    misread = misread_names(receiver)
+    assert not misread, receiver.explain("temporary names where Wazuh reads names: %s"
+                                         % misread[:5])
     return seen_temp, len(renamed(receiver, changed_before))
 
 
@@ -342,6 +369,34 @@ def test_master_killed_while_sending_leaves_clients_whole_and_converges(big_pair
     print("master rounds killed mid-transfer: %d of %d" % (mid_transfer, MASTER_ROUNDS))
     no_leftovers(client)
     no_leftovers(master)
+
+
+def test_leftovers_of_a_crash_are_removed_at_start_and_nothing_else(make_node):
+    """What a SIGKILL leaves (files in the staging folder, in-place NAME.tmp.cluster files,
+    .NAME.RANDOM.tmp files of older versions) goes when wazuh-clusterd starts."""
+    master, client = _pair(make_node)
+    put(master, "queue/agent-groups/001", u"web")
+    put(master, "etc/shared/default/agent.conf", u"<agent_config/>\n")
+    master.start()
+    client.start()
+    converge([master, client])
+    kill_hard(client)
+    leftovers = ["queue/cluster-staging/001.0123456789ab.tmp",
+                 "queue/cluster-staging/agent.conf.abcdefabcdef.tmp",
+                 "queue/agent-groups/002.tmp.cluster",
+                 "etc/shared/default/agent.conf.tmp.cluster",
+                 "etc/client.keys.tmp.cluster",
+                 "etc/shared/default/.agent.conf.0123456789ab.tmp"]
+    kept = ["queue/agent-groups/001", "queue/rids/001.tmp.cluster"]
+    for rel in leftovers + kept[1:]:
+        put(client, rel, u"half written")
+    client.start()
+    wait_for(lambda: not [rel for rel in leftovers
+                          if os.path.lexists(client.path(*rel.split("/")))], 15,
+             what="the crash's leftovers removed on %s" % client.name)
+    assert all(os.path.exists(client.path(*rel.split("/"))) for rel in kept)
+    client.wait_log(r"Removed %d temporary file" % len(leftovers))
+    converge([master, client])
 
 
 def test_internal_daemon_killed_during_transfers_is_restarted_and_sync_goes_on(big_pair):
