@@ -25,6 +25,10 @@ Error = sqlite3.Error
 CONNECT_TIMEOUT = 30.0
 # SQLite before 3.32 allows at most 999 bound parameters per statement.
 _CHUNK = 500
+# "invalid" rows kept per node: the names a peer sent that we refused. A peer chooses them,
+# as many as it likes; beyond this many the oldest go, so that one insider cannot grow the
+# database (the refusals are in the log as well, bounded per batch).
+MAX_INVALID_PER_NODE = 1000
 
 # Each migration takes the schema from version N-1 to N, inside one transaction.
 # Version 1 is the 3.0-like core (files and node/file/state rows); version 2 adds deletion
@@ -270,18 +274,35 @@ class ClusterDB(object):
     # -- node / file / state rows -------------------------------------------------------------
 
     def set_states(self, rows):
-        """Store [node, file, state] rows in one transaction; returns how many."""
+        """Store [node, file, state] rows in one transaction; returns how many.
+
+        A node keeps at most MAX_INVALID_PER_NODE "invalid" rows: the oldest go first.
+        """
         now = self._wall()
         clean = []
+        refused = set()
         for row in rows:
             node, name, state = row
             if state not in STATES:
                 raise ValueError("state %r is not one of %s" % (state, ", ".join(STATES)))
             clean.append((node, name, state, now))
+            if state == "invalid":
+                refused.add(node)
         with self.transaction() as conn:
             conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
                              " VALUES (?, ?, ?, ?)", clean)
+            for node in refused:
+                self._trim_invalid(conn, node)
         return len(clean)
+
+    def _trim_invalid(self, conn, node):
+        count = conn.execute("SELECT COUNT(*) FROM states WHERE node = ? AND state = 'invalid'",
+                             (node,)).fetchone()[0]
+        if count > MAX_INVALID_PER_NODE:
+            # INSERT OR REPLACE gives a replaced row a new rowid: rowid orders the ties.
+            conn.execute("DELETE FROM states WHERE rowid IN (SELECT rowid FROM states"
+                         " WHERE node = ? AND state = 'invalid' ORDER BY updated, rowid"
+                         " LIMIT ?)", (node, count - MAX_INVALID_PER_NODE))
 
     def mark_pending(self, nodes, names):
         """Every (node, file) pair becomes pending; returns the number of rows written."""

@@ -14,7 +14,7 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive
+from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive, staterows
 from wazuh_cluster.errors import RequestError
 
 HELD_KEY = "held_client_keys"
@@ -186,9 +186,10 @@ class Inbox(object):
             if before is not None and states.get(self.keys_name) == "synchronized":
                 self.drop_agents(before, self.read_keys())
         states.update(refused)
-        invalid = [[peer, name, "invalid"] for name, state in states.items() if state == "invalid"]
-        if invalid:
-            self.link.call("set_states", {"rows": invalid})
+        # Names the peer chose: escaped, cut and bounded in number (see staterows).
+        invalid = dict((name, state) for name, state in states.items() if state == "invalid")
+        for request in staterows.requests(staterows.rows(peer, invalid)):
+            self.link.call("set_states", request)
         if self.cfg.is_master and self.info_dir:
             self.record_agents(peer, states, reasons)
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
