@@ -21,7 +21,7 @@ from harness import (base_install, make_node, new_address, python,  # noqa: F401
 from test_crash import converge  # race-free while daemons delete files
 from test_sync import FAST, KEYS, agent_info, put
 
-from wazuh_cluster import compat, peers
+from wazuh_cluster import compat, peers, staterows
 from wazuh_cluster.errors import RequestError
 
 SYNC_WAIT = 20.0
@@ -92,7 +92,8 @@ def invalid_recorded(master, names):
         return False
     finally:
         conn.close()
-    return all(rows.get(compat.to_text(n)) == "invalid" for n in names)
+    # A name outside the rules is stored escaped and cut (staterows).
+    return all(rows.get(staterows.stored_name(compat.to_text(n))) == "invalid" for n in names)
 
 
 def snapshot(prefix):
