@@ -244,6 +244,7 @@ class PeerSync(object):
             del theirs
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
+        self.forget_unknown(states, delete + dirs)
         marks.append(self.clock())
         self.record(states)
         marks.append(self.clock())
@@ -348,6 +349,17 @@ class PeerSync(object):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
         # Only the names of this batch: the peer's answer must not add rows of its choosing.
         return dict((name, states[name]) for name in batch.names() if name in states)
+
+    def forget_unknown(self, states, extra):
+        """Leave out the outcome of deleting names that only the peer's manifest listed,
+        unless we had them pending for it (a file we deleted): a peer listing a million
+        names must not add a million rows to our database."""
+        if not extra:
+            return
+        pending = set(self.link.call("pending", {"node": self.peer})["files"])
+        for name in extra:
+            if name not in pending:
+                states.pop(name, None)
 
     def record(self, states):
         for request in staterows.requests(staterows.rows(self.peer, states)):

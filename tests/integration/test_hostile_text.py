@@ -111,19 +111,27 @@ class RogueClient(object):
     def __init__(self):
         self.manifest_error = False
         self.asked = threading.Event()
+        self.deleted = threading.Event()
 
     def sync_manifest(self, session, args, data):
         if self.manifest_error:
             raise RequestError(EVIL, "bad\ncode\x1b")
-        return {"files": {}}, b""
+        # Thousands of files the master never had, for it to delete.
+        entry = {"sha256": "0" * 64, "size": 1, "mtime_ns": 1, "mode": 0o640,
+                 "item": "shared"}
+        files = dict((u"etc/shared/drift%d/f%d" % (n % 100, n), entry) for n in range(3000))
+        return {"files": files}, b""
 
     def sync_files(self, session, args, data):
         # The real names answered, and thousands it was never asked about.
-        names = [f.get("name") for f in args.get("files", []) + args.get("meta", [])]
+        names = [f.get("name") for f in args.get("files", []) + args.get("meta", [])] + \
+            args.get("delete", []) + args.get("delete_dirs", [])
         states = dict((n, "synchronized") for n in names if n)
         states.update((u"bogus/%d\n%s" % (n, FORGED), "synchronized") for n in range(3000))
         states[u"bogus/" + u"b" * (1 << 20)] = "failed"
         self.asked.set()
+        if args.get("delete"):
+            self.deleted.set()
         return {"states": states}, b""
 
     def handlers(self):
@@ -225,7 +233,8 @@ def test_refused_names_are_bounded_and_a_peers_answer_adds_no_rows(rogue):
     assert handlers.asked.wait(WAIT), master.explain("the master sent nothing to the rogue")
     wait_for(lambda: rows(master, ROGUE).get(u"etc/client.keys") == "synchronized", WAIT,
              what="the master's record of its round with the rogue")
-    assert not [n for n in rows(master, ROGUE) if n.startswith(u"bogus/")]
+    assert handlers.deleted.wait(WAIT), master.explain("the master deleted nothing")
+    assert not [n for n in rows(master, ROGUE) if n.startswith((u"bogus/", u"etc/shared/drift"))]
     # Thousands of refused names, then a 1 MiB one with a tracer: the tracer's row proves
     # that the request to the internal daemon went through.
     batches = 4
