@@ -218,6 +218,29 @@ def test_invalid_rows_per_node_are_bounded_oldest_first(folder):
     assert "big-00009" not in kept and "big-00010" in kept
 
 
+def test_invalid_rows_of_all_nodes_are_bounded_too(folder, monkeypatch):
+    """An insider may connect under ever new names: the total is bounded as well."""
+    monkeypatch.setattr(dbmod, "MAX_INVALID_PER_NODE", 10)
+    monkeypatch.setattr(dbmod, "MAX_INVALID_TOTAL", 50)
+    clock = [1000.0]
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: clock[0])
+    db.set_states([["real", "etc/shared/a", "synchronized"]])
+    totals = []
+    for node in range(30):
+        clock[0] += 1
+        db.set_states([["name%02d" % node, "bad-%d" % n, "invalid"] for n in range(10)])
+        totals.append(sum(c.get("invalid", 0) for c in db.state_counts().values()))
+    assert max(totals) <= 50 and totals[-1] >= 45
+    counts = db.state_counts()
+    assert counts["real"] == {"synchronized": 1}
+    assert counts["name29"] == {"invalid": 10} and "name00" not in counts  # oldest first
+    # A fresh connection (a restarted internal daemon) counts again before it trusts itself.
+    db.close()
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: clock[0])
+    db.set_states([["late", "bad-%d" % n, "invalid"] for n in range(10)])
+    assert sum(c.get("invalid", 0) for c in db.state_counts().values()) <= 50
+
+
 def test_one_transaction_per_batch_rolls_back_entirely(folder):
     db = open_db(folder)
     with pytest.raises(ValueError):
