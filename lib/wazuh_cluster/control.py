@@ -127,7 +127,7 @@ def yes_no(value):
 def pick(rows, keys):
     """Rows reduced to the documented keys (stable JSON, whatever else the daemon sends)."""
     return [collections.OrderedDict((k, row.get(k, d)) for k, d in keys)
-            for row in rows or [] if isinstance(row, dict)]
+            for row in (rows if isinstance(rows, list) else []) if isinstance(row, dict)]
 
 
 def id_order(agent):

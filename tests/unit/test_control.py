@@ -480,6 +480,14 @@ def test_json_stays_exact_and_ascii(home, daemon, option):
     assert EVIL in [row[field] for row in data[key]]
 
 
+@pytest.mark.parametrize("option,command,key", [("-n", "nodes", "nodes"),
+                                                ("-a", "agents", "agents"),
+                                                ("-i", "health", "nodes")])
+def test_a_malformed_relayed_answer_shows_an_empty_table(home, daemon, option, command, key):
+    daemon.results[command] = {key: 5, "held": "x"}
+    assert len(terminal_safe(ok(home, option)).rstrip(u"\n").split(u"\n")) == 1
+
+
 def test_an_error_message_from_the_daemon_is_escaped(home, daemon):
     daemon.errors["nodes"] = ("unreachable", u"master said \x1b[2J" + EVIL)
     err = fails(home, "-n")
