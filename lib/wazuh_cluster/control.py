@@ -97,8 +97,7 @@ def cell_text(value):
 
 
 def _number(value):
-    return isinstance(value, (int, float) + compat.integer_types) and \
-        not isinstance(value, bool)
+    return isinstance(value, compat.integer_types + (float,)) and not isinstance(value, bool)
 
 
 def when(epoch):
