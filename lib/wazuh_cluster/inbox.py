@@ -14,7 +14,7 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive, staterows
+from wazuh_cluster import agents, compat, logs, protocol, receive, staterows
 from wazuh_cluster.errors import RequestError
 
 HELD_KEY = "held_client_keys"
@@ -147,9 +147,10 @@ class Inbox(object):
             if not isinstance(names, list) or not all(isinstance(n, compat.string_types)
                                                       for n in names):
                 raise _bad("'names' must be a list of names")
-            # No file of ours has a longer name; a huge one must not reach the internal
-            # daemon's bounded requests.
-            names = [n for n in names if len(n) <= pathrules.MAX_PATH]
+            # No file we send has a longer name or another character; a huge one, or one that
+            # JSON writes six times longer (\u0000), must not overflow the internal daemon's
+            # bounded requests.
+            names = [n for n in names if staterows.is_plain(n)]
         if args.get("manifest_in_data") is not True:
             files = {}
             for query in manifest_queries(source, names, False):

@@ -22,12 +22,16 @@ REQUEST_BYTES = 256 << 10
 STATES = db.STATES
 
 
+def is_plain(name):
+    """True for text of printable ASCII without backslash, at most pathrules.MAX_PATH long:
+    every valid name is, and JSON writes it in at most twice its length."""
+    return isinstance(name, compat.string_types) and len(name) <= pathrules.MAX_PATH and \
+        text.is_printable(name) and u"\\" not in compat.to_text(name, errors="replace")
+
+
 def stored_name(name):
     """`name` as the states table holds it (see the module doc)."""
-    if isinstance(name, compat.string_types) and len(name) <= pathrules.MAX_PATH and \
-            text.is_printable(name) and u"\\" not in compat.to_text(name, errors="replace"):
-        return compat.to_text(name)
-    return text.printable(name, NAME_LIMIT)
+    return compat.to_text(name) if is_plain(name) else text.printable(name, NAME_LIMIT)
 
 
 def rows(node, states):

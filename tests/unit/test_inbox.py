@@ -54,6 +54,9 @@ FILES = dict(("queue/agent-info/agent%05d-any" % i, entry(i)) for i in range(300
 @pytest.mark.parametrize("in_data", [False, True])
 @pytest.mark.parametrize("names", [None, [], sorted(FILES)[:7] + ["queue/agent-info/nope"],
                                    ["queue/agent-info/" + "x" * (1 << 20)] + sorted(FILES)[:2],
+                                   # JSON writes these six times longer (\u0000)
+                                   ["queue/agent-info/%d" % i + u"\x00" * 900
+                                    for i in range(20)] + sorted(FILES)[:2],
                                    sorted(FILES) + ["queue/agent-info/nope"]])
 def test_the_answer_is_the_asked_part_of_the_manifest_either_way(monkeypatch, names, in_data):
     monkeypatch.setattr(inbox, "NAMES_BYTES_PER_QUERY", 1000)  # several slices for 300 names
