@@ -300,5 +300,5 @@ class Inbox(object):
         rows = [[posixpath.basename(name), peer] for name, state in states.items()
                 if state == "synchronized" and name not in reasons
                 and posixpath.dirname(name) == self.info_dir]
-        if rows:
-            self.link.call("agent_nodes", {"rows": rows})
+        for request in staterows.requests(rows):  # a batch may hold many: stay under
+            self.link.call("agent_nodes", request)  # localsock.MAX_MESSAGE

@@ -56,7 +56,8 @@ def _order(name):
 
 
 def requests(all_rows, budget=REQUEST_BYTES):
-    """set_states arguments {"rows": [...]} of at most `budget` bytes of JSON each.
+    """Arguments {"rows": [...]} of at most `budget` bytes of JSON each (set_states, and
+    agent_nodes: rows of plain text values).
 
     Stored names and node names are printable ASCII, which JSON writes in at most twice
     their length (a quote or backslash gains one backslash).
