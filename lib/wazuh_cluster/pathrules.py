@@ -19,7 +19,8 @@ MAX_PATH = 1024
 MTIME_SLACK_NS = 2000
 ESCAPE_MAX = 160
 
-_GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
+# \Z, not $: "$" also matches before a final newline ("x\n" would pass).
+_GOOD_NAME = re.compile(u"\\A[\\x20-\\x5b\\x5d-\\x7e]+\\Z")
 
 
 # -- names ------------------------------------------------------------------------------------

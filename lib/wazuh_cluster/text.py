@@ -28,7 +28,8 @@ from wazuh_cluster import compat
 DEFAULT_LIMIT = 160
 # A reason or an error message from a peer: long enough for any of ours.
 REASON_LIMIT = 256
-VERSION_RE = re.compile(u"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,31}$")
+# \Z, not $: "$" also matches before a final newline.
+VERSION_RE = re.compile(u"\\A[A-Za-z0-9][A-Za-z0-9._+~-]{0,31}\\Z")
 # Not in VERSION_RE's alphabet: no peer can send a version that reads like this marker.
 INVALID_VERSION = u"(invalid)"
 

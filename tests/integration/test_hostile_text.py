@@ -40,6 +40,7 @@ LINE = re.compile(r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} wazuh-clusterd: "
                   r"(DEBUG|INFO|WARNING|ERROR|CRITICAL): [\x20-\x7e]*$")
 HOSTILE_NAMES = [
     u"queue/agent-info/x\n" + FORGED,
+    u"queue/agent-info/web01-any\n",  # "$" of a regex matches before a final newline
     u"queue/agent-info/esc\x1b[31m\x1b]0;owned\x07-any",
     u"queue/agent-info/cr\rnul\x00-any",
     u"queue/agent-info/\u202ebidi\u00e9-any",

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from wazuh_cluster import db, localsock, pathrules, staterows, text
+from wazuh_cluster.errors import PathRefused
 
 HOSTILE = [
     u"line\n2031/01/01 00:00:00 wazuh-clusterd: ERROR: forged",
@@ -64,7 +65,7 @@ def test_versions_in_the_alphabet_are_kept(version):
 @pytest.mark.parametrize("version", [u"3.0.0\n2031/01/01 00:00:00 x: ERROR: forged",
                                      u"3.0\x1b[2J", u"3.0 beta", u"", u"-3", u"A" * 33,
                                      u"3.0.\u00e9", u"x" * (1 << 20), 3, [u"3.0"],
-                                     u"(invalid)"])
+                                     u"(invalid)", u"3.0.0\n"])
 def test_versions_outside_the_alphabet_are_marked_invalid(version):
     assert text.peer_version(version) == text.INVALID_VERSION
 
@@ -114,3 +115,11 @@ def test_requests_stay_far_below_the_internal_daemons_limit():
         assert size <= staterows.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
         total += len(request["rows"])
     assert total == db.MAX_INVALID_PER_NODE + 3000
+
+
+@pytest.mark.parametrize("name", [u"etc/shared/default/agent.conf\n",
+                                  u"queue/agent-info/web01-any\n", u"etc/client.keys\r\n"])
+def test_a_trailing_newline_does_not_pass_for_a_valid_name(name):
+    with pytest.raises(PathRefused):
+        pathrules.check_name(name)
+    assert not staterows.is_plain(name)
