@@ -7,8 +7,9 @@ million refused names grew var/db/cluster.db. So:
 
 - a name that is not plain (printable ASCII without backslash, at most pathrules.MAX_PATH
   characters) is stored escaped and cut (text.printable, NAME_LIMIT characters). Every valid
-  name is plain, so it is stored as it is; an escaped name holds a backslash and cannot
-  collide with one;
+  name is plain, so it is stored as it is; an escaped name holds a backslash, which no valid
+  name has (a cut one ends in "...(N characters)": it could only meet a valid name spelled
+  so, in the rows of the same peer);
 - a batch sends at most db.MAX_INVALID_PER_NODE "invalid" rows (the database keeps no more
   per node anyway, the oldest going first);
 - rows travel in requests of at most REQUEST_BYTES of JSON, far below MAX_MESSAGE.
