@@ -65,8 +65,12 @@ class Commands(object):
         return session
 
     def ask_master(self, cmd, args):
+        """The master's answer, relayed as it is: cluster_control escapes what it prints (-j
+        stays exact JSON); the session already escaped an error the master sent."""
         result, _ = self.master_session().call("cluster_" + cmd, args,
                                                timeout=self.cfg.options.request_timeout)
+        if not isinstance(result, dict):
+            raise RequestError("the master sent a malformed answer to '%s'" % cmd, "protocol")
         return result
 
     def cluster_wide(self, cmd, args, local):
@@ -139,7 +143,9 @@ class Commands(object):
         result = self.cluster_wide("health", args, self.master_health)
         held = self.node.inbox.held_summary()
         if held:
-            result.setdefault("held", []).append(dict(held, node=self.cfg.node_name))
+            if not isinstance(result.get("held"), list):
+                result["held"] = []
+            result["held"].append(dict(held, node=self.cfg.node_name))
         return result
 
     def master_health(self, args):

@@ -27,6 +27,12 @@ a key the daemon did not send is null, a count it did not send is 0). Times are 
   -s      {"scheduled": bool}
   --confirm-removals  {"removed": [str]}   names of the agents removed
   -V      {"version": str}
+
+Everything the tables show may come from a peer (a node's version, a refused file name, an
+agent's node_name, what the master relays to a client): text output escapes every character
+that is not printable ASCII (text.printable: \\xNN), so no terminal escape or newline gets
+through, and cuts a cell at CELL_LIMIT characters. -j stays exact: json.dumps writes every
+such character as a \\u escape.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -39,7 +45,7 @@ import socket
 import sys
 import time
 
-from wazuh_cluster import __version__, compat, config, localsock, paths
+from wazuh_cluster import __version__, compat, config, localsock, paths, text
 from wazuh_cluster.errors import ConfigError, RequestError
 
 PROG = "cluster_control"
@@ -62,6 +68,8 @@ HEALTH_KEYS = (("node", None), ("type", None), ("connected", False), ("agents", 
                ("pending", 0), ("failed", 0), ("invalid", 0), ("synchronized", 0),
                ("last_sync_ago", None), ("last_sync_ok", None))
 HELD_KEYS = (("node", None), ("message", None), ("since", None))
+# Longest cell of a text table (a file name is at most 1024 characters).
+CELL_LIMIT = 1024
 
 
 class Failure(Exception):
@@ -71,24 +79,43 @@ class Failure(Exception):
 # -- formatting ------------------------------------------------------------------------------
 
 def table(headers, rows):
-    """Left-aligned columns two spaces apart, header first; no trailing blanks."""
-    rows = [[u"-" if cell is None else compat.text_type(cell) for cell in row] for row in rows]
+    """Left-aligned columns two spaces apart, header first; no trailing blanks.
+
+    Cells are escaped (text.printable) before the columns are measured.
+    """
+    rows = [[u"-" if cell is None else cell_text(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
     return [u"  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
             for line in [list(headers)] + rows]
 
 
+def cell_text(value):
+    """A value of the daemon's answer as printable text for a table."""
+    if not isinstance(value, (compat.text_type, compat.binary_type)):
+        value = compat.text_type(value)
+    return text.printable(value, CELL_LIMIT)
+
+
+def _number(value):
+    return isinstance(value, compat.integer_types + (float,)) and not isinstance(value, bool)
+
+
 def when(epoch):
-    """Epoch seconds as local 'YYYY/MM/DD HH:MM:SS'; '-' for None."""
+    """Epoch seconds as local 'YYYY/MM/DD HH:MM:SS'; '-' for None, '?' for what is no time."""
     if epoch is None:
         return u"-"
-    return compat.to_text(time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(epoch)))
+    try:
+        return compat.to_text(time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(epoch)))
+    except (TypeError, ValueError, OverflowError, OSError):  # a master relayed nonsense
+        return u"?"
 
 
 def ago(seconds, ok=None):
     """'12 s ago' ('never' for None), with ' (failed)' when the round did not end clean."""
     if seconds is None:
         return u"never"
+    if not _number(seconds) or seconds != seconds or abs(seconds) > 1e15:
+        return u"?"
     return u"%d s ago%s" % (int(round(seconds)), u" (failed)" if ok is False else u"")
 
 
@@ -99,12 +126,15 @@ def yes_no(value):
 def pick(rows, keys):
     """Rows reduced to the documented keys (stable JSON, whatever else the daemon sends)."""
     return [collections.OrderedDict((k, row.get(k, d)) for k, d in keys)
-            for row in rows or [] if isinstance(row, dict)]
+            for row in (rows if isinstance(rows, list) else []) if isinstance(row, dict)]
 
 
 def id_order(agent):
-    value = agent.get("id") or ""
-    return (0, int(value), value) if value.isdigit() else (1, 0, value)
+    value = agent.get("id") or u""
+    if not isinstance(value, compat.string_types):
+        return (2, 0, compat.text_type(value))
+    ascii_digits = value.isdigit() and text.is_printable(value)  # int(u"\xb2") fails
+    return (0, int(value), value) if ascii_digits else (1, 0, value)
 
 
 # -- per command: request, JSON shape, text ---------------------------------------------------
@@ -346,7 +376,8 @@ def run(options, script, out):
     if options.json:
         emit([compat.to_text(json.dumps(data, indent=2, separators=(",", ": ")))], out)
     else:
-        emit(action.text(data), out)
+        # Cells are escaped already; this catches every other line (held warnings, lists).
+        emit([text.printable(line, None) for line in action.text(data)], out)
     return 0
 
 
@@ -363,7 +394,8 @@ def main(argv=None, script=None, out=None, err=None):
     try:
         return run(options, script, TextOut(out))
     except Failure as exc:
-        err.write(u"%s: %s\n" % (PROG, u" ".join(compat.to_text(exc.args[0]).split())))
+        err.write(u"%s: %s\n" % (PROG, text.printable(u" ".join(
+            compat.to_text(exc.args[0]).split()), CELL_LIMIT)))
         return 1
     except KeyboardInterrupt:
         err.write(u"%s: interrupted\n" % PROG)

@@ -25,6 +25,14 @@ Error = sqlite3.Error
 CONNECT_TIMEOUT = 30.0
 # SQLite before 3.32 allows at most 999 bound parameters per statement.
 _CHUNK = 500
+# "invalid" rows kept per node: the names a peer sent that we refused. A peer chooses them,
+# as many as it likes; beyond this many the oldest go, so that one insider cannot grow the
+# database (the refusals are in the log as well, bounded per batch).
+MAX_INVALID_PER_NODE = 1000
+# ... and in all: an insider may connect under ever new node names. Trimmed down to
+# INVALID_TRIM_TO of it, so that counting them all (a scan of the states index) is rare.
+MAX_INVALID_TOTAL = 10 * MAX_INVALID_PER_NODE
+INVALID_TRIM_TO = 0.9
 
 # Each migration takes the schema from version N-1 to N, inside one transaction.
 # Version 1 is the 3.0-like core (files and node/file/state rows); version 2 adds deletion
@@ -75,6 +83,7 @@ class ClusterDB(object):
         self._wall = wall
         self._conn = None
         self._depth = 0
+        self._invalid_bound = None  # an upper bound of the invalid rows (None: count them)
         self.in_memory = False
         self._open()
 
@@ -270,18 +279,57 @@ class ClusterDB(object):
     # -- node / file / state rows -------------------------------------------------------------
 
     def set_states(self, rows):
-        """Store [node, file, state] rows in one transaction; returns how many."""
+        """Store [node, file, state] rows in one transaction; returns how many.
+
+        A node keeps at most MAX_INVALID_PER_NODE "invalid" rows, all nodes together at most
+        MAX_INVALID_TOTAL: the oldest go first.
+        """
         now = self._wall()
         clean = []
+        refused = {}
         for row in rows:
             node, name, state = row
             if state not in STATES:
                 raise ValueError("state %r is not one of %s" % (state, ", ".join(STATES)))
             clean.append((node, name, state, now))
-        with self.transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
-                             " VALUES (?, ?, ?, ?)", clean)
+            if state == "invalid":
+                refused[node] = refused.get(node, 0) + 1
+        try:
+            with self.transaction() as conn:
+                conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
+                                 " VALUES (?, ?, ?, ?)", clean)
+                for node in refused:
+                    self._trim_invalid(conn, node)
+                if refused:
+                    self._trim_all_invalid(conn, sum(refused.values()))
+        except BaseException:
+            self._invalid_bound = None  # rolled back: count again next time
+            raise
         return len(clean)
+
+    def _trim_invalid(self, conn, node):
+        count = conn.execute("SELECT COUNT(*) FROM states WHERE node = ? AND state = 'invalid'",
+                             (node,)).fetchone()[0]
+        if count > MAX_INVALID_PER_NODE:
+            # INSERT OR REPLACE gives a replaced row a new rowid: rowid orders the ties.
+            conn.execute("DELETE FROM states WHERE rowid IN (SELECT rowid FROM states"
+                         " WHERE node = ? AND state = 'invalid' ORDER BY updated, rowid"
+                         " LIMIT ?)", (node, count - MAX_INVALID_PER_NODE))
+
+    def _trim_all_invalid(self, conn, added):
+        # The bound only grows between counts (rows that stop being invalid are not
+        # subtracted), so it never undercounts.
+        if self._invalid_bound is not None and self._invalid_bound + added <= MAX_INVALID_TOTAL:
+            self._invalid_bound += added
+            return
+        count = conn.execute("SELECT COUNT(*) FROM states WHERE state = 'invalid'").fetchone()[0]
+        if count > MAX_INVALID_TOTAL:
+            keep = int(MAX_INVALID_TOTAL * INVALID_TRIM_TO)
+            conn.execute("DELETE FROM states WHERE rowid IN (SELECT rowid FROM states"
+                         " WHERE state = 'invalid' ORDER BY updated, rowid LIMIT ?)",
+                         (count - keep,))
+            count = keep
+        self._invalid_bound = count
 
     def mark_pending(self, nodes, names):
         """Every (node, file) pair becomes pending; returns the number of rows written."""

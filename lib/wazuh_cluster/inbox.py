@@ -14,7 +14,7 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive
+from wazuh_cluster import agents, compat, logs, protocol, receive, staterows
 from wazuh_cluster.errors import RequestError
 
 HELD_KEY = "held_client_keys"
@@ -148,9 +148,10 @@ class Inbox(object):
             if not isinstance(names, list) or not all(isinstance(n, compat.string_types)
                                                       for n in names):
                 raise _bad("'names' must be a list of names")
-            # No file of ours has a longer name; a huge one must not reach the internal
-            # daemon's bounded requests.
-            names = [n for n in names if len(n) <= pathrules.MAX_PATH]
+            # No file we send has a longer name or another character; a huge one, or one that
+            # JSON writes six times longer (\u0000), must not overflow the internal daemon's
+            # bounded requests.
+            names = [n for n in names if staterows.is_plain(n)]
         if args.get("manifest_in_data") is not True:
             files = {}
             for query in manifest_queries(source, names, False):
@@ -188,9 +189,10 @@ class Inbox(object):
             if before is not None and states.get(self.keys_name) == "synchronized":
                 self.drop_agents(before, self.read_keys())
         states.update(refused)
-        invalid = [[peer, name, "invalid"] for name, state in states.items() if state == "invalid"]
-        if invalid:
-            self.link.call("set_states", {"rows": invalid})
+        # Names the peer chose: escaped, cut and bounded in number (see staterows).
+        invalid = dict((name, state) for name, state in states.items() if state == "invalid")
+        for request in staterows.requests(staterows.rows(peer, invalid)):
+            self.link.call("set_states", request)
         if self.cfg.is_master and self.info_dir:
             self.record_agents(peer, states, reasons)
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
@@ -303,5 +305,5 @@ class Inbox(object):
         rows = [[posixpath.basename(name), peer] for name, state in states.items()
                 if state == "synchronized" and name not in reasons
                 and posixpath.dirname(name) == self.info_dir]
-        if rows:
-            self.link.call("agent_nodes", {"rows": rows})
+        for request in staterows.requests(rows):  # a batch may hold many: stay under
+            self.link.call("agent_nodes", request)  # localsock.MAX_MESSAGE

@@ -1,27 +1,85 @@
-"""OSSEC-style log lines ("YYYY/MM/DD HH:MM:SS DAEMON: LEVEL: message") on logrotate-safe files."""
+"""OSSEC-style log lines ("YYYY/MM/DD HH:MM:SS DAEMON: LEVEL: message") on logrotate-safe files.
+
+One record is one line, always: operators grep these files and feed them to SIEMs, and a peer
+must not be able to forge a line by putting a newline in a name or a reason. So, whatever a
+call site passed (its arguments, an exception's text), the formatter escapes every character
+that is not printable ASCII (text.printable: \\xNN, \\uNNNN) and cuts a message at
+MESSAGE_LIMIT characters. Call sites still escape and bound what a peer sent (text.quote), so
+that the line reads well; this is the second layer that holds when one forgets.
+
+An exception goes on the same line after " | ": its type and text, or at log level 2 its
+whole traceback, one " | "-separated part per traceback line (each escaped), so that a
+traceback is one event too.
+"""
 from __future__ import absolute_import, division, print_function
 
 import logging
 import logging.handlers
 import os
 import sys
+import traceback
+
+from wazuh_cluster import compat, text
 
 LOGGER = "wazuh_cluster"
 LOG_MODE = 0o660
+MESSAGE_LIMIT = 4096
+# Each part of an exception: its text, or one line of a traceback.
+EXCEPTION_LIMIT = 1024
+SEPARATOR = u" | "
 
 
 class OssecFormatter(logging.Formatter):
-    """The line format of Wazuh 3.0's logs; exceptions stay on one line unless debugging."""
+    """The line format of Wazuh 3.0's logs, one escaped line per record (see the module doc)."""
 
     def __init__(self, daemon, tracebacks=False):
-        logging.Formatter.__init__(self, "%(asctime)s " + daemon + ": %(levelname)s: %(message)s",
-                                   "%Y/%m/%d %H:%M:%S")
+        logging.Formatter.__init__(self, None, "%Y/%m/%d %H:%M:%S")
+        self.daemon = daemon
         self.tracebacks = tracebacks
 
+    def format(self, record):
+        message = text.printable(_message(record), MESSAGE_LIMIT)
+        if record.exc_info:
+            message += SEPARATOR + self.formatException(record.exc_info)
+        stack = getattr(record, "stack_info", None)  # 3.x: log(..., stack_info=True)
+        if stack:
+            message += SEPARATOR + _joined(stack.splitlines())
+        return u"%s %s: %s: %s" % (self.formatTime(record, self.datefmt), self.daemon,
+                                   text.printable(record.levelname, 32), message)
+
     def formatException(self, ei):
-        if self.tracebacks:
-            return logging.Formatter.formatException(self, ei)
-        return "%s: %s" % (ei[0].__name__, ei[1])
+        last = text.printable(u"%s: %s" % (_text(ei[0].__name__), _exception_text(ei[1])),
+                              EXCEPTION_LIMIT)
+        if not self.tracebacks:
+            return last
+        # The frames come from our source; the exception's text may come from a peer: it is
+        # escaped as a whole, so that its newlines cannot pass for traceback lines.
+        frames = u"".join(_text(line) for line in traceback.format_tb(ei[2]))
+        return SEPARATOR.join([u"Traceback (most recent call last):",
+                               _joined(frames.splitlines()), last])
+
+
+def _text(value):
+    return value if isinstance(value, compat.text_type) else \
+        compat.to_text(value, errors="replace")
+
+
+def _message(record):
+    message = record.getMessage()
+    return message if isinstance(message, (compat.text_type, compat.binary_type)) \
+        else compat.text_type(message)
+
+
+def _exception_text(value):
+    try:
+        return compat.text_type(value)
+    except (UnicodeError, TypeError, ValueError):  # 2.7: bytes text that is not ASCII
+        return _text(repr(value))
+
+
+def _joined(lines):
+    return SEPARATOR.join(text.printable(line.strip(), EXCEPTION_LIMIT)
+                          for line in lines if line.strip())
 
 
 class OssecFileHandler(logging.handlers.WatchedFileHandler):

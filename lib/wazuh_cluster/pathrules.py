@@ -9,7 +9,7 @@ from __future__ import absolute_import, division, print_function
 import fnmatch
 import re
 
-from wazuh_cluster import compat
+from wazuh_cluster import compat, text
 from wazuh_cluster.errors import PathRefused
 
 ROLES = ("master", "client")
@@ -26,7 +26,8 @@ MAX_MTIME_NS = (1 << 63) - 1
 TEMP_SUFFIX = ".tmp.cluster"
 TEMP_PATTERN = "*" + TEMP_SUFFIX
 
-_GOOD_NAME = re.compile(u"^[\\x20-\\x5b\\x5d-\\x7e]+$")
+# \Z, not $: "$" also matches before a final newline ("x\n" would pass).
+_GOOD_NAME = re.compile(u"\\A[\\x20-\\x5b\\x5d-\\x7e]+\\Z")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -81,32 +82,10 @@ def _bad_character(name):
 def escape(name, limit=ESCAPE_MAX):
     """A name as a quoted, printable-ASCII string of bounded length, safe for a log line.
 
-    Takes anything a peer may have sent (text, bytes, other types); never raises.
+    Takes anything a peer may have sent (text, bytes, other types); never raises. The rule is
+    text.quote's, the one every module uses.
     """
-    if isinstance(name, compat.binary_type):
-        codes = bytearray(name[:limit + 1])
-        total = len(name)
-    elif isinstance(name, compat.text_type):
-        codes = [ord(char) for char in name[:limit + 1]]
-        total = len(name)
-    else:
-        return "<%s>" % type(name).__name__
-    out = []
-    for code in codes[:limit]:
-        if 0x20 <= code < 0x7f and code not in (0x5c, 0x27):
-            out.append(chr(code))
-        elif code in (0x5c, 0x27):
-            out.append("\\" + chr(code))
-        elif code < 0x100:
-            out.append("\\x%02x" % code)
-        elif code < 0x10000:
-            out.append("\\u%04x" % code)
-        else:
-            out.append("\\U%08x" % code)
-    text = "'" + "".join(out) + "'"
-    if total > limit:
-        text += "...(%d characters)" % total
-    return text
+    return text.quote(name, limit)
 
 
 # -- times ------------------------------------------------------------------------------------

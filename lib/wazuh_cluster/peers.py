@@ -34,7 +34,7 @@ import random
 import socket
 import threading
 
-from wazuh_cluster import channel, compat, protocol
+from wazuh_cluster import channel, compat, protocol, text
 from wazuh_cluster.errors import HandshakeError, ProtocolError
 from wazuh_cluster.session import Session
 
@@ -290,7 +290,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                         % (s.node_name, s.cluster_name))
                 return
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, address,
-                              _version(hello), max_handlers=8)
+                              _version(hello, who), max_handlers=8)
             ok, other = self.registry.register(session)
             if not ok:
                 log.error("refused peer %s: node name %s already connected from %s", who,
@@ -346,9 +346,14 @@ def _fmt(address):
     return "%s:%s" % (address[0], address[1])
 
 
-def _version(hello):
-    v = hello.get("version")
-    return compat.to_text(v)[:64] if isinstance(v, compat.string_types) else None
+def _version(hello, who):
+    """The peer's version, or text.INVALID_VERSION (logged once, escaped): informational only,
+    an odd version does not refuse the session."""
+    version = text.peer_version(hello.get("version"))
+    if version == text.INVALID_VERSION:
+        log.warning("peer %s announced an invalid version %s; shown as %s", who,
+                    text.quote(hello.get("version"), 64), version)
+    return version
 
 
 class Dialer(object):
@@ -526,7 +531,8 @@ class Dialer(object):
             header, _ = protocol.decode_body(frame[3])
             if frame[0] == protocol.ERROR:
                 self._report(logging.ERROR, "master %s at %s refused us: %s", hs.peer_name, peer,
-                          compat.to_text(header.get("message") or header.get("code") or "?"))
+                             text.printable(header.get("message") or header.get("code") or "?",
+                                            text.REASON_LIMIT))
                 ch.close()
                 return None
             if frame[0] != protocol.HELLO_INFO:
@@ -537,7 +543,7 @@ class Dialer(object):
                 return None
             self._connecting = None
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, (ip, s.port),
-                              _version(header))
+                              _version(header, "%s (%s)" % (peer, hs.peer_name)))
             self._report(None, "")
             log.info("connected to master %s at %s", hs.peer_name, peer)
             return session

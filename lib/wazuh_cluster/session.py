@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from wazuh_cluster import compat, protocol
+from wazuh_cluster import compat, protocol, text
 from wazuh_cluster.channel import ChannelClosed
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
@@ -149,7 +149,11 @@ class Session(object):
                 self._pending.pop(rid, None)
         if slot.error is not None:
             raise slot.error
-        return protocol.unwrap(slot.header), slot.data
+        try:
+            return protocol.unwrap(slot.header), slot.data
+        except RequestError as exc:
+            # The peer's words: they reach our logs, and cluster_control on a client.
+            raise RequestError(_text(exc.message), _code(exc.code))
 
     def close(self, reason="closed locally", notify=True):
         """End the session: tell the peer (when `notify`), close the socket, fail pending calls."""
@@ -277,7 +281,7 @@ class Session(object):
             header, _ = protocol.decode_body(body)
             log.error("session with %s (%s) refused by the peer: %s", self.peer_name,
                       self.describe_address(), _text(header.get("message")))
-            self.close("refused by the peer: %s" % _text(header.get("code")), notify=False)
+            self.close("refused by the peer: %s" % _code(header.get("code")), notify=False)
         elif msg_type == protocol.CLOSE:
             header, _ = protocol.decode_body(body)
             log.info("session with %s (%s) closed by the peer: %s", self.peer_name,
@@ -378,8 +382,15 @@ class Session(object):
 
 
 def _text(value):
+    """A reason or message from the peer: escaped and bounded (text.printable)."""
     if value is None:
         return ""
-    if isinstance(value, compat.string_types):
+    return text.printable(value, text.REASON_LIMIT)
+
+
+def _code(value):
+    """An error code from the peer: a short word, or "error"."""
+    if isinstance(value, compat.string_types) and value and len(value) <= 32 and \
+            value.replace("_", "").isalnum() and text.is_printable(value):
         return compat.to_text(value)
-    return compat.to_text(repr(value))
+    return u"error"

@@ -19,7 +19,7 @@ import hashlib
 import os
 import threading
 
-from wazuh_cluster import compat, logs, manifest, protocol
+from wazuh_cluster import compat, logs, manifest, protocol, staterows
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -244,6 +244,7 @@ class PeerSync(object):
             del theirs
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
+        self.forget_unknown(states, delete + dirs)
         marks.append(self.clock())
         self.record(states)
         marks.append(self.clock())
@@ -346,13 +347,23 @@ class PeerSync(object):
         states = result.get("states") if isinstance(result, dict) else None
         if not isinstance(states, dict):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
-        return states
+        # Only the names of this batch: the peer's answer must not add rows of its choosing.
+        return dict((name, states[name]) for name in batch.names() if name in states)
+
+    def forget_unknown(self, states, extra):
+        """Leave out the outcome of deleting names that only the peer's manifest listed,
+        unless we had them pending for it (a file we deleted): a peer listing a million
+        names must not add a million rows to our database."""
+        if not extra:
+            return
+        pending = set(self.link.call("pending", {"node": self.peer})["files"])
+        for name in extra:
+            if name not in pending:
+                states.pop(name, None)
 
     def record(self, states):
-        rows = [[self.peer, name, state] for name, state in sorted(states.items())
-                if state in ("synchronized", "failed", "invalid", "pending")]
-        for start in range(0, len(rows), 5000):
-            self.link.call("set_states", {"rows": rows[start:start + 5000]})
+        for request in staterows.requests(staterows.rows(self.peer, states)):
+            self.link.call("set_states", request)
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
             self.log.warning("%d file(s) failed on %s (e.g. %s); retried at the next round.",
@@ -433,6 +444,10 @@ class Batch(object):
 
     def empty(self):
         return not (self.files or self.meta or self.delete or self.delete_dirs)
+
+    def names(self):
+        """Every name this batch asks the peer about."""
+        return [f["name"] for f in self.files + self.meta] + self.delete + self.delete_dirs
 
     def header(self):
         return {"files": self.files, "meta": self.meta, "delete": self.delete,

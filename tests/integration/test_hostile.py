@@ -21,7 +21,7 @@ from harness import (base_install, make_node, new_address, python,  # noqa: F401
 from test_crash import converge  # race-free while daemons delete files
 from test_sync import FAST, KEYS, agent_info, put
 
-from wazuh_cluster import compat, peers
+from wazuh_cluster import compat, peers, staterows
 from wazuh_cluster.errors import RequestError
 
 SYNC_WAIT = 20.0
@@ -49,7 +49,9 @@ def hostile(make_node):
     client.port = master.port
     listed = [master.address, client.address, rogue_address]
     for node in (master, client):
-        node.configure(node.name, listed, interval="3s")
+        # Only the round that opens a session: a later round would record its own
+        # "synchronized" over the rogue's "invalid" row of the same master-owned file.
+        node.configure(node.name, listed, interval="2m")
         write_internal_options(node.prefix, FAST)
     put(master, "etc/client.keys", KEYS)
     put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
@@ -65,6 +67,8 @@ def hostile(make_node):
                                      "sync_files": _rogue_files}).start()
     try:
         assert dialer.wait_connected(15), master.explain("the rogue could not connect")
+        wait_for(lambda: state_rows(master).get(u"etc/client.keys") == "synchronized",
+                 SYNC_WAIT, what="the master's first round with the rogue recorded")
         yield master, client, dialer
     finally:
         dialer.stop()
@@ -80,19 +84,25 @@ def send(dialer, names, data=PAYLOAD):
     return result["states"]
 
 
-def invalid_recorded(master, names):
-    """The rows for node ROGUE in the master's states table are `invalid` for these names."""
+def state_rows(master):
+    """{file: state} of node ROGUE in the master's states table ({} while unreadable)."""
     try:
         conn = sqlite3.connect(master.path("var", "db", "cluster.db"), timeout=10)
     except sqlite3.Error:
-        return False
+        return {}
     try:
-        rows = dict(conn.execute("SELECT file, state FROM states WHERE node = ?", (ROGUE,)))
+        return dict(conn.execute("SELECT file, state FROM states WHERE node = ?", (ROGUE,)))
     except sqlite3.Error:
-        return False
+        return {}
     finally:
         conn.close()
-    return all(rows.get(compat.to_text(n)) == "invalid" for n in names)
+
+
+def invalid_recorded(master, names):
+    """The rows for node ROGUE in the master's states table are `invalid` for these names."""
+    rows = state_rows(master)
+    # A name outside the rules is stored escaped and cut (staterows).
+    return all(rows.get(staterows.stored_name(compat.to_text(n))) == "invalid" for n in names)
 
 
 def snapshot(prefix):
@@ -171,6 +181,7 @@ HOSTILE_NAMES = [
     u"queue/agent-info/web01\x00-any",
     u"queue/agent-info/..\\..\\etc\\client.keys",
     u"queue/agent-info/web01\n-any",
+    u"queue/agent-info/web01-any\n",
     u"queue/agent-info/" + u"a" * 300,
     u"queue/agent-info/" + u"/".join([u"b" * 200] * 6),
     u"queue/agent-info/w\u00e9b01-any",

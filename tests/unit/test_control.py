@@ -436,6 +436,65 @@ def test_usage_error_is_2(home, capsys):
     assert u"not allowed with" in capsys.readouterr().err
 
 
+# -- what a peer chose is escaped in text, exact in JSON -----------------------------------------
+
+EVIL = u"x\n2031/01/01 00:00:00 wazuh-clusterd: ERROR: forged\r\x1b[2J\x1b]0;t\x07\x00\u00e9\u202e"
+
+
+def terminal_safe(out):
+    """Nothing but printable ASCII and the line ends: no escape sequence, no forged line."""
+    assert all(0x20 <= ord(c) < 0x7f for c in out.replace(u"\n", u"")), repr(out)
+    assert not any(line.startswith(u"2031/") for line in out.split(u"\n"))
+    return out
+
+
+def hostile_results(daemon):
+    daemon.results["nodes"] = {"nodes": [dict(NODES["nodes"][1], name=EVIL, version=EVIL,
+                                              address=EVIL, type=EVIL,
+                                              last_keepalive="soon")]}
+    daemon.results["files"] = {"files": [{"node": EVIL, "file": EVIL + u"y" * 5000,
+                                          "status": "invalid"}]}
+    daemon.results["agents"] = {"agents": [dict(AGENTS["agents"][0], name=EVIL, node_name=EVIL,
+                                                ip=EVIL), dict(AGENTS["agents"][1], id=7),
+                                           dict(AGENTS["agents"][2], id=u"\xb2")]}
+    daemon.results["health"] = {"nodes": [dict(HEALTH["nodes"][1], node=EVIL, type=EVIL,
+                                               last_sync_ago="x")],
+                                "held": [{"node": EVIL, "message": EVIL, "since": NOW}]}
+
+
+@pytest.mark.parametrize("option", ["-n", "-l", "-a", "-i"])
+def test_tables_escape_what_peers_sent(home, daemon, option):
+    hostile_results(daemon)
+    out = terminal_safe(ok(home, option))
+    assert u"x\\x0a2031/01/01 00:00:00 wazuh-clusterd: ERROR: forged\\x0d\\x1b[2J" in out
+    assert max(len(line) for line in out.split(u"\n")) < 3 * control.CELL_LIMIT + 200
+
+
+@pytest.mark.parametrize("option", ["-n", "-l", "-a", "-i"])
+def test_json_stays_exact_and_ascii(home, daemon, option):
+    hostile_results(daemon)
+    out = terminal_safe(ok(home, option, "-j"))
+    data = json.loads(out)
+    key = {"-n": "nodes", "-l": "files", "-a": "agents", "-i": "nodes"}[option]
+    field = {"-n": "name", "-l": "node", "-a": "name", "-i": "node"}[option]
+    assert EVIL in [row[field] for row in data[key]]
+
+
+@pytest.mark.parametrize("option,command,key", [("-n", "nodes", "nodes"),
+                                                ("-a", "agents", "agents"),
+                                                ("-i", "health", "nodes")])
+def test_a_malformed_relayed_answer_shows_an_empty_table(home, daemon, option, command, key):
+    daemon.results[command] = {key: 5, "held": "x"}
+    assert len(terminal_safe(ok(home, option)).rstrip(u"\n").split(u"\n")) == 1
+
+
+def test_an_error_message_from_the_daemon_is_escaped(home, daemon):
+    daemon.errors["nodes"] = ("unreachable", u"master said \x1b[2J" + EVIL)
+    err = fails(home, "-n")
+    terminal_safe(err.rstrip(u"\n"))
+    assert u"\\x1b[2J" in err
+
+
 # -- formatting --------------------------------------------------------------------------------
 
 def test_table_alignment_and_none():

@@ -197,6 +197,50 @@ def test_states_set_query_pending(folder):
         db.set_states([["n2", "etc/a", "bogus"]])
 
 
+def test_invalid_rows_per_node_are_bounded_oldest_first(folder):
+    clock = [1000.0]
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: clock[0])
+    bound = dbmod.MAX_INVALID_PER_NODE
+    db.set_states([["rogue", "etc/shared/kept", "synchronized"],
+                   ["other", "refused-by-other", "invalid"]])
+    for batch in range(5):  # thousands of refused names, in batches, one second apart
+        clock[0] += 1
+        db.set_states([["rogue", "bad-%d-%d" % (batch, n), "invalid"] for n in range(bound)])
+    assert db.state_counts()["rogue"] == {"invalid": bound, "synchronized": 1}
+    names = [row[1] for row in db.states(node="rogue") if row[2] == "invalid"]
+    assert sorted(names) == sorted("bad-4-%d" % n for n in range(bound))  # the newest
+    assert db.states(node="other") == [["other", "refused-by-other", "invalid"]]
+    # One batch larger than the bound keeps its last rows.
+    clock[0] += 1
+    db.set_states([["rogue", "big-%05d" % n, "invalid"] for n in range(bound + 10)])
+    assert db.state_counts()["rogue"]["invalid"] == bound
+    kept = set(row[1] for row in db.states(node="rogue"))
+    assert "big-00009" not in kept and "big-00010" in kept
+
+
+def test_invalid_rows_of_all_nodes_are_bounded_too(folder, monkeypatch):
+    """An insider may connect under ever new names: the total is bounded as well."""
+    monkeypatch.setattr(dbmod, "MAX_INVALID_PER_NODE", 10)
+    monkeypatch.setattr(dbmod, "MAX_INVALID_TOTAL", 50)
+    clock = [1000.0]
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: clock[0])
+    db.set_states([["real", "etc/shared/a", "synchronized"]])
+    totals = []
+    for node in range(30):
+        clock[0] += 1
+        db.set_states([["name%02d" % node, "bad-%d" % n, "invalid"] for n in range(10)])
+        totals.append(sum(c.get("invalid", 0) for c in db.state_counts().values()))
+    assert max(totals) <= 50 and totals[-1] >= 45
+    counts = db.state_counts()
+    assert counts["real"] == {"synchronized": 1}
+    assert counts["name29"] == {"invalid": 10} and "name00" not in counts  # oldest first
+    # A fresh connection (a restarted internal daemon) counts again before it trusts itself.
+    db.close()
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(), wall=lambda: clock[0])
+    db.set_states([["late", "bad-%d" % n, "invalid"] for n in range(10)])
+    assert sum(c.get("invalid", 0) for c in db.state_counts().values()) <= 50
+
+
 def test_one_transaction_per_batch_rolls_back_entirely(folder):
     db = open_db(folder)
     with pytest.raises(ValueError):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from wazuh_cluster import inbox
+from wazuh_cluster import inbox, localsock, staterows
 from wazuh_cluster.errors import RequestError
 
 
@@ -54,6 +54,9 @@ FILES = dict(("queue/agent-info/agent%05d-any" % i, entry(i)) for i in range(300
 @pytest.mark.parametrize("in_data", [False, True])
 @pytest.mark.parametrize("names", [None, [], sorted(FILES)[:7] + ["queue/agent-info/nope"],
                                    ["queue/agent-info/" + "x" * (1 << 20)] + sorted(FILES)[:2],
+                                   # JSON writes these six times longer (\u0000)
+                                   ["queue/agent-info/%d" % i + u"\x00" * 900
+                                    for i in range(20)] + sorted(FILES)[:2],
                                    sorted(FILES) + ["queue/agent-info/nope"]])
 def test_the_answer_is_the_asked_part_of_the_manifest_either_way(monkeypatch, names, in_data):
     monkeypatch.setattr(inbox, "NAMES_BYTES_PER_QUERY", 1000)  # several slices for 300 names
@@ -97,3 +100,28 @@ def test_a_peer_may_only_ask_about_its_own_items():
     with pytest.raises(RequestError) as info:
         box.sync_manifest(FakeSession(), {"source": "client", "names": [1, 2]}, b"")
     assert info.value.code == "bad_request"
+
+
+class RecordingLink(object):
+    def __init__(self):
+        self.calls = []
+
+    def call(self, cmd, args):
+        self.calls.append((cmd, args))
+        return {"updated": len(args["rows"])}
+
+
+def test_agent_reports_of_a_large_batch_travel_in_bounded_requests():
+    box = inbox.Inbox.__new__(inbox.Inbox)
+    box.link = RecordingLink()
+    box.info_dir = "queue/agent-info"
+    names = ["queue/agent-info/%s-%05d" % ("a" * 200, i) for i in range(20000)]
+    box.record_agents("client1", dict((n, "synchronized") for n in names), {})
+    assert len(box.link.calls) > 1
+    sent = []
+    for cmd, args in box.link.calls:
+        assert cmd == "agent_nodes"
+        assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
+            staterows.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+        sent.extend(args["rows"])
+    assert sorted(sent) == sorted([n.split("/")[-1], "client1"] for n in names)
