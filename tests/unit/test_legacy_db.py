@@ -1,4 +1,5 @@
-"""legacy_db: Wazuh 3.0's text commands over a real (in-memory) cluster database.
+"""legacy_db: Wazuh 3.0's text commands over a real (in-memory) cluster database, and the
+text mode of localsock.Connection that carries them.
 
 Replies are checked byte for byte as 3.0's clients read them: exactly 10000 bytes, NUL padded;
 rows keyed by the peer's listed address, file names with a leading "/".
@@ -10,7 +11,8 @@ import logging
 import pytest
 
 from wazuh_cluster import db as db_mod
-from wazuh_cluster import legacy_db
+from wazuh_cluster import legacy_db, localsock
+from wazuh_cluster.errors import ProtocolError
 
 A1, A2, UNSEEN = "10.0.0.2", "10.0.0.3", "10.0.0.9"
 
@@ -175,3 +177,58 @@ def test_text_start_tells_3_0_commands_from_our_frames():
     assert legacy_db.is_text_start(b"c") and legacy_db.is_text_start(b"S")
     for first in (b"\x00", b" ", b"1", b"{", b"\xc3", b""):
         assert not legacy_db.is_text_start(first)
+
+
+# -- the transport: localsock.Connection in text mode -------------------------------------------
+
+def connection_pair(max_message=localsock.MAX_MESSAGE):
+    import socket
+    ours, theirs = socket.socketpair()
+    return ours, localsock.Connection(theirs, max_message, text_start=legacy_db.is_text_start)
+
+
+def test_a_burst_is_one_command_and_frames_stay_frames():
+    ours, conn = connection_pair()
+    try:
+        ours.sendall(b"count 10.0.0.2")
+        assert conn.read_messages() == [b"count 10.0.0.2"] and conn.text
+        assert conn.read_messages() == []           # nothing more waiting: no command
+        ours.sendall(b"select 10.0.0.2 100 0")
+        assert conn.read_messages() == [b"select 10.0.0.2 100 0"]
+        conn.send_raw(legacy_db.pad("1"))
+        assert len(ours.recv(20000)) == 10000
+    finally:
+        ours.close()
+        conn.close()
+    ours, conn = connection_pair()
+    try:
+        ours.sendall(localsock.encode({"id": 1, "cmd": "status"}))
+        messages = conn.read_messages()
+        assert [localsock.decode(m) for m in messages] == [{"id": 1, "cmd": "status"}]
+        assert not conn.text
+    finally:
+        ours.close()
+        conn.close()
+
+
+def test_a_command_longer_than_the_bound_is_refused():
+    ours, conn = connection_pair(max_message=1000)
+    try:
+        ours.sendall(b"insert" + b" 10.0.0.2 /etc/x" * 100)
+        with pytest.raises(ProtocolError):
+            conn.read_messages()
+    finally:
+        ours.close()
+        conn.close()
+
+
+def test_a_client_that_sends_then_shuts_down_is_answered_then_closed():
+    ours, conn = connection_pair()
+    try:
+        ours.sendall(b"clear ")
+        ours.shutdown(1)
+        assert conn.read_messages() == [b"clear "]
+        assert conn.closing and not conn.closed
+    finally:
+        ours.close()
+        conn.close()
