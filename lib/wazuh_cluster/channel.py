@@ -1,6 +1,8 @@
 """The encrypted channel between cluster nodes (SPEC s.5): handshake, key schedule, AEAD frames.
 
-This is the only module that imports `cryptography` (3.3.x on Python 2.7, any recent one on 3.x).
+This module and legacy_node.py are the only ones that import `cryptography` (3.3.x on Python
+2.7, any recent one on 3.x): this one for our channel, legacy_node.py for the Fernet tokens of
+Wazuh 3.0's `node` request, which exists only to answer 3.0's framework.
 
 Handshake (messages carry a 2-byte big-endian length prefix and are at most 512 bytes):
 

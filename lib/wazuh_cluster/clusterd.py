@@ -99,7 +99,10 @@ def peer_settings(cfg):
         handshake_timeout=options.handshake_timeout, max_frame_bytes=options.max_frame_bytes,
         allow_unlisted_peers=options.allow_unlisted_peers,
         max_connections=options.max_connections,
-        max_pending_handshakes=options.max_pending_handshakes, version=__version__,
+        max_pending_handshakes=options.max_pending_handshakes,
+        max_connections_per_address=options.max_connections_per_address,
+        max_pending_per_address=options.max_pending_per_address,
+        legacy_node_requests=options.legacy_node_requests, version=__version__,
         reconnect_max=options.reconnect_max)
 
 

@@ -366,6 +366,54 @@ class ClusterDB(object):
             "SELECT file FROM states WHERE node = ? AND state = 'pending' ORDER BY file",
             (node,))]
 
+    # -- Wazuh 3.0's text commands (legacy_db.py) ---------------------------------------------
+
+    def count_states(self, node):
+        """Number of rows of `node`."""
+        return self._conn.execute("SELECT COUNT(*) FROM states WHERE node = ?",
+                                  (node,)).fetchone()[0]
+
+    def states_page(self, node, limit, offset):
+        """[(file, state)] of `node`, sorted by file, `limit` rows from `offset`."""
+        return self._conn.execute("SELECT file, state FROM states WHERE node = ? ORDER BY file"
+                                  " LIMIT ? OFFSET ?", (node, limit, offset)).fetchall()
+
+    def add_pending(self, pairs):
+        """(node, file) pairs without a row get one, pending; existing rows stay as they are."""
+        now = self._wall()
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO states (node, file, state, updated)"
+                             " VALUES (?, ?, 'pending', ?)",
+                             ((node, name, now) for node, name in pairs))
+
+    def update_states(self, rows):
+        """Existing (node, file) rows take the state of [node, file, state]; no row is added."""
+        now = self._wall()
+        for _node, _name, state in rows:
+            if state not in STATES:
+                raise ValueError("state %r is not one of %s" % (state, ", ".join(STATES)))
+        with self.transaction() as conn:
+            conn.executemany("UPDATE states SET state = ?, updated = ? WHERE node = ? AND file = ?",
+                             ((state, now, node, name) for node, name, state in rows))
+
+    def reset_states(self, names=None):
+        """Rows of these files (of every file when None), for every node, become pending."""
+        now = self._wall()
+        with self.transaction() as conn:
+            if names is None:
+                conn.execute("UPDATE states SET state = 'pending', updated = ?", (now,))
+                return
+            for chunk in _chunks(names):
+                conn.execute("UPDATE states SET state = 'pending', updated = ? WHERE file IN (%s)"
+                             % ",".join("?" * len(chunk)), [now] + chunk)
+
+    def forget_states(self, names):
+        """Drop the rows of these files, for every node."""
+        with self.transaction() as conn:
+            for chunk in _chunks(names):
+                conn.execute("DELETE FROM states WHERE file IN (%s)"
+                             % ",".join("?" * len(chunk)), chunk)
+
     def state_counts(self):
         """{node: {state: count}}."""
         counts = {}

@@ -1,7 +1,10 @@
 """wazuh-clusterd-internal: one select() loop over its UNIX socket, a poll timer and a self-pipe.
 
 It is the only writer of the cluster database; the commands themselves live in the service it
-is handed (catalog.Catalog), so the loop only moves messages and time.
+is handed (catalog.Catalog), so the loop only moves messages and time. The same socket answers
+Wazuh 3.0's text commands (legacy_db.LegacyCommands, told apart by the first byte: see
+localsock); a text client's next command is read only once its last reply has left, so a client
+that does not read its replies costs one reply of memory and no more.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -13,7 +16,7 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, catalog, compat, daemon, db, localsock, logs
+from wazuh_cluster import __version__, catalog, compat, daemon, db, legacy_db, localsock, logs
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 DAEMON = "wazuh-clusterd-internal"
@@ -30,9 +33,11 @@ def parse_args(argv):
 class InternalLoop(object):
     """accept, read requests, tick the service, push events, handle signals."""
 
-    def __init__(self, listener, service, signals, clock=compat.monotonic, parent=None):
+    def __init__(self, listener, service, signals, clock=compat.monotonic, parent=None,
+                 legacy=None):
         self.listener = listener
         self.service = service
+        self.legacy = legacy
         self.signals = signals
         self.clock = clock
         self.parent = parent
@@ -49,7 +54,8 @@ class InternalLoop(object):
                 self.running = False
 
     def wait(self, timeout):
-        readers = [self.listener, self.signals] + self.connections
+        readers = [self.listener, self.signals] + [
+            c for c in self.connections if not c.closing and not (c.text and c.outbuf)]
         writers = [c for c in self.connections if c.outbuf]
         try:
             readable, writable, _ = select.select(readers, writers, [], timeout)
@@ -76,15 +82,26 @@ class InternalLoop(object):
                 return
             self.log.warning("accept on the internal socket failed: %s", err)
             return
-        self.connections.append(localsock.Connection(sock))
+        text_start = legacy_db.is_text_start if self.legacy is not None else None
+        self.connections.append(localsock.Connection(sock, text_start=text_start))
 
     def read_requests(self, conn):
         try:
             messages = conn.read_messages()
         except ProtocolError as err:
-            conn.send(localsock.error_reply(None, "protocol", str(err)))
-            conn.closed = not conn.outbuf
+            if conn.text:
+                conn.send_raw(legacy_db.EMPTY)
+            else:
+                conn.send(localsock.error_reply(None, "protocol", str(err)))
+            conn.closing = True
             self.log.debug("internal socket client: %s", err)
+            return
+        if conn.text:
+            for command in messages:
+                reply, event = self.legacy.answer(command)
+                conn.send_raw(reply)
+                if event:
+                    self.broadcast(event)
             return
         for body in messages:
             reply = self.answer(body, conn)
@@ -121,14 +138,18 @@ class InternalLoop(object):
     def tick(self, now):
         event = self.service.tick(now)
         if event:
-            for conn in self.connections:
-                if conn.subscribed:
-                    conn.send(event)
+            self.broadcast(event)
+
+    def broadcast(self, event):
+        """Push an event to every subscriber (wazuh-clusterd)."""
+        for conn in self.connections:
+            if conn.subscribed:
+                conn.send(event)
 
     def reap(self):
         alive = []
         for conn in self.connections:
-            if conn.closed:
+            if conn.closed or (conn.closing and not conn.outbuf):
                 conn.close()
             elif len(conn.outbuf) > localsock.MAX_REPLY:
                 # A subscriber that never reads must not grow our memory without bound.
@@ -198,7 +219,9 @@ def run(cfg, layout, node_type, args, log):
         signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         log.info("Starting %s %s (Python %s) for a %s node.", DAEMON, __version__,
                  compat.VERSION, node_type)
-        loop = InternalLoop(listener, service, signals, parent=parent)
+        legacy = legacy_db.LegacyCommands(
+            database, legacy_db.NodeAddresses(cfg.nodes, database), service, log)
+        loop = InternalLoop(listener, service, signals, parent=parent, legacy=legacy)
         ready.ready()
         try:
             loop.run()

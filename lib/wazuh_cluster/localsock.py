@@ -6,6 +6,13 @@ message}}; pushed events carry "event" instead of "id".
 A reply may announce raw bytes with "data": N; the next frame then holds those N bytes as they
 are (not JSON). This lets wazuh-clusterd relay a large answer, such as a manifest of tens of
 thousands of files, to a peer without parsing it into Python objects and encoding it again.
+
+A server Connection may also speak a text protocol on the same socket (Wazuh 3.0's commands on
+queue/ossec/cluster_db, legacy_db.py): our frames always start with a 0 byte (the high byte of
+a length of at most MAX_MESSAGE), so the server hands a predicate on the first byte
+(`text_start`); when it matches, the connection is in text mode for good and each "message" is
+one burst: the bytes the client sent until nothing more was waiting (3.0's clients send one
+command, then wait for its reply). The transport knows nothing about the commands themselves.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -87,31 +94,49 @@ def bind_unix(path, mode=0o660, gid=None):
 class Connection(object):
     """One client of a select() server: non-blocking, with input and output buffers."""
 
-    def __init__(self, sock, max_message=MAX_MESSAGE):
+    def __init__(self, sock, max_message=MAX_MESSAGE, text_start=None):
         self.sock = sock
         self.sock.setblocking(False)
         compat.set_cloexec(sock.fileno())
         self.max_message = max_message
+        self.text_start = text_start
+        self.text = False
         self.inbuf = b""
         self.outbuf = b""
         self.closed = False
+        self.closing = False       # close once outbuf is sent (set by the server)
         self.subscribed = False
+        self._fresh = True
 
     def fileno(self):
         return self.sock.fileno()
 
-    def read_messages(self):
-        """Read what is there; return complete messages. Raises ProtocolError on bad framing."""
+    def _recv(self):
+        """Bytes waiting now; b"" when none are; None at the end of the connection."""
         try:
             data = self.sock.recv(65536)
         except socket.error as err:
             if err.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                return []
+                return b""
+            return None
+        return data or None
+
+    def read_messages(self):
+        """Read what is there; return complete messages. Raises ProtocolError on bad framing.
+
+        In text mode (see the module docstring) the one message is the burst of bytes sent.
+        """
+        data = self._recv()
+        if data is None:
             self.closed = True
             return []
         if not data:
-            self.closed = True
             return []
+        if self._fresh:
+            self._fresh = False
+            self.text = self.text_start is not None and self.text_start(data[:1])
+        if self.text:
+            return self._read_burst(data)
         self.inbuf += data
         messages = []
         while len(self.inbuf) >= HEADER.size:
@@ -125,6 +150,24 @@ class Connection(object):
             self.inbuf = self.inbuf[HEADER.size + length:]
             messages.append(body)
         return messages
+
+    def _read_burst(self, data):
+        while data and len(data) <= self.max_message:
+            more = self._recv()
+            if more is None:
+                self.closing = True  # the client is done sending: answer, then close
+                break
+            if not more:
+                break
+            data += more
+        if len(data) > self.max_message:
+            raise ProtocolError("text command longer than %d bytes" % self.max_message)
+        return [data]
+
+    def send_raw(self, data):
+        """Queue bytes as they are (a text-mode reply)."""
+        self.outbuf += data
+        self.flush()
 
     def send(self, obj, data=None):
         """Queue one message (and, when `data` is not None, the raw frame it announces)."""

@@ -17,6 +17,9 @@ Settings (build them with `make_settings(**fields)`; the lead fills them from th
     allow_unlisted_peers    accept peers whose address is not in `nodes`
     max_connections         bound on connections (sessions + handshakes) of the PeerServer
     max_pending_handshakes  bound on handshakes in progress
+    max_connections_per_address, max_pending_per_address   the same bounds per source address
+                            (admission.py: a listed address holding no slot is always admitted)
+    legacy_node_requests    answer Wazuh 3.0's Fernet `node` request (legacy_node.py)
     version                 our software version, sent in HELLO_INFO
     io_timeout              a frame stalled midway or a send without progress for this long
                             closes the session (default: 3 * keepalive)
@@ -25,6 +28,8 @@ Settings (build them with `make_settings(**fields)`; the lead fills them from th
 After the handshake the dialing client sends HELLO_INFO {"name","role","version"}; the master
 answers HELLO_INFO or ERROR {"code","message"} (second master, duplicate name) and closes. A
 listener of role client answers the handshake (the dialer learns its role) and then closes.
+Refusals are logged through admission.RefusalLog: one line per source address per minute, then
+a summary with the count of those not written.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -34,7 +39,7 @@ import random
 import socket
 import threading
 
-from wazuh_cluster import channel, compat, protocol, text
+from wazuh_cluster import admission, channel, compat, legacy_node, protocol, text
 from wazuh_cluster.errors import HandshakeError, ProtocolError
 from wazuh_cluster.session import Session
 
@@ -43,12 +48,15 @@ log = logging.getLogger("wazuh_cluster")
 _FIELDS = ("node_name", "cluster_name", "key", "role", "bind_addr", "port", "nodes",
            "own_addresses", "keepalive", "handshake_timeout", "max_frame_bytes",
            "allow_unlisted_peers", "max_connections", "max_pending_handshakes", "version",
-           "io_timeout", "reconnect_min", "reconnect_max")
+           "io_timeout", "reconnect_min", "reconnect_max", "max_connections_per_address",
+           "max_pending_per_address", "legacy_node_requests")
 _DEFAULTS = {
     "bind_addr": "0.0.0.0", "port": 1516, "nodes": (), "own_addresses": (), "keepalive": 30.0,
     "handshake_timeout": 10.0, "max_frame_bytes": channel.DEFAULT_MAX_FRAME_BYTES,
     "allow_unlisted_peers": False, "max_connections": 256, "max_pending_handshakes": 32,
     "version": "3.0.0", "io_timeout": None, "reconnect_min": 1.0, "reconnect_max": 60.0,
+    "max_connections_per_address": 8, "max_pending_per_address": 4,
+    "legacy_node_requests": True,
 }
 
 
@@ -158,16 +166,17 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
     request_queue_size = 256
 
     def __init__(self, settings, dispatcher, registry=None, on_session=None, on_close=None,
-                 nonce_book=None):
+                 nonce_book=None, refusals=None):
         self.settings = settings
         self.dispatcher = dispatcher
         self.registry = registry if registry is not None else NodeRegistry()
         self.on_session = on_session
         self.on_close = on_close
         self.nonce_book = nonce_book if nonce_book is not None else channel.NONCE_BOOK
-        self._count_lock = threading.Lock()
-        self._admitted = set()
-        self._pending = set()
+        self.admission = admission.Admission(
+            settings.max_connections, settings.max_pending_handshakes,
+            settings.max_connections_per_address, settings.max_pending_per_address)
+        self.refusals = refusals if refusals is not None else admission.RefusalLog(log)
         self._allowed = None
         self._allowed_at = None
         self._thread = None
@@ -199,11 +208,15 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             self._thread.join(5.0)
         self.server_close()
         self.registry.close_all("shutting down")
+        self.refusals.flush()
 
     def counts(self):
         """(connections, pending handshakes) right now."""
-        with self._count_lock:
-            return len(self._admitted), len(self._pending)
+        return self.admission.counts()
+
+    def _refuse(self, address, reason, level=logging.WARNING, who=None):
+        """Log a refusal of the peer at `address` (rate-limited per source address)."""
+        self.refusals.refused(address[0], level, who or _fmt(address), reason)
 
     # -- socketserver hooks -----------------------------------------------------------------
 
@@ -214,26 +227,18 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
 
     def verify_request(self, request, client_address):
         host = client_address[0]
-        peer = _fmt(client_address)
-        if not self.settings.allow_unlisted_peers and host not in self._allowed_addresses():
-            log.warning("refused peer %s: address not in <nodes>", peer)
+        listed = host in self._allowed_addresses()
+        if not listed and not self.settings.allow_unlisted_peers:
+            self._refuse(client_address, "address not in <nodes>")
             return False
-        with self._count_lock:
-            if len(self._pending) >= self.settings.max_pending_handshakes:
-                reason = "too many pending handshakes (%d)" % len(self._pending)
-            elif len(self._admitted) >= self.settings.max_connections:
-                reason = "too many connections (%d)" % len(self._admitted)
-            else:
-                self._admitted.add(request)
-                self._pending.add(request)
-                return True
-        log.warning("refused peer %s: %s", peer, reason)
-        return False
+        reason = self.admission.admit(request, host, listed)
+        if reason is not None:
+            self._refuse(client_address, reason)
+            return False
+        return True
 
     def shutdown_request(self, request):
-        with self._count_lock:
-            self._admitted.discard(request)
-            self._pending.discard(request)
+        self.admission.release(request)
         compat.socketserver.ThreadingTCPServer.shutdown_request(self, request)
 
     def handle_error(self, request, client_address):
@@ -251,21 +256,22 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             self._allowed, self._allowed_at = allowed, now
         return self._allowed
 
-    def _handshake_done(self, request):
-        with self._count_lock:
-            self._pending.discard(request)
-
     def serve_peer(self, sock, address):
-        """Handshake, hello, then run the session in this (handler) thread."""
+        """Handshake (or Wazuh 3.0's node request), hello, then the session in this thread."""
         s = self.settings
         peer = _fmt(address)
         deadline = compat.monotonic() + s.handshake_timeout
+        if s.legacy_node_requests and legacy_node.looks_legacy(
+                legacy_node.peek_first(sock, s.handshake_timeout)):
+            self._serve_legacy(sock, address, deadline)
+            return
         try:
             hs = channel.server_handshake(sock, s.key, s.node_name, s.cluster_name, s.role,
-                                          s.handshake_timeout, s.max_frame_bytes,
-                                          self.nonce_book)
+                                          max(0.001, deadline - compat.monotonic()),
+                                          s.max_frame_bytes, self.nonce_book)
         except HandshakeError as exc:
-            log.warning("refused peer %s: handshake failed: %s", peer, exc.message)
+            self.admission.handshake_done(sock)
+            self._refuse(address, "handshake failed: %s" % exc.message)
             return
         who = "%s (%s)" % (peer, hs.peer_name)
         ch = channel.SecureChannel(sock, hs.codec, hs.peer_name, hs.peer_role,
@@ -277,15 +283,16 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         try:
             frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
             if frame is None:
-                log.warning("refused peer %s: no hello before the deadline", who)
+                self._refuse(address, "no hello before the deadline", who=who)
                 return
             if frame[0] != protocol.HELLO_INFO:
-                log.warning("refused peer %s: expected a hello, got %s", who,
-                            protocol.type_name(frame[0]))
+                self._refuse(address, "expected a hello, got %s" % protocol.type_name(frame[0]),
+                             who=who)
                 return
             hello, _ = protocol.decode_body(frame[3])
             if hs.peer_role == "master":
-                log.error("refused peer %s: a second master in cluster %s", who, s.cluster_name)
+                self._refuse(address, "a second master in cluster %s" % s.cluster_name,
+                             logging.ERROR, who)
                 _refuse(ch, "second_master", "node %s is already the master of cluster %s"
                         % (s.node_name, s.cluster_name))
                 return
@@ -293,8 +300,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                               _version(hello, who), max_handlers=8)
             ok, other = self.registry.register(session)
             if not ok:
-                log.error("refused peer %s: node name %s already connected from %s", who,
-                          hs.peer_name, other.describe_address())
+                self._refuse(address, "node name %s already connected from %s"
+                             % (hs.peer_name, other.describe_address()), logging.ERROR, who)
                 _refuse(ch, "duplicate_name", "node name %s is already connected"
                         % hs.peer_name)
                 return
@@ -307,11 +314,11 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                 self.registry.unregister(session)
                 raise
         except ProtocolError as exc:
-            log.warning("refused peer %s: %s", who, exc.message)
+            self._refuse(address, exc.message, who=who)
             ch.close()
             return
         finally:
-            self._handshake_done(sock)
+            self.admission.handshake_done(sock)
         if self._stopping.is_set():          # stop() ran while this handshake was in flight
             session.close("shutting down")
             return
@@ -324,6 +331,18 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                 session.close("internal error")
                 return
         session.run()
+
+    def _serve_legacy(self, sock, address, deadline):
+        """Wazuh 3.0's `node` request (legacy_node.py); the connection closes after it."""
+        s = self.settings
+        try:
+            legacy_node.serve(sock, s.key, s.node_name, s.cluster_name, s.role, deadline)
+        except legacy_node.Refused as exc:
+            self._refuse(address, exc.reason)
+            return
+        finally:
+            self.admission.handshake_done(sock)
+        log.debug("answered the Wazuh 3.0 node request of %s", _fmt(address))
 
     def _closed(self, session, reason):
         self.registry.unregister(session)

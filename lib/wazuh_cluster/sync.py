@@ -502,7 +502,12 @@ class SyncManager(object):
 
     def on_event(self, event):
         for worker in self.workers():
-            worker.notify(event)
+            if event.get("overflow"):
+                # Too many names to list (catalog.py), or Wazuh 3.0's `clear` (legacy_db.py):
+                # compare everything with every peer.
+                worker.request_full()
+            else:
+                worker.notify(event)
 
     def on_reconnect(self):
         # Events may have been lost while the internal daemon restarted: compare everything.
