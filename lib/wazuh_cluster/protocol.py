@@ -10,6 +10,7 @@ Requests carry {"cmd": NAME, "args": {...}}; responses carry the envelope
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import json
 import struct
 import zlib
@@ -61,20 +62,24 @@ def encode_body(header, data=b""):
     return _U32.pack(len(head)) + head + compat.to_bytes(data)
 
 
-def decode_body(body):
+def decode_body(body, max_header=MAX_HEADER_BYTES):
     """(header dict, raw bytes) from a body; ProtocolError when malformed."""
     if len(body) < 4:
         raise ProtocolError("body too short")
     (n,) = _U32.unpack(body[:4])
-    if n > MAX_HEADER_BYTES or 4 + n > len(body):
+    if n > max_header or 4 + n > len(body):
         raise ProtocolError("bad header length %d" % n)
+    return _parse_header(body[4:4 + n]), body[4 + n:]
+
+
+def _parse_header(raw):
     try:
-        header = json.loads(compat.to_text(body[4:4 + n]))
+        header = json.loads(compat.to_text(raw))
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
-    return header, body[4 + n:]
+    return header
 
 
 def worth_compressing(data):
@@ -105,6 +110,113 @@ def inflate_bounded(data, max_length):
     if not getattr(d, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
         raise ProtocolError("compressed data truncated")
     return out + tail if tail else out  # no copy of megabytes for nothing
+
+
+INFLATE_CHUNK = 256 << 10   # bytes inflated at a time by Inflater
+
+
+class Inflater(object):
+    """The inflated bytes of a zlib stream given as compressed `parts`, read as they are needed.
+
+    Nothing is inflated ahead of a read, and a read inflates at most what it returns plus one
+    INFLATE_CHUNK: a bomb costs its compressed size in memory, not its inflated size. More than
+    `max_length` inflated bytes in all, a corrupt or (on 3.x) truncated stream, or data after
+    its end raise ProtocolError when they are reached.
+    """
+
+    def __init__(self, parts, max_length):
+        self._parts = collections.deque(parts)
+        self._z = zlib.decompressobj()
+        self._pending = b""          # inflated; returned up to _pos
+        self._pos = 0
+        self._fed = b""              # compressed input not consumed yet (unconsumed_tail)
+        self._ended = False
+        self.max_length = max_length
+        self.inflated = 0            # bytes returned so far
+
+    def compressed_size(self):
+        """Bytes of compressed input still held."""
+        return sum(len(p) for p in self._parts) + len(self._fed)
+
+    def _inflate_some(self):
+        """Inflate up to INFLATE_CHUNK more bytes into _pending; False at the stream's end."""
+        while not self._ended:
+            if not self._fed:
+                if not self._parts:
+                    self._finish()
+                    return False
+                self._fed = self._parts.popleft()
+            try:
+                out = self._z.decompress(self._fed, INFLATE_CHUNK)
+            except zlib.error:
+                raise ProtocolError("corrupt compressed data")
+            self._fed = self._z.unconsumed_tail
+            if getattr(self._z, "eof", False) or self._z.unused_data:
+                self._check_end()
+            if out:
+                self._count(len(out))
+                self._pending += out
+                return True
+        return False
+
+    def _count(self, n):
+        if self.inflated + len(self._pending) - self._pos + n > self.max_length:
+            raise ProtocolError("compressed data inflates beyond %d bytes" % self.max_length)
+
+    def _check_end(self):
+        if self._z.unused_data or self._fed or any(self._parts):
+            raise ProtocolError("data after the end of the compressed stream")
+        self._ended = True
+
+    def _finish(self):
+        try:
+            tail = self._z.flush()
+        except zlib.error:
+            raise ProtocolError("corrupt compressed data")
+        if tail:
+            self._count(len(tail))
+            self._pending += tail
+        if not getattr(self._z, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
+            raise ProtocolError("compressed data truncated")
+        self._ended = True
+
+    def read(self, n):
+        """Up to `n` inflated bytes (fewer only at the end of the stream)."""
+        if len(self._pending) - self._pos < n:
+            self._pending = self._pending[self._pos:]
+            self._pos = 0
+            while len(self._pending) < n and self._inflate_some():
+                pass
+        out = self._pending[self._pos:self._pos + n]
+        self._pos += len(out)
+        self.inflated += len(out)
+        return out
+
+    def read_exact(self, n, what="data"):
+        """Exactly `n` inflated bytes, or ProtocolError naming `what`."""
+        out = self.read(n)
+        if len(out) != n:
+            raise ProtocolError("compressed %s truncated" % what)
+        return out
+
+    def read_all(self):
+        """Everything left, as one byte string (bounded by max_length)."""
+        parts = [self.read(INFLATE_CHUNK)]
+        while parts[-1]:
+            parts.append(self.read(INFLATE_CHUNK))
+        return b"".join(parts)
+
+    def at_end(self):
+        """True when nothing is left to read (the whole stream checked)."""
+        return not self.read(1) and self._ended
+
+
+def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES):
+    """The header dict at the start of an inflated body; the Inflater is left at its data."""
+    (n,) = _U32.unpack(inflater.read_exact(4, "body"))
+    if n > max_header:
+        raise ProtocolError("header of %d bytes (limit %d)" % (n, max_header))
+    return _parse_header(inflater.read_exact(n, "header"))
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):

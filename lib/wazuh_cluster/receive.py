@@ -67,7 +67,9 @@ class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mt
                                                    "meta_only"))):
     """One file of a batch: text name, data, SHA-256 hex, mtime in ns, meta_only flag.
 
-    data: bytes, bytearray or memoryview (a slice of a received buffer: nothing is copied).
+    data: bytes, bytearray or memoryview (a slice of a received buffer: nothing is copied),
+    or a source whose chunks() yields the bytes (inflated as they are written, hashed on the
+    way: a file is never whole in memory).
 
     meta_only=True means "same content as you have, only the mtime changed" (an agent-info
     keepalive): `data` is ignored and may be None.
@@ -410,7 +412,9 @@ class _Batch(object):
         name = incoming.name
         item, parts = self._locate(name)
         sha = _check_fields(incoming)
-        if not incoming.meta_only and hashlib.sha256(incoming.data).hexdigest() != sha:
+        streamed = _is_source(incoming.data)
+        if not incoming.meta_only and not streamed and \
+                hashlib.sha256(incoming.data).hexdigest() != sha:
             raise TransferError("checksum mismatch")
         folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
         if (st is not None and self.rx.newer_only and item.mtime_is_data
@@ -423,7 +427,8 @@ class _Batch(object):
             temp = self._touch((folder, dev), parts[-1], target, sha, incoming.mtime_ns, item)
         else:
             temp = self._write_temp((folder, dev), parts[-1], incoming.mtime_ns, item,
-                                    fsops.write_all, incoming.data)
+                                    _write_checked(sha) if streamed else fsops.write_all,
+                                    incoming.data)
         self.staged.append(_Staged(name, temp, target, folder, dev))
         self._set(name, SYNCHRONIZED)
 
@@ -563,9 +568,26 @@ def _check_fields(incoming):
     mtime = incoming.mtime_ns
     if isinstance(mtime, bool) or not isinstance(mtime, compat.integer_types) or mtime < 0:
         raise PathRefused("bad mtime_ns field")
-    if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray, memoryview)):
+    if not incoming.meta_only and not _is_source(incoming.data) and \
+            not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
+
+
+def _is_source(data):
+    return callable(getattr(data, "chunks", None))
+
+
+def _write_checked(sha):
+    """A fill function for _write_temp: write a source's chunks, which must hash to `sha`."""
+    def fill(fd, source):
+        digest = hashlib.sha256()
+        for chunk in source.chunks():
+            fsops.write_all(fd, chunk)
+            digest.update(chunk)
+        if digest.hexdigest() != sha:
+            raise TransferError("checksum mismatch")
+    return fill
 
 
 def _unlink_quietly(path):
