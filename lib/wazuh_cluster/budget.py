@@ -68,6 +68,7 @@ class Budget(object):
         self._cond = threading.Condition(threading.Lock())
         self._queue = collections.deque()     # tickets of the waiting normal grants, in order
         self._urgent_waiting = 0
+        self._share_waiting = 0                # holders waiting for their own releases
 
     def __repr__(self):
         return "<Budget %d/%d, %d waiting>" % (self.used, self.total, len(self._queue))
@@ -76,9 +77,10 @@ class Budget(object):
         """A new Holder for one session; `share` defaults to the budget's."""
         return Holder(name, min(self.total, int(share) if share else self.share))
 
-    def grantable(self, holder):
-        """The most bytes `holder` can ever be granted at once."""
-        return min(holder.share, self.total)
+    def grantable(self, holder, wanted=None):
+        """The most bytes `holder` can ever be granted at once (at most `wanted`)."""
+        most = min(holder.share, self.total)
+        return most if wanted is None else min(most, int(wanted))
 
     def acquire(self, holder, n, timeout=None, urgent=False):
         """Wait until `n` bytes are granted to `holder` (True) or `timeout` passes (False).
@@ -95,9 +97,13 @@ class Budget(object):
                 return self._wait_urgent(holder, n, end)
             # A holder at its share waits for its own releases outside the queue: it must not
             # stand at the head and hold everyone else back meanwhile.
-            while holder.held + n > holder.share:
-                if not self._wait(end):
-                    return False
+            self._share_waiting += 1
+            try:
+                while holder.held + n > holder.share:
+                    if not self._wait(end):
+                        return False
+            finally:
+                self._share_waiting -= 1
             ticket = object()
             self._queue.append(ticket)
             try:
@@ -156,4 +162,4 @@ class Budget(object):
         """{"total", "used", "peak", "waiting"} for status output and tests."""
         with self._cond:
             return {"total": self.total, "used": self.used, "peak": self.peak,
-                    "waiting": len(self._queue) + self._urgent_waiting}
+                    "waiting": len(self._queue) + self._urgent_waiting + self._share_waiting}

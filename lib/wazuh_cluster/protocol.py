@@ -72,6 +72,37 @@ def decode_body(body, max_header=MAX_HEADER_BYTES):
     return _parse_header(body[4:4 + n]), body[4 + n:]
 
 
+def json_cost(raw):
+    """About the most bytes of Python objects that json.loads(raw) can make (raw: bytes).
+
+    JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
+    its size): every structure, string, member and element is counted at what CPython
+    spends on it, from the characters that open them, before anything is parsed.
+    """
+    return (len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) + 30 * raw.count(b'"') +
+            40 * raw.count(b":") + 36 * raw.count(b","))
+
+
+def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None):
+    """(header, raw data, json_cost of the header) of a body; the cost is checked first."""
+    if len(body) < 4:
+        raise ProtocolError("body too short")
+    (n,) = _U32.unpack(body[:4])
+    if n > max_header or 4 + n > len(body):
+        raise ProtocolError("bad header length %d" % n)
+    raw = body[4:4 + n]
+    cost = _check_cost(raw, max_cost)
+    return _parse_header(raw), body[4 + n:], cost
+
+
+def _check_cost(raw, max_cost):
+    cost = json_cost(raw)
+    if max_cost is not None and cost > max_cost:
+        raise ProtocolError("header of %d bytes would take about %d bytes decoded, more than "
+                            "the %d allowed" % (len(raw), cost, max_cost))
+    return cost
+
+
 def _parse_header(raw):
     try:
         header = json.loads(compat.to_text(raw))
@@ -211,12 +242,17 @@ class Inflater(object):
         return not self.read(1) and self._ended
 
 
-def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES):
-    """The header dict at the start of an inflated body; the Inflater is left at its data."""
+def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES, max_cost=None):
+    """(header dict, its json_cost) at the start of an inflated body (see decode_costed).
+
+    The Inflater is left at the body's data.
+    """
     (n,) = _U32.unpack(inflater.read_exact(4, "body"))
     if n > max_header:
         raise ProtocolError("header of %d bytes (limit %d)" % (n, max_header))
-    return _parse_header(inflater.read_exact(n, "header"))
+    raw = inflater.read_exact(n, "header")
+    cost = _check_cost(raw, max_cost)
+    return _parse_header(raw), cost
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):

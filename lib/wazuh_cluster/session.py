@@ -43,9 +43,10 @@ MISSED_KEEPALIVES = 3
 # Frames without a message (keepalive, close, error) up to this size need no grant: one at a
 # time per session, and a keepalive must not wait behind the peers' requests.
 CONTROL_FRAME_FREE = 64 << 10
-# A decoded JSON header is held as Python objects: counted at this many times its size.
-HEADER_COST = 2
 MIN_COST = 4096      # what a queued request costs at least (its header dict, its tuple)
+# The window of a message that fits in one uncompressed frame: this many times the frame
+# (a decoded JSON header takes up to about this much; more is refused, see json_cost).
+SMALL_MESSAGE_COST = 8
 
 
 class _Pending(object):
@@ -319,13 +320,12 @@ class Session(object):
         """Make room for the frame about to be read (channel.recv_frame's `admit`).
 
         Room comes from the session's window: bytes granted by the budget and not used yet.
-        A session that holds no partial message may wait for a window (its share, less what
-        its queued requests hold); one that does must not wait (the rest of that message is
-        behind this frame), so a frame beyond its window is refused.
+        A session that holds no partial message may wait for a window; one that does must not
+        wait (the rest of that message is behind this frame), so a frame beyond its window is
+        refused.
         """
         msg_type, flags, rid = peeked
         body = length - MIN_FRAME
-        opens = False
         if msg_type == protocol.FILE_CHUNK:
             key = (protocol.RESPONSE if flags & FLAG_OF_RESPONSE else protocol.REQUEST, rid)
             asm = self._assemblies.get(key)
@@ -338,8 +338,7 @@ class Session(object):
         elif msg_type in (protocol.REQUEST, protocol.RESPONSE):
             with self._lock:
                 urgent = msg_type == protocol.RESPONSE and rid in self._pending
-            opens = bool(flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED))
-            need = body if opens else max(MIN_COST, 2 * body)
+            need = body
             if not urgent:
                 self._wait_until(self._queue_has_room)
         else:
@@ -349,8 +348,15 @@ class Session(object):
             return
         if self._window < need:
             if self._assemblies:
-                self._too_large(self._window)
-            want = max(need, self.holder.share - self.holder.held) if opens else need
+                self._too_large()
+            # the window: room for the largest message's frames and for decoding it (joined
+            # or inflated next to its frames); given back once no partial message is left
+            want = 2 * self.max_message_bytes
+            if msg_type != protocol.FILE_CHUNK and \
+                    not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
+                # a whole message in this frame: room for it and its decoded header
+                want = min(want, max(MIN_COST, SMALL_MESSAGE_COST * body))
+            want = max(need, self.budget.grantable(self.holder, want))
             try:
                 self._wait_until(lambda step: self.budget.acquire(self.holder, want, step,
                                                                   urgent))
@@ -383,9 +389,9 @@ class Session(object):
     def _drop_loose(self):
         self.budget.release(self.holder, self._take_loose())
 
-    def _too_large(self, room):
-        raise ProtocolError("message needs more than the %d bytes this session may still hold "
-                            "(its share of cluster.max_inflight_bytes)" % room)
+    def _too_large(self):
+        raise ProtocolError("message needs more room than this session may hold (%d bytes, "
+                            "its share of cluster.max_inflight_bytes)" % self.holder.share)
 
     def _close_window(self):
         """Give back the unused window once no partial message is held."""
@@ -458,7 +464,7 @@ class Session(object):
         try:
             header, data, cost = self._decode(msg_type, flags, parts, room)
             if cost > room:
-                self._too_large(room)
+                self._too_large()
         except BaseException:
             self.budget.release(self.holder, room)
             raise
@@ -493,18 +499,19 @@ class Session(object):
         if flags & protocol.FLAG_COMPRESSED:
             source = protocol.Inflater(parts, min(self.max_message_bytes, max(0, room - wire)))
             del parts[:]
-            header = protocol.decode_header_stream(source, self.max_header_bytes)
-            head_cost = HEADER_COST * source.inflated
+            header, head_cost = protocol.decode_header_stream(source, self.max_header_bytes,
+                                                              room - wire)
             if msg_type == protocol.REQUEST and self._streams(header):
                 return header, source, max(MIN_COST, wire + head_cost)
             data = source.read_all()
             return header, data, max(MIN_COST, len(data) + head_cost)
         if len(parts) > 1 and 2 * wire > room:
-            self._too_large(room)
+            self._too_large()
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         del parts[:]
-        header, data = protocol.decode_body(body, self.max_header_bytes)
-        return header, data, max(MIN_COST, len(data) + HEADER_COST * (len(body) - len(data)))
+        header, data, head_cost = protocol.decode_costed(body, self.max_header_bytes,
+                                                         room - len(body))
+        return header, data, max(MIN_COST, len(data) + head_cost)
 
     def _streams(self, header):
         cmd = header.get("cmd")
@@ -520,37 +527,46 @@ class Session(object):
                 rid, header, data, held = self._requests.popleft()
                 self._room.notify_all()
             try:
-                self._serve(rid, header, data)
+                self._serve(rid, header, data, held)
             except Exception:  # keep the worker count right whatever a handler did
                 log.exception("request %d from %s failed", rid, self.peer_name)
-            finally:
-                del data
-                self.budget.release(self.holder, held)
 
-    def _serve(self, rid, header, data):
+    def _serve(self, rid, header, data, held):
+        """Run the request's handler, give back what the request held, then answer.
+
+        The request's bytes leave the budget before the answer is sent: a send waits for the
+        peer to read, and the peer may itself wait for room that our answer would hold.
+        """
         cmd = header.get("cmd")
         args = header.get("args") or {}
         handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
+        try:
+            envelope = self._run_handler(handler, cmd, args, data)
+        finally:
+            del header, args, data
+            self.budget.release(self.holder, held)
+        if isinstance(envelope, tuple):
+            self._reply(rid, *envelope)
+        else:
+            self._reply(rid, envelope)
+
+    def _run_handler(self, handler, cmd, args, data):
+        """The answer to a request: an error envelope, or (envelope, data, compress)."""
         if handler is None:
-            self._reply(rid, protocol.error_envelope(
-                "unknown_command", "unknown command %r" % (_text(cmd)[:64],)))
-            return
+            return protocol.error_envelope("unknown_command",
+                                           "unknown command %r" % (_text(cmd)[:64],))
         try:
             answer = handler(self, args, data)
         except ClusterError as exc:
-            self._reply(rid, protocol.error_envelope(exc.code, exc.message))
-            return
+            return protocol.error_envelope(exc.code, exc.message)
         except Exception as exc:  # a handler bug must not kill the session
             log.exception("command %s from %s failed", cmd, self.peer_name)
-            self._reply(rid, protocol.error_envelope("internal", type(exc).__name__))
-            return
+            return protocol.error_envelope("internal", type(exc).__name__)
         if not isinstance(answer, tuple) or len(answer) not in (2, 3):
             log.error("command %s returned %r, not (result, data)", cmd, type(answer).__name__)
-            self._reply(rid, protocol.error_envelope("internal", "malformed handler answer"))
-            return
-        result, out = answer[0], answer[1]
+            return protocol.error_envelope("internal", "malformed handler answer")
         compress = bool(answer[2]) if len(answer) > 2 else False
-        self._reply(rid, protocol.ok_envelope(result), out or b"", compress)
+        return protocol.ok_envelope(answer[0]), answer[1] or b"", compress
 
 
 def _text(value):

