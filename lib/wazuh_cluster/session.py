@@ -44,9 +44,10 @@ MISSED_KEEPALIVES = 3
 # time per session, and a keepalive must not wait behind the peers' requests.
 CONTROL_FRAME_FREE = 64 << 10
 MIN_COST = 4096      # what a queued request costs at least (its header dict, its tuple)
-# The window of a message that fits in one uncompressed frame: this many times the frame
-# (a decoded JSON header takes up to about this much; more is refused, see json_cost).
-SMALL_MESSAGE_COST = 8
+# The window of a message that fits in one uncompressed frame: this many times the frame, at
+# least SMALL_WINDOW (protocol.json_cost is at most about 37 times the JSON text).
+SMALL_MESSAGE_COST = 40
+SMALL_WINDOW = 64 << 10
 
 
 class _Pending(object):
@@ -355,7 +356,7 @@ class Session(object):
             if msg_type != protocol.FILE_CHUNK and \
                     not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
                 # a whole message in this frame: room for it and its decoded header
-                want = min(want, max(MIN_COST, SMALL_MESSAGE_COST * body))
+                want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
             want = max(need, self.budget.grantable(self.holder, want))
             try:
                 self._wait_until(lambda step: self.budget.acquire(self.holder, want, step,
