@@ -5,8 +5,9 @@ cmd -> callable(session, args, data) returning (result, data) or (result, data, 
 A callable raising ClusterError answers {"ok": false, "error": {"code": exc.code, ...}}.
 
 Threads: one reader thread per session (it also sends the keepalives) and up to `max_handlers`
-worker threads that serve incoming requests from a bounded queue, so a handler may itself call
-the peer. The reader never blocks on sending: a keepalive is skipped while another frame is being
+worker threads that serve incoming requests from a bounded queue. A handler must not wait for
+an answer from the same peer: with every worker waiting and the queue full, the reader stops
+reading that peer (see Memory below). The reader never blocks on sending: a keepalive is skipped while another frame is being
 sent (that frame proves we are alive), so two peers pushing bulk data at each other at once cannot
 deadlock with both readers waiting to write.
 Messages larger than one chunk travel as a REQUEST/RESPONSE frame with FLAG_MORE followed by
@@ -199,13 +200,10 @@ class Session(object):
             self.close_reason = reason
             pending = list(self._pending.values())
             self._pending.clear()
-            held = sum(a.held for a in self._assemblies.values()) + self._window
-            held += sum(r[3] for r in self._requests)
-            self._window = 0
-            self._assemblies.clear()
+            held = sum(r[3] for r in self._requests)
             self._requests.clear()
             self._room.notify_all()
-        # what the callers and the workers hold, they give back themselves
+        # what the callers, the workers and the reader hold, they give back themselves
         self.budget.release(self.holder, held)
         if notify:
             try:
@@ -306,7 +304,14 @@ class Session(object):
             log.exception("session with %s (%s) failed", self.peer_name, self.describe_address())
             self.close("internal error", notify=False)
         finally:
-            self._drop_loose()
+            self._drop_reader_room()
+
+    def _drop_reader_room(self):
+        """The reader ended: give back its window, its frame and its partial messages."""
+        held = self._take_loose() + self._window + sum(a.held for a in self._assemblies.values())
+        self._window = 0
+        self._assemblies.clear()
+        self.budget.release(self.holder, held)
 
     def _keepalive_if_due(self):
         now = compat.monotonic()
@@ -386,9 +391,6 @@ class Session(object):
     def _take_loose(self):
         held, self._loose = self._loose, 0
         return held
-
-    def _drop_loose(self):
-        self.budget.release(self.holder, self._take_loose())
 
     def _too_large(self):
         raise ProtocolError("message needs more room than this session may hold (%d bytes, "
