@@ -7,20 +7,22 @@ A callable raising ClusterError answers {"ok": false, "error": {"code": exc.code
 Threads: one reader thread per session (it also sends the keepalives) and up to `max_handlers`
 worker threads that serve incoming requests from a bounded queue. A handler must not wait for
 an answer from the same peer: with every worker waiting and the queue full, the reader stops
-reading that peer (see Memory below). The reader never blocks on sending: a keepalive is skipped while another frame is being
-sent (that frame proves we are alive), so two peers pushing bulk data at each other at once cannot
-deadlock with both readers waiting to write.
+reading that peer (see Memory below). The reader never blocks on sending: a keepalive is skipped
+while another frame is being sent (that frame proves we are alive), so two peers pushing bulk
+data at each other at once cannot deadlock with both readers waiting to write.
 Messages larger than one chunk travel as a REQUEST/RESPONSE frame with FLAG_MORE followed by
 FILE_CHUNK frames of the same request id.
 
 Memory (issue 12): every byte a peer makes us hold is granted by the process's budget.Budget
 before it is read. When a message starts, its worst case (twice the message limit: the frames
-and their inflated or joined form, or the frame itself for a small one) is granted at once,
-in the budget's fair order, and the frames that follow draw on it without waiting; once it
-is decoded the unused part goes back, and the rest is held until its handler answered (a
-request) or our caller took it (an answer). The reader does not read a session that waits
-for room, nor one whose queue of requests is full: backpressure, not decoded requests piling
-up. Answers to our own calls are granted ahead of the peers' requests (see budget.py).
+and their inflated or joined form; for a message in one uncompressed frame, SMALL_MESSAGE_COST
+times the frame) is granted at once, in the budget's fair order, and the frames that follow
+draw on it without waiting; once it is decoded the unused part goes back, and the rest is held
+until its handler returned (a request) or our caller took it (an answer). The reader does not
+read a session that waits for room, nor one whose queue of requests is full: backpressure, not
+decoded requests piling up. Answers to our own calls are granted ahead of the peers' requests
+(see budget.py). Outside it: the copies a frame takes while it is decrypted (about twice the
+frame, one frame at a time per session).
 A compressed request whose handler has `streams_data = True` is not inflated here: the
 handler gets a protocol.Inflater and inflates as it writes (sync_files: into the receiver).
 """

@@ -142,10 +142,10 @@ def test_inflater_refuses_trailing_and_corrupt_data(stream, reason):
 
 def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
     sizes = {}
+    names = b",".join(('"queue/agent-info/a%05d-any"' % i).encode() for i in range(1000))
     for name, raw in (("lists", b"[" + b"[]," * 1000 + b"[]]"),
                       ("dicts", b"[" + b"{}," * 1000 + b"{}]"),
-                      ("names", b'{"names":[' + b",".join(('"queue/agent-info/a%05d-any"' % i).encode()
-                                                           for i in range(1000)) + b"]}")):
+                      ("names", b'{"names":[' + names + b"]}")):
         sizes[name] = protocol.json_cost(raw)  # what CPython really spends is below
         assert sizes[name] > 6 * len(raw) or name == "names"
     assert sizes["names"] < 5 * len(b'"queue/agent-info/a00000-any",') * 1000
