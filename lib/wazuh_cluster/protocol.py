@@ -4,7 +4,8 @@ A frame's plaintext is type(1) | flags(1) | request_id(u32) | body (see channel.
 
     u32 BE header length | header (UTF-8 JSON object) | raw data
 
-where the raw data is zlib-compressed when FLAG_COMPRESSED is set and inflated with a bound.
+and the whole body is one zlib stream when FLAG_COMPRESSED is set, inflated with a bound as it
+is read (Inflater).
 Requests carry {"cmd": NAME, "args": {...}}; responses carry the envelope
 {"ok": bool, "result": ..., "error": {"code", "message"}}.
 """
@@ -121,26 +122,6 @@ def worth_compressing(data):
 def compress(data, level=1):
     """zlib stream of `data` (level 1: compression is the main cost of a bulk push)."""
     return zlib.compress(data, level)
-
-
-def inflate_bounded(data, max_length):
-    """Inflate a zlib stream to at most `max_length` bytes; a bigger output is a ProtocolError."""
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data, max_length + 1)
-    except zlib.error:
-        raise ProtocolError("corrupt compressed data")
-    if len(out) > max_length or d.unconsumed_tail:
-        raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
-    try:
-        tail = d.flush()
-    except zlib.error:
-        raise ProtocolError("corrupt compressed data")
-    if len(out) + len(tail) > max_length:
-        raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
-    if not getattr(d, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
-        raise ProtocolError("compressed data truncated")
-    return out + tail if tail else out  # no copy of megabytes for nothing
 
 
 INFLATE_CHUNK = 256 << 10   # bytes inflated at a time by Inflater
