@@ -89,7 +89,7 @@ class Budget(object):
         """
         n = int(n)
         if n > self.grantable(holder):
-            raise Refused("%d bytes needed, at most %d can ever be granted (%s)"
+            raise Refused("%d bytes needed, at most %d can ever be granted to %s"
                           % (n, self.grantable(holder), holder.name))
         end = None if timeout is None else compat.monotonic() + timeout
         with self._cond:

@@ -21,8 +21,7 @@ draw on it without waiting; once it is decoded the unused part goes back, and th
 until its handler returned (a request) or our caller took it (an answer). The reader does not
 read a session that waits for room, nor one whose queue of requests is full: backpressure, not
 decoded requests piling up. Answers to our own calls are granted ahead of the peers' requests
-(see budget.py). Outside it: the copies a frame takes while it is decrypted (about twice the
-frame, one frame at a time per session).
+(see budget.py); so are the copies a frame takes while it is read and decrypted.
 A compressed request whose handler has `streams_data = True` is not inflated here: the
 handler gets a protocol.Inflater and inflates as it writes (sync_files: into the receiver).
 """
@@ -51,6 +50,7 @@ MIN_COST = 4096      # what a queued request costs at least (its header dict, it
 # least SMALL_WINDOW (protocol.json_cost is at most about 37 times the JSON text).
 SMALL_MESSAGE_COST = 40
 SMALL_WINDOW = 64 << 10
+FRAME_COPIES = 2     # copies of a frame besides its body while it is read (see _admit)
 
 
 class _Pending(object):
@@ -120,6 +120,7 @@ class Session(object):
         self._assemblies = {}
         self._window = 0         # granted to the reader, not used yet (see _admit)
         self._loose = 0          # taken from it by the frame being read, not owned yet
+        self._copies = 0         # taken from it for that frame's copies while it is opened
         self._max_handlers = max_handlers
         self._max_queued = max_queued
         self._requests = collections.deque()
@@ -310,8 +311,9 @@ class Session(object):
 
     def _drop_reader_room(self):
         """The reader ended: give back its window, its frame and its partial messages."""
-        held = self._take_loose() + self._window + sum(a.held for a in self._assemblies.values())
-        self._window = 0
+        held = self._take_loose() + self._window + self._copies + \
+            sum(a.held for a in self._assemblies.values())
+        self._window = self._copies = 0
         self._assemblies.clear()
         self.budget.release(self.holder, held)
 
@@ -354,7 +356,10 @@ class Session(object):
                 raise ProtocolError("%s frame of %d bytes" % (protocol.type_name(msg_type),
                                                               length))
             return
-        if self._window < need:
+        # while it is read and decrypted the frame is there three times (buffer, ciphertext,
+        # plaintext): room for the copies too, given back once it is open (_handle)
+        copies = FRAME_COPIES * need
+        if self._window < need + copies:
             if self._assemblies:
                 self._too_large()
             # the window: room for the largest message's frames and for decoding it (joined
@@ -364,15 +369,17 @@ class Session(object):
                     not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
                 # a whole message in this frame: room for it and its decoded header
                 want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
-            want = max(need, self.budget.grantable(self.holder, want))
+            want = max(need + copies, self.budget.grantable(self.holder, want))
             try:
                 self._wait_until(lambda step: self.budget.acquire(self.holder, want, step,
                                                                   urgent))
             except budgets.Refused as exc:
-                raise ProtocolError("message refused: %s" % exc.message)
+                raise ProtocolError("message refused: %s, this session's share of "
+                                    "cluster.max_inflight_bytes" % exc.message)
             self._window += want
-        self._window -= need
+        self._window -= need + copies
         self._loose += need
+        self._copies = copies
 
     def _queue_has_room(self, step):
         with self._lock:
@@ -407,6 +414,8 @@ class Session(object):
     # -- messages -----------------------------------------------------------------------------
 
     def _handle(self, frame):
+        self._window += self._copies
+        self._copies = 0
         try:
             self._dispatch_frame(frame)
         finally:
