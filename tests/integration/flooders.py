@@ -22,7 +22,6 @@ import os
 import socket
 import struct
 import threading
-import time
 import zlib
 
 from wazuh_cluster import channel, protocol
@@ -232,7 +231,3 @@ class RssSampler(object):
         self.stopped.set()
         self.thread.join(5)
         return self.peak
-
-
-def now():
-    return time.time()
