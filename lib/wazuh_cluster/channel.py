@@ -45,6 +45,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from cryptography.hazmat.backends import default_backend
     from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     from cryptography.exceptions import InvalidTag
@@ -178,13 +179,24 @@ def next_key(key):
 
 class _Direction(object):
     """One direction of a session: AES-GCM key, its counter, and how many updates happened."""
-    __slots__ = ("aead", "key", "counter", "epoch")
+    __slots__ = ("aead", "key", "counter", "epoch", "_block")
 
     def __init__(self, key):
         self.key = key
         self.aead = AESGCM(key)
         self.counter = 0
         self.epoch = 0
+        self._block = None
+
+    def keystream(self):
+        """The GCM keystream of the next frame's first plaintext bytes (its header).
+
+        GCM encrypts block i of the plaintext with AES(key, nonce | u32 BE (i + 2)).
+        """
+        if self._block is None:
+            self._block = Cipher(algorithms.AES(self.key), modes.ECB(),
+                                 backend=default_backend()).encryptor()
+        return self._block.update(self.nonce() + b"\x00\x00\x00\x02")[:FRAME_HEADER.size]
 
     def nonce(self):
         if self.counter >= HARD_LIMIT:
@@ -196,6 +208,7 @@ class _Direction(object):
         if key_update:
             self.key = next_key(self.key)
             self.aead = AESGCM(self.key)
+            self._block = None
             self.counter = 0
             self.epoch += 1
 
@@ -281,6 +294,20 @@ class FrameCodec(object):
             raise ProtocolError("bad frame length %d (allowed %d..%d)" %
                                 (length, MIN_FRAME, self.max_frame_bytes))
         return length
+
+    def peek(self, head):
+        """(type, flags, request_id) of the next frame from its first ciphertext bytes.
+
+        NOT authenticated: only to decide how much room to make for the frame before it is
+        read (session.py); open() authenticates the same bytes afterwards, so a frame that
+        lied here fails there.
+        """
+        if self.broken:
+            raise ProtocolError("channel is closed after an error")
+        plain = bytearray(a ^ b for a, b in zip(bytearray(head[:FRAME_HEADER.size]),
+                                                bytearray(self._recv.keystream())))
+        msg_type, flags, request_id = FRAME_HEADER.unpack(bytes(plain))
+        return msg_type, flags & ~FLAG_KEY_UPDATE, request_id
 
     def open(self, prefix, ciphertext):
         """Authenticate and decrypt one frame; returns (type, flags, request_id, body bytes).
@@ -599,11 +626,14 @@ class SecureChannel(object):
                 raise ProtocolError("connection closed in the middle of a frame")
             got += k
 
-    def recv_frame(self, timeout=None):
+    def recv_frame(self, timeout=None, admit=None):
         """Next frame as (type, flags, request_id, body), or None when `timeout` passes first.
 
-        Raises ChannelClosed when the peer closed between frames, ProtocolError on anything else
-        (the channel is then closed).
+        admit(length, (type, flags, request_id)): called once the frame's length and its
+        (unauthenticated, see FrameCodec.peek) header are known and before the rest of it is
+        read; it may block (nothing more is read from the socket meanwhile: backpressure) and
+        raise to refuse the frame. Raises ChannelClosed when the peer closed between frames,
+        ProtocolError on anything else (the channel is then closed).
         """
         if self._closed:
             raise ChannelClosed("channel is closed")
@@ -632,8 +662,18 @@ class SecureChannel(object):
             if len(self._buf) < length:
                 self._buf = bytearray(length)
             view = memoryview(self._buf)[:length]
-            self._recv_into(view, deadline_end)
-            return self.codec.open(bytes(prefix), view.tobytes())
+            if admit is None:
+                self._recv_into(view, deadline_end)
+            else:
+                head = FRAME_HEADER.size
+                self._recv_into(view[:head], deadline_end)
+                admit(length, self.codec.peek(view[:head].tobytes()))
+                self._recv_into(view[head:], compat.monotonic() + self.io_timeout)
+            frame = self.codec.open(bytes(prefix), view.tobytes())
+            if admit is not None and len(self._buf) > _SMALL_BUFFER:
+                # the frame's room in the budget ends with it: keep no big buffer beyond it
+                self._buf = bytearray(_SMALL_BUFFER)
+            return frame
         except ProtocolError:
             self.close()
             raise

@@ -10,6 +10,7 @@ import socket
 import sys
 
 from wazuh_cluster import __version__, compat, daemon, logs, peers
+from wazuh_cluster.budget import Budget
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
 from wazuh_cluster.errors import ClusterError
@@ -103,7 +104,8 @@ def peer_settings(cfg):
         max_connections_per_address=options.max_connections_per_address,
         max_pending_per_address=options.max_pending_per_address,
         legacy_node_requests=options.legacy_node_requests, version=__version__,
-        reconnect_max=options.reconnect_max)
+        reconnect_max=options.reconnect_max,
+        max_client_message_bytes=options.max_client_message_bytes)
 
 
 class ClusterNode(object):
@@ -121,10 +123,13 @@ class ClusterNode(object):
         self.settings = peer_settings(cfg)
         dispatcher = {}  # filled below, before any session can start
         self.registry = peers.NodeRegistry()
+        # one budget for everything every peer sends (see budget.py)
+        self.budget = Budget(cfg.options.max_inflight_bytes)
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,
-                                           on_close=self.sync.session_ended)
+                                           on_close=self.sync.session_ended,
+                                           budget=self.budget)
         except socket.error as err:
             raise ClusterError("cannot listen on %s:%d: %s"
                                % (cfg.bind_addr, cfg.port, err.args[-1]))
@@ -132,7 +137,7 @@ class ClusterNode(object):
         if not cfg.is_master:
             self.dialer = peers.Dialer(self.settings, dispatcher,
                                        on_session=self.sync.session_started,
-                                       on_close=self.sync.session_ended)
+                                       on_close=self.sync.session_ended, budget=self.budget)
         commands = Commands(self)
         dispatcher.update(self.inbox.handlers())
         dispatcher.update(commands.peer_handlers())

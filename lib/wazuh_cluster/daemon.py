@@ -107,16 +107,24 @@ def ossec_ids():
     return uid, gid
 
 
+MMAP_THRESHOLD = 256 << 10
+
+
 def limit_malloc_arenas(count=2):
     """Cap glibc's malloc arenas; call before the first thread starts. True when applied.
 
     glibc gives threads arenas of their own (up to 8 per core); memory freed in them mostly
     stays mapped, so a daemon whose request threads come and go keeps tens of megabytes
-    (the effect of MALLOC_ARENA_MAX=2, set from inside). Elsewhere this does nothing.
+    (the effect of MALLOC_ARENA_MAX=2, set from inside). The mmap threshold is fixed too:
+    glibc raises it each time a big block is freed, after which megabyte frames and messages
+    come from the heap and stay there (12 flooding peers: 136 MB peak instead of 100 MB).
+    Elsewhere this does nothing.
     """
     try:
         import ctypes
-        return ctypes.CDLL(None).mallopt(-8, count) == 1  # -8: M_ARENA_MAX
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MMAP_THRESHOLD)                 # -3: M_MMAP_THRESHOLD
+        return libc.mallopt(-8, count) == 1  # -8: M_ARENA_MAX
     except (ImportError, OSError, AttributeError):
         return False
 

@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, protocol, receive, staterows
-from wazuh_cluster.errors import RequestError
+from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive, staterows
+from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
 # Bytes of names per "manifest" request to the internal daemon (its requests are at most
@@ -44,8 +44,60 @@ def _check_list(header, key, fields):
     return value
 
 
+class _Stream(object):
+    """The files of a compressed batch, inflated in order as the receiver writes them."""
+
+    def __init__(self, source):
+        self.source = source        # a protocol.Inflater positioned at the batch's data
+        self.position = 0           # bytes of data inflated so far
+
+    def skip_to(self, offset):
+        """Inflate and drop the data before `offset` (of files the receiver did not read)."""
+        if offset < self.position:
+            raise ProtocolError("batch data read out of order")
+        while self.position < offset:
+            self.read(min(protocol.INFLATE_CHUNK, offset - self.position))
+
+    def read(self, n):
+        chunk = self.source.read(n)
+        if len(chunk) != n:
+            raise _bad("file sizes do not add up to the data sent")
+        self.position += n
+        return chunk
+
+    def finish(self, total):
+        """Check that the data held exactly `total` bytes (what the sizes add up to)."""
+        self.skip_to(total)
+        if not self.source.at_end():
+            raise _bad("file sizes do not add up to the data sent")
+
+
+class _StreamedFile(object):
+    """One file's data in a _Stream: receive.Incoming data with chunks() (see receive.py)."""
+    __slots__ = ("stream", "offset", "size")
+
+    def __init__(self, stream, offset, size):
+        self.stream, self.offset, self.size = stream, offset, size
+
+    def chunks(self):
+        self.stream.skip_to(self.offset)
+        left = self.size
+        while left > 0:
+            n = min(left, protocol.INFLATE_CHUNK)
+            yield self.stream.read(n)
+            left -= n
+
+    def tobytes(self):
+        return b"".join(self.chunks())
+
+
 def parse_batch(header, data):
-    """(incoming files, deletes, deleted folders) of a sync_files request, or RequestError."""
+    """(incoming files, deletes, deleted folders) of a sync_files request, or RequestError.
+
+    `data`: the files' bytes, or a protocol.Inflater over them: each file then reads its data
+    from it as it is written (see _StreamedFile), and the caller checks the end with
+    stream_end(incoming, data) once the batch was applied.
+    """
     if not isinstance(header, dict):
         raise _bad("the request must be an object")
     files = _check_list(header, "files", (("name", compat.string_types),
@@ -57,14 +109,21 @@ def parse_batch(header, data):
                                         ("mtime_ns", compat.integer_types)))
     deletes = _check_list(header, "delete", None)
     dirs = _check_list(header, "delete_dirs", None)
-    if sum(entry["size"] for entry in files) != len(data) or \
-            any(entry["size"] < 0 for entry in files):
+    total = sum(entry["size"] for entry in files)
+    streamed = isinstance(data, protocol.Inflater)
+    if any(entry["size"] < 0 for entry in files) or \
+            total > (data.max_length if streamed else len(data)) or \
+            (not streamed and total != len(data)):
         raise _bad("file sizes do not add up to the data sent")
     incoming = []
     offset = 0
-    view = memoryview(data)  # slices of it, not copies: a batch may be megabytes
+    # slices of the data, not copies: a batch may be megabytes
+    source = _Stream(data) if streamed else memoryview(data)
     for entry in files:
-        chunk = view[offset:offset + entry["size"]]
+        if streamed:
+            chunk = _StreamedFile(source, offset, entry["size"])
+        else:
+            chunk = source[offset:offset + entry["size"]]
         offset += entry["size"]
         incoming.append(receive.Incoming(entry["name"], chunk, entry["sha256"],
                                          entry["mtime_ns"], False))
@@ -72,6 +131,14 @@ def parse_batch(header, data):
         incoming.append(receive.Incoming(entry["name"], None, entry["sha256"], entry["mtime_ns"],
                                          True))
     return incoming, deletes, dirs
+
+
+def stream_end(incoming):
+    """For a streamed batch: drain what the receiver did not read and check the data's end."""
+    files = [f for f in incoming if isinstance(f.data, _StreamedFile)]
+    if files:
+        last = files[-1].data
+        last.stream.finish(last.offset + last.size)
 
 
 def manifest_queries(source, names, as_data):
@@ -168,8 +235,14 @@ class Inbox(object):
         return {"files_in_data": True}, data, protocol.worth_compressing(data)
 
     def sync_files(self, session, args, data):
+        """Apply a batch of files from a peer; its data is inflated as it is written."""
         started = time.time()
         incoming, deletes, dirs = parse_batch(args, data)
+        if isinstance(data, protocol.Inflater) and not self.cfg.is_master and \
+                self.touches_keys(incoming, deletes):
+            # the removal guard compares the whole new client.keys with ours first
+            incoming, deletes, dirs = parse_batch(args, data.read_all())
+        parsed = incoming
         peer = session.peer_name
         refused = {}
         if session.peer_role == "client":
@@ -188,6 +261,7 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
                 self.drop_agents(before, self.read_keys())
+        stream_end(parsed)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
@@ -198,6 +272,8 @@ class Inbox(object):
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         return {"states": states}, b""
+
+    sync_files.streams_data = True   # session.py: hand it the compressed data, not inflated
 
     def refuse_deletes(self, peer, names):
         """{name: "invalid"} for deletions a client asked of us; logged (bounded).

@@ -24,6 +24,8 @@ Settings (build them with `make_settings(**fields)`; the lead fills them from th
     io_timeout              a frame stalled midway or a send without progress for this long
                             closes the session (default: 3 * keepalive)
     reconnect_min, reconnect_max   Dialer backoff bounds in seconds (capped exponential + jitter)
+    max_client_message_bytes  largest message a master takes from a client (on the wire and
+                            inflated); a client takes up to session.DEFAULT_MAX_MESSAGE
 
 After the handshake the dialing client sends HELLO_INFO {"name","role","version"}; the master
 answers HELLO_INFO or ERROR {"code","message"} (second master, duplicate name) and closes. A
@@ -39,9 +41,10 @@ import random
 import socket
 import threading
 
+from wazuh_cluster import budget as budgets
 from wazuh_cluster import admission, channel, compat, legacy_node, protocol, text
 from wazuh_cluster.errors import HandshakeError, ProtocolError
-from wazuh_cluster.session import Session
+from wazuh_cluster.session import CONTROL_FRAME_FREE, Session
 
 log = logging.getLogger("wazuh_cluster")
 
@@ -49,14 +52,14 @@ _FIELDS = ("node_name", "cluster_name", "key", "role", "bind_addr", "port", "nod
            "own_addresses", "keepalive", "handshake_timeout", "max_frame_bytes",
            "allow_unlisted_peers", "max_connections", "max_pending_handshakes", "version",
            "io_timeout", "reconnect_min", "reconnect_max", "max_connections_per_address",
-           "max_pending_per_address", "legacy_node_requests")
+           "max_pending_per_address", "legacy_node_requests", "max_client_message_bytes")
 _DEFAULTS = {
     "bind_addr": "0.0.0.0", "port": 1516, "nodes": (), "own_addresses": (), "keepalive": 30.0,
     "handshake_timeout": 10.0, "max_frame_bytes": channel.DEFAULT_MAX_FRAME_BYTES,
     "allow_unlisted_peers": False, "max_connections": 256, "max_pending_handshakes": 32,
     "version": "3.0.0", "io_timeout": None, "reconnect_min": 1.0, "reconnect_max": 60.0,
     "max_connections_per_address": 8, "max_pending_per_address": 4,
-    "legacy_node_requests": True,
+    "legacy_node_requests": True, "max_client_message_bytes": 8 << 20,
 }
 
 
@@ -159,15 +162,17 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
     settings: PeerSettings; dispatcher: mapping cmd -> callable(session, args, data);
     registry: NodeRegistry shared with the daemon (a new one when None);
     on_session(session): called when a client session is registered (master only);
-    on_close(session, reason): called when such a session ends (after it left the registry).
+    on_close(session, reason): called when such a session ends (after it left the registry);
+    budget: the process's budget.Budget for what peers send (a new one when None).
     """
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 256
 
     def __init__(self, settings, dispatcher, registry=None, on_session=None, on_close=None,
-                 nonce_book=None, refusals=None):
+                 nonce_book=None, refusals=None, budget=None):
         self.settings = settings
+        self.budget = budget if budget is not None else budgets.Budget()
         self.dispatcher = dispatcher
         self.registry = registry if registry is not None else NodeRegistry()
         self.on_session = on_session
@@ -281,7 +286,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             ch.close()
             return
         try:
-            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
+            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()), admit=_small)
             if frame is None:
                 self._refuse(address, "no hello before the deadline", who=who)
                 return
@@ -296,8 +301,12 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                 _refuse(ch, "second_master", "node %s is already the master of cluster %s"
                         % (s.node_name, s.cluster_name))
                 return
+            # A client's messages are small (agent-info): each client session may hold two
+            # of the largest at once.
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, address,
-                              _version(hello, who), max_handlers=8)
+                              _version(hello, who), max_message_bytes=s.max_client_message_bytes,
+                              max_handlers=8, budget=self.budget,
+                              share=2 * s.max_client_message_bytes)
             ok, other = self.registry.register(session)
             if not ok:
                 self._refuse(address, "node name %s already connected from %s"
@@ -352,6 +361,12 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             self.on_close(session, reason)
 
 
+def _small(length, peeked):
+    """recv_frame's admit for a hello: it is a few hundred bytes, never megabytes."""
+    if length > CONTROL_FRAME_FREE:
+        raise ProtocolError("hello frame of %d bytes" % length)
+
+
 def _refuse(ch, code, message):
     try:
         ch.send_frame(protocol.ERROR, 0, 0, protocol.encode_body(
@@ -380,12 +395,15 @@ class Dialer(object):
 
     dispatcher: commands the master may call on us; on_session(session) when a session starts,
     on_close(session, reason) when it ends. `rng` (random.Random-like) and `resolver`
-    (host -> list of IPs) are seams for tests. start() runs it in a thread; stop() returns promptly.
+    (host -> list of IPs) are seams for tests; budget: the process's budget.Budget (a new one
+    when None; the session with the master may use all of it). start() runs it in a thread;
+    stop() returns promptly.
     """
 
     def __init__(self, settings, dispatcher, on_session=None, on_close=None, nonce_book=None,
-                 rng=None, resolver=None):
+                 rng=None, resolver=None, budget=None):
         self.settings = settings
+        self.budget = budget if budget is not None else budgets.Budget()
         self.dispatcher = dispatcher
         self.on_session = on_session
         self.on_close = on_close
@@ -541,7 +559,7 @@ class Dialer(object):
                 return None
             ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
                 {"name": s.node_name, "role": s.role, "version": s.version}))
-            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()))
+            frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()), admit=_small)
             if frame is None:
                 self._report(logging.WARNING, "master %s at %s did not answer our hello",
                              hs.peer_name, peer)
@@ -562,7 +580,8 @@ class Dialer(object):
                 return None
             self._connecting = None
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, (ip, s.port),
-                              _version(header, "%s (%s)" % (peer, hs.peer_name)))
+                              _version(header, "%s (%s)" % (peer, hs.peer_name)),
+                              budget=self.budget, share=self.budget.total)
             self._report(None, "")
             log.info("connected to master %s at %s", hs.peer_name, peer)
             return session

@@ -4,12 +4,14 @@ A frame's plaintext is type(1) | flags(1) | request_id(u32) | body (see channel.
 
     u32 BE header length | header (UTF-8 JSON object) | raw data
 
-where the raw data is zlib-compressed when FLAG_COMPRESSED is set and inflated with a bound.
+and the whole body is one zlib stream when FLAG_COMPRESSED is set, inflated with a bound as it
+is read (Inflater).
 Requests carry {"cmd": NAME, "args": {...}}; responses carry the envelope
 {"ok": bool, "result": ..., "error": {"code", "message"}}.
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import json
 import struct
 import zlib
@@ -61,20 +63,55 @@ def encode_body(header, data=b""):
     return _U32.pack(len(head)) + head + compat.to_bytes(data)
 
 
-def decode_body(body):
+def decode_body(body, max_header=MAX_HEADER_BYTES):
     """(header dict, raw bytes) from a body; ProtocolError when malformed."""
     if len(body) < 4:
         raise ProtocolError("body too short")
     (n,) = _U32.unpack(body[:4])
-    if n > MAX_HEADER_BYTES or 4 + n > len(body):
+    if n > max_header or 4 + n > len(body):
         raise ProtocolError("bad header length %d" % n)
+    return _parse_header(body[4:4 + n]), body[4 + n:]
+
+
+def json_cost(raw):
+    """About the most bytes of Python objects that json.loads(raw) can make (raw: bytes).
+
+    JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
+    its size): every structure, string, member and element is counted at what CPython
+    spends on it, from the characters that open them, before anything is parsed.
+    """
+    return (len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) + 30 * raw.count(b'"') +
+            40 * raw.count(b":") + 36 * raw.count(b","))
+
+
+def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None):
+    """(header, raw data, json_cost of the header) of a body; the cost is checked first."""
+    if len(body) < 4:
+        raise ProtocolError("body too short")
+    (n,) = _U32.unpack(body[:4])
+    if n > max_header or 4 + n > len(body):
+        raise ProtocolError("bad header length %d" % n)
+    raw = body[4:4 + n]
+    cost = _check_cost(raw, max_cost)
+    return _parse_header(raw), body[4 + n:], cost
+
+
+def _check_cost(raw, max_cost):
+    cost = json_cost(raw)
+    if max_cost is not None and cost > max_cost:
+        raise ProtocolError("header of %d bytes would take about %d bytes decoded, more than "
+                            "the %d allowed" % (len(raw), cost, max_cost))
+    return cost
+
+
+def _parse_header(raw):
     try:
-        header = json.loads(compat.to_text(body[4:4 + n]))
+        header = json.loads(compat.to_text(raw))
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
-    return header, body[4 + n:]
+    return header
 
 
 def worth_compressing(data):
@@ -87,24 +124,116 @@ def compress(data, level=1):
     return zlib.compress(data, level)
 
 
-def inflate_bounded(data, max_length):
-    """Inflate a zlib stream to at most `max_length` bytes; a bigger output is a ProtocolError."""
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data, max_length + 1)
-    except zlib.error:
-        raise ProtocolError("corrupt compressed data")
-    if len(out) > max_length or d.unconsumed_tail:
-        raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
-    try:
-        tail = d.flush()
-    except zlib.error:
-        raise ProtocolError("corrupt compressed data")
-    if len(out) + len(tail) > max_length:
-        raise ProtocolError("compressed data inflates beyond %d bytes" % max_length)
-    if not getattr(d, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
-        raise ProtocolError("compressed data truncated")
-    return out + tail if tail else out  # no copy of megabytes for nothing
+INFLATE_CHUNK = 256 << 10   # bytes inflated at a time by Inflater
+
+
+class Inflater(object):
+    """The inflated bytes of a zlib stream given as compressed `parts`, read as they are needed.
+
+    Nothing is inflated ahead of a read, and a read inflates at most what it returns plus one
+    INFLATE_CHUNK: a bomb costs its compressed size in memory, not its inflated size. More than
+    `max_length` inflated bytes in all, a corrupt or (on 3.x) truncated stream, or data after
+    its end raise ProtocolError when they are reached.
+    """
+
+    def __init__(self, parts, max_length):
+        self._parts = collections.deque(parts)
+        self._z = zlib.decompressobj()
+        self._pending = b""          # inflated; returned up to _pos
+        self._pos = 0
+        self._fed = b""              # compressed input not consumed yet (unconsumed_tail)
+        self._ended = False
+        self.max_length = max_length
+        self.inflated = 0            # bytes returned so far
+
+    def compressed_size(self):
+        """Bytes of compressed input still held."""
+        return sum(len(p) for p in self._parts) + len(self._fed)
+
+    def _inflate_some(self):
+        """Inflate up to INFLATE_CHUNK more bytes into _pending; False at the stream's end."""
+        while not self._ended:
+            if not self._fed:
+                if not self._parts:
+                    self._finish()
+                    return False
+                self._fed = self._parts.popleft()
+            try:
+                out = self._z.decompress(self._fed, INFLATE_CHUNK)
+            except zlib.error:
+                raise ProtocolError("corrupt compressed data")
+            self._fed = self._z.unconsumed_tail
+            if getattr(self._z, "eof", False) or self._z.unused_data:
+                self._check_end()
+            if out:
+                self._count(len(out))
+                self._pending += out
+                return True
+        return False
+
+    def _count(self, n):
+        if self.inflated + len(self._pending) - self._pos + n > self.max_length:
+            raise ProtocolError("compressed data inflates beyond %d bytes" % self.max_length)
+
+    def _check_end(self):
+        if self._z.unused_data or self._fed or any(self._parts):
+            raise ProtocolError("data after the end of the compressed stream")
+        self._ended = True
+
+    def _finish(self):
+        try:
+            tail = self._z.flush()
+        except zlib.error:
+            raise ProtocolError("corrupt compressed data")
+        if tail:
+            self._count(len(tail))
+            self._pending += tail
+        if not getattr(self._z, "eof", True):  # 2.7's decompressobj cannot tell; 3.x can
+            raise ProtocolError("compressed data truncated")
+        self._ended = True
+
+    def read(self, n):
+        """Up to `n` inflated bytes (fewer only at the end of the stream)."""
+        if len(self._pending) - self._pos < n:
+            self._pending = self._pending[self._pos:]
+            self._pos = 0
+            while len(self._pending) < n and self._inflate_some():
+                pass
+        out = self._pending[self._pos:self._pos + n]
+        self._pos += len(out)
+        self.inflated += len(out)
+        return out
+
+    def read_exact(self, n, what="data"):
+        """Exactly `n` inflated bytes, or ProtocolError naming `what`."""
+        out = self.read(n)
+        if len(out) != n:
+            raise ProtocolError("compressed %s truncated" % what)
+        return out
+
+    def read_all(self):
+        """Everything left, as one byte string (bounded by max_length)."""
+        parts = [self.read(INFLATE_CHUNK)]
+        while parts[-1]:
+            parts.append(self.read(INFLATE_CHUNK))
+        return b"".join(parts)
+
+    def at_end(self):
+        """True when nothing is left to read (the whole stream checked)."""
+        return not self.read(1) and self._ended
+
+
+def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES, max_cost=None):
+    """(header dict, its json_cost) at the start of an inflated body (see decode_costed).
+
+    The Inflater is left at the body's data.
+    """
+    (n,) = _U32.unpack(inflater.read_exact(4, "body"))
+    if n > max_header:
+        raise ProtocolError("header of %d bytes (limit %d)" % (n, max_header))
+    raw = inflater.read_exact(n, "header")
+    cost = _check_cost(raw, max_cost)
+    return _parse_header(raw), cost
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):

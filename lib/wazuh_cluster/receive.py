@@ -85,7 +85,9 @@ class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mt
                                                    "meta_only"))):
     """One file of a batch: text name, data, SHA-256 hex, mtime in ns, meta_only flag.
 
-    data: bytes, bytearray or memoryview (a slice of a received buffer: nothing is copied).
+    data: bytes, bytearray or memoryview (a slice of a received buffer: nothing is copied),
+    or a source whose chunks() yields the bytes (inflated as they are written, hashed on the
+    way: a file is never whole in memory).
 
     meta_only=True means "same content as you have, only the mtime changed" (an agent-info
     keepalive): `data` is ignored and may be None.
@@ -377,7 +379,9 @@ class _Batch(object):
         name = incoming.name
         item, parts = self._locate(name)
         sha = _check_fields(incoming)
-        if not incoming.meta_only and hashlib.sha256(incoming.data).hexdigest() != sha:
+        streamed = _is_source(incoming.data)
+        if not incoming.meta_only and not streamed and \
+                hashlib.sha256(incoming.data).hexdigest() != sha:
             raise TransferError("checksum mismatch")
         mtime_ns = self._sane_mtime(name, incoming.mtime_ns)
         folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
@@ -394,7 +398,8 @@ class _Batch(object):
                 raise TransferError("meta-only update of a file we do not have")
             entry = self._touch(where, parts[-1], target, sha, mtime_ns, item)
         else:
-            entry = self._write_temp(where, parts[-1], mtime_ns, item, fsops.write_all,
+            entry = self._write_temp(where, parts[-1], mtime_ns, item,
+                                     _write_checked(sha) if streamed else fsops.write_all,
                                      incoming.data)
         temp, staged = entry
         self.staged.append(_Staged(name, temp, target, folder, dev, staged))
@@ -572,7 +577,8 @@ def _check_fields(incoming):
     if not isinstance(sha, compat.text_type) or not _HEX64.match(sha.lower()):
         raise PathRefused("bad sha256 field")
     check_mtime(incoming.mtime_ns)
-    if not incoming.meta_only and not isinstance(incoming.data, (bytes, bytearray, memoryview)):
+    if not incoming.meta_only and not _is_source(incoming.data) and \
+            not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
 
@@ -582,6 +588,22 @@ def _copy_checked(sha):
     def fill(fd, source):
         if fsops.copy_fd(fd, source) != sha:
             raise TransferError("meta-only update but the local content differs")
+    return fill
+
+
+def _is_source(data):
+    return callable(getattr(data, "chunks", None))
+
+
+def _write_checked(sha):
+    """A fill function for _write_temp: write a source's chunks, which must hash to `sha`."""
+    def fill(fd, source):
+        digest = hashlib.sha256()
+        for chunk in source.chunks():
+            fsops.write_all(fd, chunk)
+            digest.update(chunk)
+        if digest.hexdigest() != sha:
+            raise TransferError("checksum mismatch")
     return fill
 
 

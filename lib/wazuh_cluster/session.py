@@ -5,12 +5,25 @@ cmd -> callable(session, args, data) returning (result, data) or (result, data, 
 A callable raising ClusterError answers {"ok": false, "error": {"code": exc.code, ...}}.
 
 Threads: one reader thread per session (it also sends the keepalives) and up to `max_handlers`
-worker threads that serve incoming requests from a bounded queue, so a handler may itself call
-the peer. The reader never blocks on sending: a keepalive is skipped while another frame is being
-sent (that frame proves we are alive), so two peers pushing bulk data at each other at once cannot
-deadlock with both readers waiting to write.
+worker threads that serve incoming requests from a bounded queue. A handler must not wait for
+an answer from the same peer: with every worker waiting and the queue full, the reader stops
+reading that peer (see Memory below). The reader never blocks on sending: a keepalive is skipped
+while another frame is being sent (that frame proves we are alive), so two peers pushing bulk
+data at each other at once cannot deadlock with both readers waiting to write.
 Messages larger than one chunk travel as a REQUEST/RESPONSE frame with FLAG_MORE followed by
-FILE_CHUNK frames of the same request id; the receiver bounds what it buffers.
+FILE_CHUNK frames of the same request id.
+
+Memory (issue 12): every byte a peer makes us hold is granted by the process's budget.Budget
+before it is read. When a message starts, its worst case (twice the message limit: the frames
+and their inflated or joined form; for a message in one uncompressed frame, SMALL_MESSAGE_COST
+times the frame) is granted at once, in the budget's fair order, and the frames that follow
+draw on it without waiting; once it is decoded the unused part goes back, and the rest is held
+until its handler returned (a request) or our caller took it (an answer). The reader does not
+read a session that waits for room, nor one whose queue of requests is full: backpressure, not
+decoded requests piling up. Answers to our own calls are granted ahead of the peers' requests
+(see budget.py); so are the copies a frame takes while it is read and decrypted.
+A compressed request whose handler has `streams_data = True` is not inflated here: the
+handler gets a protocol.Inflater and inflates as it writes (sync_files: into the receiver).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -19,8 +32,9 @@ import logging
 import threading
 import time
 
+from wazuh_cluster import budget as budgets
 from wazuh_cluster import compat, protocol, text
-from wazuh_cluster.channel import ChannelClosed
+from wazuh_cluster.channel import MIN_FRAME, ChannelClosed
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 log = logging.getLogger("wazuh_cluster")
@@ -28,26 +42,37 @@ log = logging.getLogger("wazuh_cluster")
 FLAG_OF_RESPONSE = protocol.FLAG_RESPONSE_CHUNK
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 MISSED_KEEPALIVES = 3
+# Frames without a message (keepalive, close, error) up to this size need no grant: one at a
+# time per session, and a keepalive must not wait behind the peers' requests.
+CONTROL_FRAME_FREE = 64 << 10
+MIN_COST = 4096      # what a queued request costs at least (its header dict, its tuple)
+# The window of a message that fits in one uncompressed frame: this many times the frame, at
+# least SMALL_WINDOW (protocol.json_cost is at most about 37 times the JSON text).
+SMALL_MESSAGE_COST = 40
+SMALL_WINDOW = 64 << 10
+FRAME_COPIES = 2     # copies of a frame besides its body while it is read (see _admit)
 
 
 class _Pending(object):
-    __slots__ = ("event", "header", "data", "error")
+    __slots__ = ("event", "header", "data", "error", "held")
 
     def __init__(self):
         self.event = compat.Event()
         self.header = None
         self.data = b""
         self.error = None
+        self.held = 0
 
 
 class _Assembly(object):
-    __slots__ = ("msg_type", "flags", "parts", "size")
+    __slots__ = ("msg_type", "flags", "parts", "size", "held")
 
-    def __init__(self, msg_type, flags):
+    def __init__(self, msg_type, flags, held):
         self.msg_type = msg_type
         self.flags = flags
         self.parts = []
         self.size = 0
+        self.held = held
 
 
 class Session(object):
@@ -56,12 +81,17 @@ class Session(object):
     channel: channel.SecureChannel; dispatcher: mapping of commands (see module doc);
     keepalive: seconds between keepalives (the peer is dead after three silent intervals);
     on_close: callable(session, reason) called once when the session ends;
-    address: the peer's (host, port); version: the peer's software version (from HELLO_INFO).
+    address: the peer's (host, port); version: the peer's software version (from HELLO_INFO);
+    max_message_bytes: the largest message accepted, on the wire and inflated;
+    budget: the process's budget.Budget (a private one sized for one message when None);
+    share: the most this session may hold of it (the budget's share when None);
+    max_handlers: worker threads; max_queued: requests waiting for one before the peer is no
+    longer read.
     """
 
     def __init__(self, channel, dispatcher, keepalive=30.0, on_close=None, address=None,
                  version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8,
-                 max_queued=256):
+                 max_queued=8, budget=None, share=None):
         self.channel = channel
         self.dispatcher = dispatcher if dispatcher is not None else {}
         self.keepalive = float(keepalive)
@@ -71,6 +101,12 @@ class Session(object):
         self.address = address
         self.version = version
         self.max_message_bytes = max_message_bytes
+        self.max_header_bytes = min(protocol.MAX_HEADER_BYTES, max_message_bytes)
+        if budget is None:
+            total = 2 * max_message_bytes + 2 * CONTROL_FRAME_FREE
+            budget = budgets.Budget(total, share=total)
+        self.budget = budget
+        self.holder = budget.holder(self.peer_name or "?", share)
         self.connected_since = time.time()              # display only
         self.connected_since_mono = compat.monotonic()
         # the hello exchange that opened the session counts as the first keepalive
@@ -82,13 +118,17 @@ class Session(object):
         self._pending = {}
         self._next_rid = 0
         self._assemblies = {}
-        self._buffered = 0
+        self._window = 0         # granted to the reader, not used yet (see _admit)
+        self._loose = 0          # taken from it by the frame being read, not owned yet
+        self._copies = 0         # taken from it for that frame's copies while it is opened
         self._max_handlers = max_handlers
         self._max_queued = max_queued
         self._requests = collections.deque()
+        self._room = threading.Condition(self._lock)   # a worker took a queued request
         self._workers = 0
         self._closed = compat.Event()
         self._reader = None
+        self._last_sent = compat.monotonic()
 
     def __repr__(self):
         return "<Session %s %s %s>" % (self.peer_name, self.peer_role, self.describe_address())
@@ -147,6 +187,9 @@ class Session(object):
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
+                held, slot.held = slot.held, 0
+            # the caller owns the answer from here: it leaves the budget
+            self.budget.release(self.holder, held)
         if slot.error is not None:
             raise slot.error
         try:
@@ -164,7 +207,11 @@ class Session(object):
             self.close_reason = reason
             pending = list(self._pending.values())
             self._pending.clear()
-            self._assemblies.clear()
+            held = sum(r[3] for r in self._requests)
+            self._requests.clear()
+            self._room.notify_all()
+        # what the callers, the workers and the reader hold, they give back themselves
+        self.budget.release(self.holder, held)
         if notify:
             try:
                 self.channel.send_frame(protocol.CLOSE, 0, 0,
@@ -233,14 +280,13 @@ class Session(object):
     # -- receiving --------------------------------------------------------------------------
 
     def _run(self):
-        last_sent = compat.monotonic()
         try:
             while not self._closed.is_set():
                 now = compat.monotonic()
-                wait = max(0.0, min(last_sent + self.keepalive - now,
+                wait = max(0.0, min(self._last_sent + self.keepalive - now,
                                     self.last_received_mono + MISSED_KEEPALIVES * self.keepalive
                                     - now))
-                frame = self.channel.recv_frame(wait)
+                frame = self.channel.recv_frame(wait, admit=self._admit)
                 now = compat.monotonic()
                 if frame is not None:
                     self.last_received_mono = now
@@ -250,10 +296,7 @@ class Session(object):
                                 self.peer_name, self.describe_address(), MISSED_KEEPALIVES)
                     self.close("peer missed keepalives", notify=False)
                     return
-                if now - last_sent >= self.keepalive and not self._closed.is_set():
-                    # never wait for the writer here (see the module doc)
-                    self.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"", block=False)
-                    last_sent = now
+                self._keepalive_if_due()
         except ChannelClosed as exc:
             if not self._closed.is_set():
                 log.info("session with %s (%s) closed: %s", self.peer_name,
@@ -267,8 +310,122 @@ class Session(object):
         except Exception:  # a bug here must still close the session and fail pending calls
             log.exception("session with %s (%s) failed", self.peer_name, self.describe_address())
             self.close("internal error", notify=False)
+        finally:
+            self._drop_reader_room()
+
+    def _drop_reader_room(self):
+        """The reader ended: give back its window, its frame and its partial messages."""
+        held = self._take_loose() + self._window + self._copies + \
+            sum(a.held for a in self._assemblies.values())
+        self._window = self._copies = 0
+        self._assemblies.clear()
+        self.budget.release(self.holder, held)
+
+    def _keepalive_if_due(self):
+        now = compat.monotonic()
+        if now - self._last_sent >= self.keepalive and not self._closed.is_set():
+            # never wait for the writer here (see the module doc)
+            self.channel.send_frame(protocol.KEEPALIVE, 0, 0, b"", block=False)
+            self._last_sent = now
+
+    # -- room for what the peer sends -------------------------------------------------------
+
+    def _admit(self, length, peeked):
+        """Make room for the frame about to be read (channel.recv_frame's `admit`).
+
+        Room comes from the session's window: bytes granted by the budget and not used yet.
+        A session that holds no partial message may wait for a window; one that does must not
+        wait (the rest of that message is behind this frame), so a frame beyond its window is
+        refused.
+        """
+        msg_type, flags, rid = peeked
+        body = length - MIN_FRAME
+        if msg_type == protocol.FILE_CHUNK:
+            key = (protocol.RESPONSE if flags & FLAG_OF_RESPONSE else protocol.REQUEST, rid)
+            asm = self._assemblies.get(key)
+            if asm is None:
+                raise ProtocolError("chunk for no open message")
+            if asm.size + body > self.max_message_bytes:
+                raise ProtocolError("message larger than %d bytes" % self.max_message_bytes)
+            need = body
+            urgent = False
+        elif msg_type in (protocol.REQUEST, protocol.RESPONSE):
+            with self._lock:
+                urgent = msg_type == protocol.RESPONSE and rid in self._pending
+            need = body
+            if not urgent:
+                self._wait_until(self._queue_has_room)
+        else:
+            if length > CONTROL_FRAME_FREE:
+                raise ProtocolError("%s frame of %d bytes" % (protocol.type_name(msg_type),
+                                                              length))
+            return
+        # while it is read and decrypted the frame is there three times (buffer, ciphertext,
+        # plaintext): room for the copies too, given back once it is open (_handle)
+        copies = FRAME_COPIES * need
+        if self._window < need + copies:
+            if self._assemblies:
+                self._too_large()
+            # the window: room for the largest message's frames and for decoding it (joined
+            # or inflated next to its frames); given back once no partial message is left
+            want = 2 * self.max_message_bytes
+            if msg_type != protocol.FILE_CHUNK and \
+                    not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
+                # a whole message in this frame: room for it and its decoded header
+                want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
+            want = max(need + copies, self.budget.grantable(self.holder, want))
+            try:
+                self._wait_until(lambda step: self.budget.acquire(self.holder, want, step,
+                                                                  urgent))
+            except budgets.Refused as exc:
+                raise ProtocolError("message refused: %s, this session's share of "
+                                    "cluster.max_inflight_bytes" % exc.message)
+            self._window += want
+        self._window -= need + copies
+        self._loose += need
+        self._copies = copies
+
+    def _queue_has_room(self, step):
+        with self._lock:
+            if len(self._requests) >= self._max_queued and not self._closed.is_set():
+                self._room.wait(step)
+            return len(self._requests) < self._max_queued
+
+    def _wait_until(self, ready):
+        """Call ready(seconds) until it returns True, sending keepalives meanwhile."""
+        while True:
+            if self._closed.is_set():
+                raise ChannelClosed("session closed")
+            step = max(0.05, self._last_sent + self.keepalive - compat.monotonic())
+            if ready(min(step, self.keepalive)):
+                return
+            self._keepalive_if_due()
+
+    def _take_loose(self):
+        held, self._loose = self._loose, 0
+        return held
+
+    def _too_large(self):
+        raise ProtocolError("message needs more room than this session may hold (%d bytes, "
+                            "its share of cluster.max_inflight_bytes)" % self.holder.share)
+
+    def _close_window(self):
+        """Give back the unused window once no partial message is held."""
+        if not self._assemblies and self._window:
+            window, self._window = self._window, 0
+            self.budget.release(self.holder, window)
+
+    # -- messages -----------------------------------------------------------------------------
 
     def _handle(self, frame):
+        self._window += self._copies
+        self._copies = 0
+        try:
+            self._dispatch_frame(frame)
+        finally:
+            self._close_window()
+
+    def _dispatch_frame(self, frame):
         msg_type, flags, rid, body = frame
         if msg_type == protocol.KEEPALIVE:
             self.last_keepalive_mono = compat.monotonic()
@@ -295,11 +452,11 @@ class Session(object):
             key = (msg_type, rid)
             if key in self._assemblies or len(self._assemblies) >= 64:
                 raise ProtocolError("too many or duplicate partial messages")
-            asm = _Assembly(msg_type, flags)
+            asm = _Assembly(msg_type, flags, 0)
             self._assemblies[key] = asm
             self._add_part(asm, body)
             return
-        self._complete(msg_type, flags, rid, body)
+        self._complete(msg_type, flags, rid, [body], self._take_loose())
 
     def _continue_message(self, flags, rid, body):
         msg_type = protocol.RESPONSE if flags & FLAG_OF_RESPONSE else protocol.REQUEST
@@ -309,33 +466,40 @@ class Session(object):
         self._add_part(asm, body)
         if not flags & protocol.FLAG_MORE:
             del self._assemblies[(msg_type, rid)]
-            self._buffered -= asm.size
-            self._complete(msg_type, asm.flags, rid, b"".join(asm.parts))
+            parts, asm.parts = asm.parts, None
+            held, asm.held = asm.held, 0
+            self._complete(msg_type, asm.flags, rid, parts, held)
 
     def _add_part(self, asm, body):
         asm.size += len(body)
-        self._buffered += len(body)
-        if asm.size > self.max_message_bytes or self._buffered > self.max_message_bytes:
-            raise ProtocolError("message larger than %d bytes" % self.max_message_bytes)
+        asm.held += self._take_loose()
         asm.parts.append(body)
 
-    def _complete(self, msg_type, flags, rid, body):
-        if flags & protocol.FLAG_COMPRESSED:
-            body = protocol.inflate_bounded(body, self.max_message_bytes)
-        header, data = protocol.decode_body(body)
+    def _complete(self, msg_type, flags, rid, parts, held):
+        """Decode a whole message (its `parts` are taken) holding `held` bytes of budget."""
+        room = held + self._window
+        self._window = 0
+        try:
+            header, data, cost = self._decode(msg_type, flags, parts, room)
+            if cost > room:
+                self._too_large()
+        except BaseException:
+            self.budget.release(self.holder, room)
+            raise
+        self._window = room - cost
         if msg_type == protocol.RESPONSE:
             with self._lock:
                 slot = self._pending.get(rid)
+                if slot is not None:
+                    slot.header, slot.data, slot.held = header, data, cost
             if slot is None:
+                self.budget.release(self.holder, cost)
                 log.debug("late answer %d from %s ignored", rid, self.peer_name)
                 return
-            slot.header, slot.data = header, data
             slot.event.set()
             return
         with self._lock:
-            if len(self._requests) >= self._max_queued:
-                raise ProtocolError("more than %d requests outstanding" % self._max_queued)
-            self._requests.append((rid, header, data))
+            self._requests.append((rid, header, data, cost))
             if self._workers >= self._max_handlers:
                 return
             self._workers += 1
@@ -343,42 +507,84 @@ class Session(object):
         worker.daemon = True
         worker.start()
 
+    def _decode(self, msg_type, flags, parts, room):
+        """(header, data, bytes held from now on) of a message; `parts` is emptied.
+
+        `room`: the bytes granted for it; what it needs on the way (parts joined or inflated
+        next to the frames) must fit.
+        """
+        wire = sum(len(p) for p in parts)
+        if flags & protocol.FLAG_COMPRESSED:
+            source = protocol.Inflater(parts, min(self.max_message_bytes, max(0, room - wire)))
+            del parts[:]
+            header, head_cost = protocol.decode_header_stream(source, self.max_header_bytes,
+                                                              room - wire)
+            if msg_type == protocol.REQUEST and self._streams(header):
+                return header, source, max(MIN_COST, wire + head_cost)
+            data = source.read_all()
+            return header, data, max(MIN_COST, len(data) + head_cost)
+        if len(parts) > 1 and 2 * wire > room:
+            self._too_large()
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        del parts[:]
+        header, data, head_cost = protocol.decode_costed(body, self.max_header_bytes,
+                                                         room - len(body))
+        return header, data, max(MIN_COST, len(data) + head_cost)
+
+    def _streams(self, header):
+        cmd = header.get("cmd")
+        handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
+        return bool(getattr(handler, "streams_data", False))
+
     def _work(self):
         while True:
             with self._lock:
                 if not self._requests or self._closed.is_set():
                     self._workers -= 1
                     return
-                rid, header, data = self._requests.popleft()
+                rid, header, data, held = self._requests.popleft()
+                self._room.notify_all()
             try:
-                self._serve(rid, header, data)
+                self._serve(rid, header, data, held)
             except Exception:  # keep the worker count right whatever a handler did
                 log.exception("request %d from %s failed", rid, self.peer_name)
 
-    def _serve(self, rid, header, data):
+    def _serve(self, rid, header, data, held):
+        """Run the request's handler, give back what the request held, then answer.
+
+        The request's bytes leave the budget before the answer is sent: a send waits for the
+        peer to read, and the peer may itself wait for room that our answer would hold.
+        """
         cmd = header.get("cmd")
         args = header.get("args") or {}
         handler = self.dispatcher.get(cmd) if isinstance(cmd, compat.string_types) else None
+        try:
+            envelope = self._run_handler(handler, cmd, args, data)
+        finally:
+            del header, args, data
+            self.budget.release(self.holder, held)
+        if isinstance(envelope, tuple):
+            self._reply(rid, *envelope)
+        else:
+            self._reply(rid, envelope)
+
+    def _run_handler(self, handler, cmd, args, data):
+        """The answer to a request: an error envelope, or (envelope, data, compress)."""
         if handler is None:
-            self._reply(rid, protocol.error_envelope(
-                "unknown_command", "unknown command %r" % (_text(cmd)[:64],)))
-            return
+            return protocol.error_envelope("unknown_command",
+                                           "unknown command %r" % (_text(cmd)[:64],))
         try:
             answer = handler(self, args, data)
         except ClusterError as exc:
-            self._reply(rid, protocol.error_envelope(exc.code, exc.message))
-            return
+            return protocol.error_envelope(exc.code, exc.message)
         except Exception as exc:  # a handler bug must not kill the session
             log.exception("command %s from %s failed", cmd, self.peer_name)
-            self._reply(rid, protocol.error_envelope("internal", type(exc).__name__))
-            return
+            return protocol.error_envelope("internal", type(exc).__name__)
         if not isinstance(answer, tuple) or len(answer) not in (2, 3):
             log.error("command %s returned %r, not (result, data)", cmd, type(answer).__name__)
-            self._reply(rid, protocol.error_envelope("internal", "malformed handler answer"))
-            return
-        result, out = answer[0], answer[1]
+            return protocol.error_envelope("internal", "malformed handler answer")
         compress = bool(answer[2]) if len(answer) > 2 else False
-        self._reply(rid, protocol.ok_envelope(result), out or b"", compress)
+        return protocol.ok_envelope(answer[0]), answer[1] or b"", compress
 
 
 def _text(value):

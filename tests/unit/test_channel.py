@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from wazuh_cluster import channel, compat, protocol
+from wazuh_cluster import budget, channel, compat, protocol
 from wazuh_cluster.channel import (FrameCodec, HandshakeError, NonceBook, SecureChannel,
                                    client_handshake, server_handshake)
 from wazuh_cluster.errors import ProtocolError, RequestError
@@ -622,3 +622,106 @@ def test_reader_keeps_reading_while_the_writer_is_busy():
     finally:
         a.close()
         b.close()
+
+
+# -- Session and the process budget (issue 12: memory bounded per process) -----------------------
+
+def budget_pair(dispatcher, shared, share=None, max_message=1 << 20, keepalive=5.0, **kw):
+    """(a, b): b serves `dispatcher` on the budget `shared`; a is a plain peer."""
+    cc, sc = channel_pair()
+    a = Session(cc, {}, keepalive, address=("127.0.0.1", 1)).start()
+    b = Session(sc, dispatcher, keepalive, address=("127.0.0.1", 2), budget=shared, share=share,
+                max_message_bytes=max_message, **kw).start()
+    return a, b
+
+
+def test_a_peer_pipelining_requests_is_not_read_beyond_the_budget_then_all_are_served():
+    gate = threading.Event()
+    seen = []
+
+    def slow(session, args, data):
+        seen.append(len(data))
+        gate.wait(30)
+        return {"n": len(data)}, b""
+    shared = budget.Budget(4 << 20, share=4 << 20)
+    a, b = budget_pair({"slow": slow}, shared)
+    try:
+        calls = [in_thread(a.call, "slow", None, os.urandom(300000), 60) for _ in range(30)]
+        assert wait_for(lambda: shared.stats()["waiting"] == 1)  # b's reader waits for room
+        read = b._workers + len(b._requests)
+        assert 0 < read < 30 and len(seen) == b._workers and shared.peak <= shared.total
+        gate.set()
+        for t, res in calls:
+            t.join(60)
+            assert res.error is None and res.value[0] == {"n": 300000}
+        assert not b.closed and wait_for(lambda: b.holder.held == 0)
+    finally:
+        gate.set()
+        a.close()
+        b.close()
+
+
+def test_answers_to_our_calls_are_read_while_requests_fill_the_budget():
+    shared = budget.Budget(4 << 20, share=2 << 20, reserve=2 << 20)
+    hog = shared.holder("other sessions", share=4 << 20)
+    a, b = budget_pair({}, shared)
+    a.dispatcher["echo"] = lambda session, args, data: ({"n": args["n"]}, data)
+    try:
+        assert shared.acquire(hog, 4 << 20)                      # the budget is full...
+        waiting = in_thread(shared.acquire, shared.holder("request"), 1 << 20)
+        assert wait_for(lambda: shared.stats()["waiting"] == 1)  # ...and requests wait in line
+        assert b.call("echo", {"n": 5}, b"x" * 1000, timeout=10) == ({"n": 5}, b"x" * 1000)
+        assert waiting[0].is_alive()                             # still waiting
+        shared.release(hog, 4 << 20)
+        waiting[0].join(5)
+    finally:
+        shared.release_all(hog)
+        a.close()
+        b.close()
+
+
+def test_a_message_larger_than_the_session_may_hold_is_refused_with_its_reason():
+    shared = budget.Budget(2 << 20, share=2 << 20)
+    a, b = budget_pair({"echo": lambda s, args, data: (None, b"")}, shared, max_message=8 << 20)
+    try:
+        with pytest.raises(RequestError) as info:
+            a.call("echo", None, os.urandom(3 << 20), timeout=20)
+        assert info.value.code == "closed"
+        assert wait_for(lambda: b.closed)
+        assert "cluster.max_inflight_bytes" in b.close_reason
+        assert wait_for(lambda: shared.used == 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_handler_that_streams_gets_compressed_data_as_an_inflater():
+    def streaming(session, args, data):
+        if isinstance(data, protocol.Inflater):
+            return {"kind": "Inflater", "n": len(data.read_all())}, b""
+        return {"kind": "bytes" if isinstance(data, bytes) else "?", "n": len(data)}, b""
+    streaming.streams_data = True
+    shared = budget.Budget(8 << 20)
+    a, b = budget_pair({"take": streaming}, shared, max_message=4 << 20)
+    try:
+        big = b"agent-info " * 300000
+        assert a.call("take", None, big, timeout=20, compress=True)[0] == {"kind": "Inflater",
+                                                                         "n": len(big)}
+        assert a.call("take", None, b"abc", timeout=20)[0] == {"kind": "bytes", "n": 3}
+        with pytest.raises(RequestError) as info:            # a bomb past the message limit
+            a.call("take", None, b"\0" * (6 << 20), timeout=20, compress=True)
+        assert info.value.code == "protocol" and "beyond" in info.value.message
+        assert not b.closed and wait_for(lambda: shared.used == 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_peek_reads_a_frames_header_before_it_is_authenticated():
+    k1, k2 = os.urandom(32), os.urandom(32)
+    sender, receiver = FrameCodec(k1, k2), FrameCodec(k2, k1)
+    for i in range(6):
+        sender._send.counter = receiver._recv.counter = channel.REKEY_AFTER - 3 + i % 3
+        wire = sender.seal(3, 0x05, 1000 + i, b"x" * i)
+        assert receiver.peek(wire[4:10]) == (3, 0x05, 1000 + i)
+        assert receiver.open_frame(wire)[:3] == (3, 0x05, 1000 + i)

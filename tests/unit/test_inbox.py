@@ -1,11 +1,14 @@
 """inbox.sync_manifest: the manifest a peer asks for, relayed from the internal daemon."""
 from __future__ import absolute_import, division, print_function
 
+import hashlib
 import json
+import os
 
 import pytest
+from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
 
-from wazuh_cluster import inbox, localsock, staterows
+from wazuh_cluster import inbox, localsock, protocol, staterows
 from wazuh_cluster.errors import RequestError
 
 
@@ -125,3 +128,57 @@ def test_agent_reports_of_a_large_batch_travel_in_bounded_requests():
             staterows.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
         sent.extend(args["rows"])
     assert sorted(sent) == sorted([n.split("/")[-1], "client1"] for n in names)
+
+
+# -- sync_files data inflated straight into the receiver (issue 12: bounded memory) --------------
+
+def _compressed_batch(entries, trailing=b""):
+    """An Inflater positioned at the data of a compressed sync_files body, and its header."""
+    files = [{"name": name, "size": len(data), "mtime_ns": BASE_NS,
+              "sha256": sha or hashlib.sha256(data).hexdigest()} for name, data, sha in entries]
+    header = {"files": files, "meta": [], "delete": [], "delete_dirs": []}
+    body = protocol.encode_body(header, b"".join(data for _, data, _ in entries) + trailing)
+    source = protocol.Inflater([protocol.compress(body)], 8 << 20)
+    return protocol.decode_header_stream(source)[0], source
+
+
+def test_a_compressed_batch_is_inflated_into_the_receiver_a_chunk_at_a_time(home, log,
+                                                                            monkeypatch):
+    reads = []
+    real_read = protocol.Inflater.read
+    monkeypatch.setattr(protocol.Inflater, "read",
+                        lambda self, n: reads.append(n) or real_read(self, n))
+    big = os.urandom(700000)
+    entries = [("queue/agent-info/big-any", big, None),
+               ("etc/shared/default/agent.conf", b"a client may not write this", None),
+               ("queue/agent-info/bad-any", b"corrupted on the way", "0" * 64),
+               ("queue/agent-info/small-any", b"small", None)]
+    header, source = _compressed_batch(entries)
+    incoming, deletes, dirs = inbox.parse_batch(header, source)
+    states, reasons = master_rx(home, log).apply_batch(incoming, deletes, dirs,
+                                                       sender_role="client")
+    inbox.stream_end(incoming)
+    assert states == {"queue/agent-info/big-any": "synchronized",
+                      "etc/shared/default/agent.conf": "invalid",
+                      "queue/agent-info/bad-any": "failed",
+                      "queue/agent-info/small-any": "synchronized"}
+    assert "checksum" in reasons["queue/agent-info/bad-any"]
+    assert read(home, "queue/agent-info/big-any") == big
+    assert read(home, "queue/agent-info/small-any") == b"small"
+    assert max(reads) <= protocol.INFLATE_CHUNK       # never a whole file in memory
+    assert not os.path.exists(os.path.join(home, "queue/agent-info/bad-any"))
+
+
+@pytest.mark.parametrize("case", ["sizes beyond the limit", "trailing data", "short data"])
+def test_a_compressed_batch_whose_sizes_lie_is_a_bad_request(home, log, case):
+    entries = [("queue/agent-info/a-any", b"a" * 1000, None)]
+    header, source = _compressed_batch(entries, b"extra" if case == "trailing data" else b"")
+    if case == "sizes beyond the limit":
+        header["files"][0]["size"] = 9 << 20
+    if case == "short data":
+        header["files"][0]["size"] = 2000
+    with pytest.raises(RequestError) as info:
+        incoming, deletes, dirs = inbox.parse_batch(header, source)
+        master_rx(home, log).apply_batch(incoming, deletes, dirs, sender_role="client")
+        inbox.stream_end(incoming)
+    assert info.value.code == "bad_request" and "sizes" in info.value.message

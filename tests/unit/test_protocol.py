@@ -45,19 +45,23 @@ def test_malformed_bodies_refused(body):
         protocol.decode_body(body)
 
 
+def inflate(stream, max_length):
+    return protocol.Inflater([stream], max_length).read_all()
+
+
 def test_inflate_bounded_roundtrip_and_bomb():
     data = b"agent-info " * 1000
-    assert protocol.inflate_bounded(protocol.compress(data), len(data)) == data
+    assert inflate(protocol.compress(data), len(data)) == data
     bomb = zlib.compress(b"\x00" * (20 * 1024 * 1024), 9)
     with pytest.raises(ProtocolError):
-        protocol.inflate_bounded(bomb, 1024 * 1024)
+        inflate(bomb, 1024 * 1024)
     with pytest.raises(ProtocolError):
-        protocol.inflate_bounded(protocol.compress(data), len(data) - 1)
+        inflate(protocol.compress(data), len(data) - 1)
 
 
 def test_inflate_corrupt_stream_refused():
     with pytest.raises(ProtocolError):
-        protocol.inflate_bounded(b"not zlib at all", 1000)
+        inflate(b"not zlib at all", 1000)
 
 
 def test_inflate_truncated_stream_refused_where_zlib_can_tell():
@@ -65,7 +69,7 @@ def test_inflate_truncated_stream_refused_where_zlib_can_tell():
         pytest.skip("this zlib binding cannot tell a truncated stream")
     stream = protocol.compress(os.urandom(4000))
     with pytest.raises(ProtocolError):
-        protocol.inflate_bounded(stream[:len(stream) // 2], 10000)
+        inflate(stream[:len(stream) // 2], 10000)
 
 
 def test_chunks_are_at_most_one_mib_and_reassemble():
@@ -101,3 +105,57 @@ def test_envelopes():
 def test_malformed_envelopes_raise_request_error(env):
     with pytest.raises(RequestError):
         protocol.unwrap(env)
+
+
+# -- Inflater: inflate as the data is read, never ahead ------------------------------------------
+
+def test_inflater_reads_a_stream_given_in_parts_in_any_slices():
+    data = os.urandom(3000) * 400
+    stream = protocol.compress(protocol.encode_body({"cmd": "x"}, data))
+    parts = [stream[i:i + 65536] for i in range(0, len(stream), 65536)]
+    inf = protocol.Inflater(parts, len(data) + 100)
+    header, cost = protocol.decode_header_stream(inf)
+    assert header == {"cmd": "x"} and cost >= len(b'{"cmd":"x"}')
+    got = []
+    for n in (1, 7, 100000, 3, 1 << 20):
+        got.append(inf.read(n))
+    got.append(inf.read_all())
+    assert b"".join(got) == data and inf.at_end()
+
+
+def test_inflater_holds_one_chunk_of_a_bomb_not_the_bomb():
+    bomb = zlib.compress(b"\0" * (64 << 20), 9)
+    inf = protocol.Inflater([bomb], 64 << 20)
+    assert inf.read(10) == b"\0" * 10
+    assert len(inf._pending) <= protocol.INFLATE_CHUNK
+    inf = protocol.Inflater([bomb], 1 << 20)
+    with pytest.raises(ProtocolError) as info:
+        inf.read_all()
+    assert "beyond 1048576" in info.value.message
+
+
+@pytest.mark.parametrize("stream, reason", [
+    (protocol.compress(b"abc") + b"tail", "after the end"),
+    (b"not zlib at all", "corrupt"),
+])
+def test_inflater_refuses_trailing_and_corrupt_data(stream, reason):
+    with pytest.raises(ProtocolError) as info:
+        protocol.Inflater([stream], 1000).read_all()
+    assert reason in info.value.message
+
+
+def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
+    sizes = {}
+    names = b",".join(('"queue/agent-info/a%05d-any"' % i).encode() for i in range(1000))
+    for name, raw in (("lists", b"[" + b"[]," * 1000 + b"[]]"),
+                      ("dicts", b"[" + b"{}," * 1000 + b"{}]"),
+                      ("names", b'{"names":[' + names + b"]}")):
+        sizes[name] = protocol.json_cost(raw)  # what CPython really spends is below
+        assert sizes[name] > 6 * len(raw) or name == "names"
+    assert sizes["names"] < 5 * len(b'"queue/agent-info/a00000-any",') * 1000
+    body = protocol.encode_body({"x": [[]] * 1000})
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_costed(body, max_cost=10000)
+    assert "would take about" in info.value.message
+    header, data, cost = protocol.decode_costed(protocol.encode_body({"a": 1}, b"zz"))
+    assert header == {"a": 1} and data == b"zz" and cost > 0

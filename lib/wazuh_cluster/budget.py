@@ -1,0 +1,165 @@
+"""One budget per process for the bytes that peers make us hold: fair, bounded, deadlock-free.
+
+The plan (issue 12 item 3). Every session reads a message only after the budget granted it
+room, so N hostile peers together can never make wazuh-clusterd hold more than `total`
+bytes of received data (encrypted frames, assembled messages, inflated data, queued requests),
+however fast they send: a session that cannot be granted simply is not read, and TCP pushes
+back on its sender.
+
+* Fair: grants go strictly in the order the sessions asked (FIFO), so a greedy session cannot
+  jump ahead of the legitimate ones; and one session never holds more than its `share`, so it
+  cannot take the whole budget and keep it.
+* Urgent grants (answers to our own outstanding calls) go ahead of every waiting request and
+  may use `reserve` bytes beyond `total`: an answer we wait for never waits behind the peers'
+  requests that fill the budget (the request/response protocol always makes progress).
+* Deadlock-free: a message is granted its worst case at once, when it starts, and never asks
+  again while it is held (a session never holds part of a message while waiting for the rest);
+  what it did not need is given back when it is complete. Whatever holds budget is released
+  without waiting on any peer: a request when its handler answered, an answer when our caller
+  took it. A size above what can ever be granted is refused at once (`Refused`), never waited
+  for.
+"""
+from __future__ import absolute_import, division, print_function
+
+import collections
+import threading
+
+from wazuh_cluster import compat
+
+DEFAULT_TOTAL = 64 << 20
+
+
+class Refused(Exception):
+    """A request for more bytes than the budget can ever grant to this holder."""
+
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+
+class Holder(object):
+    """What one session holds of a Budget (its `share` bounds it)."""
+    __slots__ = ("name", "share", "held")
+
+    def __init__(self, name, share):
+        self.name = name
+        self.share = share
+        self.held = 0
+
+    def __repr__(self):
+        return "<Holder %s %d/%d>" % (self.name, self.held, self.share)
+
+
+class Budget(object):
+    """`total` bytes shared by all sessions of a process; see the module doc.
+
+    `share`: the most one holder may hold (default: half of `total`); `reserve`: the extra room
+    only urgent grants may use (default: a quarter of `total`).
+    """
+
+    def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None):
+        if total <= 0:
+            raise ValueError("total must be positive")
+        self.total = int(total)
+        self.share = int(share) if share else self.total // 2
+        self.reserve = int(reserve) if reserve is not None else self.total // 4
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._queue = collections.deque()     # tickets of the waiting normal grants, in order
+        self._urgent_waiting = 0
+        self._share_waiting = 0                # holders waiting for their own releases
+
+    def __repr__(self):
+        return "<Budget %d/%d, %d waiting>" % (self.used, self.total, len(self._queue))
+
+    def holder(self, name, share=None):
+        """A new Holder for one session; `share` defaults to the budget's."""
+        return Holder(name, min(self.total, int(share) if share else self.share))
+
+    def grantable(self, holder, wanted=None):
+        """The most bytes `holder` can ever be granted at once (at most `wanted`)."""
+        most = min(holder.share, self.total)
+        return most if wanted is None else min(most, int(wanted))
+
+    def acquire(self, holder, n, timeout=None, urgent=False):
+        """Wait until `n` bytes are granted to `holder` (True) or `timeout` passes (False).
+
+        Raises Refused when `n` can never be granted (above the holder's share).
+        """
+        n = int(n)
+        if n > self.grantable(holder):
+            raise Refused("%d bytes needed, at most %d can ever be granted to %s"
+                          % (n, self.grantable(holder), holder.name))
+        end = None if timeout is None else compat.monotonic() + timeout
+        with self._cond:
+            if urgent:
+                return self._wait_urgent(holder, n, end)
+            # A holder at its share waits for its own releases outside the queue: it must not
+            # stand at the head and hold everyone else back meanwhile.
+            self._share_waiting += 1
+            try:
+                while holder.held + n > holder.share:
+                    if not self._wait(end):
+                        return False
+            finally:
+                self._share_waiting -= 1
+            ticket = object()
+            self._queue.append(ticket)
+            try:
+                while not (self._queue[0] is ticket and not self._urgent_waiting and
+                           self.used + n <= self.total):
+                    if not self._wait(end):
+                        return False
+                self._grant(holder, n)
+                return True
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def _wait_urgent(self, holder, n, end):
+        self._urgent_waiting += 1
+        try:
+            while self.used + n > self.total + self.reserve:
+                if not self._wait(end):
+                    return False
+            self._grant(holder, n)
+            return True
+        finally:
+            self._urgent_waiting -= 1
+            self._cond.notify_all()
+
+    def _wait(self, end):
+        if end is None:
+            self._cond.wait()
+            return True
+        left = end - compat.monotonic()
+        if left <= 0:
+            return False
+        self._cond.wait(left)
+        return True
+
+    def _grant(self, holder, n):
+        self.used += n
+        holder.held += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, holder, n):
+        """Give back `n` bytes that `holder` holds."""
+        if n <= 0:
+            return
+        with self._cond:
+            n = min(int(n), holder.held)
+            holder.held -= n
+            self.used -= n
+            self._cond.notify_all()
+
+    def release_all(self, holder):
+        """Give back everything `holder` holds (its session ended)."""
+        self.release(holder, holder.held)
+
+    def stats(self):
+        """{"total", "used", "peak", "waiting"} for status output and tests."""
+        with self._cond:
+            return {"total": self.total, "used": self.used, "peak": self.peak,
+                    "waiting": len(self._queue) + self._urgent_waiting + self._share_waiting}
