@@ -7,7 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 import time
 
-from wazuh_cluster import __version__, compat
+from wazuh_cluster import __version__, agentrows, compat, localsock
 from wazuh_cluster.errors import RequestError
 
 FORWARDED = ("nodes", "agents", "health")
@@ -49,8 +49,12 @@ class Commands(object):
     def peer_handlers(self):
         """What a client may ask the master on its session (cluster-wide views)."""
         def forwarded(func):
-            return lambda session, args, data: (func(args if isinstance(args, dict) else {}),
-                                                b"")
+            def handler(session, args, data):
+                result = func(args if isinstance(args, dict) else {})
+                if isinstance(result, localsock.WithData):
+                    return result.result, result.data  # the agent rows, as bytes
+                return result, b""
+            return handler
         return {"cluster_nodes": forwarded(self.master_nodes),
                 "cluster_agents": forwarded(self.master_agents),
                 "cluster_health": forwarded(self.master_health)}
@@ -65,8 +69,10 @@ class Commands(object):
         return session
 
     def ask_master(self, cmd, args):
-        result, _ = self.master_session().call("cluster_" + cmd, args,
-                                               timeout=self.cfg.options.request_timeout)
+        result, data = self.master_session().call("cluster_" + cmd, args,
+                                                  timeout=self.cfg.options.request_timeout)
+        if data and isinstance(result, dict) and result.get("rows_in_data"):
+            return localsock.WithData(result, data)  # relayed to cluster_control as it is
         return result
 
     def cluster_wide(self, cmd, args, local):
@@ -121,7 +127,9 @@ class Commands(object):
         return self.cluster_wide("agents", args, self.master_agents)
 
     def master_agents(self, args):
-        return self.node.link.call("agents")
+        # The rows stay bytes here (agentrows): relayed, never parsed, by this daemon.
+        result, data = self.node.link.call_data("agents")
+        return localsock.WithData(result, data or b"[]")
 
     def files(self, args):
         nodes = _names(args, "nodes")
@@ -151,8 +159,10 @@ class Commands(object):
             if state in entry:
                 entry[state] += 1
         agents = {}
-        for agent in self.node.link.call("agents")["agents"]:
+        listing = self.master_agents({})
+        for agent in agentrows.decode(listing.result, listing.data):
             agents[agent.get("node_name")] = agents.get(agent.get("node_name"), 0) + 1
+        del listing
         rows = []
         for node in self.master_nodes({})["nodes"]:
             name = node["name"]

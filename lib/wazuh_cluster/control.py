@@ -39,8 +39,8 @@ import socket
 import sys
 import time
 
-from wazuh_cluster import __version__, compat, config, localsock, paths
-from wazuh_cluster.errors import ConfigError, RequestError
+from wazuh_cluster import __version__, agentrows, compat, config, localsock, paths
+from wazuh_cluster.errors import ConfigError, ProtocolError, RequestError
 
 PROG = "cluster_control"
 
@@ -292,7 +292,11 @@ def connect(path, timeout):
 def request(client, command, args):
     """The daemon's result; its errors (and a lost connection) become Failure."""
     try:
-        result = client.call(command, args)
+        result, data = client.call_data(command, args)
+        if data is not None and isinstance(result, dict):
+            result = dict(result, agents=agentrows.decode(result, data))  # rows after it
+    except ProtocolError as err:
+        raise Failure("wazuh-clusterd sent a malformed answer to '%s': %s" % (command, err))
     except RequestError as err:
         if client.sock is None:
             # localsock.Client drops the socket only on local trouble, never on an error reply.

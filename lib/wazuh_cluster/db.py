@@ -28,7 +28,8 @@ _CHUNK = 500
 
 # Each migration takes the schema from version N-1 to N, inside one transaction.
 # Version 1 is the 3.0-like core (files and node/file/state rows); version 2 adds deletion
-# tombstones, agents, peers and meta, and the indexes the queries need.
+# tombstones, agents, peers and meta, and the indexes the queries need; version 3 the
+# node names read from agent-info files.
 MIGRATIONS = (
     (1, (
         "CREATE TABLE files (name TEXT PRIMARY KEY, item TEXT NOT NULL, size INTEGER NOT NULL,"
@@ -47,6 +48,12 @@ MIGRATIONS = (
         "CREATE TABLE peers (node TEXT PRIMARY KEY, role TEXT, address TEXT, version TEXT,"
         " last_seen REAL NOT NULL)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+    )),
+    (3, (
+        # The node_name line read from each agent-info file, forgotten when the file's
+        # content changes: cluster_control -a reads a file again only then (an in-memory
+        # cache of 100 000 entries was the internal daemon's lasting growth after a listing).
+        "CREATE TABLE agent_files (name TEXT PRIMARY KEY, node TEXT)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -360,6 +367,24 @@ class ClusterDB(object):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
             "SELECT name, node, keepalive_ns FROM agents"))
+
+    def agent_file_nodes(self):
+        """{agent-info file name: node_name read from its current content, or None}."""
+        return dict(self._conn.execute("SELECT name, node FROM agent_files"))
+
+    def record_agent_file_nodes(self, rows):
+        """Store [agent-info file name, node_name or None] rows; returns how many."""
+        rows = list(rows)
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO agent_files (name, node) VALUES (?, ?)",
+                             rows)
+        return len(rows)
+
+    def forget_agent_files(self, names):
+        """The content of these agent-info files changed (or they are gone): forget what
+        was read from them."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM agent_files WHERE name = ?", ((n,) for n in names))
 
     def get_meta(self, key, default=None):
         """A value of the meta table (text) or `default`."""
