@@ -3,8 +3,8 @@
     python tests/bench/bench_scale.py [--clients 10] [--agents 100000] [--shared 10000]
         [--groups 100] [--agent-info 10000] [--churn gentle|real] [--duration 120]
         [--interval 2m] [--master-python PATH] [--only sync,churn,idle,control] [--keep]
-    (2.7 master: --master-python /root/.pyenv/versions/2.7.18/bin/python, with PYTHONPATH
-     giving it cryptography, as for bench_sync)
+    (2.7 master: --master-python /root/.pyenv/versions/2.7.18/bin/python
+     --master-pythonpath ~/.cache/wazuh-cluster-tests/py2.7, tests/run's cache)
 
 The plan. One master and --clients clients on one host, each its own installation on its own
 loopback address (127.N.9.K) and, with --disk own (the default, as root), its own fresh
@@ -137,8 +137,11 @@ class ScaleBench(benchlib.BenchNodes):
             # The master may run another interpreter: install.sh for it, then one for the
             # clients, copied for the others.
             template = self.nodes[1].prefix if k > 1 else None
+            env = None
+            if k == 0 and opt.master_pythonpath:
+                env = dict(os.environ, PYTHONPATH=opt.master_pythonpath)
             lab_harness.install_node(node.prefix, self.master_python if k == 0 else self.python,
-                                     template)
+                                     template, env)
             lab_harness.configure(node, key, addresses, opt.interval,
                                   {"cluster.log_level": "1"} if opt.debug else {})
             self.nodes.append(node)
@@ -323,8 +326,9 @@ class ScaleBench(benchlib.BenchNodes):
     def observe_appends(self, appends, latencies):
         for entry in list(appends):
             started, size, line, waiting = entry
-            for client in list(waiting):
-                if holds_line(client.path("etc", "client.keys"), size, line):
+            for client in self.clients:
+                if client.name in waiting and \
+                        holds_line(client.path("etc", "client.keys"), size, line):
                     waiting.discard(client.name)
             if not waiting:
                 latencies.append(now() - started)
@@ -392,22 +396,29 @@ class ScaleBench(benchlib.BenchNodes):
     # -- control --------------------------------------------------------------------------------
 
     def phase_control(self):
+        """cluster_control -a, --reps times: wall time, and the CPU it took each process (the
+        machine is shared: wall time alone says as much about the neighbours)."""
         opt = self.opt
-        internal = self.pid(self.master, INTERNAL)
+        pids = self.master_pids()
         time.sleep(2)
-        before = proc_mem(internal)[0]
-        times = []
+        before = proc_mem(pids[1])[0]
+        times, cpu = [], [0.0, 0.0, 0.0]
         for _ in range(opt.reps):
+            cpu0 = [proc_cpu(p) for p in pids] + [children_cpu()]
             start = now()
             result = self.master.cluster_control("-a")
             times.append(now() - start)
             if result.rc != 0:
                 raise RuntimeError("cluster_control -a failed: %s" % result.err.strip())
+            spent = [proc_cpu(p) for p in pids] + [children_cpu()]
+            cpu = [c + b - a for c, a, b in zip(cpu, cpu0, spent)]
             rows = len(result.out.splitlines()) - 1
         time.sleep(3)
-        after = proc_mem(internal)
-        print("\ncontrol: cluster_control -a on the master, %d agents listed, %d times: %s s"
-              % (rows, opt.reps, " ".join("%.2f" % t for t in times)))
+        after = proc_mem(pids[1])
+        print("\ncontrol: cluster_control -a on the master, %d agents listed, %d times: %s s; "
+              "CPU per run: cluster_control %.2f s, clusterd %.2f s, internal %.2f s"
+              % (rows, opt.reps, " ".join("%.2f" % t for t in times), cpu[2] / opt.reps,
+                 cpu[0] / opt.reps, cpu[1] / opt.reps))
         if rows < opt.agents:
             print("   warning: %d agents expected" % opt.agents)
         self.figures.add("cluster_control -a at %d agents (median)" % rows,
@@ -444,6 +455,12 @@ class ScaleBench(benchlib.BenchNodes):
                compat.VERSION, self.master_version, benchlib.load_average()))
 
 
+def children_cpu():
+    """User + system seconds of our finished child processes (cluster_control)."""
+    times = os.times()
+    return times[2] + times[3]
+
+
 def count_files(root):
     total = 0
     for _folder, _dirs, files in os.walk(root):
@@ -469,8 +486,9 @@ def parse_args(argv):
     parser.add_argument("--agents", type=int, default=100000, help="agents in client.keys")
     parser.add_argument("--shared", type=int, default=10000, help="shared files")
     parser.add_argument("--groups", type=int, default=100, help="group folders")
-    parser.add_argument("--agent-info", type=int, default=10000,
-                        help="agent-info files per client")
+    parser.add_argument("--agent-info", type=int,
+                        help="agent-info files per client (default: the agents shared out, "
+                             "at most 10000)")
     parser.add_argument("--churn", choices=sorted(CHURN), default="gentle",
                         help="gentle: 1 %% of the agent-info files touched a second; real: "
                              "every one every 10 s")
@@ -485,6 +503,10 @@ def parse_args(argv):
     parser.add_argument("--only", default=",".join(PHASES),
                         help="phases, comma-separated: %s" % ",".join(PHASES))
     parser.add_argument("--master-python", help="the master's interpreter (default: this one)")
+    parser.add_argument("--master-pythonpath",
+                        help="PYTHONPATH giving --master-python its cryptography (e.g. tests/"
+                             "run's cache, ~/.cache/wazuh-cluster-tests/py2.7); install.sh "
+                             "writes it into the master's entry points")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", help="parent folder of the installations (default /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the installations")
@@ -495,6 +517,8 @@ def parse_args(argv):
     options = parser.parse_args(argv)
     if options.clients < 0 or options.clients > 60 or options.duration <= 0:
         parser.error("--clients must be 0..60 and --duration positive")
+    if options.agent_info is None:
+        options.agent_info = min(10000, options.agents // max(1, options.clients))
     return options
 
 
