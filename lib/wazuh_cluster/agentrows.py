@@ -53,16 +53,16 @@ class Encoder(object):
 
 
 def decode(result, data):
-    """[dict per agent] from an "agents" answer: rows after it, or an "agents" list (older
-    daemons). ProtocolError when the rows are malformed."""
+    """[[id, name, ip, status, node_name, last_keepalive]] from an "agents" answer: the rows
+    after it, or an "agents" list of objects (older daemons). ProtocolError when the rows are
+    malformed; a row of another length is left out."""
     if not (isinstance(result, dict) and result.get("rows_in_data")):
         agents = result.get("agents") if isinstance(result, dict) else None
-        return [a for a in agents or [] if isinstance(a, dict)]
+        return [[a.get(k) for k in COLUMNS] for a in agents or [] if isinstance(a, dict)]
     try:
         rows = json.loads(compat.to_text(data or b"[]"))
     except ValueError:
         raise ProtocolError("the agent rows are not JSON")
     if not isinstance(rows, list):
         raise ProtocolError("the agent rows are not a list")
-    return [dict(zip(COLUMNS, row)) for row in rows
-            if isinstance(row, list) and len(row) == len(COLUMNS)]
+    return [row for row in rows if isinstance(row, list) and len(row) == len(COLUMNS)]

@@ -37,12 +37,13 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
 """
 from __future__ import absolute_import, division, print_function
 
+import io
 import json
 import os
 import stat
 import time
 
-from wazuh_cluster import agentrows, compat, errors, localsock, manifest
+from wazuh_cluster import agentrows, compat, errors, localsock, manifest, memtrim
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -57,6 +58,9 @@ PURGE_EVERY = 3600.0
 # every poll; a "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 120.0
 _NODE_LINE = '#"node_name":'
+# Node names read from agent-info files during a listing are stored this many at a time: a
+# first listing of 100 000 agents holds no list of them all.
+LEARNED_CHUNK = 5000
 
 
 def _bad(message):
@@ -414,7 +418,6 @@ class Catalog(object):
         after the reply (agentrows): the listing is built a line at a time."""
         keys_path = os.path.join(self.home, self._item_path("client.keys", "etc/client.keys"))
         info = self._item_path("agent-info", "queue/agent-info")
-        recorded = self.db.agents()
         known = self.db.agent_file_nodes()
         learned = []  # node names read from files whose content is new to agent_files
         now = self._wall()
@@ -424,12 +427,18 @@ class Catalog(object):
             status, keepalive, node = self._agent_state(info + "/" + file_name, file_name,
                                                         known, learned, now)
             if node is None:
-                node = recorded.get(file_name, (None, None))[0]
+                node = self.db.agent_node(file_name)  # the node that sent us the file
             rows.add([agent_id, name, ip, status, node, keepalive])
-        del recorded, known
+            if len(learned) >= LEARNED_CHUNK:
+                self._safely(self.db.record_agent_file_nodes, learned)
+                learned = []
+        del known
         if learned:
             self._safely(self.db.record_agent_file_nodes, learned)
-        return localsock.WithData(rows.result(), rows.data())
+        del learned
+        data = rows.data()
+        memtrim.release_free_memory()  # what the listing freed goes back: no lasting growth
+        return localsock.WithData(rows.result(), data)
 
     def _agent_state(self, rel, file_name, known, learned, now):
         """(status, keepalive epoch seconds or None, node_name from the file or None)."""
@@ -469,12 +478,12 @@ def _listed_agents(path):
     """Yield (id, name, ip) of the agents of client.keys, a line at a time (no list of
     100 000 lines); blank, comment, malformed and removed entries are left out."""
     try:
-        handle = open(path, "rb")
+        handle = io.open(path, encoding="utf-8", errors="replace", newline="\n")
     except (IOError, OSError):
         return
     with handle:
         for line in handle:
-            parts = compat.to_text(line, errors="replace").split()
+            parts = line.split()
             if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
                 continue
             yield parts[0], parts[1], parts[2]

@@ -160,8 +160,9 @@ class Commands(object):
                 entry[state] += 1
         agents = {}
         listing = self.master_agents({})
-        for agent in agentrows.decode(listing.result, listing.data):
-            agents[agent.get("node_name")] = agents.get(agent.get("node_name"), 0) + 1
+        for row in agentrows.decode(listing.result, listing.data):
+            node = row[agentrows.COLUMNS.index("node_name")]
+            agents[node] = agents.get(node, 0) + 1
         del listing
         rows = []
         for node in self.master_nodes({})["nodes"]:

@@ -230,7 +230,8 @@ def test_agents_status_and_node_name(home):
 
 def listed_agents(cat):
     answer = cat.handle("agents", {})
-    return agentrows.decode(answer.result, answer.data)
+    return [dict(zip(agentrows.COLUMNS, row)) for row in agentrows.decode(answer.result,
+                                                                          answer.data)]
 
 
 def test_agents_are_raw_rows_after_the_reply(home):
