@@ -422,13 +422,13 @@ class Catalog(object):
         learned = []  # node names read from files whose content is new to agent_files
         now = self._wall()
         rows = agentrows.Encoder()
+        add, folder = rows.add, os.path.join(self.home, info, "")
         for agent_id, name, ip in _listed_agents(keys_path):
             file_name = "%s-%s" % (name, ip.split("/")[0])
-            status, keepalive, node = self._agent_state(info + "/" + file_name, file_name,
-                                                        known, learned, now)
+            status, keepalive, node = self._agent_state(folder, file_name, known, learned, now)
             if node is None:
                 node = self.db.agent_node(file_name)  # the node that sent us the file
-            rows.add([agent_id, name, ip, status, node, keepalive])
+            add([agent_id, name, ip, status, node, keepalive])
             if len(learned) >= LEARNED_CHUNK:
                 self._safely(self.db.record_agent_file_nodes, learned)
                 learned = []
@@ -440,30 +440,31 @@ class Catalog(object):
         memtrim.release_free_memory()  # what the listing freed goes back: no lasting growth
         return localsock.WithData(rows.result(), data)
 
-    def _agent_state(self, rel, file_name, known, learned, now):
-        """(status, keepalive epoch seconds or None, node_name from the file or None)."""
+    def _agent_state(self, folder, file_name, known, learned, now):
+        """(status, keepalive epoch seconds or None, node_name from the file or None) of
+        agent-info file `file_name` in `folder` (absolute, ending with a slash)."""
         try:
-            st = os.lstat(self.home + "/" + rel)
+            st = os.lstat(folder + file_name)
         except OSError:
             return "Never connected", None, None
         if not stat.S_ISREG(st.st_mode):
             return "Never connected", None, None
-        keepalive = compat.stat_mtime_ns(st) / 1e9
+        keepalive = st.st_mtime
         if st.st_size == 0:
             return ("Disconnected" if now - keepalive > ACTIVE_SECONDS else "Pending",
                     keepalive, None)
         status = "Disconnected" if now - keepalive > ACTIVE_SECONDS else "Active"
         if file_name in known:
             return status, keepalive, known[file_name]
-        return status, keepalive, self._read_node_name(rel, file_name, learned)
+        return status, keepalive, self._read_node_name(folder + file_name, file_name, learned)
 
-    def _read_node_name(self, rel, file_name, learned):
+    def _read_node_name(self, path, file_name, learned):
         """The #"node_name": line of an agent-info file, read; recorded (through `learned`,
         into agent_files) so that the next listing need not read it. _store forgets it when
         the scanner sees the file's content change."""
         node = None
         try:
-            with open(os.path.join(self.home, rel), "rb") as handle:
+            with open(path, "rb") as handle:
                 data = compat.to_text(handle.read(65536), errors="replace")
         except (IOError, OSError):
             return None
