@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "lib"))
 
 import lab_harness  # noqa: E402
+from benchlib import agent_info_data, agent_name  # noqa: E402
 from lab_harness import LabNode, wait_for  # noqa: E402
 from wazuh_cluster import compat, localsock  # noqa: E402
 from wazuh_cluster.errors import ProtocolError, RequestError  # noqa: E402
@@ -104,17 +105,6 @@ def make_dir(path, ids, owner="root"):
     os.chmod(path, 0o770)
     if ids is not None:
         os.chown(path, ids[0] if owner == "ossec" else 0, ids[1])
-
-
-def agent_name(i):
-    return "agent%06d-10.%d.%d.%d" % (i, (i >> 16) & 255, (i >> 8) & 255, i & 255)
-
-
-def agent_info_data(i):
-    return ("Linux agent%06d 3.10.0-693.el7.x86_64 #1 SMP x86_64 [CentOS Linux|centos: 7 "
-            "(Core)] - Wazuh v3.0.0 / 6f42d2b2e1b3a0b7c5d4e3f2a1b0c9d8\n7976a83d1aebcca09bc1"
-            "4459b5518ed5 merged.mg\n\n#\"manager_hostname\":manager01\n#\"node_name\":node01\n"
-            % i).encode("ascii")
 
 
 def add_agent_info(node, first, count, ids):
