@@ -761,9 +761,12 @@ def main(argv=None):
     options = parse_args(argv)
 
     def banner(bench):
+        try:
+            rsync = subprocess.check_output(["rsync", "--version"]).decode().splitlines()[0]
+        except OSError:
+            rsync = "no rsync (parts b and c need it)"
         return "bench_sync: Python %s (%s), %d CPU(s), %s; load average %s; disks: %s" % (
-            sys.version.split()[0], bench.python, os.sysconf("SC_NPROCESSORS_ONLN"),
-            subprocess.check_output(["rsync", "--version"]).decode().splitlines()[0],
+            sys.version.split()[0], bench.python, os.sysconf("SC_NPROCESSORS_ONLN"), rsync,
             benchlib.load_average(), "one fresh journaled ext4 per node"
             if options.disk == "own" else "all in " + bench.work)
     return benchlib.bench_main("bench_sync", __file__, argv, options, NS_MARK, Bench, banner)

@@ -304,8 +304,8 @@ def bench_main(tag, script, argv, options, ns_mark, make_bench, banner):
     work = tempfile.mkdtemp(prefix="wazuh-%s." % tag.replace("_", "-"), dir=options.workdir)
     os.chmod(work, 0o755)  # user ossec must reach the installations
     bench = make_bench(options, work)
-    print(banner(bench))
     try:
+        print(banner(bench))
         bench.run()
     except Exception:
         for node in bench.nodes:
