@@ -35,20 +35,14 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "lib"))
-
+from benchlib import (DAEMON, INTERNAL, agent_info_data, agent_name,  # noqa: I100 - sets sys.path
+                      free_port)
 import lab_harness  # noqa: E402
-from benchlib import agent_info_data, agent_name  # noqa: E402
 from lab_harness import LabNode, wait_for  # noqa: E402
 from wazuh_cluster import compat, localsock  # noqa: E402
 from wazuh_cluster.errors import ProtocolError, RequestError  # noqa: E402
 
 ADDRESS = "127.0.0.2"
-DAEMON = "wazuh-clusterd"
-INTERNAL = "wazuh-clusterd-internal"
 POLL = 1.0    # defaults of cluster.poll_interval and cluster.scan_interval
 SCAN = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -131,15 +125,6 @@ def build(node, options, ids):
     lines = ["%03d agent%06d any %064x" % (i + 1, i, i) for i in range(options.agents)]
     write_owned(node.path("etc", "client.keys"), ("\n".join(lines) + "\n").encode("ascii"),
                 ids, mode=0o640, mtime=old)
-
-
-def free_port(address):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 # ------------------------------------------------------------------ the internal socket
