@@ -361,11 +361,15 @@ def check_python(python):
                        "that can" % python)
 
 
-def install_node(prefix, python, template=None):
-    """A fresh installation: install.sh the first time, a copy (cp -a) of `template` after."""
+def install_node(prefix, python, template=None, env=None):
+    """A fresh installation: install.sh the first time, a copy (cp -a) of `template` after.
+
+    `env`: install.sh's environment (default ours); a PYTHONPATH there that the interpreter
+    needs for cryptography is written into the entry points' sh wrappers.
+    """
     if template is None:
         result = run(["bash", INSTALL_SH, "--no-start", "--prefix", prefix, "--python", python],
-                     timeout=600)
+                     timeout=600, env=env)
         if result.rc != 0:
             raise LabError("install.sh --prefix %s failed:\n%s%s"
                            % (prefix, result.out, result.err))

@@ -27,20 +27,23 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   peer_seen   {name, role, address?, version?}    -> {recorded: true}
   peers       {}                                  -> {peers: [{node, role, address, version,
                                                       last_seen}]}
-  agents      {}                                  -> {agents: [{id, name, ip, status,
-                                                      node_name, last_keepalive}]}
+  agents      {}                                  -> {count, rows_in_data: true, columns}
+                                                      and the rows [id, name, ip, status,
+                                                      node_name, last_keepalive] as JSON
+                                                      bytes after the reply (agentrows)
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
 """
 from __future__ import absolute_import, division, print_function
 
+import io
 import json
 import os
 import stat
 import time
 
-from wazuh_cluster import compat, errors, localsock, manifest
+from wazuh_cluster import agentrows, compat, errors, localsock, manifest, memtrim
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -55,6 +58,9 @@ PURGE_EVERY = 3600.0
 # every poll; a "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 120.0
 _NODE_LINE = '#"node_name":'
+# Node names read from agent-info files during a listing are stored this many at a time: a
+# first listing of 100 000 agents holds no list of them all.
+LEARNED_CHUNK = 5000
 
 
 def _bad(message):
@@ -127,7 +133,6 @@ class Catalog(object):
         self._last_poll = None
         self._last_purge = None
         self._last_scan_wall = None
-        self._node_cache = {}      # agent-info name -> (sha256, node_name from the file)
         self._db_errors = 0
         self._carry = []           # ChangeSets found between ticks (on-demand passes)
         self._clock = clock
@@ -257,6 +262,9 @@ class Catalog(object):
         outgoing = [n for n in changes.changed + changes.touched + changes.deleted
                     if self._sent_by_us(n)]
         targets = self._targets() if outgoing else []
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        reread = [n[len(info):] for n in changes.changed + changes.deleted
+                  if n.startswith(info)]
         with self.db.transaction():
             if changes.changed or changes.touched:
                 self.db.save_files(rows)
@@ -264,6 +272,8 @@ class Catalog(object):
                 self.db.mark_deleted(changes.deleted)
             if targets:
                 self.db.mark_pending(targets, outgoing)
+            if reread:
+                self.db.forget_agent_files(reread)
 
     def _sent_by_us(self, name):
         item = self.scanner.item_of(name)
@@ -404,65 +414,77 @@ class Catalog(object):
         return default
 
     def _cmd_agents(self, args):
-        """One row per agent of client.keys with its status (SPEC section 2)."""
+        """One row per agent of client.keys with its status (SPEC section 2), as raw rows
+        after the reply (agentrows): the listing is built a line at a time."""
         keys_path = os.path.join(self.home, self._item_path("client.keys", "etc/client.keys"))
         info = self._item_path("agent-info", "queue/agent-info")
-        try:
-            with open(keys_path, "rb") as handle:
-                text = compat.to_text(handle.read(), errors="replace")
-        except (IOError, OSError):
-            text = ""
-        recorded = self.db.agents()
+        known = self.db.agent_file_nodes()
+        learned = []  # node names read from files whose content is new to agent_files
         now = self._wall()
-        agents = []
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
-                continue  # blank, comment, malformed or removed agent
-            agent_id, name, ip = parts[0], parts[1], parts[2]
+        rows = agentrows.Encoder()
+        add, folder = rows.add, os.path.join(self.home, info, "")
+        for agent_id, name, ip in _listed_agents(keys_path):
             file_name = "%s-%s" % (name, ip.split("/")[0])
-            status, keepalive, node = self._agent_state(info + "/" + file_name, now)
+            status, keepalive, node = self._agent_state(folder, file_name, known, learned, now)
             if node is None:
-                node = recorded.get(file_name, (None, None))[0]
-            agents.append({"id": agent_id, "name": name, "ip": ip, "status": status,
-                           "node_name": node, "last_keepalive": keepalive})
-        return {"agents": agents}
+                node = self.db.agent_node(file_name)  # the node that sent us the file
+            add([agent_id, name, ip, status, node, keepalive])
+            if len(learned) >= LEARNED_CHUNK:
+                self._safely(self.db.record_agent_file_nodes, learned)
+                learned = []
+        del known
+        if learned:
+            self._safely(self.db.record_agent_file_nodes, learned)
+        del learned
+        data = rows.data()
+        memtrim.release_free_memory()  # what the listing freed goes back: no lasting growth
+        return localsock.WithData(rows.result(), data)
 
-    def _agent_state(self, rel, now):
-        """(status, keepalive epoch seconds or None, node_name from the file or None)."""
+    def _agent_state(self, folder, file_name, known, learned, now):
+        """(status, keepalive epoch seconds or None, node_name from the file or None) of
+        agent-info file `file_name` in `folder` (absolute, ending with a slash)."""
         try:
-            st = os.lstat(os.path.join(self.home, rel))
+            st = os.lstat(folder + file_name)
         except OSError:
             return "Never connected", None, None
         if not stat.S_ISREG(st.st_mode):
             return "Never connected", None, None
-        keepalive = compat.stat_mtime_ns(st) / 1e9
-        if now - keepalive > ACTIVE_SECONDS:
-            status = "Disconnected"
-        elif st.st_size == 0:
-            status = "Pending"
-        else:
-            status = "Active"
-        return status, keepalive, self._node_name_of(rel, st)
-
-    def _node_name_of(self, rel, st):
-        """The #"node_name": line of an agent-info file, cached by content hash."""
+        keepalive = st.st_mtime
         if st.st_size == 0:
-            return None
-        record = self.scanner.get(rel)
-        sha = record["sha256"] if record else None
-        cached = self._node_cache.get(rel)
-        if sha is not None and cached is not None and cached[0] == sha:
-            return cached[1]
+            return ("Disconnected" if now - keepalive > ACTIVE_SECONDS else "Pending",
+                    keepalive, None)
+        status = "Disconnected" if now - keepalive > ACTIVE_SECONDS else "Active"
+        if file_name in known:
+            return status, keepalive, known[file_name]
+        return status, keepalive, self._read_node_name(folder + file_name, file_name, learned)
+
+    def _read_node_name(self, path, file_name, learned):
+        """The #"node_name": line of an agent-info file, read; recorded (through `learned`,
+        into agent_files) so that the next listing need not read it. _store forgets it when
+        the scanner sees the file's content change."""
         node = None
         try:
-            with open(os.path.join(self.home, rel), "rb") as handle:
+            with open(path, "rb") as handle:
                 data = compat.to_text(handle.read(65536), errors="replace")
         except (IOError, OSError):
             return None
         for line in data.splitlines():
             if line.startswith(_NODE_LINE):
                 node = line[len(_NODE_LINE):].strip().strip('"') or None
-        if sha is not None:
-            self._node_cache[rel] = (sha, node)
+        learned.append((file_name, node))
         return node
+
+
+def _listed_agents(path):
+    """Yield (id, name, ip) of the agents of client.keys, a line at a time (no list of
+    100 000 lines); blank, comment, malformed and removed entries are left out."""
+    try:
+        handle = io.open(path, encoding="utf-8", errors="replace", newline="\n")
+    except (IOError, OSError):
+        return
+    with handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
+                continue
+            yield parts[0], parts[1], parts[2]

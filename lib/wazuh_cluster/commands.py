@@ -7,7 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 import time
 
-from wazuh_cluster import __version__, compat
+from wazuh_cluster import __version__, agentrows, compat, localsock
 from wazuh_cluster.errors import RequestError
 
 FORWARDED = ("nodes", "agents", "health")
@@ -49,8 +49,12 @@ class Commands(object):
     def peer_handlers(self):
         """What a client may ask the master on its session (cluster-wide views)."""
         def forwarded(func):
-            return lambda session, args, data: (func(args if isinstance(args, dict) else {}),
-                                                b"")
+            def handler(session, args, data):
+                result = func(args if isinstance(args, dict) else {})
+                if isinstance(result, localsock.WithData):
+                    return result.result, result.data  # the agent rows, as bytes
+                return result, b""
+            return handler
         return {"cluster_nodes": forwarded(self.master_nodes),
                 "cluster_agents": forwarded(self.master_agents),
                 "cluster_health": forwarded(self.master_health)}
@@ -67,10 +71,12 @@ class Commands(object):
     def ask_master(self, cmd, args):
         """The master's answer, relayed as it is: cluster_control escapes what it prints (-j
         stays exact JSON); the session already escaped an error the master sent."""
-        result, _ = self.master_session().call("cluster_" + cmd, args,
-                                               timeout=self.cfg.options.request_timeout)
+        result, data = self.master_session().call("cluster_" + cmd, args,
+                                                  timeout=self.cfg.options.request_timeout)
         if not isinstance(result, dict):
             raise RequestError("the master sent a malformed answer to '%s'" % cmd, "protocol")
+        if data and result.get("rows_in_data"):
+            return localsock.WithData(result, data)  # relayed to cluster_control as it is
         return result
 
     def cluster_wide(self, cmd, args, local):
@@ -125,7 +131,9 @@ class Commands(object):
         return self.cluster_wide("agents", args, self.master_agents)
 
     def master_agents(self, args):
-        return self.node.link.call("agents")
+        # The rows stay bytes here (agentrows): relayed, never parsed, by this daemon.
+        result, data = self.node.link.call_data("agents")
+        return localsock.WithData(result, data or b"[]")
 
     def files(self, args):
         nodes = _names(args, "nodes")
@@ -157,8 +165,11 @@ class Commands(object):
             if state in entry:
                 entry[state] += 1
         agents = {}
-        for agent in self.node.link.call("agents")["agents"]:
-            agents[agent.get("node_name")] = agents.get(agent.get("node_name"), 0) + 1
+        listing = self.master_agents({})
+        for row in agentrows.decode(listing.result, listing.data):
+            node = row[agentrows.COLUMNS.index("node_name")]
+            agents[node] = agents.get(node, 0) + 1
+        del listing
         rows = []
         for node in self.master_nodes({})["nodes"]:
             name = node["name"]

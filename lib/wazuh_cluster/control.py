@@ -45,8 +45,8 @@ import socket
 import sys
 import time
 
-from wazuh_cluster import __version__, compat, config, localsock, paths, text
-from wazuh_cluster.errors import ConfigError, RequestError
+from wazuh_cluster import __version__, agentrows, compat, config, localsock, paths, text
+from wazuh_cluster.errors import ConfigError, ProtocolError, RequestError
 
 PROG = "cluster_control"
 
@@ -83,10 +83,12 @@ def table(headers, rows):
 
     Cells are escaped (text.printable) before the columns are measured.
     """
-    rows = [[u"-" if cell is None else cell_text(cell) for cell in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-    return [u"  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-            for line in [list(headers)] + rows]
+    rows = [list(headers)] + [[u"-" if cell is None else cell_text(cell) for cell in row]
+                              for row in rows]
+    # Column by column and one format per line: 100 000 agents in a fraction of a second.
+    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    line = u"  ".join(u"{%d:<%d}" % (i, width) for i, width in enumerate(widths))
+    return [line.format(*row).rstrip() for row in rows]
 
 
 def cell_text(value):
@@ -129,10 +131,9 @@ def pick(rows, keys):
             for row in (rows if isinstance(rows, list) else []) if isinstance(row, dict)]
 
 
-def id_order(agent):
-    value = agent.get("id") or u""
-    if not isinstance(value, compat.string_types):
-        return (2, 0, compat.text_type(value))
+def id_order(values):
+    """Sort key of an agent row (Rows values): numeric IDs in numeric order, others after."""
+    value = values[0] if isinstance(values[0], compat.string_types) else u""
     ascii_digits = value.isdigit() and text.is_printable(value)  # int(u"\xb2") fails
     return (0, int(value), value) if ascii_digits else (1, 0, value)
 
@@ -150,14 +151,41 @@ def text_files(data):
                  [(r["node"], r["file"], r["status"]) for r in data["files"]])
 
 
+class Rows(object):
+    """A listing's rows as value lists in the order of `keys`, for listings as long as the
+    agents: the text table needs no object per row (a 2.7 OrderedDict costs ~30 us, 3 s for
+    100 000 agents); JSON output (jsonable) turns them into objects."""
+
+    def __init__(self, keys, values):
+        self.keys = [k for k, _ in keys]
+        self.values = values
+
+    def as_dicts(self):
+        return [collections.OrderedDict(zip(self.keys, v)) for v in self.values]
+
+
+def jsonable(data):
+    """`data` with its Rows as lists of objects (the documented JSON shape)."""
+    if not any(isinstance(v, Rows) for v in data.values()):
+        return data
+    return dict((k, v.as_dicts() if isinstance(v, Rows) else v) for k, v in data.items())
+
+
 def shape_agents(result):
-    return {"agents": sorted(pick(result.get("agents"), AGENT_KEYS), key=id_order)}
+    # Rows (lists in agentrows.COLUMNS order) after the reply, or objects from older daemons.
+    values = []
+    for row in result.get("agents") or []:
+        if isinstance(row, list) and len(row) == len(AGENT_KEYS):
+            values.append(row)
+        elif isinstance(row, dict):
+            values.append([row.get(k, d) for k, d in AGENT_KEYS])
+    values.sort(key=id_order)
+    return {"agents": Rows(AGENT_KEYS, values)}
 
 
 def text_agents(data):
     return table(("ID", "IP", "Name", "Status", "Node name"),
-                 [(a["id"], a["ip"], a["name"], a["status"], a["node_name"])
-                  for a in data["agents"]])
+                 [(v[0], v[2], v[1], v[3], v[4]) for v in data["agents"].values])
 
 
 def shape_nodes(result):
@@ -322,7 +350,11 @@ def connect(path, timeout):
 def request(client, command, args):
     """The daemon's result; its errors (and a lost connection) become Failure."""
     try:
-        result = client.call(command, args)
+        result, data = client.call_data(command, args)
+        if data is not None and isinstance(result, dict):
+            result = dict(result, agents=agentrows.decode(result, data))  # rows after it
+    except ProtocolError as err:
+        raise Failure("wazuh-clusterd sent a malformed answer to '%s': %s" % (command, err))
     except RequestError as err:
         if client.sock is None:
             # localsock.Client drops the socket only on local trouble, never on an error reply.
@@ -374,7 +406,8 @@ def run(options, script, out):
     client = connect(paths.Paths(home).control_socket, cfg.options.request_timeout + 10)
     data = action.shape(request(client, action.command, action.args(options, home)))
     if options.json:
-        emit([compat.to_text(json.dumps(data, indent=2, separators=(",", ": ")))], out)
+        emit([compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))],
+             out)
     else:
         # Cells are escaped already; this catches every other line (held warnings, lists).
         emit([text.printable(line, None) for line in action.text(data)], out)

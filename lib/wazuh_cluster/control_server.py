@@ -87,8 +87,16 @@ class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
             except (socket.error, ProtocolError, ValueError):
                 return
             reply = self.answer(request)
+            result = reply.get("result")
             try:
-                sock.sendall(localsock.encode(reply))
+                if isinstance(result, localsock.WithData):
+                    # Raw bytes after the reply (localsock): relayed without being parsed.
+                    reply["result"], reply["data"] = result.result, len(result.data)
+                    sock.sendall(localsock.encode(reply))
+                    sock.sendall(localsock.HEADER.pack(len(result.data)))
+                    sock.sendall(result.data)
+                else:
+                    sock.sendall(localsock.encode(reply))
             except socket.error:
                 return
 

@@ -36,7 +36,8 @@ INVALID_TRIM_TO = 0.9
 
 # Each migration takes the schema from version N-1 to N, inside one transaction.
 # Version 1 is the 3.0-like core (files and node/file/state rows); version 2 adds deletion
-# tombstones, agents, peers and meta, and the indexes the queries need.
+# tombstones, agents, peers and meta, and the indexes the queries need; version 3 the
+# node names read from agent-info files.
 MIGRATIONS = (
     (1, (
         "CREATE TABLE files (name TEXT PRIMARY KEY, item TEXT NOT NULL, size INTEGER NOT NULL,"
@@ -55,6 +56,12 @@ MIGRATIONS = (
         "CREATE TABLE peers (node TEXT PRIMARY KEY, role TEXT, address TEXT, version TEXT,"
         " last_seen REAL NOT NULL)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+    )),
+    (3, (
+        # The node_name line read from each agent-info file, forgotten when the file's
+        # content changes: cluster_control -a reads a file again only then (an in-memory
+        # cache of 100 000 entries was the internal daemon's lasting growth after a listing).
+        "CREATE TABLE agent_files (name TEXT PRIMARY KEY, node TEXT)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -279,7 +286,12 @@ class ClusterDB(object):
     # -- node / file / state rows -------------------------------------------------------------
 
     def set_states(self, rows):
-        """Store [node, file, state] rows in one transaction; returns how many.
+        """Store [node, file, state] rows in one transaction; returns how many changed.
+
+        A row whose stored state is already that one is not written: a full round confirms
+        every unchanged file of a peer as "synchronized" every interval, and rewriting 10 000
+        rows per client each time was most of a round's cost on the master. `updated` is
+        thus when the state last changed.
 
         A node keeps at most MAX_INVALID_PER_NODE "invalid" rows, all nodes together at most
         MAX_INVALID_TOTAL: the oldest go first.
@@ -291,13 +303,17 @@ class ClusterDB(object):
             node, name, state = row
             if state not in STATES:
                 raise ValueError("state %r is not one of %s" % (state, ", ".join(STATES)))
-            clean.append((node, name, state, now))
+            clean.append((state, now, node, name, state))
             if state == "invalid":
                 refused[node] = refused.get(node, 0) + 1
         try:
             with self.transaction() as conn:
-                conn.executemany("INSERT OR REPLACE INTO states (node, file, state, updated)"
-                                 " VALUES (?, ?, ?, ?)", clean)
+                before = conn.total_changes
+                conn.executemany("UPDATE states SET state = ?, updated = ? WHERE node = ?"
+                                 " AND file = ? AND state != ?", clean)
+                conn.executemany("INSERT OR IGNORE INTO states (node, file, state, updated)"
+                                 " VALUES (?, ?, ?, ?)", [(r[2], r[3], r[0], r[1]) for r in clean])
+                changed = conn.total_changes - before
                 for node in refused:
                     self._trim_invalid(conn, node)
                 if refused:
@@ -305,7 +321,7 @@ class ClusterDB(object):
         except BaseException:
             self._invalid_bound = None  # rolled back: count again next time
             raise
-        return len(clean)
+        return changed
 
     def _trim_invalid(self, conn, node):
         count = conn.execute("SELECT COUNT(*) FROM states WHERE node = ? AND state = 'invalid'",
@@ -452,10 +468,33 @@ class ClusterDB(object):
                              " VALUES (?, ?, ?, ?)", clean)
         return len(clean)
 
+    def agent_node(self, name):
+        """The node recorded as sending agent-info file `name`, or None."""
+        row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
             "SELECT name, node, keepalive_ns FROM agents"))
+
+    def agent_file_nodes(self):
+        """{agent-info file name: node_name read from its current content, or None}."""
+        return dict(self._conn.execute("SELECT name, node FROM agent_files"))
+
+    def record_agent_file_nodes(self, rows):
+        """Store [agent-info file name, node_name or None] rows; returns how many."""
+        rows = list(rows)
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO agent_files (name, node) VALUES (?, ?)",
+                             rows)
+        return len(rows)
+
+    def forget_agent_files(self, names):
+        """The content of these agent-info files changed (or they are gone): forget what
+        was read from them."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM agent_files WHERE name = ?", ((n,) for n in names))
 
     def get_meta(self, key, default=None):
         """A value of the meta table (text) or `default`."""

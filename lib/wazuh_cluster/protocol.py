@@ -16,7 +16,7 @@ import json
 import struct
 import zlib
 
-from wazuh_cluster import compat
+from wazuh_cluster import compat, compresscache
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # One table of message types: name -> code. Codes never change once released.
@@ -119,8 +119,19 @@ def worth_compressing(data):
     return len(data) >= COMPRESS_FROM
 
 
+def _zlib_fast(data):
+    return zlib.compress(data, 1)
+
+
+# Large bodies sent to several peers are compressed once (compresscache).
+_SHARED = compresscache.CompressedCache(_zlib_fast)
+
+
 def compress(data, level=1):
-    """zlib stream of `data` (level 1: compression is the main cost of a bulk push)."""
+    """zlib stream of `data` (level 1: compression is the main cost of a bulk push); a large
+    body another session sent already comes from the shared cache."""
+    if level == 1:
+        return _SHARED.compress(data)
     return zlib.compress(data, level)
 
 

@@ -35,19 +35,14 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "lib"))
-
+from benchlib import (DAEMON, INTERNAL, agent_info_data, agent_name,  # noqa: I100 - sets sys.path
+                      free_port)
 import lab_harness  # noqa: E402
 from lab_harness import LabNode, wait_for  # noqa: E402
 from wazuh_cluster import compat, localsock  # noqa: E402
 from wazuh_cluster.errors import ProtocolError, RequestError  # noqa: E402
 
 ADDRESS = "127.0.0.2"
-DAEMON = "wazuh-clusterd"
-INTERNAL = "wazuh-clusterd-internal"
 POLL = 1.0    # defaults of cluster.poll_interval and cluster.scan_interval
 SCAN = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -106,17 +101,6 @@ def make_dir(path, ids, owner="root"):
         os.chown(path, ids[0] if owner == "ossec" else 0, ids[1])
 
 
-def agent_name(i):
-    return "agent%06d-10.%d.%d.%d" % (i, (i >> 16) & 255, (i >> 8) & 255, i & 255)
-
-
-def agent_info_data(i):
-    return ("Linux agent%06d 3.10.0-693.el7.x86_64 #1 SMP x86_64 [CentOS Linux|centos: 7 "
-            "(Core)] - Wazuh v3.0.0 / 6f42d2b2e1b3a0b7c5d4e3f2a1b0c9d8\n7976a83d1aebcca09bc1"
-            "4459b5518ed5 merged.mg\n\n#\"manager_hostname\":manager01\n#\"node_name\":node01\n"
-            % i).encode("ascii")
-
-
 def add_agent_info(node, first, count, ids):
     folder = node.path("queue", "agent-info")
     stamp = int(time.time()) - 60
@@ -141,15 +125,6 @@ def build(node, options, ids):
     lines = ["%03d agent%06d any %064x" % (i + 1, i, i) for i in range(options.agents)]
     write_owned(node.path("etc", "client.keys"), ("\n".join(lines) + "\n").encode("ascii"),
                 ids, mode=0o640, mtime=old)
-
-
-def free_port(address):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 # ------------------------------------------------------------------ the internal socket

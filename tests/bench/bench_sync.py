@@ -32,27 +32,21 @@ The machine is shared: the load average is printed at the start and at the end.
 from __future__ import absolute_import, division, print_function
 
 import argparse
-import glob
 import hashlib
 import io
-import math
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "lib"))
-
+import benchlib  # noqa: I100 - sets sys.path for what follows
 import lab_harness  # noqa: E402
+from benchlib import (DAEMON, INTERNAL, agent_name, free_port, make_dir, median,  # noqa: E402
+                      now, percentile, proc_cpu, proc_mem, read_bytes, write_owned)
 from lab_harness import LabNode, wait_for  # noqa: E402
 from wazuh_cluster import compat, config, localsock  # noqa: E402
 from wazuh_cluster.pathrules import MTIME_SLACK_NS  # noqa: E402
@@ -60,15 +54,10 @@ from wazuh_cluster.pathrules import MTIME_SLACK_NS  # noqa: E402
 NS_MARK = "WAZUH_CLUSTER_BENCH_NS"
 # The shipped minimum gap between two pushes to a peer, from the configuration table (printed).
 PUSH_DELAY = float(dict((n, d) for n, _c, d in config.OPTIONS)["push_delay"])
-DAEMON = "wazuh-clusterd"
-INTERNAL = "wazuh-clusterd-internal"
 LATENCY_POLL = 0.005
 TREE_POLL = 0.02
 CHANGE_TIMEOUT = 30.0
 SYNC_TIMEOUT = 300.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-DISK_BYTES = 2 << 30          # sparse: only what is written takes space
-DISK_INODES = 131072          # 50 000 agent-info files and 10 000 shared ones fit
 WORDS = ("agent_config", "localfile", "location", "log_format", "syslog", "apache", "frequency",
          "syscheck", "directories", "check_all", "yes", "no", "rootcheck", "ignore", "/var/log",
          "/etc", "/usr/bin", "realtime", "command", "alias", "wodle", "interval", "12h",
@@ -76,37 +65,6 @@ WORDS = ("agent_config", "localfile", "location", "log_format", "syslog", "apach
 
 
 # ------------------------------------------------------------------ small helpers
-
-def now():
-    return compat.monotonic()
-
-
-def ossec_ids():
-    return lab_harness.ossec_ids()
-
-
-def write_owned(path, data, mode=0o660, owner="root", mtime=None):
-    """Write `data` to `path` (created or truncated), then Wazuh's owner and mode when root."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        ids = ossec_ids()
-        if ids is not None:
-            os.fchown(fd, ids[0] if owner == "ossec" else 0, ids[1])
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-
-
-def make_dir(path, mode=0o770, owner="root"):
-    if not os.path.isdir(path):
-        os.makedirs(path)
-    lab_harness.chown(path, owner, mode)
-
 
 def empty_dir(path):
     for name in os.listdir(path):
@@ -117,55 +75,8 @@ def empty_dir(path):
             os.unlink(full)
 
 
-def read_bytes(path):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
-
-
-def percentile(values, fraction):
-    """Nearest-rank percentile (p99 of 100 values is the 99th smallest)."""
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    return values[max(0, int(math.ceil(fraction * len(values))) - 1)]
-
-
-def median(values):
-    return percentile(values, 0.5)
-
-
-def proc_cpu(pid):
-    """utime + stime of a process in seconds (all its threads)."""
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(CLK_TCK)
-
-
-def proc_mem(pid):
-    """(VmRSS, VmHWM) in MB."""
-    found = {}
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            key = line.split(":", 1)[0]
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(line.split()[1]) / 1024.0
-    return found.get("VmRSS", float("nan")), found.get("VmHWM", float("nan"))
-
-
 def sync_disks():
     subprocess.call(["sync"])
-
-
-def free_port(address):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def run_parallel(cmds):
@@ -197,7 +108,7 @@ def tree_hashes(root):
 
 # ------------------------------------------------------------------ the cluster
 
-class Bench(object):
+class Bench(benchlib.BenchNodes):
     """The nodes, the generated tree and the measurements."""
 
     def __init__(self, options, work):
@@ -264,45 +175,6 @@ class Bench(object):
             self.nodes.append(node)
         self.write_tree()
 
-    def node_disk(self, name):
-        """The folder holding node `name`'s installation: its own file system with --disk own.
-
-        Each manager of a real cluster has its own disk, with a journal. This machine's root file
-        system has none, and then ext4 skips every inode freed in the last minute when it
-        allocates one (recently_deleted): emptying 20 000 files before each run made the next
-        run's file creations cost 200-400 us each, more for whichever run came later. A fresh
-        journaled ext4 per node (a loop device on a sparse image) measures what a manager sees.
-        """
-        if self.opt.disk == "shared":
-            return self.work
-        image = os.path.join(self.work, name + ".img")
-        mount = os.path.join(self.work, name + "-disk")
-        os.mkdir(mount)
-        with open(image, "wb") as handle:
-            handle.truncate(DISK_BYTES)
-        for cmd in (["mkfs.ext4", "-q", "-F", "-N", str(DISK_INODES),
-                     "-E", "lazy_itable_init=0,lazy_journal_init=0", image],
-                    ["mount", "-o", "loop", image, mount]):
-            result = lab_harness.run(cmd)
-            if result.rc != 0:
-                raise RuntimeError("%s failed: %s (--disk shared needs no loop device)"
-                                   % (" ".join(cmd), result.err.strip()))
-        self.disks.append(mount)
-        os.chmod(mount, 0o755)
-        return mount
-
-    def release_disks(self):
-        """Unmount the nodes' file systems; with --keep their logs are copied out first."""
-        for mount in self.disks:
-            if self.opt.keep:
-                for logs in glob.glob(os.path.join(mount, "*", "logs")):
-                    shutil.copytree(logs, os.path.join(
-                        self.work, os.path.basename(os.path.dirname(logs)) + "-logs"))
-            result = lab_harness.run(["umount", mount])
-            if result.rc != 0:
-                print("warning: umount %s: %s" % (mount, result.err.strip()))
-        self.disks = []
-
     def apply_patches(self, prefix):
         """--patch module.NAME=VALUE: set a constant in the installed copy (never the repo).
 
@@ -358,84 +230,10 @@ class Bench(object):
     def master(self):
         return self.nodes[0]
 
-    def start(self, nodes, parallel=False):
-        if parallel:
-            procs = [subprocess.Popen([n.path("bin", "ossec-control"), "start"],
-                                      stdout=open(os.devnull, "wb"), stderr=subprocess.STDOUT,
-                                      close_fds=True) for n in nodes]
-            for node, proc in zip(nodes, procs):
-                if proc.wait() != 0:
-                    raise RuntimeError("ossec-control start failed for %s:\n%s"
-                                       % (node.name, node.dump_logs()))
-                self.started.append(node)
-            for node in nodes:
-                wait_for(node.running, 30, what="daemons of %s" % node.name)
-            return
-        for node in nodes:
-            node.start(timeout=30)
-            self.started.append(node)
-
-    def stop_all(self):
-        try:
-            for node in reversed(self.started):
-                try:
-                    node.stop()
-                except Exception as err:  # noqa: BLE001 - cleanup must go on for the others
-                    print("warning: stopping %s: %s" % (node.name, err))
-            self.started = []
-            if self.rsyncd is not None and self.rsyncd.poll() is None:
-                self.rsyncd.terminate()
-                self.rsyncd.wait()
-        finally:
-            self.kill_leftovers()
-
-    def leftovers(self):
-        """PIDs of processes still running from our installations (their command line names
-        a path under self.work): only what this run started, whatever its PID files say."""
-        mark = os.path.join(self.work, "")
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                    argv = handle.read().split(b"\0")
-            except (IOError, OSError):
-                continue
-            if any(arg.decode("utf-8", "replace").startswith(mark) or
-                   ("=" + mark) in arg.decode("utf-8", "replace") for arg in argv) \
-                    and lab_harness.alive(int(entry)):
-                found.append(int(entry))
-        return found
-
-    def kill_leftovers(self):
-        """No daemon may outlive the benchmark (ossec-control stop removes the PID files and
-        does not wait; a daemon missed there would keep running from a removed folder)."""
-        pids = self.leftovers()
-        if not pids:
-            return
-        print("warning: %d process(es) outlived the stop: %s; terminating them"
-              % (len(pids), " ".join(map(str, pids))))
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = now() + 10
-            while now() < deadline and [p for p in pids if lab_harness.alive(p)]:
-                time.sleep(0.1)
-            pids = [p for p in pids if lab_harness.alive(p)]
-            if not pids:
-                return
-        print("warning: still alive after SIGKILL: %s" % " ".join(map(str, pids)))
-
-    def internal(self, node, cmd, args=None):
-        client = localsock.Client(node.path("queue", "ossec", "cluster_db"), timeout=60)
-        try:
-            return client.call(cmd, args or {})
-        finally:
-            client.close()
+    def stop_helpers(self):
+        if self.rsyncd is not None and self.rsyncd.poll() is None:
+            self.rsyncd.terminate()
+            self.rsyncd.wait()
 
     def wait_master_scanned(self):
         want = self.opt.files + 1
@@ -447,12 +245,6 @@ class Bench(object):
                 return False
             return status.get("files", 0) >= want and status.get("last_scan")
         wait_for(scanned, 300, 0.1, what="the master's first scan")
-
-    def pid(self, node, daemon):
-        pids = node.pids(daemon)
-        if not pids:
-            raise RuntimeError("%s of %s is not running" % (daemon, node.name))
-        return pids[0]
 
     # -- rsync --------------------------------------------------------------------------------
 
@@ -808,8 +600,7 @@ class Bench(object):
         for k, client in enumerate(clients):
             for i in range(per):
                 n = k * per + i
-                files.append((client, "agent%06d-10.%d.%d.%d" % (n, (n >> 16) & 255,
-                                                                 (n >> 8) & 255, n & 255)))
+                files.append((client, agent_name(n)))
         pids = [self.pid(master, DAEMON), self.pid(master, INTERNAL)]
         master_info = master.path("queue", "agent-info")
         print("\nd. %d agent-info files over %d clients; master daemons (clusterd, internal)"
@@ -965,46 +756,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None):
-    options = parse_args(sys.argv[1:] if argv is None else argv)
-    # Line-buffered even into a file or a pipe: a long run shows each figure when it is ready.
-    sys.stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", 1)
-    if options.disk == "own" and os.geteuid() != 0:
-        sys.stderr.write("bench_sync: --disk own needs root (loop mounts); use --disk shared\n")
-        return 2
-    if os.geteuid() == 0 and not os.environ.get(NS_MARK):
-        return lab_harness.reexec_in_ossec_namespace(__file__, sys.argv[1:], NS_MARK,
-                                                     "bench_sync")
-    # A SIGTERM or SIGHUP (a timeout, a closed terminal) must still run the cleanup below.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _exit_on_signal)
-    work = tempfile.mkdtemp(prefix="wazuh-bench-sync.", dir=options.workdir)
-    os.chmod(work, 0o755)  # user ossec must reach the installations
-    bench = Bench(options, work)
-    print("bench_sync: Python %s (%s), %d CPU(s), %s; load average %s; disks: %s" % (
-        sys.version.split()[0], bench.python, os.sysconf("SC_NPROCESSORS_ONLN"),
-        subprocess.check_output(["rsync", "--version"]).decode().splitlines()[0],
-        " ".join("%.2f" % v for v in os.getloadavg()),
-        "one fresh journaled ext4 per node" if options.disk == "own" else "all in " + work))
-    try:
-        bench.run()
-    except Exception:
-        for node in bench.nodes:
-            if node in bench.started:
-                print(node.dump_logs(20))
-        raise
-    finally:
-        bench.stop_all()
-        bench.release_disks()
-        if options.keep:
-            print("kept %s" % work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    options = parse_args(argv)
+
+    def banner(bench):
+        try:
+            rsync = subprocess.check_output(["rsync", "--version"]).decode().splitlines()[0]
+        except OSError:
+            rsync = "no rsync (parts b and c need it)"
+        return "bench_sync: Python %s (%s), %d CPU(s), %s; load average %s; disks: %s" % (
+            sys.version.split()[0], bench.python, os.sysconf("SC_NPROCESSORS_ONLN"), rsync,
+            benchlib.load_average(), "one fresh journaled ext4 per node"
+            if options.disk == "own" else "all in " + bench.work)
+    return benchlib.bench_main("bench_sync", __file__, argv, options, NS_MARK, Bench, banner)
 
 
 if __name__ == "__main__":

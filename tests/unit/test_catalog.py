@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from wazuh_cluster import catalog as catalog_mod
-from wazuh_cluster import compat, db as dbmod, errors, localsock
+from wazuh_cluster import agentrows, compat, db as dbmod, errors, localsock
 from wazuh_cluster.pathrules import MTIME_SLACK_NS
 
 from test_scanner import EXCLUDE, ITEMS, write  # noqa: I100 - shared fixtures of the scanner
@@ -218,7 +218,7 @@ def test_agents_status_and_node_name(home):
     cat = make(home)
     cat.tick(0.0)
     cat.handle("agent_nodes", {"rows": [["old01-any", "client02"]]})
-    agents = dict((a["id"], a) for a in cat.handle("agents", {})["agents"])
+    agents = dict((a["id"], a) for a in listed_agents(cat))
     assert sorted(agents) == ["001", "002", "004", "005"]
     assert agents["001"]["status"] == "Active" and agents["001"]["node_name"] == "client01"
     assert agents["001"]["last_keepalive"] == pytest.approx(NOW - 60)
@@ -226,6 +226,47 @@ def test_agents_status_and_node_name(home):
     assert agents["004"]["status"] == "Never connected" and agents["004"]["ip"] == "10.0.0.0/24"
     assert agents["005"]["status"] == "Disconnected" and agents["005"]["node_name"] == "client02"
     json.dumps(agents)
+
+
+def listed_agents(cat):
+    answer = cat.handle("agents", {})
+    return [dict(zip(agentrows.COLUMNS, row)) for row in agentrows.decode(answer.result,
+                                                                          answer.data)]
+
+
+def test_agents_are_raw_rows_after_the_reply(home):
+    # 100 000 agents as dicts and one JSON string of them kept +160 MB in the internal
+    # daemon: the rows go out as bytes (localsock data), encoded a chunk at a time.
+    names = ["a%04d" % i for i in range(2 * agentrows.ROWS_PER_CHUNK + 3)]
+    write(home, "etc/client.keys", "".join("%04d %s any k\n" % (i + 1, n)
+                                           for i, n in enumerate(names)) +
+          '9999 we"ird\\ any k\n')
+    cat = make(home)
+    cat.tick(0.0)
+    answer = cat.handle("agents", {})
+    assert isinstance(answer, localsock.WithData)
+    assert answer.result == {"count": len(names) + 1, "rows_in_data": True,
+                             "columns": list(agentrows.COLUMNS)}
+    rows = json.loads(answer.data.decode("utf-8"))
+    assert [r[1] for r in rows] == names + ['we"ird\\']
+    assert rows[0] == ["0001", "a0000", "any", "Never connected", None, None]
+
+
+def test_node_names_are_read_once_and_again_when_the_content_changes(home):
+    path = "queue/agent-info/web01-any"
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    write(home, path, 'Linux web01\n#"node_name":client01\n', mtime_ns=int((NOW - 60) * 1e9))
+    cat = make(home)
+    cat.tick(0.0)
+    assert listed_agents(cat)[0]["node_name"] == "client01"
+    assert cat.db.agent_file_nodes() == {"web01-any": "client01"}  # kept on disk, not memory
+    # Unseen by the scanner yet: the recorded name stands (the file is not read again).
+    write(home, path, 'Linux web01\n#"node_name":client02\n', mtime_ns=int((NOW - 30) * 1e9))
+    assert listed_agents(cat)[0]["node_name"] == "client01"
+    cat.handle("rescan", {})
+    cat.tick(1.0)
+    assert cat.db.agent_file_nodes() == {}
+    assert listed_agents(cat)[0]["node_name"] == "client02"
 
 
 def test_skipped_entries_are_logged_once(home, caplog):

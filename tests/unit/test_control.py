@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from wazuh_cluster import compat, control, paths  # noqa: E402
+from wazuh_cluster import agentrows, compat, control, localsock, paths  # noqa: E402
 from wazuh_cluster.control_server import ControlServer  # noqa: E402
 from wazuh_cluster.errors import RequestError  # noqa: E402
 
@@ -235,6 +235,24 @@ def test_agents_json_shape(home, daemon):
         assert agent["status"] in ("Active", "Pending", "Disconnected", "Never connected")
         assert agent["last_keepalive"] is None or isinstance(agent["last_keepalive"], float)
     assert data["agents"][1]["node_name"] is None
+
+
+def test_agents_as_raw_rows_after_the_reply(home, daemon):
+    # The daemons relay the agent rows as bytes (agentrows); cluster_control decodes them.
+    as_dicts = ok(home, "-j", "-a")
+    rows = [[a["id"], a["name"], a["ip"], a["status"], a["node_name"], a["last_keepalive"]]
+            for a in AGENTS["agents"]]
+    daemon.results["agents"] = localsock.WithData(
+        {"count": len(rows), "rows_in_data": True, "columns": list(agentrows.COLUMNS)},
+        json.dumps(rows).encode("utf-8"))
+    assert ok(home, "-j", "-a") == as_dicts
+    assert columns(ok(home, "-a"), ["ID", "IP", "Name", "Status", "Node name"])[0] == \
+        ["002", "any", "db-server-02", "Active", "node01"]
+
+
+def test_malformed_agent_rows_are_one_line(home, daemon):
+    daemon.results["agents"] = localsock.WithData({"count": 1, "rows_in_data": True}, b"[1,")
+    assert "malformed answer to 'agents'" in fails(home, "-a")
 
 
 def test_files_table(home, daemon):

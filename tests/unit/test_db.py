@@ -241,6 +241,25 @@ def test_invalid_rows_of_all_nodes_are_bounded_too(folder, monkeypatch):
     assert sum(c.get("invalid", 0) for c in db.state_counts().values()) <= 50
 
 
+def test_unchanged_states_are_not_written_again(folder):
+    # A full round confirms every unchanged file every interval: only changes are written.
+    clock = [1000.0]
+    db = dbmod.ClusterDB(os.path.join(folder, "cluster.db"), ListLog(),
+                         wall=lambda: clock[0])
+    rows = [["n2", "etc/f%d" % i, "synchronized"] for i in range(3)]
+    assert db.set_states(rows) == 3
+    clock[0] = 2000.0
+    changes = db._conn.total_changes
+    assert db.set_states(rows) == 0
+    assert db._conn.total_changes == changes  # not a row touched
+    assert db.set_states(rows[:1] + [["n2", "etc/f1", "failed"]]) == 1
+    assert [tuple(r) for r in db._conn.execute(
+        "SELECT file, state, updated FROM states ORDER BY file")] == [
+        ("etc/f0", "synchronized", 1000.0), ("etc/f1", "failed", 2000.0),
+        ("etc/f2", "synchronized", 1000.0)]
+    db.close()
+
+
 def test_one_transaction_per_batch_rolls_back_entirely(folder):
     db = open_db(folder)
     with pytest.raises(ValueError):

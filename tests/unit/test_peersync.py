@@ -10,7 +10,7 @@ import pytest
 
 from wazuh_cluster import compat, config
 from wazuh_cluster.errors import RequestError
-from wazuh_cluster.sync import Batch, InFlight, PeerSync
+from wazuh_cluster.sync import Batch, InFlight, PeerSync, round_phase
 
 ITEMS, _EXCLUDE = config.load_items(os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -34,11 +34,12 @@ class Clock(object):
 
 def master_sync(clock):
     """A master's PeerSync whose first full round has just ended."""
+    # Its slot in each interval is where this round ended: the next one is INTERVAL away.
     sync = PeerSync(Session(), "/nonexistent", "master", None, ITEMS, INTERVAL, DELAY, 30.0,
-                    clock=clock)
+                    clock=clock, phase=clock() % INTERVAL)
     job, _ = sync.due(clock())
     assert job == sync.full_round
-    sync.last_round = clock()
+    sync.finished_round(clock())
     return sync
 
 
@@ -90,6 +91,32 @@ def test_a_round_is_due_every_interval_and_covers_what_is_queued():
     job, _ = sync.due(clock() + INTERVAL)
     assert job == sync.full_round
     assert not sync.has_push()
+
+
+def test_rounds_with_different_peers_fall_in_different_slots_of_the_interval():
+    # All clients' rounds fired within seconds of each other every interval.
+    phases = sorted(round_phase("master", "client%02d" % k, INTERVAL) for k in range(1, 11))
+    assert all(0 <= p < INTERVAL for p in phases)
+    assert len(set(phases)) == 10 and phases[-1] - phases[0] > INTERVAL / 2
+    assert round_phase("master", "client01", INTERVAL) == \
+        round_phase("master", "client01", INTERVAL)  # stable: the same slot every interval
+    # A client's rounds with its master: by its own name too, not only the master's.
+    assert round_phase("client01", "master", INTERVAL) != \
+        round_phase("client02", "master", INTERVAL)
+
+
+def test_the_next_round_is_in_the_peer_slot_every_interval():
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", None, ITEMS, INTERVAL, DELAY, 30.0,
+                    clock=clock, phase=30.0)
+    assert sync.due(clock())[0] == sync.full_round  # at once when the session starts
+    sync.finished_round(1000.0)
+    assert sync.next_round == 1110.0  # its slot, at least half an interval later
+    job, wait = sync.due(1109.0)
+    assert job is None and wait == pytest.approx(1.0)
+    assert sync.due(1110.0)[0] == sync.full_round
+    sync.finished_round(1115.0)
+    assert sync.next_round == 1230.0  # then every interval, in the same slot
 
 
 def test_a_file_changing_while_read_is_retried_later_not_at_once():

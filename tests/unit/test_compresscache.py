@@ -1,0 +1,84 @@
+"""compresscache: a large body sent to several peers is compressed once."""
+from __future__ import absolute_import, division, print_function
+
+import threading
+import zlib
+
+from wazuh_cluster import protocol
+from wazuh_cluster.compresscache import CompressedCache
+
+
+class Counting(object):
+    """zlib level 1 that counts its calls; `gate` (an Event) holds it back when given."""
+
+    def __init__(self, gate=None):
+        self.calls = 0
+        self.gate = gate
+        self.started = threading.Event()
+
+    def __call__(self, data):
+        self.calls += 1
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(60)
+        return zlib.compress(data, 1)
+
+
+def body(tag, size=4096):
+    return (tag * size)[:size]
+
+
+def test_the_same_large_body_is_compressed_once():
+    zlib_ = Counting()
+    cache = CompressedCache(zlib_, min_bytes=1024, budget=1 << 20)
+    first = cache.compress(body(b"client.keys "))
+    assert cache.compress(body(b"client.keys ")) == first
+    assert zlib_.calls == 1 and cache.hits == 1
+    assert zlib.decompress(first) == body(b"client.keys ")
+    assert cache.bytes == len(first)
+
+
+def test_small_bodies_are_not_kept():
+    zlib_ = Counting()
+    cache = CompressedCache(zlib_, min_bytes=1024)
+    cache.compress(b"x" * 100)
+    cache.compress(b"x" * 100)
+    assert zlib_.calls == 2 and cache.bytes == 0
+
+
+def test_the_budget_drops_the_least_recently_used():
+    zlib_ = Counting()
+    one = len(zlib.compress(body(b"a"), 1))
+    cache = CompressedCache(zlib_, min_bytes=1024, budget=2 * one)
+    for tag in (b"a", b"b", b"a", b"c"):  # "b" is the least recently used when "c" comes
+        cache.compress(body(tag))
+    assert cache.bytes <= 2 * one
+    calls = zlib_.calls
+    cache.compress(body(b"a"))
+    assert zlib_.calls == calls  # kept
+    cache.compress(body(b"b"))
+    assert zlib_.calls == calls + 1  # dropped, compressed again
+
+
+def test_a_session_waits_for_the_one_compressing_the_same_body():
+    gate = threading.Event()
+    zlib_ = Counting(gate)
+    cache = CompressedCache(zlib_, min_bytes=1024)
+    results = []
+    first = threading.Thread(target=lambda: results.append(cache.compress(body(b"k"))))
+    first.start()
+    assert zlib_.started.wait(60)
+    second = threading.Thread(target=lambda: results.append(cache.compress(body(b"k"))))
+    second.start()
+    gate.set()
+    first.join(60)
+    second.join(60)
+    assert zlib_.calls == 1 and len(results) == 2 and results[0] == results[1]
+
+
+def test_protocol_compress_shares_large_bodies():
+    data = body(b"shared body ", 2 * protocol.compresscache.MIN_BYTES)
+    hits = protocol._SHARED.hits
+    assert protocol.compress(data) == protocol.compress(data)
+    assert protocol._SHARED.hits == hits + 1
+    assert protocol.inflate_bounded(protocol.compress(data), len(data)) == data
