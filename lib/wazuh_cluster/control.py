@@ -174,7 +174,8 @@ def jsonable(data):
 def shape_agents(result):
     # Rows (lists in agentrows.COLUMNS order) after the reply, or objects from older daemons.
     values = []
-    for row in result.get("agents") or []:
+    rows = result.get("agents")
+    for row in (rows if isinstance(rows, list) else []):
         if isinstance(row, list) and len(row) == len(AGENT_KEYS):
             values.append(row)
         elif isinstance(row, dict):

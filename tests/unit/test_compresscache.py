@@ -81,4 +81,4 @@ def test_protocol_compress_shares_large_bodies():
     hits = protocol._SHARED.hits
     assert protocol.compress(data) == protocol.compress(data)
     assert protocol._SHARED.hits == hits + 1
-    assert protocol.inflate_bounded(protocol.compress(data), len(data)) == data
+    assert protocol.Inflater([protocol.compress(data)], len(data)).read_all() == data
