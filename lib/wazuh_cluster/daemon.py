@@ -192,6 +192,9 @@ class Readiness(object):
         if report == "ok":
             return 0
         sys.stderr.write((report or "daemon exited before it was ready") + "\n")
+        # The caller leaves through os._exit, and before 3.9 a non-interactive stderr is
+        # block-buffered: unflushed, the reason would be lost.
+        sys.stderr.flush()
         return 1
 
     def ready(self):
