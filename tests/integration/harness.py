@@ -250,6 +250,24 @@ def write_file(path, text):
         handle.write(text)
 
 
+def put_text(node, rel, text):
+    """Write `text` to the node's file REL ("etc/shared/x"), its folders created; the path."""
+    path = node.path(*rel.split("/"))
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path))
+    write_file(path, text)
+    return path
+
+
+def read_text(node, rel):
+    """The node's file REL as text, or None when it cannot be read (absent, a folder)."""
+    try:
+        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
+            return handle.read()
+    except (IOError, OSError):
+        return None
+
+
 def write_cluster_conf(prefix, name, node_name, node_type, key, bind_addr, port, nodes,
                        disabled=False, interval="2m", hidden="no"):
     """Replace PREFIX/etc/ossec.conf with one holding this <cluster> block."""

@@ -13,6 +13,7 @@ import io
 import socket
 import threading
 
+from harness import read_text as read
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
 
@@ -67,14 +68,6 @@ class Flooder(object):
             self.stop.wait(0.01)   # pacing of the load, not a wait for a condition
         for sock in self.socks:
             sock.close()
-
-
-def read(node, rel):
-    try:
-        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
 
 
 def test_a_flooding_address_does_not_starve_another_node(make_node):

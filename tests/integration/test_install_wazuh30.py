@@ -15,6 +15,7 @@ import stat
 
 import pytest
 
+from harness import read_text as read
 from harness import (  # noqa: F401  (fixtures are found by pytest through these imports)
     Node, base_install, install, make_node, new_address, python, tmp_prefix_dir, wait_for,
     workspace, write_internal_options, _need_ossec_user)
@@ -117,14 +118,6 @@ def put(node, rel, text, owner=None, mode=None):
     if mode is not None:
         os.chmod(path, mode)
     return path
-
-
-def read(node, rel):
-    try:
-        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="Wazuh's owners need root to be made")

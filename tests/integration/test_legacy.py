@@ -14,7 +14,6 @@ from an address of its own and its log line can be found.
 from __future__ import absolute_import, division, print_function
 
 import base64
-import io
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ import time
 import pytest
 from cryptography.fernet import Fernet
 
+from harness import put_text as put, read_text as read
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
 from wazuh_cluster import localsock
@@ -34,22 +34,6 @@ AGENT_CONF = u"<agent_config></agent_config>\n"
 WEB_CONF = u"<agent_config><web/></agent_config>\n"
 WAIT = 20.0
 EXTRA = 6
-
-
-def put(node, rel, text):
-    path = node.path(*rel.split("/"))
-    if not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path))
-    with io.open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
-def read(node, rel):
-    try:
-        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
 
 
 def states(node, peer):

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from harness import put_text as put, read_text as read
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 
@@ -17,23 +18,6 @@ FAST = {"cluster.poll_interval": "0.2", "cluster.scan_interval": "1",
         "cluster.keepalive": "1", "cluster.reconnect_max": "1"}
 ONLY = u"001 agent01 10.0.0.20 0123456789abcdef0123456789abcdef\n"
 SYNC_WAIT = 20.0
-
-
-def put(node, rel, text):
-    path = node.path(*rel.split("/"))
-    if not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path))
-    with io.open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path
-
-
-def read(node, rel):
-    try:
-        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
 
 
 @pytest.fixture
