@@ -105,7 +105,8 @@ def peer_settings(cfg):
         max_pending_per_address=options.max_pending_per_address,
         legacy_node_requests=options.legacy_node_requests, version=__version__,
         reconnect_max=options.reconnect_max,
-        max_client_message_bytes=options.max_client_message_bytes)
+        max_client_message_bytes=options.max_client_message_bytes,
+        features=("delta",) if options.delta_min_bytes else ())
 
 
 class ClusterNode(object):

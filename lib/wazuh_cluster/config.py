@@ -160,6 +160,8 @@ OPTIONS = (
     ("log_level", to_int_range(0, 2), "0"),
     ("max_inflight_bytes", to_int_range(16 << 20, 4 << 30), str(64 << 20)),
     ("max_client_message_bytes", to_int_range(1 << 20, 64 << 20), str(8 << 20)),
+    ("delta_min_bytes", to_int_range(0, 1 << 30), str(64 << 10)),
+    ("delta_store_bytes", to_int_range(0, 1 << 30), str(24 << 20)),
 )
 
 ITEM_FIELDS = ("name", "path", "kind", "source", "recursive", "mode", "dir_mode", "hot",

@@ -14,7 +14,7 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, logs, pathrules, protocol, receive, staterows
+from wazuh_cluster import agents, compat, deltarx, logs, pathrules, protocol, receive, staterows
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -179,6 +179,8 @@ class Inbox(object):
                                          role=cfg.node_type, staging_dir=layout.staging_dir,
                                          max_future_seconds=cfg.options.max_future_seconds)
         self.guard = agents.RemovalGuard(cfg.options.max_removed_agents_ratio)
+        self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
+                                       self.log)
         self.lock = threading.Lock()
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
@@ -237,6 +239,9 @@ class Inbox(object):
     def sync_files(self, session, args, data):
         """Apply a batch of files from a peer; its data is inflated as it is written."""
         started = time.time()
+        # Deltas become whole files first: everything below sees what a whole file brings.
+        args, data, delta_refused = self.deltas.expand(args, data, session.peer_role,
+                                                       session.peer_name)
         incoming, deletes, dirs = parse_batch(args, data)
         if isinstance(data, protocol.Inflater) and not self.cfg.is_master and \
                 self.touches_keys(incoming, deletes):
@@ -271,6 +276,8 @@ class Inbox(object):
             self.record_agents(peer, states, reasons)
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
+        if delta_refused:
+            return {"states": states, "delta_refused": delta_refused}, b""
         return {"states": states}, b""
 
     sync_files.streams_data = True   # session.py: hand it the compressed data, not inflated

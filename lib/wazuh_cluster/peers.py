@@ -26,8 +26,10 @@ Settings (build them with `make_settings(**fields)`; the lead fills them from th
     reconnect_min, reconnect_max   Dialer backoff bounds in seconds (capped exponential + jitter)
     max_client_message_bytes  largest message a master takes from a client (on the wire and
                             inflated); a client takes up to session.DEFAULT_MAX_MESSAGE
+    features                optional abilities we announce in HELLO_INFO (KNOWN_FEATURES)
 
-After the handshake the dialing client sends HELLO_INFO {"name","role","version"}; the master
+After the handshake the dialing client sends HELLO_INFO {"name","role","version"[,"features"]};
+Session.features is what the peer announced (empty for an older peer); the master
 answers HELLO_INFO or ERROR {"code","message"} (second master, duplicate name) and closes. A
 listener of role client answers the handshake (the dialer learns its role) and then closes.
 Refusals are logged through admission.RefusalLog: one line per source address per minute, then
@@ -47,19 +49,23 @@ from wazuh_cluster.errors import HandshakeError, ProtocolError
 from wazuh_cluster.session import CONTROL_FRAME_FREE, Session
 
 log = logging.getLogger("wazuh_cluster")
+# Optional abilities announced in HELLO_INFO: "delta" = sync_files batches with "deltas"
+# (delta.py, deltarx.py) and the "delta_refused" answer.
+KNOWN_FEATURES = ("delta",)
 
 _FIELDS = ("node_name", "cluster_name", "key", "role", "bind_addr", "port", "nodes",
            "own_addresses", "keepalive", "handshake_timeout", "max_frame_bytes",
            "allow_unlisted_peers", "max_connections", "max_pending_handshakes", "version",
            "io_timeout", "reconnect_min", "reconnect_max", "max_connections_per_address",
-           "max_pending_per_address", "legacy_node_requests", "max_client_message_bytes")
+           "max_pending_per_address", "legacy_node_requests", "max_client_message_bytes",
+           "features")
 _DEFAULTS = {
     "bind_addr": "0.0.0.0", "port": 1516, "nodes": (), "own_addresses": (), "keepalive": 30.0,
     "handshake_timeout": 10.0, "max_frame_bytes": channel.DEFAULT_MAX_FRAME_BYTES,
     "allow_unlisted_peers": False, "max_connections": 256, "max_pending_handshakes": 32,
     "version": "3.0.0", "io_timeout": None, "reconnect_min": 1.0, "reconnect_max": 60.0,
     "max_connections_per_address": 8, "max_pending_per_address": 4,
-    "legacy_node_requests": True, "max_client_message_bytes": 8 << 20,
+    "legacy_node_requests": True, "max_client_message_bytes": 8 << 20, "features": (),
 }
 
 
@@ -307,6 +313,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                               _version(hello, who), max_message_bytes=s.max_client_message_bytes,
                               max_handlers=8, budget=self.budget,
                               share=2 * s.max_client_message_bytes)
+            session.features = _features(hello)
             ok, other = self.registry.register(session)
             if not ok:
                 self._refuse(address, "node name %s already connected from %s"
@@ -315,8 +322,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                         % hs.peer_name)
                 return
             try:
-                ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
-                    {"name": s.node_name, "role": s.role, "version": s.version}))
+                ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(_hello(s)))
             except ProtocolError:
                 session.on_close = None      # never announced: just leave the registry
                 session.close("lost before the hello", notify=False)
@@ -378,6 +384,23 @@ def _refuse(ch, code, message):
 
 def _fmt(address):
     return "%s:%s" % (address[0], address[1])
+
+
+def _hello(settings):
+    """Our HELLO_INFO. "features" (absent before deltas existed) lists what we understand
+    beyond the original protocol; a peer uses only what both announce."""
+    hello = {"name": settings.node_name, "role": settings.role, "version": settings.version}
+    if settings.features:
+        hello["features"] = list(settings.features)
+    return hello
+
+
+def _features(hello):
+    """The peer's announced features we know of (frozenset; anything else is ignored)."""
+    announced = hello.get("features") if isinstance(hello, dict) else None
+    if not isinstance(announced, list):
+        return frozenset()
+    return frozenset(f for f in announced if f in KNOWN_FEATURES)
 
 
 def _version(hello, who):
@@ -557,8 +580,7 @@ class Dialer(object):
                 log.debug("node %s at %s is a client, not the master", hs.peer_name, peer)
                 ch.close()
                 return None
-            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(
-                {"name": s.node_name, "role": s.role, "version": s.version}))
+            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(_hello(s)))
             frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()), admit=_small)
             if frame is None:
                 self._report(logging.WARNING, "master %s at %s did not answer our hello",
@@ -582,6 +604,7 @@ class Dialer(object):
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, (ip, s.port),
                               _version(header, "%s (%s)" % (peer, hs.peer_name)),
                               budget=self.budget, share=self.budget.total)
+            session.features = _features(header)
             self._report(None, "")
             log.info("connected to master %s at %s", hs.peer_name, peer)
             return session

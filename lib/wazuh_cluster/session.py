@@ -89,6 +89,8 @@ class Session(object):
     longer read.
     """
 
+    features = frozenset()  # what the peer announced in HELLO_INFO (peers.KNOWN_FEATURES)
+
     def __init__(self, channel, dispatcher, keepalive=30.0, on_close=None, address=None,
                  version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8,
                  max_queued=8, budget=None, share=None):

@@ -21,7 +21,8 @@ import math
 import os
 import threading
 
-from wazuh_cluster import compat, logs, manifest, protocol, staterows
+from wazuh_cluster import (compat, delta, deltasend, logs, manifest, protocol, staterows,
+                           versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -114,7 +115,7 @@ class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
 
     def __init__(self, session, home, role, link, items, interval, push_delay, request_timeout,
-                 clock=compat.monotonic, phase=0.0):
+                 clock=compat.monotonic, phase=0.0, store=None):
         self.session = session
         self.home = home
         self.peer = session.peer_name
@@ -135,6 +136,11 @@ class PeerSync(object):
         self.last_round = None
         self.next_round = None
         self.last_round_ok = None
+        # What the peer holds of our big files, to send their changes as deltas (delta.py)
+        # when it announced them.
+        self.versions = deltasend.PeerVersions(
+            store if "delta" in getattr(session, "features", ()) else None, home, self.items,
+            read_stable)
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -260,6 +266,7 @@ class PeerSync(object):
             mine, theirs = self.manifests(marks)
             send_data, send_meta, delete, dirs, same = plan_round(
                 mine, theirs, self.items, delete_extra=self.role == "master")
+            self.versions.note_round(mine, theirs)
             # Only the entries sent as metadata are needed from here: the manifests (tens of
             # thousands of dicts) go before the transfers, and another round may begin.
             mine = dict((name, mine[name]) for name in send_meta)
@@ -340,12 +347,17 @@ class PeerSync(object):
         postponed = []
         try:
             for name in send_data:
-                got = read_stable(os.path.join(self.home, *name.split("/")))
+                got = self.versions.read(name)
                 if got is None:
                     postponed.append(name)
                     continue
-                batch = calls.submit_if_full(batch, len(got[0]))
-                batch.add_file(name, *got)
+                made = self.versions.delta_for(name, got)
+                batch = calls.submit_if_full(batch, len(got[0]) if made is None
+                                             else len(made[1].middle))
+                if made is None:
+                    batch.add_file(name, *got)
+                else:
+                    batch.add_delta(name, got, *made)
             for name in send_meta:
                 try:
                     st = os.lstat(os.path.join(self.home, *name.split("/")))
@@ -367,7 +379,7 @@ class PeerSync(object):
         return states
 
     def call_files(self, batch):
-        data = b"".join(batch.data)
+        data = b"".join(batch.data + batch.delta_data)
         result, _ = self.session.call("sync_files", batch.header(), data,
                                       timeout=self.request_timeout,
                                       compress=protocol.worth_compressing(data))
@@ -375,7 +387,25 @@ class PeerSync(object):
         if not isinstance(states, dict):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
         # Only the names of this batch: the peer's answer must not add rows of its choosing.
-        return dict((name, states[name]) for name in batch.names() if name in states)
+        states = dict((name, states[name]) for name in batch.names() if name in states)
+        if batch.deltas:
+            states.update(self.resend_refused(batch, result.get("delta_refused")))
+        self.versions.note_sent(batch.files + batch.deltas, states)
+        return states
+
+    def resend_refused(self, batch, refused):
+        """{name: state} of the whole files sent, in this same push or round, for the deltas
+        the peer refused (its file was not the base: edited by hand, or replaced)."""
+        names = self.versions.refused(batch.deltas, refused)
+        whole = Batch()
+        for name in names:
+            got = self.versions.read(name)
+            if got is not None:
+                whole.add_file(name, *got)
+        if names:
+            self.log.debug("%s refused the delta of %d file(s) (e.g. %s): sent whole.",
+                           self.peer, len(names), names[0])
+        return self.call_files(whole) if not whole.empty() else {}
 
     def forget_unknown(self, states, extra):
         """Leave out the outcome of deleting names that only the peer's manifest listed,
@@ -456,11 +486,12 @@ class Batch(object):
 
     def __init__(self):
         self.files, self.data, self.meta, self.delete, self.delete_dirs = [], [], [], [], []
+        self.deltas, self.delta_data = [], []  # their middles travel after the files' data
         self.size = 0
 
     def full(self, extra=0):
         """True when the batch has reached its data or entry bound (keeps headers small)."""
-        entries = len(self.files) + len(self.meta) + len(self.delete)
+        entries = len(self.files) + len(self.meta) + len(self.delete) + len(self.deltas)
         return entries > 0 and (self.size + extra > BATCH_BYTES or entries >= BATCH_FILES)
 
     def add_file(self, name, data, sha256, mtime_ns):
@@ -469,16 +500,27 @@ class Batch(object):
         self.data.append(data)
         self.size += len(data)
 
+    def add_delta(self, name, got, base_sha256, made):
+        """A file as a delta.Delta against the version `base_sha256` the peer holds."""
+        _data, sha256, mtime_ns = got
+        self.deltas.append(delta.entry(name, sha256, mtime_ns, base_sha256, made))
+        self.delta_data.append(made.middle)
+        self.size += len(made.middle)
+
     def empty(self):
-        return not (self.files or self.meta or self.delete or self.delete_dirs)
+        return not (self.files or self.meta or self.delete or self.delete_dirs or self.deltas)
 
     def names(self):
         """Every name this batch asks the peer about."""
-        return [f["name"] for f in self.files + self.meta] + self.delete + self.delete_dirs
+        return [f["name"] for f in self.files + self.meta + self.deltas] + self.delete + \
+            self.delete_dirs
 
     def header(self):
-        return {"files": self.files, "meta": self.meta, "delete": self.delete,
-                "delete_dirs": self.delete_dirs}
+        header = {"files": self.files, "meta": self.meta, "delete": self.delete,
+                  "delete_dirs": self.delete_dirs}
+        if self.deltas:  # only to a peer that announced "delta" (PeerVersions.store)
+            header["deltas"] = self.deltas
+        return header
 
 
 class SyncManager(object):
@@ -491,6 +533,10 @@ class SyncManager(object):
         self.log = logs.get("sync")
         self.lock = threading.Lock()
         self.peers = {}
+        options = cfg.options
+        # Our recent versions of big files, shared by every session (versions.py).
+        self.store = versions.VersionStore(options.delta_min_bytes, options.delta_store_bytes) \
+            if options.delta_min_bytes else None
 
     def session_started(self, session):
         try:
@@ -503,7 +549,7 @@ class SyncManager(object):
         worker = PeerSync(session, self.home, self.cfg.node_type, self.link, self.cfg.items,
                           self.cfg.interval, options.push_delay, options.request_timeout,
                           phase=round_phase(self.cfg.node_name, session.peer_name,
-                                            self.cfg.interval))
+                                            self.cfg.interval), store=self.store)
         with self.lock:
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker

@@ -1,0 +1,160 @@
+"""The receiving side of deltas (delta.py): turn them into whole files before anything else.
+
+A sync_files batch may carry, after its files, "deltas": entries (delta.entry) whose middles
+follow the files' data. `expand` checks each one as hostile input (delta.parse_entry: types,
+bounds, result size), reads our copy of the base without following a symlink and checks its
+size and SHA-256, builds the result and checks its SHA-256 against the sender's checksum of
+the whole file. What passes becomes an ordinary file entry of the batch: the receiver
+(receive.py: staging, atomic rename, hard-link rule) and, for client.keys, the mass-removal
+guard and agent cleanup (inbox.py) see exactly what a whole file would have brought.
+A refused delta writes nothing; its name is answered in "delta_refused" and the sender sends
+the whole file at once (sync.py), one log line naming the peer, the file and the reason.
+"""
+from __future__ import absolute_import, division, print_function
+
+import errno
+import hashlib
+import os
+import stat
+
+from wazuh_cluster import compat, delta, protocol
+from wazuh_cluster.errors import PathRefused
+from wazuh_cluster.pathrules import escape, locate
+from wazuh_cluster.sync import MAX_FILE_BYTES
+
+FEATURE = "delta"
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+    getattr(os, "O_CLOEXEC", 0)
+
+
+def _size(value):
+    return isinstance(value, compat.integer_types) and not isinstance(value, bool) and \
+        value >= 0
+
+
+class Refused(Exception):
+    """This delta cannot be applied here (the reason, one line)."""
+
+
+def read_base(home, parts, size, sha256):
+    """Our file home/parts when it is exactly `size` bytes hashing to `sha256`; else Refused.
+
+    Folders are walked with lstat (no symlink followed), the file opened with O_NOFOLLOW and
+    checked to be regular, as receive.py does for what it writes.
+    """
+    path = home
+    try:
+        for part in parts[:-1]:
+            path = os.path.join(path, compat.native_str(part))
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise Refused("not a folder on the way: %s" % escape(part))
+        fd = os.open(os.path.join(path, compat.native_str(parts[-1])), _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise Refused("we do not have the base")
+        raise Refused("cannot open the base: %s" % (exc.strerror or exc))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("the base is not a regular file")
+        if st.st_size != size:
+            raise Refused("our copy has %d bytes, the base %d" % (st.st_size, size))
+        chunks, left = [], size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise Refused("cannot read the base: %s" % (exc.strerror or exc))
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise Refused("our copy is not the base")
+    return data
+
+
+class Expander(object):
+    """Applies the deltas of batches from peers under `home` (see the module docstring)."""
+
+    def __init__(self, home, items, exclude, role, log, max_result=MAX_FILE_BYTES):
+        self.home = compat.native_str(os.path.abspath(home))
+        self.items = tuple(items)
+        self.exclude = tuple(exclude)
+        self.role = role
+        self.max_result = max_result
+        self.log = log
+        self.applied = 0      # deltas applied since start (cluster_control -i / tests)
+        self.refused = 0
+
+    def expand(self, header, data, sender_role, peer):
+        """(header, data, refused names) with every applicable delta made a whole file.
+
+        `data`: bytes or a protocol.Inflater (read whole: a batch with deltas is small but
+        for the files it carries, bounded by the message limit). A header without deltas is
+        returned as it is. Malformed "deltas" (not a list, sizes that do not add up) refuse
+        them all; the files of the batch are then checked as usual by the caller.
+        """
+        entries = header.get("deltas") if isinstance(header, dict) else None
+        if not entries:
+            return header, data, []
+        if isinstance(data, protocol.Inflater):
+            data = data.read_all()
+        header = dict(header)
+        del header["deltas"]
+        files = header.get("files") if isinstance(header.get("files"), list) else []
+        files_end = sum(f["size"] for f in files if isinstance(f, dict) and
+                        _size(f.get("size")))
+        try:
+            entries = self._parse(entries, len(data) - files_end)
+        except delta.DeltaError as exc:
+            names = [e.get("name") for e in entries if isinstance(e, dict)] \
+                if isinstance(entries, list) else []
+            names = [n for n in names if isinstance(n, compat.string_types)]
+            self._refuse(peer, names[0] if len(names) == 1 else "%d files" % len(names),
+                         str(exc))
+            return header, data[:files_end], names
+        offset = files_end
+        results, refused = [], []
+        for entry in entries:
+            middle = data[offset:offset + entry["size"]]
+            offset += entry["size"]
+            try:
+                results.append((entry, self._apply(entry, middle, sender_role)))
+            except (delta.DeltaError, Refused, PathRefused) as exc:
+                self._refuse(peer, entry["name"], exc.message if isinstance(exc, PathRefused)
+                             else str(exc))
+                refused.append(entry["name"])
+        self.applied += len(results)
+        # The results become files of the batch, after its own files.
+        header["files"] = list(files) + [
+            {"name": entry["name"], "sha256": entry["sha256"], "mtime_ns": entry["mtime_ns"],
+             "size": len(result)} for entry, result in results]
+        return header, b"".join([data[:files_end]] + [r for _, r in results]), refused
+
+    def _parse(self, entries, data_left):
+        """The checked entries; DeltaError when one is malformed or their sizes do not add
+        up to the data after the files (then no offset can be trusted: all are refused)."""
+        if not isinstance(entries, list):
+            raise delta.DeltaError("'deltas' is not a list")
+        parsed = [delta.parse_entry(entry, self.max_result) for entry in entries]
+        if sum(entry["size"] for entry in parsed) != data_left:
+            raise delta.DeltaError("delta sizes do not add up to the data sent")
+        return parsed
+
+    def _apply(self, entry, middle, sender_role):
+        _item, parts = locate(entry["name"], self.items, sender_role, self.role, self.exclude)
+        base = read_base(self.home, parts, entry["base_size"], entry["base_sha256"])
+        result = delta.apply(base, entry["head"], entry["tail"], middle, entry["result_size"])
+        if hashlib.sha256(result).hexdigest() != entry["sha256"]:
+            raise Refused("the result does not match the sender's checksum")
+        self.log.debug("Delta of %s applied: %d bytes sent for a file of %d.",
+                       escape(entry["name"]), entry["size"], len(result))
+        return result
+
+    def _refuse(self, peer, name, reason):
+        self.refused += 1
+        self.log.warning("refused a delta of %s from %s: %s; the whole file is asked for",
+                         escape(name), escape(peer), reason)

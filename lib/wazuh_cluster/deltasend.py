@@ -1,0 +1,86 @@
+"""The sending side of deltas: which version of our big files one peer holds.
+
+A delta (delta.py) is made against the version the peer holds, never a guess: its SHA-256
+comes from the peer's manifest in a full round (for file items: client.keys) or from the
+peer's answer "synchronized" to what we sent. A state other than "synchronized" forgets it,
+and so does a refused delta: the whole file goes then. The bytes of that version come from
+the process-wide versions.VersionStore; without them the whole file goes, as to a peer that
+did not announce "delta" (store None: every file whole, as before deltas existed).
+"""
+from __future__ import absolute_import, division, print_function
+
+import os
+
+
+class PeerVersions(object):
+    """Per peer: name -> SHA-256 of the version it holds, for our big files.
+
+    `store`: the shared versions.VersionStore, or None when no delta goes to this peer;
+    `items`: our items by name; `read_func(path)`: sync.read_stable. Used by the peer's sync
+    thread and its sync_files calls in flight (single dict operations only).
+    """
+
+    def __init__(self, store, home, items, read_func):
+        self.store = store
+        self.home = home
+        self.items = items
+        self.read_func = read_func
+        self.held = {}
+        self.sent = 0        # deltas the peer applied
+
+    def read(self, name):
+        """(data, sha256, mtime_ns) of our file `name`, or None when it changed meanwhile."""
+        path = os.path.join(self.home, *name.split("/"))
+        if self.store is None:
+            return self.read_func(path)
+        return self.store.read(path, self.read_func)
+
+    def delta_for(self, name, got):
+        """(base sha256, delta.Delta) from the peer's version to `got`; None: send it whole."""
+        base = self.held.get(name)
+        if self.store is None or base is None or base == got[1] or \
+                not self.store.wanted(len(got[0])):
+            return None
+        made = self.store.delta(base, got[1], got[0])
+        return None if made is None else (base, made)
+
+    def refused(self, deltas, names):
+        """The names of `deltas` (header entries we sent) that the peer listed as refused;
+        their versions are forgotten."""
+        sent = set(entry["name"] for entry in deltas)
+        found = [n for n in names if n in sent] if isinstance(names, list) else []
+        for name in found:
+            self.held.pop(name, None)
+        return found
+
+    def note_sent(self, entries, states):
+        """After a sync_files answer: what the peer holds now of the files and deltas sent."""
+        if self.store is None:
+            return
+        for entry in entries:
+            name = entry["name"]
+            if states.get(name) == "synchronized" and \
+                    self.store.wanted(entry.get("result_size", entry["size"])):
+                self.held[name] = entry["sha256"]
+                if "result_size" in entry:
+                    self.sent += 1
+            else:
+                self.held.pop(name, None)
+
+    def note_round(self, mine, theirs):
+        """A full round: the versions of our file items (client.keys) the peer holds. One that
+        is also ours goes into the store now, so that the next change has its base even
+        right after a start."""
+        if self.store is None:
+            return
+        for name, entry in mine.items():
+            item = self.items.get(entry.item)
+            if item is None or item.kind != "file":
+                continue
+            held = theirs.get(name)
+            if held is None or held.sha256 is None:
+                self.held.pop(name, None)
+                continue
+            self.held[name] = held.sha256
+            if held.sha256 == entry.sha256:
+                self.read(name)

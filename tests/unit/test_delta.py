@@ -1,0 +1,270 @@
+"""Deltas of big files: the prefix/suffix delta, the store of versions, the sender's record of
+what a peer holds, and the receiver's checks (hostile entries refused, nothing written)."""
+from __future__ import absolute_import, division, print_function
+
+import hashlib
+import os
+
+import pytest
+from test_receive import BASE_NS, ITEMS, EXCLUDE, home, log, outside, put  # noqa: F401
+
+from wazuh_cluster import delta, deltarx, deltasend, protocol, versions
+from wazuh_cluster.sync import read_stable
+
+KEYS = "etc/client.keys"
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def keys(count, start=1):
+    return b"".join(b"%03d agent%05d any %064x\n" % (i % 1000, i, i)
+                    for i in range(start, start + count))
+
+
+BIG = keys(3000)  # ~90 KB, over the default threshold
+
+
+def line(i):
+    return b"%03d agent%05d any %064x\n" % (i % 1000, i, i)
+
+
+# -- delta.make / delta.apply -------------------------------------------------------------------
+
+CASES = [
+    ("empty base", b"", BIG),
+    ("empty result", BIG, b""),
+    ("both empty", b"", b""),
+    ("identical", BIG, BIG),
+    ("append", BIG, BIG + line(99999)),
+    ("prepend", BIG, line(99999) + BIG),
+    ("middle edit", BIG, BIG.replace(line(1500), line(1500).replace(b"any", b"10.0.0.1"))),
+    ("removal", BIG, BIG.replace(line(1500), b"")),
+    ("last line removed", BIG, BIG[:-len(line(3000))]),
+    ("two distant edits", BIG, BIG.replace(line(2), b"").replace(line(2999), b"")),
+    ("rewrite", BIG, keys(3000, start=5000)),
+    ("repeated bytes", b"a" * 200000, b"a" * 200001),
+    ("one byte", b"x", b"y"),
+]
+
+
+@pytest.mark.parametrize("label,base,new", CASES, ids=[c[0] for c in CASES])
+def test_applying_the_delta_to_its_base_gives_the_new_version(label, base, new):
+    made = delta.make(base, new)
+    assert made.base_size == len(base)
+    assert made.head + made.tail <= min(len(base), len(new))
+    assert delta.apply(base, made.head, made.tail, made.middle, made.result_size()) == new
+
+
+def test_one_line_changes_cost_one_line():
+    for new in (BIG + line(99999), BIG.replace(line(1500), line(1500)[:-2] + b"f\n"),
+                BIG.replace(line(1500), b"")):
+        assert len(delta.make(BIG, new).middle) <= len(line(1))
+    assert delta.make(BIG, BIG).middle == b""
+
+
+def test_prefix_and_suffix_are_found_across_blocks_and_at_every_offset():
+    base = os.urandom(3 * delta.BLOCK + 17)
+    for at in (0, 1, delta.BLOCK - 1, delta.BLOCK, 2 * delta.BLOCK + 5, len(base) - 1):
+        new = base[:at] + b"!" + base[at + 1:]
+        if new == base:
+            continue
+        made = delta.make(base, new)
+        assert (made.head, made.tail, made.middle) == (at, len(base) - at - 1, b"!")
+
+
+def test_a_rewrite_is_not_worth_a_delta_an_append_is():
+    assert not delta.worth(delta.make(BIG, keys(3000, start=5000)), len(BIG))
+    assert delta.worth(delta.make(BIG, BIG + line(99999)), len(BIG) + len(line(1)))
+
+
+@pytest.mark.parametrize("head,tail,middle,size", [
+    (len(BIG), 1, b"", len(BIG) + 1),       # past the base
+    (10, 10, b"abc", 24),                    # does not add up
+    (0, 0, b"abc", 2),
+])
+def test_apply_refuses_bounds_that_do_not_hold(head, tail, middle, size):
+    with pytest.raises(delta.DeltaError):
+        delta.apply(BIG, head, tail, middle, size)
+
+
+def good_entry(**changes):
+    new = BIG + line(99999)
+    value = delta.entry(KEYS, sha(new), BASE_NS, sha(BIG), delta.make(BIG, new))
+    value.update(changes)
+    return value
+
+
+@pytest.mark.parametrize("changes,word", [
+    ({"head": -1}, "head"), ({"tail": True}, "tail"), ({"size": "3"}, "size"),
+    ({"result_size": 1.5}, "result_size"), ({"base_size": None}, "base_size"),
+    ({"mtime_ns": -5}, "mtime_ns"), ({"sha256": "A" * 64}, "sha256"),
+    ({"base_sha256": "0" * 63}, "base_sha256"), ({"name": 7}, "name"),
+    ({"head": 10 ** 12}, "past the base"), ({"size": 2}, "result_size"),
+    ({"result_size": 49 << 20, "size": (49 << 20) - len(BIG)}, "over the limit"),
+])
+def test_hostile_entries_are_refused_naming_the_field(changes, word):
+    with pytest.raises(delta.DeltaError) as info:
+        delta.parse_entry(good_entry(**changes), 48 << 20)
+    assert word in str(info.value)
+
+
+def test_a_good_entry_passes():
+    assert delta.parse_entry(good_entry(), 48 << 20)["name"] == KEYS
+
+
+# -- versions.VersionStore ----------------------------------------------------------------------
+
+def test_the_store_keeps_big_files_within_its_budget_least_recent_out():
+    store = versions.VersionStore(min_bytes=1000, budget=3 * len(BIG))
+    store.put(sha(b"small"), b"small")
+    assert store.get(sha(b"small")) is None
+    olds = [BIG + line(i) for i in range(4)]
+    for data in olds:
+        store.put(sha(data), data)
+    assert store.bytes <= store.budget
+    assert store.get(sha(olds[0])) is None and store.get(sha(olds[3])) == olds[3]
+
+
+def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
+    path = str(tmp_path / "client.keys")
+    with open(path, "wb") as handle:
+        handle.write(BIG)
+    reads = []
+
+    def read(p):
+        reads.append(p)
+        return read_stable(p)
+    store = versions.VersionStore(min_bytes=1000)
+    first = store.read(path, read)
+    second = store.read(path, read)
+    assert first[0] == second[0] == BIG and len(reads) == 1
+    with open(path, "ab") as handle:
+        handle.write(line(99999))
+    assert store.read(path, read)[0] == BIG + line(99999) and len(reads) == 2
+
+
+def test_a_delta_is_made_once_per_pair_and_needs_the_base():
+    store = versions.VersionStore(min_bytes=1000)
+    new = BIG + line(99999)
+    assert store.delta(sha(BIG), sha(new), new) is None  # base never stored
+    store.put(sha(BIG), BIG)
+    made = store.delta(sha(BIG), sha(new), new)
+    again = store.delta(sha(BIG), sha(new), new)
+    assert made.middle == line(99999) and again is made and store.deltas_made == 1
+
+
+# -- deltasend.PeerVersions ---------------------------------------------------------------------
+
+def test_the_sender_uses_only_what_the_peer_acknowledged(tmp_path):
+    store = versions.VersionStore(min_bytes=1000)
+    store.put(sha(BIG), BIG)
+    peer = deltasend.PeerVersions(store, str(tmp_path), {}, None)
+    new = BIG + line(99999)
+    got = (new, sha(new), BASE_NS)
+    assert peer.delta_for(KEYS, got) is None  # nothing known of the peer yet
+    peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
+                   {KEYS: "synchronized"})
+    base, made = peer.delta_for(KEYS, got)
+    assert base == sha(BIG) and made.middle == line(99999)
+    assert peer.refused([{"name": KEYS}], [KEYS, "etc/other"]) == [KEYS]
+    assert peer.delta_for(KEYS, got) is None  # a refused base is forgotten
+    peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}], {KEYS: "failed"})
+    assert KEYS not in peer.held
+
+
+def test_no_store_no_delta(tmp_path):
+    peer = deltasend.PeerVersions(None, str(tmp_path), {}, None)
+    peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
+                   {KEYS: "synchronized"})
+    assert peer.delta_for(KEYS, (BIG, sha(BIG + b"x"), 1)) is None
+
+
+# -- deltarx.Expander (the receiver) -------------------------------------------------------------
+
+def expander(home, log):  # noqa: F811
+    return deltarx.Expander(home, ITEMS, EXCLUDE, "client", log)
+
+
+def batch_for(base, new, name=KEYS, files=()):
+    """A sync_files header and data: whole `files` (name, bytes) first, then one delta."""
+    made = delta.make(base, new)
+    header = {"files": [{"name": n, "sha256": sha(d), "mtime_ns": BASE_NS, "size": len(d)}
+                        for n, d in files], "meta": [], "delete": [], "delete_dirs": [],
+              "deltas": [delta.entry(name, sha(new), BASE_NS, sha(base), made)]}
+    return header, b"".join([d for _, d in files] + [made.middle])
+
+
+def test_a_delta_becomes_a_whole_file_after_the_batch_files(home, log):  # noqa: F811
+    put(home, KEYS, BIG)
+    new = BIG + line(99999)
+    other = ("etc/shared/default/a.conf", b"conf")
+    header, data = batch_for(BIG, new, files=[other])
+    header, data, refused = expander(home, log).expand(header, data, "master", "master-1")
+    assert refused == [] and "deltas" not in header
+    assert [f["name"] for f in header["files"]] == [other[0], KEYS]
+    assert data == b"conf" + new and header["files"][1]["size"] == len(new)
+
+
+def test_a_compressed_batch_is_expanded_too(home, log):  # noqa: F811
+    put(home, KEYS, BIG)
+    new = BIG.replace(line(7), b"")
+    header, data = batch_for(BIG, new)
+    stream = protocol.Inflater([protocol.compress(data)], 1 << 20)
+    _, out, refused = expander(home, log).expand(header, stream, "master", "m")
+    assert refused == [] and out == new
+
+
+@pytest.mark.parametrize("case", ["hand-edited", "missing", "symlink", "wrong result sha",
+                                  "master-owned from a client"])
+def test_a_delta_on_another_base_is_refused_and_nothing_is_written(home, log, outside,  # noqa
+                                                                   case):
+    new = BIG + line(99999)
+    header, data = batch_for(BIG, new)
+    sender = "master"
+    if case == "hand-edited":
+        put(home, KEYS, BIG.replace(line(5), b""))
+    elif case == "symlink":
+        with open(os.path.join(outside, "keys"), "wb") as handle:
+            handle.write(BIG)
+        os.symlink(os.path.join(outside, "keys"), os.path.join(home, KEYS))
+    elif case == "wrong result sha":
+        put(home, KEYS, BIG)
+        header["deltas"][0]["sha256"] = sha(b"something else")
+    elif case == "master-owned from a client":
+        put(home, KEYS, BIG)
+        sender = "client"
+    before = sorted(os.listdir(os.path.join(home, "etc")))
+    rx = expander(home, log)
+    header, out, refused = rx.expand(header, data, sender, "peer-9")
+    assert refused == [KEYS] and header["files"] == [] and out == b""
+    assert sorted(os.listdir(os.path.join(home, "etc"))) == before
+    assert rx.refused == 1
+    assert len(log.lines) == 1 and KEYS in log.lines[0] and "peer-9" in log.lines[0]
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda h, d: (dict(h, deltas="nope"), d),
+    lambda h, d: (dict(h, deltas=[dict(h["deltas"][0], size=10 ** 9)]), d),
+    lambda h, d: (h, d + b"extra bytes"),
+    lambda h, d: (h, d[:-1]),
+    lambda h, d: (dict(h, deltas=[dict(h["deltas"][0], head=-1)]), d),
+    lambda h, d: (dict(h, deltas=[dict(h["deltas"][0], result_size=10 ** 12)]), d),
+], ids=["not a list", "size past the data", "data left over", "data short", "negative",
+        "result too big"])
+def test_malformed_deltas_are_all_refused_and_the_files_kept(home, log, mangle):  # noqa: F811
+    put(home, KEYS, BIG)
+    other = ("etc/shared/default/a.conf", b"conf")
+    header, data = mangle(*batch_for(BIG, BIG + line(99999), files=[other]))
+    header, out, refused = expander(home, log).expand(header, data, "master", "m")
+    assert refused in ([KEYS], [])
+    assert [f["name"] for f in header["files"]] == [other[0]] and out == b"conf"
+    assert len(log.lines) == 1 and "refused a delta" in log.lines[0]
+    with open(os.path.join(home, KEYS), "rb") as handle:
+        assert handle.read() == BIG
+
+
+def test_a_batch_without_deltas_is_untouched(home, log):  # noqa: F811
+    header = {"files": [], "meta": []}
+    assert expander(home, log).expand(header, b"", "master", "m") == (header, b"", [])
