@@ -157,4 +157,4 @@ class Expander(object):
     def _refuse(self, peer, name, reason):
         self.refused += 1
         self.log.warning("refused a delta of %s from %s: %s; the whole file is asked for",
-                         escape(name), escape(peer), reason)
+                         escape(name), peer, reason)

@@ -268,3 +268,16 @@ def test_malformed_deltas_are_all_refused_and_the_files_kept(home, log, mangle):
 def test_a_batch_without_deltas_is_untouched(home, log):  # noqa: F811
     header = {"files": [], "meta": []}
     assert expander(home, log).expand(header, b"", "master", "m") == (header, b"", [])
+
+
+# -- the capability in HELLO_INFO ----------------------------------------------------------------
+
+def test_only_known_features_a_peer_announces_are_taken():
+    from wazuh_cluster import peers
+    assert peers._features({"features": ["delta", "teleport"]}) == frozenset(["delta"])
+    for hello in ({}, {"features": "delta"}, {"features": None}, [], None):
+        assert peers._features(hello) == frozenset()  # an older peer: whole files
+    settings = peers.make_settings(node_name="m", cluster_name="c", key="k" * 32,
+                                   role="master", features=("delta",))
+    assert peers._hello(settings)["features"] == ["delta"]
+    assert "features" not in peers._hello(settings._replace(features=()))

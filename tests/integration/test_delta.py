@@ -1,0 +1,87 @@
+"""Deltas of a big client.keys between real daemons: a master, a client that takes deltas and
+one that does not announce them (as a node older than deltas: cluster.delta_min_bytes=0).
+
+Every wait polls a condition with a bound; a failing test prints the nodes' logs.
+"""
+from __future__ import absolute_import, division, print_function
+
+import re
+
+import pytest
+
+from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+                     wait_for, workspace, write_internal_options)
+from test_sync import FAST, SYNC_WAIT, agent_info, converge, put
+
+# 172 KB: over the default delta threshold (64 KiB), and so are 780 of its lines
+AGENTS = 2000
+KEYS = u"".join(u"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, AGENTS + 1))
+KEYS_ONLY = ("etc/client.keys",)
+APPLIED = re.compile(r"Delta of 'etc/client.keys' applied: (\d+) bytes sent for a file of (\d+)")
+
+
+def line(i):
+    return u"%05d agent%05d any %064x\n" % (i, i, i)
+
+
+@pytest.fixture
+def cluster(make_node):
+    """A master, client1 (deltas) and old1 (no deltas announced), converged."""
+    names = ("master", "client1", "old1")
+    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
+             for name in names]
+    addresses = [n.address for n in nodes]
+    for node in nodes:
+        node.port = nodes[0].port
+        # A long interval: only the session's first round and the pushes under test run.
+        node.configure("master" if node.name == "master" else "client", addresses,
+                       interval="10m")
+        options = dict(FAST)
+        if node.name == "old1":
+            options["cluster.delta_min_bytes"] = "0"
+        write_internal_options(node.prefix, options)
+    put(nodes[0], "etc/client.keys", KEYS)
+    for node in nodes:
+        node.start()
+    converge(nodes, parts=KEYS_ONLY)
+    return nodes
+
+
+def applied(node):
+    return [(int(a), int(b)) for a, b in APPLIED.findall(node.log())]
+
+
+def test_an_appended_agent_travels_as_a_delta_to_a_peer_that_takes_them(cluster):
+    master, client1, old1 = cluster
+    put(master, "etc/client.keys", KEYS + line(5000))
+    converge(cluster, parts=KEYS_ONLY)
+    wait_for(lambda: applied(client1), SYNC_WAIT, what="the delta applied on client1")
+    sent, size = applied(client1)[-1]
+    assert sent == len(line(5000)) and size == len(KEYS) + len(line(5000))
+    # The node without deltas got the whole file, as before deltas existed.
+    assert applied(old1) == [] and "refused a delta" not in old1.log()
+
+
+def test_a_hand_edited_client_refuses_the_delta_and_gets_the_whole_file(cluster):
+    master, client1, _old1 = cluster
+    put(client1, "etc/client.keys", KEYS.replace(line(7), u""))
+    put(master, "etc/client.keys", KEYS + line(5000))
+    converge(cluster, parts=KEYS_ONLY)
+    log = client1.log()
+    assert "refused a delta of 'etc/client.keys' from master: our copy has" in log
+    assert applied(client1) == []
+    # The whole file it then got is the base of the next change.
+    put(master, "etc/client.keys", KEYS + line(5000) + line(5001))
+    converge(cluster, parts=KEYS_ONLY)
+    wait_for(lambda: applied(client1), SYNC_WAIT, what="a delta applied on client1")
+
+
+def test_a_mass_removal_arriving_as_a_delta_is_held_back(cluster):
+    master, client1, _old1 = cluster
+    put(client1, "queue/agent-info/agent00002-any", agent_info("client1"))
+    kept = u"".join(line(i) for i in range(1, 781))
+    put(master, "etc/client.keys", kept)  # a delta of 0 bytes: the first 780 lines only
+    wait_for(lambda: "held back" in client1.log(), SYNC_WAIT, what="the guard's warning")
+    with open(client1.path("etc", "client.keys")) as handle:
+        assert handle.read() == KEYS
+    assert applied(client1) and applied(client1)[-1] == (0, len(kept))
