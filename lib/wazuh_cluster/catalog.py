@@ -40,6 +40,7 @@ from __future__ import absolute_import, division, print_function
 import io
 import json
 import os
+import re
 import stat
 import time
 
@@ -58,6 +59,7 @@ PURGE_EVERY = 3600.0
 # every poll; a "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 120.0
 _NODE_LINE = '#"node_name":'
+_HEX64 = re.compile(u"^[0-9a-f]{64}$")
 # Node names read from agent-info files during a listing are stored this many at a time: a
 # first listing of 100 000 agents holds no list of them all.
 LEARNED_CHUNK = 5000
@@ -149,6 +151,7 @@ class Catalog(object):
             "agent_nodes": self._cmd_agent_nodes,
             "meta_get": self._cmd_meta_get,
             "meta_set": self._cmd_meta_set,
+            "written": self._cmd_written,
         }
 
     def commands(self):
@@ -389,6 +392,20 @@ class Catalog(object):
             record = self.scanner.get(info + "/" + agent)
             clean.append((agent, node, record["mtime_ns"] if record else None))
         return {"updated": self.db.record_agents(clean)}
+
+    def _cmd_written(self, args):
+        """Files wazuh-clusterd just wrote: [[name, size, mtime_ns, ino, ctime_ns, mode,
+        sha256]] rows; their hash is taken from here at the next check (Scanner.hint)."""
+        rows = _rows(args, "rows", 7)
+        for row in rows:
+            if not isinstance(row[0], compat.string_types) or \
+                    not all(isinstance(v, compat.integer_types) and not isinstance(v, bool)
+                            for v in row[1:6]) or \
+                    not isinstance(row[6], compat.string_types) or not _HEX64.match(row[6]):
+                raise _bad("rows are [name, size, mtime_ns, ino, ctime_ns, mode, sha256]")
+            if row[0] in self.scanner:
+                self.scanner.hint(row[0], row[1:6], row[6])
+        return {"hinted": len(rows)}
 
     def _cmd_meta_get(self, args):
         key = _opt_text(args, "key")

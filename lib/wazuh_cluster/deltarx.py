@@ -76,6 +76,18 @@ def read_base(home, parts, size, sha256):
     return data
 
 
+def written_row(home, name, sha256):
+    """[name, size, mtime_ns, ino, ctime_ns, mode, sha256] of a file we just renamed into
+    place with this content, for the internal daemon ("written", Scanner.hint): it need not
+    read a big client.keys again to learn its hash. None when it cannot be stat-ed."""
+    try:
+        st = os.lstat(os.path.join(compat.native_str(home), *compat.native_str(name).split("/")))
+    except OSError:
+        return None
+    return [name, st.st_size, compat.stat_mtime_ns(st), st.st_ino, compat.stat_ctime_ns(st),
+            st.st_mode, sha256]
+
+
 class Expander(object):
     """Applies the deltas of batches from peers under `home` (see the module docstring)."""
 

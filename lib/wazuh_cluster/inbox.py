@@ -257,6 +257,7 @@ class Inbox(object):
             hold = None
             if not self.cfg.is_master and session.peer_role == "master":
                 incoming, deletes, hold = self.guard_keys(incoming, deletes)
+            written = None
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
@@ -265,8 +266,11 @@ class Inbox(object):
             if hold is not None:
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
+                written = self.written_keys(incoming)
                 self.drop_agents(before, self.read_keys())
         stream_end(parsed)
+        if written is not None:
+            self.tell_written(written)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
@@ -301,6 +305,17 @@ class Inbox(object):
 
     def touches_keys(self, incoming, deletes):
         return self.keys_name in deletes or any(f.name == self.keys_name for f in incoming)
+
+    def written_keys(self, incoming):
+        """The internal daemon's "written" row of the client.keys just written whole."""
+        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
+        return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
+
+    def tell_written(self, row):
+        try:
+            self.link.call("written", {"rows": [row]})
+        except RequestError as err:  # only a saving: the internal daemon hashes it itself
+            self.log.debug("Could not tell the internal daemon about %s: %s", row[0], err)
 
     def read_keys(self):
         try:

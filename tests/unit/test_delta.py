@@ -281,3 +281,25 @@ def test_only_known_features_a_peer_announces_are_taken():
                                    role="master", features=("delta",))
     assert peers._hello(settings)["features"] == ["delta"]
     assert "features" not in peers._hello(settings._replace(features=()))
+
+
+# -- the internal daemon takes the receiver's hash of what it wrote ------------------------------
+
+def test_the_scanner_takes_the_writers_hash_while_the_fingerprint_holds(tmp_path):
+    from test_scanner import EXCLUDE as SCAN_EXCLUDE, ITEMS as SCAN_ITEMS
+    from wazuh_cluster import scanner
+    home = str(tmp_path)
+    os.makedirs(os.path.join(home, "etc"))
+    put(home, KEYS, BIG)
+    scan = scanner.Scanner(home, SCAN_ITEMS, SCAN_EXCLUDE)
+    scan.full_pass()
+    new = BIG + line(99999)
+    put(home, KEYS, new)
+    row = deltarx.written_row(home, KEYS, "%064x" % 7)  # not the real hash: proves no read
+    scan.hint(KEYS, row[1:6], row[6])
+    assert scan.poll().changed == [KEYS] and scan.get(KEYS)["sha256"] == "%064x" % 7
+    # A hint whose fingerprint is not the file's is ignored: the file is read.
+    row = deltarx.written_row(home, KEYS, "%064x" % 8)
+    put(home, KEYS, BIG)
+    scan.hint(KEYS, row[1:6], row[6])
+    assert scan.poll().changed == [KEYS] and scan.get(KEYS)["sha256"] == sha(BIG)
