@@ -105,7 +105,29 @@ def removed_agents(old_text, new_text):
     An ID that comes back with another name or IP is the old agent gone too (its files carry
     the old NAME-IP); a new key alone is the same agent. In file order of the old text.
     """
+    if only_appended_new_ids(old_text, new_text):
+        return []
     return _removed(parse_client_keys(old_text), parse_client_keys(new_text))
+
+
+def only_appended_new_ids(old_text, new_text):
+    """True when `new_text` is `old_text` plus whole lines whose IDs no old line starts with:
+    then no agent left (parse_client_keys decides an agent from the lines of its ID only).
+
+    The common change (manage_agents -a appends an agent) then costs a scan of the text, not
+    two parses of it: 100 000 lines took 0.6 s of CPU on 3.13 (1.2 s on 2.7) per parse, and
+    a client parsed old and new twice for every agent added on the master.
+    """
+    old_text = compat.to_text(old_text, errors="replace")
+    new_text = compat.to_text(new_text, errors="replace")
+    if not new_text.startswith(old_text) or (old_text and not old_text.endswith(u"\n")):
+        return False
+    for line in new_text[len(old_text):].splitlines():
+        fields = line.split()
+        if fields and re.search(u"(?m)^[^\\S\\n]*%s(?![^\\s])" % re.escape(fields[0]),
+                                old_text):
+            return False
+    return True
 
 
 def _removed(old, new):
@@ -142,6 +164,8 @@ class RemovalGuard(object):
 
         The message is empty when nothing is removed.
         """
+        if only_appended_new_ids(old_text, new_text):
+            return True, ""
         old, new = parse_client_keys(old_text), parse_client_keys(new_text)
         before = len(old.active())
         marked, vanished = _split_removed(old, new)

@@ -431,3 +431,21 @@ def test_clean_removed_agents_backs_up_each_removed_agent(home, log, utc):
     assert not any(os.path.exists(p) for p in agents.agent_files(home, web))
     assert not any(os.path.exists(p) for p in agents.agent_files(home, db))
     assert all(os.path.exists(p) for p in agents.agent_files(home, kept))
+
+
+@pytest.mark.parametrize("old,new,fast", [
+    (u"001 a any k\n", u"001 a any k\n002 b any k\n", True),          # an agent added
+    (u"", u"001 a any k\n", True),
+    (u"001 a any k\n", u"001 a any k\n001 c any k\n", False),          # an ID reused
+    (u"001 !a any k\n", u"001 !a any k\n001 c any k\n", False),
+    (u"001 a any k\n", u"001 a any k\n  001 c any k\n", False),        # spaces before it
+    (u"001 a any k", u"001 a any k\n002 b any k\n", False),            # not whole lines
+    (u"001 a any k\n002 b any k\n", u"001 a any k\n", False),          # a line gone
+    (u"001 a any 0002\n", u"001 a any 0002\n0002 b any k\n", True),    # digits in a key
+])
+def test_appending_agents_with_new_ids_removes_none_without_a_full_parse(old, new, fast):
+    assert agents.only_appended_new_ids(old, new) is fast
+    full = agents._removed(agents.parse_client_keys(old), agents.parse_client_keys(new))
+    assert agents.removed_agents(old, new) == full
+    if fast:
+        assert full == [] and agents.RemovalGuard(0.5).check(old, new) == (True, "")
