@@ -3,9 +3,10 @@
 One small JSON file of wazuh-clusterd's own (election.py explains why it is not in
 cluster.db), var/db/cluster-election.json. save() returns only when the new record is durable:
 written to a temporary file in the same folder (O_EXCL, never following a symlink), fsync'd,
-renamed over the old one, and the folder fsync'd. A crash at any instant leaves the old or the
-new record, never a mixture. load() never guesses: a record that cannot be read whole is an
-error naming the file (starting from term 0 could vote twice in a term).
+renamed over the old one, and the folder fsync'd (fsops' helpers, as for received files). A
+crash at any instant leaves the old or the new record, never a mixture, and at most a temporary
+file that the next load() removes. load() never guesses: a record that cannot be read whole is
+an error naming the file (starting again from term 0 could vote twice in a term).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -16,6 +17,7 @@ import os
 
 from wazuh_cluster import compat, fsops
 from wazuh_cluster.compat import integer_types, string_types
+from wazuh_cluster.daemon import remove_file
 
 FILE_NAME = "cluster-election.json"
 _FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -65,6 +67,15 @@ class FileStore(object):
         self.path = path
 
     def load(self):
+        """The record; also removes the temporary files a crash in save() left behind."""
+        folder, base = os.path.split(self.path)
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            names = []     # a missing folder: open() below says what is wrong
+        for name in names:
+            if name.startswith(base + ".") and name.endswith(".tmp"):
+                remove_file(os.path.join(folder, name))
         try:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
@@ -78,16 +89,17 @@ class FileStore(object):
     def save(self, term, voted_for, last):
         folder = os.path.dirname(self.path) or "."
         temp = "%s.%s.tmp" % (self.path, compat.to_text(binascii.hexlify(os.urandom(6))))
+        data = encode(term, voted_for, last)
         fd = os.open(temp, _FLAGS, 0o600)
         try:
             try:
-                fsops.write_all(fd, encode(term, voted_for, last))
+                fsops.write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(temp, self.path)
         except (IOError, OSError):
-            _remove_quietly(temp)
+            remove_file(temp)
             raise
         fsops.fsync_folder(folder)
 
@@ -106,10 +118,3 @@ class MemoryStore(object):
         self.record = (term, voted_for, tuple(last))
         self.saves += 1
 
-
-def _remove_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
