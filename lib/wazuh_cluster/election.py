@@ -42,7 +42,7 @@ Who stands
     extra delay in [0, failover_timeout / 6) so that elections rarely split. A failed round is
     retried after round/2 (preferred) or round/2 + a random delay (others).
 
-Leases (timing: Timing below; times are time.monotonic() of each node, never the wall clock)
+Leases (timing: Timing below; times are each node's monotonic clock, never the wall clock)
     A follower that acknowledges a heartbeat from the leader of its term at its time r promises
     to grant no vote (and not stand) before r + T, T = failover_timeout; a node that starts
     promises the same from its start time (it may have promised before it stopped), except on
@@ -63,8 +63,13 @@ Leases (timing: Timing below; times are time.monotonic() of each node, never the
     before B is elected whenever L / (1 - D) < T / (1 + D), i.e. L < T (1 - D) / (1 + D).
     Timing takes L = T/2 * (1 - D) / (1 + D), half that bound: message delays, lost messages,
     and F restarting (a restart renews the promise) do not enter the argument. D = 1 % is far
-    above what NTP-slewed or free-running clocks do (tens of ppm). A jump of the wall clock
-    changes no input of this module.
+    above what NTP-slewed or free-running clocks do (tens of ppm). A handover (below) is the
+    one way around a promise, and it is A's own act after it stopped. A jump of the wall
+    clock changes no input of this module. The wiring must read CLOCK_BOOTTIME where it
+    exists (Linux; 3.7+ time.clock_gettime, 2.7 through ctypes, in compat.py) and
+    time.monotonic() only elsewhere: CLOCK_MONOTONIC stops while a machine is suspended, and
+    a leader suspended for a minute would wake up believing its lease still runs. A stopped
+    process (SIGSTOP, a long pause) is safe: its clock runs on and is_acting() is asked anew.
 
 Fencing
     A node applies master-owned files only from the leader of the highest term it knows
@@ -92,6 +97,18 @@ Local edits on a non-leader (wiring, sync.py)
     replaced by the leader's version, the local one is copied under
     backup/cluster/TERM-YYYYmmddHHMMSS/PATH, a warning names it, and cluster_control -i lists it
     until acknowledged.
+
+Wiring checklist (next step)
+    clusterd: one Election per process behind a lock, tick() from the session loop's timer
+    (every heartbeat / 4 at most), a FileStore in var/db (its load() error stops the start),
+    every Effects note logged with peer names escaped (text.py), Effects.send as ELECTION
+    frames. peers.py: with failover on, dial every listed node and accept sessions on every
+    node; hello_fields() in HELLO_INFO, parse_hello() + peer_connected() on receipt,
+    peer_lost() on close. sync.py: pushes, rounds, agent-info as master and cluster-wide
+    answers only while is_acting(now); new_version() per batch originated;
+    transfer_allowed() before applying master-owned files, change_applied() after a complete
+    batch. config.py: cluster.failover (0), cluster.failover_timeout (3 x keepalive),
+    cluster.failback (1), `-t` warns below three nodes. control.py: status() in -n, -i, -j.
 
 Failover off (cluster.failover=0, the default)
     Nothing of this runs: no election file, no ELECTION frames, HELLO_INFO and sync headers as
@@ -370,7 +387,7 @@ class Election(object):
                                    "term": msg["term"] if granted else self.term}))
             return
         handover = (msg["handover"] is not None and msg["term"] == self.term + 1
-                    and (msg["handover"] == self.leader
+                    and (msg["handover"] == self.leader != self.me
                          or self._handed == (self.term, peer) and msg["handover"] == self.me))
         if msg["term"] < self.term or (now < self._promise_until and not handover):
             fx.send.append((peer, {"type": "vote_ans", "pre": False, "granted": False,
@@ -498,6 +515,8 @@ class Election(object):
         self._count(None, now, fx)
 
     def _count(self, peer, now, fx):
+        if now >= self._round_deadline:
+            return      # a round that ran out (e.g. this process was stopped) counts nothing
         if peer is not None:
             self._grants.add(peer)
         if len(self._grants) < self.majority:

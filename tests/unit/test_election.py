@@ -259,3 +259,10 @@ def test_a_handover_claim_from_someone_else_does_not_lift_a_promise():
     beat(a, [b, c], 100.0)
     fx = b.receive("c", msg("vote", term=2, last=[1, 0], pre=False, handover="b"), 100.5)
     assert not sent(fx, "vote_ans")[0][1]["granted"] and b.term == 1
+
+
+def test_a_leader_that_handed_nothing_over_refuses_a_handover_claim_naming_it():
+    a, b, c = cluster()
+    beat(a, [b, c], 100.0)
+    fx = a.receive("b", msg("vote", term=2, last=[1, 0], pre=False, handover="a"), 100.5)
+    assert not sent(fx, "vote_ans")[0][1]["granted"] and a.is_acting(100.5) and a.term == 1
