@@ -2,12 +2,14 @@
 
 Deterministic (every trial is seeded) and in simulated time only: a message bus with loss,
 delay and partitions, one monotonic clock per node whose rate is off by up to election.DRIFT
-and whose origin is arbitrary at each boot, node crashes and restarts that keep only the durable
-store, process pauses (the clock runs on meanwhile), flapping links. The checker asserts at
-every event: at most one leader per term; never two nodes believing they act at one instant;
-nothing done by a leader once a newer term has elected someone; a vote at most once per term,
-terms never going back, across restarts; every committed version in every later leader. After
-the faults are healed: a leader within a bound, then the preferred master back (failback).
+and whose origin is arbitrary at each boot, node crashes and restarts that keep only the
+durable store, process pauses (the clock runs on meanwhile), partitions, single links cut (a
+partition that is not transitive), flapping links. The checker asserts at every event: at most
+one leader per term; never two nodes believing they act at one instant; nothing done by a
+leader once a newer term has elected someone; a vote at most once per term and terms never
+going back, across restarts; every version committed in a term in every leader of a later
+term. After the faults are healed: a leader within a bound, then the preferred master back
+(failback) with never two acting.
 
 WAZUH_CLUSTER_ELECTION_TRIALS=500 runs more trials per cluster size (default 12).
 """
@@ -357,8 +359,8 @@ class Sim(object):
             if when >= until:
                 break
             length = min(rng.uniform(0.2 * T, 4 * T), until - when)
-            kind = rng.choice(["kill", "kill", "partition", "partition", "isolate", "flap",
-                               "pause", "network"])
+            kind = rng.choice(["kill", "kill", "partition", "partition", "isolate", "cut",
+                               "cut", "flap", "pause", "network"])
             getattr(self, "_fault_" + kind)(when, length)
         self.at(until, "network", 0.0, 0.02 * T)
 
@@ -381,6 +383,12 @@ class Sim(object):
         pairs = [frozenset((acting[0], b)) for b in self.names if b != acting[0]]
         self._ev_block(pairs)
         self.at(self.real + length, "unblock", pairs)
+
+    def _fault_cut(self, when, length):
+        """One link down, the others up: a and b both still reach the rest (not transitive)."""
+        pair = [frozenset(self.rng.sample(self.names, 2))]
+        self.at(when, "block", pair)
+        self.at(when + length, "unblock", pair)
 
     def _fault_flap(self, when, length):
         pair = [frozenset(self.rng.sample(self.names, 2))]
