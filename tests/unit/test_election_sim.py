@@ -6,10 +6,10 @@ and whose origin is arbitrary at each boot, node crashes and restarts that keep 
 durable store, process pauses (the clock runs on meanwhile), partitions, single links cut (a
 partition that is not transitive), flapping links. The checker asserts at every event: at most
 one leader per term; never two nodes believing they act at one instant; nothing done by a
-leader once a newer term has elected someone; a vote at most once per term and terms never
-going back, across restarts; every version committed in a term in every leader of a later
-term. After the faults are healed: a leader within a bound, then the preferred master back
-(failback) with never two acting.
+leader once a newer term has elected someone; nothing applied from a stale term; a vote at
+most once per term and terms never going back, across restarts; every version committed in a
+term in every leader of a later term. After the faults are healed: a leader within a bound,
+then the preferred master back (failback) with never two acting.
 
 WAZUH_CLUSTER_ELECTION_TRIALS=500 runs more trials per cluster size (default 12).
 """
@@ -341,6 +341,9 @@ class Sim(object):
         else:
             allowed, fx = node.sm.transfer_allowed(src, body[0], now)
             self.apply(node, prior, fx)
+            if allowed and body[0] != self.checker.terms.get(dst, 0):
+                self.checker.fail("%s applied files of term %d from %s, knowing term %d"
+                                  % (dst, body[0], src, self.checker.terms.get(dst, 0)))
             if allowed:
                 node.sm.change_applied(tuple(body[1]))
 
