@@ -119,7 +119,7 @@ from __future__ import absolute_import, division, print_function
 
 import random
 
-from wazuh_cluster.compat import integer_types
+from wazuh_cluster.compat import integer_types, string_types
 
 FOLLOWER = "follower"
 PRECANDIDATE = "pre-candidate"
@@ -188,24 +188,34 @@ def _check_bool(msg, field):
     return msg[field]
 
 
+def _check_handover(msg, field, voters):
+    value = msg.get(field)
+    if value is not None and (not isinstance(value, string_types) or value not in voters):
+        raise ValueError("field %r must name a listed node or be null" % field)
+    return value
+
+
+# field -> check(message, field, voters) -> the checked value
+_FIELD_CHECKS = {
+    "term": lambda msg, field, voters: _check_int(msg, field),
+    "n": lambda msg, field, voters: _check_int(msg, field),
+    "last": lambda msg, field, voters: _check_version(msg, field),
+    "pre": lambda msg, field, voters: _check_bool(msg, field),
+    "granted": lambda msg, field, voters: _check_bool(msg, field),
+    "ok": lambda msg, field, voters: _check_bool(msg, field),
+    "handover": _check_handover,
+}
+
+
 def parse_message(msg, voters):
     """A checked copy of a peer's election message (versions as tuples); ValueError naming
     the field otherwise. `voters`: the ids a `handover` field may name."""
-    if not isinstance(msg, dict) or msg.get("type") not in MESSAGE_FIELDS:
+    if (not isinstance(msg, dict) or not isinstance(msg.get("type"), string_types)
+            or msg["type"] not in MESSAGE_FIELDS):
         raise ValueError("field 'type' must be one of %s" % ", ".join(sorted(MESSAGE_FIELDS)))
-    fields = MESSAGE_FIELDS[msg["type"]]
     out = {"type": msg["type"]}
-    for field in fields:
-        if field in ("term", "n"):
-            out[field] = _check_int(msg, field)
-        elif field == "last":
-            out[field] = _check_version(msg, field)
-        elif field == "handover":
-            if msg.get(field) is not None and msg.get(field) not in voters:
-                raise ValueError("field 'handover' must name a listed node or be null")
-            out[field] = msg.get(field)
-        else:
-            out[field] = _check_bool(msg, field)
+    for field in MESSAGE_FIELDS[msg["type"]]:
+        out[field] = _FIELD_CHECKS[field](msg, field, voters)
     return out
 
 

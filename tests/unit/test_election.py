@@ -78,6 +78,8 @@ def _with(m, **changes):
     ({"type": "hb_ack", "term": 1, "n": 1, "ok": 1, "last": [0, 0]}, "ok"),
     ({"type": "vote", "term": 1, "last": [0, 0], "pre": False, "handover": "zz"}, "handover"),
     ([], "type"),
+    ({"type": ["hb"]}, "type"),
+    ({"type": "vote", "term": 1, "last": [0, 0], "pre": False, "handover": ["a"]}, "handover"),
 ])
 def test_peer_messages_are_checked_field_by_field(bad, field):
     with pytest.raises(ValueError) as info:
