@@ -37,9 +37,10 @@ Votes (Raft's election restriction applied to file state)
     its term, so it cannot depose a working leader when the network heals.
 
 Who stands
-    A node stands only when no leader is known AND its lease promise (below) has run out. The
+    A node stands only when no leader is known AND its lease promise (below) has run out, plus
+    3 D T (the promises of the others run out up to 2 D T later on their clocks). The
     preferred master (node_type master) then stands at once; every other node waits a random
-    extra delay in [0, failover_timeout / 6) so that elections rarely split. A failed round is
+    extra delay, in all at most failover_timeout / 6, so that elections rarely split. A failed round is
     retried after round/2 (preferred) or round/2 + a random delay (others).
 
 Leases (timing: Timing below; times are each node's monotonic clock, never the wall clock)
@@ -149,7 +150,10 @@ class Timing(object):
         self.failover_timeout = timeout
         self.lease = timeout * LEASE_SHARE * (1 - DRIFT) / (1 + DRIFT)
         self.heartbeat = self.lease / 4   # three heartbeats may be lost without losing the lease
-        self.extra_delay = timeout / 6
+        # Promises given for one heartbeat run out up to 2 D T apart on different clocks: a
+        # candidate waits that much more, or the first pre-vote is often refused for nothing.
+        self.skew = 3 * DRIFT * timeout
+        self.extra_delay = timeout / 6 - self.skew
         self.round = timeout / 10         # how long a (pre-)vote round waits for its answers
 
 
@@ -471,7 +475,8 @@ class Election(object):
         self._store.save(self.term, self.voted_for, self.last)
 
     def _extra(self):
-        return 0.0 if self.preferred else self._rand() * self.timing.extra_delay
+        return self.timing.skew + (0.0 if self.preferred
+                                   else self._rand() * self.timing.extra_delay)
 
     def _retry_delay(self):
         return self.timing.round / 2 + self._extra()

@@ -9,9 +9,10 @@ from wazuh_cluster.electionstore import MemoryStore
 TIMING = election.Timing(1.0)
 T = TIMING.failover_timeout
 VOTERS = ("a", "b", "c")
+BOOT = 100.0 - TIMING.skew     # machines started then: the preferred master stands at 100.0
 
 
-def machine(me, now=100.0, preferred=False, store=None, voters=VOTERS):
+def machine(me, now=BOOT, preferred=False, store=None, voters=VOTERS):
     return election.Election(me, voters, preferred, TIMING, store or MemoryStore(), now,
                              rand=lambda: 0.5)
 
@@ -55,7 +56,8 @@ def beat(leader, followers, now):
 
 
 def cluster(now=100.0):
-    a, b, c = machine("a", now, preferred=True), machine("b", now), machine("c", now)
+    boot = now - TIMING.skew
+    a, b, c = machine("a", boot, preferred=True), machine("b", boot), machine("c", boot)
     assert ("elected" in dict(elect(a, [b, c], now))) and a.role == election.LEADER and a.term == 1
     return a, b, c
 
