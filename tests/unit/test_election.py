@@ -100,6 +100,9 @@ def test_lease_is_shorter_than_the_proven_bound():
     bound = T * (1 - election.DRIFT) / (1 + election.DRIFT)
     assert TIMING.heartbeat < TIMING.lease < bound
     assert election.Timing(10).failover_timeout == 30
+    # a non-preferred candidate stands at most T/6 after its promise ran out
+    assert TIMING.skew + TIMING.extra_delay == pytest.approx(T / 6)
+    assert TIMING.skew > 2 * election.DRIFT * T
 
 
 # -- who stands, votes -----------------------------------------------------------------------
@@ -270,3 +273,12 @@ def test_a_leader_that_handed_nothing_over_refuses_a_handover_claim_naming_it():
     beat(a, [b, c], 100.0)
     fx = a.receive("b", msg("vote", term=2, last=[1, 0], pre=False, handover="a"), 100.5)
     assert not sent(fx, "vote_ans")[0][1]["granted"] and a.is_acting(100.5) and a.term == 1
+
+
+def test_status_shows_role_term_leader_and_the_lease_left():
+    a, b, c = cluster()
+    beat(a, [b, c], 100.0)
+    assert a.status(101.0) == {"role": "leader", "term": 1, "leader": "a", "acting": True,
+                               "lease_left": round(TIMING.lease - 1.0, 3), "last": [1, 0]}
+    assert b.status(101.0)["leader"] == "a" and b.status(101.0)["lease_left"] is None
+    assert a.status(100.0 + TIMING.lease)["acting"] is False
