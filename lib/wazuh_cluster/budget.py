@@ -18,6 +18,28 @@ back on its sender.
   without waiting on any peer: a request when its handler answered, an answer when our caller
   took it. A size above what can ever be granted is refused at once (`Refused`), never waited
   for.
+
+Sending draws on the same budget (issue 11 item 4): a session reads the files of a batch only
+after a grant to a holder made with `sends=True` (outbox.py), and gives it back once the batch
+is on the wire, before waiting for the answer. Ten sessions each reading and compressing their
+own batches, nothing counting them, had the master at 237 MB. Sending waits for the peer to
+read, and the peer may wait for its own budget: if our sends could take the room our reader
+needs, two nodes sending to each other could each wait for the other for ever. Hence the
+invariant:
+
+* Sends hold at most `send_limit` (at most `total - share`), `cache` of it set aside for the
+  shared compression cache (protocol.py's, bounded from here). Whatever the sends hold, a
+  receive of a whole share still fits, and what receives hold is given back without waiting
+  on any peer: reading never depends on sending, here or on the peer, so every node keeps
+  reading and every send ends.
+* A send first waits for its holder's own releases (outside every line), then in the send
+  line (FIFO among senders: no session starves the others) for room in the send pool, and
+  only then in the common queue like any grant. So the head of the common queue is never a
+  send waiting for other sends: a receive behind it waits only for what receives give back.
+  A slow peer delays only the grants of its own batches; a stalled one is cut off by the
+  channel's send timeout, which gives them back.
+* A send's grant is its batch's worst case, taken before the batch's first file is read and
+  never added to while held; what the batch no longer needs goes back as it is encoded.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -27,6 +49,13 @@ import threading
 from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
+CACHE_PART = 4    # wazuh-clusterd sets a quarter of the send pool aside for the cache
+
+
+def for_daemon(total):
+    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`."""
+    whole = Budget(total)
+    return Budget(total, cache=whole.send_limit // CACHE_PART)
 
 
 class Refused(Exception):
@@ -38,13 +67,14 @@ class Refused(Exception):
 
 
 class Holder(object):
-    """What one session holds of a Budget (its `share` bounds it)."""
-    __slots__ = ("name", "share", "held")
+    """What one session holds of a Budget (its `share` bounds it); `sends`: for data we send."""
+    __slots__ = ("name", "share", "held", "sends")
 
-    def __init__(self, name, share):
+    def __init__(self, name, share, sends=False):
         self.name = name
         self.share = share
         self.held = 0
+        self.sends = sends
 
     def __repr__(self):
         return "<Holder %s %d/%d>" % (self.name, self.held, self.share)
@@ -54,27 +84,39 @@ class Budget(object):
     """`total` bytes shared by all sessions of a process; see the module doc.
 
     `share`: the most one holder may hold (default: half of `total`); `reserve`: the extra room
-    only urgent grants may use (default: a quarter of `total`).
+    only urgent grants may use (default: a quarter of `total`); `send_limit`: the most all
+    sends hold (default and at most `total - share`); `cache`: the part of it set aside for
+    the compression cache (counted in `used` for good; CACHE_PART of the pool in clusterd).
     """
 
-    def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None):
+    def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None, send_limit=None,
+                 cache=None):
         if total <= 0:
             raise ValueError("total must be positive")
         self.total = int(total)
         self.share = int(share) if share else self.total // 2
         self.reserve = int(reserve) if reserve is not None else self.total // 4
-        self.used = 0
-        self.peak = 0
+        most = max(0, self.total - self.share)
+        self.send_limit = most if send_limit is None else max(0, min(int(send_limit), most))
+        self.cache = min(int(cache or 0), self.send_limit)
+        self.sending = self.cache     # held by sends; the cache's part is always counted
+        self.used = self.cache
+        self.peak = self.used
         self._cond = threading.Condition(threading.Lock())
         self._queue = collections.deque()     # tickets of the waiting normal grants, in order
+        self._send_line = collections.deque()  # tickets of the sends waiting for the pool
         self._urgent_waiting = 0
         self._share_waiting = 0                # holders waiting for their own releases
 
     def __repr__(self):
         return "<Budget %d/%d, %d waiting>" % (self.used, self.total, len(self._queue))
 
-    def holder(self, name, share=None):
-        """A new Holder for one session; `share` defaults to the budget's."""
+    def holder(self, name, share=None, sends=False):
+        """A new Holder for one session; `share` defaults to the budget's (with `sends`: the
+        whole send pool; the send line is what keeps the senders fair)."""
+        if sends:
+            pool = self.send_limit - self.cache
+            return Holder(name, min(pool, int(share) if share else pool), True)
         return Holder(name, min(self.total, int(share) if share else self.share))
 
     def grantable(self, holder, wanted=None):
@@ -104,18 +146,40 @@ class Budget(object):
                         return False
             finally:
                 self._share_waiting -= 1
-            ticket = object()
-            self._queue.append(ticket)
-            try:
-                while not (self._queue[0] is ticket and not self._urgent_waiting and
-                           self.used + n <= self.total):
-                    if not self._wait(end):
-                        return False
-                self._grant(holder, n)
+            if holder.sends:
+                return self._wait_send(holder, n, end)
+            return self._wait_queue(holder, n, end)
+
+    def _wait_send(self, holder, n, end):
+        """A send: its turn in the send line and room in the pool, then the common queue."""
+        ticket = object()
+        self._send_line.append(ticket)
+        try:
+            while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit):
+                if not self._wait(end):
+                    return False
+            self.sending += n
+            if self._wait_queue(holder, n, end):
                 return True
-            finally:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
+            self.sending -= n
+            return False
+        finally:
+            self._send_line.remove(ticket)
+            self._cond.notify_all()
+
+    def _wait_queue(self, holder, n, end):
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while not (self._queue[0] is ticket and not self._urgent_waiting and
+                       self.used + n <= self.total):
+                if not self._wait(end):
+                    return False
+            self._grant(holder, n)
+            return True
+        finally:
+            self._queue.remove(ticket)
+            self._cond.notify_all()
 
     def _wait_urgent(self, holder, n, end):
         self._urgent_waiting += 1
@@ -152,6 +216,8 @@ class Budget(object):
             n = min(int(n), holder.held)
             holder.held -= n
             self.used -= n
+            if holder.sends:
+                self.sending -= n
             self._cond.notify_all()
 
     def release_all(self, holder):
@@ -159,7 +225,9 @@ class Budget(object):
         self.release(holder, holder.held)
 
     def stats(self):
-        """{"total", "used", "peak", "waiting"} for status output and tests."""
+        """{"total", "used", "peak", "sending", "waiting"} for status output and tests."""
         with self._cond:
             return {"total": self.total, "used": self.used, "peak": self.peak,
-                    "waiting": len(self._queue) + self._urgent_waiting + self._share_waiting}
+                    "sending": self.sending,
+                    "waiting": len(self._queue) + len(self._send_line) +
+                    self._urgent_waiting + self._share_waiting}
