@@ -31,7 +31,10 @@ invariant:
   shared compression cache (protocol.py's, bounded from here). Whatever the sends hold, a
   receive of a whole share still fits, and what receives hold is given back without waiting
   on any peer: reading never depends on sending, here or on the peer, so every node keeps
-  reading and every send ends.
+  reading and every send ends. wazuh-clusterd gives sends a quarter of `total` (for_daemon),
+  not all of `total - share`: a reader waits for a whole window while the requests it read
+  are being handled, and with sends holding half the budget a client's reader waited for
+  every batch it applied, the answers to its own calls stuck behind (60 s timeouts).
 * A send first waits for its holder's own releases (outside every line), then in the send
   line (FIFO among senders: no session starves the others) for room in the send pool, and
   only then in the common queue like any grant. So the head of the common queue is never a
@@ -49,13 +52,14 @@ import threading
 from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
-CACHE_PART = 4    # wazuh-clusterd sets a quarter of the send pool aside for the cache
+SEND_PART = 4     # wazuh-clusterd: sends hold at most a quarter of the budget...
+CACHE_PART = 4    # ...and a quarter of that is set aside for the compression cache
 
 
 def for_daemon(total):
     """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`."""
-    whole = Budget(total)
-    return Budget(total, cache=whole.send_limit // CACHE_PART)
+    limit = total // SEND_PART
+    return Budget(total, send_limit=limit, cache=limit // CACHE_PART)
 
 
 class Refused(Exception):
