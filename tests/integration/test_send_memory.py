@@ -43,7 +43,9 @@ def test_a_master_first_syncing_a_tree_larger_than_its_budget_to_four_clients_st
     for node in [master] + clients:
         node.port = master.port
         node.configure("master" if node is master else "client", listed, interval="5m")
-        options = dict(FAST, **{"cluster.log_level": "0"})
+        # keepalive 10 s, not FAST's 1 s: a send that makes no progress for 3 keepalives is cut
+        # off, and a loaded machine can keep a reader writing 2 MB files that long
+        options = dict(FAST, **{"cluster.keepalive": "10"})
         if node is master:
             options["cluster.max_inflight_bytes"] = str(BUDGET)
         write_internal_options(node.prefix, options)
