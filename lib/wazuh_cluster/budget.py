@@ -89,7 +89,7 @@ class Budget(object):
 
     `share`: the most one holder may hold (default: half of `total`); `reserve`: the extra room
     only urgent grants may use (default: a quarter of `total`); `send_limit`: the most all
-    sends hold (default and at most `total - share`); `cache`: the part of it set aside for
+    sends hold (at most `total - share`; none by default: sends are then not counted); `cache`: the part of it set aside for
     the compression cache (counted in `used` for good; CACHE_PART of the pool in clusterd).
     """
 
@@ -101,7 +101,7 @@ class Budget(object):
         self.share = int(share) if share else self.total // 2
         self.reserve = int(reserve) if reserve is not None else self.total // 4
         most = max(0, self.total - self.share)
-        self.send_limit = most if send_limit is None else max(0, min(int(send_limit), most))
+        self.send_limit = max(0, min(int(send_limit or 0), most))
         self.cache = min(int(cache or 0), self.send_limit)
         self.sending = self.cache     # held by sends; the cache's part is always counted
         self.used = self.cache
@@ -121,7 +121,10 @@ class Budget(object):
         if sends:
             pool = self.send_limit - self.cache
             return Holder(name, min(pool, int(share) if share else pool), True)
-        return Holder(name, min(self.total, int(share) if share else self.share))
+        # never more than what the sends leave: a window of the whole total (a client's
+        # session with its master asks for that) would wait for ever behind the cache's part
+        return Holder(name, min(self.total - self.send_limit,
+                                int(share) if share else self.share))
 
     def grantable(self, holder, wanted=None):
         """The most bytes `holder` can ever be granted at once (at most `wanted`)."""

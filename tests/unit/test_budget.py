@@ -111,7 +111,7 @@ def test_release_never_gives_back_more_than_held():
 # -- sending (issue 11 item 4): one pool inside the budget, its own fair line ---------------
 
 def test_sends_never_hold_more_than_the_pool_so_a_whole_receive_share_always_fits():
-    b = budget.Budget(100, share=40, cache=10)
+    b = budget.Budget(100, share=40, send_limit=60, cache=10)
     assert b.send_limit == 60 and b.used == 10          # the cache's part is counted for good
     s1, s2 = b.holder("s1", sends=True), b.holder("s2", sends=True)
     assert s1.share == 50                                 # the pool: send_limit - cache
@@ -124,7 +124,7 @@ def test_sends_never_hold_more_than_the_pool_so_a_whole_receive_share_always_fit
 
 
 def test_a_send_waiting_for_the_pool_never_holds_a_receive_back():
-    b = budget.Budget(100, share=50)
+    b = budget.Budget(100, share=50, send_limit=50)
     s = b.holder("s", sends=True)
     assert b.acquire(s, 50)
     order = []
@@ -138,7 +138,7 @@ def test_a_send_waiting_for_the_pool_never_holds_a_receive_back():
 
 
 def test_senders_are_served_in_the_order_they_asked():
-    b = budget.Budget(100, share=50)
+    b = budget.Budget(100, share=50, send_limit=50)
     first = b.holder("first", sends=True)
     assert b.acquire(first, 45)
     order = []
@@ -154,7 +154,7 @@ def test_senders_are_served_in_the_order_they_asked():
 
 
 def test_a_sender_at_its_share_waits_for_its_own_releases_outside_the_line():
-    b = budget.Budget(100, share=50)
+    b = budget.Budget(100, share=50, send_limit=50)
     slow = b.holder("slow", share=20, sends=True)
     assert b.acquire(slow, 20)
     order = []
@@ -169,7 +169,7 @@ def test_a_sender_at_its_share_waits_for_its_own_releases_outside_the_line():
 def test_sends_and_receives_of_many_sessions_all_complete_with_a_small_budget():
     """No deadlock, no starvation: every holder acquires and releases many times, the
     budget never goes past its total and the sends never past their pool."""
-    b = budget.Budget(64, share=32, reserve=16, cache=8)
+    b = budget.Budget(64, share=32, reserve=16, send_limit=32, cache=8)
     errors, done, seen = [], [], []
     lock = threading.Lock()
 
@@ -196,6 +196,14 @@ def test_sends_and_receives_of_many_sessions_all_complete_with_a_small_budget():
     assert not errors and len(done) == 8
     assert max(u for u, _ in seen) <= 64 and max(s for _, s in seen) <= 32
     assert b.used == 8 and b.sending == 8                 # only the cache's part is left
+
+
+def test_a_receiving_holder_may_never_ask_for_what_the_sends_may_hold():
+    b = budget.Budget(100, share=40, send_limit=30, cache=10)
+    whole = b.holder("client's session with its master", share=100)
+    assert whole.share == 70 and b.grantable(whole, 1000) == 70
+    assert b.acquire(b.holder("s", sends=True), 20)
+    assert b.acquire(whole, 70, timeout=0)                # fits beside the cache and sends
 
 
 def test_the_daemon_budget_gives_sends_a_quarter_and_a_quarter_of_that_to_the_cache():
