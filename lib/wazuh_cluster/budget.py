@@ -52,6 +52,7 @@ import threading
 from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
+ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
 SEND_PART = 4     # wazuh-clusterd: sends hold at most a quarter of the budget...
 CACHE_PART = 4    # ...and a quarter of that is set aside for the compression cache
 
@@ -131,16 +132,18 @@ class Budget(object):
         most = min(holder.share, self.total)
         return most if wanted is None else min(most, int(wanted))
 
-    def acquire(self, holder, n, timeout=None, urgent=False):
+    def acquire(self, holder, n, timeout=None, urgent=False, abandon=None):
         """Wait until `n` bytes are granted to `holder` (True) or `timeout` passes (False).
 
-        Raises Refused when `n` can never be granted (above the holder's share).
+        `abandon()`, checked at least every ABANDON_CHECK seconds while waiting: True gives up
+        (False returned). Unlike waiting again after a timeout, the waiter keeps its place in
+        line meanwhile. Raises Refused when `n` can never be granted (above the holder's share).
         """
         n = int(n)
         if n > self.grantable(holder):
             raise Refused("%d bytes needed, at most %d can ever be granted to %s"
                           % (n, self.grantable(holder), holder.name))
-        end = None if timeout is None else compat.monotonic() + timeout
+        end = _Until(timeout, abandon)
         with self._cond:
             if urgent:
                 return self._wait_urgent(holder, n, end)
@@ -149,7 +152,7 @@ class Budget(object):
             self._share_waiting += 1
             try:
                 while holder.held + n > holder.share:
-                    if not self._wait(end):
+                    if not end.wait(self._cond):
                         return False
             finally:
                 self._share_waiting -= 1
@@ -163,7 +166,7 @@ class Budget(object):
         self._send_line.append(ticket)
         try:
             while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit):
-                if not self._wait(end):
+                if not end.wait(self._cond):
                     return False
             self.sending += n
             if self._wait_queue(holder, n, end):
@@ -180,7 +183,7 @@ class Budget(object):
         try:
             while not (self._queue[0] is ticket and not self._urgent_waiting and
                        self.used + n <= self.total):
-                if not self._wait(end):
+                if not end.wait(self._cond):
                     return False
             self._grant(holder, n)
             return True
@@ -192,23 +195,13 @@ class Budget(object):
         self._urgent_waiting += 1
         try:
             while self.used + n > self.total + self.reserve:
-                if not self._wait(end):
+                if not end.wait(self._cond):
                     return False
             self._grant(holder, n)
             return True
         finally:
             self._urgent_waiting -= 1
             self._cond.notify_all()
-
-    def _wait(self, end):
-        if end is None:
-            self._cond.wait()
-            return True
-        left = end - compat.monotonic()
-        if left <= 0:
-            return False
-        self._cond.wait(left)
-        return True
 
     def _grant(self, holder, n):
         self.used += n
@@ -238,3 +231,24 @@ class Budget(object):
                     "sending": self.sending,
                     "waiting": len(self._queue) + len(self._send_line) +
                     self._urgent_waiting + self._share_waiting}
+
+
+class _Until(object):
+    """When a wait gives up: after `timeout` seconds (None: never), or once `abandon()`."""
+
+    def __init__(self, timeout, abandon):
+        self.end = None if timeout is None else compat.monotonic() + timeout
+        self.abandon = abandon
+
+    def wait(self, cond):
+        """Wait on `cond` (held) once; False when it is time to give up."""
+        if self.abandon is not None and self.abandon():
+            return False
+        step = None if self.abandon is None else ABANDON_CHECK
+        if self.end is not None:
+            left = self.end - compat.monotonic()
+            if left <= 0:
+                return False
+            step = left if step is None else min(step, left)
+        cond.wait(step)
+        return True

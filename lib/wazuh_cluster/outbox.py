@@ -18,7 +18,6 @@ from wazuh_cluster.errors import RequestError
 
 ENTRY_COST = 640
 FRAME_COST = 2 * protocol.CHUNK_SIZE
-WAIT_STEP = 1.0    # seconds between checks that the session still lives while waiting
 
 
 def batch_cost(size, entries):
@@ -47,9 +46,8 @@ class Room(object):
         """A Grant of `nbytes` (at most what can ever be granted: one file larger than that
         is sent alone, with the whole pool), waited for in the budget's fair order."""
         nbytes = self.budget.grantable(self.holder, nbytes)
-        while not self.budget.acquire(self.holder, nbytes, WAIT_STEP):
-            if self.closed():
-                raise RequestError("session closed while waiting for room to send", "closed")
+        if not self.budget.acquire(self.holder, nbytes, abandon=self.closed):
+            raise RequestError("session closed while waiting for room to send", "closed")
         return Grant(self.budget, self.holder, nbytes)
 
 

@@ -210,3 +210,23 @@ def test_the_daemon_budget_gives_sends_a_quarter_and_a_quarter_of_that_to_the_ca
     b = budget.for_daemon(64 << 20)
     assert (b.share, b.send_limit, b.cache) == (32 << 20, 16 << 20, 4 << 20)
     assert b.holder("s", sends=True).share == 12 << 20
+
+
+def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
+    b = budget.Budget(100, share=50, send_limit=50)
+    first = b.holder("first", sends=True)
+    assert b.acquire(first, 50)
+    gone = threading.Event()
+    order = []
+    waiting = acquire_in_thread(b, b.holder("waiting", sends=True), 50, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    quitter = threading.Thread(target=lambda: order.append(
+        b.acquire(b.holder("quitter", sends=True), 10, abandon=gone.is_set)))
+    quitter.start()
+    assert wait_for(lambda: b.stats()["waiting"] == 2)
+    gone.set()                                  # its session closed
+    quitter.join(10)
+    assert order == [False] and b.stats()["waiting"] == 1
+    b.release(first, 50)
+    waiting.join(5)
+    assert order == [False, "waiting"]
