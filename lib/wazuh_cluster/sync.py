@@ -377,6 +377,7 @@ class PeerSync(object):
             batch.delete_dirs.extend(dirs)
             if not batch.empty():
                 calls.submit(batch)
+                batch = Batch()  # its grant is its call's now
         finally:
             batch.close_grant()  # one not submitted (an error) gives its room back here
             states = calls.finish()
