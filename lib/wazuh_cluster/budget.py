@@ -28,13 +28,15 @@ needs, two nodes sending to each other could each wait for the other for ever. H
 invariant:
 
 * Sends hold at most `send_limit` (at most `total - share`), `cache` of it set aside for the
-  shared compression cache (protocol.py's, bounded from here). Whatever the sends hold, a
-  receive of a whole share still fits, and what receives hold is given back without waiting
-  on any peer: reading never depends on sending, here or on the peer, so every node keeps
-  reading and every send ends. wazuh-clusterd gives sends a quarter of `total` (for_daemon),
-  not all of `total - share`: a reader waits for a whole window while the requests it read
-  are being handled, and with sends holding half the budget a client's reader waited for
-  every batch it applied, the answers to its own calls stuck behind (60 s timeouts).
+  shared compression cache (protocol.py's, bounded from here), and no receiving holder may
+  ask for more than `total - send_limit` (a client's session with its master asked for the
+  whole total: beside the cache's part that never fit, and its reader waited for ever).
+  Whatever the sends hold, a receive of a whole share still fits, and what receives hold is
+  given back without waiting on any peer: reading never depends on sending, here or on the
+  peer, so every node keeps reading and every send ends. wazuh-clusterd gives sends a quarter
+  of `total` (for_daemon), not all of `total - share`: a reader wants a whole window for its
+  next message while the requests it read are still held by their handlers, and that room
+  keeps a client reading the master's next batch (and the answers behind it) meanwhile.
 * A send first waits for its holder's own releases (outside every line), then in the send
   line (FIFO among senders: no session starves the others) for room in the send pool, and
   only then in the common queue like any grant. So the head of the common queue is never a
