@@ -21,11 +21,6 @@ HELD_KEY = "held_client_keys"
 # Bytes of names per "manifest" request to the internal daemon (its requests are at most
 # localsock.MAX_MESSAGE; JSON may escape a name to more than its length).
 NAMES_BYTES_PER_QUERY = 256 << 10
-# Manifest answers relayed at once in a process. Each holds its pieces (~2 MB for a client's
-# 10 000 agent-info files) until the session compressed them, and nothing counts them: twenty
-# clients starting at once would each hold theirs. Waiting here waits only for the internal
-# daemon (the answer is sent after the slot is given back), never for a peer.
-MANIFEST_ANSWERS = threading.BoundedSemaphore(4)
 
 
 def _bad(message):
@@ -232,13 +227,12 @@ class Inbox(object):
         # The answer's data as a list of pieces: the session compresses them as they are,
         # without joining megabytes of them first (ten clients ask at once).
         data = [b"{"]
-        with MANIFEST_ANSWERS:
-            for query in manifest_queries(source, names, True):
-                part = self.link.call_data("manifest", query)[1] or b"{}"
-                if len(part) > 2:
-                    data.extend([b","] if len(data) > 1 else [])
-                    data.append(part[1:-1])  # the entries of the JSON object
-                del part
+        for query in manifest_queries(source, names, True):
+            part = self.link.call_data("manifest", query)[1] or b"{}"
+            if len(part) > 2:
+                data.extend([b","] if len(data) > 1 else [])
+                data.append(part[1:-1])  # the entries of the JSON object
+            del part
         data.append(b"}")
         return {"files_in_data": True}, data, sum(len(p) for p in data) >= protocol.COMPRESS_FROM
 

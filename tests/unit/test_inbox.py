@@ -4,8 +4,6 @@ from __future__ import absolute_import, division, print_function
 import hashlib
 import json
 import os
-import threading
-import time
 
 import pytest
 from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
@@ -184,34 +182,3 @@ def test_a_compressed_batch_whose_sizes_lie_is_a_bad_request(home, log, case):
         master_rx(home, log).apply_batch(incoming, deletes, dirs, sender_role="client")
         inbox.stream_end(incoming)
     assert info.value.code == "bad_request" and "sizes" in info.value.message
-
-
-def test_no_more_manifest_answers_are_built_at_once_than_the_slots():
-    """Twenty clients asking at once: at most MANIFEST_ANSWERS relays hold their pieces."""
-    inside, peak, lock, gate = [0], [0], threading.Lock(), threading.Event()
-
-    class SlowLink(FakeLink):
-        def call_data(self, cmd, args):
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            gate.wait(30)
-            with lock:
-                inside[0] -= 1
-            return FakeLink.call_data(self, cmd, args)
-    box = make_inbox(FILES)
-    box.link = SlowLink(FILES)
-    answers = []
-    threads = [threading.Thread(target=lambda: answers.append(box.sync_manifest(
-        FakeSession(), {"source": "client", "manifest_in_data": True}, b"")))
-        for _ in range(20)]
-    for t in threads:
-        t.daemon = True
-        t.start()
-    end = time.time() + 30
-    while inside[0] < 4 and time.time() < end:
-        time.sleep(0.01)
-    gate.set()
-    for t in threads:
-        t.join(30)
-    assert len(answers) == 20 and peak[0] == 4
