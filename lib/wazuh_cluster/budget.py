@@ -18,6 +18,33 @@ back on its sender.
   without waiting on any peer: a request when its handler answered, an answer when our caller
   took it. A size above what can ever be granted is refused at once (`Refused`), never waited
   for.
+
+Sending draws on the same budget (issue 11 item 4): a session reads the files of a batch only
+after a grant to a holder made with `sends=True` (outbox.py), and gives it back once the batch
+is on the wire, before waiting for the answer. Ten sessions each reading and compressing their
+own batches, nothing counting them, had the master at 237 MB. Sending waits for the peer to
+read, and the peer may wait for its own budget: if our sends could take the room our reader
+needs, two nodes sending to each other could each wait for the other for ever. Hence the
+invariant:
+
+* Sends hold at most `send_limit` (at most `total - share`), `cache` of it set aside for the
+  shared compression cache (protocol.py's, bounded from here), and no receiving holder may
+  ask for more than `total - send_limit` (a client's session with its master asked for the
+  whole total: beside the cache's part that never fit, and its reader waited for ever).
+  Whatever the sends hold, a receive of a whole share still fits, and what receives hold is
+  given back without waiting on any peer: reading never depends on sending, here or on the
+  peer, so every node keeps reading and every send ends. wazuh-clusterd gives sends a quarter
+  of `total` (for_daemon), not all of `total - share`: a reader wants a whole window for its
+  next message while the requests it read are still held by their handlers, and that room
+  keeps a client reading the master's next batch (and the answers behind it) meanwhile.
+* A send first waits for its holder's own releases (outside every line), then in the send
+  line (FIFO among senders: no session starves the others) for room in the send pool, and
+  only then in the common queue like any grant. So the head of the common queue is never a
+  send waiting for other sends: a receive behind it waits only for what receives give back.
+  A slow peer delays only the grants of its own batches; a stalled one is cut off by the
+  channel's send timeout, which gives them back.
+* A send's grant is its batch's worst case, taken before the batch's first file is read and
+  never added to while held; what the batch no longer needs goes back as it is encoded.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -27,6 +54,15 @@ import threading
 from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
+ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
+SEND_PART = 4     # wazuh-clusterd: sends hold at most a quarter of the budget...
+CACHE_PART = 4    # ...and a quarter of that is set aside for the compression cache
+
+
+def for_daemon(total):
+    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`."""
+    limit = total // SEND_PART
+    return Budget(total, send_limit=limit, cache=limit // CACHE_PART)
 
 
 class Refused(Exception):
@@ -38,13 +74,14 @@ class Refused(Exception):
 
 
 class Holder(object):
-    """What one session holds of a Budget (its `share` bounds it)."""
-    __slots__ = ("name", "share", "held")
+    """What one session holds of a Budget (its `share` bounds it); `sends`: for data we send."""
+    __slots__ = ("name", "share", "held", "sends")
 
-    def __init__(self, name, share):
+    def __init__(self, name, share, sends=False):
         self.name = name
         self.share = share
         self.held = 0
+        self.sends = sends
 
     def __repr__(self):
         return "<Holder %s %d/%d>" % (self.name, self.held, self.share)
@@ -54,44 +91,61 @@ class Budget(object):
     """`total` bytes shared by all sessions of a process; see the module doc.
 
     `share`: the most one holder may hold (default: half of `total`); `reserve`: the extra room
-    only urgent grants may use (default: a quarter of `total`).
+    only urgent grants may use (default: a quarter of `total`); `send_limit`: the most all
+    sends hold (at most `total - share`; none by default: sends are then not counted); `cache`: the part of it set aside for
+    the compression cache (counted in `used` for good; CACHE_PART of the pool in clusterd).
     """
 
-    def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None):
+    def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None, send_limit=None,
+                 cache=None):
         if total <= 0:
             raise ValueError("total must be positive")
         self.total = int(total)
         self.share = int(share) if share else self.total // 2
         self.reserve = int(reserve) if reserve is not None else self.total // 4
-        self.used = 0
-        self.peak = 0
+        most = max(0, self.total - self.share)
+        self.send_limit = max(0, min(int(send_limit or 0), most))
+        self.cache = min(int(cache or 0), self.send_limit)
+        self.sending = self.cache     # held by sends; the cache's part is always counted
+        self.used = self.cache
+        self.peak = self.used
         self._cond = threading.Condition(threading.Lock())
         self._queue = collections.deque()     # tickets of the waiting normal grants, in order
+        self._send_line = collections.deque()  # tickets of the sends waiting for the pool
         self._urgent_waiting = 0
         self._share_waiting = 0                # holders waiting for their own releases
 
     def __repr__(self):
         return "<Budget %d/%d, %d waiting>" % (self.used, self.total, len(self._queue))
 
-    def holder(self, name, share=None):
-        """A new Holder for one session; `share` defaults to the budget's."""
-        return Holder(name, min(self.total, int(share) if share else self.share))
+    def holder(self, name, share=None, sends=False):
+        """A new Holder for one session; `share` defaults to the budget's (with `sends`: the
+        whole send pool; the send line is what keeps the senders fair)."""
+        if sends:
+            pool = self.send_limit - self.cache
+            return Holder(name, min(pool, int(share) if share else pool), True)
+        # never more than what the sends leave: a window of the whole total (a client's
+        # session with its master asks for that) would wait for ever behind the cache's part
+        return Holder(name, min(self.total - self.send_limit,
+                                int(share) if share else self.share))
 
     def grantable(self, holder, wanted=None):
         """The most bytes `holder` can ever be granted at once (at most `wanted`)."""
         most = min(holder.share, self.total)
         return most if wanted is None else min(most, int(wanted))
 
-    def acquire(self, holder, n, timeout=None, urgent=False):
+    def acquire(self, holder, n, timeout=None, urgent=False, abandon=None):
         """Wait until `n` bytes are granted to `holder` (True) or `timeout` passes (False).
 
-        Raises Refused when `n` can never be granted (above the holder's share).
+        `abandon()`, checked at least every ABANDON_CHECK seconds while waiting: True gives up
+        (False returned). Unlike waiting again after a timeout, the waiter keeps its place in
+        line meanwhile. Raises Refused when `n` can never be granted (above the holder's share).
         """
         n = int(n)
         if n > self.grantable(holder):
             raise Refused("%d bytes needed, at most %d can ever be granted to %s"
                           % (n, self.grantable(holder), holder.name))
-        end = None if timeout is None else compat.monotonic() + timeout
+        end = _Until(timeout, abandon)
         with self._cond:
             if urgent:
                 return self._wait_urgent(holder, n, end)
@@ -100,44 +154,56 @@ class Budget(object):
             self._share_waiting += 1
             try:
                 while holder.held + n > holder.share:
-                    if not self._wait(end):
+                    if not end.wait(self._cond):
                         return False
             finally:
                 self._share_waiting -= 1
-            ticket = object()
-            self._queue.append(ticket)
-            try:
-                while not (self._queue[0] is ticket and not self._urgent_waiting and
-                           self.used + n <= self.total):
-                    if not self._wait(end):
-                        return False
-                self._grant(holder, n)
+            if holder.sends:
+                return self._wait_send(holder, n, end)
+            return self._wait_queue(holder, n, end)
+
+    def _wait_send(self, holder, n, end):
+        """A send: its turn in the send line and room in the pool, then the common queue."""
+        ticket = object()
+        self._send_line.append(ticket)
+        try:
+            while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit):
+                if not end.wait(self._cond):
+                    return False
+            self.sending += n
+            if self._wait_queue(holder, n, end):
                 return True
-            finally:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
+            self.sending -= n
+            return False
+        finally:
+            self._send_line.remove(ticket)
+            self._cond.notify_all()
+
+    def _wait_queue(self, holder, n, end):
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while not (self._queue[0] is ticket and not self._urgent_waiting and
+                       self.used + n <= self.total):
+                if not end.wait(self._cond):
+                    return False
+            self._grant(holder, n)
+            return True
+        finally:
+            self._queue.remove(ticket)
+            self._cond.notify_all()
 
     def _wait_urgent(self, holder, n, end):
         self._urgent_waiting += 1
         try:
             while self.used + n > self.total + self.reserve:
-                if not self._wait(end):
+                if not end.wait(self._cond):
                     return False
             self._grant(holder, n)
             return True
         finally:
             self._urgent_waiting -= 1
             self._cond.notify_all()
-
-    def _wait(self, end):
-        if end is None:
-            self._cond.wait()
-            return True
-        left = end - compat.monotonic()
-        if left <= 0:
-            return False
-        self._cond.wait(left)
-        return True
 
     def _grant(self, holder, n):
         self.used += n
@@ -152,6 +218,8 @@ class Budget(object):
             n = min(int(n), holder.held)
             holder.held -= n
             self.used -= n
+            if holder.sends:
+                self.sending -= n
             self._cond.notify_all()
 
     def release_all(self, holder):
@@ -159,7 +227,30 @@ class Budget(object):
         self.release(holder, holder.held)
 
     def stats(self):
-        """{"total", "used", "peak", "waiting"} for status output and tests."""
+        """{"total", "used", "peak", "sending", "waiting"} for status output and tests."""
         with self._cond:
             return {"total": self.total, "used": self.used, "peak": self.peak,
-                    "waiting": len(self._queue) + self._urgent_waiting + self._share_waiting}
+                    "sending": self.sending,
+                    "waiting": len(self._queue) + len(self._send_line) +
+                    self._urgent_waiting + self._share_waiting}
+
+
+class _Until(object):
+    """When a wait gives up: after `timeout` seconds (None: never), or once `abandon()`."""
+
+    def __init__(self, timeout, abandon):
+        self.end = None if timeout is None else compat.monotonic() + timeout
+        self.abandon = abandon
+
+    def wait(self, cond):
+        """Wait on `cond` (held) once; False when it is time to give up."""
+        if self.abandon is not None and self.abandon():
+            return False
+        step = None if self.abandon is None else ABANDON_CHECK
+        if self.end is not None:
+            left = self.end - compat.monotonic()
+            if left <= 0:
+                return False
+            step = left if step is None else min(step, left)
+        cond.wait(step)
+        return True

@@ -9,8 +9,8 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, daemon, logs, peers
-from wazuh_cluster.budget import Budget
+from wazuh_cluster import __version__, compat, daemon, logs, peers, protocol
+from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
 from wazuh_cluster.errors import ClusterError
@@ -124,8 +124,10 @@ class ClusterNode(object):
         self.settings = peer_settings(cfg)
         dispatcher = {}  # filled below, before any session can start
         self.registry = peers.NodeRegistry()
-        # one budget for everything every peer sends (see budget.py)
-        self.budget = Budget(cfg.options.max_inflight_bytes)
+        # one budget for everything every peer sends and we send (see budget.py), the
+        # compression cache included
+        self.budget = budgets.for_daemon(cfg.options.max_inflight_bytes)
+        protocol.bound_compression_cache(self.budget.cache)
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,

@@ -6,7 +6,8 @@ files, checksums and mtimes); it compressed that body once per client, and compr
 was over half of wazuh-clusterd's busy time under churn (issue 11, a 9.4 MB client.keys).
 Bodies of at least `min_bytes` are keyed by their SHA-256 (hashing costs a tenth of zlib at
 level 1); at most `budget` bytes of compressed streams are kept (`.bytes` counts them),
-the least recently used going first. A session that asks for a body another session is
+the least recently used going first; wazuh-clusterd sets that bound to the part of its memory
+budget set aside for the cache (budget.py, `resize`). A session that asks for a body another session is
 compressing at that moment waits for that result instead of compressing it too.
 Thread-safe; a leaf (standard library only).
 """
@@ -15,6 +16,7 @@ from __future__ import absolute_import, division, print_function
 import collections
 import hashlib
 import threading
+import zlib
 
 MIN_BYTES = 1 << 20
 BUDGET_BYTES = 16 << 20
@@ -22,10 +24,12 @@ WAIT_SECONDS = 60.0  # a compression in another thread that takes longer is done
 
 
 class CompressedCache(object):
-    """compress(data) -> compress_func(data), shared by every caller for large bodies."""
+    """compress(data) -> compress_func(data), shared by every caller for large bodies;
+    compress_parts(parts) the same for the concatenation of `parts`, never joined here."""
 
-    def __init__(self, compress_func, min_bytes=MIN_BYTES, budget=BUDGET_BYTES):
+    def __init__(self, compress_func, min_bytes=MIN_BYTES, budget=BUDGET_BYTES, level=1):
         self._compress = compress_func
+        self.level = level
         self.min_bytes = min_bytes
         self.budget = budget
         self.bytes = 0
@@ -38,7 +42,25 @@ class CompressedCache(object):
         """The compressed stream of `data`, from the cache when another session made it."""
         if len(data) < self.min_bytes:
             return self._compress(data)
-        key = hashlib.sha256(data).digest()
+        return self._cached(hashlib.sha256(data).digest(), lambda: self._compress(data))
+
+    def compress_parts(self, parts):
+        """The compressed stream of b"".join(parts), without that join: a batch of files is
+        held once, not twice, while it is compressed."""
+        if sum(len(p) for p in parts) < self.min_bytes:
+            return self._compress(b"".join(parts))
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return self._cached(digest.digest(), lambda: _deflate_parts(parts, self.level))
+
+    def resize(self, budget):
+        """Keep at most `budget` bytes from now on."""
+        with self._lock:
+            self.budget = budget
+            self._trim()
+
+    def _cached(self, key, make):
         with self._lock:
             found = self._take(key)
             if found is None:
@@ -52,9 +74,9 @@ class CompressedCache(object):
             running.wait(WAIT_SECONDS)
             with self._lock:
                 found = self._take(key)
-            return found if found is not None else self._compress(data)
+            return found if found is not None else make()
         try:
-            out = self._compress(data)
+            out = make()
             with self._lock:
                 self._keep(key, out)
         finally:
@@ -74,6 +96,16 @@ class CompressedCache(object):
             return
         self._entries[key] = out
         self.bytes += len(out)
+        self._trim()
+
+    def _trim(self):
         while self.bytes > self.budget:
             _, old = self._entries.popitem(last=False)
             self.bytes -= len(old)
+
+
+def _deflate_parts(parts, level):
+    z = zlib.compressobj(level)
+    out = [z.compress(part) for part in parts]
+    out.append(z.flush())
+    return b"".join(out)

@@ -28,6 +28,10 @@ class PeerVersions(object):
         self.held = {}
         self.sent = 0        # deltas the peer applied
 
+    def shares(self, size):
+        """True when a file of `size` bytes is read into the shared store (deltas possible)."""
+        return self.store is not None and self.store.wanted(size)
+
     def read(self, name):
         """(data, sha256, mtime_ns) of our file `name`, or None when it changed meanwhile."""
         path = os.path.join(self.home, *name.split("/"))

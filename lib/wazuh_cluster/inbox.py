@@ -226,15 +226,17 @@ class Inbox(object):
             for query in manifest_queries(source, names, False):
                 files.update(self.link.call("manifest", query)["files"])
             return {"files": files}, b""
-        parts = []
+        # The answer's data as a list of pieces: the session compresses them as they are,
+        # without joining megabytes of them first (ten clients ask at once).
+        data = [b"{"]
         for query in manifest_queries(source, names, True):
             part = self.link.call_data("manifest", query)[1] or b"{}"
             if len(part) > 2:
-                parts.append(part[1:-1])  # the entries of the JSON object
+                data.extend([b","] if len(data) > 1 else [])
+                data.append(part[1:-1])  # the entries of the JSON object
             del part
-        data = b"{" + b",".join(parts) + b"}"
-        del parts[:]
-        return {"files_in_data": True}, data, protocol.worth_compressing(data)
+        data.append(b"}")
+        return {"files_in_data": True}, data, sum(len(p) for p in data) >= protocol.COMPRESS_FROM
 
     def sync_files(self, session, args, data):
         """Apply a batch of files from a peer; its data is inflated as it is written."""

@@ -58,9 +58,21 @@ def type_name(code):
 
 def encode_body(header, data=b""):
     """Body bytes for a JSON-able `header` dict and raw `data` bytes."""
+    return b"".join(body_parts(header, data))
+
+
+def body_parts(header, data=b""):
+    """The body as a list of byte strings (joined, it is encode_body's); `data` may be a list
+    of byte strings, which is emptied: its parts are in the list returned, not copied."""
     head = json.dumps(header, separators=(",", ":"), sort_keys=True)
     head = compat.to_bytes(head)
-    return _U32.pack(len(head)) + head + compat.to_bytes(data)
+    parts = [_U32.pack(len(head)) + head]
+    if isinstance(data, list):
+        parts.extend(data)
+        del data[:]
+    else:
+        parts.append(compat.to_bytes(data))
+    return parts
 
 
 def decode_body(body, max_header=MAX_HEADER_BYTES):
@@ -133,6 +145,16 @@ def compress(data, level=1):
     if level == 1:
         return _SHARED.compress(data)
     return zlib.compress(data, level)
+
+
+def compress_parts(parts):
+    """compress(b"".join(parts)) without joining them (see compresscache)."""
+    return _SHARED.compress_parts(parts)
+
+
+def bound_compression_cache(nbytes):
+    """Keep at most `nbytes` in the shared compression cache (the memory budget's part)."""
+    _SHARED.resize(nbytes)
 
 
 INFLATE_CHUNK = 256 << 10   # bytes inflated at a time by Inflater

@@ -170,19 +170,25 @@ class Session(object):
         """Run the reader loop in the calling thread until the session ends."""
         self._run()
 
-    def call(self, cmd, args=None, data=b"", timeout=60.0, compress=False):
+    def call(self, cmd, args=None, data=b"", timeout=60.0, compress=False, grant=None):
         """Ask the peer to run `cmd`; returns (result, data) or raises RequestError.
 
-        RequestError.code is the peer's error code, "timeout" or "closed".
+        RequestError.code is the peer's error code, "timeout" or "closed". `data` may be a list
+        of byte strings: it is emptied as the message is encoded. `grant` (outbox.Grant): the
+        budget the data was read under; told what the encoded message keeps, and closed once
+        it is on the wire, before the answer is waited for.
         """
         rid, slot = self._register()
         try:
             try:
                 self._send_message(protocol.REQUEST, rid, {"cmd": cmd, "args": args or {}},
-                                   data, compress)
+                                   data, compress, grant)
             except ProtocolError as exc:
                 raise RequestError("session with %s closed: %s" % (self.peer_name, exc.message),
                                    "closed")
+            finally:
+                if grant is not None:
+                    grant.close()
             if not slot.event.wait(timeout):
                 raise RequestError("no answer from %s to %s within %ss" %
                                    (self.peer_name, cmd, timeout), "timeout")
@@ -246,12 +252,17 @@ class Session(object):
             self._pending[rid] = slot
         return rid, slot
 
-    def _send_message(self, msg_type, rid, header, data, compress):
-        body = protocol.encode_body(header, data)
+    def _send_message(self, msg_type, rid, header, data, compress, grant=None):
+        parts = protocol.body_parts(header, data)
         flags = 0
         if compress:
-            body = protocol.compress(body)
+            body = protocol.compress_parts(parts)
             flags |= protocol.FLAG_COMPRESSED
+        else:
+            body = b"".join(parts)
+        del parts[:]   # from here the message is held once, as `body`
+        if grant is not None:
+            grant.keep(len(body))
         chunk = min(protocol.CHUNK_SIZE, self.channel.codec.max_body())
         if len(body) <= chunk:
             self.channel.send_frame(msg_type, flags, rid, body)

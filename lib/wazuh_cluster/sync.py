@@ -21,8 +21,8 @@ import math
 import os
 import threading
 
-from wazuh_cluster import (compat, delta, deltasend, logs, manifest, protocol, staterows,
-                           versions)
+from wazuh_cluster import (compat, delta, deltasend, logs, manifest, outbox, protocol,
+                           staterows, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -62,6 +62,14 @@ def read_stable(path):
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
     return data, hashlib.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+
+
+def file_size(path):
+    """The size of a regular file (before it is read and its room granted), None if gone."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return None
 
 
 def plan_round(mine, theirs, items, delete_extra):
@@ -141,6 +149,7 @@ class PeerSync(object):
         self.versions = deltasend.PeerVersions(
             store if "delta" in getattr(session, "features", ()) else None, home, self.items,
             read_stable)
+        self._room = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -343,46 +352,75 @@ class PeerSync(object):
         """
         calls = InFlight(self.call_files, PIPELINE_FROM_MASTER if self.role == "master"
                          else PIPELINE_FROM_CLIENT)
-        batch = Batch()
+        room = self.room()
+        batch = Batch(room.batch_bytes(BATCH_BYTES, BATCH_FILES))
         postponed = []
         try:
             for name in send_data:
-                got = self.versions.read(name)
-                if got is None:
+                path = os.path.join(self.home, *name.split("/"))
+                size = file_size(path)
+                got = made = None
+                if size is not None and self.versions.shares(size):
+                    # A big file is read once into the shared store, not into this session's
+                    # room: only what this peer gets of it (often a delta) is granted.
+                    got = self.versions.read(name)
+                    made = got and self.versions.delta_for(name, got)
+                cost = size if made is None else len(made[1].middle)
+                if size is not None:
+                    batch = calls.submit_if_full(batch, cost)
+                    batch.make_room(room, cost)
+                if got is None and size is not None:
+                    got = self.versions.read(name)
+                if got is None or len(got[0]) != size:  # changed since: its size was granted
                     postponed.append(name)
                     continue
-                made = self.versions.delta_for(name, got)
-                batch = calls.submit_if_full(batch, len(got[0]) if made is None
-                                             else len(made[1].middle))
                 if made is None:
                     batch.add_file(name, *got)
                 else:
                     batch.add_delta(name, got, *made)
+                del got
             for name in send_meta:
                 try:
                     st = os.lstat(os.path.join(self.home, *name.split("/")))
                 except OSError:
                     continue
                 batch = calls.submit_if_full(batch)
+                batch.make_room(room)
                 batch.meta.append({"name": name, "sha256": mine[name].sha256,
                                    "mtime_ns": compat.stat_mtime_ns(st)})
             for name in delete:
                 batch = calls.submit_if_full(batch)
+                batch.make_room(room)
                 batch.delete.append(name)
             batch.delete_dirs.extend(dirs)
             if not batch.empty():
                 calls.submit(batch)
+                batch = Batch()  # its grant is its call's now
         finally:
+            batch.close_grant()  # one not submitted (an error) gives its room back here
             states = calls.finish()
         if postponed:
             self.retry_later(postponed)
         return states
 
+    def room(self):
+        """Our grants for sending to this peer (outbox.Room), made once."""
+        if self._room is None:
+            self._room = outbox.Room(self.session.budget, "%s (sending)" % self.peer,
+                                     lambda: self.stopped or self.session.closed)
+        return self._room
+
     def call_files(self, batch):
-        data = b"".join(batch.data + batch.delta_data)
-        result, _ = self.session.call("sync_files", batch.header(), data,
-                                      timeout=self.request_timeout,
-                                      compress=protocol.worth_compressing(data))
+        # The files go as a list: the message is encoded from them, not from a copy, and
+        # they leave memory once compressed (see outbox.py).
+        try:
+            result, _ = self.session.call("sync_files", batch.header(),
+                                          batch.data + batch.delta_data,
+                                          timeout=self.request_timeout,
+                                          compress=batch.size >= protocol.COMPRESS_FROM,
+                                          grant=batch.grant)
+        finally:
+            batch.close_grant()
         states = result.get("states") if isinstance(result, dict) else None
         if not isinstance(states, dict):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
@@ -401,6 +439,7 @@ class PeerSync(object):
         for name in names:
             got = self.versions.read(name)
             if got is not None:
+                whole.make_room(self.room(), len(got[0]))
                 whole.add_file(name, *got)
         if names:
             self.log.debug("%s refused the delta of %d file(s) (e.g. %s): sent whole.",
@@ -446,7 +485,7 @@ class InFlight(object):
         if not batch.full(extra):
             return batch
         self.submit(batch)
-        return Batch()
+        return Batch(batch.max_bytes)
 
     def submit(self, batch):
         while len(self.running) >= self.depth:
@@ -482,17 +521,35 @@ class InFlight(object):
 
 
 class Batch(object):
-    """Files (data concatenated), metadata updates and deletions of one sync_files request."""
+    """Files (data concatenated), metadata updates and deletions of one sync_files request.
 
-    def __init__(self):
+    `max_bytes`: its data bound; `grant`: the outbox.Grant its files are read under.
+    """
+
+    def __init__(self, max_bytes=BATCH_BYTES):
         self.files, self.data, self.meta, self.delete, self.delete_dirs = [], [], [], [], []
         self.deltas, self.delta_data = [], []  # their middles travel after the files' data
         self.size = 0
+        self.max_bytes = max_bytes
+        self.grant = None
 
     def full(self, extra=0):
         """True when the batch has reached its data or entry bound (keeps headers small)."""
         entries = len(self.files) + len(self.meta) + len(self.delete) + len(self.deltas)
         return entries > 0 and (self.size + extra > BATCH_BYTES or entries >= BATCH_FILES)
+        entries = len(self.files) + len(self.meta) + len(self.delete)
+        return entries > 0 and (self.size + extra > self.max_bytes or entries >= BATCH_FILES)
+
+    def make_room(self, room, size=0):
+        """Before its first entry: a grant of `room` for the whole batch (its data bound, or
+        one file of `size` beyond it; none for a batch of names only)."""
+        if self.grant is None:
+            data = max(size, self.max_bytes) if size else 0
+            self.grant = room.grant(outbox.batch_cost(data, BATCH_FILES))
+
+    def close_grant(self):
+        if self.grant is not None:
+            self.grant.close()
 
     def add_file(self, name, data, sha256, mtime_ns):
         self.files.append({"name": name, "sha256": sha256, "mtime_ns": mtime_ns,

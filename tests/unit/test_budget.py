@@ -1,6 +1,7 @@
 """budget.Budget: bounded, fair (FIFO, per-holder share), urgent grants first, refusals at once."""
 from __future__ import absolute_import, division, print_function
 
+import random
 import threading
 
 import pytest
@@ -105,3 +106,127 @@ def test_release_never_gives_back_more_than_held():
     b.release(h, 50)
     b.release_all(h)
     assert b.used == 0 and h.held == 0
+
+
+# -- sending (issue 11 item 4): one pool inside the budget, its own fair line ---------------
+
+def test_sends_never_hold_more_than_the_pool_so_a_whole_receive_share_always_fits():
+    b = budget.Budget(100, share=40, send_limit=60, cache=10)
+    assert b.send_limit == 60 and b.used == 10          # the cache's part is counted for good
+    s1, s2 = b.holder("s1", sends=True), b.holder("s2", sends=True)
+    assert s1.share == 50                                 # the pool: send_limit - cache
+    assert b.acquire(s1, 30) and b.acquire(s2, 20)
+    assert not b.acquire(s2, 1, timeout=0.05)             # the pool is full...
+    assert b.acquire(b.holder("reader"), 40, timeout=0)   # ...a receive of a share still fits
+    assert b.used == 100 and b.stats()["sending"] == 60
+    b.release(s1, 30)
+    assert b.stats()["sending"] == 30 and b.used == 70
+
+
+def test_a_send_waiting_for_the_pool_never_holds_a_receive_back():
+    b = budget.Budget(100, share=50, send_limit=50)
+    s = b.holder("s", sends=True)
+    assert b.acquire(s, 50)
+    order = []
+    t = acquire_in_thread(b, b.holder("more", sends=True), 10, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    assert b.acquire(b.holder("reader"), 50, timeout=0)   # not queued behind the send
+    assert order == []
+    b.release(s, 50)
+    t.join(5)
+    assert order == ["more"]
+
+
+def test_senders_are_served_in_the_order_they_asked():
+    b = budget.Budget(100, share=50, send_limit=50)
+    first = b.holder("first", sends=True)
+    assert b.acquire(first, 45)
+    order = []
+    big = acquire_in_thread(b, b.holder("big", sends=True), 40, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    small = acquire_in_thread(b, b.holder("small", sends=True), 5, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 2)
+    assert order == []                     # 5 bytes fit the pool, but "big" asked first
+    b.release(first, 45)
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]
+
+
+def test_a_sender_at_its_share_waits_for_its_own_releases_outside_the_line():
+    b = budget.Budget(100, share=50, send_limit=50)
+    slow = b.holder("slow", share=20, sends=True)
+    assert b.acquire(slow, 20)
+    order = []
+    t = acquire_in_thread(b, slow, 10, order)             # its peer reads slowly...
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    assert b.acquire(b.holder("other", sends=True), 30, timeout=1)   # ...others go on
+    b.release(slow, 20)
+    t.join(5)
+    assert order == ["slow"]
+
+
+def test_sends_and_receives_of_many_sessions_all_complete_with_a_small_budget():
+    """No deadlock, no starvation: every holder acquires and releases many times, the
+    budget never goes past its total and the sends never past their pool."""
+    b = budget.Budget(64, share=32, reserve=16, send_limit=32, cache=8)
+    errors, done, seen = [], [], []
+    lock = threading.Lock()
+
+    def run(name, sends, seed):
+        rng = random.Random(seed)
+        h = b.holder(name, sends=sends)
+        try:
+            for _ in range(200):
+                n = rng.randint(1, h.share)
+                assert b.acquire(h, n, timeout=30), "%s starved" % name
+                with lock:
+                    seen.append((b.used, b.sending))
+                b.release(h, rng.randint(0, n))
+                b.release_all(h)
+            done.append(name)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=("h%d" % k, k % 2 == 0, k)) for k in range(8)]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(done) == 8
+    assert max(u for u, _ in seen) <= 64 and max(s for _, s in seen) <= 32
+    assert b.used == 8 and b.sending == 8                 # only the cache's part is left
+
+
+def test_a_receiving_holder_may_never_ask_for_what_the_sends_may_hold():
+    b = budget.Budget(100, share=40, send_limit=30, cache=10)
+    whole = b.holder("client's session with its master", share=100)
+    assert whole.share == 70 and b.grantable(whole, 1000) == 70
+    assert b.acquire(b.holder("s", sends=True), 20)
+    assert b.acquire(whole, 70, timeout=0)                # fits beside the cache and sends
+
+
+def test_the_daemon_budget_gives_sends_a_quarter_and_a_quarter_of_that_to_the_cache():
+    b = budget.for_daemon(64 << 20)
+    assert (b.share, b.send_limit, b.cache) == (32 << 20, 16 << 20, 4 << 20)
+    assert b.holder("s", sends=True).share == 12 << 20
+
+
+def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
+    b = budget.Budget(100, share=50, send_limit=50)
+    first = b.holder("first", sends=True)
+    assert b.acquire(first, 50)
+    gone = threading.Event()
+    order = []
+    waiting = acquire_in_thread(b, b.holder("waiting", sends=True), 50, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    quitter = threading.Thread(target=lambda: order.append(
+        b.acquire(b.holder("quitter", sends=True), 10, abandon=gone.is_set)))
+    quitter.start()
+    assert wait_for(lambda: b.stats()["waiting"] == 2)
+    gone.set()                                  # its session closed
+    quitter.join(10)
+    assert order == [False] and b.stats()["waiting"] == 1
+    b.release(first, 50)
+    waiting.join(5)
+    assert order == [False, "waiting"]

@@ -1,6 +1,7 @@
 """compresscache: a large body sent to several peers is compressed once."""
 from __future__ import absolute_import, division, print_function
 
+import os
 import threading
 import zlib
 
@@ -82,3 +83,20 @@ def test_protocol_compress_shares_large_bodies():
     assert protocol.compress(data) == protocol.compress(data)
     assert protocol._SHARED.hits == hits + 1
     assert protocol.Inflater([protocol.compress(data)], len(data)).read_all() == data
+
+
+def test_parts_are_compressed_unjoined_and_share_the_cache_with_the_whole_body():
+    cache = CompressedCache(Counting(), min_bytes=1024, budget=1 << 20)
+    parts = [b"\x00\x00\x00\x02{}", body(b"agent.conf "), body(b"client.keys ", 9000)]
+    streamed = cache.compress_parts(parts)
+    assert zlib.decompress(streamed) == b"".join(parts)
+    assert cache.compress(b"".join(parts)) == streamed and cache.hits == 1
+
+
+def test_a_smaller_bound_drops_the_oldest_streams_at_once():
+    cache = CompressedCache(zlib.compress, min_bytes=1024, budget=1 << 20)
+    for tag in (b"a ", b"b ", b"c "):
+        cache.compress(os.urandom(2000) + body(tag))
+    kept = cache.bytes
+    cache.resize(kept // 2)
+    assert 0 < cache.bytes <= kept // 2

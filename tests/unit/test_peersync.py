@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from wazuh_cluster import compat, config
+from wazuh_cluster import budget, compat, config
 from wazuh_cluster.errors import RequestError
+from wazuh_cluster.session import Session as RealSession
 from wazuh_cluster.sync import Batch, InFlight, PeerSync, round_phase
 
 ITEMS, _EXCLUDE = config.load_items(os.path.join(
@@ -179,3 +180,35 @@ def test_an_error_of_one_call_is_raised_once_all_calls_ended():
     with pytest.raises(RequestError):
         calls.finish()
     assert finished == [u"etc/shared/default/f1"]
+
+
+def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
+    """A master's batches are counted in its process budget (issue 11 item 4): granted
+    before they are read, within the send pool, and all given back once sent."""
+    from test_channel import channel_pair
+    folder = tmpdir.mkdir("etc").mkdir("shared").mkdir("default")
+    names = []
+    for n in range(6):
+        folder.join("f%d.bin" % n).write_binary(os.urandom(1500000))
+        names.append(u"etc/shared/default/f%d.bin" % n)
+    shared = budget.Budget(12 << 20, share=6 << 20, send_limit=6 << 20, cache=1 << 20)  # pool 5
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append((len(data), shared.stats()["sending"]))
+        return {"states": dict((f["name"], "synchronized") for f in args["files"])}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2), budget=shared).start()
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+        states = sync.send({}, names, [], [], [])
+    finally:
+        master.close()
+        peer.close()
+    assert states == dict((name, "synchronized") for name in names)
+    assert sum(n for n, _ in seen) == 6 * 1500000
+    assert all(shared.cache <= s <= shared.send_limit for _, s in seen)
+    assert shared.cache + 2 * 1500000 < shared.peak <= shared.total   # counted, and bounded
+    assert sync.room().holder.held == 0
+    wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
