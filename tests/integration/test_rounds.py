@@ -1,0 +1,166 @@
+"""Integrity rounds between real daemons: summaries first, spread over the interval.
+
+A round compares bucket summaries (summary.py) and then only the buckets that differ; the
+master's debug line "Full round with NODE: N buckets compared" says how many ("all" at a
+session's first round). Drift nobody recorded is still repaired: a file edited or deleted
+by hand on a client, an agent-info file edited on the master, a lost database. Every wait
+polls a condition with a bound; offsets are compared with each other, not with a limit.
+"""
+from __future__ import absolute_import, division, print_function
+
+import io
+import os
+import re
+import time
+
+from harness import make_node, wait_for, write_internal_options  # noqa: F401
+from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
+from test_sync import FAST, KEYS, agent_info, cluster, converge, put, stop  # noqa: F401
+
+from wazuh_cluster.sync import round_phase
+
+ROUND = re.compile(r"Full round with (\S+): (all|\d+) buckets compared")
+WAIT = 40.0
+
+
+def rounds(node, peer):
+    """What each of `node`'s rounds with `peer` compared, oldest first: "all" or a count."""
+    return [m.group(2) for m in ROUND.finditer(node.log()) if m.group(1) == peer]
+
+
+def wait_rounds(node, peer, after, predicate, what):
+    """Wait for a round of `node` with `peer`, later than the first `after`, for which
+    `predicate(compared)` holds; returns what it compared."""
+    def found():
+        hits = [r for r in rounds(node, peer)[after:] if predicate(r)]
+        return hits[0] if hits else None
+    return wait_for(found, WAIT, 0.1, what="%s: a round with %s that %s" % (node.name, peer,
+                                                                         what))
+
+
+def nothing_to_compare(compared):
+    return compared == "0"
+
+
+def some_buckets(compared):
+    return compared not in ("all", "0")
+
+
+def read(node, rel):
+    try:
+        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
+            return handle.read()
+    except (IOError, OSError):
+        return None
+
+
+def test_hand_edits_on_a_client_are_repaired_by_a_summary_round(cluster):
+    master, client1 = cluster[0], cluster[1]
+    # Once converged, a round finds equal summaries: no manifest is compared at all.
+    wait_rounds(master, "client1", 0, nothing_to_compare, "compared nothing")
+    seen = len(rounds(master, "client1"))
+    put(client1, "etc/shared/default/agent.conf", u"edited by hand\n")
+    os.unlink(client1.path("etc", "shared", "web", "agent.conf"))
+    compared = wait_rounds(master, "client1", seen, some_buckets, "compared some buckets")
+    converge(cluster)
+    # Only the buckets of the two files were compared, not the whole manifests.
+    assert 1 <= int(compared) <= 2
+
+
+def test_agent_info_edited_on_the_master_is_repaired_by_the_clients_summary_round(cluster):
+    master, client1 = cluster[0], cluster[1]
+    rel = "queue/agent-info/web01-any"
+    put(client1, rel, agent_info("client1"))
+    wait_for(lambda: read(master, rel) == read(client1, rel), WAIT, 0.1,
+             what="agent-info on the master")
+    seen = len(rounds(client1, "master"))
+    wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")
+    seen = len(rounds(client1, "master"))
+    put(master, rel, u"damaged on the master\n", mtime=time.time() - 3600)
+    compared = wait_rounds(client1, "master", seen, some_buckets, "compared some buckets")
+    assert int(compared) == 1
+    wait_for(lambda: read(master, rel) == read(client1, rel), WAIT, 0.1,
+             what="agent-info repaired on the master")
+
+
+def test_a_lost_client_database_is_rebuilt_and_later_rounds_stay_summary_first(cluster):
+    master, client1 = cluster[0], cluster[1]
+    put(client1, "queue/agent-info/web01-any", agent_info("client1"))
+    stop(client1)
+    os.unlink(client1.path("var", "db", "cluster.db"))
+    put(client1, "etc/shared/default/agent.conf", u"edited while the database was lost\n")
+    seen = len(rounds(master, "client1"))
+    client1.start()
+    converge(cluster)
+    # The rebuilt catalogue summarises as the master does: both ways, nothing to compare.
+    wait_rounds(master, "client1", seen, nothing_to_compare, "compared nothing")
+    wait_rounds(client1, "master", 0, nothing_to_compare, "compared nothing")
+    seen = len(rounds(master, "client1"))
+    os.unlink(client1.path("etc", "shared", "default", "agent.conf"))
+    assert wait_rounds(master, "client1", seen, some_buckets, "compared some buckets") == "1"
+    converge(cluster)
+
+
+class LogLines(object):
+    """New lines of a log file as they appear, each with the time this test saw it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.lines = []
+
+    def poll(self):
+        try:
+            with io.open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except (IOError, OSError):
+            return
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        now = time.time()
+        self.lines.extend((now, line.decode("utf-8", "replace"))
+                          for line in data[:cut].splitlines())
+
+
+def test_rounds_with_clients_keep_their_own_offsets_after_a_mass_reconnect(make_node):
+    interval = 10.0
+    names = ("master", "client1", "client2")
+    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
+             for name in names]
+    for node in nodes:
+        node.port = nodes[0].port
+        node.configure("master" if node.name == "master" else "client",
+                       [n.address for n in nodes], interval="10s")
+        write_internal_options(node.prefix, FAST)
+    master = nodes[0]
+    put(master, "etc/client.keys", KEYS)
+    put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
+    for node in nodes:
+        node.start()
+    converge(nodes)
+    expected = (round_phase("master", "client2", interval) -
+                round_phase("master", "client1", interval)) % interval
+    assert 3.0 <= expected <= interval - 3.0  # far from 0: rounds at once would show
+
+    # A master restart: both clients reconnect at once, and both first rounds run at once.
+    stop(master)
+    watch = LogLines(master.path("logs", "cluster.log"))
+    master.start()
+    seen = {"client1": [], "client2": []}
+
+    def enough():
+        watch.poll()
+        for when, line in watch.lines:
+            match = ROUND.search(line)
+            if match and match.group(1) in seen and match.group(2) != "all":
+                seen[match.group(1)].append(when)
+        del watch.lines[:]
+        return all(len(times) >= 3 for times in seen.values())
+    wait_for(enough, 6 * interval, 0.05, what="three later rounds with each client")
+    # Each later round with client2 falls `expected` seconds after one with client1
+    # (modulo the interval), whatever the reconnection did.
+    def distance(t1, t2):  # circular: 9.9 s is 0.1 s from 0 in a 10 s interval
+        return abs((t2 - t1 - expected + interval / 2) % interval - interval / 2)
+    offsets = sorted(min(distance(t1, t2) for t1 in seen["client1"]) for t2 in seen["client2"])
+    assert offsets[len(offsets) // 2] < 2.0, (offsets, expected, seen)
