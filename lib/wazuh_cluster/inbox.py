@@ -197,8 +197,10 @@ class Inbox(object):
         pass
 
     def handlers(self):
-        return {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files,
-                "sync_summary": self.sync_summary}
+        found = {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}
+        if self.cfg.options.round_summaries:
+            found["sync_summary"] = self.sync_summary
+        return found
 
     # -- requests from peers --------------------------------------------------------------------
 

@@ -565,6 +565,7 @@ class SyncManager(object):
                           self.cfg.interval, options.push_delay, options.request_timeout,
                           phase=round_phase(self.cfg.node_name, session.peer_name,
                                             self.cfg.interval))
+        worker.summaries = bool(options.round_summaries)
         with self.lock:
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker

@@ -164,3 +164,34 @@ def test_rounds_with_clients_keep_their_own_offsets_after_a_mass_reconnect(make_
         return abs((t2 - t1 - expected + interval / 2) % interval - interval / 2)
     offsets = sorted(min(distance(t1, t2) for t1 in seen["client1"]) for t2 in seen["client2"])
     assert offsets[len(offsets) // 2] < 2.0, (offsets, expected, seen)
+
+
+def test_a_peer_without_summaries_gets_whole_manifests_and_is_still_repaired(make_node):
+    """cluster.round_summaries=0 answers sync_summary "unknown_command", as a version
+    without summaries does: the rounds with it compare whole manifests, both ways."""
+    names = ("master", "client1")
+    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
+             for name in names]
+    for node in nodes:
+        node.port = nodes[0].port
+        node.configure("master" if node.name == "master" else "client",
+                       [n.address for n in nodes], interval="3s")
+        options = dict(FAST)
+        if node.name == "client1":
+            options["cluster.round_summaries"] = "0"
+        write_internal_options(node.prefix, options)
+    master, client1 = nodes
+    put(master, "etc/client.keys", KEYS)
+    put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
+    put(client1, "queue/agent-info/web01-any", agent_info("client1"))
+    for node in nodes:
+        node.start()
+    converge(nodes)
+    master.wait_log(r"client1 knows no summaries", WAIT)
+    seen = len(rounds(master, "client1"))
+    put(client1, "etc/shared/default/agent.conf", u"edited by hand\n")
+    converge(nodes)
+    wait_rounds(master, "client1", seen, lambda compared: True, "ended")
+    assert set(rounds(master, "client1")) == set(["all"])
+    assert set(rounds(client1, "master")) == set(["all"])
+    assert "malformed" not in master.log() + client1.log()
