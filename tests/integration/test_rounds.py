@@ -13,7 +13,7 @@ import os
 import re
 import time
 
-from harness import make_node, wait_for, write_internal_options  # noqa: F401
+from harness import make_node, read_text, wait_for, write_internal_options  # noqa: F401
 from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
 from test_sync import FAST, KEYS, agent_info, cluster, converge, put, stop  # noqa: F401
 
@@ -46,12 +46,23 @@ def some_buckets(compared):
     return compared not in ("all", "0")
 
 
-def read(node, rel):
-    try:
-        with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
+def started_cluster(make_node, names, interval, options=None):
+    """A master and clients on one port, converged; `options` {node name: extra options}."""
+    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
+             for name in names]
+    for node in nodes:
+        node.port = nodes[0].port
+        node.configure("master" if node.name == "master" else "client",
+                       [n.address for n in nodes], interval=interval)
+        write_internal_options(node.prefix, dict(FAST, **(options or {}).get(node.name, {})))
+    master = nodes[0]
+    put(master, "etc/client.keys", KEYS)
+    put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
+    put(nodes[1], "queue/agent-info/web01-any", agent_info(nodes[1].name))
+    for node in nodes:
+        node.start()
+    converge(nodes)
+    return nodes
 
 
 def test_hand_edits_on_a_client_are_repaired_by_a_summary_round(cluster):
@@ -71,7 +82,7 @@ def test_agent_info_edited_on_the_master_is_repaired_by_the_clients_summary_roun
     master, client1 = cluster[0], cluster[1]
     rel = "queue/agent-info/web01-any"
     put(client1, rel, agent_info("client1"))
-    wait_for(lambda: read(master, rel) == read(client1, rel), WAIT, 0.1,
+    wait_for(lambda: read_text(master, rel) == read_text(client1, rel), WAIT, 0.1,
              what="agent-info on the master")
     seen = len(rounds(client1, "master"))
     wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")
@@ -79,7 +90,7 @@ def test_agent_info_edited_on_the_master_is_repaired_by_the_clients_summary_roun
     put(master, rel, u"damaged on the master\n", mtime=time.time() - 3600)
     compared = wait_rounds(client1, "master", seen, some_buckets, "compared some buckets")
     assert int(compared) == 1
-    wait_for(lambda: read(master, rel) == read(client1, rel), WAIT, 0.1,
+    wait_for(lambda: read_text(master, rel) == read_text(client1, rel), WAIT, 0.1,
              what="agent-info repaired on the master")
 
 
@@ -125,20 +136,7 @@ class LogLines(object):
 
 def test_rounds_with_clients_keep_their_own_offsets_after_a_mass_reconnect(make_node):
     interval = 10.0
-    names = ("master", "client1", "client2")
-    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
-             for name in names]
-    for node in nodes:
-        node.port = nodes[0].port
-        node.configure("master" if node.name == "master" else "client",
-                       [n.address for n in nodes], interval="10s")
-        write_internal_options(node.prefix, FAST)
-    master = nodes[0]
-    put(master, "etc/client.keys", KEYS)
-    put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
-    for node in nodes:
-        node.start()
-    converge(nodes)
+    master = started_cluster(make_node, ("master", "client1", "client2"), "10s")[0]
     expected = (round_phase("master", "client2", interval) -
                 round_phase("master", "client1", interval)) % interval
     assert 3.0 <= expected <= interval - 3.0  # far from 0: rounds at once would show
@@ -169,24 +167,9 @@ def test_rounds_with_clients_keep_their_own_offsets_after_a_mass_reconnect(make_
 def test_a_peer_without_summaries_gets_whole_manifests_and_is_still_repaired(make_node):
     """cluster.round_summaries=0 answers sync_summary "unknown_command", as a version
     without summaries does: the rounds with it compare whole manifests, both ways."""
-    names = ("master", "client1")
-    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
-             for name in names]
-    for node in nodes:
-        node.port = nodes[0].port
-        node.configure("master" if node.name == "master" else "client",
-                       [n.address for n in nodes], interval="3s")
-        options = dict(FAST)
-        if node.name == "client1":
-            options["cluster.round_summaries"] = "0"
-        write_internal_options(node.prefix, options)
+    nodes = started_cluster(make_node, ("master", "client1"), "3s",
+                            {"client1": {"cluster.round_summaries": "0"}})
     master, client1 = nodes
-    put(master, "etc/client.keys", KEYS)
-    put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
-    put(client1, "queue/agent-info/web01-any", agent_info("client1"))
-    for node in nodes:
-        node.start()
-    converge(nodes)
     master.wait_log(r"client1 knows no summaries", WAIT)
     seen = len(rounds(master, "client1"))
     put(client1, "etc/shared/default/agent.conf", u"edited by hand\n")
