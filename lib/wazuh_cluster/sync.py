@@ -5,9 +5,10 @@ Sending (one `PeerSync` thread per session, the owner drives):
     push is in flight, and for cluster.push_delay after it began, new changes gather and
     travel together (one event already holds everything a scan pass found, so a burst is one
     transfer without making the first change wait);
-  * full rounds: at session start and every <interval>: the peer's manifest of our items is
-    compared with ours (checksums both ways) and every difference is repaired, including drift
-    that nothing recorded (a file edited or deleted by hand, a lost database).
+  * full rounds: at session start and in this peer's slot of every <interval>: summaries
+    first (summary.py), then the peer's manifest of our items in the buckets that differ is
+    compared with ours (checksums both ways) and every difference is repaired, including
+    drift that nothing recorded (a file edited or deleted by hand, a lost database).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
