@@ -13,10 +13,17 @@ import os
 import re
 import time
 
+import pytest
+
 from harness import make_node, read_text, wait_for, write_internal_options  # noqa: F401
 from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
 from test_sync import FAST, KEYS, agent_info, cluster, converge, put, stop  # noqa: F401
 
+from test_hostile import _rogue_files, _rogue_manifest, hostile  # noqa: F401
+from test_hostile import still_serves_real_client
+
+from wazuh_cluster import peers, summary
+from wazuh_cluster.errors import RequestError
 from wazuh_cluster.sync import round_phase
 
 ROUND = re.compile(r"Full round with (\S+): (all|\d+) buckets compared")
@@ -178,3 +185,37 @@ def test_a_peer_without_summaries_gets_whole_manifests_and_is_still_repaired(mak
     assert set(rounds(master, "client1")) == set(["all"])
     assert set(rounds(client1, "master")) == set(["all"])
     assert "malformed" not in master.log() + client1.log()
+
+
+def test_a_rogue_gets_no_summary_of_the_masters_items_and_bad_buckets_are_refused(hostile):
+    master, client, dialer = hostile
+    with pytest.raises(RequestError) as info:
+        dialer.session.call("sync_summary", {"source": "master"}, timeout=30)
+    assert info.value.code == "forbidden"
+    for bad in ([-1], [summary.BUCKETS], "all", [True], list(range(summary.BUCKETS + 1))):
+        with pytest.raises(RequestError) as info:
+            dialer.session.call("sync_manifest", {"source": "client", "buckets": bad,
+                                                  "manifest_in_data": True}, timeout=30)
+        assert info.value.code == "bad_request"
+    # Its own summary covers only the agent-info files it reports: none.
+    result, _ = dialer.session.call("sync_summary", {"source": "client"}, timeout=30)
+    assert sum(count for count, _ in summary.parse(result["buckets"])) == 0
+    still_serves_real_client(master, client)
+
+
+def _rogue_summary(session, args, data):
+    return {"buckets": [[-1, "not hex"]] * 3}, b""
+
+
+def test_a_malformed_summary_ends_the_session_with_one_clear_line(hostile):
+    master, client, dialer = hostile
+    dialer.stop()
+    rogue = peers.Dialer(dialer.settings, {"sync_manifest": _rogue_manifest,
+                                           "sync_files": _rogue_files,
+                                           "sync_summary": _rogue_summary}).start()
+    try:
+        master.wait_log(r"rogue01 sent a malformed summary: summary: a list of 256 buckets",
+                        WAIT)
+    finally:
+        rogue.stop()
+    still_serves_real_client(master, client)
