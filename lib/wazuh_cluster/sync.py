@@ -270,6 +270,9 @@ class PeerSync(object):
         database misses). A peer that knows no summaries gets the whole manifests at once.
         """
         started = self.clock()
+        # Read before the summaries: a change made meanwhile is not confirmed by them.
+        pending = self.link.call("pending", {"node": self.peer})["files"] \
+            if self.summaries else []
         compared = self.compare_summaries(everything=self.last_round is None)
         if compared is None:
             steps, groups = [None], None
@@ -279,7 +282,7 @@ class PeerSync(object):
         for buckets in steps:
             states.update(self.round_step(buckets, groups, counts))
         if compared is not None:
-            states.update(self.confirm_pending(compared[0]))
+            states.update(self.confirm_pending(pending, compared[0]))
         self.record(states)
         self.finished_round(self.clock())
         self.last_round_ok = all(s == "synchronized" for s in states.values())
@@ -332,11 +335,11 @@ class PeerSync(object):
             counts[k] += len(part)
         return states
 
-    def confirm_pending(self, compared):
-        """Our files still recorded pending for the peer, in buckets whose summaries were
-        the same (the peer holds them as we do): {name: "synchronized"}."""
+    def confirm_pending(self, pending, compared):
+        """Of our files recorded pending for the peer before the summaries were made, those
+        in buckets whose summaries were the same (the peer holds them as we do):
+        {name: "synchronized"}."""
         skip = frozenset(compared)
-        pending = self.link.call("pending", {"node": self.peer})["files"]
         return dict((name, "synchronized") for name in pending
                     if self.owns(name) and summary.bucket_of(name) not in skip)
 
