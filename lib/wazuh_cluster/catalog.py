@@ -20,6 +20,9 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
                                                       mode, item}}}; with as_data: true,
                                                       {count} and that files mapping as
                                                       JSON bytes after the reply (localsock)
+  summary     {source, node?, groups?}            -> {buckets: [[count, digest]] x 256,
+                                                      groups?: [..]} (summary.py); also
+                                                      manifest takes buckets: [n, ..]
   pending     {node}                              -> {files: [..], deleted: [..]}
   set_states  {rows: [[node, file, state]]}       -> {updated: n}
   states      {node?, files?}                     -> {rows: [[node, file, state]]}
@@ -44,7 +47,7 @@ import re
 import stat
 import time
 
-from wazuh_cluster import agentrows, compat, errors, localsock, manifest, memtrim
+from wazuh_cluster import agentrows, compat, errors, localsock, manifest, memtrim, summary
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -83,6 +86,25 @@ def _opt_text_list(args, key):
     if not isinstance(value, list) or not all(isinstance(v, compat.string_types) for v in value):
         raise _bad("%r must be a list of strings or null" % key)
     return value
+
+
+def source_is_foreign(source, role):
+    """True when a request is about the items of a peer (their copies here)."""
+    return source in ("master", "client") and source != role
+
+
+def _noting_groups(rows, groups, items):
+    """Pass `rows` through, adding to the set `groups` (when not None) the group folders
+    (first level below a delete_dirs item) that hold them: a master deletes a client's
+    extra group folders, and compares only some buckets' entries (sync.extra_dirs)."""
+    roots = [item.path + "/" for item in items if item.delete_dirs]
+    for row in rows:
+        if groups is not None:
+            for root in roots:
+                rest = row[0][len(root):] if row[0].startswith(root) else ""
+                if "/" in rest:
+                    groups.add(root + rest.split("/", 1)[0])
+        yield row
 
 
 def _rows(args, key, width):
@@ -137,10 +159,12 @@ class Catalog(object):
         self._last_scan_wall = None
         self._db_errors = 0
         self._carry = []           # ChangeSets found between ticks (on-demand passes)
+        self._summaries = {}       # summary request -> its answer, until the next change
         self._clock = clock
         self._commands = {
             "status": self._cmd_status,
             "manifest": self._cmd_manifest,
+            "summary": self._cmd_summary,
             "pending": self._cmd_pending,
             "set_states": self._cmd_set_states,
             "states": self._cmd_states,
@@ -241,24 +265,29 @@ class Catalog(object):
                 self.log.error("cluster database write failed (%d times so far): %s",
                                self._db_errors, exc)
 
-    def _refresh_received(self):
-        """A peer asks for our copy of what it owns (its integrity round): make it current.
+    def _refresh_received(self, names=None):
+        """A peer asks for our copy of what it owns (its integrity round): make it current
+        (only these `names` when given: a client asking about its own agent-info).
 
         The items this node only receives are otherwise fully passed every
         foreign_scan_interval; a hand edit there must be visible to the round that repairs
         it. At most one such pass per scan_interval; its changes go out with the next tick.
         """
         now = self._clock()
-        if self._last_foreign is not None and now - self._last_foreign < self.scan_interval:
+        if names is not None:
+            changes = self.scanner.check_files(names)
+        elif self._last_foreign is not None and now - self._last_foreign < self.scan_interval:
             return
-        changes = self.scanner.full_pass(self._foreign)
-        self._last_foreign = self._last_foreign_poll = now
+        else:
+            changes = self.scanner.full_pass(self._foreign)
+            self._last_foreign = self._last_foreign_poll = now
         if not changes.is_empty():
             self._safely(self._store, changes)
             self._carry.append(changes)
 
     def _store(self, changes):
         """One transaction: file rows, tombstones and pending rows of one pass."""
+        self._summaries.clear()
         scanner = self.scanner
         rows = (scanner.row(name) for name in changes.changed + changes.touched
                 if name in scanner)
@@ -313,7 +342,9 @@ class Catalog(object):
                 "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
                 "peers": len(self.db.peers())}
 
-    def _cmd_manifest(self, args):
+    def _manifest_rows(self, args, refresh=True):
+        """Scanner rows a manifest or summary request selects ({source?, items?, names?,
+        buckets?})."""
         source = _opt_text(args, "source")
         if source not in (None, "master", "client"):
             raise _bad("source must be \"master\", \"client\" or null")
@@ -322,16 +353,60 @@ class Catalog(object):
                      if (source is None or item.source == source)
                      and (names is None or item.name in names))
         only = _opt_text_list(args, "names")
-        if source is not None and source != self.role:
+        try:
+            buckets = summary.parse_buckets(args.get("buckets"))
+        except errors.ProtocolError as exc:
+            raise _bad(exc.message)
+        if refresh and source_is_foreign(source, self.role):
             # A peer's round compares with our copy of its files: it must be current (a
             # stale mtime would have the peer send its keepalives again), names or not.
-            self._refresh_received()
+            if only is not None:
+                self._refresh_received(only)
+            else:
+                self._refresh_received()
         if only is not None:
             # A push asks about the few files it sends, not the whole catalogue.
             rows = (self.scanner.row(name) for name in only)
             rows = [row for row in rows if row is not None and row[1] in wanted]
         else:
             rows = (row for row in self.scanner.rows(wanted) if row[1] in wanted)
+        if buckets is not None:
+            rows = (row for row in rows if summary.bucket_of(row[0]) in buckets)
+        return rows
+
+    def _cmd_summary(self, args):
+        """{source, node?} -> {buckets: summary.Summary.to_wire(), groups?}; see summary.py.
+
+        With "node" (a master asked by that client), only the agent-info files the agents
+        table says it reports. Cached until the next stored change or agents update: an
+        idle master answers its clients' rounds without a pass over 100 000 rows each.
+        """
+        node = _opt_text(args, "node")
+        key = json.dumps(args, sort_keys=True)
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        if node is not None:
+            # Only this client's agent-info: 10 000 lstat, not the 100 000 of all clients.
+            mine = self.db.agent_names(node)
+            self._refresh_received([info + name for name in mine])
+        elif source_is_foreign(args.get("source"), self.role):
+            self._refresh_received()  # these refreshes store changes: the cache empties
+        cached = self._summaries.get(key)
+        if cached is not None:
+            return cached
+        rows = self._manifest_rows(dict(args, names=None), refresh=False)
+        if node is not None:
+            rows = (r for r in rows if r[0].startswith(info) and r[0][len(info):] in mine)
+        flags = dict((item.name, item.mtime_is_data) for item in self.items)
+        groups = set() if args.get("groups") is True else None
+        result = {"buckets": summary.of_rows(_noting_groups(rows, groups, self.items),
+                                             flags.get)}
+        if groups is not None:
+            result["groups"] = sorted(groups)
+        self._summaries[key] = result
+        return result
+
+    def _cmd_manifest(self, args):
+        rows = self._manifest_rows(args)
         if args.get("as_data") is True:
             # The files mapping as JSON bytes after the reply: wazuh-clusterd relays it to
             # the asking peer as it is (no dict per file on its side; see localsock).
@@ -391,6 +466,7 @@ class Catalog(object):
                 raise _bad("rows are [agent-info file name, node] strings")
             record = self.scanner.get(info + "/" + agent)
             clean.append((agent, node, record["mtime_ns"] if record else None))
+        self._summaries.clear()  # which agents a node reports: its summary changes
         return {"updated": self.db.record_agents(clean)}
 
     def _cmd_written(self, args):

@@ -154,6 +154,7 @@ OPTIONS = (
     ("max_connections_per_address", to_int_range(1, 4096), "8"),
     ("max_pending_per_address", to_int_range(1, 1024), "4"),
     ("legacy_node_requests", to_bool01, "1"),
+    ("round_summaries", to_bool01, "1"),
     ("push_delay", to_float_range(0, 30), "0.05"),
     ("reconnect_max", to_float_range(1, 3600), "30"),
     ("internal_restart_max", to_float_range(1, 600), "30"),

@@ -473,6 +473,11 @@ class ClusterDB(object):
         row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
+    def agent_names(self, node):
+        """The agent-info file names recorded as sent by `node` (a set)."""
+        return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
+                                                     (node,)))
+
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(

@@ -14,7 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import agents, compat, deltarx, logs, pathrules, protocol, receive, staterows
+from wazuh_cluster import (agents, compat, deltarx, logs, pathrules, protocol, receive,
+                           staterows, summary)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -141,13 +142,16 @@ def stream_end(incoming):
         last.stream.finish(last.offset + last.size)
 
 
-def manifest_queries(source, names, as_data):
-    """The internal daemon's "manifest" requests for a peer's query.
+def manifest_queries(source, names, as_data, buckets=None):
+    """The internal daemon's "manifest" requests for a peer's query (of some summary
+    buckets only, when `buckets` is a list).
 
     A request to the internal daemon is at most localsock.MAX_MESSAGE: a long list of names
     (a client with tens of thousands of agents) is asked for in slices.
     """
     base = {"source": source}
+    if buckets is not None:
+        base["buckets"] = buckets
     if as_data:
         base["as_data"] = True
     if names is None:
@@ -196,7 +200,10 @@ class Inbox(object):
         pass
 
     def handlers(self):
-        return {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}
+        found = {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}
+        if self.cfg.options.round_summaries:
+            found["sync_summary"] = self.sync_summary
+        return found
 
     # -- requests from peers --------------------------------------------------------------------
 
@@ -221,15 +228,20 @@ class Inbox(object):
             # JSON writes six times longer (\u0000), must not overflow the internal daemon's
             # bounded requests.
             names = [n for n in names if staterows.is_plain(n)]
+        try:
+            buckets = summary.parse_buckets(args.get("buckets"))
+        except ProtocolError as err:
+            raise _bad(err.message)
+        buckets = sorted(buckets) if buckets is not None else None
         if args.get("manifest_in_data") is not True:
             files = {}
-            for query in manifest_queries(source, names, False):
+            for query in manifest_queries(source, names, False, buckets):
                 files.update(self.link.call("manifest", query)["files"])
             return {"files": files}, b""
         # The answer's data as a list of pieces: the session compresses them as they are,
         # without joining megabytes of them first (ten clients ask at once).
         data = [b"{"]
-        for query in manifest_queries(source, names, True):
+        for query in manifest_queries(source, names, True, buckets):
             part = self.link.call_data("manifest", query)[1] or b"{}"
             if len(part) > 2:
                 data.extend([b","] if len(data) > 1 else [])
@@ -237,6 +249,18 @@ class Inbox(object):
             del part
         data.append(b"}")
         return {"files_in_data": True}, data, sum(len(p) for p in data) >= protocol.COMPRESS_FROM
+
+    def sync_summary(self, session, args, data):
+        """The summary (summary.py) of our copy of the items the asking peer owns: on a
+        master, of the agent-info files that client reports."""
+        source = args.get("source")
+        if source != session.peer_role:
+            raise RequestError("a %s may only compare its own items" % session.peer_role,
+                               "forbidden")
+        query = {"source": source}
+        if self.cfg.is_master:
+            query["node"] = session.peer_name
+        return {"buckets": self.link.call("summary", query)["buckets"]}, b""
 
     def sync_files(self, session, args, data):
         """Apply a batch of files from a peer; its data is inflated as it is written."""

@@ -293,6 +293,16 @@ class Scanner(object):
         self.last_full_pass = self.last_poll = end
         return out.freeze()
 
+    def check_files(self, names):
+        """lstat these tracked files only (the agent-info files one client reports, the
+        names a peer asks about); a ChangeSet."""
+        out = _Collector()
+        for rel in names:
+            rel = compat.native_str(rel)
+            if rel in self._files:
+                self._check_path(self.item_of(rel), rel, out)
+        return out.freeze()
+
     def poll(self, only=None):
         """Hot files, folder fingerprints, retries and racy files; return a ChangeSet.
 

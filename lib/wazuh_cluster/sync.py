@@ -5,9 +5,10 @@ Sending (one `PeerSync` thread per session, the owner drives):
     push is in flight, and for cluster.push_delay after it began, new changes gather and
     travel together (one event already holds everything a scan pass found, so a burst is one
     transfer without making the first change wait);
-  * full rounds: at session start and every <interval>: the peer's manifest of our items is
-    compared with ours (checksums both ways) and every difference is repaired, including drift
-    that nothing recorded (a file edited or deleted by hand, a lost database).
+  * full rounds: at session start and in this peer's slot of every <interval>: summaries
+    first (summary.py), then the peer's manifest of our items in the buckets that differ is
+    compared with ours (checksums both ways) and every difference is repaired, including
+    drift that nothing recorded (a file edited or deleted by hand, a lost database).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
@@ -22,7 +23,7 @@ import os
 import threading
 
 from wazuh_cluster import (compat, delta, deltasend, logs, manifest, outbox, protocol,
-                           staterows, versions)
+                           staterows, summary, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -72,17 +73,18 @@ def file_size(path):
         return None
 
 
-def plan_round(mine, theirs, items, delete_extra):
+def plan_round(mine, theirs, items, delete_extra, my_groups=None):
     """Compare our manifest with the peer's: (send_data, send_meta, delete, delete_dirs, same).
 
     Manifests map name -> {"sha256", "mtime_ns", "item", ...}. Same content with another mtime
     travels as metadata only, for items whose mtime is data (agent-info). With `delete_extra`
     (we own every file of these items), the peer's extra files and group folders go.
+    `my_groups`: our group folders, when `mine` holds only some summary buckets.
     """
     send_data, send_meta, delete = manifest.diff(mine, theirs, delete_extra,
                                                  tuple(items.values()))
     same = sorted(set(mine) - set(send_data) - set(send_meta))
-    delete_dirs = extra_dirs(mine, theirs, items) if delete_extra else []
+    delete_dirs = extra_dirs(mine, theirs, items, my_groups) if delete_extra else []
     return send_data, send_meta, delete, delete_dirs, same
 
 
@@ -104,8 +106,9 @@ def next_round_at(after, interval, phase):
     return phase + interval * math.ceil((earliest - phase) / interval)
 
 
-def extra_dirs(mine, theirs, items_by_name):
-    """Group folders (first level below a delete_dirs item) the peer has and we do not."""
+def extra_dirs(mine, theirs, items_by_name, my_groups=None):
+    """Group folders (first level below a delete_dirs item) the peer has and we do not
+    (`my_groups` when given: ours, of all buckets)."""
     def groups(files):
         found = set()
         for name, entry in files.items():
@@ -116,7 +119,7 @@ def extra_dirs(mine, theirs, items_by_name):
             if "/" in rest:
                 found.add(item.path + "/" + rest.split("/", 1)[0])
         return found
-    return sorted(groups(theirs) - groups(mine))
+    return sorted(groups(theirs) - (groups(mine) if my_groups is None else set(my_groups)))
 
 
 class PeerSync(object):
@@ -150,6 +153,7 @@ class PeerSync(object):
             store if "delta" in getattr(session, "features", ()) else None, home, self.items,
             read_stable)
         self._room = None
+        self.summaries = True  # until the peer answers sync_summary with unknown_command
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -262,19 +266,79 @@ class PeerSync(object):
 
     # -- sending --------------------------------------------------------------------------------
 
-    def manifest(self, names=None):
-        """Our manifest {name: manifest.Entry} of the items we own (of `names` only)."""
+    def manifest(self, names=None, buckets=None):
+        """Our manifest {name: manifest.Entry} of the items we own (of `names` only, of
+        some summary buckets only)."""
         args = {"source": self.role, "as_data": True}
         if names is not None:
             args["names"] = names
+        if buckets is not None:
+            args["buckets"] = buckets
         return manifest.decode(self.link.call_data("manifest", args)[1] or b"{}")
 
     def full_round(self):
-        marks = [self.clock()]
+        """Compare with the peer and repair every difference (see summary.py).
+
+        Summaries first: only the buckets whose summaries differ are compared entry by
+        entry, BUCKETS_PER_STEP at a time, so that a round holds a slice of each manifest.
+        A session's first round compares every bucket (it also writes the state rows a lost
+        database misses). A peer that knows no summaries gets the whole manifests at once.
+        """
+        started = self.clock()
+        # Read before the summaries: a change made meanwhile is not confirmed by them.
+        pending = self.link.call("pending", {"node": self.peer})["files"] \
+            if self.summaries else []
+        compared = self.compare_summaries(everything=self.last_round is None)
+        if compared is None:
+            steps, groups = [None], None
+        else:
+            steps, groups = summary.steps(compared[0]), compared[1]
+        states, counts = {}, [0, 0, 0, 0, 0]
+        for buckets in steps:
+            states.update(self.round_step(buckets, groups, counts))
+        if compared is not None:
+            states.update(self.confirm_pending(pending, compared[0]))
+        self.record(states)
+        self.finished_round(self.clock())
+        self.last_round_ok = all(s == "synchronized" for s in states.values())
+        self.log.debug("Full round with %s: %s buckets compared; %d sent, %d metadata, "
+                       "%d deleted, %d folders, %d unchanged in %.2f s.", self.peer,
+                       "all" if compared is None else len(compared[0]), counts[0],
+                       counts[1], counts[2], counts[3], counts[4], self.clock() - started)
+
+    def compare_summaries(self, everything):
+        """(buckets to compare, our group folders) from both summaries; every bucket when
+        `everything`; None when the peer knows no summaries (an older version)."""
+        if not self.summaries:
+            return None
+        mine = self.link.call("summary", {"source": self.role, "groups": True})
+        try:
+            result, _ = self.session.call("sync_summary", {"source": self.role},
+                                          timeout=self.request_timeout)
+        except RequestError as err:
+            if err.code != "unknown_command":
+                raise
+            self.log.info("%s knows no summaries: full manifests in every round.", self.peer)
+            self.summaries = False
+            return None
+        try:
+            theirs = summary.parse(result.get("buckets") if isinstance(result, dict)
+                                   else None)
+        except ProtocolError as err:
+            raise RequestError("%s sent a malformed summary: %s" % (self.peer, err.message),
+                               "protocol")
+        buckets = list(range(summary.BUCKETS)) if everything else \
+            summary.differing(summary.parse(mine["buckets"]), theirs)
+        return buckets, mine.get("groups") or []
+
+    def round_step(self, buckets, groups, counts):
+        """Compare and repair the files of these summary buckets (all when None); returns
+        {name: state}; adds to `counts` (sent, metadata, deleted, folders, unchanged)."""
         with ROUND_SLOT:
-            mine, theirs = self.manifests(marks)
+            mine, theirs = self.manifests(buckets)
             send_data, send_meta, delete, dirs, same = plan_round(
-                mine, theirs, self.items, delete_extra=self.role == "master")
+                mine, theirs, self.items, delete_extra=self.role == "master",
+                my_groups=groups)
             self.versions.note_round(mine, theirs)
             # Only the entries sent as metadata are needed from here: the manifests (tens of
             # thousands of dicts) go before the transfers, and another round may begin.
@@ -283,30 +347,32 @@ class PeerSync(object):
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
         self.forget_unknown(states, delete + dirs)
-        marks.append(self.clock())
-        self.record(states)
-        marks.append(self.clock())
-        self.finished_round(marks[-1])
-        self.last_round_ok = all(s == "synchronized" for s in states.values())
-        self.log.debug("Full round with %s: %d sent, %d metadata, %d deleted, %d folders, "
-                       "%d unchanged in %.2f s (manifests %.2f + %.2f s, transfers %.2f s, "
-                       "states %.2f s).", self.peer, len(send_data), len(send_meta),
-                       len(delete), len(dirs), len(same), marks[-1] - marks[0],
-                       *[b - a for a, b in zip(marks, marks[1:])])
+        for k, part in enumerate((send_data, send_meta, delete, dirs, same)):
+            counts[k] += len(part)
+        return states
+
+    def confirm_pending(self, pending, compared):
+        """Of our files recorded pending for the peer before the summaries were made, those
+        in buckets whose summaries were the same (the peer holds them as we do):
+        {name: "synchronized"}."""
+        skip = frozenset(compared)
+        return dict((name, "synchronized") for name in pending
+                    if self.owns(name) and summary.bucket_of(name) not in skip)
 
     def finished_round(self, now):
         """A full round ended at monotonic `now`: the next one is in this peer's slot."""
         self.last_round = now
         self.next_round = next_round_at(now, self.interval, self.phase)
 
-    def manifests(self, marks):
-        """(ours, the peer's) for a full round; a mark is added after each."""
-        mine = self.manifest()
-        marks.append(self.clock())
+    def manifests(self, buckets=None):
+        """(ours, the peer's) for a full round, of some summary buckets only."""
+        mine = self.manifest(buckets=buckets)
         args = {"source": self.role, "manifest_in_data": True}
         if self.role == "client":
             # The master holds every client's agent-info: ask only about ours.
             args["names"] = sorted(mine)
+        elif buckets is not None:
+            args["buckets"] = buckets
         result, data = self.session.call("sync_manifest", args, timeout=self.request_timeout)
         try:
             if isinstance(result, dict) and result.get("files_in_data"):
@@ -318,7 +384,6 @@ class PeerSync(object):
             raise RequestError("%s sent a malformed manifest: %s" % (self.peer, err), "protocol")
         if self.role == "client":
             theirs = dict((n, e) for n, e in theirs.items() if n in mine)
-        marks.append(self.clock())
         return mine, theirs
 
     def push(self, changed, touched, deleted, deleted_dirs):
@@ -607,6 +672,7 @@ class SyncManager(object):
                           self.cfg.interval, options.push_delay, options.request_timeout,
                           phase=round_phase(self.cfg.node_name, session.peer_name,
                                             self.cfg.interval), store=self.store)
+        worker.summaries = bool(options.round_summaries)
         with self.lock:
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker

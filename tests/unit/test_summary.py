@@ -1,0 +1,157 @@
+"""summary: bucket summaries of manifests, their wire form and checks, and the catalog's
+"summary" command and bucket-filtered manifests (real scanner, real SQLite)."""
+from __future__ import absolute_import, division, print_function
+
+import pytest
+
+from wazuh_cluster import summary
+from wazuh_cluster.errors import ProtocolError, RequestError
+from wazuh_cluster.manifest import Entry
+from wazuh_cluster.sync import extra_dirs, plan_round
+
+from test_catalog import Clock, home, make  # noqa: F401 - the catalog's fixtures
+from test_scanner import ITEMS, SEC, write  # noqa: I100
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+def wire(entries, mtime_is_data=False):
+    built = summary.Summary()
+    for name, sha, mtime in entries:
+        built.add(name, sha, mtime, mtime_is_data)
+    return built.to_wire()
+
+
+def test_a_name_falls_in_the_same_bucket_on_every_interpreter():
+    # CRC-32 of the UTF-8 name: the same on 2.7 and 3.x, text or bytes.
+    assert summary.bucket_of(u"etc/shared/default/agent.conf") == \
+        summary.bucket_of(b"etc/shared/default/agent.conf") == 247
+    assert all(0 <= summary.bucket_of("f%d" % n) < summary.BUCKETS for n in range(1000))
+
+
+def test_a_summary_does_not_depend_on_the_order_of_its_entries():
+    entries = [("f%d" % n, SHA_A, n * SEC) for n in range(500)]
+    assert wire(entries) == wire(list(reversed(entries)))
+    assert sum(count for count, _ in wire(entries)) == 500
+
+
+def test_any_change_of_name_or_checksum_changes_exactly_its_bucket():
+    entries = [("f%d" % n, SHA_A, 0) for n in range(500)]
+    base = wire(entries)
+    for changed in ([("f7", SHA_B, 0)] + entries[:7] + entries[8:],      # edited
+                    entries[:7] + entries[8:],                           # deleted
+                    entries + [("extra", SHA_A, 0)]):                    # added
+        new = wire(changed)
+        differ = summary.differing(summary.parse(base), summary.parse(new))
+        names = [e[0] for e in set(entries) ^ set(changed)]
+        assert differ == sorted(set(summary.bucket_of(n) for n in names))
+
+
+def test_mtime_counts_in_whole_seconds_only_where_it_is_data():
+    one = [("queue/agent-info/a", SHA_A, 5 * SEC + 100)]
+    # a 2.7 receiver sets mtimes through a float: nanoseconds off, the same second
+    assert wire(one, True) == wire([("queue/agent-info/a", SHA_A, 5 * SEC + 900)], True)
+    assert wire(one, True) != wire([("queue/agent-info/a", SHA_A, 6 * SEC + 100)], True)
+    assert wire(one, False) == wire([("queue/agent-info/a", SHA_A, 9 * SEC)], False)
+
+
+@pytest.mark.parametrize("bad", [
+    None, {}, [], [[0, "0" * 32]] * (summary.BUCKETS - 1), [[0, "0" * 32]] * (summary.BUCKETS + 1),
+    [[-1, "0" * 32]] * summary.BUCKETS, [[True, "0" * 32]] * summary.BUCKETS,
+    [[1.5, "0" * 32]] * summary.BUCKETS, [[0, "0" * 31]] * summary.BUCKETS,
+    [[0, "A" * 32]] * summary.BUCKETS, [[0, 5]] * summary.BUCKETS, [[0]] * summary.BUCKETS,
+    [[0, "0" * 32, 1]] * summary.BUCKETS, [{"count": 0}] * summary.BUCKETS,
+])
+def test_a_malformed_summary_from_a_peer_is_refused(bad):
+    with pytest.raises(ProtocolError):
+        summary.parse(bad)
+
+
+@pytest.mark.parametrize("bad", ["1", [-1], [summary.BUCKETS], [True], [1.0], {"1": 1},
+                                 list(range(summary.BUCKETS)) + [0]])
+def test_bad_bucket_lists_are_refused(bad):
+    with pytest.raises(ProtocolError):
+        summary.parse_buckets(bad)
+
+
+def test_buckets_are_compared_a_slice_at_a_time():
+    assert summary.steps(list(range(70)), 32) == [list(range(32)), list(range(32, 64)),
+                                                  list(range(64, 70))]
+    assert summary.steps([]) == []
+
+
+def test_extra_group_folders_come_from_all_our_groups_when_only_some_buckets_are_compared():
+    entry = Entry("x" * 64, 0, "shared")
+    items = dict((item.name, item) for item in ITEMS)
+    theirs = {"etc/shared/gone/a.conf": entry, "etc/shared/web/b.conf": entry}
+    # our web group has no file in the buckets compared: it is not extra
+    assert extra_dirs({}, theirs, items, ["etc/shared/web"]) == ["etc/shared/gone"]
+    assert plan_round({}, theirs, items, True, ["etc/shared/web"])[3] == ["etc/shared/gone"]
+
+
+def _buckets_of(cat, args):
+    return summary.parse(cat.handle("summary", args)["buckets"])
+
+
+def test_catalog_summary_of_a_hand_edit_differs_in_one_bucket(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, role="client", node_name="c1", clock=clock)
+    for n in range(40):
+        write(home, "etc/shared/default/f%02d.conf" % n, "from master %d" % n)
+    cat.tick(clock())
+    before = cat.handle("summary", {"source": "master", "groups": True})
+    assert before["groups"] == ["etc/shared/default"]
+    assert sum(c for c, _ in before["buckets"]) == 40
+    write(home, "etc/shared/default/f07.conf", "BY HAND EDITED")
+    clock.t += 20  # a peer's round refreshes our copies at most once per scan_interval
+    after = _buckets_of(cat, {"source": "master", "groups": True})
+    assert summary.differing(summary.parse(before["buckets"]), after) == \
+        [summary.bucket_of("etc/shared/default/f07.conf")]
+    # the entries of that bucket, and of it only
+    bucket = summary.bucket_of("etc/shared/default/f07.conf")
+    files = cat.handle("manifest", {"source": "master", "buckets": [bucket]})["files"]
+    assert "etc/shared/default/f07.conf" in files
+    assert set(summary.bucket_of(n) for n in files) == set([bucket])
+
+
+def test_master_summarises_only_the_agent_info_a_client_reports(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    for name in ("web01-any", "db01-any", "mail01-any"):
+        write(home, "queue/agent-info/" + name, "Linux " + name)
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"], ["db01-any", "c1"],
+                                        ["mail01-any", "c2"]]})
+    c1 = _buckets_of(cat, {"source": "client", "node": "c1"})
+    assert sum(c for c, _ in c1) == 2
+    clock.t += 20
+    other = make(home, role="client", node_name="c1", clock=clock)
+    other.tick(clock())
+    assert sum(c for c, _ in _buckets_of(other, {"source": "client"})) == 3
+    # an agent-info file of c1 edited on the master is seen at c1's next round (fresh
+    # stat of c1's files only), not at the next full pass of all of them
+    write(home, "queue/agent-info/db01-any", "edited on the master", mtime_ns=None)
+    assert summary.differing(c1, _buckets_of(cat, {"source": "client", "node": "c1"})) == \
+        [summary.bucket_of("queue/agent-info/db01-any")]
+
+
+def test_summaries_are_cached_until_something_changes(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "etc/shared/default/a.conf", "one")
+    cat.tick(clock())
+    first = cat.handle("summary", {"source": "master"})
+    assert cat.handle("summary", {"source": "master"}) is first
+    write(home, "etc/shared/default/b.conf", "two")
+    clock.t += 20
+    cat.tick(clock())
+    assert cat.handle("summary", {"source": "master"}) != first
+
+
+def test_bad_summary_requests(home):  # noqa: F811
+    cat = make(home)
+    for cmd, args in (("summary", {"source": "nobody"}), ("summary", {"node": 5}),
+                      ("manifest", {"source": "master", "buckets": [999]})):
+        with pytest.raises(RequestError):
+            cat.handle(cmd, args)
