@@ -70,6 +70,8 @@ HEALTH_KEYS = (("node", None), ("type", None), ("connected", False), ("agents", 
 HELD_KEYS = (("node", None), ("message", None), ("since", None))
 # Longest cell of a text table (a file name is at most 1024 characters).
 CELL_LIMIT = 1024
+# Lines of a table written at once (~0.5 MB of agents).
+EMIT_LINES = 5000
 
 
 class Failure(Exception):
@@ -81,14 +83,30 @@ class Failure(Exception):
 def table(headers, rows):
     """Left-aligned columns two spaces apart, header first; no trailing blanks.
 
-    Cells are escaped (text.printable) before the columns are measured.
+    Cells are escaped (cell_text) before the columns are measured, a column at a time
+    (column_text).
     """
-    rows = [list(headers)] + [[u"-" if cell is None else cell_text(cell) for cell in row]
-                              for row in rows]
-    # Column by column and one format per line: 100 000 agents in a fraction of a second.
-    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
-    line = u"  ".join(u"{%d:<%d}" % (i, width) for i, width in enumerate(widths))
-    return [line.format(*row).rstrip() for row in rows]
+    columns = [column_text(cells) for cells in zip(*rows)] or [[] for _ in headers]
+    widths = [max([len(h)] + list(map(len, column))) for h, column in zip(headers, columns)]
+    # One %-format per line (cheaper than str.format): 100 000 agents in a tenth of a second.
+    line = u"  ".join(u"%%-%ds" % width for width in widths)
+    return [(line % tuple(headers)).rstrip()] + [(line % row).rstrip() for row in zip(*columns)]
+
+
+def column_text(cells):
+    """A column's cells as cell_text makes them ("-" for None). A column of text that is all
+    printable and short, as nearly every column is, is checked as one string: one search
+    instead of a call per cell (0.6 s of the 1.6 s cluster_control took for 100 000 agents);
+    any other column is escaped a cell at a time."""
+    cells = [u"-" if cell is None else cell for cell in cells]
+    try:
+        joined = u"".join(cells)
+    except (TypeError, UnicodeDecodeError):  # numbers, byte strings (2.7: not ASCII)
+        joined = None
+    if joined is not None and text.is_printable(joined) and \
+            max(map(len, cells or [u""])) <= CELL_LIMIT:
+        return cells
+    return [cell_text(cell) for cell in cells]
 
 
 def cell_text(value):
@@ -173,15 +191,29 @@ def jsonable(data):
 
 def shape_agents(result):
     # Rows (lists in agentrows.COLUMNS order) after the reply, or objects from older daemons.
-    values = []
     rows = result.get("agents")
-    for row in (rows if isinstance(rows, list) else []):
-        if isinstance(row, list) and len(row) == len(AGENT_KEYS):
-            values.append(row)
-        elif isinstance(row, dict):
-            values.append([row.get(k, d) for k, d in AGENT_KEYS])
-    values.sort(key=id_order)
+    width = len(AGENT_KEYS)
+    values = [row if isinstance(row, list) else [row.get(k, d) for k, d in AGENT_KEYS]
+              for row in (rows if isinstance(rows, list) else [])
+              if isinstance(row, dict) or (isinstance(row, list) and len(row) == width)]
+    sort_by_id(values)
     return {"agents": Rows(AGENT_KEYS, values)}
+
+
+def sort_by_id(values):
+    """Sort agent rows as id_order does; when every ID is ASCII digits (checked as one
+    string), by a cheaper key that orders them the same."""
+    ids = [v[0] for v in values]
+    try:
+        joined = u"".join(ids)
+    except (TypeError, UnicodeDecodeError):
+        joined = u""
+    if joined.isdigit() and text.is_printable(joined) and u"" not in ids:
+        # Tuples made and compared in C; the position keeps the sort stable.
+        order = sorted(zip(map(int, ids), ids, range(len(ids))))
+        values[:] = [values[i] for _, _, i in order]
+    else:
+        values.sort(key=id_order)
 
 
 def text_agents(data):
@@ -410,9 +442,23 @@ def run(options, script, out):
         emit([compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))],
              out)
     else:
-        # Cells are escaped already; this catches every other line (held warnings, lists).
-        emit([text.printable(line, None) for line in action.text(data)], out)
+        emit_printable(action.text(data), out)
     return 0
+
+
+def emit_printable(lines, out):
+    """Write lines escaped (text.printable: table cells are already, this catches every
+    other line, such as held warnings), EMIT_LINES at a time: one check and one write per
+    chunk, not per line."""
+    for start in range(0, len(lines), EMIT_LINES):
+        chunk = lines[start:start + EMIT_LINES]
+        try:
+            clean = text.is_printable(u"".join(chunk))
+        except (TypeError, UnicodeDecodeError):  # 2.7: a byte string that is not ASCII
+            clean = False
+        if not clean:
+            chunk = [text.printable(line, None) for line in chunk]
+        out.write(u"\n".join(chunk) + u"\n")
 
 
 def main(argv=None, script=None, out=None, err=None):
