@@ -41,7 +41,7 @@ import json
 import os
 import time
 
-from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, memtrim
+from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -416,7 +416,6 @@ class Catalog(object):
             self.db, os.path.join(self.home, self._item_path("client.keys", "etc/client.keys")),
             self._agent_info_folder(), self._wall(),
             lambda rows: self._safely(self.db.record_agent_file_nodes, rows))
-        memtrim.release_free_memory()  # what the listing freed goes back: no lasting growth
         return localsock.WithData(agentrows.result(count), data)
 
     def _agent_info_folder(self):

@@ -182,6 +182,33 @@ class Rows(object):
         return [collections.OrderedDict(zip(self.keys, v)) for v in self.values]
 
 
+def json_text(data):
+    """json.dumps(jsonable(data), indent=2, separators=(",", ": ")), the same text. A listing
+    that is Rows alone (-a) is encoded a column at a time by json's C encoder (the indented
+    encoder is pure Python: 1.5 s for 100 000 agents on 3.13, 6 s on 2.7)."""
+    rows = list(data.values())[0] if len(data) == 1 else None
+    if isinstance(rows, Rows) and rows.values:
+        columns = [_json_cells(column) for column in zip(*rows.values)]
+        if None not in columns:
+            item = u"    {\n%s\n    }" % u",\n".join(u"      %s: %%s" % json.dumps(k)
+                                                     for k in rows.keys)
+            return u"{\n  %s: [\n%s\n  ]\n}" % (
+                json.dumps(list(data)[0]), u",\n".join(item % cells for cells in zip(*columns)))
+    return compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))
+
+
+_SCALARS = frozenset(compat.string_types + compat.integer_types + (float, bool, type(None)))
+
+
+def _json_cells(column):
+    """The JSON text of each value of a column, or None when one is no scalar (a container
+    is indented over lines). One encoder call with a newline between items: ensure_ascii
+    escapes every newline inside a value, so the split is exact."""
+    if not set(map(type, column)) <= _SCALARS:
+        return None
+    return compat.to_text(json.dumps(list(column), separators=("\n", ":")))[1:-1].split(u"\n")
+
+
 def jsonable(data):
     """`data` with its Rows as lists of objects (the documented JSON shape)."""
     if not any(isinstance(v, Rows) for v in data.values()):
@@ -439,8 +466,7 @@ def run(options, script, out):
     client = connect(paths.Paths(home).control_socket, cfg.options.request_timeout + 10)
     data = action.shape(request(client, action.command, action.args(options, home)))
     if options.json:
-        emit([compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))],
-             out)
+        emit([json_text(data)], out)
     else:
         emit_printable(action.text(data), out)
     return 0

@@ -17,9 +17,12 @@ import socket
 import sys
 
 from wazuh_cluster import __version__, catalog, compat, daemon, db, legacy_db, localsock, logs
+from wazuh_cluster import memtrim
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 DAEMON = "wazuh-clusterd-internal"
+# After an answer at least this large is sent, free C heap memory goes back to the system.
+TRIM_AFTER_BYTES = 1 << 20
 
 
 def parse_args(argv):
@@ -64,7 +67,12 @@ class InternalLoop(object):
                 return
             raise
         for conn in writable:
+            large = len(conn.outbuf) >= TRIM_AFTER_BYTES
             conn.flush()
+            if large and not conn.outbuf:
+                # A large answer went out (agent rows, a manifest): the C heap gives its
+                # memory back now, not at the next large answer (no lasting growth).
+                memtrim.release_free_memory()
         for obj in readable:
             if obj is self.listener:
                 self.accept()

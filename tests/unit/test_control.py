@@ -553,6 +553,21 @@ def test_agents_sort_by_id_as_id_order(ids):
     assert values == expected
 
 
+@pytest.mark.parametrize("values", [
+    [[u"001", u"web01", u"any", u"Active", u"client01", 1700000000.123456789],
+     [u"002", u'we"ird\\\n\x1b', u"caf\xe9", u"\U0001f600", None, None],
+     [u"003", u"", u"10.0.0.0/24", u"Pending", u"n", 17],
+     [u"004", True, False, 1e300, -0.0, float("nan")]],
+    [[u"001", u"x", u"any", u"Active", [], None]],                   # empty container
+    [[u"001", u"x", u"any", u"Active", [u"a", 1], {u"k": None}]],    # containers: json itself
+    [],
+])
+def test_json_text_is_what_the_indented_encoder_writes(values):
+    data = {"agents": control.Rows(control.AGENT_KEYS, values)}
+    assert control.json_text(data) == compat.to_text(json.dumps(
+        control.jsonable(data), indent=2, separators=(",", ": ")))
+
+
 def test_output_is_written_in_chunks_and_escaped():
     out = io.StringIO()
     lines = [u"line %d" % i for i in range(control.EMIT_LINES + 2)] + [u"bad\x1b[2J\nline"]
