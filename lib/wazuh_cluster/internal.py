@@ -45,6 +45,7 @@ class InternalLoop(object):
         self.clock = clock
         self.parent = parent
         self.connections = []
+        self.large = set()  # connections sending an answer of TRIM_AFTER_BYTES or more
         self.running = True
         self.log = logs.get("internal")
 
@@ -67,11 +68,13 @@ class InternalLoop(object):
                 return
             raise
         for conn in writable:
-            large = len(conn.outbuf) >= TRIM_AFTER_BYTES
+            if len(conn.outbuf) >= TRIM_AFTER_BYTES:
+                self.large.add(conn)
             conn.flush()
-            if large and not conn.outbuf:
+            if conn in self.large and not conn.outbuf:
                 # A large answer went out (agent rows, a manifest): the C heap gives its
                 # memory back now, not at the next large answer (no lasting growth).
+                self.large.discard(conn)
                 memtrim.release_free_memory()
         for obj in readable:
             if obj is self.listener:
@@ -166,6 +169,7 @@ class InternalLoop(object):
             else:
                 alive.append(conn)
         self.connections = alive
+        self.large.intersection_update(alive)
 
     def handle_signals(self, received):
         for signum in received:

@@ -429,6 +429,20 @@ class ScaleBench(benchlib.BenchNodes):
                          after[0] - before, "MB", 5.0)
         self.figures.add("wazuh-clusterd RSS growth after it (peak %.0f MB)" % after_clusterd[1],
                          after_clusterd[0] - before_clusterd, "MB", 5.0)
+        if self.clients:  # a client forwards the request to the master and relays the rows
+            times = []
+            for _ in range(opt.reps):
+                start = now()
+                result = self.clients[0].cluster_control("-a")
+                times.append(now() - start)
+                if result.rc != 0:
+                    raise RuntimeError("cluster_control -a failed on %s: %s"
+                                       % (self.clients[0].name, result.err.strip()))
+            print("   on %s: %d agents listed: %s s" % (
+                self.clients[0].name, len(result.out.splitlines()) - 1,
+                " ".join("%.2f" % t for t in times)))
+            self.figures.add("cluster_control -a on a client (median)", percentile(times, 0.5),
+                             "s", 1.0)
 
     # -- driver ---------------------------------------------------------------------------------
 
