@@ -544,6 +544,7 @@ def test_tables_are_the_same_as_escaped_cell_by_cell():
 
 @pytest.mark.parametrize("ids", [
     [u"10", u"9", u"010", u"1", u"10", u"0"],                  # ASCII digits: the fast path
+    [u"1", u"2", u"10", u"0011"],                              # in order already
     [u"10", u"x", u"9", u"", u"\xb2", u"1", u"09", u"a1"],      # mixed: id_order itself
 ])
 def test_agents_sort_by_id_as_id_order(ids):
