@@ -477,11 +477,6 @@ class ClusterDB(object):
                              " VALUES (?, ?, ?, ?)", clean)
         return len(clean)
 
-    def agent_node(self, name):
-        """The node recorded as sending agent-info file `name`, or None."""
-        row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
