@@ -3,8 +3,8 @@
 The internal daemon answers "agents" with {"count": n, "rows_in_data": true} and, after the
 reply (localsock's "data" frame, a peer message's data), one JSON array of rows, each
 [id, name, ip, status, node_name, last_keepalive] (COLUMNS). wazuh-clusterd relays those bytes
-as they are; only cluster_control turns them into objects. The daemon encodes a bounded
-number of rows at a time, so the answer costs the bytes themselves and leaves no lasting
+as they are; only cluster_control turns them into objects. The daemon (agentlist) encodes
+ROWS_PER_CHUNK rows at a time, so the answer costs the bytes themselves and leaves no lasting
 growth behind (building every row as a dict and one JSON string of them kept +160 MB on 3.x,
 +335 MB on 2.7, in the internal daemon after one listing of 100 000 agents).
 """
@@ -19,37 +19,9 @@ COLUMNS = ("id", "name", "ip", "status", "node_name", "last_keepalive")
 ROWS_PER_CHUNK = 1000
 
 
-class Encoder(object):
-    """Collects rows; data() is the JSON array of all of them as bytes."""
-
-    def __init__(self):
-        self.count = 0
-        self._chunks = []
-        self._rows = []
-
-    def add(self, row):
-        self._rows.append(row)
-        self.count += 1
-        if len(self._rows) >= ROWS_PER_CHUNK:
-            self._flush()
-
-    def _flush(self):
-        if self._rows:
-            # json's C encoder over a chunk of rows: fast, and only ROWS_PER_CHUNK row objects
-            # are alive at a time.
-            self._chunks.append(json.dumps(self._rows, separators=(",", ":"))[1:-1]
-                                .encode("utf-8"))
-            self._rows = []
-
-    def data(self):
-        self._flush()
-        data = b"[" + b",".join(self._chunks) + b"]"
-        self._chunks = []
-        return data
-
-    def result(self):
-        """The reply's result that announces the rows."""
-        return {"count": self.count, "rows_in_data": True, "columns": list(COLUMNS)}
+def result(count):
+    """The reply's result that announces `count` rows after it."""
+    return {"count": count, "rows_in_data": True, "columns": list(COLUMNS)}
 
 
 def decode(result, data):

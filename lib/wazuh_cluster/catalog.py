@@ -40,18 +40,15 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
 """
 from __future__ import absolute_import, division, print_function
 
-import io
 import json
 import os
 import re
-import stat
 import time
 
-from wazuh_cluster import agentrows, compat, errors, localsock, manifest, memtrim, summary
+from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
-ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
 TOMBSTONE_SECONDS = 30 * 86400
 PURGE_EVERY = 3600.0
 # Items this node only receives (agent-info on a master; shared files on a client) are
@@ -61,11 +58,7 @@ PURGE_EVERY = 3600.0
 # section 8 asks for 1 % in all). Creations, deletions and renames there are still seen by
 # every poll; a "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 120.0
-_NODE_LINE = '#"node_name":'
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
-# Node names read from agent-info files during a listing are stored this many at a time: a
-# first listing of 100 000 agents holds no list of them all.
-LEARNED_CHUNK = 5000
 
 
 def _bad(message):
@@ -295,8 +288,9 @@ class Catalog(object):
                     if self._sent_by_us(n)]
         targets = self._targets() if outgoing else []
         info = self._item_path("agent-info", "queue/agent-info") + "/"
-        reread = [n[len(info):] for n in changes.changed + changes.deleted
-                  if n.startswith(info)]
+        reread = [n[len(info):] for n in changes.changed if n.startswith(info)]
+        gone = [n[len(info):] for n in changes.deleted if n.startswith(info)]
+        keys = self._item_path("client.keys", "etc/client.keys")
         with self.db.transaction():
             if changes.changed or changes.touched:
                 self.db.save_files(rows)
@@ -304,8 +298,10 @@ class Catalog(object):
                 self.db.mark_deleted(changes.deleted)
             if targets:
                 self.db.mark_pending(targets, outgoing)
-            if reread:
-                self.db.forget_agent_files(reread)
+            if reread or gone:
+                agentlist.note_changed(self.db, self._agent_info_folder(), reread, gone)
+            if keys in changes.changed:
+                agentlist.refresh_keys(self.db, os.path.join(self.home, keys))
 
     def _sent_by_us(self, name):
         item = self.scanner.item_of(name)
@@ -508,76 +504,12 @@ class Catalog(object):
 
     def _cmd_agents(self, args):
         """One row per agent of client.keys with its status (SPEC section 2), as raw rows
-        after the reply (agentrows): the listing is built a line at a time."""
-        keys_path = os.path.join(self.home, self._item_path("client.keys", "etc/client.keys"))
-        info = self._item_path("agent-info", "queue/agent-info")
-        known = self.db.agent_file_nodes()
-        learned = []  # node names read from files whose content is new to agent_files
-        now = self._wall()
-        rows = agentrows.Encoder()
-        add, folder = rows.add, os.path.join(self.home, info, "")
-        for agent_id, name, ip in _listed_agents(keys_path):
-            file_name = "%s-%s" % (name, ip.split("/")[0])
-            status, keepalive, node = self._agent_state(folder, file_name, known, learned, now)
-            if node is None:
-                node = self.db.agent_node(file_name)  # the node that sent us the file
-            add([agent_id, name, ip, status, node, keepalive])
-            if len(learned) >= LEARNED_CHUNK:
-                self._safely(self.db.record_agent_file_nodes, learned)
-                learned = []
-        del known
-        if learned:
-            self._safely(self.db.record_agent_file_nodes, learned)
-        del learned
-        data = rows.data()
-        memtrim.release_free_memory()  # what the listing freed goes back: no lasting growth
-        return localsock.WithData(rows.result(), data)
+        after the reply (agentrows), from the database (agentlist)."""
+        count, data = agentlist.listing(
+            self.db, os.path.join(self.home, self._item_path("client.keys", "etc/client.keys")),
+            self._agent_info_folder(), self._wall(),
+            lambda rows: self._safely(self.db.record_agent_file_nodes, rows))
+        return localsock.WithData(agentrows.result(count), data)
 
-    def _agent_state(self, folder, file_name, known, learned, now):
-        """(status, keepalive epoch seconds or None, node_name from the file or None) of
-        agent-info file `file_name` in `folder` (absolute, ending with a slash)."""
-        try:
-            st = os.lstat(folder + file_name)
-        except OSError:
-            return "Never connected", None, None
-        if not stat.S_ISREG(st.st_mode):
-            return "Never connected", None, None
-        keepalive = st.st_mtime
-        if st.st_size == 0:
-            return ("Disconnected" if now - keepalive > ACTIVE_SECONDS else "Pending",
-                    keepalive, None)
-        status = "Disconnected" if now - keepalive > ACTIVE_SECONDS else "Active"
-        if file_name in known:
-            return status, keepalive, known[file_name]
-        return status, keepalive, self._read_node_name(folder + file_name, file_name, learned)
-
-    def _read_node_name(self, path, file_name, learned):
-        """The #"node_name": line of an agent-info file, read; recorded (through `learned`,
-        into agent_files) so that the next listing need not read it. _store forgets it when
-        the scanner sees the file's content change."""
-        node = None
-        try:
-            with open(path, "rb") as handle:
-                data = compat.to_text(handle.read(65536), errors="replace")
-        except (IOError, OSError):
-            return None
-        for line in data.splitlines():
-            if line.startswith(_NODE_LINE):
-                node = line[len(_NODE_LINE):].strip().strip('"') or None
-        learned.append((file_name, node))
-        return node
-
-
-def _listed_agents(path):
-    """Yield (id, name, ip) of the agents of client.keys, a line at a time (no list of
-    100 000 lines); blank, comment, malformed and removed entries are left out."""
-    try:
-        handle = io.open(path, encoding="utf-8", errors="replace", newline="\n")
-    except (IOError, OSError):
-        return
-    with handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
-                continue
-            yield parts[0], parts[1], parts[2]
+    def _agent_info_folder(self):
+        return os.path.join(self.home, self._item_path("agent-info", "queue/agent-info"))

@@ -70,6 +70,8 @@ HEALTH_KEYS = (("node", None), ("type", None), ("connected", False), ("agents", 
 HELD_KEYS = (("node", None), ("message", None), ("since", None))
 # Longest cell of a text table (a file name is at most 1024 characters).
 CELL_LIMIT = 1024
+# Lines of a table written at once (~0.5 MB of agents).
+EMIT_LINES = 5000
 
 
 class Failure(Exception):
@@ -81,14 +83,34 @@ class Failure(Exception):
 def table(headers, rows):
     """Left-aligned columns two spaces apart, header first; no trailing blanks.
 
-    Cells are escaped (text.printable) before the columns are measured.
+    Cells are escaped (cell_text) before the columns are measured, a column at a time
+    (column_text).
     """
-    rows = [list(headers)] + [[u"-" if cell is None else cell_text(cell) for cell in row]
-                              for row in rows]
-    # Column by column and one format per line: 100 000 agents in a fraction of a second.
-    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
-    line = u"  ".join(u"{%d:<%d}" % (i, width) for i, width in enumerate(widths))
-    return [line.format(*row).rstrip() for row in rows]
+    columns = [column_text(cells) for cells in zip(*rows)] or [([], 0) for _ in headers]
+    widths = [max(len(h), width) for h, (_, width) in zip(headers, columns)]
+    # One %-format per line (cheaper than str.format): 100 000 agents in a tenth of a second.
+    line = u"  ".join(u"%%-%ds" % width for width in widths)
+    return [(line % tuple(headers)).rstrip()] + [(line % row).rstrip() for row in
+                                                 zip(*[cells for cells, _ in columns])]
+
+
+def column_text(cells):
+    """(the cells as cell_text makes them, "-" for None; the longest one's length). A column
+    of text that is all printable and short, as nearly every column is, is checked as one
+    string: one search instead of a call per cell (0.6 s of the 1.6 s cluster_control took
+    for 100 000 agents); any other column is escaped a cell at a time."""
+    if None in cells:
+        cells = [u"-" if cell is None else cell for cell in cells]
+    try:
+        joined = u"".join(cells)
+    except (TypeError, UnicodeDecodeError):  # numbers, byte strings (2.7: not ASCII)
+        joined = None
+    if joined is not None and text.is_printable(joined):
+        width = max(map(len, cells)) if cells else 0
+        if width <= CELL_LIMIT:
+            return cells, width
+    cells = [cell_text(cell) for cell in cells]
+    return cells, max(map(len, cells)) if cells else 0
 
 
 def cell_text(value):
@@ -164,6 +186,33 @@ class Rows(object):
         return [collections.OrderedDict(zip(self.keys, v)) for v in self.values]
 
 
+def json_text(data):
+    """json.dumps(jsonable(data), indent=2, separators=(",", ": ")), the same text. A listing
+    that is Rows alone (-a) is encoded a column at a time by json's C encoder (the indented
+    encoder is pure Python: 1.5 s for 100 000 agents on 3.13, 6 s on 2.7)."""
+    rows = list(data.values())[0] if len(data) == 1 else None
+    if isinstance(rows, Rows) and rows.values:
+        columns = [_json_cells(column) for column in zip(*rows.values)]
+        if None not in columns:
+            item = u"    {\n%s\n    }" % u",\n".join(u"      %s: %%s" % json.dumps(k)
+                                                     for k in rows.keys)
+            return u"{\n  %s: [\n%s\n  ]\n}" % (
+                json.dumps(list(data)[0]), u",\n".join(item % cells for cells in zip(*columns)))
+    return compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))
+
+
+_SCALARS = frozenset(compat.string_types + compat.integer_types + (float, bool, type(None)))
+
+
+def _json_cells(column):
+    """The JSON text of each value of a column, or None when one is no scalar (a container
+    is indented over lines). One encoder call with a newline between items: ensure_ascii
+    escapes every newline inside a value, so the split is exact."""
+    if not set(map(type, column)) <= _SCALARS:
+        return None
+    return compat.to_text(json.dumps(list(column), separators=("\n", ":")))[1:-1].split(u"\n")
+
+
 def jsonable(data):
     """`data` with its Rows as lists of objects (the documented JSON shape)."""
     if not any(isinstance(v, Rows) for v in data.values()):
@@ -173,15 +222,32 @@ def jsonable(data):
 
 def shape_agents(result):
     # Rows (lists in agentrows.COLUMNS order) after the reply, or objects from older daemons.
-    values = []
     rows = result.get("agents")
-    for row in (rows if isinstance(rows, list) else []):
-        if isinstance(row, list) and len(row) == len(AGENT_KEYS):
-            values.append(row)
-        elif isinstance(row, dict):
-            values.append([row.get(k, d) for k, d in AGENT_KEYS])
-    values.sort(key=id_order)
+    width = len(AGENT_KEYS)
+    values = [row if isinstance(row, list) else [row.get(k, d) for k, d in AGENT_KEYS]
+              for row in (rows if isinstance(rows, list) else [])
+              if isinstance(row, dict) or (isinstance(row, list) and len(row) == width)]
+    sort_by_id(values)
     return {"agents": Rows(AGENT_KEYS, values)}
+
+
+def sort_by_id(values):
+    """Sort agent rows as id_order does; when every ID is ASCII digits (checked as one
+    string), by a cheaper key that orders them the same."""
+    ids = [v[0] for v in values]
+    try:
+        joined = u"".join(ids)
+    except (TypeError, UnicodeDecodeError):
+        joined = u""
+    if joined.isdigit() and text.is_printable(joined) and u"" not in ids:
+        numbers = list(map(int, ids))
+        if len(set(numbers)) == len(numbers) and numbers == sorted(numbers):
+            return  # client.keys order is nearly always ID order already
+        # Tuples made and compared in C; the position keeps the sort stable.
+        order = sorted(zip(numbers, ids, range(len(ids))))
+        values[:] = [values[i] for _, _, i in order]
+    else:
+        values.sort(key=id_order)
 
 
 def text_agents(data):
@@ -407,12 +473,25 @@ def run(options, script, out):
     client = connect(paths.Paths(home).control_socket, cfg.options.request_timeout + 10)
     data = action.shape(request(client, action.command, action.args(options, home)))
     if options.json:
-        emit([compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))],
-             out)
+        emit([json_text(data)], out)
     else:
-        # Cells are escaped already; this catches every other line (held warnings, lists).
-        emit([text.printable(line, None) for line in action.text(data)], out)
+        emit_printable(action.text(data), out)
     return 0
+
+
+def emit_printable(lines, out):
+    """Write lines escaped (text.printable: table cells are already, this catches every
+    other line, such as held warnings), EMIT_LINES at a time: one check and one write per
+    chunk, not per line."""
+    for start in range(0, len(lines), EMIT_LINES):
+        chunk = lines[start:start + EMIT_LINES]
+        try:
+            clean = text.is_printable(u"".join(chunk))
+        except (TypeError, UnicodeDecodeError):  # 2.7: a byte string that is not ASCII
+            clean = False
+        if not clean:
+            chunk = [text.printable(line, None) for line in chunk]
+        out.write(u"\n".join(chunk) + u"\n")
 
 
 def main(argv=None, script=None, out=None, err=None):

@@ -25,6 +25,8 @@ Error = sqlite3.Error
 CONNECT_TIMEOUT = 30.0
 # SQLite before 3.32 allows at most 999 bound parameters per statement.
 _CHUNK = 500
+# The meta key of the client.keys fingerprint that agent_keys was parsed from.
+AGENT_KEYS_SOURCE = "agent_keys.source"
 # "invalid" rows kept per node: the names a peer sent that we refused. A peer chooses them,
 # as many as it likes; beyond this many the oldest go, so that one insider cannot grow the
 # database (the refusals are in the log as well, bounded per batch).
@@ -62,6 +64,13 @@ MIGRATIONS = (
         # content changes: cluster_control -a reads a file again only then (an in-memory
         # cache of 100 000 entries was the internal daemon's lasting growth after a listing).
         "CREATE TABLE agent_files (name TEXT PRIMARY KEY, node TEXT)",
+    )),
+    (4, (
+        # The agents of client.keys as cluster_control -a lists them, parsed once per change
+        # of the file (agentlist.py): a row's JSON prefix ["ID","NAME","IP" and its
+        # agent-info file name, in file order.
+        "CREATE TABLE agent_keys (seq INTEGER PRIMARY KEY, file TEXT NOT NULL,"
+        " prefix TEXT NOT NULL)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -468,11 +477,6 @@ class ClusterDB(object):
                              " VALUES (?, ?, ?, ?)", clean)
         return len(clean)
 
-    def agent_node(self, name):
-        """The node recorded as sending agent-info file `name`, or None."""
-        row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
     def agent_names(self, node):
         """The agent-info file names recorded as sent by `node` (a set)."""
         return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
@@ -500,6 +504,27 @@ class ClusterDB(object):
         was read from them."""
         with self.transaction() as conn:
             conn.executemany("DELETE FROM agent_files WHERE name = ?", ((n,) for n in names))
+
+    def replace_agent_keys(self, rows, source):
+        """The agent_keys table becomes `rows` ([agent-info file name, JSON prefix], any
+        iterable), parsed from a client.keys whose fingerprint is `source` (meta)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM agent_keys")
+            conn.executemany("INSERT INTO agent_keys (file, prefix) VALUES (?, ?)", rows)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (AGENT_KEYS_SOURCE, source))
+
+    def agent_keys_source(self):
+        """The fingerprint of the client.keys that agent_keys holds, or None."""
+        return self.get_meta(AGENT_KEYS_SOURCE)
+
+    def agent_listing(self):
+        """A cursor of (JSON prefix, agent-info file name, node read from the file known,
+        that node, node that sent the file) per agent of agent_keys, in client.keys order."""
+        return self._conn.execute(
+            "SELECT k.prefix, k.file, f.name IS NOT NULL, f.node, a.node FROM agent_keys k"
+            " LEFT JOIN agent_files f ON f.name = k.file LEFT JOIN agents a ON a.name = k.file"
+            " ORDER BY k.seq")
 
     def get_meta(self, key, default=None):
         """A value of the meta table (text) or `default`."""

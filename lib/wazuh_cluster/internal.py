@@ -17,9 +17,12 @@ import socket
 import sys
 
 from wazuh_cluster import __version__, catalog, compat, daemon, db, legacy_db, localsock, logs
+from wazuh_cluster import memtrim
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 DAEMON = "wazuh-clusterd-internal"
+# After an answer at least this large is sent, free C heap memory goes back to the system.
+TRIM_AFTER_BYTES = 1 << 20
 
 
 def parse_args(argv):
@@ -42,6 +45,7 @@ class InternalLoop(object):
         self.clock = clock
         self.parent = parent
         self.connections = []
+        self.large = set()  # connections sending an answer of TRIM_AFTER_BYTES or more
         self.running = True
         self.log = logs.get("internal")
 
@@ -64,7 +68,14 @@ class InternalLoop(object):
                 return
             raise
         for conn in writable:
+            if len(conn.outbuf) >= TRIM_AFTER_BYTES:
+                self.large.add(conn)
             conn.flush()
+            if conn in self.large and not conn.outbuf:
+                # A large answer went out (agent rows, a manifest): the C heap gives its
+                # memory back now, not at the next large answer (no lasting growth).
+                self.large.discard(conn)
+                memtrim.release_free_memory()
         for obj in readable:
             if obj is self.listener:
                 self.accept()
@@ -158,6 +169,7 @@ class InternalLoop(object):
             else:
                 alive.append(conn)
         self.connections = alive
+        self.large.intersection_update(alive)
 
     def handle_signals(self, received):
         for signum in received:

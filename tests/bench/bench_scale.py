@@ -402,6 +402,7 @@ class ScaleBench(benchlib.BenchNodes):
         pids = self.master_pids()
         time.sleep(2)
         before = proc_mem(pids[1])[0]
+        before_clusterd = proc_mem(pids[0])[0]
         times, cpu = [], [0.0, 0.0, 0.0]
         for _ in range(opt.reps):
             cpu0 = [proc_cpu(p) for p in pids] + [children_cpu()]
@@ -415,6 +416,7 @@ class ScaleBench(benchlib.BenchNodes):
             rows = len(result.out.splitlines()) - 1
         time.sleep(3)
         after = proc_mem(pids[1])
+        after_clusterd = proc_mem(pids[0])
         print("\ncontrol: cluster_control -a on the master, %d agents listed, %d times: %s s; "
               "CPU per run: cluster_control %.2f s, clusterd %.2f s, internal %.2f s"
               % (rows, opt.reps, " ".join("%.2f" % t for t in times), cpu[2] / opt.reps,
@@ -425,6 +427,22 @@ class ScaleBench(benchlib.BenchNodes):
                          percentile(times, 0.5), "s", 1.0)
         self.figures.add("internal daemon RSS growth after it (peak %.0f MB)" % after[1],
                          after[0] - before, "MB", 5.0)
+        self.figures.add("wazuh-clusterd RSS growth after it (peak %.0f MB)" % after_clusterd[1],
+                         after_clusterd[0] - before_clusterd, "MB", 5.0)
+        if self.clients:  # a client forwards the request to the master and relays the rows
+            times = []
+            for _ in range(opt.reps):
+                start = now()
+                result = self.clients[0].cluster_control("-a")
+                times.append(now() - start)
+                if result.rc != 0:
+                    raise RuntimeError("cluster_control -a failed on %s: %s"
+                                       % (self.clients[0].name, result.err.strip()))
+            print("   on %s: %d agents listed: %s s" % (
+                self.clients[0].name, len(result.out.splitlines()) - 1,
+                " ".join("%.2f" % t for t in times)))
+            self.figures.add("cluster_control -a on a client (median)", percentile(times, 0.5),
+                             "s", 1.0)
 
     # -- driver ---------------------------------------------------------------------------------
 

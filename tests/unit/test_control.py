@@ -520,6 +520,63 @@ def test_table_alignment_and_none():
     assert lines == [u"A     Long header", u"xxxx  -", u"y     z"]
 
 
+def cell_by_cell(headers, rows):
+    """The table as it was made before columns were checked whole: every cell escaped."""
+    rows = [list(headers)] + [[u"-" if c is None else control.cell_text(c) for c in row]
+                              for row in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    line = u"  ".join(u"{%d:<%d}" % (i, width) for i, width in enumerate(widths))
+    return [line.format(*row).rstrip() for row in rows]
+
+
+def test_tables_are_the_same_as_escaped_cell_by_cell():
+    # Columns checked as one string must give what escaping every cell gave: clean columns,
+    # one hostile cell, numbers, None, trailing blanks, a cell past CELL_LIMIT, bytes.
+    long_cell = u"x" * (control.CELL_LIMIT + 5)
+    rows = [(u"001", u"web01", None, 3, u"Active"),
+            (u"002", u"\x1b[2Jevil\nline", u"node 1 ", 4.5, u"Pending"),
+            (u"003", long_cell, u"caf\xe9", None, b"raw\xff"),
+            (u"004", u"", u"a\\b", True, u"Never connected")]
+    for some in (rows, rows[:1], [rows[0], rows[3]], []):
+        assert control.table(("ID", "Name", "Node", "N", "Status"), some) == \
+            cell_by_cell(("ID", "Name", "Node", "N", "Status"), some)
+
+
+@pytest.mark.parametrize("ids", [
+    [u"10", u"9", u"010", u"1", u"10", u"0"],                  # ASCII digits: the fast path
+    [u"1", u"2", u"10", u"0011"],                              # in order already
+    [u"10", u"x", u"9", u"", u"\xb2", u"1", u"09", u"a1"],      # mixed: id_order itself
+])
+def test_agents_sort_by_id_as_id_order(ids):
+    values = [[agent_id, u"n%d" % i] for i, agent_id in enumerate(ids)]
+    expected = sorted(values, key=control.id_order)
+    control.sort_by_id(values)
+    assert values == expected
+
+
+@pytest.mark.parametrize("values", [
+    [[u"001", u"web01", u"any", u"Active", u"client01", 1700000000.123456789],
+     [u"002", u'we"ird\\\n\x1b', u"caf\xe9", u"\U0001f600", None, None],
+     [u"003", u"", u"10.0.0.0/24", u"Pending", u"n", 17],
+     [u"004", True, False, 1e300, -0.0, float("nan")]],
+    [[u"001", u"x", u"any", u"Active", [], None]],                   # empty container
+    [[u"001", u"x", u"any", u"Active", [u"a", 1], {u"k": None}]],    # containers: json itself
+    [],
+])
+def test_json_text_is_what_the_indented_encoder_writes(values):
+    data = {"agents": control.Rows(control.AGENT_KEYS, values)}
+    assert control.json_text(data) == compat.to_text(json.dumps(
+        control.jsonable(data), indent=2, separators=(",", ": ")))
+
+
+def test_output_is_written_in_chunks_and_escaped():
+    out = io.StringIO()
+    lines = [u"line %d" % i for i in range(control.EMIT_LINES + 2)] + [u"bad\x1b[2J\nline"]
+    control.emit_printable(lines, control.TextOut(out))
+    written = out.getvalue().split(u"\n")
+    assert written[:-2] == lines[:-1] and written[-2:] == [u"bad\\x1b[2J\\x0aline", u""]
+
+
 def test_time_helpers():
     assert control.when(None) == u"-"
     assert DATE_RE.match(control.when(NOW))

@@ -1,0 +1,159 @@
+"""The agent listing of the internal daemon (cluster_control -a): rows from the database.
+
+At 100 000 agents whatever is done per agent at listing time is what the listing costs, so
+the per-agent work is done before, when its input changes, and kept in the database (not in
+memory: a cache of 100 000 entries would be lasting growth):
+- client.keys is parsed into agent_keys once per change of its stat fingerprint, each row
+  holding its JSON prefix ["ID","NAME","IP" (refresh_keys; called by the scan that sees the
+  file change and, to be exact, by every listing, which then only compares the fingerprint);
+- the node_name line of an agent-info file is read when the scanner sees its content change
+  (note_changed, from catalog._store) into agent_files, so that no listing reads the files
+  (a first listing after a start read all 100 000: 2.5-3.9 s). A file the database knows
+  nothing about (a database from before this) is read by the listing once and recorded.
+A listing is then one query joining agent_keys, agent_files and agents (the node that sent
+the file), one lstat per agent (the status needs the keepalive as it is now, not as the last
+poll saw it) and a string format per row. The rows are agentrows.COLUMNS as one JSON array
+(bytes), encoded ROWS_PER_CHUNK rows at a time.
+"""
+from __future__ import absolute_import, division, print_function
+
+import io
+import json
+import os
+import stat
+
+from wazuh_cluster import agentrows, compat
+
+ACTIVE_SECONDS = 1830  # SPEC section 2: keepalive age up to which an agent is Active
+NODE_LINE = '#"node_name":'
+NODE_LINE_BYTES = 65536  # the node_name line is near the start of a small file
+
+# Files read for their node name since the start (tests: a listing reads none it knows).
+READS = [0]
+
+
+class _NodeJSON(dict):
+    """node name -> its JSON text ("null" for None), encoded once per distinct name."""
+
+    def __missing__(self, node):
+        value = self[node] = json.dumps(node)
+        return value
+
+
+def read_node_name(path):
+    """(True, the #"node_name": value of agent-info file `path` or None), or (False, None)
+    when it cannot be read."""
+    READS[0] += 1
+    try:
+        with open(path, "rb") as handle:
+            data = compat.to_text(handle.read(NODE_LINE_BYTES), errors="replace")
+    except (IOError, OSError):
+        return False, None
+    node = None
+    for line in data.splitlines():
+        if line.startswith(NODE_LINE):
+            node = line[len(NODE_LINE):].strip().strip('"') or None
+    return True, node
+
+
+def note_changed(db, folder, changed, deleted):
+    """Record the node name of the agent-info files (names in `folder`, absolute) whose
+    content changed; forget those deleted or unreadable. Inside the scan's transaction."""
+    rows, gone = [], list(deleted)
+    for name in changed:
+        ok, node = read_node_name(os.path.join(folder, name))
+        if ok:
+            rows.append((name, node))
+        else:
+            gone.append(name)
+    if rows:
+        db.record_agent_file_nodes(rows)
+    if gone:
+        db.forget_agent_files(gone)
+
+
+def keys_fingerprint(path):
+    """client.keys' stat fingerprint as text; "none" when it is missing or no regular file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return u"none"
+    if not stat.S_ISREG(st.st_mode):
+        return u"none"
+    return u"%d:%d:%d:%d" % (st.st_size, compat.stat_mtime_ns(st), st.st_ino,
+                             compat.stat_ctime_ns(st))
+
+
+def refresh_keys(db, path):
+    """Parse client.keys into agent_keys when its fingerprint changed; True when it did."""
+    source = keys_fingerprint(path)  # before reading: a write meanwhile is seen next time
+    if db.agent_keys_source() == source:
+        return False
+    db.replace_agent_keys(_key_rows(path), source)
+    return True
+
+
+def _key_rows(path):
+    """Yield (agent-info file name, JSON prefix) per agent of client.keys, a line at a time;
+    blank, comment, malformed and removed entries are left out."""
+    try:
+        handle = io.open(path, encoding="utf-8", errors="replace", newline="\n")
+    except (IOError, OSError):
+        return
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    with handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) < 4 or parts[0].startswith("#") or parts[1][:1] in ("!", "#"):
+                continue
+            agent_id, name, ip = parts[:3]
+            yield (u"%s-%s" % (name, ip.split("/")[0]),
+                   compat.to_text(dumps([agent_id, name, ip])[:-1]))
+
+
+def listing(db, keys_path, folder, now, record):
+    """(count, the rows as JSON bytes) of the agents of client.keys at epoch seconds `now`;
+    `folder` is the agent-info folder (absolute). Files the database knows no node name of
+    are read, and record([(file name, node)]) called after the query (not to write under
+    it)."""
+    refresh_keys(db, keys_path)
+    folder = os.path.join(folder, "")
+    nodes = _NodeJSON({None: "null"})
+    never = u',"Never connected",%s,null]'
+    row = u'%s,"%s",%s,%r]'
+    lstat, kind, regular = os.lstat, stat.S_IFMT(0o177777), stat.S_IFREG
+    learned, chunks, part, count = [], [], [], 0
+    for prefix, name, known, file_node, sender in db.agent_listing():
+        try:
+            st = lstat(folder + name)
+        except OSError:
+            st = None
+        if st is None or st.st_mode & kind != regular:  # not stat.S_ISREG: a call per agent
+            part.append(prefix + never % nodes[sender])
+        else:
+            keepalive = st.st_mtime
+            late = now - keepalive > ACTIVE_SECONDS
+            if not st.st_size:
+                status, node = "Disconnected" if late else "Pending", sender
+            else:
+                status = "Disconnected" if late else "Active"
+                if known:
+                    node = file_node
+                else:
+                    ok, node = read_node_name(folder + name)
+                    if ok:
+                        learned.append((name, node))
+                node = sender if node is None else node
+            part.append(row % (prefix, status, nodes[node], keepalive))
+        if len(part) >= agentrows.ROWS_PER_CHUNK:
+            count += len(part)
+            chunks.append(u",".join(part).encode("utf-8"))
+            part = []
+    count += len(part)
+    chunks.append(u",".join(part).encode("utf-8"))
+    del part
+    if learned:
+        record(learned)
+    del learned
+    data = b"[" + b",".join(c for c in chunks if c) + b"]"
+    return count, data
