@@ -434,8 +434,10 @@ class Catalog(object):
 
     def _cmd_received(self, args):
         """Fingerprints of received files whose mtime alone wazuh-clusterd set: taken when
-        lstat agrees (scanner.learn), so no pass hashes them again; stored like a pass."""
-        learned = []
+        lstat agrees (scanner.learn), so no pass hashes them again. Not written to the
+        database (a cache: a restart hashes such files once), which 10 000 keepalives a
+        second would keep busy."""
+        learned = 0
         for row in _rows(args, "rows", 7):
             name, sha = row[0], row[6]
             if not isinstance(name, compat.string_types) or self._sent_by_us(name) or \
@@ -448,10 +450,8 @@ class Catalog(object):
             except (TypeError, ValueError, binascii.Error):
                 raise _bad("bad sha256 for %s" % name)
             if self.scanner.learn(name, row[1:6], digest):
-                learned.append(name)
-        if learned:
-            self._safely(self.db.save_files, [self.scanner.row(name) for name in learned])
-        return {"learned": len(learned)}
+                learned += 1
+        return {"learned": learned}
 
     # -- agents -------------------------------------------------------------------------------
 

@@ -63,6 +63,24 @@ def read_stable(path):
     return data, hashlib.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
 
 
+def fresh_touch(path, entry):
+    """What to send for a touched file recorded as manifest.Entry `entry`: (data or None,
+    sha256, mtime_ns) of one look at the file, or None when it is gone or changing.
+
+    The newest keepalive goes (agents touch their file every 10 s, often again since the
+    scan), but never a new mtime with the recorded checksum of older content: the receiver,
+    proving that checksum, would date the old content with it. So a file touched since the
+    scan is read again (agent-info: a few hundred bytes) and its checksum compared.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if compat.stat_mtime_ns(st) == entry.mtime_ns:
+        return None, entry.sha256, entry.mtime_ns
+    return read_stable(path)
+
+
 def plan_round(mine, theirs, items, delete_extra):
     """Compare our manifest with the peer's: (send_data, send_meta, delete, delete_dirs, same).
 
@@ -349,12 +367,15 @@ class PeerSync(object):
                 batch = calls.submit_if_full(batch, len(got[0]))
                 batch.add_file(name, *got)
             for name in send_meta:
-                # The mtime and checksum of one look at the file (the internal daemon's
-                # record): an mtime read now could belong to content written since, which
-                # the receiver, proving the recorded content unchanged, would then date.
-                batch = calls.submit_if_full(batch)
-                batch.meta.append({"name": name, "sha256": mine[name].sha256,
-                                   "mtime_ns": mine[name].mtime_ns})
+                got = fresh_touch(os.path.join(self.home, *name.split("/")), mine[name])
+                if got is None:
+                    postponed.append(name)
+                elif got[1] != mine[name].sha256:
+                    batch = calls.submit_if_full(batch, len(got[0]))
+                    batch.add_file(name, *got)  # written since the scan: its new content
+                else:
+                    batch = calls.submit_if_full(batch)
+                    batch.meta.append({"name": name, "sha256": got[1], "mtime_ns": got[2]})
             for name in delete:
                 batch = calls.submit_if_full(batch)
                 batch.delete.append(name)
