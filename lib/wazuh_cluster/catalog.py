@@ -316,7 +316,8 @@ class Catalog(object):
                 "poll_seconds": round(self.scanner.poll_seconds, 6),
                 "db": self.db.path, "db_in_memory": self.db.in_memory, "role": self.role,
                 "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
-                "peers": len(self.db.peers())}
+                "peers": len(self.db.peers()), "hashed": self.scanner.hashed,
+                "racy": self.scanner.racy_count()}
 
     def _cmd_manifest(self, args):
         source = _opt_text(args, "source")

@@ -173,6 +173,7 @@ class Scanner(object):
         self.last_poll = None
         self.full_pass_seconds = 0.0
         self.poll_seconds = 0.0
+        self.hashed = 0  # files read and hashed since start (status; keepalive tests)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -244,6 +245,10 @@ class Scanner(object):
             return None
         item = self.item_of(name)
         return _row(name, item, rec)
+
+    def racy_count(self):
+        """Files hashed again at the next polls (see "Racy files" above)."""
+        return len(self._racy)
 
     def learn(self, name, fp, digest):
         """Take `fp` (size, mtime_ns, ino, ctime_ns, st_mode) as the record of a file whose
@@ -474,6 +479,7 @@ class Scanner(object):
             # file renamed over this one meanwhile has another inode: the next pass sees it.)
             self._retry.add(rel)
             return None
+        self.hashed += 1
         return sha.digest(), fp
 
     def _scan_dir(self, item, rel, out, deep, root=False, quick=False):
