@@ -13,6 +13,7 @@ before a batch, "received" after it), in requests well under localsock.MAX_MESSA
 from __future__ import absolute_import, division, print_function
 
 from wazuh_cluster import compat, staterows
+from wazuh_cluster.errors import RequestError
 
 REQUEST_BYTES = 256 << 10
 ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
@@ -37,17 +38,27 @@ def records(link, incoming):
     meta-only files of a batch (receive.Incoming), for Receiver.apply_batch(known=...).
 
     The names are the peer's: only plain ones are asked about (no valid name is otherwise;
-    the receiver refuses the rest).
+    the receiver refuses the rest). Without an answer (the internal daemon restarting) the
+    files are simply read and hashed.
     """
     names = sorted(set(f.name for f in incoming if f.meta_only and staterows.is_plain(f.name)))
     known = {}
-    for chunk in _chunks(names, compat.to_text):
-        for row in link.call("fingerprints", {"names": chunk}).get("rows") or ():
-            known[row[0]] = tuple(row[1:6])
+    try:
+        for chunk in _chunks(names, compat.to_text):
+            for row in link.call("fingerprints", {"names": chunk}).get("rows") or ():
+                known[row[0]] = tuple(row[1:6])
+    except RequestError:
+        pass
     return known
 
 
 def tell(link, learned):
-    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered."""
-    for chunk in _chunks(learned, lambda row: row[0]):
-        link.call("received", {"rows": chunk})
+    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered.
+
+    Untold (the internal daemon restarting), its next pass hashes the files: nothing lost.
+    """
+    try:
+        for chunk in _chunks(learned, lambda row: row[0]):
+            link.call("received", {"rows": chunk})
+    except RequestError:
+        pass

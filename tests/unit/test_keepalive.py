@@ -4,6 +4,7 @@ from __future__ import absolute_import, division, print_function
 
 import binascii
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -12,9 +13,10 @@ import threading
 
 import pytest
 
-from wazuh_cluster import claims, compat, scanner
+from wazuh_cluster import claims, compat, keepalive, localsock, scanner
 from wazuh_cluster import db as dbmod
 from wazuh_cluster.config import Item
+from wazuh_cluster.errors import RequestError
 from wazuh_cluster.receive import MTIME_SLACK_NS, Incoming, Receiver
 
 ITEMS = (
@@ -239,3 +241,40 @@ def test_agent_rows_arriving_out_of_order_keep_the_newest_keepalives_node(home):
         assert db.agents()["a-any"] == ("node03", BASE_NS + 3 * SEC)
     finally:
         db.close()
+
+
+# -- wazuh-clusterd's requests to the internal daemon --------------------------------------------
+
+class Link(object):
+    """The internal daemon's side of "fingerprints" and "received", recorded."""
+
+    def __init__(self, down=False):
+        self.calls, self.down = [], down
+
+    def call(self, cmd, args):
+        if self.down:
+            raise RequestError("internal daemon unavailable", "internal_unavailable")
+        self.calls.append((cmd, args))
+        if cmd == "fingerprints":
+            return {"rows": [[n, 1, 2, 3, 4, "ab" * 32] for n in args["names"]]}
+        return {"learned": len(args["rows"])}
+
+
+def test_records_and_fingerprints_travel_in_bounded_requests():
+    names = [u"queue/agent-info/%s-%05d" % ("a" * 200, i) for i in range(20000)]
+    link = Link()
+    incoming = [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names] + \
+        [Incoming(u"bad\\name", None, "ab" * 32, BASE_NS, True)]
+    known = keepalive.records(link, incoming)
+    assert sorted(known) == sorted(names) and known[names[0]] == (1, 2, 3, 4, "ab" * 32)
+    keepalive.tell(link, [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in names])
+    assert len(link.calls) > 2
+    for cmd, args in link.calls:
+        assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
+            keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+
+
+def test_without_the_internal_daemon_touches_are_read_as_before():
+    link = Link(down=True)
+    assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
+    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]])  # nothing raised
