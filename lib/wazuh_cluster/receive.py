@@ -165,6 +165,9 @@ class Receiver(object):
             the internal daemon may take instead of hashing the file again).
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
+        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned)
+
+    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
         batch.known = known or {}
         batch.learned = learned if learned is not None else []
