@@ -37,9 +37,15 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
+  fingerprints {names}                            -> {rows: [[name, size, mtime_ns, ino,
+                                                      ctime_ns, sha256]]} of known files
+  received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]]}
+                                                  -> {learned: n} (keepalive.py: files given
+                                                      a new mtime by wazuh-clusterd)
 """
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import json
 import os
 import re
@@ -169,6 +175,8 @@ class Catalog(object):
             "meta_get": self._cmd_meta_get,
             "meta_set": self._cmd_meta_set,
             "written": self._cmd_written,
+            "fingerprints": self._cmd_fingerprints,
+            "received": self._cmd_received,
         }
 
     def commands(self):
@@ -336,7 +344,8 @@ class Catalog(object):
                 "poll_seconds": round(self.scanner.poll_seconds, 6),
                 "db": self.db.path, "db_in_memory": self.db.in_memory, "role": self.role,
                 "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
-                "peers": len(self.db.peers())}
+                "peers": len(self.db.peers()), "hashed": self.scanner.hashed,
+                "racy": self.scanner.racy_count()}
 
     def _manifest_rows(self, args, refresh=True):
         """Scanner rows a manifest or summary request selects ({source?, items?, names?,
@@ -453,13 +462,24 @@ class Catalog(object):
         return {"peers": self.db.peers()}
 
     def _cmd_agent_nodes(self, args):
-        rows = _rows(args, "rows", 2)
+        rows = args.get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) in (2, 3)
+                                                 for r in rows):
+            raise _bad("'rows' must be a list of [agent-info file name, node, mtime_ns?]")
         info = self._item_path("agent-info", "queue/agent-info")
         clean = []
-        for agent, node in rows:
+        for row in rows:
+            agent, node = row[:2]
             if not isinstance(agent, compat.string_types) or not isinstance(
                     node, compat.string_types):
                 raise _bad("rows are [agent-info file name, node] strings")
+            if len(row) == 3:
+                # The keepalive that node's batch applied: rows of two batches may arrive
+                # in either order, the newest keepalive keeps its node (db.record_agents).
+                if not isinstance(row[2], compat.integer_types):
+                    raise _bad("a row's mtime_ns must be an integer")
+                clean.append((agent, node, row[2]))
+                continue
             record = self.scanner.get(info + "/" + agent)
             clean.append((agent, node, record["mtime_ns"] if record else None))
         self._summaries.clear()  # which agents a node reports: its summary changes
@@ -493,6 +513,35 @@ class Catalog(object):
         value = args.get("value")
         self.db.set_meta(key, None if value is None else json.dumps(value, sort_keys=True))
         return {"stored": True}
+
+    def _cmd_fingerprints(self, args):
+        rows = []
+        for name in _opt_text_list(args, "names") or ():
+            row = self.scanner.row(name)
+            if row is not None:
+                rows.append([row[0], row[2], row[3], row[4], row[5], row[7]])
+        return {"rows": rows}
+
+    def _cmd_received(self, args):
+        """Fingerprints of received files whose mtime alone wazuh-clusterd set: taken when
+        lstat agrees (scanner.learn), so no pass hashes them again. Not written to the
+        database (a cache: a restart hashes such files once), which 10 000 keepalives a
+        second would keep busy."""
+        learned = 0
+        for row in _rows(args, "rows", 7):
+            name, sha = row[0], row[6]
+            if not isinstance(name, compat.string_types) or self._sent_by_us(name) or \
+                    not isinstance(sha, compat.string_types) or \
+                    not all(isinstance(v, compat.integer_types) for v in row[1:6]):
+                raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
+                           "mode, sha256]")
+            try:
+                digest = binascii.unhexlify(compat.to_bytes(sha))
+            except (TypeError, ValueError, binascii.Error):
+                raise _bad("bad sha256 for %s" % name)
+            if self.scanner.learn(name, row[1:6], digest):
+                learned += 1
+        return {"learned": learned}
 
     # -- agents -------------------------------------------------------------------------------
 

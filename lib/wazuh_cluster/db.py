@@ -469,12 +469,20 @@ class ClusterDB(object):
         return nodes
 
     def record_agents(self, rows):
-        """Store [agent file name, reporting node, keepalive_ns or None] rows."""
+        """Store [agent file name, reporting node, keepalive_ns or None] rows.
+
+        A row older than the stored keepalive is not taken: two clients' reports of the same
+        agent may arrive in either order, the newest keepalive keeps its node (SPEC 4).
+        """
         now = self._wall()
-        clean = [(name, node, keepalive, now) for name, node, keepalive in rows]
+        clean = [(node, keepalive, now, name, keepalive, keepalive)
+                 for name, node, keepalive in rows]
         with self.transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO agents (name, node, keepalive_ns, updated)"
-                             " VALUES (?, ?, ?, ?)", clean)
+            conn.executemany("UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? "
+                             "WHERE name = ? AND (? IS NULL OR keepalive_ns IS NULL "
+                             "OR keepalive_ns <= ?)", clean)
+            conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, updated)"
+                             " VALUES (?, ?, ?, ?)", [(r[3], r[0], r[1], r[2]) for r in clean])
         return len(clean)
 
     def agent_names(self, node):

@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import (agents, compat, deltarx, logs, pathrules, protocol, receive,
-                           staterows, summary)
+from wazuh_cluster import (agents, compat, deltarx, keepalive, logs, pathrules, protocol,
+                           receive, staterows, summary)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -171,6 +171,16 @@ def manifest_queries(source, names, as_data, buckets=None):
         start = end
 
 
+class _Unlocked(object):
+    """A context manager that holds nothing (contextlib.nullcontext is 3.7+)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class Inbox(object):
     """Dispatcher entries sync_manifest and sync_files, and the held client.keys change."""
 
@@ -279,7 +289,12 @@ class Inbox(object):
         if session.peer_role == "client":
             refused = self.refuse_deletes(peer, deletes + dirs)
             deletes, dirs = [], []
-        with self.lock:
+        known = keepalive.records(self.link, incoming) if any(
+            f.meta_only for f in incoming) else None
+        learned = []
+        # Only a client.keys change needs the batch alone (its guard and agent cleaning);
+        # other batches are applied alongside each other (the receiver claims names).
+        with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
             if not self.cfg.is_master and session.peer_role == "master":
                 incoming, deletes, hold = self.guard_keys(incoming, deletes)
@@ -288,7 +303,7 @@ class Inbox(object):
                 else None
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=session.peer_role,
-                                                        peer=peer)
+                                                        peer=peer, known=known, learned=learned)
             if hold is not None:
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
@@ -297,13 +312,15 @@ class Inbox(object):
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
+        if learned:
+            keepalive.tell(self.link, learned)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
         for request in staterows.requests(staterows.rows(peer, invalid)):
             self.link.call("set_states", request)
         if self.cfg.is_master and self.info_dir:
-            self.record_agents(peer, states, reasons)
+            self.record_agents(peer, states, reasons, self.applied_mtimes(incoming))
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         if delta_refused:
@@ -424,9 +441,22 @@ class Inbox(object):
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def record_agents(self, peer, states, reasons):
-        """The peer reports these agents now (a report older than ours is not applied)."""
-        rows = [[posixpath.basename(name), peer] for name, state in states.items()
+    def applied_mtimes(self, incoming):
+        """{name: mtime the receiver applied} (a time too far ahead is applied as now)."""
+        now_ns = self.receiver.times.now_ns()
+        limit = self.receiver.times.max_future_ns
+        return dict((f.name, pathrules.clamp_mtime(f.mtime_ns, now_ns, limit)[0])
+                    for f in incoming if isinstance(f.mtime_ns, compat.integer_types))
+
+    def record_agents(self, peer, states, reasons, mtimes=None):
+        """The peer reports these agents now (a report older than ours is not applied).
+
+        `mtimes` {name: applied mtime} go with the rows: batches of two peers about the same
+        agent may be recorded in either order, the newest keepalive keeps its node.
+        """
+        mtimes = mtimes or {}
+        rows = [[posixpath.basename(name), peer] + ([mtimes[name]] if name in mtimes else [])
+                for name, state in states.items()
                 if state == "synchronized" and name not in reasons
                 and posixpath.dirname(name) == self.info_dir]
         for request in staterows.requests(rows):  # a batch may hold many: stay under

@@ -61,7 +61,7 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import compat, fsops, paths, peertimes, staging
+from wazuh_cluster import claims, compat, fsops, paths, peertimes, scanner, staging
 from wazuh_cluster.errors import PathRefused, TransferError
 from wazuh_cluster.pathrules import (MTIME_SLACK_NS, ROLES, TEMP_PATTERN, check_mtime,
                                      clamp_mtime, escape, in_future, locate)
@@ -115,8 +115,9 @@ class Receiver(object):
     see staging.py). `max_future_seconds` bounds how far ahead of `clock()` (epoch seconds) a
     peer's mtime may be (see the module docstring).
 
-    Thread-safe: batches are applied one at a time (on the master several client sessions
-    may report the same agent; "newest wins" needs its check and its rename together).
+    Thread-safe: batches from several peers are applied at once; a name is claimed by one
+    batch from its check until its rename (claims.py: on the master several client sessions
+    may report the same agent, and "newest wins" needs its check and its rename together).
     """
 
     def __init__(self, home, items, exclude, log, owner_gid=None, role=None, newer_only=None,
@@ -134,16 +135,19 @@ class Receiver(object):
         self.newer_only = (role == "master") if newer_only is None else bool(newer_only)
         self.staging = staging.Staging(staging_dir or paths.Paths(home).staging_dir, log)
         self.times = peertimes.FutureTimes(log, max_future_seconds, clock)
+        # Guards what batches share (staging, the clamp log) and start-up cleanup; the files
+        # themselves are guarded per name by the claims.
         self._lock = threading.Lock()
+        self.claims = claims.Claims()
 
-    def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None):
+    def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None,
+                    known=None, learned=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
-            temporary file and not kept; but it runs under the Receiver's lock, so one that
-            waits on a slow peer delays other peers' batches); deletes: file names;
-            deleted_dirs: folder names
-            inside a delete_dirs item (a group folder), removed recursively.
+            temporary file and not kept; a generator that waits on a slow peer delays only
+            the batches that want a name it staged); deletes: file names; deleted_dirs:
+            folder names inside a delete_dirs item (a group folder), removed recursively.
         sender_role: the peer's role; by default the other role than ours. peer: the peer's
             node name, for log lines only.
         states: {name: "synchronized" | "failed" | "invalid"} for every name given.
@@ -152,40 +156,69 @@ class Receiver(object):
         Order: folders removed, files deleted, files written. Refused and failed names are
         logged here (at most LOG_DETAIL_LINES lines and a count per batch), mtimes clamped
         once an hour per peer.
+        known: {name: (size, mtime_ns, ino, ctime_ns, sha256 hex)}, the internal daemon's
+            record of files (keepalive.py): a meta-only update of a file whose lstat still
+            matches its record, announced with the recorded checksum, gets its mtime without
+            the file being read again.
+        learned: a list; for each meta-only update done in place, [name, size, mtime_ns,
+            ino, ctime_ns, mode, sha256] of the file after it is appended (the fingerprint
+            the internal daemon may take instead of hashing the file again).
         """
-        with self._lock:
-            sender = sender_role or ("client" if self.role == "master" else "master")
-            return self._apply(files, deletes, deleted_dirs, sender, peer)
+        sender = sender_role or ("client" if self.role == "master" else "master")
+        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned)
 
-    def _apply(self, files, deletes, deleted_dirs, sender, peer):
+    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
-        clock = [time.time()]
-
-        def lap():
-            clock.append(time.time())
-            return clock[-1] - clock[-2]
+        batch.known = known or {}
+        batch.learned = learned if learned is not None else []
         try:
             for name in deleted_dirs:
+                self._claim(batch, name)
                 batch.run(name, batch.remove_dir, name)
             for name in deletes:
+                self._claim(batch, name)
                 batch.run(name, batch.delete, name)
             for incoming in files:
-                batch.run(getattr(incoming, "name", None), batch.stage, incoming)
-            staged = lap()
-            batch.flush()
+                name = getattr(incoming, "name", None)
+                self._claim(batch, name)
+                batch.run(name, batch.stage, incoming)
+                if self.claims.wanted(batch):
+                    self._finish(batch)  # another batch waits for one of our names
+            self._finish(batch)
         except BaseException:
             # A bug or a signal (SIGTERM at stop): no temporary file outlives the batch.
             batch.abandon()
+            self.claims.release(batch, batch.claimed)
             raise
-        flushed = lap()
-        batch.commit()
-        renamed = lap()
-        batch.sync_folders()
+        total = time.time() - batch.started
         self.log.debug("Batch of %d names: written in %.3f s, flushed %.3f s, renamed %.3f s, "
-                       "folders flushed %.3f s.", len(batch.states), staged, flushed, renamed,
-                       lap())
+                       "folders flushed %.3f s.", len(batch.states), total - sum(batch.laps),
+                       *batch.laps)
         self._report(batch, peer)
         return batch.states, batch.reasons
+
+    def _claim(self, batch, name):
+        """Claim a name for `batch`; when another batch holds it, finish ours, then wait."""
+        if not isinstance(name, compat.string_types):
+            return  # refused by batch.run before any system call
+        if not self.claims.try_claim(name, batch):
+            self._finish(batch)  # a waiting batch holds no claim: no deadlock
+            self.claims.claim(name, batch)
+        batch.claimed.add(name)
+
+    def _finish(self, batch):
+        """Flush, rename and flush the folders of what `batch` staged; release its names."""
+        marks = [time.time()]
+        batch.flush()
+        marks.append(time.time())
+        batch.commit()
+        marks.append(time.time())
+        batch.sync_folders()
+        marks.append(time.time())
+        for index in range(3):
+            batch.laps[index] += marks[index + 1] - marks[index]
+        self.claims.release(batch, batch.claimed)
+        batch.claimed = set()
 
     def cleanup_temp_files(self):
         """Remove every leftover temporary file (staging.Staging.cleanup); return the count.
@@ -202,7 +235,8 @@ class Receiver(object):
         bad = [(name, state) for name, state in batch.states.items() if state != SYNCHRONIZED]
         sender = batch.sender if peer is None else "%s %s" % (batch.sender, escape(peer))
         if batch.clamped:
-            self.times.tell(sender, batch.clamped, batch.clamp_example)
+            with self._lock:
+                self.times.tell(sender, batch.clamped, batch.clamp_example)
         for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
             word = "refused" if state == INVALID else "failed to apply"
             self.log.warning("%s %s from %s: %s", word, escape(name), sender,
@@ -241,6 +275,11 @@ class _Batch(object):
         self.clamped = 0       # mtimes beyond now + max_future_ns, applied as now
         self.clamp_example = None
         self.staging_checked = False
+        self.claimed = set()   # names this batch holds (claims.py) until its next _finish
+        self.known = {}        # see Receiver.apply_batch
+        self.learned = []
+        self.started = time.time()
+        self.laps = [0.0, 0.0, 0.0]  # flushed, renamed, folders flushed (for the log)
 
     def run(self, name, action, arg):
         key = name if isinstance(name, compat.string_types) else escape(name)
@@ -396,7 +435,11 @@ class _Batch(object):
         if incoming.meta_only:
             if st is None:
                 raise TransferError("meta-only update of a file we do not have")
-            entry = self._touch(where, parts[-1], target, sha, mtime_ns, item)
+            entry = self._touch(where, parts[-1], target, sha, mtime_ns, item,
+                                self.known.get(name))
+            if entry[0] is None:
+                self.learned.append([name] + list(entry[2]) + [sha])
+            entry = entry[:2]
         else:
             entry = self._write_temp(where, parts[-1], mtime_ns, item,
                                      _write_checked(sha) if streamed else fsops.write_all,
@@ -414,11 +457,15 @@ class _Batch(object):
                 self.clamp_example = (name, mtime_ns)
         return applied
 
-    def _touch(self, where, base, target, sha, mtime_ns, item):
+    def _touch(self, where, base, target, sha, mtime_ns, item, record):
         """Give the sender's mtime to a file whose content is the sender's.
 
-        Returns (temp path or None when set in place, staged flag). In place only on a file
-        with a single name and by descriptor (see "Hard links" in the module docstring).
+        Returns (temp path or None when set in place, staged flag, fingerprint after: size,
+        mtime_ns, ino, ctime_ns, mode). In place only on a file with a single name and by
+        descriptor (see "Hard links" in the module docstring). The content is read and
+        hashed unless `record` (size, mtime_ns, ino, ctime_ns, sha256) proves it: the same
+        checksum, and the file's fstat still the one recorded when it was last hashed or
+        given its time (the ctime moves with every write, and nobody can set it).
         """
         fd = os.open(target, _READ_FLAGS)
         try:
@@ -426,19 +473,19 @@ class _Batch(object):
             if not stat.S_ISREG(st.st_mode):
                 raise PathRefused("target is not a regular file")
             if st.st_nlink == 1 and fsops.utime_by_fd():
-                if fsops.sha256_of_fd(fd) != sha:
+                if not _proven(st, record, sha) and fsops.sha256_of_fd(fd) != sha:
                     raise TransferError("meta-only update but the local content differs")
                 try:
                     fsops.set_mtime(fd, None, mtime_ns)
                     self._make_durable(fd, where)
-                    return None, False
+                    return None, False, scanner.fingerprint(os.fstat(fd))
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.EACCES):
                         raise
                 # Another user's file (Wazuh's remoted writes agent-info as ossecr): only
                 # its owner may set its times, so a copy with the new mtime replaces it.
                 os.lseek(fd, 0, os.SEEK_SET)
-            return self._write_temp(where, base, mtime_ns, item, _copy_checked(sha), fd)
+            return self._write_temp(where, base, mtime_ns, item, _copy_checked(sha), fd) + (None,)
         finally:
             os.close(fd)
 
@@ -447,10 +494,11 @@ class _Batch(object):
 
         Returns (its path, True when in the staging folder).
         """
-        if not self.staging_checked:  # once a batch, when it first writes a file
-            self.rx.staging.check()
-            self.staging_checked = True
-        temp, staged = self.rx.staging.temp_path(where[0], where[1], base)
+        with self.rx._lock:  # the staging folder is every batch's
+            if not self.staging_checked:  # once a batch, when it first writes a file
+                self.rx.staging.check()
+                self.staging_checked = True
+            temp, staged = self.rx.staging.temp_path(where[0], where[1], base)
         fd = self._create(temp, staged)
         try:
             fill(fd, source)
@@ -509,6 +557,7 @@ class _Batch(object):
                 else:
                     kept.append(entry)
             self.staged = kept
+        self.unflushed = {}
 
     def commit(self):
         """Rename each temporary file over its target."""
@@ -521,7 +570,8 @@ class _Batch(object):
                 if exc.errno == errno.EXDEV and entry.staged:
                     # Same st_dev but another mount (a bind mount): written in place from
                     # now on; this file travels again at the next round.
-                    self.rx.staging.cross_device(entry.folder)
+                    with self.rx._lock:
+                        self.rx.staging.cross_device(entry.folder)
                 self._fail(entry, "rename failed: %s" % fsops.why(exc))
                 continue
             self.touched.setdefault(entry.folder, []).append(entry.name)
@@ -551,6 +601,7 @@ class _Batch(object):
                 for folder in folders:
                     for name in self.touched[folder]:
                         self._set(name, FAILED, "folder flush failed: %s" % fsops.why(exc))
+        self.touched = {}
 
     def abandon(self):
         """Remove the temporary files of everything staged; the old files stay."""
@@ -581,6 +632,12 @@ def _check_fields(incoming):
             not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
+
+
+def _proven(st, record, sha):
+    """True when `record` (size, mtime_ns, ino, ctime_ns, sha256) is `st`'s and says `sha`."""
+    return record is not None and record[4] == sha and \
+        tuple(scanner.fingerprint(st)[:4]) == tuple(record[:4])
 
 
 def _copy_checked(sha):

@@ -58,14 +58,14 @@ def _order(name):
 
 def requests(all_rows, budget=REQUEST_BYTES):
     """Arguments {"rows": [...]} of at most `budget` bytes of JSON each (set_states, and
-    agent_nodes: rows of plain text values).
+    agent_nodes: rows of plain text values and integers).
 
     Stored names and node names are printable ASCII, which JSON writes in at most twice
     their length (a quote or backslash gains one backslash).
     """
     chunk, size = [], 0
     for row in all_rows:
-        cost = 2 * sum(len(v) for v in row) + 12
+        cost = 2 * sum(len(v) if isinstance(v, compat.string_types) else 20 for v in row) + 12
         if chunk and size + cost > budget:
             yield {"rows": chunk}
             chunk, size = [], 0

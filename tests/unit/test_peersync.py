@@ -2,16 +2,18 @@
 push per push_delay, with what arrived meanwhile travelling together."""
 from __future__ import absolute_import, division, print_function
 
+import hashlib
 import os
 import threading
 import time
 
 import pytest
 
-from wazuh_cluster import budget, compat, config
+from wazuh_cluster import budget, compat, config, manifest
 from wazuh_cluster.errors import RequestError
 from wazuh_cluster.session import Session as RealSession
-from wazuh_cluster.sync import Batch, InFlight, PeerSync, round_phase
+from wazuh_cluster.sync import (Batch, InFlight, PeerSync, SyncManager, fresh_touch,
+                                round_phase)
 
 ITEMS, _EXCLUDE = config.load_items(os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -212,3 +214,52 @@ def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     assert shared.cache + 2 * 1500000 < shared.peak <= shared.total   # counted, and bounded
     assert sync.room().holder.held == 0
     wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
+
+
+# -- change events and touched files (issue 11: cheap keepalives) -------------------------------
+
+class CountingSync(PeerSync):
+    """A PeerSync that counts the names it is asked about."""
+    asked = [0]
+
+    def owns(self, name):
+        CountingSync.asked[0] += 1
+        return PeerSync.owns(self, name)
+
+
+def test_a_change_event_is_filtered_once_for_every_peer():
+    manager = SyncManager.__new__(SyncManager)
+    manager.lock = threading.Lock()
+    manager.peers = {}
+    for index in range(5):
+        session = Session()
+        session.peer_name = "client-%d" % index
+        manager.peers[session.peer_name] = CountingSync(
+            session, "/nonexistent", "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+    own = [u"etc/shared/default/f%d" % i for i in range(50)]
+    foreign = [u"queue/agent-info/a%d-any" % i for i in range(50)]
+    CountingSync.asked[0] = 0
+    manager.on_event({"event": "changes", "changed": own + foreign, "touched": [],
+                      "deleted": [], "deleted_dirs": []})
+    assert CountingSync.asked[0] == len(own + foreign)
+    assert all(worker.changed == set(own) for worker in manager.peers.values())
+
+
+def test_a_touch_goes_with_the_checksum_of_the_same_look_at_the_file(tmp_path):
+    path = str(tmp_path / "a-any")
+    with open(path, "wb") as handle:
+        handle.write(b"Linux a\n")
+    os.utime(path, (1000, 1000))
+    recorded = manifest.Entry(hashlib.sha256(b"Linux a\n").hexdigest(), 1000 * 10 ** 9,
+                              "agent-info")
+    assert fresh_touch(path, recorded) == (None, recorded.sha256, recorded.mtime_ns)
+    os.utime(path, (1010, 1010))  # touched again since the scan: the newest mtime goes
+    data, sha, mtime_ns = fresh_touch(path, recorded)
+    assert (sha, mtime_ns) == (recorded.sha256, 1010 * 10 ** 9)
+    with open(path, "wb") as handle:
+        handle.write(b"Linux b\n")  # written since the scan: its new content goes as data
+    os.utime(path, (1020, 1020))
+    assert fresh_touch(path, recorded) == (b"Linux b\n", hashlib.sha256(b"Linux b\n").hexdigest(),
+                                           1020 * 10 ** 9)
+    os.unlink(path)
+    assert fresh_touch(path, recorded) is None

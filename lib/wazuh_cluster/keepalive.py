@@ -1,0 +1,64 @@
+"""Keepalives as metadata only, end to end (SPEC section 4; issue 11, "cheap keepalives").
+
+A keepalive touches an agent-info file on a client: same content, new mtime. It travels as a
+meta-only update (name, checksum, mtime). The master applies it without reading the file when
+the internal daemon's record proves the content: the recorded checksum is the announced one
+and the file's stat is still the recorded one (size, mtime, inode, ctime: the ctime moves with
+every write and cannot be set). Otherwise the receiver reads and hashes the file as before.
+Then the internal daemon learns the file's new stat, so its next pass does not hash it again.
+
+Here: wazuh-clusterd's side of both conversations with the internal daemon ("fingerprints"
+before a batch, "received" after it), in requests well under localsock.MAX_MESSAGE.
+"""
+from __future__ import absolute_import, division, print_function
+
+from wazuh_cluster import compat, staterows
+from wazuh_cluster.errors import RequestError
+
+REQUEST_BYTES = 256 << 10
+ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
+
+
+def _chunks(rows, name_of):
+    """Lists of rows whose JSON stays under REQUEST_BYTES (plain names: at most 2x)."""
+    chunk, size = [], 0
+    for row in rows:
+        cost = 2 * len(name_of(row)) + ROW_COST
+        if chunk and size + cost > REQUEST_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+def records(link, incoming):
+    """{name: (size, mtime_ns, ino, ctime_ns, sha256)} the internal daemon holds for the
+    meta-only files of a batch (receive.Incoming), for Receiver.apply_batch(known=...).
+
+    The names are the peer's: only plain ones are asked about (no valid name is otherwise;
+    the receiver refuses the rest). Without an answer (the internal daemon restarting) the
+    files are simply read and hashed.
+    """
+    names = sorted(set(f.name for f in incoming if f.meta_only and staterows.is_plain(f.name)))
+    known = {}
+    try:
+        for chunk in _chunks(names, compat.to_text):
+            for row in link.call("fingerprints", {"names": chunk}).get("rows") or ():
+                known[row[0]] = tuple(row[1:6])
+    except RequestError:
+        pass
+    return known
+
+
+def tell(link, learned):
+    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered.
+
+    Untold (the internal daemon restarting), its next pass hashes the files: nothing lost.
+    """
+    try:
+        for chunk in _chunks(learned, lambda row: row[0]):
+            link.call("received", {"rows": chunk})
+    except RequestError:
+        pass

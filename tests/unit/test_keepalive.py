@@ -1,0 +1,280 @@
+"""Cheap keepalives (issue 11): touches proven by the internal daemon's record, per-name claims
+instead of one apply lock, the new fingerprint learned by the scanner, newest node wins."""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+from wazuh_cluster import claims, compat, keepalive, localsock, scanner
+from wazuh_cluster import db as dbmod
+from wazuh_cluster.config import Item
+from wazuh_cluster.errors import RequestError
+from wazuh_cluster.receive import MTIME_SLACK_NS, Incoming, Receiver
+
+ITEMS = (
+    Item("agent-info", "queue/agent-info", "dir", "client", False, 0o660, 0o770, False, True,
+         False),
+)
+EXCLUDE = (".*", "*.tmp")
+SEC = 10 ** 9
+BASE_NS = 1500000000 * SEC
+WAIT = 60.0  # a bound on waits for another thread, never a performance limit
+A = u"queue/agent-info/a-any"
+B = u"queue/agent-info/b-any"
+LOG = logging.getLogger("wazuh_cluster.test_keepalive")
+
+
+@pytest.fixture
+def home():
+    path = tempfile.mkdtemp(prefix="wzc-keepalive-")
+    os.makedirs(os.path.join(path, "queue", "agent-info"))
+    yield path
+    shutil.rmtree(path)
+
+
+def put(home, name, data, mtime_ns=BASE_NS):
+    path = os.path.join(home, name)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    compat.set_mtime_ns(path, mtime_ns)
+    return path
+
+
+def mtime(home, name):
+    return compat.stat_mtime_ns(os.lstat(os.path.join(home, name)))
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_of(home, name, digest):
+    """What the internal daemon's "fingerprints" answers for a file (keepalive.records)."""
+    return tuple(scanner.fingerprint(os.lstat(os.path.join(home, name)))[:4]) + (digest,)
+
+
+def master(home):
+    return Receiver(home, ITEMS, EXCLUDE, LOG, role="master")
+
+
+# -- a touch proven by the record is not read ---------------------------------------------------
+
+def test_a_touch_proven_by_the_record_is_applied_without_reading_the_file(home):
+    # The record claims the content hashes to what the sender announced while the file holds
+    # other bytes: only a receiver that does not read the file applies the mtime.
+    put(home, A, b"other bytes\n")
+    announced = sha(b"Linux a\n")
+    learned = []
+    states, reasons = master(home).apply_batch(
+        [Incoming(A, None, announced, BASE_NS + 5 * SEC, True)],
+        known={A: record_of(home, A, announced)}, learned=learned)
+    assert states[A] == "synchronized" and reasons == {}
+    assert abs(mtime(home, A) - (BASE_NS + 5 * SEC)) <= MTIME_SLACK_NS
+    st = os.lstat(os.path.join(home, A))
+    assert learned == [[A] + list(scanner.fingerprint(st)) + [announced]]
+
+
+def test_a_stale_record_falls_back_to_reading_and_refuses_other_content(home):
+    put(home, A, b"Linux a\n")
+    announced = sha(b"Linux a\n")
+    record = record_of(home, A, announced)
+    put(home, A, b"Linux A\n")  # changed by hand on the master since: same size, new ctime
+    states, reasons = master(home).apply_batch(
+        [Incoming(A, None, announced, BASE_NS + 5 * SEC, True)], known={A: record})
+    assert states[A] == "failed" and "differs" in reasons[A]
+    assert abs(mtime(home, A) - BASE_NS) <= MTIME_SLACK_NS
+
+
+def test_a_wrong_checksum_is_not_proven_by_a_record_of_another(home):
+    put(home, A, b"Linux a\n")
+    record = record_of(home, A, sha(b"Linux a\n"))
+    states, reasons = master(home).apply_batch(
+        [Incoming(A, None, sha(b"forged\n"), BASE_NS + 5 * SEC, True)], known={A: record})
+    assert states[A] == "failed" and "differs" in reasons[A]
+    assert abs(mtime(home, A) - BASE_NS) <= MTIME_SLACK_NS
+
+
+# -- the scanner learns the fingerprint ---------------------------------------------------------
+
+def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(home):
+    put(home, A, b"Linux a\n")
+    scan = scanner.Scanner(home, ITEMS, EXCLUDE)
+    scan.full_pass()
+    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    learned = []
+    master(home).apply_batch([Incoming(A, None, sha(b"Linux a\n"), BASE_NS + 5 * SEC, True)],
+                             known={A: record_of(home, A, sha(b"Linux a\n"))}, learned=learned)
+    assert scan.learn(A, learned[0][1:6], digest)
+    assert scan.full_pass().is_empty()
+    assert scan.get(A)["mtime_ns"] == learned[0][2]
+
+
+def test_the_scanner_refuses_a_fingerprint_that_is_not_the_files(home):
+    put(home, A, b"Linux a\n")
+    scan = scanner.Scanner(home, ITEMS, EXCLUDE)
+    scan.full_pass()
+    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    old = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    compat.set_mtime_ns(os.path.join(home, A), BASE_NS + SEC)
+    assert not scan.learn(A, old, digest)              # lstat says otherwise
+    now = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    assert not scan.learn(A, now, b"\0" * 32)         # another content than recorded
+    assert scan.full_pass().touched == [A]            # so the pass still hashes and reports
+
+
+# -- batches of several peers -------------------------------------------------------------------
+
+class Held(object):
+    """A batch's files that stop after the first one until released (a slow peer's batch)."""
+
+    def __init__(self, files):
+        self.files = files
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __iter__(self):
+        for index, incoming in enumerate(self.files):
+            if index == 1:
+                self.reached.set()
+                self.release.wait(WAIT)
+            yield incoming
+
+
+class Apply(threading.Thread):
+    def __init__(self, rx, files):
+        threading.Thread.__init__(self)
+        self.daemon = True
+        self.rx, self.files, self.result = rx, files, None
+
+    def run(self):
+        self.result = self.rx.apply_batch(self.files)
+
+
+def content(name, data, mtime_ns):
+    return Incoming(name, data, sha(data), mtime_ns, False)
+
+
+def test_a_held_batch_does_not_delay_another_peers_batch_of_other_names(home):
+    rx = master(home)
+    held = Held([content(A, b"a\n", BASE_NS), content(u"queue/agent-info/c-any", b"c\n",
+                                                       BASE_NS)])
+    slow = Apply(rx, held)
+    slow.start()
+    assert held.reached.wait(WAIT)
+    quick = Apply(rx, [content(B, b"b\n", BASE_NS)])
+    quick.start()
+    quick.join(WAIT)
+    # The order is the assertion: the quick batch ended while the slow one was still held.
+    done_first = not quick.is_alive() and slow.is_alive()
+    held.release.set()
+    slow.join(WAIT)
+    assert done_first
+    assert quick.result[0] == {B: "synchronized"}
+    assert rx.claims.waits == 0
+
+
+@pytest.mark.parametrize("held_first_ns,other_ns", [(BASE_NS + SEC, BASE_NS + 2 * SEC),
+                                                    (BASE_NS + 2 * SEC, BASE_NS + SEC)])
+def test_two_peers_reporting_one_agent_newest_wins_whatever_the_order(home, held_first_ns,
+                                                                      other_ns):
+    put(home, A, b"old\n", BASE_NS)
+    rx = master(home)
+    held = Held([content(A, b"first\n", held_first_ns), content(B, b"b\n", BASE_NS)])
+    slow = Apply(rx, held)
+    slow.start()
+    assert held.reached.wait(WAIT)
+    other = Apply(rx, [content(A, b"second\n", other_ns)])
+    other.start()
+    for _ in range(int(WAIT * 100)):  # the other batch waits for A, which the slow one holds
+        if rx.claims.waits or not other.is_alive():
+            break
+        other.join(0.01)
+    assert rx.claims.waits == 1 and other.is_alive()
+    held.release.set()
+    slow.join(WAIT)
+    other.join(WAIT)
+    newest = max(held_first_ns, other_ns)
+    assert abs(mtime(home, A) - newest) <= MTIME_SLACK_NS
+    with open(os.path.join(home, A), "rb") as handle:
+        assert handle.read() == (b"first\n" if newest == held_first_ns else b"second\n")
+    assert slow.result[0][A] == other.result[0][A] == "synchronized"
+
+
+def test_batches_crossing_names_finish_both():
+    # Each waiter first gives back what it holds (the receiver finishes its part): no cycle.
+    table = claims.Claims()
+    first, second = object(), object()
+    assert table.try_claim(A, first) and table.try_claim(B, second)
+    assert not table.try_claim(B, first)
+    table.release(first, [A])                 # what Receiver._claim does before waiting
+    waiter = threading.Thread(target=table.claim, args=(B, first))
+    waiter.daemon = True
+    waiter.start()
+    for _ in range(int(WAIT * 100)):
+        if table.wanted(second):
+            break
+        waiter.join(0.01)
+    assert table.wanted(second)
+    assert table.try_claim(A, second)         # A is free: the second batch goes on
+    table.release(second, [A, B])
+    waiter.join(WAIT)
+    assert not waiter.is_alive() and table.try_claim(B, first)
+
+
+# -- which node an agent reports to -------------------------------------------------------------
+
+def test_agent_rows_arriving_out_of_order_keep_the_newest_keepalives_node(home):
+    db = dbmod.ClusterDB(os.path.join(home, "cluster.db"), LOG)
+    try:
+        db.record_agents([["a-any", "node02", BASE_NS + 2 * SEC]])
+        db.record_agents([["a-any", "node03", BASE_NS + SEC]])   # older, recorded later
+        assert db.agents()["a-any"] == ("node02", BASE_NS + 2 * SEC)
+        db.record_agents([["a-any", "node03", BASE_NS + 3 * SEC]])
+        assert db.agents()["a-any"] == ("node03", BASE_NS + 3 * SEC)
+    finally:
+        db.close()
+
+
+# -- wazuh-clusterd's requests to the internal daemon --------------------------------------------
+
+class Link(object):
+    """The internal daemon's side of "fingerprints" and "received", recorded."""
+
+    def __init__(self, down=False):
+        self.calls, self.down = [], down
+
+    def call(self, cmd, args):
+        if self.down:
+            raise RequestError("internal daemon unavailable", "internal_unavailable")
+        self.calls.append((cmd, args))
+        if cmd == "fingerprints":
+            return {"rows": [[n, 1, 2, 3, 4, "ab" * 32] for n in args["names"]]}
+        return {"learned": len(args["rows"])}
+
+
+def test_records_and_fingerprints_travel_in_bounded_requests():
+    names = [u"queue/agent-info/%s-%05d" % ("a" * 200, i) for i in range(20000)]
+    link = Link()
+    incoming = [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names] + \
+        [Incoming(u"bad\\name", None, "ab" * 32, BASE_NS, True)]
+    known = keepalive.records(link, incoming)
+    assert sorted(known) == sorted(names) and known[names[0]] == (1, 2, 3, 4, "ab" * 32)
+    keepalive.tell(link, [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in names])
+    assert len(link.calls) > 2
+    for cmd, args in link.calls:
+        assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
+            keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+
+
+def test_without_the_internal_daemon_touches_are_read_as_before():
+    link = Link(down=True)
+    assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
+    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]])  # nothing raised
