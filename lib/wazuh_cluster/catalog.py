@@ -174,7 +174,6 @@ class Catalog(object):
             "agent_nodes": self._cmd_agent_nodes,
             "meta_get": self._cmd_meta_get,
             "meta_set": self._cmd_meta_set,
-            "written": self._cmd_written,
             "fingerprints": self._cmd_fingerprints,
             "received": self._cmd_received,
         }
@@ -485,20 +484,6 @@ class Catalog(object):
         self._summaries.clear()  # which agents a node reports: its summary changes
         return {"updated": self.db.record_agents(clean)}
 
-    def _cmd_written(self, args):
-        """Files wazuh-clusterd just wrote: [[name, size, mtime_ns, ino, ctime_ns, mode,
-        sha256]] rows; their hash is taken from here at the next check (Scanner.hint)."""
-        rows = _rows(args, "rows", 7)
-        for row in rows:
-            if not isinstance(row[0], compat.string_types) or \
-                    not all(isinstance(v, compat.integer_types) and not isinstance(v, bool)
-                            for v in row[1:6]) or \
-                    not isinstance(row[6], compat.string_types) or not _HEX64.match(row[6]):
-                raise _bad("rows are [name, size, mtime_ns, ino, ctime_ns, mode, sha256]")
-            if row[0] in self.scanner:
-                self.scanner.hint(row[0], row[1:6], row[6])
-        return {"hinted": len(rows)}
-
     def _cmd_meta_get(self, args):
         key = _opt_text(args, "key")
         if not key:
@@ -523,25 +508,28 @@ class Catalog(object):
         return {"rows": rows}
 
     def _cmd_received(self, args):
-        """Fingerprints of received files whose mtime alone wazuh-clusterd set: taken when
-        lstat agrees (scanner.learn), so no pass hashes them again. Not written to the
-        database (a cache: a restart hashes such files once), which 10 000 keepalives a
-        second would keep busy."""
-        learned = 0
+        """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
+        utime: [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows. Same content with
+        a new mtime (a keepalive) is taken now when lstat agrees (Scanner.learn); new
+        content (a client.keys delta or whole file) is taken at the next check while the
+        fingerprint is unchanged (Scanner.hint), so that check still reports the change.
+        Either way no pass reads the file again. Not written to the database (a cache: a
+        restart hashes such files once), which 10 000 keepalives a second would keep busy."""
+        learned = hinted = 0
         for row in _rows(args, "rows", 7):
             name, sha = row[0], row[6]
             if not isinstance(name, compat.string_types) or self._sent_by_us(name) or \
-                    not isinstance(sha, compat.string_types) or \
-                    not all(isinstance(v, compat.integer_types) for v in row[1:6]):
+                    not isinstance(sha, compat.string_types) or not _HEX64.match(sha) or \
+                    not all(isinstance(v, compat.integer_types) and not isinstance(v, bool)
+                            for v in row[1:6]):
                 raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                            "mode, sha256]")
-            try:
-                digest = binascii.unhexlify(compat.to_bytes(sha))
-            except (TypeError, ValueError, binascii.Error):
-                raise _bad("bad sha256 for %s" % name)
-            if self.scanner.learn(name, row[1:6], digest):
+            if self.scanner.learn(name, row[1:6], binascii.unhexlify(compat.to_bytes(sha))):
                 learned += 1
-        return {"learned": learned}
+            elif name in self.scanner:
+                self.scanner.hint(name, row[1:6], sha)
+                hinted += 1
+        return {"learned": learned, "hinted": hinted}
 
     # -- agents -------------------------------------------------------------------------------
 

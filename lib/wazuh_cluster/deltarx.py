@@ -78,7 +78,7 @@ def read_base(home, parts, size, sha256):
 
 def written_row(home, name, sha256):
     """[name, size, mtime_ns, ino, ctime_ns, mode, sha256] of a file we just renamed into
-    place with this content, for the internal daemon ("written", Scanner.hint): it need not
+    place with this content, for the internal daemon ("received", Scanner.hint): it need not
     read a big client.keys again to learn its hash. None when it cannot be stat-ed."""
     try:
         st = os.lstat(os.path.join(compat.native_str(home), *compat.native_str(name).split("/")))

@@ -350,13 +350,13 @@ class Inbox(object):
         return self.keys_name in deletes or any(f.name == self.keys_name for f in incoming)
 
     def written_keys(self, incoming):
-        """The internal daemon's "written" row of the client.keys just written whole."""
+        """The internal daemon's "received" row of the client.keys just written whole."""
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
 
     def tell_written(self, row):
         try:
-            self.link.call("written", {"rows": [row]})
+            self.link.call("received", {"rows": [row]})
         except RequestError as err:  # only a saving: the internal daemon hashes it itself
             self.log.debug("Could not tell the internal daemon about %s: %s", row[0], err)
 

@@ -456,18 +456,18 @@ def test_merge_of_change_sets():
     assert merged == ChangeSet(["y"], ["t"], ["x"], ["d"])
 
 
-def test_written_gives_the_hash_of_a_file_clusterd_just_wrote(home):
+def test_received_gives_the_hash_of_new_content_clusterd_just_wrote(home):
     from wazuh_cluster import deltarx
     write(home, "etc/client.keys", "001 a any k\n")
     cat = make(home, role="client", node_name="client01")
     cat.tick(0.0)
     write(home, "etc/client.keys", "001 a any k\n002 b any k\n")
     row = deltarx.written_row(home, "etc/client.keys", "%064x" % 5)  # proves it is not read
-    assert cat.handle("written", {"rows": [row]}) == {"hinted": 1}
+    assert cat.handle("received", {"rows": [row]}) == {"learned": 0, "hinted": 1}
     # A client polls what it receives every scan_interval: tick until that poll ran.
     events = [cat.tick(float(t)) for t in range(1, 13)]
     assert [e["changed"] for e in events if e] == [["etc/client.keys"]]
     assert cat.scanner.get("etc/client.keys")["sha256"] == "%064x" % 5
     for bad in ([row[:6]], [row[:6] + ["XYZ"]], [[1] + row[1:]], [row[:2] + [True] + row[3:]]):
         with pytest.raises(errors.RequestError):
-            cat.handle("written", {"rows": bad})
+            cat.handle("received", {"rows": bad})
