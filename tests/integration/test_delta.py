@@ -11,7 +11,7 @@ import pytest
 
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
-from test_sync import FAST, SYNC_WAIT, agent_info, converge, put
+from test_sync import SYNC_WAIT, agent_info, configure_cluster, converge, put
 
 # 172 KB: over the default delta threshold (64 KiB), and so are 780 of its lines
 AGENTS = 2000
@@ -27,19 +27,9 @@ def line(i):
 @pytest.fixture
 def cluster(make_node):
     """A master, client1 (deltas) and old1 (no deltas announced), converged."""
-    names = ("master", "client1", "old1")
-    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
-             for name in names]
-    addresses = [n.address for n in nodes]
-    for node in nodes:
-        node.port = nodes[0].port
-        # A long interval: only the session's first round and the pushes under test run.
-        node.configure("master" if node.name == "master" else "client", addresses,
-                       interval="10m")
-        options = dict(FAST)
-        if node.name == "old1":
-            options["cluster.delta_min_bytes"] = "0"
-        write_internal_options(node.prefix, options)
+    # A long interval: only the session's first round and the pushes under test run.
+    nodes = configure_cluster(make_node, ("master", "client1", "old1"), "10m",
+                              {"old1": {"cluster.delta_min_bytes": "0"}})
     put(nodes[0], "etc/client.keys", KEYS)
     for node in nodes:
         node.start()

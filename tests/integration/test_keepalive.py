@@ -17,7 +17,7 @@ import pytest
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_internal import call
-from test_sync import FAST, KEYS, agent_info, put
+from test_sync import KEYS, agent_info, configure_cluster, put
 
 WAIT = 30.0
 CLIENTS = ("client1", "client2", "client3")
@@ -27,15 +27,7 @@ INFO = "queue/agent-info/"
 @pytest.fixture
 def cluster(make_node):
     """A started master and three started clients, each with an agent-info of its own."""
-    names = ("master",) + CLIENTS
-    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
-             for name in names]
-    addresses = [n.address for n in nodes]
-    for node in nodes:
-        node.port = nodes[0].port
-        node.configure("master" if node.name == "master" else "client", addresses,
-                       interval="3s")
-        write_internal_options(node.prefix, FAST)
+    nodes = configure_cluster(make_node, ("master",) + CLIENTS, "3s")
     put(nodes[0], "etc/client.keys", KEYS)
     base = int(time.time()) - 1000
     for node in nodes[1:]:

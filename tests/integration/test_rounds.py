@@ -17,7 +17,8 @@ import pytest
 
 from harness import make_node, read_text, wait_for, write_internal_options  # noqa: F401
 from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
-from test_sync import FAST, KEYS, agent_info, cluster, converge, put, stop  # noqa: F401
+from test_sync import (KEYS, agent_info, cluster, configure_cluster, converge, put,  # noqa: F401
+                       stop)
 
 from test_hostile import _rogue_files, _rogue_manifest, hostile  # noqa: F401
 from test_hostile import still_serves_real_client
@@ -55,13 +56,7 @@ def some_buckets(compared):
 
 def started_cluster(make_node, names, interval, options=None):
     """A master and clients on one port, converged; `options` {node name: extra options}."""
-    nodes = [make_node(name, "master" if name == "master" else "client", configure=False)
-             for name in names]
-    for node in nodes:
-        node.port = nodes[0].port
-        node.configure("master" if node.name == "master" else "client",
-                       [n.address for n in nodes], interval=interval)
-        write_internal_options(node.prefix, dict(FAST, **(options or {}).get(node.name, {})))
+    nodes = configure_cluster(make_node, names, interval, options)
     master = nodes[0]
     put(master, "etc/client.keys", KEYS)
     put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")

@@ -93,6 +93,19 @@ def stop(node):
     node.wait_stopped(pids, timeout=10)
 
 
+def configure_cluster(make_node, names, interval, options=None):
+    """Nodes `names` (the first the master) on one port, configured, not started; each gets
+    FAST plus its entry of `options` {node name: {option: value}}."""
+    nodes = [make_node(name, "master" if i == 0 else "client", configure=False)
+             for i, name in enumerate(names)]
+    for i, node in enumerate(nodes):
+        node.port = nodes[0].port
+        node.configure("master" if i == 0 else "client", [n.address for n in nodes],
+                       interval=interval)
+        write_internal_options(node.prefix, dict(FAST, **(options or {}).get(node.name, {})))
+    return nodes
+
+
 def converge(nodes, timeout=SYNC_WAIT, parts=MASTER_ITEMS):
     master = nodes[0]
     wait_for(lambda: all(tree(n.prefix, parts) == tree(master.prefix, parts) for n in nodes[1:]),
