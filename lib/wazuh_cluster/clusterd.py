@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, daemon, logs, peers, protocol
+from wazuh_cluster import __version__, compat, daemon, failover, logs, peers, protocol
 from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
@@ -128,16 +128,26 @@ class ClusterNode(object):
         # compression cache included
         self.budget = budgets.for_daemon(cfg.options.max_inflight_bytes)
         protocol.bound_compression_cache(self.budget.cache)
+        # cluster.failover=1: the election (failover.py), a full mesh of sessions
+        self.failover = failover.Failover(cfg, os.path.dirname(layout.db_file), peers.resolve) \
+            if cfg.options.failover else None
+        self.sync.failover = self.failover
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,
                                            on_close=self.sync.session_ended,
-                                           budget=self.budget)
+                                           budget=self.budget, failover=self.failover)
         except socket.error as err:
             raise ClusterError("cannot listen on %s:%d: %s"
                                % (cfg.bind_addr, cfg.port, err.args[-1]))
         self.dialer = None
-        if not cfg.is_master:
+        self.mesh = []
+        if self.failover is not None:
+            self.mesh = peers.mesh_dialers(self.settings, self.failover, self.registry,
+                                           dispatcher=dispatcher,
+                                           on_session=self.sync.session_started,
+                                           on_close=self.sync.session_ended, budget=self.budget)
+        elif not cfg.is_master:
             self.dialer = peers.Dialer(self.settings, dispatcher,
                                        on_session=self.sync.session_started,
                                        on_close=self.sync.session_ended, budget=self.budget)
@@ -165,10 +175,14 @@ class ClusterNode(object):
             self.log.warning("wazuh-clusterd-internal does not answer yet; starting anyway.")
         self.inbox.start()
         self.control.start()
+        if self.failover is not None:
+            self.failover.start()
         self.server.start()
         self.events.start()
         if self.dialer is not None:
             self.dialer.start()
+        for dialer in self.mesh:
+            dialer.start()
 
     def loop(self):
         while self.running:
@@ -197,6 +211,10 @@ class ClusterNode(object):
         self.events.stop()
         if self.dialer is not None:
             self.dialer.stop()
+        for dialer in self.mesh:
+            dialer.stop()
+        if self.failover is not None:
+            self.failover.stop()
         self.server.stop()
         self.sync.stop()
         self.control.stop()
