@@ -14,6 +14,7 @@ from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
 from wazuh_cluster.errors import ClusterError
+from wazuh_cluster.failover_roles import RoleSwitch
 from wazuh_cluster.inbox import Inbox
 from wazuh_cluster.internal_link import InternalLink, Subscription
 from wazuh_cluster.supervisor import InternalSupervisor
@@ -131,7 +132,7 @@ class ClusterNode(object):
         # cluster.failover=1: the election (failover.py), a full mesh of sessions
         self.failover = failover.Failover(cfg, os.path.dirname(layout.db_file), peers.resolve) \
             if cfg.options.failover else None
-        self.sync.failover = self.failover
+        self.sync.failover = self.inbox.failover = self.failover
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,
@@ -156,14 +157,23 @@ class ClusterNode(object):
         dispatcher.update(commands.peer_handlers())
         self.control = ControlServer(layout.control_socket, commands)
         self.events = Subscription(layout.internal_socket, self.sync.on_event,
-                                   self.sync.on_reconnect, self.stopping)
+                                   self.on_internal_reconnect, self.stopping)
         self.signals = daemon.SelfPipe()
         # SIGCHLD only wakes the loop, which then reaps and restarts the internal daemon.
         self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
         self.internal = InternalSupervisor(internal_script(script), layout.home, cfg.node_type,
                                            layout.ossec_log, debug,
                                            cfg.options.internal_restart_max)
+        self.roles = None
+        if self.failover is not None:
+            self.roles = RoleSwitch(self.failover, cfg.node_name, cfg.node_type, self.link,
+                                    self.internal, self.inbox, self.sync)
         self.running = False
+
+    def on_internal_reconnect(self):
+        if self.roles is not None:
+            self.roles.reapply()
+        self.sync.on_reconnect()
 
     def start(self):
         self.running = True
@@ -176,6 +186,7 @@ class ClusterNode(object):
         self.inbox.start()
         self.control.start()
         if self.failover is not None:
+            self.roles.start()
             self.failover.start()
         self.server.start()
         self.events.start()
@@ -215,6 +226,7 @@ class ClusterNode(object):
             dialer.stop()
         if self.failover is not None:
             self.failover.stop()
+            self.roles.stop()
         self.server.stop()
         self.sync.stop()
         self.control.stop()

@@ -17,6 +17,7 @@ from __future__ import absolute_import, division, print_function
 
 import collections
 import logging
+import re
 import threading
 import time
 
@@ -119,6 +120,10 @@ class Failover(object):
     def _run(self):
         period = self.timing.heartbeat / 4
         while not self._stop.wait(period):
+            if self.election.term == 0 and not self.election.preferred:
+                # No leader ever existed: the master's files are the cluster's only state,
+                # and another node elected first would push its own (often empty) copies.
+                continue
             try:
                 self._input(lambda now: self.election.tick(now))
             except Exception:  # a bug must not end the elections of this node silently
@@ -202,6 +207,10 @@ class Failover(object):
 
     def _note(self, kind, note):
         level = logging.WARNING if kind in _WARN_NOTES else logging.INFO
+        for voter, name in self.names.items():   # the machine names voters by <nodes> entry
+            if voter != name:
+                note = re.sub(r"(?<![\w.-])%s(?![\w-])" % re.escape(voter),
+                              lambda m: "%s (%s)" % (name, voter), note)
         self.log.log(level, "Failover: %s.", text.printable(note, text.REASON_LIMIT))
         if kind in ("elected", "leader"):
             leader = self._name(self.election.leader)
@@ -230,10 +239,12 @@ class Failover(object):
             version = self.election.new_version(self.clock())
         return None if version is None else [version[0], version[1]]
 
-    def stamp(self):
-        """{term, version} for the header of a master-owned batch, None when not acting."""
-        version = self.new_version()
-        return None if version is None else {"term": version[0], "version": version}
+    def current_version(self):
+        """[term, seq] of this acting leader's state now (nothing originated); None when
+        not acting."""
+        with self.lock:
+            e = self.election
+            return [e.last[0], e.last[1]] if e.is_acting(self.clock()) else None
 
     def check_transfer(self, peer_name, header):
         """Fencing: returns when master-owned files from `peer_name` with this header (hostile:

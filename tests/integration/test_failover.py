@@ -6,6 +6,7 @@ The slow, many-trial scenarios are in test_failover_scenarios.py (skipped by def
 from __future__ import absolute_import, division, print_function
 
 import os
+import re
 import signal
 
 import pytest
@@ -30,9 +31,23 @@ def start_failover_cluster(make_node, options=FAILOVER):
     return nodes
 
 
-def acting(node, term_pattern=r"\d+"):
-    """The log line of `node` saying it acts as master (a term pattern may be given)."""
-    return node.wait_log(r"acting master in term %s" % term_pattern, WAIT)
+def wait(nodes, predicate, what):
+    """wait_for, and on time out the election's lines of every node (the logs' tails that
+    make_node prints are mostly synchronisation)."""
+    try:
+        return wait_for(predicate, WAIT, 0.1, what=what)
+    except AssertionError as err:
+        raise AssertionError("%s\n%s" % (err, "\n".join(failover_lines(n) for n in nodes)))
+
+
+def logged(node, pattern):
+    return re.search(pattern, node.log())
+
+
+def acting(nodes, node):
+    """Wait for the log line of `node` saying it acts as master."""
+    return wait(nodes, lambda: logged(node, r"acting master in term \d+"),
+                "%s acting as master" % node.name)
 
 
 def kill_node(node):
@@ -58,11 +73,8 @@ def same_tree(nodes, parts=MASTER_ITEMS):
 @pytest.fixture
 def failover_cluster(make_node):
     nodes = start_failover_cluster(make_node)
-    try:
-        acting(nodes[0])
-        wait_for(lambda: same_tree(nodes), WAIT, 0.1, what="clients identical to the master")
-    except AssertionError as err:  # a fixture's failure shows no logs otherwise
-        raise AssertionError("%s\n%s" % (err, "\n".join(failover_lines(n) for n in nodes)))
+    acting(nodes, nodes[0])
+    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
     return nodes
 
 
@@ -71,9 +83,11 @@ def test_the_preferred_master_is_elected_and_every_node_keeps_a_session_to_every
     master, client1, client2 = failover_cluster
     assert os.path.exists(master.path("var", "db", "cluster-election.json"))
     for node in (client1, client2):
-        node.wait_log(r"Failover: master leads term 1", WAIT)
+        wait(failover_cluster, lambda: logged(node, r"Failover: master \(\S+\) leads term \d+"),
+             "%s following the master" % node.name)
     # the full mesh: the two clients have a session with each other, too
-    client1.wait_log(r"node client2 connected from", WAIT)
+    wait(failover_cluster, lambda: logged(client2, r"node client1 connected from"),
+         "a session between the clients")
     assert "acting master" not in client1.log() + client2.log()
 
 
@@ -81,10 +95,10 @@ def test_leader_killed_another_node_acts_and_its_client_keys_reach_the_third(
         failover_cluster):
     master, client1, client2 = failover_cluster
     kill_node(master)
-    wait_for(lambda: "acting master in term" in client1.log() + client2.log(), WAIT, 0.1,
-             what="a client elected acting master")
+    wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
+         "a client elected acting master")
     leader, other = (client1, client2) if "acting master in term" in client1.log() \
         else (client2, client1)
     put(leader, "etc/client.keys", KEYS + u"004 new01 any 4444\n")
-    wait_for(lambda: same_tree([leader, other], ("etc/client.keys",)), WAIT, 0.1,
-             what="the new acting master's client.keys on the other client")
+    wait(failover_cluster, lambda: same_tree([leader, other], ("etc/client.keys",)),
+         "the new acting master's client.keys on the other client")
