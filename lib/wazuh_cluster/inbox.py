@@ -196,8 +196,6 @@ class Inbox(object):
         self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
                                        self.log)
         self.lock = threading.Lock()
-        self.role = cfg.node_type    # the elected role with cluster.failover=1 (set_role)
-        self.failover = None         # failover.Failover with cluster.failover=1
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
@@ -211,9 +209,16 @@ class Inbox(object):
     def stop(self):
         pass
 
+    failover = None     # failover.Failover with cluster.failover=1
+    _role = None        # the elected role with cluster.failover=1 (set_role)
+
+    @property
+    def role(self):
+        return self._role or self.cfg.node_type
+
     def set_role(self, role):
         """cluster.failover=1: this node now receives as a `role` (failover_roles.py)."""
-        self.role = self.receiver.role = self.deltas.role = role
+        self._role = self.receiver.role = self.deltas.role = role
 
     def sender_role(self, session, args):
         """The role a sync_files batch is sent in. With cluster.failover=1 a batch carrying

@@ -5,6 +5,7 @@ The slow, many-trial scenarios are in test_failover_scenarios.py (skipped by def
 """
 from __future__ import absolute_import, division, print_function
 
+import io
 import os
 import re
 import signal
@@ -102,3 +103,59 @@ def test_leader_killed_another_node_acts_and_its_client_keys_reach_the_third(
     put(leader, "etc/client.keys", KEYS + u"004 new01 any 4444\n")
     wait(failover_cluster, lambda: same_tree([leader, other], ("etc/client.keys",)),
          "the new acting master's client.keys on the other client")
+
+
+def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(failover_cluster):
+    master, client1, client2 = failover_cluster
+    kill_node(master)
+    wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
+         "a client elected acting master")
+    leader = client1 if "acting master in term" in client1.log() else client2
+    put(leader, "etc/client.keys", KEYS + u"005 during01 any 5555\n")
+    wait(failover_cluster, lambda: same_tree([client1, client2]), "the clients converged")
+    before = master.log()
+    master.start()
+    # it follows first and receives what changed meanwhile, then leads again (failback)
+    wait(failover_cluster, lambda: re.search(r"acting master in term \d+",
+                                             master.log()[len(before):]),
+         "the preferred master acting again")
+    assert "005 during01" in read(master, "etc/client.keys")
+    wait(failover_cluster, lambda: "handing the master role back to master" in leader.log(),
+         "the acting master handing over")
+    put(master, "etc/shared/default/agent.conf", u"<agent_config><back/></agent_config>\n")
+    wait(failover_cluster, lambda: same_tree(failover_cluster), "every node like the master")
+
+
+def test_failover_off_changes_nothing(make_node):
+    """cluster.failover=0 (the default): no election record, no session between clients,
+    no failover line in any log."""
+    nodes = configure_cluster(make_node, ("master", "client1", "client2"), "3s")
+    master, client1, client2 = nodes
+    put(master, "etc/client.keys", KEYS)
+    for node in nodes:
+        node.start()
+    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
+    client1.wait_log(r"connected to master master at", WAIT)
+    client2.wait_log(r"connected to master master at", WAIT)
+    for node in nodes:
+        assert not os.path.exists(node.path("var", "db", "cluster-election.json"))
+        assert "ailover" not in node.log()
+    assert "client2" not in client1.log() and "client1" not in client2.log()
+
+
+def test_a_node_with_failover_off_is_refused_by_the_others(make_node):
+    nodes = configure_cluster(make_node, ("master", "client1", "client2"), "3s")
+    master, client1, client2 = nodes
+    for node in (master, client1):
+        write_internal_options(node.prefix, FAILOVER)
+    for node in nodes:
+        node.start()
+    wait(nodes, lambda: logged(master, r"node client2 has cluster.failover=0 and this node "
+                                       r"has cluster.failover=1"), "the mixed cluster refused")
+    wait(nodes, lambda: logged(client2, r"refused us: node client2 has cluster.failover=0"),
+         "client2 told why")
+
+
+def read(node, rel):
+    with io.open(node.path(*rel.split("/")), encoding="utf-8") as handle:
+        return handle.read()
