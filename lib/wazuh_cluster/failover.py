@@ -120,14 +120,18 @@ class Failover(object):
     def _run(self):
         period = self.timing.heartbeat / 4
         while not self._stop.wait(period):
-            if self.election.term == 0 and not self.election.preferred:
-                # No leader ever existed: the master's files are the cluster's only state,
-                # and another node elected first would push its own (often empty) copies.
-                continue
             try:
-                self._input(lambda now: self.election.tick(now))
+                self.tick()
             except Exception:  # a bug must not end the elections of this node silently
                 self.log.exception("election tick failed")
+
+    def tick(self):
+        """Time passed (the timer thread calls it every heartbeat / 4)."""
+        if self.election.term == 0 and not self.election.preferred:
+            # No leader ever existed: the master's files are the cluster's only state, and
+            # another node elected first would push its own (often empty) copies.
+            return
+        self._input(lambda now: self.election.tick(now))
 
     # -- sessions ---------------------------------------------------------------------------
 
