@@ -227,6 +227,7 @@ class Inbox(object):
         if self.failover is None:
             return session.peer_role
         if "term" not in args and "version" not in args:
+            self.check_acting(session)
             return "client"
         try:
             self.failover.check_transfer(session.peer_name, args)
@@ -239,12 +240,21 @@ class Inbox(object):
         """A peer compares only the items of its role. With cluster.failover=1 a new leader
         may ask before this node learned of the election: it is told to try again later."""
         if source == session.peer_role:
+            if source == "client":
+                self.check_acting(session)
             return
         if self.failover is not None and source == "master":
             raise RequestError("%s does not lead yet as far as this node knows"
                                % session.peer_name, "not_leader")
         raise RequestError("a %s may only compare its own items" % session.peer_role,
                            "forbidden")
+
+    def check_acting(self, session):
+        """With cluster.failover=1 only the acting master takes what clients send (their
+        agent-info) and compares it with them: the others say so, and the client retries."""
+        if self.failover is not None and not self.failover.is_acting():
+            raise RequestError("node %s is not the acting master" % self.cfg.node_name,
+                               "not_master")
 
     def handlers(self):
         found = {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}

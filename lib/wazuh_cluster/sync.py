@@ -226,7 +226,7 @@ class PeerSync(object):
                 try:
                     job()
                 except RequestError as err:
-                    if err.code in (NOT_ACTING, "not_leader", "stale_term"):
+                    if err.code in (NOT_ACTING, "not_leader", "not_master", "stale_term"):
                         # the lease ran out midway, or the peer does not know of our election
                         # yet: compare everything again in a moment
                         with self.cond:
