@@ -84,6 +84,7 @@ class Failover(object):
         self.clock = clock
         self.wall = wall
         self.log = logs.get("failover")
+        self.once = logs.OnceLog(self.log)
         self.timing = election.Timing(options.keepalive, options.failover_timeout or None)
         voters, self.me, self._by_ip = resolve_voters(cfg.nodes, cfg.own_address, resolver)
         store = electionstore.FileStore(electionstore.path_in(db_folder))
@@ -215,7 +216,13 @@ class Failover(object):
             if voter != name:
                 note = re.sub(r"(?<![\w.-])%s(?![\w-])" % re.escape(voter),
                               lambda m: "%s (%s)" % (name, voter), note)
-        self.log.log(level, "Failover: %s.", text.printable(note, text.REASON_LIMIT))
+        note = text.printable(note, text.REASON_LIMIT)
+        if kind == "round_failed":   # every half round while no majority answers: once
+            self.once.warning("round", "Failover: %s; trying again (logged once).", note)
+            return
+        if kind in ("elected", "leader"):
+            self.once.clear("round", "Failover: a majority answers again")
+        self.log.log(level, "Failover: %s.", note)
         if kind in ("elected", "leader"):
             leader = self._name(self.election.leader)
             if not self.failovers or self.failovers[-1]["leader"] != leader:

@@ -190,3 +190,14 @@ def test_this_node_must_be_listed():
     with pytest.raises(ClusterError) as info:
         failover.Failover(cfg, "/nonexistent", lambda entry: [entry])
     assert "127.0.0.9 is not among <nodes>" in str(info.value)
+
+
+def test_failed_rounds_are_logged_once_not_every_half_round(tmpdir, caplog):
+    clock = Clock()
+    alpha = node(tmpdir, "127.0.0.1", clock, preferred=True)
+    for _ in range(100):
+        clock.now += 0.5
+        alpha.tick()
+    lines = [r.getMessage() for r in caplog.records if "votes needed" in r.getMessage()]
+    assert len(lines) == 1 and "logged once" in lines[0]
+    assert not alpha.is_acting()
