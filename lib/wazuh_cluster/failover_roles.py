@@ -12,7 +12,7 @@ from __future__ import absolute_import, division, print_function
 
 import threading
 
-from wazuh_cluster import compat, logs
+from wazuh_cluster import logs
 from wazuh_cluster.errors import RequestError
 
 RETRY = 1.0
@@ -21,6 +21,7 @@ RETRY = 1.0
 class RoleSwitch(object):
 
     def __init__(self, failover, node_name, role, link, supervisor, inbox, sync):
+        self.failover = failover
         self.node_name = node_name
         self.role = role
         self.link = link
@@ -28,9 +29,10 @@ class RoleSwitch(object):
         self.inbox = inbox
         self.sync = sync
         self.log = logs.get("failover")
+        self.once = logs.OnceLog(self.log)
         self.cond = threading.Condition()
-        self.wanted = None          # (acting, leader name) last told by the election
-        self.applied = None
+        self.poked = False
+        self.applied = None         # (acting, leader name) the data plane was set for
         self.stopped = False
         self.thread = None
         failover.listeners.append(self.changed)
@@ -49,33 +51,37 @@ class RoleSwitch(object):
             self.thread.join(5.0)
 
     def changed(self, acting, leader):
-        """Failover listener: called under nothing heavy, returns at once."""
+        """Failover listener: only wakes the thread, which reads the election's state itself
+        (listeners of two threads may be called in either order)."""
         with self.cond:
-            self.wanted = (acting, leader)
+            self.poked = True
             self.cond.notify()
 
     def reapply(self):
         """The internal daemon restarted (it starts with the last role set): tell it again."""
         with self.cond:
             self.applied = None
+            self.poked = True
             self.cond.notify()
 
     def _run(self):
         while True:
             with self.cond:
-                while not self.stopped and self.wanted == self.applied:
+                if not self.stopped and not self.poked:
                     self.cond.wait(RETRY)
+                self.poked = False
                 if self.stopped:
                     return
-                wanted = self.wanted
+            wanted = (self.failover.is_acting(), self.failover.leader_name())
+            if wanted == self.applied:
+                continue
             try:
                 self.apply(*wanted)
             except RequestError as err:
-                self.log.warning("Failover: role change postponed: %s", err)
-                compat.Event().wait(RETRY)
+                self.once.warning("postponed", "Failover: role change postponed: %s", err)
                 continue
-            with self.cond:
-                self.applied = wanted
+            self.once.clear("postponed", "Failover: role change done")
+            self.applied = wanted
 
     def apply(self, acting, leader):
         if acting:
