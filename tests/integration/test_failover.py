@@ -104,6 +104,11 @@ def test_leader_killed_another_node_acts_and_its_client_keys_reach_the_third(
     wait(failover_cluster, lambda: same_tree([leader, other], ("etc/client.keys",)),
          "the new acting master's client.keys on the other client")
 
+    def cluster_view():   # cluster-wide views come from the acting master now
+        result = other.cluster_control("-n")
+        return result.rc == 0 and leader.name in result.out and "master" in result.out
+    wait(failover_cluster, cluster_view, "cluster_control -n answered through %s" % leader.name)
+
 
 def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(failover_cluster):
     master, client1, client2 = failover_cluster
