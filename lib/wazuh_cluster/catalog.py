@@ -176,6 +176,7 @@ class Catalog(object):
             "meta_set": self._cmd_meta_set,
             "fingerprints": self._cmd_fingerprints,
             "received": self._cmd_received,
+            "set_role": self._cmd_set_role,
         }
 
     def commands(self):
@@ -336,6 +337,18 @@ class Catalog(object):
         except db_mod.Error as exc:
             self.log.error("cluster database error in %s: %s", cmd, exc)
             raise errors.RequestError("cluster database error: %s" % exc, "db_error")
+
+    def _cmd_set_role(self, args):
+        """{role}: with cluster.failover=1 the elected leader owns the master's items
+        (failover_roles.py); what this node sends and to whom follows from the role."""
+        role = args.get("role")
+        if role not in ("master", "client"):
+            raise _bad("role must be \"master\" or \"client\"")
+        if role != self.role:
+            self.log.info("Role changed from %s to %s (failover).", self.role, role)
+            self.role = role
+            self._summaries = {}
+        return {"role": role}
 
     def _cmd_status(self, args):
         return {"files": len(self.scanner), "last_scan": self._last_scan_wall,

@@ -9,11 +9,12 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, daemon, logs, peers, protocol
+from wazuh_cluster import __version__, compat, daemon, failover, logs, peers, protocol
 from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
 from wazuh_cluster.errors import ClusterError
+from wazuh_cluster.failover_roles import RoleSwitch
 from wazuh_cluster.inbox import Inbox
 from wazuh_cluster.internal_link import InternalLink, Subscription
 from wazuh_cluster.supervisor import InternalSupervisor
@@ -128,16 +129,26 @@ class ClusterNode(object):
         # compression cache included
         self.budget = budgets.for_daemon(cfg.options.max_inflight_bytes)
         protocol.bound_compression_cache(self.budget.cache)
+        # cluster.failover=1: the election (failover.py), a full mesh of sessions
+        self.failover = failover.Failover(cfg, os.path.dirname(layout.db_file), peers.resolve) \
+            if cfg.options.failover else None
+        self.sync.failover = self.inbox.failover = self.failover
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,
                                            on_close=self.sync.session_ended,
-                                           budget=self.budget)
+                                           budget=self.budget, failover=self.failover)
         except socket.error as err:
             raise ClusterError("cannot listen on %s:%d: %s"
                                % (cfg.bind_addr, cfg.port, err.args[-1]))
         self.dialer = None
-        if not cfg.is_master:
+        self.mesh = []
+        if self.failover is not None:
+            self.mesh = peers.mesh_dialers(self.settings, self.failover, self.registry,
+                                           dispatcher=dispatcher,
+                                           on_session=self.sync.session_started,
+                                           on_close=self.sync.session_ended, budget=self.budget)
+        elif not cfg.is_master:
             self.dialer = peers.Dialer(self.settings, dispatcher,
                                        on_session=self.sync.session_started,
                                        on_close=self.sync.session_ended, budget=self.budget)
@@ -146,14 +157,23 @@ class ClusterNode(object):
         dispatcher.update(commands.peer_handlers())
         self.control = ControlServer(layout.control_socket, commands)
         self.events = Subscription(layout.internal_socket, self.sync.on_event,
-                                   self.sync.on_reconnect, self.stopping)
+                                   self.on_internal_reconnect, self.stopping)
         self.signals = daemon.SelfPipe()
         # SIGCHLD only wakes the loop, which then reaps and restarts the internal daemon.
         self.signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD))
         self.internal = InternalSupervisor(internal_script(script), layout.home, cfg.node_type,
                                            layout.ossec_log, debug,
                                            cfg.options.internal_restart_max)
+        self.roles = None
+        if self.failover is not None:
+            self.roles = RoleSwitch(self.failover, cfg.node_name, cfg.node_type, self.link,
+                                    self.internal, self.inbox, self.sync)
         self.running = False
+
+    def on_internal_reconnect(self):
+        if self.roles is not None:
+            self.roles.reapply()
+        self.sync.on_reconnect()
 
     def start(self):
         self.running = True
@@ -165,10 +185,15 @@ class ClusterNode(object):
             self.log.warning("wazuh-clusterd-internal does not answer yet; starting anyway.")
         self.inbox.start()
         self.control.start()
+        if self.failover is not None:
+            self.roles.start()
+            self.failover.start()
         self.server.start()
         self.events.start()
         if self.dialer is not None:
             self.dialer.start()
+        for dialer in self.mesh:
+            dialer.start()
 
     def loop(self):
         while self.running:
@@ -197,6 +222,11 @@ class ClusterNode(object):
         self.events.stop()
         if self.dialer is not None:
             self.dialer.stop()
+        for dialer in self.mesh:
+            dialer.stop()
+        if self.failover is not None:
+            self.failover.stop()
+            self.roles.stop()
         self.server.stop()
         self.sync.stop()
         self.control.stop()

@@ -50,6 +50,9 @@ class Commands(object):
         """What a client may ask the master on its session (cluster-wide views)."""
         def forwarded(func):
             def handler(session, args, data):
+                if self.node.failover is not None and not self.answers_as_master():
+                    raise RequestError("node %s is not the acting master" % self.cfg.node_name,
+                                       "not_master")
                 result = func(args if isinstance(args, dict) else {})
                 if isinstance(result, localsock.WithData):
                     return result.result, result.data  # the agent rows, as bytes
@@ -64,6 +67,9 @@ class Commands(object):
     def master_session(self):
         dialer = self.node.dialer
         session = dialer.session if dialer is not None else None
+        if self.node.failover is not None:   # the elected leader's session
+            leader = self.node.failover.leader_name()
+            session = self.node.registry.get(leader) if leader else None
         if session is None or session.closed:
             raise RequestError("the master is unreachable (no session with it)", "unreachable")
         return session
@@ -80,20 +86,27 @@ class Commands(object):
         return result
 
     def cluster_wide(self, cmd, args, local):
-        return local(args) if self.cfg.is_master else self.ask_master(cmd, args)
+        return local(args) if self.answers_as_master() else self.ask_master(cmd, args)
+
+    def answers_as_master(self):
+        """The configured master; with cluster.failover=1, the acting leader only."""
+        failover = self.node.failover
+        return self.cfg.is_master if failover is None else failover.is_acting()
 
     # -- commands -------------------------------------------------------------------------------
 
     def status(self, args):
         master = self.cfg.node_name if self.cfg.is_master else (
             self.node.dialer.master_name if self.node.dialer else None)
+        if self.node.failover is not None:
+            master = self.node.failover.leader_name()
         return {"cluster": self.cfg.name, "node": self.cfg.node_name,
                 "type": self.cfg.node_type, "version": __version__,
                 "python": compat.VERSION, "master": master,
                 "peers": sorted(s.peer_name for s in self.sessions())}
 
     def sessions(self):
-        if self.cfg.is_master:
+        if self.cfg.is_master or self.node.failover is not None:
             return self.node.registry.sessions()
         session = self.node.dialer.session if self.node.dialer else None
         return [session] if session is not None and not session.closed else []

@@ -34,6 +34,26 @@ else:
     ConnectionError = _builtins.ConnectionError
     BrokenPipeError = _builtins.BrokenPipeError
 
+def _ctypes_clock(clock_id):
+    """A function returning clock_gettime(clock_id) in seconds (2.7 has no time.clock_gettime)."""
+    import ctypes
+    import ctypes.util
+
+    class _Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    librt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+    clock_gettime = librt.clock_gettime
+    clock_gettime.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+    ts = _Timespec()
+
+    def _now():
+        if clock_gettime(clock_id, ctypes.byref(ts)) != 0:
+            raise OSError(ctypes.get_errno(), "clock_gettime failed")
+        return ts.tv_sec + ts.tv_nsec * 1e-9
+    return _now
+
+
 try:
     monotonic = time.monotonic
 except AttributeError:  # 2.7
@@ -42,25 +62,26 @@ except AttributeError:  # 2.7
         return _monotonic_27()
 
     def _monotonic_27():
-        import ctypes
-        import ctypes.util
-
-        class _Timespec(ctypes.Structure):
-            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-        librt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
-        clock_gettime = librt.clock_gettime
-        clock_gettime.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
-        ts = _Timespec()
-
-        def _now():
-            if clock_gettime(1, ctypes.byref(ts)) != 0:
-                raise OSError(ctypes.get_errno(), "clock_gettime failed")
-            return ts.tv_sec + ts.tv_nsec * 1e-9
-
         global _monotonic_27
-        _monotonic_27 = _now
-        return _now()
+        _monotonic_27 = _ctypes_clock(1)
+        return _monotonic_27()
+
+_LINUX_CLOCK_BOOTTIME = 7
+if hasattr(time, "CLOCK_BOOTTIME"):
+    def boottime():
+        """Monotonic seconds that go on while the machine is suspended (election leases)."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+elif PY2 and sys.platform.startswith("linux"):  # pragma: no cover - 2.7 run
+    def boottime():
+        """Monotonic seconds that go on while the machine is suspended (election leases)."""
+        return _boottime_27()
+
+    def _boottime_27():
+        global _boottime_27
+        _boottime_27 = _ctypes_clock(_LINUX_CLOCK_BOOTTIME)
+        return _boottime_27()
+else:
+    boottime = monotonic
 
 
 def to_bytes(value, encoding="utf-8"):

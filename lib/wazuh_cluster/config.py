@@ -163,6 +163,9 @@ OPTIONS = (
     ("max_client_message_bytes", to_int_range(1 << 20, 64 << 20), str(8 << 20)),
     ("delta_min_bytes", to_int_range(0, 1 << 30), str(64 << 10)),
     ("delta_store_bytes", to_int_range(0, 1 << 30), str(24 << 20)),
+    ("failover", to_bool01, "0"),
+    ("failover_timeout", to_float_range(0, 3600), "0"),  # 0 = 3 x cluster.keepalive
+    ("failback", to_bool01, "1"),
 )
 
 ITEM_FIELDS = ("name", "path", "kind", "source", "recursive", "mode", "dir_mode", "hot",

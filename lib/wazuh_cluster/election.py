@@ -1,7 +1,7 @@
-"""Master failover, election part: a pure state machine (SPEC section 10). NOT WIRED YET.
+"""Master failover, election part: a pure state machine (SPEC section 10).
 
-Nothing imports this module yet and `cluster.failover` is not offered: this is the foundation
-that the next step wires into peers.py, session.py and sync.py. The plan of the whole feature:
+failover.py runs it in wazuh-clusterd behind `cluster.failover=1` (failover_roles.py switches
+the data plane, peers.py keeps the full mesh). The plan of the whole feature:
 
 Terms and durable state
     Every node keeps `term`, `voted_for` and `last` = (term, seq) of the last master-owned state

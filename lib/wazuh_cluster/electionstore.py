@@ -1,4 +1,4 @@
-"""The durable election record of this node: term, voted_for, last applied version. NOT WIRED.
+"""The durable election record of this node: term, voted_for, last applied version.
 
 One small JSON file of wazuh-clusterd's own (election.py explains why it is not in
 cluster.db), var/db/cluster-election.json. save() returns only when the new record is durable:

@@ -209,6 +209,53 @@ class Inbox(object):
     def stop(self):
         pass
 
+    failover = None     # failover.Failover with cluster.failover=1
+    _role = None        # the elected role with cluster.failover=1 (set_role)
+
+    @property
+    def role(self):
+        return self._role or self.cfg.node_type
+
+    def set_role(self, role):
+        """cluster.failover=1: this node now receives as a `role` (failover_roles.py)."""
+        self._role = self.receiver.role = self.deltas.role = role
+
+    def sender_role(self, session, args):
+        """The role a sync_files batch is sent in. With cluster.failover=1 a batch carrying
+        {term, version} holds master-owned files: allowed only from the leader of the highest
+        term known (fencing, failover.check_transfer raises stale_term otherwise)."""
+        if self.failover is None:
+            return session.peer_role
+        if "term" not in args and "version" not in args:
+            self.check_acting(session)
+            return "client"
+        try:
+            self.failover.check_transfer(session.peer_name, args)
+        except RequestError as err:
+            self.log.warning("Refused a batch from %s: %s", session.peer_name, err)
+            raise
+        return "master"
+
+    def check_source(self, session, source):
+        """A peer compares only the items of its role. With cluster.failover=1 a new leader
+        may ask before this node learned of the election: it is told to try again later."""
+        if source == session.peer_role:
+            if source == "client":
+                self.check_acting(session)
+            return
+        if self.failover is not None and source == "master":
+            raise RequestError("%s does not lead yet as far as this node knows"
+                               % session.peer_name, "not_leader")
+        raise RequestError("a %s may only compare its own items" % session.peer_role,
+                           "forbidden")
+
+    def check_acting(self, session):
+        """With cluster.failover=1 only the acting master takes what clients send (their
+        agent-info) and compares it with them: the others say so, and the client retries."""
+        if self.failover is not None and not self.failover.is_acting():
+            raise RequestError("node %s is not the acting master" % self.cfg.node_name,
+                               "not_master")
+
     def handlers(self):
         found = {"sync_manifest": self.sync_manifest, "sync_files": self.sync_files}
         if self.cfg.options.round_summaries:
@@ -226,9 +273,7 @@ class Inbox(object):
         megabytes of dicts and JSON text in this process. Otherwise it is the "files" field.
         """
         source = args.get("source")
-        if source != session.peer_role:
-            raise RequestError("a %s may only compare its own items" % session.peer_role,
-                               "forbidden")
+        self.check_source(session, source)
         names = args.get("names")
         if names is not None:
             if not isinstance(names, list) or not all(isinstance(n, compat.string_types)
@@ -264,29 +309,28 @@ class Inbox(object):
         """The summary (summary.py) of our copy of the items the asking peer owns: on a
         master, of the agent-info files that client reports."""
         source = args.get("source")
-        if source != session.peer_role:
-            raise RequestError("a %s may only compare its own items" % session.peer_role,
-                               "forbidden")
+        self.check_source(session, source)
         query = {"source": source}
-        if self.cfg.is_master:
+        if self.role == "master":
             query["node"] = session.peer_name
         return {"buckets": self.link.call("summary", query)["buckets"]}, b""
 
     def sync_files(self, session, args, data):
         """Apply a batch of files from a peer; its data is inflated as it is written."""
         started = time.time()
+        sender_role = self.sender_role(session, args)
         # Deltas become whole files first: everything below sees what a whole file brings.
-        args, data, delta_refused = self.deltas.expand(args, data, session.peer_role,
+        args, data, delta_refused = self.deltas.expand(args, data, sender_role,
                                                        session.peer_name)
         incoming, deletes, dirs = parse_batch(args, data)
-        if isinstance(data, protocol.Inflater) and not self.cfg.is_master and \
+        if isinstance(data, protocol.Inflater) and self.role != "master" and \
                 self.touches_keys(incoming, deletes):
             # the removal guard compares the whole new client.keys with ours first
             incoming, deletes, dirs = parse_batch(args, data.read_all())
         parsed = incoming
         peer = session.peer_name
         refused = {}
-        if session.peer_role == "client":
+        if sender_role == "client":
             refused = self.refuse_deletes(peer, deletes + dirs)
             deletes, dirs = [], []
         known = keepalive.records(self.link, incoming) if any(
@@ -296,13 +340,13 @@ class Inbox(object):
         # other batches are applied alongside each other (the receiver claims names).
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
-            if not self.cfg.is_master and session.peer_role == "master":
+            if self.role != "master" and sender_role == "master":
                 incoming, deletes, hold = self.guard_keys(incoming, deletes)
             written = None
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
-                                                        sender_role=session.peer_role,
+                                                        sender_role=sender_role,
                                                         peer=peer, known=known, learned=learned)
             if hold is not None:
                 states[self.keys_name] = "pending"
@@ -319,8 +363,11 @@ class Inbox(object):
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
         for request in staterows.requests(staterows.rows(peer, invalid)):
             self.link.call("set_states", request)
-        if self.cfg.is_master and self.info_dir:
+        if self.role == "master" and self.info_dir:
             self.record_agents(peer, states, reasons, self.applied_mtimes(incoming))
+        if sender_role == "master" and self.failover is not None and not delta_refused and \
+                all(state == "synchronized" for state in states.values()):
+            self.failover.applied(args["version"])  # checked by check_transfer
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         if delta_refused:
@@ -401,12 +448,12 @@ class Inbox(object):
             self.link.call("meta_set", {"key": HELD_KEY, "value": value})
 
     def held_summary(self):
-        held = self.held() if not self.cfg.is_master else None
+        held = self.held() if self.role != "master" else None
         return {"message": held["message"], "since": held["since"]} if held else None
 
     def confirm_removals(self):
         """Apply the held client.keys change (operator's decision) and clean its agents."""
-        if self.cfg.is_master:
+        if self.role == "master":
             raise RequestError("nothing is held on a master: the guard protects clients",
                                "nothing_held")
         with self.lock:

@@ -46,7 +46,7 @@ import threading
 from wazuh_cluster import budget as budgets
 from wazuh_cluster import admission, channel, compat, legacy_node, protocol, text
 from wazuh_cluster.errors import HandshakeError, ProtocolError
-from wazuh_cluster.session import CONTROL_FRAME_FREE, Session
+from wazuh_cluster.session import CONTROL_FRAME_FREE, DEFAULT_MAX_MESSAGE, Session
 
 log = logging.getLogger("wazuh_cluster")
 # Optional abilities announced in HELLO_INFO: "delta" = sync_files batches with "deltas"
@@ -176,8 +176,9 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
     request_queue_size = 256
 
     def __init__(self, settings, dispatcher, registry=None, on_session=None, on_close=None,
-                 nonce_book=None, refusals=None, budget=None):
+                 nonce_book=None, refusals=None, budget=None, failover=None):
         self.settings = settings
+        self.failover = failover   # failover.Failover with cluster.failover=1: a full mesh
         self.budget = budget if budget is not None else budgets.Budget()
         self.dispatcher = dispatcher
         self.registry = registry if registry is not None else NodeRegistry()
@@ -287,7 +288,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         who = "%s (%s)" % (peer, hs.peer_name)
         ch = channel.SecureChannel(sock, hs.codec, hs.peer_name, hs.peer_role,
                                    s.effective_io_timeout())
-        if s.role != "master":
+        if s.role != "master" and self.failover is None:
             log.debug("peer %s learned that this node is a client; closing", who)
             ch.close()
             return
@@ -296,12 +297,16 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             if frame is None:
                 self._refuse(address, "no hello before the deadline", who=who)
                 return
+            if frame[0] == protocol.CLOSE and self.failover is not None:
+                log.debug("peer %s dials no node of a lower name (it waits for ours)", who)
+                ch.close()
+                return
             if frame[0] != protocol.HELLO_INFO:
                 self._refuse(address, "expected a hello, got %s" % protocol.type_name(frame[0]),
                              who=who)
                 return
             hello, _ = protocol.decode_body(frame[3])
-            if hs.peer_role == "master":
+            if hs.peer_role == "master" and self.failover is None:
                 self._refuse(address, "a second master in cluster %s" % s.cluster_name,
                              logging.ERROR, who)
                 _refuse(ch, "second_master", "node %s is already the master of cluster %s"
@@ -309,11 +314,16 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                 return
             # A client's messages are small (agent-info): each client session may hold two
             # of the largest at once.
+            limit = s.max_client_message_bytes if self.failover is None else DEFAULT_MAX_MESSAGE
             session = Session(ch, self.dispatcher, s.keepalive, self._closed, address,
-                              _version(hello, who), max_message_bytes=s.max_client_message_bytes,
-                              max_handlers=8, budget=self.budget,
-                              share=2 * s.max_client_message_bytes)
+                              _version(hello, who), max_message_bytes=limit,
+                              max_handlers=8, budget=self.budget, share=2 * limit)
             session.features = _features(hello)
+            mismatch = self.failover and self.failover.check_hello(session, hello)
+            if mismatch:
+                self._refuse(address, mismatch, logging.ERROR, who)
+                _refuse(ch, "failover_mismatch", mismatch)
+                return
             ok, other = self.registry.register(session)
             if not ok:
                 self._refuse(address, "node name %s already connected from %s"
@@ -322,7 +332,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
                         % hs.peer_name)
                 return
             try:
-                ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(_hello(s)))
+                ch.send_frame(protocol.HELLO_INFO, 0, 0,
+                              protocol.encode_body(_hello(s, self.failover)))
             except ProtocolError:
                 session.on_close = None      # never announced: just leave the registry
                 session.close("lost before the hello", notify=False)
@@ -338,6 +349,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             session.close("shutting down")
             return
         log.info("node %s connected from %s (version %s)", hs.peer_name, peer, session.version)
+        if self.failover is not None:
+            self.failover.session_opened(session, hello)
         if self.on_session is not None:
             try:
                 self.on_session(session)
@@ -363,6 +376,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
         self.registry.unregister(session)
         log.info("node %s (%s) disconnected: %s", session.peer_name,
                  session.describe_address(), reason)
+        if self.failover is not None:
+            self.failover.session_closed(session)
         if self.on_close is not None:
             self.on_close(session, reason)
 
@@ -386,12 +401,15 @@ def _fmt(address):
     return "%s:%s" % (address[0], address[1])
 
 
-def _hello(settings):
+def _hello(settings, failover=None):
     """Our HELLO_INFO. "features" (absent before deltas existed) lists what we understand
-    beyond the original protocol; a peer uses only what both announce."""
+    beyond the original protocol; a peer uses only what both announce. With cluster.failover=1
+    it also carries the election's fields (failover.HELLO_KEY)."""
     hello = {"name": settings.node_name, "role": settings.role, "version": settings.version}
     if settings.features:
         hello["features"] = list(settings.features)
+    if failover is not None:
+        hello.update(failover.hello_fields())
     return hello
 
 
@@ -424,8 +442,13 @@ class Dialer(object):
     """
 
     def __init__(self, settings, dispatcher, on_session=None, on_close=None, nonce_book=None,
-                 rng=None, resolver=None, budget=None):
+                 rng=None, resolver=None, budget=None, failover=None, registry=None):
         self.settings = settings
+        # With cluster.failover=1 (failover.Failover): a link to the one node of `nodes`,
+        # whoever leads (see mesh_dialers); its sessions go into `registry`.
+        self.failover = failover
+        self.registry = registry
+        self._inbound = False
         self.budget = budget if budget is not None else budgets.Budget()
         self.dispatcher = dispatcher
         self.on_session = on_session
@@ -507,9 +530,15 @@ class Dialer(object):
             except Exception:  # a bug must not end the client's only link to its master
                 log.exception("dialing the master failed")
                 session = None
+            if session is None and self._inbound:
+                # that node dials us (mesh_dialers): look again now and then, quietly
+                self._inbound = False
+                self._stop.wait(self.settings.reconnect_max)
+                continue
             if session is None:
                 if not warned:
-                    log.warning("no master reachable among %s; retrying with backoff",
+                    log.warning("no %s reachable among %s; retrying with backoff",
+                                "node" if self.failover else "master",
                                 ", ".join(self.settings.nodes) or "no nodes")
                     warned = True
                 self.attempts += 1
@@ -576,11 +605,18 @@ class Dialer(object):
                                           self.nonce_book)
             ch = channel.SecureChannel(sock, hs.codec, hs.peer_name, hs.peer_role,
                                        s.effective_io_timeout())
-            if hs.peer_role != "master":
+            if self.failover is not None and hs.peer_name <= s.node_name:
+                # In the mesh the node of the lower name dials: one session per pair.
+                log.debug("node %s at %s dials us; not dialing it", hs.peer_name, peer)
+                self._inbound = True
+                _refuse_quietly(ch)
+                return None
+            if hs.peer_role != "master" and self.failover is None:
                 log.debug("node %s at %s is a client, not the master", hs.peer_name, peer)
                 ch.close()
                 return None
-            ch.send_frame(protocol.HELLO_INFO, 0, 0, protocol.encode_body(_hello(s)))
+            ch.send_frame(protocol.HELLO_INFO, 0, 0,
+                          protocol.encode_body(_hello(s, self.failover)))
             frame = ch.recv_frame(max(0.0, deadline - compat.monotonic()), admit=_small)
             if frame is None:
                 self._report(logging.WARNING, "master %s at %s did not answer our hello",
@@ -605,8 +641,12 @@ class Dialer(object):
                               _version(header, "%s (%s)" % (peer, hs.peer_name)),
                               budget=self.budget, share=self.budget.total)
             session.features = _features(header)
+            if self.failover is not None and not self._join_mesh(session, header, peer):
+                ch.close()
+                return None
             self._report(None, "")
-            log.info("connected to master %s at %s", hs.peer_name, peer)
+            log.info("connected to %s %s at %s", "node" if self.failover else "master",
+                     hs.peer_name, peer)
             return session
         except HandshakeError as exc:
             self._report(logging.WARNING, "handshake with %s failed: %s", peer, exc.message)
@@ -618,9 +658,48 @@ class Dialer(object):
         _close_sock(sock)
         return None
 
+    def _join_mesh(self, session, hello, peer):
+        """A dialed session of the mesh: checked, registered, given to the election."""
+        mismatch = self.failover.check_hello(session, hello)
+        if mismatch:
+            self._report(logging.ERROR, "%s; not connecting to %s", mismatch, peer)
+            return False
+        ok, other = self.registry.register(session)
+        if not ok:
+            log.debug("node %s already connected from %s", session.peer_name,
+                      other.describe_address())
+            return False
+        self.failover.session_opened(session, hello)
+        return True
+
     def _closed(self, session, reason):
+        if self.failover is not None:
+            self.registry.unregister(session)
+            log.info("node %s (%s) disconnected: %s", session.peer_name,
+                     session.describe_address(), reason)
+            self.failover.session_closed(session)
         if self.on_close is not None:
             self.on_close(session, reason)
+
+
+def mesh_dialers(settings, failover, registry, **kwargs):
+    """cluster.failover=1: one Dialer per other entry of <nodes>, each keeping a session with
+    that node if its name is higher than ours (the lower name dials: one session per pair)."""
+    own = set(settings.own_addresses)
+    for address in settings.own_addresses:
+        own.update(resolve(address))
+    return [Dialer(settings._replace(nodes=(entry,)), failover=failover, registry=registry,
+                   **kwargs)
+            for entry in settings.nodes if entry not in own and not own & set(resolve(entry))]
+
+
+def _refuse_quietly(ch):
+    """Close a dialed channel before the hello: the peer sees a CLOSE, not an error."""
+    try:
+        ch.send_frame(protocol.CLOSE, 0, 0, protocol.encode_body({"reason": "mesh_direction"}))
+    except ProtocolError:
+        pass
+    ch.close()
 
 
 def _close_sock(sock):

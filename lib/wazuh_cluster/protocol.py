@@ -28,6 +28,7 @@ MESSAGE_TYPES = {
     "ERROR": 5,        # session-level error {"code", "message"}; the sender closes afterwards
     "FILE_CHUNK": 6,   # continuation of the raw data of the REQUEST/RESPONSE with the same id
     "CLOSE": 7,        # orderly goodbye {"reason"}
+    "ELECTION": 8,     # cluster.failover=1 only: an election message (election.py), header only
 }
 TYPE_NAMES = dict((v, k) for k, v in MESSAGE_TYPES.items())
 HELLO_INFO = MESSAGE_TYPES["HELLO_INFO"]
@@ -37,6 +38,7 @@ RESPONSE = MESSAGE_TYPES["RESPONSE"]
 ERROR = MESSAGE_TYPES["ERROR"]
 FILE_CHUNK = MESSAGE_TYPES["FILE_CHUNK"]
 CLOSE = MESSAGE_TYPES["CLOSE"]
+ELECTION = MESSAGE_TYPES["ELECTION"]
 
 COMPRESS_FROM = 64 << 10  # bytes of data from which a message is compressed
 FLAG_COMPRESSED = 0x01   # the raw data (all chunks together) is a zlib stream

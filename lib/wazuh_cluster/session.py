@@ -90,6 +90,8 @@ class Session(object):
     """
 
     features = frozenset()  # what the peer announced in HELLO_INFO (peers.KNOWN_FEATURES)
+    # callable(session, header) taking ELECTION frames (failover.py); None: they are refused
+    on_election = None
 
     def __init__(self, channel, dispatcher, keepalive=30.0, on_close=None, address=None,
                  version=None, max_message_bytes=DEFAULT_MAX_MESSAGE, max_handlers=8,
@@ -457,6 +459,8 @@ class Session(object):
             log.info("session with %s (%s) closed by the peer: %s", self.peer_name,
                      self.describe_address(), _text(header.get("reason")))
             self.close("closed by the peer", notify=False)
+        elif msg_type == protocol.ELECTION and self.on_election is not None:
+            self.on_election(self, protocol.decode_body(body)[0])
         else:
             raise ProtocolError("unexpected %s frame" % protocol.type_name(msg_type))
 

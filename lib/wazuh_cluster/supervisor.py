@@ -44,6 +44,10 @@ class InternalSupervisor(object):
         self.started_at = 0.0
         self.log_offset = 0
 
+    def set_node_type(self, node_type):
+        """The role the next start (a restart after a crash) gives the child (failover)."""
+        self.argv[2] = "-t" + node_type
+
     @property
     def pid(self):
         return self.process.pid if self.process else None

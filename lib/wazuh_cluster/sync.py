@@ -45,6 +45,8 @@ INTERNAL_RETRY = 1.0
 # thousands of dicts), and a master forced to compare with four clients at once peaked at
 # four times that. Transfers are outside it.
 ROUND_SLOT = threading.BoundedSemaphore(1)
+NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds no lease
+ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
 
 def read_stable(path):
@@ -172,6 +174,9 @@ class PeerSync(object):
             read_stable)
         self._room = None
         self.summaries = True  # until the peer answers sync_summary with unknown_command
+        # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
+        # and stamp every batch with {term, version} (set by SyncManager)
+        self.failover = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -221,6 +226,13 @@ class PeerSync(object):
                 try:
                     job()
                 except RequestError as err:
+                    if err.code in (NOT_ACTING, "not_leader", "not_master", "stale_term"):
+                        # the lease ran out midway, or the peer does not know of our election
+                        # yet: compare everything again in a moment
+                        with self.cond:
+                            self.cond.wait(ACTING_POLL)
+                        self.request_full()
+                        continue
                     if err.code != InternalUnavailable.code:
                         raise
                     # Our internal daemon, or the peer's, is restarting: wait, then compare
@@ -255,6 +267,8 @@ class PeerSync(object):
         next_round_at) comes first and covers what is queued. A push starts at once unless
         one started less than push_delay ago. Called with the condition held.
         """
+        if not self.may_act():
+            return None, ACTING_POLL
         if self.last_round is None or now >= self.next_round:
             self.full_wanted = True
         if self.full_wanted:
@@ -269,6 +283,29 @@ class PeerSync(object):
         if self.has_push():
             wait = min(wait, self.next_push - now)
         return None, wait
+
+    def may_act(self):
+        """False while this node, sending as a master with failover on, holds no lease: it
+        then pushes nothing and runs no round (election.py: Leases)."""
+        return self.failover is None or self.role != "master" or self.failover.is_acting()
+
+    def stamped(self, header, version=None):
+        """A master's batch header with {term, version} (failover on); RequestError
+        not_acting when the lease is gone. `version`: one already made (a confirmation)."""
+        if self.failover is None or self.role != "master":
+            return header
+        version = version or self.failover.new_version()
+        if version is None:
+            raise RequestError("not acting as master any more", NOT_ACTING)
+        header["term"], header["version"] = version[0], version
+        return header
+
+    def confirm_version(self, version):
+        """After a clean round begun at leader version `version`: the peer holds all of our
+        state up to it (an empty stamped batch; election.py: Fencing)."""
+        if version is not None and self.failover.is_acting():
+            self.session.call("sync_files", self.stamped(Batch().header(), version),
+                              timeout=self.request_timeout)
 
     def clear_push(self):
         self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
@@ -305,6 +342,8 @@ class PeerSync(object):
         database misses). A peer that knows no summaries gets the whole manifests at once.
         """
         started = self.clock()
+        version = self.failover.current_version() \
+            if self.failover is not None and self.role == "master" else None
         # Read before the summaries: a change made meanwhile is not confirmed by them.
         pending = self.link.call("pending", {"node": self.peer})["files"] \
             if self.summaries else []
@@ -321,6 +360,8 @@ class PeerSync(object):
         self.record(states)
         self.finished_round(self.clock())
         self.last_round_ok = all(s == "synchronized" for s in states.values())
+        if self.last_round_ok and version is not None:
+            self.confirm_version(version)
         self.log.debug("Full round with %s: %s buckets compared; %d sent, %d metadata, "
                        "%d deleted, %d folders, %d unchanged in %.2f s.", self.peer,
                        "all" if compared is None else len(compared[0]), counts[0],
@@ -502,7 +543,7 @@ class PeerSync(object):
         # The files go as a list: the message is encoded from them, not from a copy, and
         # they leave memory once compressed (see outbox.py).
         try:
-            result, _ = self.session.call("sync_files", batch.header(),
+            result, _ = self.session.call("sync_files", self.stamped(batch.header()),
                                           batch.data + batch.delta_data,
                                           timeout=self.request_timeout,
                                           compress=batch.size >= protocol.COMPRESS_FROM,
@@ -669,7 +710,14 @@ class Batch(object):
 
 
 class SyncManager(object):
-    """One PeerSync per live session; change events and operator requests fan out to them."""
+    """One PeerSync per live session; change events and operator requests fan out to them.
+
+    With cluster.failover=1 (`failover` set) the roles are the election's (set_roles): an
+    acting leader sends as the master to every node, a follower as a client to the leader
+    only, and nothing goes between followers.
+    """
+
+    failover = None
 
     def __init__(self, cfg, layout, link):
         self.cfg = cfg
@@ -682,20 +730,68 @@ class SyncManager(object):
         # Our recent versions of big files, shared by every session (versions.py).
         self.store = versions.VersionStore(options.delta_min_bytes, options.delta_store_bytes) \
             if options.delta_min_bytes else None
+        self.role = cfg.node_type
+        self.leader = None
+        self.sessions = {}   # failover: every live session by node name
 
-    def session_started(self, session):
+    def worker_role(self, session):
+        """The role this node sends to `session` in; None: no PeerSync (failover on)."""
+        if self.failover is None or self.role == "master":
+            return self.role
+        return "client" if session.peer_name == self.leader else None
+
+    def set_roles(self, role, leader):
+        """Failover: this node now sends as `role`, and node `leader` leads (None: unknown).
+        The sessions' roles follow (the leader's is master), and their PeerSyncs."""
+        with self.lock:
+            self.role, self.leader = role, leader
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.peer_role = "master" if session.peer_name == leader else "client"
+            self.peer_seen(session)
+            want = self.worker_role(session)
+            with self.lock:
+                worker = self.peers.get(session.peer_name)
+                keep = worker is not None and worker.role == want and worker.session is session
+                if worker is not None and not keep:
+                    del self.peers[session.peer_name]
+            if keep:
+                continue
+            if worker is not None:
+                worker.stop()
+            if want is not None and not session.closed:
+                self.start_worker(session, want)
+
+    def peer_seen(self, session):
         try:
             self.link.call("peer_seen", {"name": session.peer_name, "role": session.peer_role,
                                          "address": session.address[0] if session.address
                                          else None, "version": session.version})
         except RequestError as err:
             self.log.warning("Cannot record node %s: %s", session.peer_name, err)
+
+    def session_started(self, session):
+        if self.failover is not None:
+            with self.lock:
+                self.sessions[session.peer_name] = session
+                leader = self.leader
+            session.peer_role = "master" if session.peer_name == leader else "client"
+        self.peer_seen(session)
+        role = self.worker_role(session)
+        if role is None:
+            self.log.info("Session with node %s (%s) started: election only.",
+                          session.peer_name, session.describe_address())
+            return
+        self.start_worker(session, role)
+
+    def start_worker(self, session, role):
         options = self.cfg.options
-        worker = PeerSync(session, self.home, self.cfg.node_type, self.link, self.cfg.items,
+        worker = PeerSync(session, self.home, role, self.link, self.cfg.items,
                           self.cfg.interval, options.push_delay, options.request_timeout,
                           phase=round_phase(self.cfg.node_name, session.peer_name,
                                             self.cfg.interval), store=self.store)
         worker.summaries = bool(options.round_summaries)
+        worker.failover = self.failover
         with self.lock:
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
@@ -707,6 +803,8 @@ class SyncManager(object):
 
     def session_ended(self, session, reason):
         with self.lock:
+            if self.sessions.get(session.peer_name) is session:
+                del self.sessions[session.peer_name]
             worker = self.peers.get(session.peer_name)
             if worker is not None and worker.session is session:
                 del self.peers[session.peer_name]

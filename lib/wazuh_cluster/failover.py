@@ -1,0 +1,317 @@
+"""Master failover at run time (cluster.failover=1): one election.Election per wazuh-clusterd.
+
+election.py is the state machine and its proof; this module runs it among real sessions:
+  * the Election behind one lock, its FileStore in var/db (an unusable record stops the start),
+    a timer thread ticking it every Timing.heartbeat / 4 on the boot-time monotonic clock
+    (compat.boottime: a suspended leader must not wake up believing its lease still runs);
+  * ELECTION frames in (every field checked by election.parse_message) and out (one sender
+    thread per session: a peer that does not read must not delay heartbeats to the others);
+  * the hello: our election fields, and the peer's checked (a peer with failover off is a
+    configuration error, refused in one line);
+  * what sync.py asks: is_acting(), new_version(), check_transfer(), applied(); status() for
+    cluster_control; listeners told when this node starts or stops acting or the leader changes.
+Voters are the entries of <nodes>; a session counts for the entry its address resolves to.
+Every note of the machine is logged (stepped_down, leader_lost and refused as warnings).
+"""
+from __future__ import absolute_import, division, print_function
+
+import collections
+import logging
+import re
+import threading
+import time
+
+from wazuh_cluster import compat, election, electionstore, logs, protocol, text
+from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
+
+HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields()
+HISTORY = 20                   # failovers kept for status()
+_WARN_NOTES = ("stepped_down", "leader_lost", "refused", "round_failed")
+
+
+def resolve_voters(nodes, own_address, resolver):
+    """(voter ids: the <nodes> entries, ours, {ip: entry}) for the election."""
+    by_ip = {}
+    me = None
+    for entry in nodes:
+        for ip in resolver(entry) or [entry]:
+            by_ip.setdefault(ip, entry)
+            if ip == own_address and me is None:
+                me = entry
+    if me is None:
+        raise ClusterError("failover: this node's address %s is not among <nodes>" % own_address)
+    return list(nodes), me, by_ip
+
+
+class _Sender(object):
+    """ELECTION frames to one session, from a thread of their own, in order."""
+
+    def __init__(self, session):
+        self.session = session
+        self.queue = collections.deque()
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="election-%s" % session.peer_name)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def put(self, message):
+        with self.cond:
+            if len(self.queue) < 64:     # stale heartbeats are worthless: never pile up
+                self.queue.append(message)
+            self.cond.notify()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.queue and not self.session.closed:
+                    self.cond.wait(1.0)
+                if self.session.closed:
+                    return
+                message = self.queue.popleft()
+            try:
+                self.session.channel.send_frame(protocol.ELECTION, 0, 0,
+                                                protocol.encode_body(message))
+            except ProtocolError:
+                return               # the session's reader notices and closes it
+
+
+class Failover(object):
+    """The election of this node among its sessions. Thread-safe; start() / stop()."""
+
+    def __init__(self, cfg, db_folder, resolver, clock=compat.boottime, wall=time.time):
+        options = cfg.options
+        self.node_name = cfg.node_name
+        self.clock = clock
+        self.wall = wall
+        self.log = logs.get("failover")
+        self.once = logs.OnceLog(self.log)
+        self.timing = election.Timing(options.keepalive, options.failover_timeout or None)
+        voters, self.me, self._by_ip = resolve_voters(cfg.nodes, cfg.own_address, resolver)
+        store = electionstore.FileStore(electionstore.path_in(db_folder))
+        self.lock = threading.RLock()
+        try:
+            self.election = election.Election(self.me, voters, cfg.is_master, self.timing,
+                                              store, clock(), failback=bool(options.failback))
+        except electionstore.ElectionStoreError as err:
+            raise ClusterError(str(err))
+        self.names = {self.me: cfg.node_name}     # voter -> node name, as seen
+        self.sessions = {}                        # voter -> live session
+        self.senders = {}                         # voter -> _Sender
+        self.failovers = []                       # {"time", "term", "leader"}
+        self.listeners = []                       # callable(acting, leader name)
+        self._seen = (False, None)                # (acting, leader) last told to listeners
+        self._stop = compat.Event()
+        self._thread = None
+
+    # -- life -------------------------------------------------------------------------------
+
+    def start(self):
+        self.log.info("Failover on: term %d, %d voters (majority %d), failover timeout %.1f s, "
+                      "lease %.2f s.", self.election.term, len(self.election.voters),
+                      self.election.majority, self.timing.failover_timeout, self.timing.lease)
+        self._thread = threading.Thread(target=self._run, name="election")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _run(self):
+        period = self.timing.heartbeat / 4
+        while not self._stop.wait(period):
+            try:
+                self.tick()
+            except Exception:  # a bug must not end the elections of this node silently
+                self.log.exception("election tick failed")
+
+    def tick(self):
+        """Time passed (the timer thread calls it every heartbeat / 4)."""
+        if self.election.term == 0 and not self.election.preferred:
+            # No leader ever existed: the master's files are the cluster's only state, and
+            # another node elected first would push its own (often empty) copies.
+            return
+        self._input(lambda now: self.election.tick(now))
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def hello_fields(self):
+        with self.lock:
+            return {HELLO_KEY: self.election.hello_fields()}
+
+    def check_hello(self, session, hello):
+        """None when the peer's hello is fit for failover, else the one-line reason."""
+        fields = hello.get(HELLO_KEY) if isinstance(hello, dict) else None
+        if fields is None:
+            return ("node %s has cluster.failover=0 and this node has cluster.failover=1: "
+                    "the setting must be the same on every node" % session.peer_name)
+        try:
+            election.parse_hello(fields)
+        except ValueError as err:
+            return "node %s sent a bad election hello: %s" % (session.peer_name, err)
+        if self.voter_of(session) is None:
+            return "node %s at %s is not one of <nodes>" % (session.peer_name,
+                                                           session.describe_address())
+        return None
+
+    def voter_of(self, session):
+        address = session.address[0] if session.address else None
+        return self._by_ip.get(address)
+
+    def session_opened(self, session, hello):
+        """A session passed check_hello(): it carries election messages from now on."""
+        voter = self.voter_of(session)
+        fields = election.parse_hello(hello[HELLO_KEY])
+        with self.lock:
+            self.names[voter] = session.peer_name
+            self.sessions[voter] = session
+            self.senders[voter] = _Sender(session)
+        session.on_election = self._on_frame
+        self._input(lambda now: self.election.peer_connected(voter, fields, now))
+
+    def session_closed(self, session):
+        voter = self.voter_of(session)
+        with self.lock:
+            if self.sessions.get(voter) is not session:
+                return
+            del self.sessions[voter]
+            self.senders.pop(voter, None)
+        self._input(lambda now: self.election.peer_lost(voter, now))
+
+    def _on_frame(self, session, header):
+        voter = self.voter_of(session)
+        try:
+            message = election.parse_message(header, self.election.voters)
+        except ValueError as err:
+            self.log.warning("Bad election message from %s: %s", text.printable(
+                session.peer_name), text.printable(str(err)))
+            return
+        with self.lock:
+            if self.sessions.get(voter) is not session:
+                return
+        self._input(lambda now: self.election.receive(voter, message, now))
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def _input(self, step):
+        with self.lock:
+            now = self.clock()
+            fx = step(now)
+            for peer, message in fx.send:
+                sender = self.senders.get(peer)
+                if sender is not None:
+                    sender.put(message)
+            for kind, note in fx.notes:
+                self._note(kind, note)
+            seen = (self.election.is_acting(now), self._name(self.election.leader))
+            changed, self._seen = seen != self._seen, seen
+            listeners = list(self.listeners) if changed else []
+        for listener in listeners:
+            listener(*seen)
+
+    def _note(self, kind, note):
+        level = logging.WARNING if kind in _WARN_NOTES else logging.INFO
+        for voter, name in self.names.items():   # the machine names voters by <nodes> entry
+            if voter != name:
+                note = re.sub(r"(?<![\w.-])%s(?![\w-])" % re.escape(voter),
+                              lambda m: "%s (%s)" % (name, voter), note)
+        note = text.printable(note, text.REASON_LIMIT)
+        if kind == "round_failed":   # every half round while no majority answers: once
+            self.once.warning("round", "Failover: %s; trying again (logged once).", note)
+            return
+        if kind in ("elected", "leader"):
+            self.once.clear("round", "Failover: a majority answers again")
+        self.log.log(level, "Failover: %s.", note)
+        if kind in ("elected", "leader"):
+            leader = self._name(self.election.leader)
+            if not self.failovers or self.failovers[-1]["leader"] != leader:
+                self.failovers.append({"time": self.wall(), "term": self.election.term,
+                                       "leader": leader})
+                del self.failovers[:-HISTORY]
+
+    def _name(self, voter):
+        return None if voter is None else self.names.get(voter, voter)
+
+    # -- what sync.py asks --------------------------------------------------------------------
+
+    def is_acting(self):
+        """This node leads and holds its lease, now."""
+        with self.lock:
+            return self.election.is_acting(self.clock())
+
+    def leader_name(self):
+        with self.lock:
+            return self._name(self.election.leader)
+
+    def new_version(self):
+        """[term, seq] for a master-owned batch originated now; None when not acting."""
+        with self.lock:
+            version = self.election.new_version(self.clock())
+        return None if version is None else [version[0], version[1]]
+
+    def current_version(self):
+        """[term, seq] of this acting leader's state now (nothing originated); None when
+        not acting."""
+        with self.lock:
+            e = self.election
+            return [e.last[0], e.last[1]] if e.is_acting(self.clock()) else None
+
+    def check_transfer(self, peer_name, header):
+        """Fencing: returns when master-owned files from `peer_name` with this header (hostile:
+        {"term": int, "version": [term, seq]}) may be applied; RequestError stale_term else."""
+        if not isinstance(header, dict):
+            header = {}
+        try:  # the fields of a heartbeat are the same: term, and [term, seq] as "last"
+            checked = election.parse_message({"type": "hb", "term": header.get("term"), "n": 0,
+                                              "last": header.get("version")}, ())
+        except ValueError as err:
+            raise RequestError("master-owned files from %s: %s" % (
+                text.printable(peer_name), str(err).replace("'last'", "'version'")),
+                "stale_term")
+        term = checked["term"]
+        if checked["last"][0] != term:
+            raise RequestError("master-owned files from %s: version %s not of term %d" % (
+                text.printable(peer_name), list(checked["last"]), term), "stale_term")
+        with self.lock:
+            voters = [v for v, name in self.names.items()
+                      if name == peer_name and v in self.sessions]
+        if not voters:
+            raise RequestError("master-owned files from %s, which is not a connected voter"
+                               % text.printable(peer_name), "stale_term")
+        allowed = []
+
+        def step(now):
+            ok, fx = self.election.transfer_allowed(voters[0], term, now)
+            allowed.append(ok)
+            return fx
+        self._input(step)
+        if not allowed[0]:
+            raise RequestError("master-owned files from %s in term %d refused: not the leader "
+                               "of the highest term known" % (text.printable(peer_name), term),
+                               "stale_term")
+
+    def applied(self, version):
+        """This node holds all of the leader's state up to `version` ([term, seq], checked by
+        check_transfer)."""
+        with self.lock:
+            self.election.change_applied(tuple(version))
+
+    def status(self):
+        with self.lock:
+            now = self.clock()
+            e = self.election
+            acting = e.is_acting(now)
+            if e.role == election.LEADER:
+                role = ("master" if e.preferred else "acting master") if acting \
+                    else "candidate"
+            elif e.role == election.FOLLOWER:
+                role = "client"
+            else:
+                role = "candidate"
+            until = e.lease_until()
+            return {"failover": True, "role": role, "term": e.term,
+                    "leader": self._name(e.leader), "preferred": self._name(e.preferred_peer),
+                    "lease_remaining": round(until - now, 3) if acting else None,
+                    "failovers": [dict(f) for f in self.failovers],
+                    "last": [e.last[0], e.last[1]]}
