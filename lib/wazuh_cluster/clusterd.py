@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, daemon, logs, peers, protocol
+from wazuh_cluster import __version__, compat, config, daemon, logs, peers, protocol
 from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
@@ -41,6 +41,9 @@ def main(argv=None, script=None):
     daemon.limit_malloc_arenas()  # before any thread (see there)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     status, cfg, layout = daemon.begin(DAEMON, args, script)
+    if status is None and args.test:
+        for line in config.warnings(cfg):
+            sys.stderr.write("%s: WARNING: %s\n" % (DAEMON, line))
     if status is not None or args.test:
         return status or 0
     created = daemon.ensure_dirs(layout.daemon_dirs())
