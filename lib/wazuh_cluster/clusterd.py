@@ -157,6 +157,16 @@ class ClusterNode(object):
                                            layout.ossec_log, debug,
                                            cfg.options.internal_restart_max)
         self.running = False
+        # The election's status provider (failover wiring): None while cluster.failover=0.
+        self.failover = None
+
+    def failover_status(self):
+        """For cluster_control -n / -i / -j: {"failover": False} when failover is off, else
+        the provider's status() (role, term, leader, preferred, lease_remaining, failovers,
+        last) with "failover": True."""
+        if self.failover is None:
+            return {"failover": False}
+        return dict(self.failover.status(), failover=True)
 
     def start(self):
         self.running = True

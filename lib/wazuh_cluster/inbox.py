@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import (agents, compat, deltarx, keepalive, logs, pathrules, protocol,
-                           receive, staterows, summary)
+from wazuh_cluster import (agents, compat, deltarx, keepalive, localedits, logs, pathrules,
+                           protocol, receive, staterows, summary)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -199,8 +199,17 @@ class Inbox(object):
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
+        self.edits = localedits.LocalEdits(layout.home, os.path.dirname(layout.db_file),
+                                           cfg.items, cfg.exclude, self.log,
+                                           cfg.options.failover, self.acting)
+
+    def acting(self):
+        """SEAM (failover wiring): True while this node acts as the leader. Until the
+        election is wired: this node is the configured master."""
+        return self.cfg.is_master
 
     def start(self):
+        self.edits.start()
         removed = self.receiver.cleanup_temp_files()
         if removed:
             self.log.info("Removed %d temporary file(s) left by an interrupted transfer.",
@@ -301,9 +310,11 @@ class Inbox(object):
             written = None
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
+            edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=session.peer_role,
                                                         peer=peer, known=known, learned=learned)
+            self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
