@@ -182,7 +182,7 @@ class Commands(object):
         status = self.node.failover_status()
         backups = self.node.inbox.edits.listing()
         views = {"failover": status} if status.get("failover") else {}
-        if status.get("failover") or backups["backups"]:
+        if self.cfg.options.failover or backups["backups"]:
             views.update(backups)
         return views
 
