@@ -426,15 +426,15 @@ class Inbox(object):
                 raise RequestError("no agent removal is held back", "nothing_held")
             before = self.read_keys()
             if held["data"] is None:
-                states, reasons = self.receiver.apply_batch([], [self.keys_name], [],
-                                                            sender_role="master")
+                files, deletes = [], [self.keys_name]
             else:
                 data = base64.b64decode(held["data"])
-                incoming = receive.Incoming(self.keys_name, data,
-                                            hashlib.sha256(data).hexdigest(),
-                                            held["mtime_ns"], False)
-                states, reasons = self.receiver.apply_batch([incoming], [], [],
-                                                            sender_role="master")
+                files, deletes = [receive.Incoming(self.keys_name, data,
+                                                   hashlib.sha256(data).hexdigest(),
+                                                   held["mtime_ns"], False)], []
+            edits = self.edits.before(files, deletes, [])
+            states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master")
+            self.edits.after(edits, states)
             if states.get(self.keys_name) != "synchronized":
                 raise RequestError("could not apply the held client.keys: %s"
                                    % reasons.get(self.keys_name, "unknown error"), "failed")
