@@ -145,7 +145,10 @@ class LocalEdits(object):
             return
         if record is None:
             record = self._seed()
-            save_json(self.record_path, record)
+            try:
+                save_json(self.record_path, record)
+            except (IOError, OSError) as exc:  # kept in memory; saved with the next batch
+                self.log.warning("cannot save %s: %s", self.record_path, fsops.why(exc))
         self.received = record
 
     def _seed(self):
@@ -161,36 +164,38 @@ class LocalEdits(object):
         cannot be made (the batch is then refused: nothing replaced, the leader retries)."""
         if not backups_wanted(self.failover, self.acting()):
             return None
-        new = dict((f.name, f.sha256) for f in incoming
-                   if not f.meta_only and isinstance(f.sha256, compat.string_types))
-        gone = [(name, self._master_path(name)) for name in deletes]
+        # (name, local path, the leader's SHA-256 or None for a deletion), master-owned only
+        changes = [(f.name, self._master_path(f.name), f.sha256) for f in incoming
+                   if not f.meta_only and isinstance(f.sha256, compat.string_types)]
+        changes.extend((name, self._master_path(name), None) for name in deletes)
         for folder in dirs:
-            gone.extend(self._files_below(folder))
-        at_risk = {}
-        for name, path, sha in ([(n, self._master_path(n), sha) for n, sha in new.items()]
-                                + [(n, path, None) for n, path in gone]):
-            local = _sha_of(path) if path is not None else None
+            changes.extend((name, path, None) for name, path in self._files_below(folder))
+        changes = [change for change in changes if change[1] is not None]
+        at_risk = []
+        for name, path, sha in changes:
+            local = _sha_of(path)
             if local is not None and local != sha and local != self.received.get(name):
-                at_risk[path] = name
+                at_risk.append(path)
         if at_risk:
-            self._back_up(sorted(at_risk))
-        return new, [name for name, _path in gone]
+            self._back_up(sorted(set(at_risk)))
+        return [(name, sha) for name, _path, sha in changes]
 
     def after(self, token, states):
         """Record what the batch applied (token: what before() returned)."""
         if token is None:
             return
-        new, gone = token
         with self.lock:
             changed = False
-            for name in gone:
-                if states.get(name, "synchronized") == "synchronized" and \
-                        self.received.pop(name, None) is not None:
-                    changed = True
-            for name, sha in new.items():
-                if states.get(name) == "synchronized" and self.received.get(name) != sha:
+            for name, sha in token:
+                # the files of a removed folder have no state of their own: they went with it
+                if states.get(name, "synchronized") != "synchronized" or \
+                        self.received.get(name) == sha:
+                    continue
+                if sha is None:
+                    del self.received[name]
+                else:
                     self.received[name] = sha
-                    changed = True
+                changed = True
             if changed:
                 try:
                     save_json(self.record_path, self.received)

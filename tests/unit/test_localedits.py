@@ -211,3 +211,14 @@ def test_listing_and_acknowledging(node):
     assert edits.listing()["backups"] == [] and node.backups() == folders  # files kept
     with open(os.path.join(node.home, "var", "db", localedits.ACKED_NAME)) as handle:
         assert json.load(handle) == sorted(paths)
+
+
+def test_files_that_are_not_master_owned_are_neither_checked_nor_recorded(node):
+    edits = node.edits()
+    os.makedirs(os.path.join(node.home, "queue", "agent-info"))
+    node.write("queue/agent-info/web01-any", b"local\n")
+    data = b"from a client\n"
+    token = edits.before([Incoming("queue/agent-info/web01-any", data,
+                                   hashlib.sha256(data).hexdigest(), 10 ** 18)],
+                         ["etc/../etc/client.keys"], [])
+    assert token == [] and node.backups() == []
