@@ -21,17 +21,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 import harness  # noqa: E402
 import lab_harness  # noqa: E402
 from harness import wait_for, workspace  # noqa: E402,F401
+from test_cluster_control import node_file as read  # noqa: E402
 
 TIMEOUT = 60.0
 LOCAL_LINE = b"099 edited-here any " + b"a" * 64 + b"\n"
-
-
-def read(node, name):
-    try:
-        with io.open(node.path(*name.split("/")), "rb") as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
 
 
 def write(node, name, data):
