@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, daemon, failover, logs, peers, protocol
+from wazuh_cluster import __version__, compat, config, daemon, failover, logs, peers, protocol
 from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
@@ -42,6 +42,9 @@ def main(argv=None, script=None):
     daemon.limit_malloc_arenas()  # before any thread (see there)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     status, cfg, layout = daemon.begin(DAEMON, args, script)
+    if status is None and args.test:
+        for line in config.warnings(cfg):
+            sys.stderr.write("%s: WARNING: %s\n" % (DAEMON, line))
     if status is not None or args.test:
         return status or 0
     created = daemon.ensure_dirs(layout.daemon_dirs())
@@ -169,6 +172,14 @@ class ClusterNode(object):
             self.roles = RoleSwitch(self.failover, cfg.node_name, cfg.node_type, self.link,
                                     self.internal, self.inbox, self.sync)
         self.running = False
+
+    def failover_status(self):
+        """For cluster_control -n / -i / -j: {"failover": False} when failover is off, else
+        the provider's status() (role, term, leader, preferred, lease_remaining, failovers,
+        last) with "failover": True."""
+        if self.failover is None:
+            return {"failover": False}
+        return dict(self.failover.status(), failover=True)
 
     def on_internal_reconnect(self):
         if self.roles is not None:

@@ -38,6 +38,7 @@ class Commands(object):
             "force": self.force,
             "scan": self.scan,
             "confirm_removals": self.confirm_removals,
+            "ack_backups": self.ack_backups,
         }
 
     def handle(self, cmd, args):
@@ -114,6 +115,24 @@ class Commands(object):
     def nodes(self, args):
         return self.cluster_wide("nodes", args, self.master_nodes)
 
+    def with_roles(self, result):
+        """With failover on: each node row gains its role and term as this node sees them,
+        and the answer says "failover": true. Unchanged with failover off."""
+        status = self.node.failover_status()
+        if not status.get("failover"):
+            return result
+        leader, term = status.get("leader"), status.get("term")
+        for row in result["nodes"]:
+            if row["name"] == leader:
+                row["role"] = "master" if leader == status.get("preferred") else "acting master"
+            elif row["name"] == self.cfg.node_name:
+                row["role"] = status.get("role")
+            else:
+                row["role"] = "client"
+            known = row["name"] in (leader, self.cfg.node_name)
+            row["term"] = term if known else None
+        return dict(result, failover=True)
+
     def master_nodes(self, args):
         wanted = _names(args, "names")
         rows = [{"name": self.cfg.node_name, "type": "master", "status": "connected",
@@ -138,7 +157,7 @@ class Commands(object):
             if unknown:
                 raise RequestError("unknown node '%s'" % unknown[0], "unknown_node")
             rows = [r for r in rows if r["name"] in wanted]
-        return {"nodes": rows}
+        return self.with_roles({"nodes": rows})
 
     def agents(self, args):
         return self.cluster_wide("agents", args, self.master_agents)
@@ -167,7 +186,18 @@ class Commands(object):
             if not isinstance(result.get("held"), list):
                 result["held"] = []
             result["held"].append(dict(held, node=self.cfg.node_name))
+        result.update(self.failover_views())
         return result
+
+    def failover_views(self):
+        """What -i adds about failover, from this node: its election status (failover on)
+        and its unacknowledged backups of local edits (failover on, or any left)."""
+        status = self.node.failover_status()
+        backups = self.node.inbox.edits.listing()
+        views = {"failover": status} if status.get("failover") else {}
+        if self.cfg.options.failover or backups["backups"]:
+            views.update(backups)
+        return views
 
     def master_health(self, args):
         sync = self.node.sync.status()
@@ -212,3 +242,6 @@ class Commands(object):
 
     def confirm_removals(self, args):
         return self.node.inbox.confirm_removals()
+
+    def ack_backups(self, args):
+        return {"acknowledged": self.node.inbox.edits.acknowledge(_names(args, "paths"))}

@@ -467,3 +467,23 @@ def validate_enabled(path, values, addresses, resolver, problems):
         problems.append("%s: <cluster><nodes>: none of this host's addresses (%s) is listed"
                         % (path, ", ".join(host) or "none found"))
     return own
+
+
+def warnings(cfg):
+    """Lines for `wazuh-clusterd -t`: a configuration that loads but will not do what its
+    author probably expects. Nothing when failover is off (cluster.failover=0)."""
+    options = cfg.options
+    if cfg.disabled or not options.failover:
+        return []
+    found = []
+    if len(cfg.nodes) < 3:
+        found.append("cluster.failover=1 with %d listed node(s): a majority of two nodes is "
+                     "both of them, so no failover can happen; list three or more in <nodes>"
+                     % len(cfg.nodes))
+    if options.failover_timeout and options.failover_timeout < 2 * options.keepalive:
+        found.append("cluster.failover_timeout=%g is below 2 x cluster.keepalive (%g s): the "
+                     "lease (about half the timeout) would be shorter than one keepalive "
+                     "period, so a slow but healthy link can depose the master; use 0 "
+                     "(3 x keepalive) or at least %g"
+                     % (options.failover_timeout, options.keepalive, 2 * options.keepalive))
+    return found

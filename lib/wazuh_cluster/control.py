@@ -23,6 +23,14 @@ a key the daemon did not send is null, a count it did not send is 0). Times are 
                    "pending": int, "failed": int, "invalid": int, "synchronized": int,
                    "last_sync_ago": float|null, "last_sync_ok": bool|null}],
        "held":   [{"node": str, "message": str, "since": float|null}]}
+  With cluster.failover=1 (the daemon's failover status): -n adds "failover": true and
+  per node "role": "master"|"acting master"|"client"|"candidate"|null and "term": int|null;
+  -i adds "failover": {"role", "term", "leader", "preferred", "lease_remaining",
+  "failovers": [{"time", "term", "leader"}], "last": [term, seq]} (this node's view) and
+  "backups": [{"path": str, "file": str, "term": int, "time": float|null}] with
+  "backups_more": int (unacknowledged backups of local edits on this node; also shown with
+  failover off while any is left). With failover off and no backup, -n and -i are unchanged.
+  --ack-backups [PATH...]  {"acknowledged": [str]}   backups recorded as acknowledged
   -p, -f  {"scheduled": [str]}        the peers told to push / to run a full round
   -s      {"scheduled": bool}
   --confirm-removals  {"removed": [str]}   names of the agents removed
@@ -55,6 +63,7 @@ CODE_TEXT = {
     "unreachable": "master unreachable",
     "unknown_node": "unknown node",
     "nothing_held": "nothing to confirm",
+    "unknown_backup": "unknown backup",
     "timeout": "no answer",
 }
 
@@ -68,6 +77,13 @@ HEALTH_KEYS = (("node", None), ("type", None), ("connected", False), ("agents", 
                ("pending", 0), ("failed", 0), ("invalid", 0), ("synchronized", 0),
                ("last_sync_ago", None), ("last_sync_ok", None))
 HELD_KEYS = (("node", None), ("message", None), ("since", None))
+ROLE_KEYS = (("role", None), ("term", None))
+BACKUP_KEYS = (("path", None), ("file", None), ("term", None), ("time", None))
+FAILOVER_KEYS = (("role", None), ("term", None), ("leader", None), ("preferred", None),
+                 ("lease_remaining", None), ("failovers", []), ("last", None))
+FAILOVER_EVENT_KEYS = (("time", None), ("term", None), ("leader", None))
+# Failovers shown by -i (the newest; -j has them all).
+SHOWN_FAILOVERS = 5
 # Longest cell of a text table (a file name is at most 1024 characters).
 CELL_LIMIT = 1024
 # Lines of a table written at once (~0.5 MB of agents).
@@ -256,18 +272,74 @@ def text_agents(data):
 
 
 def shape_nodes(result):
-    return {"nodes": pick(result.get("nodes"), NODE_KEYS)}
+    if result.get("failover") is not True:
+        return {"nodes": pick(result.get("nodes"), NODE_KEYS)}
+    return {"nodes": pick(result.get("nodes"), NODE_KEYS + ROLE_KEYS), "failover": True}
 
 
 def text_nodes(data):
-    return table(("Node", "Status", "Address", "Type", "Version", "Last keepalive"),
-                 [(n["name"], n["status"], n["address"], n["type"], n["version"],
-                   when(n["last_keepalive"])) for n in data["nodes"]])
+    headers = ("Node", "Status", "Address", "Type", "Version", "Last keepalive")
+    rows = [(n["name"], n["status"], n["address"], n["type"], n["version"],
+             when(n["last_keepalive"])) for n in data["nodes"]]
+    if data.get("failover"):
+        headers += ("Role", "Term")
+        rows = [row + (n["role"], n["term"]) for row, n in zip(rows, data["nodes"])]
+    return table(headers, rows)
 
 
 def shape_health(result):
-    return {"nodes": pick(result.get("nodes"), HEALTH_KEYS),
+    data = {"nodes": pick(result.get("nodes"), HEALTH_KEYS),
             "held": pick(result.get("held"), HELD_KEYS)}
+    status = result.get("failover")
+    if isinstance(status, dict) and status.get("failover") is True:
+        data["failover"] = shape_failover(status)
+    if "failover" in data or "backups" in result:
+        data["backups"] = pick(result.get("backups"), BACKUP_KEYS)
+        more = result.get("backups_more")
+        data["backups_more"] = more if _number(more) else 0
+    return data
+
+
+def shape_failover(status):
+    """The daemon's failover status reduced to the documented keys; a list that is no list
+    becomes empty, so that a relayed oddity cannot break the view."""
+    shaped = pick([status], FAILOVER_KEYS)[0]
+    shaped["failovers"] = pick(shaped["failovers"], FAILOVER_EVENT_KEYS)
+    return shaped
+
+
+def text_failover(status):
+    """-i's failover lines (values escaped by emit_printable)."""
+    lease = status["lease_remaining"]
+    lines = [u"Failover: this node is %s in term %s; leader: %s%s; preferred master: %s." % (
+        shown(status["role"]), shown(status["term"]),
+        u"none known" if status["leader"] is None else shown(status["leader"]),
+        u" (lease %.1f s left)" % lease if _number(lease) and lease == lease else u"",
+        shown(status["preferred"]))]
+    events = status["failovers"]
+    lines.append(u"Failovers: %d%s" % (len(events), u"" if not events else u", newest first:"))
+    for event in list(reversed(events))[:SHOWN_FAILOVERS]:
+        lines.append(u"  %s  term %s  leader %s" % (when(event["time"]), shown(event["term"]),
+                                                   shown(event["leader"])))
+    return lines
+
+
+def shown(value):
+    """A value of a status line: '-' for None, escaped and cut otherwise."""
+    return u"-" if value is None else cell_text(value)
+
+
+def text_backups(data):
+    if not data["backups"]:
+        return []
+    lines = [u"WARNING: local edits replaced by the leader's files, kept as backups until "
+             u"acknowledged ('%s --ack-backups [PATH...]'):" % PROG]
+    lines.extend(table(("Backup", "Original file", "Term", "Time"),
+                       [(b["path"], b["file"], b["term"], when(b["time"]))
+                        for b in data["backups"]]))
+    if data["backups_more"]:
+        lines.append(u"... and %s more backups" % cell_text(data["backups_more"]))
+    return lines
 
 
 def text_health(data):
@@ -282,6 +354,10 @@ def text_health(data):
         lines.append(u"WARNING: %s: %s (held since %s; confirm with '%s --confirm-removals' "
                      u"on that node)" % (held["node"], held["message"], when(held["since"]),
                                          PROG))
+    if "failover" in data:
+        lines.extend(text_failover(data["failover"]))
+    if "backups" in data:
+        lines.extend(text_backups(data))
     return lines
 
 
@@ -317,6 +393,16 @@ def text_removed(data):
         len(names), (u": " + u", ".join(names)) if names else u".")]
 
 
+def shape_acked(result):
+    acked = result.get("acknowledged")
+    return {"acknowledged": list(acked) if isinstance(acked, list) else []}
+
+
+def text_acked(data):
+    return [u"Acknowledged %d backup(s); the files are kept." % len(data["acknowledged"])
+            if data["acknowledged"] else u"No backup to acknowledge."]
+
+
 def file_name(home, name):
     """A file as the cluster names it: relative to the installation, '/'-separated.
 
@@ -347,6 +433,8 @@ ACTIONS = (
     Action("scan", "scan", lambda o, home: {}, shape_scheduled, text_scan),
     Action("confirm_removals", "confirm_removals", lambda o, home: {}, shape_removed,
            text_removed),
+    Action("ack_backups", "ack_backups", lambda o, home: {"paths": o.ack_backups or None},
+           shape_acked, text_acked),
 )
 
 
@@ -374,6 +462,9 @@ def build_parser():
                        help="scan the cluster files for changes now")
     group.add_argument("--confirm-removals", dest="confirm_removals", action="store_true",
                        help="apply an agent removal held back by the mass-removal guard")
+    group.add_argument("--ack-backups", dest="ack_backups", nargs="*", metavar="PATH",
+                       help="acknowledge backups of local edits listed by -i (all, or these); "
+                       "the files are kept")
     group.add_argument("-V", "--version", dest="version", action="store_true",
                        help="print the version and exit")
     parser.add_argument("-m", "--manager", dest="managers", nargs="+", metavar="NODE",
@@ -465,7 +556,7 @@ def run(options, script, out):
     action = chosen_action(options)
     if action is None:
         raise Failure("nothing to do: give one of -l, -a, -n, -i, -p, -f, -s, "
-                      "--confirm-removals (see -h)")
+                      "--confirm-removals, --ack-backups (see -h)")
     if options.managers is not None and action.dest not in ("files", "force"):
         raise Failure("-m applies to -l and -f only")
     home = paths.find_home(options.home, script)

@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import (agents, compat, deltarx, keepalive, logs, pathrules, protocol,
-                           receive, staterows, summary)
+from wazuh_cluster import (agents, compat, deltarx, keepalive, localedits, logs, pathrules,
+                           protocol, receive, staterows, summary)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -199,8 +199,19 @@ class Inbox(object):
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
+        self.edits = localedits.LocalEdits(layout.home, os.path.dirname(layout.db_file),
+                                           cfg.items, cfg.exclude, self.log,
+                                           cfg.options.failover, self.acting)
+
+    def acting(self):
+        """True while this node acts as the leader: the configured master with failover off,
+        the leader holding its lease with it on (the local-edit backups ask it per batch)."""
+        if self.failover is None:
+            return self.cfg.is_master
+        return self.failover.is_acting()
 
     def start(self):
+        self.edits.start()
         removed = self.receiver.cleanup_temp_files()
         if removed:
             self.log.info("Removed %d temporary file(s) left by an interrupted transfer.",
@@ -345,9 +356,11 @@ class Inbox(object):
             written = None
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
+            edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
                                                         peer=peer, known=known, learned=learned)
+            self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
             if before is not None and states.get(self.keys_name) == "synchronized":
@@ -462,15 +475,15 @@ class Inbox(object):
                 raise RequestError("no agent removal is held back", "nothing_held")
             before = self.read_keys()
             if held["data"] is None:
-                states, reasons = self.receiver.apply_batch([], [self.keys_name], [],
-                                                            sender_role="master")
+                files, deletes = [], [self.keys_name]
             else:
                 data = base64.b64decode(held["data"])
-                incoming = receive.Incoming(self.keys_name, data,
-                                            hashlib.sha256(data).hexdigest(),
-                                            held["mtime_ns"], False)
-                states, reasons = self.receiver.apply_batch([incoming], [], [],
-                                                            sender_role="master")
+                files, deletes = [receive.Incoming(self.keys_name, data,
+                                                   hashlib.sha256(data).hexdigest(),
+                                                   held["mtime_ns"], False)], []
+            edits = self.edits.before(files, deletes, [])
+            states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master")
+            self.edits.after(edits, states)
             if states.get(self.keys_name) != "synchronized":
                 raise RequestError("could not apply the held client.keys: %s"
                                    % reasons.get(self.keys_name, "unknown error"), "failed")

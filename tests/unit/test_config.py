@@ -291,3 +291,53 @@ def test_template_is_a_valid_disabled_configuration(home):
         template = handle.read()
     cfg = load(home, conf=template)
     assert cfg.disabled and cfg.name == "wazuh" and cfg.interval == 120
+
+
+# -- `wazuh-clusterd -t` warnings about failover ------------------------------------------------
+
+def failover_home(home, options, nodes):
+    write(home, "local_internal_options.conf", "".join("cluster.%s\n" % o for o in options))
+    write(home, "ossec.conf", "<ossec_config>\n%s\n</ossec_config>\n"
+          % cluster_block(bind_addr="127.0.0.1", nodes=nodes))
+    return home
+
+
+def config_test(home, capsys):
+    from wazuh_cluster import clusterd
+    status = clusterd.main(["-t", "-D", home])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def test_config_test_warns_when_failover_has_no_majority_without_both_of_two_nodes(home, capsys):
+    failover_home(home, ["failover=1"], ["127.0.0.1", "127.0.0.2"])
+    status, lines = config_test(home, capsys)
+    assert status == 0 and len(lines) == 1
+    assert lines[0].startswith("wazuh-clusterd: WARNING: cluster.failover=1 with 2 listed")
+    assert "three or more" in lines[0]
+
+
+def test_config_test_warns_when_failover_timeout_is_below_two_keepalives(home, capsys):
+    failover_home(home, ["failover=1", "keepalive=10", "failover_timeout=15"],
+                  ["127.0.0.1", "127.0.0.2", "127.0.0.3"])
+    status, lines = config_test(home, capsys)
+    assert status == 0 and len(lines) == 1
+    assert "cluster.failover_timeout=15 is below 2 x cluster.keepalive (10 s)" in lines[0]
+    assert "lease" in lines[0] and "at least 20" in lines[0]
+
+
+@pytest.mark.parametrize("options, nodes", [
+    ([], ["127.0.0.1", "127.0.0.2"]),                                    # failover off
+    (["failover_timeout=5"], ["127.0.0.1", "127.0.0.2"]),                # off: timeout unused
+    (["failover=1"], ["127.0.0.1", "127.0.0.2", "127.0.0.3"]),           # 0 = 3 x keepalive
+    (["failover=1", "failover_timeout=20"], ["127.0.0.1", "127.0.0.2", "127.0.0.3"]),
+])
+def test_config_test_is_silent_for_a_sound_failover_setting_or_none(home, capsys, options, nodes):
+    failover_home(home, options, nodes)
+    assert config_test(home, capsys) == (0, [])
+
+
+def test_failover_options_defaults_and_range(home):
+    options = load(home).options
+    assert (options.failover, options.failover_timeout, options.failback) == (False, 0, True)
+    write(home, "local_internal_options.conf", "cluster.failover_timeout=-1\n")
+    assert "between 0 and 3600" in problems(home)[0]

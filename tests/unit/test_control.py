@@ -583,3 +583,86 @@ def test_time_helpers():
     assert control.ago(11.6) == u"12 s ago"
     assert control.ago(None) == u"never"
     assert control.ago(3, False) == u"3 s ago (failed)"
+
+
+# -- failover views (-n role/term, -i status and backups, --ack-backups) ----------------------
+
+FAILOVER = {"failover": True, "role": "acting master", "term": 7, "leader": "node02-long-name",
+            "preferred": "node01", "lease_remaining": 4.25,
+            "failovers": [{"time": NOW - 3600, "term": 5, "leader": "node02-long-name"},
+                          {"time": NOW - 60, "term": 7, "leader": "node02-long-name"}],
+            "last": [7, 3]}
+BACKUP = {"path": "backup/cluster/7-20261203050000/etc/client.keys", "file": "etc/client.keys",
+          "term": 7, "time": NOW - 30}
+
+
+def test_failover_off_leaves_nodes_and_health_exactly_as_before(home, daemon):
+    before = [ok(home, *args) for args in (["-n"], ["-n", "-j"], ["-i"], ["-i", "-j"])]
+    daemon.results["nodes"] = dict(NODES, failover=False)
+    daemon.results["health"] = dict(HEALTH, failover={"failover": False})
+    after = [ok(home, *args) for args in (["-n"], ["-n", "-j"], ["-i"], ["-i", "-j"])]
+    assert after == before
+    assert "Role" not in before[0] and "Failover" not in before[2]
+
+
+def test_nodes_with_failover_show_role_and_term(home, daemon):
+    rows = [dict(n, role=r, term=t) for n, r, t in zip(
+        NODES["nodes"], ["client", "acting master", "candidate"], [None, 7, None])]
+    daemon.results["nodes"] = {"nodes": rows, "failover": True}
+    table_rows = columns(ok(home, "-n"), ["Node", "Status", "Address", "Type", "Version",
+                                          "Last keepalive", "Role", "Term"])
+    assert [r[6:] for r in table_rows] == [["client", "-"], ["acting master", "7"],
+                                           ["candidate", "-"]]
+    data = json.loads(ok(home, "-n", "-j"))
+    assert data["failover"] is True
+    assert [(n["role"], n["term"]) for n in data["nodes"]] == [
+        ("client", None), ("acting master", 7), ("candidate", None)]
+
+
+def test_health_with_failover_shows_leader_term_lease_history_and_backups(home, daemon):
+    daemon.results["health"] = dict(HEALTH, failover=FAILOVER, backups=[BACKUP],
+                                    backups_more=2)
+    lines = ok(home, "-i").rstrip(u"\n").split(u"\n")
+    start = [i for i, line in enumerate(lines) if line.startswith(u"Failover:")][0]
+    assert lines[start] == (u"Failover: this node is acting master in term 7; leader: "
+                            u"node02-long-name (lease 4.2 s left); preferred master: node01.")
+    assert lines[start + 1] == u"Failovers: 2, newest first:"
+    assert lines[start + 2] == u"  %s  term 7  leader node02-long-name" % local(NOW - 60)
+    assert lines[start + 3] == u"  %s  term 5  leader node02-long-name" % local(NOW - 3600)
+    assert lines[start + 4].startswith(u"WARNING: local edits replaced by the leader's files")
+    assert u"--ack-backups" in lines[start + 4]
+    rows = columns(u"\n".join(lines[start + 5:-1]), ["Backup", "Original file", "Term", "Time"])
+    assert rows == [[BACKUP["path"], "etc/client.keys", "7", local(NOW - 30)]]
+    assert lines[-1] == u"... and 2 more backups"
+    data = json.loads(ok(home, "-i", "-j"))
+    assert data["failover"] == dict((k, v) for k, v in FAILOVER.items() if k != "failover")
+    assert data["backups"] == [BACKUP] and data["backups_more"] == 2
+
+
+def test_health_failover_status_from_a_peer_is_escaped_and_survives_nonsense(home, daemon):
+    daemon.results["health"] = dict(HEALTH, failover={
+        "failover": True, "role": u"master\x1b[2J", "term": "x\ny", "leader": None,
+        "preferred": 12, "lease_remaining": "soon", "failovers": [None, {"time": "?",
+                                                                       "leader": u"\u202e"}],
+        "last": 3}, backups="nope", backups_more="many")
+    out = ok(home, "-i")
+    terminal_safe(out)
+    assert u"this node is master\\x1b[2J in term x\\x0ay; leader: none known; preferred " \
+           u"master: 12." in out
+    assert u"Failovers: 1, newest first:\n  ?  term -  leader \\u202e\n" in out
+    data = json.loads(ok(home, "-i", "-j"))
+    assert data["backups"] == [] and data["backups_more"] == 0
+
+
+def test_ack_backups_all_or_some(home, daemon):
+    daemon.results["ack_backups"] = {"acknowledged": [BACKUP["path"]]}
+    assert ok(home, "--ack-backups") == u"Acknowledged 1 backup(s); the files are kept.\n"
+    assert ok(home, "--ack-backups", "backup/cluster/7-20261203050000", "-j") == \
+        json.dumps({"acknowledged": [BACKUP["path"]]}, indent=2) + u"\n"
+    assert daemon.calls == [("ack_backups", {"paths": None}),
+                            ("ack_backups", {"paths": ["backup/cluster/7-20261203050000"]})]
+    daemon.results["ack_backups"] = {"acknowledged": []}
+    assert ok(home, "--ack-backups") == u"No backup to acknowledge.\n"
+    daemon.errors["ack_backups"] = ("unknown_backup", "no unacknowledged backup at 'x'")
+    assert fails(home, "--ack-backups", "x") == \
+        u"cluster_control: unknown backup: no unacknowledged backup at 'x'\n"

@@ -1,0 +1,386 @@
+"""Local edits on a node that is not the leader: backed up before the leader's files replace
+them (SPEC section 10, "Local edits on a node that is not the leader"). Only with
+cluster.failover=1; with it off nothing here runs (no record, no backup, no log line).
+
+What counts as a local edit: a master-owned file whose current content is neither what the
+leader sends now nor what this node last received from a leader. That record,
+var/db/cluster-received.json ({name: sha256}), is wazuh-clusterd's own (like the election
+record): it is seeded from the files as they are the first time the daemon starts with
+failover on (a node's state before it ever took part counts as received), then updated after
+every batch applied from a leader. An unreadable record is never guessed from the disk:
+everything that differs is then backed up. So an operator's edit on a client, and the state
+a node made while it led (the old master in a minority), are both kept.
+
+The backup of a batch is one folder, backup/cluster/TERM-YYYYmmddHHMMSS (local time; -2, -3...
+when taken), with the files under their relative paths. It is built under a temporary name,
+every file and folder fsync'd, then renamed into place and its parent fsync'd: after a crash
+it is complete or absent, and the files it protects are replaced only after that (the batch
+is refused when the backup cannot be made; the leader sends it again).
+cluster_control -i lists the backed-up files until they are acknowledged
+(cluster_control --ack-backups): acknowledged paths are recorded in
+var/db/cluster-backups-acked.json, the files stay.
+"""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import errno
+import json
+import os
+import re
+import stat
+import threading
+import time
+
+from wazuh_cluster import agents, compat, electionstore, fsops
+from wazuh_cluster.daemon import remove_file
+from wazuh_cluster.errors import PathRefused, RequestError
+from wazuh_cluster.pathrules import escape, locate
+from wazuh_cluster.scanner import Scanner
+
+RECORD_NAME = "cluster-received.json"
+ACKED_NAME = "cluster-backups-acked.json"
+BACKUP_DIR = ("backup", "cluster")
+FOLDER_RE = re.compile(r"^([0-9]{1,16})-([0-9]{14})(-[0-9]{1,4})?$")
+TEMP_PREFIX = ".partial-"
+MAX_SUFFIX = 9999
+LISTED_MAX = 1000        # backups shown by cluster_control -i (the count says the rest)
+WARNED_PER_BATCH = 20    # warning lines per backup folder, then one line with the count
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+_WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                | getattr(os, "O_CLOEXEC", 0))
+
+
+def backups_wanted(failover, acting):
+    """THE seam of the decision: back up local edits only with failover on, on a node that
+    is not acting as leader. Until the election is wired, `acting` is "this node is the
+    configured master" (Inbox.acting); the wiring passes Election.is_acting(now) instead."""
+    return bool(failover) and not acting
+
+
+def save_json(path, value):
+    """Write `value` as JSON to `path` durably and atomically (temporary file, fsync, rename,
+    folder fsync): a crash leaves the old or the new file."""
+    folder = os.path.dirname(path) or "."
+    temp = "%s.%s.tmp" % (path, compat.to_text(binascii.hexlify(os.urandom(6))))
+    fd = os.open(temp, _WRITE_FLAGS, 0o600)
+    try:
+        try:
+            fsops.write_all(fd, compat.to_bytes(json.dumps(value, sort_keys=True)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except (IOError, OSError):
+        remove_file(temp)
+        raise
+    fsops.fsync_folder(folder)
+
+
+def load_json(path):
+    """The JSON value of `path`; None when it does not exist; ValueError when unusable."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except (IOError, OSError) as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise ValueError(fsops.why(exc))
+    return json.loads(compat.to_text(raw))
+
+
+def election_term(db_folder):
+    """The term of the election record (electionstore), 0 when there is none or it cannot
+    be read (a backup's name must not wait on it). Read, never loaded: FileStore.load()
+    removes temporary files, which a concurrent save may be writing."""
+    path = electionstore.path_in(db_folder)
+    try:
+        with open(path, "rb") as handle:
+            return electionstore.decode(handle.read(), path)[0]
+    except (IOError, OSError, electionstore.ElectionStoreError):
+        return 0
+
+
+class LocalEdits(object):
+    """Backups of local edits for the Inbox: before(...) ahead of a batch from a leader,
+    after(...) once it is applied; listing() and acknowledge(...) for cluster_control.
+
+    `acting`: callable, True while this node acts as leader (see backups_wanted); `term`:
+    callable giving the term for a backup's name; `clock`: epoch seconds.
+    """
+
+    def __init__(self, home, db_folder, items, exclude, log, failover, acting, term=None,
+                 clock=time.time):
+        self.home = compat.native_str(os.path.abspath(home))
+        self.items = tuple(items)
+        self.master_items = tuple(i for i in self.items if i.source == "master")
+        self.exclude = tuple(exclude)
+        self.log = log
+        self.failover = failover
+        self.acting = acting
+        self.term = term or (lambda: election_term(db_folder))
+        self.clock = clock
+        self.record_path = os.path.join(db_folder, RECORD_NAME)
+        self.acked_path = os.path.join(db_folder, ACKED_NAME)
+        self.root = os.path.join(self.home, *BACKUP_DIR)
+        self.received = {}
+        self.lock = threading.Lock()
+
+    # -- the record of what was received ------------------------------------------------------
+
+    def start(self):
+        """Load (or seed) the record and remove partial backups a crash left; only with
+        failover on."""
+        if not self.failover:
+            return
+        self._remove_partials()
+        try:
+            record = load_json(self.record_path)
+            if record is not None and not _valid_record(record):
+                raise ValueError("not an object of names and SHA-256 digests")
+        except ValueError as exc:
+            self.log.warning("%s unusable (%s): every master-owned file that differs from "
+                             "the leader's will be backed up before it is replaced",
+                             self.record_path, exc)
+            return
+        if record is None:
+            record = self._seed()
+            try:
+                save_json(self.record_path, record)
+            except (IOError, OSError) as exc:  # kept in memory; saved with the next batch
+                self.log.warning("cannot save %s: %s", self.record_path, fsops.why(exc))
+        self.received = record
+
+    def _seed(self):
+        scanner = Scanner(self.home, self.master_items, self.exclude)
+        scanner.full_pass()
+        return dict((compat.to_text(row[0]), row[7]) for row in scanner.rows())
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    def before(self, incoming, deletes, dirs):
+        """Back up the local edits this batch would replace or delete; return what after()
+        needs, or None when nothing is to be done. RequestError when a backup is needed and
+        cannot be made (the batch is then refused: nothing replaced, the leader retries)."""
+        if not backups_wanted(self.failover, self.acting()):
+            return None
+        # (name, local path, the leader's SHA-256 or None for a deletion), master-owned only
+        changes = [(f.name, self._master_path(f.name), f.sha256) for f in incoming
+                   if not f.meta_only and isinstance(f.sha256, compat.string_types)]
+        changes.extend((name, self._master_path(name), None) for name in deletes)
+        for folder in dirs:
+            changes.extend((name, path, None) for name, path in self._files_below(folder))
+        changes = [change for change in changes if change[1] is not None]
+        at_risk = []
+        for name, path, sha in changes:
+            local = _sha_of(path)
+            if local is not None and local != sha and local != self.received.get(name):
+                at_risk.append(path)
+        if at_risk:
+            self._back_up(sorted(set(at_risk)))
+        return [(name, sha) for name, _path, sha in changes]
+
+    def after(self, token, states):
+        """Record what the batch applied (token: what before() returned)."""
+        if token is None:
+            return
+        with self.lock:
+            changed = False
+            for name, sha in token:
+                # the files of a removed folder have no state of their own: they went with it
+                if states.get(name, "synchronized") != "synchronized" or \
+                        self.received.get(name) == sha:
+                    continue
+                if sha is None:
+                    del self.received[name]
+                else:
+                    self.received[name] = sha
+                changed = True
+            if changed:
+                try:
+                    save_json(self.record_path, self.received)
+                except (IOError, OSError) as exc:
+                    self.log.warning("cannot save %s: %s", self.record_path, fsops.why(exc))
+
+    def _master_path(self, name):
+        """The absolute path of a master-owned name, its folders checked with lstat (no
+        symlink on the way), or None for a name that is not one (the receiver refuses it)."""
+        try:
+            item, parts = locate(name, self.master_items, "master", "client", self.exclude)
+        except PathRefused:
+            return None
+        path = self.home
+        for part in parts[:-1]:
+            path = os.path.join(path, compat.native_str(part))
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return None
+            except OSError:
+                return None
+        return os.path.join(path, compat.native_str(parts[-1]))
+
+    def _files_below(self, folder_name):
+        """(name, path) of the files under a folder the batch removes (a group folder),
+        whatever their names: a file made by hand may have one the cluster never sends."""
+        # a name inside it, to check the folder as the receiver does
+        path = self._master_path(folder_name + "/x")
+        if path is None:
+            return []
+        found = []
+        for top, _dirs, files in os.walk(os.path.dirname(path)):
+            for base in files:
+                full = os.path.join(top, base)
+                rel = os.path.relpath(full, self.home).replace(os.sep, "/")
+                found.append((compat.to_text(rel, errors="replace"), full))
+        return found
+
+    # -- the backup folder --------------------------------------------------------------------
+
+    def _back_up(self, paths):
+        """Copy the files at `paths` (absolute, below home) into one new backup folder."""
+        names = [os.path.relpath(path, self.home) for path in paths]
+        term = self.term()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(self.clock()))
+        with self.lock:
+            temp = None
+            try:
+                agents._makedirs(self.root)
+                temp = os.path.join(self.root, "%s%d-%s.%s" % (
+                    TEMP_PREFIX, term, stamp, compat.to_text(binascii.hexlify(os.urandom(4)))))
+                os.mkdir(temp, agents.BACKUP_MODE)
+                folders = set([temp])
+                for path, name in zip(paths, names):
+                    target = os.path.join(temp, name)
+                    agents._makedirs(os.path.dirname(target))
+                    folders.add(os.path.dirname(target))
+                    agents._copy_durably(path, target)
+                for folder in sorted(folders, reverse=True):
+                    fsops.fsync_folder(folder)
+                final = self._free_name("%d-%s" % (term, stamp))
+                os.rename(temp, final)
+                temp = None
+                fsops.fsync_folder(self.root)
+            except (IOError, OSError) as exc:
+                if temp is not None:
+                    fsops.rmtree(temp)
+                self.log.error("cannot back up local edits before applying the leader's "
+                               "files: %s; the batch is refused", fsops.why(exc))
+                raise RequestError("local edits could not be backed up", "failed")
+        shown = os.path.join(os.path.join(*BACKUP_DIR), os.path.basename(final))
+        for name in names[:WARNED_PER_BATCH]:
+            self.log.warning("local edit of %s replaced by the leader's version; the local "
+                             "version is backed up as %s (acknowledge with "
+                             "'cluster_control --ack-backups')", escape(name),
+                             escape(os.path.join(shown, name)))
+        if len(names) > WARNED_PER_BATCH:
+            self.log.warning("... and %d more local edits backed up in %s",
+                             len(names) - WARNED_PER_BATCH, shown)
+
+    def _free_name(self, base):
+        for count in range(1, MAX_SUFFIX + 1):
+            candidate = os.path.join(self.root, base if count == 1 else "%s-%d" % (base, count))
+            if not os.path.lexists(candidate):
+                return candidate
+        raise OSError(errno.EEXIST, "every suffix up to -%d is taken" % MAX_SUFFIX, base)
+
+    def _remove_partials(self):
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                fsops.rmtree(os.path.join(self.root, name))
+
+    # -- cluster_control ----------------------------------------------------------------------
+
+    def _all_backups(self):
+        """[{path, file, term, time}] of every backed-up file, sorted by path."""
+        try:
+            folders = sorted(os.listdir(self.root))
+        except OSError:
+            return []
+        rows = []
+        for folder in folders:
+            match = FOLDER_RE.match(folder)
+            if not match:
+                continue
+            try:
+                taken = time.mktime(time.strptime(match.group(2), "%Y%m%d%H%M%S"))
+            except (ValueError, OverflowError):
+                taken = None
+            base = os.path.join(self.root, folder)
+            for top, dirs, files in os.walk(base):
+                dirs.sort()
+                rel = os.path.relpath(top, base).replace(os.sep, "/")
+                for name in sorted(files):
+                    original = compat.to_text(name if rel == "." else rel + "/" + name,
+                                              errors="replace")
+                    rows.append({"path": u"/".join(BACKUP_DIR + (compat.to_text(folder),
+                                                                 original)),
+                                 "file": original, "term": int(match.group(1)),
+                                 "time": taken})
+        return rows
+
+    def _acked(self):
+        try:
+            value = load_json(self.acked_path)
+        except ValueError as exc:
+            self.log.warning("%s unusable (%s): every backup is listed again",
+                             self.acked_path, exc)
+            return set()
+        return set(v for v in value if isinstance(v, compat.string_types)) \
+            if isinstance(value, list) else set()
+
+    def listing(self):
+        """For cluster_control -i: {"backups": [...] unacknowledged (at most LISTED_MAX),
+        "backups_more": count left out}."""
+        acked = self._acked()
+        rows = [row for row in self._all_backups() if row["path"] not in acked]
+        return {"backups": rows[:LISTED_MAX], "backups_more": max(0, len(rows) - LISTED_MAX)}
+
+    def acknowledge(self, paths):
+        """Record these backups (paths of files or of backup folders, relative to the
+        installation or absolute; all when None) as acknowledged; return the file paths."""
+        with self.lock:
+            acked = self._acked()
+            pending = [row["path"] for row in self._all_backups() if row["path"] not in acked]
+            if paths is None:
+                chosen = pending
+            else:
+                chosen = []
+                for given in paths:
+                    wanted = self._relative(given)
+                    found = [p for p in pending if p == wanted or p.startswith(wanted + "/")]
+                    if not found:
+                        raise RequestError("no unacknowledged backup at '%s'" % given,
+                                           "unknown_backup")
+                    chosen.extend(found)
+            if chosen:
+                existing = set(row["path"] for row in self._all_backups())
+                save_json(self.acked_path, sorted((acked & existing) | set(chosen)))
+        return sorted(set(chosen))
+
+    def _relative(self, given):
+        given = compat.to_text(given).replace(os.sep, "/").rstrip("/")
+        prefix = compat.to_text(self.home).rstrip("/") + "/"
+        return given[len(prefix):] if given.startswith(prefix) else given.lstrip("/")
+
+
+def _sha_of(path):
+    """SHA-256 of the regular file at `path`; None when absent (nothing to lose) or not a
+    regular file (a symlink: the receiver refuses to replace it)."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        return fsops.sha256_of_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)
+
+
+def _valid_record(record):
+    return isinstance(record, dict) and all(
+        isinstance(k, compat.string_types) and isinstance(v, compat.string_types)
+        for k, v in record.items())
