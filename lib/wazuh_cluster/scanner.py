@@ -22,7 +22,8 @@ fingerprint is updated silently.
 Racy files (the problem git calls "racily clean"): kernels stamp files with a coarse clock
 (a few ms, or a second on some file systems), so a file rewritten with the same size right
 after we hashed it can keep the same fingerprint. A file whose mtime/ctime is within
-RACY_NS of the moment it was hashed is hashed again on the following polls until it is older.
+RACY_NS of the moment it was hashed is hashed once more when that much older (not at every
+poll meanwhile: a burst of 100 000 received files would be read again at each).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -31,6 +32,7 @@ import collections
 import errno
 import fnmatch
 import hashlib
+import heapq
 import operator
 import os
 import re
@@ -164,7 +166,8 @@ class Scanner(object):
         self._dirs = {}
         self._plan = None  # the poll's folder list, kept until a folder comes or goes
         self._retry = set()
-        self._racy = set()
+        self._racy = {}       # name -> wall ns from which one more hash settles it
+        self._racy_due = []   # heap of (that time, name); stale entries are skipped
         self._noted = {}
         self._hints = {}  # rel -> (fingerprint, digest) of a file wazuh-clusterd just wrote
         self._primed = False
@@ -269,7 +272,7 @@ class Scanner(object):
         if tuple(_fingerprint(st)) != tuple(fp):
             return False
         self._files[rel] = _FP.pack(*fp) + digest
-        self._racy.discard(rel)
+        self._racy.pop(rel, None)
         return True
 
     # -- seeding from the database ------------------------------------------------------------
@@ -368,7 +371,7 @@ class Scanner(object):
             if st is None or _dir_fingerprint(st) != record[:3]:
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
-        for rel in list(self._retry | self._racy):
+        for rel in list(self._retry) + self._due_racy():
             self._retry.discard(rel)
             self._check_path(self.item_of(rel), rel, out)
         end = self._clock()
@@ -377,6 +380,21 @@ class Scanner(object):
         return out.freeze()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _due_racy(self):
+        """Names of the racy files whose one more hash is due now (see _check_file)."""
+        now = int(self._wall() * 1e9)
+        heap, racy, due = self._racy_due, self._racy, []
+        while heap and heap[0][0] <= now:
+            when, rel = heapq.heappop(heap)
+            if racy.get(rel) == when:
+                due.append(rel)
+        return due
+
+    def _racy_pending(self, rel):
+        """True while a racy file's settling hash is not due yet."""
+        when = self._racy.get(rel)
+        return when is not None and when > int(self._wall() * 1e9)
 
     def _poll_plan(self):
         """(name, path, item) of every tracked folder, parents first (a removed tree is then
@@ -430,15 +448,22 @@ class Scanner(object):
 
     def _forget_file(self, rel, out):
         self._retry.discard(rel)
-        self._racy.discard(rel)
+        self._racy.pop(rel, None)
         if self._files.pop(rel, None) is not None:
             out.deleted.add(rel)
 
     def _check_file(self, item, rel, st, out):
-        """Compare a regular file's lstat with the map; hash it only when needed."""
+        """Compare a regular file's lstat with the map; hash it only when needed.
+
+        Racy (modified within RACY_NS of the hash): a rewrite in the same clock tick would
+        keep this fingerprint, so the file is hashed once more when that tick is surely
+        over, max(hashed_at, its change) + RACY_NS, and not at every poll before: a hash
+        taken sooner could still be racy and settles nothing.
+        """
         fp = _fingerprint(st)
         old = self._files.get(rel)
-        if old is not None and old.startswith(_FP.pack(*fp)) and rel not in self._racy:
+        if old is not None and old.startswith(_FP.pack(*fp)) and (
+                rel not in self._racy or self._racy_pending(rel)):
             return
         hashed_at = int(self._wall() * 1e9)
         hint = self._hints.pop(rel, None)
@@ -449,10 +474,13 @@ class Scanner(object):
         digest, fp = result
         self._files[rel] = _FP.pack(*fp) + digest
         self._noted.pop(rel, None)
-        if not hinted and hashed_at - RACY_NS <= max(fp[1], fp[3]) <= hashed_at + RACY_NS:
-            self._racy.add(rel)
+        changed_at = max(fp[1], fp[3])
+        if not hinted and hashed_at - RACY_NS <= changed_at <= hashed_at + RACY_NS:
+            when = max(hashed_at, changed_at) + RACY_NS
+            self._racy[rel] = when
+            heapq.heappush(self._racy_due, (when, rel))
         else:
-            self._racy.discard(rel)
+            self._racy.pop(rel, None)
         if old is None or old[_FP_LEN:] != digest:
             out.changed.add(rel)
         elif _FP.unpack_from(old)[1] != fp[1] and item is not None and item.mtime_is_data:

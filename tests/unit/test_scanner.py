@@ -433,3 +433,42 @@ def test_item_folder_replaced_by_a_symlink_is_not_followed_nor_deleted(home):
     os.unlink(os.path.join(home, "etc/shared"))
     os.rename(os.path.join(home, "elsewhere"), os.path.join(home, "etc/shared"))
     assert scan.poll().changed == ["etc/shared/default/b"]
+
+
+def test_racy_file_is_hashed_once_more_when_old_not_at_every_poll(home):
+    path = write(home, "queue/agent-info/web01-any", "Linux", mtime_ns=None)
+    changed_at = max(compat.stat_mtime_ns(os.stat(path)), compat.stat_ctime_ns(os.stat(path)))
+    now = [changed_at / 1e9]  # hashed in the very tick it was written: racy
+    scan, _ = make(home, wall=lambda: now[0])
+    assert scan.full_pass().changed == ["queue/agent-info/web01-any"]
+    hashed = scan.hashed
+    for _ in range(3):
+        now[0] += 0.5
+        assert scan.poll().is_empty()
+        scan.full_pass()
+    assert scan.hashed == hashed  # a hash now could still be racy: it would settle nothing
+    now[0] += 1.0      # RACY_NS after the change
+    assert scan.poll().is_empty()
+    assert scan.hashed == hashed + 1
+    now[0] += 5
+    scan.poll()
+    scan.full_pass()
+    assert scan.hashed == hashed + 1  # settled
+
+
+def test_racy_rewrite_in_the_same_tick_is_seen_by_the_settling_hash(home, monkeypatch):
+    # A rewrite that keeps the fingerprint (same size, same stamps, as within one coarse
+    # clock tick) is found by the one hash taken once the file is RACY_NS old.
+    path = write(home, "etc/shared/default/agent.conf", "aaaa", mtime_ns=None)
+    st = os.stat(path)
+    now = [max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9]
+    scan, _ = make(home, wall=lambda: now[0])
+    scan.full_pass()
+    with open(path, "r+b") as handle:
+        handle.write(b"bbbb")
+    # This file system's clock is finer than a tick: stamps pinned to the first write's.
+    monkeypatch.setattr(scanner, "_fingerprint", lambda s: (
+        s.st_size, compat.stat_mtime_ns(st), s.st_ino, compat.stat_ctime_ns(st), s.st_mode))
+    assert scan.poll().is_empty() and scan.full_pass().is_empty()
+    now[0] += 2.5
+    assert scan.poll().changed == ["etc/shared/default/agent.conf"]
