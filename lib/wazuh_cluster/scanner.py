@@ -47,6 +47,7 @@ from wazuh_cluster.pathrules import TEMP_PATTERN
 RACY_NS = 2 * 10 ** 9
 MAX_HINTS = 64  # hints not used yet (see Scanner.hint); a flood of them is dropped
 READ_CHUNK = 1 << 20
+MAX_FOLDERS_REMEMBERED = 4096  # item_of's cache (a tree has some hundreds of folders)
 # What receivers accept (SPEC section 4): printable ASCII, no backslash; anything else is skipped
 # here (reported once) instead of failing on every peer.
 _PORTABLE = re.compile(compat.native_str(r"^[\x20-\x5b\x5d-\x7e]{1,255}$"))
@@ -133,6 +134,12 @@ else:
         return (int(round(st.st_mtime * 1e9)), int(round(st.st_ctime * 1e9)), st.st_ino)
 
 
+def _native(name):
+    """compat.native_str, without its two calls for a name that is native already (ours,
+    or JSON text on 3.x): a peer's round looks up 10 000 names several times each."""
+    return name if type(name) is str else compat.native_str(name)
+
+
 def _kind_word(mode):
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -174,6 +181,11 @@ class Scanner(object):
         self._roots = []  # (item, native relative path)
         for item in self.items:
             self._roots.append((item, compat.native_str(item.path)))
+        self._item_at = {}
+        for item, rel in sorted(self._roots, key=lambda root: len(root[1])):
+            self._item_at[rel] = item  # the longest wins, as in item_of
+        self._item_in = {}  # folder -> item of the files in it (item_of)
+        self._prefix = os.path.join(self.home, "")
         self.last_full_pass = None   # monotonic time of the end of the last full pass
         self.last_poll = None
         self.full_pass_seconds = 0.0
@@ -186,21 +198,35 @@ class Scanner(object):
         return len(self._files)
 
     def __contains__(self, name):
-        return compat.native_str(name) in self._files
+        return _native(name) in self._files
 
     def item_of(self, name):
-        """The item a name belongs to (the longest matching path), or None."""
-        name = compat.native_str(name)
+        """The item a name belongs to (the longest matching path), or None.
+
+        Looked up by the name's folder, remembered: a peer's round asks about 10 000 names
+        and a manifest row needs the item of each."""
+        name = _native(name)
+        item = self._item_at.get(name)  # the name of an item itself
+        if item is not None:
+            return item
+        folder = name.rpartition("/")[0]
+        try:
+            return self._item_in[folder]
+        except KeyError:
+            pass
         best = None
         for item, rel in self._roots:
-            if name == rel or name.startswith(rel + "/"):
+            if folder == rel or folder.startswith(rel + "/"):
                 if best is None or len(rel) > len(best[1]):
                     best = (item, rel)
-        return best[0] if best else None
+        if len(self._item_in) >= MAX_FOLDERS_REMEMBERED:
+            self._item_in.clear()  # names a peer made up must not grow it without bound
+        self._item_in[folder] = item = best[0] if best else None
+        return item
 
     def get(self, name):
         """The record of one file as a dict (manifest format) or None."""
-        rec = self._files.get(compat.native_str(name))
+        rec = self._files.get(_native(name))
         if rec is None:
             return None
         item = self.item_of(name)
@@ -244,7 +270,7 @@ class Scanner(object):
 
     def row(self, name):
         """One row as in rows(), or None."""
-        name = compat.native_str(name)
+        name = _native(name)
         rec = self._files.get(name)
         if rec is None:
             return None
@@ -331,7 +357,7 @@ class Scanner(object):
         names a peer asks about); a ChangeSet."""
         out = _Collector()
         for rel in names:
-            rel = compat.native_str(rel)
+            rel = _native(rel)
             if rel in self._files:
                 self._check_path(self.item_of(rel), rel, out)
         return out.freeze()
@@ -405,7 +431,7 @@ class Scanner(object):
         return self._plan
 
     def _abs(self, rel):
-        return os.path.join(self.home, rel)
+        return self._prefix + rel  # os.path.join was a tenth of a named check
 
     def _is_root(self, rel):
         return any(rel == r for _, r in self._roots)

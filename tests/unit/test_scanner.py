@@ -472,3 +472,16 @@ def test_racy_rewrite_in_the_same_tick_is_seen_by_the_settling_hash(home, monkey
     assert scan.poll().is_empty() and scan.full_pass().is_empty()
     now[0] += 2.5
     assert scan.poll().changed == ["etc/shared/default/agent.conf"]
+
+
+def test_item_of_names_items_files_and_strangers_alike_twice(home):
+    scan, _ = make(home)
+    expected = [("etc/client.keys", "client.keys"), ("etc/shared", "shared"),
+                ("etc/shared/default", "shared"), ("etc/shared/default/a.conf", "shared"),
+                ("etc/shared/web/sub/b", "shared"), ("queue/agent-info/web01-any", "agent-info"),
+                (u"queue/agent-groups/001", "agent-groups"), ("etc/client.keys.bak", None),
+                ("etc/client.keys/x", "client.keys"), ("etc/sharedx/a", None), ("etc", None),
+                ("", None), ("queue/agent-info", "agent-info")]
+    for _ in range(2):  # the second time from what the first remembered
+        got = [(name, getattr(scan.item_of(name), "name", None)) for name, _ in expected]
+        assert got == expected
