@@ -278,8 +278,13 @@ class Scanner(object):
         return _row(name, item, rec)
 
     def racy_count(self):
-        """Files hashed again at the next polls (see "Racy files" above)."""
+        """Files to be hashed once more (see "Racy files" above)."""
         return len(self._racy)
+
+    def is_racy(self, name):
+        """True while a file's record is not settled: a rewrite in the clock tick of its
+        hash (same size and stamps) would not show yet (see "Racy files" above)."""
+        return _native(name) in self._racy
 
     def learn(self, name, fp, digest):
         """Take `fp` (size, mtime_ns, ino, ctime_ns, st_mode) as the record of a file whose
