@@ -485,3 +485,24 @@ def test_item_of_names_items_files_and_strangers_alike_twice(home):
     for _ in range(2):  # the second time from what the first remembered
         got = [(name, getattr(scan.item_of(name), "name", None)) for name, _ in expected]
         assert got == expected
+
+
+def test_check_files_sees_the_named_known_files_edits_deletions_and_links_only(home):
+    names = ["queue/agent-info/%s-any" % n for n in ("a", "b", "c", "d")]
+    for name in names:
+        write(home, name, "Linux")
+    scan, notes = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    write(home, names[0], "LINUX")  # in place, same size and mtime: the folder is unchanged
+    write(home, names[1], "LINUX")  # not asked about
+    os.unlink(os.path.join(home, names[2]))
+    os.unlink(os.path.join(home, names[3]))
+    os.symlink("/etc/passwd", os.path.join(home, names[3]))
+    write(home, "queue/agent-info/new-any", "new")
+    changes = scan.check_files([names[0], names[2], names[3], "queue/agent-info/new-any",
+                                "queue/agent-info/../../../etc/passwd", "etc/shared"])
+    assert changes.changed == [names[0]]
+    assert changes.deleted == [names[2], names[3]]
+    assert "queue/agent-info/new-any" not in scan  # new files are the folder polls' job
+    assert [n for n, _ in notes] == [names[3]]
+    assert scan.full_pass().changed == [names[1], "queue/agent-info/new-any"]
