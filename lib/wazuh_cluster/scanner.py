@@ -501,12 +501,14 @@ class Scanner(object):
         Racy (modified within RACY_NS of the hash): a rewrite in the same clock tick would
         keep this fingerprint, so the file is hashed once more when that tick is surely
         over, max(hashed_at, its change) + RACY_NS, and not at every poll before: a hash
-        taken sooner could still be racy and settles nothing.
+        taken sooner could still be racy and settles nothing. Hot files (client.keys) are
+        still hashed at every poll while racy: a second edit in the tick of the first must
+        reach the peers within SPEC's 2 s, not after the settling hash.
         """
         fp = _fingerprint(st)
         old = self._files.get(rel)
         if old is not None and old.startswith(_FP.pack(*fp)) and (
-                rel not in self._racy or self._racy_pending(rel)):
+                rel not in self._racy or (self._racy_pending(rel) and not (item and item.hot))):
             return
         hashed_at = int(self._wall() * 1e9)
         hint = self._hints.pop(rel, None)

@@ -506,3 +506,20 @@ def test_check_files_sees_the_named_known_files_edits_deletions_and_links_only(h
     assert "queue/agent-info/new-any" not in scan  # new files are the folder polls' job
     assert [n for n, _ in notes] == [names[3]]
     assert scan.full_pass().changed == [names[1], "queue/agent-info/new-any"]
+
+
+def test_racy_hot_file_is_hashed_at_every_poll_until_settled(home):
+    # client.keys edited twice in one clock tick: the second edit must not wait RACY_NS.
+    path = write(home, "etc/client.keys", "k1\n", mtime_ns=None)
+    st = os.stat(path)
+    now = [max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9]
+    scan, _ = make(home, wall=lambda: now[0])
+    scan.full_pass()
+    hashed = scan.hashed
+    now[0] += 0.5
+    assert scan.poll().is_empty()
+    assert scan.hashed == hashed + 1
+    now[0] += 5
+    scan.poll()
+    scan.poll()
+    assert scan.hashed == hashed + 2  # the settling hash, then nothing
