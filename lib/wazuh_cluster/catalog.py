@@ -58,12 +58,31 @@ from wazuh_cluster import scanner as scanner_mod
 TOMBSTONE_SECONDS = 30 * 86400
 PURGE_EVERY = 3600.0
 # Items this node only receives (agent-info on a master; shared files on a client) are
-# written by our own sync; a hand edit there only matters to the integrity round (every
-# `interval`, 2 min by default), so their full pass runs on that slower cadence: 50 000
-# agent-info lstats every 10 s would cost a master ~3 % of a core on their own (SPEC
-# section 8 asks for 1 % in all). Creations, deletions and renames there are still seen by
-# every poll; a "rescan" request passes everything at the next tick.
-FOREIGN_SCAN_INTERVAL = 120.0
+# written by our own sync (and on a master by its own remoted, for agents reporting to it);
+# nothing this node holds of them is sent anywhere, so SPEC section 8's "an in-place edit
+# anywhere else within one full pass (cluster.scan_interval)" -- a latency to the peers --
+# does not apply; what does is section 4's "every interval a full integrity round compares
+# checksums both ways and repairs any drift": a peer's round first makes our copy of its
+# files current (_refresh_received: on a master, a client's summary stats the agent-info
+# files that client reports), every interval. So the periodic pass over them is only the
+# backstop for files no peer asks about (on a master, the agents reporting to it), and runs
+# on this slow cadence: 100 000 agent-info lstats every 10 s would cost a master ~3 % of a
+# core on their own (section 8 asks for 1 % in all), and every 2 min they doubled the
+# rounds' own stats. Worst-case detection delays with the defaults (poll 1 s, scan_interval
+# 10 s, <interval> 2 min, this 10 min; a file rewritten in the clock tick of its last hash
+# is hashed again RACY_NS = 2 s later):
+#   client.keys (hot, both roles)                         1 poll
+#   own items, created / deleted / renamed                1 poll
+#   own items edited in place (shared on a master,        scan_interval (their full pass)
+#     agent-info on a client)
+#   received items, created / deleted / renamed           scan_interval (their folders are
+#                                                           polled at that cadence)
+#   received items edited in place (by hand; on a master  the peer's next round (its names
+#     also by its own remoted)                              are stat-ed first: <interval>),
+#                                                           at most FOREIGN_SCAN_INTERVAL
+#                                                           for files no peer asks about
+# A "rescan" request passes everything at the next tick.
+FOREIGN_SCAN_INTERVAL = 600.0
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
 
 
@@ -513,10 +532,13 @@ class Catalog(object):
         return {"stored": True}
 
     def _cmd_fingerprints(self, args):
+        # A racy record is no proof: the receiver (keepalive.py) would date a same-tick
+        # rewrite's content with the sender's mtime without reading it. Left out, such a
+        # file is read and hashed by the receiver (a few hundred bytes for an agent-info).
         rows = []
         for name in _opt_text_list(args, "names") or ():
             row = self.scanner.row(name)
-            if row is not None:
+            if row is not None and not self.scanner.is_racy(name):
                 rows.append([row[0], row[2], row[3], row[4], row[5], row[7]])
         return {"rows": rows}
 

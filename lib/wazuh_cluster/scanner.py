@@ -22,7 +22,8 @@ fingerprint is updated silently.
 Racy files (the problem git calls "racily clean"): kernels stamp files with a coarse clock
 (a few ms, or a second on some file systems), so a file rewritten with the same size right
 after we hashed it can keep the same fingerprint. A file whose mtime/ctime is within
-RACY_NS of the moment it was hashed is hashed again on the following polls until it is older.
+RACY_NS of the moment it was hashed is hashed once more when that much older (not at every
+poll meanwhile: a burst of 100 000 received files would be read again at each).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -31,6 +32,7 @@ import collections
 import errno
 import fnmatch
 import hashlib
+import heapq
 import operator
 import os
 import re
@@ -45,6 +47,7 @@ from wazuh_cluster.pathrules import TEMP_PATTERN
 RACY_NS = 2 * 10 ** 9
 MAX_HINTS = 64  # hints not used yet (see Scanner.hint); a flood of them is dropped
 READ_CHUNK = 1 << 20
+MAX_FOLDERS_REMEMBERED = 4096  # item_of's cache (a tree has some hundreds of folders)
 # What receivers accept (SPEC section 4): printable ASCII, no backslash; anything else is skipped
 # here (reported once) instead of failing on every peer.
 _PORTABLE = re.compile(compat.native_str(r"^[\x20-\x5b\x5d-\x7e]{1,255}$"))
@@ -131,6 +134,12 @@ else:
         return (int(round(st.st_mtime * 1e9)), int(round(st.st_ctime * 1e9)), st.st_ino)
 
 
+def _native(name):
+    """compat.native_str, without its two calls for a name that is native already (ours,
+    or JSON text on 3.x): a peer's round looks up 10 000 names several times each."""
+    return name if type(name) is str else compat.native_str(name)
+
+
 def _kind_word(mode):
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -164,13 +173,19 @@ class Scanner(object):
         self._dirs = {}
         self._plan = None  # the poll's folder list, kept until a folder comes or goes
         self._retry = set()
-        self._racy = set()
+        self._racy = {}       # name -> wall ns from which one more hash settles it
+        self._racy_due = []   # heap of (that time, name); stale entries are skipped
         self._noted = {}
         self._hints = {}  # rel -> (fingerprint, digest) of a file wazuh-clusterd just wrote
         self._primed = False
         self._roots = []  # (item, native relative path)
         for item in self.items:
             self._roots.append((item, compat.native_str(item.path)))
+        self._item_at = {}
+        for item, rel in sorted(self._roots, key=lambda root: len(root[1])):
+            self._item_at[rel] = item  # the longest wins, as in item_of
+        self._item_in = {}  # folder -> item of the files in it (item_of)
+        self._prefix = os.path.join(self.home, "")
         self.last_full_pass = None   # monotonic time of the end of the last full pass
         self.last_poll = None
         self.full_pass_seconds = 0.0
@@ -183,21 +198,35 @@ class Scanner(object):
         return len(self._files)
 
     def __contains__(self, name):
-        return compat.native_str(name) in self._files
+        return _native(name) in self._files
 
     def item_of(self, name):
-        """The item a name belongs to (the longest matching path), or None."""
-        name = compat.native_str(name)
+        """The item a name belongs to (the longest matching path), or None.
+
+        Looked up by the name's folder, remembered: a peer's round asks about 10 000 names
+        and a manifest row needs the item of each."""
+        name = _native(name)
+        item = self._item_at.get(name)  # the name of an item itself
+        if item is not None:
+            return item
+        folder = name.rpartition("/")[0]
+        try:
+            return self._item_in[folder]
+        except KeyError:
+            pass
         best = None
         for item, rel in self._roots:
-            if name == rel or name.startswith(rel + "/"):
+            if folder == rel or folder.startswith(rel + "/"):
                 if best is None or len(rel) > len(best[1]):
                     best = (item, rel)
-        return best[0] if best else None
+        if len(self._item_in) >= MAX_FOLDERS_REMEMBERED:
+            self._item_in.clear()  # names a peer made up must not grow it without bound
+        self._item_in[folder] = item = best[0] if best else None
+        return item
 
     def get(self, name):
         """The record of one file as a dict (manifest format) or None."""
-        rec = self._files.get(compat.native_str(name))
+        rec = self._files.get(_native(name))
         if rec is None:
             return None
         item = self.item_of(name)
@@ -241,7 +270,7 @@ class Scanner(object):
 
     def row(self, name):
         """One row as in rows(), or None."""
-        name = compat.native_str(name)
+        name = _native(name)
         rec = self._files.get(name)
         if rec is None:
             return None
@@ -249,8 +278,13 @@ class Scanner(object):
         return _row(name, item, rec)
 
     def racy_count(self):
-        """Files hashed again at the next polls (see "Racy files" above)."""
+        """Files to be hashed once more (see "Racy files" above)."""
         return len(self._racy)
+
+    def is_racy(self, name):
+        """True while a file's record is not settled: a rewrite in the clock tick of its
+        hash (same size and stamps) would not show yet (see "Racy files" above)."""
+        return _native(name) in self._racy
 
     def learn(self, name, fp, digest):
         """Take `fp` (size, mtime_ns, ino, ctime_ns, st_mode) as the record of a file whose
@@ -269,7 +303,7 @@ class Scanner(object):
         if tuple(_fingerprint(st)) != tuple(fp):
             return False
         self._files[rel] = _FP.pack(*fp) + digest
-        self._racy.discard(rel)
+        self._racy.pop(rel, None)
         return True
 
     # -- seeding from the database ------------------------------------------------------------
@@ -327,10 +361,22 @@ class Scanner(object):
         """lstat these tracked files only (the agent-info files one client reports, the
         names a peer asks about); a ChangeSet."""
         out = _Collector()
+        files, racy, prefix, pack, lstat = self._files, self._racy, self._prefix, _FP.pack, \
+            os.lstat
         for rel in names:
-            rel = compat.native_str(rel)
-            if rel in self._files:
-                self._check_path(self.item_of(rel), rel, out)
+            rel = _native(rel)
+            old = files.get(rel)
+            if old is None:
+                continue
+            # Inline fast path (a client's round asks about its 10 000 files every interval):
+            # the record holds S_IFREG, so a matching fingerprint is an unchanged regular file.
+            try:
+                if old.startswith(pack(*_fingerprint(lstat(prefix + rel)))) and \
+                        rel not in racy:
+                    continue
+            except OSError:
+                pass
+            self._check_path(self.item_of(rel), rel, out)
         return out.freeze()
 
     def poll(self, only=None):
@@ -368,7 +414,7 @@ class Scanner(object):
             if st is None or _dir_fingerprint(st) != record[:3]:
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
-        for rel in list(self._retry | self._racy):
+        for rel in list(self._retry) + self._due_racy():
             self._retry.discard(rel)
             self._check_path(self.item_of(rel), rel, out)
         end = self._clock()
@@ -377,6 +423,21 @@ class Scanner(object):
         return out.freeze()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _due_racy(self):
+        """Names of the racy files whose one more hash is due now (see _check_file)."""
+        now = int(self._wall() * 1e9)
+        heap, racy, due = self._racy_due, self._racy, []
+        while heap and heap[0][0] <= now:
+            when, rel = heapq.heappop(heap)
+            if racy.get(rel) == when:
+                due.append(rel)
+        return due
+
+    def _racy_pending(self, rel):
+        """True while a racy file's settling hash is not due yet."""
+        when = self._racy.get(rel)
+        return when is not None and when > int(self._wall() * 1e9)
 
     def _poll_plan(self):
         """(name, path, item) of every tracked folder, parents first (a removed tree is then
@@ -387,7 +448,7 @@ class Scanner(object):
         return self._plan
 
     def _abs(self, rel):
-        return os.path.join(self.home, rel)
+        return self._prefix + rel  # os.path.join was a tenth of a named check
 
     def _is_root(self, rel):
         return any(rel == r for _, r in self._roots)
@@ -430,15 +491,24 @@ class Scanner(object):
 
     def _forget_file(self, rel, out):
         self._retry.discard(rel)
-        self._racy.discard(rel)
+        self._racy.pop(rel, None)
         if self._files.pop(rel, None) is not None:
             out.deleted.add(rel)
 
     def _check_file(self, item, rel, st, out):
-        """Compare a regular file's lstat with the map; hash it only when needed."""
+        """Compare a regular file's lstat with the map; hash it only when needed.
+
+        Racy (modified within RACY_NS of the hash): a rewrite in the same clock tick would
+        keep this fingerprint, so the file is hashed once more when that tick is surely
+        over, max(hashed_at, its change) + RACY_NS, and not at every poll before: a hash
+        taken sooner could still be racy and settles nothing. Hot files (client.keys) are
+        still hashed at every poll while racy: a second edit in the tick of the first must
+        reach the peers within SPEC's 2 s, not after the settling hash.
+        """
         fp = _fingerprint(st)
         old = self._files.get(rel)
-        if old is not None and old.startswith(_FP.pack(*fp)) and rel not in self._racy:
+        if old is not None and old.startswith(_FP.pack(*fp)) and (
+                rel not in self._racy or (self._racy_pending(rel) and not (item and item.hot))):
             return
         hashed_at = int(self._wall() * 1e9)
         hint = self._hints.pop(rel, None)
@@ -449,10 +519,13 @@ class Scanner(object):
         digest, fp = result
         self._files[rel] = _FP.pack(*fp) + digest
         self._noted.pop(rel, None)
-        if not hinted and hashed_at - RACY_NS <= max(fp[1], fp[3]) <= hashed_at + RACY_NS:
-            self._racy.add(rel)
+        changed_at = max(fp[1], fp[3])
+        if not hinted and hashed_at - RACY_NS <= changed_at <= hashed_at + RACY_NS:
+            when = max(hashed_at, changed_at) + RACY_NS
+            self._racy[rel] = when
+            heapq.heappush(self._racy_due, (when, rel))
         else:
-            self._racy.discard(rel)
+            self._racy.pop(rel, None)
         if old is None or old[_FP_LEN:] != digest:
             out.changed.add(rel)
         elif _FP.unpack_from(old)[1] != fp[1] and item is not None and item.mtime_is_data:

@@ -353,11 +353,23 @@ class ScaleBench(benchlib.BenchNodes):
         pids = self.master_pids()
         time.sleep(opt.settle)
         window = opt.idle or self.interval
+        others = self.client_pids()
         cpu0 = [proc_cpu(p) for p in pids]
+        others0 = [proc_cpu(p) for p in others]
+        load0 = benchlib.load_average()
         time.sleep(window)
-        used = sum(proc_cpu(p) - c for p, c in zip(pids, cpu0)) / window * 100
+        spent = [proc_cpu(p) - c for p, c in zip(pids, cpu0)]
+        used = sum(spent) / window * 100
         limit = 2.0 if self.master_version.startswith("2.") else 1.0
-        print("\nidle: master, after the churn and %d s of settling" % opt.settle)
+        print("\nidle: master, after the churn and %d s of settling; CPU over the window: "
+              "clusterd %.2f s, internal %.2f s; load average %s -> %s"
+              % (opt.settle, spent[0], spent[1], load0, benchlib.load_average()))
+        if others:
+            # Per client, both daemons (client_pids lists them in pairs).
+            per = [(proc_cpu(a) - a0 + proc_cpu(b) - b0) / window * 100 for a, a0, b, b0 in
+                   zip(others[::2], others0[::2], others[1::2], others0[1::2])]
+            print("   clients idle, both daemons: mean %.2f %%, highest %.2f %% of a core"
+                  % (sum(per) / len(per), max(per)))
         self.figures.add("master idle CPU, both daemons, over %.0f s" % window, used, "%", limit)
         if not self.clients:
             return
@@ -387,9 +399,11 @@ class ScaleBench(benchlib.BenchNodes):
         wave_cpu = sum(proc_cpu(p) - c for p, c in zip(pids, cpu0))
         cpu0 = [proc_cpu(p) for p in pids]
         time.sleep(opt.after)
-        used = sum(proc_cpu(p) - c for p, c in zip(pids, cpu0)) / opt.after * 100
+        spent = [proc_cpu(p) - c for p, c in zip(pids, cpu0)]
+        used = sum(spent) / opt.after * 100
         print("   every agent-info file touched: all on the master after %.1f s (master CPU "
-              "%.2f s)" % (arrived_after, wave_cpu))
+              "%.2f s); then over %.0f s: clusterd %.2f s, internal %.2f s"
+              % (arrived_after, wave_cpu, opt.after, spent[0], spent[1]))
         self.figures.add("master CPU, both daemons, %.0f s after every keepalive" % opt.after,
                          used, "%", 1.0)
 

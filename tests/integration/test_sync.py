@@ -150,6 +150,31 @@ def test_group_folder_removed_on_master_is_removed_on_clients(cluster):
              what="group folder web removed on client1")
 
 
+def test_in_place_edits_reach_the_peers_through_the_full_pass(cluster):
+    # Same size, and the folder untouched: only a full pass sees these, within
+    # cluster.scan_interval, also right after the file's previous change (racy records).
+    master, client1 = cluster[0], cluster[1]
+    path = master.path("etc", "shared", "web", "agent.conf")
+    size = os.path.getsize(path)
+    with io.open(path, "r+b") as handle:
+        handle.write(b"<AGENT_CONFIG>")
+    assert os.path.getsize(path) == size
+    converge(cluster)
+    with io.open(client1.path("etc", "shared", "web", "agent.conf"), "rb") as handle:
+        assert handle.read().startswith(b"<AGENT_CONFIG>")
+    put(client1, "queue/agent-info/web01-any", agent_info("client1"))
+    target = master.path("queue", "agent-info", "web01-any")
+    wait_for(lambda: os.path.exists(target), SYNC_WAIT, what="agent-info on the master")
+    info = client1.path("queue", "agent-info", "web01-any")
+    with io.open(info, "r+b") as handle:
+        handle.write(b"Windows")  # a keepalive rewriting the file in place
+
+    def arrived():
+        with io.open(target, "rb") as handle:
+            return handle.read().startswith(b"Windows")
+    wait_for(arrived, SYNC_WAIT, what="the in-place agent-info edit on the master")
+
+
 def test_hand_edited_and_deleted_files_on_a_client_are_repaired(cluster):
     client1 = cluster[1]
     put(client1, "etc/shared/default/agent.conf", u"edited by hand\n")

@@ -471,3 +471,24 @@ def test_received_gives_the_hash_of_new_content_clusterd_just_wrote(home):
     for bad in ([row[:6]], [row[:6] + ["XYZ"]], [[1] + row[1:]], [row[:2] + [True] + row[3:]]):
         with pytest.raises(errors.RequestError):
             cat.handle("received", {"rows": bad})
+
+
+def test_fingerprints_vouch_only_for_settled_records(home):
+    # The receiver stamps a keepalive's mtime without reading the file when this answer
+    # proves the content: a record taken in the clock tick of the file's last write proves
+    # nothing until it is hashed again RACY_NS later.
+    name = "queue/agent-info/web01-any"
+    path = write(home, name, "Linux web01", mtime_ns=None)
+    st = os.stat(path)
+    now = [max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9]
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    OPENED.append(db)
+    cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="master",
+                              node_name="master01", wall=lambda: now[0])
+    cat.tick(0.0)
+    assert cat.handle("fingerprints", {"names": [name]}) == {"rows": []}
+    now[0] += 2.5
+    cat.tick(1.0)  # the poll that settles it
+    rows = cat.handle("fingerprints", {"names": [name]})["rows"]
+    assert [row[0] for row in rows] == [name]

@@ -433,3 +433,93 @@ def test_item_folder_replaced_by_a_symlink_is_not_followed_nor_deleted(home):
     os.unlink(os.path.join(home, "etc/shared"))
     os.rename(os.path.join(home, "elsewhere"), os.path.join(home, "etc/shared"))
     assert scan.poll().changed == ["etc/shared/default/b"]
+
+
+def test_racy_file_is_hashed_once_more_when_old_not_at_every_poll(home):
+    path = write(home, "queue/agent-info/web01-any", "Linux", mtime_ns=None)
+    changed_at = max(compat.stat_mtime_ns(os.stat(path)), compat.stat_ctime_ns(os.stat(path)))
+    now = [changed_at / 1e9]  # hashed in the very tick it was written: racy
+    scan, _ = make(home, wall=lambda: now[0])
+    assert scan.full_pass().changed == ["queue/agent-info/web01-any"]
+    hashed = scan.hashed
+    for _ in range(3):
+        now[0] += 0.5
+        assert scan.poll().is_empty()
+        scan.full_pass()
+    assert scan.hashed == hashed  # a hash now could still be racy: it would settle nothing
+    now[0] += 1.0      # RACY_NS after the change
+    assert scan.poll().is_empty()
+    assert scan.hashed == hashed + 1
+    now[0] += 5
+    scan.poll()
+    scan.full_pass()
+    assert scan.hashed == hashed + 1  # settled
+
+
+def test_racy_rewrite_in_the_same_tick_is_seen_by_the_settling_hash(home, monkeypatch):
+    # A rewrite that keeps the fingerprint (same size, same stamps, as within one coarse
+    # clock tick) is found by the one hash taken once the file is RACY_NS old.
+    path = write(home, "etc/shared/default/agent.conf", "aaaa", mtime_ns=None)
+    st = os.stat(path)
+    now = [max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9]
+    scan, _ = make(home, wall=lambda: now[0])
+    scan.full_pass()
+    with open(path, "r+b") as handle:
+        handle.write(b"bbbb")
+    # This file system's clock is finer than a tick: stamps pinned to the first write's.
+    monkeypatch.setattr(scanner, "_fingerprint", lambda s: (
+        s.st_size, compat.stat_mtime_ns(st), s.st_ino, compat.stat_ctime_ns(st), s.st_mode))
+    assert scan.poll().is_empty() and scan.full_pass().is_empty()
+    now[0] += 2.5
+    assert scan.poll().changed == ["etc/shared/default/agent.conf"]
+
+
+def test_item_of_names_items_files_and_strangers_alike_twice(home):
+    scan, _ = make(home)
+    expected = [("etc/client.keys", "client.keys"), ("etc/shared", "shared"),
+                ("etc/shared/default", "shared"), ("etc/shared/default/a.conf", "shared"),
+                ("etc/shared/web/sub/b", "shared"), ("queue/agent-info/web01-any", "agent-info"),
+                (u"queue/agent-groups/001", "agent-groups"), ("etc/client.keys.bak", None),
+                ("etc/client.keys/x", "client.keys"), ("etc/sharedx/a", None), ("etc", None),
+                ("", None), ("queue/agent-info", "agent-info")]
+    for _ in range(2):  # the second time from what the first remembered
+        got = [(name, getattr(scan.item_of(name), "name", None)) for name, _ in expected]
+        assert got == expected
+
+
+def test_check_files_sees_the_named_known_files_edits_deletions_and_links_only(home):
+    names = ["queue/agent-info/%s-any" % n for n in ("a", "b", "c", "d")]
+    for name in names:
+        write(home, name, "Linux")
+    scan, notes = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    write(home, names[0], "LINUX")  # in place, same size and mtime: the folder is unchanged
+    write(home, names[1], "LINUX")  # not asked about
+    os.unlink(os.path.join(home, names[2]))
+    os.unlink(os.path.join(home, names[3]))
+    os.symlink("/etc/passwd", os.path.join(home, names[3]))
+    write(home, "queue/agent-info/new-any", "new")
+    changes = scan.check_files([names[0], names[2], names[3], "queue/agent-info/new-any",
+                                "queue/agent-info/../../../etc/passwd", "etc/shared"])
+    assert changes.changed == [names[0]]
+    assert changes.deleted == [names[2], names[3]]
+    assert "queue/agent-info/new-any" not in scan  # new files are the folder polls' job
+    assert [n for n, _ in notes] == [names[3]]
+    assert scan.full_pass().changed == [names[1], "queue/agent-info/new-any"]
+
+
+def test_racy_hot_file_is_hashed_at_every_poll_until_settled(home):
+    # client.keys edited twice in one clock tick: the second edit must not wait RACY_NS.
+    path = write(home, "etc/client.keys", "k1\n", mtime_ns=None)
+    st = os.stat(path)
+    now = [max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9]
+    scan, _ = make(home, wall=lambda: now[0])
+    scan.full_pass()
+    hashed = scan.hashed
+    now[0] += 0.5
+    assert scan.poll().is_empty()
+    assert scan.hashed == hashed + 1
+    now[0] += 5
+    scan.poll()
+    scan.poll()
+    assert scan.hashed == hashed + 2  # the settling hash, then nothing
