@@ -71,8 +71,12 @@ def test_a_local_edit_on_a_client_is_backed_up_only_with_failover(cluster):
         assert backups(client) == [] and "local edit" not in client.log()
         assert sorted(json.loads(control(client, "-i", "-j"))) == ["held", "nodes"]
         return
+    # the backup is named with the term the client knows: the one its leader was elected in
+    with open(client.path("var", "db", "cluster-election.json")) as handle:
+        term = json.load(handle)["term"]
+    assert term >= 1
     folders = backups(client)
-    assert len(folders) == 1 and folders[0].startswith("0-"), folders
+    assert len(folders) == 1 and folders[0].startswith("%d-" % term), folders
     path = "backup/cluster/%s/etc/client.keys" % folders[0]
     assert read(client, path) == edited
     assert ("WARNING: local edit of 'etc/client.keys' replaced by the leader's version; the "
@@ -80,7 +84,7 @@ def test_a_local_edit_on_a_client_is_backed_up_only_with_failover(cluster):
     assert backups(master) == [] and backups(other) == []
     listed = json.loads(control(client, "-i", "-j"))["backups"]
     assert [(b["path"], b["file"], b["term"]) for b in listed] == [
-        (path, "etc/client.keys", 0)]
+        (path, "etc/client.keys", term)]
     assert path in control(client, "-i")
     assert control(client, "--ack-backups") == \
         "Acknowledged 1 backup(s); the files are kept.\n"
