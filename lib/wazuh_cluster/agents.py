@@ -33,7 +33,7 @@ from wazuh_cluster.errors import ClusterError
 ACTIVE_SECONDS = 1830  # 3 * NOTIFY_TIME (600) + 30, as Wazuh 3.0's agent status
 BACKUP_MODE = 0o750
 MAX_BACKUP_SUFFIX = 99  # Wazuh gives up after -099 too
-FEW_APPENDED = 16     # only_appended_new_ids: up to this many IDs, searched for in the text
+FEW_APPENDED = 4      # only_appended_new_ids: up to this many IDs, searched for in the text
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 _ID_RE = re.compile(u"^[0-9]{1,8}$")
