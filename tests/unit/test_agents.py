@@ -448,7 +448,7 @@ MANY = u"".join(u"%04d n%d any k\n" % (i, i) for i in range(100, 100 + 2 * agent
     # more lines than FEW_APPENDED: the old lines' IDs are compared as a set
     (u"001 a any k\n", u"001 a any k\n" + MANY, True),
     (u"", MANY, True),                                                # a first sync
-    (u"001 a any k\n\t0120 x any k\n", u"001 a any k\n\t0120 x any k\n" + MANY, False),
+    (u"001 a any k\n\t0101 x any k\n", u"001 a any k\n\t0101 x any k\n" + MANY, False),
     (u"001 a any k\n0099 x any k\n", u"001 a any k\n0099 x any k\n" + MANY + u" 0099 y any k\n",
      False),
 ])
