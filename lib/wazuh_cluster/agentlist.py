@@ -5,7 +5,8 @@ the per-agent work is done before, when its input changes, and kept in the datab
 memory: a cache of 100 000 entries would be lasting growth):
 - client.keys is parsed into agent_keys once per change of its stat fingerprint, each row
   holding its JSON prefix ["ID","NAME","IP" (refresh_keys; called by the scan that sees the
-  file change and, to be exact, by every listing, which then only compares the fingerprint);
+  file change and, to be exact, by every listing, which then only compares the fingerprint;
+  lines appended to the file add their rows only);
 - the node_name line of an agent-info file is read when the scanner sees its content change
   (note_changed, from catalog._store) into agent_files, so that no listing reads the files
   (a first listing after a start read all 100 000: 2.5-3.9 s). A file the database knows
