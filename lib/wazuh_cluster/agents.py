@@ -33,6 +33,7 @@ from wazuh_cluster.errors import ClusterError
 ACTIVE_SECONDS = 1830  # 3 * NOTIFY_TIME (600) + 30, as Wazuh 3.0's agent status
 BACKUP_MODE = 0o750
 MAX_BACKUP_SUFFIX = 99  # Wazuh gives up after -099 too
+FEW_APPENDED = 4      # only_appended_new_ids: up to this many IDs, searched for in the text
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 _ID_RE = re.compile(u"^[0-9]{1,8}$")
@@ -122,12 +123,22 @@ def only_appended_new_ids(old_text, new_text):
     new_text = compat.to_text(new_text, errors="replace")
     if not new_text.startswith(old_text) or (old_text and not old_text.endswith(u"\n")):
         return False
-    for line in new_text[len(old_text):].splitlines():
-        fields = line.split()
-        if fields and re.search(u"(?m)^[^\\S\\n]*%s(?![^\\s])" % re.escape(fields[0]),
-                                old_text):
-            return False
-    return True
+    added = _first_fields(new_text[len(old_text):])
+    if len(added) <= FEW_APPENDED:
+        # An ID that is nowhere in the old text is no old line's (a fast scan in C); only one
+        # found somewhere (inside a key, say) needs the old lines split.
+        added = set(agent_id for agent_id in added if agent_id in old_text)
+    # The old lines split once, not searched once per appended line: a first sync appends
+    # 100 000 lines to an empty file, a catch-up thousands to a big one (each search scanned
+    # it all: minutes of CPU on every client). Lines as parse_client_keys splits them.
+    return not added or added.isdisjoint(_first_fields(old_text))
+
+
+def _first_fields(text):
+    """The first field of every non-blank line of `text` (what parse_client_keys takes for
+    the ID)."""
+    return set(fields[0] for fields in (line.split(None, 1) for line in text.splitlines())
+               if fields)
 
 
 def _removed(old, new):

@@ -513,11 +513,13 @@ class ClusterDB(object):
         with self.transaction() as conn:
             conn.executemany("DELETE FROM agent_files WHERE name = ?", ((n,) for n in names))
 
-    def replace_agent_keys(self, rows, source):
+    def replace_agent_keys(self, rows, source, append=False):
         """The agent_keys table becomes `rows` ([agent-info file name, JSON prefix], any
-        iterable), parsed from a client.keys whose fingerprint is `source` (meta)."""
+        iterable), parsed from a client.keys whose fingerprint is `source` (meta); with
+        `append`, `rows` are added after the rows it holds (lines appended to the file)."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM agent_keys")
+            if not append:
+                conn.execute("DELETE FROM agent_keys")
             conn.executemany("INSERT INTO agent_keys (file, prefix) VALUES (?, ?)", rows)
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                          (AGENT_KEYS_SOURCE, source))

@@ -433,6 +433,9 @@ def test_clean_removed_agents_backs_up_each_removed_agent(home, log, utc):
     assert all(os.path.exists(p) for p in agents.agent_files(home, kept))
 
 
+MANY = u"".join(u"%04d n%d any k\n" % (i, i) for i in range(100, 100 + 2 * agents.FEW_APPENDED))
+
+
 @pytest.mark.parametrize("old,new,fast", [
     (u"001 a any k\n", u"001 a any k\n002 b any k\n", True),          # an agent added
     (u"", u"001 a any k\n", True),
@@ -442,6 +445,12 @@ def test_clean_removed_agents_backs_up_each_removed_agent(home, log, utc):
     (u"001 a any k", u"001 a any k\n002 b any k\n", False),            # not whole lines
     (u"001 a any k\n002 b any k\n", u"001 a any k\n", False),          # a line gone
     (u"001 a any 0002\n", u"001 a any 0002\n0002 b any k\n", True),    # digits in a key
+    # more lines than FEW_APPENDED: the old lines' IDs are compared as a set
+    (u"001 a any k\n", u"001 a any k\n" + MANY, True),
+    (u"", MANY, True),                                                # a first sync
+    (u"001 a any k\n\t0101 x any k\n", u"001 a any k\n\t0101 x any k\n" + MANY, False),
+    (u"001 a any k\n0099 x any k\n", u"001 a any k\n0099 x any k\n" + MANY + u" 0099 y any k\n",
+     False),
 ])
 def test_appending_agents_with_new_ids_removes_none_without_a_full_parse(old, new, fast):
     assert agents.only_appended_new_ids(old, new) is fast

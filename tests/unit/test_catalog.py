@@ -350,6 +350,29 @@ def test_client_keys_is_parsed_once_per_change(home):
     assert listed_agents(cat) == []
 
 
+def test_client_keys_grown_by_lines_adds_only_their_rows(home):
+    # Under churn an agent is appended once a second: every node rewrote all its rows.
+    keys = os.path.join(home, "etc/client.keys")
+    lines = ["%03d agent%d any k%d\n" % (i, i, i) for i in range(1, 201)]
+    write(home, "etc/client.keys", "".join(lines))
+    cat = make(home)
+    cat.tick(0.0)
+    rows = lambda: cat.db._conn.execute("SELECT seq, prefix FROM agent_keys ORDER BY seq"
+                                        ).fetchall()
+    before, changes = rows(), cat.db._conn.total_changes
+    write(home, "etc/client.keys", "".join(lines) + "201 new01 any k\n202 !gone any k\n")
+    assert agentlist.refresh_keys(cat.db, keys)
+    assert cat.db._conn.total_changes - changes <= 3  # one row and the meta values
+    assert rows() == before + [(201, u'["201","new01","any"')]
+    # Anything else is parsed again: a line changed, or an old text that ended mid-line.
+    for text in ("".join(lines[1:]) + "201 new01 any k\n", "001 a any k", "001 a any k\n002"
+                 " b any k\n", ""):
+        write(home, "etc/client.keys", text)
+        assert agentlist.refresh_keys(cat.db, keys)
+        names = [a["name"] for a in listed_agents(cat)]
+        assert names == [line.split()[1] for line in text.splitlines()]
+
+
 def test_skipped_entries_are_logged_once(home, caplog):
     os.symlink("/etc/passwd", os.path.join(home, "etc/shared/default/link"))
     cat = make(home)
