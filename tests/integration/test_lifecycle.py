@@ -15,6 +15,8 @@ import stat
 import subprocess
 import tempfile
 
+import pytest
+
 from harness import (  # noqa: F401  (fixtures are found by pytest through these imports)
     DAEMON, INTERNAL, alive, base_install, kill, make_node, proc_exe, python, run,
     tmp_prefix_dir, wait_for, workspace, write_file)
@@ -128,6 +130,8 @@ def test_port_in_use_is_refused_with_a_one_line_reason(make_node):
     assert not [pid for pid in node.all_pids() if alive(pid)]
 
 
+# slow: test_internal's SIGKILL test checks the same restart, and that the new daemon answers.
+@pytest.mark.slow
 def test_internal_daemon_killed_is_restarted(make_node):
     node = make_node("node01", "master")
     node.start()
