@@ -1,7 +1,9 @@
 """Collection settings shared by every test folder.
 
 tests/bench holds benchmarks: they are run by hand and never collected. tests/integration is
-put on sys.path so that its modules can `import harness`.
+put on sys.path so that its modules can `import harness`. Tests marked `slow` (long scenarios:
+many trials, or one more variant of a capability a faster test already covers) run only with
+WAZUH_CLUSTER_TESTS_FULL=1 (`tests/run --full`); the default run deselects them.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -25,3 +27,21 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
+
+
+FULL = os.environ.get("WAZUH_CLUSTER_TESTS_FULL") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long scenario, run only by tests/run --full "
+                            "(WAZUH_CLUSTER_TESTS_FULL=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without WAZUH_CLUSTER_TESTS_FULL=1, deselect the slow tests (counted as deselected)."""
+    if FULL:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]

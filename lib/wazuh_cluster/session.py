@@ -53,6 +53,14 @@ SMALL_WINDOW = 64 << 10
 FRAME_COPIES = 2     # copies of a frame besides its body while it is read (see _admit)
 
 
+class _ClosedMeanwhile(Exception):
+    """The reader found the session closed by another thread while it waited for room.
+
+    Not a ProtocolError: recv_frame would close the channel on one, before the closer's CLOSE
+    frame, and the peer would never learn the reason. The closer closes the channel itself.
+    """
+
+
 class _Pending(object):
     __slots__ = ("event", "header", "data", "error", "held")
 
@@ -312,6 +320,8 @@ class Session(object):
                     self.close("peer missed keepalives", notify=False)
                     return
                 self._keepalive_if_due()
+        except _ClosedMeanwhile:
+            pass
         except ChannelClosed as exc:
             if not self._closed.is_set():
                 log.info("session with %s (%s) closed: %s", self.peer_name,
@@ -410,7 +420,7 @@ class Session(object):
         """Call ready(seconds) until it returns True, sending keepalives meanwhile."""
         while True:
             if self._closed.is_set():
-                raise ChannelClosed("session closed")
+                raise _ClosedMeanwhile()
             step = max(0.05, self._last_sent + self.keepalive - compat.monotonic())
             if ready(min(step, self.keepalive)):
                 return

@@ -10,6 +10,7 @@ the legitimate client still syncs. Every wait polls a condition with a bound.
 """
 from __future__ import absolute_import, division, print_function
 
+import contextlib
 import hashlib
 import io
 import json
@@ -116,6 +117,8 @@ class RogueClient(object):
 
     def sync_manifest(self, session, args, data):
         if self.manifest_error:
+            # Once: the session the master opens next must stay up (the test acts on it)
+            self.manifest_error = False
             raise RequestError(EVIL, "bad\ncode\x1b")
         # Thousands of files the master never had, for it to delete.
         entry = {"sha256": "0" * 64, "size": 1, "mtime_ns": 1, "mode": 0o640,
@@ -140,7 +143,7 @@ class RogueClient(object):
 
 
 @pytest.fixture
-def rogue(make_node):
+def rogue(make_node, request):
     """A started master (log level 2: tracebacks) and client, and a connected rogue client
     that announced a hostile version."""
     master = make_node("master", "master", configure=False)
@@ -162,12 +165,33 @@ def rogue(make_node):
         own_addresses=[rogue_address], keepalive=1.0, handshake_timeout=5.0,
         reconnect_min=0.05, reconnect_max=0.5, version=EVIL)
     handlers = RogueClient()
-    dialer = peers.Dialer(settings, handlers.handlers()).start()
+    with rogue_log() as lines:
+        dialer = peers.Dialer(settings, handlers.handlers()).start()
+        try:
+            assert dialer.wait_connected(15), master.explain("the rogue could not connect")
+            yield master, client, dialer, handlers
+        finally:
+            dialer.stop()
+            failed = getattr(request.node, "rep_call", None)
+            if failed is None or failed.failed:   # the rogue's side of the story
+                print("---- rogue %s (in-process library log)\n%s" % (ROGUE, lines.getvalue()))
+
+
+@contextlib.contextmanager
+def rogue_log():
+    """The library's log lines of this process (the rogue's), at debug level, while inside."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.OssecFormatter("rogue", tracebacks=True))
+    logger = logs.get()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
     try:
-        assert dialer.wait_connected(15), master.explain("the rogue could not connect")
-        yield master, client, dialer, handlers
+        yield stream
     finally:
-        dialer.stop()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def reconnected(dialer, old):
@@ -196,7 +220,6 @@ def test_a_rogue_clients_text_is_escaped_in_the_masters_log_tables_and_database(
     handlers.manifest_error = True
     old = dialer.session
     master.wait_log(r"Synchronisation with rogue01 stopped: 3\.0\\x0a2031/01/01", WAIT)
-    handlers.manifest_error = False
     session = reconnected(dialer, old)
     # A CLOSE with a hostile reason.
     session.close(EVIL)

@@ -106,6 +106,9 @@ def test_keepalives_of_several_clients_arrive_newest_and_are_not_hashed_again(cl
         assert reporting_node(master, own(node)) == node.name
 
 
+# slow: another three-client cluster. The default run keeps the several clients' keepalives
+# above and the unit tests of one agent reported by two peers (test_keepalive).
+@pytest.mark.slow
 def test_one_agent_reported_by_every_client_keeps_the_newest_keepalive_and_its_node(cluster):
     nodes, base = cluster
     master, clients = nodes[0], nodes[1:]

@@ -13,6 +13,8 @@ import os
 import re
 import time
 
+import pytest
+
 from flooders import Flooder, RssSampler, bodies, memory_of
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
@@ -62,6 +64,9 @@ def _flooding(master, client, flood_addresses, flooders, rounds):
             f.stop()
 
 
+# slow: ten seconds of flooding at least. The default run keeps the budget's session tests
+# (unit test_channel, test_budget) and the hostile insiders of test_hostile*.
+@pytest.mark.slow
 def test_flooding_insiders_keep_the_master_under_its_memory_bound_and_clients_syncing(
         make_node):
     master = make_node("master", "master", configure=False)

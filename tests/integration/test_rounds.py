@@ -136,6 +136,9 @@ class LogLines(object):
                           for line in data[:cut].splitlines())
 
 
+# slow: three 10 s rounds per client. The default run keeps the round slots' unit tests
+# (test_peersync) and the summary rounds above.
+@pytest.mark.slow
 def test_rounds_with_clients_keep_their_own_offsets_after_a_mass_reconnect(make_node):
     interval = 10.0
     master = started_cluster(make_node, ("master", "client1", "client2"), "10s")[0]

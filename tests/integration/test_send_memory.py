@@ -13,6 +13,8 @@ from __future__ import absolute_import, division, print_function
 
 import os
 
+import pytest
+
 from flooders import RssSampler, memory_of
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
@@ -36,6 +38,9 @@ def _write_tree(master):
             handle.write(os.urandom(FILE_BYTES))
 
 
+# slow: 80 MB to four clients. The default run keeps the send budget's unit tests
+# (test_budget, test_peersync) and the syncs of every other integration test.
+@pytest.mark.slow
 def test_a_master_first_syncing_a_tree_larger_than_its_budget_to_four_clients_stays_bounded(
         make_node):
     master = make_node("master", "master", configure=False)

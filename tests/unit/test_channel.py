@@ -717,6 +717,38 @@ def test_a_handler_that_streams_gets_compressed_data_as_an_inflater():
         b.close()
 
 
+def test_a_local_close_still_tells_its_reason_while_the_reader_waits_for_room():
+    """close(reason) from another thread while the reader waits for budget: the reader, seeing
+    the session closed, must leave the channel to the closer, whose CLOSE frame goes first (it
+    shut the socket down before the CLOSE: the peer logged EOF and never the reason)."""
+    shared = budget.Budget(4 << 20, share=4 << 20)
+    hog = shared.holder("other sessions", share=4 << 20)
+    assert shared.acquire(hog, 4 << 20)                          # no room: b's reader waits
+    cc, sc = channel_pair()
+    b = Session(sc, {}, 0.2, address=("127.0.0.1", 2), budget=shared).start()
+    try:
+        cc.send_frame(protocol.REQUEST, 0, 1,
+                      protocol.encode_body({"cmd": "echo", "args": {}}, b"x" * 1000))
+        assert wait_for(lambda: shared.stats()["waiting"] == 1)
+        # The closer is held just before its CLOSE frame (as a busy thread would be) until
+        # the reader has noticed the close and ended.
+        with sc._send_lock:
+            closer, _ = in_thread(b.close, "the reason\n")
+            b._reader.join(10)
+            assert not b._reader.is_alive()
+        closer.join(10)
+        frame = cc.recv_frame(5)
+        while frame[0] == protocol.KEEPALIVE:
+            frame = cc.recv_frame(5)
+        assert frame[0] == protocol.CLOSE
+        assert protocol.decode_body(frame[3])[0] == {"reason": "the reason\n"}
+        assert wait_for(lambda: shared.used == 4 << 20)          # only the hog's part left
+    finally:
+        shared.release_all(hog)
+        b.close()
+        cc.close()
+
+
 def test_peek_reads_a_frames_header_before_it_is_authenticated():
     k1, k2 = os.urandom(32), os.urandom(32)
     sender, receiver = FrameCodec(k1, k2), FrameCodec(k2, k1)
