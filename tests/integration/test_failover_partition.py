@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from failover_log import Recorder, check
+from failover_log import Event, Recorder, check
+from failover_log import parse as parse_line
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
                      workspace, write_cluster_conf, write_internal_options)
 from test_failover import FAILOVER, failover_lines, wait
@@ -137,3 +138,27 @@ def test_master_isolated_stops_before_the_majority_elects_then_follows_after_hea
         assert "split01" in read(master, "etc/client.keys")
         assert_edit_backed_up_not_spread(master, nodes)
         check(recorder)
+
+
+def test_the_log_checker_catches_two_leaders_of_a_term_and_two_nodes_acting_at_once():
+    """The checks above pass only because the daemons behave: fed the lines of a broken run,
+    they fail."""
+    def recorded(*timelines):
+        recorder = Recorder([])
+        for node, when, line in sorted(timelines, key=lambda t: t[1]):
+            found = parse_line(line)
+            recorder.events.append(Event(when, node, found[0], found[1], line))
+        return recorder
+    elected = "Failover: elected master for term %d with 2 of 3 votes."
+    acting = "Failover: acting master in term %d: a majority acknowledged the lease."
+    stopped = "Failover: stopped acting as master in term %d: no majority acknowledged"
+    good = recorded(("a", 1.0, elected % 1), ("a", 1.1, acting % 1), ("a", 3.0, stopped % 1),
+                    ("b", 4.0, elected % 2), ("b", 4.1, acting % 2))
+    assert len(check(good)) == 2
+    two_leaders = recorded(("a", 1.0, elected % 1), ("b", 1.5, elected % 1))
+    with pytest.raises(AssertionError, match="term 1 has 2 leaders"):
+        check(two_leaders)
+    overlap = recorded(("a", 1.0, elected % 1), ("a", 1.1, acting % 1),
+                       ("b", 2.0, elected % 2), ("b", 2.1, acting % 2), ("a", 3.0, stopped % 1))
+    with pytest.raises(AssertionError, match="acted at once"):
+        check(overlap)
