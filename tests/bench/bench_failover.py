@@ -133,14 +133,15 @@ class Bench(object):
             kill9(leader)
             new = wait_for(lambda: [n for n in live if len(ACTING.findall(n.log())) >
                                     seen[n.name]], bound, 0.05, what="a new acting master")[0]
+            elected = now() - started
             data = keys_of(new) + (u"%03d bench%d any %s\n" % (
                 500 + trial, trial, "b" * 64)).encode("ascii")
             put_keys(new, data)
             wait_for(lambda: all(keys_of(n) == data for n in live), bound, 0.05,
                      what="trial %d: the change on every live node" % trial)
             times.append(now() - started)
-            print("  %-8s trial %2d: %6.2f s (new leader %s)" % (name, trial + 1, times[-1],
-                                                                 new.name))
+            print("  %-8s trial %2d: %6.2f s (%s acting after %.2f s)" % (
+                name, trial + 1, times[-1], new.name, elected))
             leader.start(60)
             wait_for(lambda: keys_of(leader) == data, bound, 0.1,
                      what="trial %d: %s caught up" % (trial, leader.name))

@@ -11,16 +11,15 @@ from __future__ import absolute_import, division, print_function
 import contextlib
 import glob
 import io
-import os
 
 import pytest
 
 from failover_log import Event, Recorder, check
 from failover_log import parse as parse_line
 from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
-                     workspace, write_cluster_conf, write_internal_options)
+                     workspace)
 from test_failover import FAILOVER, failover_lines, wait
-from test_netns import PORT, SUBNET, Network, _netns_usable, start_in
+from test_netns import nodes_in_namespaces, start_in
 from test_sync import KEYS, MASTER_ITEMS, put, tree
 
 # The old master's own edit during the split (etc/ is the daemons' to write; a folder the test
@@ -32,22 +31,7 @@ EDIT = KEYS + u"099 oldside any 9999\n"
 def partitioned_cluster(make_node, names, options=FAILOVER):
     """(network, nodes, recorder): `names` (the first the preferred master) each in its own
     namespace with `options`, started, the first acting and every node identical to it."""
-    reason = _netns_usable()
-    if reason:
-        pytest.skip(reason)
-    network = Network()
-    nodes = []
-    try:
-        network.create(len(names))
-        addresses = ["%s.%d" % (SUBNET, n) for n in range(1, len(names) + 1)]
-        for n, name in enumerate(names, 1):
-            node = make_node(name, "master" if n == 1 else "client", configure=False)
-            node.address, node.port = addresses[n - 1], PORT
-            node.space = network.spaces[n]
-            write_cluster_conf(node.prefix, "wazuh", name, "master" if n == 1 else "client",
-                               node.key, "0.0.0.0", PORT, addresses, interval="3s")
-            write_internal_options(node.prefix, options)
-            nodes.append(node)
+    with nodes_in_namespaces(make_node, names, options) as (network, nodes):
         put(nodes[0], "etc/client.keys", KEYS)
         with Recorder(nodes) as recorder:
             for node in nodes:
@@ -55,10 +39,6 @@ def partitioned_cluster(make_node, names, options=FAILOVER):
             wait(nodes, lambda: recorder.of("acting", nodes[0]), "the master acting")
             wait(nodes, lambda: same(nodes), "every node identical to the master")
             yield network, nodes, recorder
-    finally:
-        for node in nodes:  # processes first: a namespace lives as long as they do
-            node.cleanup()
-        network.destroy()
 
 
 def same(nodes, parts=MASTER_ITEMS):
@@ -78,19 +58,21 @@ def new_leader(recorder, nodes, after):
     return [n for n in nodes if n.name == found[0].node][0] if found else None
 
 
-def isolate_the_leader(network, nodes, recorder, cut, edit_on_old=True):
+def isolate_the_leader(network, nodes, recorder, cut, edit_at_cut=False):
     """Cut the cables of the hosts `cut` (1-based numbers, the acting master's among them):
     the old master must record its stop before any node of the majority records an election;
-    an edit of client.keys made on the old master once it stopped stays on its side. Returns
-    the majority's new acting master."""
+    an edit of client.keys made on the old master (once it stopped, or at the cut while it
+    may still act and push it) stays on its side. Returns the majority's new acting master."""
     old = nodes[0]
     rest = [n for i, n in enumerate(nodes, 1) if i not in cut]
     before = len(recorder.of("stopped", old))
     for n in cut:
         network.link(n, up=False)
+    if edit_at_cut:
+        put(old, "etc/client.keys", EDIT)
     wait(nodes, lambda: len(recorder.of("stopped", old)) > before, "the old master stopping")
     stopped = recorder.of("stopped", old)[-1].time
-    if edit_on_old:
+    if not edit_at_cut:
         put(old, "etc/client.keys", EDIT)
     leader = wait(nodes, lambda: new_leader(recorder, rest, stopped),
                   "an acting master on the majority side")

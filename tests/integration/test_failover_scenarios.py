@@ -74,7 +74,7 @@ def test_five_nodes_split_two_three_with_the_old_master_in_the_minority(make_nod
     names = ("master", "client1", "client2", "client3", "client4")
     with partitioned_cluster(make_node, names) as (network, nodes, recorder):
         master, client1 = nodes[0], nodes[1]
-        leader, majority = isolate_the_leader(network, nodes, recorder, [1, 2])
+        leader, majority = isolate_the_leader(network, nodes, recorder, [1, 2], edit_at_cut=True)
         put(leader, "etc/client.keys", KEYS + u"004 split01 any 4444\n")
         wait(nodes, lambda: same(majority), "the new leader's change on the majority side")
         # the minority (2 of 5) elects nobody and receives nothing
