@@ -99,6 +99,7 @@ class Failover(object):
         self.senders = {}                         # voter -> _Sender
         self.failovers = []                       # {"time", "term", "leader"}
         self.listeners = []                       # callable(acting, leader name)
+        self.dialer_wakers = []                   # Dialer.wake of the mesh (peer_waiting)
         self._seen = (False, None)                # (acting, leader) last told to listeners
         self._stop = compat.Event()
         self._thread = None
@@ -158,6 +159,13 @@ class Failover(object):
     def voter_of(self, session):
         address = session.address[0] if session.address else None
         return self._by_ip.get(address)
+
+    def peer_waiting(self):
+        """A node of a higher name dialed us and waits for our dial (one session per pair):
+        our dialers try now. Their backoff grew while it was down (up to reconnect_max, 30 s
+        by default), and without that session a failover needing both of us would wait."""
+        for wake in list(self.dialer_wakers):
+            wake()
 
     def session_opened(self, session, hello):
         """A session passed check_hello(): it carries election messages from now on."""

@@ -300,6 +300,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
             if frame[0] == protocol.CLOSE and self.failover is not None:
                 log.debug("peer %s dials no node of a lower name (it waits for ours)", who)
                 ch.close()
+                self.failover.peer_waiting()
                 return
             if frame[0] != protocol.HELLO_INFO:
                 self._refuse(address, "expected a hello, got %s" % protocol.type_name(frame[0]),
@@ -459,6 +460,7 @@ class Dialer(object):
         self.session = None
         self.attempts = 0
         self._stop = compat.Event()
+        self._wake = compat.Event()   # set by wake() and stop(): a backoff ends early
         self._connecting = None
         self._thread = None
         self._last_report = None
@@ -493,9 +495,20 @@ class Dialer(object):
         self._thread.start()
         return self
 
+    def wake(self):
+        """Dial now if backing off (mesh: the peer is back and waits for our dial), with the
+        backoff reset."""
+        self._wake.set()
+
+    def _pause(self, delay):
+        if self._wake.wait(delay):
+            self._wake.clear()
+            self.attempts = 0
+
     def stop(self, timeout=5.0):
         """Stop dialing and close the session; returns once the thread ended (or timeout)."""
         self._stop.set()
+        self._wake.set()
         sock = self._connecting
         if sock is not None:
             _close_sock(sock)
@@ -542,7 +555,7 @@ class Dialer(object):
                                 ", ".join(self.settings.nodes) or "no nodes")
                     warned = True
                 self.attempts += 1
-                self._stop.wait(self.backoff())
+                self._pause(self.backoff())
                 continue
             warned = False
             self.session = session
@@ -562,7 +575,7 @@ class Dialer(object):
             else:
                 self.attempts += 1
             if not self._stop.is_set():
-                self._stop.wait(self.backoff())
+                self._pause(self.backoff())
 
     def _own(self):
         own = set(self.settings.own_addresses)
@@ -688,9 +701,11 @@ def mesh_dialers(settings, failover, registry, **kwargs):
     own = set(settings.own_addresses)
     for address in settings.own_addresses:
         own.update(resolve(address))
-    return [Dialer(settings._replace(nodes=(entry,)), failover=failover, registry=registry,
-                   **kwargs)
-            for entry in settings.nodes if entry not in own and not own & set(resolve(entry))]
+    dialers = [Dialer(settings._replace(nodes=(entry,)), failover=failover,
+                      registry=registry, **kwargs)
+               for entry in settings.nodes if entry not in own and not own & set(resolve(entry))]
+    failover.dialer_wakers.extend(d.wake for d in dialers)
+    return dialers
 
 
 def _refuse_quietly(ch):

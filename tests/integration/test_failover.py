@@ -9,6 +9,7 @@ import io
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -129,6 +130,37 @@ def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(fail
          "the acting master handing over")
     put(master, "etc/shared/default/agent.conf", u"<agent_config><back/></agent_config>\n")
     wait(failover_cluster, lambda: same_tree(failover_cluster), "every node like the master")
+
+
+def test_a_node_back_after_a_while_gets_its_sessions_at_once_and_a_failover_needs_them(
+        make_node):
+    """The lower name dials (one session per pair: client1 < client2 < master); its backoff
+    grew while the peer was
+    down (up to reconnect_max): when the peer is back and dials in vain, the lower names must
+    dial at once, not at the end of their backoff; else a failover needing that session waits
+    up to reconnect_max (was: up to 16 s here, more than failover_timeout + 5 s)."""
+    nodes = start_failover_cluster(make_node, dict(FAILOVER, **{"cluster.reconnect_max": "30"}))
+    master, client1, client2 = nodes
+    acting(nodes, master)
+    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
+    wait(nodes, lambda: logged(client2, r"node client1 connected from"), "client1-client2")
+    kill_node(client2)
+    time.sleep(12)   # down long enough for the dialers' backoff to grow to 8-16 s
+    before = len(client2.log())
+    client2.start()
+    back = time.time()
+    for peer in (master, client1):   # client1 dials client2 (the lower name dials)
+        wait(nodes, lambda: re.search(r"node %s connected from|connected to node %s at"
+                                      % (peer.name, peer.name), client2.log()[before:]),
+             "a session between %s and client2 again" % peer.name)
+        assert time.time() - back < 4, "%s: a session %.1f s after client2 was back" % (
+            peer.name, time.time() - back)
+    wait(nodes, lambda: same_tree(nodes), "client2 caught up")
+    kill_node(master)
+    started = time.time()
+    wait(nodes, lambda: "acting master in term" in client1.log() + client2.log()[before:],
+         "a new acting master")
+    assert time.time() - started <= float(FAILOVER["cluster.failover_timeout"]) + 5
 
 
 def test_failover_off_changes_nothing(make_node):

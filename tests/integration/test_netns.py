@@ -11,6 +11,7 @@ condition with a bound; a failing test prints the nodes' logs.
 """
 from __future__ import absolute_import, division, print_function
 
+import contextlib
 import os
 
 import pytest
@@ -87,6 +88,32 @@ class Network(object):
         self.spaces = []
 
 
+@contextlib.contextmanager
+def nodes_in_namespaces(make_node, names, options):
+    """(network, nodes): `names` (the first the master), host n of the network each
+    (node.space), configured with `options`, not started; everything removed afterwards."""
+    reason = _netns_usable()
+    if reason:
+        pytest.skip(reason)
+    network = Network()
+    nodes = []
+    try:
+        network.create(len(names))
+        addresses = ["%s.%d" % (SUBNET, n) for n in range(1, len(names) + 1)]
+        for n, name in enumerate(names, 1):
+            node = make_node(name, "master" if n == 1 else "client", configure=False)
+            node.address, node.port, node.space = addresses[n - 1], PORT, network.spaces[n]
+            write_cluster_conf(node.prefix, "wazuh", name, "master" if n == 1 else "client",
+                               node.key, "0.0.0.0", PORT, addresses, interval="3s")
+            write_internal_options(node.prefix, options)
+            nodes.append(node)
+        yield network, nodes
+    finally:
+        for node in nodes:  # processes first: a namespace lives as long as they do
+            node.cleanup()
+        network.destroy()
+
+
 def start_in(space, node):
     """ossec-control start inside the namespace, in an init-like environment."""
     result = run(["ip", "netns", "exec", space, node.path("bin", "ossec-control"), "start"],
@@ -97,32 +124,14 @@ def start_in(space, node):
 
 @pytest.fixture
 def netns_cluster(make_node):
-    reason = _netns_usable()
-    if reason:
-        pytest.skip(reason)
-    network = Network()
-    nodes = []
-    try:
-        network.create(len(NAMES))
-        addresses = ["%s.%d" % (SUBNET, n) for n in range(1, len(NAMES) + 1)]
-        for n, name in enumerate(NAMES, 1):
-            node = make_node(name, "master" if name == "master" else "client", configure=False)
-            node.address, node.port = addresses[n - 1], PORT
-            write_cluster_conf(node.prefix, "wazuh", name, "master" if n == 1 else "client",
-                               node.key, "0.0.0.0", PORT, addresses, interval="3s")
-            write_internal_options(node.prefix, FAST)
-            nodes.append(node)
+    with nodes_in_namespaces(make_node, NAMES, FAST) as (network, nodes):
         master = nodes[0]
         put(master, "etc/client.keys", KEYS)
         put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
         put(master, "queue/agent-groups/001", u"default")
-        for n, node in enumerate(nodes, 1):
-            start_in(network.spaces[n], node)
+        for node in nodes:
+            start_in(node.space, node)
         yield network, nodes
-    finally:
-        for node in nodes:  # processes first: a namespace lives as long as they do
-            node.cleanup()
-        network.destroy()
 
 
 def test_nodes_find_themselves_with_hostname_and_converge(netns_cluster):
