@@ -124,6 +124,9 @@ class LocalEdits(object):
         self.acked_path = os.path.join(db_folder, ACKED_NAME)
         self.root = os.path.join(self.home, *BACKUP_DIR)
         self.received = {}
+        # {name: SHA-256} of the local versions already backed up: a batch that fails after
+        # its backup is retried every few seconds and must not make a folder each time
+        self.backed_up = {}
         self.lock = threading.Lock()
 
     # -- the record of what was received ------------------------------------------------------
@@ -171,13 +174,15 @@ class LocalEdits(object):
         for folder in dirs:
             changes.extend((name, path, None) for name, path in self._files_below(folder))
         changes = [change for change in changes if change[1] is not None]
-        at_risk = []
+        at_risk = {}
         for name, path, sha in changes:
             local = _sha_of(path)
-            if local is not None and local != sha and local != self.received.get(name):
-                at_risk.append(path)
+            if local is not None and local != sha and local != self.received.get(name) \
+                    and local != self.backed_up.get(name):
+                at_risk[path] = (name, local)
         if at_risk:
-            self._back_up(sorted(set(at_risk)))
+            self._back_up(sorted(at_risk))
+            self.backed_up.update(at_risk.values())
         return [(name, sha) for name, _path, sha in changes]
 
     def after(self, token, states):

@@ -100,6 +100,20 @@ def test_a_local_edit_is_backed_up_once_before_the_leaders_file_replaces_it(node
     assert node.backups() == [folder] and len(node.warnings()) == 1
 
 
+def test_a_batch_retried_after_a_failed_apply_backs_the_same_edit_up_once(node):
+    node.write("etc/client.keys", b"001 a any k\n")
+    edits = node.edits()
+    node.write("etc/client.keys", b"001 a any k\n003 local any k\n")
+    incoming = [Incoming("etc/client.keys", b"002 b any k\n",
+                         hashlib.sha256(b"002 b any k\n").hexdigest(), 10 ** 18)]
+    for _attempt in range(3):       # backed up, then the apply failed: the leader retries
+        edits.before(incoming, [], [])
+    assert node.backups() == ["0-%s" % stamp()] and len(node.warnings()) == 1
+    node.write("etc/client.keys", b"001 a any k\n003 local any k\n004 again any k\n")
+    edits.before(incoming, [], [])  # a new local version is a new backup
+    assert node.backups() == ["0-%s" % stamp(), "0-%s-2" % stamp()]
+
+
 def test_the_record_of_what_was_received_survives_a_restart(node):
     node.edits()
     node.push(node.edits(), [("etc/shared/default/agent.conf", b"<agent_config/>\n")])
