@@ -71,6 +71,10 @@ if hasattr(time, "CLOCK_BOOTTIME"):
     def boottime():
         """Monotonic seconds that go on while the machine is suspended (election leases)."""
         return time.clock_gettime(time.CLOCK_BOOTTIME)
+elif hasattr(time, "clock_gettime") and sys.platform.startswith("linux"):
+    def boottime():  # 3.6 has clock_gettime but not the CLOCK_BOOTTIME constant (3.7)
+        """Monotonic seconds that go on while the machine is suspended (election leases)."""
+        return time.clock_gettime(_LINUX_CLOCK_BOOTTIME)
 elif PY2 and sys.platform.startswith("linux"):  # pragma: no cover - 2.7 run
     def boottime():
         """Monotonic seconds that go on while the machine is suspended (election leases)."""
