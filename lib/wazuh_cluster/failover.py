@@ -26,6 +26,7 @@ from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields()
 HISTORY = 20                   # failovers kept for status()
+SEND_QUEUE = 64                # ELECTION messages queued per peer at most
 _WARN_NOTES = ("stepped_down", "leader_lost", "refused", "round_failed")
 
 
@@ -48,7 +49,7 @@ class _Sender(object):
 
     def __init__(self, session):
         self.session = session
-        self.queue = collections.deque()
+        self.queue = collections.deque(maxlen=SEND_QUEUE)
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="election-%s" % session.peer_name)
         self.thread.daemon = True
@@ -56,8 +57,9 @@ class _Sender(object):
 
     def put(self, message):
         with self.cond:
-            if len(self.queue) < 64:     # stale heartbeats are worthless: never pile up
-                self.queue.append(message)
+            # bounded, and what falls out is the oldest: a peer that does not read must not
+            # make us drop the newest heartbeat or vote answer and keep stale ones
+            self.queue.append(message)
             self.cond.notify()
 
     def _run(self):
