@@ -221,8 +221,9 @@ class Session(object):
         with self._lock:
             if self._closed.is_set():
                 return
-            self._closed.set()
+            # the reason first: whoever sees the session closed may read it at once
             self.close_reason = reason
+            self._closed.set()
             pending = list(self._pending.values())
             self._pending.clear()
             held = sum(r[3] for r in self._requests)
