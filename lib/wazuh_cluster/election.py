@@ -13,6 +13,10 @@ Terms and durable state
     process and a socket between a vote and its durability, for a record of three values that
     wazuh-clusterd alone owns (sessions belong to clusterd). A lost or unreadable file is never
     silently replaced by term 0 (that could vote twice in a term): start refuses with one line.
+    "Lost" is known from a marker, etc/cluster-election.joined, written (durably) before the
+    first record: a record missing while the marker exists stops the start. The marker lives in
+    etc/, not next to the record, so that wiping var/db (a lost or reset database) cannot take
+    both; only an operator deleting it too (README: Failover, a lost election record) can.
 
 Voters and majority
     The voters are the entries of <nodes> (a voter id is the listed entry a session was matched
@@ -27,8 +31,11 @@ header only; parse_message() checks every field of a peer's message before use):
     hb_ack    {term, n, ok, last}           ok=False with the follower's higher term deposes
     handover  {term}                        failback: the leader hands its role to the preferred
     HELLO_INFO gains {term, last, preferred} (hello_fields()); every master-owned transfer
-    (sync_files headers) carries {term, version}: the receiver asks transfer_allowed() first
-    and reports what it applied with change_applied(version).
+    (sync_files headers) carries {term}: the receiver asks transfer_allowed() first, and
+    still_leads() again right before each file is renamed into place. A confirmation (an empty
+    sync_files with {term, version}, see Fencing) is recorded with change_applied(version).
+    A term more than MAX_TERM_JUMP above ours is refused as hostile: one insider could
+    otherwise set every term to 2^53 - 1, after which no election can increment it.
 
 Votes (Raft's election restriction applied to file state)
     A node votes at most once per term (voted_for is saved before the answer), and only for a
@@ -46,8 +53,9 @@ Who stands
 Leases (timing: Timing below; times are each node's monotonic clock, never the wall clock)
     A follower that acknowledges a heartbeat from the leader of its term at its time r promises
     to grant no vote (and not stand) before r + T, T = failover_timeout; a node that starts
-    promises the same from its start time (it may have promised before it stopped), except on
-    its very first start (term 0: no leader ever existed, so no promise was ever given).
+    promises the same from its start time (it may have promised before it stopped), except
+    when the store proves it never joined (store.joined() false: no record and no marker, so
+    it never acknowledged a heartbeat nor voted, which both save a record first).
     The leader counts itself as acknowledging each heartbeat when it sends it. A leader ACTS
     (pushes, runs rounds, accepts agent-info as master, answers cluster-wide queries, originates
     master-owned versions) only while now < s_m + L, where s_m is the send time (its clock) of
@@ -75,13 +83,21 @@ Leases (timing: Timing below; times are each node's monotonic clock, never the w
 Fencing
     A node applies master-owned files only from the leader of the highest term it knows
     (transfer_allowed): an older term is refused and logged whatever the content; a higher term
-    is adopted (the sender leads it). A leader's state gets version (term, 0) when it is elected
-    and (term, seq + 1) for each batch it originates while acting (new_version). A follower
-    records a version only once it holds ALL of the leader's state up to it (the wiring stamps a
-    push with the version it completes; a partial batch records nothing), so `last` is a
-    faithful summary for the vote rule, like Raft's (last log term, last log index). A version
-    is committed when a majority recorded it; the election restriction keeps every committed
-    version in every later leader.
+    is adopted (the sender leads it). The check is repeated right before each file of a batch
+    is renamed into place, under the lock that adopts a higher term (still_leads): a batch
+    that was streaming when a higher term became known renames nothing more.
+    A leader's state gets version (term, 0) when it is elected and (term, seq + 1) each time
+    its master-owned files change while it acts (new_version, after the change is queued for
+    every peer). Batches carry the term only: a batch covers part of the state, and batches to
+    several peers interleave, so no batch proves that its receiver holds everything. A follower
+    records a version only from a confirmation, which the leader sends when a full integrity
+    round with that peer, begun (manifests read after) at version V, ended with every file
+    synchronized and nothing postponed; or when a push taken at V (its queue holds every change
+    up to V) ended so, the peer having been confirmed before and every push since complete.
+    So `last` = V means: this node holds every change the leader versioned up to V, a faithful
+    summary for the vote rule, like Raft's (last log term, last log index). A version is
+    committed when a majority recorded it; the election restriction keeps every committed
+    version in every later leader. A change that no version covers yet is committed by none.
 
 Failback (cluster.failback=1, default)
     The preferred master returning after a failover follows the acting master and catches up.
@@ -106,9 +122,9 @@ Wiring checklist (next step)
     frames. peers.py: with failover on, dial every listed node and accept sessions on every
     node; hello_fields() in HELLO_INFO, parse_hello() + peer_connected() on receipt,
     peer_lost() on close. sync.py: pushes, rounds, agent-info as master and cluster-wide
-    answers only while is_acting(now); new_version() per batch originated;
-    transfer_allowed() before applying master-owned files, change_applied() after a complete
-    batch. config.py: cluster.failover (0), cluster.failover_timeout (3 x keepalive),
+    answers only while is_acting(now); new_version() per change of its master-owned files;
+    transfer_allowed() before applying master-owned files, still_leads() at each rename,
+    change_applied() on a confirmation. config.py: cluster.failover (0), cluster.failover_timeout (3 x keepalive),
     cluster.failback (1), `-t` warns below three nodes. control.py: status() in -n, -i, -j.
 
 Failover off (cluster.failover=0, the default)
@@ -131,6 +147,10 @@ DRIFT = 0.01            # bound on any monotonic clock's rate error (see the cla
 LEASE_SHARE = 0.5       # the lease is this share of the largest safe lease
 FAILBACK_BACKOFF = 4    # failover timeouts between two handover attempts
 MAX_TERM = 2 ** 53      # terms and sequence numbers stay exact in JSON doubles
+# A peer's term further above ours is refused as hostile: honest terms grow by one per
+# election round (a million rounds of T / 10 is weeks of failed elections), and one forged
+# huge term would leave no room to increment.
+MAX_TERM_JUMP = 2 ** 20
 MESSAGE_FIELDS = {
     "vote": ("term", "last", "pre", "handover"),
     "vote_ans": ("term", "pre", "granted"),
@@ -161,7 +181,7 @@ class Effects(object):
     """What one input produced: `send` [(peer, message dict)], `notes` [(kind, text)].
 
     Notes are for cluster.log; kinds: adopted_term, elected, acting, stepped_down, leader,
-    leader_lost, round_failed, handover, refused.
+    leader_lost, round_failed, handover, refused, hostile (a term too far ahead: rate-limit).
     """
 
     def __init__(self):
@@ -261,8 +281,10 @@ class Election(object):
         self.role = FOLLOWER
         self.leader = None
         self.preferred_peer = me if preferred else None
-        # Start renews the promise of a lease that may have been acknowledged before a stop.
-        self._promise_until = now + timing.failover_timeout if self.term > 0 else now
+        # Start renews the promise of a lease that may have been acknowledged before a stop,
+        # unless the store proves there was none (never joined). Not "term > 0": a record
+        # lost with its term must not let a node vote at once.
+        self._promise_until = now + timing.failover_timeout if store.joined() else now
         self._stand_at = self._promise_until + self._extra()
         self._round_deadline = None
         self._grants = set()
@@ -339,13 +361,16 @@ class Election(object):
         if peer not in self.voters or peer == self.me:
             fx.note("refused", "election message from %s, which is not a voter" % peer)
             return fx
-        self._HANDLERS[msg["type"]](self, peer, msg, now, fx)
+        if not self._hostile(peer, msg["term"], "%s message" % msg["type"], fx):
+            self._HANDLERS[msg["type"]](self, peer, msg, now, fx)
         return fx
 
     def peer_connected(self, peer, hello, now):
         """A session to `peer` opened; `hello`: parse_hello() of its HELLO_INFO. A leader's
         next heartbeat round (within Timing.heartbeat) reaches the new peer."""
         fx = Effects()
+        if self._hostile(peer, hello["term"], "hello", fx):
+            return fx
         if hello.get("preferred"):
             self.preferred_peer = peer
         if hello["term"] > self.term:
@@ -361,6 +386,8 @@ class Election(object):
     def transfer_allowed(self, peer, term, now):
         """Fencing: (True, fx) when master-owned files from `peer` in `term` may be applied."""
         fx = Effects()
+        if self._hostile(peer, term, "master-owned files", fx):
+            return False, fx
         if term < self.term:
             fx.note("refused", "master-owned files from %s in term %d, older than term %d"
                     % (peer, term, self.term))
@@ -375,16 +402,20 @@ class Election(object):
             return False, fx
         return True, fx
 
+    def still_leads(self, peer, term):
+        """Fencing at each rename: `peer` is still the leader of `term`, the highest known."""
+        return term == self.term and self.leader == peer != self.me
+
     def change_applied(self, version):
-        """This follower now holds all of the leader's state up to `version`."""
+        """This follower now holds all of the leader's state up to `version` (confirmed)."""
         version = tuple(version)
         if version > self.last and version[0] <= self.term:
             self.last = version
             self._save()
 
     def new_version(self, now):
-        """The version of a batch of master-owned changes this leader originates, or None
-        when it is not acting (it must then not originate anything)."""
+        """The new version of this leader's state after a change of its master-owned files,
+        or None when it is not acting (it must then not originate anything)."""
         if not self.is_acting(now):
             return None
         self.last = (self.term, self.last[1] + 1)
@@ -473,6 +504,14 @@ class Election(object):
 
     def _save(self):
         self._store.save(self.term, self.voted_for, self.last)
+
+    def _hostile(self, peer, term, what, fx):
+        """True (and noted) when a peer's term is too far above ours to be honest."""
+        if term <= self.term + MAX_TERM_JUMP:
+            return False
+        fx.note("hostile", "%s from %s with term %d, more than 2^20 above term %d: refused"
+                % (what, peer, term, self.term))
+        return True
 
     def _extra(self):
         return self.timing.skew + (0.0 if self.preferred

@@ -8,10 +8,13 @@ election.py is the state machine and its proof; this module runs it among real s
     thread per session: a peer that does not read must not delay heartbeats to the others);
   * the hello: our election fields, and the peer's checked (a peer with failover off is a
     configuration error, refused in one line);
-  * what sync.py asks: is_acting(), new_version(), check_transfer(), applied(); status() for
+  * what sync.py and inbox.py ask: is_acting(), acting_term(), new_version(),
+    current_version(), check_transfer(), fence() (each rename), confirm(); status() for
     cluster_control; listeners told when this node starts or stops acting or the leader changes.
 Voters are the entries of <nodes>; a session counts for the entry its address resolves to.
-Every note of the machine is logged (stepped_down, leader_lost and refused as warnings).
+Every note of the machine is logged (stepped_down, leader_lost and refused as warnings); what
+a peer can repeat at will (a bad message, a hostile term) through admission.RefusalLog: at
+most one line per peer a minute and a count.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -21,7 +24,7 @@ import re
 import threading
 import time
 
-from wazuh_cluster import compat, election, electionstore, logs, protocol, text
+from wazuh_cluster import admission, compat, election, electionstore, logs, protocol, text
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields()
@@ -89,7 +92,9 @@ class Failover(object):
         self.once = logs.OnceLog(self.log)
         self.timing = election.Timing(options.keepalive, options.failover_timeout or None)
         voters, self.me, self._by_ip = resolve_voters(cfg.nodes, cfg.own_address, resolver)
-        store = electionstore.FileStore(electionstore.path_in(db_folder))
+        store = electionstore.FileStore(electionstore.path_in(db_folder),
+                                        electionstore.marker_in(db_folder))
+        self.refusals = admission.RefusalLog(self.log, clock=clock)
         self.lock = threading.RLock()
         try:
             self.election = election.Election(self.me, voters, cfg.is_master, self.timing,
@@ -178,7 +183,7 @@ class Failover(object):
             self.sessions[voter] = session
             self.senders[voter] = _Sender(session)
         session.on_election = self._on_frame
-        self._input(lambda now: self.election.peer_connected(voter, fields, now))
+        self._input(lambda now: self.election.peer_connected(voter, fields, now), voter)
 
     def session_closed(self, session):
         voter = self.voter_of(session)
@@ -194,25 +199,31 @@ class Failover(object):
         try:
             message = election.parse_message(header, self.election.voters)
         except ValueError as err:
-            self.log.warning("Bad election message from %s: %s", text.printable(
-                session.peer_name), text.printable(str(err)))
+            self.refusals.refused(voter, logging.WARNING, text.printable(session.peer_name),
+                                  "bad election message: %s" % text.printable(str(err)))
             return
         with self.lock:
             if self.sessions.get(voter) is not session:
                 return
-        self._input(lambda now: self.election.receive(voter, message, now))
+        self._input(lambda now: self.election.receive(voter, message, now), voter)
 
     # -- inputs -----------------------------------------------------------------------------
 
-    def _input(self, step):
+    def _input(self, step, peer=None):
+        """step(now) -> Effects, under the lock; `peer`: the voter whose input it is (the
+        key of its rate-limited lines)."""
         with self.lock:
             now = self.clock()
             fx = step(now)
-            for peer, message in fx.send:
-                sender = self.senders.get(peer)
+            for peer_to, message in fx.send:
+                sender = self.senders.get(peer_to)
                 if sender is not None:
                     sender.put(message)
             for kind, note in fx.notes:
+                if kind == "hostile":
+                    self.refusals.refused(peer, logging.WARNING, text.printable(
+                        self._name(peer)), text.printable(note, text.REASON_LIMIT))
+                    continue
                 self._note(kind, note)
             seen = (self.election.is_acting(now), self._name(self.election.leader))
             changed, self._seen = seen != self._seen, seen
@@ -254,8 +265,14 @@ class Failover(object):
         with self.lock:
             return self._name(self.election.leader)
 
+    def acting_term(self):
+        """The term a master-owned batch sent now carries; None when not acting."""
+        with self.lock:
+            return self.election.term if self.election.is_acting(self.clock()) else None
+
     def new_version(self):
-        """[term, seq] for a master-owned batch originated now; None when not acting."""
+        """[term, seq]: this acting leader's master-owned files changed (the change is queued
+        for every peer already); None when not acting."""
         with self.lock:
             version = self.election.new_version(self.clock())
         return None if version is None else [version[0], version[1]]
@@ -269,12 +286,15 @@ class Failover(object):
 
     def check_transfer(self, peer_name, header):
         """Fencing: returns when master-owned files from `peer_name` with this header (hostile:
-        {"term": int, "version": [term, seq]}) may be applied; RequestError stale_term else."""
+        {"term": int}, and "version": [term, seq] on a confirmation) may be applied;
+        RequestError stale_term else."""
         if not isinstance(header, dict):
             header = {}
-        try:  # the fields of a heartbeat are the same: term, and [term, seq] as "last"
+        # the fields of a heartbeat are the same: term, and [term, seq] as "last"
+        version = header.get("version", [header.get("term"), 0])
+        try:
             checked = election.parse_message({"type": "hb", "term": header.get("term"), "n": 0,
-                                              "last": header.get("version")}, ())
+                                              "last": version}, ())
         except ValueError as err:
             raise RequestError("master-owned files from %s: %s" % (
                 text.printable(peer_name), str(err).replace("'last'", "'version'")),
@@ -283,29 +303,51 @@ class Failover(object):
         if checked["last"][0] != term:
             raise RequestError("master-owned files from %s: version %s not of term %d" % (
                 text.printable(peer_name), list(checked["last"]), term), "stale_term")
+        voter = self._connected_voter(peer_name)
+        allowed = []
+
+        def step(now):
+            ok, fx = self.election.transfer_allowed(voter, term, now)
+            allowed.append(ok)
+            return fx
+        self._input(step, voter)
+        if not allowed[0]:
+            raise RequestError("master-owned files from %s in term %d refused: not the leader "
+                               "of the highest term known" % (text.printable(peer_name), term),
+                               "stale_term")
+
+    def _connected_voter(self, peer_name):
         with self.lock:
             voters = [v for v, name in self.names.items()
                       if name == peer_name and v in self.sessions]
         if not voters:
             raise RequestError("master-owned files from %s, which is not a connected voter"
                                % text.printable(peer_name), "stale_term")
-        allowed = []
+        return voters[0]
 
-        def step(now):
-            ok, fx = self.election.transfer_allowed(voters[0], term, now)
-            allowed.append(ok)
-            return fx
-        self._input(step)
-        if not allowed[0]:
-            raise RequestError("master-owned files from %s in term %d refused: not the leader "
-                               "of the highest term known" % (text.printable(peer_name), term),
-                               "stale_term")
+    def fence(self, peer_name, term):
+        """For receive.Receiver, after check_transfer: run(change) makes a change of a
+        master-owned file (a rename, an unlink) and returns True only while `peer_name` still
+        leads `term`, checked under the lock that adopts a higher term: once this node knows
+        a higher term, no change of the deposed leader's batch is made any more."""
+        voter = self._connected_voter(peer_name)
 
-    def applied(self, version):
-        """This node holds all of the leader's state up to `version` ([term, seq], checked by
-        check_transfer)."""
+        def run(change):
+            with self.lock:
+                if not self.election.still_leads(voter, term):
+                    return False
+                change()
+                return True
+        return run
+
+    def confirm(self, peer_name, header):
+        """A confirmation (inbox: an empty batch with {term, version}, passed check_transfer):
+        this node holds all of the leader's state up to the version. Recorded only while the
+        sender still leads that term."""
+        voter = self._connected_voter(peer_name)
         with self.lock:
-            self.election.change_applied(tuple(version))
+            if self.election.still_leads(voter, header["term"]):
+                self.election.change_applied(tuple(header["version"]))
 
     def status(self):
         with self.lock:

@@ -233,8 +233,8 @@ class Inbox(object):
 
     def sender_role(self, session, args):
         """The role a sync_files batch is sent in. With cluster.failover=1 a batch carrying
-        {term, version} holds master-owned files: allowed only from the leader of the highest
-        term known (fencing, failover.check_transfer raises stale_term otherwise)."""
+        {term} holds master-owned files: allowed only from the leader of the highest term
+        known (fencing, failover.check_transfer raises stale_term otherwise)."""
         if self.failover is None:
             return session.peer_role
         if "term" not in args and "version" not in args:
@@ -330,6 +330,11 @@ class Inbox(object):
         """Apply a batch of files from a peer; its data is inflated as it is written."""
         started = time.time()
         sender_role = self.sender_role(session, args)
+        fence = None
+        if sender_role == "master" and self.failover is not None:
+            if "version" in args:
+                return self.confirmation(session, args)
+            fence = self.failover.fence(session.peer_name, args["term"])
         # Deltas become whole files first: everything below sees what a whole file brings.
         args, data, delta_refused = self.deltas.expand(args, data, sender_role,
                                                        session.peer_name)
@@ -352,14 +357,16 @@ class Inbox(object):
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
             if self.role != "master" and sender_role == "master":
-                incoming, deletes, hold = self.guard_keys(incoming, deletes)
+                incoming, deletes, hold = self.guard_keys(incoming, deletes,
+                                                          (peer, args.get("term")))
             written = None
             before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
                 else None
             edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
-                                                        peer=peer, known=known, learned=learned)
+                                                        peer=peer, known=known, learned=learned,
+                                                        fence=fence)
             self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
@@ -378,9 +385,6 @@ class Inbox(object):
             self.link.call("set_states", request)
         if self.role == "master" and self.info_dir:
             self.record_agents(peer, states, reasons, self.applied_mtimes(incoming))
-        if sender_role == "master" and self.failover is not None and not delta_refused and \
-                all(state == "synchronized" for state in states.values()):
-            self.failover.applied(args["version"])  # checked by check_transfer
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         if delta_refused:
@@ -388,6 +392,14 @@ class Inbox(object):
         return {"states": states}, b""
 
     sync_files.streams_data = True   # session.py: hand it the compressed data, not inflated
+
+    def confirmation(self, session, args):
+        """Failover: the leader says we hold all of its state up to args["version"] (checked
+        by check_transfer). Only an empty batch is one: files never come with a version."""
+        if any(args.get(key) for key in ("files", "meta", "delete", "delete_dirs", "deltas")):
+            raise _bad("a batch with files carries no version")
+        self.failover.confirm(session.peer_name, args)
+        return {"states": {}}, b""
 
     def refuse_deletes(self, peer, names):
         """{name: "invalid"} for deletions a client asked of us; logged (bounded).
@@ -427,9 +439,9 @@ class Inbox(object):
         except (IOError, OSError):
             return ""
 
-    def guard_keys(self, incoming, deletes):
+    def guard_keys(self, incoming, deletes, source=(None, None)):
         """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);
-        agents marked removed pass."""
+        agents marked removed pass. `source`: (node, term) of the batch (term with failover)."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
@@ -446,7 +458,8 @@ class Inbox(object):
         held = {"data": base64.b64encode(new_data).decode("ascii") if new else None,
                 "sha256": new[0].sha256 if new else None,
                 "mtime_ns": new[0].mtime_ns if new else None,
-                "message": message, "since": time.time()}
+                "message": message, "since": time.time(),
+                "from": source[0], "term": source[1]}
         if self.held() is None or self.held().get("sha256") != held["sha256"]:
             self.log.warning("%s", message)
         self.store_held(held)
@@ -482,7 +495,8 @@ class Inbox(object):
                                                    hashlib.sha256(data).hexdigest(),
                                                    held["mtime_ns"], False)], []
             edits = self.edits.before(files, deletes, [])
-            states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master")
+            states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master",
+                                                        fence=self.held_fence(held))
             self.edits.after(edits, states)
             if states.get(self.keys_name) != "synchronized":
                 raise RequestError("could not apply the held client.keys: %s"
@@ -492,6 +506,17 @@ class Inbox(object):
         self.log.warning("Held agent removal confirmed by the operator: %d agent(s) removed.",
                          len(removed))
         return {"removed": [a.name for a in removed]}
+
+    def held_fence(self, held):
+        """Failover: the held change is applied only while its sender still leads the term
+        it came in (failover.fence), as any master-owned file; None with failover off."""
+        if self.failover is None:
+            return None
+        if not isinstance(held.get("from"), compat.string_types) or \
+                not isinstance(held.get("term"), compat.integer_types):
+            raise RequestError("the held client.keys came from no known leader: not applied; "
+                               "the leader sends its own again", "stale_term")
+        return self.failover.fence(held["from"], held["term"])
 
     def drop_agents(self, old_text, new_text):
         """Back up and remove the files of agents that left client.keys (logged there)."""

@@ -141,7 +141,7 @@ class Receiver(object):
         self.claims = claims.Claims()
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None,
-                    known=None, learned=None):
+                    known=None, learned=None, fence=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
@@ -163,12 +163,16 @@ class Receiver(object):
         learned: a list; for each meta-only update done in place, [name, size, mtime_ns,
             ino, ctime_ns, mode, sha256] of the file after it is appended (the fingerprint
             the internal daemon may take instead of hashing the file again).
+        fence: with failover (failover.Failover.fence), run(change) -> False when the
+            sender no longer leads its term: each rename, unlink and folder removal goes
+            through it, and what it refuses is `invalid`, logged in one line for the batch.
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
-        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned)
+        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence)
 
-    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned):
+    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned, fence=None):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
+        batch.fence = fence
         batch.known = known or {}
         batch.learned = learned if learned is not None else []
         try:
@@ -237,6 +241,12 @@ class Receiver(object):
         if batch.clamped:
             with self._lock:
                 self.times.tell(sender, batch.clamped, batch.clamp_example)
+        if batch.fenced:
+            self.log.warning("refused %d change(s) from %s: it no longer leads its term (a "
+                             "higher term became known while the batch was received), e.g. %s",
+                             len(batch.fenced), sender, escape(batch.fenced[0]))
+            fenced = set(batch.fenced)
+            bad = [(name, state) for name, state in bad if name not in fenced]
         for name, state in sorted(bad)[:LOG_DETAIL_LINES]:
             word = "refused" if state == INVALID else "failed to apply"
             self.log.warning("%s %s from %s: %s", word, escape(name), sender,
@@ -244,6 +254,13 @@ class Receiver(object):
         if len(bad) > LOG_DETAIL_LINES:
             self.log.warning("... and %d more files refused or failed in this batch",
                              len(bad) - LOG_DETAIL_LINES)
+
+
+class _Fenced(Exception):
+    """A change refused by the batch's fence (see Receiver.apply_batch)."""
+
+
+FENCED = "refused: the sender no longer leads its term"
 
 
 class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev",
@@ -280,17 +297,32 @@ class _Batch(object):
         self.learned = []
         self.started = time.time()
         self.laps = [0.0, 0.0, 0.0]  # flushed, renamed, folders flushed (for the log)
+        self.fence = None      # see Receiver.apply_batch
+        self.fenced = []       # names it refused
 
     def run(self, name, action, arg):
         key = name if isinstance(name, compat.string_types) else escape(name)
         try:
             action(arg)
+        except _Fenced:
+            self._refuse_fenced(key)
         except PathRefused as exc:
             self._set(key, INVALID, exc.message)
         except TransferError as exc:
             self._set(key, FAILED, exc.message)
         except (OSError, IOError) as exc:
             self._set(key, FAILED, fsops.why(exc))
+
+    def _change(self, change, *args):
+        """change(*args), a change of a target, through the fence; _Fenced when refused."""
+        if self.fence is None:
+            change(*args)
+        elif not self.fence(lambda: change(*args)):
+            raise _Fenced()
+
+    def _refuse_fenced(self, name):
+        self.fenced.append(name)
+        self._set(name, INVALID, FENCED)
 
     def _set(self, name, state, reason=None):
         self.states[name] = state
@@ -387,7 +419,7 @@ class _Batch(object):
         if not stat.S_ISDIR(st.st_mode):
             raise PathRefused("target is %s" % fsops.kind(st.st_mode))
         self.folders.clear()  # verified folders below it are gone
-        fsops.rmtree(target)
+        self._change(fsops.rmtree, target)
         self.touched.setdefault(folder, []).append(name)
         self._set(name, SYNCHRONIZED)
 
@@ -405,7 +437,7 @@ class _Batch(object):
             self._set(name, SYNCHRONIZED)
             return
         try:
-            os.unlink(target)
+            self._change(os.unlink, target)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -565,7 +597,11 @@ class _Batch(object):
             if entry.temp is None:
                 continue
             try:
-                os.rename(entry.temp, entry.target)
+                self._change(os.rename, entry.temp, entry.target)
+            except _Fenced:
+                _unlink_quietly(entry.temp)
+                self._refuse_fenced(entry.name)
+                continue
             except OSError as exc:
                 if exc.errno == errno.EXDEV and entry.staged:
                     # Same st_dev but another mount (a bind mount): written in place from

@@ -126,6 +126,14 @@ def next_round_at(after, interval, phase):
     return phase + interval * math.ceil((earliest - phase) / interval)
 
 
+def in_items(items, name):
+    """True when `name` is one of these items' files."""
+    for item in items:
+        if name == item.path or name.startswith(item.path + "/"):
+            return True
+    return False
+
+
 def extra_dirs(mine, theirs, items_by_name, my_groups=None):
     """Group folders (first level below a delete_dirs item) the peer has and we do not
     (`my_groups` when given: ours, of all buckets)."""
@@ -175,8 +183,13 @@ class PeerSync(object):
         self._room = None
         self.summaries = True  # until the peer answers sync_summary with unknown_command
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
-        # and stamp every batch with {term, version} (set by SyncManager)
+        # and stamp every batch with {term} (set by SyncManager)
         self.failover = None
+        # failover: the peer confirmed our state up to a version, and every push since was
+        # complete (a push then confirms its version too); postponed: files postponed so far
+        self.in_sync = False
+        self.postponed = 0
+        self.round_clean = True
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -207,10 +220,7 @@ class PeerSync(object):
             self.cond.notify()
 
     def owns(self, name):
-        for item in self.items.values():
-            if name == item.path or name.startswith(item.path + "/"):
-                return True
-        return False
+        return in_items(self.items.values(), name)
 
     def has_push(self):
         return bool(self.changed or self.touched or self.deleted or self.deleted_dirs)
@@ -226,6 +236,7 @@ class PeerSync(object):
                 try:
                     job()
                 except RequestError as err:
+                    self.in_sync = False
                     if err.code in (NOT_ACTING, "not_leader", "not_master", "stale_term"):
                         # the lease ran out midway, or the peer does not know of our election
                         # yet: compare everything again in a moment
@@ -277,8 +288,11 @@ class PeerSync(object):
             return self.full_round, 0
         if self.has_push() and now >= self.next_push:
             self.next_push = now + self.push_delay
+            # the version first: with the queue taken under the same hold of the condition,
+            # every change it covers is in this push (SyncManager.on_event queues, then bumps)
+            version = self.leader_version()
             job = self.take_push()
-            return (lambda: self.push(*job)), 0
+            return (lambda: self.confirmed_push(version, job)), 0
         wait = self.next_round - now
         if self.has_push():
             wait = min(wait, self.next_push - now)
@@ -289,23 +303,41 @@ class PeerSync(object):
         then pushes nothing and runs no round (election.py: Leases)."""
         return self.failover is None or self.role != "master" or self.failover.is_acting()
 
-    def stamped(self, header, version=None):
-        """A master's batch header with {term, version} (failover on); RequestError
-        not_acting when the lease is gone. `version`: one already made (a confirmation)."""
+    def stamped(self, header):
+        """A master's batch header with {term} (failover on); RequestError not_acting when
+        the lease is gone."""
         if self.failover is None or self.role != "master":
             return header
-        version = version or self.failover.new_version()
-        if version is None:
+        term = self.failover.acting_term()
+        if term is None:
             raise RequestError("not acting as master any more", NOT_ACTING)
-        header["term"], header["version"] = version[0], version
+        header["term"] = term
         return header
 
-    def confirm_version(self, version):
-        """After a clean round begun at leader version `version`: the peer holds all of our
-        state up to it (an empty stamped batch; election.py: Fencing)."""
-        if version is not None and self.failover.is_acting():
-            self.session.call("sync_files", self.stamped(Batch().header(), version),
-                              timeout=self.request_timeout)
+    def leader_version(self):
+        """Failover, sending as the master: our state's version now, else None."""
+        if self.failover is None or self.role != "master":
+            return None
+        return self.failover.current_version()
+
+    def confirm_version(self, version, clean):
+        """After a round begun (or a push taken) at our version `version`: when `clean`, the
+        peer holds all of our state up to it, and is told so (an empty batch with {term,
+        version}; election.py: Fencing). Otherwise nothing is confirmed until a clean round."""
+        self.in_sync = bool(clean and version is not None and self.failover.is_acting())
+        if self.in_sync:
+            header = Batch().header()
+            header["term"], header["version"] = version[0], version
+            self.session.call("sync_files", header, timeout=self.request_timeout)
+
+    def confirmed_push(self, version, job):
+        """A push; with failover on, confirmed when the peer was in sync before it and every
+        name of it ended synchronized (none postponed, none left out: a file changed and
+        gone since, a folder made again)."""
+        states = self.push(*job)
+        if version is not None:
+            self.confirm_version(version, self.in_sync and all(
+                states.get(name) == "synchronized" for names in job for name in names))
 
     def clear_push(self):
         self.changed, self.touched, self.deleted, self.deleted_dirs = set(), set(), set(), set()
@@ -318,6 +350,7 @@ class PeerSync(object):
 
     def retry_later(self, names):
         with self.cond:
+            self.postponed += len(names)
             self.changed.update(names)
             self.next_push = max(self.next_push, self.clock() + RETRY_DELAY)
 
@@ -342,9 +375,9 @@ class PeerSync(object):
         database misses). A peer that knows no summaries gets the whole manifests at once.
         """
         started = self.clock()
-        version = self.failover.current_version() \
-            if self.failover is not None and self.role == "master" else None
-        # Read before the summaries: a change made meanwhile is not confirmed by them.
+        version = self.leader_version()   # before the manifests: they hold all it covers
+        postponed = self.postponed
+        self.round_clean = True           # round_step: no outcome left out was a failure
         pending = self.link.call("pending", {"node": self.peer})["files"] \
             if self.summaries else []
         compared = self.compare_summaries(everything=self.last_round is None)
@@ -360,8 +393,9 @@ class PeerSync(object):
         self.record(states)
         self.finished_round(self.clock())
         self.last_round_ok = all(s == "synchronized" for s in states.values())
-        if self.last_round_ok and version is not None:
-            self.confirm_version(version)
+        if version is not None:
+            self.confirm_version(version, self.last_round_ok and self.round_clean and
+                                 self.postponed == postponed)
         self.log.debug("Full round with %s: %s buckets compared; %d sent, %d metadata, "
                        "%d deleted, %d folders, %d unchanged in %.2f s.", self.peer,
                        "all" if compared is None else len(compared[0]), counts[0],
@@ -407,6 +441,8 @@ class PeerSync(object):
             del theirs
         states = dict((name, "synchronized") for name in same)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
+        if any(s != "synchronized" for s in states.values()):
+            self.round_clean = False      # also for what forget_unknown leaves out
         self.forget_unknown(states, delete + dirs)
         for k, part in enumerate((send_data, send_meta, delete, dirs, same)):
             counts[k] += len(part)
@@ -468,6 +504,7 @@ class PeerSync(object):
                        "%.3f s, transfer %.3f s, states %.3f s).", self.peer, len(send_data),
                        len(send_meta), len(delete) + len(dirs), self.clock() - started,
                        manifested - started, sent - manifested, self.clock() - sent)
+        return states
 
     def send(self, mine, send_data, send_meta, delete, dirs):
         """Send in batches; return {name: state} as the peer reported it.
@@ -733,6 +770,7 @@ class SyncManager(object):
         self.role = cfg.node_type
         self.leader = None
         self.sessions = {}   # failover: every live session by node name
+        self.master_items = [item for item in cfg.items if item.source == "master"]
 
     def worker_role(self, session):
         """The role this node sends to `session` in; None: no PeerSync (failover on)."""
@@ -820,6 +858,21 @@ class SyncManager(object):
             return [w for n, w in sorted(self.peers.items()) if names is None or n in names]
 
     def on_event(self, event):
+        self.queue_event(event)
+        self.new_version(event)
+
+    def new_version(self, event):
+        """Failover, acting leader: its master-owned files changed, its state gets a new
+        version; only now that every worker queued the names (see PeerSync.due)."""
+        if self.failover is None or self.role != "master":
+            return
+        if event.get("overflow") or any(
+                in_items(self.master_items, name)
+                for key in ("changed", "touched", "deleted", "deleted_dirs")
+                for name in event.get(key) or ()):
+            self.failover.new_version()
+
+    def queue_event(self, event):
         workers = self.workers()
         if workers and not event.get("overflow"):
             # Every worker owns the same items (this node's role): the names are filtered
@@ -839,6 +892,7 @@ class SyncManager(object):
         # Events may have been lost while the internal daemon restarted: compare everything.
         for worker in self.workers():
             worker.request_full()
+        self.new_version({"overflow": True})
 
     def push_now(self):
         """Send what is queued without waiting for push_delay; returns the peers told."""

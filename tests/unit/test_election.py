@@ -173,6 +173,38 @@ def test_restart_renews_the_promise_but_a_first_start_has_none():
                 "vote_ans")[0][1]["granted"]
 
 
+def test_a_node_that_joined_renews_its_promise_at_start_even_without_a_term():
+    """Only a store that proves the node never joined skips the promise: a record lost with
+    its term (term 0 again) must not let the node vote at once."""
+    store = MemoryStore()
+    store.saves = 1            # it saved a record once (FileStore: the marker exists)
+    b = machine("b", now=10.0, store=store)
+    assert b.term == 0
+    request = msg("vote", term=1, last=[0, 0], pre=True, handover=None)
+    assert not sent(b.receive("c", request, 10.0 + 0.99 * T), "vote_ans")[0][1]["granted"]
+    assert sent(b.receive("c", request, 10.0 + T), "vote_ans")[0][1]["granted"]
+
+
+def test_a_term_far_above_ours_is_refused_as_hostile_in_every_input():
+    a, b, c = cluster()
+    beat(a, [b, c], 100.0)
+    huge = b.term + election.MAX_TERM_JUMP + 1
+    for m in (msg("hb", term=huge, n=1, last=[1, 0]),
+              msg("vote", term=huge, last=[huge, 0], pre=False, handover=None),
+              msg("vote_ans", term=huge, pre=False, granted=False),
+              msg("hb_ack", term=huge, n=1, ok=False, last=[1, 0])):
+        fx = b.receive("c", m, 100.0)
+        assert not fx.send and "with term %d, more than 2^20 above term 1: refused" % huge \
+            in notes(fx, "hostile")[0]
+    fx = b.peer_connected("c", {"term": election.MAX_TERM - 1, "last": (0, 0),
+                                "preferred": False}, 100.0)
+    assert notes(fx, "hostile") and b.term == 1 and b.leader == "a"
+    allowed, fx = b.transfer_allowed("c", huge, 100.0)
+    assert not allowed and notes(fx, "hostile") and b.term == 1
+    assert b.receive("c", msg("hb", term=huge - 1, n=1, last=[1, 0]), 100.0).send  # in bounds
+    assert b.term == huge - 1
+
+
 # -- leases ----------------------------------------------------------------------------------
 
 def test_leader_acts_only_after_a_majority_acknowledged_and_until_the_lease_ends():
@@ -227,6 +259,15 @@ def test_master_owned_files_only_from_the_leader_of_the_highest_term():
     assert b.transfer_allowed("c", 2, 100.0)[0] and b.term == 2 and b.leader == "c"
     allowed, fx = b.transfer_allowed("a", 1, 100.0)             # stale term, whatever it says
     assert not allowed and "older than term 2" in notes(fx, "refused")[0]
+
+
+def test_a_rename_is_fenced_by_the_leader_and_term_known_at_that_moment():
+    a, b, c = cluster()
+    beat(a, [b, c], 100.0)
+    assert b.still_leads("a", 1) and not b.still_leads("c", 1) and not b.still_leads("a", 0)
+    b.transfer_allowed("c", 2, 100.0)                           # a higher term became known
+    assert not b.still_leads("a", 1) and b.still_leads("c", 2)
+    assert not a.still_leads("a", 1)                            # never from itself
 
 
 def test_applied_versions_only_move_forward_and_are_saved():

@@ -64,6 +64,9 @@ class AuditedStore(object):
     def load(self):
         return self.inner.load()
 
+    def joined(self):
+        return self.inner.joined()
+
     def save(self, term, voted_for, last):
         self.checker.saved(self.name, term, voted_for, tuple(last))
         self.inner.save(term, voted_for, last)
@@ -470,9 +473,13 @@ def test_randomized_trials_keep_every_invariant(n):
 def test_restarts_keep_state_on_disk(tmpdir):
     """The same trials with the real file store: a restart reads back what was fsync'd."""
     folder = str(tmpdir)
-    sim = run_trial(3, 77, lambda name: FileStore(os.path.join(folder, name + ".json")))
+
+    def store(name):
+        return FileStore(os.path.join(folder, name + ".json"),
+                         os.path.join(folder, name + ".joined"))
+    sim = run_trial(3, 77, store)
     for name in sim.names:
-        saved = FileStore(os.path.join(folder, name + ".json")).load()
+        saved = store(name).load()
         assert saved == (sim.nodes[name].sm.term, sim.nodes[name].sm.voted_for,
                          sim.nodes[name].sm.last)
 

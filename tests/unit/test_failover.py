@@ -5,6 +5,7 @@ from __future__ import absolute_import, division, print_function
 
 import time
 
+import py
 import pytest
 
 from wazuh_cluster import config, failover
@@ -36,10 +37,16 @@ class Clock(object):
         return self.now
 
 
+def db_folder(tmpdir, name):
+    """NAME/var/db of an installation in tmpdir (its etc/ holds the election marker)."""
+    home = tmpdir.join(name) if tmpdir.join(name).check() else tmpdir.mkdir(name)
+    home.ensure("etc", dir=True)
+    return str(home.ensure("var", "db", dir=True))
+
+
 def node(tmpdir, address, clock, preferred=False):
-    folder = tmpdir.mkdir(NAMES[address])
-    return failover.Failover(Cfg(address, preferred), str(folder), lambda entry: [entry],
-                             clock=clock)
+    return failover.Failover(Cfg(address, preferred), db_folder(tmpdir, NAMES[address]),
+                             lambda entry: [entry], clock=clock)
 
 
 def connect(a, b):
@@ -117,11 +124,12 @@ def test_master_owned_batches_are_fenced_by_term_and_every_field_is_checked(clus
     run_until(cluster[0], clock, lambda: alpha.is_acting() and beta.leader_name() == "alpha")
     version = alpha.new_version()
     assert version == [1, 1]
-    beta.check_transfer("alpha", {"term": 1, "version": version})
-    beta.applied(version)
+    beta.check_transfer("alpha", {"term": 1})                  # a batch: the term only
+    beta.check_transfer("alpha", {"term": 1, "version": version})     # a confirmation
+    beta.confirm("alpha", {"term": 1, "version": version})
     assert beta.status()["last"] == [1, 1]
     for bad in (None, [], {}, {"term": "1", "version": [1, 1]}, {"term": True, "version": [1, 1]},
-                {"term": 1}, {"term": 1, "version": [1]}, {"term": 1, "version": [2, 0]},
+                {"version": [1, 1]}, {"term": 1, "version": [1]}, {"term": 1, "version": [2, 0]},
                 {"term": 1, "version": [1, -1]}, {"term": 2 ** 60, "version": [1, 1]}):
         with pytest.raises(RequestError) as info:
             beta.check_transfer("alpha", bad)
@@ -177,7 +185,7 @@ def test_a_peer_with_failover_off_is_refused_in_one_line(tmpdir):
 
 
 def test_an_unusable_election_record_stops_the_start_naming_it(tmpdir):
-    folder = tmpdir.mkdir("alpha")
+    folder = py.path.local(db_folder(tmpdir, "alpha"))
     folder.join("cluster-election.json").write("{not json")
     with pytest.raises(ClusterError) as info:
         failover.Failover(Cfg("127.0.0.1", True), str(folder), lambda entry: [entry])

@@ -161,7 +161,8 @@ def test_nothing_happens_with_failover_off_or_on_the_acting_leader(node, failove
 
 
 def test_the_backup_folder_is_named_after_the_election_term(node):
-    electionstore.FileStore(electionstore.path_in(os.path.join(node.home, "var", "db"))).save(
+    db = os.path.join(node.home, "var", "db")
+    electionstore.FileStore(electionstore.path_in(db), electionstore.marker_in(db)).save(
         12, "node02", (11, 4))
     edits = node.edits()
     node.write("etc/client.keys", b"local\n")
