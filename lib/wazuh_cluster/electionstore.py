@@ -131,16 +131,17 @@ class FileStore(object):
         """The marker, durable, before any record depends on it (once)."""
         if self._joined or os.path.lexists(self.marker):
             return
-        _write_durably(MARKER_TEXT, self.marker)
+        write_durably(MARKER_TEXT, self.marker)
 
     def save(self, term, voted_for, last):
         self._mark()
         self._joined = True
-        _write_durably(encode(term, voted_for, last), self.path)
+        write_durably(encode(term, voted_for, last), self.path)
 
 
-def _write_durably(data, path):
-    """`data` in `path`, replaced atomically and durably (file and folder fsync'd)."""
+def write_durably(data, path):
+    """`data` in `path`, replaced atomically and durably: a temporary file (never following a
+    symlink), fsync'd, renamed, the folder fsync'd. A crash leaves the old or the new file."""
     folder = os.path.dirname(path) or "."
     temp = "%s.%s.tmp" % (path, compat.to_text(binascii.hexlify(os.urandom(6))))
     fd = os.open(temp, _FLAGS, 0o600)

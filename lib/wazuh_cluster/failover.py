@@ -222,7 +222,7 @@ class Failover(object):
             for kind, note in fx.notes:
                 if kind == "hostile":
                     self.refusals.refused(peer, logging.WARNING, text.printable(
-                        self._name(peer)), text.printable(note, text.REASON_LIMIT))
+                        self._name(peer)), self._named(note))
                     continue
                 self._note(kind, note)
             seen = (self.election.is_acting(now), self._name(self.election.leader))
@@ -231,13 +231,18 @@ class Failover(object):
         for listener in listeners:
             listener(*seen)
 
-    def _note(self, kind, note):
-        level = logging.WARNING if kind in _WARN_NOTES else logging.INFO
-        for voter, name in self.names.items():   # the machine names voters by <nodes> entry
+    def _named(self, note):
+        """A note of the machine, which names voters by <nodes> entry, with their names;
+        escaped and bounded for the log."""
+        for voter, name in self.names.items():
             if voter != name:
                 note = re.sub(r"(?<![\w.-])%s(?![\w-])" % re.escape(voter),
                               lambda m: "%s (%s)" % (name, voter), note)
-        note = text.printable(note, text.REASON_LIMIT)
+        return text.printable(note, text.REASON_LIMIT)
+
+    def _note(self, kind, note):
+        level = logging.WARNING if kind in _WARN_NOTES else logging.INFO
+        note = self._named(note)
         if kind == "round_failed":   # every half round while no majority answers: once
             self.once.warning("round", "Failover: %s; trying again (logged once).", note)
             return

@@ -32,7 +32,6 @@ import threading
 import time
 
 from wazuh_cluster import agents, compat, electionstore, fsops
-from wazuh_cluster.daemon import remove_file
 from wazuh_cluster.errors import PathRefused, RequestError
 from wazuh_cluster.pathrules import escape, locate
 from wazuh_cluster.scanner import Scanner
@@ -47,8 +46,6 @@ LISTED_MAX = 1000        # backups shown by cluster_control -i (the count says t
 WARNED_PER_BATCH = 20    # warning lines per backup folder, then one line with the count
 _READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
                | getattr(os, "O_CLOEXEC", 0))
-_WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                | getattr(os, "O_CLOEXEC", 0))
 
 
 def backups_wanted(failover, acting):
@@ -61,20 +58,7 @@ def backups_wanted(failover, acting):
 def save_json(path, value):
     """Write `value` as JSON to `path` durably and atomically (temporary file, fsync, rename,
     folder fsync): a crash leaves the old or the new file."""
-    folder = os.path.dirname(path) or "."
-    temp = "%s.%s.tmp" % (path, compat.to_text(binascii.hexlify(os.urandom(6))))
-    fd = os.open(temp, _WRITE_FLAGS, 0o600)
-    try:
-        try:
-            fsops.write_all(fd, compat.to_bytes(json.dumps(value, sort_keys=True)))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except (IOError, OSError):
-        remove_file(temp)
-        raise
-    fsops.fsync_folder(folder)
+    electionstore.write_durably(compat.to_bytes(json.dumps(value, sort_keys=True)), path)
 
 
 def load_json(path):

@@ -185,9 +185,10 @@ class PeerSync(object):
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
         # and stamp every batch with {term} (set by SyncManager)
         self.failover = None
-        # failover: the peer confirmed our state up to a version, and every push since was
-        # complete (a push then confirms its version too); postponed: files postponed so far
-        self.in_sync = False
+        # failover: the term in which the peer confirmed our state up to a version, every push
+        # since complete (a push of that term then confirms its version too), else None;
+        # postponed: files postponed so far
+        self.in_sync = None
         self.postponed = 0
         self.round_clean = True
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
@@ -236,7 +237,7 @@ class PeerSync(object):
                 try:
                     job()
                 except RequestError as err:
-                    self.in_sync = False
+                    self.in_sync = None
                     if err.code in (NOT_ACTING, "not_leader", "not_master", "stale_term"):
                         # the lease ran out midway, or the peer does not know of our election
                         # yet: compare everything again in a moment
@@ -324,8 +325,9 @@ class PeerSync(object):
         """After a round begun (or a push taken) at our version `version`: when `clean`, the
         peer holds all of our state up to it, and is told so (an empty batch with {term,
         version}; election.py: Fencing). Otherwise nothing is confirmed until a clean round."""
-        self.in_sync = bool(clean and version is not None and self.failover.is_acting())
-        if self.in_sync:
+        clean = clean and version is not None and self.failover.is_acting()
+        self.in_sync = version[0] if clean else None
+        if clean:
             header = Batch().header()
             header["term"], header["version"] = version[0], version
             self.session.call("sync_files", header, timeout=self.request_timeout)
@@ -336,7 +338,7 @@ class PeerSync(object):
         gone since, a folder made again)."""
         states = self.push(*job)
         if version is not None:
-            self.confirm_version(version, self.in_sync and all(
+            self.confirm_version(version, self.in_sync == version[0] and all(
                 states.get(name) == "synchronized" for names in job for name in names))
 
     def clear_push(self):

@@ -9,17 +9,16 @@ import hashlib
 import json
 import logging
 import os
-import time
 
 import pytest
 
-from wazuh_cluster import compat, config, electionstore, failover, inbox, protocol, sync
+from wazuh_cluster import compat, electionstore, inbox, sync
 from wazuh_cluster.errors import ClusterError, RequestError
 from wazuh_cluster.session import Session as RealSession
 
 from test_channel import channel_pair
-from test_failover import OPTIONS, Cfg, Clock, cluster, db_folder, node, run_until  # noqa
-from test_receive import BASE_NS, ITEMS, EXCLUDE, client_rx, home, inc, log, read  # noqa
+from test_failover import OPTIONS, cluster, db_folder, node, run_until  # noqa: F401
+from test_receive import BASE_NS, ITEMS, EXCLUDE, client_rx, home, inc, log, read  # noqa: F401
 
 SHARED = u"etc/shared/default/agent.conf"
 
