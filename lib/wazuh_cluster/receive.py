@@ -164,8 +164,9 @@ class Receiver(object):
             ino, ctime_ns, mode, sha256] of the file after it is appended (the fingerprint
             the internal daemon may take instead of hashing the file again).
         fence: with failover (failover.Failover.fence), run(change) -> False when the
-            sender no longer leads its term: each rename, unlink and folder removal goes
-            through it, and what it refuses is `invalid`, logged in one line for the batch.
+            sender no longer leads its term: each rename, unlink, folder removal and mtime
+            set in place goes through it, and what it refuses is `invalid`, logged in one
+            line for the batch.
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
         return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence)
@@ -508,7 +509,7 @@ class _Batch(object):
                 if not _proven(st, record, sha) and fsops.sha256_of_fd(fd) != sha:
                     raise TransferError("meta-only update but the local content differs")
                 try:
-                    fsops.set_mtime(fd, None, mtime_ns)
+                    self._change(fsops.set_mtime, fd, None, mtime_ns)
                     self._make_durable(fd, where)
                     return None, False, scanner.fingerprint(os.fstat(fd))
                 except OSError as exc:

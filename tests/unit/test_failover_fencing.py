@@ -233,6 +233,11 @@ def test_a_batch_still_streaming_when_a_higher_term_became_known_renames_nothing
     states, _ = client_rx(home, log).apply_batch([], [u"etc/shared/default/kept.conf"],
                                                  sender_role="master", fence=fence)
     assert states == {u"etc/shared/default/kept.conf": "invalid"} and os.path.exists(kept)
+    mtime = compat.stat_mtime_ns(os.lstat(kept))
+    touch = inc(u"etc/shared/default/kept.conf", b"old\n", mtime_ns=BASE_NS, meta_only=True)
+    states, _ = client_rx(home, log).apply_batch([touch], sender_role="master", fence=fence)
+    assert states == {u"etc/shared/default/kept.conf": "invalid"}
+    assert compat.stat_mtime_ns(os.lstat(kept)) == mtime       # no mtime set in place either
     assert not [name for name in os.listdir(os.path.join(home, "etc", "shared", "default"))
                 if name.endswith(".tmp")]
 
