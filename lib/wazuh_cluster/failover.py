@@ -199,8 +199,7 @@ class Failover(object):
         try:
             message = election.parse_message(header, self.election.voters)
         except ValueError as err:
-            self.refusals.refused(voter, logging.WARNING, text.printable(session.peer_name),
-                                  "bad election message: %s" % text.printable(str(err)))
+            self.refused(session.peer_name, "bad election message: %s" % str(err))
             return
         with self.lock:
             if self.sessions.get(voter) is not session:
@@ -221,8 +220,7 @@ class Failover(object):
                     sender.put(message)
             for kind, note in fx.notes:
                 if kind == "hostile":
-                    self.refusals.refused(peer, logging.WARNING, text.printable(
-                        self._name(peer)), self._named(note))
+                    self.refused(self._name(peer), self._named(note))
                     continue
                 self._note(kind, note)
             seen = (self.election.is_acting(now), self._name(self.election.leader))
@@ -231,18 +229,23 @@ class Failover(object):
         for listener in listeners:
             listener(*seen)
 
+    def refused(self, peer_name, reason):
+        """What a peer can repeat at will: at most one line per peer a minute, then a count
+        (admission.RefusalLog); both texts escaped here."""
+        self.refusals.refused(peer_name, logging.WARNING, text.printable(peer_name),
+                              text.printable(reason, text.REASON_LIMIT))
+
     def _named(self, note):
-        """A note of the machine, which names voters by <nodes> entry, with their names;
-        escaped and bounded for the log."""
+        """A note of the machine, which names voters by <nodes> entry, with their names."""
         for voter, name in self.names.items():
             if voter != name:
                 note = re.sub(r"(?<![\w.-])%s(?![\w-])" % re.escape(voter),
                               lambda m: "%s (%s)" % (name, voter), note)
-        return text.printable(note, text.REASON_LIMIT)
+        return note
 
     def _note(self, kind, note):
         level = logging.WARNING if kind in _WARN_NOTES else logging.INFO
-        note = self._named(note)
+        note = text.printable(self._named(note), text.REASON_LIMIT)
         if kind == "round_failed":   # every half round while no majority answers: once
             self.once.warning("round", "Failover: %s; trying again (logged once).", note)
             return

@@ -243,7 +243,7 @@ class Inbox(object):
         try:
             self.failover.check_transfer(session.peer_name, args)
         except RequestError as err:
-            self.log.warning("Refused a batch from %s: %s", session.peer_name, err)
+            self.failover.refused(session.peer_name, "batch refused: %s" % err)
             raise
         return "master"
 
