@@ -38,20 +38,30 @@ class Link(object):
             return {"value": self.meta.get(args["key"])}
         if cmd == "meta_set":
             self.meta[args["key"]] = args["value"]
+        if cmd == "pending":
+            return {"files": []}
         return {}
 
     def call_data(self, cmd, args):
         assert cmd == "manifest"
+        return {}, json.dumps(self.files(args.get("names"))).encode("ascii")
+
+    def files(self, names=None):
+        """The manifest of etc/shared (of `names` only)."""
+        if names is None:
+            top = os.path.join(self.home, "etc", "shared")
+            names = ["/".join(os.path.relpath(os.path.join(folder, f), self.home).split(os.sep))
+                     for folder, _, found in os.walk(top) for f in found]
         files = {}
-        for name in args["names"]:
+        for name in names:
             path = os.path.join(self.home, *name.split("/"))
-            if os.path.exists(path):
+            if os.path.isfile(path):
                 with open(path, "rb") as handle:
                     data = handle.read()
                 files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                                "mtime_ns": compat.stat_mtime_ns(os.lstat(path)), "mode": 432,
                                "item": "shared"}
-        return {}, json.dumps(files).encode("ascii")
+        return files
 
 
 class Layout(object):
@@ -125,11 +135,11 @@ def test_a_follower_records_a_version_only_from_the_leaders_confirmation(tmpdir,
     assert beta.status()["last"] == [1, 7]
 
 
-def leader_sync(alpha, alpha_home, follower_box):
+def leader_sync(alpha, alpha_home, follower_box, handlers=None):
     """alpha's PeerSync to a real session whose other end is the follower's Inbox."""
     ours, theirs = channel_pair()
-    peer = RealSession(theirs, {"sync_files": follower_box.sync_files}, 5.0,
-                       address=("127.0.0.1", 1))
+    handlers = dict(handlers or {}, sync_files=follower_box.sync_files)
+    peer = RealSession(theirs, handlers, 5.0, address=("127.0.0.1", 1))
     peer.peer_name = "alpha"
     peer.start()
     master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
@@ -189,6 +199,36 @@ def test_a_push_is_confirmed_only_when_the_peer_held_everything_before_it(tmpdir
         assert not worker.in_sync and sent[-1] == {"term": 1}
         worker.confirmed_push([1, 2], ([SHARED], [], [], []))
         assert sent[-1] == {"term": 1}               # not in sync until a clean round
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_a_round_confirms_nothing_while_a_difference_is_left_unrepaired(tmpdir, cluster):
+    """'Nothing pending': the outcome of deleting a name only the peer listed is left out of
+    the round's states (forget_unknown), but a failure there is a difference still there."""
+    alpha, beta, _ = elected(cluster)
+    box, beta_home = follower_inbox(tmpdir, beta)
+    alpha_home = os.path.dirname(os.path.dirname(alpha.election._store.path))
+    write(alpha_home, SHARED, b"conf\n")
+    extra = os.path.join(beta_home, "etc", "shared", "default", "extra.conf")
+    os.makedirs(extra)     # listed as a file below: its deletion is refused (a folder)
+    listed = {u"etc/shared/default/extra.conf": {"sha256": "0" * 64, "size": 1,
+                                                 "mtime_ns": BASE_NS, "item": "shared"}}
+
+    def sync_manifest(session, args, data):
+        files = Link(beta_home).files()
+        files.update(listed)
+        return {"files": files}, b""
+    worker, sessions = leader_sync(alpha, alpha_home, box, {"sync_manifest": sync_manifest})
+    worker.summaries = False
+    try:
+        worker.full_round()
+        assert read(beta_home, SHARED) == b"conf\n" and worker.last_round_ok
+        assert beta.status()["last"] == [0, 0] and worker.in_sync is None
+        os.rmdir(extra)
+        worker.full_round()
+        assert beta.status()["last"] == [1, 0] and worker.in_sync == 1
     finally:
         for session in sessions:
             session.close()
