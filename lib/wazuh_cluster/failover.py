@@ -12,9 +12,9 @@ election.py is the state machine and its proof; this module runs it among real s
     current_version(), check_transfer(), fence() (each rename), confirm(); status() for
     cluster_control; listeners told when this node starts or stops acting or the leader changes.
 Voters are the entries of <nodes>; a session counts for the entry its address resolves to.
-Every note of the machine is logged (stepped_down, leader_lost and refused as warnings); what
-a peer can repeat at will (a bad message, a hostile term) through admission.RefusalLog: at
-most one line per peer a minute and a count.
+Every note of the machine is logged (stepped_down, leader_lost and round_failed as warnings);
+what a peer can repeat at will (a bad message, a hostile term, a refused message or batch)
+through admission.RefusalLog: at most one line per peer a minute, then a count.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -219,7 +219,8 @@ class Failover(object):
                 if sender is not None:
                     sender.put(message)
             for kind, note in fx.notes:
-                if kind == "hostile":
+                if kind in ("hostile", "refused") and peer is not None:
+                    # what the peer's input was refused for: it can repeat it at will
                     self.refused(self._name(peer), self._named(note))
                     continue
                 self._note(kind, note)

@@ -320,6 +320,21 @@ def test_hostile_terms_and_bad_messages_give_one_line_per_peer_a_minute(cluster,
     assert len(lines) == 3 and beta.status()["term"] == 1
 
 
+def test_refused_batches_of_a_stale_leader_give_one_line_a_minute(tmpdir, cluster, caplog):
+    alpha, beta, _ = elected(cluster)
+    box, _ = follower_inbox(tmpdir, beta)
+    beta.check_transfer("gamma", {"term": 2})
+    caplog.set_level(logging.INFO, logger="wazuh_cluster")
+    header, data = batch([(SHARED, b"stale\n")], term=1)
+    for _ in range(30):
+        with pytest.raises(RequestError) as info:
+            box.sync_files(Peer("alpha"), header, data)
+        assert info.value.code == "stale_term"
+    lines = [r.getMessage() for r in caplog.records if "alpha" in r.getMessage()]
+    assert lines == ["refused peer alpha: master-owned files from alpha (127.0.0.1) in term 1, "
+                     "older than term 2"]
+
+
 # -- 3: a lost election record ---------------------------------------------------------------
 
 def test_a_node_whose_record_was_lost_after_it_joined_refuses_to_start(tmpdir, cluster):
