@@ -4,8 +4,8 @@ failover.py runs it in wazuh-clusterd behind `cluster.failover=1` (failover_role
 the data plane, peers.py keeps the full mesh). The plan of the whole feature:
 
 Terms and durable state
-    Every node keeps `term`, `voted_for` and `last` = (term, seq) of the last master-owned state
-    it applied. They live in var/db/cluster-election.json (electionstore.py), written and
+    Every node keeps `term`, `voted_for` and `last` = (term, seq), the newest version of a
+    leader's master-owned state it is known to hold wholly (see Fencing). They live in var/db/cluster-election.json (electionstore.py), written and
     fsync'd (file and folder) BEFORE any message that depends on them leaves the machine: the
     machine calls store.save() itself and only then returns the messages. Not in cluster.db:
     the vote answer is given by wazuh-clusterd on a session thread, and a round trip to the
@@ -93,7 +93,8 @@ Fencing
     records a version only from a confirmation, which the leader sends when a full integrity
     round with that peer, begun (manifests read after) at version V, ended with every file
     synchronized and nothing postponed; or when a push taken at V (its queue holds every change
-    up to V) ended so, the peer having been confirmed before and every push since complete.
+    up to V) ended so, the peer having been confirmed before in that term and every push since
+    complete.
     So `last` = V means: this node holds every change the leader versioned up to V, a faithful
     summary for the vote rule, like Raft's (last log term, last log index). A version is
     committed when a majority recorded it; the election restriction keeps every committed
