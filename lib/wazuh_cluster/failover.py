@@ -325,21 +325,23 @@ class Failover(object):
                                "of the highest term known" % (text.printable(peer_name), term),
                                "stale_term")
 
-    def _connected_voter(self, peer_name):
+    def _connected_voter(self, peer_name, connected=True):
         with self.lock:
             voters = [v for v, name in self.names.items()
-                      if name == peer_name and v in self.sessions]
+                      if name == peer_name and (v in self.sessions or not connected)]
         if not voters:
-            raise RequestError("master-owned files from %s, which is not a connected voter"
-                               % text.printable(peer_name), "stale_term")
+            raise RequestError("master-owned files from %s, which is not a %svoter"
+                               % (text.printable(peer_name), "connected " if connected else ""),
+                               "stale_term")
         return voters[0]
 
     def fence(self, peer_name, term):
         """For receive.Receiver, after check_transfer: run(change) makes a change of a
         master-owned file (a rename, an unlink) and returns True only while `peer_name` still
         leads `term`, checked under the lock that adopts a higher term: once this node knows
-        a higher term, no change of the deposed leader's batch is made any more."""
-        voter = self._connected_voter(peer_name)
+        a higher term, no change of the deposed leader's batch is made any more. (Connected
+        or not: the held client.keys is applied later, inbox.confirm_removals.)"""
+        voter = self._connected_voter(peer_name, connected=False)
 
         def run(change):
             with self.lock:
