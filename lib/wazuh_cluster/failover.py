@@ -254,6 +254,14 @@ class Failover(object):
         with self.lock:
             return self._name(self.election.leader)
 
+    def follows(self, peer_name):
+        """`peer_name` leads the highest term this node knows and this node does not act as
+        leader, both now in one look (the removal guard asks it: inbox.py)."""
+        with self.lock:
+            e = self.election
+            return e.leader not in (None, self.me) and not e.is_acting(self.clock()) and \
+                self._name(e.leader) == peer_name
+
     def new_version(self):
         """[term, seq] for a master-owned batch originated now; None when not acting."""
         with self.lock:
