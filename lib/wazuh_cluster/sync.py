@@ -177,6 +177,8 @@ class PeerSync(object):
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
         # and stamp every batch with {term, version} (set by SyncManager)
         self.failover = None
+        # and tell what the peer applied of it (localedits.LocalEdits.pushed)
+        self.pushed = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -558,6 +560,10 @@ class PeerSync(object):
         if batch.deltas:
             states.update(self.resend_refused(batch, result.get("delta_refused")))
         self.versions.note_sent(batch.files + batch.deltas, states)
+        if self.pushed is not None and self.failover is not None and self.role == "master":
+            # stamped above: sent while acting
+            self.pushed([(f["name"], f["sha256"]) for f in batch.files + batch.deltas
+                         + batch.meta] + [(name, None) for name in batch.delete], states)
         return states
 
     def resend_refused(self, batch, refused):
@@ -718,6 +724,7 @@ class SyncManager(object):
     """
 
     failover = None
+    pushed = None   # failover: localedits.LocalEdits.pushed, for the PeerSyncs of a master
 
     def __init__(self, cfg, layout, link):
         self.cfg = cfg
@@ -800,6 +807,7 @@ class SyncManager(object):
                                                 self.cfg.interval), store=self.store)
             worker.summaries = bool(options.round_summaries)
             worker.failover = self.failover
+            worker.pushed = self.pushed
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
         if old is not None:
