@@ -490,6 +490,12 @@ class ClusterDB(object):
         return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
                                                      (node,)))
 
+    def agents_of_others(self, node):
+        """{agent file name: keepalive_ns or None} of the agents recorded as reported by
+        another node than `node`."""
+        return dict(self._conn.execute("SELECT name, keepalive_ns FROM agents WHERE "
+                                       "node IS NOT NULL AND node != ?", (node,)))
+
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
