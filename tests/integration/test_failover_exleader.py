@@ -1,8 +1,10 @@
 """An ex-leader following a new leader (cluster.failover=1, SPEC section 10) with real
 daemons: what it pushed while it acted is the cluster's state, not a local edit (no backup,
-no warning when the new leader replaces it); an edit made there afterwards still is one."""
+no warning when the new leader replaces it); an edit made there afterwards still is one. The
+agent-info it received from the others as master is not sent as its own."""
 from __future__ import absolute_import, division, print_function
 
+import json
 import os
 import re
 
@@ -15,17 +17,30 @@ from test_sync import put
 CONF = "etc/shared/default/agent.conf"
 
 
+def no_failback(make_node):
+    """A cluster whose returning master stays a follower of the new leader."""
+    nodes = start_failover_cluster(make_node, dict(FAILOVER, **{"cluster.failback": "0"}))
+    acting(nodes, nodes[0])
+    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
+    return nodes
+
+
+def new_leader(nodes):
+    master, client1, client2 = nodes
+    kill_node(master)
+    wait(nodes, lambda: "acting master in term" in client1.log() + client2.log(),
+         "a client elected acting master")
+    return client1 if "acting master in term" in client1.log() else client2
+
+
 def backups(node):
     root = node.path("backup", "cluster")
     return sorted(os.listdir(root)) if os.path.isdir(root) else []
 
 
 def test_an_ex_leader_backs_up_only_what_was_edited_after_it_stopped_acting(make_node):
-    # no failback: the returning master stays a follower of the new leader
-    nodes = start_failover_cluster(make_node, dict(FAILOVER, **{"cluster.failback": "0"}))
+    nodes = no_failback(make_node)
     master, client1, client2 = nodes
-    acting(nodes, master)
-    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
     # the test made the master's group folder as root; an installation's is Wazuh's, and
     # the clients' was made by their daemons: the master must receive into it as a follower
     like = os.stat(client1.path("etc", "shared", "default"))
@@ -39,10 +54,7 @@ def test_an_ex_leader_backs_up_only_what_was_edited_after_it_stopped_acting(make
         return all(re.search(r"Pushed to %s: [1-9]|Full round with %s: [^\n]*; [1-9]\d* sent"
                              % (n, n), master.log()[before:]) for n in ("client1", "client2"))
     wait(nodes, lambda: same_tree(nodes) and sent_to_both(), "the edit pushed to both")
-    kill_node(master)
-    wait(nodes, lambda: "acting master in term" in client1.log() + client2.log(),
-         "a client elected acting master")
-    leader = client1 if "acting master in term" in client1.log() else client2
+    leader = new_leader(nodes)
     newer = u"<agent_config><newer/></agent_config>\n"
     put(leader, CONF, newer)
     wait(nodes, lambda: same_tree([client1, client2]), "the clients converged")
@@ -57,3 +69,38 @@ def test_an_ex_leader_backs_up_only_what_was_edited_after_it_stopped_acting(make
     assert len(folders) == 1, folders
     assert read(master, "backup/cluster/%s/%s" % (folders[0], CONF)) == mine
     assert "local edit of '%s'" % CONF in master.log()
+
+
+def reporter(node, agent):
+    """The node `node` shows for `agent` (cluster_control -a: the node that sent its agent-info
+    when the file names none), False when it cannot tell."""
+    result = node.cluster_control("-a", "-j")
+    if result.rc != 0:
+        return False
+    found = [a["node_name"] for a in json.loads(result.out)["agents"] if a["name"] == agent]
+    return found[0] if found else False
+
+
+def test_a_returning_old_master_does_not_report_the_agents_of_the_others(make_node):
+    nodes = no_failback(make_node)
+    master, client1, client2 = nodes
+    # an agent of client2 (no node_name line: the listings show the node that sent the file)
+    put(client2, "queue/agent-info/web01-any", u"Linux web01 3.10.0 x86_64\n")
+    wait(nodes, lambda: reporter(master, "web01") == "client2", "web01 reported by client2")
+    # client2 goes, and comes back without that agent (it left, or the node was reinstalled);
+    # the master goes too: client1 and client2 elect a leader, which never hears of web01
+    kill_node(client2)
+    kill_node(master)
+    os.remove(client2.path("queue", "agent-info", "web01-any"))
+    client2.start()
+    wait(nodes, lambda: "acting master in term" in client1.log() + client2.log(),
+         "a client elected acting master")
+    leader = client1 if "acting master in term" in client1.log() else client2
+    before = len(master.log())
+    master.start()   # it holds web01's agent-info, received from client2 as master
+    wait(nodes, lambda: len(re.findall(r"Full round with %s: " % leader.name,
+                                       master.log()[before:])) >= 2,
+         "two rounds of the old master with the leader")
+    shown = reporter(leader, "web01")
+    assert shown not in ("master", False), "web01 shown as reported by %r\n%s" % (
+        shown, master.dump_logs())
