@@ -414,10 +414,10 @@ class Catalog(object):
         if buckets is not None:
             rows = (row for row in rows if summary.bucket_of(row[0]) in buckets)
         if source == "client" and self.role == "client":
-            rows = self._own_agents_only(rows)
+            rows = self._own_agents_only(rows, only)
         return rows
 
-    def _own_agents_only(self, rows):
+    def _own_agents_only(self, rows, names=None):
         """Leave out the agent-info files this client holds only because it was the master
         once (a returning old master, cluster.failover=1; or a master made a client): those
         its agents table records as reported by another node, not written here since (the
@@ -427,10 +427,12 @@ class Catalog(object):
         wins, SPEC section 4). Refusing them on the master instead cannot work: a relayed
         copy newer than the master's is indistinguishable from a report. A file an agent
         of this node rewrote since (it moved here) is newer, and is ours."""
-        others = self.db.agents_of_others(self.node_name or "")
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        if names is not None:   # a push asks about a few: not the whole table each time
+            names = [n[len(info):] for n in names if n.startswith(info)]
+        others = self.db.agents_of_others(self.node_name or "", names)
         if not others:
             return rows
-        info = self._item_path("agent-info", "queue/agent-info") + "/"
 
         def relayed(row):
             if not row[0].startswith(info) or row[0][len(info):] not in others:
