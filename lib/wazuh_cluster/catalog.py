@@ -367,6 +367,11 @@ class Catalog(object):
             self.log.info("Role changed from %s to %s (failover).", self.role, role)
             self.role = role
             self._summaries = {}
+            # what this node sends is now scanned at the cadence of its own items: a client
+            # elected leader noticed an edit of its shared files only at the slow pass
+            self._own = frozenset(i.name for i in self.items if i.source == role)
+            self._foreign = frozenset(i.name for i in self.items if i.source != role)
+            self._rescan = True
         return {"role": role}
 
     def _cmd_status(self, args):
@@ -408,7 +413,33 @@ class Catalog(object):
             rows = (row for row in self.scanner.rows(wanted) if row[1] in wanted)
         if buckets is not None:
             rows = (row for row in rows if summary.bucket_of(row[0]) in buckets)
+        if source == "client" and self.role == "client":
+            rows = self._own_agents_only(rows, only)
         return rows
+
+    def _own_agents_only(self, rows, names=None):
+        """Leave out the agent-info files this client holds only because it was the master
+        once (a returning old master, cluster.failover=1; or a master made a client): those
+        its agents table records as reported by another node, not written here since (the
+        mtime it recorded is the file's). Sent as ours they would make the acting master
+        record this node as their reporter until their own nodes report again, and keep
+        them there when their node is gone; their own nodes send them (newest keepalive
+        wins, SPEC section 4). Refusing them on the master instead cannot work: a relayed
+        copy newer than the master's is indistinguishable from a report. A file an agent
+        of this node rewrote since (it moved here) is newer, and is ours."""
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        if names is not None:   # a push asks about a few: not the whole table each time
+            names = [n[len(info):] for n in names if n.startswith(info)]
+        others = self.db.agents_of_others(self.node_name or "", names)
+        if not others:
+            return rows
+
+        def relayed(row):
+            if not row[0].startswith(info) or row[0][len(info):] not in others:
+                return False
+            keepalive = others[row[0][len(info):]]
+            return keepalive is None or row[3] <= keepalive
+        return (row for row in rows if not relayed(row))
 
     def _cmd_summary(self, args):
         """{source, node?} -> {buckets: summary.Summary.to_wire(), groups?}; see summary.py.

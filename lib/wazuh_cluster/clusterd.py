@@ -136,6 +136,8 @@ class ClusterNode(object):
         self.failover = failover.Failover(cfg, os.path.dirname(layout.db_file), peers.resolve) \
             if cfg.options.failover else None
         self.sync.failover = self.inbox.failover = self.failover
+        if self.failover is not None:
+            self.sync.pushed = self.inbox.edits.pushed
         try:
             self.server = peers.PeerServer(self.settings, dispatcher, self.registry,
                                            on_session=self.sync.session_started,

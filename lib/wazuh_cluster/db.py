@@ -490,6 +490,18 @@ class ClusterDB(object):
         return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
                                                      (node,)))
 
+    def agents_of_others(self, node, names=None):
+        """{agent file name: keepalive_ns or None} of the agents (among `names`, or all)
+        recorded as reported by another node than `node`."""
+        sql = "SELECT name, keepalive_ns FROM agents WHERE node IS NOT NULL AND node != ?"
+        if names is None:
+            return dict(self._conn.execute(sql, (node,)))
+        found = {}
+        for chunk in _chunks(names):
+            found.update(self._conn.execute(sql + " AND name IN (%s)" % ",".join(
+                "?" * len(chunk)), [node] + chunk))
+        return found
+
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(

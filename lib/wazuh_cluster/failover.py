@@ -279,6 +279,14 @@ class Failover(object):
         with self.lock:
             return self.election.term if self.election.is_acting(self.clock()) else None
 
+    def follows(self, peer_name):
+        """`peer_name` leads the highest term this node knows and this node does not act as
+        leader, both now in one look (the removal guard asks it: inbox.py)."""
+        with self.lock:
+            e = self.election
+            return e.leader not in (None, self.me) and not e.is_acting(self.clock()) and \
+                self._name(e.leader) == peer_name
+
     def new_version(self):
         """[term, seq]: this acting leader's master-owned files changed (the change is queued
         for every peer already); None when not acting."""

@@ -15,7 +15,7 @@ import threading
 import time
 
 from wazuh_cluster import (agents, compat, deltarx, keepalive, localedits, logs, pathrules,
-                           protocol, receive, staterows, summary)
+                           protocol, receive, staterows, summary, text)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -339,7 +339,7 @@ class Inbox(object):
         args, data, delta_refused = self.deltas.expand(args, data, sender_role,
                                                        session.peer_name)
         incoming, deletes, dirs = parse_batch(args, data)
-        if isinstance(data, protocol.Inflater) and self.role != "master" and \
+        if isinstance(data, protocol.Inflater) and sender_role == "master" and \
                 self.touches_keys(incoming, deletes):
             # the removal guard compares the whole new client.keys with ours first
             incoming, deletes, dirs = parse_batch(args, data.read_all())
@@ -356,7 +356,7 @@ class Inbox(object):
         # other batches are applied alongside each other (the receiver claims names).
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
-            if self.role != "master" and sender_role == "master":
+            if self.guards_removals(peer, sender_role, incoming, deletes):
                 incoming, deletes, hold = self.guard_keys(incoming, deletes,
                                                           (peer, args.get("term")))
             written = None
@@ -417,6 +417,26 @@ class Inbox(object):
         return dict((name, "invalid") for name in names)
 
     # -- client.keys on a client ----------------------------------------------------------------
+
+    def guards_removals(self, peer, sender_role, incoming, deletes):
+        """True when a client.keys change in this batch from `peer` goes through the removal
+        guard: it comes from the master to a client. With cluster.failover=1 that is decided
+        now, from the election (the sender leads the highest term known and this node does
+        not act as leader), not from this inbox's role: the role follows the election a
+        moment later (failover_roles.py), and a node deposed a moment ago, still receiving
+        as a master when the batch began, would otherwise take the leader's removals
+        unguarded once its role switched mid-batch. A client.keys change from a sender that
+        is not that leader any more is refused (RequestError stale_term: the leader retries;
+        removals come only from the master)."""
+        if self.failover is None:
+            return self.role != "master" and sender_role == "master"
+        if sender_role != "master" or not self.touches_keys(incoming, deletes):
+            return False
+        if not self.failover.follows(peer):
+            raise RequestError("a client.keys change from %s refused: it does not lead the "
+                               "highest term known, or this node acts as leader"
+                               % text.printable(peer), "stale_term")
+        return True
 
     def touches_keys(self, incoming, deletes):
         return self.keys_name in deletes or any(f.name == self.keys_name for f in incoming)

@@ -7,9 +7,12 @@ leader sends now nor what this node last received from a leader. That record,
 var/db/cluster-received.json ({name: sha256}), is wazuh-clusterd's own (like the election
 record): it is seeded from the files as they are the first time the daemon starts with
 failover on (a node's state before it ever took part counts as received), then updated after
-every batch applied from a leader. An unreadable record is never guessed from the disk:
-everything that differs is then backed up. So an operator's edit on a client, and the state
-a node made while it led (the old master in a minority), are both kept.
+every batch applied from a leader, and after every batch this node pushed while it acted as
+leader and a peer applied (the cluster's state, not a local edit: an ex-leader following a new
+leader must not back up and warn about its own files of the time it led). An unreadable
+record is never guessed from the disk: everything that differs is then backed up. So an
+operator's edit on a client, and the state a node made while it did not act (the old master
+in a minority: it pushes nothing), are both kept.
 
 The backup of a batch is one folder, backup/cluster/TERM-YYYYmmddHHMMSS (local time; -2, -3...
 when taken), with the files under their relative paths. It is built under a temporary name,
@@ -190,6 +193,19 @@ class LocalEdits(object):
                     save_json(self.record_path, self.received)
                 except (IOError, OSError) as exc:
                     self.log.warning("cannot save %s: %s", self.record_path, fsops.why(exc))
+
+    def pushed(self, sent, states):
+        """This node, acting as leader, sent these (name, SHA-256, or None for a deletion) and
+        the peer's `states` say which it applied: the cluster's state from then on. Recorded
+        like what a leader sent us: when this node follows another leader later (after a
+        crash, a partition, a handover) its own files of the time it led are not local edits,
+        and the new leader's first push replaces them without a backup or a warning. A file
+        edited here after it stopped acting differs from them, and is backed up."""
+        if not self.failover:
+            return
+        self.after([(name, sha) for name, sha in sent
+                    if states.get(name) == "synchronized"
+                    and (sha is None or isinstance(sha, compat.string_types))], states)
 
     def _master_path(self, name):
         """The absolute path of a master-owned name, its folders checked with lstat (no

@@ -191,6 +191,8 @@ class PeerSync(object):
         self.in_sync = None
         self.postponed = 0
         self.round_clean = True
+        # localedits.LocalEdits.pushed: tell what the peer applied of our pushes
+        self.pushed = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -597,6 +599,10 @@ class PeerSync(object):
         if batch.deltas:
             states.update(self.resend_refused(batch, result.get("delta_refused")))
         self.versions.note_sent(batch.files + batch.deltas, states)
+        if self.pushed is not None and self.failover is not None and self.role == "master":
+            # stamped above: sent while acting
+            self.pushed([(f["name"], f["sha256"]) for f in batch.files + batch.deltas
+                         + batch.meta] + [(name, None) for name in batch.delete], states)
         return states
 
     def resend_refused(self, batch, refused):
@@ -757,6 +763,7 @@ class SyncManager(object):
     """
 
     failover = None
+    pushed = None   # failover: localedits.LocalEdits.pushed, for the PeerSyncs of a master
 
     def __init__(self, cfg, layout, link):
         self.cfg = cfg
@@ -789,8 +796,8 @@ class SyncManager(object):
         for session in sessions:
             session.peer_role = "master" if session.peer_name == leader else "client"
             self.peer_seen(session)
-            want = self.worker_role(session)
             with self.lock:
+                want = self.worker_role(session)
                 worker = self.peers.get(session.peer_name)
                 keep = worker is not None and worker.role == want and worker.session is session
                 if worker is not None and not keep:
@@ -800,7 +807,7 @@ class SyncManager(object):
             if worker is not None:
                 worker.stop()
             if want is not None and not session.closed:
-                self.start_worker(session, want)
+                self.start_worker(session)
 
     def peer_seen(self, session):
         try:
@@ -814,32 +821,41 @@ class SyncManager(object):
         if self.failover is not None:
             with self.lock:
                 self.sessions[session.peer_name] = session
-                leader = self.leader
-            session.peer_role = "master" if session.peer_name == leader else "client"
+                session.peer_role = "master" if session.peer_name == self.leader else "client"
         self.peer_seen(session)
-        role = self.worker_role(session)
-        if role is None:
+        if not self.start_worker(session):
             self.log.info("Session with node %s (%s) started: election only.",
                           session.peer_name, session.describe_address())
-            return
-        self.start_worker(session, role)
 
-    def start_worker(self, session, role):
+    def start_worker(self, session):
+        """Start the PeerSync of `session` in the role this node sends in now; False when it
+        has none (failover on: a follower sends only to the leader).
+
+        The role is read and the worker registered in one hold of the lock set_roles changes
+        the role under: a session starting while the role switches gets a worker of the new
+        role, or one of the old role that set_roles then finds and replaces. Read outside it,
+        a just-deposed leader could install a master worker after the switch had passed (or
+        a new leader a client one), and nothing would replace it until the next switch."""
         options = self.cfg.options
-        worker = PeerSync(session, self.home, role, self.link, self.cfg.items,
-                          self.cfg.interval, options.push_delay, options.request_timeout,
-                          phase=round_phase(self.cfg.node_name, session.peer_name,
-                                            self.cfg.interval), store=self.store)
-        worker.summaries = bool(options.round_summaries)
-        worker.failover = self.failover
         with self.lock:
+            role = self.worker_role(session)
+            if role is None:
+                return False
+            worker = PeerSync(session, self.home, role, self.link, self.cfg.items,
+                              self.cfg.interval, options.push_delay, options.request_timeout,
+                              phase=round_phase(self.cfg.node_name, session.peer_name,
+                                                self.cfg.interval), store=self.store)
+            worker.summaries = bool(options.round_summaries)
+            worker.failover = self.failover
+            worker.pushed = self.pushed
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
         if old is not None:
             old.stop()
         self.log.info("Session with %s node %s (%s) started.", session.peer_role,
                       session.peer_name, session.describe_address())
-        worker.start()
+        worker.start()  # after a stop() meanwhile (set_roles), its thread ends at once
+        return True
 
     def session_ended(self, session, reason):
         with self.lock:

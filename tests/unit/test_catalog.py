@@ -42,9 +42,9 @@ class Clock(object):
         return self.t
 
 
-def make(home, role="master", node_name="master01", **options):
+def make(home, role="master", node_name="master01", db_name="cluster.db", **options):
     log = logging.getLogger("test-catalog")
-    db = dbmod.ClusterDB(os.path.join(home, "var/db/cluster.db"), log, wall=lambda: NOW)
+    db = dbmod.ClusterDB(os.path.join(home, "var/db", db_name), log, wall=lambda: NOW)
     OPENED.append(db)
     options.setdefault("poll_interval", 1.0)
     options.setdefault("scan_interval", 10.0)

@@ -126,7 +126,9 @@ def test_master_summarises_only_the_agent_info_a_client_reports(home):  # noqa: 
     c1 = _buckets_of(cat, {"source": "client", "node": "c1"})
     assert sum(c for c, _ in c1) == 2
     clock.t += 20
-    other = make(home, role="client", node_name="c1", clock=clock)
+    # c1 itself (a database of its own: the master's records c2 as mail01's reporter, and
+    # a client sends no agent-info its agents table says another node reported)
+    other = make(home, role="client", node_name="c1", clock=clock, db_name="c1.db")
     other.tick(clock())
     assert sum(c for c, _ in _buckets_of(other, {"source": "client"})) == 3
     # an agent-info file of c1 edited on the master is seen at c1's next round (fresh
