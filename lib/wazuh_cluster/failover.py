@@ -27,6 +27,7 @@ from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields()
 HISTORY = 20                   # failovers kept for status()
 SEND_QUEUE = 64                # ELECTION messages queued per peer at most
+TICK_LATE = 0.005              # a wake-up just after a deadline, never just before it
 _WARN_NOTES = ("stepped_down", "leader_lost", "refused", "round_failed")
 
 
@@ -87,8 +88,9 @@ class Failover(object):
         self.wall = wall
         self.log = logs.get("failover")
         self.once = logs.OnceLog(self.log)
-        self.timing = election.Timing(options.keepalive, options.failover_timeout or None)
         voters, self.me, self._by_ip = resolve_voters(cfg.nodes, cfg.own_address, resolver)
+        self.timing = election.Timing(options.keepalive, options.failover_timeout or None,
+                                      len(voters))
         store = electionstore.FileStore(electionstore.path_in(db_folder))
         self.lock = threading.RLock()
         try:
@@ -123,11 +125,18 @@ class Failover(object):
 
     def _run(self):
         period = self.timing.heartbeat / 4
-        while not self._stop.wait(period):
+        wait = period
+        while not self._stop.wait(wait):
             try:
                 self.tick()
+                # Wake when the machine has something to do (a promise running out, a slot
+                # to stand in), not up to a period later: that would add to every failover.
+                with self.lock:
+                    left = self.election.next_tick() - self.clock()
+                wait = min(period, left) + TICK_LATE if left > 0 else period
             except Exception:  # a bug must not end the elections of this node silently
                 self.log.exception("election tick failed")
+                wait = period
 
     def tick(self):
         """Time passed (the timer thread calls it every heartbeat / 4)."""

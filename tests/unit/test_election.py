@@ -116,6 +116,46 @@ def test_preferred_master_stands_at_first_start_with_a_pre_vote_first():
     assert b.tick(100.0).send == []                             # others wait a random delay
 
 
+def test_non_preferred_nodes_stand_in_slots_by_rank_at_most_t_over_6_after_the_promise():
+    """The followers of a dead leader: their promises run out together (one heartbeat), the
+    slots keep their candidacies gap / 2 apart at least, whatever the random draws."""
+    hello = election.parse_hello({"term": 1, "last": [1, 0], "preferred": True})
+    gap = TIMING.gap
+    assert 0 < gap <= election.GAP and TIMING.skew + 3 * gap <= T / 6 + 1e-9
+    for draw, earliest, latest in ((0.0, 0.0, gap), (0.999, gap / 2, 1.5 * gap)):
+        stands = {}
+        for me in ("b", "c"):
+            m = election.Election(me, VOTERS, False, TIMING, MemoryStore(), 0.0,
+                                  rand=lambda: draw)
+            m.peer_connected("a", hello, 0.0)
+            m.receive("a", msg("hb", term=1, n=1, last=[1, 0]), 10.0)   # promise: 10 + T
+            now = 10.0 + T
+            m.tick(now)                                                 # leader lost
+            stands[me] = m.next_tick()
+            assert m.tick(stands[me] - 1e-6).send == []
+            assert sent(m.tick(stands[me]), "vote")
+            assert stands[me] - now - TIMING.skew <= T / 6 - TIMING.skew
+        assert stands["b"] - now - TIMING.skew == pytest.approx(gap * draw / 2)
+        assert earliest <= stands["c"] - stands["b"] <= latest + 1e-9
+
+
+def test_next_tick_is_when_the_machine_has_something_to_do():
+    a, b, c = cluster()
+    now = 100.0
+    assert a.next_tick() == pytest.approx(now + TIMING.heartbeat)      # the next heartbeat
+    assert b.next_tick() == pytest.approx(now + T)                     # b's promise
+    a.tick(now + TIMING.heartbeat - 0.001)
+    assert a.next_tick() == pytest.approx(now + TIMING.heartbeat)
+    b.tick(now + T)                                                    # leader lost
+    assert b.leader is None and b.next_tick() > now + T
+    stood = b.next_tick()
+    fx = b.tick(stood)
+    assert b.role == election.PRECANDIDATE and sent(fx, "vote")        # nobody answers
+    assert b.next_tick() == pytest.approx(stood + TIMING.round)        # the round's end
+    assert b.tick(b.next_tick() - 0.001).notes == []
+    assert notes(b.tick(b.next_tick()), "round_failed")
+
+
 def test_a_vote_is_saved_before_it_is_answered():
     class FullDisk(MemoryStore):
         def save(self, term, voted_for, last):
