@@ -28,6 +28,7 @@ HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields(
 HISTORY = 20                   # failovers kept for status()
 SEND_QUEUE = 64                # ELECTION messages queued per peer at most
 TICK_LATE = 0.005              # a wake-up just after a deadline, never just before it
+ABDICATE_WAIT = 1.0            # a clean stop waits this long at most for its handover to leave
 _WARN_NOTES = ("stepped_down", "leader_lost", "refused", "round_failed")
 
 
@@ -51,6 +52,7 @@ class _Sender(object):
     def __init__(self, session):
         self.session = session
         self.queue = collections.deque(maxlen=SEND_QUEUE)
+        self.busy = False
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="election-%s" % session.peer_name)
         self.thread.daemon = True
@@ -63,14 +65,21 @@ class _Sender(object):
             self.queue.append(message)
             self.cond.notify()
 
+    def idle(self):
+        """Nothing queued, nothing being sent."""
+        with self.cond:
+            return not self.queue and not self.busy
+
     def _run(self):
         while True:
             with self.cond:
+                self.busy = False
                 while not self.queue and not self.session.closed:
                     self.cond.wait(1.0)
                 if self.session.closed:
                     return
                 message = self.queue.popleft()
+                self.busy = True
             try:
                 self.session.channel.send_frame(protocol.ELECTION, 0, 0,
                                                 protocol.encode_body(message))
@@ -122,6 +131,16 @@ class Failover(object):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+
+    def abdicate(self, timeout=ABDICATE_WAIT):
+        """A clean stop: an acting leader hands its role over (election.Election.abdicate)
+        and waits, `timeout` at most, until the frame has left, before the sessions close."""
+        self._input(lambda now: self.election.abdicate(now))
+        with self.lock:
+            senders = list(self.senders.values())
+        deadline = self.clock() + timeout
+        while not all(s.idle() for s in senders) and self.clock() < deadline:
+            self._stop.wait(0.01)
 
     def _run(self):
         period = self.timing.heartbeat / 4

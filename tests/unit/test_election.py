@@ -281,6 +281,20 @@ def test_applied_versions_only_move_forward_and_are_saved():
 
 # -- failback --------------------------------------------------------------------------------
 
+def test_a_leader_stopping_cleanly_hands_over_and_the_others_need_not_wait_for_promises():
+    a, b, c = cluster()
+    now = 100.0 + TIMING.heartbeat
+    beat(a, [b, c], now)                                        # b and c report their state
+    assert b.abdicate(now).send == [] and not b.is_acting(now)  # a follower: nothing to do
+    seen = pump(a, a.abdicate(now), [a, b, c], now)
+    assert not a.is_acting(now) and a.role == election.FOLLOWER
+    assert "handover" in dict(seen) and "elected" in dict(seen)
+    assert b.role == election.LEADER and b.term == 2 and c.leader == "b"   # well within T
+    now += 0.01
+    beat(b, [c], now)                                           # a is gone: c's ack suffices
+    assert b.is_acting(now)
+
+
 def test_failback_hands_over_to_the_caught_up_preferred_master_in_the_next_term():
     now = 100.0
     a, b, c = machine("a", now, preferred=True), machine("b", now), machine("c", now)
