@@ -42,13 +42,15 @@ Who stands
     preferred master (node_type master) then stands at once; every other node waits an extra
     delay of its own slot: gap x (rank + a random share below 1/2), rank = its place among the
     voters other than the preferred master (all, while it is unknown), sorted, gap =
-    min(GAP, (T/6 - 3 D T) / voters): in all at most T / 6. The promises of the followers of one leader were renewed by
-    the same heartbeats, so they run out together: the slots keep two candidates at least
+    min(GAP, (T/6 - 3 D T) / voters): in all at most T / 6. The promises of the followers
+    of one leader were renewed by the same heartbeats, so they run out together (the wiring
+    wakes at the machine's next deadline, next_tick): the slots keep two candidates at least
     gap / 2 apart (a split vote needs a pre-vote round trip longer than that), and the node
-    of the lowest rank that is alive stands within 1.5 gap. A random spread of T / 6 split
-    votes as rarely only with twice as long a wait on average; a failover's time is T plus
-    this wait plus the new leader's first push. A failed round is retried after round/2
-    (preferred) or round/2 + its slot delay (others).
+    of the lowest rank that is alive stands within 1.5 gap. (A random delay over all of
+    T / 6 cost up to 4 s at the default T = 30 s, and still split whenever two draws fell
+    within one round trip.) A failover's time is T + 3 D T + this slot + the new leader's
+    first push. A failed round is retried after round/2 (preferred) or round/2 + its slot
+    delay (others).
 
 Leases (timing: Timing below; times are each node's monotonic clock, never the wall clock)
     A follower that acknowledges a heartbeat from the leader of its term at its time r promises
