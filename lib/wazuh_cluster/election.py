@@ -619,18 +619,25 @@ class Election(object):
                 % (target, self.term, _wire(self.last)))
         self._hand_over(target, now, fx)
 
-    def abdicate(self, now):
-        """This acting leader stops cleanly (its process ends): it hands the role to the
-        follower holding the newest state (the preferred master among equals), as failback
-        does, so that the others need not wait for their promises to run out. Nothing when
-        it does not act or no follower has reported its state (the promises then run out)."""
+    def abdicate(self, now, ping=False):
+        """This acting leader stops cleanly (its process ends): it hands the role to a
+        follower that reported all of its state (the preferred master first), as failback
+        does, so that the others need not wait for their promises to run out. None caught
+        up: nothing, or with `ping` a heartbeat now, whose answers report their state (the
+        wiring asks again; when nobody catches up in time the promises run out as after a
+        crash). A handover to a node missing some of the state would be refused by the
+        voters that hold it."""
         fx = Effects()
-        if not self.is_acting(now) or not self.match:
+        if not self.is_acting(now):
             return fx
-        target = max(sorted(self.match), key=lambda p: (self.match[p], p == self.preferred_peer))
+        ready = sorted(p for p in self.match if self.match[p] == self.last)
+        if not ready:
+            if ping:
+                self._send_heartbeat(sorted(self.voters - set([self.me])), now, fx)
+            return fx
+        target = self.preferred_peer if self.preferred_peer in ready else ready[0]
         fx.note("handover", "handing the master role over to %s in term %d before stopping "
-                "(it holds %s of %s)" % (target, self.term, _wire(self.match[target]),
-                                         _wire(self.last)))
+                "(caught up at %s)" % (target, self.term, _wire(self.last)))
         self._hand_over(target, now, fx)
         return fx
 

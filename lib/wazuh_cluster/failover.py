@@ -134,11 +134,16 @@ class Failover(object):
 
     def abdicate(self, timeout=ABDICATE_WAIT):
         """A clean stop: an acting leader hands its role over (election.Election.abdicate)
-        and waits, `timeout` at most, until the frame has left, before the sessions close."""
-        self._input(lambda now: self.election.abdicate(now))
+        to a follower that reports all of its state, asked with one heartbeat, and waits
+        `timeout` at most (for the answers, then for the frame to leave) before the
+        sessions close."""
+        deadline = self.clock() + timeout
+        self._input(lambda now: self.election.abdicate(now, ping=True))
+        while self.is_acting() and self.clock() < deadline:
+            self._stop.wait(0.02)
+            self._input(lambda now: self.election.abdicate(now))
         with self.lock:
             senders = list(self.senders.values())
-        deadline = self.clock() + timeout
         while not all(s.idle() for s in senders) and self.clock() < deadline:
             self._stop.wait(0.01)
 

@@ -6,6 +6,7 @@ The slow, many-trial scenarios are in test_failover_scenarios.py (skipped by def
 from __future__ import absolute_import, division, print_function
 
 import io
+import json
 import os
 import re
 import signal
@@ -121,6 +122,9 @@ def test_the_leader_stopped_cleanly_hands_over_at_once(make_node):
     master, client1, client2 = nodes
     acting(nodes, master)
     wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
+    # a node that does not hold all of the master's state is not handed the role
+    wait(nodes, lambda: len(set(str(last_version(n)) for n in nodes)) == 1,
+         "the clients reporting the master's version")
     stopped = time.time()
     assert master.stop().rc == 0
     wait(nodes, lambda: "acting master in term" in client1.log() + client2.log(),
@@ -133,6 +137,12 @@ def test_the_leader_stopped_cleanly_hands_over_at_once(make_node):
     put(leader, "etc/client.keys", KEYS + u"006 planned01 any 6666\n")
     wait(nodes, lambda: same_tree([leader, other], ("etc/client.keys",)),
          "the new acting master's client.keys on the other client")
+
+
+def last_version(node):
+    """[term, seq] of the master-owned state `node` holds (cluster_control -j -i)."""
+    result = node.cluster_control("-j", "-i")
+    return json.loads(result.out)["failover"]["last"] if result.rc == 0 else None
 
 
 def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(failover_cluster):

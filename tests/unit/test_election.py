@@ -284,6 +284,9 @@ def test_applied_versions_only_move_forward_and_are_saved():
 def test_a_leader_stopping_cleanly_hands_over_and_the_others_need_not_wait_for_promises():
     a, b, c = cluster()
     now = 100.0 + TIMING.heartbeat
+    assert a.abdicate(now).send == [] and a.is_acting(now)      # nobody holds all of a's state
+    b.change_applied((1, 0))
+    c.change_applied((1, 0))
     beat(a, [b, c], now)                                        # b and c report their state
     assert b.abdicate(now).send == [] and not b.is_acting(now)  # a follower: nothing to do
     seen = pump(a, a.abdicate(now), [a, b, c], now)
@@ -293,6 +296,16 @@ def test_a_leader_stopping_cleanly_hands_over_and_the_others_need_not_wait_for_p
     now += 0.01
     beat(b, [c], now)                                           # a is gone: c's ack suffices
     assert b.is_acting(now)
+    # a leader whose followers have not reported its newest version asks them, then hands over
+    assert b.new_version(now) == (2, 1)
+    assert b.abdicate(now).send == [] and b.is_acting(now)
+    fx = b.abdicate(now, ping=True)
+    assert [m["type"] for _, m in fx.send] == ["hb", "hb"] and b.is_acting(now)
+    c.change_applied((2, 1))
+    pump(b, fx, [b, c], now)                                    # c's answer: caught up
+    seen = pump(b, b.abdicate(now), [b, c], now)
+    assert "handover" in dict(seen) and not b.is_acting(now)
+    assert c.role == election.LEADER and c.term == 3               # b, stopping, voted for c
 
 
 def test_failback_hands_over_to_the_caught_up_preferred_master_in_the_next_term():
