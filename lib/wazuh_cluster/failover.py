@@ -84,6 +84,7 @@ class _Sender(object):
                 self.session.channel.send_frame(protocol.ELECTION, 0, 0,
                                                 protocol.encode_body(message))
             except ProtocolError:
+                self.busy = False    # nothing more leaves: a clean stop must not wait for it
                 return               # the session's reader notices and closes it
 
 

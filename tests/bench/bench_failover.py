@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Master failover: how long a cluster is without a master, and what the full mesh costs idle.
 
-    tests/bench/bench_failover.py [--trials 20] [--default-trials N] [--idle 60] [--only WHAT]
+    tests/bench/bench_failover.py [--trials 20] [--default-trials N] [--stop-trials N] [--idle 60]
+        [--only WHAT] [--python PATH --pythonpath DIR] [--keepalive S --failover-timeout S]
 
 1. Failover time (SPEC section 10, issue 14), three nodes on loopback, cluster.failover=1: the
    acting master's two daemons are killed with -9; the clock runs from the kill until a
    client.keys line added on the newly acting node (as soon as its log says it acts) is
    identical on every live node. The killed node is then restarted and caught up before the
-   next trial. p50 and max over the trials, for two settings:
+   next trial. --stop-trials N: as many trials with default options where the acting master
+   is stopped cleanly instead (ossec-control stop: it hands its role over). p50 and max over the trials, for two settings:
      default   keepalive 10 s, failover_timeout 0 (= 3 x keepalive = 30 s), poll/scan/push
                at their defaults;
      fast      cluster.keepalive=3, cluster.failover_timeout=6 (the documented fast setting).
@@ -159,7 +161,7 @@ class Bench(object):
         pass
 
     # -- 1. failover time -----------------------------------------------------------------
-    def trials(self, name, options, count):
+    def trials(self, name, options, count, take_down=kill9):
         nodes = self.new_cluster(3, options)
         timeout = float(options.get("cluster.failover_timeout") or 0) or \
             3 * float(options["cluster.keepalive"])
@@ -175,8 +177,8 @@ class Bench(object):
             seen = acting_counts(live)
             phases = Phases(live, now())
             started = phases.started
-            kill9(leader)
-            phases.mark("killed")
+            take_down(leader)
+            phases.mark("down")
 
             def new_acting():
                 phases.poll()
@@ -243,6 +245,11 @@ class Bench(object):
                     print("%s: %s" % (name, " ".join("%s=%s" % kv
                                                      for kv in sorted(options.items()))))
                     self.trials(name, options, count)
+            if self.opt.stop_trials:
+                options = SETTINGS[0][1]
+                print("stopped (ossec-control stop, a planned restart): %s" % " ".join(
+                    "%s=%s" % kv for kv in sorted(options.items())))
+                self.trials("stopped", options, self.opt.stop_trials, lambda node: node.stop())
         if only in ("all", "idle"):
             print("idle: %s, over %d s after %d s settling" % (
                 " ".join("%s=%s" % kv for kv in sorted(DEFAULTS.items())), self.opt.idle,
@@ -259,6 +266,9 @@ def parse_args(argv):
     parser.add_argument("--trials", type=int, default=20, help="trials of the fast setting")
     parser.add_argument("--default-trials", type=int, default=None,
                         help="trials with default options (default: --trials)")
+    parser.add_argument("--stop-trials", type=int, default=0,
+                        help="trials with default options where the acting master is stopped "
+                        "cleanly (ossec-control stop) instead of killed")
     parser.add_argument("--idle", type=int, default=60, help="idle window, seconds")
     parser.add_argument("--settle", type=int, default=15, help="seconds before the window")
     parser.add_argument("--only", choices=("all", "time", "idle"), default="all")
