@@ -101,10 +101,11 @@ Failback (cluster.failback=1, default)
     election fails, promises run out and an ordinary election follows; the acting master does
     not try again for FAILBACK_BACKOFF failover timeouts. A peer holding the key can claim a
     handover; like every insider it can already forge files (README, security section).
-    A clean stop (SIGTERM) of the acting master is a handover too (abdicate): to the follower
-    that reported the newest state, before the sessions close, so a planned restart costs
-    about one round trip instead of T. A kill, or a handover lost or refused, leaves the
-    promises to run out as after a crash.
+    A clean stop (SIGTERM) of the acting master is a handover too (abdicate): to a follower
+    that reported all of its state (asked with one heartbeat, for a second at most), before
+    the sessions close, so a planned restart costs about a second instead of T. A kill, no
+    follower caught up in time, or a handover lost or refused, leaves the promises to run
+    out as after a crash.
 
 Local edits on a non-leader (wiring, sync.py)
     Before a master-owned file edited locally on a node that is not the acting leader is
