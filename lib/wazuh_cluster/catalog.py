@@ -162,8 +162,7 @@ class Catalog(object):
             foreign_scan_interval = max(self.scan_interval, FOREIGN_SCAN_INTERVAL)
         self.foreign_scan_interval = float(foreign_scan_interval)
         self.max_event_names = max_event_names
-        self._own = frozenset(i.name for i in self.items if i.source == role)
-        self._foreign = frozenset(i.name for i in self.items if i.source != role)
+        self._own_items(role)
         self._wall = wall
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
                                            report=self._skipped)
@@ -367,12 +366,18 @@ class Catalog(object):
             self.log.info("Role changed from %s to %s (failover).", self.role, role)
             self.role = role
             self._summaries = {}
-            # what this node sends is now scanned at the cadence of its own items: a client
-            # elected leader noticed an edit of its shared files only at the slow pass
-            self._own = frozenset(i.name for i in self.items if i.source == role)
-            self._foreign = frozenset(i.name for i in self.items if i.source != role)
-            self._rescan = True
+            self._own_items(role)
+            if self._last_full is not None:
+                # The items now sent were passed only every foreign_scan_interval: a full
+                # pass over them at the next tick, and polled like the master's from then on
+                # (a new leader's client.keys edit waited up to scan_interval before).
+                self._last_full = self._clock() - self.scan_interval
         return {"role": role}
+
+    def _own_items(self, role):
+        """The items this node sends in `role` (polled) and those it receives."""
+        self._own = frozenset(i.name for i in self.items if i.source == role)
+        self._foreign = frozenset(i.name for i in self.items if i.source != role)
 
     def _cmd_status(self, args):
         return {"files": len(self.scanner), "last_scan": self._last_scan_wall,

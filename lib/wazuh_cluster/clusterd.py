@@ -232,6 +232,8 @@ class ClusterNode(object):
         """Stop promptly: ossec-control does not wait, and nothing may be left half-written."""
         self.running = False
         self.stopping.set()
+        if self.failover is not None:
+            self.failover.abdicate()   # while the sessions are up: a planned stop is quick
         self.events.stop()
         if self.dialer is not None:
             self.dialer.stop()

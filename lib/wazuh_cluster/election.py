@@ -46,9 +46,18 @@ Votes (Raft's election restriction applied to file state)
 Who stands
     A node stands only when no leader is known AND its lease promise (below) has run out, plus
     3 D T (the promises of the others run out up to 2 D T later on their clocks). The
-    preferred master (node_type master) then stands at once; every other node waits a random
-    extra delay, in all at most failover_timeout / 6, so that elections rarely split. A failed round is
-    retried after round/2 (preferred) or round/2 + a random delay (others).
+    preferred master (node_type master) then stands at once; every other node waits an extra
+    delay of its own slot: gap x (rank + a random share below 1/2), rank = its place among the
+    voters other than the preferred master (all, while it is unknown), sorted, gap =
+    min(GAP, (T/6 - 3 D T) / voters): in all at most T / 6. The promises of the followers
+    of one leader were renewed by the same heartbeats, so they run out together (the wiring
+    wakes at the machine's next deadline, next_tick): the slots keep two candidates at least
+    gap / 2 apart (a split vote needs a pre-vote round trip longer than that), and the node
+    of the lowest rank that is alive stands within 1.5 gap. (A random delay over all of
+    T / 6 cost up to 4 s at the default T = 30 s, and still split whenever two draws fell
+    within one round trip.) A failover's time is T + 3 D T + this slot + the new leader's
+    first push. A failed round is retried after round/2 (preferred) or round/2 + its slot
+    delay (others).
 
 Leases (timing: Timing below; times are each node's monotonic clock, never the wall clock)
     A follower that acknowledges a heartbeat from the leader of its term at its time r promises
@@ -109,6 +118,11 @@ Failback (cluster.failback=1, default)
     election fails, promises run out and an ordinary election follows; the acting master does
     not try again for FAILBACK_BACKOFF failover timeouts. A peer holding the key can claim a
     handover; like every insider it can already forge files (README, security section).
+    A clean stop (SIGTERM) of the acting master is a handover too (abdicate): to a follower
+    that reported all of its state (asked with one heartbeat, for a second at most), before
+    the sessions close, so a planned restart costs about a second instead of T. A kill, no
+    follower caught up in time, or a handover lost or refused, leaves the promises to run
+    out as after a crash.
 
 Local edits on a non-leader (wiring, sync.py)
     Before a master-owned file edited locally on a node that is not the acting leader is
@@ -146,6 +160,7 @@ LEADER = "leader"
 
 DRIFT = 0.01            # bound on any monotonic clock's rate error (see the claim above)
 LEASE_SHARE = 0.5       # the lease is this share of the largest safe lease
+GAP = 0.5               # seconds between the candidacy slots of two non-preferred nodes, at most
 FAILBACK_BACKOFF = 4    # failover timeouts between two handover attempts
 MAX_TERM = 2 ** 53      # terms and sequence numbers stay exact in JSON doubles
 # A peer's term further above ours is refused as hostile: honest terms grow by one per
@@ -164,7 +179,7 @@ MESSAGE_FIELDS = {
 class Timing(object):
     """The durations of the election, all derived from failover_timeout (seconds)."""
 
-    def __init__(self, keepalive, failover_timeout=None):
+    def __init__(self, keepalive, failover_timeout=None, voters=3):
         timeout = float(failover_timeout if failover_timeout is not None else 3 * keepalive)
         if timeout <= 0:
             raise ValueError("failover_timeout must be positive")
@@ -174,7 +189,8 @@ class Timing(object):
         # Promises given for one heartbeat run out up to 2 D T apart on different clocks: a
         # candidate waits that much more, or the first pre-vote is often refused for nothing.
         self.skew = 3 * DRIFT * timeout
-        self.extra_delay = timeout / 6 - self.skew
+        self.extra_delay = timeout / 6 - self.skew     # the slots of all voters fit in it
+        self.gap = min(GAP, self.extra_delay / voters)
         self.round = timeout / 10         # how long a (pre-)vote round waits for its answers
 
 
@@ -321,6 +337,20 @@ class Election(object):
             return None
         versions = sorted([self.match[v] for v in self.match] + [self.last], reverse=True)
         return versions[self.majority - 1] if len(versions) >= self.majority else None
+
+    def next_tick(self):
+        """The time at which tick() has something to do next (it may be past): the wiring
+        sleeps until then, and a heartbeat / 4 at most (messages move deadlines too)."""
+        if self.role == LEADER:
+            until = self.lease_until()
+            if until is None:
+                until = self._elected_at + self.timing.lease
+            return min(until, self._last_hb + self.timing.heartbeat)
+        if self.role in (PRECANDIDATE, CANDIDATE):
+            return self._round_deadline
+        if self.leader is not None:
+            return self._promise_until
+        return max(self._promise_until, self._stand_at)
 
     def hello_fields(self):
         """What HELLO_INFO carries for the election."""
@@ -515,8 +545,10 @@ class Election(object):
         return True
 
     def _extra(self):
-        return self.timing.skew + (0.0 if self.preferred
-                                   else self._rand() * self.timing.extra_delay)
+        if self.preferred:
+            return self.timing.skew
+        others = sorted(self.voters - set([self.preferred_peer]))
+        return self.timing.skew + self.timing.gap * (others.index(self.me) + self._rand() / 2)
 
     def _retry_delay(self):
         return self.timing.round / 2 + self._extra()
@@ -626,6 +658,31 @@ class Election(object):
             return
         fx.note("handover", "handing the master role back to %s in term %d (caught up at %s)"
                 % (target, self.term, _wire(self.last)))
+        self._hand_over(target, now, fx)
+
+    def abdicate(self, now, ping=False):
+        """This acting leader stops cleanly (its process ends): it hands the role to a
+        follower that reported all of its state (the preferred master first), as failback
+        does, so that the others need not wait for their promises to run out. None caught
+        up: nothing, or with `ping` a heartbeat now, whose answers report their state (the
+        wiring asks again; when nobody catches up in time the promises run out as after a
+        crash). A handover to a node missing some of the state would be refused by the
+        voters that hold it."""
+        fx = Effects()
+        if not self.is_acting(now):
+            return fx
+        ready = sorted(p for p in self.match if self.match[p] == self.last)
+        if not ready:
+            if ping:
+                self._send_heartbeat(sorted(self.voters - set([self.me])), now, fx)
+            return fx
+        target = self.preferred_peer if self.preferred_peer in ready else ready[0]
+        fx.note("handover", "handing the master role over to %s in term %d before stopping "
+                "(caught up at %s)" % (target, self.term, _wire(self.last)))
+        self._hand_over(target, now, fx)
+        return fx
+
+    def _hand_over(self, target, now, fx):
         fx.note("stepped_down", "stopped acting as master for the handover")
         self._handed = (self.term, target)
         self._next_failback = now + FAILBACK_BACKOFF * self.timing.failover_timeout

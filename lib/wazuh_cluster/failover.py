@@ -30,6 +30,8 @@ from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 HELLO_KEY = "election"         # HELLO_INFO field holding election.hello_fields()
 HISTORY = 20                   # failovers kept for status()
 SEND_QUEUE = 64                # ELECTION messages queued per peer at most
+TICK_LATE = 0.005              # a wake-up just after a deadline, never just before it
+ABDICATE_WAIT = 1.0            # a clean stop waits this long at most for its handover to leave
 _WARN_NOTES = ("stepped_down", "leader_lost", "refused", "round_failed")
 
 
@@ -53,6 +55,7 @@ class _Sender(object):
     def __init__(self, session):
         self.session = session
         self.queue = collections.deque(maxlen=SEND_QUEUE)
+        self.busy = False
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="election-%s" % session.peer_name)
         self.thread.daemon = True
@@ -65,18 +68,26 @@ class _Sender(object):
             self.queue.append(message)
             self.cond.notify()
 
+    def idle(self):
+        """Nothing queued, nothing being sent."""
+        with self.cond:
+            return not self.queue and not self.busy
+
     def _run(self):
         while True:
             with self.cond:
+                self.busy = False
                 while not self.queue and not self.session.closed:
                     self.cond.wait(1.0)
                 if self.session.closed:
                     return
                 message = self.queue.popleft()
+                self.busy = True
             try:
                 self.session.channel.send_frame(protocol.ELECTION, 0, 0,
                                                 protocol.encode_body(message))
             except ProtocolError:
+                self.busy = False    # nothing more leaves: a clean stop must not wait for it
                 return               # the session's reader notices and closes it
 
 
@@ -90,8 +101,9 @@ class Failover(object):
         self.wall = wall
         self.log = logs.get("failover")
         self.once = logs.OnceLog(self.log)
-        self.timing = election.Timing(options.keepalive, options.failover_timeout or None)
         voters, self.me, self._by_ip = resolve_voters(cfg.nodes, cfg.own_address, resolver)
+        self.timing = election.Timing(options.keepalive, options.failover_timeout or None,
+                                      len(voters))
         store = electionstore.FileStore(electionstore.path_in(db_folder),
                                         electionstore.marker_in(db_folder))
         self.refusals = admission.RefusalLog(self.log, clock=clock)
@@ -126,13 +138,35 @@ class Failover(object):
         if self._thread is not None:
             self._thread.join(5.0)
 
+    def abdicate(self, timeout=ABDICATE_WAIT):
+        """A clean stop: an acting leader hands its role over (election.Election.abdicate)
+        to a follower that reports all of its state, asked with one heartbeat, and waits
+        `timeout` at most (for the answers, then for the frame to leave) before the
+        sessions close."""
+        deadline = self.clock() + timeout
+        self._input(lambda now: self.election.abdicate(now, ping=True))
+        while self.is_acting() and self.clock() < deadline:
+            self._stop.wait(0.02)
+            self._input(lambda now: self.election.abdicate(now))
+        with self.lock:
+            senders = list(self.senders.values())
+        while not all(s.idle() for s in senders) and self.clock() < deadline:
+            self._stop.wait(0.01)
+
     def _run(self):
         period = self.timing.heartbeat / 4
-        while not self._stop.wait(period):
+        wait = period
+        while not self._stop.wait(wait):
             try:
                 self.tick()
+                # Wake when the machine has something to do (a promise running out, a slot
+                # to stand in), not up to a period later: that would add to every failover.
+                with self.lock:
+                    left = self.election.next_tick() - self.clock()
+                wait = min(period, left) + TICK_LATE if left > 0 else period
             except Exception:  # a bug must not end the elections of this node silently
                 self.log.exception("election tick failed")
+                wait = period
 
     def tick(self):
         """Time passed (the timer thread calls it every heartbeat / 4)."""

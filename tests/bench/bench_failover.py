@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Master failover: how long a cluster is without a master, and what the full mesh costs idle.
 
-    tests/bench/bench_failover.py [--trials 20] [--default-trials N] [--idle 60] [--only WHAT]
+    tests/bench/bench_failover.py [--trials 20] [--default-trials N] [--stop-trials N] [--idle 60]
+        [--only WHAT] [--python PATH --pythonpath DIR] [--keepalive S --failover-timeout S]
 
 1. Failover time (SPEC section 10, issue 14), three nodes on loopback, cluster.failover=1: the
    acting master's two daemons are killed with -9; the clock runs from the kill until a
    client.keys line added on the newly acting node (as soon as its log says it acts) is
    identical on every live node. The killed node is then restarted and caught up before the
-   next trial. p50 and max over the trials, for two settings:
+   next trial. --stop-trials N: as many trials with default options where the acting master
+   is stopped cleanly instead (ossec-control stop: it hands its role over). p50 and max over the trials, for two settings:
      default   keepalive 10 s, failover_timeout 0 (= 3 x keepalive = 30 s), poll/scan/push
                at their defaults;
      fast      cluster.keepalive=3, cluster.failover_timeout=6 (the documented fast setting).
@@ -48,6 +50,44 @@ SETTINGS = (
                                "cluster.keepalive": "3", "cluster.failover_timeout": "6"})),
 )
 ACTING = re.compile(r"Failover: acting master in term (\d+)")
+# Where a failover's time goes: the first line of each kind on any live node after the kill.
+PHASES = (("lost", re.compile(r"Failover: no heartbeat from")),
+          ("elected", re.compile(r"Failover: elected master for term")),
+          ("acting", ACTING),
+          ("master", re.compile(r"Failover: this node now synchronises as a master")),
+          ("followed", re.compile(r"Failover: this node now synchronises as a client")))
+SPLIT = re.compile(r"Failover: election round for term \d+ got")
+
+
+class Phases(object):
+    """Seconds from `started` to the first new line of each PHASES kind on any of `nodes`
+    (polled: a line is seen up to one poll after it was written; the logs' stamps are whole
+    seconds), and the failed election rounds (split votes) among them."""
+
+    def __init__(self, nodes, started):
+        self.nodes = nodes
+        self.started = started
+        self.offsets = dict((n.name, len(n.log())) for n in nodes)
+        self.seen = {}
+        self.failed_rounds = 0
+
+    def poll(self):
+        for node in self.nodes:
+            log = node.log()
+            new, self.offsets[node.name] = log[self.offsets[node.name]:], len(log)
+            for line in new.splitlines():
+                self.failed_rounds += bool(SPLIT.search(line))
+                for name, regex in PHASES:
+                    if name not in self.seen and regex.search(line):
+                        self.seen[name] = now() - self.started
+
+    def mark(self, name):
+        self.seen.setdefault(name, now() - self.started)
+
+    def describe(self):
+        return " ".join("%s %.2f" % (name, self.seen[name]) for name in sorted(
+            self.seen, key=self.seen.get)) + (" failed-rounds %d" % self.failed_rounds
+                                              if self.failed_rounds else "")
 
 
 def keys_of(node):
@@ -93,6 +133,10 @@ class Bench(object):
         self.nodes = []
         self.started = []
         self.cluster = 0
+        self.failed_rounds = 0
+        if options.pythonpath:
+            # the daemons and install.sh's check inherit it (this process imported already)
+            os.environ["PYTHONPATH"] = os.path.expanduser(options.pythonpath)
 
     # -- clusters -------------------------------------------------------------------------
     def new_cluster(self, n, options):
@@ -100,7 +144,8 @@ class Bench(object):
         base = os.path.join(self.work, "c%d" % self.cluster)
         addresses = lab_addresses(n)
         nodes = create_cluster(base, n, port=benchlib.free_port(addresses[0]),
-                               addresses=addresses, interval="10s", options=options)
+                               python=self.opt.python, addresses=addresses, interval="10s",
+                               options=options)
         self.nodes = nodes
         for node in nodes:
             node.start(60)
@@ -116,7 +161,7 @@ class Bench(object):
         pass
 
     # -- 1. failover time -----------------------------------------------------------------
-    def trials(self, name, options, count):
+    def trials(self, name, options, count, take_down=kill9):
         nodes = self.new_cluster(3, options)
         timeout = float(options.get("cluster.failover_timeout") or 0) or \
             3 * float(options["cluster.keepalive"])
@@ -125,31 +170,45 @@ class Bench(object):
         wait_for(lambda: len(set(keys_of(n) for n in nodes)) == 1, bound,
                  what="identical client.keys")
         times = []
+        self.failed_rounds = 0
         for trial in range(count):
             leader = acting_node(nodes)
             live = [n for n in nodes if n is not leader]
             seen = acting_counts(live)
-            started = now()
-            kill9(leader)
-            new = wait_for(lambda: [n for n in live if len(ACTING.findall(n.log())) >
-                                    seen[n.name]], bound, 0.05, what="a new acting master")[0]
+            phases = Phases(live, now())
+            started = phases.started
+            take_down(leader)
+            phases.mark("down")
+
+            def new_acting():
+                phases.poll()
+                return [n for n in live if len(ACTING.findall(n.log())) > seen[n.name]]
+            new = wait_for(new_acting, bound, 0.05, what="a new acting master")[0]
             elected = now() - started
             data = keys_of(new) + (u"%03d bench%d any %s\n" % (
                 500 + trial, trial, "b" * 64)).encode("ascii")
             put_keys(new, data)
-            wait_for(lambda: all(keys_of(n) == data for n in live), bound, 0.05,
-                     what="trial %d: the change on every live node" % trial)
+            phases.mark("written")
+
+            def spread():
+                phases.poll()
+                return all(keys_of(n) == data for n in live)
+            wait_for(spread, bound, 0.05, what="trial %d: the change on every live node" % trial)
             times.append(now() - started)
-            print("  %-8s trial %2d: %6.2f s (%s acting after %.2f s)" % (
-                name, trial + 1, times[-1], new.name, elected))
+            self.failed_rounds += phases.failed_rounds
+            print("  %-8s trial %2d: %6.2f s (%s acting after %.2f s; load %s)\n      %s" % (
+                name, trial + 1, times[-1], new.name, elected, load_average(),
+                phases.describe()))
             leader.start(60)
             wait_for(lambda: keys_of(leader) == data, bound, 0.1,
                      what="trial %d: %s caught up" % (trial, leader.name))
         self.stop_all()
         times.sort()
         print("%-8s failover time over %d trials: p50 %.2f s, max %.2f s (failover_timeout "
-              "%.1f s, target max <= %.1f s)" % (name, len(times), percentile(times, 0.5),
-                                                 times[-1], timeout, timeout + 5))
+              "%.1f s, target max <= %.1f s; %d failed election rounds; nodes' Python %s; "
+              "load %s)" % (name, len(times), percentile(times, 0.5), times[-1], timeout,
+                            timeout + 5, self.failed_rounds, self.opt.python or sys.executable,
+                            load_average()))
         return times
 
     # -- 2. idle cost ---------------------------------------------------------------------
@@ -177,11 +236,20 @@ class Bench(object):
         only = self.opt.only
         if only in ("all", "time"):
             for name, options in SETTINGS:
+                if name == "fast":
+                    options = dict(options)
+                    options["cluster.keepalive"] = self.opt.keepalive or "3"
+                    options["cluster.failover_timeout"] = self.opt.failover_timeout or "6"
                 count = self.opt.default_trials if name == "default" else self.opt.trials
                 if count:
                     print("%s: %s" % (name, " ".join("%s=%s" % kv
                                                      for kv in sorted(options.items()))))
                     self.trials(name, options, count)
+            if self.opt.stop_trials:
+                options = SETTINGS[0][1]
+                print("stopped (ossec-control stop, a planned restart): %s" % " ".join(
+                    "%s=%s" % kv for kv in sorted(options.items())))
+                self.trials("stopped", options, self.opt.stop_trials, lambda node: node.stop())
         if only in ("all", "idle"):
             print("idle: %s, over %d s after %d s settling" % (
                 " ".join("%s=%s" % kv for kv in sorted(DEFAULTS.items())), self.opt.idle,
@@ -198,12 +266,25 @@ def parse_args(argv):
     parser.add_argument("--trials", type=int, default=20, help="trials of the fast setting")
     parser.add_argument("--default-trials", type=int, default=None,
                         help="trials with default options (default: --trials)")
+    parser.add_argument("--stop-trials", type=int, default=0,
+                        help="trials with default options where the acting master is stopped "
+                        "cleanly (ossec-control stop) instead of killed")
     parser.add_argument("--idle", type=int, default=60, help="idle window, seconds")
     parser.add_argument("--settle", type=int, default=15, help="seconds before the window")
     parser.add_argument("--only", choices=("all", "time", "idle"), default="all")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--disk", default="shared")
+    parser.add_argument("--python", default=None,
+                        help="the nodes' interpreter (default: this one), e.g. "
+                        "/root/.pyenv/versions/2.7.18/bin/python")
+    parser.add_argument("--pythonpath", default=None,
+                        help="PYTHONPATH giving --python its cryptography (e.g. "
+                        "~/.cache/wazuh-cluster-tests/py2.7, tests/run's cache)")
+    parser.add_argument("--keepalive", default=None,
+                        help="the fast setting's cluster.keepalive (default 3)")
+    parser.add_argument("--failover-timeout", default=None,
+                        help="the fast setting's cluster.failover_timeout (default 6)")
     options = parser.parse_args(argv)
     if options.default_trials is None:
         options.default_trials = options.trials

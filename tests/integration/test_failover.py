@@ -6,6 +6,7 @@ The slow, many-trial scenarios are in test_failover_scenarios.py (skipped by def
 from __future__ import absolute_import, division, print_function
 
 import io
+import json
 import os
 import re
 import signal
@@ -109,6 +110,39 @@ def test_leader_killed_another_node_acts_and_its_client_keys_reach_the_third(
         result = other.cluster_control("-n")
         return result.rc == 0 and leader.name in result.out and "master" in result.out
     wait(failover_cluster, cluster_view, "cluster_control -n answered through %s" % leader.name)
+
+
+def test_the_leader_stopped_cleanly_hands_over_at_once(make_node):
+    """ossec-control stop of the acting master: before its sessions close it hands the role
+    to the node holding its newest state, which acts at once; a kill -9 would make the others
+    wait failover_timeout (20 s here) for their promises to run out."""
+    options = dict(FAILOVER, **{"cluster.keepalive": "1", "cluster.failover_timeout": "20",
+                                "cluster.failback": "0"})
+    nodes = start_failover_cluster(make_node, options)
+    master, client1, client2 = nodes
+    acting(nodes, master)
+    wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
+    # a node that does not hold all of the master's state is not handed the role
+    wait(nodes, lambda: len(set(str(last_version(n)) for n in nodes)) == 1,
+         "the clients reporting the master's version")
+    stopped = time.time()
+    assert master.stop().rc == 0
+    wait(nodes, lambda: "acting master in term" in client1.log() + client2.log(),
+         "a client acting as master")
+    took = time.time() - stopped
+    assert took < 10, "a new acting master %.1f s after a clean stop" % took
+    assert logged(master, r"handing the master role over to client\d .* before stopping")
+    leader, other = (client1, client2) if "acting master in term" in client1.log() \
+        else (client2, client1)
+    put(leader, "etc/client.keys", KEYS + u"006 planned01 any 6666\n")
+    wait(nodes, lambda: same_tree([leader, other], ("etc/client.keys",)),
+         "the new acting master's client.keys on the other client")
+
+
+def last_version(node):
+    """[term, seq] of the master-owned state `node` holds (cluster_control -j -i)."""
+    result = node.cluster_control("-j", "-i")
+    return json.loads(result.out)["failover"]["last"] if result.rc == 0 else None
 
 
 def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(failover_cluster):

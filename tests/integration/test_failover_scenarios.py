@@ -4,32 +4,38 @@ Each trial kills the acting master with -9, waits for another node to act, makes
 change on it, waits until the other live node holds it (the failover time of issue 14), then
 restarts the killed node and waits until it holds the same files. Bounded waits throughout;
 the times are printed (p50 and max). Also: a 2/3 split of five nodes in network namespaces
-with the old master in the minority, each node restarted in turn (its term kept), all under the
-log recorder's checks (failover_log.py). `tests/run --full` sets WAZUH_CLUSTER_TESTS_FULL=1.
+with the old master in the minority, each node restarted in turn (its term kept), the leader's
+link flapping, simultaneous candidates in five nodes, the wall clock of one node jumping by
+hours (libfaketime), all under the log recorder's checks (failover_log.py). `tests/run --full`
+sets WAZUH_CLUSTER_TESTS_FULL=1.
 """
 from __future__ import absolute_import, division, print_function
 
+import glob
 import json
 import os
+import random
 import re
 import time
 
 import pytest
 
-from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
-                     workspace)
+from harness import (BARE_ENV, base_install, make_node, python, run,  # noqa: F401
+                     tmp_prefix_dir, workspace, write_internal_options)
 from failover_log import Recorder, check
 from test_failover import (FAILOVER, acting, kill_node, logged, same_tree,
                            start_failover_cluster, wait)
 from test_failover_partition import (assert_edit_backed_up_not_spread, heal_and_converge,
                                      isolate_the_leader, partitioned_cluster, read, same)
-from test_sync import KEYS, put
+from test_sync import KEYS, configure_cluster, put
 
 if os.environ.get("WAZUH_CLUSTER_TESTS_FULL") != "1":
     pytest.skip("slow failover scenarios: set WAZUH_CLUSTER_TESTS_FULL=1",
                 allow_module_level=True)
 
 TRIALS = int(os.environ.get("WAZUH_CLUSTER_FAILOVER_TRIALS", "5"))
+T = float(FAILOVER["cluster.failover_timeout"])
+FAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))  # apt package faketime
 
 
 def acting_node(nodes, live):
@@ -128,4 +134,144 @@ def test_each_node_restarted_in_turn_keeps_its_term(make_node):
             wait(nodes, lambda: all(read(n, "etc/client.keys") == line for n in nodes),
                  "restart %d: the change of %s on every node" % (trial, leader.name))
         assert not any(logged(n, r"Traceback") for n in nodes)
+        check(recorder)
+
+
+def seeded(name):
+    """A random source for the timing of one test, its seed printed (rerun it with
+    WAZUH_CLUSTER_FAILOVER_SEED)."""
+    seed = int(os.environ.get("WAZUH_CLUSTER_FAILOVER_SEED") or random.randrange(10 ** 6))
+    print("%s: seed %d" % (name, seed))
+    return random.Random(seed)
+
+
+def change_everywhere(nodes, leader, line, what):
+    """A client.keys line added on the acting `leader` reaches every node of `nodes`."""
+    data = KEYS + line
+    put(leader, "etc/client.keys", data)
+    wait(nodes, lambda: all(read(n, "etc/client.keys") == data for n in nodes),
+         "%s: the change of %s on every node" % (what, leader.name))
+
+
+def test_the_leaders_link_flapping(make_node):
+    """The acting master's cable cut and restored again and again, down and up for random
+    bounded times around failover_timeout (shorter than a lease, long enough for an election,
+    anything between): one leader per term, never two acting at once, and after the last heal
+    one acting master whose change reaches every node."""
+    rng = seeded("flapping")
+    with partitioned_cluster(make_node, ("master", "client1", "client2")) as (
+            network, nodes, recorder):
+        for flap in range(8):
+            leader = acting_now(recorder, nodes) or nodes[0]
+            host = nodes.index(leader) + 1
+            network.link(host, up=False)
+            time.sleep(rng.uniform(0.1, 2.5 * T))
+            network.link(host, up=True)
+            time.sleep(rng.uniform(0.1, 1.5 * T))
+        leader = wait(nodes, lambda: acting_now(recorder, nodes), "an acting master at last")
+        change_everywhere(nodes, leader, u"005 flap01 any 5555\n", "after the last heal")
+        assert not any(logged(n, r"Traceback") for n in nodes)
+        check(recorder)
+
+
+def test_simultaneous_candidates_in_five_nodes(make_node):
+    """The preferred master of five nodes killed, with the node of the first candidacy slot
+    in one trial (three candidates then stand a slot apart, tens of milliseconds here) and
+    without it in the other: one leader per term, and soon one acting master that every live
+    node follows. Split votes may happen; they must only cost another round."""
+    names = ("master", "client1", "client2", "client3", "client4")
+    for trial, also_killed in enumerate((0, 1)):
+        nodes = configure_cluster(make_node, tuple("t%d%s" % (trial, n) for n in names), "3s")
+        for node in nodes:
+            write_internal_options(node.prefix, dict(FAILOVER, **{"cluster.failback": "0"}))
+        put(nodes[0], "etc/client.keys", KEYS)
+        with Recorder(nodes) as recorder:
+            for node in nodes:
+                node.start()
+            acting(nodes, nodes[0])
+            wait(nodes, lambda: same_tree(nodes), "every node identical to the master")
+            # the first slot belongs to the lowest listed address after the master's
+            first = min(nodes[1:], key=lambda n: n.address)
+            dead = [nodes[0]] + ([first] if also_killed else [])
+            for node in dead:
+                kill_node(node)
+                recorder.mark(node, "killed")
+            live = [n for n in nodes if n not in dead]
+            leader = wait(nodes, lambda: acting_now(recorder, live), "one acting master")
+            change_everywhere(live, leader, u"007 simul%d any 7777\n" % trial,
+                              "trial %d" % trial)
+            assert not any(logged(n, r"Traceback") for n in live)
+            intervals = check(recorder)
+        rounds = sum(n.log().count("election round for term") for n in live)
+        print("trial %d: leader %s, %d acting intervals, %d failed rounds logged" % (
+            trial, leader.name, len(intervals), rounds))
+        for node in live:
+            node.stop()
+
+
+def faketime_env(stamp):
+    """The environment of a node whose wall clock follows the offset in file `stamp`
+    (libfaketime); its monotonic and boot-time clocks stay true (DONT_FAKE_MONOTONIC)."""
+    return dict(BARE_ENV, LD_PRELOAD=FAKETIME[0], FAKETIME_TIMESTAMP_FILE=stamp,
+                FAKETIME_CACHE_DURATION="1", DONT_FAKE_MONOTONIC="1")
+
+
+def faketime_unusable(interpreter, stamp):
+    """Why libfaketime cannot run this interpreter (None when it can)."""
+    if not FAKETIME:
+        return "libfaketime.so.1 not installed (apt package faketime; .ci/run installs it)"
+    probe = run([interpreter, "-c", "import time; time.sleep(0.01); print(int(time.time()))"],
+                env=faketime_env(stamp))
+    if probe.rc != 0:
+        return ("libfaketime with DONT_FAKE_MONOTONIC breaks this interpreter's time.sleep "
+                "(%s)" % probe.err.strip().splitlines()[-1:])
+    return None
+
+
+def set_offset(stamp, offset):
+    with open(stamp, "w") as handle:
+        handle.write(offset + "\n")
+    os.chmod(stamp, 0o644)
+
+
+@pytest.mark.parametrize("jumped", ["leader", "follower"])
+def test_the_wall_clock_of_one_node_jumps_by_hours(make_node, python, jumped):
+    """One node runs under libfaketime; its wall clock jumps 3 hours ahead while the cluster
+    runs, then 5 hours back (the election reads only the boot-time clock): the leader keeps
+    its lease, nobody else is elected, changes still reach every node, and a later failover
+    works with the jumped node among the candidates."""
+    nodes = configure_cluster(make_node, ("master", "client1", "client2"), "3s")
+    node = nodes[0] if jumped == "leader" else nodes[1]
+    stamp = node.path("faketime")
+    set_offset(stamp, "+0")
+    reason = faketime_unusable(python, stamp)
+    if reason:
+        pytest.skip(reason)
+    for each in nodes:
+        write_internal_options(each.prefix, dict(FAILOVER, **{"cluster.failback": "0"}))
+    put(nodes[0], "etc/client.keys", KEYS)
+    with Recorder(nodes) as recorder:
+        for each in nodes:
+            if each is node:
+                result = each.control("start", env=faketime_env(stamp))
+                assert result.rc == 0, each.explain("start under libfaketime failed", result)
+                each.wait_running()
+            else:
+                each.start()
+        acting(nodes, nodes[0])
+        wait(nodes, lambda: same_tree(nodes), "every node identical to the master")
+        elections = len(recorder.of("elected"))
+        for step, offset in enumerate(("+3h", "-2h")):
+            set_offset(stamp, offset)
+            time.sleep(2 * T)   # several leases long: a lease read off the wall would end
+            change_everywhere(nodes, nodes[0], u"%03d jump%d any 8888\n" % (8 + step, step),
+                              "wall clock at %s on %s" % (offset, node.name))
+        assert len(recorder.of("elected")) == elections, recorder.dump()
+        assert not recorder.of("stopped"), recorder.dump()
+        kill_node(nodes[0])
+        recorder.mark(nodes[0], "killed")
+        live = nodes[1:]
+        leader = wait(nodes, lambda: acting_now(recorder, live), "a new acting master")
+        change_everywhere(live, leader, u"010 after any 1010\n", "after the failover")
+        assert not any(logged(n, r"Traceback") for n in live)
         check(recorder)

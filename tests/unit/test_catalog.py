@@ -440,6 +440,28 @@ def test_received_items_folders_are_polled_every_scan_interval(home):
     assert cat.tick(11.0)["changed"] == ["queue/agent-info/new-any"]
 
 
+def test_a_client_made_master_by_failover_polls_the_master_items_at_once(home):
+    clock = Clock()
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home, role="client", node_name="c1", clock=clock)
+    cat.tick(clock())
+    clock.t += 1
+    cat.tick(clock())
+    cat.handle("set_role", {"role": "master"})   # failover: this node now leads
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n")
+    clock.t += 1
+    assert cat.tick(clock.t)["changed"] == ["etc/client.keys"]   # not at the next full pass
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n003 x any k333\n")
+    clock.t += 1
+    assert cat.tick(clock.t)["changed"] == ["etc/client.keys"]   # polled like a master's
+    cat.handle("set_role", {"role": "client"})
+    write(home, "etc/shared/default/new", "n")
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    clock.t += 1
+    event = cat.tick(clock.t)   # a client again: the master's items wait for a full pass
+    assert event is None or "etc/client.keys" not in event["changed"]
+
+
 def test_a_peer_asking_for_received_items_gets_a_fresh_view(home):
     clock = Clock()
     log = logging.getLogger("test-catalog")

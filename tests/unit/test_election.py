@@ -116,6 +116,46 @@ def test_preferred_master_stands_at_first_start_with_a_pre_vote_first():
     assert b.tick(100.0).send == []                             # others wait a random delay
 
 
+def test_non_preferred_nodes_stand_in_slots_by_rank_at_most_t_over_6_after_the_promise():
+    """The followers of a dead leader: their promises run out together (one heartbeat), the
+    slots keep their candidacies gap / 2 apart at least, whatever the random draws."""
+    hello = election.parse_hello({"term": 1, "last": [1, 0], "preferred": True})
+    gap = TIMING.gap
+    assert 0 < gap <= election.GAP and TIMING.skew + 3 * gap <= T / 6 + 1e-9
+    for draw, earliest, latest in ((0.0, 0.0, gap), (0.999, gap / 2, 1.5 * gap)):
+        stands = {}
+        for me in ("b", "c"):
+            m = election.Election(me, VOTERS, False, TIMING, MemoryStore(), 0.0,
+                                  rand=lambda: draw)
+            m.peer_connected("a", hello, 0.0)
+            m.receive("a", msg("hb", term=1, n=1, last=[1, 0]), 10.0)   # promise: 10 + T
+            now = 10.0 + T
+            m.tick(now)                                                 # leader lost
+            stands[me] = m.next_tick()
+            assert m.tick(stands[me] - 1e-6).send == []
+            assert sent(m.tick(stands[me]), "vote")
+            assert stands[me] - now - TIMING.skew <= T / 6 - TIMING.skew
+        assert stands["b"] - now - TIMING.skew == pytest.approx(gap * draw / 2)
+        assert earliest <= stands["c"] - stands["b"] <= latest + 1e-9
+
+
+def test_next_tick_is_when_the_machine_has_something_to_do():
+    a, b, c = cluster()
+    now = 100.0
+    assert a.next_tick() == pytest.approx(now + TIMING.heartbeat)      # the next heartbeat
+    assert b.next_tick() == pytest.approx(now + T)                     # b's promise
+    a.tick(now + TIMING.heartbeat - 0.001)
+    assert a.next_tick() == pytest.approx(now + TIMING.heartbeat)
+    b.tick(now + T)                                                    # leader lost
+    assert b.leader is None and b.next_tick() > now + T
+    stood = b.next_tick()
+    fx = b.tick(stood)
+    assert b.role == election.PRECANDIDATE and sent(fx, "vote")        # nobody answers
+    assert b.next_tick() == pytest.approx(stood + TIMING.round)        # the round's end
+    assert b.tick(b.next_tick() - 0.001).notes == []
+    assert notes(b.tick(b.next_tick()), "round_failed")
+
+
 def test_a_vote_is_saved_before_it_is_answered():
     class FullDisk(MemoryStore):
         def save(self, term, voted_for, last):
@@ -281,6 +321,33 @@ def test_applied_versions_only_move_forward_and_are_saved():
 
 
 # -- failback --------------------------------------------------------------------------------
+
+def test_a_leader_stopping_cleanly_hands_over_and_the_others_need_not_wait_for_promises():
+    a, b, c = cluster()
+    now = 100.0 + TIMING.heartbeat
+    assert a.abdicate(now).send == [] and a.is_acting(now)      # nobody holds all of a's state
+    b.change_applied((1, 0))
+    c.change_applied((1, 0))
+    beat(a, [b, c], now)                                        # b and c report their state
+    assert b.abdicate(now).send == [] and not b.is_acting(now)  # a follower: nothing to do
+    seen = pump(a, a.abdicate(now), [a, b, c], now)
+    assert not a.is_acting(now) and a.role == election.FOLLOWER
+    assert "handover" in dict(seen) and "elected" in dict(seen)
+    assert b.role == election.LEADER and b.term == 2 and c.leader == "b"   # well within T
+    now += 0.01
+    beat(b, [c], now)                                           # a is gone: c's ack suffices
+    assert b.is_acting(now)
+    # a leader whose followers have not reported its newest version asks them, then hands over
+    assert b.new_version(now) == (2, 1)
+    assert b.abdicate(now).send == [] and b.is_acting(now)
+    fx = b.abdicate(now, ping=True)
+    assert [m["type"] for _, m in fx.send] == ["hb", "hb"] and b.is_acting(now)
+    c.change_applied((2, 1))
+    pump(b, fx, [b, c], now)                                    # c's answer: caught up
+    seen = pump(b, b.abdicate(now), [b, c], now)
+    assert "handover" in dict(seen) and not b.is_acting(now)
+    assert c.role == election.LEADER and c.term == 3               # b, stopping, voted for c
+
 
 def test_failback_hands_over_to_the_caught_up_preferred_master_in_the_next_term():
     now = 100.0
