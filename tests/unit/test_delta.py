@@ -192,6 +192,34 @@ def test_small_files_are_never_waited_for(tmp_path):
     assert len(reads) == 2
 
 
+def test_older_versions_are_links_and_a_delta_spans_several_changes(tmp_path):
+    # The store held every version's bytes (two 9.4 MB client.keys plus the one being read)
+    # and a client more than one append behind got the whole file.
+    path = str(tmp_path / "client.keys")
+    lines = [line(i) for i in range(3000)]
+    edits = [lambda: lines.append(line(5000)),                 # an agent appended
+             lambda: lines.__setitem__(2500, line(6000)),      # a key line edited
+             lambda: lines.pop(2600),                          # an agent removed
+             lambda: lines.append(line(5001)),
+             lambda: lines.__setitem__(2990, line(6001))]
+    store = versions.VersionStore(min_bytes=1000)
+    seen = []
+    for edit in [lambda: None] + edits:
+        edit()
+        with open(path, "wb") as handle:
+            handle.write(b"".join(lines))
+        os.utime(path, None)
+        seen.append(store.read(path, read_stable)[0])
+    newest = seen[-1]
+    assert store.bytes == len(newest)  # one version's bytes, whatever came before
+    for base in seen[:-1]:
+        made = store.delta(sha(base), sha(newest), newest)
+        assert made is not None and made.base_size == len(base)
+        assert delta.apply(base, made.head, made.tail, made.middle, len(newest)) == newest
+        assert len(made.middle) < len(newest) // 2
+    assert store.delta(sha(b"never seen"), sha(newest), newest) is None
+
+
 def test_a_delta_is_made_once_per_pair_and_needs_the_base():
     store = versions.VersionStore(min_bytes=1000)
     new = BIG + line(99999)
