@@ -429,9 +429,12 @@ class Catalog(object):
         cached = self._summaries.get(key)
         if cached is not None:
             return cached
-        rows = self._manifest_rows(dict(args, names=None), refresh=False)
         if node is not None:
-            rows = (r for r in rows if r[0].startswith(info) and r[0][len(info):] in mine)
+            # The rows of its files only: a pass over every client's 100 000 rows per client
+            # round was most of an idle master's internal daemon (0.33 s of CPU each).
+            rows = self._manifest_rows(dict(args, names=[info + n for n in mine]), refresh=False)
+        else:
+            rows = self._manifest_rows(dict(args, names=None), refresh=False)
         flags = dict((item.name, item.mtime_is_data) for item in self.items)
         groups = set() if args.get("groups") is True else None
         result = {"buckets": summary.of_rows(_noting_groups(rows, groups, self.items),
