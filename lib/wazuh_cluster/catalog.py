@@ -307,7 +307,7 @@ class Catalog(object):
 
     def _store(self, changes):
         """One transaction: file rows, tombstones and pending rows of one pass."""
-        self._summaries.clear()
+        self._forget_summaries(changes)
         scanner = self.scanner
         rows = (scanner.row(name) for name in changes.changed + changes.touched
                 if name in scanner)
@@ -329,6 +329,18 @@ class Catalog(object):
                 agentlist.note_changed(self.db, self._agent_info_folder(), reread, gone)
             if keys in changes.changed:
                 agentlist.refresh_keys(self.db, os.path.join(self.home, keys))
+
+    def _forget_summaries(self, changes):
+        """Drop the cached summaries these changes make stale. A client's summary ("node")
+        covers agent-info files only: a client.keys append (once a second on a busy master)
+        or a shared file leaves the ten clients' summaries as they are."""
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        names = changes.changed + changes.touched + changes.deleted
+        if any(name.startswith(info) for name in names):
+            self._summaries.clear()
+        else:
+            self._summaries = dict((key, value) for key, value in self._summaries.items()
+                                   if json.loads(key).get("node") is not None)
 
     def _sent_by_us(self, name):
         item = self.scanner.item_of(name)

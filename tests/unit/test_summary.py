@@ -154,6 +154,27 @@ def test_a_client_summary_looks_at_that_clients_rows_only(home):  # noqa: F811
     assert sum(c for c, _ in _buckets_of(cat, {"source": "client"})) == 30 and len(seen) >= 30
 
 
+def test_a_client_summary_stays_cached_when_only_master_files_change(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "queue/agent-info/web01-any", "Linux web01")
+    write(home, "etc/shared/default/a.conf", "one")
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"]]})
+    client = cat.handle("summary", {"source": "client", "node": "c1"})
+    master = cat.handle("summary", {"source": "master"})
+    write(home, "etc/shared/default/a.conf", "two!")  # a shared file (or client.keys) changes
+    clock.t += 20
+    cat.tick(clock())
+    assert cat.handle("summary", {"source": "client", "node": "c1"}) is client
+    assert cat.handle("summary", {"source": "master"}) != master
+    write(home, "queue/agent-info/web01-any", "Linux web01 again", mtime_ns=None)
+    clock.t += 20
+    cat.tick(clock())
+    cat.tick(clock() + 700)  # the received items' full pass
+    assert cat.handle("summary", {"source": "client", "node": "c1"}) != client
+
+
 def test_summaries_are_cached_until_something_changes(home):  # noqa: F811
     clock = Clock()
     cat = make(home, clock=clock)
