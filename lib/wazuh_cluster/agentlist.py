@@ -159,15 +159,19 @@ def listing(db, keys_path, folder, now, record):
     are read, and record([(file name, node)]) called after the query (not to write under
     it)."""
     refresh_keys(db, keys_path)
-    folder = os.path.join(folder, "")
+    with compat.FolderLstat(folder) as in_folder:
+        return _listing(db, os.path.join(folder, ""), in_folder.lstat, now, record)
+
+
+def _listing(db, folder, lstat, now, record):
     nodes = _NodeJSON({None: "null"})
     never = u',"Never connected",%s,null]'
     row = u'%s,"%s",%s,%r]'
-    lstat, kind, regular = os.lstat, stat.S_IFMT(0o177777), stat.S_IFREG
+    kind, regular = stat.S_IFMT(0o177777), stat.S_IFREG
     learned, chunks, part, count = [], [], [], 0
     for prefix, name, known, file_node, sender in db.agent_listing():
         try:
-            st = lstat(folder + name)
+            st = lstat(name)
         except OSError:
             st = None
         if st is None or st.st_mode & kind != regular:  # not stat.S_ISREG: a call per agent

@@ -37,4 +37,13 @@ def decode(result, data):
         raise ProtocolError("the agent rows are not JSON")
     if not isinstance(rows, list):
         raise ProtocolError("the agent rows are not a list")
+    if all_rows(rows, len(COLUMNS)):
+        return rows
     return [row for row in rows if isinstance(row, list) and len(row) == len(COLUMNS)]
+
+
+def all_rows(rows, width):
+    """True when `rows` is a list of lists of `width` items each (checked in C: the map()
+    calls take no Python step per row, which a filter of 100 000 rows did, twice)."""
+    return isinstance(rows, list) and set(map(type, rows)) <= {list} and \
+        set(map(len, rows)) <= {width}

@@ -102,12 +102,19 @@ def table(headers, rows):
     Cells are escaped (cell_text) before the columns are measured, a column at a time
     (column_text).
     """
-    columns = [column_text(cells) for cells in zip(*rows)] or [([], 0) for _ in headers]
+    return column_table(headers, list(zip(*rows)))
+
+
+def column_table(headers, columns):
+    """table() of the cells given a column at a time (a listing's rows transposed once, in C,
+    instead of a tuple built per row)."""
+    columns = [column_text(cells) for cells in columns] or [([], 0) for _ in headers]
     widths = [max(len(h), width) for h, (_, width) in zip(headers, columns)]
-    # One %-format per line (cheaper than str.format): 100 000 agents in a tenth of a second.
+    # One %-format per line (cheaper than str.format), mapped in C: no Python step per row.
     line = u"  ".join(u"%%-%ds" % width for width in widths)
-    return [(line % tuple(headers)).rstrip()] + [(line % row).rstrip() for row in
-                                                 zip(*[cells for cells, _ in columns])]
+    rows = zip(*[cells for cells, _ in columns])
+    return [(line % tuple(headers)).rstrip()] + list(map(compat.text_type.rstrip,
+                                                         map(line.__mod__, rows)))
 
 
 def column_text(cells):
@@ -240,9 +247,12 @@ def shape_agents(result):
     # Rows (lists in agentrows.COLUMNS order) after the reply, or objects from older daemons.
     rows = result.get("agents")
     width = len(AGENT_KEYS)
-    values = [row if isinstance(row, list) else [row.get(k, d) for k, d in AGENT_KEYS]
-              for row in (rows if isinstance(rows, list) else [])
-              if isinstance(row, dict) or (isinstance(row, list) and len(row) == width)]
+    if agentrows.all_rows(rows, width):
+        values = rows  # agentrows.decode's rows: checked there, in C (no step per row here)
+    else:
+        values = [row if isinstance(row, list) else [row.get(k, d) for k, d in AGENT_KEYS]
+                  for row in (rows if isinstance(rows, list) else [])
+                  if isinstance(row, dict) or (isinstance(row, list) and len(row) == width)]
     sort_by_id(values)
     return {"agents": Rows(AGENT_KEYS, values)}
 
@@ -267,8 +277,9 @@ def sort_by_id(values):
 
 
 def text_agents(data):
-    return table(("ID", "IP", "Name", "Status", "Node name"),
-                 [(v[0], v[2], v[1], v[3], v[4]) for v in data["agents"].values])
+    columns = list(zip(*data["agents"].values))  # id, name, ip, status, node, keepalive
+    return column_table(("ID", "IP", "Name", "Status", "Node name"),
+                        [columns[k] for k in (0, 2, 1, 3, 4)] if columns else [])
 
 
 def shape_nodes(result):

@@ -86,3 +86,19 @@ def test_the_lease_clock_is_the_boot_time_clock_on_every_interpreter():
     first, monotonic = compat.boottime(), compat.monotonic()
     assert first >= monotonic - 0.5      # boot time = monotonic time + time suspended
     assert compat.boottime() >= first
+
+
+def test_folder_lstat_finds_names_in_its_folder_only(tmp_path):
+    folder, other = tmp_path / "agent-info", tmp_path / "elsewhere"
+    folder.mkdir()
+    other.mkdir()
+    (folder / "agent-1.2.3.4").write_bytes(b"x" * 7)
+    (other / "secret").write_bytes(b"")
+    with compat.FolderLstat(str(folder)) as in_folder:
+        assert in_folder.lstat(u"agent-1.2.3.4").st_size == 7
+        for name in (u"missing", str(other / "secret")):  # an absolute name stays inside
+            with pytest.raises(OSError):
+                in_folder.lstat(name)
+    with compat.FolderLstat(str(tmp_path / "gone")) as in_gone:
+        with pytest.raises(OSError):
+            in_gone.lstat(u"agent-1.2.3.4")

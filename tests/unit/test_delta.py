@@ -4,6 +4,8 @@ from __future__ import absolute_import, division, print_function
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 from test_receive import BASE_NS, ITEMS, EXCLUDE, home, log, outside, put  # noqa: F401
@@ -24,6 +26,7 @@ def keys(count, start=1):
 
 
 BIG = keys(3000)  # ~90 KB, over the default threshold
+WAIT = 30  # bound of every wait for another thread (never reached when the code is right)
 
 
 def line(i):
@@ -143,6 +146,78 @@ def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
     with open(path, "ab") as handle:
         handle.write(line(99999))
     assert store.read(path, read)[0] == BIG + line(99999) and len(reads) == 2
+
+
+def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
+    # Every session of a master read its own copy of client.keys after each append: memory
+    # grew with the clients. The second session waits for the first one's read.
+    path = str(tmp_path / "client.keys")
+    with open(path, "wb") as handle:
+        handle.write(BIG)
+    started, go, reads, results = threading.Event(), threading.Event(), [], []
+
+    def slow_read(p):
+        reads.append(p)
+        started.set()
+        go.wait(WAIT)
+        return read_stable(p)
+    store = versions.VersionStore(min_bytes=1000)
+    threads = [threading.Thread(target=lambda: results.append(store.read(path, slow_read)))
+               for _ in range(2)]
+    threads[0].start()
+    assert started.wait(WAIT)
+    threads[1].start()
+    deadline = time.time() + WAIT
+    while store.waiting < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    waited = store.waiting
+    go.set()
+    for thread in threads:
+        thread.join(WAIT)
+    assert waited == 1 and len(reads) == 1
+    assert [r[0] for r in results] == [BIG, BIG] and results[0][0] is results[1][0]
+
+
+def test_small_files_are_never_waited_for(tmp_path):
+    path = str(tmp_path / "small")
+    with open(path, "wb") as handle:
+        handle.write(b"x" * 10)
+    reads = []
+
+    def read(p):
+        reads.append(p)
+        return read_stable(p)
+    store = versions.VersionStore(min_bytes=1000)
+    assert store.read(path, read)[0] == store.read(path, read)[0] == b"x" * 10
+    assert len(reads) == 2
+
+
+def test_older_versions_are_links_and_a_delta_spans_several_changes(tmp_path):
+    # The store held every version's bytes (two 9.4 MB client.keys plus the one being read)
+    # and a client more than one append behind got the whole file.
+    path = str(tmp_path / "client.keys")
+    lines = [line(i) for i in range(3000)]
+    edits = [lambda: lines.append(line(5000)),                 # an agent appended
+             lambda: lines.__setitem__(2500, line(6000)),      # a key line edited
+             lambda: lines.pop(2600),                          # an agent removed
+             lambda: lines.append(line(5001)),
+             lambda: lines.__setitem__(2990, line(6001))]
+    store = versions.VersionStore(min_bytes=1000)
+    seen = []
+    for edit in [lambda: None] + edits:
+        edit()
+        with open(path, "wb") as handle:
+            handle.write(b"".join(lines))
+        os.utime(path, None)
+        seen.append(store.read(path, read_stable)[0])
+    newest = seen[-1]
+    assert store.bytes == len(newest)  # one version's bytes, whatever came before
+    for base in seen[:-1]:
+        made = store.delta(sha(base), sha(newest), newest)
+        assert made is not None and made.base_size == len(base)
+        assert delta.apply(base, made.head, made.tail, made.middle, len(newest)) == newest
+        assert len(made.middle) < len(newest) // 2
+    assert store.delta(sha(b"never seen"), sha(newest), newest) is None
 
 
 def test_a_delta_is_made_once_per_pair_and_needs_the_base():
