@@ -378,12 +378,12 @@ class Catalog(object):
             self.log.info("Role changed from %s to %s (failover).", self.role, role)
             self.role = role
             self._summaries = {}
+            # The items now sent were passed only every foreign_scan_interval: a full pass
+            # at the next tick (a new leader's client.keys edit waited up to scan_interval, an
+            # old master turned client did not see its own agents' rewrites), and they are
+            # polled like the master's from then on.
             self._own_items(role)
-            if self._last_full is not None:
-                # The items now sent were passed only every foreign_scan_interval: a full
-                # pass over them at the next tick, and polled like the master's from then on
-                # (a new leader's client.keys edit waited up to scan_interval before).
-                self._last_full = self._clock() - self.scan_interval
+            self._rescan = True
         return {"role": role}
 
     def _own_items(self, role):

@@ -455,6 +455,8 @@ def test_a_client_made_master_by_failover_polls_the_master_items_at_once(home):
     clock.t += 1
     assert cat.tick(clock.t)["changed"] == ["etc/client.keys"]   # polled like a master's
     cat.handle("set_role", {"role": "client"})
+    clock.t += 1
+    cat.tick(clock.t)           # the switch's own full pass
     write(home, "etc/shared/default/new", "n")
     write(home, "etc/client.keys", "001 web01 any k1\n")
     clock.t += 1
