@@ -155,6 +155,32 @@ def test_a_delta_is_made_once_per_pair_and_needs_the_base():
     assert made.middle == line(99999) and again is made and store.deltas_made == 1
 
 
+def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
+    # The master appends an agent a second; a client busy applying may hold a version several
+    # appends old. Each version read is kept as a prefix of the next, not as bytes.
+    path = str(tmp_path / "client.keys")
+    store = versions.VersionStore(min_bytes=1000, budget=2 * len(BIG) + 10000)
+    data, held = BIG, []
+    for i in range(6):
+        with open(path, "wb") as handle:
+            handle.write(data)
+        assert store.read(path, read_stable)[0] == data
+        held.append(sha(data))
+        data += line(90000 + i)
+    newest = data[:-len(line(90005))]
+    assert store.bytes == len(newest)  # one version in bytes, the others as its prefixes
+    assert store.get(held[0]) == BIG
+    made = store.delta(held[0], held[-1], newest)
+    assert made == delta.make(BIG, newest) and made.middle == newest[len(BIG):]
+    # A rewrite does not make the old versions its prefixes; they stay readable.
+    rewrite = keys(3000, start=5000)
+    with open(path, "wb") as handle:
+        handle.write(rewrite)
+    assert store.read(path, read_stable)[0] == rewrite
+    assert store.get(held[2]) == newest[:len(BIG) + 2 * len(line(0))]
+    assert store.delta(held[0], sha(rewrite), rewrite) is None  # not worth it
+
+
 # -- deltasend.PeerVersions ---------------------------------------------------------------------
 
 def test_the_sender_uses_only_what_the_peer_acknowledged(tmp_path):
