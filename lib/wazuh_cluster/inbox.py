@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import (agents, compat, deltarx, keepalive, localedits, logs, pathrules,
-                           protocol, receive, staterows, summary)
+from wazuh_cluster import (agents, compat, deltarx, keepalive, keyids, localedits, logs,
+                           pathrules, protocol, receive, staterows, summary)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -196,6 +196,7 @@ class Inbox(object):
         self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
                                        self.log)
         self.lock = threading.Lock()
+        self.known_ids = keyids.KnownIds()
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
@@ -367,6 +368,8 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
+                if appended:
+                    self.known_ids.written(written and tuple(written[1:5]))
                 if before is not None:
                     self.drop_agents(before, self.read_keys())
         stream_end(parsed)
@@ -439,8 +442,29 @@ class Inbox(object):
         leaves, and neither the guard nor the agent cleanup needs the text of either file
         (each read and decoded 9.4 MB, and compared them twice, on every client)."""
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
-        return bool(new) and agents.only_appended_new_ids(self.read_keys_data(),
-                                                          new[0].data.tobytes())
+        if not new:
+            return False
+        fingerprint, old = self.read_keys_stable()
+        return self.known_ids.only_appended(fingerprint, old, new[0].data.tobytes())
+
+    def read_keys_stable(self):
+        """(stat fingerprint as deltarx.written_row has it, or None when the file changed
+        while read or is gone; its bytes)."""
+        path = os.path.join(self.home, *self.keys_name.split("/"))
+        try:
+            before = os.lstat(path)
+        except OSError:
+            return None, b""
+        data = self.read_keys_data()
+        try:
+            after = os.lstat(path)
+        except OSError:
+            return None, data
+        fingerprint = (after.st_size, compat.stat_mtime_ns(after), after.st_ino,
+                       compat.stat_ctime_ns(after))
+        same = fingerprint == (before.st_size, compat.stat_mtime_ns(before), before.st_ino,
+                               compat.stat_ctime_ns(before)) and len(data) == after.st_size
+        return (fingerprint if same else None), data
 
     def guard_keys(self, incoming, deletes, appended=False):
         """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);

@@ -8,7 +8,7 @@ import os
 import pytest
 from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
 
-from wazuh_cluster import inbox, localsock, protocol, receive, staterows
+from wazuh_cluster import inbox, keyids, localsock, protocol, receive, staterows
 from wazuh_cluster.errors import RequestError
 
 
@@ -189,7 +189,7 @@ def test_a_client_takes_agents_appended_with_new_ids_without_the_guard(home):  #
     # both 9.4 MB files per append on every client. Appended new IDs remove no agent.
     box = inbox.Inbox.__new__(inbox.Inbox)
     box.home, box.keys_name = home, "etc/client.keys"
-    box.link = HeldLink()
+    box.link, box.known_ids = HeldLink(), keyids.KnownIds()
     old = b"".join(b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300))
     with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
         handle.write(old)
