@@ -368,6 +368,7 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
+                self.deltas.note_written(written)
                 if appended:
                     self.known_ids.written(written and tuple(written[1:5]))
                 if before is not None:
