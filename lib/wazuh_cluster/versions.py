@@ -11,9 +11,9 @@ its stat fingerprint, and ten sessions sending the same change read and hash the
 (9.4 MB: 70 ms of SHA-256 each on 2.7). A delta for a (base, new) pair is made once and shared
 (`delta()`), like compressed bodies (compresscache.py). Thread-safe.
 
-Appends. A version read after another of the same file that it starts with (client.keys
-grown by an agent) makes the older one a prefix of it: kept as (newer SHA-256, size), not as
-bytes, for up to PREFIXES_KEPT versions. Clients applying a change take a second or more
+Appends. A version read that starts with another version held in bytes (client.keys grown
+by an agent; whatever file it was read from, a prefix is a prefix) makes that one a prefix of
+it: kept as (newer SHA-256, size), not as bytes, for up to PREFIXES_KEPT versions. Clients applying a change take a second or more
 under load, while the master appends an agent a second: with only the last two versions in
 bytes, a client three appends behind got the whole 9.4 MB file, which took it longer still,
 and every client fell behind for good (most pushes of a 60 s churn at 10 clients went whole).
@@ -67,9 +67,9 @@ class VersionStore(object):
             return None if data is None else data[:size]
 
     def _grown(self, old_sha256, new_sha256, new):
-        """Version `new` was read after version `old_sha256` of the same file: when it
-        starts with it, the old version (and every prefix of it) becomes a prefix of the new
-        one, and its bytes go. Called with the lock held."""
+        """Version `new` was read: when it starts with the version `old_sha256` held in
+        bytes, that one (and every prefix of it) becomes a prefix of the new one, and its
+        bytes go. Called with the lock held."""
         old = self._versions.get(old_sha256)
         if old is None or len(old) >= len(new) or not new.startswith(old):
             return
@@ -114,9 +114,9 @@ class VersionStore(object):
                 return data, known[1], known[2]
         got = read_func(path)
         if got is not None and self.wanted(len(got[0])):
-            if known is not None and known[1] != got[1]:
-                with self._lock:  # before the put, which could evict the old version
-                    self._grown(known[1], got[1], got[0])
+            with self._lock:  # before the put, which could evict an old version
+                for old in [sha for sha in self._versions if sha != got[1]]:
+                    self._grown(old, got[1], got[0])
             self.put(got[1], got[0])
             try:
                 after = fingerprint(os.lstat(path))

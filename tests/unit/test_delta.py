@@ -172,6 +172,15 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     assert store.get(held[0]) == BIG
     made = store.delta(held[0], held[-1], newest)
     assert made == delta.make(BIG, newest) and made.middle == newest[len(BIG):]
+    # A version read while the file changed (not the newest known of its path) is linked too.
+    racy = newest + line(91000)
+    store.put(sha(racy), racy)
+    grown = racy + line(91001)
+    with open(path, "wb") as handle:
+        handle.write(grown)
+    assert store.read(path, read_stable)[0] == grown and store.bytes == len(grown)
+    assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
+    newest = grown
     # A rewrite does not make the old versions its prefixes; they stay readable.
     rewrite = keys(3000, start=5000)
     with open(path, "wb") as handle:
