@@ -118,7 +118,12 @@ def only_appended_new_ids(old_text, new_text):
     The common change (manage_agents -a appends an agent) then costs a scan of the text, not
     two parses of it: 100 000 lines took 0.6 s of CPU on 3.13 (1.2 s on 2.7) per parse, and
     a client parsed old and new twice for every agent added on the master.
+    Bytes (both) are compared as bytes first (_only_appended_bytes).
     """
+    if isinstance(old_text, compat.binary_type) and isinstance(new_text, compat.binary_type):
+        fast = _only_appended_bytes(old_text, new_text)
+        if fast is not None:
+            return fast
     old_text = compat.to_text(old_text, errors="replace")
     new_text = compat.to_text(new_text, errors="replace")
     if not new_text.startswith(old_text) or (old_text and not old_text.endswith(u"\n")):
@@ -132,6 +137,36 @@ def only_appended_new_ids(old_text, new_text):
     # 100 000 lines to an empty file, a catch-up thousands to a big one (each search scanned
     # it all: minutes of CPU on every client). Lines as parse_client_keys splits them.
     return not added or added.isdisjoint(_first_fields(old_text))
+
+
+def _only_appended_bytes(old, new):
+    """only_appended_new_ids of two byte strings without decoding 9.4 MB of client.keys
+    twice (a client checked each appended agent that way, with 10 clients on 2 cores): True
+    or False when the bytes decide, None when the text must (non-ASCII or many new IDs).
+
+    An ASCII ID is in the decoded text exactly where it is in the bytes (UTF-8 decoding with
+    replacement keeps every ASCII byte and makes none), and a line break of the bytes is one
+    of the text: a found ID is looked at in the lines around it only.
+    """
+    if not new.startswith(old) or (old and not old.endswith(b"\n")):
+        return False
+    added = _first_fields(compat.to_text(new[len(old):], errors="replace"))
+    if len(added) > FEW_APPENDED:
+        return None
+    for agent_id in added:
+        try:
+            needle = agent_id.encode("ascii")
+        except UnicodeError:
+            return None
+        at = old.find(needle)
+        while at >= 0:
+            start = old.rfind(b"\n", 0, at) + 1
+            end = old.find(b"\n", at)
+            lines = compat.to_text(old[start:len(old) if end < 0 else end], errors="replace")
+            if agent_id in _first_fields(lines):
+                return False
+            at = -1 if end < 0 else old.find(needle, end)
+    return True
 
 
 def _first_fields(text):

@@ -14,8 +14,8 @@ import posixpath
 import threading
 import time
 
-from wazuh_cluster import (agents, compat, deltarx, keepalive, localedits, logs, pathrules,
-                           protocol, receive, staterows, summary, text)
+from wazuh_cluster import (agents, compat, deltarx, keepalive, keyids, localedits, logs,
+                           pathrules, protocol, receive, staterows, summary, text)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -196,6 +196,7 @@ class Inbox(object):
         self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
                                        self.log)
         self.lock = threading.Lock()
+        self.known_ids = keyids.KnownIds()
         keys = [item for item in cfg.items if item.name == "client.keys"]
         self.keys_name = keys[0].path if keys else None
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
@@ -356,12 +357,14 @@ class Inbox(object):
         # other batches are applied alongside each other (the receiver claims names).
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
-            if self.guards_removals(peer, sender_role, incoming, deletes):
-                incoming, deletes, hold = self.guard_keys(incoming, deletes,
-                                                          (peer, args.get("term")))
+            guarded = self.guards_removals(peer, sender_role, incoming, deletes)
+            appended = guarded and self.only_appended(incoming)
+            if guarded:
+                incoming, deletes, hold = self.guard_keys(
+                    incoming, deletes, (peer, args.get("term")), appended)
             written = None
-            before = self.read_keys() if hold is None and self.touches_keys(incoming, deletes) \
-                else None
+            before = self.read_keys() if hold is None and not appended and \
+                self.touches_keys(incoming, deletes) else None
             edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
@@ -370,9 +373,13 @@ class Inbox(object):
             self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
-            if before is not None and states.get(self.keys_name) == "synchronized":
+            if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
-                self.drop_agents(before, self.read_keys())
+                self.deltas.note_written(written)
+                if appended:
+                    self.known_ids.written(written and tuple(written[1:5]))
+                if before is not None:
+                    self.drop_agents(before, self.read_keys())
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
@@ -453,19 +460,56 @@ class Inbox(object):
             self.log.debug("Could not tell the internal daemon about %s: %s", row[0], err)
 
     def read_keys(self):
+        return compat.to_text(self.read_keys_data(), errors="replace")
+
+    def read_keys_data(self):
         try:
             with open(os.path.join(self.home, *self.keys_name.split("/")), "rb") as handle:
-                return compat.to_text(handle.read(), errors="replace")
+                return handle.read()
         except (IOError, OSError):
-            return ""
+            return b""
 
-    def guard_keys(self, incoming, deletes, source=(None, None)):
+    def only_appended(self, incoming):
+        """True when the batch brings our client.keys with agents of new IDs appended (what
+        manage_agents -a does on the master, an agent a second on a busy one): then no agent
+        leaves, and neither the guard nor the agent cleanup needs the text of either file
+        (each read and decoded 9.4 MB, and compared them twice, on every client)."""
+        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
+        if not new:
+            return False
+        fingerprint, old = self.read_keys_stable()
+        return self.known_ids.only_appended(fingerprint, old, new[0].data.tobytes())
+
+    def read_keys_stable(self):
+        """(stat fingerprint as deltarx.written_row has it, or None when the file changed
+        while read or is gone; its bytes)."""
+        path = os.path.join(self.home, *self.keys_name.split("/"))
+        try:
+            before = os.lstat(path)
+        except OSError:
+            return None, b""
+        data = self.read_keys_data()
+        try:
+            after = os.lstat(path)
+        except OSError:
+            return None, data
+        fingerprint = (after.st_size, compat.stat_mtime_ns(after), after.st_ino,
+                       compat.stat_ctime_ns(after))
+        same = fingerprint == (before.st_size, compat.stat_mtime_ns(before), before.st_ino,
+                               compat.stat_ctime_ns(before)) and len(data) == after.st_size
+        return (fingerprint if same else None), data
+
+    def guard_keys(self, incoming, deletes, source=(None, None), appended=False):
         """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);
-        agents marked removed pass. `source`: (node, term) of the batch (term with failover)."""
+        agents marked removed pass, and agents `appended` with new IDs (only_appended).
+        `source`: (node, term) of the batch (term with failover)."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         if not new and self.keys_name not in deletes:
+            return incoming, deletes, None
+        if appended:
+            self.store_held(None)
             return incoming, deletes, None
         new_data = new[0].data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
         new_text = compat.to_text(new_data, errors="replace")

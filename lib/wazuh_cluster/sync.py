@@ -22,8 +22,8 @@ import math
 import os
 import threading
 
-from wazuh_cluster import (compat, delta, deltasend, logs, manifest, outbox, protocol,
-                           staterows, summary, versions)
+from wazuh_cluster import (compat, delta, deltasend, groupcommit, logs, manifest, outbox,
+                           protocol, staterows, summary, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -152,6 +152,8 @@ def extra_dirs(mine, theirs, items_by_name, my_groups=None):
 
 class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
+
+    state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
 
     def __init__(self, session, home, role, link, items, interval, push_delay, request_timeout,
                  clock=compat.monotonic, phase=0.0, store=None):
@@ -632,8 +634,8 @@ class PeerSync(object):
                 states.pop(name, None)
 
     def record(self, states):
-        for request in staterows.requests(staterows.rows(self.peer, states)):
-            self.link.call("set_states", request)
+        writer = self.state_writer or groupcommit.GroupCommit(self.link.call)
+        writer.write(staterows.rows(self.peer, states))
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
             self.log.warning("%d file(s) failed on %s (e.g. %s); retried at the next round.",
@@ -780,6 +782,7 @@ class SyncManager(object):
         self.leader = None
         self.sessions = {}   # failover: every live session by node name
         self.master_items = [item for item in cfg.items if item.source == "master"]
+        self.state_writer = groupcommit.GroupCommit(link.call)
 
     def worker_role(self, session):
         """The role this node sends to `session` in; None: no PeerSync (failover on)."""
@@ -848,6 +851,7 @@ class SyncManager(object):
             worker.summaries = bool(options.round_summaries)
             worker.failover = self.failover
             worker.pushed = self.pushed
+            worker.state_writer = self.state_writer
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
         if old is not None:

@@ -458,3 +458,27 @@ def test_appending_agents_with_new_ids_removes_none_without_a_full_parse(old, ne
     assert agents.removed_agents(old, new) == full
     if fast:
         assert full == [] and agents.RemovalGuard(0.5).check(old, new) == (True, "")
+
+
+@pytest.mark.parametrize("old,new,fast", [
+    (u"001 a any k\n", u"001 a any k\n002 b any k\n", True),
+    (u"001 a any 0002\n", u"001 a any 0002\n0002 b any k\n", True),   # digits in a key
+    (u"0002 a any k\n", u"0002 a any k\n0002 b any k\n", False),      # an ID reused
+    (u"001 a any k\n  0002 x any k\n", u"001 a any k\n  0002 x any k\n0002 b any k\n", False),
+    (u"001 a any k\x1c0002 x any k\n", u"001 a any k\x1c0002 x any k\n0002 b any k\n", False),
+    (u"001 a any k", u"001 a any k\n002 b any k\n", False),           # not whole lines
+])
+def test_bytes_are_decided_without_decoding_the_old_file(old, new, fast):
+    # A client checked each appended agent by decoding its 9.4 MB client.keys and the new one;
+    # an ID found in the bytes is looked at in its own lines only (\x1c breaks a line too).
+    old, new = old.encode("utf-8"), new.encode("utf-8")
+    assert agents._only_appended_bytes(old, new) is fast
+    assert agents.only_appended_new_ids(old, new) is fast
+    assert agents.only_appended_new_ids(old.decode("utf-8"), new.decode("utf-8")) is fast
+
+
+def test_bytes_of_non_ascii_ids_or_many_lines_are_left_to_the_text():
+    old = u"001 a any k\n".encode("utf-8")
+    assert agents._only_appended_bytes(old, old + u"\u0661 b any k\n".encode("utf-8")) is None
+    assert agents._only_appended_bytes(old, old + MANY.encode("utf-8")) is None
+    assert agents.only_appended_new_ids(old, old + MANY.encode("utf-8")) is True

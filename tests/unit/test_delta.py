@@ -230,6 +230,41 @@ def test_a_delta_is_made_once_per_pair_and_needs_the_base():
     assert made.middle == line(99999) and again is made and store.deltas_made == 1
 
 
+def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
+    # The master appends an agent a second; a client busy applying may hold a version several
+    # appends old. Each version read is kept as a prefix of the next, not as bytes.
+    path = str(tmp_path / "client.keys")
+    store = versions.VersionStore(min_bytes=1000, budget=2 * len(BIG) + 10000)
+    data, held = BIG, []
+    for i in range(6):
+        with open(path, "wb") as handle:
+            handle.write(data)
+        assert store.read(path, read_stable)[0] == data
+        held.append(sha(data))
+        data += line(90000 + i)
+    newest = data[:-len(line(90005))]
+    assert store.bytes == len(newest)  # one version in bytes, the others as its prefixes
+    assert store.get(held[0]) == BIG
+    made = store.delta(held[0], held[-1], newest)
+    assert made == delta.make(BIG, newest) and made.middle == newest[len(BIG):]
+    # A version read while the file changed (not the newest known of its path) is linked too.
+    racy = newest + line(91000)
+    store.put(sha(racy), racy)
+    grown = racy + line(91001)
+    with open(path, "wb") as handle:
+        handle.write(grown)
+    assert store.read(path, read_stable)[0] == grown and store.bytes == len(grown)
+    assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
+    newest = grown
+    # A rewrite does not make the old versions its prefixes; they stay readable.
+    rewrite = keys(3000, start=5000)
+    with open(path, "wb") as handle:
+        handle.write(rewrite)
+    assert store.read(path, read_stable)[0] == rewrite
+    assert store.get(held[2]) == newest[:len(BIG) + 2 * len(line(0))]
+    assert store.delta(held[0], sha(rewrite), rewrite) is None  # not worth it
+
+
 # -- deltasend.PeerVersions ---------------------------------------------------------------------
 
 def test_the_sender_uses_only_what_the_peer_acknowledged(tmp_path):
@@ -280,6 +315,25 @@ def test_a_delta_becomes_a_whole_file_after_the_batch_files(home, log):  # noqa:
     assert refused == [] and "deltas" not in header
     assert [f["name"] for f in header["files"]] == [other[0], KEYS]
     assert data == b"conf" + new and header["files"][1]["size"] == len(new)
+
+
+def test_the_base_we_wrote_is_not_hashed_again_while_its_fingerprint_holds(home,  # noqa
+                                                                           log):  # noqa
+    # Each append made every client hash its 9.4 MB client.keys before applying the delta.
+    # Shown with a recorded checksum that is not the file's: trusted only while the file's
+    # stat is the one recorded with it.
+    put(home, KEYS, BIG)
+    rx = expander(home, log)
+    recorded = sha(b"what we recorded")
+    rx.note_written(deltarx.written_row(home, KEYS, recorded))
+    new = BIG + line(99999)
+    header, data = batch_for(BIG, new)
+    header["deltas"][0]["base_sha256"] = recorded
+    assert rx.expand(header, data, "master", "master-1")[2] == []
+    os.utime(os.path.join(home, *KEYS.split("/")), None)  # the ctime moves: hashed again
+    header, data = batch_for(BIG, new)
+    header["deltas"][0]["base_sha256"] = recorded
+    assert rx.expand(header, data, "master", "master-1")[2] == [KEYS]
 
 
 def test_a_compressed_batch_is_expanded_too(home, log):  # noqa: F811

@@ -8,7 +8,7 @@ import os
 import pytest
 from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
 
-from wazuh_cluster import inbox, localsock, protocol, staterows
+from wazuh_cluster import inbox, keyids, localsock, protocol, receive, staterows
 from wazuh_cluster.errors import RequestError
 
 
@@ -182,3 +182,36 @@ def test_a_compressed_batch_whose_sizes_lie_is_a_bad_request(home, log, case):
         master_rx(home, log).apply_batch(incoming, deletes, dirs, sender_role="client")
         inbox.stream_end(incoming)
     assert info.value.code == "bad_request" and "sizes" in info.value.message
+
+
+def test_a_client_takes_agents_appended_with_new_ids_without_the_guard(home):  # noqa: F811
+    # An agent a second on a busy master: the guard and the agent cleanup read and decoded
+    # both 9.4 MB files per append on every client. Appended new IDs remove no agent.
+    box = inbox.Inbox.__new__(inbox.Inbox)
+    box.home, box.keys_name = home, "etc/client.keys"
+    box.link, box.known_ids = HeldLink(), keyids.KnownIds()
+    old = b"".join(b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300))
+    with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
+        handle.write(old)
+
+    def incoming(data):
+        return [receive.Incoming("etc/client.keys", memoryview(data),
+                                 hashlib.sha256(data).hexdigest(), BASE_NS)]
+    appended = incoming(old + b"300 agent300 any %064x\n" % 300)
+    assert box.only_appended(appended)
+    assert box.guard_keys(appended, [], appended=True) == (appended, [], None)
+    assert box.link.calls == [("meta_get", {"key": inbox.HELD_KEY})]  # nothing held: kept so
+    for data in (old + b"299 other any k\n", old[:-10], b""):           # reused ID, cut, empty
+        assert not box.only_appended(incoming(data))
+
+
+class HeldLink(object):
+    """The internal daemon's meta store of the held client.keys change (nothing held)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call(self, cmd, args):
+        self.calls.append((cmd, args))
+        assert cmd == "meta_get"
+        return {"value": None}
