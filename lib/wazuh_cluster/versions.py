@@ -130,9 +130,16 @@ class VersionStore(object):
         if got is not None and self.wanted(len(got[0])):
             with self._lock:
                 before = self._latest.get(path)
+                # Versions held in bytes that this one starts with (one read while the file
+                # grew, or put by a receiver) are older states of the same file: linked too.
+                older = set(sha for sha, data in self._versions.items()
+                            if len(data) < len(got[0]) and got[0].startswith(data))
+            if before is not None:
+                older.add(before[1])
+            older.discard(got[1])
             self.put(got[1], got[0])
-            if before is not None and before[1] != got[1]:
-                self._link(before[1], got[1], got[0])
+            for sha in older:
+                self._link(sha, got[1], got[0])
             try:
                 after = fingerprint(os.lstat(path))
             except OSError:

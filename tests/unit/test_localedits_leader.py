@@ -70,8 +70,8 @@ class Session(object):
 
 
 class Acting(object):
-    def new_version(self):
-        return [4, 2]
+    def acting_term(self):
+        return 4
 
 
 def test_a_master_tells_what_its_peer_applied_of_each_stamped_batch():
@@ -87,7 +87,7 @@ def test_a_master_tells_what_its_peer_applied_of_each_stamped_batch():
     batch.meta.append({"name": "queue/agent-groups/001", "sha256": sha(b"g"), "mtime_ns": 10})
     batch.delete.append("etc/shared/gone")
     states = worker.call_files(batch)
-    assert session.headers[0]["version"] == [4, 2]
+    assert session.headers[0]["term"] == 4
     assert told == [([(CONF, sha(b"c")), ("etc/client.keys", sha(b"k")),
                       ("queue/agent-groups/001", sha(b"g")), ("etc/shared/gone", None)],
                      states)]

@@ -69,6 +69,7 @@ def manager(role, leader, progress):
     found.peers, found.sessions = {}, {}
     found.role, found.leader = role, leader
     found.failover = object()   # failover on; a PeerSync here never runs (start() below)
+    found.pushed = found.state_writer = None
     return found
 
 
