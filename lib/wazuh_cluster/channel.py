@@ -667,7 +667,18 @@ class SecureChannel(object):
             else:
                 head = FRAME_HEADER.size
                 self._recv_into(view[:head], deadline_end)
-                admit(length, self.codec.peek(view[:head].tobytes()))
+                try:
+                    admit(length, self.codec.peek(view[:head].tobytes()))
+                except ChannelClosed:
+                    raise
+                except ProtocolError:
+                    # The refusal rests on a header not authenticated yet: a reordered or
+                    # tampered frame decrypts to any type, and must be reported as failing
+                    # authentication, not as what its garbled header seemed to say. Its
+                    # buffer is already there (at most max_frame_bytes).
+                    self._recv_into(view[head:], compat.monotonic() + self.io_timeout)
+                    self.codec.open(bytes(prefix), view.tobytes())
+                    raise
                 self._recv_into(view[head:], compat.monotonic() + self.io_timeout)
             frame = self.codec.open(bytes(prefix), view.tobytes())
             if admit is not None and len(self._buf) > _SMALL_BUFFER:

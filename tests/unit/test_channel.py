@@ -757,3 +757,24 @@ def test_peek_reads_a_frames_header_before_it_is_authenticated():
         wire = sender.seal(3, 0x05, 1000 + i, b"x" * i)
         assert receiver.peek(wire[4:10]) == (3, 0x05, 1000 + i)
         assert receiver.open_frame(wire)[:3] == (3, 0x05, 1000 + i)
+
+
+@pytest.mark.parametrize("seen_as, size", [(protocol.FILE_CHUNK, 100),   # no open message
+                                           (protocol.KEEPALIVE, 200000)])  # a big control frame
+def test_a_refusal_read_from_a_garbled_header_is_reported_as_failed_authentication(seen_as, size):
+    """A reordered or tampered frame's header decrypts to anything: the session must not log
+    what the garbled header seemed to say (seen once in CI: a reordered request closed the
+    session as "chunk for no open message"), but that the frame failed authentication."""
+    cc, sc = channel_pair()
+    b = Session(sc, {}, 5.0, address=("127.0.0.1", 2)).start()
+    try:
+        wire = bytearray(cc.codec.seal(protocol.REQUEST, 0, 1, protocol.encode_body(
+            {"cmd": "echo", "args": {}}, b"x" * size)))
+        wire[4] ^= protocol.REQUEST ^ seen_as          # the header now peeks as `seen_as`
+        assert sc.codec.peek(bytes(wire[4:10]))[0] == seen_as
+        cc.sock.sendall(bytes(wire))
+        assert wait_for(lambda: b.closed)
+        assert "failed authentication" in b.close_reason, b.close_reason
+    finally:
+        b.close()
+        cc.close()
