@@ -493,10 +493,8 @@ class Inbox(object):
             after = os.lstat(path)
         except OSError:
             return None, data
-        fingerprint = (after.st_size, compat.stat_mtime_ns(after), after.st_ino,
-                       compat.stat_ctime_ns(after))
-        same = fingerprint == (before.st_size, compat.stat_mtime_ns(before), before.st_ino,
-                               compat.stat_ctime_ns(before)) and len(data) == after.st_size
+        fingerprint = deltarx.fingerprint(after)
+        same = fingerprint == deltarx.fingerprint(before) and len(data) == after.st_size
         return (fingerprint if same else None), data
 
     def guard_keys(self, incoming, deletes, source=(None, None), appended=False):
