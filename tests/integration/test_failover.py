@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from failover_log import Recorder, check
 from harness import (base_install, kill, make_node, python, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_sync import FAST, KEYS, MASTER_ITEMS, configure_cluster, put, tree
@@ -97,19 +98,23 @@ def test_the_preferred_master_is_elected_and_every_node_keeps_a_session_to_every
 def test_leader_killed_another_node_acts_and_its_client_keys_reach_the_third(
         failover_cluster):
     master, client1, client2 = failover_cluster
-    kill_node(master)
-    wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
-         "a client elected acting master")
-    leader, other = (client1, client2) if "acting master in term" in client1.log() \
-        else (client2, client1)
-    put(leader, "etc/client.keys", KEYS + u"004 new01 any 4444\n")
-    wait(failover_cluster, lambda: same_tree([leader, other], ("etc/client.keys",)),
-         "the new acting master's client.keys on the other client")
+    with Recorder(failover_cluster) as recorder:
+        kill_node(master)
+        recorder.mark(master, "killed")
+        wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
+             "a client elected acting master")
+        leader, other = (client1, client2) if "acting master in term" in client1.log() \
+            else (client2, client1)
+        recorder.change(leader, "etc/client.keys", KEYS + u"004 new01 any 4444\n")
+        wait(failover_cluster, lambda: same_tree([leader, other], ("etc/client.keys",)),
+             "the new acting master's client.keys on the other client")
 
-    def cluster_view():   # cluster-wide views come from the acting master now
-        result = other.cluster_control("-n")
-        return result.rc == 0 and leader.name in result.out and "master" in result.out
-    wait(failover_cluster, cluster_view, "cluster_control -n answered through %s" % leader.name)
+        def cluster_view():   # cluster-wide views come from the acting master now
+            result = other.cluster_control("-n")
+            return result.rc == 0 and leader.name in result.out and "master" in result.out
+        wait(failover_cluster, cluster_view,
+             "cluster_control -n answered through %s" % leader.name)
+        check(recorder)
 
 
 def test_the_leader_stopped_cleanly_hands_over_at_once(make_node):
@@ -147,23 +152,27 @@ def last_version(node):
 
 def test_the_preferred_master_restarted_catches_up_then_takes_the_role_back(failover_cluster):
     master, client1, client2 = failover_cluster
-    kill_node(master)
-    wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
-         "a client elected acting master")
-    leader = client1 if "acting master in term" in client1.log() else client2
-    put(leader, "etc/client.keys", KEYS + u"005 during01 any 5555\n")
-    wait(failover_cluster, lambda: same_tree([client1, client2]), "the clients converged")
-    before = master.log()
-    master.start()
-    # it follows first and receives what changed meanwhile, then leads again (failback)
-    wait(failover_cluster, lambda: re.search(r"acting master in term \d+",
-                                             master.log()[len(before):]),
-         "the preferred master acting again")
-    assert "005 during01" in read(master, "etc/client.keys")
-    wait(failover_cluster, lambda: "handing the master role back to master" in leader.log(),
-         "the acting master handing over")
-    put(master, "etc/shared/default/agent.conf", u"<agent_config><back/></agent_config>\n")
-    wait(failover_cluster, lambda: same_tree(failover_cluster), "every node like the master")
+    with Recorder(failover_cluster) as recorder:
+        kill_node(master)
+        recorder.mark(master, "killed")
+        wait(failover_cluster, lambda: "acting master in term" in client1.log() + client2.log(),
+             "a client elected acting master")
+        leader = client1 if "acting master in term" in client1.log() else client2
+        recorder.change(leader, "etc/client.keys", KEYS + u"005 during01 any 5555\n")
+        wait(failover_cluster, lambda: same_tree([client1, client2]), "the clients converged")
+        before = master.log()
+        master.start()
+        # it follows first and receives what changed meanwhile, then leads again (failback)
+        wait(failover_cluster, lambda: re.search(r"acting master in term \d+",
+                                                 master.log()[len(before):]),
+             "the preferred master acting again")
+        assert "005 during01" in read(master, "etc/client.keys")
+        wait(failover_cluster, lambda: "handing the master role back to master" in leader.log(),
+             "the acting master handing over")
+        recorder.change(master, "etc/shared/default/agent.conf",
+                        u"<agent_config><back/></agent_config>\n")
+        wait(failover_cluster, lambda: same_tree(failover_cluster), "every node like the master")
+        check(recorder)
 
 
 def test_a_node_back_after_a_while_gets_its_sessions_at_once_and_a_failover_needs_them(
