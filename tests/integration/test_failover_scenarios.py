@@ -53,24 +53,27 @@ def test_leader_killed_again_and_again(make_node):
     acting(nodes, nodes[0])
     wait(nodes, lambda: same_tree(nodes), "clients identical to the master")
     times = []
-    for trial in range(TRIALS):
-        leader = acting_node(nodes, nodes)
-        live = [n for n in nodes if n is not leader]
-        terms = dict((n.name, n.log().count("acting master in term")) for n in live)
-        kill_node(leader)
-        started = time.time()
-        wait(nodes, lambda: any(n.log().count("acting master in term") > terms[n.name]
-                                for n in live), "trial %d: a new acting master" % trial)
-        new = [n for n in live if n.log().count("acting master in term") > terms[n.name]][0]
-        put(new, "etc/client.keys", KEYS + u"%03d trial%d any %d\n" % (100 + trial, trial,
-                                                                       trial))
-        wait(nodes, lambda: same_tree(live, ("etc/client.keys",)),
-             "trial %d: the change on every live node" % trial)
-        times.append(time.time() - started)
-        leader.start()
-        wait(nodes, lambda: same_tree(nodes, ("etc/client.keys",)),
-             "trial %d: the restarted node caught up" % trial)
-        assert not logged(leader, r"Traceback")
+    with Recorder(nodes) as recorder:
+        for trial in range(TRIALS):
+            leader = acting_node(nodes, nodes)
+            live = [n for n in nodes if n is not leader]
+            terms = dict((n.name, n.log().count("acting master in term")) for n in live)
+            kill_node(leader)
+            recorder.mark(leader, "killed")
+            started = time.time()
+            wait(nodes, lambda: any(n.log().count("acting master in term") > terms[n.name]
+                                    for n in live), "trial %d: a new acting master" % trial)
+            new = [n for n in live if n.log().count("acting master in term") > terms[n.name]][0]
+            recorder.change(new, "etc/client.keys", KEYS + u"%03d trial%d any %d\n" % (
+                100 + trial, trial, trial))
+            wait(nodes, lambda: same_tree(live, ("etc/client.keys",)),
+                 "trial %d: the change on every live node" % trial)
+            times.append(time.time() - started)
+            leader.start()
+            wait(nodes, lambda: same_tree(nodes, ("etc/client.keys",)),
+                 "trial %d: the restarted node caught up" % trial)
+            assert not logged(leader, r"Traceback")
+        check(recorder)
     times.sort()
     print("failover time over %d trials: p50 %.2f s, max %.2f s (failover_timeout %s s)"
           % (len(times), times[len(times) // 2], times[-1], FAILOVER["cluster.failover_timeout"]))
@@ -81,7 +84,7 @@ def test_five_nodes_split_two_three_with_the_old_master_in_the_minority(make_nod
     with partitioned_cluster(make_node, names) as (network, nodes, recorder):
         master, client1 = nodes[0], nodes[1]
         leader, majority = isolate_the_leader(network, nodes, recorder, [1, 2], edit_at_cut=True)
-        put(leader, "etc/client.keys", KEYS + u"004 split01 any 4444\n")
+        recorder.change(leader, "etc/client.keys", KEYS + u"004 split01 any 4444\n")
         wait(nodes, lambda: same(majority), "the new leader's change on the majority side")
         # the minority (2 of 5) elects nobody and receives nothing
         assert not recorder.of("elected", client1), recorder.dump()
@@ -130,7 +133,7 @@ def test_each_node_restarted_in_turn_keeps_its_term(make_node):
             leader = wait(nodes, lambda: acting_now(recorder, nodes), "an acting master")
             wait(nodes, lambda: same_tree(nodes, ("etc/client.keys",)), "identical before")
             line = KEYS + u"%03d restart%d any %d\n" % (200 + trial, trial, trial)
-            put(leader, "etc/client.keys", line)
+            recorder.change(leader, "etc/client.keys", line)
             wait(nodes, lambda: all(read(n, "etc/client.keys") == line for n in nodes),
                  "restart %d: the change of %s on every node" % (trial, leader.name))
         assert not any(logged(n, r"Traceback") for n in nodes)
@@ -145,10 +148,11 @@ def seeded(name):
     return random.Random(seed)
 
 
-def change_everywhere(nodes, leader, line, what):
-    """A client.keys line added on the acting `leader` reaches every node of `nodes`."""
+def change_everywhere(recorder, nodes, leader, line, what):
+    """A client.keys line added on the acting `leader` (recorded) reaches every node of
+    `nodes`."""
     data = KEYS + line
-    put(leader, "etc/client.keys", data)
+    recorder.change(leader, "etc/client.keys", data)
     wait(nodes, lambda: all(read(n, "etc/client.keys") == data for n in nodes),
          "%s: the change of %s on every node" % (what, leader.name))
 
@@ -169,7 +173,7 @@ def test_the_leaders_link_flapping(make_node):
             network.link(host, up=True)
             time.sleep(rng.uniform(0.1, 1.5 * T))
         leader = wait(nodes, lambda: acting_now(recorder, nodes), "an acting master at last")
-        change_everywhere(nodes, leader, u"005 flap01 any 5555\n", "after the last heal")
+        change_everywhere(recorder, nodes, leader, u"005 flap01 any 5555\n", "after the last heal")
         assert not any(logged(n, r"Traceback") for n in nodes)
         check(recorder)
 
@@ -198,7 +202,7 @@ def test_simultaneous_candidates_in_five_nodes(make_node):
                 recorder.mark(node, "killed")
             live = [n for n in nodes if n not in dead]
             leader = wait(nodes, lambda: acting_now(recorder, live), "one acting master")
-            change_everywhere(live, leader, u"007 simul%d any 7777\n" % trial,
+            change_everywhere(recorder, live, leader, u"007 simul%d any 7777\n" % trial,
                               "trial %d" % trial)
             assert not any(logged(n, r"Traceback") for n in live)
             intervals = check(recorder)
@@ -209,23 +213,33 @@ def test_simultaneous_candidates_in_five_nodes(make_node):
             node.stop()
 
 
-def faketime_env(stamp):
+# time.sleep of Python 3.11+ under libfaketime 0.9.10 (faketime_sleep/sitecustomize.py says why)
+SLEEP_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faketime_sleep")
+
+
+def faketime_env(stamp, shim=False):
     """The environment of a node whose wall clock follows the offset in file `stamp`
-    (libfaketime); its monotonic and boot-time clocks stay true (DONT_FAKE_MONOTONIC)."""
-    return dict(BARE_ENV, LD_PRELOAD=FAKETIME[0], FAKETIME_TIMESTAMP_FILE=stamp,
-                FAKETIME_CACHE_DURATION="1", DONT_FAKE_MONOTONIC="1")
+    (libfaketime); its monotonic and boot-time clocks stay true (DONT_FAKE_MONOTONIC).
+    `shim`: time.sleep with a relative timeout, as before Python 3.11."""
+    env = dict(BARE_ENV, LD_PRELOAD=FAKETIME[0], FAKETIME_TIMESTAMP_FILE=stamp,
+               FAKETIME_CACHE_DURATION="1", DONT_FAKE_MONOTONIC="1")
+    if shim:
+        env["PYTHONPATH"] = SLEEP_SHIM
+    return env
 
 
-def faketime_unusable(interpreter, stamp):
-    """Why libfaketime cannot run this interpreter (None when it can)."""
+def faketime_usable(interpreter, stamp):
+    """(environment of a node under libfaketime, None), or (None, why it cannot run)."""
     if not FAKETIME:
-        return "libfaketime.so.1 not installed (apt package faketime; .ci/run installs it)"
-    probe = run([interpreter, "-c", "import time; time.sleep(0.01); print(int(time.time()))"],
-                env=faketime_env(stamp))
-    if probe.rc != 0:
-        return ("libfaketime with DONT_FAKE_MONOTONIC breaks this interpreter's time.sleep "
-                "(%s)" % probe.err.strip().splitlines()[-1:])
-    return None
+        return None, "libfaketime.so.1 not installed (apt package faketime; .ci/run installs it)"
+    probe = "import threading, time; time.sleep(0.01); threading.Event().wait(0.01)"
+    for shim in (False, True):
+        env = faketime_env(stamp, shim)
+        result = run([interpreter, "-c", probe], env=env)
+        if result.rc == 0:
+            return env, None
+    return None, ("libfaketime with DONT_FAKE_MONOTONIC breaks this interpreter's sleeps, "
+                  "even with time.sleep on select() (%s)" % result.err.strip().splitlines()[-1:])
 
 
 def set_offset(stamp, offset):
@@ -244,7 +258,7 @@ def test_the_wall_clock_of_one_node_jumps_by_hours(make_node, python, jumped):
     node = nodes[0] if jumped == "leader" else nodes[1]
     stamp = node.path("faketime")
     set_offset(stamp, "+0")
-    reason = faketime_unusable(python, stamp)
+    env, reason = faketime_usable(python, stamp)
     if reason:
         pytest.skip(reason)
     for each in nodes:
@@ -253,7 +267,7 @@ def test_the_wall_clock_of_one_node_jumps_by_hours(make_node, python, jumped):
     with Recorder(nodes) as recorder:
         for each in nodes:
             if each is node:
-                result = each.control("start", env=faketime_env(stamp))
+                result = each.control("start", env=env)
                 assert result.rc == 0, each.explain("start under libfaketime failed", result)
                 each.wait_running()
             else:
@@ -264,7 +278,7 @@ def test_the_wall_clock_of_one_node_jumps_by_hours(make_node, python, jumped):
         for step, offset in enumerate(("+3h", "-2h")):
             set_offset(stamp, offset)
             time.sleep(2 * T)   # several leases long: a lease read off the wall would end
-            change_everywhere(nodes, nodes[0], u"%03d jump%d any 8888\n" % (8 + step, step),
+            change_everywhere(recorder, nodes, nodes[0], u"%03d jump%d any 8888\n" % (8 + step, step),
                               "wall clock at %s on %s" % (offset, node.name))
         assert len(recorder.of("elected")) == elections, recorder.dump()
         assert not recorder.of("stopped"), recorder.dump()
@@ -272,6 +286,6 @@ def test_the_wall_clock_of_one_node_jumps_by_hours(make_node, python, jumped):
         recorder.mark(nodes[0], "killed")
         live = nodes[1:]
         leader = wait(nodes, lambda: acting_now(recorder, live), "a new acting master")
-        change_everywhere(live, leader, u"010 after any 1010\n", "after the failover")
+        change_everywhere(recorder, live, leader, u"010 after any 1010\n", "after the failover")
         assert not any(logged(n, r"Traceback") for n in live)
         check(recorder)
