@@ -170,13 +170,23 @@ class Recorder(object):
                              ["change %r" % c for c in self.changes])
 
 
-def view(node):
-    """The failover part of `cluster_control -j -i` on `node`, {} when it does not answer."""
-    result = node.cluster_control("-j", "-i")
-    try:
-        return json.loads(result.out).get("failover") or {} if result.rc == 0 else {}
-    except ValueError:
-        return {}
+def view(node, tries=3):
+    """The failover part of `cluster_control -j -i` on `node`; {"error": why} when it does not
+    answer `tries` times (the change then counts as no leader's)."""
+    why = None
+    # a node in a network namespace (test_netns) finds its own address only in there
+    space = getattr(node, "space", None)
+    prefix = ("ip", "netns", "exec", space) if space else ()
+    for _ in range(tries):
+        result = node.cluster_control("-j", "-i", argv_prefix=prefix)
+        try:
+            found = json.loads(result.out).get("failover") if result.rc == 0 else None
+        except (ValueError, AttributeError):
+            found = None
+        if isinstance(found, dict):
+            return found
+        why = "rc %s: %s" % (result.rc, (result.err or result.out).strip()[-200:])
+    return {"error": why}
 
 
 def acts(status):
