@@ -56,7 +56,7 @@ class _Sender(object):
         self.session = session
         self.queue = collections.deque(maxlen=SEND_QUEUE)
         self.busy = False
-        self.cond = threading.Condition()
+        self.cond = compat.Condition()   # 2.7: an idle sender must not poll
         self.thread = threading.Thread(target=self._run, name="election-%s" % session.peer_name)
         self.thread.daemon = True
         self.thread.start()

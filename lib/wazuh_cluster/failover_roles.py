@@ -12,7 +12,7 @@ from __future__ import absolute_import, division, print_function
 
 import threading
 
-from wazuh_cluster import logs
+from wazuh_cluster import compat, logs
 from wazuh_cluster.errors import RequestError
 
 RETRY = 1.0
@@ -30,7 +30,7 @@ class RoleSwitch(object):
         self.sync = sync
         self.log = logs.get("failover")
         self.once = logs.OnceLog(self.log)
-        self.cond = threading.Condition()
+        self.cond = compat.Condition()   # 2.7: the idle switch must not poll
         self.poked = False
         self.applied = None         # (acting, leader name) the data plane was set for
         self.stopped = False
