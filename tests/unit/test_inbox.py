@@ -190,6 +190,7 @@ def test_a_client_takes_agents_appended_with_new_ids_without_the_guard(home):  #
     box = inbox.Inbox.__new__(inbox.Inbox)
     box.home, box.keys_name = home, "etc/client.keys"
     box.link, box.known_ids = HeldLink(), keyids.KnownIds()
+    box.urgent = box.link
     old = b"".join(b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300))
     with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
         handle.write(old)
