@@ -158,6 +158,7 @@ class PeerSync(object):
 
     state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
     urgent_link = None   # InternalLink.urgent() (SyncManager): a small push's manifest
+    urgent_writer = None  # GroupCommit on it (SyncManager): a small push's states
 
     def __init__(self, session, home, role, link, items, interval, push_delay, request_timeout,
                  clock=compat.monotonic, phase=0.0, store=None):
@@ -512,7 +513,7 @@ class PeerSync(object):
         manifested = self.clock()
         states = self.send(mine, send_data, send_meta, delete, dirs)
         sent = self.clock()
-        self.record(states)
+        self.record(states, urgent=len(states) <= URGENT_NAMES)
         self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted in %.3f s (manifest "
                        "%.3f s, transfer %.3f s, states %.3f s).", self.peer, len(send_data),
                        len(send_meta), len(delete) + len(dirs), self.clock() - started,
@@ -640,8 +641,11 @@ class PeerSync(object):
             if name not in pending:
                 states.pop(name, None)
 
-    def record(self, states):
-        writer = self.state_writer or groupcommit.GroupCommit(self.link.call)
+    def record(self, states, urgent=False):
+        """Write the states rows, a small push's on the urgent link (the next push waits for
+        them). This thread writes one job's rows at a time: a peer's rows keep their order."""
+        writer = (urgent and self.urgent_writer) or self.state_writer or \
+            groupcommit.GroupCommit(self.link.call)
         writer.write(staterows.rows(self.peer, states))
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
@@ -774,6 +778,7 @@ class SyncManager(object):
     failover = None
     pushed = None   # failover: localedits.LocalEdits.pushed, for the PeerSyncs of a master
     urgent_link = None  # the link's urgent() connection, for the PeerSyncs' small pushes
+    urgent_writer = None
 
     def __init__(self, cfg, layout, link):
         self.cfg = cfg
@@ -792,6 +797,7 @@ class SyncManager(object):
         self.master_items = [item for item in cfg.items if item.source == "master"]
         self.state_writer = groupcommit.GroupCommit(link.call)
         self.urgent_link = link.urgent()
+        self.urgent_writer = groupcommit.GroupCommit(self.urgent_link.call)
 
     def worker_role(self, session):
         """The role this node sends to `session` in; None: no PeerSync (failover on)."""
@@ -862,6 +868,7 @@ class SyncManager(object):
             worker.pushed = self.pushed
             worker.state_writer = self.state_writer
             worker.urgent_link = self.urgent_link
+            worker.urgent_writer = self.urgent_writer
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
         if old is not None:
