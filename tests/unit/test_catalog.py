@@ -339,7 +339,8 @@ def test_client_keys_is_parsed_once_per_change(home):
     write(home, "etc/client.keys", "001 web01 any k1\n")
     cat = make(home)
     cat.tick(0.0)
-    assert not agentlist.refresh_keys(cat.db, keys)  # the scan that saw it parsed it
+    cat.tick(1.0)
+    assert not agentlist.refresh_keys(cat.db, keys)  # the tick after the scan parsed it
     assert [a["name"] for a in listed_agents(cat)] == ["web01"]
     assert not agentlist.refresh_keys(cat.db, keys)
     # Changed and not scanned yet: the listing itself sees the new fingerprint.
@@ -350,6 +351,23 @@ def test_client_keys_is_parsed_once_per_change(home):
     assert listed_agents(cat) == []
 
 
+def test_client_keys_is_parsed_after_the_tick_that_announces_it(home):
+    """At most every scan_interval, never in the tick whose event sends an append to the
+    clients (issue 11: append latency; an append a second had every node parse it at once)."""
+    keys = os.path.join(home, "etc/client.keys")
+    parsed = lambda: cat.db.agent_keys_source() == agentlist.keys_fingerprint(keys)
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    assert cat.tick(0.0)["changed"] == ["etc/client.keys"] and not parsed()
+    assert cat.tick(1.0) is None and parsed()
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n")
+    assert cat.tick(2.0)["changed"] == ["etc/client.keys"] and not parsed()
+    assert cat.tick(3.0) is None and not parsed()      # parsed 2 s ago: not yet
+    assert cat.tick(11.0) is None and parsed()
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    assert [a["name"] for a in listed_agents(cat)] == ["web01"]   # a listing is exact
+
+
 def test_client_keys_grown_by_lines_adds_only_their_rows(home):
     # Under churn an agent is appended once a second: every node rewrote all its rows.
     keys = os.path.join(home, "etc/client.keys")
@@ -357,6 +375,7 @@ def test_client_keys_grown_by_lines_adds_only_their_rows(home):
     write(home, "etc/client.keys", "".join(lines))
     cat = make(home)
     cat.tick(0.0)
+    cat.tick(1.0)   # parses client.keys (the tick after the one that found it)
     rows = lambda: cat.db._conn.execute("SELECT seq, prefix FROM agent_keys ORDER BY seq"
                                         ).fetchall()
     before, changes = rows(), cat.db._conn.total_changes
