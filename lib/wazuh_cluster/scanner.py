@@ -422,6 +422,22 @@ class Scanner(object):
         self.last_poll = end
         return out.freeze()
 
+    def check_hot(self):
+        """The hot files (client.keys) whose fingerprint changed: a ChangeSet. Between two
+        polls (Catalog.tick): an lstat each, no folder; a file whose fingerprint is the one
+        hashed, even racy, waits for the next poll's settling hash."""
+        out = _Collector()
+        for item, rel in self._roots if self._primed else ():
+            if item.kind != "file" or not item.hot:
+                continue
+            try:
+                fingerprint = _FP.pack(*_fingerprint(os.lstat(self._abs(rel))))
+            except OSError:
+                fingerprint = None
+            if fingerprint is None or not self._files.get(rel, b"").startswith(fingerprint):
+                self._check_path(item, rel, out)
+        return out.freeze()
+
     # -- internals ----------------------------------------------------------------------------
 
     def _due_racy(self):

@@ -45,6 +45,9 @@ INTERNAL_RETRY = 1.0
 # thousands of dicts), and a master forced to compare with four clients at once peaked at
 # four times that. Transfers are outside it.
 ROUND_SLOT = threading.BoundedSemaphore(1)
+# A push of at most this many names asks for its manifest on the internal daemon's urgent
+# connection (InternalLink.urgent): small enough to be answered at once.
+URGENT_NAMES = 64
 NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds no lease
 ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
@@ -154,6 +157,8 @@ class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
 
     state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
+    urgent_link = None   # InternalLink.urgent() (SyncManager): a small push's manifest
+    urgent_writer = None  # GroupCommit on it (SyncManager): a small push's states
 
     def __init__(self, session, home, role, link, items, interval, push_delay, request_timeout,
                  clock=compat.monotonic, phase=0.0, store=None):
@@ -370,7 +375,10 @@ class PeerSync(object):
             args["names"] = names
         if buckets is not None:
             args["buckets"] = buckets
-        return manifest.decode(self.link.call_data("manifest", args)[1] or b"{}")
+        link = self.link
+        if names is not None and len(names) <= URGENT_NAMES and self.urgent_link is not None:
+            link = self.urgent_link   # a client.keys append: not behind keepalive batches
+        return manifest.decode(link.call_data("manifest", args)[1] or b"{}")
 
     def full_round(self):
         """Compare with the peer and repair every difference (see summary.py).
@@ -505,7 +513,7 @@ class PeerSync(object):
         manifested = self.clock()
         states = self.send(mine, send_data, send_meta, delete, dirs)
         sent = self.clock()
-        self.record(states)
+        self.record(states, urgent=len(states) <= URGENT_NAMES)
         self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted in %.3f s (manifest "
                        "%.3f s, transfer %.3f s, states %.3f s).", self.peer, len(send_data),
                        len(send_meta), len(delete) + len(dirs), self.clock() - started,
@@ -633,8 +641,11 @@ class PeerSync(object):
             if name not in pending:
                 states.pop(name, None)
 
-    def record(self, states):
-        writer = self.state_writer or groupcommit.GroupCommit(self.link.call)
+    def record(self, states, urgent=False):
+        """Write the states rows, a small push's on the urgent link (the next push waits for
+        them). This thread writes one job's rows at a time: a peer's rows keep their order."""
+        writer = (urgent and self.urgent_writer) or self.state_writer or \
+            groupcommit.GroupCommit(self.link.call)
         writer.write(staterows.rows(self.peer, states))
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
@@ -766,6 +777,8 @@ class SyncManager(object):
 
     failover = None
     pushed = None   # failover: localedits.LocalEdits.pushed, for the PeerSyncs of a master
+    urgent_link = None  # the link's urgent() connection, for the PeerSyncs' small pushes
+    urgent_writer = None
 
     def __init__(self, cfg, layout, link):
         self.cfg = cfg
@@ -783,6 +796,8 @@ class SyncManager(object):
         self.sessions = {}   # failover: every live session by node name
         self.master_items = [item for item in cfg.items if item.source == "master"]
         self.state_writer = groupcommit.GroupCommit(link.call)
+        self.urgent_link = link.urgent()
+        self.urgent_writer = groupcommit.GroupCommit(self.urgent_link.call)
 
     def worker_role(self, session):
         """The role this node sends to `session` in; None: no PeerSync (failover on)."""
@@ -852,6 +867,8 @@ class SyncManager(object):
             worker.failover = self.failover
             worker.pushed = self.pushed
             worker.state_writer = self.state_writer
+            worker.urgent_link = self.urgent_link
+            worker.urgent_writer = self.urgent_writer
             old = self.peers.pop(session.peer_name, None)
             self.peers[session.peer_name] = worker
         if old is not None:

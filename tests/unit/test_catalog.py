@@ -59,8 +59,8 @@ def test_first_tick_is_a_full_pass_and_stores_files(home):
     event = cat.tick(0.0)
     assert event["event"] == "changes"
     assert event["changed"] == ["etc/shared/default/agent.conf"]
-    assert cat.tick(0.5) is None           # nothing due yet
-    assert cat.timeout(0.5) == pytest.approx(0.5)
+    assert cat.tick(0.5) is None           # only client.keys looked at (HOT_CHECKS_PER_POLL)
+    assert cat.timeout(0.5) == pytest.approx(1.0 / catalog_mod.HOT_CHECKS_PER_POLL)
     assert cat.tick(1.0) is None           # poll, nothing changed
     assert [r[0] for r in cat.db.load_files()] == ["etc/shared/default/agent.conf"]
     status = cat.handle("status", {})
@@ -339,7 +339,8 @@ def test_client_keys_is_parsed_once_per_change(home):
     write(home, "etc/client.keys", "001 web01 any k1\n")
     cat = make(home)
     cat.tick(0.0)
-    assert not agentlist.refresh_keys(cat.db, keys)  # the scan that saw it parsed it
+    cat.tick(1.0)
+    assert not agentlist.refresh_keys(cat.db, keys)  # the tick after the scan parsed it
     assert [a["name"] for a in listed_agents(cat)] == ["web01"]
     assert not agentlist.refresh_keys(cat.db, keys)
     # Changed and not scanned yet: the listing itself sees the new fingerprint.
@@ -350,6 +351,23 @@ def test_client_keys_is_parsed_once_per_change(home):
     assert listed_agents(cat) == []
 
 
+def test_client_keys_is_parsed_after_the_tick_that_announces_it(home):
+    """At most every scan_interval, never in the tick whose event sends an append to the
+    clients (issue 11: append latency; an append a second had every node parse it at once)."""
+    keys = os.path.join(home, "etc/client.keys")
+    parsed = lambda: cat.db.agent_keys_source() == agentlist.keys_fingerprint(keys)
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    assert cat.tick(0.0)["changed"] == ["etc/client.keys"] and not parsed()
+    assert cat.tick(1.0) is None and parsed()
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n")
+    assert cat.tick(2.0)["changed"] == ["etc/client.keys"] and not parsed()
+    assert cat.tick(3.0) is None and not parsed()      # parsed 2 s ago: not yet
+    assert cat.tick(11.0) is None and parsed()
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    assert [a["name"] for a in listed_agents(cat)] == ["web01"]   # a listing is exact
+
+
 def test_client_keys_grown_by_lines_adds_only_their_rows(home):
     # Under churn an agent is appended once a second: every node rewrote all its rows.
     keys = os.path.join(home, "etc/client.keys")
@@ -357,6 +375,7 @@ def test_client_keys_grown_by_lines_adds_only_their_rows(home):
     write(home, "etc/client.keys", "".join(lines))
     cat = make(home)
     cat.tick(0.0)
+    cat.tick(1.0)   # parses client.keys (the tick after the one that found it)
     rows = lambda: cat.db._conn.execute("SELECT seq, prefix FROM agent_keys ORDER BY seq"
                                         ).fetchall()
     before, changes = rows(), cat.db._conn.total_changes
@@ -406,9 +425,25 @@ def test_items_this_node_only_receives_are_passed_on_a_slower_cadence(home):
     write(home, "etc/shared/default/agent.conf", "CONF")  # in place, same size and mtime
     event = cat.tick(10.0)
     assert event["changed"] == ["etc/shared/default/agent.conf"] and event["touched"] == []
-    assert cat.timeout(10.0) == pytest.approx(1.0)
+    assert cat.timeout(10.0) == pytest.approx(1.0 / catalog_mod.HOT_CHECKS_PER_POLL)
     event = cat.tick(catalog_mod.FOREIGN_SCAN_INTERVAL)
     assert event["touched"] == ["queue/agent-info/web01-any"]
+
+
+def test_client_keys_is_looked_at_between_polls(home):
+    """An agent added on the master goes to the clients a fraction of a poll later, not up
+    to a whole poll (issue 11: append -> every client, p50 1 s); nothing else is polled more."""
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    cat.tick(0.0)
+    assert cat.tick(1.0) is None
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n")
+    write(home, "etc/shared/default/new", "n")   # a new file: found by the next poll
+    step = 1.0 / catalog_mod.HOT_CHECKS_PER_POLL
+    assert cat.timeout(1.0) == pytest.approx(step)
+    assert cat.tick(1.0 + step)["changed"] == ["etc/client.keys"]
+    assert cat.tick(1.0 + 2 * step) is None
+    assert cat.tick(2.0)["changed"] == ["etc/shared/default/new"]
 
 
 def test_database_errors_do_not_stop_detection(home, monkeypatch):

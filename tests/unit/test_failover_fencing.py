@@ -32,6 +32,9 @@ class Link(object):
         self.meta = {}
         self.calls = []
 
+    def urgent(self):
+        return self
+
     def call(self, cmd, args):
         self.calls.append(cmd)
         if cmd == "meta_get":

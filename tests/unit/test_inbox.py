@@ -190,6 +190,7 @@ def test_a_client_takes_agents_appended_with_new_ids_without_the_guard(home):  #
     box = inbox.Inbox.__new__(inbox.Inbox)
     box.home, box.keys_name = home, "etc/client.keys"
     box.link, box.known_ids = HeldLink(), keyids.KnownIds()
+    box.urgent = box.link
     old = b"".join(b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300))
     with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
         handle.write(old)
@@ -215,3 +216,33 @@ class HeldLink(object):
         self.calls.append((cmd, args))
         assert cmd == "meta_get"
         return {"value": None}
+
+
+class MetaLink(object):
+    """The internal daemon's meta store."""
+
+    def __init__(self):
+        self.meta, self.calls = {}, []
+
+    def call(self, cmd, args):
+        self.calls.append(cmd)
+        if cmd == "meta_set":
+            self.meta[args["key"]] = args["value"]
+            return {"stored": True}
+        assert cmd == "meta_get"
+        return {"value": self.meta.get(args["key"])}
+
+
+def test_the_held_change_is_read_once_then_known_here():
+    """Only this process writes it: an append a second does not wait each time for an
+    internal daemon busy storing a pass (issue 11: append latency)."""
+    box = inbox.Inbox.__new__(inbox.Inbox)
+    box.link = box.urgent = MetaLink()
+    assert box.held() is None and box.held() is None
+    box.store_held(None)                 # nothing held: nothing to write
+    held = {"sha256": "a" * 64, "message": "m", "since": 1.5}
+    box.store_held(held)
+    assert box.held() == held and box.link.meta[inbox.HELD_KEY] == held
+    box.store_held(None)
+    assert box.held() is None and box.link.meta[inbox.HELD_KEY] is None
+    assert box.link.calls == ["meta_get", "meta_set", "meta_set"]

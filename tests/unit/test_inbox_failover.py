@@ -36,6 +36,9 @@ class Link(object):
     def __init__(self):
         self.meta = {}
 
+    def urgent(self):
+        return self
+
     def call(self, cmd, args):
         if cmd == "meta_get":
             return {"value": self.meta.get(args["key"])}

@@ -2,6 +2,7 @@
 push per push_delay, with what arrived meanwhile travelling together."""
 from __future__ import absolute_import, division, print_function
 
+import collections
 import hashlib
 import os
 import threading
@@ -263,3 +264,71 @@ def test_a_touch_goes_with_the_checksum_of_the_same_look_at_the_file(tmp_path):
                                            1020 * 10 ** 9)
     os.unlink(path)
     assert fresh_touch(path, recorded) is None
+
+
+# -- a small push does not queue behind bulk work (issue 11: append latency) -------------------
+
+class CatalogLink(object):
+    """The internal daemon's answers a push needs, over the files of `home`; `calls` is
+    shared with the link's urgent() connection and records (which link, command)."""
+
+    def __init__(self, home, calls, which="shared"):
+        self.home, self.calls, self.which = home, calls, which
+        self.quick = None
+
+    def urgent(self):
+        if self.quick is None:
+            self.quick = CatalogLink(self.home, self.calls, "urgent")
+        return self.quick
+
+    def call(self, cmd, args=None):
+        self.calls.append((self.which, cmd))
+        return {}
+
+    def call_data(self, cmd, args=None):
+        self.calls.append((self.which, cmd))
+        rows = []
+        for name in args.get("names") or ():
+            with open(os.path.join(self.home, *name.split("/")), "rb") as handle:
+                data = handle.read()
+            rows.append((name, "shared", len(data), 0, 0, 0, 0o640,
+                         hashlib.sha256(data).hexdigest()))
+        return {}, manifest.to_json(rows)
+
+
+@pytest.mark.parametrize("count", [1, 65])
+def test_a_small_push_asks_and_records_on_the_urgent_link_only(tmpdir, count):
+    """The shared link queues every session's calls (keepalive batches of 1 000 rows): an
+    append's push asks for its manifest and writes its states on a connection of its own;
+    a big push stays on the shared link."""
+    from test_channel import channel_pair
+    folder = tmpdir.mkdir("etc").mkdir("shared").mkdir("default")
+    names = []
+    for n in range(count):
+        folder.join("f%d" % n).write_binary(b"conf %d\n" % n)
+        names.append(u"etc/shared/default/f%d" % n)
+    calls = []
+    options = config.Options(*[default for _, _, default in config.OPTIONS])
+    cfg = collections.namedtuple("Cfg", "options node_type items")(
+        options._replace(delta_min_bytes=0), "master", ITEMS)
+    manager = SyncManager(cfg, collections.namedtuple("Layout", "home")(str(tmpdir)),
+                          CatalogLink(str(tmpdir), calls))
+
+    def sync_files(session, args, data):
+        return {"states": dict((f["name"], "synchronized") for f in args["files"])}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2),
+                         budget=budget.Budget(64 << 20)).start()
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", manager.link, ITEMS, INTERVAL, DELAY,
+                        30.0)
+        sync.urgent_link, sync.urgent_writer = manager.urgent_link, manager.urgent_writer
+        sync.state_writer = manager.state_writer
+        states = sync.push(names, [], [], [])
+    finally:
+        master.close()
+        peer.close()
+    assert states == dict((name, "synchronized") for name in names)
+    used = "urgent" if count == 1 else "shared"
+    assert calls == [(used, "manifest"), (used, "set_states")]
