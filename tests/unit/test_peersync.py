@@ -216,6 +216,36 @@ def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
 
 
+def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
+    """A change event that comes after the push that read its version (client.keys appended
+    while a push was under way) had that 9.4 MB version sent whole to every client again,
+    all at once: the master's peak memory at 20 clients (issue 11)."""
+    from test_channel import channel_pair
+    from wazuh_cluster import versions
+    keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
+    tmpdir.mkdir("etc").join("client.keys").write_binary(keys)
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append((len(data), [f["name"] for f in args.get("meta", ())]))
+        names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
+        return {"states": dict((name, "synchronized") for name in names)}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
+    master.features = ("delta",)
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
+                        store=versions.VersionStore(min_bytes=1000))
+        first = sync.send({}, [u"etc/client.keys"], [], [], [])
+        again = sync.send({}, [u"etc/client.keys"], [], [], [])
+    finally:
+        master.close()
+        peer.close()
+    assert first == again == {u"etc/client.keys": "synchronized"}
+    assert seen == [(len(keys), []), (0, [u"etc/client.keys"])]
+
+
 # -- change events and touched files (issue 11: cheap keepalives) -------------------------------
 
 class CountingSync(PeerSync):
