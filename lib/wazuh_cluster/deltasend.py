@@ -11,6 +11,8 @@ from __future__ import absolute_import, division, print_function
 
 import os
 
+from wazuh_cluster import text
+
 
 class PeerVersions(object):
     """Per peer: name -> SHA-256 of the version it holds, for our big files.
@@ -27,6 +29,8 @@ class PeerVersions(object):
         self.read_func = read_func
         self.held = {}
         self.sent = 0        # deltas the peer applied
+        self.whole_why = None  # why delta_for's last None, for a debug line
+        self.forgot = {}       # name -> why the version the peer holds is unknown
 
     def shares(self, size):
         """True when a file of `size` bytes is read into the shared store (deltas possible)."""
@@ -44,9 +48,30 @@ class PeerVersions(object):
         base = self.held.get(name)
         if self.store is None or base is None or base == got[1] or \
                 not self.store.wanted(len(got[0])):
+            self.whole_why = "the version the peer holds is unknown (%s)" % \
+                self.forgot.get(name, "never told") if base is None else "the peer holds it"
             return None
         made = self.store.delta(base, got[1], got[0])
+        self.whole_why = "no delta from the version the peer holds (%s): gone from the " \
+            "store, or not worth it" % text.printable(base[:12])
         return None if made is None else (base, made)
+
+    def holds(self, name, sha256):
+        """True when the peer told us it holds this very version of our big file `name`."""
+        return self.store is not None and self.held.get(name) == sha256
+
+    def note_meta(self, entries, states):
+        """After a sync_files answer: a metadata-only update of a big file that failed means
+        the peer does not hold the version we took it for."""
+        for entry in entries:
+            if entry["name"] in self.held and states.get(entry["name"]) != "synchronized":
+                self._forget(entry["name"], "its mtime update", states)
+
+    def _forget(self, name, why, states=None):
+        self.held.pop(name, None)
+        if states is not None:
+            why = "%s: %s" % (why, text.printable(states.get(name)))
+        self.forgot[name] = why
 
     def refused(self, deltas, names):
         """The names of `deltas` (header entries we sent) that the peer listed as refused;
@@ -54,7 +79,7 @@ class PeerVersions(object):
         sent = set(entry["name"] for entry in deltas)
         found = [n for n in names if n in sent] if isinstance(names, list) else []
         for name in found:
-            self.held.pop(name, None)
+            self._forget(name, "a delta refused")
         return found
 
     def note_sent(self, entries, states):
@@ -69,7 +94,7 @@ class PeerVersions(object):
                 if "result_size" in entry:
                     self.sent += 1
             else:
-                self.held.pop(name, None)
+                self._forget(name, "the last one sent", states)
 
     def note_round(self, mine, theirs):
         """A full round: the versions of our file items (client.keys) the peer holds. One that
@@ -83,7 +108,7 @@ class PeerVersions(object):
                 continue
             held = theirs.get(name)
             if held is None or held.sha256 is None:
-                self.held.pop(name, None)
+                self._forget(name, "not in its manifest")
                 continue
             self.held[name] = held.sha256
             if held.sha256 == entry.sha256:

@@ -137,9 +137,12 @@ class VersionStore(object):
             if before is not None:
                 older.add(before[1])
             older.discard(got[1])
-            self.put(got[1], got[0])
+            # Linked before the new bytes are put: the put evicts least recently used bytes
+            # when two versions are held (one read while the file grew), and a version
+            # evicted before its link is gone for every peer holding it (whole file).
             for sha in older:
                 self._link(sha, got[1], got[0])
+            self.put(got[1], got[0])
             try:
                 after = fingerprint(os.lstat(path))
             except OSError:

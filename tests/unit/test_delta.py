@@ -255,6 +255,10 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
         handle.write(grown)
     assert store.read(path, read_stable)[0] == grown and store.bytes == len(grown)
     assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
+    # ...and the newest known version stays linked, though the two held filled the budget:
+    # the new bytes were put first and evicted it, and every peer holding it (under churn,
+    # most clients) got the whole client.keys (issue 11, the master's memory at 20 clients).
+    assert store.delta(held[-1], sha(grown), grown).middle == line(91000) + line(91001)
     newest = grown
     # A rewrite links the old versions too, but a delta from them is not worth it.
     rewrite = keys(3000, start=5000)

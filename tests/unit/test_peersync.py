@@ -217,6 +217,63 @@ def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
 
 
+def test_a_batch_holds_no_file_data_while_the_peer_applies_it(tmpdir):
+    """Once encoded, a batch's files leave the sender's memory: its grant counts only the
+    encoded message. A joined copy of the list kept them all until the peer answered,
+    uncounted (every session's batches in flight: the master's first sync at 20 clients)."""
+    from test_channel import channel_pair
+    batch = Batch()
+    for n in range(3):
+        data = os.urandom(5000)
+        batch.add_file(u"etc/shared/default/f%d" % n, data, hashlib.sha256(data).hexdigest(),
+                       10 ** 18)
+    held = []
+
+    def sync_files(session, args, data):
+        held.append(len(batch.data) + len(batch.delta_data))
+        return {"states": dict((f["name"], "synchronized") for f in args["files"])}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+        states = sync.call_files(batch)
+    finally:
+        master.close()
+        peer.close()
+    assert held == [0] and sorted(states) == [u"etc/shared/default/f%d" % n for n in range(3)]
+
+
+def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
+    """A change event that comes after the push that read its version (client.keys appended
+    while a push was under way) had that 9.4 MB version sent whole to every client again,
+    all at once: the master's peak memory at 20 clients (issue 11)."""
+    from test_channel import channel_pair
+    from wazuh_cluster import versions
+    keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
+    tmpdir.mkdir("etc").join("client.keys").write_binary(keys)
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append((len(data), [f["name"] for f in args.get("meta", ())]))
+        names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
+        return {"states": dict((name, "synchronized") for name in names)}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
+    master.features = ("delta",)
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
+                        store=versions.VersionStore(min_bytes=1000))
+        first = sync.send({}, [u"etc/client.keys"], [], [], [])
+        again = sync.send({}, [u"etc/client.keys"], [], [], [])
+    finally:
+        master.close()
+        peer.close()
+    assert first == again == {u"etc/client.keys": "synchronized"}
+    assert seen == [(len(keys), []), (0, [u"etc/client.keys"])]
+
+
 # -- change events and touched files (issue 11: cheap keepalives) -------------------------------
 
 class CountingSync(PeerSync):
