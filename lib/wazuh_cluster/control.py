@@ -519,9 +519,11 @@ def connect(path, timeout):
 def request(client, command, args):
     """The daemon's result; its errors (and a lost connection) become Failure."""
     try:
-        result, data = client.call_data(command, args)
-        if data is not None and isinstance(result, dict):
-            result = dict(result, agents=agentrows.decode(result, data))  # rows after it
+        result, chunks = client.call_chunks(command, args)
+        if isinstance(result, dict) and result.get("rows_in_chunks"):
+            result = dict(result, agents=agentrows.from_chunks(chunks))  # streamed rows
+        elif chunks and isinstance(result, dict):
+            result = dict(result, agents=agentrows.decode(result, chunks[0]))  # rows after it
     except ProtocolError as err:
         raise Failure("wazuh-clusterd sent a malformed answer to '%s': %s" % (command, err))
     except RequestError as err:
