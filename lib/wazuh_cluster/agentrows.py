@@ -39,11 +39,15 @@ def joined(chunks):
     return b"[" + b",".join(chunks) + b"]"
 
 
-def from_chunks(chunks):
-    """The rows of a streamed answer, decoded a chunk at a time as they arrive."""
+def from_chunks(chunks, each=None):
+    """The rows of a streamed answer, decoded a chunk at a time as they arrive; each(rows)
+    is called with every chunk's rows meanwhile."""
     rows = []
     for chunk in chunks:
-        rows.extend(decode_chunk(chunk))
+        part = decode_chunk(chunk)
+        if each is not None:
+            each(part)
+        rows.extend(part)
     return rows
 
 
