@@ -13,8 +13,8 @@ memory: a cache of 100 000 entries would be lasting growth):
   nothing about (a database from before this) is read by the listing once and recorded.
 A listing is then one query joining agent_keys, agent_files and agents (the node that sent
 the file), one lstat per agent (the status needs the keepalive as it is now, not as the last
-poll saw it) and a string format per row. The rows are agentrows.COLUMNS as one JSON array
-(bytes), encoded ROWS_PER_CHUNK rows at a time.
+poll saw it) and a string format per row. The rows are agentrows.COLUMNS in JSON, streamed
+ROWS_PER_CHUNK rows at a time (agentrows).
 """
 from __future__ import absolute_import, division, print_function
 
@@ -154,29 +154,45 @@ def _key_rows(handle, read):
 
 
 def listing(db, keys_path, folder, now, record):
-    """(count, the rows as JSON bytes) of the agents of client.keys at epoch seconds `now`;
-    `folder` is the agent-info folder (absolute). Files the database knows no node name of
-    are read, and record([(file name, node)]) called after the query (not to write under
-    it)."""
+    """(count, chunks) of the agents of client.keys at epoch seconds `now`; `folder` is the
+    agent-info folder (absolute). chunks yields the rows (agentrows.COLUMNS) as JSON bytes,
+    ROWS_PER_CHUNK rows at a time separated by commas, without the brackets (agentrows), read
+    and encoded as the chunks are taken: no more than a chunk is held. Files the database
+    knows no node name of are read, and record([(file name, node)]) called once the rows are
+    all taken (not to write under the query)."""
     refresh_keys(db, keys_path)
+    return db.agent_key_count(), _chunks(db, folder, now, record)
+
+
+def _chunks(db, folder, now, record):
     with compat.FolderLstat(folder) as in_folder:
-        return _listing(db, os.path.join(folder, ""), in_folder.lstat, now, record)
+        learned = []
+        for chunk in _listing(db.agent_listing(), os.path.join(folder, ""), in_folder.lstat,
+                              now, learned):
+            yield chunk
+    if learned:
+        record(learned)
 
 
-def _listing(db, folder, lstat, now, record):
+def _listing(cursor, folder, lstat, now, learned):
     nodes = _NodeJSON({None: "null"})
     never = u',"Never connected",%s,null]'
     row = u'%s,"%s",%s,%r]'
     kind, regular = stat.S_IFMT(0o177777), stat.S_IFREG
-    learned, chunks, part, count = [], [], [], 0
-    for prefix, name, known, file_node, sender in db.agent_listing():
-        try:
-            st = lstat(name)
-        except OSError:
-            st = None
-        if st is None or st.st_mode & kind != regular:  # not stat.S_ISREG: a call per agent
-            part.append(prefix + never % nodes[sender])
-        else:
+    while True:
+        batch = cursor.fetchmany(agentrows.ROWS_PER_CHUNK)
+        if not batch:
+            return
+        part = []
+        add = part.append
+        for prefix, name, known, file_node, sender in batch:
+            try:
+                st = lstat(name)
+            except OSError:
+                st = None
+            if st is None or st.st_mode & kind != regular:  # not stat.S_ISREG: a call per row
+                add(prefix + never % nodes[sender])
+                continue
             keepalive = st.st_mtime
             late = now - keepalive > ACTIVE_SECONDS
             if not st.st_size:
@@ -190,16 +206,5 @@ def _listing(db, folder, lstat, now, record):
                     if ok:
                         learned.append((name, node))
                 node = sender if node is None else node
-            part.append(row % (prefix, status, nodes[node], keepalive))
-        if len(part) >= agentrows.ROWS_PER_CHUNK:
-            count += len(part)
-            chunks.append(u",".join(part).encode("utf-8"))
-            part = []
-    count += len(part)
-    chunks.append(u",".join(part).encode("utf-8"))
-    del part
-    if learned:
-        record(learned)
-    del learned
-    data = b"[" + b",".join(c for c in chunks if c) + b"]"
-    return count, data
+            add(row % (prefix, status, nodes[node], keepalive))
+        yield u",".join(part).encode("utf-8")

@@ -1,12 +1,17 @@
 """The agent listing on the wire (cluster_control -a): rows as raw bytes, not 100 000 dicts.
 
-The internal daemon answers "agents" with {"count": n, "rows_in_data": true} and, after the
-reply (localsock's "data" frame, a peer message's data), one JSON array of rows, each
-[id, name, ip, status, node_name, last_keepalive] (COLUMNS). wazuh-clusterd relays those bytes
-as they are; only cluster_control turns them into objects. The daemon (agentlist) encodes
-ROWS_PER_CHUNK rows at a time, so the answer costs the bytes themselves and leaves no lasting
-growth behind (building every row as a dict and one JSON string of them kept +160 MB on 3.x,
-+335 MB on 2.7, in the internal daemon after one listing of 100 000 agents).
+A row is [id, name, ip, status, node_name, last_keepalive] (COLUMNS) in JSON. The internal
+daemon answers "agents" with {"count": n, "rows_in_chunks": true, "columns"} (streamed) and the
+rows in localsock chunks after the reply: each chunk is ROWS_PER_CHUNK rows (the last fewer)
+separated by commas, without brackets. wazuh-clusterd relays each chunk to cluster_control as
+it arrives, never parsed; cluster_control decodes each chunk while the next is being made
+(decode_chunk). Neither daemon holds more than a few chunks (building every row as a dict and
+one JSON string of them kept +160 MB on 3.x, +335 MB on 2.7, in the internal daemon after one
+listing of 100 000 agents).
+
+Between nodes (a client asking its master, one peer message) the rows travel as before, as one
+JSON array in the message's data after {"count", "rows_in_data": true, "columns"} (result,
+joined), which older nodes send and read too.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -20,8 +25,42 @@ ROWS_PER_CHUNK = 1000
 
 
 def result(count):
-    """The reply's result that announces `count` rows after it."""
+    """The reply's result that announces `count` rows after it, as one JSON array."""
     return {"count": count, "rows_in_data": True, "columns": list(COLUMNS)}
+
+
+def streamed(count):
+    """The reply's result that announces `count` rows in chunks after it."""
+    return {"count": count, "rows_in_chunks": True, "columns": list(COLUMNS)}
+
+
+def joined(chunks):
+    """The rows of streamed chunks as one JSON array (bytes)."""
+    return b"[" + b",".join(chunks) + b"]"
+
+
+def from_chunks(chunks, each=None):
+    """The rows of a streamed answer, decoded a chunk at a time as they arrive; each(rows)
+    is called with every chunk's rows meanwhile."""
+    rows = []
+    for chunk in chunks:
+        part = decode_chunk(chunk)
+        if each is not None:
+            each(part)
+        rows.extend(part)
+    return rows
+
+
+def decode_chunk(chunk):
+    """The rows of one chunk; ProtocolError unless it is rows of len(COLUMNS) items."""
+    try:
+        rows = json.loads(compat.to_text(b"[" + chunk + b"]"))
+    except ValueError:
+        raise ProtocolError("a chunk of agent rows is not JSON")
+    if not all_rows(rows, len(COLUMNS)):
+        raise ProtocolError("a chunk of agent rows holds something else than rows of %d "
+                            "values" % len(COLUMNS))
+    return rows
 
 
 def decode(result, data):

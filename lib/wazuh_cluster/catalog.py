@@ -30,10 +30,10 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   peer_seen   {name, role, address?, version?}    -> {recorded: true}
   peers       {}                                  -> {peers: [{node, role, address, version,
                                                       last_seen}]}
-  agents      {}                                  -> {count, rows_in_data: true, columns}
+  agents      {}                                  -> {count, rows_in_chunks: true, columns}
                                                       and the rows [id, name, ip, status,
-                                                      node_name, last_keepalive] as JSON
-                                                      bytes after the reply (agentrows)
+                                                      node_name, last_keepalive] in JSON,
+                                                      streamed in chunks (agentrows)
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
@@ -653,13 +653,13 @@ class Catalog(object):
         return default
 
     def _cmd_agents(self, args):
-        """One row per agent of client.keys with its status (SPEC section 2), as raw rows
-        after the reply (agentrows), from the database (agentlist)."""
-        count, data = agentlist.listing(
+        """One row per agent of client.keys with its status (SPEC section 2), streamed in
+        chunks after the reply (agentrows), from the database (agentlist)."""
+        count, chunks = agentlist.listing(
             self.db, os.path.join(self.home, self._item_path("client.keys", "etc/client.keys")),
             self._agent_info_folder(), self._wall(),
             lambda rows: self._safely(self.db.record_agent_file_nodes, rows))
-        return localsock.WithData(agentrows.result(count), data)
+        return localsock.Chunked(agentrows.streamed(count), chunks)
 
     def _agent_info_folder(self):
         return os.path.join(self.home, self._item_path("agent-info", "queue/agent-info"))

@@ -160,12 +160,20 @@ class Commands(object):
         return self.with_roles({"nodes": rows})
 
     def agents(self, args):
-        return self.cluster_wide("agents", args, self.master_agents)
+        return self.cluster_wide("agents", args, self.streamed_agents)
+
+    def streamed_agents(self, args):
+        """This node's listing for cluster_control: the internal daemon's chunks, relayed as
+        they arrive (agentrows; the control server closes them)."""
+        result, chunks = self.node.link.stream("agents")
+        return localsock.Chunked(result, chunks)
 
     def master_agents(self, args):
-        # The rows stay bytes here (agentrows): relayed, never parsed, by this daemon.
-        result, data = self.node.link.call_data("agents")
-        return localsock.WithData(result, data or b"[]")
+        """The listing as one message (a client asks; -i counts): the chunks joined. The
+        rows stay bytes here (agentrows): relayed, never parsed, by this daemon."""
+        result, chunks = self.node.link.stream("agents")
+        count = result.get("count") if isinstance(result, dict) else None
+        return localsock.WithData(agentrows.result(count), agentrows.joined(chunks))
 
     def files(self, args):
         nodes = _names(args, "nodes")

@@ -257,16 +257,23 @@ def shape_agents(result):
     return {"agents": Rows(AGENT_KEYS, values)}
 
 
+def ascii_numbers(ids):
+    """The IDs as numbers when every one is ASCII digits (checked as one string), or None."""
+    try:
+        joined = u"".join(ids)
+    except (TypeError, UnicodeDecodeError):
+        return None
+    if joined.isdigit() and text.is_printable(joined) and u"" not in ids:
+        return list(map(int, ids))
+    return None
+
+
 def sort_by_id(values):
     """Sort agent rows as id_order does; when every ID is ASCII digits (checked as one
     string), by a cheaper key that orders them the same."""
     ids = [v[0] for v in values]
-    try:
-        joined = u"".join(ids)
-    except (TypeError, UnicodeDecodeError):
-        joined = u""
-    if joined.isdigit() and text.is_printable(joined) and u"" not in ids:
-        numbers = list(map(int, ids))
+    numbers = ascii_numbers(ids)
+    if numbers is not None:
         if len(set(numbers)) == len(numbers) and numbers == sorted(numbers):
             return  # client.keys order is nearly always ID order already
         # Tuples made and compared in C; the position keeps the sort stable.
@@ -276,10 +283,54 @@ def sort_by_id(values):
         values.sort(key=id_order)
 
 
+AGENT_HEADERS = ("ID", "IP", "Name", "Status", "Node name")
+AGENT_COLUMNS = (0, 2, 1, 3, 4)  # of a row: id, name, ip, status, node, keepalive
+
+
 def text_agents(data):
-    columns = list(zip(*data["agents"].values))  # id, name, ip, status, node, keepalive
-    return column_table(("ID", "IP", "Name", "Status", "Node name"),
-                        [columns[k] for k in (0, 2, 1, 3, 4)] if columns else [])
+    columns = list(zip(*data["agents"].values))
+    return column_table(AGENT_HEADERS, [columns[k] for k in AGENT_COLUMNS] if columns else [])
+
+
+class AgentTable(object):
+    """-a's text table made while the rows stream in (agentrows): each chunk's cells are
+    escaped and measured a column at a time (column_text) as it arrives, while the daemons
+    make the next; only the padding waits for the last chunk, when the widths are known.
+    The same text as text_agents (then emit_printable: the cells are escaped already) as
+    long as the IDs arrive in increasing numeric order, as client.keys nearly always has
+    them; otherwise (`in_order` false) the caller sorts all the rows the old way."""
+
+    def __init__(self):
+        self.parts = []  # per chunk: its cells, a column at a time
+        self.widths = [len(h) for h in AGENT_HEADERS]
+        self.last = -1   # the greatest ID so far
+        self.in_order = True
+        self.used = False
+
+    def add(self, rows):
+        """Take one chunk of rows (lists in agentrows.COLUMNS order)."""
+        self.used = True
+        if not self.in_order or not rows:
+            return
+        numbers = ascii_numbers([row[0] for row in rows])
+        if numbers is None or numbers[0] <= self.last or sorted(set(numbers)) != numbers:
+            self.in_order, self.parts = False, []
+            return
+        self.last = numbers[-1]
+        columns = list(zip(*rows))
+        cells = []
+        for k, index in enumerate(AGENT_COLUMNS):
+            column, width = column_text(columns[index])
+            cells.append(column)
+            self.widths[k] = max(self.widths[k], width)
+        self.parts.append(cells)
+
+    def write(self, out):
+        line = u"  ".join(u"%%-%ds" % width for width in self.widths)
+        out.write((line % AGENT_HEADERS).rstrip() + u"\n")
+        while self.parts:
+            rows = zip(*self.parts.pop(0))
+            out.write(u"\n".join(map(compat.text_type.rstrip, map(line.__mod__, rows))) + u"\n")
 
 
 def shape_nodes(result):
@@ -516,12 +567,18 @@ def connect(path, timeout):
     return client
 
 
-def request(client, command, args):
-    """The daemon's result; its errors (and a lost connection) become Failure."""
+def request(client, command, args, each=None):
+    """The daemon's result; its errors (and a lost connection) become Failure. Agent rows
+    after the reply are handed to each(rows) too as they are decoded, a chunk at a time."""
     try:
-        result, data = client.call_data(command, args)
-        if data is not None and isinstance(result, dict):
-            result = dict(result, agents=agentrows.decode(result, data))  # rows after it
+        result, chunks = client.call_chunks(command, args)
+        if isinstance(result, dict) and result.get("rows_in_chunks"):
+            result = dict(result, agents=agentrows.from_chunks(chunks, each))  # streamed
+        elif chunks and isinstance(result, dict):
+            rows = agentrows.decode(result, chunks[0])  # one array after the reply
+            if each is not None:
+                each(rows)
+            result = dict(result, agents=rows)
     except ProtocolError as err:
         raise Failure("wazuh-clusterd sent a malformed answer to '%s': %s" % (command, err))
     except RequestError as err:
@@ -573,7 +630,13 @@ def run(options, script, out):
     home = paths.find_home(options.home, script)
     cfg = load_config(home)
     client = connect(paths.Paths(home).control_socket, cfg.options.request_timeout + 10)
-    data = action.shape(request(client, action.command, action.args(options, home)))
+    table = AgentTable() if action.dest == "agents" and not options.json else None
+    result = request(client, action.command, action.args(options, home),
+                     table.add if table is not None else None)
+    if table is not None and table.used and table.in_order:
+        table.write(out)
+        return 0
+    data = action.shape(result)
     if options.json:
         emit([json_text(data)], out)
     else:

@@ -98,10 +98,30 @@ class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
                     reply = result = None
                     # 8 MB of agent rows relayed: the C heap gives them back (no lasting growth).
                     memtrim.release_free_memory()
+                elif isinstance(result, localsock.Chunked):
+                    self.relay(sock, reply, result)
                 else:
                     sock.sendall(localsock.encode(reply))
             except socket.error:
                 return
+
+    def relay(self, sock, reply, answer):
+        """Send a streamed answer chunk by chunk as its source gives them (socket.error when
+        cluster_control is gone). A source failing midway cuts the stream short: the
+        connection closes without the end frame, which cluster_control reports."""
+        reply["result"], reply["chunks"] = answer.result, True
+        try:
+            sock.sendall(localsock.encode(reply))
+            for chunk in answer.chunks:
+                sock.sendall(localsock.chunk_frame(chunk))
+        except (RequestError, ProtocolError) as err:
+            self.log.warning("Control socket: a streamed answer was cut short: %s", err)
+            raise socket.error("stream cut short")
+        finally:
+            close = getattr(answer.chunks, "close", None)
+            if close is not None:
+                close()  # the source's connection (internal_link.stream)
+        sock.sendall(localsock.END_OF_CHUNKS)
 
     def answer(self, request):
         request_id = request.get("id")

@@ -548,6 +548,10 @@ class ClusterDB(object):
             " LEFT JOIN agent_files f ON f.name = k.file LEFT JOIN agents a ON a.name = k.file"
             " ORDER BY k.seq")
 
+    def agent_key_count(self):
+        """Rows of agent_keys: the rows agent_listing gives."""
+        return self._conn.execute("SELECT count(*) FROM agent_keys").fetchone()[0]
+
     def get_meta(self, key, default=None):
         """A value of the meta table (text) or `default`."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -122,8 +122,24 @@ class InternalLoop(object):
                 reply["result"] = result.result
                 reply["data"] = len(result.data)
                 conn.send(reply, result.data)
+            elif isinstance(result, localsock.Chunked):
+                self.stream(conn, reply, result)
             else:
                 conn.send(reply)
+
+    def stream(self, conn, reply, answer):
+        """Send a streamed answer (localsock.Chunked): each chunk is made, queued and sent as
+        far as the socket takes it before the next, so the reader works meanwhile and the
+        output buffer holds what it has not read yet, not the whole answer."""
+        reply["result"], reply["chunks"] = answer.result, True
+        conn.send(reply)
+        for chunk in answer.chunks:
+            conn.send_chunk(chunk)
+        conn.send_chunk(b"")
+        if conn.outbuf:
+            self.large.add(conn)  # the C heap gives memory back once it has left (wait)
+        else:
+            memtrim.release_free_memory()
 
     def answer(self, body, conn):
         """The reply to one request; its "result" may be a localsock.WithData."""

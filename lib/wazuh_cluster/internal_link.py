@@ -35,16 +35,15 @@ class InternalLink(object):
     def call_data(self, cmd, args=None):
         """(result, raw bytes after the reply or None): see localsock.WithData."""
         with self._lock:
-            try:
-                return self._client.call_data(cmd, args)
-            except RequestError as err:
-                self._client.close()
-                if err.code in ("unreachable", "timeout"):
-                    raise InternalUnavailable("internal daemon unavailable: %s" % err.message)
-                raise
-            except ProtocolError:
-                self._client.close()
-                raise
+            return _called(self._client, self._client.call_data, cmd, args)
+
+    def stream(self, cmd, args=None):
+        """(result, chunks) of a streamed answer (localsock.Chunked) over a connection of its
+        own: the shared one, and its lock, are not held while a slow reader (cluster_control
+        into a pager) takes the chunks. The connection closes once they are read or closed."""
+        client = localsock.Client(self.path, self.timeout)
+        result, chunks = _called(client, client.call_chunks, cmd, args)
+        return result, _closing(client, chunks)
 
     def urgent(self):
         """A link of its own connection for the few small requests on the way of a change to
@@ -81,6 +80,29 @@ class InternalLink(object):
             urgent = self._urgent
         if urgent is not None:
             urgent.close()
+
+
+def _called(client, call, cmd, args):
+    """call(cmd, args); InternalUnavailable when the daemon cannot be reached (the client is
+    closed on any failure: the next call reconnects)."""
+    try:
+        return call(cmd, args)
+    except RequestError as err:
+        client.close()
+        if err.code in ("unreachable", "timeout"):
+            raise InternalUnavailable("internal daemon unavailable: %s" % err.message)
+        raise
+    except ProtocolError:
+        client.close()
+        raise
+
+
+def _closing(client, chunks):
+    try:
+        for chunk in chunks:
+            yield chunk
+    finally:
+        client.close()
 
 
 class Subscription(object):

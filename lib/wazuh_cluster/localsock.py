@@ -6,6 +6,11 @@ message}}; pushed events carry "event" instead of "id".
 A reply may announce raw bytes with "data": N; the next frame then holds those N bytes as they
 are (not JSON). This lets wazuh-clusterd relay a large answer, such as a manifest of tens of
 thousands of files, to a peer without parsing it into Python objects and encoding it again.
+A reply may instead announce "chunks": true: raw frames follow, each of 1..MAX_CHUNK bytes, in
+order, and a frame of length 0 ends them (Chunked). The answer is then streamed: the agent
+listing (cluster_control -a) leaves the internal daemon a chunk of rows at a time, wazuh-clusterd
+relays each as it arrives and cluster_control decodes each meanwhile, so the three processes work
+at once and neither daemon holds the whole answer.
 
 A server Connection may also speak a text protocol on the same socket (Wazuh 3.0's commands on
 queue/ossec/cluster_db, legacy_db.py): our frames always start with a 0 byte (the high byte of
@@ -28,6 +33,9 @@ from wazuh_cluster.errors import ProtocolError, RequestError
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 1 << 20
 MAX_REPLY = 256 << 20
+# Largest frame of a streamed answer (a reader refuses a longer one: the stream is broken).
+MAX_CHUNK = 4 << 20
+END_OF_CHUNKS = b"\0\0\0\0"
 
 
 def encode(obj):
@@ -52,6 +60,23 @@ class WithData(object):
     def __init__(self, result, data):
         self.result = result
         self.data = data
+
+
+class Chunked(object):
+    """A command result followed by raw frames streamed in order (see the module docstring):
+    `chunks` is an iterable of non-empty bytes of at most MAX_CHUNK each."""
+    __slots__ = ("result", "chunks")
+
+    def __init__(self, result, chunks):
+        self.result = result
+        self.chunks = chunks
+
+
+def chunk_frame(chunk):
+    """One frame of a streamed answer; ProtocolError for a chunk no reader would take."""
+    if not chunk or len(chunk) > MAX_CHUNK:
+        raise ProtocolError("chunk of %d bytes outside 1..%d" % (len(chunk), MAX_CHUNK))
+    return HEADER.pack(len(chunk)) + chunk
 
 
 def error_reply(request_id, code, message):
@@ -176,6 +201,11 @@ class Connection(object):
             self.outbuf += HEADER.pack(len(data)) + data
         self.flush()
 
+    def send_chunk(self, chunk):
+        """Queue one frame of a streamed answer (b"" ends it) and send what the socket takes."""
+        self.outbuf += chunk_frame(chunk) if chunk else END_OF_CHUNKS
+        self.flush()
+
     def flush(self):
         while self.outbuf and not self.closed:
             try:
@@ -234,6 +264,16 @@ class Client(object):
 
     def call_data(self, cmd, args=None):
         """(result, raw bytes announced by the reply or None), or RequestError."""
+        result, chunks = self.call_chunks(cmd, args)
+        if isinstance(chunks, list):
+            return result, chunks[0] if chunks else None
+        self.close()  # the frames were not read: the connection is out of step
+        raise ProtocolError("a streamed answer to '%s', which streams nothing" % cmd)
+
+    def call_chunks(self, cmd, args=None):
+        """(result, chunks), or RequestError. chunks: the frames of a streamed answer as an
+        iterator, to be read to its end before the next call (reading may raise RequestError
+        or ProtocolError); a list holding the raw bytes announced by "data"; or []."""
         if self.sock is None:
             self.connect()
         request_id = self.next_id
@@ -244,20 +284,40 @@ class Client(object):
                 reply = self.receive()
                 if reply.get("id") == request_id:
                     break
-            data = None
-            if reply.get("data") is not None:
-                data = self._read_raw(reply["data"])
-        except socket.timeout:
-            self.close()
-            raise RequestError("%s did not answer %r in %.0f s" % (self.path, cmd, self.timeout),
-                               "timeout")
-        except socket.error as err:
-            self.close()
-            raise RequestError("%s: %s" % (self.path, err.args[-1]), "unreachable")
+            data = []
+            if reply.get("chunks") is True and reply.get("ok"):
+                data = self._chunks(cmd)
+            elif reply.get("data") is not None:
+                data = [self._read_raw(reply["data"])]
+        except socket.error as err:  # socket.timeout too
+            raise self._lost(cmd, err)
         if reply.get("ok"):
             return reply.get("result"), data
         error = reply.get("error") or {}
         raise RequestError(error.get("message", "request failed"), error.get("code", "error"))
+
+    def _chunks(self, cmd):
+        try:
+            while True:
+                (length,) = HEADER.unpack(self._read_exact(HEADER.size))
+                if length == 0:
+                    return
+                if length > MAX_CHUNK:
+                    raise ProtocolError("chunk of %d bytes (at most %d)" % (length, MAX_CHUNK))
+                yield self._read_exact(length)
+        except socket.error as err:
+            raise self._lost(cmd, err)
+        except ProtocolError:
+            self.close()
+            raise
+
+    def _lost(self, cmd, err):
+        """The RequestError for a timeout or a lost connection, which is closed."""
+        self.close()
+        if isinstance(err, socket.timeout):
+            return RequestError("%s did not answer %r in %.0f s" % (self.path, cmd,
+                                                                    self.timeout), "timeout")
+        return RequestError("%s: %s" % (self.path, err.args[-1]), "unreachable")
 
     def wait_readable(self, timeout):
         """True when a message (or the end of the connection) is waiting."""

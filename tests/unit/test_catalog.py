@@ -264,18 +264,18 @@ def test_agent_rows_are_exactly_those_of_before(home):
     for _ in range(2):  # the first listing after the scan and the next are the same
         answer = cat.handle("agents", {})
         assert answer.result["count"] == len(rows)
-        assert answer.data == json.dumps(rows, separators=(",", ":")).encode("ascii")
+        assert agentrows.joined(answer.chunks) == \
+            json.dumps(rows, separators=(",", ":")).encode("ascii")
 
 
 def listed_agents(cat):
     answer = cat.handle("agents", {})
-    return [dict(zip(agentrows.COLUMNS, row)) for row in agentrows.decode(answer.result,
-                                                                          answer.data)]
+    return [dict(zip(agentrows.COLUMNS, row)) for row in agentrows.from_chunks(answer.chunks)]
 
 
-def test_agents_are_raw_rows_after_the_reply(home):
+def test_agents_are_raw_rows_streamed_in_chunks(home):
     # 100 000 agents as dicts and one JSON string of them kept +160 MB in the internal
-    # daemon: the rows go out as bytes (localsock data), encoded a chunk at a time.
+    # daemon: the rows go out as bytes, encoded and sent a chunk at a time (localsock).
     names = ["a%04d" % i for i in range(2 * agentrows.ROWS_PER_CHUNK + 3)]
     write(home, "etc/client.keys", "".join("%04d %s any k\n" % (i + 1, n)
                                            for i, n in enumerate(names)) +
@@ -283,10 +283,13 @@ def test_agents_are_raw_rows_after_the_reply(home):
     cat = make(home)
     cat.tick(0.0)
     answer = cat.handle("agents", {})
-    assert isinstance(answer, localsock.WithData)
-    assert answer.result == {"count": len(names) + 1, "rows_in_data": True,
+    assert isinstance(answer, localsock.Chunked)
+    assert answer.result == {"count": len(names) + 1, "rows_in_chunks": True,
                              "columns": list(agentrows.COLUMNS)}
-    rows = json.loads(answer.data.decode("utf-8"))
+    chunks = list(answer.chunks)
+    assert [len(agentrows.decode_chunk(c)) for c in chunks] == \
+        [agentrows.ROWS_PER_CHUNK] * 2 + [4]  # a chunk at a time, in order
+    rows = json.loads(agentrows.joined(chunks).decode("utf-8"))
     assert [r[1] for r in rows] == names + ['we"ird\\']
     assert rows[0] == ["0001", "a0000", "any", "Never connected", None, None]
 

@@ -250,6 +250,87 @@ def test_agents_as_raw_rows_after_the_reply(home, daemon):
         ["002", "any", "db-server-02", "Active", "node01"]
 
 
+# Rows that exercise the table: escapes, a cell past CELL_LIMIT, None, trailing blanks, a
+# number where text belongs, widths that differ from one chunk to the next.
+TRICKY_ROWS = [
+    ["001", "a", "any", "Active", "node01", NOW],
+    ["002", u"caf\xe9\x1b[2J", "10.0.0.0/24", "Never connected", None, None],
+    ["010", "x" * 1500, "any", "Pending", u"node \u2028two ", NOW - 5],
+    ["011", "b", 12, "Disconnected", "", NOW - 4000],
+    ["120", "c", "any", "Active", "node02-long-name", NOW - 1],
+    ["121", "d", "any", "Active", u"tab\there", 1.5],
+]
+
+
+def chunked(rows, per):
+    """The rows as the internal daemon streams them, `per` rows a chunk."""
+    return [json.dumps(rows[i:i + per]).encode("ascii")[1:-1] for i in range(0, len(rows), per)]
+
+
+def as_objects(rows):
+    """The rows as the objects of an older daemon's answer: the whole-listing path (sorted
+    rows, text_agents, emit_printable), which the streamed table must match."""
+    return {"agents": [dict(zip(agentrows.COLUMNS, row)) for row in rows]}
+
+
+@pytest.mark.parametrize("rows", [TRICKY_ROWS, TRICKY_ROWS[3:] + TRICKY_ROWS[:3],
+                                  [[str(i), "n%d" % i, "any", "Active", "node01", NOW]
+                                   for i in range(1, 2600)]])
+@pytest.mark.parametrize("per", [1, 2, 1000])
+def test_streamed_agents_print_the_same_as_the_whole_listing(home, daemon, rows, per):
+    # The streamed table (AgentTable, a chunk at a time) writes what the whole-listing
+    # path (sorted rows, text_agents, emit_printable) writes, and -j stays byte-identical.
+    daemon.results["agents"] = as_objects(rows)
+    before = [ok(home, "-a"), ok(home, "-a", "-j")]
+    daemon.results["agents"] = localsock.Chunked(agentrows.streamed(len(rows)),
+                                                 chunked(rows, per))
+    assert [ok(home, "-a"), ok(home, "-a", "-j")] == before
+    daemon.results["agents"] = localsock.WithData(agentrows.result(len(rows)),
+                                                  agentrows.joined(chunked(rows, per)))
+    assert [ok(home, "-a"), ok(home, "-a", "-j")] == before  # a client relays one array
+    assert len(before[0].splitlines()) == len(rows) + 1
+
+
+def test_streamed_table_is_the_old_table_for_in_order_rows():
+    # AgentTable against the old functions themselves, for rows it takes in order.
+    table = control.AgentTable()
+    for part in (TRICKY_ROWS[:2], TRICKY_ROWS[2:5], TRICKY_ROWS[5:]):
+        table.add(part)
+    assert table.in_order
+    new, old = io.StringIO(), io.StringIO()
+    table.write(new)
+    control.emit_printable(control.text_agents(control.shape_agents(
+        {"agents": [list(r) for r in TRICKY_ROWS]})), old)
+    assert new.getvalue() == old.getvalue()
+    assert u"\x1b" not in new.getvalue() and u"\\x1b" in new.getvalue()
+
+
+def test_streamed_rows_out_of_order_or_not_numeric_are_not_taken_in_order():
+    for parts in ([TRICKY_ROWS[2:], TRICKY_ROWS[:2]], [[["7", "a", "any", "Active", "n", 1.0],
+                                                       ["7", "b", "any", "Active", "n", 1.0]]],
+                  [[["x1", "a", "any", "Active", "n", 1.0]]], [[[3, "a", "any", "Active",
+                                                                 "n", 1.0]]]):
+        table = control.AgentTable()
+        for part in parts:
+            table.add(part)
+        assert table.used and not table.in_order and table.parts == []
+
+
+@pytest.mark.parametrize("chunks", [[b"[1,2]"], [b'["1","a","any","Active","n",1.0],[2'],
+                                    [b'["1","a","any","Active","n"]'], [b"{}"], [b"1],[2"]])
+def test_a_malformed_chunk_of_agent_rows_is_one_line(home, daemon, chunks):
+    daemon.results["agents"] = localsock.Chunked(agentrows.streamed(1), chunks)
+    assert "malformed answer to 'agents'" in fails(home, "-a")
+
+
+def test_a_stream_cut_short_is_one_line(home, daemon):
+    def cut():
+        yield b'["1","a","any","Active","n",1.0]'
+        raise RequestError("internal daemon unavailable", "internal_unavailable")
+    daemon.results["agents"] = localsock.Chunked(agentrows.streamed(2), cut())
+    assert "closed the connection" in fails(home, "-a")
+
+
 def test_malformed_agent_rows_are_one_line(home, daemon):
     daemon.results["agents"] = localsock.WithData({"count": 1, "rows_in_data": True}, b"[1,")
     assert "malformed answer to 'agents'" in fails(home, "-a")

@@ -102,3 +102,98 @@ def test_an_error_reply_raises_request_error():
         worker.join()
         client.close()
         server.close()
+
+
+# -- streamed answers (Chunked) ----------------------------------------------------------------
+
+def serve_frames(server_sock, frames):
+    """Answer one request with {"ok", "chunks": true} and then `frames` as they are."""
+    _, request = read_request(server_sock)
+    server_sock.sendall(localsock.encode({"id": request["id"], "ok": True, "result": {"n": 1},
+                                          "chunks": True}) + b"".join(frames))
+    server_sock.shutdown(socket.SHUT_WR)  # what was not sent never comes
+
+
+def streamed(frames):
+    """(the chunks the client read, the exception that ended the reading or None)."""
+    client, server = client_pair()
+    worker = threading.Thread(target=serve_frames, args=(server, frames))
+    worker.start()
+    got = []
+    try:
+        result, chunks = client.call_chunks("agents")
+        assert result == {"n": 1}
+        try:
+            for chunk in chunks:
+                got.append(chunk)
+        except (ProtocolError, RequestError) as err:
+            assert client.sock is None  # a broken stream is never read on
+            return got, err
+        return got, None
+    finally:
+        worker.join()
+        server.close()
+        client.close()
+
+
+def test_a_streamed_answer_brings_its_chunks_in_order():
+    # The server side as the internal daemon sends them (Connection.send_chunk).
+    chunks = [b"%d" % i * (i + 1) for i in range(300)] + [b"x" * localsock.MAX_CHUNK]
+    client, server = client_pair()
+
+    def serve():
+        conn, request = read_request(server)
+        conn.send({"id": request["id"], "ok": True, "result": 7, "chunks": True})
+        for chunk in chunks:
+            conn.send_chunk(chunk)
+        conn.send_chunk(b"")
+        while conn.outbuf:
+            conn.flush()
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        result, got = client.call_chunks("agents")
+        assert (result, list(got)) == (7, chunks)
+        assert client.sock is not None  # in step: the next call works
+    finally:
+        worker.join()
+        client.close()
+        server.close()
+
+
+def test_a_chunk_longer_than_max_chunk_is_refused_unread():
+    frames = [localsock.chunk_frame(b"ok"), localsock.HEADER.pack(localsock.MAX_CHUNK + 1),
+              b"y" * 1000]
+    got, err = streamed(frames)
+    assert got == [b"ok"]
+    assert isinstance(err, ProtocolError) and "chunk of" in str(err)
+
+
+@pytest.mark.parametrize("frames", [
+    [localsock.chunk_frame(b"ok")],                                 # no end frame
+    [localsock.chunk_frame(b"ok"), localsock.HEADER.pack(10) + b"abc"],  # a chunk cut short
+    [localsock.chunk_frame(b"ok"), b"\0\0"],                        # a header cut short
+])
+def test_a_stream_cut_short_is_a_lost_connection(frames):
+    got, err = streamed(frames)
+    assert got == [b"ok"]
+    assert isinstance(err, RequestError) and err.code == "unreachable"
+
+
+def test_no_chunk_frame_for_nothing_or_too_much():
+    for chunk in (b"", b"z" * (localsock.MAX_CHUNK + 1)):
+        with pytest.raises(ProtocolError):
+            localsock.chunk_frame(chunk)
+
+
+def test_call_data_refuses_a_streamed_answer():
+    client, server = client_pair()
+    worker = threading.Thread(target=serve_frames, args=(server, [localsock.END_OF_CHUNKS]))
+    worker.start()
+    try:
+        with pytest.raises(ProtocolError):
+            client.call_data("manifest")
+        assert client.sock is None
+    finally:
+        worker.join()
+        server.close()
