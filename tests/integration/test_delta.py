@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+from harness import (base_install, make_node, python, start_all, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_sync import SYNC_WAIT, agent_info, configure_cluster, converge, put
 
@@ -31,8 +31,7 @@ def cluster(make_node):
     nodes = configure_cluster(make_node, ("master", "client1", "old1"), "10m",
                               {"old1": {"cluster.delta_min_bytes": "0"}})
     put(nodes[0], "etc/client.keys", KEYS)
-    for node in nodes:
-        node.start()
+    start_all(nodes)
     converge(nodes, parts=KEYS_ONLY)
     return nodes
 
