@@ -163,14 +163,80 @@ def kill(pid, sig=signal.SIGTERM):
 # ------------------------------------------------------------------ addresses and keys
 
 _ADDRESSES = itertools.count(1)
-# One 127.N.0.0/16 per test process, so that two interpreters' runs never share an address.
-_NET = 20 + os.getpid() % 200
+NET_LOCKS = "/tmp/wazuh-cluster-tests-nets"
+_NET_HOLD = []
+
+
+def _claim_net(first=20, count=200):
+    """N of the 127.N.0.0/16 this test process owns: the first N from a PID-based start whose
+    lock file (NET_LOCKS/N) it can flock, held until the process exits, so that runs at the same
+    time (tests/run -j, other checkouts) never share an address. Without locks: the PID's N."""
+    import fcntl
+    start = os.getpid() % count
+    try:
+        if not os.path.isdir(NET_LOCKS):
+            os.mkdir(NET_LOCKS)
+            os.chmod(NET_LOCKS, 0o1777)
+    except OSError:
+        pass   # made by another process meanwhile, or not writable: the open below tells
+    for i in range(count):
+        net = first + (start + i) % count
+        try:
+            handle = open(os.path.join(NET_LOCKS, str(net)), "a")
+        except (IOError, OSError):
+            break
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            handle.close()
+            continue
+        # Not inherited: a daemon started by the test must not keep the range claimed.
+        flags = fcntl.fcntl(handle.fileno(), fcntl.F_GETFD)
+        fcntl.fcntl(handle.fileno(), fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        _NET_HOLD.append(handle)
+        return net
+    return first + start
+
+
+# One 127.N.0.0/16 per test process, so that two runs never share an address.
+_NET = _claim_net()
 
 
 def new_address():
     """A loopback address of its own for one node (127.0.0.0/8 all routes to lo on Linux)."""
     n = next(_ADDRESSES)
     return "127.%d.%d.%d" % (_NET, n // 250, n % 250 + 2)
+
+
+class machine_lock(object):
+    """`with machine_lock(name):` the test holds NET_LOCKS/NAME.lock (flock, polled with a bound)
+    against every other test process of the machine: for what the runs share, like port 1516
+    of a system install."""
+
+    def __init__(self, name, timeout=900.0):
+        self.path = os.path.join(NET_LOCKS, name + ".lock")
+        self.timeout = timeout
+        self.handle = None
+
+    def _try(self):
+        import fcntl
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except (IOError, OSError):
+            return False
+
+    def __enter__(self):
+        self.handle = open(self.path, "a")
+        try:
+            wait_for(self._try, self.timeout, 0.2, what="the machine-wide lock " + self.path)
+        except AssertionError:
+            self.handle.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()   # releases the flock
 
 
 def free_port(address="127.0.0.1"):
@@ -428,6 +494,27 @@ class Node(object):
         except AssertionError:
             for pid in pids:
                 kill(pid, signal.SIGKILL)
+
+
+def start_all(nodes, timeout=10.0):
+    """node.start() of every node at once (one thread each): a cluster is up in the time of
+    its slowest node's start, not of their sum. Raises the first node's failure."""
+    import threading
+    errors = []
+
+    def start(node):
+        try:
+            node.start(timeout)
+        except BaseException as err:   # re-raised below, in the test's thread
+            errors.append((node, err))
+
+    threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0][1]
 
 
 # ------------------------------------------------------------------ fixtures

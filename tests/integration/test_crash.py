@@ -34,7 +34,7 @@ import time
 
 import pytest
 
-from harness import (alive, base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+from harness import (alive, base_install, make_node, python, start_all, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_sync import FAST, KEYS, put
 
@@ -309,8 +309,7 @@ def big_pair(make_node):
     for i in range(N_FILES):
         versions.write("etc/shared/%s/file%03d.bin" % (GROUPS[i % len(GROUPS)], i))
     versions.begin_round()
-    master.start()
-    client.start()
+    start_all([master, client])
     converge([master, client], SYNC_WAIT, SHARED)
     return master, client, versions, rng
 
@@ -380,8 +379,7 @@ def test_leftovers_of_a_crash_are_removed_at_start_and_nothing_else(make_node):
     master, client = _pair(make_node)
     put(master, "queue/agent-groups/001", u"web")
     put(master, "etc/shared/default/agent.conf", u"<agent_config/>\n")
-    master.start()
-    client.start()
+    start_all([master, client])
     converge([master, client])
     kill_hard(client)
     leftovers = ["queue/cluster-staging/001.0123456789ab.tmp",
@@ -551,8 +549,7 @@ def small_disk_pair(make_node):
         versions.names = []
         for i in range(8):
             versions.write("etc/shared/%s/small%d.bin" % (GROUPS[i % 2], i), os.urandom(8192))
-        master.start()
-        client.start()
+        start_all([master, client])
         converge([master, client], SYNC_WAIT, SHARED)
         yield master, client, versions
     finally:

@@ -5,11 +5,13 @@ Every wait polls a condition with a bound; a failing test prints the nodes' logs
 """
 from __future__ import absolute_import, division, print_function
 
+import io
+import os
 import re
 
 import pytest
 
-from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+from harness import (base_install, make_node, python, start_all, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_sync import SYNC_WAIT, agent_info, configure_cluster, converge, put
 
@@ -31,10 +33,24 @@ def cluster(make_node):
     nodes = configure_cluster(make_node, ("master", "client1", "old1"), "10m",
                               {"old1": {"cluster.delta_min_bytes": "0"}})
     put(nodes[0], "etc/client.keys", KEYS)
-    for node in nodes:
-        node.start()
+    start_all(nodes)
     converge(nodes, parts=KEYS_ONLY)
     return nodes
+
+
+def replace(node, rel, text):
+    """The node's file REL replaced by `text` at once, as Wazuh replaces client.keys (a
+    temporary file renamed over it, owner and mode kept). put() truncates then writes: a
+    running daemon's scan in between reads an empty client.keys, whose push the client holds
+    back as removing every agent; the change then goes whole, not as the delta under test."""
+    path = node.path(*rel.split("/"))
+    tmp = path + ".tmp-test"
+    st = os.stat(path)
+    with io.open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.rename(tmp, path)
 
 
 def applied(node):
@@ -43,7 +59,7 @@ def applied(node):
 
 def test_an_appended_agent_travels_as_a_delta_to_a_peer_that_takes_them(cluster):
     master, client1, old1 = cluster
-    put(master, "etc/client.keys", KEYS + line(5000))
+    replace(master, "etc/client.keys", KEYS + line(5000))
     converge(cluster, parts=KEYS_ONLY)
     wait_for(lambda: applied(client1), SYNC_WAIT, what="the delta applied on client1")
     sent, size = applied(client1)[-1]
@@ -54,14 +70,14 @@ def test_an_appended_agent_travels_as_a_delta_to_a_peer_that_takes_them(cluster)
 
 def test_a_hand_edited_client_refuses_the_delta_and_gets_the_whole_file(cluster):
     master, client1, _old1 = cluster
-    put(client1, "etc/client.keys", KEYS.replace(line(7), u""))
-    put(master, "etc/client.keys", KEYS + line(5000))
+    replace(client1, "etc/client.keys", KEYS.replace(line(7), u""))
+    replace(master, "etc/client.keys", KEYS + line(5000))
     converge(cluster, parts=KEYS_ONLY)
     log = client1.log()
     assert "refused a delta of 'etc/client.keys' from master: our copy has" in log
     assert applied(client1) == []
     # The whole file it then got is the base of the next change.
-    put(master, "etc/client.keys", KEYS + line(5000) + line(5001))
+    replace(master, "etc/client.keys", KEYS + line(5000) + line(5001))
     converge(cluster, parts=KEYS_ONLY)
     wait_for(lambda: applied(client1), SYNC_WAIT, what="a delta applied on client1")
 
@@ -70,7 +86,7 @@ def test_a_mass_removal_arriving_as_a_delta_is_held_back(cluster):
     master, client1, _old1 = cluster
     put(client1, "queue/agent-info/agent00002-any", agent_info("client1"))
     kept = u"".join(line(i) for i in range(1, 781))
-    put(master, "etc/client.keys", kept)  # a delta of 0 bytes: the first 780 lines only
+    replace(master, "etc/client.keys", kept)  # a delta of 0 bytes: the first 780 lines only
     wait_for(lambda: "held back" in client1.log(), SYNC_WAIT, what="the guard's warning")
     with open(client1.path("etc", "client.keys")) as handle:
         assert handle.read() == KEYS

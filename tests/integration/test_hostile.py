@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import (base_install, make_node, new_address, python,  # noqa: F401
+from harness import (base_install, make_node, new_address, python, start_all,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
 from test_crash import converge  # race-free while daemons delete files
 from test_sync import FAST, KEYS, agent_info, put
@@ -55,8 +55,7 @@ def hostile(make_node):
         write_internal_options(node.prefix, FAST)
     put(master, "etc/client.keys", KEYS)
     put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
-    master.start()
-    client.start()
+    start_all([master, client])
     converge([master, client])
     settings = peers.make_settings(
         node_name=ROGUE, cluster_name="wazuh", key=master.key, role="client",

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+from harness import (base_install, make_node, python, start_all, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 from test_internal import call
 from test_sync import KEYS, agent_info, configure_cluster, put
@@ -32,8 +32,7 @@ def cluster(make_node):
     base = int(time.time()) - 1000
     for node in nodes[1:]:
         put(node, INFO + own(node), agent_info(node.name), mtime=base)
-    for node in nodes:
-        node.start()
+    start_all(nodes)
     master = nodes[0]
     wait_for(lambda: all(mtime(master, INFO + own(n)) == base for n in nodes[1:]), WAIT,
              what="every client's agent-info on the master")

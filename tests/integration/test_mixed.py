@@ -19,8 +19,8 @@ import time
 import pytest
 
 from harness import (Node, base_install, clone_install, free_port, install,  # noqa: F401
-                     new_address, new_key, python, run, tmp_prefix_dir, wait_for, workspace,
-                     write_internal_options)
+                     new_address, new_key, python, run, start_all, tmp_prefix_dir, wait_for,
+                     workspace, write_internal_options)
 from test_crash import converge, tree  # race-free while daemons delete files
 from test_sync import FAST, KEYS, agent_info, put
 
@@ -157,8 +157,7 @@ def _check_mixed_cluster(master, client, master_python, client_python):
     put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
     put(master, "etc/shared/web/agent.conf", u"<agent_config><x/></agent_config>\n")
     put(master, "queue/agent-groups/001", u"web")
-    master.start()
-    client.start()
+    start_all([master, client])
     assert _python_of(master) == master_python, master.dump_logs()
     assert _python_of(client) == client_python, client.dump_logs()
     # First synchronisation.

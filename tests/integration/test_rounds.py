@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import make_node, read_text, wait_for, write_internal_options  # noqa: F401
+from harness import make_node, read_text, start_all, wait_for, write_internal_options  # noqa: F401
 from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
 from test_sync import (KEYS, agent_info, cluster, configure_cluster, converge, put,  # noqa: F401
                        stop)
@@ -61,8 +61,7 @@ def started_cluster(make_node, names, interval, options=None):
     put(master, "etc/client.keys", KEYS)
     put(master, "etc/shared/default/agent.conf", u"<agent_config></agent_config>\n")
     put(nodes[1], "queue/agent-info/web01-any", agent_info(nodes[1].name))
-    for node in nodes:
-        node.start()
+    start_all(nodes)
     converge(nodes)
     return nodes
 

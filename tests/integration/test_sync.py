@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F401
+from harness import (base_install, make_node, python, start_all, tmp_prefix_dir,  # noqa: F401
                      wait_for, workspace, write_internal_options)
 
 FAST = {"cluster.poll_interval": "0.2", "cluster.scan_interval": "1", "cluster.push_delay": "0.05",
@@ -80,8 +80,7 @@ def cluster(make_node):
     put(master, "etc/shared/web/agent.conf", u"<agent_config><x/></agent_config>\n")
     put(master, "etc/shared/web/merged.mg", u"built by each manager\n")
     put(master, "queue/agent-groups/001", u"web")
-    for node in nodes:
-        node.start()
+    start_all(nodes)
     converge(nodes)
     return nodes
 

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from harness import REPO, run
+from harness import REPO, machine_lock, run
 
 SCRIPT = r"""
 set -e
@@ -64,7 +64,9 @@ def test_sudo_install_sh_gives_a_running_single_master_under_var_ossec():
     env = dict((k, v) for k, v in os.environ.items() if not k.startswith("PYTHON"))
     env.update(T=workdir, REPO=REPO)
     try:
-        result = run(["unshare", "-m", "sh", "-c", SCRIPT], env=env, timeout=600)
+        # Port 1516 on every address is the machine's: one system install at a time.
+        with machine_lock("system-install-port-1516"):
+            result = run(["unshare", "-m", "sh", "-c", SCRIPT], env=env, timeout=600)
         out = result.out + result.err
         assert result.rc == 0, out
         assert "install rc=0" in out, out
