@@ -206,7 +206,8 @@ class Inbox(object):
         self.info_dir = dict((i.name, i.path) for i in cfg.items).get("agent-info")
         self.edits = localedits.LocalEdits(layout.home, os.path.dirname(layout.db_file),
                                            cfg.items, cfg.exclude, self.log,
-                                           cfg.options.failover, self.acting)
+                                           cfg.options.failover, self.acting,
+                                           voters=len(set(cfg.nodes)))
 
     def acting(self):
         """True while this node acts as the leader: the configured master with failover off,

@@ -7,9 +7,13 @@ leader sends now nor what this node last received from a leader. That record,
 var/db/cluster-received.json ({name: sha256}), is wazuh-clusterd's own (like the election
 record): it is seeded from the files as they are the first time the daemon starts with
 failover on (a node's state before it ever took part counts as received), then updated after
-every batch applied from a leader, and after every batch this node pushed while it acted as
-leader and a peer applied (the cluster's state, not a local edit: an ex-leader following a new
-leader must not back up and warn about its own files of the time it led). An unreadable
+every batch applied from a leader, and after every change this node pushed while it acted as
+leader once a majority of the listed nodes holds it (the cluster's state, not a local edit: an
+ex-leader following a new leader must not back up and warn about its own files of the time it
+led). Before a majority holds it, the change may be one the next leader never saw (a leader cut
+off with a minority still acts until its lease runs out, and its peers there apply its pushes):
+it stays a local edit here, so the next leader's version backs it up instead of dropping the
+only copy without a word. An unreadable
 record is never guessed from the disk: everything that differs is then backed up. So an
 operator's edit on a client, and the state a node made while it did not act (the old master
 in a minority: it pushes nothing), are both kept.
@@ -97,7 +101,7 @@ class LocalEdits(object):
     """
 
     def __init__(self, home, db_folder, items, exclude, log, failover, acting, term=None,
-                 clock=time.time):
+                 clock=time.time, voters=3):
         self.home = compat.native_str(os.path.abspath(home))
         self.items = tuple(items)
         self.master_items = tuple(i for i in self.items if i.source == "master")
@@ -111,6 +115,10 @@ class LocalEdits(object):
         self.acked_path = os.path.join(db_folder, ACKED_NAME)
         self.root = os.path.join(self.home, *BACKUP_DIR)
         self.received = {}
+        self.majority = voters // 2 + 1
+        # {name: (SHA-256 or None, set of peers)}: what this node pushed as leader and which
+        # peers applied it, until a majority (this node included) holds it; one entry per name
+        self.applied = {}
         # {name: SHA-256} of the local versions already backed up: a batch that fails after
         # its backup is retried every few seconds and must not make a folder each time
         self.backed_up = {}
@@ -194,18 +202,32 @@ class LocalEdits(object):
                 except (IOError, OSError) as exc:
                     self.log.warning("cannot save %s: %s", self.record_path, fsops.why(exc))
 
-    def pushed(self, sent, states):
-        """This node, acting as leader, sent these (name, SHA-256, or None for a deletion) and
-        the peer's `states` say which it applied: the cluster's state from then on. Recorded
-        like what a leader sent us: when this node follows another leader later (after a
-        crash, a partition, a handover) its own files of the time it led are not local edits,
-        and the new leader's first push replaces them without a backup or a warning. A file
-        edited here after it stopped acting differs from them, and is backed up."""
+    def pushed(self, peer, sent, states):
+        """This node, acting as leader, sent `peer` these (name, SHA-256, or None for a
+        deletion) and the peer's `states` say which it applied. A change a majority holds is
+        the cluster's state from then on, recorded like what a leader sent us: when this node
+        follows another leader later (after a crash, a partition, a handover) its own files of
+        the time it led are not local edits, and the new leader's first push replaces them
+        without a backup or a warning. A file edited here after it stopped acting differs from
+        them, and is backed up; so is a change fewer than a majority took (see the module)."""
         if not self.failover:
             return
-        self.after([(name, sha) for name, sha in sent
-                    if states.get(name) == "synchronized"
-                    and (sha is None or isinstance(sha, compat.string_types))], states)
+        held = []
+        with self.lock:
+            for name, sha in sent:
+                if states.get(name) != "synchronized" or \
+                        not (sha is None or isinstance(sha, compat.string_types)):
+                    continue
+                known, peers = self.applied.get(name, (sha, set()))
+                if known != sha:
+                    peers = set()
+                peers.add(peer)
+                if len(peers) + 1 >= self.majority:
+                    self.applied.pop(name, None)
+                    held.append((name, sha))
+                else:
+                    self.applied[name] = (sha, peers)
+        self.after(held, states)
 
     def _master_path(self, name):
         """The absolute path of a master-owned name, its folders checked with lstat (no

@@ -626,8 +626,9 @@ class PeerSync(object):
         self.versions.note_meta(batch.meta, states)
         if self.pushed is not None and self.failover is not None and self.role == "master":
             # stamped above: sent while acting
-            self.pushed([(f["name"], f["sha256"]) for f in batch.files + batch.deltas
-                         + batch.meta] + [(name, None) for name in batch.delete], states)
+            self.pushed(self.peer, [(f["name"], f["sha256"]) for f in batch.files
+                                    + batch.deltas + batch.meta]
+                        + [(name, None) for name in batch.delete], states)
         return states
 
     def resend_refused(self, batch, refused):

@@ -80,6 +80,7 @@ class InboxCfg(object):
     items = ITEMS
     exclude = EXCLUDE
     options = OPTIONS
+    nodes = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
 class Peer(object):

@@ -28,6 +28,7 @@ class Cfg(object):
     node_type = "client"
     is_master = False
     items, exclude, options = ITEMS, EXCLUDE, OPTIONS
+    nodes = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
 class Link(object):

@@ -44,10 +44,11 @@ class Node(object):
         self.home, self.log, self.handler, self.state = home, log, handler, state
         self.receiver = Receiver(home, ITEMS, EXCLUDE, log, role="client")
 
-    def edits(self, failover=True):
+    def edits(self, failover=True, voters=3):
         found = localedits.LocalEdits(self.home, os.path.join(self.home, "var", "db"), ITEMS,
                                       EXCLUDE, self.log, failover,
-                                      lambda: self.state["acting"], clock=lambda: CLOCK)
+                                      lambda: self.state["acting"], clock=lambda: CLOCK,
+                                      voters=voters)
         found.start()
         return found
 
