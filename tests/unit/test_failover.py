@@ -233,3 +233,13 @@ def test_an_idle_election_sender_thread_does_not_poll(cluster):
         threading.setprofile(None)
     time.sleep(0.5)                       # an idle window of ten 2.7 polls at least
     assert sender.idle() and sleeps == []
+
+
+def test_an_election_sender_leaves_when_its_session_is_reported_closed(cluster):
+    """The idle sender waits untimed for put() (see above); the end of its session must
+    still end its thread, not leave one blocked thread per session the node ever had."""
+    _, _, sessions = cluster
+    sender = failover._Sender(sessions[0])
+    sender.close()
+    sender.thread.join(10)
+    assert not sender.thread.is_alive() and not sessions[0].closed
