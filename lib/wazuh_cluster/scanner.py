@@ -422,13 +422,14 @@ class Scanner(object):
         self.last_poll = end
         return out.freeze()
 
-    def check_hot(self):
+    def check_hot(self, only=None):
         """The hot files (client.keys) whose fingerprint changed: a ChangeSet. Between two
         polls (Catalog.tick): an lstat each, no folder; a file whose fingerprint is the one
-        hashed, even racy, waits for the next poll's settling hash."""
+        hashed, even racy, waits for the next poll's settling hash. `only`: as in poll()."""
         out = _Collector()
         for item, rel in self._roots if self._primed else ():
-            if item.kind != "file" or not item.hot:
+            if item.kind != "file" or not item.hot or (only is not None and
+                                                       item.name not in only):
                 continue
             try:
                 fingerprint = _FP.pack(*_fingerprint(os.lstat(self._abs(rel))))
