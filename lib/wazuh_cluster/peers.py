@@ -449,7 +449,7 @@ class Dialer(object):
         # whoever leads (see mesh_dialers); its sessions go into `registry`.
         self.failover = failover
         self.registry = registry
-        self._inbound = False
+        self._inbound = None   # the node of a lower name at this entry: it dials us
         self.budget = budget if budget is not None else budgets.Budget()
         self.dispatcher = dispatcher
         self.on_session = on_session
@@ -543,10 +543,14 @@ class Dialer(object):
             except Exception:  # a bug must not end the client's only link to its master
                 log.exception("dialing the master failed")
                 session = None
-            if session is None and self._inbound:
-                # that node dials us (mesh_dialers): look again now and then, quietly
-                self._inbound = False
-                self._stop.wait(self.settings.reconnect_max)
+            if session is None and self._inbound is not None:
+                # That node dials us (mesh_dialers). Look again now and then, quietly, but
+                # not while its session is up: each look is a whole handshake on both nodes,
+                # every reconnect_max for every pair (2.7: most of the full mesh's idle cost).
+                while not self._stop.wait(self.settings.reconnect_max) and \
+                        self.registry.get(self._inbound) is not None:
+                    pass
+                self._inbound = None
                 continue
             if session is None:
                 if not warned:
@@ -621,7 +625,7 @@ class Dialer(object):
             if self.failover is not None and hs.peer_name <= s.node_name:
                 # In the mesh the node of the lower name dials: one session per pair.
                 log.debug("node %s at %s dials us; not dialing it", hs.peer_name, peer)
-                self._inbound = True
+                self._inbound = hs.peer_name
                 _refuse_quietly(ch)
                 return None
             if hs.peer_role != "master" and self.failover is None:
