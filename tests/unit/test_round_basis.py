@@ -21,6 +21,8 @@ from wazuh_cluster import budget, catalog, compat, config, db, inbox, localsock,
 from wazuh_cluster.session import Session
 
 from test_channel import channel_pair
+from test_failover import Clock
+from test_failover_fencing import Layout
 
 ITEMS, EXCLUDE = config.load_items(os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -100,13 +102,6 @@ class Daemon(object):
         self.thread.join(30)
 
 
-class Layout(object):
-    def __init__(self, home):
-        self.home = home
-        self.staging_dir = os.path.join(home, "queue", "cluster-staging")
-        self.db_file = os.path.join(home, "var", "db", "cluster.db")
-
-
 class ClientCfg(object):
     node_type = "client"
     node_name = "client01"
@@ -115,14 +110,6 @@ class ClientCfg(object):
     exclude = EXCLUDE
     options = OPTIONS
     nodes = ("127.0.0.1", "127.0.0.2")
-
-
-class Clock(object):
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def install(root, name):
