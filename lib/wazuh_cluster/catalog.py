@@ -261,7 +261,8 @@ class Catalog(object):
             self._last_poll = now
         elif now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
             # only what this node sends: a received client.keys is the peer's to push, and
-            # noticing its loss between polls made a client's round miss it (test_legacy)
+            # only the peer's round repairs its loss here (sooner is safe, see README's
+            # integrity rounds, but useless)
             changes = self.scanner.check_hot(self._own)
         else:
             return None
