@@ -33,6 +33,11 @@ KEYS_NAME = u"etc/client.keys"
 KEYS = b"001 web01 any 1111\n002 db01 10.0.0.5 2222\n"
 CONF_NAME = u"etc/shared/default/agent.conf"
 CONF = b"<agent_config></agent_config>\n"
+INFO_NAME = u"queue/agent-info/web01-any"
+INFO = b"Linux web01 3.10.0 - Wazuh v3.0.0\n"
+OTHER_INFO = (u"queue/agent-info/db01-10.0.0.5", b"Linux db01 3.10.0 - Wazuh v3.0.0\n")
+FILES_OF = {"master": [(KEYS_NAME, KEYS), (CONF_NAME, CONF)],
+            "client": [(INFO_NAME, INFO), OTHER_INFO]}
 LOG = logging.getLogger("test-round-basis")
 
 
@@ -112,6 +117,12 @@ class ClientCfg(object):
     nodes = ("127.0.0.1", "127.0.0.2")
 
 
+class MasterCfg(ClientCfg):
+    node_type = "master"
+    node_name = "master01"
+    is_master = True
+
+
 def install(root, name):
     home = os.path.join(root, name)
     for folder in ("etc/shared/default", "queue/agent-info", "queue/agent-groups", "var/db"):
@@ -137,48 +148,64 @@ def read(home, name):
 
 
 class Pair(object):
-    """A master and a client in step after a first round; the client's catalog has passed
-    over its copy since, so its next look at it is not due before a scan_interval."""
+    """A master and a client in step after a first round of `sender` (the master sends
+    client.keys and a shared file, the client its agent-info); the receiver's catalog has
+    passed over its copy since, so its own next look at it is not due before a
+    scan_interval."""
 
-    def __init__(self, root):
+    def __init__(self, root, sender="master"):
         self.master_home, self.client_home = install(root, "master"), install(root, "client")
-        write(self.master_home, KEYS_NAME, KEYS)
-        write(self.master_home, CONF_NAME, CONF)
+        for name, data in (FILES_OF[sender]):
+            write(self.master_home if sender == "master" else self.client_home, name, data)
         self.master = Daemon(self.master_home, "master", "master01")
         self.client = Daemon(self.client_home, "client", "client01")
         self.master.pass_now()
         self.client.pass_now()
         self.master.call("peer_seen", {"name": "client01", "role": "client"})
-        self.box = inbox.Inbox(ClientCfg(), Layout(self.client_home), self.client)
+        self.client.call("peer_seen", {"name": "master01", "role": "master"})
+        if sender == "master":
+            self.sender, self.receiver, self.receiver_home = self.master, self.client, \
+                self.client_home
+            cfg, peer = ClientCfg(), "client01"
+        else:
+            self.sender, self.receiver, self.receiver_home = self.client, self.master, \
+                self.master_home
+            cfg, peer = MasterCfg(), "master01"
+        self.peer = peer
+        self.box = inbox.Inbox(cfg, Layout(self.receiver_home), self.receiver)
         self.box.start()
         self.handlers = self.box.handlers()
-        to_client, to_master = channel_pair()   # to_client: the client's end (peer: master)
-        self.client_end = Session(to_client, self.handlers, 30.0, address=("127.0.0.1", 1))
-        self.master_end = Session(to_master, {}, 30.0, address=("127.0.0.2", 2),
-                                  budget=budget.Budget(64 << 20))
-        self.client_end.start()
-        self.master_end.start()
+        on_client, on_master = channel_pair()   # each end's peer: the other node
+        client_end = Session(on_client, {}, 30.0, address=("127.0.0.1", 1),
+                             budget=budget.Budget(64 << 20))
+        master_end = Session(on_master, {}, 30.0, address=("127.0.0.2", 2),
+                             budget=budget.Budget(64 << 20))
+        self.sender_end, self.receiver_end = (master_end, client_end) if sender == "master" \
+            else (client_end, master_end)
+        self.receiver_end.dispatcher = self.handlers
+        client_end.start()
+        master_end.start()
         self.clock = Clock()
-        self.sync = sync.PeerSync(self.master_end, self.master_home, "master", self.master,
-                                  ITEMS, 120.0, 0.05, 30.0, clock=self.clock,
-                                  phase=self.clock() % 120.0)
+        self.sync = sync.PeerSync(self.sender_end, self.master_home if sender == "master"
+                                  else self.client_home, sender, self.sender, ITEMS, 120.0,
+                                  0.05, 30.0, clock=self.clock, phase=self.clock() % 120.0)
         self.sync.full_round()
-        assert read(self.client_home, KEYS_NAME) == KEYS
-        assert self.row(KEYS_NAME) == "synchronized"
-        self.client.pass_now()   # the client's catalog has seen what it received
+        for name, data in FILES_OF[sender]:
+            assert read(self.receiver_home, name) == data
+            assert self.row(name) == "synchronized"
+        self.receiver.pass_now()   # the receiver's catalog has seen what it received
 
     def row(self, name):
-        rows = self.master.call("states", {"node": "client01", "files": [name]})["rows"]
+        rows = self.sender.call("states", {"node": self.peer, "files": [name]})["rows"]
         return rows[0][2] if rows else None
 
     def clear(self):
-        """Wazuh 3.0's `clear` on the master: every row pending, a round follows."""
-        self.master.run(lambda: self.master.catalog.db.reset_states(None))
-        assert self.row(KEYS_NAME) == "pending"
+        """Wazuh 3.0's `clear` on the sender: every row pending, a round follows."""
+        self.sender.run(lambda: self.sender.catalog.db.reset_states(None))
 
     def close(self):
-        self.master_end.close()
-        self.client_end.close()
+        self.sender_end.close()
+        self.receiver_end.close()
         self.master.stop()
         self.client.stop()
 
@@ -203,6 +230,7 @@ def test_a_round_sees_drift_made_on_the_peer_before_it_began(pair, drift):
     else:
         write(pair.client_home, KEYS_NAME, b"edited by hand on the client\n")
     pair.clear()
+    assert pair.row(KEYS_NAME) == "pending"
     pair.sync.full_round()
     assert read(pair.client_home, KEYS_NAME) == KEYS
     assert pair.row(KEYS_NAME) == "synchronized"
@@ -220,10 +248,11 @@ def test_drift_during_a_round_is_not_confirmed_and_the_next_round_repairs_it(pai
             os.unlink(path(pair.client_home, KEYS_NAME))  # right after the round's basis
         answered.append(args)
         return answer
-    pair.client_end.dispatcher = dict(pair.handlers, sync_summary=summary_then_removal)
+    pair.receiver_end.dispatcher = dict(pair.handlers, sync_summary=summary_then_removal)
     write(pair.master_home, CONF_NAME, CONF + b"<!-- changed -->\n")  # a bucket to compare
     pair.master.pass_now()
     pair.clear()
+    assert pair.row(KEYS_NAME) == "pending"
     pair.sync.full_round()
     assert read(pair.client_home, CONF_NAME) == CONF + b"<!-- changed -->\n"
     assert read(pair.client_home, KEYS_NAME) is None       # removed after the round's basis
@@ -246,7 +275,7 @@ def test_a_quiet_round_asks_for_no_second_summary(pair):
     def counting(session, args, data):
         asked.append(args)
         return pair.handlers["sync_summary"](session, args, data)
-    pair.client_end.dispatcher = dict(pair.handlers, sync_summary=counting)
+    pair.receiver_end.dispatcher = dict(pair.handlers, sync_summary=counting)
     pair.sync.full_round()
     assert len(asked) == 1 and pair.sync.last_round_ok
     assert pair.sync.next_round >= pair.clock() + 60.0
@@ -264,6 +293,43 @@ def test_buckets_the_round_wrote_to_are_not_checked_again(pair):
     write(pair.master_home, CONF_NAME, CONF + b"<!-- changed -->\n")
     pair.master.pass_now()
     pair.clear()
+    assert pair.row(KEYS_NAME) == "pending"
     pair.sync.full_round()
     assert read(pair.client_home, CONF_NAME) == CONF + b"<!-- changed -->\n"
     assert pair.row(same_bucket) == "synchronized" and pair.sync.last_round_ok
+
+
+@pytest.fixture
+def info_pair():
+    root = tempfile.mkdtemp(prefix="wzc-round-")
+    made = Pair(root, sender="client")
+    yield made
+    made.close()
+    shutil.rmtree(root)
+
+
+def test_agent_info_lost_on_the_master_during_a_clients_round_is_sent_again(info_pair):
+    """The other direction: a client's round confirms its agent-info on the master's copy
+    (the master's summary of the files that client reports); one removed there after that
+    summary is not recorded "synchronized", and the next round sends it again."""
+    pair = info_pair
+    answered = []
+
+    def summary_then_removal(session, args, data):
+        answer = pair.handlers["sync_summary"](session, args, data)
+        if not answered:
+            os.unlink(path(pair.master_home, INFO_NAME))
+        answered.append(args)
+        return answer
+    pair.receiver_end.dispatcher = dict(pair.handlers, sync_summary=summary_then_removal)
+    write(pair.client_home, OTHER_INFO[0], OTHER_INFO[1] + b"#changed\n")
+    pair.client.pass_now()
+    pair.clear()
+    assert pair.row(INFO_NAME) == "pending"
+    pair.sync.full_round()
+    assert read(pair.master_home, OTHER_INFO[0]) == OTHER_INFO[1] + b"#changed\n"
+    assert read(pair.master_home, INFO_NAME) is None and pair.row(INFO_NAME) == "pending"
+    assert pair.sync.next_round <= pair.clock() + sync.RETRY_DELAY
+    pair.clock.now = pair.sync.next_round
+    pair.sync.due(pair.clock())[0]()
+    assert read(pair.master_home, INFO_NAME) == INFO and pair.row(INFO_NAME) == "synchronized"
