@@ -261,7 +261,8 @@ class Catalog(object):
             self._last_poll = now
         elif now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
             # only what this node sends: a received client.keys is the peer's to push, and
-            # noticing its loss between polls made a client's round miss it (test_legacy)
+            # only the peer's round repairs its loss here (sooner is safe, see README's
+            # integrity rounds, but useless)
             changes = self.scanner.check_hot(self._own)
         else:
             return None
@@ -298,18 +299,25 @@ class Catalog(object):
                 self.log.error("cluster database write failed (%d times so far): %s",
                                self._db_errors, exc)
 
-    def _refresh_received(self, names=None):
+    def _refresh_received(self, names=None, at_once=False):
         """A peer asks for our copy of what it owns (its integrity round): make it current
         (only these `names` when given: a client asking about its own agent-info).
 
         The items this node only receives are otherwise fully passed every
         foreign_scan_interval; a hand edit there must be visible to the round that repairs
-        it. At most one such pass per scan_interval; its changes go out with the next tick.
+        it. The first look of a round (`at_once`: a summary, a whole manifest) always
+        passes: a round's basis must hold every change made before it began (a client.keys
+        removed by hand a moment after the last round's pass was counted as still there,
+        and the master confirmed it "synchronized" without sending it: test_legacy). Its
+        later steps (bucket manifests) pass at most once per scan_interval; the round
+        checks the peer's summary again before it confirms anything (sync.PeerSync.settle).
+        The changes found go out with the next tick.
         """
         now = self._clock()
         if names is not None:
             changes = self.scanner.check_files(names)
-        elif self._last_foreign is not None and now - self._last_foreign < self.scan_interval:
+        elif not at_once and self._last_foreign is not None and \
+                now - self._last_foreign < self.scan_interval:
             return
         else:
             changes = self.scanner.full_pass(self._foreign)
@@ -450,7 +458,7 @@ class Catalog(object):
             if only is not None:
                 self._refresh_received(only)
             else:
-                self._refresh_received()
+                self._refresh_received(at_once=buckets is None)  # a whole manifest: a round
         if only is not None:
             # A push asks about the few files it sends, not the whole catalogue.
             rows = (self.scanner.row(name) for name in only)
@@ -502,7 +510,7 @@ class Catalog(object):
             mine = self.db.agent_names(node)
             self._refresh_received([info + name for name in mine])
         elif source_is_foreign(args.get("source"), self.role):
-            self._refresh_received()  # these refreshes store changes: the cache empties
+            self._refresh_received(at_once=True)  # stored changes empty the cache
         cached = self._summaries.get(key)
         if cached is not None:
             return cached

@@ -198,6 +198,7 @@ class PeerSync(object):
         self.in_sync = None
         self.postponed = 0
         self.round_clean = True
+        self.written = set()   # summary buckets the running round sent something to (settle)
         # localedits.LocalEdits.pushed: tell what the peer applied of our pushes
         self.pushed = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
@@ -400,13 +401,18 @@ class PeerSync(object):
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
         states, counts = {}, [0, 0, 0, 0, 0]
+        self.written = set()
         for buckets in steps:
             states.update(self.round_step(buckets, groups, counts))
+        unsettled = 0
         if compared is not None:
             states.update(self.confirm_pending(pending, compared[0]))
+            unsettled = self.settle(states, compared[2])
         self.record(states)
         self.finished_round(self.clock())
-        self.last_round_ok = all(s == "synchronized" for s in states.values())
+        if unsettled:
+            self.next_round = min(self.next_round, self.clock() + RETRY_DELAY)
+        self.last_round_ok = not unsettled and all(s == "synchronized" for s in states.values())
         if version is not None:
             self.confirm_version(version, self.last_round_ok and self.round_clean and
                                  self.postponed == postponed)
@@ -416,29 +422,62 @@ class PeerSync(object):
                        counts[1], counts[2], counts[3], counts[4], self.clock() - started)
 
     def compare_summaries(self, everything):
-        """(buckets to compare, our group folders) from both summaries; every bucket when
-        `everything`; None when the peer knows no summaries (an older version)."""
+        """(buckets to compare, our group folders, the peer's summary) from both summaries;
+        every bucket when `everything`; None when the peer knows no summaries (an older
+        version)."""
         if not self.summaries:
             return None
         mine = self.link.call("summary", {"source": self.role, "groups": True})
         try:
-            result, _ = self.session.call("sync_summary", {"source": self.role},
-                                          timeout=self.request_timeout)
+            theirs = self.peer_summary()
         except RequestError as err:
             if err.code != "unknown_command":
                 raise
             self.log.info("%s knows no summaries: full manifests in every round.", self.peer)
             self.summaries = False
             return None
+        buckets = list(range(summary.BUCKETS)) if everything else \
+            summary.differing(summary.parse(mine["buckets"]), theirs)
+        return buckets, mine.get("groups") or [], theirs
+
+    def peer_summary(self):
+        """The peer's summary of its copy of our items, as of now (parsed)."""
+        result, _ = self.session.call("sync_summary", {"source": self.role},
+                                      timeout=self.request_timeout)
         try:
-            theirs = summary.parse(result.get("buckets") if isinstance(result, dict)
-                                   else None)
+            return summary.parse(result.get("buckets") if isinstance(result, dict) else None)
         except ProtocolError as err:
             raise RequestError("%s sent a malformed summary: %s" % (self.peer, err.message),
                                "protocol")
-        buckets = list(range(summary.BUCKETS)) if everything else \
-            summary.differing(summary.parse(mine["buckets"]), theirs)
-        return buckets, mine.get("groups") or []
+
+    def settle(self, states, basis):
+        """Leave out of `states` the "synchronized" this round did not get from a transfer
+        (a file compared equal, or pending and in a bucket whose summaries matched) when the
+        peer's copy changed in that bucket since `basis`, its summary this round began
+        from; returns how many were left out (then another round follows soon).
+
+        Those confirmations rest on the peer's copy as the summary or a step's manifest
+        showed it: a file the peer lost meanwhile (a client.keys removed by hand there,
+        noticed while the round ran) was recorded "synchronized" and not sent again until
+        the next interval. Buckets this round wrote to are confirmed by their transfers and
+        entries compared after the summary; their sums move because of them.
+        """
+        confirmed = [name for name, state in states.items() if state == "synchronized"
+                     and summary.bucket_of(name) not in self.written]
+        if not confirmed:
+            return 0
+        now = self.peer_summary()
+        moved = frozenset(b for b in range(summary.BUCKETS)
+                          if tuple(now[b]) != tuple(basis[b]))
+        dropped = [name for name in confirmed if summary.bucket_of(name) in moved]
+        for name in dropped:
+            del states[name]
+        if dropped:
+            self.round_clean = False
+            self.log.info("The copy on %s changed during a round: %d file(s) not confirmed "
+                          "(e.g. %s), compared again in %.0f s.", self.peer, len(dropped),
+                          sorted(dropped)[0], RETRY_DELAY)
+        return len(dropped)
 
     def round_step(self, buckets, groups, counts):
         """Compare and repair the files of these summary buckets (all when None); returns
@@ -454,6 +493,9 @@ class PeerSync(object):
             mine = dict((name, mine[name]) for name in send_meta)
             del theirs
         states = dict((name, "synchronized") for name in same)
+        if dirs:   # a folder's files are in any bucket
+            self.written.update(range(summary.BUCKETS))
+        self.written.update(summary.bucket_of(name) for name in send_data + send_meta + delete)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
         if any(s != "synchronized" for s in states.values()):
             self.round_clean = False      # also for what forget_unknown leaves out
