@@ -375,7 +375,8 @@ class Inbox(object):
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
                                                         peer=peer, known=known, learned=learned,
-                                                        fence=fence)
+                                                        fence=fence,
+                                                        replace=self.edits.replacer(edits))
             self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
@@ -573,7 +574,8 @@ class Inbox(object):
                                                    held["mtime_ns"], False)], []
             edits = self.edits.before(files, deletes, [])
             states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master",
-                                                        fence=self.held_fence(held))
+                                                        fence=self.held_fence(held),
+                                                        replace=self.edits.replacer(edits))
             self.edits.after(edits, states)
             if states.get(self.keys_name) != "synchronized":
                 raise RequestError("could not apply the held client.keys: %s"
