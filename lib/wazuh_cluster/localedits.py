@@ -177,7 +177,7 @@ class LocalEdits(object):
                        dict((path, (name, sha)) for name, path, sha, _meta in written))
         at_risk = {}
         for name, path, sha in changes:
-            local = token.seen[path] = _sha_of(path)
+            local, token.seen[path] = _read(path)
             if self._is_edit(name, local, sha):
                 at_risk[path] = (name, local)
         if at_risk:
@@ -235,8 +235,11 @@ class LocalEdits(object):
         at_risk = []
         for kept, target in token.replaced:
             name, sha = token.targets[target]
+            seen = token.seen.get(target)
+            if seen is not None and _fingerprint(kept) == seen[1]:
+                continue       # the very file before() read, not written since
             local = _sha_of(kept)
-            if local != token.seen.get(target, sha) and self._is_edit(name, local, sha):
+            if local != (seen or (sha,))[0] and self._is_edit(name, local, sha):
                 at_risk.append((kept, target, name, local))
         if at_risk:
             try:
@@ -469,6 +472,43 @@ class LocalEdits(object):
         return given[len(prefix):] if given.startswith(prefix) else given.lstrip("/")
 
 
+def _read(path):
+    """(SHA-256, (SHA-256, fingerprint)) of the regular file at `path`, as _sha_of; the
+    fingerprint (device, inode, size, mtime) when the file did not change while it was
+    read, else None. The check after a rename (LocalEdits._check_replaced) hashes the
+    replaced file again only when its fingerprint moved: any write changes the mtime (the
+    rename itself moves the ctime, so that cannot serve), and the fstat here makes the
+    next write's mtime a fine-grained one on kernels with multigrain timestamps (6.13+);
+    before them, a rewrite of the same size within one timestamp tick (a few ms) of the
+    write before this read would pass unseen."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None, (None, None)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, (None, None)
+        sha = fsops.sha256_of_fd(fd)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    same = (st.st_size, compat.stat_mtime_ns(st), st.st_ctime) == \
+        (after.st_size, compat.stat_mtime_ns(after), after.st_ctime)
+    return sha, (sha, _stat_fingerprint(st) if same else None)
+
+
+def _fingerprint(path):
+    try:
+        return _stat_fingerprint(os.lstat(path))
+    except OSError:
+        return None
+
+
+def _stat_fingerprint(st):
+    return (st.st_dev, st.st_ino, st.st_size, compat.stat_mtime_ns(st))
+
+
 def _sha_of(path):
     """SHA-256 of the regular file at `path`; None when absent (nothing to lose) or not a
     regular file (a symlink: the receiver refuses to replace it)."""
@@ -489,7 +529,7 @@ class _Batch(list):
     def __init__(self, pairs, targets):
         list.__init__(self, pairs)
         self.targets = targets    # {local path: (name, the leader's SHA-256)} of files written
-        self.seen = {}            # {local path: SHA-256 or None} as before() read it
+        self.seen = {}            # {local path: (SHA-256, fingerprint)} as before() read it
         self.replaced = []        # (path now naming the file a rename replaced, target path)
 
 
@@ -501,7 +541,12 @@ def _link_and_rename(temp, target):
         os.link(target, side)
     except OSError:
         side = None     # nothing there (or no link possible): what before() saw is all
-    os.rename(temp, target)
+    try:
+        os.rename(temp, target)
+    except OSError:
+        if side is not None:
+            _unlink_quietly(side)
+        raise
     return side
 
 
