@@ -9,26 +9,16 @@ from __future__ import absolute_import, division, print_function
 import socket
 import threading
 
-from wazuh_cluster import channel, compat, peers
+from wazuh_cluster import channel, peers
 from wazuh_cluster.channel import NonceBook, SecureChannel
 from wazuh_cluster.errors import HandshakeError
 from wazuh_cluster.session import Session
 
-from test_channel import KEY, handshake
+from test_channel import KEY, handshake, wait_for
 from test_failover import Clock, node
 
 LOWER = "127.0.0.1"     # alpha: dials us
 OURS = "127.0.0.2"      # beta
-
-
-def wait_for(predicate, timeout=15.0, step=0.01):
-    """Poll `predicate` until true or `timeout` passes; returns its last value."""
-    end = compat.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or compat.monotonic() > end:
-            return value
-        threading.Event().wait(step)
 
 
 class Listener(object):
