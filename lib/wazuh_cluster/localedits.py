@@ -512,14 +512,7 @@ def _stat_fingerprint(st):
 def _sha_of(path):
     """SHA-256 of the regular file at `path`; None when absent (nothing to lose) or not a
     regular file (a symlink: the receiver refuses to replace it)."""
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
-        return None
-    try:
-        return fsops.sha256_of_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    finally:
-        os.close(fd)
+    return _read(path)[0]
 
 
 class _Batch(list):
