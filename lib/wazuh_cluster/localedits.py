@@ -529,7 +529,8 @@ class _Batch(list):
 def _link_and_rename(temp, target):
     """rename(temp, target) keeping the replaced file under a hard link taken just before
     (see LocalEdits.replacer); the link's path, or None when there was nothing to link."""
-    side = os.path.join(os.path.dirname(temp), staging.side_name(os.path.basename(target)))
+    base = compat.to_text(os.path.basename(target), errors="replace")
+    side = os.path.join(os.path.dirname(temp), compat.native_str(staging.side_name(base)))
     try:
         os.link(target, side)
     except OSError:
