@@ -329,13 +329,14 @@ class Failover(object):
         with self.lock:
             return self.election.term if self.election.is_acting(self.clock()) else None
 
-    def follows(self, peer_name):
-        """`peer_name` leads the highest term this node knows and this node does not act as
-        leader, both now in one look (the removal guard asks it: inbox.py)."""
+    def follows(self, session):
+        """The node at the other end of `session` leads the highest term this node knows and
+        this node does not act as leader, both now in one look (the removal guard asks it:
+        inbox.py)."""
         with self.lock:
             e = self.election
             return e.leader not in (None, self.me) and not e.is_acting(self.clock()) and \
-                self._name(e.leader) == peer_name
+                self.sessions.get(e.leader) is session
 
     def new_version(self):
         """[term, seq]: this acting leader's master-owned files changed (the change is queued
@@ -351,10 +352,11 @@ class Failover(object):
             e = self.election
             return [e.last[0], e.last[1]] if e.is_acting(self.clock()) else None
 
-    def check_transfer(self, peer_name, header):
-        """Fencing: returns when master-owned files from `peer_name` with this header (hostile:
-        {"term": int}, and "version": [term, seq] on a confirmation) may be applied;
-        RequestError stale_term else."""
+    def check_transfer(self, session, header):
+        """Fencing: returns when master-owned files from the node at the other end of
+        `session` with this header (hostile: {"term": int}, and "version": [term, seq] on a
+        confirmation) may be applied; RequestError stale_term else."""
+        peer_name = session.peer_name
         if not isinstance(header, dict):
             header = {}
         # the fields of a heartbeat are the same: term, and [term, seq] as "last"
@@ -370,7 +372,7 @@ class Failover(object):
         if checked["last"][0] != term:
             raise RequestError("master-owned files from %s: version %s not of term %d" % (
                 text.printable(peer_name), list(checked["last"]), term), "stale_term")
-        voter = self._connected_voter(peer_name)
+        voter = self._live_voter(session)
         allowed = []
 
         def step(now):
@@ -383,37 +385,42 @@ class Failover(object):
                                "of the highest term known" % (text.printable(peer_name), term),
                                "stale_term")
 
-    def _connected_voter(self, peer_name, connected=True):
+    def _live_voter(self, session):
+        """The <nodes> entry of `session`, a session live now. Never looked up by node name:
+        a name is what a peer says it is (any holder of the key may say another's), and one
+        name can be on record for two entries (a node once connected under another's name),
+        so a lookup by name could give the leader's changes to the wrong entry and refuse
+        them. The entry comes from the address the session was made with (voter_of)."""
+        voter = self.voter_of(session)
         with self.lock:
-            voters = [v for v, name in self.names.items()
-                      if name == peer_name and (v in self.sessions or not connected)]
-        if not voters:
-            raise RequestError("master-owned files from %s, which is not a %svoter"
-                               % (text.printable(peer_name), "connected " if connected else ""),
-                               "stale_term")
-        return voters[0]
+            live = voter is not None and self.sessions.get(voter) is session
+        if not live:
+            raise RequestError("master-owned files from %s, which is not a connected voter"
+                               % text.printable(session.peer_name), "stale_term")
+        return voter
 
-    def fence(self, peer_name, term):
+    def fence(self, voter, term):
         """For receive.Receiver, after check_transfer: run(change) makes a change of a
-        master-owned file (a rename, an unlink) and returns True only while `peer_name` still
-        leads `term`, checked under the lock that adopts a higher term: once this node knows
-        a higher term, no change of the deposed leader's batch is made any more. (Connected
-        or not: the held client.keys is applied later, inbox.confirm_removals.)"""
-        voter = self._connected_voter(peer_name, connected=False)
+        master-owned file (a rename, an unlink) and returns True only while `voter` (a
+        <nodes> entry: voter_of the batch's session, or the one recorded with the held
+        client.keys) still leads `term`, checked under the lock that adopts a higher term:
+        once this node knows a higher term, no change of the deposed leader's batch is made
+        any more. (Connected or not: the held client.keys is applied later,
+        inbox.confirm_removals.)"""
 
         def run(change):
             with self.lock:
-                if not self.election.still_leads(voter, term):
+                if voter is None or not self.election.still_leads(voter, term):
                     return False
                 change()
                 return True
         return run
 
-    def confirm(self, peer_name, header):
+    def confirm(self, session, header):
         """A confirmation (inbox: an empty batch with {term, version}, passed check_transfer):
         this node holds all of the leader's state up to the version. Recorded only while the
         sender still leads that term."""
-        voter = self._connected_voter(peer_name)
+        voter = self._live_voter(session)
         with self.lock:
             if self.election.still_leads(voter, header["term"]):
                 self.election.change_applied(tuple(header["version"]))

@@ -71,10 +71,55 @@ def load_futimens():
     return futimens
 
 
-# Module level so that a test can set it to None and exercise the per-file fsync path;
-# callers read it as fsops.SYNCFS at each use.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+# renameat2's system call number where the C library has no wrapper (glibc < 2.28)
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}
+
+
+def load_renameat2():
+    """renameat2(2) through ctypes as renameat2(old, new, flags): the C library's function,
+    else the system call on x86_64 and aarch64; None where neither can be had. A kernel
+    older than 3.15 answers ENOSYS, a file system without the flag EINVAL."""
+    if ctypes is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    func = getattr(libc, "renameat2", None)
+    if func is not None:
+        func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+        call = func
+    else:
+        number = _SYS_RENAMEAT2.get(os.uname()[4])
+        syscall = getattr(libc, "syscall", None)
+        if number is None or syscall is None:
+            return None
+        syscall.restype = ctypes.c_long
+
+        def call(olddir, old, newdir, new, flags):
+            return syscall(ctypes.c_long(number), ctypes.c_int(olddir), ctypes.c_char_p(old),
+                           ctypes.c_int(newdir), ctypes.c_char_p(new), ctypes.c_uint(flags))
+
+    def renameat2(old, new, flags):
+        if call(_AT_FDCWD, _path_bytes(old), _AT_FDCWD, _path_bytes(new), flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), new)
+    return renameat2
+
+
+def _path_bytes(path):
+    if isinstance(path, bytes):
+        return path
+    encode = getattr(os, "fsencode", None)       # 3.x; a 2.7 path here is bytes already
+    return encode(path) if encode is not None else path.encode("utf-8")
+
+
+# Module level so that a test can set it to None and exercise the per-file fsync path (the
+# link-and-rename path of swap_in); callers read them as fsops.NAME at each use.
 SYNCFS = load_syncfs()
 FUTIMENS = None if _UTIME_FD else load_futimens()
+RENAMEAT2 = load_renameat2()
 
 
 def utime_by_fd():
@@ -95,6 +140,26 @@ def set_mtime(fd, path, mtime_ns):
         compat.set_mtime_ns(path, mtime_ns)
     else:
         raise OSError(errno.ENOSYS, "no way to set a file's times through its descriptor")
+
+
+def swap_in(temp, target):
+    """Put the file `temp` at `target` in one atomic step and return True when `temp` now
+    names exactly the file that was at `target` (RENAME_EXCHANGE), False when there was none
+    (RENAME_NOREPLACE: a file created there meanwhile is never overwritten unseen). OSError
+    ENOSYS or EINVAL where the kernel or the file system cannot (callers fall back)."""
+    if RENAMEAT2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", target)
+    # (flag, the error meaning "try the other", what success means)
+    tries = ((RENAME_EXCHANGE, errno.ENOENT, True), (RENAME_NOREPLACE, errno.EEXIST, False))
+    for _ in range(3):
+        for flag, other, swapped in tries:
+            try:
+                RENAMEAT2(temp, target, flag)
+                return swapped
+            except OSError as exc:
+                if exc.errno != other:
+                    raise
+    raise OSError(errno.EAGAIN, "the target keeps appearing and vanishing", target)
 
 
 def fsync_folder(path):

@@ -248,7 +248,7 @@ class Inbox(object):
             self.check_acting(session)
             return "client"
         try:
-            self.failover.check_transfer(session.peer_name, args)
+            self.failover.check_transfer(session, args)
         except RequestError as err:
             self.failover.refused(session.peer_name, "batch refused: %s" % err)
             raise
@@ -341,7 +341,7 @@ class Inbox(object):
         if sender_role == "master" and self.failover is not None:
             if "version" in args:
                 return self.confirmation(session, args)
-            fence = self.failover.fence(session.peer_name, args["term"])
+            fence = self.failover.fence(self.voter(session), args["term"])
         # Deltas become whole files first: everything below sees what a whole file brings.
         args, data, delta_refused = self.deltas.expand(args, data, sender_role,
                                                        session.peer_name)
@@ -363,11 +363,11 @@ class Inbox(object):
         # other batches are applied alongside each other (the receiver claims names).
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
-            guarded = self.guards_removals(peer, sender_role, incoming, deletes)
+            guarded = self.guards_removals(session, sender_role, incoming, deletes)
             appended = guarded and self.only_appended(incoming)
             if guarded:
                 incoming, deletes, hold = self.guard_keys(
-                    incoming, deletes, (peer, args.get("term")), appended)
+                    incoming, deletes, (self.voter(session), args.get("term")), appended)
             written = None
             before = self.read_keys() if hold is None and not appended and \
                 self.touches_keys(incoming, deletes) else None
@@ -375,7 +375,8 @@ class Inbox(object):
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
                                                         peer=peer, known=known, learned=learned,
-                                                        fence=fence)
+                                                        fence=fence,
+                                                        replace=self.edits.replacer(edits))
             self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"
@@ -411,7 +412,7 @@ class Inbox(object):
         by check_transfer). Only an empty batch is one: files never come with a version."""
         if any(args.get(key) for key in ("files", "meta", "delete", "delete_dirs", "deltas")):
             raise _bad("a batch with files carries no version")
-        self.failover.confirm(session.peer_name, args)
+        self.failover.confirm(session, args)
         return {"states": {}}, b""
 
     def refuse_deletes(self, peer, names):
@@ -431,8 +432,8 @@ class Inbox(object):
 
     # -- client.keys on a client ----------------------------------------------------------------
 
-    def guards_removals(self, peer, sender_role, incoming, deletes):
-        """True when a client.keys change in this batch from `peer` goes through the removal
+    def guards_removals(self, session, sender_role, incoming, deletes):
+        """True when a client.keys change in this batch from `session` goes through the removal
         guard: it comes from the master to a client. With cluster.failover=1 that is decided
         now, from the election (the sender leads the highest term known and this node does
         not act as leader), not from this inbox's role: the role follows the election a
@@ -445,10 +446,10 @@ class Inbox(object):
             return self.role != "master" and sender_role == "master"
         if sender_role != "master" or not self.touches_keys(incoming, deletes):
             return False
-        if not self.failover.follows(peer):
+        if not self.failover.follows(session):
             raise RequestError("a client.keys change from %s refused: it does not lead the "
                                "highest term known, or this node acts as leader"
-                               % text.printable(peer), "stale_term")
+                               % text.printable(session.peer_name), "stale_term")
         return True
 
     def touches_keys(self, incoming, deletes):
@@ -506,7 +507,8 @@ class Inbox(object):
     def guard_keys(self, incoming, deletes, source=(None, None), appended=False):
         """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);
         agents marked removed pass, and agents `appended` with new IDs (only_appended).
-        `source`: (node, term) of the batch (term with failover)."""
+        `source`: (voter, term) of the batch with failover (Inbox.voter), (None, None)
+        without."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
@@ -572,7 +574,8 @@ class Inbox(object):
                                                    held["mtime_ns"], False)], []
             edits = self.edits.before(files, deletes, [])
             states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master",
-                                                        fence=self.held_fence(held))
+                                                        fence=self.held_fence(held),
+                                                        replace=self.edits.replacer(edits))
             self.edits.after(edits, states)
             if states.get(self.keys_name) != "synchronized":
                 raise RequestError("could not apply the held client.keys: %s"
@@ -583,9 +586,15 @@ class Inbox(object):
                          len(removed))
         return {"removed": [a.name for a in removed]}
 
+    def voter(self, session):
+        """With failover, the <nodes> entry of the node at the other end of `session` (its
+        identity for fencing: never its node name, see failover.Failover._live_voter)."""
+        return None if self.failover is None else self.failover.voter_of(session)
+
     def held_fence(self, held):
-        """Failover: the held change is applied only while its sender still leads the term
-        it came in (failover.fence), as any master-owned file; None with failover off."""
+        """Failover: the held change is applied only while its sender (held["from"], a
+        <nodes> entry) still leads the term it came in (failover.fence), as any master-owned
+        file; None with failover off."""
         if self.failover is None:
             return None
         if not isinstance(held.get("from"), compat.string_types) or \

@@ -22,7 +22,9 @@ The backup of a batch is one folder, backup/cluster/TERM-YYYYmmddHHMMSS (local t
 when taken), with the files under their relative paths. It is built under a temporary name,
 every file and folder fsync'd, then renamed into place and its parent fsync'd: after a crash
 it is complete or absent, and the files it protects are replaced only after that (the batch
-is refused when the backup cannot be made; the leader sends it again).
+is refused when the backup cannot be made; the leader sends it again). An edit made while the
+batch is applied, after before() looked, is caught from what each rename actually replaced
+(LocalEdits.replacer) and backed up in a folder of its own right after the rename.
 cluster_control -i lists the backed-up files until they are acknowledged
 (cluster_control --ack-backups): acknowledged paths are recorded in
 var/db/cluster-backups-acked.json, the files stay.
@@ -38,7 +40,7 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import agents, compat, electionstore, fsops
+from wazuh_cluster import agents, compat, electionstore, fsops, staging
 from wazuh_cluster.errors import PathRefused, RequestError
 from wazuh_cluster.pathrules import escape, locate
 from wazuh_cluster.scanner import Scanner
@@ -163,27 +165,103 @@ class LocalEdits(object):
         if not backups_wanted(self.failover, self.acting()):
             return None
         # (name, local path, the leader's SHA-256 or None for a deletion), master-owned only
-        changes = [(f.name, self._master_path(f.name), f.sha256) for f in incoming
-                   if not f.meta_only and isinstance(f.sha256, compat.string_types)]
+        written = [(f.name, self._master_path(f.name), f.sha256, f.meta_only) for f in incoming
+                   if isinstance(f.sha256, compat.string_types)]
+        written = [entry for entry in written if entry[1] is not None]
+        changes = [(name, path, sha) for name, path, sha, meta_only in written if not meta_only]
         changes.extend((name, self._master_path(name), None) for name in deletes)
         for folder in dirs:
             changes.extend((name, path, None) for name, path in self._files_below(folder))
         changes = [change for change in changes if change[1] is not None]
+        token = _Batch([(name, sha) for name, _path, sha in changes],
+                       dict((path, (name, sha)) for name, path, sha, _meta in written))
         at_risk = {}
         for name, path, sha in changes:
-            local = _sha_of(path)
-            if local is not None and local != sha and local != self.received.get(name) \
-                    and local != self.backed_up.get(name):
+            local, token.seen[path] = _read(path)
+            if self._is_edit(name, local, sha):
                 at_risk[path] = (name, local)
         if at_risk:
-            self._back_up(sorted(at_risk))
+            try:
+                self._back_up([(path, os.path.relpath(path, self.home))
+                               for path in sorted(at_risk)])
+            except (IOError, OSError) as exc:
+                self.log.error("cannot back up local edits before applying the leader's "
+                               "files: %s; the batch is refused", fsops.why(exc))
+                raise RequestError("local edits could not be backed up", "failed")
             self.backed_up.update(at_risk.values())
-        return [(name, sha) for name, _path, sha in changes]
+        return token
+
+    def _is_edit(self, name, local, sha):
+        """A local version `local` of `name` is an edit to keep when the leader's `sha`
+        replaces it: neither that, nor what was received, nor backed up already."""
+        return local is not None and local != sha and local != self.received.get(name) \
+            and local != self.backed_up.get(name)
+
+    def replacer(self, token):
+        """For receive.Receiver.apply_batch(replace=): how the files of the batch before()
+        returned `token` for are put in place; None when it returned None.
+
+        before() hashed each local file, but the batch's rename comes later (its files are
+        received and flushed first): an operator's edit in between (manage_agents appending
+        to client.keys) would be replaced unseen. So the rename is an exchange,
+        renameat2(RENAME_EXCHANGE) (Linux 3.15+; ext4, xfs, btrfs, tmpfs): in one atomic
+        step the leader's file takes the name and the temporary name takes exactly the file
+        that was there, whatever happened to it since before() looked; after() hashes that
+        and backs it up if it is an edit nobody kept. Where the kernel or the file system
+        cannot exchange, a hard link to the current file is taken right before a plain
+        rename: edits made in place (appends, writes through an open descriptor) land in
+        the linked file and are caught the same way, and only a file put there by another
+        rename within the microseconds between the link and the rename goes unseen."""
+        if token is None:
+            return None
+        return lambda temp, target: self._replace(token, temp, target)
+
+    def _replace(self, token, temp, target):
+        if target not in token.targets:
+            os.rename(temp, target)
+            return
+        try:
+            kept = temp if fsops.swap_in(temp, target) else None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+                raise
+            kept = _link_and_rename(temp, target)
+        if kept is not None:
+            token.replaced.append((kept, target))
+
+    def _check_replaced(self, token):
+        """Back up what the batch's renames replaced (replacer) when it is an edit made
+        after before() looked; then remove it."""
+        at_risk = []
+        for kept, target in token.replaced:
+            name, sha = token.targets[target]
+            seen = token.seen.get(target)
+            if seen is not None and _fingerprint(kept) == seen[1]:
+                continue       # the very file before() read, not written since
+            local = _sha_of(kept)
+            if local != (seen or (sha,))[0] and self._is_edit(name, local, sha):
+                at_risk.append((kept, target, name, local))
+        if at_risk:
+            try:
+                self._back_up([(kept, os.path.relpath(target, self.home))
+                               for kept, target, _name, _local in at_risk])
+                self.backed_up.update((name, local) for _k, _t, name, local in at_risk)
+            except (IOError, OSError) as exc:
+                self.log.error("cannot back up local edits replaced by the leader's files "
+                               "while the batch was applied: %s; they are kept as %s until "
+                               "wazuh-clusterd restarts", fsops.why(exc),
+                               ", ".join(escape(kept) for kept, _t, _n, _l in at_risk))
+                token.replaced = [entry for entry in token.replaced
+                                  if entry[0] not in set(a[0] for a in at_risk)]
+        for kept, _target in token.replaced:
+            _unlink_quietly(kept)
 
     def after(self, token, states):
         """Record what the batch applied (token: what before() returned)."""
         if token is None:
             return
+        if getattr(token, "replaced", None):
+            self._check_replaced(token)
         with self.lock:
             changed = False
             for name, sha in token:
@@ -263,9 +341,11 @@ class LocalEdits(object):
 
     # -- the backup folder --------------------------------------------------------------------
 
-    def _back_up(self, paths):
-        """Copy the files at `paths` (absolute, below home) into one new backup folder."""
-        names = [os.path.relpath(path, self.home) for path in paths]
+    def _back_up(self, sources):
+        """Copy the files (path, name relative to home) into one new backup folder; OSError
+        when it cannot be made (nothing left of it)."""
+        paths = [path for path, _name in sources]
+        names = [name for _path, name in sources]
         term = self.term()
         stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(self.clock()))
         with self.lock:
@@ -287,12 +367,10 @@ class LocalEdits(object):
                 os.rename(temp, final)
                 temp = None
                 fsops.fsync_folder(self.root)
-            except (IOError, OSError) as exc:
+            except (IOError, OSError):
                 if temp is not None:
                     fsops.rmtree(temp)
-                self.log.error("cannot back up local edits before applying the leader's "
-                               "files: %s; the batch is refused", fsops.why(exc))
-                raise RequestError("local edits could not be backed up", "failed")
+                raise
         shown = os.path.join(os.path.join(*BACKUP_DIR), os.path.basename(final))
         for name in names[:WARNED_PER_BATCH]:
             self.log.warning("local edit of %s replaced by the leader's version; the local "
@@ -394,17 +472,83 @@ class LocalEdits(object):
         return given[len(prefix):] if given.startswith(prefix) else given.lstrip("/")
 
 
-def _sha_of(path):
-    """SHA-256 of the regular file at `path`; None when absent (nothing to lose) or not a
-    regular file (a symlink: the receiver refuses to replace it)."""
+def _read(path):
+    """(SHA-256, (SHA-256, fingerprint)) of the regular file at `path`, as _sha_of; the
+    fingerprint (device, inode, size, mtime) when the file did not change while it was
+    read, else None. The check after a rename (LocalEdits._check_replaced) hashes the
+    replaced file again only when its fingerprint moved: any write changes the mtime (the
+    rename itself moves the ctime, so that cannot serve), and the fstat here makes the
+    next write's mtime a fine-grained one on kernels with multigrain timestamps (6.13+);
+    before them, a rewrite of the same size within one timestamp tick (a few ms) of the
+    write before this read would pass unseen."""
     try:
         fd = os.open(path, _READ_FLAGS)
     except OSError:
-        return None
+        return None, (None, None)
     try:
-        return fsops.sha256_of_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, (None, None)
+        sha = fsops.sha256_of_fd(fd)
+        after = os.fstat(fd)
     finally:
         os.close(fd)
+    same = (st.st_size, compat.stat_mtime_ns(st), st.st_ctime) == \
+        (after.st_size, compat.stat_mtime_ns(after), after.st_ctime)
+    return sha, (sha, _stat_fingerprint(st) if same else None)
+
+
+def _fingerprint(path):
+    try:
+        return _stat_fingerprint(os.lstat(path))
+    except OSError:
+        return None
+
+
+def _stat_fingerprint(st):
+    return (st.st_dev, st.st_ino, st.st_size, compat.stat_mtime_ns(st))
+
+
+def _sha_of(path):
+    """SHA-256 of the regular file at `path`; None when absent (nothing to lose) or not a
+    regular file (a symlink: the receiver refuses to replace it)."""
+    return _read(path)[0]
+
+
+class _Batch(list):
+    """What before() returns: the (name, SHA-256 or None) pairs after() records, with what
+    the batch's renames need (LocalEdits.replacer)."""
+
+    def __init__(self, pairs, targets):
+        list.__init__(self, pairs)
+        self.targets = targets    # {local path: (name, the leader's SHA-256)} of files written
+        self.seen = {}            # {local path: (SHA-256, fingerprint)} as before() read it
+        self.replaced = []        # (path now naming the file a rename replaced, target path)
+
+
+def _link_and_rename(temp, target):
+    """rename(temp, target) keeping the replaced file under a hard link taken just before
+    (see LocalEdits.replacer); the link's path, or None when there was nothing to link."""
+    base = compat.to_text(os.path.basename(target), errors="replace")
+    side = os.path.join(os.path.dirname(temp), compat.native_str(staging.side_name(base)))
+    try:
+        os.link(target, side)
+    except OSError:
+        side = None     # nothing there (or no link possible): what before() saw is all
+    try:
+        os.rename(temp, target)
+    except OSError:
+        if side is not None:
+            _unlink_quietly(side)
+        raise
+    return side
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _valid_record(record):

@@ -141,7 +141,7 @@ class Receiver(object):
         self.claims = claims.Claims()
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None,
-                    known=None, learned=None, fence=None):
+                    known=None, learned=None, fence=None, replace=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
@@ -167,13 +167,19 @@ class Receiver(object):
             sender no longer leads its term: each rename, unlink, folder removal and mtime
             set in place goes through it, and what it refuses is `invalid`, logged in one
             line for the batch.
+        replace: with failover on a node that does not act as leader,
+            localedits.LocalEdits.replacer: replace(temp, target) instead of os.rename puts
+            each file in place (and keeps what it replaced for a check).
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
-        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence)
+        return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence,
+                           replace)
 
-    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned, fence=None):
+    def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned, fence=None,
+               replace=None):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
         batch.fence = fence
+        batch.replace = replace or os.rename
         batch.known = known or {}
         batch.learned = learned if learned is not None else []
         try:
@@ -299,6 +305,7 @@ class _Batch(object):
         self.started = time.time()
         self.laps = [0.0, 0.0, 0.0]  # flushed, renamed, folders flushed (for the log)
         self.fence = None      # see Receiver.apply_batch
+        self.replace = os.rename
         self.fenced = []       # names it refused
 
     def run(self, name, action, arg):
@@ -598,7 +605,7 @@ class _Batch(object):
             if entry.temp is None:
                 continue
             try:
-                self._change(os.rename, entry.temp, entry.target)
+                self._change(self.replace, entry.temp, entry.target)
             except _Fenced:
                 _unlink_quietly(entry.temp)
                 self._refuse_fenced(entry.name)

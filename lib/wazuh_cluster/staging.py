@@ -47,6 +47,14 @@ def staged_name(base):
     return base[:MAX_COMPONENT - _STAGED_OVERHEAD] + "." + random + ".tmp"
 
 
+def side_name(base):
+    """A fresh name, next to a temporary file, for a file its rename replaces
+    (localedits: kept for a check, then removed): `.NAME.RANDOM.tmp`, a name the crash
+    cleanup removes in the staging folder and in the item folders alike."""
+    random = binascii.hexlify(os.urandom(_RANDOM_HEX // 2)).decode("ascii")
+    return "." + base[:MAX_COMPONENT - _LEGACY_OVERHEAD] + "." + random + ".tmp"
+
+
 def in_place_name(base):
     """Wazuh 3.0's temporary name, next to the target: `base.tmp.cluster`."""
     return base[:MAX_COMPONENT - len(TEMP_SUFFIX)] + TEMP_SUFFIX

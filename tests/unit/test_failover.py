@@ -67,6 +67,19 @@ def connect(a, b):
     return sa, sb
 
 
+def peer(node, name):
+    """`node`'s live session with the node named `name` (the identity fencing goes by)."""
+    found = [s for s in node.sessions.values() if s.peer_name == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+class Stranger(object):
+    """A session from an address that is none of <nodes>."""
+    peer_name = "delta"
+    address = ("127.0.0.9", 1)
+
+
 def run_until(nodes, clock, condition, step=0.01, limit=20000):
     """Advance the shared clock by `step` and tick every node until `condition()` holds;
     between ticks the frames travel (polled, bounded)."""
@@ -128,21 +141,21 @@ def test_master_owned_batches_are_fenced_by_term_and_every_field_is_checked(clus
     run_until(cluster[0], clock, lambda: alpha.is_acting() and beta.leader_name() == "alpha")
     version = alpha.new_version()
     assert version == [1, 1]
-    beta.check_transfer("alpha", {"term": 1})                  # a batch: the term only
-    beta.check_transfer("alpha", {"term": 1, "version": version})     # a confirmation
-    beta.confirm("alpha", {"term": 1, "version": version})
+    beta.check_transfer(peer(beta, "alpha"), {"term": 1})                  # a batch: the term only
+    beta.check_transfer(peer(beta, "alpha"), {"term": 1, "version": version})     # a confirmation
+    beta.confirm(peer(beta, "alpha"), {"term": 1, "version": version})
     assert beta.status()["last"] == [1, 1]
     for bad in (None, [], {}, {"term": "1", "version": [1, 1]}, {"term": True, "version": [1, 1]},
                 {"version": [1, 1]}, {"term": 1, "version": [1]}, {"term": 1, "version": [2, 0]},
                 {"term": 1, "version": [1, -1]}, {"term": 2 ** 60, "version": [1, 1]}):
         with pytest.raises(RequestError) as info:
-            beta.check_transfer("alpha", bad)
+            beta.check_transfer(peer(beta, "alpha"), bad)
         assert info.value.code == "stale_term"
     with pytest.raises(RequestError) as info:       # not the leader of the term
-        beta.check_transfer("gamma", {"term": 1, "version": [1, 2]})
+        beta.check_transfer(peer(beta, "gamma"), {"term": 1, "version": [1, 2]})
     assert info.value.code == "stale_term"
     with pytest.raises(RequestError) as info:       # no session with that node
-        beta.check_transfer("delta", {"term": 1, "version": [1, 2]})
+        beta.check_transfer(Stranger(), {"term": 1, "version": [1, 2]})
     assert info.value.code == "stale_term"
 
 
@@ -152,7 +165,7 @@ def test_an_older_term_is_refused_once_a_newer_is_known(cluster):
     with beta.lock:   # as if beta had heard of a later election
         beta.election.term = 5
     with pytest.raises(RequestError) as info:
-        beta.check_transfer("alpha", {"term": 1, "version": [1, 3]})
+        beta.check_transfer(peer(beta, "alpha"), {"term": 1, "version": [1, 3]})
     assert info.value.code == "stale_term" and "refused" in info.value.message
 
 

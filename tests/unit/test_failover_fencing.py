@@ -17,7 +17,7 @@ from wazuh_cluster.errors import ClusterError, RequestError
 from wazuh_cluster.session import Session as RealSession
 
 from test_channel import channel_pair
-from test_failover import OPTIONS, cluster, db_folder, node, run_until  # noqa: F401
+from test_failover import OPTIONS, cluster, db_folder, node, peer, run_until  # noqa: F401
 from test_receive import BASE_NS, ITEMS, EXCLUDE, client_rx, home, inc, log, read  # noqa: F401
 
 SHARED = u"etc/shared/default/agent.conf"
@@ -83,12 +83,6 @@ class InboxCfg(object):
     nodes = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
-class Peer(object):
-    def __init__(self, name):
-        self.peer_name = name
-        self.peer_role = "client"
-
-
 def follower_inbox(tmpdir, follower):
     """A real Inbox of `follower` (a Failover) in its own installation."""
     home = os.path.dirname(os.path.dirname(follower.election._store.path))
@@ -125,17 +119,17 @@ def test_a_follower_records_a_version_only_from_the_leaders_confirmation(tmpdir,
     box, home = follower_inbox(tmpdir, beta)
     header, data = batch([(SHARED, b"new conf\n")], term=1, version=[1, 7])
     with pytest.raises(RequestError) as info:        # files never come with a version
-        box.sync_files(Peer("alpha"), header, data)
+        box.sync_files(peer(beta, "alpha"), header, data)
     assert info.value.code == "bad_request" and beta.status()["last"] == [0, 0]
     header, data = batch([(SHARED, b"new conf\n")], term=1)
-    answer, _ = box.sync_files(Peer("alpha"), header, data)
+    answer, _ = box.sync_files(peer(beta, "alpha"), header, data)
     assert answer["states"] == {SHARED: "synchronized"} and read(home, SHARED) == b"new conf\n"
     assert beta.status()["last"] == [0, 0]           # applied, but nothing confirmed
     header, data = batch([], term=1, version=[1, 7])
     with pytest.raises(RequestError):                # gamma does not lead term 1
-        box.sync_files(Peer("gamma"), header, data)
+        box.sync_files(peer(beta, "gamma"), header, data)
     assert beta.status()["last"] == [0, 0]
-    box.sync_files(Peer("alpha"), header, data)
+    box.sync_files(peer(beta, "alpha"), header, data)
     assert beta.status()["last"] == [1, 7]
 
 
@@ -145,8 +139,13 @@ def leader_sync(alpha, alpha_home, follower_box, handlers=None):
     handlers = dict(handlers or {}, sync_files=follower_box.sync_files)
     peer = RealSession(theirs, handlers, 5.0, address=("127.0.0.1", 1))
     peer.peer_name = "alpha"
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.2", 2))
+    master.on_election = lambda session, header: None   # the follower's answers: not tested
+    master.start()
+    # the follower takes it as its session with alpha, as peers.py does a new one: fencing
+    # goes by the live session of the sender's <nodes> entry
+    follower_box.failover.session_opened(peer, {"election": alpha.hello_fields()["election"]})
     peer.start()
-    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
     worker = sync.PeerSync(master, alpha_home, "master", Link(alpha_home), ITEMS, 120.0, 0.0,
                            30.0)
     worker.failover = alpha
@@ -255,14 +254,14 @@ class Streamed(object):
 def test_a_batch_still_streaming_when_a_higher_term_became_known_renames_nothing(
         cluster, home, log):
     alpha, beta, gamma = elected(cluster)
-    beta.check_transfer("alpha", {"term": 1})
-    fence = beta.fence("alpha", 1)
+    beta.check_transfer(peer(beta, "alpha"), {"term": 1})
+    fence = beta.fence("127.0.0.1", 1)
     kept = os.path.join(home, "etc", "shared", "default", "kept.conf")
     with open(kept, "wb") as handle:
         handle.write(b"old\n")
 
     def gamma_claims_term_2():
-        beta.check_transfer("gamma", {"term": 2})    # beta adopts term 2 from gamma
+        beta.check_transfer(peer(beta, "gamma"), {"term": 2})    # beta adopts term 2 from gamma
     files = [inc(SHARED, b"from a deposed leader\n"),
              inc(u"etc/shared/default/kept.conf", b"stale\n")]
     files[0] = files[0]._replace(data=Streamed(b"from a deposed leader\n", gamma_claims_term_2))
@@ -295,9 +294,9 @@ def test_a_held_client_keys_of_a_deposed_leader_is_not_applied_when_confirmed(tm
     write(home, "etc/client.keys", keys.encode("ascii"))
     header, data = batch([(u"etc/client.keys", b"001 agent1 any " + b"k" * 64 + b"\n")],
                          term=1)
-    answer, _ = box.sync_files(Peer("alpha"), header, data)
+    answer, _ = box.sync_files(peer(beta, "alpha"), header, data)
     assert answer["states"] == {u"etc/client.keys": "pending"}     # held by the guard
-    beta.check_transfer("gamma", {"term": 2})                       # alpha is deposed
+    beta.check_transfer(peer(beta, "gamma"), {"term": 2})                       # alpha is deposed
     with pytest.raises(RequestError) as info:
         box.confirm_removals()
     assert "no longer leads" in info.value.message
@@ -327,12 +326,12 @@ def test_hostile_terms_and_bad_messages_give_one_line_per_peer_a_minute(cluster,
 def test_refused_batches_of_a_stale_leader_give_one_line_a_minute(tmpdir, cluster, caplog):
     alpha, beta, _ = elected(cluster)
     box, _ = follower_inbox(tmpdir, beta)
-    beta.check_transfer("gamma", {"term": 2})
+    beta.check_transfer(peer(beta, "gamma"), {"term": 2})
     caplog.set_level(logging.INFO, logger="wazuh_cluster")
     header, data = batch([(SHARED, b"stale\n")], term=1)
     for _ in range(30):
         with pytest.raises(RequestError) as info:
-            box.sync_files(Peer("alpha"), header, data)
+            box.sync_files(peer(beta, "alpha"), header, data)
         assert info.value.code == "stale_term"
     lines = [r.getMessage() for r in caplog.records if "alpha" in r.getMessage()]
     assert lines == ["refused peer alpha: master-owned files from alpha (127.0.0.1) in term 1, "

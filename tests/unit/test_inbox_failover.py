@@ -62,13 +62,16 @@ class Election(object):
     def leader_name(self):
         return self.leader
 
-    def follows(self, peer):
-        return peer == self.leader and not self.acting
+    def follows(self, session):
+        return session.peer_name == self.leader and not self.acting
 
-    def check_transfer(self, peer, header):
-        pass          # the batch began when `peer` led: it passed
+    def check_transfer(self, session, header):
+        pass          # the batch began when `session`'s node led: it passed
 
-    def fence(self, peer, term):
+    def voter_of(self, session):
+        return session.peer_name
+
+    def fence(self, voter, term):
         def run(change):   # the renames pass too: the guard is what is tested here
             change()
             return True

@@ -60,12 +60,14 @@ class Node(object):
         with open(os.path.join(self.home, *name.split("/")), "rb") as handle:
             return handle.read()
 
-    def push(self, edits, files=(), deletes=(), dirs=()):
-        """A batch from the leader, as Inbox.sync_files applies it."""
+    def push(self, edits, files=(), deletes=(), dirs=(), fence=None):
+        """A batch from the leader, as Inbox.sync_files applies it; `fence` as the
+        failover's: run(change) around each rename."""
         incoming = [Incoming(n, d, hashlib.sha256(d).hexdigest(), 10 ** 18) for n, d in files]
         token = edits.before(incoming, list(deletes), list(dirs))
         states, _ = self.receiver.apply_batch(incoming, list(deletes), list(dirs),
-                                              sender_role="master", peer="leader")
+                                              sender_role="master", peer="leader", fence=fence,
+                                              replace=edits.replacer(token))
         edits.after(token, states)
         return states
 
