@@ -381,7 +381,7 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
-                self.deltas.note_written(written)
+                self.deltas.note_written(written, self.keys_data(incoming))
                 if appended:
                     self.known_ids.written(written and tuple(written[1:5]))
                 if before is not None:
@@ -459,6 +459,12 @@ class Inbox(object):
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
 
+    def keys_data(self, incoming):
+        """The bytes of the client.keys of this batch, when they came whole in memory (not
+        streamed), else None."""
+        new = [f.data for f in incoming if f.name == self.keys_name and not f.meta_only]
+        return new[0] if new and isinstance(new[0], (bytes, memoryview)) else None
+
     def tell_written(self, row):
         try:
             self.urgent.call("received", {"rows": [row]})
@@ -484,7 +490,7 @@ class Inbox(object):
         if not new:
             return False
         fingerprint, old = self.read_keys_stable()
-        return self.known_ids.only_appended(fingerprint, old, new[0].data.tobytes())
+        return self.known_ids.only_appended(fingerprint, old, deltarx.as_bytes(new[0].data))
 
     def read_keys_stable(self):
         """(stat fingerprint as deltarx.written_row has it, or None when the file changed
@@ -494,6 +500,9 @@ class Inbox(object):
             before = os.lstat(path)
         except OSError:
             return None, b""
+        kept = self.deltas.kept(self.keys_name, before)
+        if kept is not None:  # the file as we wrote it, not read again
+            return deltarx.fingerprint(before), kept
         data = self.read_keys_data()
         try:
             after = os.lstat(path)
