@@ -60,7 +60,10 @@ def read_stable(path):
     try:
         before = os.lstat(path)
         with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            # read(n) allocates n bytes first: MAX_FILE_BYTES for every 2 KB shared file was
+            # a 48 MB mapping made, shrunk to a page of its own and unmapped, per file sent
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(min(size, MAX_FILE_BYTES) + 1)
         after = os.lstat(path)
     except (IOError, OSError):
         return None
