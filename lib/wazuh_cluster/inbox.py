@@ -369,8 +369,9 @@ class Inbox(object):
                 incoming, deletes, hold = self.guard_keys(
                     incoming, deletes, (peer, args.get("term")), appended)
             written = None
-            before = self.read_keys() if hold is None and not appended and \
-                self.touches_keys(incoming, deletes) else None
+            retouched = self.keys_retouched(incoming, deletes)
+            before = self.read_keys() if hold is None and not appended and not retouched \
+                and self.touches_keys(incoming, deletes) else None
             edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
@@ -386,6 +387,8 @@ class Inbox(object):
                     self.known_ids.written(written and tuple(written[1:5]))
                 if before is not None:
                     self.drop_agents(before, self.read_keys())
+            if retouched and states.get(self.keys_name) == "synchronized":
+                self.note_retouched(retouched)
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
@@ -458,6 +461,27 @@ class Inbox(object):
         """The internal daemon's "received" row of the client.keys just written whole."""
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
+
+    def keys_retouched(self, incoming, deletes):
+        """The checksum of client.keys when this batch brings it as a metadata-only update
+        (its content stays: the receiver proves that checksum before it sets the mtime),
+        else None. No agent can leave then: neither the guard nor the agent cleanup reads
+        it (each such update had every client read and decode 9.4 MB twice, and the new
+        mtime made it parse every agent ID again at the next append)."""
+        entries = [f for f in incoming if f.name == self.keys_name]
+        if len(entries) != 1 or not entries[0].meta_only or self.keys_name in deletes:
+            return None
+        return entries[0].sha256
+
+    def note_retouched(self, sha256):
+        """client.keys got a new mtime, its content proven the same: what we know of the
+        bytes we wrote and of their agent IDs holds for its new stat fingerprint."""
+        known = self.deltas.written.get(self.keys_name)
+        row = deltarx.written_row(self.home, self.keys_name, sha256)
+        if known is None or known[1] != sha256 or row is None:
+            return
+        self.deltas.note_written(row, known[2] if len(known) > 2 else None)
+        self.known_ids.moved(known[0], tuple(row[1:5]))
 
     def keys_data(self, incoming):
         """The bytes of the client.keys of this batch, when they came whole in memory (not

@@ -269,3 +269,39 @@ def test_the_held_change_is_read_once_then_known_here():
     box.store_held(None)
     assert box.held() is None and box.link.meta[inbox.HELD_KEY] is None
     assert box.link.calls == ["meta_get", "meta_set", "meta_set"]
+
+
+class MasterPeer(object):
+    peer_name = "master"
+    peer_role = "master"
+
+
+def test_a_metadata_only_client_keys_update_keeps_what_the_client_knows_of_it(home):  # noqa
+    # The master sends client.keys as its mtime only when the client holds that version
+    # already: every client then read and decoded it twice (guard and agent cleanup, for a
+    # change that cannot remove an agent) and, its stat changed, parsed every agent ID again
+    # at the next append. The content is proven the same: what it knew still holds.
+    from test_failover_fencing import InboxCfg, Layout, Link
+    for folder in ("etc/shared/default", "queue/agent-info", "queue/agent-groups"):
+        if not os.path.isdir(os.path.join(home, folder)):
+            os.makedirs(os.path.join(home, folder))
+    box = inbox.Inbox(InboxCfg(), Layout(home), Link())
+    keys = "etc/client.keys"
+    data = b"".join(b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300))
+    for data in (data, data + b"300 agent300 any %064x\n" % 300):  # then an agent appended
+        digest = hashlib.sha256(data).hexdigest()
+        header = {"files": [{"name": keys, "sha256": digest, "mtime_ns": BASE_NS,
+                             "size": len(data)}], "meta": [], "delete": [], "delete_dirs": []}
+        answer, _ = box.sync_files(MasterPeer(), header, data)
+        assert answer["states"] == {keys: "synchronized"}
+    path = os.path.join(home, *keys.split("/"))
+    kept = box.deltas.kept(keys, os.lstat(path))
+    assert kept == data and box.known_ids.fingerprint == deltarx.fingerprint(os.lstat(path))
+    header = {"files": [], "meta": [{"name": keys, "sha256": digest,
+                                     "mtime_ns": BASE_NS + 10 ** 9}],
+              "delete": [], "delete_dirs": []}
+    answer, _ = box.sync_files(MasterPeer(), header, b"")
+    st = os.lstat(path)
+    assert answer["states"] == {keys: "synchronized"} and int(st.st_mtime) == BASE_NS // 10 ** 9 + 1
+    assert box.deltas.kept(keys, st) is kept
+    assert box.known_ids.fingerprint == deltarx.fingerprint(st)
