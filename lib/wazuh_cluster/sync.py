@@ -160,6 +160,7 @@ class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
 
     state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
+    rows_held = 1000     # a round's state rows held at most until written (more: at a step's end)
     urgent_link = None   # InternalLink.urgent() (SyncManager): a small push's manifest
     urgent_writer = None  # GroupCommit on it (SyncManager): a small push's states
 
@@ -402,17 +403,21 @@ class PeerSync(object):
             steps, groups = [None], None
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
-        counts, ok = [0, 0, 0, 0, 0], True
+        states, counts, ok = {}, [0, 0, 0, 0, 0], True
         for buckets in steps:
-            # Each step's rows are written as it ends, not kept for the whole round: a
-            # master's first rounds with 20 new clients held 20 dicts of 10 000 names (each
-            # name its own string from its manifest) until their last step, +20-30 MB.
-            states = self.round_step(buckets, groups, counts)
-            ok = ok and all(s == "synchronized" for s in states.values())
-            self.record(states)
-            del states
+            step = self.round_step(buckets, groups, counts)
+            ok = ok and all(s == "synchronized" for s in step.values())
+            states.update(step)
+            del step
+            if len(states) >= self.rows_held:
+                # Written as the steps end once there are many, not kept for the whole
+                # round: a master's first rounds with 20 new clients held 20 dicts of 10 000
+                # names (each its own string, from its manifest) until their last step.
+                self.record(states)
+                states = {}
         if compared is not None:
-            self.record(self.confirm_pending(pending, compared[0]))
+            states.update(self.confirm_pending(pending, compared[0]))
+        self.record(states)
         self.finished_round(self.clock())
         self.last_round_ok = ok
         if version is not None:

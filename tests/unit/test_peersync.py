@@ -419,6 +419,7 @@ def test_a_round_writes_each_steps_rows_before_the_next_step():
     sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
                     DELAY, 30.0, clock=clock, phase=0.0)
     sync.state_writer = StepRows()
+    sync.rows_held = 1      # a round of 10 000 names, at the scale of one name a step
     steps = []
 
     def round_step(buckets, groups, counts):
@@ -434,9 +435,12 @@ def test_a_round_writes_each_steps_rows_before_the_next_step():
     assert sync.last_round_ok is False
     steps[:] = []
     sync.state_writer = StepRows()
-    sync.round_step = lambda buckets, groups, counts: {}
+    sync.rows_held = PeerSync.rows_held   # a small round: its rows go at once, at its end
+    sync.round_step = lambda buckets, groups, counts: {"etc/shared/default/a.conf":
+                                                      "synchronized"}
     sync.full_round()
     assert sync.last_round_ok is True
+    assert sync.state_writer.writes == [["etc/shared/default/a.conf"]]
 
 
 def test_reading_a_small_file_to_send_allocates_its_size_not_the_file_limit(tmpdir):
