@@ -126,6 +126,7 @@ class Expander(object):
         self.applied = 0      # deltas applied since start (cluster_control -i / tests)
         self.refused = 0
         self.written = {}     # name -> (fingerprint, sha256[, bytes]) of the file we last wrote
+        self.results = {}     # name -> (bytes, sha256) of the last batch's results, checked
 
     def note_written(self, row, data=None):
         """A written_row() of a file just renamed into place: its next base is not hashed.
@@ -138,6 +139,17 @@ class Expander(object):
             return
         self.written[row[0]] = (tuple(row[1:5]), row[6]) if data is None else \
             (tuple(row[1:5]), row[6], as_bytes(data))
+
+    def proves(self, incoming):
+        """True when `incoming` (receive.Incoming) carries the very bytes object of a result
+        whose SHA-256 _apply checked against this same checksum: the receiver need not hash
+        it again (10 ms of 9.4 MB, on every client, per append). Identity, not equality:
+        bytes cannot change, and no peer can make an object ours."""
+        made = self.results.get(incoming.name)
+        view = incoming.data
+        return made is not None and made[1] == incoming.sha256 and \
+            isinstance(view, memoryview) and getattr(view, "obj", None) is made[0] and \
+            len(view) == len(made[0])
 
     def kept(self, name, st):
         """The bytes we last wrote to `name` while lstat `st` is still the file we wrote
@@ -186,6 +198,9 @@ class Expander(object):
                              else str(exc))
                 refused.append(entry["name"])
         self.applied += len(results)
+        # replaced, not changed: a batch of another session at once only misses it
+        self.results = dict((entry["name"], (result, entry["sha256"]))
+                            for entry, result in results)
         # The results become files of the batch, after its own files.
         header["files"] = list(files) + [
             {"name": entry["name"], "sha256": entry["sha256"], "mtime_ns": entry["mtime_ns"],

@@ -199,6 +199,7 @@ class Inbox(object):
         self.guard = agents.RemovalGuard(cfg.options.max_removed_agents_ratio)
         self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
                                        self.log)
+        self.receiver.proven = self.deltas.proves  # a delta's result: hashed once
         self.lock = threading.Lock()
         self.known_ids = keyids.KnownIds()
         keys = [item for item in cfg.items if item.name == "client.keys"]
