@@ -199,6 +199,7 @@ class Inbox(object):
         self.guard = agents.RemovalGuard(cfg.options.max_removed_agents_ratio)
         self.deltas = deltarx.Expander(layout.home, cfg.items, cfg.exclude, cfg.node_type,
                                        self.log)
+        self.receiver.proven = self.deltas.proves  # a delta's result: hashed once
         self.lock = threading.Lock()
         self.known_ids = keyids.KnownIds()
         keys = [item for item in cfg.items if item.name == "client.keys"]
@@ -369,8 +370,9 @@ class Inbox(object):
                 incoming, deletes, hold = self.guard_keys(
                     incoming, deletes, (self.voter(session), args.get("term")), appended)
             written = None
-            before = self.read_keys() if hold is None and not appended and \
-                self.touches_keys(incoming, deletes) else None
+            retouched = self.keys_retouched(incoming, deletes)
+            before = self.read_keys() if hold is None and not appended and not retouched \
+                and self.touches_keys(incoming, deletes) else None
             edits = self.edits.before(incoming, deletes, dirs)
             states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
                                                         sender_role=sender_role,
@@ -382,11 +384,13 @@ class Inbox(object):
                 states[self.keys_name] = "pending"
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
-                self.deltas.note_written(written)
+                self.deltas.note_written(written, self.keys_data(incoming))
                 if appended:
                     self.known_ids.written(written and tuple(written[1:5]))
                 if before is not None:
                     self.drop_agents(before, self.read_keys())
+            if retouched and states.get(self.keys_name) == "synchronized":
+                self.note_retouched(retouched)
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
@@ -460,6 +464,33 @@ class Inbox(object):
         new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
         return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
 
+    def keys_retouched(self, incoming, deletes):
+        """The checksum of client.keys when this batch brings it as a metadata-only update
+        (its content stays: the receiver proves that checksum before it sets the mtime),
+        else None. No agent can leave then: neither the guard nor the agent cleanup reads
+        it (each such update had every client read and decode 9.4 MB twice, and the new
+        mtime made it parse every agent ID again at the next append)."""
+        entries = [f for f in incoming if f.name == self.keys_name]
+        if len(entries) != 1 or not entries[0].meta_only or self.keys_name in deletes:
+            return None
+        return entries[0].sha256
+
+    def note_retouched(self, sha256):
+        """client.keys got a new mtime, its content proven the same: what we know of the
+        bytes we wrote and of their agent IDs holds for its new stat fingerprint."""
+        known = self.deltas.written.get(self.keys_name)
+        row = deltarx.written_row(self.home, self.keys_name, sha256)
+        if known is None or known[1] != sha256 or row is None:
+            return
+        self.deltas.note_written(row, known[2] if len(known) > 2 else None)
+        self.known_ids.moved(known[0], tuple(row[1:5]))
+
+    def keys_data(self, incoming):
+        """The bytes of the client.keys of this batch, when they came whole in memory (not
+        streamed), else None."""
+        new = [f.data for f in incoming if f.name == self.keys_name and not f.meta_only]
+        return new[0] if new and isinstance(new[0], (bytes, memoryview)) else None
+
     def tell_written(self, row):
         try:
             self.urgent.call("received", {"rows": [row]})
@@ -485,7 +516,7 @@ class Inbox(object):
         if not new:
             return False
         fingerprint, old = self.read_keys_stable()
-        return self.known_ids.only_appended(fingerprint, old, new[0].data.tobytes())
+        return self.known_ids.only_appended(fingerprint, old, deltarx.as_bytes(new[0].data))
 
     def read_keys_stable(self):
         """(stat fingerprint as deltarx.written_row has it, or None when the file changed
@@ -495,6 +526,9 @@ class Inbox(object):
             before = os.lstat(path)
         except OSError:
             return None, b""
+        kept = self.deltas.kept(self.keys_name, before)
+        if kept is not None:  # the file as we wrote it, not read again
+            return deltarx.fingerprint(before), kept
         data = self.read_keys_data()
         try:
             after = os.lstat(path)

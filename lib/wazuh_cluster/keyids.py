@@ -85,6 +85,12 @@ class KnownIds(object):
         self._added = added
         return True
 
+    def moved(self, old, new):
+        """Our file, at stat fingerprint `old`, got a new one (`new`) with the same content
+        (a metadata-only update): its codes still hold."""
+        if self.fingerprint is not None and self.fingerprint == old:
+            self.fingerprint = new
+
     def written(self, fingerprint):
         """The new version of the last only_appended() that said True is in place, with stat
         `fingerprint` (None: unknown): its IDs join the known ones."""

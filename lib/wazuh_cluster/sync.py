@@ -60,7 +60,10 @@ def read_stable(path):
     try:
         before = os.lstat(path)
         with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            # read(n) allocates n bytes first: MAX_FILE_BYTES for every 2 KB shared file was
+            # a 48 MB mapping made, shrunk to a page of its own and unmapped, per file sent
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(min(size, MAX_FILE_BYTES) + 1)
         after = os.lstat(path)
     except (IOError, OSError):
         return None
@@ -157,6 +160,7 @@ class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
 
     state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
+    rows_held = 1000     # a round's state rows held at most until written (more: at a step's end)
     urgent_link = None   # InternalLink.urgent() (SyncManager): a small push's manifest
     urgent_writer = None  # GroupCommit on it (SyncManager): a small push's states
 
@@ -400,10 +404,21 @@ class PeerSync(object):
             steps, groups = [None], None
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
-        states, counts = {}, [0, 0, 0, 0, 0]
+        states, counts, ok = {}, [0, 0, 0, 0, 0], True
         self.written = set()
         for buckets in steps:
-            states.update(self.round_step(buckets, groups, counts))
+            step = self.round_step(buckets, groups, counts)
+            ok = ok and all(s == "synchronized" for s in step.values())
+            states.update(step)
+            del step
+            if len(states) >= self.rows_held:
+                # Written as the steps end once there are many, not kept for the whole
+                # round: a master's first rounds with 20 new clients held 20 dicts of 10 000
+                # names (each its own string, from its manifest) until their last step.
+                # What settle() may still leave out waits for it.
+                held = frozenset(self.unproven(states)) if compared is not None else ()
+                self.record(dict(i for i in states.items() if i[0] not in held))
+                states = dict((name, states[name]) for name in held)
         unsettled = 0
         if compared is not None:
             states.update(self.confirm_pending(pending, compared[0]))
@@ -412,7 +427,8 @@ class PeerSync(object):
         self.finished_round(self.clock())
         if unsettled:
             self.next_round = min(self.next_round, self.clock() + RETRY_DELAY)
-        self.last_round_ok = not unsettled and all(s == "synchronized" for s in states.values())
+        self.last_round_ok = ok and not unsettled and \
+            all(s == "synchronized" for s in states.values())
         if version is not None:
             self.confirm_version(version, self.last_round_ok and self.round_clean and
                                  self.postponed == postponed)
@@ -462,8 +478,7 @@ class PeerSync(object):
         the next interval. Buckets this round wrote to are confirmed by their transfers and
         entries compared after the summary; their sums move because of them.
         """
-        confirmed = [name for name, state in states.items() if state == "synchronized"
-                     and summary.bucket_of(name) not in self.written]
+        confirmed = self.unproven(states)
         if not confirmed:
             return 0
         now = self.peer_summary()
@@ -478,6 +493,12 @@ class PeerSync(object):
                           "(e.g. %s), compared again in %.0f s.", self.peer, len(dropped),
                           sorted(dropped)[0], RETRY_DELAY)
         return len(dropped)
+
+    def unproven(self, states):
+        """The names of `states` confirmed without a transfer in a bucket this round did not
+        write to: what settle() checks against the peer's summary again."""
+        return [name for name, state in states.items() if state == "synchronized"
+                and summary.bucket_of(name) not in self.written]
 
     def round_step(self, buckets, groups, counts):
         """Compare and repair the files of these summary buckets (all when None); returns

@@ -339,6 +339,56 @@ def test_the_base_we_wrote_is_not_hashed_again_while_its_fingerprint_holds(home,
     assert rx.expand(header, data, "master", "master-1")[2] == [KEYS]
 
 
+def test_the_base_we_wrote_is_not_read_again_while_its_fingerprint_holds(home,  # noqa
+                                                                        log):  # noqa
+    # 20 clients on one host each read their 9.4 MB client.keys twice per append (the base,
+    # then the removal guard's old text): the bytes we wrote are kept and served instead.
+    put(home, KEYS, BIG)
+    rx = expander(home, log)
+    kept = BIG[:10] + BIG[10:]   # equal bytes, another object: the one kept must come back
+    rx.note_written(deltarx.written_row(home, KEYS, sha(BIG)), kept)
+    path = os.path.join(home, *KEYS.split("/"))
+    assert rx.kept(KEYS, os.lstat(path)) is kept
+    parts = KEYS.split("/")
+    assert deltarx.read_base(home, parts, len(BIG), sha(BIG), rx.written[KEYS]) is kept
+    header, data = batch_for(BIG, BIG + line(99999))
+    header, data, refused = rx.expand(header, data, "master", "master-1")
+    assert refused == [] and data == BIG + line(99999)
+    os.utime(path, None)  # the ctime moves: read from the file again
+    assert rx.kept(KEYS, os.lstat(path)) is None
+    again = deltarx.read_base(home, parts, len(BIG), sha(BIG), rx.written[KEYS])
+    assert again == BIG and again is not kept
+
+
+def test_a_delta_alone_in_its_batch_is_not_copied_after_it_is_made(home, log):  # noqa: F811
+    put(home, KEYS, BIG)
+    header, data = batch_for(BIG, BIG + line(99999))
+    header, out, _ = expander(home, log).expand(header, data, "master", "master-1")
+    # the result is the batch's data itself; parse_batch slices it with a memoryview, whose
+    # bytes are kept for the next delta without a copy (3.x: 2.7's memoryview hides them)
+    assert out == BIG + line(99999)
+    if hasattr(memoryview(out), "obj"):
+        assert deltarx.as_bytes(memoryview(out)) is out
+    assert deltarx.as_bytes(memoryview(out)[1:]) == out[1:]
+
+
+def test_a_checked_result_is_not_hashed_again_by_the_receiver(home, log):  # noqa: F811
+    # Every client hashed each 9.4 MB delta result twice: in _apply, then in receive.py.
+    # Only the very bytes object checked counts, under the very checksum checked.
+    from wazuh_cluster import inbox
+    from wazuh_cluster.receive import Incoming
+    put(home, KEYS, BIG)
+    rx = expander(home, log)
+    new = BIG + line(99999)
+    header, data = batch_for(BIG, new)
+    header, data, refused = rx.expand(header, data, "master", "master-1")
+    incoming, _, _ = inbox.parse_batch(header, data)
+    copy = Incoming(KEYS, memoryview(data[:1] + data[1:]), sha(new), BASE_NS)
+    other = Incoming(KEYS, incoming[0].data, sha(b"other"), BASE_NS)
+    assert rx.proves(copy) is False and rx.proves(other) is False
+    assert rx.proves(incoming[0]) is hasattr(memoryview(b""), "obj")  # 2.7: hashed again
+
+
 def test_a_compressed_batch_is_expanded_too(home, log):  # noqa: F811
     put(home, KEYS, BIG)
     new = BIG.replace(line(7), b"")

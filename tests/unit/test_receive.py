@@ -844,3 +844,16 @@ def test_concurrent_reports_of_one_agent_keep_the_newest(home, log):
     assert errors == [] and not any(t.is_alive() for t in threads)
     assert read(home, AI) == b"node3"
     assert temp_files(home) == []
+
+
+def test_data_the_caller_proved_is_not_hashed_again(home, log):  # noqa: F811
+    # deltarx checks a delta's result against its checksum before the receiver sees it:
+    # Receiver.proven lets that check stand (it is asked for this very record).
+    name = u"etc/shared/default/agent.conf"
+    unproven = inc(name, b"new", sha=hashlib.sha256(b"other").hexdigest())
+    states, _ = client_rx(home, log).apply_batch([unproven])
+    assert states[name] == "failed"                    # hashed: the checksum does not match
+    rx = client_rx(home, log)
+    rx.proven = lambda incoming: incoming is unproven  # (a deliberately wrong proof here)
+    states, _ = rx.apply_batch([unproven])
+    assert states[name] == "synchronized" and read(home, name) == b"new"
