@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from wazuh_cluster import budget, compat, config, manifest
+from wazuh_cluster import budget, compat, config, manifest, summary
 from wazuh_cluster.errors import RequestError
 from wazuh_cluster.session import Session as RealSession
 from wazuh_cluster.sync import (Batch, InFlight, PeerSync, SyncManager, fresh_touch,
@@ -425,14 +425,31 @@ def test_a_round_writes_each_steps_rows_before_the_next_step():
     def round_step(buckets, groups, counts):
         steps.append((list(buckets), len(sync.state_writer.writes)))
         name = "etc/shared/default/step%d.conf" % len(steps)
+        sync.written.add(summary.bucket_of(name))   # sent: its transfer confirms it
         return {name: "failed" if len(steps) == 2 else "synchronized"}
-    sync.compare_summaries = lambda everything: (list(range(256)), [])
+    basis = [(0, 0)] * summary.BUCKETS
+    sync.compare_summaries = lambda everything: (list(range(256)), [], basis)
     sync.round_step = round_step
     sync.full_round()
     assert len(steps) > 2 and [written for _, written in steps] == list(range(len(steps)))
     assert sync.state_writer.writes == [["etc/shared/default/step%d.conf" % (k + 1)]
                                         for k in range(len(steps))]
     assert sync.last_round_ok is False
+    # A file compared equal (not sent) is confirmed only after settle() saw the peer's
+    # summary again: its row waits for the round's end however many rows went before.
+    steps[:] = []
+    sync.state_writer = StepRows()
+    asked = []
+    sync.peer_summary = lambda: asked.append(len(sync.state_writer.writes)) or basis
+
+    def equal_step(buckets, groups, counts):
+        steps.append(buckets)
+        name = "etc/shared/default/same%d.conf" % len(steps)
+        return {name: "synchronized" if len(steps) == 1 else "failed"}
+    sync.round_step = equal_step
+    sync.full_round()
+    assert len(steps) > 2 and asked == [len(steps) - 1]
+    assert sync.state_writer.writes[-1] == ["etc/shared/default/same1.conf"]
     steps[:] = []
     sync.state_writer = StepRows()
     sync.rows_held = PeerSync.rows_held   # a small round: its rows go at once, at its end
