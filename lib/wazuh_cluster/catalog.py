@@ -593,7 +593,12 @@ class Catalog(object):
                 continue
             record = self.scanner.get(info + "/" + agent)
             clean.append((agent, node, record["mtime_ns"] if record else None))
-        self._summaries.clear()  # which agents a node reports: its summary changes
+        # Which agents a node reports: the summaries of agent-info change (a client's own
+        # too: _own_agents_only), those of the master's items do not (the 10 000 shared
+        # files were summarised again after every keepalive batch).
+        self._summaries = dict((key, value) for key, value in self._summaries.items()
+                               if json.loads(key).get("source") == "master"
+                               and json.loads(key).get("node") is None)
         return {"updated": self.db.record_agents(clean)}
 
     def _cmd_meta_get(self, args):

@@ -196,3 +196,17 @@ def test_bad_summary_requests(home):  # noqa: F811
                       ("manifest", {"source": "master", "buckets": [999]})):
         with pytest.raises(RequestError):
             cat.handle(cmd, args)
+
+
+def test_agent_rows_forget_the_agent_info_summaries_only(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "queue/agent-info/web01-any", "Linux web01")
+    write(home, "etc/shared/default/a.conf", "one")
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"]]})
+    client = cat.handle("summary", {"source": "client", "node": "c1"})
+    master = cat.handle("summary", {"source": "master", "groups": True})
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c2"]]})  # a keepalive batch's rows
+    assert cat.handle("summary", {"source": "master", "groups": True}) is master
+    assert cat.handle("summary", {"source": "client", "node": "c1"}) != client
