@@ -284,6 +284,17 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
+    def summary_entries(self, names, mtime_is_data):
+        """(name, SHA-256 hex digits, mtime_ns or None) as bytes, of the known files among
+        `names` (of one item: `mtime_is_data` is its flag), for summary.of_entries."""
+        files, unpack, hexlify, to_bytes = self._files, _FP.unpack_from, binascii.hexlify, \
+            compat.to_bytes
+        for name in names:
+            rec = files.get(_native(name))
+            if rec is not None:
+                yield (to_bytes(name), hexlify(rec[_FP_LEN:]),
+                       unpack(rec)[1] if mtime_is_data else None)
+
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
         return len(self._racy)

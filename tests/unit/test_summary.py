@@ -210,3 +210,17 @@ def test_agent_rows_forget_the_agent_info_summaries_only(home):  # noqa: F811
     cat.handle("agent_nodes", {"rows": [["web01-any", "c2"]]})  # a keepalive batch's rows
     assert cat.handle("summary", {"source": "master", "groups": True}) is master
     assert cat.handle("summary", {"source": "client", "node": "c1"}) != client
+
+
+def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    for n, node in ((1, "c1"), (2, "c1"), (3, "c2")):
+        write(home, "queue/agent-info/web%02d-any" % n, "Linux web%02d" % n,
+              mtime_ns=(1500000000 + n) * SEC + 123)
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"], ["web02-any", "c1"],
+                                        ["web03-any", "c2"]]})
+    rows = [cat.scanner.row("queue/agent-info/web%02d-any" % n) for n in (1, 2)]
+    assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
+        summary.of_rows(rows, lambda item: item == "agent-info")
