@@ -359,16 +359,26 @@ class Catalog(object):
                      os.path.join(self.home, keys))
 
     def _forget_summaries(self, changes):
-        """Drop the cached summaries these changes make stale. A client's summary ("node")
-        covers agent-info files only: a client.keys append (once a second on a busy master)
-        or a shared file leaves the ten clients' summaries as they are."""
-        info = self._item_path("agent-info", "queue/agent-info") + "/"
-        names = changes.changed + changes.touched + changes.deleted
-        if any(name.startswith(info) for name in names):
-            self._summaries.clear()
-        else:
+        """Drop the cached summaries these changes make stale: those covering the items they
+        are in. A summary covers the items of one source (or all): a client's ("node")
+        agent-info only, so a client.keys append (once a second on a busy master) or a
+        shared file leaves the ten clients' summaries as they are, and an agent-info file
+        found changed leaves the master's 10 000 shared files' summary as it is."""
+        sources = set()
+        for name in changes.changed + changes.touched + changes.deleted:
+            item = self.scanner.item_of(name)
+            sources.add(item.source if item is not None else None)
+            if len(sources) == 3:
+                break
+        self._forget_summaries_of(sources)
+
+    def _forget_summaries_of(self, sources):
+        """Drop the cached summaries covering the items of these sources ("master",
+        "client"; None: items of neither, which only a summary of all covers)."""
+        if sources:
             self._summaries = dict((key, value) for key, value in self._summaries.items()
-                                   if json.loads(key).get("node") is not None)
+                                   if json.loads(key).get("source") not in
+                                   tuple(sources) + (None,))
 
     def _sent_by_us(self, name):
         item = self.scanner.item_of(name)
@@ -604,9 +614,8 @@ class Catalog(object):
         # Which agents a node reports: the summaries of agent-info change (a client's own
         # too: _own_agents_only), those of the master's items do not (the 10 000 shared
         # files were summarised again after every keepalive batch).
-        self._summaries = dict((key, value) for key, value in self._summaries.items()
-                               if json.loads(key).get("source") == "master"
-                               and json.loads(key).get("node") is None)
+        self._forget_summaries_of(set(item.source for item in self.items
+                                      if item.name == "agent-info"))
         return {"updated": self.db.record_agents(clean)}
 
     def _cmd_meta_get(self, args):

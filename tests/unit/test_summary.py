@@ -224,3 +224,20 @@ def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F81
     rows = [cat.scanner.row("queue/agent-info/web%02d-any" % n) for n in (1, 2)]
     assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
         summary.of_rows(rows, lambda item: item == "agent-info")
+
+
+def test_an_agent_info_change_keeps_the_summary_of_the_masters_files(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "queue/agent-info/web01-any", "Linux web01")
+    write(home, "etc/shared/default/a.conf", "one")
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"]]})
+    client = cat.handle("summary", {"source": "client", "node": "c1"})
+    master = cat.handle("summary", {"source": "master", "groups": True})
+    everything = cat.handle("summary", {})
+    write(home, "queue/agent-info/web01-any", "Linux web01 again", mtime_ns=None)
+    cat.tick(clock() + 700)  # the received items' full pass
+    assert cat.handle("summary", {"source": "master", "groups": True}) is master
+    assert cat.handle("summary", {"source": "client", "node": "c1"}) != client
+    assert cat.handle("summary", {}) != everything
