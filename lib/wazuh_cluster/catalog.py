@@ -367,14 +367,15 @@ class Catalog(object):
         sources = set()
         for name in changes.changed + changes.touched + changes.deleted:
             item = self.scanner.item_of(name)
-            sources.add(item.source if item is not None else None)
-            if len(sources) == 3:
-                break
+            if item is not None:
+                sources.add(item.source)
+                if len(sources) == 2:
+                    break
         self._forget_summaries_of(sources)
 
     def _forget_summaries_of(self, sources):
         """Drop the cached summaries covering the items of these sources ("master",
-        "client"; None: items of neither, which only a summary of all covers)."""
+        "client"), and those of all items."""
         if sources:
             self._summaries = dict((key, value) for key, value in self._summaries.items()
                                    if json.loads(key).get("source") not in
