@@ -14,6 +14,12 @@ Two passes:
   deletes and renames anywhere (a new sub-folder is scanned in full). It also re-checks the
   few files left for retry (changed while being hashed) or "racy" (see below).
 - full_pass(): stats every file; catches in-place edits, which do not touch the folder.
+  A folder whose fingerprint is still the one it was listed with holds the files it was
+  listed with (creating, removing or renaming an entry changes its mtime), so it is not
+  listed again: its files are lstat-ed by name, relative to the folder's descriptor on 3.x
+  (no listing, no DirEntry, no path walk per file: the steady pass over 10 000 shared files
+  was most of an idle master's cost). A folder listed in the clock tick of its last change
+  ("racy", as below) is listed again by the next full pass.
 
 A file is hashed only when its fingerprint changed. Same content with a new mtime is a
 "touch": reported for items whose mtime is data (agent-info keepalives), otherwise the
@@ -171,6 +177,7 @@ class Scanner(object):
         self._report = report or (lambda name, reason: None)
         self._files = {}
         self._dirs = {}
+        self._racy_dirs = set()  # folders listed in the clock tick of their change
         self._plan = None  # the poll's folder list, kept until a folder comes or goes
         self._retry = set()
         self._racy = {}       # name -> wall ns from which one more hash settles it
@@ -276,6 +283,17 @@ class Scanner(object):
             return None
         item = self.item_of(name)
         return _row(name, item, rec)
+
+    def summary_entries(self, names, mtime_is_data):
+        """(name, SHA-256 hex digits, mtime_ns or None) as bytes, of the known files among
+        `names` (of one item: `mtime_is_data` is its flag), for summary.of_entries."""
+        files, unpack, hexlify, to_bytes = self._files, _FP.unpack_from, binascii.hexlify, \
+            compat.to_bytes
+        for name in names:
+            rec = files.get(_native(name))
+            if rec is not None:
+                yield (to_bytes(name), hexlify(rec[_FP_LEN:]),
+                       unpack(rec)[1] if mtime_is_data else None)
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -608,6 +626,9 @@ class Scanner(object):
         costing a stat of all its 50 000 entries at every poll.
         """
         old_dir = self._dirs.get(rel)
+        if deep and old_dir is not None and rel not in self._racy_dirs and \
+                self._recheck_dir(item, rel, old_dir, out):
+            return
         path = self._abs(rel)
         try:
             st = os.lstat(path)
@@ -653,7 +674,47 @@ class Scanner(object):
                     self._forget_dir(prefix + base, out, False)
         if old_dir is None:
             self._plan = None
-        self._dirs[rel] = _dir_fingerprint(st) + (files, subdirs)
+        fingerprint = _dir_fingerprint(st)
+        self._dirs[rel] = fingerprint + (files, subdirs)
+        listed_at = int(self._wall() * 1e9)
+        if listed_at - RACY_NS <= max(fingerprint[0], fingerprint[1]) <= listed_at + RACY_NS:
+            self._racy_dirs.add(rel)
+        else:
+            self._racy_dirs.discard(rel)
+
+    def _recheck_dir(self, item, rel, record, out):
+        """A full pass's look at a folder without listing it (see the module docstring):
+        True when its fingerprint is `record`'s and every file listed then is still a
+        regular file; False when it must be listed (nothing wrong was done meanwhile: a
+        file checked twice is hashed at most once)."""
+        files, racy, pack = self._files, self._racy, _FP.pack
+        prefix = rel + "/"
+        with compat.FolderLstat(self._abs(rel), follow=False) as folder:
+            try:
+                st = folder.folder_stat()
+            except OSError:
+                return False
+            if not stat.S_ISDIR(st.st_mode) or _dir_fingerprint(st) != record[:3]:
+                return False
+            lstat = folder.lstat
+            for base in record[3]:
+                child = prefix + base
+                try:
+                    est = lstat(base)
+                except OSError as exc:
+                    if exc.errno in _GONE:
+                        return False
+                    self._note(child, "cannot stat: %s" % exc.strerror)
+                    continue  # kept, as when listing (a "deleted" would delete it everywhere)
+                if not stat.S_ISREG(est.st_mode):
+                    return False
+                old = files.get(child)
+                if old is None or not old.startswith(pack(*_fingerprint(est))) or \
+                        child in racy:
+                    self._check_file(item, child, est, out)
+        for base in record[4]:
+            self._scan_dir(item, prefix + base, out, True)
+        return True
 
     def _list_entries(self, item, rel, entries, out, deep, quick):
         """Check every entry of one folder; returns (file base names, sub-folder names)."""
@@ -721,6 +782,7 @@ class Scanner(object):
     def _forget_dir(self, rel, out, root):
         """A folder vanished (or is no folder any more): drop everything below it."""
         record = self._dirs.pop(rel, None)
+        self._racy_dirs.discard(rel)
         if record is None:
             return
         self._plan = None

@@ -43,11 +43,17 @@ def bucket_of(name):
 
 def entry_value(name, sha256, mtime_ns, mtime_is_data):
     """The integer an entry adds to its bucket's digest."""
-    parts = [compat.to_bytes(name), compat.to_bytes(sha256 or "")]
-    if mtime_is_data:
-        parts.append(compat.to_bytes("%d" % ((mtime_ns or 0) // 1000000000)))
-    digest = hashlib.sha256(_NUL.join(parts)).digest()
-    return int(binascii.hexlify(digest[:16]), 16)
+    return _value(compat.to_bytes(name), compat.to_bytes(sha256 or ""),
+                  (mtime_ns or 0) if mtime_is_data else None)
+
+
+def _value(name, sha256, mtime_ns):
+    """entry_value of bytes (the name, the checksum's hex digits); mtime_ns None when the
+    item's mtime is no data."""
+    text = name + _NUL + sha256
+    if mtime_ns is not None:
+        text += _NUL + compat.to_bytes("%d" % (mtime_ns // 1000000000))
+    return int(binascii.hexlify(hashlib.sha256(text).digest()[:16]), 16)
 
 
 class Summary(object):
@@ -58,10 +64,14 @@ class Summary(object):
         self.sums = [0] * BUCKETS
 
     def add(self, name, sha256, mtime_ns, mtime_is_data):
-        bucket = bucket_of(name)
+        self.add_raw(compat.to_bytes(name), compat.to_bytes(sha256 or ""),
+                     (mtime_ns or 0) if mtime_is_data else None)
+
+    def add_raw(self, name, sha256, mtime_ns):
+        """add() of bytes, as _value takes them."""
+        bucket = zlib.crc32(name) % BUCKETS
         self.counts[bucket] += 1
-        self.sums[bucket] = (self.sums[bucket] + entry_value(name, sha256, mtime_ns,
-                                                             mtime_is_data)) & _MASK
+        self.sums[bucket] = (self.sums[bucket] + _value(name, sha256, mtime_ns)) & _MASK
 
     def to_wire(self):
         """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON)."""
@@ -74,6 +84,17 @@ def of_rows(rows, mtime_is_data):
     summary = Summary()
     for row in rows:
         summary.add(row[0], row[7], row[3], mtime_is_data(row[1]))
+    return summary.to_wire()
+
+
+def of_entries(entries):
+    """The wire summary of (name, sha256 hex, mtime_ns or None) bytes entries, as
+    Scanner.summary_entries makes them: a master summarises a client's 10 000 agent-info
+    files after every keepalive, and a row per file with of_rows cost twice as much."""
+    summary = Summary()
+    add = summary.add_raw
+    for name, sha256, mtime_ns in entries:
+        add(name, sha256, mtime_ns)
     return summary.to_wire()
 
 

@@ -523,3 +523,56 @@ def test_racy_hot_file_is_hashed_at_every_poll_until_settled(home):
     scan.poll()
     scan.poll()
     assert scan.hashed == hashed + 2  # the settling hash, then nothing
+
+
+def _count_listings(monkeypatch):
+    listed = []
+    real_scandir = scanner.compat.scandir
+
+    def counting(path):
+        listed.append(path)
+        return real_scandir(path)
+    monkeypatch.setattr(scanner.compat, "scandir", counting)
+    return listed
+
+
+def test_full_pass_stats_the_files_of_unchanged_folders_without_listing_them(home,
+                                                                             monkeypatch):
+    os.makedirs(os.path.join(home, "etc/shared/web/sub"))
+    write(home, "etc/shared/default/agent.conf", "aaaa")
+    write(home, "etc/shared/web/sub/x", "x")
+    scan, _ = make(home, wall=lambda: 4e9)  # nothing is "racy" seen from 2096
+    scan.full_pass()
+    listed = _count_listings(monkeypatch)
+    write(home, "etc/shared/default/agent.conf", "bbbb")  # in place: no folder changes
+    write(home, "etc/shared/web/sub/x", "y")
+    assert scan.full_pass().changed == ["etc/shared/default/agent.conf",
+                                        "etc/shared/web/sub/x"]
+    assert listed == []
+    write(home, "etc/shared/web/new", "n")  # a folder that changed is listed
+    os.unlink(os.path.join(home, "etc/shared/default/agent.conf"))
+    changes = scan.full_pass()
+    assert changes.changed == ["etc/shared/web/new"]
+    assert changes.deleted == ["etc/shared/default/agent.conf"]
+    assert sorted(os.path.relpath(p, home) for p in listed) == ["etc/shared/default",
+                                                                "etc/shared/web"]
+
+
+@pytest.mark.parametrize("change", ["create", "delete"])
+def test_folder_listed_in_the_tick_of_its_change_is_listed_by_the_next_full_pass(home, change):
+    write(home, "etc/shared/default/a", "a")
+    scan, _ = make(home)  # the real clock: the folder changed just before it was listed
+    scan.full_pass()
+    folder = "etc/shared/default"
+    if change == "create":
+        write(home, "etc/shared/default/b", "b")
+    else:
+        os.unlink(os.path.join(home, "etc/shared/default/a"))
+    # What a coarse clock does: the change left the folder's stamps as they were listed.
+    scan._dirs[folder] = scanner._dir_fingerprint(os.lstat(os.path.join(home, folder))) + \
+        scan._dirs[folder][3:]
+    changes = scan.full_pass()
+    if change == "create":
+        assert changes.changed == ["etc/shared/default/b"]
+    else:
+        assert changes.deleted == ["etc/shared/default/a"]

@@ -156,15 +156,21 @@ def test_a_client_summary_looks_at_that_clients_rows_only(home):  # noqa: F811
     assert sum(c for c, _ in _buckets_of(cat, {"source": "client"})) == 30 and len(seen) >= 30
 
 
-def test_a_client_summary_stays_cached_when_only_master_files_change(home):  # noqa: F811
+def _summarised(home, master_args):  # noqa: F811
+    """A master's catalog with one agent-info file of client c1 and one shared file, and
+    the summaries of both: (catalog, clock, c1's summary, the master's files' summary)."""
     clock = Clock()
     cat = make(home, clock=clock)
     write(home, "queue/agent-info/web01-any", "Linux web01")
     write(home, "etc/shared/default/a.conf", "one")
     cat.tick(clock())
     cat.handle("agent_nodes", {"rows": [["web01-any", "c1"]]})
-    client = cat.handle("summary", {"source": "client", "node": "c1"})
-    master = cat.handle("summary", {"source": "master"})
+    return (cat, clock, cat.handle("summary", {"source": "client", "node": "c1"}),
+            cat.handle("summary", master_args))
+
+
+def test_a_client_summary_stays_cached_when_only_master_files_change(home):  # noqa: F811
+    cat, clock, client, master = _summarised(home, {"source": "master"})
     write(home, "etc/shared/default/a.conf", "two!")  # a shared file (or client.keys) changes
     clock.t += 20
     cat.tick(clock())
@@ -196,3 +202,32 @@ def test_bad_summary_requests(home):  # noqa: F811
                       ("manifest", {"source": "master", "buckets": [999]})):
         with pytest.raises(RequestError):
             cat.handle(cmd, args)
+
+
+@pytest.mark.parametrize("change", ["agent rows", "agent-info file"])
+def test_agent_info_changes_keep_the_summary_of_the_masters_files(home, change):  # noqa: F811
+    cat, clock, client, master = _summarised(home, {"source": "master", "groups": True})
+    everything = cat.handle("summary", {})
+    if change == "agent rows":
+        cat.handle("agent_nodes", {"rows": [["web01-any", "c2"]]})  # a keepalive batch's
+    else:
+        write(home, "queue/agent-info/web01-any", "Linux web01 again", mtime_ns=None)
+        cat.tick(clock() + 700)  # the received items' full pass
+    assert cat.handle("summary", {"source": "master", "groups": True}) is master
+    assert cat.handle("summary", {"source": "client", "node": "c1"}) != client
+    assert cat.handle("summary", {}) is not everything  # made again
+
+
+def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F811
+    clock = Clock()
+    cat = make(home, clock=clock)
+    for n, node in ((1, "c1"), (2, "c1"), (3, "c2")):
+        write(home, "queue/agent-info/web%02d-any" % n, "Linux web%02d" % n,
+              mtime_ns=(1500000000 + n) * SEC + 123)
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [["web01-any", "c1"], ["web02-any", "c1"],
+                                        ["web03-any", "c2"]]})
+    rows = [cat.scanner.row("queue/agent-info/web%02d-any" % n) for n in (1, 2)]
+    assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
+        summary.of_rows(rows, lambda item: item == "agent-info")
+
