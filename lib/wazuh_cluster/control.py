@@ -485,7 +485,9 @@ ACTIONS = (
            lambda o, home: {"nodes": o.managers,
                             "files": [file_name(home, f) for f in o.files] or None},
            shape_files, text_files),
-    Action("agents", "agents", lambda o, home: {}, shape_agents, text_agents),
+    # The text table shows no keepalive: asked without them (agentrows.keepalives).
+    Action("agents", "agents", lambda o, home: {} if o.json else {"keepalives": False},
+           shape_agents, text_agents),
     Action("nodes", "nodes", lambda o, home: {"names": o.nodes or None}, shape_nodes,
            text_nodes),
     Action("health", "health", lambda o, home: {}, shape_health, text_health),
