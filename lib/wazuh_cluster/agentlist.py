@@ -163,26 +163,25 @@ def listing(db, keys_path, folder, now, record, keepalives=True):
     null: a text table shows none, and writing the float of each (repr) was a fifth of the
     listing's CPU."""
     refresh_keys(db, keys_path)
-    return db.agent_key_count(), _chunks(db, folder, now, record,
-                                         repr if keepalives else u"null".format)
+    return db.agent_key_count(), _chunks(db, folder, now, record, keepalives)
 
 
-def _chunks(db, folder, now, record, keepalive_text):
+def _chunks(db, folder, now, record, keepalives):
     with compat.FolderLstat(folder) as in_folder:
         learned = []
         for chunk in _listing(db, os.path.join(folder, ""), in_folder.lstat, now, learned,
-                              keepalive_text):
+                              keepalives):
             yield chunk
     if learned:
         record(learned)
 
 
-def _listing(db, folder, lstat, now, learned, keepalive_text):
+def _listing(db, folder, lstat, now, learned, keepalives):
     """The chunks; a row's sender is there only where no node name is known
     (db.agent_listing): a file emptied or removed since the scan asks db.agent_sender."""
     nodes = _NodeJSON({None: "null"})
     never = u',"Never connected",%s,null]'
-    row = u'%s,"%s",%s,%s]'
+    row, bare = u'%s,"%s",%s,%r]', u'%s,"%s",%s,null]'
     kind, regular = stat.S_IFMT(0o177777), stat.S_IFREG
     cursor = db.agent_listing()
     while True:
@@ -215,5 +214,8 @@ def _listing(db, folder, lstat, now, learned, keepalive_text):
                     if ok:
                         learned.append((name, node))
                 node = sender if node is None else node
-            add(row % (prefix, status, nodes[node], keepalive_text(keepalive)))
+            if keepalives:
+                add(row % (prefix, status, nodes[node], keepalive))
+            else:
+                add(bare % (prefix, status, nodes[node]))
         yield u",".join(part).encode("utf-8")
