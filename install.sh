@@ -460,6 +460,11 @@ mkdir -p "$PREFIX/lib/wazuh_cluster.new.$$" || die "cannot write in $PREFIX/lib"
 rm -rf "$PREFIX/lib/wazuh_cluster"
 mv "$PREFIX/lib/wazuh_cluster.new.$$" "$PREFIX/lib/wazuh_cluster" || die "cannot install lib/wazuh_cluster"
 manifest_add tree lib/wazuh_cluster
+# Compiled once here: whoever cannot write the package's folder (user ossec, a member of
+# group ossec running cluster_control) compiled every module at each start (~30 ms of CPU
+# of each cluster_control on 3.13). Without the bytecode everything still runs.
+"$PYREAL" -m compileall -q "$PREFIX/lib/wazuh_cluster" >/dev/null 2>&1 \
+    || warn "could not byte-compile $PREFIX/lib/wazuh_cluster (each start compiles it)"
 if [ "$IS_ROOT" = yes ]; then
     chown -R root:ossec "$PREFIX/lib/wazuh_cluster"
     chmod -R g+rX,o-w "$PREFIX/lib/wazuh_cluster"

@@ -9,6 +9,10 @@ it arrives, never parsed; cluster_control decodes each chunk while the next is b
 one JSON string of them kept +160 MB on 3.x, +335 MB on 2.7, in the internal daemon after one
 listing of 100 000 agents).
 
+A request with {"keepalives": false} gets null for every last_keepalive (keepalives()): the
+text table shows none, and the float of each cost the internal daemon a fifth of a listing
+and cluster_control part of its decoding. Older daemons ignore the argument.
+
 Between nodes (a client asking its master, one peer message) the rows travel as before, as one
 JSON array in the message's data after {"count", "rows_in_data": true, "columns"} (result,
 joined), which older nodes send and read too.
@@ -22,6 +26,13 @@ from wazuh_cluster.errors import ProtocolError
 
 COLUMNS = ("id", "name", "ip", "status", "node_name", "last_keepalive")
 ROWS_PER_CHUNK = 1000
+
+
+def keepalives(args):
+    """Whether an "agents" request (its args; a peer's too) wants each agent's last_keepalive:
+    all but {"keepalives": false}, which gets null instead (cluster_control's text table
+    shows none, -i only counts)."""
+    return not (isinstance(args, dict) and args.get("keepalives") is False)
 
 
 def result(count):

@@ -30,7 +30,7 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   peer_seen   {name, role, address?, version?}    -> {recorded: true}
   peers       {}                                  -> {peers: [{node, role, address, version,
                                                       last_seen}]}
-  agents      {}                                  -> {count, rows_in_chunks: true, columns}
+  agents      {keepalives?}                       -> {count, rows_in_chunks: true, columns}
                                                       and the rows [id, name, ip, status,
                                                       node_name, last_keepalive] in JSON,
                                                       streamed in chunks (agentrows)
@@ -687,11 +687,13 @@ class Catalog(object):
 
     def _cmd_agents(self, args):
         """One row per agent of client.keys with its status (SPEC section 2), streamed in
-        chunks after the reply (agentrows), from the database (agentlist)."""
+        chunks after the reply (agentrows), from the database (agentlist); every
+        last_keepalive null with {"keepalives": false} (agentrows.keepalives)."""
         count, chunks = agentlist.listing(
             self.db, os.path.join(self.home, self._item_path("client.keys", "etc/client.keys")),
             self._agent_info_folder(), self._wall(),
-            lambda rows: self._safely(self.db.record_agent_file_nodes, rows))
+            lambda rows: self._safely(self.db.record_agent_file_nodes, rows),
+            agentrows.keepalives(args))
         return localsock.Chunked(agentrows.streamed(count), chunks)
 
     def _agent_info_folder(self):

@@ -22,6 +22,12 @@ def _names(args, key):
     return value
 
 
+def _listing_args(args):
+    """The internal daemon's "agents" args for a listing asked with `args` (cluster_control's
+    or a client's): only what agentrows.keepalives reads is passed on."""
+    return {} if agentrows.keepalives(args) else {"keepalives": False}
+
+
 class Commands(object):
     """Dispatch table of the control socket; `node` is the running ClusterNode."""
 
@@ -165,13 +171,13 @@ class Commands(object):
     def streamed_agents(self, args):
         """This node's listing for cluster_control: the internal daemon's chunks, relayed as
         they arrive (agentrows; the control server closes them)."""
-        result, chunks = self.node.link.stream("agents")
+        result, chunks = self.node.link.stream("agents", _listing_args(args))
         return localsock.Chunked(result, chunks)
 
     def master_agents(self, args):
         """The listing as one message (a client asks; -i counts): the chunks joined. The
         rows stay bytes here (agentrows): relayed, never parsed, by this daemon."""
-        result, chunks = self.node.link.stream("agents")
+        result, chunks = self.node.link.stream("agents", _listing_args(args))
         count = result.get("count") if isinstance(result, dict) else None
         return localsock.WithData(agentrows.result(count), agentrows.joined(chunks))
 
@@ -216,7 +222,7 @@ class Commands(object):
             if state in entry:
                 entry[state] += 1
         agents = {}
-        listing = self.master_agents({})
+        listing = self.master_agents({"keepalives": False})  # counted, never shown
         for row in agentrows.decode(listing.result, listing.data):
             node = row[agentrows.COLUMNS.index("node_name")]
             agents[node] = agents.get(node, 0) + 1

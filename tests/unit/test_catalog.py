@@ -266,6 +266,37 @@ def test_agent_rows_are_exactly_those_of_before(home):
         assert answer.result["count"] == len(rows)
         assert agentrows.joined(answer.chunks) == \
             json.dumps(rows, separators=(",", ":")).encode("ascii")
+    # cluster_control's text table asks without keepalives: null in each row, nothing else
+    # changes; any other value of the argument (a peer's) gets them.
+    answer = cat.handle("agents", {"keepalives": False})
+    assert agentrows.joined(answer.chunks) == json.dumps(
+        [row[:5] + [None] for row in rows], separators=(",", ":")).encode("ascii")
+    for args in ({"keepalives": True}, {"keepalives": "no"}, {"keepalives": 0}):
+        assert agentrows.joined(cat.handle("agents", args).chunks) == \
+            json.dumps(rows, separators=(",", ":")).encode("ascii")
+
+
+def test_files_changed_since_the_scan_show_the_node_that_sent_them(home):
+    # The listing reads the sender only where no node name is known (db.agent_listing): a
+    # file emptied, removed or replaced since the scan read its node name still shows the
+    # node that sent it, as the join with every sender showed it.
+    write(home, "etc/client.keys", "001 a any k1\n002 b any k2\n003 c any k3\n004 d any k4\n")
+    for name in ("a-any", "b-any", "c-any", "d-any"):
+        write(home, "queue/agent-info/" + name, 'Linux\n#"node_name":client01\n',
+              mtime_ns=int((NOW - 60) * 1e9))
+    cat = make(home)
+    cat.tick(0.0)
+    cat.handle("agent_nodes", {"rows": [[n, "client02"] for n in ("a-any", "b-any", "c-any")]})
+    info = os.path.join(home, "queue/agent-info")
+    write(home, "queue/agent-info/a-any", "", mtime_ns=int((NOW - 10) * 1e9))
+    os.unlink(os.path.join(info, "b-any"))
+    os.unlink(os.path.join(info, "c-any"))
+    os.mkdir(os.path.join(info, "c-any"))
+    assert cat.db.agent_file_nodes() == dict.fromkeys(["a-any", "b-any", "c-any", "d-any"],
+                                                      "client01")  # no scan since
+    assert [(a["status"], a["node_name"]) for a in listed_agents(cat)] == [
+        ("Pending", "client02"), ("Never connected", "client02"),
+        ("Never connected", "client02"), ("Active", "client01")]
 
 
 def listed_agents(cat):

@@ -289,6 +289,21 @@ def test_streamed_agents_print_the_same_as_the_whole_listing(home, daemon, rows,
                                                   agentrows.joined(chunked(rows, per)))
     assert [ok(home, "-a"), ok(home, "-a", "-j")] == before  # a client relays one array
     assert len(before[0].splitlines()) == len(rows) + 1
+    # The text table is asked without keepalives (null in every row): the same text.
+    bare = [row[:5] + [None] for row in rows]
+    daemon.results["agents"] = localsock.Chunked(agentrows.streamed(len(rows)),
+                                                 chunked(bare, per))
+    assert ok(home, "-a") == before[0]
+    daemon.results["agents"] = as_objects(bare)
+    assert ok(home, "-a") == before[0]
+
+
+def test_the_text_table_asks_for_no_keepalives(home, daemon):
+    # Writing and parsing a float per agent was a fifth of a listing's CPU in the internal
+    # daemon, for a column the table does not show; -j keeps them.
+    ok(home, "-a")
+    ok(home, "-a", "-j")
+    assert daemon.calls == [("agents", {"keepalives": False}), ("agents", {})]
 
 
 def test_streamed_table_is_the_old_table_for_in_order_rows():
