@@ -6,7 +6,6 @@ the same on 2.7 and 3.x.
 from __future__ import absolute_import, division, print_function
 
 import errno
-import hashlib
 import os
 import stat
 
@@ -117,7 +116,7 @@ def syncfs_folder(path):
 
 def sha256_of_fd(fd):
     """SHA-256 hex of what is left to read from `fd`."""
-    sha = hashlib.sha256()
+    sha = compat.sha256()
     while True:
         chunk = os.read(fd, CHUNK)
         if not chunk:
@@ -144,7 +143,7 @@ def copy_fd(fd, source):
     The digest is of the bytes copied: checking it proves what was written, with no window
     between a check and a later read.
     """
-    sha = hashlib.sha256()
+    sha = compat.sha256()
     while True:
         chunk = os.read(source, CHUNK)
         if not chunk:

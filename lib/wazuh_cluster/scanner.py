@@ -31,7 +31,6 @@ import binascii
 import collections
 import errno
 import fnmatch
-import hashlib
 import heapq
 import operator
 import os
@@ -575,7 +574,7 @@ class Scanner(object):
             if not stat.S_ISREG(before.st_mode):
                 self._retry.add(rel)
                 return None
-            sha = hashlib.sha256()
+            sha = compat.sha256()
             while True:
                 chunk = os.read(fd, READ_CHUNK)
                 if not chunk:
