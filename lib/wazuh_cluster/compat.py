@@ -1,6 +1,8 @@
 """Every difference between Python 2.7 and 3.x lives here (STYLE section 2)."""
 from __future__ import absolute_import, division, print_function
 
+import binascii
+import hashlib
 import os
 import sys
 import time
@@ -231,7 +233,6 @@ _BIG_SHA256 = []  # the factory of large inputs' hash objects, once loaded
 
 def _openssl_sha256():
     """A factory of cryptography's SHA-256 Hash objects (hashlib's if it cannot be had)."""
-    import hashlib
     try:
         import warnings
         with warnings.catch_warnings():
@@ -249,7 +250,6 @@ class Sha256(object):
     __slots__ = ("_small", "_kept", "_size", "_big")
 
     def __init__(self, data=b""):
-        import hashlib
         self._small = hashlib.sha256()
         self._kept = []     # copies of what _small was given, for the hand-over
         self._size = 0
@@ -281,12 +281,10 @@ class Sha256(object):
         return big.finalize() if hasattr(big, "finalize") else big.digest()
 
     def hexdigest(self):
-        import binascii
         return native_str(binascii.hexlify(self.digest()))  # as hashlib's: str on 2.7 too
 
 
 def _sha256():
-    import hashlib
     if getattr(hashlib.sha256, "__name__", "") == "openssl_sha256":
         return hashlib.sha256  # OpenSSL's already, and it releases the GIL on large inputs
     return Sha256
