@@ -67,7 +67,7 @@ class CompressedCache(object):
             if found is None:
                 running = self._running.get(key)
                 if running is None:
-                    self._running[key] = threading.Event()
+                    self._running[key] = compat.Event()  # 2.7: a waiter must not poll
         if found is not None:
             return found
         if running is not None:
