@@ -18,7 +18,6 @@ ROWS_PER_CHUNK rows at a time (agentrows).
 """
 from __future__ import absolute_import, division, print_function
 
-import hashlib
 import json
 import os
 import stat
@@ -119,7 +118,7 @@ def _grown_from(handle, parsed):
     """(sha256 object of what was read, True) when the file at `handle` starts with the text
     `parsed` ("SIZE:SHA256" of what agent_keys holds) and that text ended a line: `handle`
     is then after it. Otherwise (a new sha256 object, False) and `handle` at the start."""
-    digest = hashlib.sha256()
+    digest = compat.sha256()
     size, _, sha = (parsed or u"").partition(u":")
     if not size.isdigit() or int(size) == 0:
         return digest, False
@@ -134,7 +133,7 @@ def _grown_from(handle, parsed):
     if left == 0 and last == b"\n" and digest.hexdigest() == sha:
         return digest, True
     handle.seek(0)
-    return hashlib.sha256(), False
+    return compat.sha256(), False
 
 
 def _key_rows(handle, read):

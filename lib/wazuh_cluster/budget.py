@@ -109,7 +109,7 @@ class Budget(object):
         self.sending = self.cache     # held by sends; the cache's part is always counted
         self.used = self.cache
         self.peak = self.used
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = compat.Condition(threading.Lock())  # 2.7: timed waits must not poll
         self._queue = collections.deque()     # tickets of the waiting normal grants, in order
         self._send_line = collections.deque()  # tickets of the sends waiting for the pool
         self._urgent_waiting = 0

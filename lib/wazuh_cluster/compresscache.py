@@ -9,14 +9,15 @@ level 1); at most `budget` bytes of compressed streams are kept (`.bytes` counts
 the least recently used going first; wazuh-clusterd sets that bound to the part of its memory
 budget set aside for the cache (budget.py, `resize`). A session that asks for a body another session is
 compressing at that moment waits for that result instead of compressing it too.
-Thread-safe; a leaf (standard library only).
+Thread-safe; a leaf (standard library and compat only).
 """
 from __future__ import absolute_import, division, print_function
 
 import collections
-import hashlib
 import threading
 import zlib
+
+from wazuh_cluster import compat
 
 MIN_BYTES = 1 << 20
 BUDGET_BYTES = 16 << 20
@@ -42,14 +43,14 @@ class CompressedCache(object):
         """The compressed stream of `data`, from the cache when another session made it."""
         if len(data) < self.min_bytes:
             return self._compress(data)
-        return self._cached(hashlib.sha256(data).digest(), lambda: self._compress(data))
+        return self._cached(compat.sha256(data).digest(), lambda: self._compress(data))
 
     def compress_parts(self, parts):
         """The compressed stream of b"".join(parts), without that join: a batch of files is
         held once, not twice, while it is compressed."""
         if sum(len(p) for p in parts) < self.min_bytes:
             return self._compress(b"".join(parts))
-        digest = hashlib.sha256()
+        digest = compat.sha256()
         for part in parts:
             digest.update(part)
         return self._cached(digest.digest(), lambda: _deflate_parts(parts, self.level))
@@ -66,7 +67,7 @@ class CompressedCache(object):
             if found is None:
                 running = self._running.get(key)
                 if running is None:
-                    self._running[key] = threading.Event()
+                    self._running[key] = compat.Event()  # 2.7: a waiter must not poll
         if found is not None:
             return found
         if running is not None:

@@ -463,9 +463,21 @@ class ClusterDB(object):
 
     def known_nodes(self):
         """{node: role or None} from the peers table and the nodes named in states rows."""
-        nodes = dict((r[0], None) for r in self._conn.execute("SELECT DISTINCT node FROM states"))
+        nodes = dict((node, None) for node in self._state_nodes())
         for node, role in self._conn.execute("SELECT node, role FROM peers"):
             nodes[node] = role
+        return nodes
+
+    def _state_nodes(self):
+        """The nodes named in states rows, one index seek each (states_node_state): a
+        DISTINCT read the whole index, 110 000 rows on a master with 10 clients (40 ms on
+        2.7), at every change of client.keys it stored."""
+        nodes = []
+        row = self._conn.execute("SELECT MIN(node) FROM states").fetchone()
+        while row[0] is not None:
+            nodes.append(row[0])
+            row = self._conn.execute("SELECT MIN(node) FROM states WHERE node > ?",
+                                     (row[0],)).fetchone()
         return nodes
 
     def record_agents(self, rows):

@@ -13,7 +13,6 @@ the whole file at once (sync.py), one log line naming the peer, the file and the
 from __future__ import absolute_import, division, print_function
 
 import errno
-import hashlib
 import os
 import stat
 
@@ -79,7 +78,7 @@ def read_base(home, parts, size, sha256, known=None):
     if len(data) != size:
         raise Refused("our copy is not the base")
     if (known or ())[:2] != (fingerprint(st), sha256) and \
-            hashlib.sha256(data).hexdigest() != sha256:
+            compat.sha256(data).hexdigest() != sha256:
         raise Refused("our copy is not the base")
     return data
 
@@ -224,7 +223,7 @@ class Expander(object):
         base = read_base(self.home, parts, entry["base_size"], entry["base_sha256"],
                          self.written.get(entry["name"]))
         result = delta.apply(base, entry["head"], entry["tail"], middle, entry["result_size"])
-        if hashlib.sha256(result).hexdigest() != entry["sha256"]:
+        if compat.sha256(result).hexdigest() != entry["sha256"]:
             raise Refused("the result does not match the sender's checksum")
         self.log.debug("Delta of %s applied: %d bytes sent for a file of %d.",
                        escape(entry["name"]), entry["size"], len(result))

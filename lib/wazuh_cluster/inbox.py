@@ -8,7 +8,6 @@ reports each agent.
 from __future__ import absolute_import, division, print_function
 
 import base64
-import hashlib
 import json
 import os
 import posixpath
@@ -604,7 +603,7 @@ class Inbox(object):
             else:
                 data = base64.b64decode(held["data"])
                 files, deletes = [receive.Incoming(self.keys_name, data,
-                                                   hashlib.sha256(data).hexdigest(),
+                                                   compat.sha256(data).hexdigest(),
                                                    held["mtime_ns"], False)], []
             edits = self.edits.before(files, deletes, [])
             states, reasons = self.receiver.apply_batch(files, deletes, [], sender_role="master",

@@ -26,7 +26,8 @@ the wall clock. That is the only wall-clock decision, and it only guards this re
 token replayed within its minute gets the same answer again.
 
 This module and channel.py are the only importers of `cryptography`: channel.py for our own
-channel, this one for Fernet, which exists only to answer Wazuh 3.0.
+channel, this one for Fernet, which exists only to answer Wazuh 3.0 (and compat.sha256, see
+channel.py).
 """
 from __future__ import absolute_import, division, print_function
 

@@ -54,7 +54,6 @@ from __future__ import absolute_import, division, print_function
 
 import collections
 import errno
-import hashlib
 import os
 import re
 import stat
@@ -464,7 +463,7 @@ class _Batch(object):
         streamed = _is_source(incoming.data)
         if not incoming.meta_only and not streamed and \
                 not (self.rx.proven is not None and self.rx.proven(incoming)) and \
-                hashlib.sha256(incoming.data).hexdigest() != sha:
+                compat.sha256(incoming.data).hexdigest() != sha:
             raise TransferError("checksum mismatch")
         mtime_ns = self._sane_mtime(name, incoming.mtime_ns)
         folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
@@ -703,7 +702,7 @@ def _is_source(data):
 def _write_checked(sha):
     """A fill function for _write_temp: write a source's chunks, which must hash to `sha`."""
     def fill(fd, source):
-        digest = hashlib.sha256()
+        digest = compat.sha256()
         for chunk in source.chunks():
             fsops.write_all(fd, chunk)
             digest.update(chunk)

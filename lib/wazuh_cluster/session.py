@@ -136,7 +136,7 @@ class Session(object):
         self._max_handlers = max_handlers
         self._max_queued = max_queued
         self._requests = collections.deque()
-        self._room = threading.Condition(self._lock)   # a worker took a queued request
+        self._room = compat.Condition(self._lock)   # a worker took a queued request
         self._workers = 0
         self._closed = compat.Event()
         self._reader = None

@@ -70,7 +70,7 @@ def read_stable(path):
     if (before.st_size, compat.stat_mtime_ns(before), before.st_ino) != \
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
-    return data, hashlib.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+    return data, compat.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
 
 
 def file_size(path):

@@ -108,7 +108,7 @@ class VersionStore(object):
             with self._lock:
                 busy = self._reading.get(path)
                 if busy is None:
-                    mine = self._reading[path] = threading.Event()
+                    mine = self._reading[path] = compat.Event()  # 2.7: a waiter must not poll
                     break
                 self.waiting += 1
             try:
