@@ -373,11 +373,13 @@ class Inbox(object):
             before = self.read_keys() if hold is None and not appended and not retouched \
                 and self.touches_keys(incoming, deletes) else None
             edits = self.edits.before(incoming, deletes, dirs)
-            states, reasons = self.receiver.apply_batch(incoming, deletes, dirs,
-                                                        sender_role=sender_role,
-                                                        peer=peer, known=known, learned=learned,
-                                                        fence=fence,
-                                                        replace=self.edits.replacer(edits))
+            try:
+                states, reasons = self.receiver.apply_batch(
+                    incoming, deletes, dirs, sender_role=sender_role, peer=peer, known=known,
+                    learned=learned, fence=fence, replace=self.edits.replacer(edits))
+            except BaseException:
+                self.edits.after(edits, None)
+                raise
             self.edits.after(edits, states)
             if hold is not None:
                 states[self.keys_name] = "pending"

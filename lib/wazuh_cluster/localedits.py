@@ -257,11 +257,14 @@ class LocalEdits(object):
             _unlink_quietly(kept)
 
     def after(self, token, states):
-        """Record what the batch applied (token: what before() returned)."""
+        """Record what the batch applied (token: what before() returned); `states` None
+        when the batch broke off: what its renames replaced is still checked and kept."""
         if token is None:
             return
         if getattr(token, "replaced", None):
             self._check_replaced(token)
+        if states is None:
+            return
         with self.lock:
             changed = False
             for name, sha in token:

@@ -604,9 +604,14 @@ class _Batch(object):
 
     def commit(self):
         """Rename each temporary file over its target."""
-        for entry in self.staged:
+        for index, entry in enumerate(self.staged):
             if entry.temp is None:
                 continue
+            # Once renamed by an exchange (localedits) the temporary name holds the replaced
+            # file, which abandon() must not remove if this loop breaks off: it is no longer
+            # abandon()'s from here (a temporary file left by a break-off before the rename
+            # goes at the next start, with the other temporary files: staging.cleanup).
+            self.staged[index] = entry._replace(temp=None)
             try:
                 self._change(self.replace, entry.temp, entry.target)
             except _Fenced:

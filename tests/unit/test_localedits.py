@@ -65,9 +65,13 @@ class Node(object):
         failover's: run(change) around each rename."""
         incoming = [Incoming(n, d, hashlib.sha256(d).hexdigest(), 10 ** 18) for n, d in files]
         token = edits.before(incoming, list(deletes), list(dirs))
-        states, _ = self.receiver.apply_batch(incoming, list(deletes), list(dirs),
-                                              sender_role="master", peer="leader", fence=fence,
-                                              replace=edits.replacer(token))
+        try:
+            states, _ = self.receiver.apply_batch(incoming, list(deletes), list(dirs),
+                                                  sender_role="master", peer="leader",
+                                                  fence=fence, replace=edits.replacer(token))
+        except BaseException:
+            edits.after(token, None)
+            raise
         edits.after(token, states)
         return states
 

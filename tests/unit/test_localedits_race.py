@@ -87,3 +87,21 @@ def test_without_an_edit_meanwhile_nothing_more_is_backed_up(node, how):  # noqa
     assert node.backups() == ["0-%s" % stamp()] and len(node.warnings()) == 1
     assert node.read(KEYS) == b"004 c any k\n" and node.read(CONF) == b"new\n"
     assert os.listdir(os.path.join(node.home, "queue", "cluster-staging")) == []
+
+
+def test_an_edit_swapped_out_by_a_batch_that_then_breaks_off_is_backed_up(node, how):  # noqa: F811
+    # The rename done, the batch fails before after() looked at what it replaced: that file
+    # must neither be removed with the batch's temporary files nor escape the check.
+    node.write(KEYS, b"001 a any k\n")
+    edits = node.edits()
+    edit = edit_before_rename(node, KEYS, b"003 local any k\n")
+
+    def fence(change):
+        edit(change)
+        raise RuntimeError("the batch breaks off after its rename")
+    with pytest.raises(RuntimeError):
+        node.push(edits, [(KEYS, b"001 a any k\n002 b any k\n")], fence=fence)
+    folder = "0-%s" % stamp()
+    assert node.backups() == [folder]
+    assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
+    assert os.listdir(os.path.join(node.home, "queue", "cluster-staging")) == []
