@@ -1,9 +1,9 @@
 """The encrypted channel between cluster nodes (SPEC s.5): handshake, key schedule, AEAD frames.
 
-This module and legacy_node.py are the only ones that import `cryptography` (3.3.x on Python
-2.7, any recent one on 3.x): this one for our channel, legacy_node.py for the Fernet tokens of
-Wazuh 3.0's `node` request, which exists only to answer 3.0's framework (and compat.sha256,
-for large inputs where hashlib has no OpenSSL: the 2.7 we run on).
+Three modules import `cryptography` (3.3.x on Python 2.7, any recent one on 3.x): this one
+for our channel, legacy_node.py for the Fernet tokens of Wazuh 3.0's `node` request, which
+exists only to answer 3.0's framework, and compat.sha256 for large inputs where hashlib has no
+OpenSSL (the 2.7 we run on).
 
 Handshake (messages carry a 2-byte big-endian length prefix and are at most 512 bytes):
 

@@ -25,9 +25,8 @@ the wall clock. That is the only wall-clock decision, and it only guards this re
 (the node's name, the cluster's name and its role, which every key holder knows anyway); a
 token replayed within its minute gets the same answer again.
 
-This module and channel.py are the only importers of `cryptography`: channel.py for our own
-channel, this one for Fernet, which exists only to answer Wazuh 3.0 (and compat.sha256, see
-channel.py).
+It imports `cryptography` for Fernet, which exists only to answer Wazuh 3.0 (channel.py
+lists the modules that import it).
 """
 from __future__ import absolute_import, division, print_function
 

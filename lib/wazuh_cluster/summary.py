@@ -41,15 +41,9 @@ def bucket_of(name):
     return zlib.crc32(compat.to_bytes(name)) % BUCKETS
 
 
-def entry_value(name, sha256, mtime_ns, mtime_is_data):
-    """The integer an entry adds to its bucket's digest."""
-    return _value(compat.to_bytes(name), compat.to_bytes(sha256 or ""),
-                  (mtime_ns or 0) if mtime_is_data else None)
-
-
 def _value(name, sha256, mtime_ns):
-    """entry_value of bytes (the name, the checksum's hex digits); mtime_ns None when the
-    item's mtime is no data."""
+    """The integer an entry adds to its bucket's digest, of bytes (the name, the checksum's
+    hex digits); mtime_ns None when the item's mtime is no data."""
     text = name + _NUL + sha256
     if mtime_ns is not None:
         text += _NUL + compat.to_bytes("%d" % (mtime_ns // 1000000000))
