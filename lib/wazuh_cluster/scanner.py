@@ -638,6 +638,10 @@ class Scanner(object):
                 self._recheck_dir(item, rel, old_dir, out):
             return
         path = self._abs(rel)
+        # The racy test below compares the folder's times with when they were read, not with
+        # the end of a listing that may take seconds (a file created within the same tick
+        # after the lstat leaves the folder's mtime as it was read).
+        looked_at = int(self._wall() * 1e9)
         try:
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
@@ -684,8 +688,7 @@ class Scanner(object):
             self._plan = None
         fingerprint = _dir_fingerprint(st)
         self._dirs[rel] = fingerprint + (files, subdirs)
-        listed_at = int(self._wall() * 1e9)
-        if listed_at - RACY_NS <= max(fingerprint[0], fingerprint[1]) <= listed_at + RACY_NS:
+        if looked_at - RACY_NS <= max(fingerprint[0], fingerprint[1]) <= looked_at + RACY_NS:
             self._racy_dirs.add(rel)
         else:
             self._racy_dirs.discard(rel)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -576,3 +577,26 @@ def test_folder_listed_in_the_tick_of_its_change_is_listed_by_the_next_full_pass
         assert changes.changed == ["etc/shared/default/b"]
     else:
         assert changes.deleted == ["etc/shared/default/a"]
+
+
+def test_folder_listed_slowly_in_the_tick_of_its_change_is_listed_by_the_next_full_pass(
+        home, monkeypatch):
+    # Whether a folder is "racy" depends on when its times were read, not on when its
+    # listing (hashing its changed files too) ended: here that takes longer than RACY_NS.
+    write(home, "etc/shared/default/a", "a")
+    folder = "etc/shared/default"
+    slow = [0.0]
+    start = time.time()
+    real_scandir = compat.scandir
+
+    def scandir(path):
+        if os.path.relpath(path, home) == folder:
+            slow[0] += 2.0 * scanner.RACY_NS / 1e9
+        return real_scandir(path)
+    monkeypatch.setattr(compat, "scandir", scandir)
+    scan, _ = make(home, wall=lambda: start + slow[0] + (time.time() - start))
+    scan.full_pass()
+    write(home, "etc/shared/default/b", "b")
+    scan._dirs[folder] = scanner._dir_fingerprint(os.lstat(os.path.join(home, folder))) + \
+        scan._dirs[folder][3:]
+    assert scan.full_pass().changed == ["etc/shared/default/b"]
