@@ -460,10 +460,17 @@ class Inbox(object):
     def touches_keys(self, incoming, deletes):
         return self.keys_name in deletes or any(f.name == self.keys_name for f in incoming)
 
+    def new_keys(self, incoming):
+        """The batch's client.keys with content (whole or a delta's result), else None."""
+        for f in incoming:
+            if f.name == self.keys_name and not f.meta_only:
+                return f
+        return None
+
     def written_keys(self, incoming):
         """The internal daemon's "received" row of the client.keys just written whole."""
-        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
-        return deltarx.written_row(self.home, self.keys_name, new[0].sha256) if new else None
+        new = self.new_keys(incoming)
+        return deltarx.written_row(self.home, self.keys_name, new.sha256) if new else None
 
     def keys_retouched(self, incoming, deletes):
         """The checksum of client.keys when this batch brings it as a metadata-only update
@@ -489,8 +496,8 @@ class Inbox(object):
     def keys_data(self, incoming):
         """The bytes of the client.keys of this batch, when they came whole in memory (not
         streamed), else None."""
-        new = [f.data for f in incoming if f.name == self.keys_name and not f.meta_only]
-        return new[0] if new and isinstance(new[0], (bytes, memoryview)) else None
+        new = self.new_keys(incoming)
+        return new.data if new and isinstance(new.data, (bytes, memoryview)) else None
 
     def tell_written(self, row):
         try:
@@ -513,11 +520,11 @@ class Inbox(object):
         manage_agents -a does on the master, an agent a second on a busy one): then no agent
         leaves, and neither the guard nor the agent cleanup needs the text of either file
         (each read and decoded 9.4 MB, and compared them twice, on every client)."""
-        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
-        if not new:
+        new = self.new_keys(incoming)
+        if new is None:
             return False
         fingerprint, old = self.read_keys_stable()
-        return self.known_ids.only_appended(fingerprint, old, deltarx.as_bytes(new[0].data))
+        return self.known_ids.only_appended(fingerprint, old, deltarx.as_bytes(new.data))
 
     def read_keys_stable(self):
         """(stat fingerprint as deltarx.written_row has it, or None when the file changed
@@ -546,13 +553,13 @@ class Inbox(object):
         without."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
-        new = [f for f in incoming if f.name == self.keys_name and not f.meta_only]
-        if not new and self.keys_name not in deletes:
+        new = self.new_keys(incoming)
+        if new is None and self.keys_name not in deletes:
             return incoming, deletes, None
         if appended:
             self.store_held(None)
             return incoming, deletes, None
-        new_data = new[0].data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
+        new_data = new.data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
         new_text = compat.to_text(new_data, errors="replace")
         ok, message = self.guard.check(self.read_keys(), new_text)
         if ok:
@@ -561,8 +568,8 @@ class Inbox(object):
             self.store_held(None)
             return incoming, deletes, None
         held = {"data": base64.b64encode(new_data).decode("ascii") if new else None,
-                "sha256": new[0].sha256 if new else None,
-                "mtime_ns": new[0].mtime_ns if new else None,
+                "sha256": new.sha256 if new else None,
+                "mtime_ns": new.mtime_ns if new else None,
                 "message": message, "since": time.time(),
                 "from": source[0], "term": source[1]}
         if self.held() is None or self.held().get("sha256") != held["sha256"]:
