@@ -88,6 +88,7 @@ FOREIGN_SCAN_INTERVAL = 600.0
 # (SPEC section 8's append latency: p50 1 s, p99 2 s, of which a 1 s poll took 0.5 / 1 s).
 HOT_CHECKS_PER_POLL = 4
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
+_INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 
 
 def _bad(message):
@@ -666,8 +667,7 @@ class Catalog(object):
             name, sha = row[0], row[6]
             if not isinstance(name, compat.string_types) or self._sent_by_us(name) or \
                     not isinstance(sha, compat.string_types) or not _HEX64.match(sha) or \
-                    not all(isinstance(v, compat.integer_types) and not isinstance(v, bool)
-                            for v in row[1:6]):
+                    not set(map(type, row[1:6])) <= _INTS:
                 raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                            "mode, sha256]")
             if self.scanner.learn(name, row[1:6], binascii.unhexlify(compat.to_bytes(sha))):

@@ -490,11 +490,15 @@ class ClusterDB(object):
         clean = [(node, keepalive, now, name, keepalive, keepalive)
                  for name, node, keepalive in rows]
         with self.transaction() as conn:
-            conn.executemany("UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? "
-                             "WHERE name = ? AND (? IS NULL OR keepalive_ns IS NULL "
-                             "OR keepalive_ns <= ?)", clean)
-            conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, updated)"
-                             " VALUES (?, ?, ?, ?)", [(r[3], r[0], r[1], r[2]) for r in clean])
+            updated = conn.executemany(
+                "UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? WHERE name = ? AND "
+                "(? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)", clean).rowcount
+            # Keepalives of known agents (the usual batch) all update (a row updates at most
+            # one: name is the key): no row to insert.
+            if updated != len(clean):
+                conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, "
+                                 "updated) VALUES (?, ?, ?, ?)",
+                                 [(r[3], r[0], r[1], r[2]) for r in clean])
         return len(clean)
 
     def agent_names(self, node):

@@ -466,25 +466,23 @@ class _Batch(object):
                 compat.sha256(incoming.data).hexdigest() != sha:
             raise TransferError("checksum mismatch")
         mtime_ns = self._sane_mtime(name, incoming.mtime_ns)
-        folder, dev, target, st = self._target(parts, item, create=not incoming.meta_only)
-        if st is not None and self.rx.newer_only and item.mtime_is_data:
-            local_ns = compat.stat_mtime_ns(st)
-            # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
-            if mtime_ns <= local_ns + MTIME_SLACK_NS and \
-                    not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
-                self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
-                return
-        where = (folder, dev)
         if incoming.meta_only:
-            if st is None:
-                raise TransferError("meta-only update of a file we do not have")
-            entry = self._touch(where, parts[-1], target, sha, mtime_ns, item,
-                                self.known.get(name))
+            # No lstat first: _touch's open and fstat see all it would (a keepalive is ten
+            # thousand of these a second on a master of 100 000 agents).
+            folder, dev = self._folder(parts[:-1], item, create=False)
+            target = os.path.join(folder, compat.native_str(parts[-1]))
+            entry = self._touch((folder, dev), parts[-1], target, sha, mtime_ns, item,
+                                self.known.get(name), name)
+            if entry is None:
+                return
             if entry[0] is None:
                 self.learned.append([name] + list(entry[2]) + [sha])
             entry = entry[:2]
         else:
-            entry = self._write_temp(where, parts[-1], mtime_ns, item,
+            folder, dev, target, st = self._target(parts, item, create=True)
+            if st is not None and self._kept(name, st, item, mtime_ns):
+                return
+            entry = self._write_temp((folder, dev), parts[-1], mtime_ns, item,
                                      _write_checked(sha) if streamed else fsops.write_all,
                                      incoming.data)
         temp, staged = entry
@@ -500,21 +498,44 @@ class _Batch(object):
                 self.clamp_example = (name, mtime_ns)
         return applied
 
-    def _touch(self, where, base, target, sha, mtime_ns, item, record):
+    def _kept(self, name, st, item, mtime_ns):
+        """True (and the name's state set) when the local file is newer and stays."""
+        if not (self.rx.newer_only and item.mtime_is_data):
+            return False
+        local_ns = compat.stat_mtime_ns(st)
+        # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
+        if mtime_ns <= local_ns + MTIME_SLACK_NS and \
+                not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
+            self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
+            return True
+        return False
+
+    def _touch(self, where, base, target, sha, mtime_ns, item, record, name):
         """Give the sender's mtime to a file whose content is the sender's.
 
-        Returns (temp path or None when set in place, staged flag, fingerprint after: size,
-        mtime_ns, ino, ctime_ns, mode). In place only on a file with a single name and by
-        descriptor (see "Hard links" in the module docstring). The content is read and
-        hashed unless `record` (size, mtime_ns, ino, ctime_ns, sha256) proves it: the same
-        checksum, and the file's fstat still the one recorded when it was last hashed or
-        given its time (the ctime moves with every write, and nobody can set it).
+        Returns None when the local file is newer and stays (_kept), else (temp path or
+        None when set in place, staged flag, fingerprint after: size, mtime_ns, ino,
+        ctime_ns, mode). In place only on a file with a single name and by descriptor (see
+        "Hard links" in the module docstring). The content is read and hashed unless
+        `record` (size, mtime_ns, ino, ctime_ns, sha256) proves it: the same checksum, and
+        the file's fstat still the one recorded when it was last hashed or given its time
+        (the ctime moves with every write, and nobody can set it).
         """
-        fd = os.open(target, _READ_FLAGS)
+        try:
+            fd = os.open(target, _READ_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise TransferError("meta-only update of a file we do not have")
+            st = os.lstat(target)  # a symlink (ELOOP) or a socket: refused, as by _target
+            if not stat.S_ISREG(st.st_mode):
+                raise PathRefused("target is %s" % fsops.kind(st.st_mode))
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise PathRefused("target is not a regular file")
+                raise PathRefused("target is %s" % fsops.kind(st.st_mode))
+            if self._kept(name, st, item, mtime_ns):
+                return None
             if st.st_nlink == 1 and fsops.utime_by_fd():
                 if not _proven(st, record, sha) and fsops.sha256_of_fd(fd) != sha:
                     raise TransferError("meta-only update but the local content differs")

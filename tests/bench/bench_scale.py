@@ -243,9 +243,10 @@ class ScaleBench(benchlib.BenchNodes):
         appends = []     # [started, size after, line, {clients still waiting}]
         samples = []     # [started, master path, wanted mtime_ns]
         keys_lat, alive_lat = [], []
-        offsets = dict((c.name, 0) for c in self.clients)
-        touched = [0]
         cpu0 = [proc_cpu(p) for p in master_pids]
+        clients_cpu0 = [proc_cpu(p) for p in client_pids]
+        own0, load0 = sum(os.times()[:2]), benchlib.load_average()
+        toucher = Toucher(self.clients, self.homes, fraction)
         start = now()
         end = start + opt.duration
         next_second = start
@@ -255,9 +256,10 @@ class ScaleBench(benchlib.BenchNodes):
         while True:
             stamp = now()
             if stamp >= next_second and stamp < end:
+                toucher.late(stamp - next_second)
                 next_second += 1.0
                 appends.append(self.append_agent(keys))
-                samples.extend(self.keepalives(fraction, offsets, touched))
+                samples.extend(self.keepalives(toucher))
             self.observe_appends(appends, keys_lat)
             self.observe_keepalives(samples, alive_lat)
             if stamp >= end and not appends and not samples:
@@ -265,12 +267,23 @@ class ScaleBench(benchlib.BenchNodes):
             if stamp >= end + DRAIN_TIMEOUT:
                 break
             time.sleep(POLL)
-        churn_cpu = sum(proc_cpu(p) - c for p, c in zip(master_pids, cpu0)) / opt.duration
+        spent = [proc_cpu(p) - c for p, c in zip(master_pids, cpu0)]
+        churn_cpu = sum(spent) / opt.duration
         missed_keys, missed_alive = len(appends), len(samples)
         print("   %d appends, %d touches (%d followed to the master); not arrived within %d s "
               "after the churn: %d appends, %d keepalives"
-              % (int(opt.duration), touched[0], len(alive_lat) + missed_alive, DRAIN_TIMEOUT,
-                 missed_keys, missed_alive))
+              % (int(opt.duration), toucher.touched, len(alive_lat) + missed_alive,
+                 DRAIN_TIMEOUT, missed_keys, missed_alive))
+        print("   " + toucher.report(start))
+        clients_cpu = sum(proc_cpu(p) for p in client_pids) - sum(clients_cpu0)
+        print("   CPU over the churn and its drain (%.0f s), %% of a core per churn second: "
+              "master clusterd %.1f, master internal %.1f, all clients' daemons %.1f (%.1f "
+              "per client), this benchmark %.1f; load average %s -> %s"
+              % (now() - start, spent[0] / opt.duration * 100, spent[1] / opt.duration * 100,
+                 clients_cpu / opt.duration * 100,
+                 clients_cpu / opt.duration * 100 / max(1, len(self.clients)),
+                 (sum(os.times()[:2]) - own0) / opt.duration * 100, load0,
+                 benchlib.load_average()))
         for kind, values, missed, targets in (
                 ("client.keys append -> all clients", keys_lat, missed_keys, (1.0, 2.0)),
                 ("keepalive on a client -> master mtime", alive_lat, missed_alive,
@@ -298,28 +311,18 @@ class ScaleBench(benchlib.BenchNodes):
             handle.write(line)
         return [now(), os.path.getsize(keys), line, set(c.name for c in self.clients)]
 
-    def keepalives(self, fraction, offsets, touched):
-        """Touch the next `fraction` of every client's agent-info files; a few samples."""
+    def keepalives(self, toucher):
+        """Touch the next share of every client's agent-info files; a few samples."""
+        toucher.touch()
         samples = []
-        for client in self.clients:
-            numbers = self.homes[client.name]
-            if not numbers:
-                continue
-            count = max(1, int(round(fraction * len(numbers))))
-            folder = client.path("queue", "agent-info")
-            for k in range(count):
-                i = numbers[(offsets[client.name] + k) % len(numbers)]
-                os.utime(os.path.join(folder, agent_name(i)), None)
-            offsets[client.name] = (offsets[client.name] + count) % len(numbers)
-            touched[0] += count
         picks = self.rng.sample(self.clients, min(SAMPLES_PER_SECOND, len(self.clients)))
-        for client in picks[:SAMPLES_PER_SECOND]:
-            numbers = self.homes[client.name]
-            if not numbers:
+        for client in picks:
+            path = toucher.last(client.name)  # the last one touched
+            if path is None:
                 continue
-            i = numbers[(offsets[client.name] - 1) % len(numbers)]  # the last one touched
-            st = os.stat(os.path.join(client.path("queue", "agent-info"), agent_name(i)))
-            samples.append([now(), self.master.path("queue", "agent-info", agent_name(i)),
+            st = os.stat(path)
+            samples.append([now(), self.master.path("queue", "agent-info",
+                                                    os.path.basename(path)),
                             compat.stat_mtime_ns(st)])
         return samples
 
@@ -485,6 +488,56 @@ class ScaleBench(benchlib.BenchNodes):
             "%s, %d s; clients Python %s, master Python %s; load average now %s"
             % (opt.clients, opt.agents, opt.shared, opt.agent_info, opt.churn, opt.duration,
                compat.VERSION, self.master_version, benchlib.load_average()))
+
+
+class Toucher(object):
+    """The agents' keepalives: each second, the next `fraction` of every client's agent-info
+    files touched (paths made once: at the real rate, 10 clients x 1 000 a second, the
+    touching must not be what falls behind), with what it took, to print next to the
+    figures: a late or slow toucher makes a lower rate than the one asked for."""
+
+    def __init__(self, clients, homes, fraction):
+        self.paths = {}
+        self.count = {}
+        for client in clients:
+            folder = client.path("queue", "agent-info")
+            self.paths[client.name] = [os.path.join(folder, agent_name(i))
+                                       for i in homes[client.name]]
+            self.count[client.name] = max(1, int(round(fraction * len(homes[client.name]))))
+        self.offsets = dict((name, 0) for name in self.paths)
+        self.touched = 0
+        self.busy = 0.0       # seconds spent touching
+        self.worst_late = 0.0  # the latest a second's touches started after their second
+        self.stop = None
+
+    def late(self, seconds):
+        self.worst_late = max(self.worst_late, seconds)
+
+    def touch(self):
+        started = now()
+        utime = os.utime
+        for name, paths in self.paths.items():
+            if not paths:
+                continue
+            offset, count = self.offsets[name], self.count[name]
+            for k in range(offset, offset + count):
+                utime(paths[k % len(paths)], None)
+            self.offsets[name] = (offset + count) % len(paths)
+            self.touched += count
+        self.stop = now()
+        self.busy += self.stop - started
+
+    def last(self, name):
+        paths = self.paths[name]
+        return paths[(self.offsets[name] - 1) % len(paths)] if paths else None
+
+    def report(self, start):
+        asked = sum(self.count.values())
+        took = (self.stop or start) + 1.0 - start  # through the end of the last second
+        return ("toucher: %d touches in %.1f s = %.0f a second (asked: %d a second); touching "
+                "took %.2f s in all, a second's touches started at worst %.2f s late"
+                % (self.touched, took, self.touched / max(took, 1e-9), asked, self.busy,
+                   self.worst_late))
 
 
 def children_cpu():
