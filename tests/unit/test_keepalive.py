@@ -278,3 +278,28 @@ def test_without_the_internal_daemon_touches_are_read_as_before():
     link = Link(down=True)
     assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
     keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]])  # nothing raised
+
+
+def test_a_batch_of_known_agents_mixed_with_new_and_stale_rows_records_each_rightly(home):
+    # The usual batch (every agent known, every keepalive newer) skips the insert: a batch
+    # where one row is new or one update is refused (an older keepalive) must still insert
+    # the new agent and keep the newer node of the refused one.
+    db = dbmod.ClusterDB(os.path.join(home, "cluster.db"), LOG)
+    try:
+        db.record_agents([["a-any", "node02", BASE_NS + 2 * SEC], ["b-any", "node02", BASE_NS]])
+        db.record_agents([["a-any", "node02", BASE_NS + 4 * SEC],
+                          ["b-any", "node03", BASE_NS + SEC]])   # every row updates
+        assert db.agents() == {"a-any": ("node02", BASE_NS + 4 * SEC),
+                               "b-any": ("node03", BASE_NS + SEC)}
+        db.record_agents([["a-any", "node03", BASE_NS + 3 * SEC],   # older: refused
+                          ["b-any", "node02", BASE_NS + 2 * SEC],
+                          ["c-any", "node03", BASE_NS + 3 * SEC]])  # new agent
+        assert db.agents() == {"a-any": ("node02", BASE_NS + 4 * SEC),
+                               "b-any": ("node02", BASE_NS + 2 * SEC),
+                               "c-any": ("node03", BASE_NS + 3 * SEC)}
+        # One row refused and one new agent: as many rows updated as there are known ones.
+        db.record_agents([["a-any", "node03", BASE_NS + SEC], ["d-any", "node02", BASE_NS]])
+        assert db.agents()["d-any"] == ("node02", BASE_NS)
+        assert db.agents()["a-any"] == ("node02", BASE_NS + 4 * SEC)
+    finally:
+        db.close()

@@ -517,6 +517,31 @@ def test_meta_only_update_of_a_missing_file_fails(home, log):
     assert not os.path.exists(os.path.join(home, AI))
 
 
+def test_meta_only_update_refuses_what_is_not_a_regular_file(home, log, outside):
+    # The touch opens the name (no lstat first): a symlink, a folder or a FIFO there is
+    # refused as before, the symlink's target keeps its time, and a FIFO does not block.
+    victim = os.path.join(outside, "victim")
+    before = mtime_ns(victim)
+    names = [AI, AI + "2", AI + "3"]
+    os.symlink(victim, os.path.join(home, names[0]))
+    os.mkdir(os.path.join(home, names[1]))
+    os.mkfifo(os.path.join(home, names[2]))
+    states, reasons = master_rx(home, log).apply_batch(
+        [inc(name, b"x", BASE_NS + 5 * SEC, meta_only=True) for name in names])
+    assert states == dict((name, "invalid") for name in names)
+    assert "symlink" in reasons[names[0]] and "folder" in reasons[names[1]]
+    assert "not a regular file" in reasons[names[2]]
+    assert mtime_ns(victim) == before and os.path.islink(os.path.join(home, names[0]))
+
+
+def test_meta_only_update_older_than_the_local_file_is_kept_out(home, log):
+    path = put(home, AI, b"Linux web01\n", BASE_NS + 9 * SEC)
+    touch = inc(AI, b"Linux web01\n", BASE_NS + 5 * SEC, meta_only=True)
+    states, reasons = master_rx(home, log).apply_batch([touch._replace(data=None)])
+    assert states[AI] == "synchronized" and "newer" in reasons[AI]
+    assert abs(mtime_ns(path) - BASE_NS - 9 * SEC) <= receive.MTIME_SLACK_NS
+
+
 # -- deletions --------------------------------------------------------------------------------
 
 def test_delete_removes_a_regular_file(home, log):
