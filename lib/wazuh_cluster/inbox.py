@@ -10,7 +10,6 @@ from __future__ import absolute_import, division, print_function
 import base64
 import json
 import os
-import posixpath
 import threading
 import time
 
@@ -667,9 +666,10 @@ class Inbox(object):
         agent may be recorded in either order, the newest keepalive keeps its node.
         """
         mtimes = mtimes or {}
-        rows = [[posixpath.basename(name), peer] + ([mtimes[name]] if name in mtimes else [])
-                for name, state in states.items()
-                if state == "synchronized" and name not in reasons
-                and posixpath.dirname(name) == self.info_dir]
+        rows = []
+        for name, state in states.items():
+            folder, _, base = name.rpartition("/")  # dirname and basename
+            if state == "synchronized" and folder == self.info_dir and name not in reasons:
+                rows.append([base, peer, mtimes[name]] if name in mtimes else [base, peer])
         for request in staterows.requests(rows):  # a batch may hold many: stay under
             self.link.call("agent_nodes", request)  # localsock.MAX_MESSAGE

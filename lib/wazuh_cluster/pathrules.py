@@ -129,8 +129,7 @@ def owner(parts, items):
     the files right below it, or at any depth when recursive.
     """
     best, best_len = None, -1
-    for item in items:
-        root = item.path.split("/")
+    for item, root in _roots(items):
         if best_len < len(root) <= len(parts) and parts[:len(root)] == root:
             best, best_len = item, len(root)
     if best is None:
@@ -141,6 +140,20 @@ def owner(parts, items):
     if not rest or (not best.recursive and len(rest) != 1):
         return None, None
     return best, rest
+
+
+_ROOTS = {}
+
+
+def _roots(items):
+    """[(item, its path's components)]: split once per items table, not once per name."""
+    found = _ROOTS.get(id(items))
+    if found is None or found[0] is not items:
+        found = (items, [(item, item.path.split("/")) for item in items])
+        if len(_ROOTS) > 16:  # tables are few and long-lived; a test makes many
+            _ROOTS.clear()
+        _ROOTS[id(items)] = found
+    return found[1]
 
 
 def _check_roles(item, sender_role, receiver_role):
