@@ -23,7 +23,9 @@ master whose agent-info files are written in place, as its clients would have se
            and one agent appended to the master's client.keys. Figures: append -> identical
            on every client (p50/p99), a keepalive (touch on a client) -> the master's mtime
            (p50/p99, sampled), master CPU, peak RSS of every daemon (VmHWM reset at the start,
-           as root);
+           as root); also the touches a second achieved (a starved toucher asks for less
+           than the profile) and the CPU of each master daemon, of the clients and of this
+           script, with the load average;
   idle     master CPU of both daemons averaged over a whole interval after the churn, then
            over --after seconds once every agent-info file of every client was touched at
            once (every agent keeping alive) and all reached the master;
