@@ -2,6 +2,7 @@
 from __future__ import absolute_import, division, print_function
 
 import errno
+import fnmatch
 import hashlib
 import json
 import logging
@@ -238,6 +239,23 @@ def test_item_for_refuses_excluded_names(name):
     with pytest.raises(PathRefused) as info:
         pathrules.item_for(name, ITEMS, "master", "client", EXCLUDE)
     assert "excluded" in info.value.message
+
+
+def test_the_exclude_patterns_matched_at_once_refuse_what_each_pattern_refuses():
+    # One compiled match of all the patterns stands for fnmatchcase on each, and the
+    # refusal still names the first pattern that matched.
+    patterns = ("merged.mg", "*~", ".*", "*.tmp", "[ab]?.conf", "x[!0-9]")
+    for base in (u"merged.mg", u"merged.mgx", u"a~", u"~a", u".a", u"a.tmp", u"a.tmpx",
+                 u"ab.conf", u"cb.conf", u"bzz.conf", u"xa", u"x1", u"agent-1"):
+        wanted = [p for p in patterns if fnmatch.fnmatchcase(base, p)]
+        try:
+            pathrules.item_for(u"etc/shared/default/" + base, ITEMS, "master", "client",
+                               patterns)
+            refused = None
+        except PathRefused as exc:
+            refused = exc.message
+        assert (refused is not None) == bool(wanted), base
+        assert refused is None or "matches '%s'" % wanted[0] in refused
 
 
 @pytest.mark.parametrize("name", [u"etc/client.keys", u"etc/shared/default/agent.conf",
