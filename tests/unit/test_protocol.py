@@ -200,7 +200,8 @@ def test_a_batch_header_decodes_to_a_few_times_its_text_on_every_interpreter():
 
 
 @pytest.mark.parametrize("text", [u"\u00e9" * 3000, u"a" * 3000 + u"\u00e9",
-                                  u"\U0001f600" * 1000])
+                                  u"\U0001f600" * 1000],
+                         ids=["accented", "ascii-then-one-accent", "astral"])
 def test_json_cost_bounds_non_ascii_strings_too(text):
     # a peer's non-ASCII strings: 2.7 holds them as wide unicode, up to 4 bytes a character
     raw = json.dumps({"names": [text] * 20, "name": text}, ensure_ascii=False).encode("utf-8")
