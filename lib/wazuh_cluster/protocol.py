@@ -96,8 +96,8 @@ def json_cost(raw):
     character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
     non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
-    return (compat.TEXT_CHAR_BYTES * len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) + 30 * raw.count(b'"') +
-            40 * raw.count(b":") + 36 * raw.count(b","))
+    return (compat.TEXT_CHAR_BYTES * len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) +
+            30 * raw.count(b'"') + 40 * raw.count(b":") + 36 * raw.count(b","))
 
 
 def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None):
