@@ -441,7 +441,7 @@ else:
 # The most bytes one character of a string from JSON costs once decoded, per character of
 # its text (the text holds at least one byte per character).
 TEXT_CHAR_BYTES = 1 if not PY2 else (4 if sys.maxunicode > 0xFFFF else 2)
-JSON_NATIVE_FROM = 32 << 10  # characters of JSON text (about 180 entries of a batch)
+JSON_NATIVE_FROM = 64 << 10  # characters of JSON text (about 370 entries of a batch)
 
 if PY2:  # pragma: no cover - exercised by the 2.7 run
     import json as _json
