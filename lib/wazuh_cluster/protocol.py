@@ -122,7 +122,7 @@ def _check_cost(raw, max_cost):
 
 def _parse_header(raw):
     try:
-        header = compat.json_loads(compat.to_text(raw))
+        header = compat.json_loads(bytes(raw))
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):
