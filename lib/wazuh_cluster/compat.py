@@ -427,3 +427,61 @@ else:
     import threading as _threading
     Condition = _threading.Condition
     Event = _threading.Event
+
+
+# -- JSON from peers ------------------------------------------------------------------------------
+# 2.7's json gives every string as unicode, and this build's unicode takes 4 bytes a character
+# (sys.maxunicode 0x10FFFF; 2 on a narrow build), and its C decoder makes every key again for
+# every object: an entry of a sync_files header (a name, a SHA-256, two numbers; 177 bytes of
+# text) took 1 147 bytes decoded on 2.7, 457 on 3.11, and a client's batches of 2 000 of
+# them, several applied at once, are what a 2.7 master's memory peaked with (issue 11). An
+# ASCII string taken as str (what every name and checksum is) costs a byte a character, and
+# 2.7 str and unicode of the same ASCII text compare, hash and join alike: 513 bytes.
+
+# The most bytes one character of a string from JSON costs once decoded, per character of
+# its text (the text holds at least one byte per character).
+TEXT_CHAR_BYTES = 1 if not PY2 else (4 if sys.maxunicode > 0xFFFF else 2)
+JSON_NATIVE_FROM = 64 << 10  # bytes of JSON text (about 370 entries of a batch)
+
+if PY2:  # pragma: no cover - exercised by the 2.7 run
+    import json as _json
+
+    def _ascii_str(value):
+        try:
+            return value.encode("ascii")
+        except UnicodeError:
+            return value
+
+    def _ascii_pairs(memo):
+        """An object_pairs_hook: the object with its ASCII string values (and those of a list
+        value) as str, and each key once per document in `memo` (2.7's C decoder makes a
+        new one for every object: 4 keys were 290 of a batch entry's bytes)."""
+        def pairs_hook(pairs):
+            out = {}
+            for key, value in pairs:
+                kind = type(value)
+                if kind is unicode:  # noqa: F821
+                    value = _ascii_str(value)
+                elif kind is list:
+                    for at, element in enumerate(value):
+                        if type(element) is unicode:  # noqa: F821
+                            value[at] = _ascii_str(element)
+                out[memo.setdefault(key, key)] = value
+            return out
+        return pairs_hook
+
+    def json_loads(data):
+        """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes):
+        read as bytes, never copied whole into unicode first (4 times its size here); a
+        long one (a batch, a list of names) with its ASCII strings as the native str (see
+        above; that costs 2.7 twice the decoding time, so a short one is decoded as it is).
+        """
+        if len(data) < JSON_NATIVE_FROM:
+            return _json.loads(data)
+        return _json.loads(data, object_pairs_hook=_ascii_pairs({}))
+else:
+    import json as _json
+
+    def json_loads(data):
+        """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes)."""
+        return _json.loads(data.decode("utf-8"))

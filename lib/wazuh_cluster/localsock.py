@@ -45,7 +45,7 @@ def encode(obj):
 
 def decode(data):
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = compat.json_loads(data)
     except ValueError:
         raise ProtocolError("message is not UTF-8 JSON")
     if not isinstance(obj, dict):

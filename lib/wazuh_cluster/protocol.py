@@ -92,10 +92,12 @@ def json_cost(raw):
 
     JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
     its size): every structure, string, member and element is counted at what CPython
-    spends on it, from the characters that open them, before anything is parsed.
+    spends on it, from the characters that open them, before anything is parsed. A text
+    character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
+    non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
-    return (len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) + 30 * raw.count(b'"') +
-            40 * raw.count(b":") + 36 * raw.count(b","))
+    return (compat.TEXT_CHAR_BYTES * len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) +
+            30 * raw.count(b'"') + 40 * raw.count(b":") + 36 * raw.count(b","))
 
 
 def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None):
@@ -120,7 +122,7 @@ def _check_cost(raw, max_cost):
 
 def _parse_header(raw):
     try:
-        header = json.loads(compat.to_text(raw))
+        header = compat.json_loads(bytes(raw))
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):

@@ -6,9 +6,12 @@ import os
 import struct
 import zlib
 
+import json
+import sys
+
 import pytest
 
-from wazuh_cluster import protocol
+from wazuh_cluster import compat, protocol
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 
@@ -152,10 +155,56 @@ def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
                       ("names", b'{"names":[' + names + b"]}")):
         sizes[name] = protocol.json_cost(raw)  # what CPython really spends is below
         assert sizes[name] > 6 * len(raw) or name == "names"
-    assert sizes["names"] < 5 * len(b'"queue/agent-info/a00000-any",') * 1000
+    assert sizes["names"] < (compat.TEXT_CHAR_BYTES + 4) * \
+        len(b'"queue/agent-info/a00000-any",') * 1000
     body = protocol.encode_body({"x": [[]] * 1000})
     with pytest.raises(ProtocolError) as info:
         protocol.decode_costed(body, max_cost=10000)
     assert "would take about" in info.value.message
     header, data, cost = protocol.decode_costed(protocol.encode_body({"a": 1}, b"zz"))
     assert header == {"a": 1} and data == b"zz" and cost > 0
+
+
+def _decoded_bytes(value, seen=None):
+    """What CPython holds for `value` and everything in it (each object once)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        for key, member in value.items():
+            size += _decoded_bytes(key, seen) + _decoded_bytes(member, seen)
+    elif isinstance(value, list):
+        for member in value:
+            size += _decoded_bytes(member, seen)
+    return size
+
+
+def _batch_header(entries, name="queue/agent-info/agent%06d-10.0.%d.%d"):
+    return json.dumps({"cmd": "sync_files", "files": [
+        {"name": name % (i, i // 256 % 256, i % 256), "sha256": "%064x" % (i * 7919),
+         "mtime_ns": 1733000000000000000 + i, "size": 500 + i % 100}
+        for i in range(entries)]}).encode("ascii")
+
+
+def test_a_batch_header_decodes_to_a_few_times_its_text_on_every_interpreter():
+    # 2.7 gave every string as 4-byte-a-character unicode and every key again: 6.5 times
+    # the text (3.11: 2.6), and a master applying several clients' batches of 2 000
+    # entries peaked over its 100 MB
+    raw = _batch_header(2000)
+    header = protocol.decode_body(protocol.encode_body(json.loads(raw.decode("ascii"))))[0]
+    assert len(header["files"]) == 2000
+    assert _decoded_bytes(header) < 3.5 * len(raw)
+    assert header["files"][7]["name"] == u"queue/agent-info/agent000007-10.0.0.7"
+
+
+@pytest.mark.parametrize("text", [u"\u00e9" * 3000, u"a" * 3000 + u"\u00e9",
+                                  u"\U0001f600" * 1000],
+                         ids=["accented", "ascii-then-one-accent", "astral"])
+def test_json_cost_bounds_non_ascii_strings_too(text):
+    # a peer's non-ASCII strings: 2.7 holds them as wide unicode, up to 4 bytes a character
+    raw = json.dumps({"names": [text] * 20, "name": text}, ensure_ascii=False).encode("utf-8")
+    header = protocol.decode_body(struct.pack(">I", len(raw)) + raw)[0]
+    assert header["name"] == text
+    assert _decoded_bytes(header) <= protocol.json_cost(raw)
