@@ -338,12 +338,12 @@ def test_a_malformed_chunk_of_agent_rows_is_one_line(home, daemon, chunks):
     assert "malformed answer to 'agents'" in fails(home, "-a")
 
 
-def test_a_stream_cut_short_is_one_line(home, daemon):
+def test_a_stream_cut_short_is_one_line_with_its_reason(home, daemon):
     def cut():
         yield b'["1","a","any","Active","n",1.0]'
         raise RequestError("internal daemon unavailable", "internal_unavailable")
     daemon.results["agents"] = localsock.Chunked(agentrows.streamed(2), cut())
-    assert "closed the connection" in fails(home, "-a")
+    assert "internal daemon unavailable (internal_unavailable)" in fails(home, "-a")
 
 
 def test_malformed_agent_rows_are_one_line(home, daemon):
