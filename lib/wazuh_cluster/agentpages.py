@@ -19,13 +19,13 @@ its last page, after `idle` seconds without a request, or when MAX_OPEN are open
 The client relays each page to cluster_control as a chunk of a streamed answer, the bytes
 the master sent, without decoding them: the answer names the master ("source") and
 cluster_control, which decodes every chunk anyway, checks the rows (agentrows: JSON rows of
-the columns' types, never more than the count announced and exactly as many at the end;
-decoding them here too cost the client daemon ~0.8 s of CPU per listing on 2.7). The client
-checks what needs no decoding (check_page): the token, "more", a page within PAGE_LIMIT
-bytes, and no empty page but the last. Either way a bad page ends the listing with one line
-naming the master (bad_page). A master without the request (older
-versions answer "unknown_command") gets the one-message request instead (fetch returns
-None); an older client keeps asking that, which the master still answers.
+scalar values, never more than the count announced and exactly as many at the end; decoding
+them here too cost the client daemon ~0.8 s of CPU per listing on 2.7). The client checks
+what needs no decoding (check_page): the token, "more", a page within PAGE_LIMIT bytes, and
+no empty page but the last. Either way a bad page ends the listing with one line naming the
+master (bad_page). A master without the request (older versions answer "unknown_command")
+gets the one-message request instead (fetch returns None); an older client keeps asking
+that, which the master still answers.
 """
 from __future__ import absolute_import, division, print_function
 

@@ -66,6 +66,7 @@ class Commands(object):
                     return result.result, result.data  # the agent rows, as bytes
                 return result, b""
             return handler
+
         def agent_page(session, args, data):
             self.check_acting()
             return self.pages.page(session.peer_name, args if isinstance(args, dict) else {})
