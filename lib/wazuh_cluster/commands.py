@@ -46,9 +46,6 @@ class Commands(object):
             "confirm_removals": self.confirm_removals,
             "ack_backups": self.ack_backups,
         }
-        self.pages = agentpages.Listings(
-            lambda args: self.node.link.stream("agents", _listing_args(args)),
-            self.cfg.options.request_timeout)
 
     def handle(self, cmd, args):
         func = self.table.get(cmd)
@@ -67,9 +64,13 @@ class Commands(object):
                 return result, b""
             return handler
 
+        pages = agentpages.Listings(  # the listings the clients page through
+            lambda args: self.node.link.stream("agents", _listing_args(args)),
+            self.cfg.options.request_timeout)
+
         def agent_page(session, args, data):
             self.check_acting()
-            return self.pages.page(session.peer_name, args if isinstance(args, dict) else {})
+            return pages.page(session.peer_name, args if isinstance(args, dict) else {})
 
         return {"cluster_nodes": forwarded(self.master_nodes),
                 "cluster_agents": forwarded(self.master_agents),
