@@ -26,6 +26,8 @@ from wazuh_cluster.errors import ProtocolError
 
 COLUMNS = ("id", "name", "ip", "status", "node_name", "last_keepalive")
 ROWS_PER_CHUNK = 1000
+# What a cell of a chunk may be: no list or object (one would be indented over lines in -j).
+CELL_TYPES = frozenset(compat.string_types + compat.integer_types + (float, bool, type(None)))
 
 
 def keepalives(args):
@@ -40,9 +42,13 @@ def result(count):
     return {"count": count, "rows_in_data": True, "columns": list(COLUMNS)}
 
 
-def streamed(count):
-    """The reply's result that announces `count` rows in chunks after it."""
-    return {"count": count, "rows_in_chunks": True, "columns": list(COLUMNS)}
+def streamed(count, source=None):
+    """The reply's result that announces `count` rows in chunks after it; `source`: the
+    master whose rows a client relays (cluster_control names it when they are bad)."""
+    result = {"count": count, "rows_in_chunks": True, "columns": list(COLUMNS)}
+    if source is not None:
+        result["source"] = source
+    return result
 
 
 def joined(chunks):
@@ -50,27 +56,38 @@ def joined(chunks):
     return b"[" + b",".join(chunks) + b"]"
 
 
-def from_chunks(chunks, each=None):
+def from_chunks(chunks, each=None, count=None):
     """The rows of a streamed answer, decoded a chunk at a time as they arrive; each(rows)
-    is called with every chunk's rows meanwhile."""
+    is called with every chunk's rows meanwhile. ProtocolError for a bad chunk, and for
+    other than `count` rows when it is a number (the announced count: on a client the
+    master's, so more rows than announced stop an endless stream early)."""
     rows = []
+    counted = isinstance(count, compat.integer_types) and not isinstance(count, bool)
     for chunk in chunks:
         part = decode_chunk(chunk)
+        if counted and len(rows) + len(part) > count:
+            raise ProtocolError("more rows than the %d announced" % count)
         if each is not None:
             each(part)
         rows.extend(part)
+    if counted and len(rows) != count:
+        raise ProtocolError("%d rows, %d announced" % (len(rows), count))
     return rows
 
 
 def decode_chunk(chunk):
-    """The rows of one chunk; ProtocolError unless it is rows of len(COLUMNS) items."""
+    """The rows of one chunk; ProtocolError unless it is rows of len(COLUMNS) values
+    (CELL_TYPES), one row at least."""
     try:
         rows = json.loads(compat.to_text(b"[" + chunk + b"]"))
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError too
         raise ProtocolError("a chunk of agent rows is not JSON")
-    if not all_rows(rows, len(COLUMNS)):
+    if not all_rows(rows, len(COLUMNS)) or not rows:
         raise ProtocolError("a chunk of agent rows holds something else than rows of %d "
                             "values" % len(COLUMNS))
+    for k, column in enumerate(zip(*rows)):
+        if not set(map(type, column)) <= CELL_TYPES:  # in C: no Python step per cell
+            raise ProtocolError("a value of column '%s' is a list or an object" % COLUMNS[k])
     return rows
 
 

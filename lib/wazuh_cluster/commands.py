@@ -7,7 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 import time
 
-from wazuh_cluster import __version__, agentrows, compat, localsock
+from wazuh_cluster import __version__, agentpages, agentrows, compat, localsock
 from wazuh_cluster.errors import RequestError
 
 FORWARDED = ("nodes", "agents", "health")
@@ -57,17 +57,31 @@ class Commands(object):
         """What a client may ask the master on its session (cluster-wide views)."""
         def forwarded(func):
             def handler(session, args, data):
-                if self.node.failover is not None and not self.answers_as_master():
-                    raise RequestError("node %s is not the acting master" % self.cfg.node_name,
-                                       "not_master")
+                self.check_acting()
                 result = func(args if isinstance(args, dict) else {})
                 if isinstance(result, localsock.WithData):
                     return result.result, result.data  # the agent rows, as bytes
                 return result, b""
             return handler
+
+        pages = agentpages.Listings(  # the listings the clients page through
+            lambda args: self.node.link.stream("agents", _listing_args(args)),
+            self.cfg.options.request_timeout)
+
+        def agent_page(session, args, data):
+            self.check_acting()
+            return pages.page(session.peer_name, args if isinstance(args, dict) else {})
+
         return {"cluster_nodes": forwarded(self.master_nodes),
                 "cluster_agents": forwarded(self.master_agents),
+                agentpages.REQUEST: agent_page,
                 "cluster_health": forwarded(self.master_health)}
+
+    def check_acting(self):
+        """RequestError unless this node answers for the cluster (a client asks it)."""
+        if self.node.failover is not None and not self.answers_as_master():
+            raise RequestError("node %s is not the acting master" % self.cfg.node_name,
+                               "not_master")
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -166,7 +180,12 @@ class Commands(object):
         return self.with_roles({"nodes": rows})
 
     def agents(self, args):
-        return self.cluster_wide("agents", args, self.streamed_agents)
+        if self.answers_as_master():
+            return self.streamed_agents(args)
+        # The master's pages, relayed as they come (agentpages); an older master's one message.
+        paged = agentpages.fetch(self.master_session(), _listing_args(args),
+                                 self.cfg.options.request_timeout)
+        return paged if paged is not None else self.ask_master("agents", args)
 
     def streamed_agents(self, args):
         """This node's listing for cluster_control: the internal daemon's chunks, relayed as

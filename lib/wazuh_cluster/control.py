@@ -53,7 +53,8 @@ import socket
 import sys
 import time
 
-from wazuh_cluster import __version__, agentrows, compat, config, localsock, paths, text
+from wazuh_cluster import (__version__, agentpages, agentrows, compat, config, localsock, paths,
+                           text)
 from wazuh_cluster.errors import ConfigError, ProtocolError, RequestError
 
 PROG = "cluster_control"
@@ -233,7 +234,7 @@ def json_text(data):
     return compat.to_text(json.dumps(jsonable(data), indent=2, separators=(",", ": ")))
 
 
-_SCALARS = frozenset(compat.string_types + compat.integer_types + (float, bool, type(None)))
+_SCALARS = agentrows.CELL_TYPES
 
 
 def _json_cells(column):
@@ -583,7 +584,14 @@ def request(client, command, args, each=None):
     try:
         result, chunks = client.call_chunks(command, args)
         if isinstance(result, dict) and result.get("rows_in_chunks"):
-            result = dict(result, agents=agentrows.from_chunks(chunks, each))  # streamed
+            source = result.get("source")  # a client's master (agentpages)
+            try:
+                rows = agentrows.from_chunks(chunks, each, result.get("count"))  # streamed
+            except ProtocolError as err:
+                if not isinstance(source, compat.string_types):
+                    raise
+                raise Failure(agentpages.bad_page(source, err.message))
+            result = dict(result, agents=rows)
         elif chunks and isinstance(result, dict):
             rows = agentrows.decode(result, chunks[0])  # one array after the reply
             if each is not None:

@@ -107,8 +107,8 @@ class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
 
     def relay(self, sock, reply, answer):
         """Send a streamed answer chunk by chunk as its source gives them (socket.error when
-        cluster_control is gone). A source failing midway cuts the stream short: the
-        connection closes without the end frame, which cluster_control reports."""
+        cluster_control is gone). A source failing midway ends the stream with its error
+        (localsock.error_frames), which cluster_control reports."""
         reply["result"], reply["chunks"] = answer.result, True
         try:
             sock.sendall(localsock.encode(reply))
@@ -116,7 +116,8 @@ class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
                 sock.sendall(localsock.chunk_frame(chunk))
         except (RequestError, ProtocolError) as err:
             self.log.warning("Control socket: a streamed answer was cut short: %s", err)
-            raise socket.error("stream cut short")
+            sock.sendall(localsock.error_frames(err.code, err.message))
+            return
         finally:
             close = getattr(answer.chunks, "close", None)
             if close is not None:

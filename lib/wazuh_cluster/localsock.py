@@ -7,7 +7,9 @@ A reply may announce raw bytes with "data": N; the next frame then holds those N
 are (not JSON). This lets wazuh-clusterd relay a large answer, such as a manifest of tens of
 thousands of files, to a peer without parsing it into Python objects and encoding it again.
 A reply may instead announce "chunks": true: raw frames follow, each of 1..MAX_CHUNK bytes, in
-order, and a frame of length 0 ends them (Chunked). The answer is then streamed: the agent
+order, and a frame of length 0 ends them (Chunked); or the header ERROR_MARK ends them, followed
+by a frame of {"code", "message"}: the source failed midway (a client's master sent a bad
+page), and the reader raises that error. The answer is then streamed: the agent
 listing (cluster_control -a) leaves the internal daemon a chunk of rows at a time, wazuh-clusterd
 relays each as it arrives and cluster_control decodes each meanwhile, so the three processes work
 at once and neither daemon holds the whole answer.
@@ -36,6 +38,8 @@ MAX_REPLY = 256 << 20
 # Largest frame of a streamed answer (a reader refuses a longer one: the stream is broken).
 MAX_CHUNK = 4 << 20
 END_OF_CHUNKS = b"\0\0\0\0"
+# Above MAX_CHUNK: an older reader refuses it as a broken stream.
+ERROR_MARK = 0xFFFFFFFF
 
 
 def encode(obj):
@@ -77,6 +81,11 @@ def chunk_frame(chunk):
     if not chunk or len(chunk) > MAX_CHUNK:
         raise ProtocolError("chunk of %d bytes outside 1..%d" % (len(chunk), MAX_CHUNK))
     return HEADER.pack(len(chunk)) + chunk
+
+
+def error_frames(code, message):
+    """What ends a streamed answer whose source failed (see the module docstring)."""
+    return HEADER.pack(ERROR_MARK) + encode({"code": code, "message": message})
 
 
 def error_reply(request_id, code, message):
@@ -302,6 +311,10 @@ class Client(object):
                 (length,) = HEADER.unpack(self._read_exact(HEADER.size))
                 if length == 0:
                     return
+                if length == ERROR_MARK:
+                    error = self.receive()  # the stream ended here: the connection is in step
+                    raise RequestError(compat.text_type(error.get("message")),
+                                       compat.text_type(error.get("code")))
                 if length > MAX_CHUNK:
                     raise ProtocolError("chunk of %d bytes (at most %d)" % (length, MAX_CHUNK))
                 yield self._read_exact(length)

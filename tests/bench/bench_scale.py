@@ -30,7 +30,8 @@ master whose agent-info files are written in place, as its clients would have se
            over --after seconds once every agent-info file of every client was touched at
            once (every agent keeping alive) and all reached the master;
   control  `cluster_control -a` on the master (--reps times): wall time and the internal
-           daemon's RSS growth after it (RSS a few seconds later minus before).
+           daemon's RSS growth after it (RSS a few seconds later minus before); then on the
+           first client: wall time, and the RSS growth of its clusterd and the master's.
 
 Every figure is printed next to its target (issue 11's table), with the load average (the
 machine is shared) and the interpreters. Every wait is bounded; the run stops by itself,
@@ -448,20 +449,34 @@ class ScaleBench(benchlib.BenchNodes):
                          after[0] - before, "MB", 5.0)
         self.figures.add("wazuh-clusterd RSS growth after it (peak %.0f MB)" % after_clusterd[1],
                          after_clusterd[0] - before_clusterd, "MB", 5.0)
-        if self.clients:  # a client forwards the request to the master and relays the rows
-            times = []
+        if self.clients:  # a client asks the master (in pages) and relays the rows
+            client_clusterd = self.pid(self.clients[0], DAEMON)
+            before = [proc_mem(client_clusterd)[0], proc_mem(pids[0])[0]]
+            times, cpu = [], [0.0] * 4
+            watched = [client_clusterd] + pids
             for _ in range(opt.reps):
+                cpu0 = [proc_cpu(p) for p in watched] + [children_cpu()]
                 start = now()
                 result = self.clients[0].cluster_control("-a")
                 times.append(now() - start)
                 if result.rc != 0:
                     raise RuntimeError("cluster_control -a failed on %s: %s"
                                        % (self.clients[0].name, result.err.strip()))
-            print("   on %s: %d agents listed: %s s" % (
-                self.clients[0].name, len(result.out.splitlines()) - 1,
-                " ".join("%.2f" % t for t in times)))
+                spent = [proc_cpu(p) for p in watched] + [children_cpu()]
+                cpu = [c + b - a for c, a, b in zip(cpu, cpu0, spent)]
+            print("   on %s: %d agents listed: %s s; CPU per run: cluster_control %.2f s, "
+                  "its clusterd %.2f s, the master's clusterd %.2f s and internal %.2f s" % (
+                      self.clients[0].name, len(result.out.splitlines()) - 1,
+                      " ".join("%.2f" % t for t in times), cpu[3] / opt.reps, cpu[0] / opt.reps,
+                      cpu[1] / opt.reps, cpu[2] / opt.reps))
             self.figures.add("cluster_control -a on a client (median)", percentile(times, 0.5),
                              "s", 1.0)
+            time.sleep(3)
+            after = [proc_mem(client_clusterd), proc_mem(pids[0])]
+            self.figures.add("the client's wazuh-clusterd RSS growth after it (peak %.0f MB)"
+                             % after[0][1], after[0][0] - before[0], "MB", 5.0)
+            self.figures.add("master wazuh-clusterd RSS growth after it (peak %.0f MB)"
+                             % after[1][1], after[1][0] - before[1], "MB", 5.0)
 
     # -- driver ---------------------------------------------------------------------------------
 

@@ -338,12 +338,27 @@ def test_a_malformed_chunk_of_agent_rows_is_one_line(home, daemon, chunks):
     assert "malformed answer to 'agents'" in fails(home, "-a")
 
 
-def test_a_stream_cut_short_is_one_line(home, daemon):
+@pytest.mark.parametrize("chunks,count,why", [
+    ([b'["1","a","any","Active","n",1.0]'] * 2, 1, "more rows than the 1 announced"),
+    ([b'["1","a","any","Active","n",1.0]'], 3, "1 rows, 3 announced"),
+    ([b'["1","a","any","Active","n",{}]'], 1, "column 'last_keepalive' is a list or an object"),
+    ([b" "], 1, "something else than rows"),
+    ([b'["1","\xff","any","Active","n",1.0]'], 1, "not JSON"),
+])
+def test_relayed_rows_that_break_the_rules_name_the_master(home, daemon, chunks, count, why):
+    # A client relays its master's pages unparsed (agentpages): cluster_control checks them.
+    daemon.results["agents"] = localsock.Chunked(agentrows.streamed(count, u"m\x1b"), chunks)
+    err = fails(home, "-a")
+    assert u"master 'm\\x1b' sent a bad page of the agent listing: " in err, err
+    assert why in err, err
+
+
+def test_a_stream_cut_short_is_one_line_with_its_reason(home, daemon):
     def cut():
         yield b'["1","a","any","Active","n",1.0]'
         raise RequestError("internal daemon unavailable", "internal_unavailable")
     daemon.results["agents"] = localsock.Chunked(agentrows.streamed(2), cut())
-    assert "closed the connection" in fails(home, "-a")
+    assert "internal daemon unavailable (internal_unavailable)" in fails(home, "-a")
 
 
 def test_malformed_agent_rows_are_one_line(home, daemon):
