@@ -5,13 +5,16 @@ which receive.Receiver runs around each rename (as failover.Failover.fence does)
 temporary installation with the real Receiver (test_localedits.py)."""
 from __future__ import absolute_import, division, print_function
 
+import errno
+import json
 import os
 
 import pytest
 
 from wazuh_cluster import fsops
+from wazuh_cluster.receive import Receiver
 
-from test_localedits import node, stamp  # noqa: F401 (fixture)
+from test_localedits import EXCLUDE, ITEMS, node, stamp  # noqa: F401 (fixture)
 
 KEYS = u"etc/client.keys"
 CONF = u"etc/shared/default/agent.conf"
@@ -105,3 +108,75 @@ def test_an_edit_swapped_out_by_a_batch_that_then_breaks_off_is_backed_up(node, 
     assert node.backups() == [folder]
     assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
     assert os.listdir(os.path.join(node.home, "queue", "cluster-staging")) == []
+
+
+def block_backups(node):  # noqa: F811
+    """A file where backup/cluster should be: every backup fails until it is removed."""
+    os.mkdir(os.path.join(node.home, "backup"))
+    blocker = os.path.join(node.home, "backup", "cluster")
+    with open(blocker, "wb") as handle:
+        handle.write(b"in the way\n")
+    return blocker
+
+
+def test_an_edit_whose_backup_fails_survives_a_restart_and_is_backed_up_later(node, how):  # noqa: F811
+    # The rename done, backup/cluster cannot be made (a file stands in its way: a real
+    # failure, even for root): the replaced edit is its only copy and must outlive the
+    # start-up cleanup of temporary files, then be backed up once the folder can be made.
+    node.write(KEYS, b"001 a any k\n")
+    edits = node.edits()
+    blocker = block_backups(node)
+    fence = edit_before_rename(node, KEYS, b"003 local any k\n")
+    states = node.push(edits, [(KEYS, b"001 a any k\n002 b any k\n")], fence=fence)
+    assert states == {KEYS: "synchronized"}
+    errors = [text for level, text in node.handler.lines if level == "ERROR"]
+    assert len(errors) == 1 and "cannot back up local edits replaced" in errors[0]
+
+    node.receiver = Receiver(node.home, ITEMS, EXCLUDE, node.log, role="client")   # restart
+    node.edits()
+    node.receiver.cleanup_temp_files()
+    os.unlink(blocker)
+    node.receiver = Receiver(node.home, ITEMS, EXCLUDE, node.log, role="client")   # again
+    node.edits()
+    node.receiver.cleanup_temp_files()
+    folder = "0-%s" % stamp()
+    assert node.backups() == [folder]
+    assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
+    assert os.listdir(os.path.join(node.home, "queue", "cluster-staging")) == []
+    assert json.loads(node.read("var/db/cluster-held.json").decode("ascii")) == {}
+
+
+def test_a_held_edit_is_backed_up_by_the_next_batch(node):  # noqa: F811
+    node.write(KEYS, b"001 a any k\n")
+    edits = node.edits()
+    blocker = block_backups(node)
+    node.push(edits, [(KEYS, b"002 b any k\n")],
+              fence=edit_before_rename(node, KEYS, b"003 local any k\n"))
+    os.unlink(blocker)
+    node.push(edits, [(CONF, b"new\n")])
+    folder = "0-%s" % stamp()
+    assert node.backups() == [folder]
+    assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
+    assert os.listdir(os.path.join(node.home, "queue", "cluster-staging")) == []
+
+
+def test_without_a_link_an_edit_made_meanwhile_is_not_replaced(node, monkeypatch):  # noqa: F811
+    # No exchange and no hard link possible (EPERM: the one failure not made for real
+    # here): the rename would drop the edit unseen, so that file fails and travels again.
+    monkeypatch.setattr(fsops, "RENAMEAT2", None)
+
+    def no_link(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_link)
+    node.write(KEYS, b"001 a any k\n")
+    edits = node.edits()
+    fence = edit_before_rename(node, KEYS, b"003 local any k\n")
+    states = node.push(edits, [(KEYS, b"002 b any k\n")], fence=fence)
+    assert states == {KEYS: "failed"}
+    assert node.read(KEYS) == b"001 a any k\n003 local any k\n"
+    node.push(edits, [(KEYS, b"002 b any k\n")])              # the next round's batch
+    folder = "0-%s" % stamp()
+    assert node.backups() == [folder] and node.read(KEYS) == b"002 b any k\n"
+    assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
+    node.push(edits, [(KEYS, b"004 c any k\n")])              # unchanged since read: applied
+    assert node.read(KEYS) == b"004 c any k\n"
