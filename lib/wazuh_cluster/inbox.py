@@ -561,7 +561,7 @@ class Inbox(object):
         if appended:
             self.store_held(None)
             return incoming, deletes, None
-        new_data = new.data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
+        new_data = deltarx.as_bytes(new.data) if new else b""
         new_text = compat.to_text(new_data, errors="replace")
         ok, message = self.guard.check(self.read_keys(), new_text)
         if ok:

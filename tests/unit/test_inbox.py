@@ -305,3 +305,32 @@ def test_a_metadata_only_client_keys_update_keeps_what_the_client_knows_of_it(ho
     assert answer["states"] == {keys: "synchronized"} and int(st.st_mtime) == BASE_NS // 10 ** 9 + 1
     assert box.deltas.kept(keys, st) is kept
     assert box.known_ids.fingerprint == deltarx.fingerprint(st)
+
+
+def keys_inbox(home, box_class=inbox.Inbox):
+    """A real client Inbox on `home` with a client.keys of 299 agents; (box, their lines)."""
+    from test_failover_fencing import InboxCfg, Layout, Link
+    for folder in ("etc/shared/default", "queue/agent-info", "queue/agent-groups"):
+        if not os.path.isdir(os.path.join(home, folder)):
+            os.makedirs(os.path.join(home, folder))
+    agents = [b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300)]
+    with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
+        handle.write(b"".join(agents))
+    return box_class(InboxCfg(), Layout(home), Link()), agents
+
+
+def send_keys(box, data):
+    """client.keys alone in a batch from the master; its state."""
+    header = {"files": [{"name": "etc/client.keys", "sha256": hashlib.sha256(data).hexdigest(),
+                         "mtime_ns": BASE_NS, "size": len(data)}],
+              "meta": [], "delete": [], "delete_dirs": []}
+    return box.sync_files(MasterPeer(), header, data)[0]["states"]["etc/client.keys"]
+
+
+def test_a_mass_removal_alone_in_its_batch_is_held(home):  # noqa: F811
+    # Alone in its batch, client.keys reaches the guard as the batch's bytes object itself
+    # (parse_batch), not as a memoryview.
+    box, agents = keys_inbox(home)
+    assert send_keys(box, b"".join(agents[:10])) == "pending" and box.held() is not None
+    with open(os.path.join(home, "etc", "client.keys"), "rb") as handle:
+        assert handle.read() == b"".join(agents)
