@@ -334,3 +334,36 @@ def test_a_mass_removal_alone_in_its_batch_is_held(home):  # noqa: F811
     assert send_keys(box, b"".join(agents[:10])) == "pending" and box.held() is not None
     with open(os.path.join(home, "etc", "client.keys"), "rb") as handle:
         assert handle.read() == b"".join(agents)
+
+
+class CountingInbox(inbox.Inbox):
+    """An Inbox that counts its reads of client.keys."""
+    reads = 0
+
+    def read_keys_data(self):
+        self.reads += 1
+        return inbox.Inbox.read_keys_data(self)
+
+
+def test_a_client_keys_change_reads_the_old_file_once_and_the_guard_still_holds(home):  # noqa
+    # A change that is not an append had the client read its 9.4 MB client.keys for the
+    # append check, again for the removal guard, and again for the agent cleanup's old text.
+    box, agents = keys_inbox(home, CountingInbox)
+    path = os.path.join(home, "etc", "client.keys")
+
+    def send(data):
+        box.reads = 0
+        return send_keys(box, data)
+    changed = agents[:]
+    changed[5] = b"006 renamed any %064x\n" % 6          # a key changed: not an append
+    assert send(b"".join(changed)) == "synchronized" and box.reads == 2   # before, after
+    changed[6] = b"007 again any %064x\n" % 7
+    assert send(b"".join(changed)) == "synchronized" and box.reads == 1   # the bytes we wrote
+    kept = b"".join(changed)
+    assert send(b"".join(changed[:10])) == "pending"     # 289 of 299 agents gone: held
+    with open(path, "rb") as handle:
+        assert handle.read() == kept
+    assert box.held() is not None and box.reads == 0
+    os.utime(path, None)                                  # touched by hand: read from the file
+    assert send(b"".join(changed[:10])) == "pending" and box.reads == 1
+    assert send(b"".join(changed[:-1])) == "synchronized"    # one agent gone: the guard lets it
