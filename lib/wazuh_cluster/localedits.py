@@ -179,12 +179,15 @@ class LocalEdits(object):
                    if isinstance(f.sha256, compat.string_types)]
         written = [entry for entry in written if entry[1] is not None]
         changes = [(name, path, sha) for name, path, sha, meta_only in written if not meta_only]
-        changes.extend((name, self._master_path(name), None) for name in deletes)
+        deleted = [(name, self._master_path(name), None) for name in deletes]
+        changes.extend(deleted)
         for folder in dirs:
             changes.extend((name, path, None) for name, path in self._files_below(folder))
         changes = [change for change in changes if change[1] is not None]
         token = _Batch([(name, sha) for name, _path, sha in changes],
                        dict((path, (name, sha)) for name, path, sha, _meta in written))
+        token.targets.update((path, (name, None)) for name, path, _sha in deleted
+                             if path is not None)
         at_risk = {}
         for name, path, sha in changes:
             local, token.seen[path] = _read(path)
@@ -224,7 +227,7 @@ class LocalEdits(object):
         rename within the microseconds between the link and the rename goes unseen."""
         if token is None:
             return None
-        return lambda temp, target: self._replace(token, temp, target)
+        return _Replacer(self, token)
 
     def _replace(self, token, temp, target):
         if target not in token.targets:
@@ -238,6 +241,18 @@ class LocalEdits(object):
             kept = _link_and_rename(temp, target, (token.seen.get(target) or (None, None))[1])
         if kept is not None:
             token.replaced.append((kept, target))
+
+    def _remove(self, token, target):
+        """Delete a file of the batch: renamed aside in its folder first (atomic, the file
+        there now whatever happened since before() looked), checked and backed up like
+        what a rename replaced, then removed (after())."""
+        if target not in token.targets:
+            os.unlink(target)
+            return
+        base = compat.to_text(os.path.basename(target), errors="replace")
+        side = os.path.join(os.path.dirname(target), compat.native_str(staging.side_name(base)))
+        os.rename(target, side)
+        token.replaced.append((side, target))
 
     def _check_replaced(self, token):
         """Back up what the batch's renames replaced (replacer) when it is an edit made
@@ -610,6 +625,20 @@ class _Batch(list):
         self.targets = targets    # {local path: (name, the leader's SHA-256)} of files written
         self.seen = {}            # {local path: (SHA-256, fingerprint)} as before() read it
         self.replaced = []        # (path now naming the file a rename replaced, target path)
+
+
+class _Replacer(object):
+    """What replacer() returns: called as (temp, target) for each rename of the batch;
+    remove(target) for each deletion (receive.Receiver.apply_batch)."""
+
+    def __init__(self, edits, token):
+        self.edits, self.token = edits, token
+
+    def __call__(self, temp, target):
+        self.edits._replace(self.token, temp, target)
+
+    def remove(self, target):
+        self.edits._remove(self.token, target)
 
 
 def _link_and_rename(temp, target, seen):

@@ -6,6 +6,7 @@ temporary installation with the real Receiver (test_localedits.py)."""
 from __future__ import absolute_import, division, print_function
 
 import errno
+import hashlib
 import json
 import os
 
@@ -180,3 +181,23 @@ def test_without_a_link_an_edit_made_meanwhile_is_not_replaced(node, monkeypatch
     assert node.read("backup/cluster/%s/%s" % (folder, KEYS)) == b"001 a any k\n003 local any k\n"
     node.push(edits, [(KEYS, b"004 c any k\n")])              # unchanged since read: applied
     assert node.read(KEYS) == b"004 c any k\n"
+
+
+def test_an_edit_made_before_a_deletion_is_backed_up(node):  # noqa: F811
+    # The leader deletes a shared file; an operator edits it after before() looked and
+    # before the unlink: the edit must be backed up, not removed unseen.
+    node.write(CONF, b"<agent_config/>\n")
+    edits = node.edits()
+    fence = edit_before_rename(node, CONF, b"<!-- local -->\n")
+    states = node.push(edits, deletes=[CONF], fence=fence)
+    assert states == {CONF: "synchronized"}
+    assert not os.path.exists(os.path.join(node.home, *CONF.split("/")))
+    folder = "0-%s" % stamp()
+    assert node.backups() == [folder]
+    assert node.read("backup/cluster/%s/%s" % (folder, CONF)) == \
+        b"<agent_config/>\n<!-- local -->\n"
+    assert os.listdir(os.path.join(node.home, "etc", "shared", "default")) == []
+    node.write(CONF, b"<agent_config/>\n")                  # received: nothing to back up
+    edits.received[CONF] = hashlib.sha256(b"<agent_config/>\n").hexdigest()
+    node.push(edits, deletes=[CONF], fence=lambda change: change() or True)
+    assert node.backups() == [folder]
