@@ -192,6 +192,8 @@ def sha256_of_fd(fd):
 def write_all(fd, data):
     """Write all of `data` (bytes or a memoryview), CHUNK at most per call."""
     size = len(data)
+    if size > CHUNK and isinstance(data, bytes):
+        data = memoryview(data)     # slices of bytes would be copies
     offset = 0
     while offset < size:
         # At most CHUNK per call; slicing a memoryview copies nothing.

@@ -123,6 +123,8 @@ def parse_batch(header, data):
     for entry in files:
         if streamed:
             chunk = _StreamedFile(source, offset, entry["size"])
+        elif entry["size"] == len(data) and isinstance(data, bytes):
+            chunk = data    # the very object (a delta's checked result: Expander.proves)
         else:
             chunk = source[offset:offset + entry["size"]]
         offset += entry["size"]
@@ -363,14 +365,19 @@ class Inbox(object):
         with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
             hold = None
             guarded = self.guards_removals(session, sender_role, incoming, deletes)
-            appended = guarded and self.only_appended(incoming)
+            retouched = self.keys_retouched(incoming, deletes)
+            # client.keys as it is, read once (not at all while it is the file we wrote):
+            # the append check, the guard and the agent cleanup all compare it
+            current = self.read_keys_stable() if not retouched and \
+                self.touches_keys(incoming, deletes) else None
+            appended = guarded and self.only_appended(incoming, current)
+            old = compat.to_text(current[1], errors="replace") \
+                if current is not None and not appended else None
             if guarded:
                 incoming, deletes, hold = self.guard_keys(
-                    incoming, deletes, (self.voter(session), args.get("term")), appended)
+                    incoming, deletes, (self.voter(session), args.get("term")), appended, old)
             written = None
-            retouched = self.keys_retouched(incoming, deletes)
-            before = self.read_keys() if hold is None and not appended and not retouched \
-                and self.touches_keys(incoming, deletes) else None
+            before = old if hold is None else None
             edits = self.edits.before(incoming, deletes, dirs)
             try:
                 states, reasons = self.receiver.apply_batch(
@@ -514,15 +521,16 @@ class Inbox(object):
         except (IOError, OSError):
             return b""
 
-    def only_appended(self, incoming):
+    def only_appended(self, incoming, current=None):
         """True when the batch brings our client.keys with agents of new IDs appended (what
         manage_agents -a does on the master, an agent a second on a busy one): then no agent
         leaves, and neither the guard nor the agent cleanup needs the text of either file
-        (each read and decoded 9.4 MB, and compared them twice, on every client)."""
+        (each read and decoded 9.4 MB, and compared them twice, on every client).
+        `current`: read_keys_stable() when the caller has it."""
         new = self.new_keys(incoming)
         if new is None:
             return False
-        fingerprint, old = self.read_keys_stable()
+        fingerprint, old = current or self.read_keys_stable()
         return self.known_ids.only_appended(fingerprint, old, deltarx.as_bytes(new.data))
 
     def read_keys_stable(self):
@@ -545,11 +553,11 @@ class Inbox(object):
         same = fingerprint == deltarx.fingerprint(before) and len(data) == after.st_size
         return (fingerprint if same else None), data
 
-    def guard_keys(self, incoming, deletes, source=(None, None), appended=False):
+    def guard_keys(self, incoming, deletes, source=(None, None), appended=False, old=None):
         """Hold back a client.keys change whose agent lines vanish en masse (agents.RemovalGuard);
         agents marked removed pass, and agents `appended` with new IDs (only_appended).
         `source`: (voter, term) of the batch with failover (Inbox.voter), (None, None)
-        without."""
+        without; `old`: our client.keys as text when the caller read it already."""
         if not self.touches_keys(incoming, deletes):
             return incoming, deletes, None
         new = self.new_keys(incoming)
@@ -558,9 +566,9 @@ class Inbox(object):
         if appended:
             self.store_held(None)
             return incoming, deletes, None
-        new_data = new.data.tobytes() if new else b""  # bytes(view) is a repr on 2.7
+        new_data = deltarx.as_bytes(new.data) if new else b""
         new_text = compat.to_text(new_data, errors="replace")
-        ok, message = self.guard.check(self.read_keys(), new_text)
+        ok, message = self.guard.check(self.read_keys() if old is None else old, new_text)
         if ok:
             if message:  # agents marked removed (manage_agents -r) or a few lines gone
                 self.log.info("%s", message)

@@ -24,7 +24,10 @@ every file and folder fsync'd, then renamed into place and its parent fsync'd: a
 it is complete or absent, and the files it protects are replaced only after that (the batch
 is refused when the backup cannot be made; the leader sends it again). An edit made while the
 batch is applied, after before() looked, is caught from what each rename actually replaced
-(LocalEdits.replacer) and backed up in a folder of its own right after the rename.
+(LocalEdits.replacer) and backed up in a folder of its own right after the rename. When that
+backup fails (a full disk, EIO), the file is already replaced: the edit is then renamed, in
+its folder, to a held name that no cleanup removes (staging.held_name), listed in
+var/db/cluster-held.json, and its backup is retried with each batch and at start.
 cluster_control -i lists the backed-up files until they are acknowledged
 (cluster_control --ack-backups): acknowledged paths are recorded in
 var/db/cluster-backups-acked.json, the files stay.
@@ -47,6 +50,7 @@ from wazuh_cluster.scanner import Scanner
 
 RECORD_NAME = "cluster-received.json"
 ACKED_NAME = "cluster-backups-acked.json"
+HELD_NAME = "cluster-held.json"
 BACKUP_DIR = ("backup", "cluster")
 FOLDER_RE = re.compile(r"^([0-9]{1,16})-([0-9]{14})(-[0-9]{1,4})?$")
 TEMP_PREFIX = ".partial-"
@@ -115,6 +119,10 @@ class LocalEdits(object):
         self.clock = clock
         self.record_path = os.path.join(db_folder, RECORD_NAME)
         self.acked_path = os.path.join(db_folder, ACKED_NAME)
+        self.held_path = os.path.join(db_folder, HELD_NAME)
+        # {held file path: its name relative to home}: replaced edits whose backup failed
+        self.held = {}
+        self.retrying = threading.Lock()
         self.root = os.path.join(self.home, *BACKUP_DIR)
         self.received = {}
         self.majority = voters // 2 + 1
@@ -130,7 +138,9 @@ class LocalEdits(object):
 
     def start(self):
         """Load (or seed) the record and remove partial backups a crash left; only with
-        failover on."""
+        failover on; edits held by an earlier run are backed up whatever the setting."""
+        self._load_held()
+        self._retry_held()
         if not self.failover:
             return
         self._remove_partials()
@@ -169,12 +179,15 @@ class LocalEdits(object):
                    if isinstance(f.sha256, compat.string_types)]
         written = [entry for entry in written if entry[1] is not None]
         changes = [(name, path, sha) for name, path, sha, meta_only in written if not meta_only]
-        changes.extend((name, self._master_path(name), None) for name in deletes)
+        deleted = [(name, self._master_path(name), None) for name in deletes]
+        changes.extend(deleted)
         for folder in dirs:
             changes.extend((name, path, None) for name, path in self._files_below(folder))
         changes = [change for change in changes if change[1] is not None]
         token = _Batch([(name, sha) for name, _path, sha in changes],
                        dict((path, (name, sha)) for name, path, sha, _meta in written))
+        token.targets.update((path, (name, None)) for name, path, _sha in deleted
+                             if path is not None)
         at_risk = {}
         for name, path, sha in changes:
             local, token.seen[path] = _read(path)
@@ -214,7 +227,7 @@ class LocalEdits(object):
         rename within the microseconds between the link and the rename goes unseen."""
         if token is None:
             return None
-        return lambda temp, target: self._replace(token, temp, target)
+        return _Replacer(self, token)
 
     def _replace(self, token, temp, target):
         if target not in token.targets:
@@ -225,9 +238,21 @@ class LocalEdits(object):
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EINVAL):
                 raise
-            kept = _link_and_rename(temp, target)
+            kept = _link_and_rename(temp, target, (token.seen.get(target) or (None, None))[1])
         if kept is not None:
             token.replaced.append((kept, target))
+
+    def _remove(self, token, target):
+        """Delete a file of the batch: renamed aside in its folder first (atomic, the file
+        there now whatever happened since before() looked), checked and backed up like
+        what a rename replaced, then removed (after())."""
+        if target not in token.targets:
+            os.unlink(target)
+            return
+        base = compat.to_text(os.path.basename(target), errors="replace")
+        side = os.path.join(os.path.dirname(target), compat.native_str(staging.side_name(base)))
+        os.rename(target, side)
+        token.replaced.append((side, target))
 
     def _check_replaced(self, token):
         """Back up what the batch's renames replaced (replacer) when it is an edit made
@@ -238,29 +263,102 @@ class LocalEdits(object):
             seen = token.seen.get(target)
             if seen is not None and _fingerprint(kept) == seen[1]:
                 continue       # the very file before() read, not written since
-            local = _sha_of(kept)
+            try:
+                local = _sha_of(kept)
+            except (IOError, OSError):
+                at_risk.append((kept, target, name, None))   # unreadable: kept, unjudged
+                continue
             if local != (seen or (sha,))[0] and self._is_edit(name, local, sha):
                 at_risk.append((kept, target, name, local))
         if at_risk:
             try:
                 self._back_up([(kept, os.path.relpath(target, self.home))
                                for kept, target, _name, _local in at_risk])
-                self.backed_up.update((name, local) for _k, _t, name, local in at_risk)
+                self.backed_up.update((name, local) for _k, _t, name, local in at_risk
+                                      if local is not None)
             except (IOError, OSError) as exc:
-                self.log.error("cannot back up local edits replaced by the leader's files "
-                               "while the batch was applied: %s; they are kept as %s until "
-                               "wazuh-clusterd restarts", fsops.why(exc),
-                               ", ".join(escape(kept) for kept, _t, _n, _l in at_risk))
+                self._hold([(kept, target) for kept, target, _n, _l in at_risk], exc)
                 token.replaced = [entry for entry in token.replaced
                                   if entry[0] not in set(a[0] for a in at_risk)]
         for kept, _target in token.replaced:
             _unlink_quietly(kept)
+
+    def _hold(self, replaced, exc):
+        """Rename each (kept, target) whose backup failed to a held name in its folder and
+        list it in the held record: the file is replaced already, this is its only copy."""
+        kept_as = []
+        with self.lock:
+            for kept, target in replaced:
+                base = compat.to_text(os.path.basename(target), errors="replace")
+                held = os.path.join(os.path.dirname(kept),
+                                    compat.native_str(staging.held_name(base)))
+                try:
+                    os.rename(kept, held)
+                except OSError:
+                    held = kept     # a rename in its own folder failed: kept for this run
+                try:
+                    fsops.fsync_folder(os.path.dirname(held))
+                except OSError:
+                    pass
+                self.held[held] = os.path.relpath(target, self.home)
+                kept_as.append(held)
+            self._save_held()
+        self.log.error("cannot back up local edits replaced by the leader's files while the "
+                       "batch was applied: %s; kept as %s, the backup is retried with each "
+                       "batch and at start", fsops.why(exc),
+                       ", ".join(escape(path) for path in kept_as))
+
+    def _retry_held(self):
+        """Back up the held edits (_hold) again; those backed up are removed."""
+        if not self.held or not self.retrying.acquire(False):
+            return
+        try:
+            with self.lock:
+                pending = sorted(self.held.items())
+            present = [(path, name) for path, name in pending if os.path.lexists(path)]
+            if present:
+                try:
+                    self._back_up(present)
+                except (IOError, OSError):
+                    return      # still held; said once when it was held
+                for path, _name in present:
+                    _unlink_quietly(path)
+            with self.lock:
+                for path, _name in pending:
+                    self.held.pop(path, None)
+                self._save_held()
+        finally:
+            self.retrying.release()
+
+    def _load_held(self):
+        try:
+            value = load_json(self.held_path)
+        except ValueError as exc:
+            self.log.error("%s unusable (%s): local edits held under names ending in %s are "
+                           "not backed up by themselves", self.held_path, exc,
+                           staging.HELD_SUFFIX)
+            return
+        if isinstance(value, dict):
+            self.held = dict((compat.native_str(path), name) for path, name in value.items()
+                             if isinstance(path, compat.string_types) and
+                             isinstance(name, compat.string_types) and
+                             path.endswith(staging.HELD_SUFFIX))
+
+    def _save_held(self):
+        """The held record (the caller holds the lock); a failure is logged: the files stay
+        under their held names anyway."""
+        try:
+            save_json(self.held_path, dict((compat.to_text(path), compat.to_text(name))
+                                           for path, name in self.held.items()))
+        except (IOError, OSError) as exc:
+            self.log.error("cannot save %s: %s", self.held_path, fsops.why(exc))
 
     def after(self, token, states):
         """Record what the batch applied (token: what before() returned); `states` None
         when the batch broke off: what its renames replaced is still checked and kept."""
         if token is None:
             return
+        self._retry_held()
         if getattr(token, "replaced", None):
             self._check_replaced(token)
         if states is None:
@@ -529,15 +627,33 @@ class _Batch(list):
         self.replaced = []        # (path now naming the file a rename replaced, target path)
 
 
-def _link_and_rename(temp, target):
+class _Replacer(object):
+    """What replacer() returns: called as (temp, target) for each rename of the batch;
+    remove(target) for each deletion (receive.Receiver.apply_batch)."""
+
+    def __init__(self, edits, token):
+        self.edits, self.token = edits, token
+
+    def __call__(self, temp, target):
+        self.edits._replace(self.token, temp, target)
+
+    def remove(self, target):
+        self.edits._remove(self.token, target)
+
+
+def _link_and_rename(temp, target, seen):
     """rename(temp, target) keeping the replaced file under a hard link taken just before
-    (see LocalEdits.replacer); the link's path, or None when there was nothing to link."""
+    (see LocalEdits.replacer); the link's path, or None when there was nothing to link.
+    Without a link, only the file before() read (fingerprint `seen`) may be replaced: the
+    OSError otherwise fails this file, which travels again and meets before() then."""
     base = compat.to_text(os.path.basename(target), errors="replace")
     side = os.path.join(os.path.dirname(temp), compat.native_str(staging.side_name(base)))
     try:
         os.link(target, side)
-    except OSError:
-        side = None     # nothing there (or no link possible): what before() saw is all
+    except OSError as exc:
+        side = None     # nothing there, or what before() saw and checked is all there is
+        if exc.errno not in fsops.GONE and _fingerprint(target) != seen:
+            raise
     try:
         os.rename(temp, target)
     except OSError:

@@ -171,7 +171,8 @@ class Receiver(object):
             line for the batch.
         replace: with failover on a node that does not act as leader,
             localedits.LocalEdits.replacer: replace(temp, target) instead of os.rename puts
-            each file in place (and keeps what it replaced for a check).
+            each file in place (and keeps what it replaced for a check); its
+            remove(target), when it has one, deletes a file instead of os.unlink.
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
         return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence,
@@ -182,6 +183,7 @@ class Receiver(object):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
         batch.fence = fence
         batch.replace = replace or os.rename
+        batch.remove = getattr(replace, "remove", os.unlink)
         batch.known = known or {}
         batch.learned = learned if learned is not None else []
         try:
@@ -308,6 +310,7 @@ class _Batch(object):
         self.laps = [0.0, 0.0, 0.0]  # flushed, renamed, folders flushed (for the log)
         self.fence = None      # see Receiver.apply_batch
         self.replace = os.rename
+        self.remove = os.unlink
         self.fenced = []       # names it refused
 
     def run(self, name, action, arg):
@@ -447,7 +450,7 @@ class _Batch(object):
             self._set(name, SYNCHRONIZED)
             return
         try:
-            self._change(os.unlink, target)
+            self._change(self.remove, target)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise

@@ -18,7 +18,9 @@ next round. Each folder served in place is logged once.
 
 Crash cleanup at start (SPEC section 4): every file in the staging folder is ours and goes;
 in the item folders, `NAME.tmp.cluster` files go, and the `.NAME.RANDOM.tmp` files that
-versions before the staging folder left next to their targets.
+versions before the staging folder left next to their targets. Except held files
+(`.NAME.RANDOM.held.tmp.cluster`, held_name): a local edit that a rename replaced and that
+could not be backed up (localedits) waits under that name for its backup, never removed here.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -39,6 +41,8 @@ _STAGED_OVERHEAD = len(".") + _RANDOM_HEX + len(".tmp")
 # Versions before the staging folder: .NAME.RANDOM.tmp next to the target.
 _LEGACY_RE = re.compile(u"^\\.(.+)\\.[0-9a-f]{12}\\.tmp$")
 _LEGACY_OVERHEAD = len(".") + len(".") + _RANDOM_HEX + len(".tmp")
+HELD_SUFFIX = ".held" + TEMP_SUFFIX
+_HELD_OVERHEAD = len(".") + len(".") + _RANDOM_HEX + len(HELD_SUFFIX)
 
 
 def staged_name(base):
@@ -55,6 +59,14 @@ def side_name(base):
     return "." + base[:MAX_COMPONENT - _LEGACY_OVERHEAD] + "." + random + ".tmp"
 
 
+def held_name(base):
+    """A fresh name, in the same folder, for a replaced local edit whose backup failed
+    (localedits): `.NAME.RANDOM.held.tmp.cluster`, never synchronised (pathrules.TEMP_PATTERN)
+    and never removed by the crash cleanup."""
+    random = binascii.hexlify(os.urandom(_RANDOM_HEX // 2)).decode("ascii")
+    return "." + base[:MAX_COMPONENT - _HELD_OVERHEAD] + "." + random + HELD_SUFFIX
+
+
 def in_place_name(base):
     """Wazuh 3.0's temporary name, next to the target: `base.tmp.cluster`."""
     return base[:MAX_COMPONENT - len(TEMP_SUFFIX)] + TEMP_SUFFIX
@@ -68,6 +80,11 @@ def _stem_of(name):
     if match is not None:
         return match.group(1), MAX_COMPONENT - _LEGACY_OVERHEAD
     return None, None
+
+
+def _held(name):
+    """True for a held file's name (held_name), text or bytes."""
+    return compat.to_text(name, errors="replace").endswith(HELD_SUFFIX)
 
 
 def _temp_of(name, base):
@@ -190,7 +207,7 @@ class Staging(object):
         if self.check() is None:
             return 0
         for entry in self._entries(self.folder):
-            if self._is_folder(entry):
+            if self._is_folder(entry) or _held(entry.name):
                 continue  # never made by us: left for an operator to look at
             removed += self._unlink(entry.path)
         return removed
@@ -206,7 +223,7 @@ class Staging(object):
         for entry in self._entries(path):
             name = compat.to_text(entry.name, errors="replace")
             stem, _cut = _stem_of(name)
-            if stem is None:
+            if stem is None or _held(name):
                 if deep and self._is_folder(entry):
                     removed += self._clean_folder(entry.path, only, deep)
                 continue

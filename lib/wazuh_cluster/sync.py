@@ -203,6 +203,7 @@ class PeerSync(object):
         self.postponed = 0
         self.round_clean = True
         self.written = set()   # summary buckets the running round sent something to (settle)
+        self.equal_written = set()   # names compared equal in those buckets (settle)
         # localedits.LocalEdits.pushed: tell what the peer applied of our pushes
         self.pushed = None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
@@ -405,7 +406,7 @@ class PeerSync(object):
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
         states, counts, ok = {}, [0, 0, 0, 0, 0], True
-        self.written = set()
+        self.written, self.equal_written = set(), set()
         for buckets in steps:
             step = self.round_step(buckets, groups, counts)
             ok = ok and all(s == "synchronized" for s in step.values())
@@ -475,8 +476,8 @@ class PeerSync(object):
         Those confirmations rest on the peer's copy as the summary or a step's manifest
         showed it: a file the peer lost meanwhile (a client.keys removed by hand there,
         noticed while the round ran) was recorded "synchronized" and not sent again until
-        the next interval. Buckets this round wrote to are confirmed by their transfers and
-        entries compared after the summary; their sums move because of them.
+        the next interval. In a bucket this round wrote to, the sums move because of its
+        transfers: a file compared equal there is checked against the peer's entry again.
         """
         confirmed = self.unproven(states)
         if not confirmed:
@@ -484,7 +485,20 @@ class PeerSync(object):
         now = self.peer_summary()
         moved = frozenset(b for b in range(summary.BUCKETS)
                           if tuple(now[b]) != tuple(basis[b]))
-        dropped = [name for name in confirmed if summary.bucket_of(name) in moved]
+        dropped = [name for name in confirmed if name not in self.equal_written and
+                   summary.bucket_of(name) in moved]
+        equal = [name for name in confirmed if name in self.equal_written]
+        if equal:
+            # The peer's sum of a written bucket is ours once it holds what we hold there;
+            # where it is not, the entries of the files compared equal tell.
+            mine = summary.parse(self.link.call("summary", {"source": self.role,
+                                                            "groups": True})["buckets"])
+            unsure = sorted(name for name in equal if tuple(now[summary.bucket_of(name)]) !=
+                            tuple(mine[summary.bucket_of(name)]))
+            if unsure:
+                ours, theirs = self.manifests(names=unsure)
+                same = set(plan_round(ours, theirs, self.items, delete_extra=False)[4])
+                dropped.extend(name for name in unsure if name not in same)
         for name in dropped:
             del states[name]
         if dropped:
@@ -495,10 +509,10 @@ class PeerSync(object):
         return len(dropped)
 
     def unproven(self, states):
-        """The names of `states` confirmed without a transfer in a bucket this round did not
-        write to: what settle() checks against the peer's summary again."""
+        """The names of `states` confirmed without a transfer: what settle() checks again."""
         return [name for name, state in states.items() if state == "synchronized"
-                and summary.bucket_of(name) not in self.written]
+                and (summary.bucket_of(name) not in self.written or
+                     name in self.equal_written)]
 
     def round_step(self, buckets, groups, counts):
         """Compare and repair the files of these summary buckets (all when None); returns
@@ -514,9 +528,12 @@ class PeerSync(object):
             mine = dict((name, mine[name]) for name in send_meta)
             del theirs
         states = dict((name, "synchronized") for name in same)
-        if dirs:   # a folder's files are in any bucket
-            self.written.update(range(summary.BUCKETS))
+        # A folder removed moves the buckets of its files: those of this step and of the
+        # steps before are written by their deletion, those of later steps are compared
+        # after it (a sum moved there only brings the next round sooner).
         self.written.update(summary.bucket_of(name) for name in send_data + send_meta + delete)
+        self.equal_written.update(name for name in same
+                                  if summary.bucket_of(name) in self.written)
         states.update(self.send(mine, send_data, send_meta, delete, dirs))
         if any(s != "synchronized" for s in states.values()):
             self.round_clean = False      # also for what forget_unknown leaves out
@@ -538,11 +555,11 @@ class PeerSync(object):
         self.last_round = now
         self.next_round = next_round_at(now, self.interval, self.phase)
 
-    def manifests(self, buckets=None):
-        """(ours, the peer's) for a full round, of some summary buckets only."""
-        mine = self.manifest(buckets=buckets)
+    def manifests(self, buckets=None, names=None):
+        """(ours, the peer's) for a full round, of some summary buckets (or names) only."""
+        mine = self.manifest(names=names, buckets=buckets)
         args = {"source": self.role, "manifest_in_data": True}
-        if self.role == "client":
+        if self.role == "client" or names is not None:
             # The master holds every client's agent-info: ask only about ours.
             args["names"] = sorted(mine)
         elif buckets is not None:

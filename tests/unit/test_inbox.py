@@ -305,3 +305,65 @@ def test_a_metadata_only_client_keys_update_keeps_what_the_client_knows_of_it(ho
     assert answer["states"] == {keys: "synchronized"} and int(st.st_mtime) == BASE_NS // 10 ** 9 + 1
     assert box.deltas.kept(keys, st) is kept
     assert box.known_ids.fingerprint == deltarx.fingerprint(st)
+
+
+def keys_inbox(home, box_class=inbox.Inbox):
+    """A real client Inbox on `home` with a client.keys of 299 agents; (box, their lines)."""
+    from test_failover_fencing import InboxCfg, Layout, Link
+    for folder in ("etc/shared/default", "queue/agent-info", "queue/agent-groups"):
+        if not os.path.isdir(os.path.join(home, folder)):
+            os.makedirs(os.path.join(home, folder))
+    agents = [b"%03d agent%03d any %064x\n" % (i, i, i) for i in range(1, 300)]
+    with open(os.path.join(home, "etc", "client.keys"), "wb") as handle:
+        handle.write(b"".join(agents))
+    return box_class(InboxCfg(), Layout(home), Link()), agents
+
+
+def send_keys(box, data):
+    """client.keys alone in a batch from the master; its state."""
+    header = {"files": [{"name": "etc/client.keys", "sha256": hashlib.sha256(data).hexdigest(),
+                         "mtime_ns": BASE_NS, "size": len(data)}],
+              "meta": [], "delete": [], "delete_dirs": []}
+    return box.sync_files(MasterPeer(), header, data)[0]["states"]["etc/client.keys"]
+
+
+def test_a_mass_removal_alone_in_its_batch_is_held(home):  # noqa: F811
+    # Alone in its batch, client.keys reaches the guard as the batch's bytes object itself
+    # (parse_batch), not as a memoryview.
+    box, agents = keys_inbox(home)
+    assert send_keys(box, b"".join(agents[:10])) == "pending" and box.held() is not None
+    with open(os.path.join(home, "etc", "client.keys"), "rb") as handle:
+        assert handle.read() == b"".join(agents)
+
+
+class CountingInbox(inbox.Inbox):
+    """An Inbox that counts its reads of client.keys."""
+    reads = 0
+
+    def read_keys_data(self):
+        self.reads += 1
+        return inbox.Inbox.read_keys_data(self)
+
+
+def test_a_client_keys_change_reads_the_old_file_once_and_the_guard_still_holds(home):  # noqa
+    # A change that is not an append had the client read its 9.4 MB client.keys for the
+    # append check, again for the removal guard, and again for the agent cleanup's old text.
+    box, agents = keys_inbox(home, CountingInbox)
+    path = os.path.join(home, "etc", "client.keys")
+
+    def send(data):
+        box.reads = 0
+        return send_keys(box, data)
+    changed = agents[:]
+    changed[5] = b"006 renamed any %064x\n" % 6          # a key changed: not an append
+    assert send(b"".join(changed)) == "synchronized" and box.reads == 2   # before, after
+    changed[6] = b"007 again any %064x\n" % 7
+    assert send(b"".join(changed)) == "synchronized" and box.reads == 1   # the bytes we wrote
+    kept = b"".join(changed)
+    assert send(b"".join(changed[:10])) == "pending"     # 289 of 299 agents gone: held
+    with open(path, "rb") as handle:
+        assert handle.read() == kept
+    assert box.held() is not None and box.reads == 0
+    os.utime(path, None)                                  # touched by hand: read from the file
+    assert send(b"".join(changed[:10])) == "pending" and box.reads == 1
+    assert send(b"".join(changed[:-1])) == "synchronized"    # one agent gone: the guard lets it

@@ -284,8 +284,7 @@ def test_a_quiet_round_asks_for_no_second_summary(pair):
 def test_buckets_the_round_wrote_to_are_not_checked_again(pair):
     """A file sent in the round moves its bucket's sum: the other files of that bucket are
     confirmed by the entries compared then, not dropped for it (no endless rounds)."""
-    same_bucket = [n for n in (u"etc/shared/default/f%d" % k for k in range(5000))
-                   if summary.bucket_of(n) == summary.bucket_of(CONF_NAME)][0]
+    same_bucket = same_bucket_as(CONF_NAME, "f")
     write(pair.master_home, same_bucket, b"another file of the bucket\n")
     pair.master.pass_now()
     pair.sync.full_round()
@@ -333,3 +332,89 @@ def test_agent_info_lost_on_the_master_during_a_clients_round_is_sent_again(info
     pair.clock.now = pair.sync.next_round
     pair.sync.due(pair.clock())[0]()
     assert read(pair.master_home, INFO_NAME) == INFO and pair.row(INFO_NAME) == "synchronized"
+
+
+def after_first(pair, command, change):
+    """The receiver answers its first `command` of the round, then `change` runs there."""
+    answered = []
+
+    def answer_then_change(session, args, data):
+        answer = pair.handlers[command](session, args, data)
+        if not answered:
+            change()
+        answered.append(args)
+        return answer
+    pair.receiver_end.dispatcher = dict(pair.handlers, **{command: answer_then_change})
+
+
+def same_bucket_as(name, stem):
+    """A shared file name in the summary bucket of `name`."""
+    return [n for n in (u"etc/shared/default/%s%d" % (stem, k) for k in range(5000))
+            if summary.bucket_of(n) == summary.bucket_of(name)][0]
+
+
+def test_a_file_compared_equal_in_a_bucket_the_round_wrote_to_and_lost_after_is_not_confirmed(
+        pair):
+    """A file compared equal in a bucket the round also sent to: the bucket's sum moves with
+    the transfer, so the second summary cannot tell; removed on the client after the step's
+    manifest, it must not be recorded "synchronized" from that manifest."""
+    neighbour = same_bucket_as(CONF_NAME, "n")
+    write(pair.master_home, neighbour, b"a neighbour in the bucket\n")
+    pair.master.pass_now()
+    pair.sync.full_round()
+    pair.client.pass_now()
+    # removed right after the step's manifest
+    after_first(pair, "sync_manifest", lambda: os.unlink(path(pair.client_home, neighbour)))
+    write(pair.master_home, CONF_NAME, CONF + b"<!-- changed -->\n")   # sent: bucket written
+    pair.master.pass_now()
+    pair.clear()
+    pair.sync.full_round()
+    assert read(pair.client_home, CONF_NAME) == CONF + b"<!-- changed -->\n"
+    assert pair.row(CONF_NAME) == "synchronized"
+    assert read(pair.client_home, neighbour) is None and pair.row(neighbour) == "pending"
+    assert pair.sync.next_round <= pair.clock() + sync.RETRY_DELAY
+    pair.clock.now = pair.sync.next_round
+    pair.sync.due(pair.clock())[0]()
+    assert read(pair.client_home, neighbour) == b"a neighbour in the bucket\n"
+    assert pair.row(neighbour) == "synchronized" and pair.sync.last_round_ok
+
+
+def test_a_round_that_removes_a_group_folder_still_checks_what_it_confirms(pair):
+    """A round that removes a group folder on the client used to count every bucket as
+    written and check nothing: client.keys, pending in a bucket whose sums matched and
+    removed on the client after the round's summary, was confirmed "synchronized"."""
+    extra = u"etc/shared/oldgroup/agent.conf"
+    assert summary.bucket_of(extra) != summary.bucket_of(KEYS_NAME)
+    os.makedirs(path(pair.client_home, u"etc/shared/oldgroup"))
+    write(pair.client_home, extra, b"a group the master no longer has\n")
+    pair.client.pass_now()
+    after_first(pair, "sync_summary", lambda: os.unlink(path(pair.client_home, KEYS_NAME)))
+    pair.clear()
+    pair.sync.full_round()
+    assert not os.path.exists(path(pair.client_home, u"etc/shared/oldgroup"))
+    assert read(pair.client_home, KEYS_NAME) is None and pair.row(KEYS_NAME) == "pending"
+    pair.clock.now = pair.sync.next_round
+    pair.sync.due(pair.clock())[0]()
+    assert read(pair.client_home, KEYS_NAME) == KEYS and pair.row(KEYS_NAME) == "synchronized"
+
+
+def test_a_written_bucket_the_peer_holds_as_we_do_asks_for_no_manifest_again(pair):
+    """The check of files compared equal in written buckets costs no manifest when the
+    peer's sums there are ours after the transfers (the usual round)."""
+    neighbour = same_bucket_as(CONF_NAME, "n")
+    write(pair.master_home, neighbour, b"a neighbour in the bucket\n")
+    pair.master.pass_now()
+    pair.sync.full_round()
+    pair.client.pass_now()
+    asked = []
+
+    def counting(session, args, data):
+        asked.append(args)
+        return pair.handlers["sync_manifest"](session, args, data)
+    pair.receiver_end.dispatcher = dict(pair.handlers, sync_manifest=counting)
+    write(pair.master_home, CONF_NAME, CONF + b"<!-- changed -->\n")
+    pair.master.pass_now()
+    pair.clear()
+    pair.sync.full_round()
+    assert pair.row(neighbour) == "synchronized" and pair.sync.last_round_ok
+    assert [a for a in asked if "names" in a] == []
