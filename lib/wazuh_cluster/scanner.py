@@ -397,6 +397,13 @@ class Scanner(object):
         self._until = None if budget is None else self._clock() + budget
         self._slice_hashed = 0
 
+    def _budgeted(self, budget, run, only):
+        self._budget(budget)
+        try:
+            return run(only)
+        finally:
+            self._until = None
+
     def _defers(self, item):
         """True when a file of `item` that needs hashing now waits for drain()."""
         if self._until is None or item is None or item.hot or item.name not in self._deferrable:
@@ -412,11 +419,7 @@ class Scanner(object):
         The first pass always covers every item. `budget`: seconds of hashing, see
         defer_hashing.
         """
-        self._budget(budget)
-        try:
-            return self._full_pass(only)
-        finally:
-            self._until = None
+        return self._budgeted(budget, self._full_pass, only)
 
     def _full_pass(self, only):
         start = self._clock()
@@ -475,11 +478,7 @@ class Scanner(object):
         """
         if not self._primed:
             return self.full_pass(budget=budget)
-        self._budget(budget)
-        try:
-            return self._poll(only)
-        finally:
-            self._until = None
+        return self._budgeted(budget, self._poll, only)
 
     def _poll(self, only):
         start = self._clock()

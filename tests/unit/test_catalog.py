@@ -632,6 +632,18 @@ def drain_ticks(cat, now, limit=100):
     raise AssertionError("still due after %d ticks" % limit)
 
 
+def with_new_files(home, pattern, count):
+    """A master's catalog after its first tick, whose clock moves on by a hundredth of a
+    HASH_SLICE at every look (~100 files hashed per slice), and `count` files written since
+    (names from `pattern`): (catalog, names)."""
+    cat = make(home, clock=TickingClock(catalog_mod.HASH_SLICE / 100))
+    cat.tick(0.0)
+    names = [pattern % i for i in range(count)]
+    for name in names:
+        write(home, name, "data")
+    return cat, names
+
+
 def test_received_files_are_hashed_in_slices_and_client_keys_is_seen_between(home):
     """A master polling its agent-info folder after a first sync found tens of thousands of
     new files and hashed them in one tick of its internal daemon: 6-9 s at 100 000 agents,
@@ -639,12 +651,7 @@ def test_received_files_are_hashed_in_slices_and_client_keys_is_seen_between(hom
     the append p99). They are hashed HASH_SLICE at a time; client.keys is looked at first
     in every tick meanwhile, and every file is still reported once."""
     write(home, "etc/client.keys", "001 web01 any k1\n")
-    clock = TickingClock(catalog_mod.HASH_SLICE / 100)   # ~100 files hashed per slice
-    cat = make(home, clock=clock)
-    cat.tick(0.0)
-    names = ["queue/agent-info/agent%04d-any" % i for i in range(600)]
-    for name in names:
-        write(home, name, "Linux")
+    cat, names = with_new_files(home, "queue/agent-info/agent%04d-any", 600)
     cat.tick(10.0)                          # our own items' full pass
     first = cat.tick(11.0)["changed"]       # the received folders' poll: one slice
     assert 0 < len(first) < len(names) / 2
@@ -663,12 +670,7 @@ def test_received_files_are_hashed_in_slices_and_client_keys_is_seen_between(hom
 def test_files_this_node_sends_are_never_left_for_later(home):
     """A file missing from a master's manifest would be deleted on its clients by a round:
     its own items are hashed in the pass that finds them, however long it takes."""
-    clock = TickingClock(catalog_mod.HASH_SLICE / 100)
-    cat = make(home, clock=clock)
-    cat.tick(0.0)
-    names = ["etc/shared/default/f%04d" % i for i in range(400)]
-    for name in names:
-        write(home, name, "conf")
+    cat, names = with_new_files(home, "etc/shared/default/f%04d", 400)
     assert sorted(cat.tick(1.0)["changed"]) == names
     assert cat.timeout(1.0) > 0
 
@@ -676,12 +678,7 @@ def test_files_this_node_sends_are_never_left_for_later(home):
 def test_a_peers_round_sees_received_files_not_hashed_yet(home):
     """A round compares with our copy of the peer's files: the files a sliced pass left are
     in it (the on-demand pass hashes them), not reported missing."""
-    clock = TickingClock(catalog_mod.HASH_SLICE / 100)
-    cat = make(home, clock=clock)
-    cat.tick(0.0)
-    names = ["queue/agent-info/agent%04d-any" % i for i in range(400)]
-    for name in names:
-        write(home, name, "Linux")
+    cat, names = with_new_files(home, "queue/agent-info/agent%04d-any", 400)
     cat.tick(10.0)
     cat.tick(11.0)
     assert cat.timeout(11.0) == 0.0

@@ -2,18 +2,12 @@
 from __future__ import absolute_import, division, print_function
 
 import threading
-import time
 
 import pytest
 
 from wazuh_cluster import fairlock, internal_link
 
-
-def wait_until(check, timeout=30.0):
-    end = time.time() + timeout
-    while not check():
-        assert time.time() < end, "timed out"
-        time.sleep(0.005)
+from test_groupcommit import wait_until  # noqa: I100 - a bounded, polling wait
 
 
 def test_waiters_get_the_lock_in_the_order_they_asked_and_a_returning_holder_last():
