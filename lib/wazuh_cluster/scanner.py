@@ -21,6 +21,10 @@ Two passes:
   was most of an idle master's cost). A folder listed in the clock tick of its last change
   ("racy", as below) is listed again by the next full pass.
 
+A pass may be given a budget of hashing time: files of the items named to defer_hashing()
+(those this node only receives) found new or changed past it wait for drain(), so that one
+pass over tens of thousands of arriving files does not hold the internal daemon for seconds.
+
 A file is hashed only when its fingerprint changed. Same content with a new mtime is a
 "touch": reported for items whose mtime is data (agent-info keepalives), otherwise the
 fingerprint is updated silently.
