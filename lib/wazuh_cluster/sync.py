@@ -8,7 +8,8 @@ Sending (one `PeerSync` thread per session, the owner drives):
   * full rounds: at session start and in this peer's slot of every <interval>: summaries
     first (summary.py), then the peer's manifest of our items in the buckets that differ is
     compared with ours (checksums both ways) and every difference is repaired, including
-    drift that nothing recorded (a file edited or deleted by hand, a lost database).
+    drift that nothing recorded (a file edited or deleted by hand, a lost database); what
+    is queued while a round runs goes between its steps (PeerSync.push_between).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
