@@ -87,6 +87,9 @@ FOREIGN_SCAN_INTERVAL = 600.0
 # added on the master reaches the clients a quarter of a poll after, not up to a whole one
 # (SPEC section 8's append latency: p50 1 s, p99 2 s, of which a 1 s poll took 0.5 / 1 s).
 HOT_CHECKS_PER_POLL = 4
+# Seconds of hashing received files per tick (Scanner.defer_hashing): the internal daemon's
+# loop serves requests and looks at client.keys again between slices.
+HASH_SLICE = 0.1
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 
@@ -172,6 +175,7 @@ class Catalog(object):
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
                                            report=self._skipped)
         self.scanner.load(db.iter_files())
+        self.scanner.defer_hashing(self._foreign)
         self._rescan = True        # the first tick is a full pass (reconciles db and disk)
         self._last_full = None     # last pass over the items this node sends
         self._last_foreign = None  # last pass over the items it receives
@@ -216,7 +220,7 @@ class Catalog(object):
 
     def timeout(self, now):
         """Seconds until tick() has work to do (for the select() timeout); 0 when due."""
-        if self._rescan or self._last_full is None:
+        if self._rescan or self._last_full is None or self.scanner.backlog():
             return 0.0
         due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval,
                   self._last_foreign + self.foreign_scan_interval,
@@ -229,7 +233,8 @@ class Catalog(object):
         A full pass over the items this node sends every scan_interval, over the items it
         receives every foreign_scan_interval (and over everything on rescan), otherwise a
         poll every poll_interval (of the received items' folders only every
-        scan_interval); nothing when none is due. Returns None when nothing changed, else
+        scan_interval), or a slice of the received files a pass left unhashed (see
+        HASH_SLICE); nothing when none is due. Returns None when nothing changed, else
         {"event": "changes", "changed": [..], "touched": [..], "deleted": [..],
          "deleted_dirs": [..]} for the subscribers. When max_event_names is set and more
         files changed at once, the lists are empty and "overflow": true asks subscribers for
@@ -240,9 +245,10 @@ class Catalog(object):
         foreign_due = first or now - self._last_foreign >= self.foreign_scan_interval
         if own_due or foreign_due:
             if own_due and foreign_due:
-                changes = self.scanner.full_pass()
+                changes = self.scanner.full_pass(budget=HASH_SLICE)
             else:
-                changes = self.scanner.full_pass(self._own if own_due else self._foreign)
+                changes = self.scanner.full_pass(self._own if own_due else self._foreign,
+                                                 budget=HASH_SLICE)
             self._rescan = False
             if own_due:
                 self._last_full = now
@@ -255,11 +261,16 @@ class Catalog(object):
                 # The folders of received items too, but only every scan_interval: a master
                 # re-listing 50 000 agent-info entries at every poll while files arrive
                 # would spend a third of a core on 2.7.
-                changes = self.scanner.poll()
+                changes = self.scanner.poll(budget=HASH_SLICE)
                 self._last_foreign_poll = now
             else:
                 changes = self.scanner.poll(self._own)
             self._last_poll = now
+        elif self.scanner.backlog():
+            # received files a pass left unhashed (HASH_SLICE), a slice a tick; client.keys
+            # looked at before each
+            changes = scanner_mod.merge([self.scanner.check_hot(self._own),
+                                         self.scanner.drain(HASH_SLICE)])
         elif now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
             # only what this node sends: a received client.keys is the peer's to push, and
             # only the peer's round repairs its loss here (sooner is safe, see README's
@@ -432,6 +443,7 @@ class Catalog(object):
             # old master turned client did not see its own agents' rewrites), and they are
             # polled like the master's from then on.
             self._own_items(role)
+            self.scanner.defer_hashing(self._foreign)
             self._rescan = True
         return {"role": role}
 

@@ -4,7 +4,7 @@ from __future__ import absolute_import, division, print_function
 import socket
 import threading
 
-from wazuh_cluster import compat, localsock, logs
+from wazuh_cluster import compat, fairlock, localsock, logs
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 
@@ -24,7 +24,8 @@ class InternalLink(object):
         self.path = path
         self.timeout = timeout
         self._client = localsock.Client(path, timeout)
-        self._lock = threading.Lock()
+        # first come, first served: a thread calling again at once does not pass the others
+        self._lock = fairlock.FairLock()
         self._urgent = None
         self._urgent_lock = threading.Lock()  # not _lock: made while a bulk call runs
 
@@ -50,7 +51,8 @@ class InternalLink(object):
         a peer (a push's manifest of a few names, a client.keys just written).
 
         The internal daemon answers one request at a time, but takes its connections in
-        turn; the threads of this link wait for each other's calls in no set order. On this
+        turn; the threads of this link wait for each other's calls in the order they came
+        (fairlock.FairLock). On this
         link a push's manifest waits for the request the daemon is answering, not for the
         other sessions' batches of 1 000 keepalives queued here (up to 1.5 s at 10 clients
         under churn, on the way of every client.keys append).

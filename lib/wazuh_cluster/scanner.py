@@ -21,6 +21,10 @@ Two passes:
   was most of an idle master's cost). A folder listed in the clock tick of its last change
   ("racy", as below) is listed again by the next full pass.
 
+A pass may be given a budget of hashing time: files of the items named to defer_hashing()
+(those this node only receives) found new or changed past it wait for drain(), so that one
+pass over tens of thousands of arriving files does not hold the internal daemon for seconds.
+
 A file is hashed only when its fingerprint changed. Same content with a new mtime is a
 "touch": reported for items whose mtime is data (agent-info keepalives), otherwise the
 fingerprint is updated silently.
@@ -51,6 +55,9 @@ from wazuh_cluster.pathrules import TEMP_PATTERN
 # Files modified this close to the moment we hash them are hashed again later (see above).
 RACY_NS = 2 * 10 ** 9
 MAX_HINTS = 64  # hints not used yet (see Scanner.hint); a flood of them is dropped
+# A pass with a hashing budget (see Scanner.defer_hashing) hashes at least this many files
+# before it looks at the clock: a few files never wait for a later slice.
+MIN_HASHED_PER_SLICE = 64
 READ_CHUNK = 1 << 20
 MAX_FOLDERS_REMEMBERED = 4096  # item_of's cache (a tree has some hundreds of folders)
 # What receivers accept (SPEC section 4): printable ASCII, no backslash; anything else is skipped
@@ -188,6 +195,10 @@ class Scanner(object):
         self._racy_dirs = set()  # folders listed in the clock tick of their change
         self._plan = None  # the poll's folder list, kept until a folder comes or goes
         self._retry = set()
+        self._deferred = set()  # files a budgeted pass left to hash later (drain)
+        self._deferrable = frozenset()  # names of the items whose files may wait (defer_hashing)
+        self._until = None    # monotonic end of the running pass's hashing budget, if any
+        self._slice_hashed = 0  # files hashed since that budget began
         self._racy = {}       # name -> wall ns from which one more hash settles it
         self._racy_due = []   # heap of (that time, name); stale entries are skipped
         self._noted = {}
@@ -354,11 +365,67 @@ class Scanner(object):
 
     # -- passes -------------------------------------------------------------------------------
 
-    def full_pass(self, only=None):
+    def defer_hashing(self, items):
+        """Files of these items (names) that a pass with a budget (full_pass, poll) finds
+        new or changed past its budget are hashed by later calls of drain(), not in it.
+
+        For the items this node only receives: a master polling its agent-info folders after
+        a first sync found some 50 000 new files and hashed and stored them in one tick of
+        its internal daemon (6-9 s at 100 000 agents), and everything else that daemon does
+        waited: seeing the client.keys appends, and recording every push's outcome, which
+        held each client's next push. Never for the items this node sends: a file missing
+        from a master's manifest is one its round deletes on the clients. A peer's round
+        makes our copy of its files current first with passes without a budget.
+        """
+        self._deferrable = frozenset(items)
+
+    def backlog(self):
+        """How many files wait for drain()."""
+        return len(self._deferred)
+
+    def drain(self, budget):
+        """Hash the files budgeted passes left (defer_hashing) for about `budget` seconds;
+        a ChangeSet of what they turned out to be."""
+        out = _Collector()
+        self._budget(budget)
+        try:
+            while self._deferred and (self._slice_hashed < MIN_HASHED_PER_SLICE or
+                                      self._clock() <= self._until):
+                rel = self._deferred.pop()
+                self._check_path(self.item_of(rel), rel, out)
+        finally:
+            self._until = None
+        return out.freeze()
+
+    def _budget(self, budget):
+        self._until = None if budget is None else self._clock() + budget
+        self._slice_hashed = 0
+
+    def _budgeted(self, budget, run, only):
+        self._budget(budget)
+        try:
+            return run(only)
+        finally:
+            self._until = None
+
+    def _defers(self, item):
+        """True when a file of `item` that needs hashing now waits for drain()."""
+        if self._until is None or item is None or item.hot or item.name not in self._deferrable:
+            return False
+        if self._slice_hashed < MIN_HASHED_PER_SLICE:
+            self._slice_hashed += 1
+            return False
+        return self._clock() > self._until
+
+    def full_pass(self, only=None, budget=None):
         """Stat every file of every item (or of the items named in `only`); a ChangeSet.
 
-        The first pass always covers every item.
+        The first pass always covers every item. `budget`: seconds of hashing, see
+        defer_hashing.
         """
+        return self._budgeted(budget, self._full_pass, only)
+
+    def _full_pass(self, only):
         start = self._clock()
         out = _Collector()
         if not self._primed:
@@ -393,6 +460,8 @@ class Scanner(object):
             rel = _native(rel)
             old = files.get(rel)
             if old is None:
+                if rel in self._deferred:  # new, left for drain(): asked about now
+                    self._check_path(self.item_of(rel), rel, out)
                 continue
             # Inline fast path (a client's round asks about its 10 000 files every interval):
             # the record holds S_IFREG, so a matching fingerprint is an unchanged regular file.
@@ -405,13 +474,17 @@ class Scanner(object):
             self._check_path(self.item_of(rel), rel, out)
         return out.freeze()
 
-    def poll(self, only=None):
+    def poll(self, only=None, budget=None):
         """Hot files, folder fingerprints, retries and racy files; return a ChangeSet.
 
-        `only`: names of the items whose folders are looked at (default all).
+        `only`: names of the items whose folders are looked at (default all); `budget`:
+        seconds of hashing, see defer_hashing.
         """
         if not self._primed:
-            return self.full_pass()
+            return self.full_pass(budget=budget)
+        return self._budgeted(budget, self._poll, only)
+
+    def _poll(self, only):
         start = self._clock()
         out = _Collector()
         for item, rel in self._roots:
@@ -534,6 +607,7 @@ class Scanner(object):
 
     def _forget_file(self, rel, out):
         self._retry.discard(rel)
+        self._deferred.discard(rel)
         self._racy.pop(rel, None)
         if self._files.pop(rel, None) is not None:
             out.deleted.add(rel)
@@ -550,12 +624,17 @@ class Scanner(object):
         """
         fp = _fingerprint(st)
         old = self._files.get(rel)
+        self._deferred.discard(rel)
         if old is not None and old.startswith(_FP.pack(*fp)) and (
                 rel not in self._racy or (self._racy_pending(rel) and not (item and item.hot))):
             return
-        hashed_at = int(self._wall() * 1e9)
-        hint = self._hints.pop(rel, None)
+        hint = self._hints.get(rel)
         hinted = hint is not None and hint[0] == tuple(fp)
+        if not hinted and self._defers(item):
+            self._deferred.add(rel)
+            return
+        self._hints.pop(rel, None)
+        hashed_at = int(self._wall() * 1e9)
         result = (hint[1], fp) if hinted else self._hash(rel)
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later

@@ -8,7 +8,8 @@ Sending (one `PeerSync` thread per session, the owner drives):
   * full rounds: at session start and in this peer's slot of every <interval>: summaries
     first (summary.py), then the peer's manifest of our items in the buckets that differ is
     compared with ours (checksums both ways) and every difference is repaired, including
-    drift that nothing recorded (a file edited or deleted by hand, a lost database).
+    drift that nothing recorded (a file edited or deleted by hand, a lost database); what
+    is queued while a round runs goes between its steps (PeerSync.push_between).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
@@ -45,6 +46,7 @@ INTERNAL_RETRY = 1.0
 # thousands of dicts), and a master forced to compare with four clients at once peaked at
 # four times that. Transfers are outside it.
 ROUND_SLOT = threading.BoundedSemaphore(1)
+SLOT_POLL = 0.2  # seconds between looks at ROUND_SLOT while a push may come (round_slot)
 # A push of at most this many names asks for its manifest on the internal daemon's urgent
 # connection (InternalLink.urgent): small enough to be answered at once.
 URGENT_NAMES = 64
@@ -408,6 +410,7 @@ class PeerSync(object):
         states, counts, ok = {}, [0, 0, 0, 0, 0], True
         self.written, self.equal_written = set(), set()
         for buckets in steps:
+            self.push_between()
             step = self.round_step(buckets, groups, counts)
             ok = ok and all(s == "synchronized" for s in step.values())
             states.update(step)
@@ -421,6 +424,7 @@ class PeerSync(object):
                 self.record(dict(i for i in states.items() if i[0] not in held))
                 states = dict((name, states[name]) for name in held)
         unsettled = 0
+        self.push_between()
         if compared is not None:
             states.update(self.confirm_pending(pending, compared[0]))
             unsettled = self.settle(states, compared[2])
@@ -514,10 +518,42 @@ class PeerSync(object):
                 and (summary.bucket_of(name) not in self.written or
                      name in self.equal_written)]
 
+    def push_between(self):
+        """In a round, between its steps and while it waits for ROUND_SLOT: send what was
+        queued since it began, as due() would have (True when it did).
+
+        A round with a client takes seconds (two summaries, other peers' rounds holding the
+        slot, the steps; 4-12 s at 10 clients under load), and the client.keys appends
+        queued meanwhile waited for its end: the append p99 of issue 11 was that client's.
+        Its buckets count as written by this round (settle: their sums move because of it).
+        Not with failover on: a push's version confirmation rests on the peer being in sync
+        before it, which a running round has yet to establish.
+        """
+        if self.failover is not None:
+            return False
+        with self.cond:
+            now = self.clock()
+            if self.stopped or not self.has_push() or now < self.next_push:
+                return False
+            self.next_push = now + self.push_delay
+            job = self.take_push()
+        self.written.update(summary.bucket_of(name) for names in job for name in names)
+        self.push(*job)
+        return True
+
+    def round_slot(self):
+        """Take ROUND_SLOT; pushes go out while other peers' rounds hold it."""
+        while not ROUND_SLOT.acquire(False):
+            if not self.push_between():
+                with self.cond:
+                    if not self.has_push():
+                        self.cond.wait(SLOT_POLL)
+
     def round_step(self, buckets, groups, counts):
         """Compare and repair the files of these summary buckets (all when None); returns
         {name: state}; adds to `counts` (sent, metadata, deleted, folders, unchanged)."""
-        with ROUND_SLOT:
+        self.round_slot()
+        try:
             mine, theirs = self.manifests(buckets)
             send_data, send_meta, delete, dirs, same = plan_round(
                 mine, theirs, self.items, delete_extra=self.role == "master",
@@ -527,6 +563,8 @@ class PeerSync(object):
             # thousands of dicts) go before the transfers, and another round may begin.
             mine = dict((name, mine[name]) for name in send_meta)
             del theirs
+        finally:
+            ROUND_SLOT.release()
         states = dict((name, "synchronized") for name in same)
         # A folder removed moves the buckets of its files: those of this step and of the
         # steps before are written by their deletion, those of later steps are compared

@@ -243,9 +243,10 @@ class ScaleBench(benchlib.BenchNodes):
             reset_peak(pid)
         fraction = CHURN[opt.churn]
         keys = self.master.path("etc", "client.keys")
-        appends = []     # [started, size after, line, {clients still waiting}]
+        appends = []     # [started, size after, line, {clients still waiting}, {client: s}]
         samples = []     # [started, master path, wanted mtime_ns]
         keys_lat, alive_lat = [], []
+        timeline = []    # (started, {client: seconds to arrive}) of every append arrived
         cpu0 = [proc_cpu(p) for p in master_pids]
         clients_cpu0 = [proc_cpu(p) for p in client_pids]
         own0, load0 = sum(os.times()[:2]), benchlib.load_average()
@@ -263,7 +264,7 @@ class ScaleBench(benchlib.BenchNodes):
                 next_second += 1.0
                 appends.append(self.append_agent(keys))
                 samples.extend(self.keepalives(toucher))
-            self.observe_appends(appends, keys_lat)
+            self.observe_appends(appends, keys_lat, timeline)
             self.observe_keepalives(samples, alive_lat)
             if stamp >= end and not appends and not samples:
                 break
@@ -272,6 +273,8 @@ class ScaleBench(benchlib.BenchNodes):
             time.sleep(POLL)
         spent = [proc_cpu(p) - c for p, c in zip(master_pids, cpu0)]
         churn_cpu = sum(spent) / opt.duration
+        if opt.timeline:
+            self.print_timeline(start, timeline)
         missed_keys, missed_alive = len(appends), len(samples)
         print("   %d appends, %d touches (%d followed to the master); not arrived within %d s "
               "after the churn: %d appends, %d keepalives"
@@ -312,7 +315,7 @@ class ScaleBench(benchlib.BenchNodes):
         self.next_agent += 1
         with open(keys, "ab") as handle:
             handle.write(line)
-        return [now(), os.path.getsize(keys), line, set(c.name for c in self.clients)]
+        return [now(), os.path.getsize(keys), line, set(c.name for c in self.clients), {}]
 
     def keepalives(self, toucher):
         """Touch the next share of every client's agent-info files; a few samples."""
@@ -329,16 +332,29 @@ class ScaleBench(benchlib.BenchNodes):
                             compat.stat_mtime_ns(st)])
         return samples
 
-    def observe_appends(self, appends, latencies):
+    def observe_appends(self, appends, latencies, timeline):
         for entry in list(appends):
-            started, size, line, waiting = entry
+            started, size, line, waiting, arrived = entry
             for client in self.clients:
                 if client.name in waiting and \
                         holds_line(client.path("etc", "client.keys"), size, line):
                     waiting.discard(client.name)
+                    arrived[client.name] = now() - started
             if not waiting:
                 latencies.append(now() - started)
+                timeline.append((started, arrived))
                 appends.remove(entry)
+
+    @staticmethod
+    def print_timeline(start, timeline):
+        """Every append: when it was made (s into the churn), when the last client had it,
+        and the clients later than half of that (a slow client, or a slow master)."""
+        print("   append timeline (made at, last client after, the slow ones):")
+        for started, arrived in sorted(timeline, key=lambda t: t[0]):
+            worst = max(arrived.values())
+            slow = sorted((s, c) for c, s in arrived.items() if s >= worst / 2.0)
+            print("     %7.2f  %6.2f s  %s" % (started - start, worst, " ".join(
+                "%s=%.2f" % (c, s) for s, c in slow) if worst >= 1.0 else ""))
 
     def observe_keepalives(self, samples, latencies):
         for entry in list(samples):
@@ -616,6 +632,8 @@ def parse_args(argv):
                         help="own: each node on a fresh journaled ext4 of its own (a loop "
                              "device, as root); shared: all in --workdir")
     parser.add_argument("--debug", action="store_true", help="cluster.log_level=1 everywhere")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print when every append reached each client")
     options = parser.parse_args(argv)
     if options.clients < 0 or options.clients > 60 or options.duration <= 0:
         parser.error("--clients must be 0..60 and --duration positive")

@@ -608,3 +608,82 @@ def test_fingerprints_vouch_only_for_settled_records(home):
     cat.tick(1.0)  # the poll that settles it
     rows = cat.handle("fingerprints", {"names": [name]})["rows"]
     assert [row[0] for row in rows] == [name]
+
+
+class TickingClock(object):
+    """Monotonic time that moves on by `step` at every look (hashing takes time)."""
+
+    def __init__(self, step):
+        self.t, self.step = 100.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def drain_ticks(cat, now, limit=100):
+    """Tick while the catalog says work is due at once; the events' changed names."""
+    changed = []
+    for _ in range(limit):
+        if cat.timeout(now) != 0.0:
+            return changed
+        event = cat.tick(now)
+        changed.extend(event["changed"] if event else ())
+    raise AssertionError("still due after %d ticks" % limit)
+
+
+def with_new_files(home, pattern, count):
+    """A master's catalog after its first tick, whose clock moves on by a hundredth of a
+    HASH_SLICE at every look (~100 files hashed per slice), and `count` files written since
+    (names from `pattern`): (catalog, names)."""
+    cat = make(home, clock=TickingClock(catalog_mod.HASH_SLICE / 100))
+    cat.tick(0.0)
+    names = [pattern % i for i in range(count)]
+    for name in names:
+        write(home, name, "data")
+    return cat, names
+
+
+def test_received_files_are_hashed_in_slices_and_client_keys_is_seen_between(home):
+    """A master polling its agent-info folder after a first sync found tens of thousands of
+    new files and hashed them in one tick of its internal daemon: 6-9 s at 100 000 agents,
+    during which no client.keys append was seen and no push's outcome recorded (issue 11:
+    the append p99). They are hashed HASH_SLICE at a time; client.keys is looked at first
+    in every tick meanwhile, and every file is still reported once."""
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat, names = with_new_files(home, "queue/agent-info/agent%04d-any", 600)
+    cat.tick(10.0)                          # our own items' full pass
+    first = cat.tick(11.0)["changed"]       # the received folders' poll: one slice
+    assert 0 < len(first) < len(names) / 2
+    assert cat.timeout(11.0) == 0.0         # the rest follows at once, a slice a tick
+    write(home, "etc/client.keys", "001 web01 any k1\n002 db01 any k22\n")
+    event = cat.tick(11.0)
+    assert "etc/client.keys" in event["changed"]
+    assert 0 < len(event["changed"]) - 1 < len(names) / 2
+    rest = drain_ticks(cat, 11.0)
+    reported = first + event["changed"] + rest
+    assert sorted(reported) == sorted(names + ["etc/client.keys"])   # each one once
+    assert len(cat.db.load_files()) == len(names) + 1
+    assert cat.timeout(11.0) > 0
+
+
+def test_files_this_node_sends_are_never_left_for_later(home):
+    """A file missing from a master's manifest would be deleted on its clients by a round:
+    its own items are hashed in the pass that finds them, however long it takes."""
+    cat, names = with_new_files(home, "etc/shared/default/f%04d", 400)
+    assert sorted(cat.tick(1.0)["changed"]) == names
+    assert cat.timeout(1.0) > 0
+
+
+def test_a_peers_round_sees_received_files_not_hashed_yet(home):
+    """A round compares with our copy of the peer's files: the files a sliced pass left are
+    in it (the on-demand pass hashes them), not reported missing."""
+    cat, names = with_new_files(home, "queue/agent-info/agent%04d-any", 400)
+    cat.tick(10.0)
+    cat.tick(11.0)
+    assert cat.timeout(11.0) == 0.0
+    waiting = [n for n in names if n not in dict((r[0], r) for r in cat.db.load_files())]
+    assert len(waiting) > len(names) / 2
+    asked = cat.handle("manifest", {"source": "client", "names": waiting[:3]})["files"]
+    assert sorted(asked) == waiting[:3]
+    assert sorted(cat.handle("manifest", {"source": "client"})["files"]) == names
