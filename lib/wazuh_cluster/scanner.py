@@ -405,10 +405,13 @@ class Scanner(object):
             self._check_path(self.item_of(rel), rel, out)
         return out.freeze()
 
-    def poll(self, only=None):
+    def poll(self, only=None, racy_folders=False):
         """Hot files, folder fingerprints, retries and racy files; return a ChangeSet.
 
         `only`: names of the items whose folders are looked at (default all).
+        `racy_folders`: also list again the folders listed in the clock tick of their last
+        change (an entry made in that tick left the fingerprint as it was); otherwise they
+        wait for the next full pass.
         """
         if not self._primed:
             return self.full_pass()
@@ -437,7 +440,8 @@ class Scanner(object):
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 blocked += (rel + "/",)
-            if st is None or _dir_fingerprint(st) != record[:3]:
+            if st is None or _dir_fingerprint(st) != record[:3] or (
+                    racy_folders and rel in self._racy_dirs):
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
         for rel in list(self._retry) + self._due_racy():
