@@ -542,8 +542,9 @@ class Catalog(object):
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
-            result = {"buckets": summary.of_entries(self.scanner.summary_entries(
-                (info + n for n in mine), bool(item and item.mtime_is_data)))}
+            result = {"buckets": summary.of_values(self.scanner.summary_values(
+                (info + n for n in mine), bool(item and item.mtime_is_data),
+                summary.entry))}
             self._summaries[key] = result
             return result
         if node is not None:
