@@ -63,24 +63,27 @@ PURGE_EVERY = 3600.0
 # anywhere else within one full pass (cluster.scan_interval)" -- a latency to the peers --
 # does not apply; what does is section 4's "every interval a full integrity round compares
 # checksums both ways and repairs any drift": a peer's round first makes our copy of its
-# files current (_refresh_received: on a master, a client's summary stats the agent-info
-# files that client reports), every interval. So the periodic pass over them is only the
-# backstop for files no peer asks about (on a master, the agents reporting to it), and runs
-# on this slow cadence: 100 000 agent-info lstats every 10 s would cost a master ~3 % of a
-# core on their own (section 8 asks for 1 % in all), and every 2 min they doubled the
-# rounds' own stats. Worst-case detection delays with the defaults (poll 1 s, scan_interval
-# 10 s, <interval> 2 min, this 10 min; a file rewritten in the clock tick of its last hash
-# is hashed again RACY_NS = 2 s later):
+# files current (_refresh_received; on a master, which wrote and checked them itself, a look
+# at the agent-info folder: what was created, removed or renamed over), every interval. So
+# the periodic pass over them is the backstop for in-place edits on a master and for files
+# no peer asks about (the agents reporting to it), and runs on this slow cadence: 100 000
+# agent-info lstats every 10 s would cost a master ~3 % of a core on their own (section 8
+# asks for 1 % in all). Worst-case detection delays with the defaults (poll 1 s,
+# scan_interval 10 s, <interval> 2 min, this 10 min; a file rewritten in the clock tick of
+# its last hash is hashed again RACY_NS = 2 s later):
 #   client.keys (hot, both roles)                         1/HOT_CHECKS_PER_POLL poll
 #   own items, created / deleted / renamed                1 poll
 #   own items edited in place (shared on a master,        scan_interval (their full pass)
 #     agent-info on a client)
 #   received items, created / deleted / renamed           scan_interval (their folders are
-#                                                           polled at that cadence)
-#   received items edited in place (by hand; on a master  the peer's next round (its names
-#     also by its own remoted)                              are stat-ed first: <interval>),
-#                                                           at most FOREIGN_SCAN_INTERVAL
-#                                                           for files no peer asks about
+#                                                           polled at that cadence), or the
+#                                                           peer's next round if sooner
+#   received items edited in place on a client (by hand)  the peer's next round (they are
+#                                                           stat-ed first: <interval>)
+#   received items edited in place on a master (by hand,  FOREIGN_SCAN_INTERVAL (option
+#     or by its own remoted)                                cluster.received_scan_interval;
+#                                                           the client's round after it
+#                                                           repairs a hand edit)
 # A "rescan" request passes everything at the next tick.
 FOREIGN_SCAN_INTERVAL = 600.0
 # client.keys (hot) is also looked at this many times per poll, an lstat each time: an agent
@@ -324,9 +327,19 @@ class Catalog(object):
         later steps (bucket manifests) pass at most once per scan_interval; the round
         checks the peer's summary again before it confirms anything (sync.PeerSync.settle).
         The changes found go out with the next tick.
+
+        On a master, what it receives is agent-info its clients sent, written here by
+        wazuh-clusterd after checking it: the rounds look at their folder, not at every file
+        (10 000 lstats per client round were most of an idle master). A file created, removed
+        or renamed over changes the folder and is seen; a file edited in place by anyone else
+        is seen by the full pass over them (foreign_scan_interval) and then repaired by its
+        client's next round.
         """
         now = self._clock()
-        if names is not None:
+        if names is None and self.role == "master":
+            changes = self.scanner.poll(self._foreign, racy_folders=True)
+            self._last_foreign_poll = now
+        elif names is not None:
             changes = self.scanner.check_files(names)
         elif not at_once and self._last_foreign is not None and \
                 now - self._last_foreign < self.scan_interval:
@@ -529,23 +542,22 @@ class Catalog(object):
         node = _opt_text(args, "node")
         key = json.dumps(args, sort_keys=True)
         info = self._item_path("agent-info", "queue/agent-info") + "/"
-        if node is not None:
-            # Only this client's agent-info: 10 000 lstat, not the 100 000 of all clients.
-            mine = self.db.agent_names(node)
-            self._refresh_received([info + name for name in mine])
-        elif source_is_foreign(args.get("source"), self.role):
+        if node is not None or source_is_foreign(args.get("source"), self.role):
             self._refresh_received(at_once=True)  # stored changes empty the cache
         cached = self._summaries.get(key)
         if cached is not None:
             return cached
+        if node is not None:
+            mine = self.db.agent_names(node)
         if node is not None and self.role == "master" and args.get("source") == "client" \
                 and set(args) == set(("source", "node")):
             # Its files only: a pass over every client's 100 000 rows per client round was
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
-            result = {"buckets": summary.of_entries(self.scanner.summary_entries(
-                (info + n for n in mine), bool(item and item.mtime_is_data)))}
+            result = {"buckets": summary.of_values(self.scanner.summary_values(
+                (info + n for n in mine), bool(item and item.mtime_is_data),
+                summary.entry))}
             self._summaries[key] = result
             return result
         if node is not None:

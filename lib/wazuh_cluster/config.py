@@ -142,6 +142,7 @@ ENABLED_ONLY = ("key", "nodes")
 OPTIONS = (
     ("poll_interval", to_float_range(0.05, 60), "1"),
     ("scan_interval", to_float_range(1, 3600), "10"),
+    ("received_scan_interval", to_float_range(1, 86400), "600"),
     ("keepalive", to_float_range(0.2, 600), "10"),
     ("handshake_timeout", to_float_range(0.1, 120), "10"),
     ("request_timeout", to_float_range(1, 3600), "60"),

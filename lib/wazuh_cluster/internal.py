@@ -222,7 +222,9 @@ def build_catalog(cfg, layout, node_type, database, log):
     """The scanner and the database behind the socket commands."""
     return catalog.Catalog(layout.home, cfg.items, cfg.exclude, database, log, role=node_type,
                            node_name=cfg.node_name, poll_interval=cfg.options.poll_interval,
-                           scan_interval=cfg.options.scan_interval)
+                           scan_interval=cfg.options.scan_interval,
+                           foreign_scan_interval=max(cfg.options.scan_interval,
+                                                     cfg.options.received_scan_interval))
 
 
 def run(cfg, layout, node_type, args, log):

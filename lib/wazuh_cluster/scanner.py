@@ -69,6 +69,11 @@ _GONE = (errno.ENOENT, errno.ENOTDIR)
 _FP = struct.Struct("<qqQqI")
 _FP_LEN = _FP.size
 _INO = struct.Struct("<Q")
+_REC_LEN = _FP_LEN + 32
+# A record may end with its summary bucket and value (Scanner.summary_values), the 128 bits
+# as two halves.
+_SUMMED = struct.Struct("<BQQ")
+_LOW64 = (1 << 64) - 1
 _INO_AT = 16  # offset of the inode in _FP
 
 
@@ -258,7 +263,7 @@ class Scanner(object):
         item = self.item_of(name)
         size, mtime_ns, _ino, _ctime_ns, mode = _FP.unpack_from(rec)
         return {"size": size, "mtime_ns": mtime_ns, "mode": stat.S_IMODE(mode),
-                "sha256": _hex(rec[_FP_LEN:]),
+                "sha256": _hex(rec[_FP_LEN:_REC_LEN]),
                 "item": item.name if item else None}
 
     def rows(self, items=None):
@@ -303,16 +308,31 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
-    def summary_entries(self, names, mtime_is_data):
-        """(name, SHA-256 hex digits, mtime_ns or None) as bytes, of the known files among
-        `names` (of one item: `mtime_is_data` is its flag), for summary.of_entries."""
+    def summary_values(self, names, mtime_is_data, entry):
+        """(bucket, value) in a summary of the known files among `names` (of one item:
+        `mtime_is_data` is its flag), for summary.of_values; `entry(name, SHA-256 hex
+        digits, mtime_ns or None)` (summary.entry, of bytes) makes them.
+
+        They are kept at the end of the file's record until the record changes (every change
+        packs a new one without them): a master summarises a client's 10 000 agent-info
+        files again after any of them changed, and computing every value anew (a SHA-256
+        each) was most of an idle master's rounds."""
         files, unpack, hexlify, to_bytes = self._files, _FP.unpack_from, binascii.hexlify, \
             compat.to_bytes
+        read, keep, cached = _SUMMED.unpack_from, _SUMMED.pack, _REC_LEN + _SUMMED.size
         for name in names:
-            rec = files.get(_native(name))
-            if rec is not None:
-                yield (to_bytes(name), hexlify(rec[_FP_LEN:]),
-                       unpack(rec)[1] if mtime_is_data else None)
+            rel = _native(name)
+            rec = files.get(rel)
+            if rec is None:
+                continue
+            if len(rec) == cached:
+                bucket, low, high = read(rec, _REC_LEN)
+                yield bucket, low | (high << 64)
+                continue
+            bucket, value = entry(to_bytes(name), hexlify(rec[_FP_LEN:_REC_LEN]),
+                                  unpack(rec)[1] if mtime_is_data else None)
+            files[rel] = rec + keep(bucket, value & _LOW64, value >> 64)
+            yield bucket, value
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -331,7 +351,7 @@ class Scanner(object):
         """
         rel = compat.native_str(name)
         old = self._files.get(rel)
-        if old is None or old[_FP_LEN:] != digest:
+        if old is None or old[_FP_LEN:_REC_LEN] != digest:
             return False
         try:
             st = os.lstat(self._abs(rel))
@@ -474,17 +494,19 @@ class Scanner(object):
             self._check_path(self.item_of(rel), rel, out)
         return out.freeze()
 
-    def poll(self, only=None, budget=None):
+    def poll(self, only=None, budget=None, racy_folders=False):
         """Hot files, folder fingerprints, retries and racy files; return a ChangeSet.
 
         `only`: names of the items whose folders are looked at (default all); `budget`:
-        seconds of hashing, see defer_hashing.
+        seconds of hashing, see defer_hashing. `racy_folders`: also list again the folders
+        listed in the clock tick of their last change (an entry made in that tick left the
+        fingerprint as it was); otherwise they wait for the next full pass.
         """
         if not self._primed:
             return self.full_pass(budget=budget)
-        return self._budgeted(budget, self._poll, only)
+        return self._budgeted(budget, lambda names: self._poll(names, racy_folders), only)
 
-    def _poll(self, only):
+    def _poll(self, only, racy_folders):
         start = self._clock()
         out = _Collector()
         for item, rel in self._roots:
@@ -510,7 +532,8 @@ class Scanner(object):
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 blocked += (rel + "/",)
-            if st is None or _dir_fingerprint(st) != record[:3]:
+            if st is None or _dir_fingerprint(st) != record[:3] or (
+                    racy_folders and rel in self._racy_dirs):
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
         for rel in list(self._retry) + self._due_racy():
@@ -648,7 +671,7 @@ class Scanner(object):
             heapq.heappush(self._racy_due, (when, rel))
         else:
             self._racy.pop(rel, None)
-        if old is None or old[_FP_LEN:] != digest:
+        if old is None or old[_FP_LEN:_REC_LEN] != digest:
             out.changed.add(rel)
         elif _FP.unpack_from(old)[1] != fp[1] and item is not None and item.mtime_is_data:
             out.touched.add(rel)
@@ -890,7 +913,7 @@ def _row(name, item, rec):
     # a manifest builds 100 000 of these rows.
     size, mtime_ns, ino, ctime_ns, mode = _FP.unpack_from(rec)
     return (name, item.name if item else None, size, mtime_ns, ino, ctime_ns, mode & 0o7777,
-            binascii.hexlify(rec[_FP_LEN:]).decode("ascii"))
+            binascii.hexlify(rec[_FP_LEN:_REC_LEN]).decode("ascii"))
 
 
 def _hex(digest):

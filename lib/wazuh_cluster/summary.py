@@ -41,7 +41,7 @@ def bucket_of(name):
     return zlib.crc32(compat.to_bytes(name)) % BUCKETS
 
 
-def _value(name, sha256, mtime_ns):
+def entry_value(name, sha256, mtime_ns):
     """The integer an entry adds to its bucket's digest, of bytes (the name, the checksum's
     hex digits); mtime_ns None when the item's mtime is no data."""
     text = name + _NUL + sha256
@@ -62,10 +62,10 @@ class Summary(object):
                      (mtime_ns or 0) if mtime_is_data else None)
 
     def add_raw(self, name, sha256, mtime_ns):
-        """add() of bytes, as _value takes them."""
+        """add() of bytes, as entry_value takes them."""
         bucket = zlib.crc32(name) % BUCKETS
         self.counts[bucket] += 1
-        self.sums[bucket] = (self.sums[bucket] + _value(name, sha256, mtime_ns)) & _MASK
+        self.sums[bucket] = (self.sums[bucket] + entry_value(name, sha256, mtime_ns)) & _MASK
 
     def to_wire(self):
         """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON)."""
@@ -81,14 +81,20 @@ def of_rows(rows, mtime_is_data):
     return summary.to_wire()
 
 
-def of_entries(entries):
-    """The wire summary of (name, sha256 hex, mtime_ns or None) bytes entries, as
-    Scanner.summary_entries makes them: a master summarises a client's 10 000 agent-info
-    files after every keepalive, and a row per file with of_rows cost twice as much."""
+def entry(name, sha256, mtime_ns):
+    """(bucket, entry_value) of an entry, of bytes as entry_value takes them."""
+    return zlib.crc32(name) % BUCKETS, entry_value(name, sha256, mtime_ns)
+
+
+def of_values(entries):
+    """The wire summary of (bucket, entry_value) pairs, as Scanner.summary_values makes
+    them: a master summarises a client's 10 000 agent-info files after every keepalive, and
+    a row per file with of_rows cost twice as much."""
     summary = Summary()
-    add = summary.add_raw
-    for name, sha256, mtime_ns in entries:
-        add(name, sha256, mtime_ns)
+    counts, sums = summary.counts, summary.sums
+    for bucket, value in entries:
+        counts[bucket] += 1
+        sums[bucket] = (sums[bucket] + value) & _MASK
     return summary.to_wire()
 
 

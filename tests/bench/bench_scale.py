@@ -420,6 +420,8 @@ class ScaleBench(benchlib.BenchNodes):
         arrived_after = now() - start
         wave_cpu = sum(proc_cpu(p) - c for p, c in zip(pids, cpu0))
         cpu0 = [proc_cpu(p) for p in pids]
+        print("   every agent-info file on the master: the next %.0f s measured" % opt.after)
+        sys.stdout.flush()   # a profiler of that window may start on this line
         time.sleep(opt.after)
         spent = [proc_cpu(p) - c for p, c in zip(pids, cpu0)]
         used = sum(spent) / opt.after * 100

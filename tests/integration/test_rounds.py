@@ -79,8 +79,12 @@ def test_hand_edits_on_a_client_are_repaired_by_a_summary_round(cluster):
     assert 1 <= int(compared) <= 2
 
 
-def test_agent_info_edited_on_the_master_is_repaired_by_the_clients_summary_round(cluster):
-    master, client1 = cluster[0], cluster[1]
+def test_agent_info_edited_on_the_master_is_repaired_by_the_clients_summary_round(make_node):
+    """The master looks at its copies of a client's agent-info in place only in its full
+    pass over them (cluster.received_scan_interval, here 2 s; the client's rounds look at
+    their folder): the client's next round after that pass repairs the edit."""
+    master, client1 = started_cluster(make_node, ("master", "client1"), "3s", {
+        "master": {"cluster.received_scan_interval": "2"}})
     rel = "queue/agent-info/web01-any"
     put(client1, rel, agent_info("client1"))
     wait_for(lambda: read_text(master, rel) == read_text(client1, rel), WAIT, 0.1,

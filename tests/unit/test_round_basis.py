@@ -14,10 +14,12 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import pytest
 
-from wazuh_cluster import budget, catalog, compat, config, db, inbox, localsock, summary, sync
+from wazuh_cluster import budget, catalog, compat, config, db, inbox, localsock, scanner
+from wazuh_cluster import summary, sync
 from wazuh_cluster.session import Session
 
 from test_channel import channel_pair
@@ -49,6 +51,7 @@ class Daemon(object):
     def __init__(self, home, role, name):
         self.home = home
         self.now = 0.0
+        self.late = 0.0   # seconds added to the catalog's wall clock (racy records settle)
         self.jobs = compat.queue.Queue()
         self.catalog = None
         started = threading.Event()
@@ -60,7 +63,8 @@ class Daemon(object):
     def _serve(self, role, name, started):
         store = db.ClusterDB(os.path.join(self.home, "var", "db", "cluster.db"), LOG)
         self.catalog = catalog.Catalog(self.home, ITEMS, EXCLUDE, store, LOG, role=role,
-                                       node_name=name, clock=lambda: self.now)
+                                       node_name=name, clock=lambda: self.now,
+                                       wall=lambda: time.time() + self.late)
         started.set()
         while True:
             job = self.jobs.get()
@@ -448,3 +452,27 @@ def test_an_append_queued_during_a_round_goes_before_the_rounds_next_step(pair):
     assert read(pair.client_home, CONF_NAME) == CONF + b"<!-- changed -->\n"
     assert pair.row(KEYS_NAME) == "synchronized" and pair.row(CONF_NAME) == "synchronized"
     assert pair.sync.last_round_ok and not pair.sync.has_push()
+
+
+def test_agent_info_edited_in_place_on_the_master_is_repaired_after_its_full_pass(info_pair):
+    """A master wrote and checked the agent-info it holds; a client's round looks at their
+    folder, not at each file (10 000 lstats per round were most of an idle master). A copy
+    edited there in place by hand is found by the master's full pass over what it receives
+    (foreign_scan_interval) and repaired by the client's next round after it."""
+    pair = info_pair
+    pair.master.late = 2 * scanner.RACY_NS / 1e9   # what it received is no longer racy:
+    pair.master.pass_now()                          # its records and folder settle
+    target = path(pair.master_home, INFO_NAME)
+    mtime = compat.stat_mtime_ns(os.stat(target))
+    with open(target, "r+b") as handle:   # in place: same inode, the folder unchanged
+        handle.write(b"X")
+    compat.set_mtime_ns(target, mtime - 3600 * 10 ** 9)   # older: a newer one would be kept
+    pair.clear()
+    pair.sync.full_round()
+    assert read(pair.master_home, INFO_NAME) == b"X" + INFO[1:]   # no file was stat-ed
+    assert pair.row(INFO_NAME) == "synchronized"
+    pair.master.now += pair.master.catalog.foreign_scan_interval
+    pair.master.run(lambda: pair.master.catalog.tick(pair.master.now))
+    pair.clock.now = pair.sync.next_round
+    pair.sync.due(pair.clock())[0]()
+    assert read(pair.master_home, INFO_NAME) == INFO and pair.row(INFO_NAME) == "synchronized"

@@ -600,3 +600,25 @@ def test_folder_listed_slowly_in_the_tick_of_its_change_is_listed_by_the_next_fu
     scan._dirs[folder] = scanner._dir_fingerprint(os.lstat(os.path.join(home, folder))) + \
         scan._dirs[folder][3:]
     assert scan.full_pass().changed == ["etc/shared/default/b"]
+
+
+def test_a_folder_listed_in_the_tick_of_its_change_is_listed_again_when_asked(home, monkeypatch):
+    # A master's answer to a client's round looks at the agent-info folder only: a removal
+    # made in the clock tick of the folder's last listing keeps its fingerprint, so that
+    # look lists a "racy" folder again (a plain poll leaves it to the next full pass).
+    names = ["queue/agent-info/%s-any" % n for n in ("a", "b")]
+    for name in names:
+        write(home, name, "Linux")
+    folder = os.path.join(home, "queue", "agent-info")
+    st = os.stat(folder)
+    now = max(compat.stat_mtime_ns(st), compat.stat_ctime_ns(st)) / 1e9
+    scan, _ = make(home, wall=lambda: now + 0.5)   # racy files are not due again yet
+    scan.full_pass()
+    os.unlink(os.path.join(home, names[1]))
+    # This file system's clock is finer than a tick: the folder's stamps pinned to the listing's.
+    pinned = scanner._dir_fingerprint(st)
+    monkeypatch.setattr(scanner, "_dir_fingerprint", lambda s: pinned if s.st_ino == st.st_ino
+                        else (compat.stat_mtime_ns(s), compat.stat_ctime_ns(s), s.st_ino))
+    assert scan.poll(frozenset(["agent-info"])).is_empty()
+    assert scan.poll(frozenset(["agent-info"]), racy_folders=True).deleted == [names[1]]
+    assert scan.poll(frozenset(["agent-info"]), racy_folders=True).is_empty()

@@ -2,9 +2,11 @@
 "summary" command and bucket-filtered manifests (real scanner, real SQLite)."""
 from __future__ import absolute_import, division, print_function
 
+import os
+
 import pytest
 
-from wazuh_cluster import summary
+from wazuh_cluster import compat, summary
 from wazuh_cluster.errors import ProtocolError, RequestError
 from wazuh_cluster.manifest import Entry
 from wazuh_cluster.sync import extra_dirs, plan_round
@@ -131,11 +133,16 @@ def test_master_summarises_only_the_agent_info_a_client_reports(home):  # noqa: 
     other = make(home, role="client", node_name="c1", clock=clock, db_name="c1.db")
     other.tick(clock())
     assert sum(c for c, _ in _buckets_of(other, {"source": "client"})) == 3
-    # an agent-info file of c1 edited on the master is seen at c1's next round (fresh
-    # stat of c1's files only), not at the next full pass of all of them
+    # the master wrote and checked them: c1's round looks at their folder, so a removal is
+    # seen at once, an in-place edit at the latest by the full pass over the files the
+    # master receives (test_round_basis: not sooner, once the records settled)
     write(home, "queue/agent-info/db01-any", "edited on the master", mtime_ns=None)
+    os.unlink(os.path.join(home, "queue/agent-info/web01-any"))
+    assert summary.bucket_of("queue/agent-info/web01-any") in summary.differing(
+        c1, _buckets_of(cat, {"source": "client", "node": "c1"}))
+    cat.tick(clock() + cat.foreign_scan_interval)
     assert summary.differing(c1, _buckets_of(cat, {"source": "client", "node": "c1"})) == \
-        [summary.bucket_of("queue/agent-info/db01-any")]
+        sorted(summary.bucket_of("queue/agent-info/" + n) for n in ("web01-any", "db01-any"))
 
 
 def test_a_client_summary_looks_at_that_clients_rows_only(home):  # noqa: F811
@@ -231,3 +238,41 @@ def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F81
     assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
         summary.of_rows(rows, lambda item: item == "agent-info")
 
+
+
+def test_a_clients_summary_is_made_again_from_the_records_that_changed_only(home):  # noqa: F811
+    """Each file's bucket and value are kept with its record until the record changes: after
+    a keepalive or an edit only those files are summed anew (a SHA-256 each), and the result
+    is the summary of the rows as they are now."""
+    from wazuh_cluster import deltarx
+    clock = Clock()
+    cat = make(home, clock=clock)
+    names = ["web%02d-any" % n for n in range(20)]
+    for n, name in enumerate(names):
+        write(home, "queue/agent-info/" + name, "Linux %d" % n, mtime_ns=(1500000000 + n) * SEC)
+    cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [[name, "c1"] for name in names]})
+    made = []
+
+    def entry(*args):
+        made.append(args[0])
+        return summary.entry(*args)
+
+    def summed():
+        rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
+        got = summary.of_values(cat.scanner.summary_values(
+            ["queue/agent-info/" + name for name in names], True, entry))
+        assert got == summary.of_rows([r for r in rows if r], lambda item: True)
+        return got
+    first = summed()
+    assert len(made) == 20
+    del made[:]
+    assert summed() == first and made == []
+    path = "queue/agent-info/web03-any"
+    compat.set_mtime_ns(os.path.join(home, path), 1600000000 * SEC)   # a keepalive
+    cat.handle("received", {"rows": [deltarx.written_row(home, path, cat.scanner.row(path)[7])]})
+    write(home, "queue/agent-info/web07-any", "Linux 7 edited")
+    os.unlink(os.path.join(home, "queue/agent-info/web11-any"))
+    cat.tick(clock() + cat.foreign_scan_interval)
+    assert summed() != first
+    assert sorted(made) == [b"queue/agent-info/web03-any", b"queue/agent-info/web07-any"]
