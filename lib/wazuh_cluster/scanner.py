@@ -417,6 +417,14 @@ class Scanner(object):
             self._until = None
         return out.freeze()
 
+    def _undeferred(self, only):
+        """The waiting files a pass without a budget hashes now: a peer's round looks at
+        the folders only and must still count what an earlier sliced pass left."""
+        if self._until is not None:
+            return []
+        return [rel for rel in self._deferred
+                if only is None or getattr(self.item_of(rel), "name", None) in only]
+
     def _budget(self, budget):
         self._until = None if budget is None else self._clock() + budget
         self._slice_hashed = 0
@@ -536,7 +544,7 @@ class Scanner(object):
                     racy_folders and rel in self._racy_dirs):
                 self._scan_dir(item, rel, out, deep=False, root=self._is_root(rel),
                                quick=True)
-        for rel in list(self._retry) + self._due_racy():
+        for rel in list(self._retry) + self._due_racy() + self._undeferred(only):
             self._retry.discard(rel)
             self._check_path(self.item_of(rel), rel, out)
         end = self._clock()
