@@ -69,8 +69,8 @@ def run(cfg, layout, args, script, log):
     try:
         pid_file = daemon.write_pid_file(layout.pid_file(DAEMON, os.getpid()))
     except (OSError, IOError) as err:
-        ready.failed("%s: ERROR: cannot write its PID file: %s" % (DAEMON, err))
-        raise ClusterError("cannot write the PID file: %s" % err)
+        return daemon.start_failed(DAEMON, log, ready,
+                                   ClusterError("cannot write its PID file: %s" % err))
     try:
         log.info("Starting %s %s (Python %s) as %s node '%s' of cluster '%s' on %s:%d.",
                  DAEMON, __version__, compat.VERSION, cfg.node_type, cfg.node_name, cfg.name,
@@ -78,9 +78,9 @@ def run(cfg, layout, args, script, log):
         try:
             node.start()
         except ClusterError as err:
-            # One line, known cause (the internal daemon cannot start): main() logs it.
-            ready.failed("%s: ERROR: %s" % (DAEMON, err))
-            raise
+            # One line, known cause (the internal daemon cannot start). Logged before the
+            # starting command hears of it, which returns at once and may read the log.
+            return daemon.start_failed(DAEMON, log, ready, err)
         except Exception as err:
             # After the fork stderr is /dev/null: the log and the starting command must say why.
             log.exception("Cannot start: %s", err)

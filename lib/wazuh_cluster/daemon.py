@@ -247,3 +247,11 @@ def failed(name, log, err):
     log.error("%s", err)
     sys.stderr.write("%s: ERROR: %s\n" % (name, err))
     return 1
+
+
+def start_failed(name, log, ready, err):
+    """failed(), then the same line to the starting command. In that order: the command
+    returns as soon as it hears, and what runs next may read the log for the cause."""
+    status = failed(name, log, err)
+    ready.failed("%s: ERROR: %s" % (name, err))
+    return status

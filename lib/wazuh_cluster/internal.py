@@ -243,8 +243,7 @@ def run(cfg, layout, node_type, args, log):
             service = build_catalog(cfg, layout, node_type, database, log)
             pid_file = daemon.write_pid_file(layout.pid_file(DAEMON, os.getpid()))
         except (ClusterError, OSError, IOError) as err:
-            ready.failed("%s: ERROR: %s" % (DAEMON, err))
-            raise ClusterError(str(err))
+            return daemon.start_failed(DAEMON, log, ready, err)
         signals = daemon.SelfPipe()
         signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         log.info("Starting %s %s (Python %s) for a %s node.", DAEMON, __version__,
