@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 
-from wazuh_cluster import compat, localsock, logs, memtrim
+from wazuh_cluster import compat, localsock, logs, memtrim, quietserve
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 
 UCRED = struct.Struct("3i")
@@ -27,7 +27,7 @@ class _Handler(compat.socketserver.BaseRequestHandler):
         self.server.serve_client(self.request)
 
 
-class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
+class ControlServer(quietserve.QuietServe, compat.socketserver.ThreadingUnixStreamServer):
     """Serves cluster_control, one thread per connection."""
     daemon_threads = True
 
@@ -52,15 +52,14 @@ class ControlServer(compat.socketserver.ThreadingUnixStreamServer):
         except (ClusterError, socket.error, OSError) as err:
             self.log.error("Control socket %s unavailable: %s", self.path, err)
             return
-        self.thread = threading.Thread(target=self.serve_forever, args=(0.2,),
-                                       name="control")
+        self.new_waker()
+        self.thread = threading.Thread(target=self.serve_quietly, name="control")
         self.thread.daemon = True
         self.thread.start()
 
     def stop(self):
         if self.thread is not None:
-            self.shutdown()
-            self.thread.join(5.0)
+            self.stop_serving(self.thread, 5.0)
             self.server_close()
             try:
                 os.unlink(self.path)

@@ -44,7 +44,7 @@ import socket
 import threading
 
 from wazuh_cluster import budget as budgets
-from wazuh_cluster import admission, channel, compat, legacy_node, protocol, text
+from wazuh_cluster import admission, channel, compat, legacy_node, protocol, quietserve, text
 from wazuh_cluster.errors import HandshakeError, ProtocolError
 from wazuh_cluster.session import CONTROL_FRAME_FREE, DEFAULT_MAX_MESSAGE, Session
 
@@ -162,7 +162,7 @@ class _PeerHandler(compat.socketserver.BaseRequestHandler):
         self.server.serve_peer(self.request, self.client_address)
 
 
-class PeerServer(compat.socketserver.ThreadingTCPServer):
+class PeerServer(quietserve.QuietServe, compat.socketserver.ThreadingTCPServer):
     """The cluster port: admits peers, runs the server side of the handshake and the sessions.
 
     settings: PeerSettings; dispatcher: mapping cmd -> callable(session, args, data);
@@ -206,8 +206,8 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
 
     def start(self):
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.2,),
-                                        name="peer-server")
+        self.new_waker()
+        self._thread = threading.Thread(target=self.serve_quietly, name="peer-server")
         self._thread.daemon = True
         self._thread.start()
         return self
@@ -215,9 +215,7 @@ class PeerServer(compat.socketserver.ThreadingTCPServer):
     def stop(self):
         """Stop accepting, close the listening socket and every session."""
         self._stopping.set()
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(5.0)
+        self.stop_serving(self._thread, 5.0)
         self.server_close()
         self.registry.close_all("shutting down")
         self.refusals.flush()
