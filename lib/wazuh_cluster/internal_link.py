@@ -107,6 +107,10 @@ def _closing(client, chunks):
         client.close()
 
 
+# Seconds between the subscription thread's looks at `stopping` while no event comes.
+STOP_CHECK = 5.0
+
+
 class Subscription(object):
     """A thread that subscribes to change events and hands each to `on_event(event)`.
 
@@ -156,7 +160,9 @@ class Subscription(object):
     def _read(self, client):
         while not self.stopping.is_set():
             try:
-                if not client.wait_readable(0.5):
+                # stop() wakes this wait (shutdown); the timeout is only there for a stop
+                # that came before the connection was made (it polled twice a second)
+                if not client.wait_readable(STOP_CHECK):
                     continue
                 message = client.receive()
             except (socket.error, ProtocolError, ValueError):
@@ -165,6 +171,8 @@ class Subscription(object):
                 self.on_event(message)
 
     def stop(self):
+        """Wake the thread's wait (the events' connection shut down, not closed under its
+        feet: the thread closes it), after `stopping` was set."""
         client = self._client
         if client is not None:
-            client.close()
+            client.shutdown()

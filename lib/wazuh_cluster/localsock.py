@@ -261,6 +261,16 @@ class Client(object):
             self.sock.close()
             self.sock = None
 
+    def shutdown(self):
+        """End the connection both ways without closing it: another thread waiting on it
+        (wait_readable, receive) wakes up and sees its end."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except socket.error:
+                pass
+
     def __enter__(self):
         return self.connect() if self.sock is None else self
 
