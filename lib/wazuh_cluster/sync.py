@@ -287,7 +287,9 @@ class PeerSync(object):
                 job, wait = self.due(self.clock())
                 if job is not None:
                     return job
-                self.cond.wait(max(0.001, min(wait, 1.0)))
+                # Until it is due, or notify() (a change, a request, stop or the end of
+                # the session): an idle peer's thread no longer looks once a second.
+                self.cond.wait(max(0.001, wait))
 
     def due(self, now):
         """(job, 0) when a full round or a push is due at monotonic `now`, else (None, wait).
