@@ -32,6 +32,7 @@ import collections
 import errno
 import hashlib
 import hmac
+import math
 import os
 import re
 import select
@@ -515,7 +516,9 @@ def wait_readable(sock, timeout):
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-        ms = None if timeout is None else max(0, int(timeout * 1000))
+        # rounded up: 0.4 ms left made poll(0), and a session's reader spun ~30 times
+        # before each keepalive it sends
+        ms = None if timeout is None else max(0, int(math.ceil(timeout * 1000)))
         while True:
             try:
                 return bool(poller.poll(ms))
