@@ -2,6 +2,7 @@
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import functools
 import hashlib
 import os
 import sys
@@ -169,6 +170,15 @@ class FolderLstat(object):
         if self._fd is None or u"/" in name:  # a path in a name: as joined, never absolute
             return os.lstat(self._prefix + name)
         return os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+
+    def base_lstat(self):
+        """lstat(name) for names without a "/" (a folder's own entries), as one C call per
+        name where it can be: a scanner's full pass makes 10 000 of them every 10 s, and the
+        method above was a tenth of each."""
+        if self._fd is None:
+            prefix = self._prefix
+            return lambda name: os.lstat(prefix + name)
+        return functools.partial(os.stat, dir_fd=self._fd, follow_symlinks=False)
 
     def folder_stat(self):
         """The folder's own stat: of the descriptor the names are looked up in (an lstat of

@@ -808,7 +808,7 @@ class Scanner(object):
         True when its fingerprint is `record`'s and every file listed then is still a
         regular file; False when it must be listed (nothing wrong was done meanwhile: a
         file checked twice is hashed at most once)."""
-        files, racy, pack = self._files, self._racy, _FP.pack
+        files, racy, pack, fingerprint = self._files, self._racy, _FP.pack, _fingerprint
         prefix = rel + "/"
         with compat.FolderLstat(self._abs(rel), follow=False) as folder:
             try:
@@ -817,22 +817,25 @@ class Scanner(object):
                 return False
             if not stat.S_ISDIR(st.st_mode) or _dir_fingerprint(st) != record[:3]:
                 return False
-            lstat = folder.lstat
+            lstat = folder.base_lstat()
             for base in record[3]:
-                child = prefix + base
                 try:
                     est = lstat(base)
                 except OSError as exc:
                     if exc.errno in _GONE:
                         return False
-                    self._note(child, "cannot stat: %s" % exc.strerror)
+                    self._note(prefix + base, "cannot stat: %s" % exc.strerror)
                     continue  # kept, as when listing (a "deleted" would delete it everywhere)
+                child = prefix + base
+                old = files.get(child)
+                # Nearly every file of every pass: its record holds S_IFREG, so a matching
+                # fingerprint is an unchanged regular file (no S_ISREG call before).
+                if old is not None and old.startswith(pack(*fingerprint(est))) and \
+                        child not in racy:
+                    continue
                 if not stat.S_ISREG(est.st_mode):
                     return False
-                old = files.get(child)
-                if old is None or not old.startswith(pack(*_fingerprint(est))) or \
-                        child in racy:
-                    self._check_file(item, child, est, out)
+                self._check_file(item, child, est, out)
         for base in record[4]:
             self._scan_dir(item, prefix + base, out, True)
         return True
