@@ -27,7 +27,7 @@ class _Handler(compat.socketserver.BaseRequestHandler):
         self.server.serve_client(self.request)
 
 
-class ControlServer(quietserve.QuietServe, compat.socketserver.ThreadingUnixStreamServer):
+class ControlServer(compat.socketserver.ThreadingUnixStreamServer, quietserve.QuietServe):
     """Serves cluster_control, one thread per connection."""
     daemon_threads = True
 

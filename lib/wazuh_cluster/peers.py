@@ -162,7 +162,7 @@ class _PeerHandler(compat.socketserver.BaseRequestHandler):
         self.server.serve_peer(self.request, self.client_address)
 
 
-class PeerServer(quietserve.QuietServe, compat.socketserver.ThreadingTCPServer):
+class PeerServer(compat.socketserver.ThreadingTCPServer, quietserve.QuietServe):
     """The cluster port: admits peers, runs the server side of the handshake and the sessions.
 
     settings: PeerSettings; dispatcher: mapping cmd -> callable(session, args, data);

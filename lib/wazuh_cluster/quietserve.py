@@ -17,8 +17,10 @@ from wazuh_cluster import compat
 
 
 class QuietServe(object):
-    """Mixin for a socketserver server: serve_quietly() in the serving thread, made before
-    it starts (new_waker); stop_serving(thread, timeout) from any other thread."""
+    """Mixin for a socketserver server, named after it among the bases (2.7's socketserver
+    classes are old-style: before them, object's __init__ would come first): new_waker()
+    before the serving thread starts, serve_quietly() in it, stop_serving(thread, timeout)
+    from any other thread."""
 
     _waker = None
 
