@@ -411,15 +411,13 @@ class PeerSync(object):
         version = self.leader_version()   # before the manifests: they hold all it covers
         postponed = self.postponed
         self.round_clean = True           # round_step: no outcome left out was a failure
-        pending = self.link.call("pending", {"node": self.peer})["files"] \
-            if self.summaries else []
-        compared = self.compare_summaries(everything=self.last_round is None)
+        self.written, self.equal_written = set(), set()
+        pending, compared = self.pushing_while(self.round_basis)
         if compared is None:
             steps, groups = [None], None
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
         states, counts, ok = {}, [0, 0, 0, 0, 0], True
-        self.written, self.equal_written = set(), set()
         for buckets in steps:
             self.push_between()
             step = self.round_step(buckets, groups, counts)
@@ -452,6 +450,44 @@ class PeerSync(object):
                        "%d deleted, %d folders, %d unchanged in %.2f s.", self.peer,
                        "all" if compared is None else len(compared[0]), counts[0],
                        counts[1], counts[2], counts[3], counts[4], self.clock() - started)
+
+    def round_basis(self):
+        """(our files pending for the peer, compare_summaries()): what a round starts from."""
+        pending = self.link.call("pending", {"node": self.peer})["files"] \
+            if self.summaries else []
+        return pending, self.compare_summaries(everything=self.last_round is None)
+
+    def pushing_while(self, call):
+        """call() in a helper thread while this one pushes what is queued (push_between);
+        its result, or its error raised here. A round's first calls waited for both
+        internal daemons and the peer, busy with keepalive batches: up to 8 s at 20
+        clients, and that client's appends with them (issue 11). Its summaries may be
+        taken before or after such a push: its buckets count as written (settle)."""
+        if self.failover is not None:
+            return call()
+        done = []
+
+        def run():
+            try:
+                done.append((True, call()))
+            except BaseException as err:  # raised again below, in the round's thread
+                done.append((False, err))
+            with self.cond:
+                self.cond.notify_all()
+        helper = threading.Thread(target=run, name="round-%s" % self.peer)
+        helper.daemon = True
+        helper.start()
+        while not done:
+            if not self.push_between():
+                with self.cond:
+                    if not done:
+                        due = self.next_push - self.clock() if self.has_push() else SLOT_POLL
+                        self.cond.wait(min(SLOT_POLL, max(0.001, due)))
+        helper.join()
+        ok, value = done[0]
+        if not ok:
+            raise value
+        return value
 
     def compare_summaries(self, everything):
         """(buckets to compare, our group folders, the peer's summary) from both summaries;

@@ -530,3 +530,32 @@ def test_a_push_goes_without_waiting_for_the_last_push_s_rows_which_keep_their_o
     # A file gone since the change event is not sent (the deletion's event follows).
     os.unlink(str(folder.join("a")))
     assert sync.push(names[:2], [], [], []) == {names[1]: "synchronized"}
+
+
+def test_a_push_goes_while_a_round_waits_for_its_summaries():
+    # A master's round with a client waited 8 s for the first answers (both internal
+    # daemons and the client busy with keepalive batches, 20 clients) and that client's
+    # appends waited with it: 11 s late, the run's p99 (issue 11).
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    pushed = threading.Event()
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+
+    def slow_summaries(everything):
+        sync.notify({"changed": [u"etc/client.keys"]})   # an append while the round waits
+        assert pushed.wait(10), "the push waited for the round"
+        return [], [], basis
+    sync.compare_summaries = slow_summaries
+    sync.full_round()
+    assert pushed.is_set() and not sync.has_push()
+    assert summary.bucket_of(u"etc/client.keys") in sync.written   # settle() knows it
+    # An error of those first calls is the round's.
+
+    def fails(everything):
+        raise RequestError("internal daemon restarting", "internal_unavailable")
+    sync.compare_summaries = fails
+    with pytest.raises(RequestError):
+        sync.full_round()
