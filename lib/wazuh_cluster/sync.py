@@ -9,7 +9,10 @@ Sending (one `PeerSync` thread per session, the owner drives):
     first (summary.py), then the peer's manifest of our items in the buckets that differ is
     compared with ours (checksums both ways) and every difference is repaired, including
     drift that nothing recorded (a file edited or deleted by hand, a lost database); what
-    is queued while a round runs goes between its steps (PeerSync.push_between).
+    is queued while a round runs goes between its steps and while the round waits for its
+    summaries (PeerSync.push_between, pushing_while).
+A push waits for no internal daemon's answer it does not need: changed files are read, not
+looked up, and its states rows are written while the next push goes (in order).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
