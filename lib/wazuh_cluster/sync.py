@@ -9,7 +9,10 @@ Sending (one `PeerSync` thread per session, the owner drives):
     first (summary.py), then the peer's manifest of our items in the buckets that differ is
     compared with ours (checksums both ways) and every difference is repaired, including
     drift that nothing recorded (a file edited or deleted by hand, a lost database); what
-    is queued while a round runs goes between its steps (PeerSync.push_between).
+    is queued while a round runs goes between its steps and while the round waits for its
+    summaries (PeerSync.push_between, pushing_while).
+A push waits for no internal daemon's answer it does not need: changed files are read, not
+looked up, and its states rows are written while the next push goes (in order).
 Receiving (`SyncHandlers`, the session's dispatcher entries): the peer is untrusted; every name
 goes through receive.Receiver, which enforces the rules of SPEC section 4.
 Every outcome is recorded as <node> <file> <state> through the internal daemon.
@@ -21,10 +24,11 @@ import collections
 import hashlib
 import math
 import os
+import stat
 import threading
 
-from wazuh_cluster import (compat, delta, deltasend, groupcommit, logs, manifest, outbox,
-                           protocol, staterows, summary, versions)
+from wazuh_cluster import (background, compat, delta, deltasend, groupcommit, logs, manifest,
+                           outbox, protocol, staterows, summary, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -73,6 +77,14 @@ def read_stable(path):
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
     return data, compat.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+
+
+def is_regular(path):
+    """True when `path` is a regular file (not a symlink, not gone)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def file_size(path):
@@ -194,6 +206,7 @@ class PeerSync(object):
             store if "delta" in getattr(session, "features", ()) else None, home, self.items,
             read_stable)
         self._room = None
+        self._recording = None  # background.Deferred: the last push's states rows
         self.summaries = True  # until the peer answers sync_summary with unknown_command
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
         # and stamp every batch with {term} (set by SyncManager)
@@ -399,18 +412,17 @@ class PeerSync(object):
         database misses). A peer that knows no summaries gets the whole manifests at once.
         """
         started = self.clock()
+        self.recorded()   # the round reads what is pending: the pushes' rows first
         version = self.leader_version()   # before the manifests: they hold all it covers
         postponed = self.postponed
         self.round_clean = True           # round_step: no outcome left out was a failure
-        pending = self.link.call("pending", {"node": self.peer})["files"] \
-            if self.summaries else []
-        compared = self.compare_summaries(everything=self.last_round is None)
+        self.written, self.equal_written = set(), set()
+        pending, compared = self.pushing_while(self.round_basis)
         if compared is None:
             steps, groups = [None], None
         else:
             steps, groups = summary.steps(compared[0]), compared[1]
         states, counts, ok = {}, [0, 0, 0, 0, 0], True
-        self.written, self.equal_written = set(), set()
         for buckets in steps:
             self.push_between()
             step = self.round_step(buckets, groups, counts)
@@ -443,6 +455,44 @@ class PeerSync(object):
                        "%d deleted, %d folders, %d unchanged in %.2f s.", self.peer,
                        "all" if compared is None else len(compared[0]), counts[0],
                        counts[1], counts[2], counts[3], counts[4], self.clock() - started)
+
+    def round_basis(self):
+        """(our files pending for the peer, compare_summaries()): what a round starts from."""
+        pending = self.link.call("pending", {"node": self.peer})["files"] \
+            if self.summaries else []
+        return pending, self.compare_summaries(everything=self.last_round is None)
+
+    def pushing_while(self, call):
+        """call() in a helper thread while this one pushes what is queued (push_between);
+        its result, or its error raised here. A round's first calls waited for both
+        internal daemons and the peer, busy with keepalive batches: up to 8 s at 20
+        clients, and that client's appends with them (issue 11). Its summaries may be
+        taken before or after such a push: its buckets count as written (settle)."""
+        if self.failover is not None:
+            return call()
+        done = []
+
+        def run():
+            try:
+                done.append((True, call()))
+            except BaseException as err:  # raised again below, in the round's thread
+                done.append((False, err))
+            with self.cond:
+                self.cond.notify_all()
+        helper = threading.Thread(target=run, name="round-%s" % self.peer)
+        helper.daemon = True
+        helper.start()
+        while not done:
+            if not self.push_between():
+                with self.cond:
+                    if not done:
+                        due = self.next_push - self.clock() if self.has_push() else SLOT_POLL
+                        self.cond.wait(min(SLOT_POLL, max(0.001, due)))
+        helper.join()
+        ok, value = done[0]
+        if not ok:
+            raise value
+        return value
 
     def compare_summaries(self, everything):
         """(buckets to compare, our group folders, the peer's summary) from both summaries;
@@ -619,8 +669,17 @@ class PeerSync(object):
 
     def push(self, changed, touched, deleted, deleted_dirs):
         started = self.clock()
-        mine = self.manifest(changed + touched + deleted)
-        send_data = [n for n in changed if n in mine]
+        if touched or deleted or deleted_dirs:
+            mine = self.manifest(changed + touched + deleted)
+            send_data = [n for n in changed if n in mine]
+        else:
+            # Changed files only (a client.keys append): send() reads each one itself, and
+            # the manifest would only tell that it is still there. Asking for it had every
+            # sync thread wait for the internal daemon's request or tick under way (its
+            # clients' keepalive batches; up to 3.3 s at 20 clients, issue 11).
+            mine = {}
+            send_data = [n for n in changed if is_regular(
+                os.path.join(self.home, *n.split("/")))]
         send_meta = [n for n in touched if n in mine]
         delete = [n for n in deleted if n not in mine]
         dirs = list(deleted_dirs)
@@ -633,7 +692,7 @@ class PeerSync(object):
         manifested = self.clock()
         states = self.send(mine, send_data, send_meta, delete, dirs)
         sent = self.clock()
-        self.record(states, urgent=len(states) <= URGENT_NAMES)
+        self.record(states, urgent=len(states) <= URGENT_NAMES, later=self.failover is None)
         self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted in %.3f s (manifest "
                        "%.3f s, transfer %.3f s, states %.3f s).", self.peer, len(send_data),
                        len(send_meta), len(delete) + len(dirs), self.clock() - started,
@@ -766,6 +825,12 @@ class PeerSync(object):
                            self.peer, len(names), names[0])
         return self.call_files(whole) if not whole.empty() else {}
 
+    def recorded(self):
+        """Wait until the last push's states rows are written; raise what their write met."""
+        recording, self._recording = self._recording, None
+        if recording is not None:
+            recording.wait()
+
     def forget_unknown(self, states, extra):
         """Leave out the outcome of deleting names that only the peer's manifest listed,
         unless we had them pending for it (a file we deleted): a peer listing a million
@@ -777,12 +842,19 @@ class PeerSync(object):
             if name not in pending:
                 states.pop(name, None)
 
-    def record(self, states, urgent=False):
-        """Write the states rows, a small push's on the urgent link (the next push waits for
-        them). This thread writes one job's rows at a time: a peer's rows keep their order."""
+    def record(self, states, urgent=False, later=False):
+        """Write the states rows, a small push's on the urgent link. `later` (a push): in
+        the background, while the next push goes (they waited 0.5-1.6 s for the internal
+        daemon under churn at 20 clients, and the next append with them). Every record
+        first waits for the one before (recorded()): a peer's rows keep their order."""
+        self.recorded()
         writer = (urgent and self.urgent_writer) or self.state_writer or \
             groupcommit.GroupCommit(self.link.call)
-        writer.write(staterows.rows(self.peer, states))
+        rows = staterows.rows(self.peer, states)
+        if later and rows:
+            self._recording = background.Deferred(writer.write, rows)
+        else:
+            writer.write(rows)
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
             self.log.warning("%d file(s) failed on %s (e.g. %s); retried at the next round.",

@@ -287,6 +287,33 @@ def test_the_sender_uses_only_what_the_peer_acknowledged(tmp_path):
     assert KEYS not in peer.held
 
 
+def test_a_round_s_manifest_older_than_what_the_peer_applied_keeps_that_version(tmp_path):
+    # A client's bucket manifest is refreshed once per scan_interval: under an append a
+    # second a round read the version of seconds before, after a push the client had
+    # applied; the delta from it was refused and 9.4 MB went whole (20 clients, issue 11).
+    from wazuh_cluster import manifest
+    store = versions.VersionStore(min_bytes=1000)
+    newer = BIG + line(99998)
+    store.put(sha(BIG), BIG)
+    store.put(sha(newer), newer)
+    items = {"client.keys": type("Item", (), {"kind": "file"})()}
+    peer = deltasend.PeerVersions(store, str(tmp_path), items, None)
+    peer.read = lambda name: None
+    peer.note_sent([{"name": KEYS, "sha256": sha(newer), "size": len(newer),
+                     "mtime_ns": BASE_NS + 2}], {KEYS: "synchronized"})
+    mine = {KEYS: manifest.Entry(sha(newer), BASE_NS + 2, "client.keys")}
+    peer.note_round(mine, {KEYS: manifest.Entry(sha(BIG), BASE_NS + 1, "client.keys")})
+    assert peer.holds(KEYS, sha(newer))
+    # A manifest as new as what it applied, or newer, is the peer's word.
+    peer.note_round(mine, {KEYS: manifest.Entry(sha(BIG), BASE_NS + 3, "client.keys")})
+    assert peer.holds(KEYS, sha(BIG))
+    # Its mtime-only update moves what is known of that version.
+    peer.note_meta([{"name": KEYS, "sha256": sha(BIG), "mtime_ns": BASE_NS + 9}],
+                   {KEYS: "synchronized"})
+    peer.note_round(mine, {KEYS: manifest.Entry(sha(newer), BASE_NS + 4, "client.keys")})
+    assert peer.holds(KEYS, sha(BIG))
+
+
 def test_no_store_no_delta(tmp_path):
     peer = deltasend.PeerVersions(None, str(tmp_path), {}, None)
     peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],

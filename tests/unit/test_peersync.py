@@ -353,11 +353,13 @@ class CatalogLink(object):
         return {}, manifest.to_json(rows)
 
 
+@pytest.mark.parametrize("touched", [False, True])
 @pytest.mark.parametrize("count", [1, 65])
-def test_a_small_push_asks_and_records_on_the_urgent_link_only(tmpdir, count):
+def test_a_small_push_asks_and_records_on_the_urgent_link_only(tmpdir, count, touched):
     """The shared link queues every session's calls (keepalive batches of 1 000 rows): an
-    append's push asks for its manifest and writes its states on a connection of its own;
-    a big push stays on the shared link."""
+    append's push writes its states on a connection of its own, and asks for no manifest
+    (changed files are read anyway); touched files need their recorded checksums, asked
+    on the same connection; a big push stays on the shared link."""
     from test_channel import channel_pair
     folder = tmpdir.mkdir("etc").mkdir("shared").mkdir("default")
     names = []
@@ -372,7 +374,8 @@ def test_a_small_push_asks_and_records_on_the_urgent_link_only(tmpdir, count):
                           CatalogLink(str(tmpdir), calls))
 
     def sync_files(session, args, data):
-        return {"states": dict((f["name"], "synchronized") for f in args["files"])}, b""
+        return {"states": dict((f["name"], "synchronized")
+                               for f in args["files"] + args["meta"])}, b""
     ours, theirs = channel_pair()
     peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
     master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2),
@@ -382,13 +385,14 @@ def test_a_small_push_asks_and_records_on_the_urgent_link_only(tmpdir, count):
                         30.0)
         sync.urgent_link, sync.urgent_writer = manager.urgent_link, manager.urgent_writer
         sync.state_writer = manager.state_writer
-        states = sync.push(names, [], [], [])
+        states = sync.push([], names, [], []) if touched else sync.push(names, [], [], [])
+        sync.recorded()
     finally:
         master.close()
         peer.close()
     assert states == dict((name, "synchronized") for name in names)
     used = "urgent" if count == 1 else "shared"
-    assert calls == [(used, "manifest"), (used, "set_states")]
+    assert calls == ([(used, "manifest")] if touched else []) + [(used, "set_states")]
 
 
 class PendingLink(object):
@@ -478,3 +482,80 @@ def test_reading_a_small_file_to_send_allocates_its_size_not_the_file_limit(tmpd
     with open(path, "ab") as handle:   # what the stable check needs still holds: whole file
         handle.write(b"y")
     assert read_stable(path)[0] == b"x" * 2000 + b"y"
+
+
+class HeldRows(object):
+    """A state writer whose writes wait for `release` (an internal daemon busy with other
+    sessions' keepalive batches); notes the rows of each write, raises `error` once."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.writes = []
+        self.error = None
+
+    def write(self, rows):
+        assert self.release.wait(30)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        self.writes.append([row[1] for row in rows])
+
+
+def test_a_push_goes_without_waiting_for_the_last_push_s_rows_which_keep_their_order(tmpdir):
+    # Under churn at 20 clients a push's states waited up to 3.5 s for the master's internal
+    # daemon, and that client's next append waited with them (issue 11: append p99).
+    folder = tmpdir.mkdir("etc").mkdir("shared").mkdir("default")
+    for name in ("a", "b", "c"):
+        folder.join(name).write_binary(b"conf\n")
+    sync = PeerSync(Session(), str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+    sync.state_writer = sync.urgent_writer = HeldRows()
+    sync.send = lambda mine, data, meta, delete, dirs: dict((n, "synchronized") for n in data)
+    names = [u"etc/shared/default/%s" % n for n in ("a", "b", "c")]
+    # changed files only: no manifest asked (the link is None), the rows written later
+    assert sync.push(names[:1], [], [], []) == {names[0]: "synchronized"}
+    assert sync.state_writer.writes == []
+    second = threading.Thread(target=sync.push, args=(names[1:2], [], [], []))
+    second.start()
+    time.sleep(0.05)
+    assert second.is_alive()      # its own rows wait for those of the push before
+    sync.state_writer.release.set()
+    second.join(30)
+    sync.recorded()
+    assert sync.state_writer.writes == [names[:1], names[1:2]]
+    # A write that failed is raised in the sync thread, at its next record.
+    sync.state_writer.error = RequestError("internal daemon restarting", "internal_unavailable")
+    sync.push(names[2:], [], [], [])
+    with pytest.raises(RequestError):
+        sync.push(names[:1], [], [], [])
+    # A file gone since the change event is not sent (the deletion's event follows).
+    os.unlink(str(folder.join("a")))
+    assert sync.push(names[:2], [], [], []) == {names[1]: "synchronized"}
+
+
+def test_a_push_goes_while_a_round_waits_for_its_summaries():
+    # A master's round with a client waited 8 s for the first answers (both internal
+    # daemons and the client busy with keepalive batches, 20 clients) and that client's
+    # appends waited with it: 11 s late, the run's p99 (issue 11).
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    pushed = threading.Event()
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+
+    def slow_summaries(everything):
+        sync.notify({"changed": [u"etc/client.keys"]})   # an append while the round waits
+        assert pushed.wait(10), "the push waited for the round"
+        return [], [], basis
+    sync.compare_summaries = slow_summaries
+    sync.full_round()
+    assert pushed.is_set() and not sync.has_push()
+    assert summary.bucket_of(u"etc/client.keys") in sync.written   # settle() knows it
+    # An error of those first calls is the round's.
+
+    def fails(everything):
+        raise RequestError("internal daemon restarting", "internal_unavailable")
+    sync.compare_summaries = fails
+    with pytest.raises(RequestError):
+        sync.full_round()
