@@ -8,7 +8,8 @@ every write and cannot be set). Otherwise the receiver reads and hashes the file
 Then the internal daemon learns the file's new stat, so its next pass does not hash it again.
 
 Here: wazuh-clusterd's side of both conversations with the internal daemon ("fingerprints"
-before a batch, "received" after it), in requests well under localsock.MAX_MESSAGE.
+before a batch, "received" after it, which also carries the agents the batch reported), in
+requests well under localsock.MAX_MESSAGE.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -33,6 +34,22 @@ def _chunks(rows, name_of):
         yield chunk
 
 
+def _told(learned, agents):
+    """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
+    one request for a usual keepalive batch (both lists of the same files)."""
+    request, size = {"rows": []}, 0
+    tagged = [("rows", row, row[0]) for row in learned] + \
+        [("agents", row, row[0] + row[1]) for row in agents]
+    for key, row, text in tagged:
+        cost = 2 * len(text) + ROW_COST
+        if size and size + cost > REQUEST_BYTES:
+            yield request
+            request, size = {"rows": []}, 0
+        request.setdefault(key, []).append(row)
+        size += cost
+    if size:
+        yield request
+
 def records(link, incoming):
     """{name: (size, mtime_ns, ino, ctime_ns, sha256)} the internal daemon holds for the
     meta-only files of a batch (receive.Incoming), for Receiver.apply_batch(known=...).
@@ -52,13 +69,17 @@ def records(link, incoming):
     return known
 
 
-def tell(link, learned):
-    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered.
+def tell(link, learned, agents=()):
+    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered,
+    and the [agent-info base name, node, mtime_ns?] rows of the agents a client's batch
+    reported (catalog "agent_nodes"), in the same requests.
 
-    Untold (the internal daemon restarting), its next pass hashes the files: nothing lost.
+    Untold fingerprints (the internal daemon restarting) only make its next pass hash the
+    files; agent rows raise RequestError as agent_nodes would.
     """
-    try:
-        for chunk in _chunks(learned, lambda row: row[0]):
-            link.call("received", {"rows": chunk})
-    except RequestError:
-        pass
+    for request in _told(learned, agents):
+        try:
+            link.call("received", request)
+        except RequestError:
+            if request.get("agents"):
+                raise
