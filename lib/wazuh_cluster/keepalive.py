@@ -38,15 +38,14 @@ def _told(learned, agents):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch (both lists of the same files)."""
     request, size = {"rows": []}, 0
-    tagged = [("rows", row, row[0]) for row in learned] + \
-        [("agents", row, row[0] + row[1]) for row in agents]
-    for key, row, text in tagged:
-        cost = 2 * len(text) + ROW_COST
-        if size and size + cost > REQUEST_BYTES:
-            yield request
-            request, size = {"rows": []}, 0
-        request.setdefault(key, []).append(row)
-        size += cost
+    for key, rows, texts in (("rows", learned, 1), ("agents", agents, 2)):
+        for row in rows:
+            cost = 2 * (len(row[0]) + (len(row[1]) if texts == 2 else 0)) + ROW_COST
+            if size and size + cost > REQUEST_BYTES:
+                yield request
+                request, size = {"rows": []}, 0
+            request.setdefault(key, []).append(row)
+            size += cost
     if size:
         yield request
 
