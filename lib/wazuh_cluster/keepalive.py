@@ -16,8 +16,14 @@ from __future__ import absolute_import, division, print_function
 from wazuh_cluster import compat, staterows
 from wazuh_cluster.errors import RequestError
 
-REQUEST_BYTES = 256 << 10
+# A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
+# once: 2 000 names of 40 characters cost 2 * 40 + ROW_COST each (an upper bound of their
+# JSON: a plain name writes in at most twice its length), 472 KiB, and their agent rows
+# 2 * (30 + 8) + AGENT_ROW_COST, 211 KiB. Under localsock.MAX_MESSAGE (1 MiB) either way,
+# the answers included (a fingerprint row costs what its name's request row was counted).
+REQUEST_BYTES = 768 << 10
 ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
+AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
 
 
 def _chunks(rows, name_of):
@@ -38,9 +44,10 @@ def _told(learned, agents):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch (both lists of the same files)."""
     request, size = {"rows": []}, 0
-    for key, rows, texts in (("rows", learned, 1), ("agents", agents, 2)):
+    for key, rows in (("rows", learned), ("agents", agents)):
         for row in rows:
-            cost = 2 * (len(row[0]) + (len(row[1]) if texts == 2 else 0)) + ROW_COST
+            cost = 2 * len(row[0]) + ROW_COST if key == "rows" else \
+                2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
             if size and size + cost > REQUEST_BYTES:
                 yield request
                 request, size = {"rows": []}, 0
@@ -48,6 +55,7 @@ def _told(learned, agents):
             size += cost
     if size:
         yield request
+
 
 def records(link, incoming):
     """{name: (size, mtime_ns, ino, ctime_ns, sha256)} the internal daemon holds for the

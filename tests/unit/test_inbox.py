@@ -8,8 +8,7 @@ import os
 import pytest
 from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
 
-from wazuh_cluster import (deltarx, inbox, keepalive, keyids, localsock, protocol, receive,
-                           staterows)
+from wazuh_cluster import deltarx, inbox, keepalive, keyids, localsock, protocol, receive
 from wazuh_cluster.errors import RequestError
 
 
@@ -127,7 +126,7 @@ def test_agent_reports_of_a_large_batch_travel_in_bounded_requests():
     for cmd, args in box.link.calls:
         assert cmd == "received"
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
-            staterows.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+            keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
         sent.extend(args["agents"])
     assert sorted(sent) == sorted([n.split("/")[-1], "client1"] for n in names)
 

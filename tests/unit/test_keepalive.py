@@ -307,6 +307,21 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
     assert [r for _c, args in told for r in args.get("agents", [])] == agents
 
 
+def test_a_clients_whole_keepalive_batch_asks_once_and_tells_once():
+    # sync.BATCH_FILES meta-only updates of agent-info files named as Wazuh names them: one
+    # "fingerprints" and one "received" request (five before: two, two and one agent_nodes).
+    from wazuh_cluster import sync
+    names = [u"queue/agent-info/agent-%05d-10.0.%d.%d" % (i, i // 250, i % 250)
+             for i in range(sync.BATCH_FILES)]
+    link = Link()
+    keepalive.records(link, [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names])
+    keepalive.tell(link, [[n, 8, BASE_NS, 3, BASE_NS, 0o100660, "ab" * 32] for n in names],
+                   [[n.rpartition("/")[2], "client-01", BASE_NS] for n in names])
+    assert [cmd for cmd, _args in link.calls] == ["fingerprints", "received"]
+    for cmd, args in link.calls:
+        assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < localsock.MAX_MESSAGE
+
+
 def test_a_keepalive_batch_is_told_in_one_request():
     link = Link()
     keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]], [["a-any", "client1", 5]])
