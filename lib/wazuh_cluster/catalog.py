@@ -39,9 +39,11 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   meta_set    {key, value}  (null deletes)        -> {stored: true}
   fingerprints {names}                            -> {rows: [[name, size, mtime_ns, ino,
                                                       ctime_ns, sha256]]} of known files
-  received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]]}
-                                                  -> {learned: n} (keepalive.py: files given
-                                                      a new mtime by wazuh-clusterd)
+  received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]],
+               agents?: [agent_nodes rows]}       -> {learned: n, hinted: n, updated?: n}
+                                                      (keepalive.py: files given a new mtime
+                                                      by wazuh-clusterd, and the agents the
+                                                      batch reported)
 """
 from __future__ import absolute_import, division, print_function
 
@@ -625,32 +627,44 @@ class Catalog(object):
         return {"peers": self.db.peers()}
 
     def _cmd_agent_nodes(self, args):
-        rows = args.get("rows")
+        return {"updated": self._record_agents(self._agent_rows(args.get("rows")))}
+
+    def _agent_rows(self, rows):
+        """(agent, node, keepalive_ns or None) of [agent-info file name, node, mtime_ns?]
+        rows, or RequestError bad_request (checked whole before anything is stored)."""
         if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) in (2, 3)
                                                  for r in rows):
             raise _bad("'rows' must be a list of [agent-info file name, node, mtime_ns?]")
-        info = self._item_path("agent-info", "queue/agent-info")
         clean = []
         for row in rows:
             agent, node = row[:2]
             if not isinstance(agent, compat.string_types) or not isinstance(
                     node, compat.string_types):
                 raise _bad("rows are [agent-info file name, node] strings")
+            if len(row) == 3 and not isinstance(row[2], compat.integer_types):
+                raise _bad("a row's mtime_ns must be an integer")
+            clean.append(row)
+        return clean
+
+    def _record_agents(self, rows):
+        if not rows:
+            return 0
+        info = self._item_path("agent-info", "queue/agent-info")
+        clean = []
+        for row in rows:
             if len(row) == 3:
                 # The keepalive that node's batch applied: rows of two batches may arrive
                 # in either order, the newest keepalive keeps its node (db.record_agents).
-                if not isinstance(row[2], compat.integer_types):
-                    raise _bad("a row's mtime_ns must be an integer")
-                clean.append((agent, node, row[2]))
+                clean.append(tuple(row))
                 continue
-            record = self.scanner.get(info + "/" + agent)
-            clean.append((agent, node, record["mtime_ns"] if record else None))
+            record = self.scanner.get(info + "/" + row[0])
+            clean.append((row[0], row[1], record["mtime_ns"] if record else None))
         # Which agents a node reports: the summaries of agent-info change (a client's own
         # too: _own_agents_only), those of the master's items do not (the 10 000 shared
         # files were summarised again after every keepalive batch).
         self._forget_summaries_of(set(item.source for item in self.items
                                       if item.name == "agent-info"))
-        return {"updated": self.db.record_agents(clean)}
+        return self.db.record_agents(clean)
 
     def _cmd_meta_get(self, args):
         key = _opt_text(args, "key")
@@ -681,25 +695,35 @@ class Catalog(object):
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
         utime: [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows. Same content with
-        a new mtime (a keepalive) is taken now when lstat agrees (Scanner.learn); new
-        content (a client.keys delta or whole file) is taken at the next check while the
-        fingerprint is unchanged (Scanner.hint), so that check still reports the change.
-        Either way no pass reads the file again. Not written to the database (a cache: a
-        restart hashes such files once), which 10 000 keepalives a second would keep busy."""
-        learned = hinted = 0
-        for row in _rows(args, "rows", 7):
+        a new mtime (a keepalive) is taken now (Scanner.learn); new content (a client.keys
+        delta or whole file) is taken at the next check while the fingerprint is unchanged
+        (Scanner.hint), so that check still reports the change. Either way no pass reads
+        the file again. Not written to the database (a cache: a restart hashes such files
+        once), which 10 000 keepalives a second would keep busy.
+
+        "agents" (optional): the batch's agent_nodes rows, recorded in the same call (one
+        request per keepalive batch instead of two; keepalive.tell)."""
+        agents = self._agent_rows(args["agents"]) if "agents" in args else ()
+        rows = _rows(args, "rows", 7)
+        for row in rows:
             name, sha = row[0], row[6]
             if not isinstance(name, compat.string_types) or self._sent_by_us(name) or \
                     not isinstance(sha, compat.string_types) or not _HEX64.match(sha) or \
                     not set(map(type, row[1:6])) <= _INTS:
                 raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                            "mode, sha256]")
-            if self.scanner.learn(name, row[1:6], binascii.unhexlify(compat.to_bytes(sha))):
+        learned = hinted = 0
+        for row in rows:
+            name = row[0]
+            if self.scanner.learn(name, row[1:6], binascii.unhexlify(compat.to_bytes(row[6]))):
                 learned += 1
             elif name in self.scanner:
-                self.scanner.hint(name, row[1:6], sha)
+                self.scanner.hint(name, row[1:6], row[6])
                 hinted += 1
-        return {"learned": learned, "hinted": hinted}
+        result = {"learned": learned, "hinted": hinted}
+        if agents:
+            result["updated"] = self._record_agents(agents)
+        return result
 
     # -- agents -------------------------------------------------------------------------------
 

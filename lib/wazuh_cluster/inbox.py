@@ -403,15 +403,16 @@ class Inbox(object):
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
-        if learned:
-            keepalive.tell(self.link, learned)
+        agents = []
+        if self.role == "master" and self.info_dir:
+            agents = self.agent_rows(peer, states, reasons, self.applied_mtimes(incoming))
+        # One call for a keepalive batch: its fingerprints and the agents it reported.
+        keepalive.tell(self.link, learned, agents)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
         for request in staterows.requests(staterows.rows(peer, invalid)):
             self.link.call("set_states", request)
-        if self.role == "master" and self.info_dir:
-            self.record_agents(peer, states, reasons, self.applied_mtimes(incoming))
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
         if delta_refused:
@@ -677,8 +678,9 @@ class Inbox(object):
         return dict((f.name, pathrules.clamp_mtime(f.mtime_ns, now_ns, limit)[0])
                     for f in incoming if isinstance(f.mtime_ns, compat.integer_types))
 
-    def record_agents(self, peer, states, reasons, mtimes=None):
-        """The peer reports these agents now (a report older than ours is not applied).
+    def agent_rows(self, peer, states, reasons, mtimes=None):
+        """The peer reports these agents now: agent_nodes rows (keepalive.tell; a report
+        older than ours is not applied).
 
         `mtimes` {name: applied mtime} go with the rows: batches of two peers about the same
         agent may be recorded in either order, the newest keepalive keeps its node.
@@ -689,5 +691,4 @@ class Inbox(object):
             folder, _, base = name.rpartition("/")  # dirname and basename
             if state == "synchronized" and folder == self.info_dir and name not in reasons:
                 rows.append([base, peer, mtimes[name]] if name in mtimes else [base, peer])
-        for request in staterows.requests(rows):  # a batch may hold many: stay under
-            self.link.call("agent_nodes", request)  # localsock.MAX_MESSAGE
+        return rows

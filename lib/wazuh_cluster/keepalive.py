@@ -8,15 +8,22 @@ every write and cannot be set). Otherwise the receiver reads and hashes the file
 Then the internal daemon learns the file's new stat, so its next pass does not hash it again.
 
 Here: wazuh-clusterd's side of both conversations with the internal daemon ("fingerprints"
-before a batch, "received" after it), in requests well under localsock.MAX_MESSAGE.
+before a batch, "received" after it, which also carries the agents the batch reported), in
+requests well under localsock.MAX_MESSAGE.
 """
 from __future__ import absolute_import, division, print_function
 
 from wazuh_cluster import compat, staterows
 from wazuh_cluster.errors import RequestError
 
-REQUEST_BYTES = 256 << 10
+# A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
+# once: 2 000 names of 40 characters cost 2 * 40 + ROW_COST each (an upper bound of their
+# JSON: a plain name writes in at most twice its length), 472 KiB, and their agent rows
+# 2 * (30 + 8) + AGENT_ROW_COST, 211 KiB. Under localsock.MAX_MESSAGE (1 MiB) either way,
+# the answers included (a fingerprint row costs what its name's request row was counted).
+REQUEST_BYTES = 768 << 10
 ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
+AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
 
 
 def _chunks(rows, name_of):
@@ -31,6 +38,23 @@ def _chunks(rows, name_of):
         size += cost
     if chunk:
         yield chunk
+
+
+def _told(learned, agents):
+    """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
+    one request for a usual keepalive batch (both lists of the same files)."""
+    request, size = {"rows": []}, 0
+    for key, rows in (("rows", learned), ("agents", agents)):
+        for row in rows:
+            cost = 2 * len(row[0]) + ROW_COST if key == "rows" else \
+                2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
+            if size and size + cost > REQUEST_BYTES:
+                yield request
+                request, size = {"rows": []}, 0
+            request.setdefault(key, []).append(row)
+            size += cost
+    if size:
+        yield request
 
 
 def records(link, incoming):
@@ -52,13 +76,17 @@ def records(link, incoming):
     return known
 
 
-def tell(link, learned):
-    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered.
+def tell(link, learned, agents=()):
+    """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered,
+    and the [agent-info base name, node, mtime_ns?] rows of the agents a client's batch
+    reported (catalog "agent_nodes"), in the same requests.
 
-    Untold (the internal daemon restarting), its next pass hashes the files: nothing lost.
+    Untold fingerprints (the internal daemon restarting) only make its next pass hash the
+    files; agent rows raise RequestError as agent_nodes would.
     """
-    try:
-        for chunk in _chunks(learned, lambda row: row[0]):
-            link.call("received", {"rows": chunk})
-    except RequestError:
-        pass
+    for request in _told(learned, agents):
+        try:
+            link.call("received", request)
+        except RequestError:
+            if request.get("agents"):
+                raise

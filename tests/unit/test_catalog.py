@@ -11,6 +11,7 @@ import pytest
 
 from wazuh_cluster import catalog as catalog_mod
 from wazuh_cluster import agentlist, agentrows, compat, db as dbmod, errors, localsock
+from wazuh_cluster import scanner as scanner_mod
 from wazuh_cluster.pathrules import MTIME_SLACK_NS
 
 from test_scanner import EXCLUDE, ITEMS, write  # noqa: I100 - shared fixtures of the scanner
@@ -587,6 +588,29 @@ def test_received_gives_the_hash_of_new_content_clusterd_just_wrote(home):
     for bad in ([row[:6]], [row[:6] + ["XYZ"]], [[1] + row[1:]], [row[:2] + [True] + row[3:]]):
         with pytest.raises(errors.RequestError):
             cat.handle("received", {"rows": bad})
+
+
+def test_received_records_the_agents_of_the_batch_in_the_same_call(home):
+    # One call per keepalive batch: the fingerprints and the agents the batch reported; a
+    # bad agent row refuses the whole request before anything is taken.
+    name = "queue/agent-info/web01-any"
+    write(home, name, "Linux web01\n", mtime_ns=int((NOW - 30) * 1e9))
+    cat = make(home)
+    cat.handle("rescan", {})
+    cat.tick(0.0)
+    record = cat.scanner.row(name)
+    compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
+    st = os.lstat(os.path.join(home, name))
+    row = [name] + list(scanner_mod.fingerprint(st)) + [record[7]]
+    for bad in ([["web01-any"]], [["web01-any", "client02", "x"]], [[1, "client02"]], "x"):
+        with pytest.raises(errors.RequestError):
+            cat.handle("received", {"rows": [row], "agents": bad})
+        assert cat.scanner.get(name)["mtime_ns"] == int((NOW - 30) * 1e9)
+    assert cat.handle("received", {"rows": [row], "agents": [
+        ["web01-any", "client02", int((NOW - 5) * 1e9)]]}) == \
+        {"learned": 1, "hinted": 0, "updated": 1}
+    assert cat.scanner.get(name)["mtime_ns"] == int((NOW - 5) * 1e9)
+    assert cat.db.agents()["web01-any"] == ("client02", int((NOW - 5) * 1e9))
 
 
 def test_fingerprints_vouch_only_for_settled_records(home):

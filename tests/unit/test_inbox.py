@@ -8,7 +8,7 @@ import os
 import pytest
 from test_receive import BASE_NS, home, log, master_rx, read  # noqa: F401 (fixtures)
 
-from wazuh_cluster import deltarx, inbox, keyids, localsock, protocol, receive, staterows
+from wazuh_cluster import deltarx, inbox, keepalive, keyids, localsock, protocol, receive
 from wazuh_cluster.errors import RequestError
 
 
@@ -111,7 +111,7 @@ class RecordingLink(object):
 
     def call(self, cmd, args):
         self.calls.append((cmd, args))
-        return {"updated": len(args["rows"])}
+        return {"updated": len(args.get("agents", []))}
 
 
 def test_agent_reports_of_a_large_batch_travel_in_bounded_requests():
@@ -119,14 +119,15 @@ def test_agent_reports_of_a_large_batch_travel_in_bounded_requests():
     box.link = RecordingLink()
     box.info_dir = "queue/agent-info"
     names = ["queue/agent-info/%s-%05d" % ("a" * 200, i) for i in range(20000)]
-    box.record_agents("client1", dict((n, "synchronized") for n in names), {})
+    keepalive.tell(box.link, [], box.agent_rows("client1", dict((n, "synchronized")
+                                                                for n in names), {}))
     assert len(box.link.calls) > 1
     sent = []
     for cmd, args in box.link.calls:
-        assert cmd == "agent_nodes"
+        assert cmd == "received"
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
-            staterows.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
-        sent.extend(args["rows"])
+            keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+        sent.extend(args["agents"])
     assert sorted(sent) == sorted([n.split("/")[-1], "client1"] for n in names)
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -117,17 +118,42 @@ def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(h
     assert scan.get(A)["mtime_ns"] == learned[0][2]
 
 
-def test_the_scanner_refuses_a_fingerprint_that_is_not_the_files(home):
+def test_the_scanner_refuses_a_fingerprint_older_than_its_record(home):
+    # Two sessions' keepalives of one file may be told in the other order: the older look
+    # (an older ctime) must not replace the newer record, nor one of another inode.
     put(home, A, b"Linux a\n")
     scan = scanner.Scanner(home, ITEMS, EXCLUDE)
     scan.full_pass()
     digest = binascii.unhexlify(scan.get(A)["sha256"])
     old = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    time.sleep(0.05)  # past the coarse clock's tick: the touch's ctime is later
     compat.set_mtime_ns(os.path.join(home, A), BASE_NS + SEC)
-    assert not scan.learn(A, old, digest)              # lstat says otherwise
+    assert scan.full_pass().touched == [A]
     now = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    assert now[3] > old[3]
+    assert not scan.learn(A, old, digest)              # older than the record
+    assert not scan.learn(A, now[:2] + (now[2] + 1,) + now[3:], digest)  # another inode
     assert not scan.learn(A, now, b"\0" * 32)         # another content than recorded
-    assert scan.full_pass().touched == [A]            # so the pass still hashes and reports
+    assert scan.get(A)["mtime_ns"] == BASE_NS + SEC
+
+
+def test_a_learned_fingerprint_the_file_does_not_have_costs_a_hash_not_a_change(home):
+    # Taken without an lstat: a fingerprint the file no longer has (written since) makes the
+    # next pass hash the file and report what it finds.
+    put(home, A, b"Linux a\n")
+    scan = scanner.Scanner(home, ITEMS, EXCLUDE)
+    scan.full_pass()
+    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    fp = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    stale = (fp[0], BASE_NS + 3 * SEC, fp[2], fp[3] + 1, fp[4])
+    assert scan.learn(A, stale, digest)
+    assert scan.full_pass().touched == [A]             # hashed: same content, its own mtime
+    assert scan.get(A)["mtime_ns"] == fp[1]
+    with open(os.path.join(home, A), "wb") as handle:
+        handle.write(b"Linux b\n")
+    now = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    assert scan.learn(A, (now[0], BASE_NS, now[2], now[3] + 1, now[4]), digest)
+    assert scan.full_pass().changed == [A]             # the new content is still seen
 
 
 # -- batches of several peers -------------------------------------------------------------------
@@ -267,17 +293,51 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
         [Incoming(u"bad\\name", None, "ab" * 32, BASE_NS, True)]
     known = keepalive.records(link, incoming)
     assert sorted(known) == sorted(names) and known[names[0]] == (1, 2, 3, 4, "ab" * 32)
-    keepalive.tell(link, [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in names])
-    assert len(link.calls) > 2
+    rows = [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in names]
+    agents = [[n.rpartition("/")[2], "client1", BASE_NS] for n in names]
+    fingerprint_calls = len(link.calls)
+    keepalive.tell(link, rows, agents)
+    assert len(link.calls) > fingerprint_calls + 2
     for cmd, args in link.calls:
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
             keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+    told = link.calls[fingerprint_calls:]
+    assert set(cmd for cmd, _args in told) == set(["received"])
+    assert [r for _c, args in told for r in args["rows"]] == rows            # all, in order
+    assert [r for _c, args in told for r in args.get("agents", [])] == agents
+
+
+def test_a_clients_whole_keepalive_batch_asks_once_and_tells_once():
+    # sync.BATCH_FILES meta-only updates of agent-info files named as Wazuh names them: one
+    # "fingerprints" and one "received" request (five before: two, two and one agent_nodes).
+    from wazuh_cluster import sync
+    names = [u"queue/agent-info/agent-%05d-10.0.%d.%d" % (i, i // 250, i % 250)
+             for i in range(sync.BATCH_FILES)]
+    link = Link()
+    keepalive.records(link, [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names])
+    keepalive.tell(link, [[n, 8, BASE_NS, 3, BASE_NS, 0o100660, "ab" * 32] for n in names],
+                   [[n.rpartition("/")[2], "client-01", BASE_NS] for n in names])
+    assert [cmd for cmd, _args in link.calls] == ["fingerprints", "received"]
+    for cmd, args in link.calls:
+        assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < localsock.MAX_MESSAGE
+
+
+def test_a_keepalive_batch_is_told_in_one_request():
+    link = Link()
+    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]], [["a-any", "client1", 5]])
+    assert link.calls == [("received", {"rows": [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]],
+                                        "agents": [["a-any", "client1", 5]]})]
+    link = Link()
+    keepalive.tell(link, [], [])
+    assert link.calls == []
 
 
 def test_without_the_internal_daemon_touches_are_read_as_before():
     link = Link(down=True)
     assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
     keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]])  # nothing raised
+    with pytest.raises(RequestError):  # agents untold: the batch fails, the peer retries
+        keepalive.tell(link, [], [["a-any", "client1", 5]])
 
 
 def test_a_batch_of_known_agents_mixed_with_new_and_stale_rows_records_each_rightly(home):

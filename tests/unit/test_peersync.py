@@ -559,3 +559,67 @@ def test_a_push_goes_while_a_round_waits_for_its_summaries():
     sync.compare_summaries = fails
     with pytest.raises(RequestError):
         sync.full_round()
+
+
+class ScanLink(object):
+    """The internal daemon as a client's push asks it: its record of each agent-info file is
+    the scan's (`recorded`: {name: (mtime_ns, data)})."""
+
+    def __init__(self, recorded):
+        self.recorded = recorded
+
+    def call(self, cmd, args=None):
+        assert cmd == "set_states"
+        return {}
+
+    def call_data(self, cmd, args=None):
+        assert cmd == "manifest"
+        rows = [(name, "agent-info", len(data), mtime_ns, 0, 0, 0o640,
+                 hashlib.sha256(data).hexdigest())
+                for name, (mtime_ns, data) in self.recorded.items() if name in args["names"]]
+        return {}, manifest.to_json(rows)
+
+
+def test_a_keepalive_the_master_took_is_not_pushed_again_when_the_next_scan_finds_it(tmpdir):
+    """A push reads a file touched after its scan and sends that newest keepalive; the next
+    scan then reports the same touch. Sent again, the master applied it as "kept": at the
+    real keepalive rate a good part of every push. A new keepalive, or new content at the
+    same mtime, still goes; a round (which compares with the master's copy) never skips."""
+    from test_channel import channel_pair
+    folder = tmpdir.mkdir("queue").mkdir("agent-info")
+    name = u"queue/agent-info/a-any"
+    path = folder.join("a-any")
+    path.write_binary(b"Linux a\n")
+    os.utime(str(path), (1000, 1000))
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append(sorted((f["name"], f["mtime_ns"]) for f in args["files"] + args["meta"]))
+        names = [f["name"] for f in args["files"] + args["meta"]]
+        return {"states": dict((n, "synchronized") for n in names)}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    client = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2),
+                         budget=budget.Budget(64 << 20)).start()
+    sec = 10 ** 9
+    try:
+        link = ScanLink({name: (1000 * sec, b"Linux a\n")})
+        sync = PeerSync(client, str(tmpdir), "client", link, ITEMS, INTERVAL, DELAY, 30.0)
+        os.utime(str(path), (1010, 1010))   # touched again between the scan and the push
+        assert sync.push([], [name], [], []) == {name: "synchronized"}
+        link.recorded[name] = (1010 * sec, b"Linux a\n")   # the next scan finds that touch
+        assert sync.push([], [name], [], []) == {name: "synchronized"}
+        assert len(seen) == 1                                # not sent again
+        os.utime(str(path), (1020, 1020))   # a new keepalive goes
+        link.recorded[name] = (1020 * sec, b"Linux a\n")
+        sync.push([], [name], [], [])
+        path.write_binary(b"Linux b\n")     # new content at the mtime the master took
+        os.utime(str(path), (1020, 1020))
+        link.recorded[name] = (1020 * sec, b"Linux b\n")
+        sync.push([], [name], [], [])
+        sync.send(sync.manifest([name]), [], [name], [], [])  # a round's: never skipped
+    finally:
+        client.close()
+        peer.close()
+    assert seen == [[(name, 1010 * sec)], [(name, 1020 * sec)], [(name, 1020 * sec)],
+                    [(name, 1020 * sec)]]
