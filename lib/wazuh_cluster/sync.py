@@ -43,9 +43,6 @@ BATCH_FILES = 2000
 # (50k agent-info from 4 clients: 88 -> 113 MB peak).
 PIPELINE_FROM_MASTER = 2
 PIPELINE_FROM_CLIENT = 1
-# Keepalives remembered per peer (PeerSync.told): a client's own agent-info files, beyond
-# which the memory is dropped at once (its agents removed meanwhile).
-MAX_TOLD = 200000
 MAX_FILE_BYTES = 48 << 20
 RETRY_DELAY = 2.0
 INTERNAL_RETRY = 1.0
@@ -224,9 +221,6 @@ class PeerSync(object):
         self.equal_written = set()   # names compared equal in those buckets (settle)
         # localedits.LocalEdits.pushed: tell what the peer applied of our pushes
         self.pushed = None
-        # {name: (mtime_ns, sha256)} of the keepalives the peer took (items whose mtime is
-        # data: a client's agent-info), see push()
-        self.told = {} if any(item.mtime_is_data for item in self.items.values()) else None
         self.thread = threading.Thread(target=self.run, name="sync-%s" % self.peer)
         self.thread.daemon = True
 
@@ -696,7 +690,7 @@ class PeerSync(object):
         if self.role == "client":
             delete, dirs = [], []  # a master keeps agent-info; its own manager decides
         manifested = self.clock()
-        states = self.send(mine, send_data, send_meta, delete, dirs, skip_told=True)
+        states = self.send(mine, send_data, send_meta, delete, dirs)
         sent = self.clock()
         self.record(states, urgent=len(states) <= URGENT_NAMES, later=self.failover is None)
         self.log.debug("Pushed to %s: %d files, %d metadata, %d deleted in %.3f s (manifest "
@@ -705,26 +699,18 @@ class PeerSync(object):
                        manifested - started, sent - manifested, self.clock() - sent)
         return states
 
-    def send(self, mine, send_data, send_meta, delete, dirs, skip_told=False):
+    def send(self, mine, send_data, send_meta, delete, dirs):
         """Send in batches; return {name: state} as the peer reported it.
 
         `mine` is our manifest: a metadata-only update carries the checksum the receiver must
         already have, so that it never stamps a new mtime on other content. Up to PIPELINE_*
         batches are in flight: the next one is read while the peer applies the last.
-
-        `skip_told` (a push): a touched file the peer took with this very mtime and checksum
-        is not sent again. A push sends the newest keepalive, read again when the file was
-        touched after the scan; the next scan then finds that same touch and reported it
-        once more: at the real keepalive rate a good part of every push (each a meta-only
-        update the master applied as "kept"). A round compares with the peer's copy and
-        sends whatever differs, so it never skips.
         """
         calls = InFlight(self.call_files, PIPELINE_FROM_MASTER if self.role == "master"
                          else PIPELINE_FROM_CLIENT)
         room = self.room()
         batch = Batch(room.batch_bytes(BATCH_BYTES, BATCH_FILES))
         postponed = []
-        skipped = {}
         try:
             for name in send_data:
                 path = os.path.join(self.home, *name.split("/"))
@@ -759,13 +745,10 @@ class PeerSync(object):
                 else:
                     batch.add_delta(name, got, *made)
                 del got
-            told = self.told if skip_told and self.told else {}
             for name in send_meta:
                 got = fresh_touch(os.path.join(self.home, *name.split("/")), mine[name])
                 if got is None:
                     postponed.append(name)
-                elif got[0] is None and told.get(name) == (got[2], got[1]):
-                    skipped[name] = "synchronized"  # unchanged since the peer took it
                 elif got[1] != mine[name].sha256:
                     batch = calls.submit_if_full(batch, len(got[0]))
                     batch.make_room(room, len(got[0]))
@@ -787,7 +770,6 @@ class PeerSync(object):
             states = calls.finish()
         if postponed:
             self.retry_later(postponed)
-        states.update(skipped)
         return states
 
     def room(self):
@@ -821,25 +803,12 @@ class PeerSync(object):
             states.update(self.resend_refused(batch, result.get("delta_refused")))
         self.versions.note_sent(batch.files + batch.deltas, states)
         self.versions.note_meta(batch.meta, states)
-        if self.told is not None:
-            self.note_told(batch.files + batch.meta, states)
         if self.pushed is not None and self.failover is not None and self.role == "master":
             # stamped above: sent while acting
             self.pushed(self.peer, [(f["name"], f["sha256"]) for f in batch.files
                                     + batch.deltas + batch.meta]
                         + [(name, None) for name in batch.delete], states)
         return states
-
-    def note_told(self, entries, states):
-        """Remember the mtime and checksum the peer took of each file (see send)."""
-        if len(self.told) > MAX_TOLD:
-            self.told.clear()  # files gone since (agents removed): sent once more, no harm
-        for entry in entries:
-            name = entry["name"]
-            if states.get(name) == "synchronized":
-                self.told[name] = (entry["mtime_ns"], entry["sha256"])
-            else:
-                self.told.pop(name, None)
 
     def resend_refused(self, batch, refused):
         """{name: state} of the whole files sent, in this same push or round, for the deltas
