@@ -931,8 +931,6 @@ class Batch(object):
     def full(self, extra=0):
         """True when the batch has reached its data or entry bound (keeps headers small)."""
         entries = len(self.files) + len(self.meta) + len(self.delete) + len(self.deltas)
-        return entries > 0 and (self.size + extra > BATCH_BYTES or entries >= BATCH_FILES)
-        entries = len(self.files) + len(self.meta) + len(self.delete)
         return entries > 0 and (self.size + extra > self.max_bytes or entries >= BATCH_FILES)
 
     def make_room(self, room, size=0):

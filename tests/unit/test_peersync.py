@@ -217,6 +217,17 @@ def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
 
 
+def test_a_batch_is_full_at_the_data_bound_it_was_granted_not_the_default():
+    """Under a tight budget room.batch_bytes() gives a batch less than BATCH_BYTES, and its
+    grant covers only that: a batch filled to the default bound held more than it was
+    granted (its bound was checked against the constant)."""
+    batch = Batch(1000)
+    assert not batch.full(5000)            # an empty batch takes one file beyond its bound
+    batch.add_file(u"etc/shared/default/a", b"x" * 600, "0" * 64, 1)
+    assert not batch.full(400)
+    assert batch.full(401)
+
+
 def test_a_batch_holds_no_file_data_while_the_peer_applies_it(tmpdir):
     """Once encoded, a batch's files leave the sender's memory: its grant counts only the
     encoded message. A joined copy of the list kept them all until the peer answered,
