@@ -30,7 +30,9 @@ class PeerVersions(object):
         self.held = {}
         self.sent = 0        # deltas the peer applied
         self.whole_why = None  # why delta_for's last None, for a debug line
-        self.forgot = {}       # name -> why the version the peer holds is unknown
+        # name -> why the version the peer holds is unknown: big files only (at most one
+        # entry per big file the peer was sent), never one per small file sent
+        self.forgot = {}
 
     def shares(self, size):
         """True when a file of `size` bytes is read into the shared store (deltas possible)."""
@@ -67,6 +69,10 @@ class PeerVersions(object):
             if entry["name"] in self.held and states.get(entry["name"]) != "synchronized":
                 self._forget(entry["name"], "its mtime update", states)
 
+    def _hold(self, name, sha256):
+        self.held[name] = sha256
+        self.forgot.pop(name, None)
+
     def _forget(self, name, why, states=None):
         self.held.pop(name, None)
         if states is not None:
@@ -88,9 +94,15 @@ class PeerVersions(object):
             return
         for entry in entries:
             name = entry["name"]
-            if states.get(name) == "synchronized" and \
-                    self.store.wanted(entry.get("result_size", entry["size"])):
-                self.held[name] = entry["sha256"]
+            if not self.store.wanted(entry.get("result_size", entry["size"])):
+                # A small file never goes as a delta: nothing to remember of it (a why per
+                # small file sent held 8 MB at 8 clients and 10 000 shared files, growing
+                # with clients times files for the whole session).
+                if name in self.held:
+                    self._forget(name, "the last one sent is not a big file")
+                continue
+            if states.get(name) == "synchronized":
+                self._hold(name, entry["sha256"])
                 if "result_size" in entry:
                     self.sent += 1
             else:
@@ -110,6 +122,6 @@ class PeerVersions(object):
             if held is None or held.sha256 is None:
                 self._forget(name, "not in its manifest")
                 continue
-            self.held[name] = held.sha256
+            self._hold(name, held.sha256)
             if held.sha256 == entry.sha256:
                 self.read(name)
