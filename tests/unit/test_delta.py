@@ -314,6 +314,26 @@ def test_a_round_s_manifest_older_than_what_the_peer_applied_keeps_that_version(
     assert peer.holds(KEYS, sha(BIG))
 
 
+def test_the_sender_remembers_nothing_of_small_files(tmp_path):
+    # A master sends each client thousands of small shared files: a reason kept per small
+    # file per peer grew with clients times files for the whole session.
+    store = versions.VersionStore(min_bytes=1000)
+    peer = deltasend.PeerVersions(store, str(tmp_path), {}, None)
+    small = [{"name": "etc/shared/g/f%05d.conf" % i, "sha256": "0" * 64, "size": 10}
+             for i in range(500)]
+    peer.note_sent(small, dict((e["name"], "synchronized") for e in small))
+    peer.note_sent(small, dict((e["name"], "failed") for e in small))
+    assert peer.held == {} and peer.forgot == {}
+    # a big file that is now small is forgotten; one held again loses its old reason
+    peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}], {KEYS: "failed"})
+    assert list(peer.forgot) == [KEYS]
+    peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
+                   {KEYS: "synchronized"})
+    assert peer.held == {KEYS: sha(BIG)} and peer.forgot == {}
+    peer.note_sent([{"name": KEYS, "sha256": sha(b"x"), "size": 1}], {KEYS: "synchronized"})
+    assert peer.held == {} and list(peer.forgot) == [KEYS]
+
+
 def test_no_store_no_delta(tmp_path):
     peer = deltasend.PeerVersions(None, str(tmp_path), {}, None)
     peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
