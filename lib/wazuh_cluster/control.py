@@ -48,6 +48,7 @@ import argparse
 import collections
 import errno
 import json
+import itertools
 import os
 import socket
 import sys
@@ -338,8 +339,18 @@ class AgentTable(object):
         line = u"  ".join(u"%%-%ds" % width for width in self.widths)
         out.write((line % AGENT_HEADERS).rstrip() + u"\n")
         while self.parts:
-            rows = zip(*self.parts.pop(0))
-            out.write(u"\n".join(map(compat.text_type.rstrip, map(line.__mod__, rows))) + u"\n")
+            out.write(padded_lines(self.parts.pop(0), self.widths))
+
+
+def padded_lines(columns, widths):
+    """The lines that `line % row` and rstrip make (AgentTable.write's header) of cells given
+    a column at a time, as one text ending in a newline: the cells of every column but the
+    last padded by str.ljust a column at a time, in C, and each line joined by "  ".join (a
+    %-format per line cost twice as much). The last column needs no padding: rstrip would
+    take it off again."""
+    padded = [compat.ljust_all(cells, width)
+              for cells, width in zip(columns[:-1], widths)] + [columns[-1]]
+    return u"\n".join(map(compat.text_type.rstrip, map(u"  ".join, zip(*padded)))) + u"\n"
 
 
 def shape_nodes(result):
