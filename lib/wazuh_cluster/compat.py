@@ -3,7 +3,6 @@ from __future__ import absolute_import, division, print_function
 
 import binascii
 import hashlib
-import operator
 import os
 import sys
 import time
@@ -145,14 +144,6 @@ def scandir(path):
         return os.scandir(path)
     names = os.listdir(path)  # here, so that a missing folder raises at the call
     return (DirEntry(path, name) for name in names)
-
-
-def ljust_all(cells, width):
-    """[cell.ljust(width) for cell in cells], mapped in C: str.ljust itself on 3.x; on 2.7
-    a cell may be a byte string or text, so each cell's own method is called."""
-    if PY2:
-        return list(map(operator.methodcaller("ljust", width), cells))
-    return list(map(text_type.ljust, cells, [width] * len(cells)))
 
 
 class FolderLstat(object):
