@@ -2,6 +2,7 @@
 from __future__ import absolute_import, division, print_function
 
 import json
+import sys
 
 import pytest
 
@@ -123,3 +124,13 @@ def test_a_trailing_newline_does_not_pass_for_a_valid_name(name):
     with pytest.raises(PathRefused):
         pathrules.check_name(name)
     assert not staterows.is_plain(name)
+
+
+def test_is_printable_is_printable_ascii_for_every_code_point():
+    # One rule whichever way it is checked (3.7+ text asks str.isascii and isprintable).
+    top = 0x110000 if sys.maxunicode > 0xFFFF else 0x10000
+    for code in list(range(0x3000)) + list(range(0xD700, 0xE100)) + [0xFEFF, 0xFFFF, top - 1]:
+        char = (u"\\U%08x" % code).encode("ascii").decode("unicode_escape")
+        assert text.is_printable(char) == (0x20 <= code <= 0x7E), hex(code)
+        assert text.is_printable(u"ok " + char + u" ok") == (0x20 <= code <= 0x7E), hex(code)
+    assert text.is_printable(u"") and text.is_printable(b"a b") and not text.is_printable(b"\xff")
