@@ -48,7 +48,6 @@ import argparse
 import collections
 import errno
 import json
-import itertools
 import os
 import socket
 import sys
