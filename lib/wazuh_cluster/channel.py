@@ -574,6 +574,7 @@ class SecureChannel(object):
         self.io_timeout = io_timeout
         self._send_lock = threading.Lock()
         self._closed = False
+        self._send_failed = False
         self._buf = bytearray(_SMALL_BUFFER)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -596,7 +597,7 @@ class SecureChannel(object):
         if not self._send_lock.acquire(block):
             return False
         try:
-            if self._closed:
+            if self._closed or self._send_failed:
                 raise ChannelClosed("channel is closed")
             parts = self.codec.seal_parts(msg_type, flags, request_id, body)
             try:
@@ -605,7 +606,15 @@ class SecureChannel(object):
                 self.close()
                 raise ProtocolError("send stalled for %ss" % self.io_timeout)
             except (socket.error, OSError) as exc:
-                self.close()
+                # The connection is gone, but what the peer sent before it went (its CLOSE
+                # and the reason) may still wait to be read: stop sending only, and let the
+                # reader meet the end. Closed here, the reader found a closed socket and
+                # the session ended "connection lost: EBADF", the peer's reason lost.
+                self._send_failed = True
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except (OSError, socket.error):
+                    pass
                 raise ChannelClosed("connection lost while sending: %s" % _errname(exc))
         finally:
             self._send_lock.release()

@@ -419,6 +419,28 @@ def test_secure_channel_frames_and_timeout():
         sc.close()
 
 
+def test_what_the_peer_sent_before_it_went_is_read_after_a_send_fails():
+    """A peer sends its last frame (a CLOSE and its reason) and closes while we send: our
+    send fails, and the reader still gets that frame, then the end. The channel closed by
+    the failing send made the reader meet a closed socket (EBADF), the peer's reason lost."""
+    cc, sc = channel_pair()
+    try:
+        sc.send_frame(9, 0, 0, b"the peer's reason")
+        sc.close()
+        with pytest.raises(channel.ChannelClosed) as info:
+            while True:   # the first sends may still reach the kernel before the reset
+                cc.send_frame(3, 0, 1, b"x" * 65536)
+        assert "while sending" in info.value.message
+        with pytest.raises(channel.ChannelClosed):
+            cc.send_frame(3, 0, 2, b"y")           # sending stays ended
+        assert cc.recv_frame(5) == (9, 0, 0, b"the peer's reason")
+        with pytest.raises(channel.ChannelClosed) as info:
+            cc.recv_frame(5)
+        assert "EBADF" not in info.value.message
+    finally:
+        cc.close()
+
+
 def test_secure_channel_peer_close_and_stall():
     cc, sc = channel_pair(io_timeout=0.3)
     cc.close()
