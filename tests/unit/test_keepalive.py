@@ -105,11 +105,16 @@ def test_a_wrong_checksum_is_not_proven_by_a_record_of_another(home):
 
 # -- the scanner learns the fingerprint ---------------------------------------------------------
 
-def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(home):
+def scanned_a(home):
+    """A scanner that passed once over agent-info file A (b"Linux a\n"), and A's digest."""
     put(home, A, b"Linux a\n")
     scan = scanner.Scanner(home, ITEMS, EXCLUDE)
     scan.full_pass()
-    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    return scan, binascii.unhexlify(scan.get(A)["sha256"])
+
+
+def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(home):
+    scan, digest = scanned_a(home)
     learned = []
     master(home).apply_batch([Incoming(A, None, sha(b"Linux a\n"), BASE_NS + 5 * SEC, True)],
                              known={A: record_of(home, A, sha(b"Linux a\n"))}, learned=learned)
@@ -121,10 +126,7 @@ def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(h
 def test_the_scanner_refuses_a_fingerprint_older_than_its_record(home):
     # Two sessions' keepalives of one file may be told in the other order: the older look
     # (an older ctime) must not replace the newer record, nor one of another inode.
-    put(home, A, b"Linux a\n")
-    scan = scanner.Scanner(home, ITEMS, EXCLUDE)
-    scan.full_pass()
-    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    scan, digest = scanned_a(home)
     old = scanner.fingerprint(os.lstat(os.path.join(home, A)))
     time.sleep(0.05)  # past the coarse clock's tick: the touch's ctime is later
     compat.set_mtime_ns(os.path.join(home, A), BASE_NS + SEC)
@@ -140,10 +142,7 @@ def test_the_scanner_refuses_a_fingerprint_older_than_its_record(home):
 def test_a_learned_fingerprint_the_file_does_not_have_costs_a_hash_not_a_change(home):
     # Taken without an lstat: a fingerprint the file no longer has (written since) makes the
     # next pass hash the file and report what it finds.
-    put(home, A, b"Linux a\n")
-    scan = scanner.Scanner(home, ITEMS, EXCLUDE)
-    scan.full_pass()
-    digest = binascii.unhexlify(scan.get(A)["sha256"])
+    scan, digest = scanned_a(home)
     fp = scanner.fingerprint(os.lstat(os.path.join(home, A)))
     stale = (fp[0], BASE_NS + 3 * SEC, fp[2], fp[3] + 1, fp[4])
     assert scan.learn(A, stale, digest)
