@@ -55,14 +55,28 @@ from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
 ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
-SEND_PART = 4     # wazuh-clusterd: sends hold at most a quarter of the budget...
-CACHE_PART = 4    # ...and a quarter of that is set aside for the compression cache
+RESERVE_PART = 8  # wazuh-clusterd: an eighth of cluster.max_inflight_bytes for urgent grants,
+SEND_PART = 4     # a quarter of the rest for sends...
+CACHE_PART = 2    # ...and half of that set aside for the compression cache
 
 
 def for_daemon(total):
-    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`."""
-    limit = total // SEND_PART
-    return Budget(total, send_limit=limit, cache=limit // CACHE_PART)
+    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`: the urgent
+    reserve is inside `total`, so `used` never passes it (see bound())."""
+    reserve = total // RESERVE_PART
+    limit = (total - reserve) // SEND_PART
+    return Budget(total - reserve, reserve=reserve, send_limit=limit,
+                  cache=limit // CACHE_PART)
+
+
+def bound(max_inflight_bytes, delta_store_bytes):
+    """The most data wazuh-clusterd holds beyond its baseline (the daemon idle after its
+    first sync), by design: its budget's worst case (every grant, urgent ones included, and
+    the compression cache: `max_inflight_bytes`) plus the versions kept for deltas
+    (versions.VersionStore, at most `delta_store_bytes`, counted whole although the baseline
+    already holds the current client.keys of them). Issue 11: the defaults keep baseline plus
+    this under 100 MB (README, Performance)."""
+    return int(max_inflight_bytes) + int(delta_store_bytes)
 
 
 class Refused(Exception):

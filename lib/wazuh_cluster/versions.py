@@ -2,9 +2,10 @@
 
 A delta needs the bytes of the version the peer holds. wazuh-clusterd keeps, in memory, the
 versions of files of at least `min_bytes` it read to send or to compare (keyed by SHA-256,
-at most `budget` bytes, least recently used first out): with the default 24 MiB, the current
-and the previous client.keys of 100 000 agents (9.4 MB each). A version evicted or never
-read (after a restart) only means the whole file goes, as before.
+at most `budget` bytes, least recently used first out): with the default 12 MiB, the current
+client.keys of 100 000 agents (9.4 MB; the previous one is a link, below), and a file of up to
+the whole budget. A version evicted or never read (after a restart) only means the whole
+file goes, as before. The budget is part of wazuh-clusterd's memory bound (budget.bound).
 
 It also spares the sessions their reads: the newest version of each name is remembered with
 its stat fingerprint, and ten sessions sending the same change read and hash the file once
@@ -30,7 +31,7 @@ from wazuh_cluster import compat, delta
 MIN_BYTES = 64 << 10
 READ_WAITS = 2     # times a session waits for another's read of a file before reading it
 READ_WAIT_SECONDS = 60.0
-BUDGET_BYTES = 24 << 20
+BUDGET_BYTES = 12 << 20
 DELTAS_KEPT = 16
 LINKS_KEPT = 256   # versions a delta can start from without their bytes (a few numbers each)
 DELTA_KEPT_BYTES = 256 << 10  # a larger middle (a rewrite) is made again when asked again
@@ -60,7 +61,9 @@ class VersionStore(object):
         self.waiting = 0                            # sessions waiting for such a read
 
     def wanted(self, size):
-        return self.min_bytes > 0 and self.min_bytes <= size <= self.budget // 2
+        # Up to the whole budget: a newer version links the older one and lets its bytes go
+        # before it is put (_read), so one file never needs room for two of its versions.
+        return self.min_bytes > 0 and self.min_bytes <= size <= self.budget
 
     def get(self, sha256):
         with self._lock:

@@ -6,8 +6,12 @@ import threading
 
 import pytest
 
-from wazuh_cluster import budget
+from wazuh_cluster import budget, config
 from wazuh_cluster.compat import monotonic
+
+# The largest idle RSS of a wazuh-clusterd measured after a first sync of 100 000 agents and
+# 10 000 shared files (bench_scale.py; README, Performance: the bound), in MB.
+BASELINE_MB = 53
 
 
 def wait_for(predicate, timeout=10.0, step=0.005):
@@ -206,10 +210,51 @@ def test_a_receiving_holder_may_never_ask_for_what_the_sends_may_hold():
     assert b.acquire(whole, 70, timeout=0)                # fits beside the cache and sends
 
 
-def test_the_daemon_budget_gives_sends_a_quarter_and_a_quarter_of_that_to_the_cache():
+def test_the_daemon_budget_keeps_an_eighth_for_urgent_grants_and_a_quarter_of_the_rest_for_sends():
     b = budget.for_daemon(64 << 20)
-    assert (b.share, b.send_limit, b.cache) == (32 << 20, 16 << 20, 4 << 20)
-    assert b.holder("s", sends=True).share == 12 << 20
+    assert (b.total, b.reserve) == (56 << 20, 8 << 20)
+    assert (b.share, b.send_limit, b.cache) == (28 << 20, 14 << 20, 7 << 20)
+    assert b.holder("s", sends=True).share == 7 << 20
+
+
+def drive_to_the_worst_case(b):
+    """Every kind of grant at once, as much as each may take: sends, receives, urgent
+    answers; the most `used` reaches."""
+    sender = b.holder("sends", sends=True)
+    assert b.acquire(sender, b.grantable(sender), timeout=0)
+    receivers = [b.holder("peer%d" % i) for i in range(8)]
+    for holder in receivers:
+        room = b.total - b.used
+        if room > 0:
+            assert b.acquire(holder, min(room, b.grantable(holder)), timeout=0)
+    assert not b.acquire(receivers[0], 1, timeout=0)     # full for peers' requests
+    urgent = b.holder("answers to our calls")
+    while b.acquire(urgent, min(1 << 20, b.grantable(urgent)), timeout=0, urgent=True):
+        pass
+    return b.used
+
+
+@pytest.mark.parametrize("inflight", [16 << 20, 32 << 20, 64 << 20, (32 << 20) + 12345])
+def test_the_daemon_budget_never_holds_more_than_cluster_max_inflight_bytes(inflight):
+    b = budget.for_daemon(inflight)
+    worst = drive_to_the_worst_case(b)
+    assert b.peak == worst and inflight - (1 << 20) < worst <= inflight
+    # the compression cache is part of it, and the receive share still fits beside the sends
+    assert b.cache > 0 and b.share + b.send_limit <= b.total
+
+
+def test_the_defaults_keep_a_daemon_under_100_mb_above_its_measured_baseline():
+    """README, Performance: the largest baseline measured (idle RSS after the first sync of
+    100 000 agents and 10 000 shared files) plus the bound of the default options."""
+    problems = []
+    options = config.read_options([], problems)
+    assert not problems
+    bound = budget.bound(options.max_inflight_bytes, options.delta_store_bytes)
+    assert bound == (32 << 20) + (12 << 20)
+    assert BASELINE_MB * 1e6 + bound < 100e6
+    # and the default budget reaches exactly its part of that bound
+    assert drive_to_the_worst_case(budget.for_daemon(options.max_inflight_bytes)) <= \
+        options.max_inflight_bytes
 
 
 def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
