@@ -69,14 +69,14 @@ def for_daemon(total):
                   cache=limit // CACHE_PART)
 
 
-def bound(max_inflight_bytes, delta_store_bytes):
+def bound(max_inflight_bytes, store_most):
     """The most data wazuh-clusterd holds beyond its baseline (the daemon idle after its
     first sync), by design: its budget's worst case (every grant, urgent ones included, and
-    the compression cache: `max_inflight_bytes`) plus the versions kept for deltas
-    (versions.VersionStore, at most `delta_store_bytes`, counted whole although the baseline
-    already holds the current client.keys of them). Issue 11: the defaults keep baseline plus
-    this under 100 MB (README, Performance)."""
-    return int(max_inflight_bytes) + int(delta_store_bytes)
+    the compression cache: `max_inflight_bytes`) plus what its store of versions for deltas
+    may hold (`store_most`: versions.most(cluster.delta_store_bytes), counted whole although
+    the baseline already holds the current client.keys of it). Issue 11: the defaults keep
+    baseline plus this under 100 MB (README, Performance)."""
+    return int(max_inflight_bytes) + int(store_most)
 
 
 class Refused(Exception):

@@ -34,7 +34,13 @@ READ_WAIT_SECONDS = 60.0
 BUDGET_BYTES = 12 << 20
 DELTAS_KEPT = 16
 LINKS_KEPT = 256   # versions a delta can start from without their bytes (a few numbers each)
-DELTA_KEPT_BYTES = 256 << 10  # a larger middle (a rewrite) is made again when asked again
+DELTA_KEPT_BYTES = 64 << 10  # a larger middle (a rewrite) is made again when asked again
+
+
+def most(budget):
+    """The most a VersionStore of `budget` holds: its versions, and the deltas it keeps
+    (wazuh-clusterd's memory bound, budget.bound)."""
+    return budget + DELTAS_KEPT * DELTA_KEPT_BYTES
 
 
 def fingerprint(st):

@@ -21,7 +21,7 @@ from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F
                      wait_for, workspace, write_internal_options)
 from test_crash import converge
 from test_sync import FAST, KEYS, put
-from wazuh_cluster import budget, config
+from wazuh_cluster import budget, config, versions
 
 CLIENTS = 4
 BUDGET = 16 << 20                    # the smallest cluster.max_inflight_bytes
@@ -72,7 +72,7 @@ def test_a_master_first_syncing_a_tree_larger_than_its_budget_to_four_clients_st
         sampled = sampler.stop()
     peak = memory_of(pid).get("VmHWM", 0)
     store = config.read_options([], []).delta_store_bytes   # the default
-    bound = before.get("VmRSS", 0) + budget.bound(BUDGET, store) // 1024 + SLACK_KB
+    bound = before.get("VmRSS", 0) + budget.bound(BUDGET, versions.most(store)) // 1024 + SLACK_KB
     print("master wazuh-clusterd: VmRSS %d kB before the clients, peak VmRSS %d kB sampled, "
           "VmHWM %d kB; bound %d kB" % (before.get("VmRSS", 0), sampled, peak, bound))
     assert master.running_pid() == pid, master.explain("the master died")
