@@ -310,6 +310,7 @@ def test_a_round_s_manifest_older_than_what_the_peer_applied_keeps_that_version(
     # Its mtime-only update moves what is known of that version.
     peer.note_meta([{"name": KEYS, "sha256": sha(BIG), "mtime_ns": BASE_NS + 9}],
                    {KEYS: "synchronized"})
+    assert peer.held[KEYS] == (sha(BIG), BASE_NS + 9)
     peer.note_round(mine, {KEYS: manifest.Entry(sha(newer), BASE_NS + 4, "client.keys")})
     assert peer.holds(KEYS, sha(BIG))
 
@@ -329,7 +330,7 @@ def test_the_sender_remembers_nothing_of_small_files(tmp_path):
     assert list(peer.forgot) == [KEYS]
     peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
                    {KEYS: "synchronized"})
-    assert peer.held == {KEYS: sha(BIG)} and peer.forgot == {}
+    assert peer.held == {KEYS: (sha(BIG), None)} and peer.forgot == {}
     peer.note_sent([{"name": KEYS, "sha256": sha(b"x"), "size": 1}], {KEYS: "synchronized"})
     assert peer.held == {} and list(peer.forgot) == [KEYS]
 
