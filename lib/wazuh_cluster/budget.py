@@ -37,6 +37,13 @@ invariant:
   of `total` (for_daemon), not all of `total - share`: a reader wants a whole window for its
   next message while the requests it read are still held by their handlers, and that room
   keeps a client reading the master's next batch (and the answers behind it) meanwhile.
+
+wazuh-clusterd's cluster.max_inflight_bytes is the whole of it (issue 11, memory bounded by
+design): for_daemon takes the urgent reserve out of it (an eighth), so `used` never passes
+the option, however the grants fall; bound() adds the store of versions for deltas, the
+other part of the daemon's memory that grows with what it sends, to give the most the
+daemon holds above its baseline. Before, the reserve came on top (64 + 16 MiB by default)
+and the store (24 MiB) was counted nowhere: baseline plus worst case was past 150 MB.
 * A send first waits for its holder's own releases (outside every line), then in the send
   line (FIFO among senders: no session starves the others) for room in the send pool, and
   only then in the common queue like any grant. So the head of the common queue is never a
