@@ -76,14 +76,14 @@ def for_daemon(total):
                   cache=limit // CACHE_PART)
 
 
-def bound(max_inflight_bytes, store_most):
+def bound(max_inflight_bytes, store_most, store_held=0):
     """The most data wazuh-clusterd holds beyond its baseline (the daemon idle after its
     first sync), by design: its budget's worst case (every grant, urgent ones included, and
     the compression cache: `max_inflight_bytes`) plus what its store of versions for deltas
-    may hold (`store_most`: versions.most(cluster.delta_store_bytes), counted whole although
-    the baseline already holds the current client.keys of it). Issue 11: the defaults keep
-    baseline plus this under 100 MB (README, Performance)."""
-    return int(max_inflight_bytes) + int(store_most)
+    may hold (`store_most`: versions.most(cluster.delta_store_bytes)) beyond `store_held`,
+    what the store already held in that baseline (the current client.keys on a master).
+    Issue 11: the defaults keep baseline plus this under 100 MB (README, Performance)."""
+    return int(max_inflight_bytes) + max(0, int(store_most) - int(store_held))
 
 
 class Refused(Exception):

@@ -2,7 +2,7 @@
 
 A delta needs the bytes of the version the peer holds. wazuh-clusterd keeps, in memory, the
 versions of files of at least `min_bytes` it read to send or to compare (keyed by SHA-256,
-at most `budget` bytes, least recently used first out): with the default 12 MiB, the current
+at most `budget` bytes, least recently used first out): with the default 10 MiB, the current
 client.keys of 100 000 agents (9.4 MB; the previous one is a link, below), and a file of up to
 the whole budget. A version evicted or never read (after a restart) only means the whole
 file goes, as before. The budget is part of wazuh-clusterd's memory bound (budget.bound).
@@ -31,16 +31,18 @@ from wazuh_cluster import compat, delta
 MIN_BYTES = 64 << 10
 READ_WAITS = 2     # times a session waits for another's read of a file before reading it
 READ_WAIT_SECONDS = 60.0
-BUDGET_BYTES = 12 << 20
+BUDGET_BYTES = 10 << 20
 DELTAS_KEPT = 16
 LINKS_KEPT = 256   # versions a delta can start from without their bytes (a few numbers each)
 DELTA_KEPT_BYTES = 64 << 10  # a larger middle (a rewrite) is made again when asked again
 
 
 def most(budget):
-    """The most a VersionStore of `budget` holds: its versions, and the deltas it keeps
-    (wazuh-clusterd's memory bound, budget.bound)."""
-    return budget + DELTAS_KEPT * DELTA_KEPT_BYTES
+    """The most a VersionStore of `budget` holds (wazuh-clusterd's memory bound,
+    budget.bound): its versions, the one file being read beside them (one at a time; the
+    version it replaces lets its bytes go only once the new one is read) and the deltas it
+    keeps."""
+    return 2 * budget + DELTAS_KEPT * DELTA_KEPT_BYTES
 
 
 def fingerprint(st):
@@ -62,6 +64,7 @@ class VersionStore(object):
         self._lock = threading.Lock()
         self._making = threading.Lock()             # one delta computed at a time
         self._reading = {}                          # path -> Event of the thread reading it
+        self._one_read = threading.Lock()           # one big file read at a time (most())
         # old sha256 -> (newer sha256, old size, common prefix, common suffix), LRU first
         self._links = collections.OrderedDict()
         self.waiting = 0                            # sessions waiting for such a read
@@ -128,7 +131,8 @@ class VersionStore(object):
         if mine is None:  # small, or changed under every read we waited for: read it here
             return self._read(path, read_func)
         try:
-            return self._read(path, read_func)
+            with self._one_read:
+                return self._read(path, read_func)
         finally:
             with self._lock:
                 del self._reading[path]
