@@ -129,7 +129,10 @@ class VersionStore(object):
                 with self._lock:
                     self.waiting -= 1
         if mine is None:  # small, or changed under every read we waited for: read it here
-            return self._read(path, read_func)
+            if not self.wanted(fp[0]):
+                return self._read(path, read_func)
+            with self._one_read:
+                return self._read(path, read_func)
         try:
             with self._one_read:
                 return self._read(path, read_func)
