@@ -17,7 +17,8 @@ clients are 3.x). Phases (--only picks some; "control" alone with --clients 0 is
 master whose agent-info files are written in place, as its clients would have sent them):
 
   sync     clients started at once -> every client holds the shared tree and client.keys,
-           the master every agent-info file: time, master daemons' peak RSS (VmHWM);
+           the master every agent-info file: time, master daemons' peak RSS (VmHWM); then,
+           BASELINE_SETTLE s later, every daemon's RSS (the baseline of the memory bound);
   churn    --duration seconds of: every second, --churn of the agent-info files touched on
            every client (gentle: 1 %/s; real: every file every 10 s, as agents keep alive)
            and one agent appended to the master's client.keys. Figures: append -> identical
