@@ -39,7 +39,8 @@ invariant:
   keeps a client reading the master's next batch (and the answers behind it) meanwhile.
 
 wazuh-clusterd's cluster.max_inflight_bytes is the whole of it (issue 11, memory bounded by
-design): for_daemon takes the urgent reserve out of it (an eighth), so `used` never passes
+design): for_daemon takes the urgent reserve out of it (a twelfth: with the default 24 MiB,
+what is left beside the sends still takes a client's two largest messages), so `used` never passes
 the option, however the grants fall; bound() adds the store of versions for deltas, the
 other part of the daemon's memory that grows with what it sends, to give the most the
 daemon holds above its baseline. Before, the reserve came on top (64 + 16 MiB by default)
@@ -62,7 +63,7 @@ from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
 ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
-RESERVE_PART = 8  # wazuh-clusterd: an eighth of cluster.max_inflight_bytes for urgent grants,
+RESERVE_PART = 12  # wazuh-clusterd: a twelfth of cluster.max_inflight_bytes for urgent grants,
 SEND_PART = 4     # a quarter of the rest for sends...
 CACHE_PART = 2    # ...and half of that set aside for the compression cache
 

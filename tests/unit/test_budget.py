@@ -214,11 +214,11 @@ def test_a_receiving_holder_may_never_ask_for_what_the_sends_may_hold():
     assert b.acquire(whole, 70, timeout=0)                # fits beside the cache and sends
 
 
-def test_the_daemon_budget_keeps_an_eighth_for_urgent_grants_and_a_quarter_of_the_rest_for_sends():
-    b = budget.for_daemon(64 << 20)
-    assert (b.total, b.reserve) == (56 << 20, 8 << 20)
-    assert (b.share, b.send_limit, b.cache) == (28 << 20, 14 << 20, 7 << 20)
-    assert b.holder("s", sends=True).share == 7 << 20
+def test_the_daemon_budget_keeps_a_twelfth_for_urgent_grants_and_a_quarter_of_the_rest_for_sends():
+    b = budget.for_daemon(48 << 20)
+    assert (b.total, b.reserve) == (44 << 20, 4 << 20)
+    assert (b.share, b.send_limit, b.cache) == (22 << 20, 11 << 20, (11 << 20) // 2)
+    assert b.holder("s", sends=True).share == (11 << 20) - (11 << 20) // 2
 
 
 def drive_to_the_worst_case(b):
@@ -258,8 +258,11 @@ def test_the_defaults_keep_a_daemon_under_100_mb_above_its_measured_baseline():
     bound = budget.bound(options.max_inflight_bytes, most, STORE_HELD)
     assert (BASELINE_MIB << 20) + bound < 100 << 20
     # and the default budget reaches exactly its part of that bound
-    assert drive_to_the_worst_case(budget.for_daemon(options.max_inflight_bytes)) <= \
-        options.max_inflight_bytes
+    daemon = budget.for_daemon(options.max_inflight_bytes)
+    assert drive_to_the_worst_case(daemon) <= options.max_inflight_bytes
+    # while a master still takes a client's session share (two of its largest messages)
+    # whole beside everything its sends may hold
+    assert daemon.total - daemon.send_limit >= 2 * options.max_client_message_bytes
 
 
 def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
