@@ -9,32 +9,74 @@ on; only their order matters, and what a write met must not be lost.
 """
 from __future__ import absolute_import, division, print_function
 
+import collections
 import threading
 
 from wazuh_cluster import compat, logs
 
 
-class Deferred(object):
-    """`call(*args)` run at once in a thread of its own; wait() returns once it ended and
-    raises what it raised (the caller's error, met later)."""
+IDLE_SECONDS = 30.0  # a Serial's thread ends after this long without work (one per peer)
 
-    def __init__(self, call, *args):
-        self._result = []
-        self._thread = threading.Thread(target=self._run, args=(call, args),
-                                        name="deferred")
-        self._thread.daemon = True
-        self._thread.start()
 
-    def _run(self, call, args):
+class Serial(object):
+    """Runs calls one at a time, in the order they were submitted, from one thread that lives
+    while there is work (and IDLE_SECONDS after): a push a second to a peer reuses it instead
+    of starting a thread per push."""
+
+    def __init__(self, name="serial", idle=IDLE_SECONDS):
+        self._name = name
+        self._idle = idle
+        self._cond = compat.Condition()  # 2.7: the idle wait must not poll
+        self._queue = collections.deque()
+        self._thread = None
+        self.threads = 0    # threads started (tests)
+
+    def submit(self, call, *args):
+        """A Pending for `call(*args)`, run after every call submitted before it."""
+        pending = Pending()
+        with self._cond:
+            self._queue.append((pending, call, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name)
+                self._thread.daemon = True
+                self.threads += 1
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return pending
+
+    def _run(self):
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(self._idle)
+                if not self._queue:
+                    self._thread = None
+                    return
+                pending, call, args = self._queue.popleft()
+            pending.run(call, args)
+
+
+class Pending(object):
+    """One call of a Serial: wait() returns once it ended and raises what it raised (the
+    caller's error, met later)."""
+
+    def __init__(self):
+        self._done = compat.Event()
+        self._error = None
+
+    def run(self, call, args):
         try:
             call(*args)
         except Exception as err:  # raised again in wait(), in the caller's thread
-            self._result.append(err)
+            self._error = err
+        finally:
+            self._done.set()
 
     def wait(self):
-        self._thread.join()
-        if self._result:
-            raise self._result[0]
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
 class Latest(object):

@@ -37,6 +37,14 @@ invariant:
   of `total` (for_daemon), not all of `total - share`: a reader wants a whole window for its
   next message while the requests it read are still held by their handlers, and that room
   keeps a client reading the master's next batch (and the answers behind it) meanwhile.
+
+wazuh-clusterd's cluster.max_inflight_bytes is the whole of it (issue 11, memory bounded by
+design): for_daemon takes the urgent reserve out of it (a twelfth: with the default 24 MiB,
+what is left beside the sends still takes a client's two largest messages), so `used` never passes
+the option, however the grants fall; bound() adds the store of versions for deltas, the
+other part of the daemon's memory that grows with what it sends, to give the most the
+daemon holds above its baseline. Before, the reserve came on top (64 + 16 MiB by default)
+and the store (24 MiB) was counted nowhere: baseline plus worst case was past 150 MB.
 * A send first waits for its holder's own releases (outside every line), then in the send
   line (FIFO among senders: no session starves the others) for room in the send pool, and
   only then in the common queue like any grant. So the head of the common queue is never a
@@ -55,14 +63,28 @@ from wazuh_cluster import compat
 
 DEFAULT_TOTAL = 64 << 20
 ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
-SEND_PART = 4     # wazuh-clusterd: sends hold at most a quarter of the budget...
-CACHE_PART = 4    # ...and a quarter of that is set aside for the compression cache
+RESERVE_PART = 12  # wazuh-clusterd: a twelfth of cluster.max_inflight_bytes for urgent grants,
+SEND_PART = 4     # a quarter of the rest for sends...
+CACHE_PART = 2    # ...and half of that set aside for the compression cache
 
 
 def for_daemon(total):
-    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`."""
-    limit = total // SEND_PART
-    return Budget(total, send_limit=limit, cache=limit // CACHE_PART)
+    """The budget of a wazuh-clusterd of cluster.max_inflight_bytes `total`: the urgent
+    reserve is inside `total`, so `used` never passes it (see bound())."""
+    reserve = total // RESERVE_PART
+    limit = (total - reserve) // SEND_PART
+    return Budget(total - reserve, reserve=reserve, send_limit=limit,
+                  cache=limit // CACHE_PART)
+
+
+def bound(max_inflight_bytes, store_most, store_held=0):
+    """The most data wazuh-clusterd holds beyond its baseline (the daemon idle after its
+    first sync), by design: its budget's worst case (every grant, urgent ones included, and
+    the compression cache: `max_inflight_bytes`) plus what its store of versions for deltas
+    may hold (`store_most`: versions.most(cluster.delta_store_bytes)) beyond `store_held`,
+    what the store already held in that baseline (the current client.keys on a master).
+    Issue 11: the defaults keep baseline plus this under 100 MB (README, Performance)."""
+    return int(max_inflight_bytes) + max(0, int(store_most) - int(store_held))
 
 
 class Refused(Exception):

@@ -15,7 +15,7 @@ from wazuh_cluster import text
 
 
 class PeerVersions(object):
-    """Per peer: name -> SHA-256 of the version it holds, for our big files.
+    """Per peer: name -> (SHA-256, mtime_ns) of the version it holds, for our big files.
 
     `store`: the shared versions.VersionStore, or None when no delta goes to this peer;
     `items`: our items by name; `read_func(path)`: sync.read_stable. Used by the peer's sync
@@ -27,8 +27,7 @@ class PeerVersions(object):
         self.home = home
         self.items = items
         self.read_func = read_func
-        self.held = {}
-        self.held_mtime = {}   # name -> mtime_ns of that version as the peer took it
+        self.held = {}         # name -> (sha256, mtime_ns of that version as the peer took it)
         self.sent = 0        # deltas the peer applied
         self.whole_why = None  # why delta_for's last None, for a debug line
         # name -> why the version the peer holds is unknown: big files only (at most one
@@ -48,7 +47,7 @@ class PeerVersions(object):
 
     def delta_for(self, name, got):
         """(base sha256, delta.Delta) from the peer's version to `got`; None: send it whole."""
-        base = self.held.get(name)
+        base = self.held.get(name, (None,))[0]
         if self.store is None or base is None or base == got[1] or \
                 not self.store.wanted(len(got[0])):
             self.whole_why = "the version the peer holds is unknown (%s)" % \
@@ -61,28 +60,27 @@ class PeerVersions(object):
 
     def holds(self, name, sha256):
         """True when the peer told us it holds this very version of our big file `name`."""
-        return self.store is not None and self.held.get(name) == sha256
+        return self.store is not None and self.held.get(name, (None,))[0] == sha256
 
     def note_meta(self, entries, states):
         """After a sync_files answer: a metadata-only update of a big file that failed means
         the peer does not hold the version we took it for."""
         for entry in entries:
             name = entry["name"]
-            if name not in self.held:
+            held = self.held.get(name)
+            if held is None:
                 continue
             if states.get(name) != "synchronized":
                 self._forget(name, "its mtime update", states)
-            elif self.held.get(name) == entry["sha256"]:
-                self.held_mtime[name] = entry.get("mtime_ns")
+            elif held[0] == entry["sha256"]:
+                self.held[name] = (held[0], entry.get("mtime_ns"))
 
     def _hold(self, name, sha256, mtime_ns):
-        self.held[name] = sha256
-        self.held_mtime[name] = mtime_ns
+        self.held[name] = (sha256, mtime_ns)
         self.forgot.pop(name, None)
 
     def _forget(self, name, why, states=None):
         self.held.pop(name, None)
-        self.held_mtime.pop(name, None)
         if states is not None:
             why = "%s: %s" % (why, text.printable(states.get(name)))
         self.forgot[name] = why
@@ -123,8 +121,8 @@ class PeerVersions(object):
         second, a round's manifest had the version of seconds before: its delta was
         refused and the whole 9.4 MB went (20 clients, issue 11). A wrong guess costs the
         same: a delta refused, then the whole file."""
-        known = self.held_mtime.get(name)
-        return known is not None and self.held.get(name) != listed.sha256 and \
+        sha256, known = self.held.get(name, (None, None))
+        return known is not None and sha256 != listed.sha256 and \
             listed.mtime_ns is not None and listed.mtime_ns < known
 
     def note_round(self, mine, theirs):

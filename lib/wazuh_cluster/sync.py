@@ -206,7 +206,8 @@ class PeerSync(object):
             store if "delta" in getattr(session, "features", ()) else None, home, self.items,
             read_stable)
         self._room = None
-        self._recording = None  # background.Deferred: the last push's states rows
+        self._recording = None  # background.Pending: the last push's states rows
+        self._recorder = background.Serial("record-%s" % self.peer)
         self.summaries = True  # until the peer answers sync_summary with unknown_command
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
         # and stamp every batch with {term} (set by SyncManager)
@@ -852,7 +853,7 @@ class PeerSync(object):
             groupcommit.GroupCommit(self.link.call)
         rows = staterows.rows(self.peer, states)
         if later and rows:
-            self._recording = background.Deferred(writer.write, rows)
+            self._recording = self._recorder.submit(writer.write, rows)
         else:
             writer.write(rows)
         failed = [name for name, state in states.items() if state == "failed"]

@@ -2,9 +2,10 @@
 
 A delta needs the bytes of the version the peer holds. wazuh-clusterd keeps, in memory, the
 versions of files of at least `min_bytes` it read to send or to compare (keyed by SHA-256,
-at most `budget` bytes, least recently used first out): with the default 24 MiB, the current
-and the previous client.keys of 100 000 agents (9.4 MB each). A version evicted or never
-read (after a restart) only means the whole file goes, as before.
+at most `budget` bytes, least recently used first out): with the default 10 MiB, the current
+client.keys of 100 000 agents (9.4 MB; the previous one is a link, below), and a file of up to
+the whole budget. A version evicted or never read (after a restart) only means the whole
+file goes, as before. The budget is part of wazuh-clusterd's memory bound (budget.bound).
 
 It also spares the sessions their reads: the newest version of each name is remembered with
 its stat fingerprint, and ten sessions sending the same change read and hash the file once
@@ -30,10 +31,18 @@ from wazuh_cluster import compat, delta
 MIN_BYTES = 64 << 10
 READ_WAITS = 2     # times a session waits for another's read of a file before reading it
 READ_WAIT_SECONDS = 60.0
-BUDGET_BYTES = 24 << 20
+BUDGET_BYTES = 10 << 20
 DELTAS_KEPT = 16
 LINKS_KEPT = 256   # versions a delta can start from without their bytes (a few numbers each)
-DELTA_KEPT_BYTES = 256 << 10  # a larger middle (a rewrite) is made again when asked again
+DELTA_KEPT_BYTES = 64 << 10  # a larger middle (a rewrite) is made again when asked again
+
+
+def most(budget):
+    """The most a VersionStore of `budget` holds (wazuh-clusterd's memory bound,
+    budget.bound): its versions, the one file being read beside them (one at a time; the
+    version it replaces lets its bytes go only once the new one is read) and the deltas it
+    keeps."""
+    return 2 * budget + DELTAS_KEPT * DELTA_KEPT_BYTES
 
 
 def fingerprint(st):
@@ -55,12 +64,15 @@ class VersionStore(object):
         self._lock = threading.Lock()
         self._making = threading.Lock()             # one delta computed at a time
         self._reading = {}                          # path -> Event of the thread reading it
+        self._one_read = threading.Lock()           # one big file read at a time (most())
         # old sha256 -> (newer sha256, old size, common prefix, common suffix), LRU first
         self._links = collections.OrderedDict()
         self.waiting = 0                            # sessions waiting for such a read
 
     def wanted(self, size):
-        return self.min_bytes > 0 and self.min_bytes <= size <= self.budget // 2
+        # Up to the whole budget: a newer version links the older one and lets its bytes go
+        # before it is put (_read), so one file never needs room for two of its versions.
+        return self.min_bytes > 0 and self.min_bytes <= size <= self.budget
 
     def get(self, sha256):
         with self._lock:
@@ -117,9 +129,13 @@ class VersionStore(object):
                 with self._lock:
                     self.waiting -= 1
         if mine is None:  # small, or changed under every read we waited for: read it here
-            return self._read(path, read_func)
+            if not self.wanted(fp[0]):
+                return self._read(path, read_func)
+            with self._one_read:
+                return self._read(path, read_func)
         try:
-            return self._read(path, read_func)
+            with self._one_read:
+                return self._read(path, read_func)
         finally:
             with self._lock:
                 del self._reading[path]

@@ -17,7 +17,8 @@ clients are 3.x). Phases (--only picks some; "control" alone with --clients 0 is
 master whose agent-info files are written in place, as its clients would have sent them):
 
   sync     clients started at once -> every client holds the shared tree and client.keys,
-           the master every agent-info file: time, master daemons' peak RSS (VmHWM);
+           the master every agent-info file: time, master daemons' peak RSS (VmHWM); then,
+           BASELINE_SETTLE s later, every daemon's RSS (the baseline of the memory bound);
   churn    --duration seconds of: every second, --churn of the agent-info files touched on
            every client (gentle: 1 %/s; real: every file every 10 s, as agents keep alive)
            and one agent appended to the master's client.keys. Figures: append -> identical
@@ -58,6 +59,7 @@ from wazuh_cluster.pathrules import MTIME_SLACK_NS  # noqa: E402
 NS_MARK = "WAZUH_CLUSTER_BENCH_SCALE_NS"
 SYNC_TIMEOUT = 1800.0     # a first sync of the full size takes minutes; never forever
 DRAIN_TIMEOUT = 120.0     # after the churn, how long pending observations may still arrive
+BASELINE_SETTLE = 10      # seconds after the first sync before the daemons' idle RSS
 POLL = 0.05               # the observer's cadence (it shares the CPUs with the daemons)
 SAMPLES_PER_SECOND = 6    # keepalives followed to the master, per churn second
 CHURN = {"gentle": 0.01, "real": 0.1}  # fraction of each client's agent-info touched a second
@@ -233,6 +235,18 @@ class ScaleBench(benchlib.BenchNodes):
               "%d agent-info files on the master in %.1f s" % (opt.clients, want_info, elapsed))
         self.figures.add("master wazuh-clusterd peak RSS, first sync", mem[0][1], "MB", 100)
         self.figures.add("master internal peak RSS, first sync", mem[1][1], "MB", 100)
+        self.print_baseline()
+
+    def print_baseline(self):
+        """Each daemon's RSS a while after the first sync: the baseline that the memory
+        budget's worst case adds to (README, Performance: the bound)."""
+        time.sleep(BASELINE_SETTLE)
+        master = [proc_mem(p)[0] for p in self.master_pids()]
+        clients = [proc_mem(p)[0] for p in self.client_pids()]
+        print("   idle RSS %d s after the first sync: master clusterd %.1f MB, internal %.1f MB;"
+              " clients' clusterd %.1f-%.1f MB, internal %.1f-%.1f MB; load average %s"
+              % (BASELINE_SETTLE, master[0], master[1], min(clients[0::2]), max(clients[0::2]),
+                 min(clients[1::2]), max(clients[1::2]), benchlib.load_average()))
 
     # -- churn ----------------------------------------------------------------------------------
 

@@ -4,7 +4,12 @@ Flooders (see flooders.py) hold the cluster key and pipeline zip bombs, large co
 requests and bursts of small ones at a real master, as fast as they can, from listed addresses.
 Meanwhile a change on the master must reach the real client daemon, and the client's agent-info
 must reach the master. The master's peak RSS (VmHWM from /proc) must stay under PEAK_LIMIT_KB;
-it is printed either way. The memory bound is the assertion; the durations only bound the test.
+it is printed either way, and must also stay under the bound of issue 11: its RSS before the
+flood plus budget.bound() of its options (what its budget may grant, urgent answers included;
+nothing here goes through the store of versions) plus SLACK_KB for what no budget counts
+(threads and their stacks, the interpreter's own growth, allocator pages). The flooders take every session's share
+and answer the master's own calls with zip bombs (urgent grants): the budget's worst case.
+The memory bound is the assertion; the durations only bound the test.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -16,6 +21,7 @@ import time
 import pytest
 
 from flooders import Flooder, RssSampler, bodies, memory_of
+from wazuh_cluster import budget, config
 from harness import (base_install, make_node, new_address, python,  # noqa: F401
                      tmp_prefix_dir, wait_for, workspace, write_internal_options)
 from test_crash import converge
@@ -24,6 +30,7 @@ from test_sync import FAST, KEYS, agent_info, put
 # More or fewer by hand: WAZUH_CLUSTER_FLOODERS=8 tests/run -k test_memory_flood -s
 FLOODERS = int(os.environ.get("WAZUH_CLUSTER_FLOODERS", "6"))
 PEAK_LIMIT_KB = 150 * 1024
+SLACK_KB = 8 * 1024
 SYNC_WAIT = 30.0
 FLOOD_SECONDS = 10.0     # at least this long, however fast the legitimate syncs go
 # Stop early when the master is clearly unbounded (the code before the process budget went
@@ -102,5 +109,13 @@ def test_flooding_insiders_keep_the_master_under_its_memory_bound_and_clients_sy
     assert master.running_pid() == pid, master.explain("the master died under the flood")
     assert after.get("VmHWM", 0) < PEAK_LIMIT_KB, master.explain(
         "master peaked at %d kB (limit %d kB)" % (after.get("VmHWM", 0), PEAK_LIMIT_KB))
+    options = config.read_options([], [])   # the defaults: the test sets none of these
+    # nothing the master sends here is big enough for its store of versions: no term for it
+    most = budget.bound(options.max_inflight_bytes, 0)
+    bound = before.get("VmRSS", 0) + most // 1024 + SLACK_KB
+    print("bound: %d kB before + %d kB (budget.bound of the defaults) + %d kB slack = %d kB"
+          % (before.get("VmRSS", 0), most // 1024, SLACK_KB, bound))
+    assert after.get("VmHWM", 0) < bound, master.explain(
+        "master peaked at %d kB (bound %d kB)" % (after.get("VmHWM", 0), bound))
     # the refusals close a flooder's session often: it comes back and goes on
     assert sent >= 20 * len(flooders), "the flooders barely sent anything"

@@ -2,9 +2,10 @@
 
 A master with a small cluster.max_inflight_bytes first-syncs a shared tree larger than that
 budget to four clients started at once. Every client must end with the whole tree, and the
-master's peak RSS (VmHWM) must stay under its RSS before the clients came plus what the budget
-lets it hold (total and urgent reserve) plus SLACK_KB for what no budget counts (threads,
-manifests, the interpreter's own growth). Each session used to read, join, frame and compress
+master's peak RSS (VmHWM) must stay under its RSS before the clients came plus budget.bound()
+(what the budget lets it hold, urgent reserve included, and the versions of big files kept for
+deltas: these 2 MiB files are) plus SLACK_KB for what no budget counts (threads, manifests,
+the interpreter's own growth). Each session used to read, join, frame and compress
 its own batches, two in flight and one being read, with nothing counting them: four clients
 took such a master from 20 to 99 MB (bound 65 MB; 3.13), and ten clients of the scale
 benchmark to 179-237 MB. Sending under the budget: 39 MB.
@@ -20,6 +21,7 @@ from harness import (base_install, make_node, python, tmp_prefix_dir,  # noqa: F
                      wait_for, workspace, write_internal_options)
 from test_crash import converge
 from test_sync import FAST, KEYS, put
+from wazuh_cluster import budget, config, versions
 
 CLIENTS = 4
 BUDGET = 16 << 20                    # the smallest cluster.max_inflight_bytes
@@ -69,7 +71,8 @@ def test_a_master_first_syncing_a_tree_larger_than_its_budget_to_four_clients_st
     finally:
         sampled = sampler.stop()
     peak = memory_of(pid).get("VmHWM", 0)
-    bound = before.get("VmRSS", 0) + (BUDGET + BUDGET // 4) // 1024 + SLACK_KB
+    store = config.read_options([], []).delta_store_bytes   # the default
+    bound = before.get("VmRSS", 0) + budget.bound(BUDGET, versions.most(store)) // 1024 + SLACK_KB
     print("master wazuh-clusterd: VmRSS %d kB before the clients, peak VmRSS %d kB sampled, "
           "VmHWM %d kB; bound %d kB" % (before.get("VmRSS", 0), sampled, peak, bound))
     assert master.running_pid() == pid, master.explain("the master died")

@@ -12,14 +12,41 @@ from wazuh_cluster.errors import RequestError
 
 def test_a_deferred_call_raises_what_it_met_when_waited_for():
     done = []
-    background.Deferred(done.append, 1).wait()
+    serial = background.Serial()
+    serial.submit(done.append, 1).wait()
     assert done == [1]
 
     def fails():
         raise RequestError("gone", "internal_unavailable")
-    deferred = background.Deferred(fails)
+    deferred = serial.submit(fails)
     with pytest.raises(RequestError):
         deferred.wait()
+    serial.submit(done.append, 2).wait()      # the error stopped nothing after it
+    assert done == [1, 2]
+
+
+def test_calls_run_in_the_order_submitted_from_one_thread_not_one_each():
+    # A push a second to each peer started a thread per push for its states rows.
+    gate = threading.Event()
+    seen = []
+    serial = background.Serial()
+    first = serial.submit(lambda: (gate.wait(30), seen.append(0)))
+    pending = [serial.submit(seen.append, n) for n in range(1, 50)]
+    assert seen == []
+    gate.set()
+    for p in [first] + pending:
+        p.wait()
+    assert seen == list(range(50)) and serial.threads == 1
+
+
+def test_the_thread_ends_when_idle_and_a_new_one_serves_what_comes_later():
+    serial = background.Serial(idle=0.01)
+    serial.submit(lambda: None).wait()
+    while serial._thread is not None:     # no timing assumed: it ends when it ends
+        threading.Event().wait(0.01)
+    seen = []
+    serial.submit(seen.append, 1).wait()
+    assert seen == [1] and serial.threads == 2
 
 
 class SlowLink(object):

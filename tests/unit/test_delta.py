@@ -268,6 +268,43 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     assert store.delta(held[0], sha(rewrite), rewrite) is None
 
 
+def test_big_files_are_read_one_at_a_time_small_ones_freely(tmp_path):
+    # The store's bound (versions.most) counts one big file read beside the versions it
+    # holds: two sessions reading two big files at once would hold two.
+    import threading
+    paths = []
+    for name, data in (("a", BIG), ("b", BIG + line(1)), ("small", b"x" * 10)):
+        paths.append(str(tmp_path / name))
+        with open(paths[-1], "wb") as handle:
+            handle.write(data)
+    store = versions.VersionStore(min_bytes=1000, budget=2 * len(BIG))
+    big = {"in": 0, "most": 0}
+    lock, gate = threading.Lock(), threading.Event()
+
+    def read(p):
+        if p.endswith("small"):
+            return read_stable(p)
+        with lock:
+            big["in"] += 1
+            big["most"] = max(big["most"], big["in"])
+        gate.wait(30)
+        with lock:
+            big["in"] -= 1
+        return read_stable(p)
+    threads = [threading.Thread(target=store.read, args=(p, read)) for p in paths[:2]]
+    for t in threads:
+        t.start()
+    while big["in"] == 0:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)   # room for the second to get in, were it let in
+    assert store.read(paths[2], read)[0] == b"x" * 10   # a small file does not wait
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert big["most"] == 1
+    assert [store.read(p, read)[0] for p in paths[:2]] == [BIG, BIG + line(1)]
+
+
 # -- deltasend.PeerVersions ---------------------------------------------------------------------
 
 def test_the_sender_uses_only_what_the_peer_acknowledged(tmp_path):
@@ -310,6 +347,7 @@ def test_a_round_s_manifest_older_than_what_the_peer_applied_keeps_that_version(
     # Its mtime-only update moves what is known of that version.
     peer.note_meta([{"name": KEYS, "sha256": sha(BIG), "mtime_ns": BASE_NS + 9}],
                    {KEYS: "synchronized"})
+    assert peer.held[KEYS] == (sha(BIG), BASE_NS + 9)
     peer.note_round(mine, {KEYS: manifest.Entry(sha(newer), BASE_NS + 4, "client.keys")})
     assert peer.holds(KEYS, sha(BIG))
 
@@ -329,7 +367,7 @@ def test_the_sender_remembers_nothing_of_small_files(tmp_path):
     assert list(peer.forgot) == [KEYS]
     peer.note_sent([{"name": KEYS, "sha256": sha(BIG), "size": len(BIG)}],
                    {KEYS: "synchronized"})
-    assert peer.held == {KEYS: sha(BIG)} and peer.forgot == {}
+    assert peer.held == {KEYS: (sha(BIG), None)} and peer.forgot == {}
     peer.note_sent([{"name": KEYS, "sha256": sha(b"x"), "size": 1}], {KEYS: "synchronized"})
     assert peer.held == {} and list(peer.forgot) == [KEYS]
 
