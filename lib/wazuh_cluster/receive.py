@@ -323,6 +323,7 @@ class _Batch(object):
         self.remove = os.unlink
         self.fenced = []       # names it refused
         self.touching = False  # a batch of keepalives alone (touch_all)
+        self.left = None       # [no record, another checksum, other] touch_all left to stage
         self.in_place = {}     # st_dev -> names touched in place by touch_all, until flushed
         self.open_folders = {}  # folder name -> (descriptor or None, path, st_dev) or False
 
@@ -459,14 +460,25 @@ class _Batch(object):
                 if waiting and incoming.name in waiting:
                     later.append(incoming)  # after what it waits for; in the batch's order
                 elif not self.touch(incoming, locator):
-                    self.run(incoming.name, self.stage, incoming)
+                    self._left(incoming)
             if rx.claims.wanted(self):
                 rx._finish(self)
         for incoming in later:
             rx._claim(self, incoming.name)
-            self.run(incoming.name, self.stage, incoming)
+            self._left(incoming)
             if rx.claims.wanted(self):
                 rx._finish(self)
+        if self.left:
+            rx.log.debug("Keepalive batch of %d: %d left to the per-file path (%d without a "
+                         "record, %d with another checksum).", len(files), sum(self.left),
+                         self.left[0], self.left[1])
+
+    def _left(self, incoming):
+        """stage() decides a keepalive touch() did not set (counted for the debug log)."""
+        record = self.known.get(incoming.name)
+        self.left = self.left or [0, 0, 0]
+        self.left[0 if record is None else 1 if record[4] != incoming.sha256 else 2] += 1
+        self.run(incoming.name, self.stage, incoming)
 
     def touch(self, incoming, locator):
         """Give a keepalive's mtime in place when its record proves it; True when done
