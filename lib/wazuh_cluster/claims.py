@@ -34,6 +34,18 @@ class Claims(object):
                 return True
             return holder is owner
 
+    def claim_free(self, names, owner):
+        """Claim for `owner` those of `names` no other owner holds, under one lock (a
+        keepalive batch's thousands of names); return the others, in their order."""
+        busy = []
+        with self._cond:
+            owners = self._owners
+            for name in names:
+                holder = owners.setdefault(name, owner)
+                if holder is not owner:
+                    busy.append(name)
+        return busy
+
     def claim(self, name, owner):
         """Wait until `name` is free, then claim it. The caller must hold no other claim."""
         with self._cond:

@@ -203,6 +203,64 @@ def locate(name, items, sender_role, receiver_role, exclude):
     return item, parts
 
 
+_GOOD_COMPONENT = re.compile(u"\\A[\\x20-\\x2e\\x30-\\x5b\\x5d-\\x7e]{1,%d}\\Z" % MAX_COMPONENT)
+
+
+class Locator(object):
+    """locate() for the many names of a few folders (a keepalive batch: 2 000 agent-info
+    files of one folder): what depends on the folder is checked once, each name's last
+    component alone per name. Same answers as locate(); anything unusual goes to locate()
+    itself, which gives the reason of a refusal. Pure: no system call.
+
+    Why the split holds: the owner of folder/base is the item with the longest root that
+    begins the name; a root as long as the whole name is an item's exact path (looked up
+    per name), every shorter one begins the folder; the rest below the item is the folder's
+    rest plus base, checked for exclusion separately. Kept per folder for the caller's
+    lifetime (a batch): at most MAX_FOLDERS of a peer's folders.
+    """
+    MAX_FOLDERS = 64
+
+    def __init__(self, items, sender_role, receiver_role, exclude):
+        self.args = (items, sender_role, receiver_role, exclude)
+        self.paths = frozenset(item.path for item in items)
+        self.excluded = _excluded_re(exclude)
+        self.folders = {}
+
+    def locate(self, name):
+        """(item, parts) as locate() gives them, or PathRefused."""
+        if isinstance(name, compat.text_type) and len(name) <= MAX_PATH and \
+                name not in self.paths:
+            folder, _, base = name.rpartition(u"/")
+            item = self.folders.get(folder)
+            if item is None and len(self.folders) < self.MAX_FOLDERS:
+                item = self.folders[folder] = self._folder(folder)
+            if item and _GOOD_COMPONENT.match(base) and base not in (u".", u"..") and \
+                    (self.excluded is None or not self.excluded(base)):
+                return item, name.split(u"/")
+        return locate(name, *self.args)
+
+    def _folder(self, folder):
+        """The item whose files' folder is `folder`, or False (then locate() decides)."""
+        items, sender_role, receiver_role, exclude = self.args
+        try:
+            parts = check_name(folder)
+        except PathRefused:
+            return False
+        best, best_len = None, -1
+        for item, root in _roots(items):
+            if best_len < len(root) <= len(parts) and parts[:len(root)] == root:
+                best, best_len = item, len(root)
+        if best is None or best.kind != "dir" or \
+                (not best.recursive and best_len != len(parts)):
+            return False
+        try:
+            _check_roles(best, sender_role, receiver_role)
+            _check_excluded(parts[best_len:], exclude)
+        except PathRefused:
+            return False
+        return best
+
+
 def item_for(name, items, sender_role, receiver_role, exclude=()):
     """The Item (config.Item) that a peer's file name falls in, or raise PathRefused.
 
