@@ -720,14 +720,21 @@ class PeerSync(object):
                     # A big file is read once into the shared store, not into this session's
                     # room: only what this peer gets of it (often a delta) is granted.
                     got = self.versions.read(name)
-                    if got and self.versions.holds(name, got[1]):
+                    if got is None:
+                        postponed.append(name)
+                        continue
+                    # The version read is the one sent: an append since the lstat above
+                    # only makes it newer (a size compared with that lstat postponed it by
+                    # RETRY_DELAY, under an append a second; 20 clients, issue 11).
+                    size = len(got[0])
+                    if self.versions.holds(name, got[1]):
                         # Pushed already (the change event came after the push that read
                         # it): its mtime only, not 9.4 MB to every client at once.
                         batch = calls.submit_if_full(batch)
                         batch.make_room(room)
                         batch.meta.append({"name": name, "sha256": got[1], "mtime_ns": got[2]})
                         continue
-                    made = got and self.versions.delta_for(name, got)
+                    made = self.versions.delta_for(name, got)
                 cost = size if made is None else len(made[1].middle)
                 if size is not None:
                     batch = calls.submit_if_full(batch, cost)
