@@ -499,7 +499,7 @@ class Inbox(object):
         row = deltarx.written_row(self.home, self.keys_name, sha256)
         if known is None or known[1] != sha256 or row is None:
             return
-        self.deltas.note_written(row, known[2] if len(known) > 2 else None)
+        self.deltas.moved(row)
         self.known_ids.moved(known[0], tuple(row[1:5]))
 
     def keys_data(self, incoming):
