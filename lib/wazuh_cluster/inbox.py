@@ -394,8 +394,11 @@ class Inbox(object):
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
                 self.deltas.note_written(written, self.keys_data(incoming))
-                if appended:
-                    self.known_ids.written(written and tuple(written[1:5]))
+                fingerprint = written and tuple(written[1:5])
+                if not (appended and self.known_ids.written(fingerprint)):
+                    kept = self.deltas.written.get(self.keys_name) if written else None
+                    self.known_ids.prime(fingerprint, kept[2] if kept and len(kept) > 2
+                                         else None)
                 if before is not None:
                     self.drop_agents(before, self.read_keys())
             if retouched and states.get(self.keys_name) == "synchronized":
