@@ -606,7 +606,10 @@ class PeerSync(object):
         {name: state}; adds to `counts` (sent, metadata, deleted, folders, unchanged)."""
         self.round_slot()
         try:
-            mine, theirs = self.manifests(buckets)
+            # Pushes go while both manifests are fetched: under churn at 20 clients that
+            # took the internal daemons and the client seconds, and the client's appends
+            # waited with it (as round_basis: pushing_while).
+            mine, theirs = self.pushing_while(lambda: self.manifests(buckets))
             send_data, send_meta, delete, dirs, same = plan_round(
                 mine, theirs, self.items, delete_extra=self.role == "master",
                 my_groups=groups)

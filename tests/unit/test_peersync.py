@@ -614,3 +614,28 @@ def test_a_push_goes_while_a_round_waits_for_its_summaries():
     sync.compare_summaries = fails
     with pytest.raises(RequestError):
         sync.full_round()
+
+
+def test_a_push_goes_while_a_round_step_waits_for_the_manifests():
+    # A round step held the client's pushes while both manifests of its buckets were
+    # fetched: seconds under churn at 20 clients (issue 11).
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    pushed = threading.Event()
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+    keys = u"etc/client.keys"
+    sync.compare_summaries = lambda everything: ([summary.bucket_of(keys)], [], basis)
+    sync.peer_summary = lambda: basis
+
+    def slow_manifests(buckets=None, names=None):
+        sync.notify({"changed": [keys]})   # an append while the step waits
+        assert pushed.wait(10), "the push waited for the manifests"
+        return {}, {}
+    sync.manifests = slow_manifests
+    sync.send = lambda *lists: {}
+    sync.full_round()
+    assert pushed.is_set() and not sync.has_push()
+    assert summary.bucket_of(keys) in sync.written   # settle() knows it
