@@ -152,8 +152,10 @@ class Expander(object):
         delta, and the client.keys checks of the same batch (kept()), read nothing. Each
         client read its 9.4 MB client.keys twice per append (the base, then the removal
         guard's old text): with 20 clients on one host the reads and their page faults were
-        a third of the CPU of every append. When `data` is the very result _apply checked,
-        the SHA-256 object that hashed it is kept with it (_checked: the next append)."""
+        a third of the CPU of every append. A SHA-256 object that hashed them is kept too
+        (_checked: the next append): the very one _apply checked `data` with, else one made
+        now, for a file that came whole (a first sync: all clients would hash it at once at
+        the first append, under its latency)."""
         if row is None:
             return
         if data is None:
@@ -161,8 +163,11 @@ class Expander(object):
             return
         data = as_bytes(data)
         made = self.results.get(row[0])
-        hashed = made[2] if made is not None and made[0] is data and made[1] == row[6] \
-            else None
+        if made is not None and made[0] is data and made[1] == row[6]:
+            hashed = made[2]
+        else:
+            hashed = compat.sha256(data)
+            hashed = hashed if hashed.hexdigest() == row[6] else None
         self.written[row[0]] = (tuple(row[1:5]), row[6], data, hashed)
 
     def moved(self, row):
