@@ -639,3 +639,33 @@ def test_a_push_goes_while_a_round_step_waits_for_the_manifests():
     sync.full_round()
     assert pushed.is_set() and not sync.has_push()
     assert summary.bucket_of(keys) in sync.written   # settle() knows it
+
+
+def test_a_round_step_deletes_nothing_a_push_sent_while_it_fetched_the_manifests():
+    # Our manifest is taken before the peer's: a file made meanwhile and pushed is on the
+    # peer and not in ours. The step must not delete it, nor its new group folder.
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    made = [u"etc/shared/default/new.conf", u"etc/shared/newgroup/agent.conf"]
+    gone = u"etc/shared/default/old.conf"
+    pushed, sent = threading.Event(), []
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+    sync.compare_summaries = lambda everything: (list(range(summary.BUCKETS)), [], basis)
+    sync.peer_summary = lambda: basis
+    entry = manifest.Entry(u"a" * 64, 1, u"shared")
+
+    def slow_manifests(buckets=None, names=None):
+        pushed.clear()
+        clock.now += 1.0      # past push_delay: each step's push is due
+        sync.notify({"changed": made})
+        assert pushed.wait(10), "the push waited for the manifests"
+        return {}, dict((name, entry) for name in made + [gone]
+                        if summary.bucket_of(name) in buckets)
+    sync.manifests = slow_manifests
+    sync.send = lambda mine, data, meta, delete, dirs: sent.append((delete, dirs)) or {}
+    sync.full_round()
+    assert sorted(sum([d for d, _ in sent], [])) == [gone]
+    assert sum([f for _, f in sent], []) == []
