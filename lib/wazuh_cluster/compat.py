@@ -294,6 +294,14 @@ class Sha256(object):
             self._small = self._kept = None
         self._big.update(data)
 
+    def copy(self):
+        other = Sha256.__new__(Sha256)
+        other._small = self._small and self._small.copy()
+        other._kept = self._kept and list(self._kept)
+        other._size = self._size
+        other._big = self._big and self._big.copy()
+        return other
+
     def digest(self):
         if self._big is None:
             return self._small.digest()

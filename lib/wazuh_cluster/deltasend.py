@@ -13,6 +13,8 @@ import os
 
 from wazuh_cluster import text
 
+STABLE_READS = 3   # reads of a file that changed while read, before it is postponed
+
 
 class PeerVersions(object):
     """Per peer: name -> (SHA-256, mtime_ns) of the version it holds, for our big files.
@@ -39,11 +41,20 @@ class PeerVersions(object):
         return self.store is not None and self.store.wanted(size)
 
     def read(self, name):
-        """(data, sha256, mtime_ns) of our file `name`, or None when it changed meanwhile."""
+        """(data, sha256, mtime_ns) of our file `name`, or None when it is gone, or changed
+        while read STABLE_READS times in a row.
+
+        Read again at once when it changed: what changed it is newer still, and the caller
+        postponing it sends it only after sync.RETRY_DELAY. Under an append a second, a read
+        of client.keys on a busy master (0.7 s at load 16) often spanned one: that client
+        had the append 2 s late (issue 11)."""
         path = os.path.join(self.home, *name.split("/"))
-        if self.store is None:
-            return self.read_func(path)
-        return self.store.read(path, self.read_func)
+        for _ in range(STABLE_READS):
+            got = self.read_func(path) if self.store is None else \
+                self.store.read(path, self.read_func)
+            if got is not None or not os.path.lexists(path):
+                return got
+        return None
 
     def delta_for(self, name, got):
         """(base sha256, delta.Delta) from the peer's version to `got`; None: send it whole."""

@@ -417,8 +417,11 @@ class Inbox(object):
             if (before is not None or appended) and states.get(self.keys_name) == "synchronized":
                 written = self.written_keys(incoming)
                 self.deltas.note_written(written, self.keys_data(incoming))
-                if appended:
-                    self.known_ids.written(written and tuple(written[1:5]))
+                fingerprint = written and tuple(written[1:5])
+                if not (appended and self.known_ids.written(fingerprint)):
+                    kept = self.deltas.written.get(self.keys_name) if written else None
+                    self.known_ids.prime(fingerprint, kept[2] if kept and len(kept) > 2
+                                         else None)
                 if before is not None:
                     self.drop_agents(before, self.read_keys())
             if retouched and states.get(self.keys_name) == "synchronized":
@@ -522,7 +525,7 @@ class Inbox(object):
         row = deltarx.written_row(self.home, self.keys_name, sha256)
         if known is None or known[1] != sha256 or row is None:
             return
-        self.deltas.note_written(row, known[2] if len(known) > 2 else None)
+        self.deltas.moved(row)
         self.known_ids.moved(known[0], tuple(row[1:5]))
 
     def keys_data(self, incoming):

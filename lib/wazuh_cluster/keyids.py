@@ -91,16 +91,29 @@ class KnownIds(object):
         if self.fingerprint is not None and self.fingerprint == old:
             self.fingerprint = new
 
+    def prime(self, fingerprint, data):
+        """A whole new file is in place, with stat `fingerprint`, its bytes `data` (None:
+        unknown): its IDs are found now, not at the next append. The first append after a
+        first sync parsed all 100 000 on every client at once (0.15-0.2 s each: with 20
+        clients on 2 cores, that append was the p99 of issue 11)."""
+        self._added = None
+        if fingerprint is None or data is None:
+            self.fingerprint = self.codes = None
+            return
+        self.codes, self.fingerprint = first_field_codes(data), fingerprint
+
     def written(self, fingerprint):
         """The new version of the last only_appended() that said True is in place, with stat
-        `fingerprint` (None: unknown): its IDs join the known ones."""
+        `fingerprint` (None: unknown): its IDs join the known ones (True), or none are known
+        (False: an append decided from the text)."""
         added, self._added = self._added, None
         if added is None or fingerprint is None or self.codes is None:
             self.fingerprint = self.codes = None
-            return
+            return False
         if len(added) <= agents.FEW_APPENDED:
             for number in added:
                 bisect.insort(self.codes, number)
         else:  # a first sync, a catch-up: one sort, not an insert (a memmove) per ID
             self.codes = array.array(TYPECODE, sorted(self.codes.tolist() + added))
         self.fingerprint = fingerprint
+        return True

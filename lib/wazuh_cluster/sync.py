@@ -128,6 +128,18 @@ def plan_round(mine, theirs, items, delete_extra, my_groups=None):
     return send_data, send_meta, delete, delete_dirs, same
 
 
+def spare_pushed(delete, dirs, pushed):
+    """The deletions of a round step without the names, and folders holding names, that a
+    push sent while the step fetched its manifests: that push may be newer than either
+    manifest (a file made after ours was taken, or made again after a deletion), and the
+    peer's copy of it is not deleted on their word. The next round compares them again."""
+    if not pushed:
+        return delete, dirs
+    return ([name for name in delete if name not in pushed],
+            [folder for folder in dirs
+             if not any(name == folder or name.startswith(folder + "/") for name in pushed)])
+
+
 def round_phase(node, peer, interval):
     """Where in each `interval` the rounds of `node` with `peer` fall (seconds, stable).
 
@@ -219,6 +231,7 @@ class PeerSync(object):
         self.postponed = 0
         self.round_clean = True
         self.written = set()   # summary buckets the running round sent something to (settle)
+        self.pushed_meanwhile = None  # names pushed while a round step fetched its manifests
         self.equal_written = set()   # names compared equal in those buckets (settle)
         # localedits.LocalEdits.pushed: tell what the peer applied of our pushes
         self.pushed = None
@@ -591,6 +604,8 @@ class PeerSync(object):
             self.next_push = now + self.push_delay
             job = self.take_push()
         self.written.update(summary.bucket_of(name) for names in job for name in names)
+        if self.pushed_meanwhile is not None:
+            self.pushed_meanwhile.update(name for names in job for name in names)
         self.push(*job)
         return True
 
@@ -607,10 +622,18 @@ class PeerSync(object):
         {name: state}; adds to `counts` (sent, metadata, deleted, folders, unchanged)."""
         self.round_slot()
         try:
-            mine, theirs = self.manifests(buckets)
+            # Pushes go while both manifests are fetched: under churn at 20 clients that
+            # took the internal daemons and the client seconds, and the client's appends
+            # waited with it (as round_basis: pushing_while).
+            self.pushed_meanwhile = set()
+            try:
+                mine, theirs = self.pushing_while(lambda: self.manifests(buckets))
+            finally:
+                pushed, self.pushed_meanwhile = self.pushed_meanwhile, None
             send_data, send_meta, delete, dirs, same = plan_round(
                 mine, theirs, self.items, delete_extra=self.role == "master",
                 my_groups=groups)
+            delete, dirs = spare_pushed(delete, dirs, pushed)
             self.versions.note_round(mine, theirs)
             # Only the entries sent as metadata are needed from here: the manifests (tens of
             # thousands of dicts) go before the transfers, and another round may begin.
@@ -721,14 +744,21 @@ class PeerSync(object):
                     # A big file is read once into the shared store, not into this session's
                     # room: only what this peer gets of it (often a delta) is granted.
                     got = self.versions.read(name)
-                    if got and self.versions.holds(name, got[1]):
+                    if got is None:
+                        postponed.append(name)
+                        continue
+                    # The version read is the one sent: an append since the lstat above
+                    # only makes it newer (a size compared with that lstat postponed it by
+                    # RETRY_DELAY, under an append a second; 20 clients, issue 11).
+                    size = len(got[0])
+                    if self.versions.holds(name, got[1]):
                         # Pushed already (the change event came after the push that read
                         # it): its mtime only, not 9.4 MB to every client at once.
                         batch = calls.submit_if_full(batch)
                         batch.make_room(room)
                         batch.meta.append({"name": name, "sha256": got[1], "mtime_ns": got[2]})
                         continue
-                    made = got and self.versions.delta_for(name, got)
+                    made = self.versions.delta_for(name, got)
                 cost = size if made is None else len(made[1].middle)
                 if size is not None:
                     batch = calls.submit_if_full(batch, cost)

@@ -124,6 +124,21 @@ def test_sha256_is_hashlib_s_for_any_split_and_buffer_type(sizes):
     assert compat.sha256(b"".join(pieces)).hexdigest() == expected.hexdigest()
 
 
+
+@pytest.mark.parametrize("sizes", [(), (3,), (compat.SHA256_SMALL, 1), (5 << 20,)])
+@pytest.mark.parametrize("factory", [compat.sha256, compat.Sha256])
+def test_a_copy_of_a_sha256_goes_on_alone_from_the_bytes_given_so_far(sizes, factory):
+    # deltarx checks an append from a copy of the object that hashed the base.
+    pieces = [os.urandom(size) for size in sizes]
+    digest = factory()
+    for piece in pieces:
+        digest.update(piece)
+    copy = digest.copy()
+    copy.update(b"appended")
+    digest.update(b"other")
+    assert copy.hexdigest() == hashlib.sha256(b"".join(pieces) + b"appended").hexdigest()
+    assert digest.hexdigest() == hashlib.sha256(b"".join(pieces) + b"other").hexdigest()
+
 def test_sha256_of_a_large_input_lets_other_threads_run():
     # 2.7's builtin SHA-256 (no OpenSSL hashlib) held the GIL for a whole large input: a
     # 9.4 MB client.keys stopped every other thread of wazuh-clusterd for 85-200 ms. A

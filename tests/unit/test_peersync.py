@@ -285,6 +285,50 @@ def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
     assert seen == [(len(keys), []), (0, [u"etc/client.keys"])]
 
 
+@pytest.mark.parametrize("torn", [True, False], ids=["changed while read", "grown since lstat"])
+def test_a_big_file_appended_while_it_is_read_goes_at_once_in_its_newer_version(tmpdir, torn):
+    """Under an append a second, a read of client.keys on a busy master often spanned the
+    next append (read_stable: None), or came after it (another size than the lstat before):
+    either postponed the file by RETRY_DELAY for that client, its append 2-4 s late
+    (issue 11). What changed it is newer: it is read again at once and sent."""
+    from test_channel import channel_pair
+    from wazuh_cluster import sync as sync_mod, versions
+    keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
+    path = tmpdir.mkdir("etc").join("client.keys")
+    path.write_binary(keys)
+    added = b"03000 agent03000 any %064x\n" % 3000
+    seen, reads = [], []
+
+    def read(p):
+        reads.append(p)
+        if len(reads) == 1:
+            with open(p, "ab") as handle:
+                handle.write(added)     # the next append, during (or just before) the read
+            if torn:
+                return None
+        return sync_mod.read_stable(p)
+
+    def sync_files(session, args, data):
+        seen.append(data)
+        names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
+        return {"states": dict((name, "synchronized") for name in names)}, b""
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
+    master.features = ("delta",)
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
+                        store=versions.VersionStore(min_bytes=1000))
+        sync.versions.read_func = read
+        states = sync.send({}, [u"etc/client.keys"], [], [], [])
+    finally:
+        master.close()
+        peer.close()
+    assert states == {u"etc/client.keys": "synchronized"}
+    assert sync.postponed == 0 and not sync.has_push()
+    assert seen == [keys + added] and len(reads) == (2 if torn else 1)
+
+
 # -- change events and touched files (issue 11: cheap keepalives) -------------------------------
 
 class CountingSync(PeerSync):
@@ -570,3 +614,58 @@ def test_a_push_goes_while_a_round_waits_for_its_summaries():
     sync.compare_summaries = fails
     with pytest.raises(RequestError):
         sync.full_round()
+
+
+def test_a_push_goes_while_a_round_step_waits_for_the_manifests():
+    # A round step held the client's pushes while both manifests of its buckets were
+    # fetched: seconds under churn at 20 clients (issue 11).
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    pushed = threading.Event()
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+    keys = u"etc/client.keys"
+    sync.compare_summaries = lambda everything: ([summary.bucket_of(keys)], [], basis)
+    sync.peer_summary = lambda: basis
+
+    def slow_manifests(buckets=None, names=None):
+        sync.notify({"changed": [keys]})   # an append while the step waits
+        assert pushed.wait(10), "the push waited for the manifests"
+        return {}, {}
+    sync.manifests = slow_manifests
+    sync.send = lambda *lists: {}
+    sync.full_round()
+    assert pushed.is_set() and not sync.has_push()
+    assert summary.bucket_of(keys) in sync.written   # settle() knows it
+
+
+def test_a_round_step_deletes_nothing_a_push_sent_while_it_fetched_the_manifests():
+    # Our manifest is taken before the peer's: a file made meanwhile and pushed is on the
+    # peer and not in ours. The step must not delete it, nor its new group folder.
+    clock = Clock()
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=clock, phase=0.0)
+    sync.state_writer = StepRows()
+    made = [u"etc/shared/default/new.conf", u"etc/shared/newgroup/agent.conf"]
+    gone = u"etc/shared/default/old.conf"
+    pushed, sent = threading.Event(), []
+    sync.push = lambda *job: pushed.set() or {}
+    basis = [(0, 0)] * summary.BUCKETS
+    sync.compare_summaries = lambda everything: (list(range(summary.BUCKETS)), [], basis)
+    sync.peer_summary = lambda: basis
+    entry = manifest.Entry(u"a" * 64, 1, u"shared")
+
+    def slow_manifests(buckets=None, names=None):
+        pushed.clear()
+        clock.now += 1.0      # past push_delay: each step's push is due
+        sync.notify({"changed": made})
+        assert pushed.wait(10), "the push waited for the manifests"
+        return {}, dict((name, entry) for name in made + [gone]
+                        if summary.bucket_of(name) in buckets)
+    sync.manifests = slow_manifests
+    sync.send = lambda mine, data, meta, delete, dirs: sent.append((delete, dirs)) or {}
+    sync.full_round()
+    assert sorted(sum([d for d, _ in sent], [])) == [gone]
+    assert sum([f for _, f in sent], []) == []
