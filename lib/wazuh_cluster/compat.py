@@ -105,6 +105,15 @@ def to_text(value, encoding="utf-8", errors="strict"):
     return value.decode(encoding, errors)
 
 
+if hasattr(int, "from_bytes"):
+    def uint_be(data):
+        """The unsigned big-endian integer of some bytes."""
+        return int.from_bytes(data, "big")
+else:
+    def uint_be(data):
+        return int(binascii.hexlify(data), 16)
+
+
 def native_str(value):
     """The interpreter's own str type (bytes on 2.7, text on 3.x)."""
     if PY2:

@@ -32,6 +32,14 @@ def test_a_name_falls_in_the_same_bucket_on_every_interpreter():
     assert all(0 <= summary.bucket_of("f%d" % n) < summary.BUCKETS for n in range(1000))
 
 
+def test_an_entry_has_the_same_value_on_every_interpreter():
+    # The first 16 bytes of SHA-256(name NUL sha [NUL mtime seconds]), big-endian.
+    assert summary.entry_value(b"etc/shared/default/agent.conf", b"a" * 64, None) == \
+        0x790d84caa76fecd696070ea9ad52b8d7
+    assert summary.entry_value(b"queue/agent-info/web01-any", b"b" * 64,
+                               1700000000987654321) == 0x778da5afe781d026dfbc7dfa7398fca7
+
+
 def test_a_summary_does_not_depend_on_the_order_of_its_entries():
     entries = [("f%d" % n, SHA_A, n * SEC) for n in range(500)]
     assert wire(entries) == wire(list(reversed(entries)))
