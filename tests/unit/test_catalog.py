@@ -1,6 +1,7 @@
 """Catalog: the internal daemon's commands and its timer (scanner + database)."""
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import json
 import logging
 import os
@@ -627,11 +628,20 @@ def test_fingerprints_vouch_only_for_settled_records(home):
     cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="master",
                               node_name="master01", wall=lambda: now[0])
     cat.tick(0.0)
-    assert cat.handle("fingerprints", {"names": [name]}) == {"rows": []}
+    answer = cat.handle("fingerprints", {"names": [name, "queue/agent-info/none-any"]})
+    assert answer.result == {"count": 2}
+    assert answer.data == scanner_mod.NO_FINGERPRINT * 2
     now[0] += 2.5
     cat.tick(1.0)  # the poll that settles it
-    rows = cat.handle("fingerprints", {"names": [name]})["rows"]
-    assert [row[0] for row in rows] == [name]
+    answer = cat.handle("fingerprints", {"names": ["queue/agent-info/none-any", name]})
+    assert answer.data[:scanner_mod.FINGERPRINT.size] == scanner_mod.NO_FINGERPRINT
+    record = scanner_mod.FINGERPRINT.unpack(answer.data[scanner_mod.FINGERPRINT.size:])
+    st = os.lstat(path)
+    assert record == tuple(scanner_mod.fingerprint(st)) + (
+        binascii.unhexlify(cat.scanner.get(name)["sha256"]),)
+    for bad in ([1], "x", [[name]]):
+        with pytest.raises(errors.RequestError):
+            cat.handle("fingerprints", {"names": bad})
 
 
 class TickingClock(object):
