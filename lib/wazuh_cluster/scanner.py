@@ -75,6 +75,7 @@ _REC_LEN = _FP_LEN + 32
 _SUMMED = struct.Struct("<BQQ")
 _LOW64 = (1 << 64) - 1
 _INO_AT = 16  # offset of the inode in _FP
+_INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 # A record as the internal daemon's "fingerprints" answer carries it (keepalive.py): size,
 # mtime_ns, ino, ctime_ns, st_mode and the SHA-256 digest, its first _REC_LEN bytes as they
 # are; all zeros for a file it does not vouch for (no file has inode 0 and that digest).
@@ -381,17 +382,19 @@ class Scanner(object):
         recorded, or an older ctime (the ctime moves with every change and cannot be set),
         as when two sessions' keepalives of one file are told in the other order.
         """
-        files, racy, native, pack, unpack = self._files, self._racy, _native, _FP.pack, \
-            _FP.unpack_from
+        files, racy, native, pack, unpack = self._files, self._racy, _native, \
+            FINGERPRINT.pack, _INO_CTIME.unpack_from
         missed = []
         for row, digest in zip(rows, digests):
-            rel = native(row[0])
+            rel = row[0]
+            if type(rel) is not str:
+                rel = native(rel)
             old = files.get(rel)
             if old is not None and old[_FP_LEN:_REC_LEN] == digest:
-                was = unpack(old)
-                if was[2] == row[3] and row[4] >= was[3]:
+                ino, ctime_ns = unpack(old, _INO_AT)
+                if ino == row[3] and row[4] >= ctime_ns:
                     try:
-                        files[rel] = pack(row[1], row[2], row[3], row[4], row[5]) + digest
+                        files[rel] = pack(row[1], row[2], row[3], row[4], row[5], digest)
                     except struct.error:  # no stat's numbers
                         missed.append(row)
                         continue
