@@ -338,6 +338,33 @@ def test_a_keepalive_batch_is_told_in_one_request():
     assert link.calls == []
 
 
+class Answering(Link):
+    """An internal daemon answering "fingerprints" with these bytes (for two names)."""
+
+    def __init__(self, data):
+        Link.__init__(self)
+        self.data = data
+
+    def call_data(self, cmd, args):
+        self.calls.append((cmd, args))
+        return {"count": len(args["names"])}, self.data
+
+
+def test_fingerprints_are_read_from_the_records_after_the_reply():
+    # One record, then none (a file the daemon does not vouch for), in the names' order.
+    digest = hashlib.sha256(b"Linux a\n").digest()
+    record = scanner.FINGERPRINT.pack(8, BASE_NS, 77, BASE_NS + 1, 0o100660, digest)
+    incoming = [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in (B, A, A)] + \
+        [Incoming(u"queue/agent-info/c-any", b"c\n", sha(b"c\n"), BASE_NS, False)]
+    link = Answering(record + scanner.NO_FINGERPRINT)
+    assert keepalive.records(link, incoming) == {
+        A: (8, BASE_NS, 77, BASE_NS + 1, binascii.hexlify(digest).decode("ascii"))}
+    assert link.calls == [("fingerprints", {"names": [A, B]})]   # meta-only, once, sorted
+    # An answer of another size proves nothing: every file is read, as without the daemon.
+    for data in (record, record * 2 + b"\0", None):
+        assert keepalive.records(Answering(data), incoming) == {}
+
+
 def test_without_the_internal_daemon_touches_are_read_as_before():
     link = Link(down=True)
     assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
