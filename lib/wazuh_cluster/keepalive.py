@@ -39,16 +39,16 @@ def _plain(names):
     return [name for name in names if staterows.is_plain(name)]
 
 
-def _chunks(rows, cost_of):
+def _chunks(rows, cost_of, total):
     """Lists of rows whose JSON stays under REQUEST_BYTES: all at once when their summed
-    bound does (a usual batch), else cut row by row."""
-    costs = [cost_of(row) for row in rows]
-    if sum(costs) <= REQUEST_BYTES:
+    bound `total` does (a usual batch), else cut row by row."""
+    if total <= REQUEST_BYTES:
         if rows:
             yield rows
         return
     chunk, size = [], 0
-    for row, cost in zip(rows, costs):
+    for row in rows:
+        cost = cost_of(row)
         if chunk and size + cost > REQUEST_BYTES:
             yield chunk
             chunk, size = [], 0
@@ -62,6 +62,10 @@ def _name_cost(name):
     return 2 * len(name) + ROW_COST
 
 
+def _row_cost(row):
+    return 2 * len(row[0]) + ROW_COST
+
+
 def _agent_cost(row):
     return 2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
 
@@ -69,19 +73,21 @@ def _agent_cost(row):
 def _told(learned, agents):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch (both lists of the same files)."""
-    costs = [_name_cost(row[0]) for row in learned] + [_agent_cost(row) for row in agents]
-    if sum(costs) <= REQUEST_BYTES:
-        if costs:
+    total = 2 * sum(len(row[0]) for row in learned) + ROW_COST * len(learned) + \
+        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
+    if total <= REQUEST_BYTES:
+        if learned or agents:
             yield dict({"rows": learned}, **({"agents": agents} if agents else {}))
         return
     request, size = {"rows": []}, 0
-    keyed = [("rows", row) for row in learned] + [("agents", row) for row in agents]
-    for (key, row), cost in zip(keyed, costs):
-        if size and size + cost > REQUEST_BYTES:
-            yield request
-            request, size = {"rows": []}, 0
-        request.setdefault(key, []).append(row)
-        size += cost
+    for key, rows, cost_of in (("rows", learned, _row_cost), ("agents", agents, _agent_cost)):
+        for row in rows:
+            cost = cost_of(row)
+            if size and size + cost > REQUEST_BYTES:
+                yield request
+                request, size = {"rows": []}, 0
+            request.setdefault(key, []).append(row)
+            size += cost
     if size:
         yield request
 
@@ -98,7 +104,8 @@ def records(link, incoming):
     known = {}
     size = scanner.FINGERPRINT.size
     try:
-        for chunk in _chunks(names, _name_cost):
+        for chunk in _chunks(names, _name_cost,
+                             2 * sum(map(len, names)) + ROW_COST * len(names)):
             _result, data = link.call_data("fingerprints", {"names": chunk})
             if data is None or len(data) != size * len(chunk):
                 raise ProtocolError("a fingerprints answer of %s bytes for %d names"
