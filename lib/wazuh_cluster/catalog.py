@@ -37,8 +37,9 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
-  fingerprints {names}                            -> {rows: [[name, size, mtime_ns, ino,
-                                                      ctime_ns, sha256]]} of known files
+  fingerprints {names}                            -> {count} and count records after the
+                                                      reply (localsock.WithData), each
+                                                      scanner.FINGERPRINT (zeros: unknown)
   received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]],
                agents?: [agent_nodes rows]}       -> {learned: n, hinted: n, updated?: n}
                                                       (keepalive.py: files given a new mtime
