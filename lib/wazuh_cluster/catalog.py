@@ -97,6 +97,9 @@ HOT_CHECKS_PER_POLL = 4
 # Seconds of hashing received files per tick (Scanner.defer_hashing): the internal daemon's
 # loop serves requests and looks at client.keys again between slices.
 HASH_SLICE = 0.1
+# Names a "fingerprints" request may ask about: each costs 68 bytes of answer, known or not
+# (keepalive.py asks at most REQUEST_BYTES / ROW_COST = 4 915 at a time).
+MAX_FINGERPRINT_NAMES = 16384
 _HEX = re.compile(u"^[0-9a-f]*\\Z")
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
@@ -693,6 +696,8 @@ class Catalog(object):
         with the sender's mtime without reading it. Answered as unknown, such a file is read
         and hashed by the receiver (a few hundred bytes for an agent-info)."""
         names = _opt_text_list(args, "names") or []
+        if len(names) > MAX_FINGERPRINT_NAMES:
+            raise _bad("at most %d names a request" % MAX_FINGERPRINT_NAMES)
         return localsock.WithData({"count": len(names)}, self.scanner.fingerprints(names))
 
     def _cmd_received(self, args):

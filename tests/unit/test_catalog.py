@@ -694,9 +694,11 @@ def test_fingerprints_vouch_only_for_settled_records(home):
     st = os.lstat(path)
     assert record == tuple(scanner_mod.fingerprint(st)) + (
         binascii.unhexlify(cat.scanner.get(name)["sha256"]),)
-    for bad in ([1], "x", [[name]]):
+    for bad in ([1], "x", [[name]], [""] * (catalog_mod.MAX_FINGERPRINT_NAMES + 1)):
         with pytest.raises(errors.RequestError):
             cat.handle("fingerprints", {"names": bad})
+    assert len(cat.handle("fingerprints", {"names": [""] * catalog_mod.MAX_FINGERPRINT_NAMES})
+               .data) == catalog_mod.MAX_FINGERPRINT_NAMES * scanner_mod.FINGERPRINT.size
 
 
 class TickingClock(object):

@@ -307,6 +307,9 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
     for cmd, args in link.calls:
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
             keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+    from wazuh_cluster import catalog
+    assert all(len(args["names"]) <= catalog.MAX_FINGERPRINT_NAMES
+               for cmd, args in link.calls[:fingerprint_calls])
     told = link.calls[fingerprint_calls:]
     assert set(cmd for cmd, _args in told) == set(["received"])
     assert [r for _c, args in told for r in args["rows"]] == rows            # all, in order
