@@ -52,7 +52,6 @@ import binascii
 import itertools
 import json
 import os
-import re
 import time
 
 from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary
@@ -100,7 +99,6 @@ HASH_SLICE = 0.1
 # Names a "fingerprints" request may ask about: each costs 68 bytes of answer, known or not
 # (keepalive.py asks at most REQUEST_BYTES / ROW_COST = 4 915 at a time).
 MAX_FINGERPRINT_NAMES = 16384
-_HEX = re.compile(u"^[0-9a-f]*\\Z")
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
@@ -145,6 +143,18 @@ def _noting_groups(rows, groups, items):
                 if "/" in rest:
                     groups.add(root + rest.split("/", 1)[0])
         yield row
+
+
+def _digests(hex_digits):
+    """The 32-byte digests of the concatenated lower-case SHA-256 hex digits, or None: one
+    unhexlify for a batch's 2 000 (a regex over them cost a third of the row checks)."""
+    if hex_digits.lower() != hex_digits:
+        return None
+    try:
+        data = binascii.unhexlify(hex_digits)
+    except (TypeError, ValueError, binascii.Error):  # UnicodeError is a ValueError
+        return None
+    return [data[at:at + 32] for at in range(0, len(data), 32)]
 
 
 def _rows(args, key, width):
@@ -718,13 +728,15 @@ class Catalog(object):
         rows = _rows(args, "rows", 7)
         names = [row[0] for row in rows]
         shas = [row[6] for row in rows]
-        if not set(map(type, names)) <= _TEXTS or not set(map(type, shas)) <= _TEXTS or \
-                not set(map(len, shas)) <= _SHA_LEN or not _HEX.match(u"".join(shas)) or \
-                not set(map(type, itertools.chain.from_iterable(
-                    row[1:6] for row in rows))) <= _INTS or self._any_sent_by_us(names):
+        digests = None
+        if set(map(type, names)) <= _TEXTS and set(map(type, shas)) <= _TEXTS and \
+                set(map(len, shas)) <= _SHA_LEN and set(map(type, itertools.chain.from_iterable(
+                    row[1:6] for row in rows))) <= _INTS and not self._any_sent_by_us(names):
+            digests = _digests(u"".join(shas))
+        if digests is None:
             raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                        "mode, sha256]")
-        missed = self.scanner.learn_rows(rows, [binascii.unhexlify(sha) for sha in shas])
+        missed = self.scanner.learn_rows(rows, digests)
         hinted = 0
         for row in missed:
             if row[0] in self.scanner:
