@@ -13,24 +13,42 @@ requests well under localsock.MAX_MESSAGE.
 """
 from __future__ import absolute_import, division, print_function
 
-from wazuh_cluster import compat, staterows
-from wazuh_cluster.errors import RequestError
+import binascii
+
+from wazuh_cluster import compat, pathrules, scanner, staterows
+from wazuh_cluster.errors import ProtocolError, RequestError
 
 # A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
 # once: 2 000 names of 40 characters cost 2 * 40 + ROW_COST each (an upper bound of their
 # JSON: a plain name writes in at most twice its length), 472 KiB, and their agent rows
-# 2 * (30 + 8) + AGENT_ROW_COST, 211 KiB. Under localsock.MAX_MESSAGE (1 MiB) either way,
-# the answers included (a fingerprint row costs what its name's request row was counted).
+# 2 * (30 + 8) + AGENT_ROW_COST, 211 KiB. Under localsock.MAX_MESSAGE (1 MiB) either way.
+# The "fingerprints" answer is scanner.FINGERPRINT bytes per name after the reply.
 REQUEST_BYTES = 768 << 10
 ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
 AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
+_FAST_TEXT = hasattr(str, "isascii")  # 3.7+: str.isascii is a flag of the string
 
 
-def _chunks(rows, name_of):
-    """Lists of rows whose JSON stays under REQUEST_BYTES (plain names: at most 2x)."""
+def _plain(names):
+    """The plain names among these (staterows.is_plain), for a batch at a few steps a name:
+    the peer chose them, and only plain ones are asked about (every valid name is)."""
+    if _FAST_TEXT:
+        limit = pathrules.MAX_PATH
+        return [name for name in names if type(name) is str and len(name) <= limit and
+                name.isascii() and name.isprintable() and "\\" not in name]
+    return [name for name in names if staterows.is_plain(name)]
+
+
+def _chunks(rows, cost_of, total):
+    """Lists of rows whose JSON stays under REQUEST_BYTES: all at once when their summed
+    bound `total` does (a usual batch), else cut row by row."""
+    if total <= REQUEST_BYTES:
+        if rows:
+            yield rows
+        return
     chunk, size = [], 0
     for row in rows:
-        cost = 2 * len(name_of(row)) + ROW_COST
+        cost = cost_of(row)
         if chunk and size + cost > REQUEST_BYTES:
             yield chunk
             chunk, size = [], 0
@@ -40,14 +58,31 @@ def _chunks(rows, name_of):
         yield chunk
 
 
+def _name_cost(name):
+    return 2 * len(name) + ROW_COST
+
+
+def _row_cost(row):
+    return 2 * len(row[0]) + ROW_COST
+
+
+def _agent_cost(row):
+    return 2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
+
+
 def _told(learned, agents):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch (both lists of the same files)."""
+    total = 2 * sum(len(row[0]) for row in learned) + ROW_COST * len(learned) + \
+        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
+    if total <= REQUEST_BYTES:
+        if learned or agents:
+            yield dict({"rows": learned}, **({"agents": agents} if agents else {}))
+        return
     request, size = {"rows": []}, 0
-    for key, rows in (("rows", learned), ("agents", agents)):
+    for key, rows, cost_of in (("rows", learned, _row_cost), ("agents", agents, _agent_cost)):
         for row in rows:
-            cost = 2 * len(row[0]) + ROW_COST if key == "rows" else \
-                2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
+            cost = cost_of(row)
             if size and size + cost > REQUEST_BYTES:
                 yield request
                 request, size = {"rows": []}, 0
@@ -63,15 +98,26 @@ def records(link, incoming):
 
     The names are the peer's: only plain ones are asked about (no valid name is otherwise;
     the receiver refuses the rest). Without an answer (the internal daemon restarting) the
-    files are simply read and hashed.
+    files are simply read and hashed; an answer of the wrong size is no answer.
     """
-    names = sorted(set(f.name for f in incoming if f.meta_only and staterows.is_plain(f.name)))
+    names = sorted(set(_plain([f.name for f in incoming if f.meta_only])))
     known = {}
+    size = scanner.FINGERPRINT.size
     try:
-        for chunk in _chunks(names, compat.to_text):
-            for row in link.call("fingerprints", {"names": chunk}).get("rows") or ():
-                known[row[0]] = tuple(row[1:6])
-    except RequestError:
+        for chunk in _chunks(names, _name_cost,
+                             2 * sum(map(len, names)) + ROW_COST * len(names)):
+            _result, data = link.call_data("fingerprints", {"names": chunk})
+            if data is None or len(data) != size * len(chunk):
+                raise ProtocolError("a fingerprints answer of %s bytes for %d names"
+                                    % (None if data is None else len(data), len(chunk)))
+            unpack, none, hexlify = scanner.FINGERPRINT.unpack_from, scanner.NO_FINGERPRINT, \
+                binascii.hexlify
+            for index, name in enumerate(chunk):
+                at = index * size
+                if data[at:at + size] != none:
+                    record = unpack(data, at)
+                    known[name] = record[:4] + (hexlify(record[5]).decode("ascii"),)
+    except (RequestError, ProtocolError):
         pass
     return known
 

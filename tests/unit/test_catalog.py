@@ -1,6 +1,7 @@
 """Catalog: the internal daemon's commands and its timer (scanner + database)."""
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import json
 import logging
 import os
@@ -613,6 +614,61 @@ def test_received_records_the_agents_of_the_batch_in_the_same_call(home):
     assert cat.db.agents()["web01-any"] == ("client02", int((NOW - 5) * 1e9))
 
 
+def test_received_rows_are_checked_whole_before_any_is_learned(home):
+    # The rows are checked a column at a time: one bad row anywhere refuses the request and
+    # no row before it is taken (a keepalive batch is 2 000 rows).
+    names = ["queue/agent-info/web%02d-any" % i for i in range(3)]
+    for name in names:
+        write(home, name, "Linux %s\n" % name, mtime_ns=int((NOW - 30) * 1e9))
+    cat = make(home)
+    cat.handle("rescan", {})
+    cat.tick(0.0)
+    rows = []
+    for name in names:
+        compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
+        st = os.lstat(os.path.join(home, name))
+        rows.append([name] + list(scanner_mod.fingerprint(st)) + [cat.scanner.row(name)[7]])
+    last = rows[-1]
+    for bad in (last[:6] + [last[6][:63] + u"\n"],      # not 64 hex digits
+                last[:6] + [last[6][:63] + u"g"],
+                last[:6] + [last[6].upper()],
+                last[:6] + [5],
+                last[:4] + [float(last[4])] + last[5:],
+                last[:5] + [False] + last[6:],
+                ["etc/client.keys"] + last[1:],            # a file this master sends
+                ["etc/shared/default/agent.conf"] + last[1:],
+                [None] + last[1:]):
+        with pytest.raises(errors.RequestError) as info:
+            cat.handle("received", {"rows": rows[:-1] + [bad]})
+        assert info.value.code == "bad_request"
+        assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 30) * 1e9) for n in names)
+    assert cat.handle("received", {"rows": rows}) == {"learned": 3, "hinted": 0}
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
+
+
+def test_learn_rows_takes_what_it_can_and_returns_the_rest(home):
+    names = ["queue/agent-info/web%02d-any" % i for i in range(3)]
+    for name in names:
+        write(home, name, "Linux %s\n" % name, mtime_ns=int((NOW - 30) * 1e9))
+    cat = make(home)
+    cat.handle("rescan", {})
+    cat.tick(0.0)
+    scan = cat.scanner
+    rows, digests = [], []
+    for name in names:
+        st = os.lstat(os.path.join(home, name))
+        fp = scanner_mod.fingerprint(st)
+        rows.append([name, fp[0], fp[1] + 10, fp[2], fp[3] + 1, fp[4]])
+        digests.append(binascii.unhexlify(scan.get(name)["sha256"]))
+    rows[1][4] -= 2            # an older ctime than recorded: an older look
+    digests[2] = b"\0" * 32    # another content than recorded
+    rows.append(["queue/agent-info/none-any"] + rows[0][1:])
+    digests.append(digests[0])
+    assert scan.learn_rows(rows, digests) == rows[1:]
+    assert scan.get(names[0])["mtime_ns"] == rows[0][2]
+    assert [scan.get(n)["mtime_ns"] for n in names[1:]] == [int((NOW - 30) * 1e9)] * 2
+
+
 def test_fingerprints_vouch_only_for_settled_records(home):
     # The receiver stamps a keepalive's mtime without reading the file when this answer
     # proves the content: a record taken in the clock tick of the file's last write proves
@@ -627,11 +683,22 @@ def test_fingerprints_vouch_only_for_settled_records(home):
     cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role="master",
                               node_name="master01", wall=lambda: now[0])
     cat.tick(0.0)
-    assert cat.handle("fingerprints", {"names": [name]}) == {"rows": []}
+    answer = cat.handle("fingerprints", {"names": [name, "queue/agent-info/none-any"]})
+    assert answer.result == {"count": 2}
+    assert answer.data == scanner_mod.NO_FINGERPRINT * 2
     now[0] += 2.5
     cat.tick(1.0)  # the poll that settles it
-    rows = cat.handle("fingerprints", {"names": [name]})["rows"]
-    assert [row[0] for row in rows] == [name]
+    answer = cat.handle("fingerprints", {"names": ["queue/agent-info/none-any", name]})
+    assert answer.data[:scanner_mod.FINGERPRINT.size] == scanner_mod.NO_FINGERPRINT
+    record = scanner_mod.FINGERPRINT.unpack(answer.data[scanner_mod.FINGERPRINT.size:])
+    st = os.lstat(path)
+    assert record == tuple(scanner_mod.fingerprint(st)) + (
+        binascii.unhexlify(cat.scanner.get(name)["sha256"]),)
+    for bad in ([1], "x", [[name]], [""] * (catalog_mod.MAX_FINGERPRINT_NAMES + 1)):
+        with pytest.raises(errors.RequestError):
+            cat.handle("fingerprints", {"names": bad})
+    assert len(cat.handle("fingerprints", {"names": [""] * catalog_mod.MAX_FINGERPRINT_NAMES})
+               .data) == catalog_mod.MAX_FINGERPRINT_NAMES * scanner_mod.FINGERPRINT.size
 
 
 class TickingClock(object):

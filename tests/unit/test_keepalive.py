@@ -277,12 +277,19 @@ class Link(object):
         self.calls, self.down = [], down
 
     def call(self, cmd, args):
+        result, data = self.call_data(cmd, args)
+        assert data is None
+        return result
+
+    def call_data(self, cmd, args):
         if self.down:
             raise RequestError("internal daemon unavailable", "internal_unavailable")
         self.calls.append((cmd, args))
         if cmd == "fingerprints":
-            return {"rows": [[n, 1, 2, 3, 4, "ab" * 32] for n in args["names"]]}
-        return {"learned": len(args["rows"])}
+            return {"count": len(args["names"])}, b"".join(
+                scanner.FINGERPRINT.pack(1, 2, 3, 4, 0o100660, b"\xab" * 32)
+                for _name in args["names"])
+        return {"learned": len(args["rows"])}, None
 
 
 def test_records_and_fingerprints_travel_in_bounded_requests():
@@ -300,6 +307,9 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
     for cmd, args in link.calls:
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
             keepalive.REQUEST_BYTES + 1024 < localsock.MAX_MESSAGE
+    from wazuh_cluster import catalog
+    assert all(len(args["names"]) <= catalog.MAX_FINGERPRINT_NAMES
+               for cmd, args in link.calls[:fingerprint_calls])
     told = link.calls[fingerprint_calls:]
     assert set(cmd for cmd, _args in told) == set(["received"])
     assert [r for _c, args in told for r in args["rows"]] == rows            # all, in order
@@ -329,6 +339,33 @@ def test_a_keepalive_batch_is_told_in_one_request():
     link = Link()
     keepalive.tell(link, [], [])
     assert link.calls == []
+
+
+class Answering(Link):
+    """An internal daemon answering "fingerprints" with these bytes (for two names)."""
+
+    def __init__(self, data):
+        Link.__init__(self)
+        self.data = data
+
+    def call_data(self, cmd, args):
+        self.calls.append((cmd, args))
+        return {"count": len(args["names"])}, self.data
+
+
+def test_fingerprints_are_read_from_the_records_after_the_reply():
+    # One record, then none (a file the daemon does not vouch for), in the names' order.
+    digest = hashlib.sha256(b"Linux a\n").digest()
+    record = scanner.FINGERPRINT.pack(8, BASE_NS, 77, BASE_NS + 1, 0o100660, digest)
+    incoming = [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in (B, A, A)] + \
+        [Incoming(u"queue/agent-info/c-any", b"c\n", sha(b"c\n"), BASE_NS, False)]
+    link = Answering(record + scanner.NO_FINGERPRINT)
+    assert keepalive.records(link, incoming) == {
+        A: (8, BASE_NS, 77, BASE_NS + 1, binascii.hexlify(digest).decode("ascii"))}
+    assert link.calls == [("fingerprints", {"names": [A, B]})]   # meta-only, once, sorted
+    # An answer of another size proves nothing: every file is read, as without the daemon.
+    for data in (record, record * 2 + b"\0", None):
+        assert keepalive.records(Answering(data), incoming) == {}
 
 
 def test_without_the_internal_daemon_touches_are_read_as_before():
