@@ -614,15 +614,21 @@ def test_received_records_the_agents_of_the_batch_in_the_same_call(home):
     assert cat.db.agents()["web01-any"] == ("client02", int((NOW - 5) * 1e9))
 
 
-def test_received_rows_are_checked_whole_before_any_is_learned(home):
-    # The rows are checked a column at a time: one bad row anywhere refuses the request and
-    # no row before it is taken (a keepalive batch is 2 000 rows).
-    names = ["queue/agent-info/web%02d-any" % i for i in range(3)]
+def scanned_agent_infos(home, count):
+    """A master's catalog that has scanned `count` agent-info files dated NOW - 30 s."""
+    names = ["queue/agent-info/web%02d-any" % i for i in range(count)]
     for name in names:
         write(home, name, "Linux %s\n" % name, mtime_ns=int((NOW - 30) * 1e9))
     cat = make(home)
     cat.handle("rescan", {})
     cat.tick(0.0)
+    return cat, names
+
+
+def test_received_rows_are_checked_whole_before_any_is_learned(home):
+    # The rows are checked a column at a time: one bad row anywhere refuses the request and
+    # no row before it is taken (a keepalive batch is 2 000 rows).
+    cat, names = scanned_agent_infos(home, 3)
     rows = []
     for name in names:
         compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
@@ -647,12 +653,7 @@ def test_received_rows_are_checked_whole_before_any_is_learned(home):
 
 
 def test_learn_rows_takes_what_it_can_and_returns_the_rest(home):
-    names = ["queue/agent-info/web%02d-any" % i for i in range(3)]
-    for name in names:
-        write(home, name, "Linux %s\n" % name, mtime_ns=int((NOW - 30) * 1e9))
-    cat = make(home)
-    cat.handle("rescan", {})
-    cat.tick(0.0)
+    cat, names = scanned_agent_infos(home, 3)
     scan = cat.scanner
     rows, digests = [], []
     for name in names:

@@ -174,13 +174,15 @@ class Held(object):
 
 
 class Apply(threading.Thread):
-    def __init__(self, rx, files):
+    """rx.apply_batch(files, **kwargs) in a thread of its own; its answer in `result`."""
+
+    def __init__(self, rx, files, **kwargs):
         threading.Thread.__init__(self)
         self.daemon = True
-        self.rx, self.files, self.result = rx, files, None
+        self.rx, self.files, self.kwargs, self.result = rx, files, kwargs, None
 
     def run(self):
-        self.result = self.rx.apply_batch(self.files)
+        self.result = self.rx.apply_batch(self.files, **self.kwargs)
 
 
 def content(name, data, mtime_ns):

@@ -6,12 +6,12 @@ from __future__ import absolute_import, division, print_function
 
 import hashlib
 import os
-import threading
 
 import pytest
 
+from test_keepalive import Apply, Held
 from test_receive import (AI, BASE_NS, EXCLUDE, ITEMS, SEC, home, log,  # noqa: F401
-                          master_rx, mtime_ns, outside, put, read, temp_files)
+                          master_rx, mtime_ns, odd_agent_infos, outside, put, read, temp_files)
 from wazuh_cluster import claims, compat, fsops, pathrules, receive, scanner
 from wazuh_cluster.errors import PathRefused
 from wazuh_cluster.receive import Incoming
@@ -158,12 +158,7 @@ def test_hostile_names_in_a_keepalive_batch_are_refused_before_any_system_call(
 
 def test_a_symlink_folder_or_fifo_in_a_keepalive_batch_is_refused_and_not_followed(
         home, log, outside):
-    victim = os.path.join(outside, "victim")
-    before = mtime_ns(victim)
-    names = [AI, AI + "2", AI + "3"]
-    os.symlink(victim, os.path.join(home, names[0]))
-    os.mkdir(os.path.join(home, names[1]))
-    os.mkfifo(os.path.join(home, names[2]))
+    victim, before, names = odd_agent_infos(home, outside)
     # forged records: what the file behind each would show
     known = dict((name, record(home, name, path=victim)) for name in names)
     states, reasons = master_rx(home, log).apply_batch(
@@ -259,32 +254,6 @@ def test_a_fence_refuses_each_keepalive_of_a_deposed_sender(home, log):
 
 
 # -- newest keepalive wins between two clients --------------------------------------------------
-
-class Held(object):
-    """A per-file batch that stops after its first file until released (a slow peer's)."""
-
-    def __init__(self, files):
-        self.files = files
-        self.reached = threading.Event()
-        self.release = threading.Event()
-
-    def __iter__(self):
-        for index, incoming in enumerate(self.files):
-            if index == 1:
-                self.reached.set()
-                self.release.wait(WAIT)
-            yield incoming
-
-
-class Apply(threading.Thread):
-    def __init__(self, rx, files, **kwargs):
-        threading.Thread.__init__(self)
-        self.daemon = True
-        self.rx, self.files, self.kwargs, self.result = rx, files, kwargs, None
-
-    def run(self):
-        self.result = self.rx.apply_batch(self.files, **self.kwargs)
-
 
 @pytest.mark.parametrize("held_ns,touch_ns", [(BASE_NS + SEC, BASE_NS + 2 * SEC),
                                               (BASE_NS + 2 * SEC, BASE_NS + SEC)])

@@ -3,6 +3,7 @@ push per push_delay, with what arrived meanwhile travelling together."""
 from __future__ import absolute_import, division, print_function
 
 import collections
+import contextlib
 import hashlib
 import os
 import threading
@@ -255,12 +256,28 @@ def test_a_batch_holds_no_file_data_while_the_peer_applies_it(tmpdir):
     assert held == [0] and sorted(states) == [u"etc/shared/default/f%d" % n for n in range(3)]
 
 
+@contextlib.contextmanager
+def delta_master(tmpdir, sync_files):
+    """A master's PeerSync over a real session pair to a peer that knows deltas and answers
+    sync_files with `sync_files`; files of 1 000 bytes and more go through the version store."""
+    from test_channel import channel_pair
+    from wazuh_cluster import versions
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
+    master.features = ("delta",)
+    try:
+        yield PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
+                       store=versions.VersionStore(min_bytes=1000))
+    finally:
+        master.close()
+        peer.close()
+
+
 def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
     """A change event that comes after the push that read its version (client.keys appended
     while a push was under way) had that 9.4 MB version sent whole to every client again,
     all at once: the master's peak memory at 20 clients (issue 11)."""
-    from test_channel import channel_pair
-    from wazuh_cluster import versions
     keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
     tmpdir.mkdir("etc").join("client.keys").write_binary(keys)
     seen = []
@@ -269,18 +286,9 @@ def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
         seen.append((len(data), [f["name"] for f in args.get("meta", ())]))
         names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
         return {"states": dict((name, "synchronized") for name in names)}, b""
-    ours, theirs = channel_pair()
-    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
-    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
-    master.features = ("delta",)
-    try:
-        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
-                        store=versions.VersionStore(min_bytes=1000))
+    with delta_master(tmpdir, sync_files) as sync:
         first = sync.send({}, [u"etc/client.keys"], [], [], [])
         again = sync.send({}, [u"etc/client.keys"], [], [], [])
-    finally:
-        master.close()
-        peer.close()
     assert first == again == {u"etc/client.keys": "synchronized"}
     assert seen == [(len(keys), []), (0, [u"etc/client.keys"])]
 
@@ -291,8 +299,7 @@ def test_a_big_file_appended_while_it_is_read_goes_at_once_in_its_newer_version(
     next append (read_stable: None), or came after it (another size than the lstat before):
     either postponed the file by RETRY_DELAY for that client, its append 2-4 s late
     (issue 11). What changed it is newer: it is read again at once and sent."""
-    from test_channel import channel_pair
-    from wazuh_cluster import sync as sync_mod, versions
+    from wazuh_cluster import sync as sync_mod
     keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
     path = tmpdir.mkdir("etc").join("client.keys")
     path.write_binary(keys)
@@ -312,18 +319,9 @@ def test_a_big_file_appended_while_it_is_read_goes_at_once_in_its_newer_version(
         seen.append(data)
         names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
         return {"states": dict((name, "synchronized") for name in names)}, b""
-    ours, theirs = channel_pair()
-    peer = RealSession(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
-    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2)).start()
-    master.features = ("delta",)
-    try:
-        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0,
-                        store=versions.VersionStore(min_bytes=1000))
+    with delta_master(tmpdir, sync_files) as sync:
         sync.versions.read_func = read
         states = sync.send({}, [u"etc/client.keys"], [], [], [])
-    finally:
-        master.close()
-        peer.close()
     assert states == {u"etc/client.keys": "synchronized"}
     assert sync.postponed == 0 and not sync.has_push()
     assert seen == [keys + added] and len(reads) == (2 if torn else 1)
@@ -469,15 +467,21 @@ class StepRows(object):
             self.writes.append([row[1] for row in rows])
 
 
+def round_sync():
+    """A master's PeerSync at the start of its slot, its internal daemon a PendingLink and
+    its steps' rows kept (StepRows)."""
+    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
+                    DELAY, 30.0, clock=Clock(), phase=0.0)
+    sync.state_writer = StepRows()
+    return sync
+
+
 def test_a_round_writes_each_steps_rows_before_the_next_step():
     # A master's first rounds with 20 new clients each held the {name: state} of every step
     # (10 000 names) until the round's last step, then all its rows at once: the peak of
     # the 20-client first sync. Each step's rows go as it ends, and the round is still
     # "ok" only when every step was.
-    clock = Clock()
-    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
-                    DELAY, 30.0, clock=clock, phase=0.0)
-    sync.state_writer = StepRows()
+    sync = round_sync()
     sync.rows_held = 1      # a round of 10 000 names, at the scale of one name a step
     steps = []
 
@@ -591,10 +595,7 @@ def test_a_push_goes_while_a_round_waits_for_its_summaries():
     # A master's round with a client waited 8 s for the first answers (both internal
     # daemons and the client busy with keepalive batches, 20 clients) and that client's
     # appends waited with it: 11 s late, the run's p99 (issue 11).
-    clock = Clock()
-    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
-                    DELAY, 30.0, clock=clock, phase=0.0)
-    sync.state_writer = StepRows()
+    sync = round_sync()
     pushed = threading.Event()
     sync.push = lambda *job: pushed.set() or {}
     basis = [(0, 0)] * summary.BUCKETS
@@ -619,10 +620,7 @@ def test_a_push_goes_while_a_round_waits_for_its_summaries():
 def test_a_push_goes_while_a_round_step_waits_for_the_manifests():
     # A round step held the client's pushes while both manifests of its buckets were
     # fetched: seconds under churn at 20 clients (issue 11).
-    clock = Clock()
-    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
-                    DELAY, 30.0, clock=clock, phase=0.0)
-    sync.state_writer = StepRows()
+    sync = round_sync()
     pushed = threading.Event()
     sync.push = lambda *job: pushed.set() or {}
     basis = [(0, 0)] * summary.BUCKETS
@@ -644,10 +642,7 @@ def test_a_push_goes_while_a_round_step_waits_for_the_manifests():
 def test_a_round_step_deletes_nothing_a_push_sent_while_it_fetched_the_manifests():
     # Our manifest is taken before the peer's: a file made meanwhile and pushed is on the
     # peer and not in ours. The step must not delete it, nor its new group folder.
-    clock = Clock()
-    sync = PeerSync(Session(), "/nonexistent", "master", PendingLink(), ITEMS, INTERVAL,
-                    DELAY, 30.0, clock=clock, phase=0.0)
-    sync.state_writer = StepRows()
+    sync = round_sync()
     made = [u"etc/shared/default/new.conf", u"etc/shared/newgroup/agent.conf"]
     gone = u"etc/shared/default/old.conf"
     pushed, sent = threading.Event(), []
@@ -659,7 +654,7 @@ def test_a_round_step_deletes_nothing_a_push_sent_while_it_fetched_the_manifests
 
     def slow_manifests(buckets=None, names=None):
         pushed.clear()
-        clock.now += 1.0      # past push_delay: each step's push is due
+        sync.clock.now += 1.0      # past push_delay: each step's push is due
         sync.notify({"changed": made})
         assert pushed.wait(10), "the push waited for the manifests"
         return {}, dict((name, entry) for name in made + [gone]

@@ -535,15 +535,22 @@ def test_meta_only_update_of_a_missing_file_fails(home, log):
     assert not os.path.exists(os.path.join(home, AI))
 
 
-def test_meta_only_update_refuses_what_is_not_a_regular_file(home, log, outside):
-    # The touch opens the name (no lstat first): a symlink, a folder or a FIFO there is
-    # refused as before, the symlink's target keeps its time, and a FIFO does not block.
+def odd_agent_infos(home, outside):
+    """Three agent-info names that are no regular file: a symlink to a file outside the
+    tree, a folder and a FIFO; (the symlink's target, its mtime, the names)."""
     victim = os.path.join(outside, "victim")
     before = mtime_ns(victim)
     names = [AI, AI + "2", AI + "3"]
     os.symlink(victim, os.path.join(home, names[0]))
     os.mkdir(os.path.join(home, names[1]))
     os.mkfifo(os.path.join(home, names[2]))
+    return victim, before, names
+
+
+def test_meta_only_update_refuses_what_is_not_a_regular_file(home, log, outside):
+    # The touch opens the name (no lstat first): a symlink, a folder or a FIFO there is
+    # refused as before, the symlink's target keeps its time, and a FIFO does not block.
+    victim, before, names = odd_agent_infos(home, outside)
     states, reasons = master_rx(home, log).apply_batch(
         [inc(name, b"x", BASE_NS + 5 * SEC, meta_only=True) for name in names])
     assert states == dict((name, "invalid") for name in names)
