@@ -157,9 +157,7 @@ SEAL_FILES = 4096  # files per seal: a folder of shared files is one group
 if hasattr(os.stat_result, "st_mtime_ns"):
     _SEAL = _FP
     _seal_fields = _fingerprint
-
-    def _record_fp(packed):
-        return packed
+    _record_fp = None  # the seal's packing is the record's
 else:
     _SEAL = struct.Struct("<qdQdI")
     _seal_fields = operator.attrgetter("st_size", "st_mtime", "st_ino", "st_ctime", "st_mode")
@@ -913,12 +911,14 @@ class Scanner(object):
         prefix = rel + "/"
         lstat = folder.base_lstat()
         settled = packed is not None
-        at = 0
+        at, convert = 0, _record_fp
         for base in names:
             child = prefix + base
             old = files.get(child)
             if packed is not None:
-                mine = _record_fp(packed[at:at + _SEAL_LEN])
+                mine = packed[at:at + _SEAL_LEN]
+                if convert is not None:
+                    mine = convert(mine)
                 at += _SEAL_LEN
                 if old is not None and old.startswith(mine) and child not in racy:
                     continue
