@@ -23,6 +23,7 @@ if PY2:  # pragma: no cover - exercised by the 2.7 run
     InterruptedError = OSError
     ConnectionError = OSError
     BrokenPipeError = OSError
+    from itertools import imap  # noqa: F401 - map's lazy form on 2.7
 else:
     import socketserver  # noqa: F401
     import queue  # noqa: F401
@@ -36,6 +37,7 @@ else:
     InterruptedError = _builtins.InterruptedError
     ConnectionError = _builtins.ConnectionError
     BrokenPipeError = _builtins.BrokenPipeError
+    imap = map
 
 def _ctypes_clock(clock_id):
     """A function returning clock_gettime(clock_id) in seconds (2.7 has no time.clock_gettime)."""
@@ -188,6 +190,13 @@ class FolderLstat(object):
             prefix = self._prefix
             return lambda name: os.lstat(prefix + name)
         return functools.partial(os.stat, dir_fd=self._fd, follow_symlinks=False)
+
+    def lstats(self, names):
+        """An iterator of lstat(name) for names without a "/", looping in C (2.7 included: no
+        Python call per name); the first failure raises OSError from the iteration."""
+        if self._fd is None:
+            return imap(os.lstat, imap(self._prefix.__add__, names))
+        return imap(functools.partial(os.stat, dir_fd=self._fd, follow_symlinks=False), names)
 
     def folder_stat(self):
         """The folder's own stat: of the descriptor the names are looked up in (an lstat of

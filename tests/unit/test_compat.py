@@ -3,6 +3,7 @@ from __future__ import absolute_import, division, print_function
 
 import hashlib
 import os
+import stat
 import sys
 import threading
 
@@ -103,6 +104,20 @@ def test_folder_lstat_finds_names_in_its_folder_only(tmp_path):
     with compat.FolderLstat(str(tmp_path / "gone")) as in_gone:
         with pytest.raises(OSError):
             in_gone.lstat(u"agent-1.2.3.4")
+
+
+def test_folder_lstats_iterates_the_lstats_of_names_in_its_folder(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "a").write_bytes(b"x" * 3)
+    os.symlink("a", str(folder / "link"))
+    for follow in (True, False):
+        with compat.FolderLstat(str(folder), follow=follow) as in_folder:
+            got = [(st.st_size, stat.S_ISLNK(st.st_mode))
+                   for st in in_folder.lstats([str("a"), str("link")])]
+            assert got == [(3, False), (1, True)]  # the link itself
+            with pytest.raises(OSError):
+                list(in_folder.lstats([str("a"), str("missing")]))
 
 
 @pytest.mark.parametrize("sizes", [(), (0,), (3,), (compat.SHA256_SMALL,),

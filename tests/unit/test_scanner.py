@@ -622,3 +622,90 @@ def test_a_folder_listed_in_the_tick_of_its_change_is_listed_again_when_asked(ho
     assert scan.poll(frozenset(["agent-info"])).is_empty()
     assert scan.poll(frozenset(["agent-info"]), racy_folders=True).deleted == [names[1]]
     assert scan.poll(frozenset(["agent-info"]), racy_folders=True).is_empty()
+
+
+class _CountingDict(dict):
+    """The scanner's map, counting the per-file lookups of a pass."""
+    gets = 0
+
+    def get(self, *args):
+        self.gets += 1
+        return dict.get(self, *args)
+
+
+def _count_lookups(scan):
+    scan._files = _CountingDict(scan._files)
+    return scan._files
+
+
+def test_a_sealed_folder_is_passed_without_a_lookup_per_file_until_a_file_changes(home):
+    names = ["etc/shared/default/f%03d" % i for i in range(50)]
+    for name in names:
+        write(home, name, "x")
+    scan, _ = make(home, wall=lambda: 4e9)  # nothing is "racy" seen from 2096
+    scan.full_pass()      # lists the folders
+    scan.full_pass()      # every file matched its settled record: sealed
+    files = _count_lookups(scan)
+    assert scan.full_pass().is_empty()
+    assert files.gets == 0
+    write(home, names[7], "y")    # in place, same size and mtime
+    assert scan.full_pass().changed == [names[7]]
+    assert files.gets >= len(names)   # its group compared file by file
+    assert scan.full_pass().is_empty()  # all settled again: sealed anew
+    files.gets = 0
+    assert scan.full_pass().is_empty()
+    assert files.gets == 0
+
+
+def _rename_over(home, name):
+    # Same size and mtime as the file it replaces; made outside the folder, so the folder's
+    # stamps only move with the rename itself (pinned below, as a coarse clock would).
+    os.makedirs(os.path.join(home, "var"))
+    write(home, "var/new", "y")
+    os.rename(os.path.join(home, "var/new"), os.path.join(home, name))
+
+
+@pytest.mark.parametrize("edit", ["rewrite", "chmod", "utime", "rename-over"])
+def test_a_sealed_folder_sees_every_kind_of_edit_in_place_at_the_next_full_pass(
+        home, monkeypatch, edit):
+    # What breaks a seal: each of these keeps the size and the mtime of the file (and the
+    # folder's names), only the ctime or the inode moves.
+    name = "etc/shared/default/agent.conf"
+    path = write(home, name, "x")
+    write(home, "etc/shared/default/other.conf", "o")
+    folder = os.path.join(home, "etc/shared/default")
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    scan.full_pass()
+    assert "etc/shared/default" in scan._seals
+    st = os.lstat(folder)
+    pinned = scanner._dir_fingerprint(st)
+    monkeypatch.setattr(scanner, "_dir_fingerprint", lambda s: pinned if s.st_ino == st.st_ino
+                        else (compat.stat_mtime_ns(s), compat.stat_ctime_ns(s), s.st_ino))
+    time.sleep(0.01)  # past the file system clock's tick (a few ms at most)
+    if edit == "rewrite":
+        write(home, name, "y")
+    elif edit == "chmod":
+        os.chmod(path, 0o600)
+    elif edit == "utime":
+        compat.set_mtime_ns(path, BASE_NS)  # the same mtime again
+    else:
+        _rename_over(home, name)
+    changes = scan.full_pass()
+    assert changes.changed == ([name] if edit in ("rewrite", "rename-over") else [])
+    now = os.lstat(path)
+    assert scan.row(name)[2:7] == (now.st_size, compat.stat_mtime_ns(now), now.st_ino,
+                                   compat.stat_ctime_ns(now), now.st_mode & 0o7777)
+
+
+def test_a_record_written_between_passes_takes_its_folders_seal_away(home):
+    name = "queue/agent-info/web01-any"
+    write(home, name, "Linux")
+    write(home, "etc/shared/default/agent.conf", "x")
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    scan.full_pass()
+    assert sorted(scan._seals) == ["etc/shared/default", "queue/agent-info"]
+    write(home, name, "LINUX")
+    assert scan.check_files([name]).changed == [name]
+    assert sorted(scan._seals) == ["etc/shared/default"]  # a seal speaks for records unchanged
