@@ -1,6 +1,7 @@
 """Change detection: fingerprints, hashing only when needed, folder polls, exclusions."""
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import collections
 import json
 import os
@@ -709,3 +710,18 @@ def test_a_record_written_between_passes_takes_its_folders_seal_away(home):
     write(home, name, "LINUX")
     assert scan.check_files([name]).changed == [name]
     assert sorted(scan._seals) == ["etc/shared/default"]  # a seal speaks for records unchanged
+
+
+def test_a_learned_keepalive_takes_its_folders_seal_away(home):
+    # Scanner.learn_rows writes a record as check_files does (a receiver's keepalive).
+    name = "queue/agent-info/web01-any"
+    path = write(home, name, "Linux")
+    write(home, "etc/shared/default/agent.conf", "x")
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    scan.full_pass()
+    assert "queue/agent-info" in scan._seals
+    digest = binascii.unhexlify(scan.get(name)["sha256"])
+    compat.set_mtime_ns(path, 5 * 10 ** 18)
+    assert scan.learn(name, scanner.fingerprint(os.lstat(path)), digest)
+    assert sorted(scan._seals) == ["etc/shared/default"]
