@@ -39,8 +39,8 @@ invariant:
   keeps a client reading the master's next batch (and the answers behind it) meanwhile.
 
 wazuh-clusterd's cluster.max_inflight_bytes is the whole of it (issue 11, memory bounded by
-design): for_daemon takes the urgent reserve out of it (a twelfth: with the default 24 MiB,
-what is left beside the sends still takes a client's two largest messages), so `used` never passes
+design): for_daemon takes the urgent reserve out of it (a twelfth: with 24 MiB, what is left
+beside the sends still takes a client's two largest messages), so `used` never passes
 the option, however the grants fall; bound() adds the store of versions for deltas, the
 other part of the daemon's memory that grows with what it sends, to give the most the
 daemon holds above its baseline. Before, the reserve came on top (64 + 16 MiB by default)
@@ -83,7 +83,8 @@ def bound(max_inflight_bytes, store_most, store_held=0):
     the compression cache: `max_inflight_bytes`) plus what its store of versions for deltas
     may hold (`store_most`: versions.most(cluster.delta_store_bytes)) beyond `store_held`,
     what the store already held in that baseline (the current client.keys on a master).
-    Issue 11: the defaults keep baseline plus this under 100 MB (README, Performance)."""
+    Issue 11: with cluster.max_inflight_bytes=24 MiB baseline plus this stays under 100 MB;
+    the default 64 MiB trades that promise for latency (README, Performance)."""
     return int(max_inflight_bytes) + max(0, int(store_most) - int(store_held))
 
 
