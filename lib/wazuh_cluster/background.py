@@ -54,7 +54,14 @@ class Serial(object):
                     self._thread = None
                     return
                 pending, call, args = self._queue.popleft()
-            pending.run(call, args)
+            try:
+                pending.run(call, args)
+            except BaseException:
+                # Not an error of the call (those wait() raises): this thread ends, so the
+                # next submit starts another rather than notifying a dead one.
+                with self._cond:
+                    self._thread = None
+                raise
 
 
 class Pending(object):

@@ -752,13 +752,17 @@ class Catalog(object):
         folder: a keepalive batch's 2 000 names are in one)."""
         seen = set()
         for name in names:
+            if name in self._item_paths:
+                # an item's own path answers for itself only (scanner.item_of), never for
+                # the other names of its folder
+                if self._sent_by_us(name):
+                    return True
+                continue
             folder = name.rpartition("/")[0]
             if folder not in seen:
                 seen.add(folder)
                 if self._sent_by_us(name):
                     return True
-            elif name in self._item_paths and self._sent_by_us(name):
-                return True
         return False
 
     # -- agents -------------------------------------------------------------------------------

@@ -547,7 +547,11 @@ class _Batch(object):
             fd = fsops.open_folder(path)
         except (OSError, PathRefused):
             return False
-        if os.fstat(fd).st_dev != dev:
+        try:
+            same = os.fstat(fd).st_dev == dev
+        except OSError:
+            same = False
+        if not same:
             os.close(fd)
             return False
         return fd, path, dev

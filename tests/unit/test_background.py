@@ -49,6 +49,25 @@ def test_the_thread_ends_when_idle_and_a_new_one_serves_what_comes_later():
     assert seen == [1] and serial.threads == 2
 
 
+@pytest.mark.filterwarnings("ignore:Exception in thread")  # the SystemExit, on purpose
+def test_a_call_that_ends_its_thread_leaves_the_next_submit_a_new_one():
+    # A BaseException (SystemExit) ends the worker thread: a later submit that only
+    # notified it would never run, and its wait() would hang.
+    serial = background.Serial()
+
+    def leaves():
+        raise SystemExit(0)
+    serial.submit(leaves).wait()
+    for _ in range(3000):                 # a bound on a wait for a thread, not a limit
+        if serial._thread is None:
+            break
+        threading.Event().wait(0.01)
+    assert serial._thread is None, "the Serial still counts on a thread that has ended"
+    seen = []
+    serial.submit(seen.append, 1).wait()
+    assert seen == [1] and serial.threads == 2
+
+
 class SlowLink(object):
     """An internal daemon busy with a tick until `release`: the rows it was told."""
 
