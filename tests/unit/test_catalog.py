@@ -652,6 +652,27 @@ def test_received_rows_are_checked_whole_before_any_is_learned(home):
     assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
 
 
+def test_received_rows_of_an_item_this_node_sends_are_refused_behind_an_item_path(home):
+    # "received" looks the items up once per folder; an item's own path (a file item in a
+    # folder another item covers) must not answer for the rest of its folder.
+    from wazuh_cluster.config import Item
+    items = [Item("etc", "etc", "dir", "master", False, 0o640, 0o750, False, False, False),
+             Item("keys", "etc/client.keys", "file", "client", False, 0o640, 0o750, False,
+                  False, False)]
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db", "cluster.db"), log, wall=lambda: NOW)
+    OPENED.append(db)
+    cat = catalog_mod.Catalog(home, items, EXCLUDE, db, log, role="master",
+                              node_name="master01", wall=lambda: NOW)
+    rows = []
+    for name in ("etc/client.keys", "etc/foo"):
+        st = os.lstat(write(home, name, "x"))
+        rows.append([name] + list(scanner_mod.fingerprint(st)) + [u"0" * 64])
+    with pytest.raises(errors.RequestError) as info:
+        cat.handle("received", {"rows": rows})
+    assert info.value.code == "bad_request"
+
+
 def test_learn_rows_takes_what_it_can_and_returns_the_rest(home):
     cat, names = scanned_agent_infos(home, 3)
     scan = cat.scanner
