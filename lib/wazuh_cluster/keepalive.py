@@ -15,7 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 import binascii
 
-from wazuh_cluster import compat, pathrules, scanner, staterows
+from wazuh_cluster import compat, pathrules, scanner, staterows, text
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
@@ -26,13 +26,12 @@ from wazuh_cluster.errors import ProtocolError, RequestError
 REQUEST_BYTES = 768 << 10
 ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its name
 AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
-_FAST_TEXT = hasattr(str, "isascii")  # 3.7+: str.isascii is a flag of the string
 
 
 def _plain(names):
     """The plain names among these (staterows.is_plain), for a batch at a few steps a name:
     the peer chose them, and only plain ones are asked about (every valid name is)."""
-    if _FAST_TEXT:
+    if text.FAST_TEXT:
         limit = pathrules.MAX_PATH
         return [name for name in names if type(name) is str and len(name) <= limit and
                 name.isascii() and name.isprintable() and "\\" not in name]
@@ -63,7 +62,7 @@ def _name_cost(name):
 
 
 def _row_cost(row):
-    return 2 * len(row[0]) + ROW_COST
+    return _name_cost(row[0])
 
 
 def _agent_cost(row):

@@ -26,14 +26,11 @@ STATES = db.STATES
 def is_plain(name):
     """True for text of printable ASCII without backslash, at most pathrules.MAX_PATH long:
     every valid name is, and JSON writes it in at most twice its length."""
-    if _FAST_TEXT and type(name) is compat.text_type:  # a keepalive batch asks 2 000 times
+    if text.FAST_TEXT and type(name) is compat.text_type:  # a keepalive batch asks 2 000 times
         return len(name) <= pathrules.MAX_PATH and name.isascii() and name.isprintable() and \
             u"\\" not in name
     return isinstance(name, compat.string_types) and len(name) <= pathrules.MAX_PATH and \
         text.is_printable(name) and u"\\" not in compat.to_text(name, errors="replace")
-
-
-_FAST_TEXT = hasattr(compat.text_type, "isascii")  # 3.7+
 
 
 def stored_name(name):

@@ -35,8 +35,8 @@ INVALID_VERSION = u"(invalid)"
 
 _UNSAFE = re.compile(u"[^\\x20-\\x7e]")
 _UNSAFE_QUOTED = re.compile(u"[^\\x20-\\x26\\x28-\\x5b\\x5d-\\x7e]")
-# str.isascii is 3.7+: 2.7's unicode and 3.6 take the regex.
-_FAST_TEXT = hasattr(compat.text_type, "isascii")
+# str.isascii is 3.7+: 2.7's unicode and 3.6 take the regex (staterows and keepalive too).
+FAST_TEXT = hasattr(compat.text_type, "isascii")
 
 
 def _code(char):
@@ -94,7 +94,7 @@ def is_printable(value):
     Text on 3.7+ is asked str.isascii (a flag of the string) and str.isprintable, the same
     answer for every code point at a few steps a character, not the regex's tens
     (cluster_control checks 5 MB of cells this way at 100 000 agents)."""
-    if _FAST_TEXT and isinstance(value, compat.text_type):
+    if FAST_TEXT and isinstance(value, compat.text_type):
         return value.isascii() and value.isprintable()
     return isinstance(value, (compat.text_type, compat.binary_type)) and \
         not _UNSAFE.search(_as_text(value))
