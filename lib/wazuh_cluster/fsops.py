@@ -25,7 +25,8 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
 # os.utime(fd, ns=...) exists where the platform has futimens (3.3+); on 2.7 futimens(3) is
 # called through ctypes (load_futimens), and only without it does set_mtime go by path.
-_UTIME_FD = os.utime in getattr(os, "supports_fd", ())
+# os.utime(fd, ns=...) (3.3+); a keepalive batch calls it directly (touches.py)
+UTIME_FD = os.utime in getattr(os, "supports_fd", ())
 
 
 def load_syncfs():
@@ -117,13 +118,13 @@ def _path_bytes(path):
 # Module level so that a test can set it to None and exercise the per-file fsync path (the
 # link-and-rename path of swap_in); callers read them as fsops.NAME at each use.
 SYNCFS = load_syncfs()
-FUTIMENS = None if _UTIME_FD else load_futimens()
+FUTIMENS = None if UTIME_FD else load_futimens()
 RENAMEAT2 = load_renameat2()
 
 
 def utime_by_fd():
     """True when set_mtime can work on a descriptor alone (never through a name)."""
-    return _UTIME_FD or FUTIMENS is not None
+    return UTIME_FD or FUTIMENS is not None
 
 
 def set_mtime(fd, path, mtime_ns):
@@ -131,7 +132,7 @@ def set_mtime(fd, path, mtime_ns):
 
     `path` is only used where no descriptor-based call exists; None there raises ENOSYS.
     """
-    if _UTIME_FD:
+    if UTIME_FD:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
     elif FUTIMENS is not None:
         FUTIMENS(fd, mtime_ns)

@@ -60,11 +60,10 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import claims, compat, fsops, paths, peertimes, scanner, staging
+from wazuh_cluster import claims, compat, fsops, paths, peertimes, scanner, staging, touches
 from wazuh_cluster.errors import PathRefused, TransferError
-from wazuh_cluster.pathrules import (MAX_MTIME_NS, MTIME_SLACK_NS, ROLES, TEMP_PATTERN,
-                                     Locator, check_mtime, clamp_mtime, escape, in_future,
-                                     locate)
+from wazuh_cluster.pathrules import (MTIME_SLACK_NS, ROLES, TEMP_PATTERN, check_mtime,
+                                     clamp_mtime, escape, in_future, locate)
 
 SYNCHRONIZED = "synchronized"
 FAILED = "failed"
@@ -76,14 +75,7 @@ FSYNC_EACH_UP_TO = 8
 _HEX64 = re.compile(u"^[0-9a-f]{64}$")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _TEMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
-# open(name, dir_fd=) (3.3+): a keepalive batch opens its files from its folder's descriptor
-_OPEN_AT = os.open in getattr(os, "supports_dir_fd", ())
-# A keepalive batch claims its names this many at a time (claims.py): another batch that
-# waits for one of them waits for a chunk, not for the rest of the batch.
-TOUCH_CHUNK = 256
 
 
 class Incoming(collections.namedtuple("Incoming", ("name", "data", "sha256", "mtime_ns",
@@ -193,8 +185,8 @@ class Receiver(object):
         batch.known = known or {}
         batch.learned = learned if learned is not None else []
         try:
-            if _touches_only(files, deletes, deleted_dirs, batch.known):
-                batch.touch_all(files)
+            if touches.touches_only(files, deletes, deleted_dirs, batch.known, Incoming):
+                touches.touch_all(batch, files)
             for name in deleted_dirs:
                 self._claim(batch, name)
                 batch.run(name, batch.remove_dir, name)
@@ -213,8 +205,6 @@ class Receiver(object):
             batch.abandon()
             self.claims.release(batch, batch.claimed)
             raise
-        finally:
-            batch.close_folders()
         total = time.time() - batch.started
         self.log.debug("Batch of %d names: written in %.3f s, flushed %.3f s, renamed %.3f s, "
                        "folders flushed %.3f s.", len(batch.states), total - sum(batch.laps),
@@ -323,9 +313,8 @@ class _Batch(object):
         self.remove = os.unlink
         self.fenced = []       # names it refused
         self.touching = False  # a batch of keepalives alone (touch_all)
-        self.left = None       # [no record, another checksum, other] touch_all left to stage
+        self.left_counts = None  # [no record, another checksum, other] left to stage()
         self.in_place = {}     # st_dev -> names touched in place by touch_all, until flushed
-        self.open_folders = {}  # folder name -> (descriptor or None, path, st_dev) or False
 
     def run(self, name, action, arg):
         key = name if isinstance(name, compat.string_types) else escape(name)
@@ -428,139 +417,33 @@ class _Batch(object):
             raise PathRefused("target is %s" % fsops.kind(st.st_mode))
         return folder, dev, target, st
 
-    # -- a batch of keepalives ----------------------------------------------------------------
+    # -- a batch of keepalives (touches.py) ----------------------------------------------------
 
-    def touch_all(self, files):
-        """Apply a batch of meta-only updates alone (a client's keepalives: 2 000 agent-info
-        files, 10 000 a second on a master of 100 000 agents) without the per-file machinery,
-        under the same rules (module docstring).
+    SYNCHRONIZED = SYNCHRONIZED
 
-        Names are claimed TOUCH_CHUNK at a time under one lock; a name another batch holds
-        waits until the end, then goes the usual way (its claim waits). The folder is
-        located and opened once (names checked by pathrules.Locator, the same answers as
-        locate()), each file opened from its descriptor. A file proven by its record (the
-        same checksum, its fstat the recorded one) with one name gets its time by
-        descriptor; anything else (no record, another checksum, a time to clamp or refuse,
-        a link, not a regular file, a time only the owner may set, an error) is left to
-        stage(), which decides it as for any batch.
-        """
-        self.touching = True
-        rx = self.rx
-        locator = Locator(rx.items, self.sender, rx.role, rx.exclude)
-        later, waiting = [], set()
-        for start in range(0, len(files), TOUCH_CHUNK):
-            chunk = files[start:start + TOUCH_CHUNK]
-            names = [incoming.name for incoming in chunk]
-            busy = rx.claims.claim_free(names, self)
-            self.claimed.update(names)
-            if busy:
-                waiting.update(busy)
-                self.claimed.difference_update(busy)
-            for incoming in chunk:
-                if waiting and incoming.name in waiting:
-                    later.append(incoming)  # after what it waits for; in the batch's order
-                elif not self.touch(incoming, locator):
-                    self._left(incoming)
-            if rx.claims.wanted(self):
-                rx._finish(self)
-        for incoming in later:
-            rx._claim(self, incoming.name)
-            self._left(incoming)
-            if rx.claims.wanted(self):
-                rx._finish(self)
-        if self.left:
-            rx.log.debug("Keepalive batch of %d: %d left to the per-file path (%d without a "
-                         "record, %d with another checksum).", len(files), sum(self.left),
-                         self.left[0], self.left[1])
-
-    def _left(self, incoming):
-        """stage() decides a keepalive touch() did not set (counted for the debug log)."""
+    def left(self, incoming):
+        """stage() decides a keepalive touches.touch_all did not set (counted for the debug
+        log)."""
         record = self.known.get(incoming.name)
-        self.left = self.left or [0, 0, 0]
-        self.left[0 if record is None else 1 if record[4] != incoming.sha256 else 2] += 1
+        self.left_counts = self.left_counts or [0, 0, 0]
+        self.left_counts[0 if record is None else 1 if record[4] != incoming.sha256 else 2] += 1
         self.run(incoming.name, self.stage, incoming)
 
-    def touch(self, incoming, locator):
-        """Give a keepalive's mtime in place when its record proves it; True when done
-        (its state set), False to leave it to stage() (nothing changed)."""
-        name, mtime_ns = incoming.name, incoming.mtime_ns
-        record = self.known.get(name)
-        # The record's checksum is our internal daemon's: the same, the sender's is valid.
-        if record is None or record[4] != incoming.sha256 or isinstance(mtime_ns, bool) or \
-                not isinstance(mtime_ns, compat.integer_types) or not fsops.utime_by_fd() or \
-                not 0 <= mtime_ns <= min(MAX_MTIME_NS, self.now_ns + self.rx.times.max_future_ns):
-            return False
+    def set_in_place(self, fd, mtime_ns, name):
+        """Give an open file its time through the fence: True when set, False on an OSError
+        (EPERM: stage() copies; another error fails there), None when the fence refused it
+        (its state set)."""
         try:
-            item, parts = locator.locate(name)
-        except PathRefused:
-            return False
-        folder = name.rpartition(u"/")[0]
-        where = self.open_folders.get(folder)
-        if where is None:
-            where = self.open_folders[folder] = self._open_folder(parts[:-1], item)
-        if not where:
-            return False
-        dir_fd, path, dev = where
-        base = compat.native_str(parts[-1])
-        try:
-            fd = os.open(base, _READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
-                os.open(os.path.join(path, base), _READ_FLAGS)
+            self._change(fsops.set_mtime, fd, None, mtime_ns)
+        except _Fenced:
+            self._refuse_fenced(name)
+            return None
         except OSError:
             return False
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                return False
-            if self._kept(name, st, item, mtime_ns):
-                return True
-            if not _proven(st, record, record[4]):
-                return False
-            try:
-                self._change(fsops.set_mtime, fd, None, mtime_ns)
-            except _Fenced:
-                self._refuse_fenced(name)
-                return True
-            except OSError:
-                return False  # EPERM: stage() copies; another error fails there
-            row = [name]
-            try:
-                self._make_durable(fd, (path, dev))
-                row.extend(scanner.fingerprint(os.fstat(fd)))
-            except OSError as exc:
-                self._set(name, FAILED, fsops.why(exc))
-                return True
-        finally:
-            os.close(fd)
-        row.append(record[4])
-        self.learned.append(row)
-        self.in_place.setdefault(dev, []).append(name)
-        self._set(name, SYNCHRONIZED)
         return True
 
-    def _open_folder(self, parts, item):
-        """(descriptor or None where open() takes no dir_fd, path, st_dev) of a folder
-        walked as _folder() walks it, or False (its files are then left to stage())."""
-        try:
-            path, dev = self._folder(parts, item, create=False)
-            if not _OPEN_AT:
-                return None, path, dev
-            fd = fsops.open_folder(path)
-        except (OSError, PathRefused):
-            return False
-        try:
-            same = os.fstat(fd).st_dev == dev
-        except OSError:
-            same = False
-        if not same:
-            os.close(fd)
-            return False
-        return fd, path, dev
-
-    def close_folders(self):
-        for where in self.open_folders.values():
-            if where and where[0] is not None:
-                os.close(where[0])
-        self.open_folders = {}
+    def failed(self, name, reason):
+        self._set(name, FAILED, reason)
 
     # -- the three kinds of work --------------------------------------------------------------
 
@@ -673,7 +556,7 @@ class _Batch(object):
         (the ctime moves with every write, and nobody can set it).
         """
         try:
-            fd = os.open(target, _READ_FLAGS)
+            fd = os.open(target, touches.READ_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise TransferError("meta-only update of a file we do not have")
@@ -842,13 +725,6 @@ class _Batch(object):
         if entry.temp is not None:
             _unlink_quietly(entry.temp)
         self._set(entry.name, FAILED, reason)
-
-
-def _touches_only(files, deletes, deleted_dirs, known):
-    """True for a batch of meta-only updates alone, with records (see _Batch.touch_all)."""
-    return bool(known) and not deletes and not deleted_dirs and isinstance(files, list) and \
-        all(type(f) is Incoming and f.meta_only and isinstance(f.name, compat.text_type)
-            for f in files)
 
 
 def _running_as_root(owner_gid):

@@ -94,7 +94,7 @@ def test_a_single_name_file_is_touched_in_place(home, log):
 
 def test_without_times_by_descriptor_a_keepalive_is_a_verified_copy(home, log, monkeypatch):
     """Where times could only be set through the name (a second lookup), never in place."""
-    monkeypatch.setattr(fsops, "_UTIME_FD", False)
+    monkeypatch.setattr(fsops, "UTIME_FD", False)
     monkeypatch.setattr(fsops, "FUTIMENS", None)
     path = put(home, AI, CONTENT, VICTIM_NS)
     inode = os.lstat(path).st_ino
@@ -107,7 +107,7 @@ def test_without_times_by_descriptor_a_keepalive_is_a_verified_copy(home, log, m
 
 
 def test_set_mtime_by_descriptor_refuses_to_go_by_name(monkeypatch, outside):
-    monkeypatch.setattr(fsops, "_UTIME_FD", False)
+    monkeypatch.setattr(fsops, "UTIME_FD", False)
     monkeypatch.setattr(fsops, "FUTIMENS", None)
     assert not fsops.utime_by_fd()
     fd = os.open(os.path.join(outside, "victim"), os.O_RDONLY)

@@ -1,4 +1,4 @@
-"""A batch of keepalives alone (receive._Batch.touch_all, issue 11): the same rules as the
+"""A batch of keepalives alone (touches.touch_all, issue 11): the same rules as the
 per-file path (SPEC section 4: names checked first, no symlink followed, times in place only
 on a file with one name, mtime sanity, newest keepalive wins, a proof by the record), checked
 here on batches that take it: every update meta-only, with the internal daemon's records."""

@@ -1,0 +1,199 @@
+"""A batch of keepalives applied in place (issue 11: 10 000 a second on a master of 100 000
+agents), under the rules of receive.py's module docstring.
+
+A client's keepalive batch is 2 000 meta-only updates of agent-info files of one folder. The
+generic per-file path (receive._Batch.stage) locates every name from the root, opens it by
+its full path and goes through a dozen calls per file; here the folder is located, checked
+and opened once, and each file costs one loop iteration: its last component checked
+(pathrules.Locator), opened from the folder's descriptor, fstat'd, given its time by
+descriptor and fstat'd again for the fingerprint the internal daemon learns.
+
+Set in place only when the internal daemon's record proves the content (the same checksum,
+the file's fstat the recorded one: size, mtime, inode, ctime, the ctime moving with every
+write) on a regular file with a single name, with a sane time that is newer than the local
+one. Anything else (no record, another checksum, a time to clamp or refuse, a link, not a
+regular file, a time only the owner may set, an error) is left to the per-file path, which
+decides it as for any batch. Names are claimed TOUCH_CHUNK at a time (claims.py); a name
+another batch holds is done last, the usual way, so "newest keepalive wins" keeps its check
+and its change under one claim.
+"""
+from __future__ import absolute_import, division, print_function
+
+import os
+import stat
+
+from wazuh_cluster import compat, fsops, scanner
+from wazuh_cluster.errors import PathRefused
+from wazuh_cluster.pathrules import MAX_MTIME_NS, MTIME_SLACK_NS, Locator
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+# open(name, dir_fd=) (3.3+): a keepalive batch opens its files from its folder's descriptor
+_OPEN_AT = os.open in getattr(os, "supports_dir_fd", ())
+# A keepalive batch claims its names this many at a time (claims.py): another batch that
+# waits for one of them waits for a chunk, not for the rest of the batch.
+TOUCH_CHUNK = 256
+
+
+def touches_only(files, deletes, deleted_dirs, known, incoming_type):
+    """True for a batch of meta-only updates alone, with records (see touch_all)."""
+    return bool(known) and not deletes and not deleted_dirs and isinstance(files, list) and \
+        all(type(f) is incoming_type and f.meta_only and isinstance(f.name, compat.text_type)
+            for f in files)
+
+
+def touch_all(batch, files):
+    """Apply a batch (receive._Batch) of meta-only updates alone: in place what the records
+    prove, the rest through batch.left() (the per-file path); see the module docstring."""
+    batch.touching = True
+    rx = batch.rx
+    toucher = _Toucher(batch, Locator(rx.items, batch.sender, rx.role, rx.exclude))
+    later, waiting = [], set()
+    try:
+        for start in range(0, len(files), TOUCH_CHUNK):
+            chunk = files[start:start + TOUCH_CHUNK]
+            names = [incoming.name for incoming in chunk]
+            busy = rx.claims.claim_free(names, batch)
+            batch.claimed.update(names)
+            if busy:
+                waiting.update(busy)
+                batch.claimed.difference_update(busy)
+            for incoming in toucher.run(chunk, waiting):
+                if waiting and incoming.name in waiting:
+                    later.append(incoming)  # after what it waits for; in the batch's order
+                else:
+                    batch.left(incoming)
+            if rx.claims.wanted(batch):
+                rx._finish(batch)
+        for incoming in later:
+            rx._claim(batch, incoming.name)
+            batch.left(incoming)
+            if rx.claims.wanted(batch):
+                rx._finish(batch)
+    finally:
+        toucher.close()
+    if batch.left_counts:
+        rx.log.debug("Keepalive batch of %d: %d left to the per-file path (%d without a "
+                     "record, %d with another checksum).", len(files),
+                     sum(batch.left_counts), batch.left_counts[0], batch.left_counts[1])
+
+
+class _Toucher(object):
+    """The loop of touch_all over one batch, with what it looks up once per batch."""
+
+    def __init__(self, batch, locator):
+        self.batch = batch
+        self.locator = locator
+        self.folders = {}  # folder name -> (descriptor or None, path, st_dev), or False
+
+    def run(self, chunk, waiting):
+        """Set what the records prove of `chunk` in place; yield the others, in order."""
+        batch = self.batch
+        rx = batch.rx
+        known, states, learned, in_place, unflushed = batch.known, batch.states, \
+            batch.learned, batch.in_place, batch.unflushed
+        locate, folders, fingerprint = self.locator.locate, self.folders, scanner.fingerprint
+        limit = min(MAX_MTIME_NS, batch.now_ns + rx.times.max_future_ns)
+        by_fd = fsops.utime_by_fd()
+        newer_only = rx.newer_only
+        synchronized, reasons = batch.SYNCHRONIZED, batch.reasons
+        # no fence, os.utime by descriptor: the time set without a call in between
+        plain, utime = batch.fence is None and fsops.UTIME_FD, os.utime
+        for incoming in chunk:
+            name, mtime_ns = incoming.name, incoming.mtime_ns
+            record = known.get(name)
+            # The record's checksum is our internal daemon's: the same, the sender's is valid.
+            if record is None or record[4] != incoming.sha256 or not by_fd or \
+                    type(mtime_ns) not in compat.integer_types or type(mtime_ns) is bool or \
+                    not 0 <= mtime_ns <= limit or (waiting and name in waiting):
+                yield incoming
+                continue
+            try:
+                item, parts = locate(name)
+            except PathRefused:
+                yield incoming
+                continue
+            folder = name.rpartition(u"/")[0]
+            where = folders.get(folder)
+            if where is None:
+                where = folders[folder] = self._open_folder(parts[:-1], item)
+            if not where:
+                yield incoming
+                continue
+            dir_fd, path, dev = where
+            base = compat.native_str(parts[-1])
+            try:
+                fd = os.open(base, READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
+                    os.open(os.path.join(path, base), READ_FLAGS)
+            except OSError:
+                yield incoming
+                continue
+            row = None  # stays None: left to stage(); False: decided here without a row
+            try:
+                st = os.fstat(fd)
+                fp = fingerprint(st)
+                if not stat.S_ISREG(fp[4]) or st.st_nlink != 1:
+                    pass
+                elif newer_only and mtime_ns <= fp[1] + MTIME_SLACK_NS and \
+                        batch._kept(name, st, item, mtime_ns):
+                    row = False  # the local file is newer and stays (its state set)
+                elif fp[:4] == record[:4]:
+                    if plain:
+                        try:
+                            utime(fd, ns=(mtime_ns, mtime_ns))
+                            done = True
+                        except OSError:
+                            done = False
+                    else:
+                        done = batch.set_in_place(fd, mtime_ns, name)
+                    if done is None:
+                        row = False  # refused by the fence (its state set)
+                    elif done:  # else EPERM: stage() copies; another error fails there
+                        if batch.fsynced < batch.fsync_budget:
+                            batch._make_durable(fd, (path, dev))
+                        elif dev not in unflushed:
+                            unflushed[dev] = path
+                        row = [name]
+                        row.extend(fingerprint(os.fstat(fd)))
+                        row.append(record[4])
+            except OSError as exc:
+                batch.failed(name, fsops.why(exc))
+                row = False
+            finally:
+                os.close(fd)
+            if row is None:
+                yield incoming
+            elif row:
+                learned.append(row)
+                in_place.setdefault(dev, []).append(name)
+                states[name] = synchronized
+                if reasons:
+                    reasons.pop(name, None)
+
+    def _open_folder(self, parts, item):
+        """(descriptor or None where open() takes no dir_fd, path, st_dev) of a folder
+        walked as _Batch._folder() walks it, or False (its files are then left to
+        stage())."""
+        try:
+            path, dev = self.batch._folder(parts, item, create=False)
+            if not _OPEN_AT:
+                return None, path, dev
+            fd = fsops.open_folder(path)
+        except (OSError, PathRefused):
+            return False
+        try:
+            same = os.fstat(fd).st_dev == dev
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            return False
+        return fd, path, dev
+
+    def close(self):
+        for where in self.folders.values():
+            if where and where[0] is not None:
+                os.close(where[0])
+        self.folders = {}
