@@ -52,6 +52,7 @@ import binascii
 import itertools
 import json
 import os
+import struct
 import time
 
 from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary
@@ -104,6 +105,7 @@ _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
+_MTIME = struct.Struct("<q")
 
 
 def _bad(message):
@@ -713,40 +715,80 @@ class Catalog(object):
 
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
-        utime: [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows. Same content with
-        a new mtime (a keepalive) is taken now (Scanner.learn_rows); new content (a
-        client.keys delta or whole file) is taken at the next check while the fingerprint is
-        unchanged (Scanner.hint), so that check still reports the change. Either way no pass
-        reads the file again. Not written to the database (a cache: a restart hashes such
-        files once), which 10 000 keepalives a second would keep busy.
+        utime. Same content with a new mtime (a keepalive) is taken now
+        (Scanner.learn_records); new content (a client.keys delta or whole file) is taken
+        at the next check while the fingerprint is unchanged (Scanner.hint), so that check
+        still reports the change. Either way no pass reads the file again. Not written to
+        the database (a cache: a restart hashes such files once), which 10 000 keepalives
+        a second would keep busy.
 
-        "agents" (optional): the batch's agent_nodes rows, recorded in the same call (one
-        request per keepalive batch instead of two; keepalive.tell).
+        "names" and "records": a keepalive batch's files and, base64 in the same order,
+        their scanner.FINGERPRINT records (68 bytes each: no JSON value per number);
+        "node" (optional): the node that reported those of them that are agent-info
+        files, each with its record's mtime as its keepalive (db.record_agents).
+        "rows" (optional): [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows (a
+        client.keys written). "agents" (optional): more agent_nodes rows.
 
-        Everything is checked before anything is taken, a column at a time (2 000 rows a
+        Everything is checked before anything is taken, a column at a time (2 000 files a
         request, five requests a second on a master of 100 000 agents)."""
-        agents = self._agent_rows(args["agents"]) if "agents" in args else ()
-        rows = _rows(args, "rows", 7)
-        names = [row[0] for row in rows]
+        agents = self._agent_rows(args["agents"]) if "agents" in args else []
+        names, data = self._received_records(args)
+        node = _opt_text(args, "node")
+        rows = _rows(args, "rows", 7) if "rows" in args else []
+        names_of_rows = [row[0] for row in rows]
         shas = [row[6] for row in rows]
         digests = None
-        if set(map(type, names)) <= _TEXTS and set(map(type, shas)) <= _TEXTS and \
+        if set(map(type, names_of_rows)) <= _TEXTS and set(map(type, shas)) <= _TEXTS and \
                 set(map(len, shas)) <= _SHA_LEN and set(map(type, itertools.chain.from_iterable(
-                    row[1:6] for row in rows))) <= _INTS and not self._any_sent_by_us(names):
+                    row[1:6] for row in rows))) <= _INTS and \
+                not self._any_sent_by_us(names_of_rows + names):
             digests = _digests(u"".join(shas))
         if digests is None:
             raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                        "mode, sha256]")
+        taken = self.scanner.learn_records(names, data)
         missed = self.scanner.learn_rows(rows, digests)
+        size = scanner_mod.FINGERPRINT.size
+        for index in [i for i, ok in enumerate(taken) if not ok]:
+            fields = scanner_mod.FINGERPRINT.unpack_from(data, index * size)
+            missed.append([names[index]] + list(fields[:5]) +
+                          [binascii.hexlify(fields[5]).decode("ascii")])
         hinted = 0
         for row in missed:
             if row[0] in self.scanner:
                 self.scanner.hint(row[0], row[1:6], row[6])
                 hinted += 1
-        result = {"learned": len(rows) - len(missed), "hinted": hinted}
+        result = {"learned": len(rows) + len(names) - len(missed), "hinted": hinted}
+        if node is not None and names:
+            agents.extend(self._reported(names, data, node))
         if agents:
             result["updated"] = self._record_agents(agents)
         return result
+
+    def _received_records(self, args):
+        """(names, FINGERPRINT records) of a "received" request, or RequestError."""
+        names = args.get("names", [])
+        if not isinstance(names, list) or not set(map(type, names)) <= _TEXTS:
+            raise _bad("'names' must be a list of file names")
+        try:
+            data = binascii.a2b_base64(compat.to_bytes(args.get("records", u"")))
+        except (TypeError, ValueError, binascii.Error):
+            data = None
+        if data is None or len(data) != scanner_mod.FINGERPRINT.size * len(names):
+            raise _bad("'records' must be base64 of one fingerprint record per name")
+        return names, data
+
+    def _reported(self, names, data, node):
+        """agent_nodes rows of the agent-info files among `names`, reported by `node` with
+        their records' mtimes (the time the receiver gave them)."""
+        info = self._item_path("agent-info", "queue/agent-info") + "/"
+        size, unpack, at = scanner_mod.FINGERPRINT.size, _MTIME.unpack_from, \
+            scanner_mod.FINGERPRINT_MTIME_AT
+        rows = []
+        for index, name in enumerate(names):
+            if name.startswith(info) and u"/" not in name[len(info):]:
+                rows.append([name[len(info):], node, unpack(data, index * size + at)[0]])
+        return rows
 
     def _any_sent_by_us(self, names):
         """True when one of these names is of an item this node sends (looked up once per

@@ -429,11 +429,15 @@ class Inbox(object):
         stream_end(parsed)
         if written is not None:
             self.tell_written(written)
-        agents = []
+        agents, reporter = [], None
         if self.role == "master" and self.info_dir:
-            agents = self.agent_rows(peer, states, reasons, self.applied_mtimes(incoming))
+            # the files touched in place are told with their records: the internal daemon
+            # takes their agent rows from those (keepalive.tell's node)
+            reporter, told = peer, set(row[0] for row in learned)
+            agents = self.agent_rows(peer, states, reasons,
+                                     self.applied_mtimes(incoming, told), told)
         # One call for a keepalive batch: its fingerprints and the agents it reported.
-        keepalive.tell(self.link, learned, agents)
+        keepalive.tell(self.link, learned, agents, reporter)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")
@@ -697,17 +701,19 @@ class Inbox(object):
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def applied_mtimes(self, incoming):
-        """{name: mtime the receiver applied} (a time too far ahead is applied as now)."""
+    def applied_mtimes(self, incoming, told=()):
+        """{name: mtime the receiver applied} (a time too far ahead is applied as now), but
+        for the names `told` otherwise."""
         now_ns = self.receiver.times.now_ns()
         limit = now_ns + self.receiver.times.max_future_ns
         # pathrules.clamp_mtime's rule, inline: 2 000 names a keepalive batch
         return dict((f.name, f.mtime_ns if f.mtime_ns <= limit else now_ns)
-                    for f in incoming if isinstance(f.mtime_ns, compat.integer_types))
+                    for f in incoming
+                    if isinstance(f.mtime_ns, compat.integer_types) and f.name not in told)
 
-    def agent_rows(self, peer, states, reasons, mtimes=None):
+    def agent_rows(self, peer, states, reasons, mtimes=None, told=()):
         """The peer reports these agents now: agent_nodes rows (keepalive.tell; a report
-        older than ours is not applied).
+        older than ours is not applied), but for the names `told` otherwise.
 
         `mtimes` {name: applied mtime} go with the rows: batches of two peers about the same
         agent may be recorded in either order, the newest keepalive keeps its node.
@@ -715,7 +721,9 @@ class Inbox(object):
         mtimes = mtimes or {}
         rows = []
         for name, state in states.items():
+            if state != "synchronized" or name in told:
+                continue
             folder, _, base = name.rpartition("/")  # dirname and basename
-            if state == "synchronized" and folder == self.info_dir and name not in reasons:
+            if folder == self.info_dir and name not in reasons:
                 rows.append([base, peer, mtimes[name]] if name in mtimes else [base, peer])
         return rows

@@ -69,26 +69,43 @@ def _agent_cost(row):
     return 2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
 
 
-def _told(learned, agents):
+def _told(learned, agents, node):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
-    one request for a usual keepalive batch (both lists of the same files)."""
+    one request for a usual keepalive batch."""
     total = 2 * sum(len(row[0]) for row in learned) + ROW_COST * len(learned) + \
         2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
     if total <= REQUEST_BYTES:
         if learned or agents:
-            yield dict({"rows": learned}, **({"agents": agents} if agents else {}))
+            yield _received(learned, agents, node)
         return
-    request, size = {"rows": []}, 0
-    for key, rows, cost_of in (("rows", learned, _row_cost), ("agents", agents, _agent_cost)):
+    parts, size = ([], []), 0
+    for index, rows, cost_of in ((0, learned, _row_cost), (1, agents, _agent_cost)):
         for row in rows:
             cost = cost_of(row)
             if size and size + cost > REQUEST_BYTES:
-                yield request
-                request, size = {"rows": []}, 0
-            request.setdefault(key, []).append(row)
+                yield _received(parts[0], parts[1], node)
+                parts, size = ([], []), 0
+            parts[index].append(row)
             size += cost
     if size:
-        yield request
+        yield _received(parts[0], parts[1], node)
+
+
+def _received(learned, agents, node):
+    """A "received" request (catalog): the learned rows as names and base64 of their
+    scanner.FINGERPRINT records, and the agents."""
+    request = {}
+    if learned:
+        pack, unhexlify = scanner.FINGERPRINT.pack, binascii.unhexlify
+        request["names"] = [row[0] for row in learned]
+        request["records"] = binascii.b2a_base64(b"".join(
+            pack(row[1], row[2], row[3], row[4], row[5], unhexlify(row[6]))
+            for row in learned)).decode("ascii")
+        if node is not None:
+            request["node"] = node
+    if agents:
+        request["agents"] = agents
+    return request
 
 
 def records(link, incoming):
@@ -121,17 +138,19 @@ def records(link, incoming):
     return known
 
 
-def tell(link, learned, agents=()):
+def tell(link, learned, agents=(), node=None):
     """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered,
     and the [agent-info base name, node, mtime_ns?] rows of the agents a client's batch
-    reported (catalog "agent_nodes"), in the same requests.
+    reported (catalog "agent_nodes"), in the same requests. `node`: the peer whose batch
+    it was, on a master: the learned agent-info files are its reports too (their rows are
+    not in `agents`; Inbox.agent_rows).
 
     Untold fingerprints (the internal daemon restarting) only make its next pass hash the
     files; agent rows raise RequestError as agent_nodes would.
     """
-    for request in _told(learned, agents):
+    for request in _told(learned, agents, node):
         try:
             link.call("received", request)
         except RequestError:
-            if request.get("agents"):
+            if request.get("agents") or request.get("node") is not None:
                 raise

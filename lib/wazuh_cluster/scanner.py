@@ -87,6 +87,7 @@ _INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 # are; all zeros for a file it does not vouch for (no file has inode 0 and that digest).
 FINGERPRINT = struct.Struct("<qqQqI32s")
 NO_FINGERPRINT = b"\0" * FINGERPRINT.size
+FINGERPRINT_MTIME_AT = 8  # offset of the mtime_ns in a FINGERPRINT record
 assert FINGERPRINT.size == _REC_LEN
 
 
@@ -395,11 +396,26 @@ class Scanner(object):
         return not self.learn_rows([[name] + list(fp)], [digest])
 
     def learn_rows(self, rows, digests):
-        """Take each [name, size, mtime_ns, ino, ctime_ns, st_mode] row's fingerprint as the
-        record of a file whose content is known to be the recorded one (its `digests` entry,
-        32 bytes): a receiver gave it its mtime without changing it and found that by fstat
-        after (keepalive.py). Returns the rows not taken; a taken file has nothing to hash at
-        the next pass.
+        """learn_records() of [name, size, mtime_ns, ino, ctime_ns, st_mode] rows and their
+        `digests` (32 bytes each); returns the rows not taken."""
+        pack, names, records, missed = FINGERPRINT.pack, [], [], []
+        for row, digest in zip(rows, digests):
+            try:
+                records.append(pack(row[1], row[2], row[3], row[4], row[5], digest))
+            except struct.error:  # no stat's numbers
+                missed.append(row)
+                continue
+            names.append(row)
+        taken = self.learn_records([row[0] for row in names], b"".join(records))
+        return missed + [row for row, ok in zip(names, taken) if not ok]
+
+    def learn_records(self, names, data):
+        """Take each FINGERPRINT record of `data` (in the order of `names`: size, mtime_ns,
+        ino, ctime_ns, st_mode, digest, as the "fingerprints" answer carries them) as the
+        record of a file whose content is known to be the recorded one: a receiver gave it
+        its mtime without changing it and found that by fstat after (keepalive.py).
+        Returns a list of booleans, True for each record taken; a taken file has nothing
+        to hash at the next pass.
 
         Taken without an lstat of ours (one per keepalive, 10 000 a second on a master of
         100 000 agents): a record is only ever a cache that each pass compares with lstat,
@@ -408,29 +424,30 @@ class Scanner(object):
         recorded, or an older ctime (the ctime moves with every change and cannot be set),
         as when two sessions' keepalives of one file are told in the other order.
         """
-        files, racy, native, pack, unpack, seals = self._files, self._racy, _native, \
-            FINGERPRINT.pack, _INO_CTIME.unpack_from, self._seals
-        missed = []
-        for row, digest in zip(rows, digests):
-            rel = row[0]
+        files, racy, native, unpack, seals = self._files, self._racy, _native, \
+            _INO_CTIME.unpack_from, self._seals
+        size = FINGERPRINT.size
+        taken = []
+        at = 0
+        for rel in names:
+            record = data[at:at + size]
+            at += size
             if type(rel) is not str:
                 rel = native(rel)
             old = files.get(rel)
-            if old is not None and old[_FP_LEN:_REC_LEN] == digest:
+            if old is not None and old[_FP_LEN:_REC_LEN] == record[_FP_LEN:]:
                 ino, ctime_ns = unpack(old, _INO_AT)
-                if ino == row[3] and row[4] >= ctime_ns:
-                    try:
-                        files[rel] = pack(row[1], row[2], row[3], row[4], row[5], digest)
-                    except struct.error:  # no stat's numbers
-                        missed.append(row)
-                        continue
+                new_ino, new_ctime_ns = unpack(record, _INO_AT)
+                if ino == new_ino and new_ctime_ns >= ctime_ns:
+                    files[rel] = record
                     if seals:  # as _unseal(), without a call per keepalive
                         seals.pop(rel.rpartition("/")[0], None)
                     if rel in racy:
                         del racy[rel]
+                    taken.append(True)
                     continue
-            missed.append(row)
-        return missed
+            taken.append(False)
+        return taken
 
     # -- seeding from the database ------------------------------------------------------------
 

@@ -652,6 +652,42 @@ def test_received_rows_are_checked_whole_before_any_is_learned(home):
     assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
 
 
+def packed(rows):
+    """A keepalive batch's learned rows as "received" carries them (keepalive.tell)."""
+    return {"names": [row[0] for row in rows], "records": binascii.b2a_base64(b"".join(
+        scanner_mod.FINGERPRINT.pack(*(row[1:6] + [binascii.unhexlify(row[6])]))
+        for row in rows)).decode("ascii")}
+
+
+def test_received_records_learn_the_files_and_record_their_node_as_each_agents_reporter(home):
+    # A keepalive batch's files travel as names and packed fingerprint records (no JSON
+    # value per number); with "node", each agent-info file among them is that node's
+    # report with its record's mtime (no second list of agent rows). Checked whole first.
+    cat, names = scanned_agent_infos(home, 3)
+    rows = []
+    for name in names:
+        compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
+        st = os.lstat(os.path.join(home, name))
+        rows.append([name] + list(scanner_mod.fingerprint(st)) + [cat.scanner.row(name)[7]])
+    request = dict(packed(rows), node="client02")
+    for bad in (dict(request, records=request["records"][:-8] + "\n"),   # records cut short
+                dict(request, names=names[:2]),
+                dict(request, names=names[:2] + [7]),
+                dict(request, names=names[:2] + ["etc/client.keys"]),   # a file we send
+                dict(request, node=5)):
+        with pytest.raises(errors.RequestError) as info:
+            cat.handle("received", bad)
+        assert info.value.code == "bad_request"
+        assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 30) * 1e9) for n in names)
+    assert cat.handle("received", request) == {"learned": 3, "hinted": 0, "updated": 3}
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
+    assert cat.db.agents() == dict((n.rpartition("/")[2], ("client02", int((NOW - 5) * 1e9)))
+                                   for n in names)
+    # A record of other content is not learned (hinted: the next check hashes the file).
+    other = [rows[0][:6] + ["ab" * 32]]
+    assert cat.handle("received", packed(other)) == {"learned": 0, "hinted": 1}
+
+
 def test_received_rows_of_an_item_this_node_sends_are_refused_behind_an_item_path(home):
     # "received" looks the items up once per folder; an item's own path (a file item in a
     # folder another item covers) must not answer for the rest of its folder.

@@ -291,7 +291,18 @@ class Link(object):
             return {"count": len(args["names"])}, b"".join(
                 scanner.FINGERPRINT.pack(1, 2, 3, 4, 0o100660, b"\xab" * 32)
                 for _name in args["names"])
-        return {"learned": len(args["rows"])}, None
+        return {"learned": len(args.get("names", []))}, None
+
+
+def told_rows(args):
+    """The learned rows a "received" request carries as names and packed records."""
+    data = binascii.a2b_base64(args.get("records", "").encode("ascii"))
+    size = scanner.FINGERPRINT.size
+    rows = []
+    for index, name in enumerate(args.get("names", [])):
+        fields = scanner.FINGERPRINT.unpack_from(data, index * size)
+        rows.append([name] + list(fields[:5]) + [binascii.hexlify(fields[5]).decode("ascii")])
+    return rows
 
 
 def test_records_and_fingerprints_travel_in_bounded_requests():
@@ -314,7 +325,7 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
                for cmd, args in link.calls[:fingerprint_calls])
     told = link.calls[fingerprint_calls:]
     assert set(cmd for cmd, _args in told) == set(["received"])
-    assert [r for _c, args in told for r in args["rows"]] == rows            # all, in order
+    assert [r for _c, args in told for r in told_rows(args)] == rows         # all, in order
     assert [r for _c, args in told for r in args.get("agents", [])] == agents
 
 
@@ -335,9 +346,11 @@ def test_a_clients_whole_keepalive_batch_asks_once_and_tells_once():
 
 def test_a_keepalive_batch_is_told_in_one_request():
     link = Link()
-    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]], [["a-any", "client1", 5]])
-    assert link.calls == [("received", {"rows": [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]],
-                                        "agents": [["a-any", "client1", 5]]})]
+    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]], [["b-any", "client1", 5]],
+                   "client1")
+    [(cmd, args)] = link.calls
+    assert cmd == "received" and told_rows(args) == [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]]
+    assert args["node"] == "client1" and args["agents"] == [["b-any", "client1", 5]]
     link = Link()
     keepalive.tell(link, [], [])
     assert link.calls == []
