@@ -434,8 +434,9 @@ class Inbox(object):
             # the files touched in place are told with their records: the internal daemon
             # takes their agent rows from those (keepalive.tell's node)
             reporter, told = peer, set(row[0] for row in learned)
-            agents = self.agent_rows(peer, states, reasons,
-                                     self.applied_mtimes(incoming, told), told)
+            if len(told) < len(states):  # else every name was touched in place
+                agents = self.agent_rows(peer, states, reasons,
+                                         self.applied_mtimes(incoming, told), told)
         # One call for a keepalive batch: its fingerprints and the agents it reported.
         keepalive.tell(self.link, learned, agents, reporter)
         states.update(refused)
