@@ -92,6 +92,7 @@ class _Toucher(object):
         """Set what the records prove of `chunk` in place; yield the others, in order."""
         batch = self.batch
         rx = batch.rx
+        # batch.flush() replaces in_place and unflushed: it runs between chunks, never in one
         known, states, learned, in_place, unflushed = batch.known, batch.states, \
             batch.learned, batch.in_place, batch.unflushed
         locate, folders, fingerprint = self.locator.locate, self.folders, scanner.fingerprint
@@ -106,8 +107,7 @@ class _Toucher(object):
             record = known.get(name)
             # The record's checksum is our internal daemon's: the same, the sender's is valid.
             if record is None or record[4] != incoming.sha256 or not by_fd or \
-                    type(mtime_ns) not in compat.integer_types or type(mtime_ns) is bool or \
-                    not 0 <= mtime_ns <= limit or (waiting and name in waiting):
+                    type(mtime_ns) not in compat.integer_types or not 0 <= mtime_ns <= limit or (waiting and name in waiting):
                 yield incoming
                 continue
             try:
