@@ -771,7 +771,7 @@ class Catalog(object):
         if not isinstance(names, list) or not set(map(type, names)) <= _TEXTS:
             raise _bad("'names' must be a list of file names")
         try:
-            data = binascii.a2b_base64(compat.to_bytes(args.get("records", u"")))
+            data = binascii.a2b_base64(compat.to_bytes(_opt_text(args, "records") or u""))
         except (TypeError, ValueError, binascii.Error):
             data = None
         if data is None or len(data) != scanner_mod.FINGERPRINT.size * len(names):

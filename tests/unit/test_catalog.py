@@ -671,6 +671,7 @@ def test_received_records_learn_the_files_and_record_their_node_as_each_agents_r
         rows.append([name] + list(scanner_mod.fingerprint(st)) + [cat.scanner.row(name)[7]])
     request = dict(packed(rows), node="client02")
     for bad in (dict(request, records=request["records"][:-8] + "\n"),   # records cut short
+                dict(request, records=[request["records"]]),
                 dict(request, names=names[:2]),
                 dict(request, names=names[:2] + [7]),
                 dict(request, names=names[:2] + ["etc/client.keys"]),   # a file we send
