@@ -518,9 +518,7 @@ class ClusterDB(object):
                 held[name] = (node, keepalive)
         if direct:
             self.write_agents()
-            now = self._wall()
-            self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
-                                for name, node, keepalive in direct])
+            self._write_agents(direct, len(direct))
         else:
             self.write_agents_due()
         return len(rows)
@@ -533,26 +531,30 @@ class ClusterDB(object):
             self.write_agents()
 
     def write_agents(self):
-        """Write the agent rows record_agents holds."""
+        """Write the agent rows record_agents holds (as they are iterated: no second copy
+        of up to 100 000 rows)."""
         self._agents_written = self._monotonic()
         if not self._held_agents:
             return
         held, self._held_agents = self._held_agents, {}
-        now = self._wall()
-        self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
-                            for name, (node, keepalive) in held.items()])
+        self._write_agents(_HeldRows(held), len(held))
 
-    def _write_agents(self, clean):
+    def _write_agents(self, rows, count):
+        """Store `count` [name, node, keepalive_ns] rows (a list or _HeldRows)."""
+        now = self._wall()
         with self.transaction() as conn:
             updated = conn.executemany(
                 "UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? WHERE name = ? AND "
-                "(? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)", clean).rowcount
+                "(? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)",
+                ((node, keepalive, now, name, keepalive, keepalive)
+                 for name, node, keepalive in rows)).rowcount
             # Keepalives of known agents (the usual batch) all update (a row updates at most
             # one: name is the key): no row to insert.
-            if updated != len(clean):
+            if updated != count:
                 conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, "
                                  "updated) VALUES (?, ?, ?, ?)",
-                                 [(r[3], r[0], r[1], r[2]) for r in clean])
+                                 ((name, node, keepalive, now)
+                                  for name, node, keepalive in rows))
 
     def agent_names(self, node):
         """The agent-info file names recorded as sent by `node` (a set)."""
@@ -647,3 +649,14 @@ class ClusterDB(object):
             else:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                              (key, value))
+
+
+class _HeldRows(object):
+    """The held agent rows, iterable more than once, as (name, node, keepalive_ns)."""
+
+    def __init__(self, held):
+        self.held = held
+
+    def __iter__(self):
+        for name, (node, keepalive) in self.held.items():
+            yield name, node, keepalive
