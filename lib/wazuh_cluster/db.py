@@ -518,7 +518,9 @@ class ClusterDB(object):
                 held[name] = (node, keepalive)
         if direct:
             self.write_agents()
-            self._write_agents(direct, len(direct))
+            now = self._wall()
+            self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
+                                for name, node, keepalive in direct])
         else:
             self.write_agents_due()
         return len(rows)
@@ -531,30 +533,26 @@ class ClusterDB(object):
             self.write_agents()
 
     def write_agents(self):
-        """Write the agent rows record_agents holds (as they are iterated: no second copy
-        of up to 100 000 rows)."""
+        """Write the agent rows record_agents holds."""
         self._agents_written = self._monotonic()
         if not self._held_agents:
             return
         held, self._held_agents = self._held_agents, {}
-        self._write_agents(_HeldRows(held), len(held))
-
-    def _write_agents(self, rows, count):
-        """Store `count` [name, node, keepalive_ns] rows (a list or _HeldRows)."""
         now = self._wall()
+        self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
+                            for name, (node, keepalive) in held.items()])
+
+    def _write_agents(self, clean):
         with self.transaction() as conn:
             updated = conn.executemany(
                 "UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? WHERE name = ? AND "
-                "(? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)",
-                ((node, keepalive, now, name, keepalive, keepalive)
-                 for name, node, keepalive in rows)).rowcount
+                "(? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)", clean).rowcount
             # Keepalives of known agents (the usual batch) all update (a row updates at most
             # one: name is the key): no row to insert.
-            if updated != count:
+            if updated != len(clean):
                 conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, "
                                  "updated) VALUES (?, ?, ?, ?)",
-                                 ((name, node, keepalive, now)
-                                  for name, node, keepalive in rows))
+                                 [(r[3], r[0], r[1], r[2]) for r in clean])
 
     def agent_names(self, node):
         """The agent-info file names recorded as sent by `node` (a set)."""
@@ -649,14 +647,3 @@ class ClusterDB(object):
             else:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                              (key, value))
-
-
-class _HeldRows(object):
-    """The held agent rows, iterable more than once, as (name, node, keepalive_ns)."""
-
-    def __init__(self, held):
-        self.held = held
-
-    def __iter__(self):
-        for name, (node, keepalive) in self.held.items():
-            yield name, node, keepalive
