@@ -100,7 +100,7 @@ class ClusterDB(object):
         self.log = log
         self._wall = wall
         self._monotonic = monotonic
-        self._held_agents = {}  # name -> (node, keepalive_ns): see record_agents
+        self._held_agents = {}  # name -> (node, keepalive_ns, updated): see record_agents
         self._agents_written = monotonic()
         self._conn = None
         self._depth = 0
@@ -502,11 +502,10 @@ class ClusterDB(object):
         agent keeps alive every 10 s, and an UPDATE per keepalive was two fifths of the
         internal daemon's time on a master of 100 000 agents. Held, a row keeps only the
         newest keepalive of its agent, which the write then compares with the stored one as
-        each row would have been: the same outcome (`updated` is the time of the write). A
-        crash loses at most that much of the table, relearned from the next keepalives. Rows
-        without one are written at once. Held: ~100 bytes an agent (the node string is one
-        object per request).
+        each row would have been: the same outcome. A crash loses at most that much of the
+        table, relearned from the next keepalives. Rows without one are written at once.
         """
+        now = self._wall()
         held = self._held_agents
         direct = []
         for name, node, keepalive in rows:
@@ -515,10 +514,9 @@ class ClusterDB(object):
                 continue
             old = held.get(name)
             if old is None or old[1] <= keepalive:
-                held[name] = (node, keepalive)
+                held[name] = (node, keepalive, now)
         if direct:
             self.write_agents()
-            now = self._wall()
             self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
                                 for name, node, keepalive in direct])
         else:
@@ -538,9 +536,8 @@ class ClusterDB(object):
         if not self._held_agents:
             return
         held, self._held_agents = self._held_agents, {}
-        now = self._wall()
-        self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
-                            for name, (node, keepalive) in held.items()])
+        self._write_agents([(node, keepalive, when, name, keepalive, keepalive)
+                            for name, (node, keepalive, when) in held.items()])
 
     def _write_agents(self, clean):
         with self.transaction() as conn:
