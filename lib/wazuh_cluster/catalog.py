@@ -267,7 +267,6 @@ class Catalog(object):
         files changed at once, the lists are empty and "overflow": true asks subscribers for
         a full integrity round (manifest) instead.
         """
-        self.db.write_agents_due()  # keepalives' agent rows held (db.record_agents)
         first = self._rescan or self._last_full is None
         own_due = first or now - self._last_full >= self.scan_interval
         foreign_due = first or now - self._last_foreign >= self.foreign_scan_interval

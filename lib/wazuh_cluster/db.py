@@ -30,8 +30,6 @@ AGENT_KEYS_SOURCE = "agent_keys.source"
 # "invalid" rows kept per node: the names a peer sent that we refused. A peer chooses them,
 # as many as it likes; beyond this many the oldest go, so that one insider cannot grow the
 # database (the refusals are in the log as well, bounded per batch).
-# Agent rows held in memory at most this long (record_agents).
-AGENT_WRITE_SECONDS = 30.0
 MAX_INVALID_PER_NODE = 1000
 # ... and in all: an insider may connect under ever new node names. Trimmed down to
 # INVALID_TRIM_TO of it, so that counting them all (a scan of the states index) is rare.
@@ -95,13 +93,10 @@ class ClusterDB(object):
     columns (display only). `connect` is the seam a test uses to fake an unusable file.
     """
 
-    def __init__(self, path, log, wall=time.time, monotonic=compat.monotonic):
+    def __init__(self, path, log, wall=time.time):
         self.path = path
         self.log = log
         self._wall = wall
-        self._monotonic = monotonic
-        self._held_agents = {}  # name -> (node, keepalive_ns, updated): see record_agents
-        self._agents_written = monotonic()
         self._conn = None
         self._depth = 0
         self._invalid_bound = None  # an upper bound of the invalid rows (None: count them)
@@ -207,13 +202,7 @@ class ClusterDB(object):
             self._conn = None
 
     def close(self):
-        """Write the agent rows held, close the connection (safe to call twice)."""
-        if self._conn is not None and self._held_agents:
-            try:
-                self.write_agents()
-            except sqlite3.Error as exc:
-                self.log.error("cluster database: %d agent rows not written at close: %s",
-                               len(self._held_agents), exc)
+        """Close the connection (safe to call twice)."""
         self._close_quietly()
 
     def version(self):
@@ -496,50 +485,10 @@ class ClusterDB(object):
 
         A row older than the stored keepalive is not taken: two clients' reports of the same
         agent may arrive in either order, the newest keepalive keeps its node (SPEC 4).
-
-        Rows with a keepalive are held in memory and written at most every
-        AGENT_WRITE_SECONDS (or before anything reads the agents table, or at close): every
-        agent keeps alive every 10 s, and an UPDATE per keepalive was two fifths of the
-        internal daemon's time on a master of 100 000 agents. Held, a row keeps only the
-        newest keepalive of its agent, which the write then compares with the stored one as
-        each row would have been: the same outcome. A crash loses at most that much of the
-        table, relearned from the next keepalives. Rows without one are written at once.
         """
         now = self._wall()
-        held = self._held_agents
-        direct = []
-        for name, node, keepalive in rows:
-            if keepalive is None:
-                direct.append((name, node, keepalive))
-                continue
-            old = held.get(name)
-            if old is None or old[1] <= keepalive:
-                held[name] = (node, keepalive, now)
-        if direct:
-            self.write_agents()
-            self._write_agents([(node, keepalive, now, name, keepalive, keepalive)
-                                for name, node, keepalive in direct])
-        else:
-            self.write_agents_due()
-        return len(rows)
-
-    def write_agents_due(self):
-        """write_agents() when the rows held are AGENT_WRITE_SECONDS old (the internal
-        daemon's loop asks at every tick: a master gone quiet still writes them)."""
-        if self._held_agents and \
-                self._monotonic() - self._agents_written >= AGENT_WRITE_SECONDS:
-            self.write_agents()
-
-    def write_agents(self):
-        """Write the agent rows record_agents holds."""
-        self._agents_written = self._monotonic()
-        if not self._held_agents:
-            return
-        held, self._held_agents = self._held_agents, {}
-        self._write_agents([(node, keepalive, when, name, keepalive, keepalive)
-                            for name, (node, keepalive, when) in held.items()])
-
-    def _write_agents(self, clean):
+        clean = [(node, keepalive, now, name, keepalive, keepalive)
+                 for name, node, keepalive in rows]
         with self.transaction() as conn:
             updated = conn.executemany(
                 "UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? WHERE name = ? AND "
@@ -550,17 +499,16 @@ class ClusterDB(object):
                 conn.executemany("INSERT OR IGNORE INTO agents (name, node, keepalive_ns, "
                                  "updated) VALUES (?, ?, ?, ?)",
                                  [(r[3], r[0], r[1], r[2]) for r in clean])
+        return len(clean)
 
     def agent_names(self, node):
         """The agent-info file names recorded as sent by `node` (a set)."""
-        self.write_agents()
         return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
                                                      (node,)))
 
     def agents_of_others(self, node, names=None):
         """{agent file name: keepalive_ns or None} of the agents (among `names`, or all)
         recorded as reported by another node than `node`."""
-        self.write_agents()
         sql = "SELECT name, keepalive_ns FROM agents WHERE node IS NOT NULL AND node != ?"
         if names is None:
             return dict(self._conn.execute(sql, (node,)))
@@ -572,7 +520,6 @@ class ClusterDB(object):
 
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
-        self.write_agents()
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
             "SELECT name, node, keepalive_ns FROM agents"))
 
@@ -615,7 +562,6 @@ class ClusterDB(object):
         The sender only where no node was read (the other rows need it only for a file
         emptied or removed since the scan: agent_sender): a join with agents for every row
         was a third of the query."""
-        self.write_agents()
         return self._conn.execute(
             "SELECT k.prefix, k.file, f.name IS NOT NULL, f.node, CASE WHEN f.node IS NULL"
             " THEN (SELECT a.node FROM agents a WHERE a.name = k.file) END FROM agent_keys k"
@@ -623,7 +569,6 @@ class ClusterDB(object):
 
     def agent_sender(self, name):
         """The node that sent agent-info file `name`, or None."""
-        self.write_agents()
         row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
