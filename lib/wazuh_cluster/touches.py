@@ -107,7 +107,8 @@ class _Toucher(object):
             record = known.get(name)
             # The record's checksum is our internal daemon's: the same, the sender's is valid.
             if record is None or record[4] != incoming.sha256 or not by_fd or \
-                    type(mtime_ns) not in compat.integer_types or not 0 <= mtime_ns <= limit or (waiting and name in waiting):
+                    type(mtime_ns) not in compat.integer_types or \
+                    not 0 <= mtime_ns <= limit or (waiting and name in waiting):
                 yield incoming
                 continue
             try:
