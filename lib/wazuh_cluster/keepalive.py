@@ -15,7 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 import binascii
 
-from wazuh_cluster import compat, pathrules, scanner, staterows, text
+from wazuh_cluster import pathrules, scanner, staterows, text
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
