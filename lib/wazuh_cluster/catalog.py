@@ -570,7 +570,7 @@ class Catalog(object):
         if cached is not None:
             return cached
         if node is not None:
-            mine = self.db.agent_names(node)
+            mine = self.db.agent_names(node, info)
         if node is not None and self.role == "master" and args.get("source") == "client" \
                 and set(args) == set(("source", "node")):
             # Its files only: a pass over every client's 100 000 rows per client round was
@@ -578,12 +578,12 @@ class Catalog(object):
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
             result = {"buckets": summary.of_values(self.scanner.summary_values(
-                (info + n for n in mine), bool(item and item.mtime_is_data),
+                mine, bool(item and item.mtime_is_data),
                 summary.entry))}
             self._summaries[key] = result
             return result
         if node is not None:
-            rows = self._manifest_rows(dict(args, names=[info + n for n in mine]), refresh=False)
+            rows = self._manifest_rows(dict(args, names=mine), refresh=False)
         else:
             rows = self._manifest_rows(dict(args, names=None), refresh=False)
         flags = dict((item.name, item.mtime_is_data) for item in self.items)
