@@ -196,6 +196,7 @@ def _native(name):
 
 
 _JSON_TEXT = compat.text_type if compat.PY2 else None
+_STR_IS_BYTES = str is bytes
 
 
 def _kind_word(mode):
@@ -350,19 +351,22 @@ class Scanner(object):
         packs a new one without them): a master summarises a client's 10 000 agent-info
         files again after any of them changed, and computing every value anew (a SHA-256
         each) was most of an idle master's rounds."""
-        files, unpack, hexlify, to_bytes = self._files, _FP.unpack_from, binascii.hexlify, \
-            compat.to_bytes
+        files, unpack, hexlify, native = self._files, _FP.unpack_from, binascii.hexlify, \
+            _native
+        get = files.get
         read, keep, cached = _SUMMED.unpack_from, _SUMMED.pack, _REC_LEN + _SUMMED.size
         for name in names:
-            rel = _native(name)
-            rec = files.get(rel)
+            rel = name if type(name) is str else native(name)
+            rec = get(rel)
             if rec is None:
                 continue
             if len(rec) == cached:
                 bucket, low, high = read(rec, _REC_LEN)
                 yield bucket, low | (high << 64)
                 continue
-            bucket, value = entry(to_bytes(name), hexlify(rec[_FP_LEN:_REC_LEN]),
+            # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
+            bucket, value = entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                                  hexlify(rec[_FP_LEN:_REC_LEN]),
                                   unpack(rec)[1] if mtime_is_data else None)
             files[rel] = rec + keep(bucket, value & _LOW64, value >> 64)
             yield bucket, value
