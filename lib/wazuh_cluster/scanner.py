@@ -342,15 +342,18 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
-    def summary_values(self, names, mtime_is_data, entry):
+    def summary_values(self, names, mtime_is_data, entry, mixed=None):
         """(bucket, value) in a summary of the known files among `names` (of one item:
         `mtime_is_data` is its flag), for summary.of_values; `entry(name, SHA-256 hex
-        digits, mtime_ns or None)` (summary.entry, of bytes) makes them.
+        digits, mtime_ns or None)` (summary.entry, of bytes) makes them; `mixed(base,
+        mtime_ns)` (summary.mixed) for form 2, None for form 1.
 
-        They are kept at the end of the file's record until the record changes (every change
-        packs a new one without them): a master summarises a client's 10 000 agent-info
-        files again after any of them changed, and computing every value anew (a SHA-256
-        each) was most of an idle master's rounds."""
+        Each file's bucket and base (its entry without the mtime) are kept at the end of its
+        record while its content is the same (a keepalive keeps them: learn_rows, and a
+        touch found by a pass): a master summarises a client's 10 000 agent-info files
+        again after any of them changed, and computing every value anew (a SHA-256 each)
+        was most of an idle master's rounds. Form 1 (an older peer) mixes the mtime into
+        the SHA-256: an agent-info file's value is computed anew each time."""
         files, unpack, hexlify, native = self._files, _FP.unpack_from, binascii.hexlify, \
             _native
         get = files.get
@@ -362,14 +365,19 @@ class Scanner(object):
                 continue
             if len(rec) == cached:
                 bucket, low, high = read(rec, _REC_LEN)
-                yield bucket, low | (high << 64)
-                continue
-            # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
-            bucket, value = entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
-                                  hexlify(rec[_FP_LEN:_REC_LEN]),
-                                  unpack(rec)[1] if mtime_is_data else None)
-            files[rel] = rec + keep(bucket, value & _LOW64, value >> 64)
-            yield bucket, value
+                base = low | (high << 64)
+            else:
+                # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
+                bucket, base = entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                                     hexlify(rec[_FP_LEN:_REC_LEN]), None)
+                files[rel] = rec[:_REC_LEN] + keep(bucket, base & _LOW64, base >> 64)
+            if not mtime_is_data:
+                yield bucket, base
+            elif mixed is not None:
+                yield bucket, mixed(base, unpack(rec)[1])
+            else:
+                yield entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                            hexlify(rec[_FP_LEN:_REC_LEN]), unpack(rec)[1])
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -424,7 +432,9 @@ class Scanner(object):
                 ino, ctime_ns = unpack(old, _INO_AT)
                 if ino == row[3] and row[4] >= ctime_ns:
                     try:
-                        files[rel] = pack(row[1], row[2], row[3], row[4], row[5], digest)
+                        # Same content: the summary's bucket and base still hold.
+                        files[rel] = pack(row[1], row[2], row[3], row[4], row[5],
+                                          digest) + old[_REC_LEN:]
                     except struct.error:  # no stat's numbers
                         missed.append(row)
                         continue
@@ -751,7 +761,9 @@ class Scanner(object):
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later
         digest, fp = result
-        self._files[rel] = _FP.pack(*fp) + digest
+        # A touch (same content) keeps the summary's bucket and base (summary_values).
+        self._files[rel] = _FP.pack(*fp) + digest + (
+            old[_REC_LEN:] if old is not None and old[_FP_LEN:_REC_LEN] == digest else b"")
         self._unseal(rel)
         self._noted.pop(rel, None)
         changed_at = max(fp[1], fp[3])
