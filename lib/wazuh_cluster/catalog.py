@@ -20,7 +20,7 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
                                                       mode, item}}}; with as_data: true,
                                                       {count} and that files mapping as
                                                       JSON bytes after the reply (localsock)
-  summary     {source, node?, groups?}            -> {buckets: [[count, digest]] x 256,
+  summary     {source, node?, groups?, form?}     -> {buckets: [[count, digest]] x 256,
                                                       groups?: [..]} (summary.py); also
                                                       manifest takes buckets: [n, ..]
   pending     {node}                              -> {files: [..], deleted: [..]}
@@ -557,13 +557,18 @@ class Catalog(object):
         return (row for row in rows if not relayed(row))
 
     def _cmd_summary(self, args):
-        """{source, node?} -> {buckets: summary.Summary.to_wire(), groups?}; see summary.py.
+        """{source, node?, groups?, form?} -> {buckets: summary.Summary.to_wire(), groups?};
+        see summary.py (form 1 when absent).
 
         With "node" (a master asked by that client), only the agent-info files the agents
         table says it reports. Cached until the next stored change or agents update: an
         idle master answers its clients' rounds without a pass over 100 000 rows each.
         """
         node = _opt_text(args, "node")
+        try:
+            form = summary.parse_form(args.get("form"))
+        except errors.ProtocolError as exc:
+            raise _bad(exc.message)
         key = json.dumps(args, sort_keys=True)
         info = self._item_path("agent-info", "queue/agent-info") + "/"
         if node is not None or source_is_foreign(args.get("source"), self.role):
@@ -572,26 +577,26 @@ class Catalog(object):
         if cached is not None:
             return cached
         if node is not None:
-            mine = self.db.agent_names(node)
+            mine = self.db.agent_names(node, info)
         if node is not None and self.role == "master" and args.get("source") == "client" \
-                and set(args) == set(("source", "node")):
+                and set(args) - set(["form"]) == set(("source", "node")):
             # Its files only: a pass over every client's 100 000 rows per client round was
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
             result = {"buckets": summary.of_values(self.scanner.summary_values(
-                (info + n for n in mine), bool(item and item.mtime_is_data),
-                summary.entry))}
+                mine, bool(item and item.mtime_is_data), summary.entry,
+                summary.mixed if form == 2 else None))}
             self._summaries[key] = result
             return result
         if node is not None:
-            rows = self._manifest_rows(dict(args, names=[info + n for n in mine]), refresh=False)
+            rows = self._manifest_rows(dict(args, names=mine), refresh=False)
         else:
             rows = self._manifest_rows(dict(args, names=None), refresh=False)
         flags = dict((item.name, item.mtime_is_data) for item in self.items)
         groups = set() if args.get("groups") is True else None
         result = {"buckets": summary.of_rows(_noting_groups(rows, groups, self.items),
-                                             flags.get)}
+                                             flags.get, form)}
         if groups is not None:
             result["groups"] = sorted(groups)
         self._summaries[key] = result

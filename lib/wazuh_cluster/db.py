@@ -72,6 +72,13 @@ MIGRATIONS = (
         "CREATE TABLE agent_keys (seq INTEGER PRIMARY KEY, file TEXT NOT NULL,"
         " prefix TEXT NOT NULL)",
     )),
+    (5, (
+        # The agents one node reports (agent_names), read from the index alone: a client's
+        # round summary on a master of 100 000 agents scanned the whole table for its 10 000
+        # (11 against 3 ms), a fifth of an idle master's internal daemon with 10 clients.
+        # Keepalives update node with its own value: the index is not rewritten for them.
+        "CREATE INDEX agents_node_name ON agents (node, name)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -501,10 +508,11 @@ class ClusterDB(object):
                                  [(r[3], r[0], r[1], r[2]) for r in clean])
         return len(clean)
 
-    def agent_names(self, node):
-        """The agent-info file names recorded as sent by `node` (a set)."""
-        return set(r[0] for r in self._conn.execute("SELECT name FROM agents WHERE node = ?",
-                                                     (node,)))
+    def agent_names(self, node, prefix=""):
+        """The agent-info file names recorded as sent by `node` (a list, each once), each
+        after `prefix` (joined by SQLite: no Python string per name built twice)."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT ? || name FROM agents WHERE node = ?", (prefix, node))]
 
     def agents_of_others(self, node, names=None):
         """{agent file name: keepalive_ns or None} of the agents (among `names`, or all)

@@ -354,10 +354,19 @@ class Inbox(object):
         master, of the agent-info files that client reports."""
         source = args.get("source")
         self.check_source(session, source)
+        try:
+            form = summary.parse_form(args.get("form"))
+        except ProtocolError as err:
+            raise _bad(err.message)
         query = {"source": source}
+        if form != 1:
+            query["form"] = form   # and said in the answer: an older node answers form 1
         if self.role == "master":
             query["node"] = session.peer_name
-        return {"buckets": self.link.call("summary", query)["buckets"]}, b""
+        answer = {"buckets": self.link.call("summary", query)["buckets"]}
+        if form != 1:
+            answer["form"] = form
+        return answer, b""
 
     def sync_files(self, session, args, data):
         """Apply a batch of files from a peer; its data is inflated as it is written."""

@@ -197,6 +197,7 @@ def _native(name):
 
 
 _JSON_TEXT = compat.text_type if compat.PY2 else None
+_STR_IS_BYTES = str is bytes
 
 
 def _kind_word(mode):
@@ -342,31 +343,42 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
-    def summary_values(self, names, mtime_is_data, entry):
+    def summary_values(self, names, mtime_is_data, entry, mixed=None):
         """(bucket, value) in a summary of the known files among `names` (of one item:
         `mtime_is_data` is its flag), for summary.of_values; `entry(name, SHA-256 hex
-        digits, mtime_ns or None)` (summary.entry, of bytes) makes them.
+        digits, mtime_ns or None)` (summary.entry, of bytes) makes them; `mixed(base,
+        mtime_ns)` (summary.mixed) for form 2, None for form 1.
 
-        They are kept at the end of the file's record until the record changes (every change
-        packs a new one without them): a master summarises a client's 10 000 agent-info
-        files again after any of them changed, and computing every value anew (a SHA-256
-        each) was most of an idle master's rounds."""
-        files, unpack, hexlify, to_bytes = self._files, _FP.unpack_from, binascii.hexlify, \
-            compat.to_bytes
+        Each file's bucket and base (its entry without the mtime) are kept at the end of its
+        record while its content is the same (a keepalive keeps them: learn_rows, and a
+        touch found by a pass): a master summarises a client's 10 000 agent-info files
+        again after any of them changed, and computing every value anew (a SHA-256 each)
+        was most of an idle master's rounds. Form 1 (an older peer) mixes the mtime into
+        the SHA-256: an agent-info file's value is computed anew each time."""
+        files, unpack, hexlify, native = self._files, _FP.unpack_from, binascii.hexlify, \
+            _native
+        get = files.get
         read, keep, cached = _SUMMED.unpack_from, _SUMMED.pack, _REC_LEN + _SUMMED.size
         for name in names:
-            rel = _native(name)
-            rec = files.get(rel)
+            rel = name if type(name) is str else native(name)
+            rec = get(rel)
             if rec is None:
                 continue
             if len(rec) == cached:
                 bucket, low, high = read(rec, _REC_LEN)
-                yield bucket, low | (high << 64)
-                continue
-            bucket, value = entry(to_bytes(name), hexlify(rec[_FP_LEN:_REC_LEN]),
-                                  unpack(rec)[1] if mtime_is_data else None)
-            files[rel] = rec + keep(bucket, value & _LOW64, value >> 64)
-            yield bucket, value
+                base = low | (high << 64)
+            else:
+                # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
+                bucket, base = entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                                     hexlify(rec[_FP_LEN:_REC_LEN]), None)
+                files[rel] = rec[:_REC_LEN] + keep(bucket, base & _LOW64, base >> 64)
+            if not mtime_is_data:
+                yield bucket, base
+            elif mixed is not None:
+                yield bucket, mixed(base, unpack(rec)[1])
+            else:
+                yield entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                            hexlify(rec[_FP_LEN:_REC_LEN]), unpack(rec)[1])
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -439,7 +451,8 @@ class Scanner(object):
                 ino, ctime_ns = unpack(old, _INO_AT)
                 new_ino, new_ctime_ns = unpack(record, _INO_AT)
                 if ino == new_ino and new_ctime_ns >= ctime_ns:
-                    files[rel] = record
+                    # Same content: the summary's bucket and base still hold.
+                    files[rel] = record + old[_REC_LEN:]
                     if seals:  # as _unseal(), without a call per keepalive
                         seals.pop(rel.rpartition("/")[0], None)
                     if rel in racy:
@@ -764,7 +777,9 @@ class Scanner(object):
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later
         digest, fp = result
-        self._files[rel] = _FP.pack(*fp) + digest
+        # A touch (same content) keeps the summary's bucket and base (summary_values).
+        self._files[rel] = _FP.pack(*fp) + digest + (
+            old[_REC_LEN:] if old is not None and old[_FP_LEN:_REC_LEN] == digest else b"")
         self._unseal(rel)
         self._noted.pop(rel, None)
         changed_at = max(fp[1], fp[3])

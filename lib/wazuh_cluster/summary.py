@@ -16,6 +16,17 @@ second's boundary makes its bucket be compared for nothing.
 
 A peer's summary decides only what is compared next; what is sent or deleted is still
 decided from the entries, as before. A peer lying in its summary can only hide its own drift.
+
+Two forms, which differ only for items whose mtime is data. Form 1 hashes the mtime with the
+name and checksum. Form 2 (FORM) hashes the name and checksum alone into a "base" and mixes
+the mtime in by one multiplication, base * (2 * mtime seconds + 1) modulo 2**128: a keepalive
+changes the mtime only, and the base kept with the file's record (Scanner.summary_values)
+still holds, so the summary after every agent kept alive costs a multiplication a file, not a
+SHA-256 (the master sums 10 000 agent-info files per client after each wave). An entry changed
+alone always moves its bucket's sum (the factor is odd, so invertible modulo 2**128), and
+changes cancel only if the bases, 128 random bits each, make their weighted sum vanish. A round
+asks for FORM and takes the form the peer answers in (a peer of an older version answers in
+form 1, without saying so): both sides' summaries are then made in it.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -30,6 +41,8 @@ BUCKETS = 256
 # Buckets compared per step of a round: a round holds the entries of that many buckets of
 # both sides at most (1/8 of each manifest), not two whole manifests.
 BUCKETS_PER_STEP = 32
+FORM = 2      # the newest form (see above); a request without "form" is of form 1
+FORMS = (1, 2)
 _MASK = (1 << 128) - 1
 _HEX32 = re.compile(u"^[0-9a-f]{32}$")
 _NUL = b"\0"
@@ -51,12 +64,19 @@ def entry_value(name, sha256, mtime_ns):
     return compat.uint_be(hashlib.sha256(text).digest()[:16])
 
 
-class Summary(object):
-    """Counts and digests of BUCKETS buckets, filled entry by entry."""
+def mixed(base, mtime_ns):
+    """Form 2's value of an entry whose mtime is data, from its base (entry_value of the
+    name and checksum alone)."""
+    return (base * (2 * (mtime_ns // 1000000000) + 1)) & _MASK
 
-    def __init__(self):
+
+class Summary(object):
+    """Counts and digests of BUCKETS buckets, filled entry by entry, in `form`."""
+
+    def __init__(self, form=1):
         self.counts = [0] * BUCKETS
         self.sums = [0] * BUCKETS
+        self.form = form
 
     def add(self, name, sha256, mtime_ns, mtime_is_data):
         self.add_raw(compat.to_bytes(name), compat.to_bytes(sha256 or ""),
@@ -66,17 +86,21 @@ class Summary(object):
         """add() of bytes, as entry_value takes them."""
         bucket = zlib.crc32(name) % BUCKETS
         self.counts[bucket] += 1
-        self.sums[bucket] = (self.sums[bucket] + entry_value(name, sha256, mtime_ns)) & _MASK
+        if self.form == 1 or mtime_ns is None:
+            value = entry_value(name, sha256, mtime_ns)
+        else:
+            value = mixed(entry_value(name, sha256, None), mtime_ns)
+        self.sums[bucket] = (self.sums[bucket] + value) & _MASK
 
     def to_wire(self):
         """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON)."""
         return [[count, "%032x" % total] for count, total in zip(self.counts, self.sums)]
 
 
-def of_rows(rows, mtime_is_data):
+def of_rows(rows, mtime_is_data, form=1):
     """The wire summary of scanner rows (name, item, size, mtime_ns, ino, ctime, mode, sha);
     `mtime_is_data(item name)` tells whether an item's mtime counts."""
-    summary = Summary()
+    summary = Summary(form)
     for row in rows:
         summary.add(row[0], row[7], row[3], mtime_is_data(row[1]))
     return summary.to_wire()
@@ -97,6 +121,16 @@ def of_values(entries):
         counts[bucket] += 1
         sums[bucket] = (sums[bucket] + value) & _MASK
     return summary.to_wire()
+
+
+def parse_form(value):
+    """A request's or answer's "form": FORMS, 1 when absent; ProtocolError otherwise."""
+    if value is None:
+        return 1
+    if not isinstance(value, compat.integer_types) or isinstance(value, bool) or \
+            value not in FORMS:
+        raise ProtocolError("'form' must be one of %s" % ", ".join(str(f) for f in FORMS))
+    return value
 
 
 def parse(value):

@@ -221,6 +221,7 @@ class PeerSync(object):
         self._recording = None  # background.Pending: the last push's states rows
         self._recorder = background.Serial("record-%s" % self.peer)
         self.summaries = True  # until the peer answers sync_summary with unknown_command
+        self.summary_form = 1  # the form of the peer's last summary (peer_summary)
         # cluster.failover=1 (failover.Failover): as a master, act only while holding the lease
         # and stamp every batch with {term} (set by SyncManager)
         self.failover = None
@@ -514,7 +515,6 @@ class PeerSync(object):
         version)."""
         if not self.summaries:
             return None
-        mine = self.link.call("summary", {"source": self.role, "groups": True})
         try:
             theirs = self.peer_summary()
         except RequestError as err:
@@ -523,19 +523,37 @@ class PeerSync(object):
             self.log.info("%s knows no summaries: full manifests in every round.", self.peer)
             self.summaries = False
             return None
+        # Ours after theirs: made in the form the peer answered in.
+        mine = self.my_summary()
         buckets = list(range(summary.BUCKETS)) if everything else \
             summary.differing(summary.parse(mine["buckets"]), theirs)
         return buckets, mine.get("groups") or [], theirs
 
+    def my_summary(self):
+        """Our summary of our items (with our group folders), in the form of the peer's
+        last one (summary_form)."""
+        args = {"source": self.role, "groups": True}
+        if self.summary_form != 1:
+            args["form"] = self.summary_form
+        return self.link.call("summary", args)
+
     def peer_summary(self):
-        """The peer's summary of its copy of our items, as of now (parsed)."""
-        result, _ = self.session.call("sync_summary", {"source": self.role},
+        """The peer's summary of its copy of our items, as of now (parsed); asked in the
+        newest form, its answer's form remembered (summary_form: an older peer answers in
+        form 1 without saying so)."""
+        result, _ = self.session.call("sync_summary", {"source": self.role,
+                                                       "form": summary.FORM},
                                       timeout=self.request_timeout)
         try:
-            return summary.parse(result.get("buckets") if isinstance(result, dict) else None)
+            if not isinstance(result, dict):
+                raise ProtocolError("summary: an object expected")
+            form = summary.parse_form(result.get("form"))
+            parsed = summary.parse(result.get("buckets"))
         except ProtocolError as err:
             raise RequestError("%s sent a malformed summary: %s" % (self.peer, err.message),
                                "protocol")
+        self.summary_form = form
+        return parsed
 
     def settle(self, states, basis):
         """Leave out of `states` the "synchronized" this round did not get from a transfer
@@ -561,8 +579,7 @@ class PeerSync(object):
         if equal:
             # The peer's sum of a written bucket is ours once it holds what we hold there;
             # where it is not, the entries of the files compared equal tell.
-            mine = summary.parse(self.link.call("summary", {"source": self.role,
-                                                            "groups": True})["buckets"])
+            mine = summary.parse(self.my_summary()["buckets"])
             unsure = sorted(name for name in equal if tuple(now[summary.bucket_of(name)]) !=
                             tuple(mine[summary.bucket_of(name)]))
             if unsure:

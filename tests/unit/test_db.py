@@ -296,6 +296,25 @@ def test_known_nodes_does_not_read_every_states_row(folder):
     assert len(steps) < 50, len(steps)  # 15 000 rows read: hundreds
 
 
+
+def test_agent_names_reads_only_that_nodes_agents(folder):
+    # A client's round summary on a master asks for the agents that client reports: 10 000 of
+    # 100 000. A scan of the whole table was a fifth of an idle master's internal daemon;
+    # the (node, name) index answers from that node's entries alone. Counted in SQLite's
+    # steps (as above), not in time.
+    db = open_db(folder)
+    db.record_agents([["agent%05d" % i, "n%d" % (i % 10), 100 + i] for i in range(5000)])
+    steps = []
+    db._conn.set_progress_handler(lambda: steps.append(1), 100)
+    try:
+        names = db.agent_names("n3", "queue/agent-info/")
+    finally:
+        db._conn.set_progress_handler(None, 100)
+    assert sorted(names) == ["queue/agent-info/agent%05d" % i for i in range(3, 5000, 10)]
+    assert len(steps) < 60, len(steps)  # 5 000 rows read: over 200
+    assert db.agent_names("n3") == [n[len("queue/agent-info/"):] for n in names]
+    assert db.agent_names("nobody", "x/") == []
+
 def test_peers_agents_meta(folder):
     db = open_db(folder)
     db.record_peer("n2", "client", "127.0.0.2", "1.0")

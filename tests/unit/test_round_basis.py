@@ -476,3 +476,36 @@ def test_agent_info_edited_in_place_on_the_master_is_repaired_after_its_full_pas
     pair.clock.now = pair.sync.next_round
     pair.sync.due(pair.clock())[0]()
     assert read(pair.master_home, INFO_NAME) == INFO and pair.row(INFO_NAME) == "synchronized"
+
+
+@pytest.mark.parametrize("peer", ["current", "older"])
+def test_a_round_makes_our_summary_in_the_form_the_peer_answered_in(peer):
+    """A client's round asks the master for summary form 2 (keepalives cost no SHA-256 there,
+    summary.py) and makes its own in the form of the answer: an older master answers form 1
+    without saying so, and a summary of ours in form 2 would differ in every bucket holding
+    agent-info, each compared entry by entry at every round."""
+    root = tempfile.mkdtemp(prefix="wzc-round-")
+    made = Pair(root, sender="client")
+    try:
+        asked, manifests = [], []
+
+        def summarise(session, args, data):
+            asked.append(dict(args))
+            if peer == "older":   # knows no "form": answers form 1, says nothing of it
+                args = dict((k, v) for k, v in args.items() if k != "form")
+                answer, rest = made.handlers["sync_summary"](session, args, data)
+                return dict((k, v) for k, v in answer.items() if k != "form"), rest
+            return made.handlers["sync_summary"](session, args, data)
+
+        def manifest(session, args, data):
+            manifests.append(args)
+            return made.handlers["sync_manifest"](session, args, data)
+        made.receiver_end.dispatcher = dict(made.handlers, sync_summary=summarise,
+                                            sync_manifest=manifest)
+        made.sync.full_round()
+        assert [a.get("form") for a in asked] == [summary.FORM]
+        assert made.sync.summary_form == (1 if peer == "older" else summary.FORM)
+        assert manifests == [] and made.sync.last_round_ok   # the summaries matched
+    finally:
+        made.close()
+        shutil.rmtree(root)

@@ -18,8 +18,8 @@ SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
-def wire(entries, mtime_is_data=False):
-    built = summary.Summary()
+def wire(entries, mtime_is_data=False, form=1):
+    built = summary.Summary(form)
     for name, sha, mtime in entries:
         built.add(name, sha, mtime, mtime_is_data)
     return built.to_wire()
@@ -65,6 +65,27 @@ def test_mtime_counts_in_whole_seconds_only_where_it_is_data():
     assert wire(one, True) != wire([("queue/agent-info/a", SHA_A, 6 * SEC + 100)], True)
     assert wire(one, False) == wire([("queue/agent-info/a", SHA_A, 9 * SEC)], False)
 
+
+
+def test_form_2_mixes_the_mtime_seconds_into_the_base_by_a_multiplication():
+    base = summary.entry_value(b"queue/agent-info/a", SHA_A.encode("ascii"), None)
+    assert summary.mixed(base, 5 * SEC + 999) == (base * 11) % (1 << 128)
+    one = [("queue/agent-info/a", SHA_A, 5 * SEC + 100), ("queue/agent-info/b", SHA_B, 7 * SEC)]
+    assert wire(one, True, 2) == wire([("queue/agent-info/a", SHA_A, 5 * SEC + 900),
+                                       ("queue/agent-info/b", SHA_B, 7 * SEC)], True, 2)
+    assert wire(one, True, 2) != wire(one, True, 1)        # the forms differ where it is data
+    assert wire(one, False, 2) == wire(one, False, 1)      # and nowhere else
+    moved = [(name, sha, mtime + SEC) for name, sha, mtime in one]
+    swapped = [(one[0][0], SHA_A, one[1][2]), (one[1][0], SHA_B, one[0][2])]
+    for other in (moved, swapped, one[:1]):
+        assert wire(other, True, 2) != wire(one, True, 2)
+
+
+@pytest.mark.parametrize("bad", ["2", 2.0, True, 0, 3, [2]])
+def test_a_bad_form_is_refused(bad):
+    with pytest.raises(ProtocolError):
+        summary.parse_form(bad)
+    assert summary.parse_form(None) == 1 and summary.parse_form(2) == 2
 
 @pytest.mark.parametrize("bad", [
     None, {}, [], [[0, "0" * 32]] * (summary.BUCKETS - 1), [[0, "0" * 32]] * (summary.BUCKETS + 1),
@@ -245,13 +266,21 @@ def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F81
     rows = [cat.scanner.row("queue/agent-info/web%02d-any" % n) for n in (1, 2)]
     assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
         summary.of_rows(rows, lambda item: item == "agent-info")
+    form2 = cat.handle("summary", {"source": "client", "node": "c1", "form": 2})["buckets"]
+    assert form2 == summary.of_rows(rows, lambda item: item == "agent-info", 2)
+    assert form2 != summary.of_rows(rows, lambda item: item == "agent-info")
+    for bad in ("2", 3, True):
+        with pytest.raises(RequestError):
+            cat.handle("summary", {"source": "client", "node": "c1", "form": bad})
 
 
 
-def test_a_clients_summary_is_made_again_from_the_records_that_changed_only(home):  # noqa: F811
-    """Each file's bucket and value are kept with its record until the record changes: after
-    a keepalive or an edit only those files are summed anew (a SHA-256 each), and the result
-    is the summary of the rows as they are now."""
+def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_only(
+        home):  # noqa: F811
+    """Each file's bucket and base are kept with its record while its content is the same:
+    after an edit only that file is hashed anew (a SHA-256), after a keepalive none (form 2
+    mixes the mtime in by a multiplication), and the result is the summary of the rows as
+    they are now. Form 1 (an older peer's) hashes each agent-info entry with its mtime."""
     from wazuh_cluster import deltarx
     clock = Clock()
     cat = make(home, clock=clock)
@@ -266,16 +295,19 @@ def test_a_clients_summary_is_made_again_from_the_records_that_changed_only(home
         made.append(args[0])
         return summary.entry(*args)
 
-    def summed():
+    def summed(form=2):
         rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
         got = summary.of_values(cat.scanner.summary_values(
-            ["queue/agent-info/" + name for name in names], True, entry))
-        assert got == summary.of_rows([r for r in rows if r], lambda item: True)
+            ["queue/agent-info/" + name for name in names], True, entry,
+            summary.mixed if form == 2 else None))
+        assert got == summary.of_rows([r for r in rows if r], lambda item: True, form)
         return got
     first = summed()
     assert len(made) == 20
     del made[:]
     assert summed() == first and made == []
+    assert summed(1) != first and len(made) == 20   # the forms differ for agent-info
+    del made[:]
     path = "queue/agent-info/web03-any"
     compat.set_mtime_ns(os.path.join(home, path), 1600000000 * SEC)   # a keepalive
     cat.handle("received", {"rows": [deltarx.written_row(home, path, cat.scanner.row(path)[7])]})
@@ -283,4 +315,11 @@ def test_a_clients_summary_is_made_again_from_the_records_that_changed_only(home
     os.unlink(os.path.join(home, "queue/agent-info/web11-any"))
     cat.tick(clock() + cat.foreign_scan_interval)
     assert summed() != first
-    assert sorted(made) == [b"queue/agent-info/web03-any", b"queue/agent-info/web07-any"]
+    assert made == [b"queue/agent-info/web07-any"]
+    # A touch a pass finds (the file read again, same content) keeps them too.
+    del made[:]
+    compat.set_mtime_ns(os.path.join(home, "queue/agent-info/web05-any"), 1600000001 * SEC)
+    cat.tick(clock() + 2 * cat.foreign_scan_interval)
+    assert cat.scanner.row("queue/agent-info/web05-any")[3] == 1600000001 * SEC
+    summed()
+    assert made == []
