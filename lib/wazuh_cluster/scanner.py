@@ -627,17 +627,34 @@ class Scanner(object):
         polls (Catalog.tick): an lstat each, no folder; a file whose fingerprint is the one
         hashed, even racy, waits for the next poll's settling hash. `only`: as in poll()."""
         out = _Collector()
+        for item, rel, fingerprint in self._hot_looks(only):
+            if fingerprint is None or not self._files.get(rel, b"").startswith(fingerprint):
+                self._check_path(item, rel, out)
+        return out.freeze()
+
+    def hot_moved(self, only=None):
+        """[(name, fingerprint)] of the hot files that are regular files whose lstat is no
+        longer the one they were last hashed with: changed, not hashed yet (nothing is read
+        or recorded here; check_hot does that). `only`: as in poll()."""
+        moved = []
+        for _item, rel, fingerprint in self._hot_looks(only):
+            if fingerprint is not None and not self._files.get(rel, b"").startswith(
+                    fingerprint):
+                moved.append((rel, fingerprint))
+        return moved
+
+    def _hot_looks(self, only):
+        """(item, name, packed lstat fingerprint of a regular file or None) of each hot file."""
         for item, rel in self._roots if self._primed else ():
             if item.kind != "file" or not item.hot or (only is not None and
                                                        item.name not in only):
                 continue
             try:
-                fingerprint = _FP.pack(*_fingerprint(os.lstat(self._abs(rel))))
+                st = os.lstat(self._abs(rel))
             except OSError:
-                fingerprint = None
-            if fingerprint is None or not self._files.get(rel, b"").startswith(fingerprint):
-                self._check_path(item, rel, out)
-        return out.freeze()
+                yield item, rel, None
+                continue
+            yield item, rel, _FP.pack(*_fingerprint(st)) if stat.S_ISREG(st.st_mode) else None
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -735,6 +735,7 @@ class PeerSync(object):
         room = self.room()
         batch = Batch(room.batch_bytes(BATCH_BYTES, BATCH_FILES))
         postponed = []
+        held = {}   # names the peer holds as they are: their states, nothing sent
         try:
             for name in send_data:
                 path = os.path.join(self.home, *name.split("/"))
@@ -751,6 +752,13 @@ class PeerSync(object):
                     # only makes it newer (a size compared with that lstat postponed it by
                     # RETRY_DELAY, under an append a second; 20 clients, issue 11).
                     size = len(got[0])
+                    if self.versions.holds_exactly(name, got[1], got[2]):
+                        # Pushed already, mtime and all: a client.keys change is announced
+                        # before it is hashed (catalog.look_hot) and named again once it is.
+                        # A metadata update would cost every peer a call and hold its next
+                        # append behind it.
+                        held[name] = "synchronized"
+                        continue
                     if self.versions.holds(name, got[1]):
                         # Pushed already (the change event came after the push that read
                         # it): its mtime only, not 9.4 MB to every client at once.
@@ -801,6 +809,7 @@ class PeerSync(object):
             states = calls.finish()
         if postponed:
             self.retry_later(postponed)
+        states.update(held)
         return states
 
     def room(self):

@@ -288,9 +288,31 @@ def test_a_big_file_the_peer_holds_already_goes_as_its_mtime_only(tmpdir):
         return {"states": dict((name, "synchronized") for name in names)}, b""
     with delta_master(tmpdir, sync_files) as sync:
         first = sync.send({}, [u"etc/client.keys"], [], [], [])
+        path = str(tmpdir.join("etc", "client.keys"))
+        os.utime(path, (os.stat(path).st_atime, os.stat(path).st_mtime + 5))
         again = sync.send({}, [u"etc/client.keys"], [], [], [])
     assert first == again == {u"etc/client.keys": "synchronized"}
     assert seen == [(len(keys), []), (0, [u"etc/client.keys"])]
+
+
+def test_a_big_file_the_peer_holds_with_its_mtime_goes_no_more(tmpdir):
+    """client.keys is announced before the internal daemon hashes it (catalog.look_hot),
+    then named again by the tick that did: the second push finds the peer holding that very
+    version and sends nothing (a metadata update cost every client a call, and held its next
+    append behind it), yet reports it synchronized (its states rows)."""
+    keys = b"".join(b"%05d agent%05d any %064x\n" % (i, i, i) for i in range(1, 3000))
+    tmpdir.mkdir("etc").join("client.keys").write_binary(keys)
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append(len(data))
+        names = [f["name"] for f in args.get("files", []) + args.get("meta", [])]
+        return {"states": dict((name, "synchronized") for name in names)}, b""
+    with delta_master(tmpdir, sync_files) as sync:
+        first = sync.send({}, [u"etc/client.keys"], [], [], [])
+        again = sync.send({}, [u"etc/client.keys"], [], [], [])
+    assert first == again == {u"etc/client.keys": "synchronized"}
+    assert seen == [len(keys)]
 
 
 @pytest.mark.parametrize("torn", [True, False], ids=["changed while read", "grown since lstat"])
