@@ -205,6 +205,10 @@ class Catalog(object):
                                            report=self._skipped)
         self.scanner.load(db.iter_files())
         self.scanner.defer_hashing(self._foreign)
+        self.scanner.between = self._between
+        # callable(event): sends an event at once (InternalLoop.broadcast), for a look_hot
+        # in the middle of a pass; None: looked at between ticks only
+        self.announce = None
         self._rescan = True        # the first tick is a full pass (reconciles db and disk)
         self._last_full = None     # last pass over the items this node sends
         self._last_foreign = None  # last pass over the items it receives
@@ -280,6 +284,13 @@ class Catalog(object):
         self._hot_due = True
         return {"event": "changes", "changed": fresh, "touched": [], "deleted": [],
                 "deleted_dirs": []}
+
+    def _between(self):
+        """Between two folders of a pass: a changed client.keys is announced at once."""
+        if self.announce is not None:
+            event = self.look_hot(self._clock())
+            if event:
+                self.announce(event)
 
     def tick(self, now):
         """Run the pass that is due at monotonic time `now`, store it, return its event.

@@ -48,6 +48,8 @@ class InternalLoop(object):
         self.large = set()  # connections sending an answer of TRIM_AFTER_BYTES or more
         self.running = True
         self.log = logs.get("internal")
+        if hasattr(service, "announce"):
+            service.announce = self.broadcast   # look_hot in the middle of a pass
 
     def run(self):
         while self.running:

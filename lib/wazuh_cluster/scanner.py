@@ -227,6 +227,9 @@ class Scanner(object):
         self._clock = clock
         self._wall = wall
         self._report = report or (lambda name, reason: None)
+        # Called before each folder a pass lists or rechecks (Catalog: a look at client.keys;
+        # a pass over 10 000 shared files took up to 0.7 s under load), or None.
+        self.between = None
         self._files = {}
         self._dirs = {}
         self._racy_dirs = set()  # folders listed in the clock tick of their change
@@ -838,6 +841,8 @@ class Scanner(object):
         keeps a busy folder (agent-info on a master receives a file every few ms) from
         costing a stat of all its 50 000 entries at every poll.
         """
+        if self.between is not None:
+            self.between()
         old_dir = self._dirs.get(rel)
         if deep and old_dir is not None and rel not in self._racy_dirs and \
                 self._recheck_dir(item, rel, old_dir, out):
