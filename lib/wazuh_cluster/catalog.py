@@ -268,8 +268,8 @@ class Catalog(object):
         hashed, at most once per change and HOT_LOOK_SECONDS; None when none did or it is too
         soon. The internal daemon's loop asks between requests and before every tick, and
         sends it at once: the tick that hashes (9.4 MB) and stores the change follows, and
-        its own event names the file again (wazuh-clusterd sends nothing twice: the peers
-        hold that version). Under churn at 20 clients, an append waited up to 1.9 s for the
+        its own event leaves the file out when it hashed the very fingerprint announced
+        (_unannounced). Under churn at 20 clients, an append waited up to 1.9 s for the
         tick that noticed it, behind requests, passes and that hash (issue 11)."""
         if self._last_look is not None and now - self._last_look < HOT_LOOK_SECONDS:
             return None
@@ -284,6 +284,20 @@ class Catalog(object):
         self._hot_due = True
         return {"event": "changes", "changed": fresh, "touched": [], "deleted": [],
                 "deleted_dirs": []}
+
+    def _unannounced(self, changed):
+        """`changed` without the hot files look_hot announced with the fingerprint now
+        recorded: wazuh-clusterd read and sent that version already (a second push to every
+        peer per append, each with its states rows, for nothing). One written again since
+        with another fingerprint stays. A rewrite keeping the fingerprint (same size, in the
+        same clock tick) is the racy case that wazuh-clusterd's store of versions, keyed by
+        the same fingerprint, does not tell apart either: the next round repairs it."""
+        keep = []
+        for name in changed:
+            fingerprint = self._announced.pop(name, None)
+            if fingerprint is None or not self.scanner.hashed_as(name, fingerprint):
+                keep.append(name)
+        return keep
 
     def _between(self):
         """Between two folders of a pass: a changed client.keys is announced at once."""
@@ -358,6 +372,10 @@ class Catalog(object):
         if changes.is_empty():
             return None
         event = changes.to_event()
+        if self._announced:
+            event["changed"] = self._unannounced(event["changed"])
+            if not any(event[key] for key in ("changed", "touched", "deleted", "deleted_dirs")):
+                return None
         size = len(changes.changed) + len(changes.touched) + len(changes.deleted)
         if self.max_event_names is not None and size > self.max_event_names:
             # A first start or a mass change: lists this long would make a frame of megabytes;

@@ -267,6 +267,10 @@ class Scanner(object):
     def __contains__(self, name):
         return _native(name) in self._files
 
+    def hashed_as(self, name, fingerprint):
+        """True when file `name` is recorded with this packed lstat fingerprint (hot_moved)."""
+        return self._files.get(_native(name), b"").startswith(fingerprint)
+
     def item_of(self, name):
         """The item a name belongs to (the longest matching path), or None.
 

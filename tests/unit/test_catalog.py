@@ -503,7 +503,8 @@ def test_a_changed_client_keys_is_announced_before_it_is_hashed(home):
     assert stored["etc/client.keys"] == len("001 web01 any k1\n")   # not hashed nor stored
     assert cat.look_hot(0.3) is None                      # announced once
     assert cat.timeout(0.3) == 0.0                        # its hash is due at once
-    assert cat.tick(0.3)["changed"] == ["etc/client.keys"]
+    # hashed and stored, and not named again: that version went with the announcement
+    assert cat.tick(0.3) is None
     stored = dict((r[0], r[1]) for r in cat.db.load_files())
     assert stored["etc/client.keys"] == os.path.getsize(keys)
     assert cat.look_hot(0.4) is None
@@ -511,6 +512,11 @@ def test_a_changed_client_keys_is_announced_before_it_is_hashed(home):
     with open(keys, "ab") as handle:
         handle.write(b"003 app01 any k333\n")
     assert cat.look_hot(0.5)["changed"] == ["etc/client.keys"]
+    with open(keys, "ab") as handle:                      # again before the hash
+        handle.write(b"004 web02 any k4444\n")
+    assert cat.tick(0.5)["changed"] == ["etc/client.keys"]   # a newer one: named
+    stored = dict((r[0], r[1]) for r in cat.db.load_files())
+    assert stored["etc/client.keys"] == os.path.getsize(keys)
 
 
 def test_the_internal_loop_announces_client_keys_between_requests(home):
