@@ -85,6 +85,10 @@ class Pending(object):
         if self._error is not None:
             raise self._error
 
+    def done(self):
+        """True once the call ended (wait() then returns at once)."""
+        return self._done.is_set()
+
 
 class Latest(object):
     """Hands values to `call(value)` from one thread, in the order they were put; a value not

@@ -75,7 +75,8 @@ PURGE_EVERY = 3600.0
 # asks for 1 % in all). Worst-case detection delays with the defaults (poll 1 s,
 # scan_interval 10 s, <interval> 2 min, this 10 min; a file rewritten in the clock tick of
 # its last hash is hashed again RACY_NS = 2 s later):
-#   client.keys (hot, both roles)                         1/HOT_CHECKS_PER_POLL poll
+#   client.keys (hot, both roles)                         1/HOT_CHECKS_PER_POLL poll, and
+#                                                           HOT_LOOK_SECONDS between requests
 #   own items, created / deleted / renamed                1 poll
 #   own items edited in place (shared on a master,        scan_interval (their full pass)
 #     agent-info on a client)
@@ -94,6 +95,9 @@ FOREIGN_SCAN_INTERVAL = 600.0
 # added on the master reaches the clients a quarter of a poll after, not up to a whole one
 # (SPEC section 8's append latency: p50 1 s, p99 2 s, of which a 1 s poll took 0.5 / 1 s).
 HOT_CHECKS_PER_POLL = 4
+# While the loop is awake anyway (a request, a tick), client.keys is looked at once this long
+# after the last look (an lstat), and a change is announced before it is hashed (look_hot).
+HOT_LOOK_SECONDS = 0.02
 # Seconds of hashing received files per tick (Scanner.defer_hashing): the internal daemon's
 # loop serves requests and looks at client.keys again between slices.
 HASH_SLICE = 0.1
@@ -203,12 +207,19 @@ class Catalog(object):
                                            report=self._skipped)
         self.scanner.load(db.iter_files())
         self.scanner.defer_hashing(self._foreign)
+        self.scanner.between = self._between
+        # callable(event): sends an event at once (InternalLoop.broadcast), for a look_hot
+        # in the middle of a pass; None: looked at between ticks only
+        self.announce = None
         self._rescan = True        # the first tick is a full pass (reconciles db and disk)
         self._last_full = None     # last pass over the items this node sends
         self._last_foreign = None  # last pass over the items it receives
         self._last_foreign_poll = None
         self._last_poll = None
         self._last_hot = None      # last look at the hot files (a poll or check_hot)
+        self._last_look = None     # last look_hot
+        self._announced = {}       # hot name -> the fingerprint look_hot announced it with
+        self._hot_due = False      # look_hot announced a change: the next tick hashes it
         self._last_purge = None
         self._keys_stale = False   # client.keys changed since agent_keys was refreshed
         self._last_keys = None     # when it was
@@ -247,12 +258,55 @@ class Catalog(object):
 
     def timeout(self, now):
         """Seconds until tick() has work to do (for the select() timeout); 0 when due."""
-        if self._rescan or self._last_full is None or self.scanner.backlog():
+        if self._rescan or self._last_full is None or self.scanner.backlog() or self._hot_due:
             return 0.0
         due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval,
                   self._last_foreign + self.foreign_scan_interval,
                   self._last_hot + self.poll_interval / HOT_CHECKS_PER_POLL)
         return max(0.0, due - now)
+
+    def look_hot(self, now):
+        """An event naming the hot files (client.keys) whose lstat changed since they were
+        hashed, at most once per change and HOT_LOOK_SECONDS; None when none did or it is too
+        soon. The internal daemon's loop asks between requests and before every tick, and
+        sends it at once: the tick that hashes (9.4 MB) and stores the change follows, and
+        its own event leaves the file out when it hashed the very fingerprint announced
+        (_unannounced). Under churn at 20 clients, an append waited up to 1.9 s for the
+        tick that noticed it, behind requests, passes and that hash (issue 11)."""
+        if self._last_look is not None and now - self._last_look < HOT_LOOK_SECONDS:
+            return None
+        self._last_look = now
+        fresh = []
+        for name, fingerprint in self.scanner.hot_moved(self._own):
+            if self._announced.get(name) != fingerprint:
+                self._announced[name] = fingerprint
+                fresh.append(name)
+        if not fresh:
+            return None
+        self._hot_due = True
+        return {"event": "changes", "changed": fresh, "touched": [], "deleted": [],
+                "deleted_dirs": []}
+
+    def _unannounced(self, changed):
+        """`changed` without the hot files look_hot announced with the fingerprint now
+        recorded: wazuh-clusterd read and sent that version already (a second push to every
+        peer per append, each with its states rows, for nothing). One written again since
+        with another fingerprint stays. A rewrite keeping the fingerprint (same size, in the
+        same clock tick) is the racy case that wazuh-clusterd's store of versions, keyed by
+        the same fingerprint, does not tell apart either: the next round repairs it."""
+        keep = []
+        for name in changed:
+            fingerprint = self._announced.pop(name, None)
+            if fingerprint is None or not self.scanner.hashed_as(name, fingerprint):
+                keep.append(name)
+        return keep
+
+    def _between(self):
+        """Between two folders of a pass: a changed client.keys is announced at once."""
+        if self.announce is not None:
+            event = self.look_hot(self._clock())
+            if event:
+                self.announce(event)
 
     def tick(self, now):
         """Run the pass that is due at monotonic time `now`, store it, return its event.
@@ -298,7 +352,7 @@ class Catalog(object):
             # looked at before each
             changes = scanner_mod.merge([self.scanner.check_hot(self._own),
                                          self.scanner.drain(HASH_SLICE)])
-        elif now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
+        elif self._hot_due or now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
             # only what this node sends: a received client.keys is the peer's to push, and
             # only the peer's round repairs its loss here (sooner is safe, see README's
             # integrity rounds, but useless)
@@ -306,6 +360,7 @@ class Catalog(object):
         else:
             return None
         self._last_hot = now
+        self._hot_due = False
         if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
             self._last_purge = now
             self._safely(self.db.purge_deleted, self._wall() - TOMBSTONE_SECONDS)
@@ -319,6 +374,10 @@ class Catalog(object):
         if changes.is_empty():
             return None
         event = changes.to_event()
+        if self._announced:
+            event["changed"] = self._unannounced(event["changed"])
+            if not any(event[key] for key in ("changed", "touched", "deleted", "deleted_dirs")):
+                return None
         size = len(changes.changed) + len(changes.touched) + len(changes.deleted)
         if self.max_event_names is not None and size > self.max_event_names:
             # A first start or a mass change: lists this long would make a frame of megabytes;

@@ -73,6 +73,11 @@ class PeerVersions(object):
         """True when the peer told us it holds this very version of our big file `name`."""
         return self.store is not None and self.held.get(name, (None,))[0] == sha256
 
+    def holds_exactly(self, name, sha256, mtime_ns):
+        """True when the peer told us it holds this version with this very mtime: nothing of
+        it is left to send."""
+        return self.store is not None and self.held.get(name) == (sha256, mtime_ns)
+
     def note_meta(self, entries, states):
         """After a sync_files answer: a metadata-only update of a big file that failed means
         the peer does not hold the version we took it for."""

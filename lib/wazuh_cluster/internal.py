@@ -48,6 +48,8 @@ class InternalLoop(object):
         self.large = set()  # connections sending an answer of TRIM_AFTER_BYTES or more
         self.running = True
         self.log = logs.get("internal")
+        if hasattr(service, "announce"):
+            service.announce = self.broadcast   # look_hot in the middle of a pass
 
     def run(self):
         while self.running:
@@ -126,6 +128,7 @@ class InternalLoop(object):
                 self.stream(conn, reply, result)
             else:
                 conn.send(reply)
+            self.look_hot(self.clock())
 
     def stream(self, conn, reply, answer):
         """Send a streamed answer (localsock.Chunked): each chunk is made, queued and sent as
@@ -163,7 +166,16 @@ class InternalLoop(object):
         return {"id": request_id, "ok": True, "result": result}
 
     def tick(self, now):
+        self.look_hot(now)
         event = self.service.tick(now)
+        if event:
+            self.broadcast(event)
+
+    def look_hot(self, now):
+        """Announce a changed client.keys now, between requests and before a tick's work
+        (catalog.Catalog.look_hot): not after the requests queued and the tick's hash."""
+        look = getattr(self.service, "look_hot", None)
+        event = look(now) if look is not None else None
         if event:
             self.broadcast(event)
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -480,6 +481,116 @@ def test_client_keys_is_looked_at_between_polls(home):
     assert cat.tick(1.0 + step)["changed"] == ["etc/client.keys"]
     assert cat.tick(1.0 + 2 * step) is None
     assert cat.tick(2.0)["changed"] == ["etc/shared/default/new"]
+
+
+def test_a_changed_client_keys_is_announced_before_it_is_hashed(home):
+    """look_hot names a client.keys whose lstat changed at once, once per change, without
+    reading it; the next tick hashes and stores it (issue 11: at 20 clients under churn an
+    append waited up to 1.9 s for the tick that hashed it, behind requests and passes)."""
+    keys = os.path.join(home, "etc/client.keys")
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    cat.tick(0.0)
+    assert cat.look_hot(0.1) is None                      # unchanged
+    with open(keys, "ab") as handle:
+        handle.write(b"002 db01 any k22\n")
+    step = catalog_mod.HOT_LOOK_SECONDS
+    assert cat.look_hot(0.1 + step / 2) is None           # too soon after the last look
+    event = cat.look_hot(0.2)
+    assert event["changed"] == ["etc/client.keys"]
+    assert not (event["touched"] or event["deleted"] or event["deleted_dirs"])
+    stored = dict((r[0], r[1]) for r in cat.db.load_files())
+    assert stored["etc/client.keys"] == len("001 web01 any k1\n")   # not hashed nor stored
+    assert cat.look_hot(0.3) is None                      # announced once
+    assert cat.timeout(0.3) == 0.0                        # its hash is due at once
+    # hashed and stored, and not named again: that version went with the announcement
+    assert cat.tick(0.3) is None
+    stored = dict((r[0], r[1]) for r in cat.db.load_files())
+    assert stored["etc/client.keys"] == os.path.getsize(keys)
+    assert cat.look_hot(0.4) is None
+    assert cat.timeout(0.4) > 0
+    with open(keys, "ab") as handle:
+        handle.write(b"003 app01 any k333\n")
+    assert cat.look_hot(0.5)["changed"] == ["etc/client.keys"]
+    with open(keys, "ab") as handle:                      # again before the hash
+        handle.write(b"004 web02 any k4444\n")
+    assert cat.tick(0.5)["changed"] == ["etc/client.keys"]   # a newer one: named
+    stored = dict((r[0], r[1]) for r in cat.db.load_files())
+    assert stored["etc/client.keys"] == os.path.getsize(keys)
+
+
+def test_the_internal_loop_announces_client_keys_between_requests(home):
+    """The internal daemon's loop looks at client.keys after each request it answers and
+    tells its subscribers (wazuh-clusterd) before any tick hashes the file."""
+    from wazuh_cluster import internal
+    keys = os.path.join(home, "etc/client.keys")
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    cat.tick(0.0)
+    clock = Clock()
+    loop = internal.InternalLoop(None, cat, None, clock=clock)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        subscriber, asker = [localsock.Connection(ours) for ours, _ in pairs]
+        subscriber.subscribed = True
+        loop.connections = [subscriber, asker]
+        with open(keys, "ab") as handle:
+            handle.write(b"002 db01 any k22\n")
+        pairs[1][1].sendall(localsock.encode({"id": 1, "cmd": "status", "args": {}}))
+        loop.read_requests(asker)
+        theirs = pairs[0][1]
+        theirs.setblocking(False)
+        data = theirs.recv(65536)   # sent already: nothing is waited for
+        (length,) = localsock.HEADER.unpack(data[:localsock.HEADER.size])
+        event = localsock.decode(data[localsock.HEADER.size:localsock.HEADER.size + length])
+        assert event["event"] == "changes" and event["changed"] == ["etc/client.keys"]
+        stored = dict((r[0], r[1]) for r in cat.db.load_files())
+        assert stored["etc/client.keys"] == len("001 web01 any k1\n")
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_client_keys_changed_during_a_pass_is_announced_before_the_pass_ends(home):
+    """A full pass over the shared folders (up to 0.7 s under load at 20 clients) looks at
+    client.keys between folders and announces a change at once (Catalog.announce)."""
+    keys = os.path.join(home, "etc/client.keys")
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    for n in range(3):
+        os.makedirs(os.path.join(home, "etc/shared/group%d" % n))
+        write(home, "etc/shared/group%d/agent.conf" % n, "conf %d" % n)
+    clock = Clock()
+    cat = make(home, clock=clock)
+    cat.tick(0.0)
+    announced = []
+    cat.announce = announced.append
+    listed = []
+    real = cat.scanner._scan_dir
+
+    def scan_dir(item, rel, *args, **kwargs):
+        listed.append(rel)
+        if rel.endswith("group1"):
+            with open(keys, "ab") as handle:   # appended while the pass is under way
+                handle.write(b"002 db01 any k22\n")
+            clock.t += 1.0
+        return real(item, rel, *args, **kwargs)
+    cat.scanner._scan_dir = scan_dir
+    cat.handle("rescan", {})
+    cat.tick(20.0)
+    assert [e["changed"] for e in announced] == [["etc/client.keys"]]
+    assert any(rel.endswith("group2") for rel in listed)   # announced mid-pass
+
+
+def test_a_client_announces_no_client_keys(home):
+    """A client's client.keys is the master's to push: nothing is announced there."""
+    keys = os.path.join(home, "etc/client.keys")
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home, role="client", node_name="client01")
+    cat.tick(0.0)
+    with open(keys, "ab") as handle:
+        handle.write(b"002 db01 any k22\n")
+    assert cat.look_hot(0.5) is None
 
 
 def test_database_errors_do_not_stop_detection(home, monkeypatch):
