@@ -324,3 +324,19 @@ def test_the_daemon_budget_parks_within_its_urgent_reserve():
     while b.park(parked, 64 << 10, copies=128 << 10):
         pass
     assert b.used <= 24 << 20 and b.stats()["parked"] <= b.park_limit
+
+
+def test_a_send_goes_ahead_of_the_receives_waiting_in_line():
+    """budget.py, Sends go ahead: a push of a few KB waited in the common queue behind the
+    keepalive batches' windows; it needs no place there (a receive's share fits beside all
+    that sends may hold)."""
+    b = budget.Budget(100, share=60, send_limit=30)
+    reader = b.holder("reader")
+    assert b.acquire(reader, 50)
+    order = []
+    window = acquire_in_thread(b, b.holder("window"), 60, order)   # 50 + 60 > 100: waits
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    assert b.acquire(b.holder("push", sends=True), 10, timeout=0)   # not behind it
+    b.release(reader, 50)
+    window.join(5)
+    assert order == ["window"] and b.used == 70
