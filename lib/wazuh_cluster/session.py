@@ -427,6 +427,19 @@ class Session(object):
             want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
         return self.budget.grantable(self.holder, want)
 
+    def _parked_window(self, parked, wire):
+        """The window of a parked request: what an uncompressed one needs, counted from its
+        header's text (a keepalive batch of 320 KB of names needs about 1.2 MB, where its
+        worst case, SMALL_MESSAGE_COST times the frame, is 12.7 MB); the worst case for a
+        compressed one."""
+        window = self._window_for(parked.msg_type, parked.flags, wire)
+        if parked.flags & protocol.FLAG_COMPRESSED:
+            return window
+        cost = protocol.header_cost(parked.body, self.max_header_bytes)
+        if cost is None:   # refused when it is decoded
+            return min(window, wire + MIN_COST)
+        return min(window, wire + max(MIN_COST, cost))
+
     def _park(self, msg_type, flags, need, copies):
         """Read a request in one frame under a grant of the frame alone, when the budget can
         park it (see the module doc); its window is waited for by a worker (_unpark)."""
@@ -572,7 +585,7 @@ class Session(object):
     def _unpark(self, parked, wire):
         """(header, data, bytes held) of a parked request once its window is granted, or
         None when the session closed meanwhile or the request was refused (it closes)."""
-        extra = max(0, self._window_for(parked.msg_type, parked.flags, wire) - wire)
+        extra = max(0, self._parked_window(parked, wire) - wire)
         try:
             if not self.budget.acquire(self.holder, extra, abandon=self._closed.is_set,
                                        unpark=wire):

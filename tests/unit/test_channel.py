@@ -713,6 +713,24 @@ def test_an_answer_behind_a_request_waiting_for_its_window_is_read_meanwhile():
         b.close()
 
 
+def test_a_parked_request_is_granted_the_window_its_header_needs_not_its_worst_case():
+    """A keepalive batch of touches only is 320 KB of names in one uncompressed frame: its
+    worst case (SMALL_MESSAGE_COST times the frame, 12.7 MB) was the whole receive room of a
+    24 MiB budget; what its header's text can cost is about 1.2 MB."""
+    shared = budget.Budget(4 << 20, share=4 << 20, reserve=2 << 20)
+    hog = shared.holder("other sessions", share=4 << 20)
+    a, b = budget_pair({"names": lambda session, args, data: ({"n": len(args["names"])}, b"")},
+                       shared, max_message=4 << 20)
+    names = [u"queue/agent-info/agent-%05d-any" % n for n in range(3000)]
+    try:
+        assert shared.acquire(hog, 2 << 20)         # the worst case (the whole 4 MiB) waits
+        assert a.call("names", {"names": names}, timeout=30) == ({"n": 3000}, b"")
+    finally:
+        shared.release_all(hog)
+        a.close()
+        b.close()
+
+
 def test_a_session_closed_gives_back_the_frames_parked_in_its_queue():
     shared = budget.Budget(4 << 20, share=2 << 20, reserve=2 << 20)
     hog = shared.holder("other sessions", share=4 << 20)
