@@ -60,18 +60,21 @@ MiB, 0.3-0.7 s a push at 10 clients with 24 MiB. It needs no place in that queue
 hold more than `send_limit` and a receive's share fits beside it, so whatever the sends take,
 the receive at the head of the queue is granted once the other receives gave back theirs.
 
-Parking (issue 11 item 4: priority, not size). A message's window is its worst case: for a
-compressed request, twice the message limit (16 MiB on a master), however small its frame.
-With a 24 MiB budget that is the whole room receives have, so one session at a time could be
-read, and an answer to our own call waited in its peer's stream behind that peer's keepalive
-batch, itself in line behind every other session's batch (append p99 4.2-4.5 s against 1.5-1.7
-s with 64 MiB under the real keepalive rate). So a request in one compressed frame is read
-under a grant of its frame alone (`park`: at once or not at all, out of `park_limit`, half
-the urgent reserve; the frame's copies while it is read come from the reserve) and waits for its window in a worker (acquire's `unpark`), while the
-reader goes on to the answers behind it. Parked bytes are beside `total` the way urgent ones
-are: a normal grant does not count them, so parking never holds a window back (the window of
-a parked message waits only for what normal grants hold, as before: no new deadlock), and
-`used` stays within total + park_limit <= the option.
+Parking (issue 11 item 4: priority, not size). A message's window is granted before its
+first frame is read, so it is its worst case: for a compressed request twice the message
+limit (16 MiB on a master), for a keepalive batch of 320 KB of names 40 times its frame (12.7
+MB), however little it needs. With a 24 MiB budget that is most of the room receives have:
+the master read about one session at a time, and an answer to our own call waited in its
+peer's stream behind that peer's keepalive batch, itself in line behind every other
+session's (append p99 4.2-4.5 s against 1.5-1.7 s with 64 MiB under the real keepalive rate).
+So a request in one frame is read under a grant of its frame alone (`park`: at once or not
+at all, out of `park_limit`, half the urgent reserve; its copies while it is read come from
+the reserve), and a worker waits in line for its window (acquire's `unpark`; for an
+uncompressed one, what its header's text can cost) while the reader goes on to the answers
+behind it. Parked bytes are beside `total` the way urgent ones are: a normal grant does not
+count them, so parking never holds a window back (the window of a parked message waits only
+for what normal grants hold, as any window did: no new deadlock), and `used` stays within
+total + reserve, the option.
 """
 from __future__ import absolute_import, division, print_function
 
