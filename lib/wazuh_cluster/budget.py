@@ -46,13 +46,35 @@ other part of the daemon's memory that grows with what it sends, to give the mos
 daemon holds above its baseline. Before, the reserve came on top (64 + 16 MiB by default)
 and the store (24 MiB) was counted nowhere: baseline plus worst case was past 150 MB.
 * A send first waits for its holder's own releases (outside every line), then in the send
-  line (FIFO among senders: no session starves the others) for room in the send pool, and
-  only then in the common queue like any grant. So the head of the common queue is never a
-  send waiting for other sends: a receive behind it waits only for what receives give back.
+  line (FIFO among senders: no session starves the others) for room in the send pool and in
+  `total`. It does not stand in the common queue (Sends go ahead, below), so the head of
+  that queue is never a send waiting for other sends.
   A slow peer delays only the grants of its own batches; a stalled one is cut off by the
   channel's send timeout, which gives them back.
 * A send's grant is its batch's worst case, taken before the batch's first file is read and
   never added to while held; what the batch no longer needs goes back as it is encoded.
+
+Sends go ahead (issue 11 item 4). A send waited in the common queue behind the receives'
+windows: a push of one client.keys line (a few KB) behind keepalive batches' windows of 12-16
+MiB, 0.3-0.7 s a push at 10 clients with 24 MiB. It needs no place in that queue: sends never
+hold more than `send_limit` and a receive's share fits beside it, so whatever the sends take,
+the receive at the head of the queue is granted once the other receives gave back theirs.
+
+Parking (issue 11 item 4: priority, not size). A message's window is granted before its
+first frame is read, so it is its worst case: for a compressed request twice the message
+limit (16 MiB on a master), for a keepalive batch of 320 KB of names 40 times its frame (12.7
+MB), however little it needs. With a 24 MiB budget that is most of the room receives have:
+the master read about one session at a time, and an answer to our own call waited in its
+peer's stream behind that peer's keepalive batch, itself in line behind every other
+session's (append p99 4.2-4.5 s against 1.5-1.7 s with 64 MiB under the real keepalive rate).
+So a request in one frame is read under a grant of its frame alone (`park`: at once or not
+at all, out of `park_limit`, half the urgent reserve; its copies while it is read come from
+the reserve), and a worker waits in line for its window (acquire's `unpark`; for an
+uncompressed one, what its header's text can cost) while the reader goes on to the answers
+behind it. Parked bytes are beside `total` the way urgent ones are: a normal grant does not
+count them, so parking never holds a window back (the window of a parked message waits only
+for what normal grants hold, as any window did: no new deadlock), and `used` stays within
+total + reserve, the option.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -66,6 +88,7 @@ ABANDON_CHECK = 1.0   # seconds between checks of acquire's `abandon`
 RESERVE_PART = 12  # wazuh-clusterd: a twelfth of cluster.max_inflight_bytes for urgent grants,
 SEND_PART = 4     # a quarter of the rest for sends...
 CACHE_PART = 2    # ...and half of that set aside for the compression cache
+PARK_PART = 2     # half of the urgent reserve for parked frames (see Parking)
 
 
 def for_daemon(total):
@@ -74,7 +97,7 @@ def for_daemon(total):
     reserve = total // RESERVE_PART
     limit = (total - reserve) // SEND_PART
     return Budget(total - reserve, reserve=reserve, send_limit=limit,
-                  cache=limit // CACHE_PART)
+                  cache=limit // CACHE_PART, park=reserve // PARK_PART)
 
 
 def bound(max_inflight_bytes, store_most, store_held=0):
@@ -98,13 +121,14 @@ class Refused(Exception):
 
 class Holder(object):
     """What one session holds of a Budget (its `share` bounds it); `sends`: for data we send."""
-    __slots__ = ("name", "share", "held", "sends")
+    __slots__ = ("name", "share", "held", "sends", "parked")
 
     def __init__(self, name, share, sends=False):
         self.name = name
         self.share = share
         self.held = 0
         self.sends = sends
+        self.parked = 0   # frames waiting for their windows (not in `held`: see park)
 
     def __repr__(self):
         return "<Holder %s %d/%d>" % (self.name, self.held, self.share)
@@ -116,11 +140,12 @@ class Budget(object):
     `share`: the most one holder may hold (default: half of `total`); `reserve`: the extra room
     only urgent grants may use (default: a quarter of `total`); `send_limit`: the most all
     sends hold (at most `total - share`; none by default: sends are then not counted); `cache`: the part of it set aside for
-    the compression cache (counted in `used` for good; CACHE_PART of the pool in clusterd).
+    the compression cache (counted in `used` for good; CACHE_PART of the pool in clusterd);
+    `park`: the most parked frames hold (default: half the reserve, never more than it).
     """
 
     def __init__(self, total=DEFAULT_TOTAL, share=None, reserve=None, send_limit=None,
-                 cache=None):
+                 cache=None, park=None):
         if total <= 0:
             raise ValueError("total must be positive")
         self.total = int(total)
@@ -129,6 +154,9 @@ class Budget(object):
         most = max(0, self.total - self.share)
         self.send_limit = max(0, min(int(send_limit or 0), most))
         self.cache = min(int(cache or 0), self.send_limit)
+        self.park_limit = min(self.reserve, self.reserve // PARK_PART if park is None
+                              else int(park))
+        self.parked = 0               # held by parked frames, part of `used`
         self.sending = self.cache     # held by sends; the cache's part is always counted
         self.used = self.cache
         self.peak = self.used
@@ -157,17 +185,19 @@ class Budget(object):
         most = min(holder.share, self.total)
         return most if wanted is None else min(most, int(wanted))
 
-    def acquire(self, holder, n, timeout=None, urgent=False, abandon=None):
+    def acquire(self, holder, n, timeout=None, urgent=False, abandon=None, unpark=0):
         """Wait until `n` bytes are granted to `holder` (True) or `timeout` passes (False).
 
         `abandon()`, checked at least every ABANDON_CHECK seconds while waiting: True gives up
         (False returned). Unlike waiting again after a timeout, the waiter keeps its place in
         line meanwhile. Raises Refused when `n` can never be granted (above the holder's share).
+        `unpark`: bytes of `holder`'s parked frames that become part of this grant (the
+        window of a parked message; n + unpark is the window, granted like any other).
         """
-        n = int(n)
-        if n > self.grantable(holder):
+        n, unpark = int(n), int(unpark)
+        if n + unpark > self.grantable(holder) or unpark > holder.parked:
             raise Refused("%d bytes needed, at most %d can ever be granted to %s"
-                          % (n, self.grantable(holder), holder.name))
+                          % (n + unpark, self.grantable(holder), holder.name))
         end = _Until(timeout, abandon)
         with self._cond:
             if urgent:
@@ -176,41 +206,45 @@ class Budget(object):
             # stand at the head and hold everyone else back meanwhile.
             self._share_waiting += 1
             try:
-                while holder.held + n > holder.share:
+                while holder.held + n + unpark > holder.share:
                     if not end.wait(self._cond):
                         return False
             finally:
                 self._share_waiting -= 1
             if holder.sends:
                 return self._wait_send(holder, n, end)
-            return self._wait_queue(holder, n, end)
+            return self._wait_queue(holder, n, end, unpark)
 
     def _wait_send(self, holder, n, end):
-        """A send: its turn in the send line and room in the pool, then the common queue."""
+        """A send: its turn in the send line, room in the pool and in `total`; not behind
+        the receives' windows in the common queue (see Sends go ahead)."""
         ticket = object()
         self._send_line.append(ticket)
         try:
-            while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit):
+            while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit and
+                       self.used - self.parked + n <= self.total):
                 if not end.wait(self._cond):
                     return False
             self.sending += n
-            if self._wait_queue(holder, n, end):
-                return True
-            self.sending -= n
-            return False
+            self._grant(holder, n)
+            return True
         finally:
             self._send_line.remove(ticket)
             self._cond.notify_all()
 
-    def _wait_queue(self, holder, n, end):
+    def _wait_queue(self, holder, n, end, unpark=0):
         ticket = object()
         self._queue.append(ticket)
         try:
+            # parked frames are beside `total` (see Parking): they hold no window back
             while not (self._queue[0] is ticket and not self._urgent_waiting and
-                       self.used + n <= self.total):
+                       self.used - self.parked + n + unpark <= self.total):
                 if not end.wait(self._cond):
                     return False
             self._grant(holder, n)
+            self.parked -= unpark
+            holder.parked -= unpark
+            holder.held += unpark
             return True
         finally:
             self._queue.remove(ticket)
@@ -233,6 +267,34 @@ class Budget(object):
         holder.held += n
         self.peak = max(self.peak, self.used)
 
+    def park(self, holder, n, copies=0):
+        """Room for a frame of `n` bytes whose message will wait for its window elsewhere (see
+        Parking), and for its `copies` while it is read (held as usual, given back once it is
+        open: like an urgent grant, it waits on nothing): granted at once, ahead of every
+        waiting grant, or not at all (False)."""
+        n, copies = int(n), int(copies)
+        with self._cond:
+            if self.parked + n > self.park_limit or \
+                    self.used + n + copies > self.total + self.reserve:
+                return False
+            self.parked += n
+            holder.parked += n
+            self._grant(holder, copies)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def release_parked(self, holder, n):
+        """Give back `n` bytes of `holder`'s parked frames (opened, or their session ended)."""
+        if n <= 0:
+            return
+        with self._cond:
+            n = min(int(n), holder.parked)
+            holder.parked -= n
+            self.parked -= n
+            self.used -= n
+            self._cond.notify_all()
+
     def release(self, holder, n):
         """Give back `n` bytes that `holder` holds."""
         if n <= 0:
@@ -250,10 +312,11 @@ class Budget(object):
         self.release(holder, holder.held)
 
     def stats(self):
-        """{"total", "used", "peak", "sending", "waiting"} for status output and tests."""
+        """{"total", "used", "peak", "sending", "parked", "waiting"} for status output and
+        tests."""
         with self._cond:
             return {"total": self.total, "used": self.used, "peak": self.peak,
-                    "sending": self.sending,
+                    "sending": self.sending, "parked": self.parked,
                     "waiting": len(self._queue) + len(self._send_line) +
                     self._urgent_waiting + self._share_waiting}
 

@@ -4,7 +4,8 @@ process's budget and giving it back as soon as it is on the wire (budget.py: the
 A batch of `size` bytes of file data and `entries` names holds at worst, while it is read,
 encoded and sent: the files (size), their compressed stream (about size at worst, deflate
 adds a few bytes a block), the header (ENTRY_COST a name, as JSON text and the dicts it is
-made from) and the frame being sealed (FRAME_COST: its slice and its ciphertext). That is
+made from) and the frame being sealed (its slice and its ciphertext: FRAME_COST, or twice
+the message when it is smaller than a chunk: a one-line push is not granted 2 MiB). That is
 granted before the first file is read; once the message is encoded only the message and the
 frame are kept (Grant.keep); once it is sent, nothing (Grant.close). The answer is waited for
 holding nothing: it is granted by the receiving side like every answer.
@@ -18,11 +19,20 @@ from wazuh_cluster.errors import RequestError
 
 ENTRY_COST = 640
 FRAME_COST = 2 * protocol.CHUNK_SIZE
+ENVELOPE = 4096   # a message's header beside its entries (command, stamps), with room to spare
 
 
 def batch_cost(size, entries):
     """The worst case of a batch (see the module doc)."""
-    return 2 * size + ENTRY_COST * entries + FRAME_COST
+    # its message: the data (compressed: deflate adds a few bytes a block) and the header
+    message = size + size // 256 + ENTRY_COST * entries + ENVELOPE
+    return 2 * size + ENTRY_COST * entries + frame_cost(message)
+
+
+def frame_cost(message):
+    """What sealing a message of `message` bytes holds beside it: one frame's slice and its
+    ciphertext."""
+    return 2 * min(protocol.CHUNK_SIZE, message)
 
 
 class Room(object):
@@ -62,7 +72,7 @@ class Grant(object):
 
     def keep(self, nbytes):
         """The batch is encoded into a message of `nbytes`: keep room for it and its frame."""
-        self._keep_at_most(nbytes + FRAME_COST)
+        self._keep_at_most(nbytes + frame_cost(nbytes))
 
     def close(self):
         """Everything back (sent, or failed); closing again does nothing."""

@@ -87,8 +87,9 @@ def decode_body(body, max_header=MAX_HEADER_BYTES):
     return _parse_header(body[4:4 + n]), body[4 + n:]
 
 
-def json_cost(raw):
-    """About the most bytes of Python objects that json.loads(raw) can make (raw: bytes).
+def json_cost(raw, start=0, end=None):
+    """About the most bytes of Python objects that json.loads(raw) can make (raw: bytes;
+    `start`, `end`: of the text within raw, which is not copied).
 
     JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
     its size): every structure, string, member and element is counted at what CPython
@@ -96,8 +97,24 @@ def json_cost(raw):
     character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
     non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
-    return (compat.TEXT_CHAR_BYTES * len(raw) + 64 * (raw.count(b"{") + raw.count(b"[")) +
-            30 * raw.count(b'"') + 40 * raw.count(b":") + 36 * raw.count(b","))
+    end = len(raw) if end is None else min(end, len(raw))
+
+    def count(char):
+        return raw.count(char, start, end)
+    return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
+            30 * count(b'"') + 40 * count(b":") + 36 * count(b","))
+
+
+def header_cost(body, max_header=MAX_HEADER_BYTES):
+    """json_cost of the header of an uncompressed body (see decode_costed), counted in place
+    before anything is copied or parsed; None when its length is malformed (decode_costed
+    refuses it)."""
+    if len(body) < 4:
+        return None
+    (n,) = _U32.unpack(body[:4])
+    if n > max_header or 4 + n > len(body):
+        return None
+    return json_cost(body, 4, 4 + n)
 
 
 def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None):

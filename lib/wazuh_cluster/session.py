@@ -24,6 +24,10 @@ decoded requests piling up. Answers to our own calls are granted ahead of the pe
 (see budget.py); so are the copies a frame takes while it is read and decrypted.
 A compressed request whose handler has `streams_data = True` is not inflated here: the
 handler gets a protocol.Inflater and inflates as it writes (sync_files: into the receiver).
+A request in one frame (a keepalive batch) is read under a grant of its frame
+alone when the budget can park it (budget.py: Parking) and is decoded by a worker once its
+window is granted: the reader goes on meanwhile, so an answer behind it in the stream is not
+held back by a window that may wait for every other session's.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -133,6 +137,7 @@ class Session(object):
         self._window = 0         # granted to the reader, not used yet (see _admit)
         self._loose = 0          # taken from it by the frame being read, not owned yet
         self._copies = 0         # taken from it for that frame's copies while it is opened
+        self._parked = 0         # the frame being read is parked: its bytes (budget.park)
         self._max_handlers = max_handlers
         self._max_queued = max_queued
         self._requests = collections.deque()
@@ -226,11 +231,13 @@ class Session(object):
             self._closed.set()
             pending = list(self._pending.values())
             self._pending.clear()
-            held = sum(r[3] for r in self._requests)
+            held = sum(r[3] for r in self._requests if r[1] is not None)
+            parked = sum(r[3] for r in self._requests if r[1] is None)
             self._requests.clear()
             self._room.notify_all()
         # what the callers, the workers and the reader hold, they give back themselves
         self.budget.release(self.holder, held)
+        self.budget.release_parked(self.holder, parked)
         if notify:
             try:
                 self.channel.send_frame(protocol.CLOSE, 0, 0,
@@ -346,6 +353,8 @@ class Session(object):
         self._window = self._copies = 0
         self._assemblies.clear()
         self.budget.release(self.holder, held)
+        parked, self._parked = self._parked, 0
+        self.budget.release_parked(self.holder, parked)
 
     def _keepalive_if_due(self):
         now = compat.monotonic()
@@ -389,17 +398,13 @@ class Session(object):
         # while it is read and decrypted the frame is there three times (buffer, ciphertext,
         # plaintext): room for the copies too, given back once it is open (_handle)
         copies = FRAME_COPIES * need
+        if self._window < need + copies and self._park(msg_type, flags, need, copies):
+            self._copies = copies
+            return
         if self._window < need + copies:
             if self._assemblies:
                 self._too_large()
-            # the window: room for the largest message's frames and for decoding it (joined
-            # or inflated next to its frames); given back once no partial message is left
-            want = 2 * self.max_message_bytes
-            if msg_type != protocol.FILE_CHUNK and \
-                    not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
-                # a whole message in this frame: room for it and its decoded header
-                want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
-            want = max(need + copies, self.budget.grantable(self.holder, want))
+            want = max(need + copies, self._window_for(msg_type, flags, body))
             try:
                 self._wait_until(lambda step: self.budget.acquire(self.holder, want, step,
                                                                   urgent))
@@ -410,6 +415,40 @@ class Session(object):
         self._window -= need + copies
         self._loose += need
         self._copies = copies
+
+    def _window_for(self, msg_type, flags, body):
+        """The window of a message whose first frame has a `body` of this size: room for the
+        largest message's frames and for decoding it (joined or inflated next to its frames);
+        given back once no partial message is left."""
+        want = 2 * self.max_message_bytes
+        if msg_type != protocol.FILE_CHUNK and \
+                not flags & (protocol.FLAG_MORE | protocol.FLAG_COMPRESSED):
+            # a whole message in this frame: room for it and its decoded header
+            want = min(want, max(SMALL_WINDOW, SMALL_MESSAGE_COST * body))
+        return self.budget.grantable(self.holder, want)
+
+    def _parked_window(self, parked, wire):
+        """The window of a parked request: what an uncompressed one needs, counted from its
+        header's text (a keepalive batch of 320 KB of names needs about 1.2 MB, where its
+        worst case, SMALL_MESSAGE_COST times the frame, is 12.7 MB); the worst case for a
+        compressed one."""
+        window = self._window_for(parked.msg_type, parked.flags, wire)
+        if parked.flags & protocol.FLAG_COMPRESSED:
+            return window
+        cost = protocol.header_cost(parked.body, self.max_header_bytes)
+        if cost is None:   # refused when it is decoded
+            return min(window, wire + MIN_COST)
+        return min(window, wire + max(MIN_COST, cost))
+
+    def _park(self, msg_type, flags, need, copies):
+        """Read a request in one frame under a grant of the frame alone, when the budget can
+        park it (see the module doc); its window is waited for by a worker (_unpark)."""
+        if msg_type != protocol.REQUEST or self._assemblies or flags & protocol.FLAG_MORE:
+            return False
+        if not self.budget.park(self.holder, need, copies):
+            return False
+        self._parked = need
+        return True
 
     def _queue_has_room(self, step):
         with self._lock:
@@ -476,6 +515,10 @@ class Session(object):
             raise ProtocolError("unexpected %s frame" % protocol.type_name(msg_type))
 
     def _start_message(self, msg_type, flags, rid, body):
+        if self._parked:
+            parked, self._parked = self._parked, 0
+            self._queue_request(rid, None, _Parked(msg_type, flags, body), parked)
+            return
         if flags & protocol.FLAG_MORE:
             key = (msg_type, rid)
             if key in self._assemblies or len(self._assemblies) >= 64:
@@ -526,14 +569,48 @@ class Session(object):
                 return
             slot.event.set()
             return
+        self._queue_request(rid, header, data, cost)
+
+    def _queue_request(self, rid, header, data, held):
+        """Queue a request for the workers (header None: a _Parked one, `held` parked)."""
         with self._lock:
-            self._requests.append((rid, header, data, cost))
+            self._requests.append((rid, header, data, held))
             if self._workers >= self._max_handlers:
                 return
             self._workers += 1
         worker = threading.Thread(target=self._work, name="request-%s" % self.peer_name)
         worker.daemon = True
         worker.start()
+
+    def _unpark(self, parked, wire):
+        """(header, data, bytes held) of a parked request once its window is granted, or
+        None when the session closed meanwhile or the request was refused (it closes)."""
+        extra = max(0, self._parked_window(parked, wire) - wire)
+        try:
+            if not self.budget.acquire(self.holder, extra, abandon=self._closed.is_set,
+                                       unpark=wire):
+                self.budget.release_parked(self.holder, wire)
+                return None
+        except budgets.Refused as exc:   # its frame is larger than this session's share
+            self.budget.release_parked(self.holder, wire)
+            self.close("protocol error: %s" % exc.message)
+            return None
+        room = wire + extra
+        try:
+            header, data, cost = self._decode(parked.msg_type, parked.flags, [parked.body],
+                                              room)
+            if cost > room:
+                self._too_large()
+        except BaseException as exc:
+            self.budget.release(self.holder, room)
+            if not isinstance(exc, ProtocolError):
+                raise
+            log.warning("session with %s (%s) closed: protocol error: %s", self.peer_name,
+                        self.describe_address(), exc.message)
+            self.close("protocol error: %s" % exc.message)
+            return None
+        self.budget.release(self.holder, room - cost)
+        return header, data, cost
 
     def _decode(self, msg_type, flags, parts, room):
         """(header, data, bytes held from now on) of a message; `parts` is emptied.
@@ -573,6 +650,11 @@ class Session(object):
                 rid, header, data, held = self._requests.popleft()
                 self._room.notify_all()
             try:
+                if header is None:
+                    decoded = self._unpark(data, held)
+                    if decoded is None:
+                        continue
+                    header, data, held = decoded
                 self._serve(rid, header, data, held)
             except Exception:  # keep the worker count right whatever a handler did
                 log.exception("request %d from %s failed", rid, self.peer_name)
@@ -613,6 +695,16 @@ class Session(object):
             return protocol.error_envelope("internal", "malformed handler answer")
         compress = bool(answer[2]) if len(answer) > 2 else False
         return protocol.ok_envelope(answer[0]), answer[1] or b"", compress
+
+
+class _Parked(object):
+    """A request read in one frame, waiting for its window (Session._unpark)."""
+    __slots__ = ("msg_type", "flags", "body")
+
+    def __init__(self, msg_type, flags, body):
+        self.msg_type = msg_type
+        self.flags = flags
+        self.body = body
 
 
 def _text(value):

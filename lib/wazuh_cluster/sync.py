@@ -754,6 +754,12 @@ class PeerSync(object):
                          else PIPELINE_FROM_CLIENT)
         room = self.room()
         batch = Batch(room.batch_bytes(BATCH_BYTES, BATCH_FILES))
+        # A batch is granted its worst case before its first entry (outbox.py): no more names
+        # than this send has, and when one name may carry data, that name's data: a push of
+        # one client.keys line does not take the whole send pool (with 24 MiB each push took
+        # it, and the pushes of an append to ten clients went one after the other).
+        bound = (min(BATCH_FILES, len(send_data) + len(send_meta) + len(delete)),
+                 len(send_data) + len(send_meta) == 1)
         postponed = []
         held = {}   # names the peer holds as they are: their states, nothing sent
         try:
@@ -783,14 +789,14 @@ class PeerSync(object):
                         # Pushed already (the change event came after the push that read
                         # it): its mtime only, not 9.4 MB to every client at once.
                         batch = calls.submit_if_full(batch)
-                        batch.make_room(room)
+                        batch.make_room(room, 0, *bound)
                         batch.meta.append({"name": name, "sha256": got[1], "mtime_ns": got[2]})
                         continue
                     made = self.versions.delta_for(name, got)
                 cost = size if made is None else len(made[1].middle)
                 if size is not None:
                     batch = calls.submit_if_full(batch, cost)
-                    batch.make_room(room, cost)
+                    batch.make_room(room, cost, *bound)
                 if got is None and size is not None:
                     got = self.versions.read(name)
                 if got is None or len(got[0]) != size:  # changed since: its size was granted
@@ -810,15 +816,15 @@ class PeerSync(object):
                     postponed.append(name)
                 elif got[1] != mine[name].sha256:
                     batch = calls.submit_if_full(batch, len(got[0]))
-                    batch.make_room(room, len(got[0]))
+                    batch.make_room(room, len(got[0]), *bound)
                     batch.add_file(name, *got)  # written since the scan: its new content
                 else:
                     batch = calls.submit_if_full(batch)
-                    batch.make_room(room)
+                    batch.make_room(room, 0, *bound)
                     batch.meta.append({"name": name, "sha256": got[1], "mtime_ns": got[2]})
             for name in delete:
                 batch = calls.submit_if_full(batch)
-                batch.make_room(room)
+                batch.make_room(room, 0, *bound)
                 batch.delete.append(name)
             batch.delete_dirs.extend(dirs)
             if not batch.empty():
@@ -997,12 +1003,13 @@ class Batch(object):
         entries = len(self.files) + len(self.meta) + len(self.delete) + len(self.deltas)
         return entries > 0 and (self.size + extra > self.max_bytes or entries >= BATCH_FILES)
 
-    def make_room(self, room, size=0):
+    def make_room(self, room, size=0, entries=BATCH_FILES, alone=False):
         """Before its first entry: a grant of `room` for the whole batch (its data bound, or
-        one file of `size` beyond it; none for a batch of names only)."""
+        one file of `size` beyond it; none for a batch of names only) of at most `entries`
+        names; `alone`: no other entry of the batch carries data (only `size` is granted)."""
         if self.grant is None:
-            data = max(size, self.max_bytes) if size else 0
-            self.grant = room.grant(outbox.batch_cost(data, BATCH_FILES))
+            data = (size if alone else max(size, self.max_bytes)) if size else 0
+            self.grant = room.grant(outbox.batch_cost(data, entries))
 
     def close_grant(self):
         if self.grant is not None:

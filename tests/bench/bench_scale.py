@@ -147,8 +147,10 @@ class ScaleBench(benchlib.BenchNodes):
                 env = dict(os.environ, PYTHONPATH=opt.master_pythonpath)
             lab_harness.install_node(node.prefix, self.master_python if k == 0 else self.python,
                                      template, env)
-            lab_harness.configure(node, key, addresses, opt.interval,
-                                  {"cluster.log_level": "1"} if opt.debug else {})
+            internal = dict(opt.option)
+            if opt.debug:
+                internal["cluster.log_level"] = "1"
+            lab_harness.configure(node, key, addresses, opt.interval, internal)
             self.nodes.append(node)
         self.write_master()
         for k, client in enumerate(self.clients):
@@ -614,6 +616,14 @@ def holds_line(path, size, line):
         return False
 
 
+def internal_option(text):
+    """NAME=VALUE of --option, as a (name, value) pair."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError("expected NAME=VALUE, got %r" % text)
+    return name.strip(), value.strip()
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
@@ -648,6 +658,10 @@ def parse_args(argv):
                         help="own: each node on a fresh journaled ext4 of its own (a loop "
                              "device, as root); shared: all in --workdir")
     parser.add_argument("--debug", action="store_true", help="cluster.log_level=1 everywhere")
+    parser.add_argument("--option", action="append", type=internal_option, default=[],
+                        metavar="NAME=VALUE",
+                        help="an internal option on every node (local_internal_options.conf), "
+                             "e.g. cluster.max_inflight_bytes=25165824; repeatable")
     parser.add_argument("--timeline", action="store_true",
                         help="print when every append reached each client")
     options = parser.parse_args(argv)

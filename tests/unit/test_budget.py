@@ -287,3 +287,57 @@ def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
     b.release(first, 50)
     waiting.join(5)
     assert order == [False, "waiting"]
+
+
+def test_parked_frames_hold_no_window_back_and_stay_within_the_reserve():
+    """budget.py, Parking: a parked frame is beside `total` (normal grants do not count it),
+    granted at once or not at all, within `park_limit` and within total + reserve."""
+    b = budget.Budget(100, share=60, reserve=20)      # park_limit: half the reserve
+    assert b.park_limit == 10
+    normal, reader = b.holder("windows"), b.holder("reader")
+    assert b.acquire(normal, 60)
+    assert b.park(reader, 8, copies=4)                # the frame, and its copies while read
+    assert not b.park(reader, 3)                      # past park_limit
+    b.release(reader, 4)                              # the copies: the frame is open
+    assert b.acquire(b.holder("next"), 40, timeout=0)  # 60 + 40: the parked 8 not counted
+    assert b.used == 108 and b.stats()["parked"] == 8 and b.used <= b.total + b.reserve
+    assert not b.park(b.holder("full"), 2, copies=11)  # past total + reserve: refused, not waited
+
+
+def test_a_parked_frame_becomes_part_of_its_window_granted_in_line():
+    b = budget.Budget(100, share=60, reserve=20)
+    reader, other = b.holder("reader"), b.holder("other")
+    assert b.park(reader, 8)
+    assert b.acquire(other, 50)
+    assert not b.acquire(reader, 52, timeout=0, unpark=8)     # 50 + 60 > 100
+    b.release(other, 50)
+    assert b.acquire(reader, 52, timeout=0, unpark=8)
+    assert (reader.held, reader.parked, b.used, b.stats()["parked"]) == (60, 0, 60, 0)
+    with pytest.raises(budget.Refused):
+        b.acquire(reader, 1, unpark=1)                         # nothing parked any more
+
+
+def test_the_daemon_budget_parks_within_its_urgent_reserve():
+    b = budget.for_daemon(24 << 20)
+    assert 0 < b.park_limit <= b.reserve // 2
+    assert drive_to_the_worst_case(b) <= 24 << 20
+    parked = b.holder("parked")
+    while b.park(parked, 64 << 10, copies=128 << 10):
+        pass
+    assert b.used <= 24 << 20 and b.stats()["parked"] <= b.park_limit
+
+
+def test_a_send_goes_ahead_of_the_receives_waiting_in_line():
+    """budget.py, Sends go ahead: a push of a few KB waited in the common queue behind the
+    keepalive batches' windows; it needs no place there (a receive's share fits beside all
+    that sends may hold)."""
+    b = budget.Budget(100, share=60, send_limit=30)
+    reader = b.holder("reader")
+    assert b.acquire(reader, 50)
+    order = []
+    window = acquire_in_thread(b, b.holder("window"), 60, order)   # 50 + 60 > 100: waits
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    assert b.acquire(b.holder("push", sends=True), 10, timeout=0)   # not behind it
+    b.release(reader, 50)
+    window.join(5)
+    assert order == ["window"] and b.used == 70

@@ -218,6 +218,29 @@ def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     wait_until(lambda: shared.used == shared.cache)   # the readers give their windows back too
 
 
+def test_a_push_of_one_small_file_is_granted_what_it_holds_not_the_send_pool(tmpdir):
+    """Issue 11 item 4: a batch was granted its bound (2000 names, 2 MiB of data, a 1 MiB
+    frame twice) whatever it held; with cluster.max_inflight_bytes=24 MiB that is the whole
+    send pool, and the pushes of one client.keys line to ten clients went one at a time."""
+    from test_channel import channel_pair
+    tmpdir.mkdir("etc").join("client.keys").write_binary(b"001 agent any key\n")
+    shared = budget.for_daemon(24 << 20)
+    ours, theirs = channel_pair()
+    peer = RealSession(theirs, {"sync_files": lambda session, args, data: (
+        {"states": dict((f["name"], "synchronized") for f in args["files"])}, b"")}, 5.0,
+        address=("127.0.0.1", 1)).start()
+    master = RealSession(ours, {}, 5.0, address=("127.0.0.1", 2), budget=shared).start()
+    try:
+        sync = PeerSync(master, str(tmpdir), "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+        assert sync.send({}, [u"etc/client.keys"], [], [], []) == \
+            {u"etc/client.keys": "synchronized"}
+    finally:
+        master.close()
+        peer.close()
+    pool = shared.send_limit - shared.cache
+    assert shared.peak - shared.cache < 128 << 10 < pool // 8
+
+
 def test_a_batch_is_full_at_the_data_bound_it_was_granted_not_the_default():
     """Under a tight budget room.batch_bytes() gives a batch less than BATCH_BYTES, and its
     grant covers only that: a batch filled to the default bound held more than it was

@@ -208,3 +208,11 @@ def test_json_cost_bounds_non_ascii_strings_too(text):
     header = protocol.decode_body(struct.pack(">I", len(raw)) + raw)[0]
     assert header["name"] == text
     assert _decoded_bytes(header) <= protocol.json_cost(raw)
+
+
+def test_the_cost_of_a_header_is_counted_in_place_as_from_a_copy():
+    header = protocol.encode_body({"names": [u"a\"b", u"c"], "n": {"x": 1}}, b"data")
+    n = struct.unpack(">I", header[:4])[0]
+    assert protocol.header_cost(header) == protocol.json_cost(header[4:4 + n])
+    assert protocol.json_cost(b"xx[1,2]yy", 2, 7) == protocol.json_cost(b"[1,2]")
+    assert protocol.header_cost(b"\xff\xff\xff\xff{}") is None     # its length is malformed
