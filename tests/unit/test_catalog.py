@@ -736,15 +736,21 @@ def scanned_agent_infos(home, count):
     return cat, names
 
 
-def test_received_rows_are_checked_whole_before_any_is_learned(home):
-    # The rows are checked a column at a time: one bad row anywhere refuses the request and
-    # no row before it is taken (a keepalive batch is 2 000 rows).
-    cat, names = scanned_agent_infos(home, 3)
+def kept_alive_rows(home, cat, names):
+    """"received" rows of these files touched 5 s ago: their new stat, their recorded digest."""
     rows = []
     for name in names:
         compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
         st = os.lstat(os.path.join(home, name))
         rows.append([name] + list(scanner_mod.fingerprint(st)) + [cat.scanner.row(name)[7]])
+    return rows
+
+
+def test_received_rows_are_checked_whole_before_any_is_learned(home):
+    # The rows are checked a column at a time: one bad row anywhere refuses the request and
+    # no row before it is taken (a keepalive batch is 2 000 rows).
+    cat, names = scanned_agent_infos(home, 3)
+    rows = kept_alive_rows(home, cat, names)
     last = rows[-1]
     for bad in (last[:6] + [last[6][:63] + u"\n"],      # not 64 hex digits
                 last[:6] + [last[6][:63] + u"g"],
@@ -775,11 +781,7 @@ def test_received_records_learn_the_files_and_record_their_node_as_each_agents_r
     # value per number); with "node", each agent-info file among them is that node's
     # report with its record's mtime (no second list of agent rows). Checked whole first.
     cat, names = scanned_agent_infos(home, 3)
-    rows = []
-    for name in names:
-        compat.set_mtime_ns(os.path.join(home, name), int((NOW - 5) * 1e9))
-        st = os.lstat(os.path.join(home, name))
-        rows.append([name] + list(scanner_mod.fingerprint(st)) + [cat.scanner.row(name)[7]])
+    rows = kept_alive_rows(home, cat, names)
     request = dict(packed(rows), node="client02")
     for bad in (dict(request, records=request["records"][:-8] + "\n"),   # records cut short
                 dict(request, records=[request["records"]]),
