@@ -16,7 +16,7 @@ from wazuh_cluster.compat import monotonic
 # client.keys (9.5 MB).
 BASELINE_MIB = 61
 STORE_HELD = 9 << 20
-BOUNDED = 24 << 20  # the cluster.max_inflight_bytes README gives for a bound under 100 MB
+BOUNDED = 24 << 20  # the default cluster.max_inflight_bytes: a bound under 100 MB
 
 
 def wait_for(predicate, timeout=10.0, step=0.005):
@@ -248,25 +248,24 @@ def test_the_daemon_budget_never_holds_more_than_cluster_max_inflight_bytes(infl
     assert b.cache > 0 and b.share + b.send_limit <= b.total
 
 
-@pytest.mark.parametrize("inflight,under_100_mb", [(None, False), (BOUNDED, True)],
-                         ids=["defaults", "bounded"])
-def test_the_bound_of_the_defaults_and_of_the_bounded_setting(inflight, under_100_mb):
+def test_the_default_budget_is_bounded_under_100_mb():
     """README, Performance: the largest baseline measured (idle RSS after the first sync of
-    100 000 agents and 10 000 shared files) plus budget.bound() stays under 100 MB with
-    cluster.max_inflight_bytes=24 MiB; the default (64 MiB, chosen for latency under the
-    real keepalive rate) does not promise it. Either way the budget reaches exactly its part
-    of the bound, and a master takes a client's session share whole beside its sends."""
+    100 000 agents and 10 000 shared files) plus budget.bound() stays under 100 MB with the
+    default cluster.max_inflight_bytes (24 MiB since issue 11 item 4, where parking and
+    batches granted what they hold made it as quick as 64 MiB); 64 MiB does not promise it.
+    Either way the budget reaches exactly its part of the bound, and a master takes a
+    client's session share whole beside its sends."""
     problems = []
     options = config.read_options([], problems)
-    assert not problems and options.max_inflight_bytes == 64 << 20
-    inflight = inflight or options.max_inflight_bytes
+    assert not problems and options.max_inflight_bytes == BOUNDED
     most = versions.most(options.delta_store_bytes)
-    assert budget.bound(inflight, most) == inflight + ((2 * 10 + 1) << 20)
-    bound = budget.bound(inflight, most, STORE_HELD)
-    assert ((BASELINE_MIB << 20) + bound < 100 << 20) == under_100_mb
-    daemon = budget.for_daemon(inflight)
-    assert drive_to_the_worst_case(daemon) <= inflight
-    assert daemon.total - daemon.send_limit >= 2 * options.max_client_message_bytes
+    for inflight, under_100_mb in ((options.max_inflight_bytes, True), (64 << 20, False)):
+        assert budget.bound(inflight, most) == inflight + ((2 * 10 + 1) << 20)
+        bound = budget.bound(inflight, most, STORE_HELD)
+        assert ((BASELINE_MIB << 20) + bound < 100 << 20) == under_100_mb
+        daemon = budget.for_daemon(inflight)
+        assert drive_to_the_worst_case(daemon) <= inflight
+        assert daemon.total - daemon.send_limit >= 2 * options.max_client_message_bytes
 
 
 def test_a_wait_abandoned_gives_up_and_one_not_abandoned_keeps_its_place():
