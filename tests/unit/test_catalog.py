@@ -950,3 +950,23 @@ def test_a_peers_round_sees_received_files_not_hashed_yet(home):
     asked = cat.handle("manifest", {"source": "client", "names": waiting[:3]})["files"]
     assert sorted(asked) == waiting[:3]
     assert sorted(cat.handle("manifest", {"source": "client"})["files"]) == names
+
+
+def test_an_announced_client_keys_pushed_before_its_hash_does_not_stay_pending(home):
+    """look_hot announces client.keys before it is hashed: wazuh-clusterd pushes it and its
+    states rows may be written before the tick that hashes it (that tick may come after
+    requests: a pass that announced it in between, a poll/4 later). The tick's pending rows
+    must not then overwrite the "synchronized" of the push: the tick's event leaves the file
+    out, so no later push writes it again, and the row says pending until the next round."""
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    cat = make(home)
+    cat.tick(0.0)
+    cat.handle("peer_seen", {"name": "client01", "role": "client", "address": "127.0.0.2",
+                             "version": "1.0"})
+    with open(os.path.join(home, "etc/client.keys"), "ab") as handle:
+        handle.write(b"002 db01 any k22\n")
+    assert cat.look_hot(0.2)["changed"] == ["etc/client.keys"]
+    # wazuh-clusterd's push of the announced version, its states rows in before the hash
+    cat.handle("set_states", {"rows": [["client01", "etc/client.keys", "synchronized"]]})
+    assert cat.tick(0.3) is None            # hashed: the version announced, not named again
+    assert cat.handle("pending", {"node": "client01"})["files"] == []
