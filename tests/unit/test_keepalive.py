@@ -414,3 +414,20 @@ def test_a_batch_of_known_agents_mixed_with_new_and_stale_rows_records_each_righ
         assert db.agents()["a-any"] == ("node02", BASE_NS + 4 * SEC)
     finally:
         db.close()
+
+
+def test_two_touches_in_one_ctime_tick_told_in_the_other_order_keep_the_newer(home):
+    # Two sessions touch one agent-info file in place one after the other (the newer
+    # keepalive last: claims, newer_only) within one tick of a coarse ctime clock (a kernel
+    # without fine-grained ctime: the same ctime for both). Their "received" requests may
+    # reach the internal daemon in either order: the older record told last must not replace
+    # the newer one (the summary of that client's round would then use the older mtime until
+    # the next pass over agent-info, up to foreign_scan_interval).
+    scan, digest = scanned_a(home)
+    fp = scanner.fingerprint(os.lstat(os.path.join(home, A)))
+    tick = fp[3] + SEC  # both touches' ctime, after the record's
+    newer = scanner.FINGERPRINT.pack(fp[0], BASE_NS + 20 * SEC, fp[2], tick, fp[4], digest)
+    older = scanner.FINGERPRINT.pack(fp[0], BASE_NS + 10 * SEC, fp[2], tick, fp[4], digest)
+    assert scan.learn_records([A], newer) == [True]
+    scan.learn_records([A], older)
+    assert scan.get(A)["mtime_ns"] == BASE_NS + 20 * SEC
