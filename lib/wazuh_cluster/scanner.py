@@ -88,6 +88,7 @@ _INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 FINGERPRINT = struct.Struct("<qqQqI32s")
 NO_FINGERPRINT = b"\0" * FINGERPRINT.size
 FINGERPRINT_MTIME_AT = 8  # offset of the mtime_ns in a FINGERPRINT record
+_MTIME_NS = struct.Struct("<q")  # the mtime_ns, at FINGERPRINT_MTIME_AT (and in a record)
 assert FINGERPRINT.size == _REC_LEN
 
 
@@ -457,7 +458,12 @@ class Scanner(object):
             if old is not None and old[_FP_LEN:_REC_LEN] == record[_FP_LEN:]:
                 ino, ctime_ns = unpack(old, _INO_AT)
                 new_ino, new_ctime_ns = unpack(record, _INO_AT)
-                if ino == new_ino and new_ctime_ns >= ctime_ns:
+                # In one tick of a coarse ctime clock, the newer keepalive is the later
+                # mtime (a master applies only newer ones): the older, told last, is refused.
+                if ino == new_ino and (new_ctime_ns > ctime_ns or (
+                        new_ctime_ns == ctime_ns and _MTIME_NS.unpack_from(
+                            record, FINGERPRINT_MTIME_AT) >= _MTIME_NS.unpack_from(
+                                old, FINGERPRINT_MTIME_AT))):
                     # Same content: the summary's bucket and base still hold.
                     files[rel] = record + old[_REC_LEN:]
                     if seals:  # as _unseal(), without a call per keepalive
