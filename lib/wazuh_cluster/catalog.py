@@ -284,8 +284,17 @@ class Catalog(object):
         if not fresh:
             return None
         self._hot_due = True
+        # Pending now, before wazuh-clusterd hears of it: the rows of its push may come in
+        # before the tick that hashes the file, whose own pending rows (_store) would then
+        # stand over "synchronized" until the next round.
+        self._safely(self._mark_pending, fresh)
         return {"event": "changes", "changed": fresh, "touched": [], "deleted": [],
                 "deleted_dirs": []}
+
+    def _mark_pending(self, names):
+        targets = self._targets()
+        if targets:
+            self.db.mark_pending(targets, names)
 
     def _unannounced(self, changed):
         """`changed` without the hot files look_hot announced with the fingerprint now
@@ -440,8 +449,10 @@ class Catalog(object):
         scanner = self.scanner
         rows = (scanner.row(name) for name in changes.changed + changes.touched
                 if name in scanner)
+        announced = self._announced
         outgoing = [n for n in changes.changed + changes.touched + changes.deleted
-                    if self._sent_by_us(n)]
+                    if self._sent_by_us(n) and not (
+                        n in announced and scanner.hashed_as(n, announced[n]))]
         targets = self._targets() if outgoing else []
         info = self._item_path("agent-info", "queue/agent-info") + "/"
         reread = [n[len(info):] for n in changes.changed if n.startswith(info)]
