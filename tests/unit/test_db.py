@@ -296,7 +296,6 @@ def test_known_nodes_does_not_read_every_states_row(folder):
     assert len(steps) < 50, len(steps)  # 15 000 rows read: hundreds
 
 
-
 def test_agent_names_reads_only_that_nodes_agents(folder):
     # A client's round summary on a master asks for the agents that client reports: 10 000 of
     # 100 000. A scan of the whole table was a fifth of an idle master's internal daemon;
@@ -314,6 +313,7 @@ def test_agent_names_reads_only_that_nodes_agents(folder):
     assert len(steps) < 60, len(steps)  # 5 000 rows read: over 200
     assert db.agent_names("n3") == [n[len("queue/agent-info/"):] for n in names]
     assert db.agent_names("nobody", "x/") == []
+
 
 def test_peers_agents_meta(folder):
     db = open_db(folder)
