@@ -340,3 +340,25 @@ def test_a_send_goes_ahead_of_the_receives_waiting_in_line():
     b.release(reader, 50)
     window.join(5)
     assert order == ["window"] and b.used == 70
+
+
+def test_a_waiting_send_is_not_starved_by_receives_that_hand_the_room_on():
+    """Review: sends no longer stand in the common queue, and receives do not yield to them:
+    while receive windows overlap (one granted before the last is given back, as on a busy
+    master), the room free never reaches what the send waits for, however long it waited."""
+    b = budget.Budget(100, share=60, send_limit=40)
+    assert b.acquire(b.holder("r0"), 40)
+    last = b.holder("r1")
+    assert b.acquire(last, 30)                                     # 30 free
+    order = []
+    send = acquire_in_thread(b, b.holder("push", sends=True), 40, order)
+    assert wait_for(lambda: b.stats()["waiting"] == 1)
+    for n in range(20):
+        nxt = b.holder("r%d" % (n + 2))
+        granted = b.acquire(nxt, 30, timeout=0.05)   # a new window, before the last one ends
+        b.release(last, 30)
+        last = nxt if granted else last
+        if order:
+            break
+    send.join(2)
+    assert order == ["push"]
