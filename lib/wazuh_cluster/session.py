@@ -574,10 +574,18 @@ class Session(object):
     def _queue_request(self, rid, header, data, held):
         """Queue a request for the workers (header None: a _Parked one, `held` parked)."""
         with self._lock:
-            self._requests.append((rid, header, data, held))
-            if self._workers >= self._max_handlers:
-                return
-            self._workers += 1
+            closed = self._closed.is_set()
+            if not closed:
+                self._requests.append((rid, header, data, held))
+                if self._workers >= self._max_handlers:
+                    return
+                self._workers += 1
+        if closed:   # close() gave back what was queued before: this one gives back itself
+            if header is None:
+                self.budget.release_parked(self.holder, held)
+            else:
+                self.budget.release(self.holder, held)
+            return
         worker = threading.Thread(target=self._work, name="request-%s" % self.peer_name)
         worker.daemon = True
         worker.start()
