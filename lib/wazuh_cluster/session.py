@@ -438,7 +438,8 @@ class Session(object):
         cost = protocol.header_cost(parked.body, self.max_header_bytes)
         if cost is None:   # refused when it is decoded
             return min(window, wire + MIN_COST)
-        return min(window, wire + max(MIN_COST, cost))
+        # decoding holds the body, its data copied out of it (at most the body) and the header
+        return min(window, 2 * wire + max(MIN_COST, cost))
 
     def _park(self, msg_type, flags, need, copies):
         """Read a request in one frame under a grant of the frame alone, when the budget can
