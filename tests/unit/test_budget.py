@@ -362,3 +362,23 @@ def test_a_waiting_send_is_not_starved_by_receives_that_hand_the_room_on():
             break
     send.join(2)
     assert order == ["push"]
+
+
+def test_a_holder_whose_grants_wait_in_line_together_never_holds_more_than_its_share():
+    """Review: a session's share was checked once, before its grant stands in the common
+    queue; with parking the workers of one session wait there together (_unpark), each
+    passed the check while the others were not granted yet, and all are granted."""
+    b = budget.Budget(100, share=50)
+    hog = b.holder("hog", share=100)
+    assert b.acquire(hog, 100)
+    session = b.holder("session")
+    order = []
+    workers = [acquire_in_thread(b, session, 40, order) for _ in range(2)]
+    assert wait_for(lambda: b.stats()["waiting"] == 2)
+    b.release(hog, 100)
+    assert wait_for(lambda: len(order) >= 1)
+    threading.Event().wait(0.2)
+    assert session.held <= session.share
+    b.release_all(session)
+    for t in workers:
+        t.join(5)
