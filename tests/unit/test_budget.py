@@ -382,3 +382,16 @@ def test_a_holder_whose_grants_wait_in_line_together_never_holds_more_than_its_s
     b.release_all(session)
     for t in workers:
         t.join(5)
+
+
+def test_the_copies_of_parked_frames_leave_room_in_the_reserve_for_urgent_grants():
+    """Review: park_limit bounds the parked frames to half the reserve, but their copies
+    while they are read (FRAME_COPIES times the frame, held until the frame is read: a peer
+    sending it slowly holds them up to the channel's io_timeout) come from the rest of the
+    reserve unbounded; once `total` is taken, an answer to our own call waits behind them."""
+    b = budget.Budget(100, share=50, reserve=30)
+    assert b.park_limit == 15
+    assert b.acquire(b.holder("receives", share=100), 100)       # total taken, as under load
+    peer = b.holder("peer")
+    if b.park(peer, 10, copies=20):                               # a frame read slowly
+        assert b.acquire(b.holder("answer"), 10, timeout=0.1, urgent=True)
