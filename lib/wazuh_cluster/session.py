@@ -438,7 +438,8 @@ class Session(object):
         cost = protocol.header_cost(parked.body, self.max_header_bytes)
         if cost is None:   # refused when it is decoded
             return min(window, wire + MIN_COST)
-        return min(window, wire + max(MIN_COST, cost))
+        # decoding holds the body, its data copied out of it (at most the body) and the header
+        return min(window, 2 * wire + max(MIN_COST, cost))
 
     def _park(self, msg_type, flags, need, copies):
         """Read a request in one frame under a grant of the frame alone, when the budget can
@@ -574,10 +575,18 @@ class Session(object):
     def _queue_request(self, rid, header, data, held):
         """Queue a request for the workers (header None: a _Parked one, `held` parked)."""
         with self._lock:
-            self._requests.append((rid, header, data, held))
-            if self._workers >= self._max_handlers:
-                return
-            self._workers += 1
+            closed = self._closed.is_set()
+            if not closed:
+                self._requests.append((rid, header, data, held))
+                if self._workers >= self._max_handlers:
+                    return
+                self._workers += 1
+        if closed:   # close() gave back what was queued before: this one gives back itself
+            if header is None:
+                self.budget.release_parked(self.holder, held)
+            else:
+                self.budget.release(self.holder, held)
+            return
         worker = threading.Thread(target=self._work, name="request-%s" % self.peer_name)
         worker.daemon = True
         worker.start()

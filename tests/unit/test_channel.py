@@ -864,3 +864,69 @@ def test_a_refusal_read_from_a_garbled_header_is_reported_as_failed_authenticati
     finally:
         b.close()
         cc.close()
+
+
+def test_a_parked_request_queued_after_its_session_closed_gives_its_frame_back():
+    """Review: the reader may be past recv_frame with a parked frame when another thread
+    (a worker's _unpark refusing a malformed request, a reconnect) closes the session; close()
+    gave back what was queued then, and the frame queued after it stayed parked for good."""
+    from wazuh_cluster.session import _Parked
+    shared = budget.Budget(4 << 20, share=2 << 20, reserve=2 << 20)
+    a, b = budget_pair({}, shared)
+    try:
+        body = protocol.encode_body({"cmd": "x"}, b"y" * 1000)
+        assert shared.park(b.holder, len(body))          # what _admit did for the frame
+        b.close()                                        # meanwhile, from another thread
+        b._queue_request(1, None, _Parked(protocol.REQUEST, 0, body), len(body))  # _handle
+        assert wait_for(lambda: shared.stats()["parked"] == 0 and shared.used == 0, 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_parked_request_is_granted_what_decoding_it_holds():
+    """Review: decoding an uncompressed body copies its data (body[4 + n:]) beside the body
+    and the header's objects; the window of a parked one counted the body and the header's
+    cost only (the path that is not parked grants SMALL_MESSAGE_COST times the frame)."""
+    from wazuh_cluster.session import _Parked
+    shared = budget.Budget(16 << 20, share=8 << 20, reserve=2 << 20)
+    a, b = budget_pair({}, shared, max_message=4 << 20)
+    try:
+        head = {"cmd": "x"}
+        body = protocol.encode_body(head, b"y" * 500000)
+        wire = len(body)
+        data = wire - 4 - len(protocol.encode_body(head)) + 4
+        cost = protocol.header_cost(body)
+        window = b._parked_window(_Parked(protocol.REQUEST, 0, body), wire)
+        assert window >= wire + data + cost
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_request_decoded_while_every_worker_waits_for_a_parked_window_is_served():
+    """Review: a worker waits for a parked request's window at the session's share for the
+    session's own releases; a request the reader decoded meanwhile (a message in several
+    frames, or one not parked: park_limit full) holds its bytes in the queue until a worker
+    takes it. When every worker (max_handlers) waits so, none ever does: the session's
+    requests, its parked frames (global park_limit) and its bytes are stuck for good."""
+    from wazuh_cluster.session import _Parked
+    served = []
+    shared = budget.Budget(8 << 20, share=4 << 20, reserve=2 << 20)
+    a, b = budget_pair({"b": lambda session, args, data: served.append("b") or ({}, b"")},
+                       shared, max_handlers=1)
+    try:
+        share = b.holder.share
+        # the reader's window for the message it reads next, granted before the worker
+        # below reached acquire (or woken first: both wait for the session's releases)
+        assert shared.acquire(b.holder, share - 1000)
+        body = protocol.encode_body({"cmd": "a"}, b"z" * 20000)
+        assert shared.park(b.holder, len(body))
+        b._queue_request(1, None, _Parked(protocol.REQUEST, 0, body), len(body))
+        assert wait_for(lambda: b._workers == 1)
+        threading.Event().wait(0.2)                       # its worker waits for the share
+        b._queue_request(2, {"cmd": "b"}, b"", share - 1000)   # that message, decoded
+        assert wait_for(lambda: served == ["b"], 3)
+    finally:
+        a.close()
+        b.close()
