@@ -141,6 +141,7 @@ class Session(object):
         self._max_handlers = max_handlers
         self._max_queued = max_queued
         self._requests = collections.deque()
+        self._decoded_queued = 0  # requests in _requests that hold their window (not parked)
         self._room = compat.Condition(self._lock)   # a worker took a queued request
         self._workers = 0
         self._closed = compat.Event()
@@ -234,6 +235,7 @@ class Session(object):
             held = sum(r[3] for r in self._requests if r[1] is not None)
             parked = sum(r[3] for r in self._requests if r[1] is None)
             self._requests.clear()
+            self._decoded_queued = 0
             self._room.notify_all()
         # what the callers, the workers and the reader hold, they give back themselves
         self.budget.release(self.holder, held)
@@ -578,6 +580,8 @@ class Session(object):
             closed = self._closed.is_set()
             if not closed:
                 self._requests.append((rid, header, data, held))
+                if header is not None:
+                    self._decoded_queued += 1
                 if self._workers >= self._max_handlers:
                     return
                 self._workers += 1
@@ -592,12 +596,21 @@ class Session(object):
         worker.start()
 
     def _unpark(self, parked, wire):
-        """(header, data, bytes held) of a parked request once its window is granted, or
-        None when the session closed meanwhile or the request was refused (it closes)."""
+        """(header, data, bytes held) of a parked request once its window is granted;
+        _GIVE_WAY when a decoded request was queued meanwhile (its parked frame is still
+        held: the caller queues it again); None when the session closed meanwhile or the
+        request was refused (it closes).
+
+        A worker waits here at the session's share for the session's own releases; a request
+        decoded meanwhile holds its window in the queue until a worker serves it, so when
+        every worker waited here none would, and the session's bytes and parked frames
+        would be stuck for good (review of the ninth round)."""
         extra = max(0, self._parked_window(parked, wire) - wire)
         try:
-            if not self.budget.acquire(self.holder, extra, abandon=self._closed.is_set,
+            if not self.budget.acquire(self.holder, extra, abandon=self._give_way,
                                        unpark=wire):
+                if not self._closed.is_set():
+                    return _GIVE_WAY
                 self.budget.release_parked(self.holder, wire)
                 return None
         except budgets.Refused as exc:   # its frame is larger than this session's share
@@ -620,6 +633,32 @@ class Session(object):
             return None
         self.budget.release(self.holder, room - cost)
         return header, data, cost
+
+    def _give_way(self):
+        """_unpark's wait ends: the session closed, or a decoded request waits (an int read
+        without the lock: the budget's lock is held here)."""
+        return self._closed.is_set() or self._decoded_queued > 0
+
+    def _next_request(self):
+        """Under the lock: the first queued request that holds its window (serving it frees
+        room a parked one may wait for), else the oldest."""
+        requests = self._requests
+        if self._decoded_queued:
+            for i, item in enumerate(requests):
+                if item[1] is not None:
+                    del requests[i]
+                    self._decoded_queued -= 1
+                    return item
+        return requests.popleft()
+
+    def _park_again(self, rid, parked, wire):
+        """A parked request that gave way goes back to the head of the queue."""
+        with self._lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._requests.appendleft((rid, None, parked, wire))
+        if closed:   # close() gave back what was queued: this one gives back itself
+            self.budget.release_parked(self.holder, wire)
 
     def _decode(self, msg_type, flags, parts, room):
         """(header, data, bytes held from now on) of a message; `parts` is emptied.
@@ -656,11 +695,14 @@ class Session(object):
                 if not self._requests or self._closed.is_set():
                     self._workers -= 1
                     return
-                rid, header, data, held = self._requests.popleft()
+                rid, header, data, held = self._next_request()
                 self._room.notify_all()
             try:
                 if header is None:
                     decoded = self._unpark(data, held)
+                    if decoded is _GIVE_WAY:
+                        self._park_again(rid, data, held)
+                        continue
                     if decoded is None:
                         continue
                     header, data, held = decoded
@@ -704,6 +746,9 @@ class Session(object):
             return protocol.error_envelope("internal", "malformed handler answer")
         compress = bool(answer[2]) if len(answer) > 2 else False
         return protocol.ok_envelope(answer[0]), answer[1] or b"", compress
+
+
+_GIVE_WAY = object()  # _unpark: a decoded request goes first
 
 
 class _Parked(object):
