@@ -121,7 +121,7 @@ class Refused(Exception):
 
 class Holder(object):
     """What one session holds of a Budget (its `share` bounds it); `sends`: for data we send."""
-    __slots__ = ("name", "share", "held", "sends", "parked")
+    __slots__ = ("name", "share", "held", "sends", "parked", "asked")
 
     def __init__(self, name, share, sends=False):
         self.name = name
@@ -129,6 +129,7 @@ class Holder(object):
         self.held = 0
         self.sends = sends
         self.parked = 0   # frames waiting for their windows (not in `held`: see park)
+        self.asked = 0    # grants past the share check, waiting in a line (within the share)
 
     def __repr__(self):
         return "<Holder %s %d/%d>" % (self.name, self.held, self.share)
@@ -204,21 +205,27 @@ class Budget(object):
                 return self._wait_urgent(holder, n, end)
             # A holder at its share waits for its own releases outside the queue: it must not
             # stand at the head and hold everyone else back meanwhile.
+            # What its grants already waiting in a line will hold counts too: with parking,
+            # several workers of one session may wait at once (review of the ninth round).
             self._share_waiting += 1
             try:
-                while holder.held + n + unpark > holder.share:
+                while holder.held + holder.asked + n + unpark > holder.share:
                     if not end.wait(self._cond):
                         return False
             finally:
                 self._share_waiting -= 1
-            if holder.sends:
-                return self._wait_send(holder, n, end)
-            return self._wait_queue(holder, n, end, unpark)
+            holder.asked += n + unpark
+            try:
+                if holder.sends:
+                    return self._wait_send(holder, n, end)
+                return self._wait_queue(holder, n, end, unpark)
+            finally:
+                holder.asked -= n + unpark
 
     def _wait_send(self, holder, n, end):
         """A send: its turn in the send line, room in the pool and in `total`; not behind
         the receives' windows in the common queue (see Sends go ahead)."""
-        ticket = object()
+        ticket = (object(), n)  # unique: remove() compares
         self._send_line.append(ticket)
         try:
             while not (self._send_line[0] is ticket and self.sending + n <= self.send_limit and
@@ -238,7 +245,8 @@ class Budget(object):
         try:
             # parked frames are beside `total` (see Parking): they hold no window back
             while not (self._queue[0] is ticket and not self._urgent_waiting and
-                       self.used - self.parked + n + unpark <= self.total):
+                       self.used - self.parked + n + unpark + self._owed_to_send() <=
+                       self.total):
                 if not end.wait(self._cond):
                     return False
             self._grant(holder, n)
@@ -249,6 +257,17 @@ class Budget(object):
         finally:
             self._queue.remove(ticket)
             self._cond.notify_all()
+
+    def _owed_to_send(self):
+        """The room a receive leaves for the send at the head of its line when only `total`
+        holds that send back (its pool has room): else receive windows handed on one to the
+        next, each granted before the last is given back, could starve it (review of the
+        ninth round). Never more than the pool leaves, so a receive of a whole share still
+        fits once the other receives gave back theirs: receiving never waits for sending."""
+        if not self._send_line:
+            return 0
+        n = self._send_line[0][1]
+        return n if self.sending + n <= self.send_limit else 0
 
     def _wait_urgent(self, holder, n, end):
         self._urgent_waiting += 1
@@ -274,8 +293,10 @@ class Budget(object):
         waiting grant, or not at all (False)."""
         n, copies = int(n), int(copies)
         with self._cond:
+            # the frame and its copies out of park_limit's part of the reserve only: the rest
+            # stays for the answers to our own calls (review of the ninth round)
             if self.parked + n > self.park_limit or \
-                    self.used + n + copies > self.total + self.reserve:
+                    self.used + n + copies > self.total + self.park_limit:
                 return False
             self.parked += n
             holder.parked += n
