@@ -198,7 +198,6 @@ def _native(name):
 
 
 _JSON_TEXT = compat.text_type if compat.PY2 else None
-_STR_IS_BYTES = str is bytes
 
 
 def _kind_word(mode):
@@ -377,7 +376,7 @@ class Scanner(object):
                 base = low | (high << 64)
             else:
                 # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
-                bucket, base = entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                bucket, base = entry(rel if compat.PY2 else rel.encode("ascii"),
                                      hexlify(rec[_FP_LEN:_REC_LEN]), None)
                 files[rel] = rec[:_REC_LEN] + keep(bucket, base & _LOW64, base >> 64)
             if not mtime_is_data:
@@ -385,7 +384,7 @@ class Scanner(object):
             elif mixed is not None:
                 yield bucket, mixed(base, unpack(rec)[1])
             else:
-                yield entry(rel if _STR_IS_BYTES else rel.encode("ascii"),
+                yield entry(rel if compat.PY2 else rel.encode("ascii"),
                             hexlify(rec[_FP_LEN:_REC_LEN]), unpack(rec)[1])
 
     def racy_count(self):
