@@ -93,19 +93,30 @@ def _told(learned, agents, node):
 
 def _received(learned, agents, node):
     """A "received" request (catalog): the learned rows as names and base64 of their
-    scanner.FINGERPRINT records, and the agents."""
+    scanner.FINGERPRINT records (Receiver.apply_batch's rows: packed where they are made),
+    and the agents."""
     request = {}
     if learned:
-        pack, unhexlify = scanner.FINGERPRINT.pack, binascii.unhexlify
         request["names"] = [row[0] for row in learned]
         request["records"] = binascii.b2a_base64(b"".join(
-            pack(row[1], row[2], row[3], row[4], row[5], unhexlify(row[6]))
-            for row in learned)).decode("ascii")
+            row[1] for row in learned)).decode("ascii")
         if node is not None:
             request["node"] = node
     if agents:
         request["agents"] = agents
     return request
+
+
+_NO_RECORD = scanner.FINGERPRINT.unpack(scanner.NO_FINGERPRINT)
+# 3.x: one C call unpacks every record of an answer, and gives a digest's hex as text
+if hasattr(scanner.FINGERPRINT, "iter_unpack"):
+    _records = scanner.FINGERPRINT.iter_unpack
+    _hex = bytes.hex
+else:  # 2.7
+    def _records(data):
+        unpack, size = scanner.FINGERPRINT.unpack_from, scanner.FINGERPRINT.size
+        return [unpack(data, at) for at in range(0, len(data), size)]
+    _hex = binascii.hexlify
 
 
 def records(link, incoming):
@@ -126,13 +137,10 @@ def records(link, incoming):
             if data is None or len(data) != size * len(chunk):
                 raise ProtocolError("a fingerprints answer of %s bytes for %d names"
                                     % (None if data is None else len(data), len(chunk)))
-            unpack, none, hexlify = scanner.FINGERPRINT.unpack_from, scanner.NO_FINGERPRINT, \
-                binascii.hexlify
-            for index, name in enumerate(chunk):
-                at = index * size
-                if data[at:at + size] != none:
-                    record = unpack(data, at)
-                    known[name] = record[:4] + (hexlify(record[5]).decode("ascii"),)
+            for name, record in zip(chunk, _records(data)):
+                if record != _NO_RECORD:
+                    known[name] = (record[0], record[1], record[2], record[3],
+                                   _hex(record[5]))
     except (RequestError, ProtocolError):
         pass
     return known

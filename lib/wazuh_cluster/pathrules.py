@@ -203,6 +203,7 @@ def locate(name, items, sender_role, receiver_role, exclude):
     return item, parts
 
 
+_DOTS = (u".", u"..")
 _GOOD_COMPONENT = re.compile(u"\\A[\\x20-\\x2e\\x30-\\x5b\\x5d-\\x7e]{1,%d}\\Z" % MAX_COMPONENT)
 
 
@@ -228,16 +229,26 @@ class Locator(object):
 
     def locate(self, name):
         """(item, parts) as locate() gives them, or PathRefused."""
-        if isinstance(name, compat.text_type) and len(name) <= MAX_PATH and \
-                name not in self.paths:
-            folder, _, base = name.rpartition(u"/")
-            item = self.folders.get(folder)
-            if item is None and len(self.folders) < self.MAX_FOLDERS:
-                item = self.folders[folder] = self._folder(folder)
-            if item and _GOOD_COMPONENT.match(base) and base not in (u".", u"..") and \
-                    (self.excluded is None or not self.excluded(base)):
+        if isinstance(name, compat.text_type):
+            item = self.split(name)
+            if item:
                 return item, name.split(u"/")
         return locate(name, *self.args)
+
+    def split(self, name):
+        """The item locate() gives a text `name` when the per-folder check proves it (its
+        folder and last component then being name.rpartition(u"/")'s), else None: ask
+        locate(), which decides and gives the reason. For a keepalive batch's loop
+        (touches.py): no list of components made, no call beyond the checks."""
+        folder, _, base = name.rpartition(u"/")
+        item = self.folders.get(folder)
+        if item is None and len(self.folders) < self.MAX_FOLDERS:
+            item = self.folders[folder] = self._folder(folder)
+        if item and len(name) <= MAX_PATH and _GOOD_COMPONENT.match(base) and \
+                base not in _DOTS and (self.excluded is None or not self.excluded(base)) and \
+                name not in self.paths:
+            return item
+        return None
 
     def _folder(self, folder):
         """The item whose files' folder is `folder`, or False (then locate() decides)."""

@@ -160,9 +160,10 @@ class Receiver(object):
             record of files (keepalive.py): a meta-only update of a file whose lstat still
             matches its record, announced with the recorded checksum, gets its mtime without
             the file being read again.
-        learned: a list; for each meta-only update done in place, [name, size, mtime_ns,
-            ino, ctime_ns, mode, sha256] of the file after it is appended (the fingerprint
-            the internal daemon may take instead of hashing the file again).
+        learned: a list; for each meta-only update done in place, (name, the file's
+            scanner.FINGERPRINT record after it: size, mtime_ns, ino, ctime_ns, mode and
+            digest, packed) is appended (what the internal daemon may take instead of
+            hashing the file again; keepalive.tell sends the records as they are).
         fence: with failover (failover.Failover.fence), run(change) -> False when the
             sender no longer leads its term: each rename, unlink, folder removal and mtime
             set in place goes through it, and what it refuses is `invalid`, logged in one
@@ -510,7 +511,7 @@ class _Batch(object):
             if entry is None:
                 return
             if entry[0] is None:
-                self.learned.append([name] + list(entry[2]) + [sha])
+                self.learned.append((name, scanner.packed_record(entry[2], sha)))
             entry = entry[:2]
         else:
             folder, dev, target, st = self._target(parts, item, create=True)

@@ -159,6 +159,12 @@ else:  # 2.7: float times only
 fingerprint = _fingerprint
 
 
+def packed_record(fp, digest_hex):
+    """The FINGERPRINT record of a fingerprint() and a SHA-256 in hex (a receiver's learned
+    row, keepalive.tell)."""
+    return FINGERPRINT.pack(fp[0], fp[1], fp[2], fp[3], fp[4], binascii.unhexlify(digest_hex))
+
+
 # A group of files' seal (Scanner._recheck_dir) packs each file's fingerprint as lstat gives
 # it: the record's fields on 3.x; on 2.7 the float times as doubles (the record's ns are a
 # function of them: equal doubles make equal records), so no Python code runs per file.

@@ -19,6 +19,7 @@ and its change under one claim.
 """
 from __future__ import absolute_import, division, print_function
 
+import binascii
 import os
 import stat
 
@@ -95,47 +96,50 @@ class _Toucher(object):
         # batch.flush() replaces in_place and unflushed: it runs between chunks, never in one
         known, states, learned, in_place, unflushed = batch.known, batch.states, \
             batch.learned, batch.in_place, batch.unflushed
-        locate, folders, fingerprint = self.locator.locate, self.folders, scanner.fingerprint
+        split, folders, fingerprint, is_reg = self.locator.split, self.folders, \
+            scanner.fingerprint, stat.S_ISREG
+        pack, unhexlify = scanner.FINGERPRINT.pack, binascii.unhexlify
         limit = min(MAX_MTIME_NS, batch.now_ns + rx.times.max_future_ns)
         by_fd = fsops.utime_by_fd()
         newer_only = rx.newer_only
         synchronized, reasons = batch.SYNCHRONIZED, batch.reasons
         # no fence, os.utime by descriptor: the time set without a call in between
-        plain, utime = batch.fence is None and fsops.UTIME_FD, os.utime
+        plain, utime, fstat, close, open_ = batch.fence is None and fsops.UTIME_FD, \
+            os.utime, os.fstat, os.close, os.open
+        integers = compat.integer_types
         for incoming in chunk:
             name, mtime_ns = incoming.name, incoming.mtime_ns
             record = known.get(name)
             # The record's checksum is our internal daemon's: the same, the sender's is valid.
             if record is None or record[4] != incoming.sha256 or not by_fd or \
-                    type(mtime_ns) not in compat.integer_types or \
+                    type(mtime_ns) not in integers or \
                     not 0 <= mtime_ns <= limit or (waiting and name in waiting):
                 yield incoming
                 continue
-            try:
-                item, parts = locate(name)
-            except PathRefused:
-                yield incoming
+            # the folder's checks once per folder, the last component's here (Locator.split)
+            item = split(name)
+            if not item:
+                yield incoming  # stage() locates it again and gives the reason
                 continue
-            folder = name.rpartition(u"/")[0]
+            folder, _, base = name.rpartition(u"/")
             where = folders.get(folder)
             if where is None:
-                where = folders[folder] = self._open_folder(parts[:-1], item)
+                where = folders[folder] = self._open_folder(folder.split(u"/"), item)
             if not where:
                 yield incoming
                 continue
             dir_fd, path, dev = where
-            base = compat.native_str(parts[-1])
             try:
-                fd = os.open(base, READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
-                    os.open(os.path.join(path, base), READ_FLAGS)
+                fd = open_(base, READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
+                    open_(os.path.join(path, compat.native_str(base)), READ_FLAGS)
             except OSError:
                 yield incoming
                 continue
             row = None  # stays None: left to stage(); False: decided here without a row
             try:
-                st = os.fstat(fd)
+                st = fstat(fd)
                 fp = fingerprint(st)
-                if not stat.S_ISREG(fp[4]) or st.st_nlink != 1:
+                if not is_reg(fp[4]) or st.st_nlink != 1:
                     pass
                 elif newer_only and mtime_ns <= fp[1] + MTIME_SLACK_NS and \
                         batch._kept(name, st, item, mtime_ns):
@@ -156,19 +160,23 @@ class _Toucher(object):
                             batch._make_durable(fd, (path, dev))
                         elif dev not in unflushed:
                             unflushed[dev] = path
-                        row = [name]
-                        row.extend(fingerprint(os.fstat(fd)))
-                        row.append(record[4])
+                        # what the internal daemon learns (keepalive.tell), packed here
+                        after = fingerprint(fstat(fd))
+                        row = (name, pack(after[0], after[1], after[2], after[3], after[4],
+                                          unhexlify(record[4])))
             except OSError as exc:
                 batch.failed(name, fsops.why(exc))
                 row = False
             finally:
-                os.close(fd)
+                close(fd)
             if row is None:
                 yield incoming
             elif row:
                 learned.append(row)
-                in_place.setdefault(dev, []).append(name)
+                names = in_place.get(dev)
+                if names is None:
+                    names = in_place[dev] = []
+                names.append(name)
                 states[name] = synchronized
                 if reasons:
                     reasons.pop(name, None)

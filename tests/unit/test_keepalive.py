@@ -80,7 +80,7 @@ def test_a_touch_proven_by_the_record_is_applied_without_reading_the_file(home):
     assert states[A] == "synchronized" and reasons == {}
     assert abs(mtime(home, A) - (BASE_NS + 5 * SEC)) <= MTIME_SLACK_NS
     st = os.lstat(os.path.join(home, A))
-    assert learned == [[A] + list(scanner.fingerprint(st)) + [announced]]
+    assert learned == [(A, scanner.packed_record(scanner.fingerprint(st), announced))]
 
 
 def test_a_stale_record_falls_back_to_reading_and_refuses_other_content(home):
@@ -118,9 +118,10 @@ def test_the_scanner_takes_a_learned_fingerprint_and_does_not_report_the_touch(h
     learned = []
     master(home).apply_batch([Incoming(A, None, sha(b"Linux a\n"), BASE_NS + 5 * SEC, True)],
                              known={A: record_of(home, A, sha(b"Linux a\n"))}, learned=learned)
-    assert scan.learn(A, learned[0][1:6], digest)
+    fields = scanner.FINGERPRINT.unpack(learned[0][1])
+    assert scan.learn(A, fields[:5], digest)
     assert scan.full_pass().is_empty()
-    assert scan.get(A)["mtime_ns"] == learned[0][2]
+    assert scan.get(A)["mtime_ns"] == fields[1]
 
 
 def test_the_scanner_refuses_a_fingerprint_older_than_its_record(home):
@@ -294,6 +295,12 @@ class Link(object):
         return {"learned": len(args.get("names", []))}, None
 
 
+def learned_row(row):
+    """A learned row (Receiver.apply_batch) of [name, size, mtime_ns, ino, ctime_ns, mode,
+    sha256 hex]."""
+    return (row[0], scanner.packed_record(row[1:6], row[6]))
+
+
 def told_rows(args):
     """The learned rows a "received" request carries as names and packed records."""
     data = binascii.a2b_base64(args.get("records", "").encode("ascii"))
@@ -315,7 +322,7 @@ def test_records_and_fingerprints_travel_in_bounded_requests():
     rows = [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in names]
     agents = [[n.rpartition("/")[2], "client1", BASE_NS] for n in names]
     fingerprint_calls = len(link.calls)
-    keepalive.tell(link, rows, agents)
+    keepalive.tell(link, [learned_row(row) for row in rows], agents)
     assert len(link.calls) > fingerprint_calls + 2
     for cmd, args in link.calls:
         assert len(json.dumps({"id": 1, "cmd": cmd, "args": args})) < \
@@ -337,7 +344,8 @@ def test_a_clients_whole_keepalive_batch_asks_once_and_tells_once():
              for i in range(sync.BATCH_FILES)]
     link = Link()
     keepalive.records(link, [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names])
-    keepalive.tell(link, [[n, 8, BASE_NS, 3, BASE_NS, 0o100660, "ab" * 32] for n in names],
+    keepalive.tell(link, [learned_row([n, 8, BASE_NS, 3, BASE_NS, 0o100660, "ab" * 32])
+                          for n in names],
                    [[n.rpartition("/")[2], "client-01", BASE_NS] for n in names])
     assert [cmd for cmd, _args in link.calls] == ["fingerprints", "received"]
     for cmd, args in link.calls:
@@ -346,8 +354,8 @@ def test_a_clients_whole_keepalive_batch_asks_once_and_tells_once():
 
 def test_a_keepalive_batch_is_told_in_one_request():
     link = Link()
-    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]], [["b-any", "client1", 5]],
-                   "client1")
+    keepalive.tell(link, [learned_row([A, 1, 2, 3, 4, 0o100660, "ab" * 32])],
+                   [["b-any", "client1", 5]], "client1")
     [(cmd, args)] = link.calls
     assert cmd == "received" and told_rows(args) == [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]]
     assert args["node"] == "client1" and args["agents"] == [["b-any", "client1", 5]]
@@ -386,7 +394,7 @@ def test_fingerprints_are_read_from_the_records_after_the_reply():
 def test_without_the_internal_daemon_touches_are_read_as_before():
     link = Link(down=True)
     assert keepalive.records(link, [Incoming(A, None, "ab" * 32, BASE_NS, True)]) == {}
-    keepalive.tell(link, [[A, 1, 2, 3, 4, 0o100660, "ab" * 32]])  # nothing raised
+    keepalive.tell(link, [learned_row([A, 1, 2, 3, 4, 0o100660, "ab" * 32])])  # no raise
     with pytest.raises(RequestError):  # agents untold: the batch fails, the peer retries
         keepalive.tell(link, [], [["a-any", "client1", 5]])
 

@@ -111,7 +111,8 @@ def test_a_keepalive_batch_is_applied_in_place_without_the_per_file_path(home, l
         assert os.lstat(path).st_ino == inode
         assert abs(mtime_ns(path) - BASE_NS - 5 * SEC) <= receive.MTIME_SLACK_NS
     assert sorted(learned) == sorted(
-        [name] + list(scanner.fingerprint(os.lstat(os.path.join(home, name)))) + [DIGEST]
+        (name, scanner.packed_record(scanner.fingerprint(os.lstat(os.path.join(home, name))),
+                                     DIGEST))
         for name in names)
 
 
