@@ -9,7 +9,8 @@ import signal
 import socket
 import sys
 
-from wazuh_cluster import __version__, compat, config, daemon, failover, logs, peers, protocol
+from wazuh_cluster import (__version__, compat, config, daemon, failover, logs, metapack,
+                           peers, protocol)
 from wazuh_cluster import budget as budgets
 from wazuh_cluster.commands import Commands
 from wazuh_cluster.control_server import ControlServer
@@ -110,7 +111,7 @@ def peer_settings(cfg):
         legacy_node_requests=options.legacy_node_requests, version=__version__,
         reconnect_max=options.reconnect_max,
         max_client_message_bytes=options.max_client_message_bytes,
-        features=("delta",) if options.delta_min_bytes else ())
+        features=(("delta",) if options.delta_min_bytes else ()) + (metapack.FEATURE,))
 
 
 class ClusterNode(object):

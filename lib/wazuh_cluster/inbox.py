@@ -9,13 +9,14 @@ from __future__ import absolute_import, division, print_function
 
 import base64
 import functools
+import itertools
 import json
 import os
 import threading
 import time
 
 from wazuh_cluster import (agents, background, compat, deltarx, keepalive, keyids, localedits,
-                           logs, protocol, receive, staterows, summary, text)
+                           logs, metapack, protocol, receive, staterows, summary, text)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -116,6 +117,12 @@ def _meta_updates(header):
                 not isinstance(sha, strings):
             _check_list(header, "meta", _META_FIELDS)  # raises the reason, or it was fine
         incoming.append(_new_incoming((name, None, sha, mtime_ns, True)))
+    # and those of the packed form (metapack.py), checked there as these are here
+    packed = metapack.decode(header)
+    if packed is not None:
+        names, shas, mtimes = packed
+        incoming.extend(map(_new_incoming, zip(names, itertools.repeat(None), shas, mtimes,
+                                                itertools.repeat(True))))
     return incoming
 
 
@@ -455,16 +462,22 @@ class Inbox(object):
             self.link.call("set_states", request)
         self.log.debug("Applied %d files, %d deletions and %d folders from %s in %.3f s.",
                        len(incoming), len(deletes), len(dirs), peer, time.time() - started)
+        answer = {"states": states}
+        if metapack.NAMES in args:
+            # a peer that sends the packed form reads the compact answer (metapack.py)
+            answer = {"states": metapack.compact_states(
+                states, (f.name for f in parsed if f.meta_only)), metapack.COMPACT: True}
         if delta_refused:
-            return {"states": states, "delta_refused": delta_refused}, b""
-        return {"states": states}, b""
+            answer["delta_refused"] = delta_refused
+        return answer, b""
 
     sync_files.streams_data = True   # session.py: hand it the compressed data, not inflated
 
     def confirmation(self, session, args):
         """Failover: the leader says we hold all of its state up to args["version"] (checked
         by check_transfer). Only an empty batch is one: files never come with a version."""
-        if any(args.get(key) for key in ("files", "meta", "delete", "delete_dirs", "deltas")):
+        if any(args.get(key) for key in ("files", "meta", "delete", "delete_dirs", "deltas",
+                                         metapack.NAMES, metapack.RECORDS)):
             raise _bad("a batch with files carries no version")
         self.failover.confirm(session, args)
         return {"states": {}}, b""

@@ -50,8 +50,9 @@ from wazuh_cluster.session import CONTROL_FRAME_FREE, DEFAULT_MAX_MESSAGE, Sessi
 
 log = logging.getLogger("wazuh_cluster")
 # Optional abilities announced in HELLO_INFO: "delta" = sync_files batches with "deltas"
-# (delta.py, deltarx.py) and the "delta_refused" answer.
-KNOWN_FEATURES = ("delta",)
+# (delta.py, deltarx.py) and the "delta_refused" answer; "meta_packed" = their metadata-only
+# updates in packed form and the compact answer (metapack.py).
+KNOWN_FEATURES = ("delta", "meta_packed")
 
 _FIELDS = ("node_name", "cluster_name", "key", "role", "bind_addr", "port", "nodes",
            "own_addresses", "keepalive", "handshake_timeout", "max_frame_bytes",

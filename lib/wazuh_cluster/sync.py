@@ -28,7 +28,7 @@ import stat
 import threading
 
 from wazuh_cluster import (background, compat, delta, deltasend, groupcommit, logs, manifest,
-                           outbox, protocol, staterows, summary, versions)
+                           metapack, outbox, protocol, staterows, summary, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -220,6 +220,8 @@ class PeerSync(object):
         self.versions = deltasend.PeerVersions(
             store if "delta" in getattr(session, "features", ()) else None, home, self.items,
             read_stable)
+        # its metadata updates in packed form, and the compact answer (metapack.py)
+        self.packed = metapack.FEATURE in getattr(session, "features", ())
         self._room = None
         self._recording = collections.deque()  # background.Pending: pushes' states rows
         self._recorder = background.Serial("record-%s" % self.peer)
@@ -854,17 +856,18 @@ class PeerSync(object):
         data.extend(batch.delta_data)
         del batch.delta_data[:]
         try:
-            result, _ = self.session.call("sync_files", self.stamped(batch.header()), data,
+            result, _ = self.session.call("sync_files", self.stamped(batch.header(self.packed)),
+                                          data,
                                           timeout=self.request_timeout,
                                           compress=batch.size >= protocol.COMPRESS_FROM,
                                           grant=batch.grant)
         finally:
             batch.close_grant()
-        states = result.get("states") if isinstance(result, dict) else None
-        if not isinstance(states, dict):
-            raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
         # Only the names of this batch: the peer's answer must not add rows of its choosing.
-        states = dict((name, states[name]) for name in batch.names() if name in states)
+        states = metapack.full_states(result, batch.names(), [entry["name"] for entry in
+                                                              batch.meta] if self.packed else ())
+        if states is None:
+            raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
         if batch.deltas:
             states.update(self.resend_refused(batch, result.get("delta_refused")))
         self.versions.note_sent(batch.files + batch.deltas, states)
@@ -1036,9 +1039,14 @@ class Batch(object):
         return [f["name"] for f in self.files + self.meta + self.deltas] + self.delete + \
             self.delete_dirs
 
-    def header(self):
+    def header(self, packed=False):
+        """The sync_files request; `packed`: the metadata updates in packed form (the peer
+        announced it, metapack.py)."""
         header = {"files": self.files, "meta": self.meta, "delete": self.delete,
                   "delete_dirs": self.delete_dirs}
+        if packed and self.meta:
+            del header["meta"]
+            header.update(metapack.encode(self.meta))
         if self.deltas:  # only to a peer that announced "delta" (PeerVersions.store)
             header["deltas"] = self.deltas
         return header

@@ -1,0 +1,99 @@
+"""The metadata-only updates of a sync_files batch in packed form (issue 11: a client's
+keepalive batch is 2 000 of them, 10 000 a second on a master of 100 000 agents).
+
+In JSON each update is an object {"name", "sha256", "mtime_ns"} (~150 bytes, a dict and
+three strings to decode, a key sorted and written per field). Between peers that both
+announced "meta_packed" in HELLO_INFO (peers.KNOWN_FEATURES) a batch carries them as two
+strings of its header instead:
+
+    "meta_names":   the names joined by "\\n" (a name never holds a control character)
+    "meta_records": base64 of one RECORD per name, in the same order:
+                    mtime_ns (int64 little-endian) | SHA-256 (32 raw bytes)
+
+and the answer may list only the names not synchronized, with "meta_synchronized": true for
+the others (COMPACT). An older peer, or one that announced nothing, gets and sends the JSON
+form; a receiver takes both. Every field is checked here; the names, times and checksums are
+then checked by the receiver as those of the JSON form are (receive.py).
+"""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import struct
+
+from wazuh_cluster import compat
+from wazuh_cluster.errors import RequestError
+
+FEATURE = "meta_packed"
+NAMES = "meta_names"
+RECORDS = "meta_records"
+COMPACT = "meta_synchronized"
+RECORD = struct.Struct("<q32s")
+
+
+def _bad(message):
+    return RequestError(message, "bad_request")
+
+
+def encode(meta):
+    """{NAMES: ..., RECORDS: ...} of a list of {"name", "sha256" (hex), "mtime_ns"}; {} when
+    it is empty."""
+    if not meta:
+        return {}
+    pack, unhexlify = RECORD.pack, binascii.unhexlify
+    names = u"\n".join(compat.to_text(entry["name"]) for entry in meta)
+    records = b"".join(pack(entry["mtime_ns"], unhexlify(entry["sha256"])) for entry in meta)
+    return {NAMES: names, RECORDS: binascii.b2a_base64(records).decode("ascii").rstrip(u"\n")}
+
+
+if hasattr(RECORD, "iter_unpack"):
+    _unpack_all = RECORD.iter_unpack
+    _hex = bytes.hex
+else:  # 2.7
+    def _unpack_all(data):
+        unpack, size = RECORD.unpack_from, RECORD.size
+        return [unpack(data, at) for at in range(0, len(data), size)]
+
+    def _hex(digest):
+        return compat.to_text(binascii.hexlify(digest))
+
+
+def decode(header):
+    """(names, sha256 hex, mtime_ns) of a header's packed updates, three sequences in the
+    same order (None when it has none), or RequestError (bad_request) when they are
+    malformed: not two strings, base64 that does not decode to one record per name."""
+    names, records = header.get(NAMES), header.get(RECORDS)
+    if names is None and records is None:
+        return None
+    if not isinstance(names, compat.string_types) or \
+            not isinstance(records, compat.string_types):
+        raise _bad("'%s' and '%s' must be strings" % (NAMES, RECORDS))
+    try:
+        raw = binascii.a2b_base64(compat.to_bytes(records))
+    except (binascii.Error, TypeError, ValueError, UnicodeError):
+        raise _bad("'%s' is not base64" % RECORDS)
+    names = compat.to_text(names).split(u"\n")
+    if len(raw) != RECORD.size * len(names):
+        raise _bad("'%s' holds %d bytes for %d names" % (RECORDS, len(raw), len(names)))
+    mtimes, digests = zip(*_unpack_all(raw))
+    return names, list(map(_hex, digests)), mtimes
+
+
+def compact_states(states, packed_names):
+    """The answer's states with the synchronized `packed_names` left out (COMPACT)."""
+    packed = set(packed_names)
+    return dict((name, state) for name, state in states.items()
+                if state != u"synchronized" or name not in packed)
+
+
+def full_states(result, names, packed_names=()):
+    """{name: state} of an answer, only for `names` (what the batch asked about); the
+    `packed_names` it left out are synchronized when it says so (COMPACT). None when it
+    holds no states."""
+    states = result.get("states") if isinstance(result, dict) else None
+    if not isinstance(states, dict):
+        return None
+    full = dict((name, states[name]) for name in names if name in states)
+    if result.get(COMPACT) is True:
+        for name in packed_names:
+            full.setdefault(name, u"synchronized")
+    return full

@@ -1,0 +1,187 @@
+"""The packed form of a batch's metadata-only updates (metapack.py, issue 11): what it carries,
+what a hostile peer can send in it, and that only peers announcing it use it."""
+from __future__ import absolute_import, division, print_function
+
+import binascii
+import hashlib
+import os
+
+import pytest
+from test_receive import BASE_NS, home  # noqa: F401 (fixture)
+
+from wazuh_cluster import inbox, metapack, peers, receive
+from wazuh_cluster.errors import RequestError
+
+NAMES = [u"queue/agent-info/agent%05d-10.0.0.%d" % (i, i % 250) for i in range(300)]
+
+
+def meta(names=NAMES, mtime=BASE_NS):
+    return [{"name": name, "sha256": hashlib.sha256(name.encode("ascii")).hexdigest(),
+             "mtime_ns": mtime + i} for i, name in enumerate(names)]
+
+
+def header_of(entries):
+    header = {"files": [], "delete": [], "delete_dirs": []}
+    header.update(metapack.encode(entries))
+    return header
+
+
+def test_the_packed_form_carries_what_the_json_form_does():
+    entries = meta() + [{"name": u"queue/agent-info/x", "sha256": "ab" * 32,
+                         "mtime_ns": -1}, {"name": u"queue/agent-info/y", "sha256": "0" * 64,
+                                           "mtime_ns": (1 << 63) - 1}]
+    packed = header_of(entries)
+    as_json = {"files": [], "meta": entries, "delete": [], "delete_dirs": []}
+    assert "meta" not in packed
+    assert inbox.parse_batch(packed, b"") == inbox.parse_batch(as_json, b"")
+    assert [(f.name, f.sha256, f.mtime_ns) for f in inbox.parse_batch(packed, b"")[0]] == \
+        [(e["name"], e["sha256"], e["mtime_ns"]) for e in entries]
+    assert metapack.encode([]) == {} and metapack.decode({}) == []
+
+
+@pytest.mark.parametrize("names, records", [
+    (None, u""), (u"a", None), ([u"a"], u"AAAA"), (u"a", 5), (u"a", [u"AAAA"]),
+    (u"a", u""),                                                    # no record for the name
+    (u"a\nb", binascii.b2a_base64(b"\0" * metapack.RECORD.size).decode("ascii")),  # one short
+    (u"a", binascii.b2a_base64(b"\0" * (metapack.RECORD.size + 1)).decode("ascii")),
+    (u"a\n", binascii.b2a_base64(b"\0" * metapack.RECORD.size).decode("ascii")),  # "" named
+    (u"a", u"A"),                                                   # bad padding
+    (u"a", u"\u00e9\u00e9\u00e9\u00e9"),                            # not base64 at all
+])
+def test_a_malformed_packed_form_refuses_the_batch(names, records):
+    header = {"files": [], "delete": [], "delete_dirs": []}
+    for key, value in ((metapack.NAMES, names), (metapack.RECORDS, records)):
+        if value is not None:
+            header[key] = value
+    with pytest.raises(RequestError) as raised:
+        inbox.parse_batch(header, b"")
+    assert raised.value.code == "bad_request"
+
+
+def test_hostile_names_in_the_packed_form_are_refused_by_the_receiver_one_by_one(home):  # noqa
+    # The packed form checks only its own framing: each name is then the receiver's, exactly
+    # as a name of the JSON form (SPEC section 4).
+    from test_receive import master_rx, log  # noqa: F401
+    import logging
+    bad = [u"../../etc/passwd", u"queue/agent-info/../../x", u"/etc/shadow",
+           u"queue/agent-info/a\x01", u"etc/client.keys", u""]
+    incoming, _, _ = inbox.parse_batch(header_of(meta(bad)), b"")
+    rx = receive.Receiver(home, __import__("test_receive").ITEMS,
+                          __import__("test_receive").EXCLUDE, logging.getLogger("t"),
+                          role="master")
+    states, reasons = rx.apply_batch(incoming)
+    assert set(states.values()) == set(["invalid"]) and len(states) == len(bad)
+    assert not os.path.exists(os.path.join(home, "x"))
+
+
+def test_a_compact_answer_stands_for_the_packed_names_only():
+    names = [u"a", u"b", u"c", u"d"]
+    answer = {"states": {u"b": u"failed", u"zzz": u"synchronized"}, metapack.COMPACT: True}
+    # the peer's answer adds no name; a packed name it left out is synchronized, another not
+    assert metapack.full_states(answer, names, [u"a", u"b", u"c"]) == \
+        {u"a": u"synchronized", u"b": u"failed", u"c": u"synchronized"}
+    assert metapack.full_states(dict(answer, **{metapack.COMPACT: 1}), names, [u"a"]) == \
+        {u"b": u"failed"}                                            # only true is true
+    assert metapack.full_states({"states": [u"a"]}, names, names) is None
+    states = {u"a": u"synchronized", u"b": u"failed", u"d": u"synchronized"}
+    assert metapack.compact_states(states, [u"a", u"b"]) == \
+        {u"b": u"failed", u"d": u"synchronized"}
+
+
+def test_the_packed_form_is_announced_and_taken_only_when_known():
+    assert peers._features({"features": ["meta_packed", "delta"]}) == \
+        frozenset(["meta_packed", "delta"])
+    assert peers._features({"features": ["delta"]}) == frozenset(["delta"])
+
+
+class Peer(object):
+    peer_role = "client"
+    peer_name = "client1"
+
+
+class NoDaemon(object):
+    """An internal daemon that is down: touches are read and hashed (keepalive.records)."""
+
+    def call(self, cmd, args):
+        if cmd in ("received", "set_states"):
+            return {}
+        raise RequestError("down", "unavailable")
+
+    call_data = call
+
+    def urgent(self):
+        return self
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "json"])
+def test_a_master_answers_a_packed_batch_compactly_and_a_json_one_in_full(home, packed):  # noqa
+    from test_failover_fencing import InboxCfg, Layout
+    from test_receive import put
+    for folder in ("etc/shared/default", "queue/agent-groups"):
+        if not os.path.isdir(os.path.join(home, folder)):
+            os.makedirs(os.path.join(home, folder))
+    content = b"Linux a\n"
+    names = [u"queue/agent-info/a%d-any" % i for i in range(3)]
+    for name in names:
+        put(home, name, content, BASE_NS)
+    class MasterCfg(InboxCfg):
+        node_type = "master"
+        is_master = True
+    box = inbox.Inbox(MasterCfg(), Layout(home), NoDaemon())
+    entries = [{"name": name, "sha256": hashlib.sha256(content).hexdigest(),
+                "mtime_ns": BASE_NS + 10 ** 9} for name in names]
+    entries.append({"name": u"queue/agent-info/gone-any", "sha256": "ab" * 32,
+                    "mtime_ns": BASE_NS})
+    header = header_of(entries) if packed else \
+        {"files": [], "meta": entries, "delete": [], "delete_dirs": []}
+    answer, _ = box.sync_files(Peer(), header, b"")
+    if packed:
+        assert answer[metapack.COMPACT] is True and list(answer["states"]) == \
+            [u"queue/agent-info/gone-any"]
+    else:
+        assert metapack.COMPACT not in answer and len(answer["states"]) == 4
+    full = metapack.full_states(answer, [e["name"] for e in entries],
+                                names + [u"queue/agent-info/gone-any"] if packed else ())
+    assert full == dict([(name, u"synchronized") for name in names] +
+                        [(u"queue/agent-info/gone-any", u"failed")])
+
+
+@pytest.mark.parametrize("announced", [("meta_packed",), ()], ids=["announced", "older peer"])
+def test_a_sender_packs_its_touches_only_for_a_peer_that_announced_it(tmpdir, announced):
+    from test_channel import channel_pair
+    from test_peersync import DELAY, INTERVAL, ITEMS
+    from wazuh_cluster import manifest
+    from wazuh_cluster.session import Session
+    from wazuh_cluster.sync import PeerSync
+    seen = []
+
+    def sync_files(session, args, data):
+        seen.append(sorted(args))
+        incoming, _, _ = inbox.parse_batch(args, data)
+        states = dict((f.name, u"synchronized") for f in incoming)
+        if metapack.NAMES in args:
+            return {"states": metapack.compact_states(states, states), metapack.COMPACT:
+                    True}, b""
+        return {"states": states}, b""
+    folder = tmpdir.mkdir("queue").mkdir("agent-info")
+    mine = {}
+    for i in range(5):
+        name = u"queue/agent-info/a%d-any" % i
+        folder.join("a%d-any" % i).write_binary(b"Linux a\n")
+        st = os.lstat(str(folder.join("a%d-any" % i)))
+        mine[name] = manifest.Entry(hashlib.sha256(b"Linux a\n").hexdigest(),
+                                    int(st.st_mtime * 1e9) - 10 ** 9, "agent-info")
+    ours, theirs = channel_pair()
+    peer = Session(theirs, {"sync_files": sync_files}, 5.0, address=("127.0.0.1", 1)).start()
+    client = Session(ours, {}, 5.0, address=("127.0.0.1", 2))
+    client.features = frozenset(announced)
+    client.start()
+    try:
+        sync = PeerSync(client, str(tmpdir), "client", None, ITEMS, INTERVAL, DELAY, 30.0)
+        states = sync.send(mine, [], sorted(mine), [], [])
+    finally:
+        client.close()
+        peer.close()
+    assert states == dict((name, u"synchronized") for name in mine)
+    keys = [metapack.NAMES, metapack.RECORDS] if announced else ["meta"]
+    assert seen == [sorted(["delete", "delete_dirs", "files"] + keys)]
