@@ -36,12 +36,22 @@ def _bad(message):
 
 def encode(meta):
     """{NAMES: ..., RECORDS: ...} of a list of {"name", "sha256" (hex), "mtime_ns"}; {} when
-    it is empty."""
+    it is empty or cannot be packed (a name with a newline, a checksum that is not 64 hex
+    digits, an mtime beyond 64 bits): the JSON form carries those, the receiver refuses
+    them one by one."""
     if not meta:
         return {}
     pack, unhexlify = RECORD.pack, binascii.unhexlify
-    names = u"\n".join(compat.to_text(entry["name"]) for entry in meta)
-    records = b"".join(pack(entry["mtime_ns"], unhexlify(entry["sha256"])) for entry in meta)
+    try:
+        if set(map(len, (entry["sha256"] for entry in meta))) != set([64]):
+            return {}  # "32s" would pad or cut another length
+        names = u"\n".join(compat.to_text(entry["name"]) for entry in meta)
+        records = b"".join(pack(entry["mtime_ns"], unhexlify(entry["sha256"]))
+                           for entry in meta)
+    except (binascii.Error, struct.error, TypeError, ValueError, UnicodeError):
+        return {}
+    if names.count(u"\n") != len(meta) - 1 or len(records) != RECORD.size * len(meta):
+        return {}
     return {NAMES: names, RECORDS: binascii.b2a_base64(records).decode("ascii").rstrip(u"\n")}
 
 

@@ -93,7 +93,8 @@ def json_cost(raw, start=0, end=None):
 
     JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
     its size): every structure, string, member and element is counted at what CPython
-    spends on it, from the characters that open them, before anything is parsed. A text
+    spends on it, from the characters that open them, before anything is parsed, and
+    every line of a string at what splitting it may make (LINE_COST). A text
     character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
     non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
@@ -102,7 +103,14 @@ def json_cost(raw, start=0, end=None):
     def count(char):
         return raw.count(char, start, end)
     return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
-            30 * count(b'"') + 40 * count(b":") + 36 * count(b","))
+            30 * count(b'"') + 40 * count(b":") + 36 * count(b",") +
+            LINE_COST * count(b"\\n"))
+
+
+# What a line of a string may become once split (an escaped newline, two bytes of the text):
+# the packed form of a batch's metadata updates (metapack.py) is one name a line, each made
+# a name, a checksum in hex, their record and a receive.Incoming (~450 bytes on 3.11).
+LINE_COST = 480
 
 
 def header_cost(body, max_header=MAX_HEADER_BYTES):

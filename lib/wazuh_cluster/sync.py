@@ -1044,9 +1044,10 @@ class Batch(object):
         announced it, metapack.py)."""
         header = {"files": self.files, "meta": self.meta, "delete": self.delete,
                   "delete_dirs": self.delete_dirs}
-        if packed and self.meta:
+        form = metapack.encode(self.meta) if packed else None
+        if form:
             del header["meta"]
-            header.update(metapack.encode(self.meta))
+            header.update(form)
         if self.deltas:  # only to a peer that announced "delta" (PeerVersions.store)
             header["deltas"] = self.deltas
         return header

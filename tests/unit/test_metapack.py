@@ -37,6 +37,11 @@ def test_the_packed_form_carries_what_the_json_form_does():
     assert [(f.name, f.sha256, f.mtime_ns) for f in inbox.parse_batch(packed, b"")[0]] == \
         [(e["name"], e["sha256"], e["mtime_ns"]) for e in entries]
     assert metapack.encode([]) == {} and metapack.decode({}) is None
+    # what the packed form cannot carry goes as JSON (Batch.header): the receiver decides
+    for odd in ({"name": u"a\nb"}, {"sha256": "xy" * 32}, {"sha256": "ab"},
+                {"mtime_ns": 1 << 64}, {"mtime_ns": "5"}):
+        entry = dict(entries[0], **odd)
+        assert metapack.encode(entries[:3] + [entry]) == {}
 
 
 @pytest.mark.parametrize("names, records", [
@@ -185,3 +190,36 @@ def test_a_sender_packs_its_touches_only_for_a_peer_that_announced_it(tmpdir, an
     assert states == dict((name, u"synchronized") for name in mine)
     keys = [metapack.NAMES, metapack.RECORDS] if announced else ["meta"]
     assert seen == [sorted(["delete", "delete_dirs", "files"] + keys)]
+
+
+def test_the_cost_granted_to_a_packed_batch_bounds_what_decoding_it_makes():
+    # Its header is two strings (190 KB for 2 000 names) that parse_batch makes into 2 000
+    # names, checksums and receive.Incoming: the budget grants what those take, as it grants
+    # the dicts of the JSON form (protocol.json_cost, LINE_COST).
+    tracemalloc = pytest.importorskip("tracemalloc")
+    from wazuh_cluster import protocol
+    names = [u"queue/agent-info/agent%06d-10.0.%d.%d" % (i, i // 250, i % 250)
+             for i in range(2000)]
+    args = {"files": [], "delete": [], "delete_dirs": []}
+    args.update(metapack.encode(meta(names)))
+    body = protocol.encode_body({"cmd": "sync_files", "args": args})
+    tracemalloc.start()
+    try:
+        header, data, cost = protocol.decode_costed(body)
+        incoming = inbox.parse_batch(header["args"], data)[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(incoming) == 2000 and peak <= cost + len(data)
+
+
+def test_a_batch_the_packed_form_cannot_carry_goes_as_json():
+    from wazuh_cluster.sync import Batch
+    batch = Batch()
+    batch.meta.extend(meta(NAMES[:3]))
+    assert sorted(batch.header(True)) == sorted(["files", "delete", "delete_dirs",
+                                                 metapack.NAMES, metapack.RECORDS])
+    assert "meta" in batch.header(False)
+    batch.meta.append(dict(batch.meta[0], name=u"queue/agent-info/a\nb"))
+    header = batch.header(True)
+    assert header["meta"] == batch.meta and metapack.NAMES not in header
