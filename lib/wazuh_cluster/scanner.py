@@ -76,7 +76,7 @@ _FP = struct.Struct("<qqQqI")
 _FP_LEN = _FP.size
 _INO = struct.Struct("<Q")
 _REC_LEN = _FP_LEN + 32
-# A record may end with its summary bucket and value (Scanner.summary_values), the 128 bits
+# A record may end with its summary bucket and base (Scanner.summary_bases), the 128 bits
 # as two halves.
 _SUMMED = struct.Struct("<BQQ")
 _LOW64 = (1 << 64) - 1
@@ -91,6 +91,7 @@ FINGERPRINT = struct.Struct("<qqQqI32s")
 NO_FINGERPRINT = b"\0" * FINGERPRINT.size
 FINGERPRINT_MTIME_AT = 8  # offset of the mtime_ns in a FINGERPRINT record
 _MTIME_NS = struct.Struct("<q")  # the mtime_ns, at FINGERPRINT_MTIME_AT (and in a record)
+_MTIME_AT = FINGERPRINT_MTIME_AT
 assert FINGERPRINT.size == _REC_LEN
 
 
@@ -352,22 +353,40 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
-    def summary_values(self, names, mtime_is_data, entry, mixed=None):
-        """(bucket, value) in a summary of the known files among `names` (of one item:
-        `mtime_is_data` is its flag), for summary.of_values; `entry(name, SHA-256 hex
-        digits, mtime_ns or None)` (summary.entry, of bytes) makes them; `mixed(base,
-        mtime_ns)` (summary.mixed) for form 2, None for form 1.
+    def summary_values(self, names, mtime_is_data, entry):
+        """(bucket, value) in a form 1 summary of the known files among `names` (of one
+        item: `mtime_is_data` is its flag), for summary.of_values; `entry(name, SHA-256 hex
+        digits, mtime_ns or None)` (summary.entry, of bytes) makes them. An item whose
+        mtime is no data has the same values in both forms (its bases, summary_bases); an
+        agent-info file's value (an older peer's form 1) mixes the mtime into the SHA-256
+        and is computed anew each time."""
+        if not mtime_is_data:
+            for bucket, base, _mtime_ns in self.summary_bases(names, entry):
+                yield bucket, base
+            return
+        files, hexlify, mtime_of = self._files, binascii.hexlify, _MTIME_NS.unpack_from
+        for name in names:
+            rel = _native(name)
+            rec = files.get(rel)
+            if rec is not None:
+                # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
+                yield entry(rel if compat.PY2 else rel.encode("ascii"),
+                            hexlify(rec[_FP_LEN:_REC_LEN]), mtime_of(rec, _MTIME_AT)[0])
 
-        Each file's bucket and base (its entry without the mtime) are kept at the end of its
-        record while its content is the same (a keepalive keeps them: learn_rows, and a
-        touch found by a pass): a master summarises a client's 10 000 agent-info files
-        again after any of them changed, and computing every value anew (a SHA-256 each)
-        was most of an idle master's rounds. Form 1 (an older peer) mixes the mtime into
-        the SHA-256: an agent-info file's value is computed anew each time."""
-        files, unpack, hexlify, native = self._files, _FP.unpack_from, binascii.hexlify, \
-            _native
+    def summary_bases(self, names, entry):
+        """(bucket, base, mtime_ns) of each known file among `names`: its summary bucket
+        and base (`entry(name, SHA-256 hex digits, None)`, summary.entry of bytes) and its
+        mtime, for summary.of_mixed (form 2) and summary_values.
+
+        Each file's bucket and base are kept at the end of its record while its content is
+        the same (a keepalive keeps them: learn_records, and a touch found by a pass): a
+        master summarises a client's 10 000 agent-info files again after any of them
+        changed, and computing every base anew (a SHA-256 each) was most of an idle
+        master's rounds."""
+        files, hexlify, native = self._files, binascii.hexlify, _native
         get = files.get
-        read, keep, cached = _SUMMED.unpack_from, _SUMMED.pack, _REC_LEN + _SUMMED.size
+        read, keep, cached, mtime_of = _SUMMED.unpack_from, _SUMMED.pack, \
+            _REC_LEN + _SUMMED.size, _MTIME_NS.unpack_from
         for name in names:
             rel = name if type(name) is str else native(name)
             rec = get(rel)
@@ -377,17 +396,10 @@ class Scanner(object):
                 bucket, low, high = read(rec, _REC_LEN)
                 base = low | (high << 64)
             else:
-                # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
                 bucket, base = entry(rel if compat.PY2 else rel.encode("ascii"),
                                      hexlify(rec[_FP_LEN:_REC_LEN]), None)
                 files[rel] = rec[:_REC_LEN] + keep(bucket, base & _LOW64, base >> 64)
-            if not mtime_is_data:
-                yield bucket, base
-            elif mixed is not None:
-                yield bucket, mixed(base, unpack(rec)[1])
-            else:
-                yield entry(rel if compat.PY2 else rel.encode("ascii"),
-                            hexlify(rec[_FP_LEN:_REC_LEN]), unpack(rec)[1])
+            yield bucket, base, mtime_of(rec, _MTIME_AT)[0]
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -808,7 +820,7 @@ class Scanner(object):
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later
         digest, fp = result
-        # A touch (same content) keeps the summary's bucket and base (summary_values).
+        # A touch (same content) keeps the summary's bucket and base (summary_bases).
         self._files[rel] = _FP.pack(*fp) + digest + (
             old[_REC_LEN:] if old is not None and old[_FP_LEN:_REC_LEN] == digest else b"")
         self._unseal(rel)
