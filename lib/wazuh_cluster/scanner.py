@@ -891,8 +891,9 @@ class Scanner(object):
         """List one folder; recurse into new sub-folders (all of them when `deep`).
 
         `quick` (a poll re-listing a folder whose mtime changed): a known name whose inode
-        from the listing (d_ino, no system call) is unchanged is not stat-ed. The poll looks
-        for creations, deletions and renames; in-place edits are the full pass's job. This
+        from the listing (d_ino, no system call) is unchanged is not stat-ed (2.7's listing
+        has no inodes: _unmoved lstats those names in bulk instead). The poll looks for
+        creations, deletions and renames; in-place edits are the full pass's job. This
         keeps a busy folder (agent-info on a master receives a file every few ms) from
         costing a stat of all its 50 000 entries at every poll.
         """
