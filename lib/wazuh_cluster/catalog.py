@@ -654,9 +654,13 @@ class Catalog(object):
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
-            result = {"buckets": summary.of_values(self.scanner.summary_values(
-                mine, bool(item and item.mtime_is_data), summary.entry,
-                summary.mixed if form == 2 else None))}
+            mtime_is_data = bool(item and item.mtime_is_data)
+            if form == 2 and mtime_is_data:
+                buckets = summary.of_mixed(self.scanner.summary_bases(mine, summary.entry))
+            else:
+                buckets = summary.of_values(self.scanner.summary_values(
+                    mine, mtime_is_data, summary.entry))
+            result = {"buckets": buckets}
             self._summaries[key] = result
             return result
         if node is not None:

@@ -124,12 +124,14 @@ def native_str(value):
 
 
 class DirEntry(object):
-    """The part of os.DirEntry we use, for listdir+lstat on 2.7."""
+    """The part of os.DirEntry we use, for listdir+lstat on 2.7 (no inode(): os.listdir
+    gives none). `prefix` is the folder's path with its trailing separator (an
+    os.path.join per entry was a fifth of a listing)."""
     __slots__ = ("name", "path", "_st")
 
-    def __init__(self, directory, name):
+    def __init__(self, prefix, name):
         self.name = name
-        self.path = os.path.join(directory, name)
+        self.path = prefix + name
         self._st = None
 
     def stat(self, follow_symlinks=False):
@@ -150,12 +152,31 @@ class DirEntry(object):
         return stat.S_ISLNK(self.stat().st_mode)
 
 
+class NameListing(object):
+    """2.7's scandir(): os.listdir's `names`, iterated as DirEntry objects. Such a listing
+    has no inodes, so a caller that only wants to know which known entries were replaced
+    lstats its `names` in bulk first, then iterates `only()` the others."""
+    __slots__ = ("path", "names")
+
+    def __init__(self, path, names=None):
+        self.path = path
+        # listed here, so that a missing folder raises at the call
+        self.names = os.listdir(path) if names is None else names
+
+    def __iter__(self):
+        prefix = os.path.join(self.path, "")
+        return (DirEntry(prefix, name) for name in self.names)
+
+    def only(self, names):
+        """The same listing restricted to these of its names."""
+        return NameListing(self.path, names)
+
+
 def scandir(path):
     """Iterate a folder's entries without following symlinks: os.scandir on 3.x."""
     if hasattr(os, "scandir"):
         return os.scandir(path)
-    names = os.listdir(path)  # here, so that a missing folder raises at the call
-    return (DirEntry(path, name) for name in names)
+    return NameListing(path)
 
 
 class FolderLstat(object):

@@ -20,7 +20,7 @@ decided from the entries, as before. A peer lying in its summary can only hide i
 Two forms, which differ only for items whose mtime is data. Form 1 hashes the mtime with the
 name and checksum. Form 2 (FORM) hashes the name and checksum alone into a "base" and mixes
 the mtime in by one multiplication, base * (2 * mtime seconds + 1) modulo 2**128: a keepalive
-changes the mtime only, and the base kept with the file's record (Scanner.summary_values)
+changes the mtime only, and the base kept with the file's record (Scanner.summary_bases)
 still holds, so the summary after every agent kept alive costs a multiplication a file, not a
 SHA-256 (the master sums 10 000 agent-info files per client after each wave). An entry changed
 alone always moves its bucket's sum (the factor is odd, so invertible modulo 2**128), and
@@ -119,7 +119,22 @@ def of_values(entries):
     counts, sums = summary.counts, summary.sums
     for bucket, value in entries:
         counts[bucket] += 1
-        sums[bucket] = (sums[bucket] + value) & _MASK
+        sums[bucket] += value
+    summary.sums = [total & _MASK for total in sums]  # once a bucket, not once an entry
+    return summary.to_wire()
+
+
+def of_mixed(entries):
+    """Form 2's wire summary of entries whose mtime is data, of (bucket, base, mtime_ns)
+    as Scanner.summary_bases makes them: the sum of mixed() of each, without a call and a
+    modulo per entry (a master sums each client's 10 000 agent-info files again after every
+    keepalive wave: 14 against 6 ms a client on 2.7)."""
+    summary = Summary(2)
+    counts, sums = summary.counts, summary.sums
+    for bucket, base, mtime_ns in entries:
+        counts[bucket] += 1
+        sums[bucket] += base * (2 * (mtime_ns // 1000000000) + 1)  # mixed(), modulo below
+    summary.sums = [total & _MASK for total in sums]
     return summary.to_wire()
 
 

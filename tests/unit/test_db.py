@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from wazuh_cluster import db as dbmod
+from wazuh_cluster import compat, db as dbmod
 
 
 class ListLog(object):
@@ -313,6 +313,10 @@ def test_agent_names_reads_only_that_nodes_agents(folder):
     assert len(steps) < 60, len(steps)  # 5 000 rows read: over 200
     assert db.agent_names("n3") == [n[len("queue/agent-info/"):] for n in names]
     assert db.agent_names("nobody", "x/") == []
+    # The interpreter's str (the scanner's keys; bytes on 2.7), and only there: every other
+    # answer stays text.
+    assert set(map(type, names)) == set([str])
+    assert set(map(type, db.agents())) == set([compat.text_type])
 
 
 def test_peers_agents_meta(folder):

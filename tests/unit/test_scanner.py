@@ -376,6 +376,39 @@ def test_poll_relisting_a_busy_folder_stats_only_new_or_replaced_entries(home, m
         assert sorted(stats) == ["a03-any", "new-any"]
 
 
+def test_poll_relisting_without_inodes_stats_unmoved_files_in_bulk(home, monkeypatch):
+    # 2.7's listing (compat.NameListing) has no inodes: the known files are lstat-ed in
+    # bulk and only those replaced, new or racy are looked at one by one (any interpreter).
+    for i in range(20):
+        write(home, "queue/agent-info/a%02d-any" % i, "x")
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    looked = []
+    real_stat = compat.DirEntry.stat
+
+    def counting(entry, follow_symlinks=False):
+        looked.append(entry.name)
+        return real_stat(entry, follow_symlinks=follow_symlinks)
+    monkeypatch.setattr(compat.DirEntry, "stat", counting)
+    monkeypatch.setattr(scanner.compat, "scandir", compat.NameListing)
+    info = os.path.join(home, "queue/agent-info")
+    write(home, "queue/agent-info/.a03-any.x.tmp", "y")
+    os.rename(os.path.join(info, ".a03-any.x.tmp"), os.path.join(info, "a03-any"))
+    write(home, "queue/agent-info/new-any", "n")
+    os.unlink(os.path.join(info, "a07-any"))
+    changes = scan.poll()
+    assert changes.changed == ["queue/agent-info/a03-any", "queue/agent-info/new-any"]
+    assert changes.deleted == ["queue/agent-info/a07-any"]
+    assert sorted(looked) == ["a03-any", "new-any"]
+    assert len(scan) == 20 and all(
+        "queue/agent-info/a%02d-any" % i in scan for i in range(20) if i != 7)
+    del looked[:]
+    # Listed again with nothing replaced: no entry looked at, every file still known.
+    write(home, "queue/agent-info/new2-any", "m")
+    assert scan.poll().changed == ["queue/agent-info/new2-any"]
+    assert looked == ["new2-any"] and len(scan) == 21
+
+
 def test_stat_errors_other_than_missing_are_never_reported_as_deletions(home, monkeypatch):
     import errno
     write(home, "etc/client.keys", "k")

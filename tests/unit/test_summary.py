@@ -275,6 +275,24 @@ def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F81
 
 
 
+def test_of_mixed_is_the_summary_of_the_mixed_values():
+    """of_mixed sums without a modulo per entry: the same wire summary as mixed() of each,
+    negative mtimes, a bucket's overflow and an empty bucket included."""
+    import random
+    rnd = random.Random(7)
+    entries = [(rnd.randrange(summary.BUCKETS), rnd.getrandbits(128),
+                rnd.choice([-1, 1]) * rnd.getrandbits(62)) for _ in range(3000)]
+    entries += [(5, (1 << 128) - 1, 2 ** 62)] * 40   # sums far past 2**128 in one bucket
+    entries = [e for e in entries if e[0] != 9]
+    want = summary.of_values((b, summary.mixed(base, mtime)) for b, base, mtime in entries)
+    got = summary.of_mixed(iter(entries))
+    assert got == want and got[9] == [0, "0" * 32]
+    assert summary.of_values((b, base) for b, base, _ in entries) == [
+        [sum(1 for e in entries if e[0] == b),
+         "%032x" % (sum(e[1] for e in entries if e[0] == b) % (1 << 128))]
+        for b in range(summary.BUCKETS)]
+
+
 def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_only(
         home):  # noqa: F811
     """Each file's bucket and base are kept with its record while its content is the same:
@@ -297,9 +315,9 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
 
     def summed(form=2):
         rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
-        got = summary.of_values(cat.scanner.summary_values(
-            ["queue/agent-info/" + name for name in names], True, entry,
-            summary.mixed if form == 2 else None))
+        wanted = ["queue/agent-info/" + name for name in names]
+        got = summary.of_mixed(cat.scanner.summary_bases(wanted, entry)) if form == 2 else \
+            summary.of_values(cat.scanner.summary_values(wanted, True, entry))
         assert got == summary.of_rows([r for r in rows if r], lambda item: True, form)
         return got
     first = summed()
