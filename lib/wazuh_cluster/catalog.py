@@ -654,9 +654,10 @@ class Catalog(object):
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
-            result = {"buckets": summary.of_values(self.scanner.summary_values(
-                mine, bool(item and item.mtime_is_data), summary.entry,
-                summary.mixed if form == 2 else None))}
+            totals = summary.Summary()
+            self.scanner.summary_sums(mine, bool(item and item.mtime_is_data), summary.entry,
+                                      form == 2, totals.counts, totals.sums)
+            result = {"buckets": totals.to_wire()}
             self._summaries[key] = result
             return result
         if node is not None:

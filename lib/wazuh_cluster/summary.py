@@ -20,7 +20,7 @@ decided from the entries, as before. A peer lying in its summary can only hide i
 Two forms, which differ only for items whose mtime is data. Form 1 hashes the mtime with the
 name and checksum. Form 2 (FORM) hashes the name and checksum alone into a "base" and mixes
 the mtime in by one multiplication, base * (2 * mtime seconds + 1) modulo 2**128: a keepalive
-changes the mtime only, and the base kept with the file's record (Scanner.summary_values)
+changes the mtime only, and the base kept with the file's record (Scanner.summary_sums)
 still holds, so the summary after every agent kept alive costs a multiplication a file, not a
 SHA-256 (the master sums 10 000 agent-info files per client after each wave). An entry changed
 alone always moves its bucket's sum (the factor is odd, so invertible modulo 2**128), and
@@ -93,8 +93,10 @@ class Summary(object):
         self.sums[bucket] = (self.sums[bucket] + value) & _MASK
 
     def to_wire(self):
-        """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON)."""
-        return [[count, "%032x" % total] for count, total in zip(self.counts, self.sums)]
+        """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON);
+        the sums reduced modulo 2**128 here (Scanner.summary_sums adds without)."""
+        return [[count, "%032x" % (total & _MASK)] for count, total in
+                zip(self.counts, self.sums)]
 
 
 def of_rows(rows, mtime_is_data, form=1):
@@ -109,18 +111,6 @@ def of_rows(rows, mtime_is_data, form=1):
 def entry(name, sha256, mtime_ns):
     """(bucket, entry_value) of an entry, of bytes as entry_value takes them."""
     return zlib.crc32(name) % BUCKETS, entry_value(name, sha256, mtime_ns)
-
-
-def of_values(entries):
-    """The wire summary of (bucket, entry_value) pairs, as Scanner.summary_values makes
-    them: a master summarises a client's 10 000 agent-info files after every keepalive, and
-    a row per file with of_rows cost twice as much."""
-    summary = Summary()
-    counts, sums = summary.counts, summary.sums
-    for bucket, value in entries:
-        counts[bucket] += 1
-        sums[bucket] = (sums[bucket] + value) & _MASK
-    return summary.to_wire()
 
 
 def parse_form(value):

@@ -297,9 +297,10 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
 
     def summed(form=2):
         rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
-        got = summary.of_values(cat.scanner.summary_values(
-            ["queue/agent-info/" + name for name in names], True, entry,
-            summary.mixed if form == 2 else None))
+        totals = summary.Summary()
+        cat.scanner.summary_sums(["queue/agent-info/" + name for name in names], True, entry,
+                                 form == 2, totals.counts, totals.sums)
+        got = totals.to_wire()
         assert got == summary.of_rows([r for r in rows if r], lambda item: True, form)
         return got
     first = summed()
