@@ -101,7 +101,9 @@ class Summary(object):
 
 def of_rows(rows, mtime_is_data, form=1):
     """The wire summary of scanner rows (name, item, size, mtime_ns, ino, ctime, mode, sha);
-    `mtime_is_data(item name)` tells whether an item's mtime counts."""
+    `mtime_is_data(item name)` tells whether an item's mtime counts. The definition, entry by
+    entry: the internal daemon sums the values its records keep (Scanner.summary_sums), and
+    the tests hold it to this."""
     summary = Summary(form)
     for row in rows:
         summary.add(row[0], row[7], row[3], mtime_is_data(row[1]))

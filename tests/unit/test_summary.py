@@ -324,3 +324,40 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
     assert cat.scanner.row("queue/agent-info/web05-any")[3] == 1600000001 * SEC
     summed()
     assert made == []
+
+
+def test_a_summary_of_every_source_is_summed_from_the_kept_values(home,  # noqa: F811
+                                                                    monkeypatch):
+    """A master's summary of its own files (10 000 shared files, made again at its first
+    round after any change of theirs or of client.keys) and a client's of its copy were a
+    SHA-256 per row each time; each record keeps its entry's base, so made again they hash
+    nothing, and they stay summary.of_rows of the rows, for every source and form."""
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "etc/client.keys", "001 web01 any k\n")
+    for n in range(3):
+        os.makedirs(os.path.join(home, "etc/shared/g%d" % n))
+    for n in range(30):
+        write(home, "etc/shared/g%d/f%02d.conf" % (n % 3, n), "<agent_config/> %d" % n)
+        write(home, "queue/agent-info/web%02d-any" % n, "Linux %d" % n,
+              mtime_ns=(1500000000 + n) * SEC)
+    cat.tick(clock())
+    flags = dict((item.name, item.mtime_is_data) for item in ITEMS)
+    for source in ("master", "client", None):
+        wanted = set(i.name for i in ITEMS if source in (None, i.source))
+        rows = [r for r in cat.scanner.rows(wanted) if r[1] in wanted]
+        for form in (1, 2):
+            args = dict({"form": form, "groups": True}, **({"source": source} if source else {}))
+            assert cat.handle("summary", args)["buckets"] == summary.of_rows(rows, flags.get,
+                                                                             form)
+    hashed = []
+    real = summary.entry_value
+
+    def entry_value(name, sha256, mtime_ns):
+        hashed.append((name, mtime_ns))
+        return real(name, sha256, mtime_ns)
+    monkeypatch.setattr(summary, "entry_value", entry_value)
+    cat._summaries.clear()   # as after a change: made again
+    mine = cat.handle("summary", {"source": "master", "groups": True, "form": 2})
+    assert hashed == []
+    assert mine["groups"] == ["etc/shared/g0", "etc/shared/g1", "etc/shared/g2"]
