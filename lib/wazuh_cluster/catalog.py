@@ -654,13 +654,10 @@ class Catalog(object):
             # most of an idle master's internal daemon (0.33 s of CPU each); and no row each
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
-            mtime_is_data = bool(item and item.mtime_is_data)
-            if form == 2 and mtime_is_data:
-                buckets = summary.of_mixed(self.scanner.summary_bases(mine, summary.entry))
-            else:
-                buckets = summary.of_values(self.scanner.summary_values(
-                    mine, mtime_is_data, summary.entry))
-            result = {"buckets": buckets}
+            totals = summary.Summary()
+            self.scanner.summary_sums(mine, bool(item and item.mtime_is_data), summary.entry,
+                                      form == 2, totals.counts, totals.sums)
+            result = {"buckets": totals.to_wire()}
             self._summaries[key] = result
             return result
         if node is not None:
@@ -669,8 +666,18 @@ class Catalog(object):
             rows = self._manifest_rows(dict(args, names=None), refresh=False)
         flags = dict((item.name, item.mtime_is_data) for item in self.items)
         groups = set() if args.get("groups") is True else None
-        result = {"buckets": summary.of_rows(_noting_groups(rows, groups, self.items),
-                                             flags.get, form)}
+        # Summed from the records' kept values (Scanner.summary_sums), not from a SHA-256
+        # per row (summary.of_rows): a master's summary of its 10 000 shared files, made
+        # again at its first round after any change of theirs or of client.keys, and each
+        # client's of its copy, were ~2 us a file more.
+        names = {}
+        for row in _noting_groups(rows, groups, self.items):
+            names.setdefault(row[1], []).append(row[0])
+        totals = summary.Summary(form)
+        for item_name, item_names in names.items():
+            self.scanner.summary_sums(item_names, flags.get(item_name), summary.entry,
+                                      form == 2, totals.counts, totals.sums)
+        result = {"buckets": totals.to_wire()}
         if groups is not None:
             result["groups"] = sorted(groups)
         self._summaries[key] = result

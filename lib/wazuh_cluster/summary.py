@@ -20,7 +20,7 @@ decided from the entries, as before. A peer lying in its summary can only hide i
 Two forms, which differ only for items whose mtime is data. Form 1 hashes the mtime with the
 name and checksum. Form 2 (FORM) hashes the name and checksum alone into a "base" and mixes
 the mtime in by one multiplication, base * (2 * mtime seconds + 1) modulo 2**128: a keepalive
-changes the mtime only, and the base kept with the file's record (Scanner.summary_bases)
+changes the mtime only, and the base kept with the file's record (Scanner.summary_sums)
 still holds, so the summary after every agent kept alive costs a multiplication a file, not a
 SHA-256 (the master sums 10 000 agent-info files per client after each wave). An entry changed
 alone always moves its bucket's sum (the factor is odd, so invertible modulo 2**128), and
@@ -93,13 +93,17 @@ class Summary(object):
         self.sums[bucket] = (self.sums[bucket] + value) & _MASK
 
     def to_wire(self):
-        """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON)."""
-        return [[count, "%032x" % total] for count, total in zip(self.counts, self.sums)]
+        """[[count, 32 hex digits], ...] of every bucket, in bucket order (~11 KB of JSON);
+        the sums reduced modulo 2**128 here (Scanner.summary_sums adds without)."""
+        return [[count, "%032x" % (total & _MASK)] for count, total in
+                zip(self.counts, self.sums)]
 
 
 def of_rows(rows, mtime_is_data, form=1):
     """The wire summary of scanner rows (name, item, size, mtime_ns, ino, ctime, mode, sha);
-    `mtime_is_data(item name)` tells whether an item's mtime counts."""
+    `mtime_is_data(item name)` tells whether an item's mtime counts. The definition, entry by
+    entry: the internal daemon sums the values its records keep (Scanner.summary_sums), and
+    the tests hold it to this."""
     summary = Summary(form)
     for row in rows:
         summary.add(row[0], row[7], row[3], mtime_is_data(row[1]))
@@ -109,33 +113,6 @@ def of_rows(rows, mtime_is_data, form=1):
 def entry(name, sha256, mtime_ns):
     """(bucket, entry_value) of an entry, of bytes as entry_value takes them."""
     return zlib.crc32(name) % BUCKETS, entry_value(name, sha256, mtime_ns)
-
-
-def of_values(entries):
-    """The wire summary of (bucket, entry_value) pairs, as Scanner.summary_values makes
-    them: a master summarises a client's 10 000 agent-info files after every keepalive, and
-    a row per file with of_rows cost twice as much."""
-    summary = Summary()
-    counts, sums = summary.counts, summary.sums
-    for bucket, value in entries:
-        counts[bucket] += 1
-        sums[bucket] += value
-    summary.sums = [total & _MASK for total in sums]  # once a bucket, not once an entry
-    return summary.to_wire()
-
-
-def of_mixed(entries):
-    """Form 2's wire summary of entries whose mtime is data, of (bucket, base, mtime_ns)
-    as Scanner.summary_bases makes them: the sum of mixed() of each, without a call and a
-    modulo per entry (a master sums each client's 10 000 agent-info files again after every
-    keepalive wave: 14 against 6 ms a client on 2.7)."""
-    summary = Summary(2)
-    counts, sums = summary.counts, summary.sums
-    for bucket, base, mtime_ns in entries:
-        counts[bucket] += 1
-        sums[bucket] += base * (2 * (mtime_ns // 1000000000) + 1)  # mixed(), modulo below
-    summary.sums = [total & _MASK for total in sums]
-    return summary.to_wire()
 
 
 def parse_form(value):

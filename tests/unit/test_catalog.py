@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -928,6 +929,29 @@ def test_received_files_are_hashed_in_slices_and_client_keys_is_seen_between(hom
     assert sorted(reported) == sorted(names + ["etc/client.keys"])   # each one once
     assert len(cat.db.load_files()) == len(names) + 1
     assert cat.timeout(11.0) > 0
+
+
+def test_an_emptied_backlog_costs_the_polls_nothing(home):
+    """Files left for later (a master's first sync: 100 000 agent-info files) fill a set
+    whose table stays that large once they are hashed: every poll walked its empty slots
+    (~1 ms a second at 100 000, most of an idle master's CPU between full passes). Once the
+    backlog is empty, the polls no longer walk it and its memory is given back."""
+    cat, names = with_new_files(home, "queue/agent-info/agent%04d-any", 3000)
+    cat.tick(10.0)
+    cat.tick(11.0)
+    assert cat.scanner.backlog() > len(names) / 2
+    drain_ticks(cat, 11.0, limit=1000)
+    assert cat.scanner.backlog() == 0
+    walks = []
+
+    class Watched(set):
+        def __iter__(self):
+            walks.append(len(self))
+            return set.__iter__(self)
+    cat.scanner._deferred = Watched(cat.scanner._deferred)
+    cat.tick(12.0)                          # a poll of our own items: nothing waits
+    assert walks == []
+    assert sys.getsizeof(cat.scanner._deferred) == sys.getsizeof(set())
 
 
 def test_files_this_node_sends_are_never_left_for_later(home):

@@ -275,22 +275,25 @@ def test_a_clients_summary_on_the_master_is_that_of_its_rows(home):  # noqa: F81
 
 
 
-def test_of_mixed_is_the_summary_of_the_mixed_values():
-    """of_mixed sums without a modulo per entry: the same wire summary as mixed() of each,
-    negative mtimes, a bucket's overflow and an empty bucket included."""
+def test_unreduced_sums_reduce_to_the_summary_of_the_mixed_values():
+    """Scanner.summary_sums adds form 2's values without a modulo per entry and to_wire
+    reduces once a bucket: the same wire summary as mixed() of each, negative mtimes, a
+    bucket's overflow and an empty bucket included."""
     import random
     rnd = random.Random(7)
     entries = [(rnd.randrange(summary.BUCKETS), rnd.getrandbits(128),
                 rnd.choice([-1, 1]) * rnd.getrandbits(62)) for _ in range(3000)]
     entries += [(5, (1 << 128) - 1, 2 ** 62)] * 40   # sums far past 2**128 in one bucket
     entries = [e for e in entries if e[0] != 9]
-    want = summary.of_values((b, summary.mixed(base, mtime)) for b, base, mtime in entries)
-    got = summary.of_mixed(iter(entries))
+    unreduced = summary.Summary(2)
+    for bucket, base, mtime in entries:
+        unreduced.counts[bucket] += 1
+        unreduced.sums[bucket] += base * (2 * (mtime // 1000000000) + 1)
+    want = [[sum(1 for e in entries if e[0] == b),
+             "%032x" % (sum(summary.mixed(e[1], e[2]) for e in entries if e[0] == b)
+                        % (1 << 128))] for b in range(summary.BUCKETS)]
+    got = unreduced.to_wire()
     assert got == want and got[9] == [0, "0" * 32]
-    assert summary.of_values((b, base) for b, base, _ in entries) == [
-        [sum(1 for e in entries if e[0] == b),
-         "%032x" % (sum(e[1] for e in entries if e[0] == b) % (1 << 128))]
-        for b in range(summary.BUCKETS)]
 
 
 def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_only(
@@ -315,9 +318,10 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
 
     def summed(form=2):
         rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
-        wanted = ["queue/agent-info/" + name for name in names]
-        got = summary.of_mixed(cat.scanner.summary_bases(wanted, entry)) if form == 2 else \
-            summary.of_values(cat.scanner.summary_values(wanted, True, entry))
+        totals = summary.Summary()
+        cat.scanner.summary_sums(["queue/agent-info/" + name for name in names], True, entry,
+                                 form == 2, totals.counts, totals.sums)
+        got = totals.to_wire()
         assert got == summary.of_rows([r for r in rows if r], lambda item: True, form)
         return got
     first = summed()
@@ -341,3 +345,40 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
     assert cat.scanner.row("queue/agent-info/web05-any")[3] == 1600000001 * SEC
     summed()
     assert made == []
+
+
+def test_a_summary_of_every_source_is_summed_from_the_kept_values(home,  # noqa: F811
+                                                                    monkeypatch):
+    """A master's summary of its own files (10 000 shared files, made again at its first
+    round after any change of theirs or of client.keys) and a client's of its copy were a
+    SHA-256 per row each time; each record keeps its entry's base, so made again they hash
+    nothing, and they stay summary.of_rows of the rows, for every source and form."""
+    clock = Clock()
+    cat = make(home, clock=clock)
+    write(home, "etc/client.keys", "001 web01 any k\n")
+    for n in range(3):
+        os.makedirs(os.path.join(home, "etc/shared/g%d" % n))
+    for n in range(30):
+        write(home, "etc/shared/g%d/f%02d.conf" % (n % 3, n), "<agent_config/> %d" % n)
+        write(home, "queue/agent-info/web%02d-any" % n, "Linux %d" % n,
+              mtime_ns=(1500000000 + n) * SEC)
+    cat.tick(clock())
+    flags = dict((item.name, item.mtime_is_data) for item in ITEMS)
+    for source in ("master", "client", None):
+        wanted = set(i.name for i in ITEMS if source in (None, i.source))
+        rows = [r for r in cat.scanner.rows(wanted) if r[1] in wanted]
+        for form in (1, 2):
+            args = dict({"form": form, "groups": True}, **({"source": source} if source else {}))
+            assert cat.handle("summary", args)["buckets"] == summary.of_rows(rows, flags.get,
+                                                                             form)
+    hashed = []
+    real = summary.entry_value
+
+    def entry_value(name, sha256, mtime_ns):
+        hashed.append((name, mtime_ns))
+        return real(name, sha256, mtime_ns)
+    monkeypatch.setattr(summary, "entry_value", entry_value)
+    cat._summaries.clear()   # as after a change: made again
+    mine = cat.handle("summary", {"source": "master", "groups": True, "form": 2})
+    assert hashed == []
+    assert mine["groups"] == ["etc/shared/g0", "etc/shared/g1", "etc/shared/g2"]
