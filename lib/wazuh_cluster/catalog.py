@@ -263,7 +263,8 @@ class Catalog(object):
         due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval,
                   self._last_foreign + self.foreign_scan_interval,
                   self._last_hot + self.poll_interval / HOT_CHECKS_PER_POLL)
-        return max(0.0, due - now)
+        agents = self.db.agents_due_in(now)
+        return max(0.0, due - now) if agents is None else min(max(0.0, due - now), agents)
 
     def look_hot(self, now):
         """An event naming the hot files (client.keys) whose lstat changed since they were
@@ -330,6 +331,8 @@ class Catalog(object):
         files changed at once, the lists are empty and "overflow": true asks subscribers for
         a full integrity round (manifest) instead.
         """
+        if self.db.agents_due_in(now) == 0:
+            self._safely(lambda _: self.db.flush_agents(), None)   # db.record_agents
         first = self._rescan or self._last_full is None
         own_due = first or now - self._last_full >= self.scan_interval
         foreign_due = first or now - self._last_foreign >= self.foreign_scan_interval
@@ -754,7 +757,7 @@ class Catalog(object):
         # files were summarised again after every keepalive batch).
         self._forget_summaries_of(set(item.source for item in self.items
                                       if item.name == "agent-info"))
-        return self.db.record_agents(clean)
+        return self.db.record_agents(clean, self._clock())
 
     def _recorded_mtime(self, name):
         record = self.scanner.get(name)
