@@ -8,7 +8,7 @@ instead of refusing to start (a crash loop helps nobody).
 SQL stays within SQLite 3.6.20 (CentOS 6): no UPSERT (INSERT OR REPLACE instead), no WITHOUT
 ROWID, no CTEs, no partial indexes; WAL only where the library has it; connect(timeout=...)
 instead of PRAGMA busy_timeout; writers in BEGIN IMMEDIATE through transaction(); bound
-parameters only; one transaction per batch.
+parameters only; one transaction per batch (keepalives: per second, ClusterDB.record_agents).
 """
 from __future__ import absolute_import, division, print_function
 
