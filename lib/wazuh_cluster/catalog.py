@@ -334,7 +334,7 @@ class Catalog(object):
         a full integrity round (manifest) instead.
         """
         if self.db.agents_due_in(now) == 0:
-            self._safely(lambda _: self.db.flush_agents(), None)   # db.record_agents
+            self._safely(self.db.flush_agents, now)   # db.record_agents
         first = self._rescan or self._last_full is None
         own_due = first or now - self._last_full >= self.scan_interval
         foreign_due = first or now - self._last_foreign >= self.foreign_scan_interval

@@ -523,7 +523,13 @@ class ClusterDB(object):
         held.extend(rows)
         count = len(held) - before
         if now is None or len(held) >= AGENT_ROWS_HELD:
-            self.flush_agents()
+            try:
+                self.flush_agents(now)
+            except sqlite3.Error:
+                # These are not taken, as before rows were held (the error goes back to the
+                # request): a database that keeps failing must not grow the memory.
+                del held[before:]
+                raise
         return count
 
     def agents_due_in(self, now):
@@ -535,7 +541,7 @@ class ClusterDB(object):
             return 0.0
         return max(0.0, self._agents_since + AGENT_ROWS_DELAY - now)
 
-    def flush_agents(self):
+    def flush_agents(self, now=None):
         """Write the held agent rows in one transaction, each as an UPDATE in turn as they
         came, in name order (a stable sort: one agent's rows keep their order; the index
         seeks then walk the pages once). First the UPDATE of a row from the agent's own
@@ -546,12 +552,22 @@ class ClusterDB(object):
         (another node, an older keepalive, an unknown agent) do they all go through the
         full UPDATE (the rows it leaves are the same after that first pass or without it),
         and unknown agents are inserted from their first row and updated by the rest. On
-        error the rows stay held and the error is raised (the next write tries again)."""
+        error the rows stay held and the error is raised; with `now` (a tick's), the next
+        try is AGENT_ROWS_DELAY later, not at once in a loop."""
         held = self._agent_rows
         if not held:
             return
-        now = self._wall()
         held.sort(key=_FIRST)
+        try:
+            self._write_agents(held, self._wall())
+        except sqlite3.Error:
+            if now is not None:
+                self._agents_since = now
+            raise
+        del held[:]
+        self._agents_since = None
+
+    def _write_agents(self, held, now):
         count = len(held)
         full = "UPDATE agents SET node = ?, keepalive_ns = ?, updated = ? WHERE name = ?" \
             " AND (? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)"
@@ -570,8 +586,6 @@ class ClusterDB(object):
                         " VALUES (?, ?, ?, ?)", ((r[0], r[1], r[2], now) for r in held)
                 ).rowcount:
                     conn.executemany(full, rows())
-        del held[:]
-        self._agents_since = None
 
     def agent_names(self, node, prefix=""):
         """The agent-info file names recorded as sent by `node` (a list, each once), each

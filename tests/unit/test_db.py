@@ -366,6 +366,31 @@ def test_held_agent_rows_are_written_when_due_when_many_and_at_close(folder, mon
                                               "c-any": ("n1", 5)}
 
 
+def test_held_agent_rows_when_the_database_fails(folder, monkeypatch):
+    # A failing write keeps the held rows for a later try, AGENT_ROWS_DELAY later (not at
+    # every turn of the loop), and a request that reaches AGENT_ROWS_HELD while it fails
+    # gets the error with its rows not taken, as before rows were held: no growth.
+    db = open_db(folder)
+    db.record_agents([["a-any", "n1", 1]])
+    failing = [True]
+
+    def authorizer(action, *args):
+        deny = failing[0] and action == sqlite3.SQLITE_UPDATE
+        return sqlite3.SQLITE_DENY if deny else sqlite3.SQLITE_OK
+    db._conn.set_authorizer(authorizer)
+    db.record_agents([["a-any", "n1", 2]], now=10.0)
+    with pytest.raises(sqlite3.Error):
+        db.flush_agents(11.0)
+    assert db.agents_due_in(11.0) == pytest.approx(dbmod.AGENT_ROWS_DELAY)
+    monkeypatch.setattr(dbmod, "AGENT_ROWS_HELD", 3)
+    with pytest.raises(sqlite3.Error):
+        db.record_agents([["b-any", "n1", 2], ["c-any", "n1", 2]], now=12.0)
+    assert len(db._agent_rows) == 1
+    failing[0] = False
+    db.flush_agents()
+    assert stored_agents(db) == {"a-any": ("n1", 2)}
+
+
 def test_held_agent_rows_of_their_own_node_leave_the_node_index_alone(folder):
     # A keepalive from the agent's own node sets its keepalive only: an UPDATE naming node,
     # even with the value it has, rewrites the (node, name) index entry of every row, and
