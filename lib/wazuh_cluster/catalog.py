@@ -109,7 +109,9 @@ _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
-_MTIME = struct.Struct("<q")
+# A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
+_MTIME_OF_RECORD = "%dxq%dx" % (scanner_mod.FINGERPRINT_MTIME_AT, scanner_mod.FINGERPRINT.size
+                                - scanner_mod.FINGERPRINT_MTIME_AT - 8)
 
 
 def _bad(message):
@@ -263,7 +265,8 @@ class Catalog(object):
         due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval,
                   self._last_foreign + self.foreign_scan_interval,
                   self._last_hot + self.poll_interval / HOT_CHECKS_PER_POLL)
-        return max(0.0, due - now)
+        agents = self.db.agents_due_in(now)
+        return max(0.0, due - now) if agents is None else min(max(0.0, due - now), agents)
 
     def look_hot(self, now):
         """An event naming the hot files (client.keys) whose lstat changed since they were
@@ -330,6 +333,8 @@ class Catalog(object):
         files changed at once, the lists are empty and "overflow": true asks subscribers for
         a full integrity round (manifest) instead.
         """
+        if self.db.agents_due_in(now) == 0:
+            self._safely(self.db.flush_agents, now)   # db.record_agents
         first = self._rescan or self._last_full is None
         own_due = first or now - self._last_full >= self.scan_interval
         foreign_due = first or now - self._last_foreign >= self.foreign_scan_interval
@@ -765,7 +770,7 @@ class Catalog(object):
         # files were summarised again after every keepalive batch).
         self._forget_summaries_of(set(item.source for item in self.items
                                       if item.name == "agent-info"))
-        return self.db.record_agents(clean)
+        return self.db.record_agents(clean, self._clock())
 
     def _recorded_mtime(self, name):
         record = self.scanner.get(name)
@@ -865,15 +870,14 @@ class Catalog(object):
 
     def _reported(self, names, data, node):
         """agent_nodes rows of the agent-info files among `names`, reported by `node` with
-        their records' mtimes (the time the receiver gave them)."""
+        their records' mtimes (the time the receiver gave them). The mtimes are unpacked by
+        one C call for the whole batch: a call, an index and a slice per name were 1.4 us a
+        keepalive, more than the agents table's UPDATE."""
         info = self._item_path("agent-info", "queue/agent-info") + "/"
-        size, unpack, at = scanner_mod.FINGERPRINT.size, _MTIME.unpack_from, \
-            scanner_mod.FINGERPRINT_MTIME_AT
-        rows = []
-        for index, name in enumerate(names):
-            if name.startswith(info) and u"/" not in name[len(info):]:
-                rows.append([name[len(info):], node, unpack(data, index * size + at)[0]])
-        return rows
+        start = len(info)
+        mtimes = struct.unpack_from("<" + _MTIME_OF_RECORD * len(names), data)
+        return [[name[start:], node, mtime] for name, mtime in zip(names, mtimes)
+                if name.startswith(info) and name.find(u"/", start) < 0]
 
     def _any_sent_by_us(self, names):
         """True when one of these names is of an item this node sends (looked up once per

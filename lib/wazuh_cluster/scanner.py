@@ -415,13 +415,13 @@ class Scanner(object):
         or racy (a record taken in the clock tick of a write proves nothing yet). Slices of
         the records as they are: 2 000 names of a keepalive batch cost a lookup each, not a
         row of Python values and its JSON."""
-        files, racy, native, none = self._files, self._racy, _native, NO_FINGERPRINT
-        out = []
-        for name in names:
-            rel = native(name)
-            rec = files.get(rel)
-            out.append(none if rec is None or rel in racy else rec[:_REC_LEN])
-        return b"".join(out)
+        racy, none = self._racy, NO_FINGERPRINT
+        rels = [_native(name) for name in names] if compat.PY2 else names
+        found = compat.imap(self._files.get, rels)
+        if not racy:  # as nearly always: no lookup of each name there
+            return b"".join([none if rec is None else rec[:_REC_LEN] for rec in found])
+        return b"".join([none if rec is None or rel in racy else rec[:_REC_LEN]
+                         for rel, rec in zip(rels, found)])
 
     def learn(self, name, fp, digest):
         """learn_rows() of one file: True when taken."""
@@ -456,28 +456,24 @@ class Scanner(object):
         recorded, or an older ctime (the ctime moves with every change and cannot be set),
         as when two sessions' keepalives of one file are told in the other order.
         """
-        files, racy, native, unpack, seals = self._files, self._racy, _native, \
-            _INO_CTIME.unpack_from, self._seals
+        files, racy, unpack, mtime_of, seals = self._files, self._racy, \
+            _INO_CTIME.unpack_from, _MTIME_NS.unpack_from, self._seals
         size = FINGERPRINT.size
+        rels = [rel if type(rel) is str else _native(rel) for rel in names]
         taken = []
-        at = 0
-        for rel in names:
-            record = data[at:at + size]
-            at += size
-            if type(rel) is not str:
-                rel = native(rel)
-            old = files.get(rel)
-            if old is not None and old[_FP_LEN:_REC_LEN] == record[_FP_LEN:]:
+        # The record is compared where it lies in `data` (no slice of it unless taken).
+        for at, rel, old in zip(range(0, len(data), size), rels, compat.imap(files.get, rels)):
+            if old is not None and data.startswith(old[_FP_LEN:_REC_LEN], at + _FP_LEN):
                 ino, ctime_ns = unpack(old, _INO_AT)
-                new_ino, new_ctime_ns = unpack(record, _INO_AT)
+                new_ino, new_ctime_ns = unpack(data, at + _INO_AT)
                 # In one tick of a coarse ctime clock, the newer keepalive is the later
                 # mtime (a master applies only newer ones): the older, told last, is refused.
                 if ino == new_ino and (new_ctime_ns > ctime_ns or (
-                        new_ctime_ns == ctime_ns and _MTIME_NS.unpack_from(
-                            record, FINGERPRINT_MTIME_AT) >= _MTIME_NS.unpack_from(
+                        new_ctime_ns == ctime_ns and mtime_of(
+                            data, at + FINGERPRINT_MTIME_AT) >= mtime_of(
                                 old, FINGERPRINT_MTIME_AT))):
                     # Same content: the summary's bucket and base still hold.
-                    files[rel] = record + old[_REC_LEN:]
+                    files[rel] = data[at:at + size] + old[_REC_LEN:]
                     if seals:  # as _unseal(), without a call per keepalive
                         seals.pop(rel.rpartition("/")[0], None)
                     if rel in racy:

@@ -803,6 +803,30 @@ def test_received_records_learn_the_files_and_record_their_node_as_each_agents_r
     assert cat.handle("received", packed(other)) == {"learned": 0, "hinted": 1}
 
 
+def test_agent_rows_are_written_by_the_tick_a_second_later_and_read_at_once(home):
+    # 10 000 keepalives a second come as five batches: their agent rows are held and
+    # written together by the tick AGENT_ROWS_DELAY later (the select() wakes for it);
+    # anything reading the agents table meanwhile (a client's summary) sees them first.
+    clock = Clock()
+    cat = make(home, clock=clock)
+    cat.tick(clock())
+    stored = lambda: cat.db._conn.execute("SELECT name, node FROM agents").fetchall()
+    clock.t += 0.3
+    assert cat.handle("agent_nodes", {"rows": [["a-any", "client02"]]}) == {"updated": 1}
+    assert stored() == []
+    clock.t += dbmod.AGENT_ROWS_DELAY - 0.05
+    cat.tick(clock())
+    assert stored() == []
+    assert cat.timeout(clock()) == pytest.approx(0.05)   # before the next look at client.keys
+    clock.t += 0.05
+    assert cat.timeout(clock()) == 0.0
+    cat.tick(clock())
+    assert stored() == [("a-any", "client02")]
+    cat.handle("agent_nodes", {"rows": [["b-any", "client03"]]})
+    assert cat.db.agent_names("client03") == ["b-any"]
+    assert sorted(stored()) == [("a-any", "client02"), ("b-any", "client03")]
+
+
 def test_received_rows_of_an_item_this_node_sends_are_refused_behind_an_item_path(home):
     # "received" looks the items up once per folder; an item's own path (a file item in a
     # folder another item covers) must not answer for the rest of its folder.

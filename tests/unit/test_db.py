@@ -319,6 +319,108 @@ def test_agent_names_reads_only_that_nodes_agents(folder):
     assert set(map(type, db.agents())) == set([compat.text_type])
 
 
+def stored_agents(db):
+    """The agents table as it is in the file (not what record_agents holds)."""
+    return dict((r[0], (r[1], r[2])) for r in db._conn.execute(
+        "SELECT name, node, keepalive_ns FROM agents"))
+
+
+def test_held_agent_rows_leave_the_rows_updating_them_in_turn_would(folder):
+    # Keepalives are held, newest per agent, and written in one transaction: what is
+    # stored must be exactly what the old one-UPDATE-per-batch left, in every order of two
+    # nodes' reports (an older keepalive told later, a row without keepalive, an agent
+    # unknown before, a move to another node).
+    import random
+    rnd = random.Random(7)
+    direct, held = open_db(folder), dbmod.ClusterDB(os.path.join(folder, "held.db"), ListLog())
+    for db in (direct, held):
+        db.record_agents([["a%d-any" % i, "n1", 10] for i in range(0, 20, 2)])
+    for turn in range(60):
+        batch = [["a%d-any" % rnd.randrange(20), rnd.choice(["n1", "n1", "n2"]),
+                  rnd.choice([None, 5, 10, 11, 12, 13])] for _ in range(rnd.randrange(1, 8))]
+        for one in batch:
+            direct.record_agents([one])
+        held.record_agents(batch, now=float(turn))
+        if turn % 20 == 19:
+            assert stored_agents(direct) == held.agents()
+    assert held.agents_due_in(100.0) is None  # the read wrote them
+    assert stored_agents(held) == stored_agents(direct)
+
+
+def test_held_agent_rows_are_written_when_due_when_many_and_at_close(folder, monkeypatch):
+    db = open_db(folder)
+    db.record_agents([["a-any", "n1", 1], ["b-any", "n1", 1]])
+    assert db.agents_due_in(0.0) is None
+    db.record_agents([["a-any", "n1", 2]], now=50.0)
+    db.record_agents([["a-any", "n2", 3]], now=50.6)   # moved: node too
+    assert stored_agents(db) == {"a-any": ("n1", 1), "b-any": ("n1", 1)}
+    assert db.agents_due_in(50.6) == pytest.approx(dbmod.AGENT_ROWS_DELAY - 0.0, abs=0.61)
+    assert db.agents_due_in(50.0 + dbmod.AGENT_ROWS_DELAY) == 0.0
+    db.flush_agents()
+    assert stored_agents(db) == {"a-any": ("n2", 3), "b-any": ("n1", 1)}
+    assert db.agents_due_in(60.0) is None
+    monkeypatch.setattr(dbmod, "AGENT_ROWS_HELD", 3)
+    db.record_agents([["a-any", "n2", 4], ["b-any", "n1", 4]], now=61.0)
+    assert stored_agents(db)["a-any"] == ("n2", 3)
+    db.record_agents([["c-any", "n1", 4]], now=61.1)   # the third held: written
+    assert stored_agents(db) == {"a-any": ("n2", 4), "b-any": ("n1", 4), "c-any": ("n1", 4)}
+    db.record_agents([["c-any", "n1", 5]], now=62.0)
+    db.close()
+    assert stored_agents(open_db(folder)) == {"a-any": ("n2", 4), "b-any": ("n1", 4),
+                                              "c-any": ("n1", 5)}
+
+
+def test_held_agent_rows_when_the_database_fails(folder, monkeypatch):
+    # A failing write keeps the held rows for a later try, AGENT_ROWS_DELAY later (not at
+    # every turn of the loop), and a request that reaches AGENT_ROWS_HELD while it fails
+    # gets the error with its rows not taken, as before rows were held: no growth.
+    db = open_db(folder)
+    db.record_agents([["a-any", "n1", 1]])
+    failing = [True]
+
+    def authorizer(action, *args):
+        deny = failing[0] and action == sqlite3.SQLITE_UPDATE
+        return sqlite3.SQLITE_DENY if deny else sqlite3.SQLITE_OK
+    db._conn.set_authorizer(authorizer)
+    db.record_agents([["a-any", "n1", 2]], now=10.0)
+    with pytest.raises(sqlite3.Error):
+        db.flush_agents(11.0)
+    assert db.agents_due_in(11.0) == pytest.approx(dbmod.AGENT_ROWS_DELAY)
+    monkeypatch.setattr(dbmod, "AGENT_ROWS_HELD", 3)
+    with pytest.raises(sqlite3.Error):
+        db.record_agents([["b-any", "n1", 2], ["c-any", "n1", 2]], now=12.0)
+    assert len(db._agent_rows) == 1
+    failing[0] = False
+    db.flush_agents()
+    assert stored_agents(db) == {"a-any": ("n1", 2)}
+
+
+def test_held_agent_rows_of_their_own_node_leave_the_node_index_alone(folder):
+    # A keepalive from the agent's own node sets its keepalive only: an UPDATE naming node,
+    # even with the value it has, rewrites the (node, name) index entry of every row, and
+    # its pages go to the WAL. Counted in WAL frames, against that UPDATE of the same rows.
+    db = open_db(folder)
+    db.record_agents([["agent%05d" % i, "n%d" % (i % 10), 100] for i in range(5000)])
+
+    def pages_of(write):
+        db._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        write()
+        return db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+
+    def naming_node():
+        with db.transaction() as conn:
+            conn.executemany(
+                "UPDATE agents SET node = ?, keepalive_ns = ?, updated = 0 WHERE name = ?",
+                [("n%d" % (i % 10), 300, "agent%05d" % i) for i in range(200)])
+
+    db.record_agents([["agent%05d" % i, "n%d" % (i % 10), 200] for i in range(200)], now=1.0)
+    held, named = pages_of(db.flush_agents), pages_of(naming_node)
+    assert held * 2 < named, (held, named)   # 6 and 14 pages
+    assert db.agents()["agent00005"] == ("n5", 300)
+    db.record_agents([["agent00005", "n7", 400]], now=2.0)   # moved: the node is written
+    assert db.agents()["agent00005"] == ("n7", 400)
+
+
 def test_peers_agents_meta(folder):
     db = open_db(folder)
     db.record_peer("n2", "client", "127.0.0.2", "1.0")
