@@ -28,6 +28,9 @@ NAMES = "meta_names"
 RECORDS = "meta_records"
 COMPACT = "meta_synchronized"
 RECORD = struct.Struct("<q32s")
+# At most this many names in one packed form (a client's batch has sync.BATCH_FILES = 2 000):
+# what splitting them makes is what protocol.json_cost grants for it, whatever the text.
+MAX_NAMES = 4096
 
 
 def _bad(message):
@@ -39,7 +42,7 @@ def encode(meta):
     it is empty or cannot be packed (a name with a newline, a checksum that is not 64 hex
     digits, an mtime beyond 64 bits): the JSON form carries those, the receiver refuses
     them one by one."""
-    if not meta:
+    if not meta or len(meta) > MAX_NAMES:
         return {}
     pack, unhexlify = RECORD.pack, binascii.unhexlify
     try:
@@ -81,9 +84,13 @@ def decode(header):
         raw = binascii.a2b_base64(compat.to_bytes(records))
     except (binascii.Error, TypeError, ValueError, UnicodeError):
         raise _bad("'%s' is not base64" % RECORDS)
-    names = compat.to_text(names).split(u"\n")
-    if len(raw) != RECORD.size * len(names):
-        raise _bad("'%s' holds %d bytes for %d names" % (RECORDS, len(raw), len(names)))
+    names = compat.to_text(names)
+    count = names.count(u"\n") + 1  # counted before anything is split (MAX_NAMES)
+    if count > MAX_NAMES:
+        raise _bad("'%s' holds %d names, more than %d" % (NAMES, count, MAX_NAMES))
+    if len(raw) != RECORD.size * count:
+        raise _bad("'%s' holds %d bytes for %d names" % (RECORDS, len(raw), count))
+    names = names.split(u"\n")
     mtimes, digests = zip(*_unpack_all(raw))
     return names, list(map(_hex, digests)), mtimes
 

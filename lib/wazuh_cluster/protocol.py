@@ -16,7 +16,7 @@ import json
 import struct
 import zlib
 
-from wazuh_cluster import compat, compresscache
+from wazuh_cluster import compat, compresscache, metapack
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # One table of message types: name -> code. Codes never change once released.
@@ -93,8 +93,8 @@ def json_cost(raw, start=0, end=None):
 
     JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
     its size): every structure, string, member and element is counted at what CPython
-    spends on it, from the characters that open them, before anything is parsed, and
-    every line of a string at what splitting it may make (LINE_COST). A text
+    spends on it, from the characters that open them, before anything is parsed, and the
+    lines a header's packed updates may be split into at LINE_COST each (_packed_lines). A text
     character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
     non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
@@ -104,13 +104,23 @@ def json_cost(raw, start=0, end=None):
         return raw.count(char, start, end)
     return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
             30 * count(b'"') + 40 * count(b":") + 36 * count(b",") +
-            LINE_COST * count(b"\\n"))
+            LINE_COST * _packed_lines(count(b"\\n"), end - start))
 
 
-# What a line of a string may become once split (an escaped newline, two bytes of the text):
-# the packed form of a batch's metadata updates (metapack.py) is one name a line, each made
-# a name, a checksum in hex, their record and a receive.Incoming (~450 bytes on 3.11).
+# What a line of the packed form of a batch's metadata updates (metapack.py) may become once
+# split: a name, a checksum in hex, their record and a receive.Incoming (~450 bytes on 3.11).
 LINE_COST = 480
+# Text a packed line takes at least: its escaped newline and its record's base64.
+_PACKED_LINE_TEXT = 2 + metapack.RECORD.size * 4 // 3
+
+
+def _packed_lines(newlines, length):
+    """The most lines splitting can make of a text of `length` bytes holding `newlines`
+    escaped newlines: metapack.decode splits only a header's one list of names, of at most
+    metapack.MAX_NAMES names with a record each. Any other string's newlines stay in it, so
+    a hostile peer's string of a million of them costs at most those lines (~2 MB), not
+    LINE_COST each, and a text's cost stays within a few times its length."""
+    return min(newlines, metapack.MAX_NAMES, length // _PACKED_LINE_TEXT)
 
 
 def header_cost(body, max_header=MAX_HEADER_BYTES):

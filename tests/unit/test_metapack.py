@@ -4,12 +4,13 @@ from __future__ import absolute_import, division, print_function
 
 import binascii
 import hashlib
+import json
 import os
 
 import pytest
 from test_receive import BASE_NS, home  # noqa: F401 (fixture)
 
-from wazuh_cluster import inbox, metapack, peers, receive
+from wazuh_cluster import compat, inbox, metapack, peers, receive
 from wazuh_cluster.errors import RequestError
 
 NAMES = [u"queue/agent-info/agent%05d-10.0.0.%d" % (i, i % 250) for i in range(300)]
@@ -223,3 +224,26 @@ def test_a_batch_the_packed_form_cannot_carry_goes_as_json():
     batch.meta.append(dict(batch.meta[0], name=u"queue/agent-info/a\nb"))
     header = batch.header(True)
     assert header["meta"] == batch.meta and metapack.NAMES not in header
+
+
+def test_more_names_than_max_names_are_refused_before_they_are_split():
+    names = u"\n".join([u"a"] * (metapack.MAX_NAMES + 1))
+    records = binascii.b2a_base64(b"\0" * metapack.RECORD.size * (metapack.MAX_NAMES + 1))
+    with pytest.raises(RequestError) as info:
+        metapack.decode({metapack.NAMES: names, metapack.RECORDS: records.decode("ascii")})
+    assert "more than %d" % metapack.MAX_NAMES in info.value.message
+    assert metapack.encode(meta([u"queue/agent-info/a%05d" % i
+                                 for i in range(metapack.MAX_NAMES + 1)])) == {}
+
+
+def test_a_string_of_newlines_costs_lines_only_as_far_as_the_packed_form_can_split_them():
+    # A hostile peer's name of a million newlines (in any string: the cost is counted
+    # before parsing) is refused name by name as before: its cost stays within a few times
+    # its text, the lines at most MAX_NAMES, not LINE_COST a newline (240 times the text).
+    from wazuh_cluster import protocol
+    raw = json.dumps({"meta": [{"name": u"\n" * (1 << 20)}]}).encode("ascii")
+    cost = protocol.json_cost(raw)
+    assert cost <= compat.TEXT_CHAR_BYTES * len(raw) + 1000 + \
+        protocol.LINE_COST * metapack.MAX_NAMES
+    small = json.dumps([u"\n" * 8000]).encode("ascii")
+    assert protocol.json_cost(small) <= (compat.TEXT_CHAR_BYTES + 10) * len(small)
