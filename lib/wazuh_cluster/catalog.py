@@ -228,6 +228,7 @@ class Catalog(object):
         self._last_scan_wall = None
         self._db_errors = 0
         self._carry = []           # ChangeSets found between ticks (on-demand passes)
+        self._mtimes_unpack = None  # _reported's Struct of the last batch size
         self._summaries = {}       # summary request -> its answer, until the next change
         self._clock = clock
         self._commands = {
@@ -875,7 +876,12 @@ class Catalog(object):
         keepalive, more than the agents table's UPDATE."""
         info = self._item_path("agent-info", "queue/agent-info") + "/"
         start = len(info)
-        mtimes = struct.unpack_from("<" + _MTIME_OF_RECORD * len(names), data)
+        unpack = self._mtimes_unpack
+        if unpack is None or unpack.size != len(data):
+            # A Struct of its own, the last batch size's kept: struct.unpack_from's cache
+            # would keep up to 100 of them, ~75 KB each at 2 000 names (7 MB).
+            unpack = self._mtimes_unpack = struct.Struct("<" + _MTIME_OF_RECORD * len(names))
+        mtimes = unpack.unpack_from(data)
         return [[name[start:], node, mtime] for name, mtime in zip(names, mtimes)
                 if name.startswith(info) and name.find(u"/", start) < 0]
 
