@@ -409,6 +409,94 @@ def test_poll_relisting_without_inodes_stats_unmoved_files_in_bulk(home, monkeyp
     assert looked == ["new2-any"] and len(scan) == 21
 
 
+def _listed_without_inodes(home, monkeypatch, count=10):
+    """A scanner that knows `count` settled agent-info files and relists folders as 2.7 does
+    (compat.NameListing, no inodes), on any interpreter."""
+    for i in range(count):
+        write(home, "queue/agent-info/a%02d-any" % i, "x%d" % i)
+    scan, notes = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    monkeypatch.setattr(scanner.compat, "scandir", compat.NameListing)
+    return scan, notes, os.path.join(home, "queue/agent-info")
+
+
+def test_poll_relisting_without_inodes_drops_a_file_gone_after_the_listing(home, monkeypatch):
+    # A known file removed between os.listdir and the bulk lstats fails its group's lstats:
+    # the group is looked at one by one, and only the vanished file is reported deleted.
+    scan, _, info = _listed_without_inodes(home, monkeypatch)
+    write(home, "queue/agent-info/new-any", "n")
+    real_listdir = os.listdir
+
+    def listdir_then_unlink(path):
+        names = real_listdir(path)
+        if path == info:
+            os.unlink(os.path.join(info, "a05-any"))
+        return names
+    monkeypatch.setattr(compat.os, "listdir", listdir_then_unlink)
+    changes = scan.poll()
+    assert changes.changed == ["queue/agent-info/new-any"]
+    assert changes.deleted == ["queue/agent-info/a05-any"]
+    assert len(scan) == 10 and "queue/agent-info/a04-any" in scan
+
+
+def test_poll_relisting_without_inodes_keeps_a_file_that_cannot_be_stat_ed(home, monkeypatch):
+    # EACCES/EIO is no deletion (it would delete the file on every peer): kept and noted.
+    import errno
+    scan, notes, info = _listed_without_inodes(home, monkeypatch)
+    write(home, "queue/agent-info/new-any", "n")
+    real_lstat, real_stat = os.lstat, os.stat
+    denied = os.path.join(info, "a04-any")
+
+    def check(path, dir_fd=None):
+        if path == denied or (dir_fd is not None and path == "a04-any"):
+            raise OSError(errno.EACCES, "Permission denied")
+
+    def lstat(path):
+        check(path)
+        return real_lstat(path)
+
+    def stat(path, *args, **kwargs):
+        check(path, kwargs.get("dir_fd"))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", stat)
+    changes = scan.poll()
+    assert changes.changed == ["queue/agent-info/new-any"] and changes.deleted == []
+    assert len(scan) == 11 and notes == [("queue/agent-info/a04-any", "cannot stat: "
+                                          "Permission denied")]
+
+
+def test_relisting_without_inodes_a_file_replaced_by_a_special_file_is_dropped_by_the_pass(
+        home, monkeypatch):
+    # Removed and replaced by a symlink, a folder and a FIFO: with a new inode the poll
+    # drops each, with the old one (the kernel reuses a freed inode at once) the poll takes
+    # it as unmoved, as 3.x's d_ino does, and the next full pass drops it.
+    scan, notes, info = _listed_without_inodes(home, monkeypatch)
+    for base, make_it in (("a01-any", lambda path: os.symlink("/etc/passwd", path)),
+                          ("a02-any", os.mkdir), ("a03-any", os.mkfifo)):
+        os.unlink(os.path.join(info, base))
+        make_it(os.path.join(info, base))
+    gone = scan.poll().deleted + scan.full_pass().deleted
+    assert sorted(gone) == ["queue/agent-info/a01-any", "queue/agent-info/a02-any",
+                            "queue/agent-info/a03-any"]
+    assert len(scan) == 7 and scan.full_pass().is_empty() and scan.poll().is_empty()
+    assert sorted(n for n, _ in notes) == ["queue/agent-info/a01-any",
+                                           "queue/agent-info/a02-any",
+                                           "queue/agent-info/a03-any"]
+
+
+def test_relisting_without_inodes_leaves_an_in_place_edit_to_the_full_pass(home, monkeypatch):
+    # SPEC 4/8: an in-place edit (same inode) is seen by the next full pass, even when a
+    # poll relisted its folder in between (the relisting gave up the folder's seals).
+    scan, _, info = _listed_without_inodes(home, monkeypatch)
+    scan.full_pass()   # the folder's seals are kept now
+    write(home, "queue/agent-info/a06-any", "changed in place", mtime_ns=BASE_NS + SEC)
+    write(home, "queue/agent-info/new-any", "n")
+    assert scan.poll().changed == ["queue/agent-info/new-any"]
+    assert scan.full_pass().changed == ["queue/agent-info/a06-any"]
+    assert scan.get("queue/agent-info/a06-any")["size"] == len("changed in place")
+
+
 def test_stat_errors_other_than_missing_are_never_reported_as_deletions(home, monkeypatch):
     import errno
     write(home, "etc/client.keys", "k")
