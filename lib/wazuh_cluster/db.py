@@ -557,9 +557,10 @@ class ClusterDB(object):
         held = self._agent_rows
         if not held:
             return
-        held.sort(key=_FIRST)
         try:
-            self._write_agents(held, self._wall())
+            # sorted as a copy: the held list keeps the order they came in, which
+            # record_agents relies on to give back a refused request's rows (its tail)
+            self._write_agents(sorted(held, key=_FIRST), self._wall())
         except sqlite3.Error:
             if now is not None:
                 self._agents_since = now

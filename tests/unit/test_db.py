@@ -395,6 +395,29 @@ def test_held_agent_rows_when_the_database_fails(folder, monkeypatch):
     assert stored_agents(db) == {"a-any": ("n1", 2)}
 
 
+def test_a_refused_request_takes_back_its_own_rows_not_those_held_before(folder, monkeypatch):
+    # record_agents refuses a request that reaches AGENT_ROWS_HELD while the database
+    # fails: the rows it gives back must be that request's, whatever their names. The
+    # write sorts the rows by name; the held ones taken before (their requests answered)
+    # must stay held and be written once the database works again, none of the refused.
+    db = open_db(folder)
+    failing = [True]
+
+    def authorizer(action, *args):
+        deny = failing[0] and action in (sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_INSERT)
+        return sqlite3.SQLITE_DENY if deny else sqlite3.SQLITE_OK
+    db._conn.set_authorizer(authorizer)
+    db.record_agents([["m-any", "n1", 5], ["z-any", "n1", 5]], now=10.0)
+    monkeypatch.setattr(dbmod, "AGENT_ROWS_HELD", 3)
+    with pytest.raises(sqlite3.Error):
+        db.record_agents([["a-any", "n2", 6]], now=10.5)   # sorts first
+    with pytest.raises(sqlite3.Error):
+        db.record_agents([["b-any", "n2", 6], ["y-any", "n2", 6]], now=10.6)
+    failing[0] = False
+    db.flush_agents()
+    assert stored_agents(db) == {"m-any": ("n1", 5), "z-any": ("n1", 5)}
+
+
 def test_held_agent_rows_of_their_own_node_leave_the_node_index_alone(folder):
     # A keepalive from the agent's own node sets its keepalive only: an UPDATE naming node,
     # even with the value it has, rewrites the (node, name) index entry of every row, and
