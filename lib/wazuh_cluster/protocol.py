@@ -104,11 +104,14 @@ def json_cost(raw, start=0, end=None):
         return raw.count(char, start, end)
     return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
             30 * count(b'"') + 40 * count(b":") + 36 * count(b",") +
-            LINE_COST * _packed_lines(count(b"\\n"), end - start))
+            LINE_COST * _packed_lines(count(b"\\n") + count(b"\\u000a") + count(b"\\u000A"),
+                                      end - start))
 
 
 # What a line of the packed form of a batch's metadata updates (metapack.py) may become once
 # split: a name, a checksum in hex, their record and a receive.Incoming (~450 bytes on 3.11).
+# A newline is escaped \n or \u000a (either case): a hostile peer may join its names with the
+# longer escape, which is counted too (else its short names were granted a sixth of it).
 LINE_COST = 480
 # Text a packed line takes at least: its escaped newline and its record's base64.
 _PACKED_LINE_TEXT = 2 + metapack.RECORD.size * 4 // 3

@@ -214,6 +214,45 @@ def test_the_cost_granted_to_a_packed_batch_bounds_what_decoding_it_makes():
     assert len(incoming) == 2000 and peak <= cost + len(data)
 
 
+def _escaped_newlines(body, escape):
+    """The body with every newline of its header's strings written as `escape`."""
+    from wazuh_cluster import protocol
+    size = protocol._U32.unpack(body[:4])[0]
+    head = body[4:4 + size].replace(b"\\n", escape)
+    return protocol._U32.pack(len(head)) + head + body[4 + size:]
+
+
+@pytest.mark.parametrize("escape", [b"\\u000a", b"\\u000A"])
+def test_a_newline_escaped_otherwise_is_counted_as_a_line_too(escape):
+    # JSON writes a newline as \n or as \u000a (either case): a hostile peer's names
+    # joined by the longer escape are as many lines to split, and must cost as much.
+    from wazuh_cluster import protocol
+    args = {"files": [], "delete": [], "delete_dirs": []}
+    args.update(metapack.encode(meta([u"ab"] * 500)))
+    body = protocol.encode_body({"cmd": "sync_files", "args": args})
+    hostile = _escaped_newlines(body, escape)
+    header, _, cost = protocol.decode_costed(hostile)
+    assert header == protocol.decode_costed(body)[0]
+    assert cost >= protocol.decode_costed(body)[2]
+
+
+def test_short_names_joined_by_unicode_escapes_make_no_more_than_their_cost():
+    tracemalloc = pytest.importorskip("tracemalloc")
+    from wazuh_cluster import protocol
+    args = {"files": [], "delete": [], "delete_dirs": []}
+    args.update(metapack.encode(meta([u"ab%d" % (i % 10) for i in range(4000)])))
+    body = _escaped_newlines(protocol.encode_body({"cmd": "sync_files", "args": args}),
+                             b"\\u000a")
+    tracemalloc.start()
+    try:
+        header, data, cost = protocol.decode_costed(body)
+        incoming = inbox.parse_batch(header["args"], data)[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(incoming) == 4000 and peak <= cost + len(data), (peak, cost)
+
+
 def test_a_batch_the_packed_form_cannot_carry_goes_as_json():
     from wazuh_cluster.sync import Batch
     batch = Batch()
