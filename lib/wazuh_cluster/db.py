@@ -117,6 +117,7 @@ class ClusterDB(object):
         self._depth = 0
         self._agent_rows = []       # [agent file name, node, keepalive_ns]: record_agents
         self._agents_since = None   # when the first of them came (record_agents' `now`)
+        self._agents_failed = False  # the last write of them failed (_flush_to_read)
         self._invalid_bound = None  # an upper bound of the invalid rows (None: count them)
         self.in_memory = False
         self._open()
@@ -562,11 +563,29 @@ class ClusterDB(object):
             # record_agents relies on to give back a refused request's rows (its tail)
             self._write_agents(sorted(held, key=_FIRST), self._wall())
         except sqlite3.Error:
+            self._agents_failed = True
             if now is not None:
                 self._agents_since = now
             raise
         del held[:]
         self._agents_since = None
+        self._agents_failed = False
+
+    def _flush_to_read(self):
+        """Before a read of the agents table: the held rows written, unless the database
+        refuses writes (a full disk, a lock another process holds). The table is a cache
+        and is read as it is then, as before rows were held (such rows were refused then):
+        a read that failed with the write's error stopped a master's summaries of its
+        clients' agents, cluster_control -a and a client's own agents. A read does not try
+        again a write that failed (a listing asks agent_sender per row): the tick does,
+        AGENT_ROWS_DELAY later, and record_agents at AGENT_ROWS_HELD."""
+        if not self._agent_rows or self._agents_failed:
+            return
+        try:
+            self.flush_agents()
+        except sqlite3.Error as exc:
+            self.log.error("cluster database %s: %d agent rows not written yet (read as "
+                           "it is meanwhile): %s", self.path, len(self._agent_rows), exc)
 
     def _write_agents(self, held, now):
         count = len(held)
@@ -593,7 +612,7 @@ class ClusterDB(object):
         after `prefix` (joined by SQLite: no Python string per name built twice), as the
         interpreter's str: the keys of the scanner's map (on 2.7, converting 10 000 of them
         from unicode was 40 % of a client's summary after every keepalive wave)."""
-        self.flush_agents()
+        self._flush_to_read()
         conn = self._conn
         conn.text_factory = str
         try:
@@ -605,7 +624,7 @@ class ClusterDB(object):
     def agents_of_others(self, node, names=None):
         """{agent file name: keepalive_ns or None} of the agents (among `names`, or all)
         recorded as reported by another node than `node`."""
-        self.flush_agents()
+        self._flush_to_read()
         sql = "SELECT name, keepalive_ns FROM agents WHERE node IS NOT NULL AND node != ?"
         if names is None:
             return dict(self._conn.execute(sql, (node,)))
@@ -617,7 +636,7 @@ class ClusterDB(object):
 
     def agents(self):
         """{agent file name: (reporting node, keepalive_ns)}."""
-        self.flush_agents()
+        self._flush_to_read()
         return dict((r[0], (r[1], r[2])) for r in self._conn.execute(
             "SELECT name, node, keepalive_ns FROM agents"))
 
@@ -660,7 +679,7 @@ class ClusterDB(object):
         The sender only where no node was read (the other rows need it only for a file
         emptied or removed since the scan: agent_sender): a join with agents for every row
         was a third of the query."""
-        self.flush_agents()
+        self._flush_to_read()
         return self._conn.execute(
             "SELECT k.prefix, k.file, f.name IS NOT NULL, f.node, CASE WHEN f.node IS NULL"
             " THEN (SELECT a.node FROM agents a WHERE a.name = k.file) END FROM agent_keys k"
@@ -668,7 +687,7 @@ class ClusterDB(object):
 
     def agent_sender(self, name):
         """The node that sent agent-info file `name`, or None."""
-        self.flush_agents()
+        self._flush_to_read()
         row = self._conn.execute("SELECT node FROM agents WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 

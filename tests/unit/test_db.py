@@ -418,6 +418,39 @@ def test_a_refused_request_takes_back_its_own_rows_not_those_held_before(folder,
     assert stored_agents(db) == {"m-any": ("n1", 5), "z-any": ("n1", 5)}
 
 
+def test_the_agents_table_is_read_while_held_rows_cannot_be_written(folder):
+    # The database is a cache: while it refuses writes (a full disk, a lock held by
+    # another process) its agents are read as they are, as before rows were held (such
+    # rows were refused then), not refused with the write's error: a master's summary of
+    # each client's agent-info, cluster_control -a and a client's own agents read it. A
+    # read does not try again a write that failed (a listing asks agent_sender per row):
+    # the tick's next try does, and the reads see everything once it worked.
+    db = open_db(folder)
+    db.record_agents([["a-any", "n1", 1], ["b-any", "n2", 1]])
+    failing, tries = [True], []
+
+    def authorizer(action, *args):
+        if action == sqlite3.SQLITE_UPDATE:
+            tries.append(action)
+        deny = failing[0] and action in (sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_INSERT)
+        return sqlite3.SQLITE_DENY if deny else sqlite3.SQLITE_OK
+    db._conn.set_authorizer(authorizer)
+    db.record_agents([["a-any", "n2", 5], ["c-any", "n1", 5]], now=10.0)
+    with pytest.raises(sqlite3.Error):
+        db.flush_agents(11.0)
+    del tries[:]
+    assert db.agent_names("n1") == ["a-any"]
+    assert db.agents_of_others("n1") == {"b-any": 1}
+    assert db.agents() == {"a-any": ("n1", 1), "b-any": ("n2", 1)}
+    assert db.agent_sender("a-any") == "n1"
+    assert [row[1] for row in db.agent_listing()] == []
+    assert tries == []
+    failing[0] = False
+    db.flush_agents(12.0)
+    assert db.agents() == {"a-any": ("n2", 5), "b-any": ("n2", 1), "c-any": ("n1", 5)}
+    assert db.agent_names("n1") == ["c-any"]
+
+
 def test_held_agent_rows_of_their_own_node_leave_the_node_index_alone(folder):
     # A keepalive from the agent's own node sets its keepalive only: an UPDATE naming node,
     # even with the value it has, rewrites the (node, name) index entry of every row, and
