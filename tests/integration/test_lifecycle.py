@@ -236,6 +236,49 @@ def test_status_removes_stale_pid_files(make_node):
     node.start()
 
 
+def _a_thread_id(stop):
+    """A thread of this process, started for the test, and its id (a TID, not a process)."""
+    import threading
+    thread = threading.Thread(target=stop.wait)
+    thread.daemon = True
+    thread.start()
+    tids = [int(t) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
+    assert tids
+    return thread, tids[-1]
+
+
+def test_a_pid_file_naming_another_process_or_a_thread_is_stale(make_node):
+    # After a crash or a power loss a PID file may name a PID given since to another process
+    # or to a thread: not a running daemon, not a process for stop to signal.
+    import threading
+    node = make_node("node01", "master")
+    other = subprocess.Popen(["sleep", "600"])
+    stop = threading.Event()
+    thread, tid = _a_thread_id(stop)
+    try:
+        for pid in (other.pid, tid):
+            stale = node.path("var", "run", "wazuh-clusterd-%d.pid" % pid)
+            write_file(stale, u"%d\n" % pid)
+            result = node.control("status")
+            assert result.rc == 1 and "wazuh-clusterd not running..." in result.out, \
+                node.explain("status with a PID file naming %d" % pid, result)
+            assert not os.path.exists(stale)
+        stale = node.path("var", "run", "wazuh-clusterd-%d.pid" % other.pid)
+        write_file(stale, u"%d\n" % other.pid)
+        result = node.start()
+        assert "Started wazuh-clusterd..." in result.out
+        assert node.running_pid() != other.pid
+        write_file(stale, u"%d\n" % other.pid)
+        node.stop()
+        assert other.poll() is None  # not signalled
+        assert node.running_pid() is None
+    finally:
+        other.kill()
+        other.wait()
+        stop.set()
+        thread.join()
+
+
 def test_stale_lock_folder_does_not_block_ossec_control(make_node):
     node = make_node("node01", "master")
     lock = node.path("var", "start-script-lock")
