@@ -88,6 +88,7 @@ def run(cfg, layout, args, script, log):
             ready.failed("%s: ERROR: cannot start: %s" % (DAEMON, err))
             raise
         ready.ready()
+        daemon.settle_gc()
         node.loop()
     finally:
         node.stop()

@@ -264,6 +264,7 @@ def run(cfg, layout, node_type, args, log):
             database, legacy_db.NodeAddresses(cfg.nodes, database), service, log)
         loop = InternalLoop(listener, service, signals, parent=parent, legacy=legacy)
         ready.ready()
+        daemon.settle_gc()
         try:
             loop.run()
         finally:

@@ -50,3 +50,17 @@ def test_the_cause_is_logged_before_it_is_reported(capsys):
     assert reported == b"wazuh-clusterd: ERROR: wazuh-clusterd-internal exited"
     assert ready.write_fd is None
     assert "wazuh-clusterd: ERROR: wazuh-clusterd-internal exited" in capsys.readouterr().err
+
+
+def test_settle_gc_leaves_what_was_built_out_and_collects_less_often():
+    import gc
+    before = gc.get_threshold()
+    try:
+        daemon.settle_gc()
+        assert gc.get_threshold() == (daemon.GC_YOUNG,) + before[1:]
+        if hasattr(gc, "freeze"):  # 3.7+
+            assert gc.get_freeze_count() > 0
+    finally:
+        if hasattr(gc, "unfreeze"):
+            gc.unfreeze()
+        gc.set_threshold(*before)
