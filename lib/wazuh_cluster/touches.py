@@ -109,6 +109,7 @@ class _Toucher(object):
         plain, utime, fstat, close, open_ = batch.fence is None and fsops.UTIME_FD, \
             os.utime, os.fstat, os.close, os.open
         integers = compat.integer_types
+        names_dev = names = None  # in_place's list of names_dev
         for incoming in chunk:
             name, mtime_ns = incoming.name, incoming.mtime_ns
             record = known.get(name)
@@ -159,9 +160,8 @@ class _Toucher(object):
                         elif dev not in unflushed:
                             unflushed[dev] = path
                         # what the internal daemon learns (keepalive.tell), packed here
-                        after = fingerprint(fstat(fd))
-                        row = (name, pack(after[0], after[1], after[2], after[3], after[4],
-                                          unhexlify(record[4])))
+                        row = (name, pack(*(fingerprint(fstat(fd)) +
+                                            (unhexlify(record[4]),))))
             except OSError as exc:
                 batch.failed(name, fsops.why(exc))
                 row = False
@@ -171,9 +171,8 @@ class _Toucher(object):
                 yield incoming
             elif row:
                 learned.append(row)
-                names = in_place.get(dev)
-                if names is None:
-                    names = in_place[dev] = []
+                if dev != names_dev:  # one folder, one file system, nearly always
+                    names_dev, names = dev, in_place.setdefault(dev, [])
                 names.append(name)
                 states[name] = synchronized
                 if reasons:
