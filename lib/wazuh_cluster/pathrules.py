@@ -203,28 +203,24 @@ def locate(name, items, sender_role, receiver_role, exclude):
     return item, parts
 
 
-_DOTS = (u".", u"..")
-_GOOD_COMPONENT = re.compile(u"\\A[\\x20-\\x2e\\x30-\\x5b\\x5d-\\x7e]{1,%d}\\Z" % MAX_COMPONENT)
-
-
 class Locator(object):
     """locate() for the many names of a few folders (a keepalive batch: 2 000 agent-info
     files of one folder): what depends on the folder is checked once, each name's last
-    component alone per name. Same answers as locate(); anything unusual goes to locate()
-    itself, which gives the reason of a refusal. Pure: no system call.
+    component alone per name, by one regular expression match per name (folder()). Same
+    answers as locate(); anything unusual goes to locate() itself, which gives the reason of
+    a refusal. Pure: no system call.
 
     Why the split holds: the owner of folder/base is the item with the longest root that
-    begins the name; a root as long as the whole name is an item's exact path (looked up
-    per name), every shorter one begins the folder; the rest below the item is the folder's
-    rest plus base, checked for exclusion separately. Kept per folder for the caller's
-    lifetime (a batch): at most MAX_FOLDERS of a peer's folders.
+    begins the name; a root as long as the whole name is an item's exact path (refused by
+    the folder's expression), every shorter one begins the folder; the rest below the item
+    is the folder's rest plus base, checked for exclusion separately. Kept per folder for
+    the caller's lifetime (a batch): at most MAX_FOLDERS of a peer's folders.
     """
     MAX_FOLDERS = 64
 
     def __init__(self, items, sender_role, receiver_role, exclude):
         self.args = (items, sender_role, receiver_role, exclude)
         self.paths = frozenset(item.path for item in items)
-        self.excluded = _excluded_re(exclude)
         self.folders = {}
 
     def locate(self, name):
@@ -238,17 +234,38 @@ class Locator(object):
     def split(self, name):
         """The item locate() gives a text `name` when the per-folder check proves it (its
         folder and last component then being name.rpartition(u"/")'s), else None: ask
-        locate(), which decides and gives the reason. For a keepalive batch's loop
-        (touches.py): no list of components made, no call beyond the checks."""
+        locate(), which decides and gives the reason."""
         folder, _, base = name.rpartition(u"/")
-        item = self.folders.get(folder)
-        if item is None and len(self.folders) < self.MAX_FOLDERS:
-            item = self.folders[folder] = self._folder(folder)
-        if item and len(name) <= MAX_PATH and _GOOD_COMPONENT.match(base) and \
-                base not in _DOTS and (self.excluded is None or not self.excluded(base)) and \
-                name not in self.paths:
-            return item
-        return None
+        found = self.folder(folder)
+        return found[0] if found and found[1](base) else None
+
+    def folder(self, folder):
+        """(item, match) for the files right in `folder`: match(base), a compiled
+        expression's, is true exactly when locate() gives folder/base that item; or False
+        when locate() decides every name of that folder (not in an item the sender writes,
+        or beyond MAX_FOLDERS). For a keepalive batch's loop (touches.py): one C call per
+        name checks its last component (characters, length, ".", "..", the exclusion
+        patterns, an item's exact path)."""
+        found = self.folders.get(folder)
+        if found is None:
+            if len(self.folders) >= self.MAX_FOLDERS:
+                return False
+            item = self._folder(folder)
+            found = self.folders[folder] = item and (item, self._base_re(folder))
+        return found
+
+    def _base_re(self, folder):
+        """The match of a last component that locate() takes in `folder`."""
+        exclude = self.args[3]
+        taken = [path.rpartition(u"/")[2] for path in self.paths
+                 if path.rpartition(u"/")[0] == folder]
+        refused = [u"\\.\\.?\\Z"] + [re.escape(base) + u"\\Z" for base in taken] + \
+            [u"(?:%s)" % fnmatch.translate(pattern) for pattern in exclude]
+        longest = min(MAX_COMPONENT, MAX_PATH - len(folder) - 1)
+        if longest < 1:
+            return re.compile(u"(?!)").match  # no room left for a name
+        return re.compile(u"(?!%s)[\\x20-\\x2e\\x30-\\x5b\\x5d-\\x7e]{1,%d}\\Z"
+                          % (u"|".join(refused), longest)).match
 
     def _folder(self, folder):
         """The item whose files' folder is `folder`, or False (then locate() decides)."""

@@ -93,42 +93,41 @@ class _Toucher(object):
         """Set what the records prove of `chunk` in place; yield the others, in order."""
         batch = self.batch
         rx = batch.rx
+        if not fsops.utime_by_fd():
+            for incoming in chunk:
+                yield incoming  # no time set by descriptor here: stage() copies
+            return
         # batch.flush() replaces in_place and unflushed: it runs between chunks, never in one
         known, states, learned, in_place, unflushed = batch.known, batch.states, \
             batch.learned, batch.in_place, batch.unflushed
-        split, folders, fingerprint, is_reg = self.locator.split, self.folders, \
-            scanner.fingerprint, stat.S_ISREG
+        folders, fingerprint, is_reg = self.folders, scanner.fingerprint, stat.S_ISREG
         pack, unhexlify = scanner.FINGERPRINT.pack, binascii.unhexlify
         limit = min(MAX_MTIME_NS, batch.now_ns + rx.times.max_future_ns)
-        by_fd = fsops.utime_by_fd()
-        newer_only = rx.newer_only
+        newer_only, fsync_budget = rx.newer_only, batch.fsync_budget
         synchronized, reasons = batch.SYNCHRONIZED, batch.reasons
         # no fence, os.utime by descriptor: the time set without a call in between
         plain, utime, fstat, close, open_ = batch.fence is None and fsops.UTIME_FD, \
             os.utime, os.fstat, os.close, os.open
         integers = compat.integer_types
+        names_dev = names = None  # in_place's list of names_dev
         for incoming in chunk:
             name, mtime_ns = incoming.name, incoming.mtime_ns
             record = known.get(name)
             # The record's checksum is our internal daemon's: the same, the sender's is valid.
-            if record is None or record[4] != incoming.sha256 or not by_fd or \
+            if record is None or record[4] != incoming.sha256 or \
                     type(mtime_ns) not in integers or \
                     not 0 <= mtime_ns <= limit or (waiting and name in waiting):
                 yield incoming
                 continue
-            # the folder's checks once per folder, the last component's here (Locator.split)
-            item = split(name)
-            if not item:
-                yield incoming  # stage() locates it again and gives the reason
-                continue
+            # the folder's checks once per folder, the last component's here (Locator.folder)
             folder, _, base = name.rpartition(u"/")
             where = folders.get(folder)
             if where is None:
-                where = folders[folder] = self._open_folder(folder.split(u"/"), item)
-            if not where:
-                yield incoming
+                where = folders[folder] = self._open_folder(folder)
+            if not where or not where[0](base):
+                yield incoming  # stage() locates it again and gives the reason
                 continue
-            dir_fd, path, dev = where
+            _, item, dir_fd, path, dev = where
             try:
                 fd = open_(base, READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
                     open_(os.path.join(path, compat.native_str(base)), READ_FLAGS)
@@ -156,14 +155,13 @@ class _Toucher(object):
                     if done is None:
                         row = False  # refused by the fence (its state set)
                     elif done:  # else EPERM: stage() copies; another error fails there
-                        if batch.fsynced < batch.fsync_budget:
+                        if fsync_budget and batch.fsynced < fsync_budget:
                             batch._make_durable(fd, (path, dev))
                         elif dev not in unflushed:
                             unflushed[dev] = path
                         # what the internal daemon learns (keepalive.tell), packed here
-                        after = fingerprint(fstat(fd))
-                        row = (name, pack(after[0], after[1], after[2], after[3], after[4],
-                                          unhexlify(record[4])))
+                        row = (name, pack(*(fingerprint(fstat(fd)) +
+                                            (unhexlify(record[4]),))))
             except OSError as exc:
                 batch.failed(name, fsops.why(exc))
                 row = False
@@ -173,22 +171,25 @@ class _Toucher(object):
                 yield incoming
             elif row:
                 learned.append(row)
-                names = in_place.get(dev)
-                if names is None:
-                    names = in_place[dev] = []
+                if dev != names_dev:  # one folder, one file system, nearly always
+                    names_dev, names = dev, in_place.setdefault(dev, [])
                 names.append(name)
                 states[name] = synchronized
                 if reasons:
                     reasons.pop(name, None)
 
-    def _open_folder(self, parts, item):
-        """(descriptor or None where open() takes no dir_fd, path, st_dev) of a folder
-        walked as _Batch._folder() walks it, or False (its files are then left to
-        stage())."""
+    def _open_folder(self, folder):
+        """(match of a last component, item, descriptor or None where open() takes no
+        dir_fd, path, st_dev) of a folder whose files the Locator checks, walked as
+        _Batch._folder() walks it; or False (its files are then left to stage())."""
+        found = self.locator.folder(folder)
+        if not found:
+            return False
+        item, match = found
         try:
-            path, dev = self.batch._folder(parts, item, create=False)
+            path, dev = self.batch._folder(folder.split(u"/"), item, create=False)
             if not _OPEN_AT:
-                return None, path, dev
+                return match, item, None, path, dev
             fd = fsops.open_folder(path)
         except (OSError, PathRefused):
             return False
@@ -199,10 +200,10 @@ class _Toucher(object):
         if not same:
             os.close(fd)
             return False
-        return fd, path, dev
+        return match, item, fd, path, dev
 
     def close(self):
         for where in self.folders.values():
-            if where and where[0] is not None:
-                os.close(where[0])
+            if where and where[2] is not None:
+                os.close(where[2])
         self.folders = {}

@@ -87,6 +87,38 @@ def test_the_locator_answers_as_locate_for_every_name(sender, receiver):
                 lambda n: pathrules.locate(n, ITEMS, sender, receiver, EXCLUDE), name), name
 
 
+# Boundaries of the per-folder expression (Locator.folder): the whole name's length (1024)
+# with a deep folder, a folder that leaves no room for a name, an item's exact path inside
+# another item's folder, exclusion patterns and dots.
+DEEP = u"etc/shared/" + u"/".join([u"d" * 200] * 5)  # 1015 characters
+EDGES = [
+    DEEP + u"/" + u"x" * 8, DEEP + u"/" + u"x" * 9, DEEP + u"/x", DEEP + u"/.x", DEEP + u"/..",
+    DEEP + u"/" + u"d" * 7 + u"/x", DEEP + u"/" + u"d" * 8 + u"/x",
+    u"queue/agent-info/pinned", u"queue/agent-info/pinned2", u"queue/agent-info/xpinned",
+    u"queue/agent-info/a.swp", u"queue/agent-info/a.swpx", u"queue/agent-info/merged.mg",
+    u"queue/agent-info/amerged.mg", u"queue/agent-info/a\n", u"queue/agent-info/a\nb",
+    u"queue/agent-info/" + u"x" * 255, u"queue/agent-info/" + u"x" * 256,
+    u"queue/agent-info/a/", u"queue/agent-info/a b", u"queue/agent-info/~",
+]
+PINNED = ITEMS + (ITEMS[3]._replace(name="pinned", path="queue/agent-info/pinned", kind="file"),)
+
+
+@pytest.mark.parametrize("sender,receiver", [("client", "master"), ("master", "client")])
+@pytest.mark.parametrize("items", [ITEMS, PINNED])
+@pytest.mark.parametrize("exclude", [EXCLUDE, ()])
+def test_the_locator_answers_as_locate_at_the_edges_of_a_folder(sender, receiver, items,
+                                                                exclude):
+    locator = pathrules.Locator(items, sender, receiver, exclude)
+    for name in NAMES + EDGES:
+        expected = answer(lambda n: pathrules.locate(n, items, sender, receiver, exclude), name)
+        assert answer(locator.locate, name) == expected, name
+        # the keepalive loop's own check: the folder's match of the last component
+        folder, _, base = name.rpartition(u"/")
+        found = locator.folder(folder)
+        if found and found[1](base):
+            assert isinstance(expected, tuple) and expected[0] is found[0], name
+
+
 def test_the_locator_keeps_a_bounded_number_of_folders():
     locator = pathrules.Locator(ITEMS, "master", "client", EXCLUDE)
     for index in range(3 * locator.MAX_FOLDERS):
