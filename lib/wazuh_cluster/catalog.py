@@ -51,6 +51,7 @@ from __future__ import absolute_import, division, print_function
 import binascii
 import itertools
 import json
+import operator
 import os
 import struct
 import time
@@ -110,6 +111,9 @@ _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
 # A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
+_SPLIT_LAST = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
+_FOLDER = operator.itemgetter(0)
+_SLASHES = operator.methodcaller("count", "/")
 _MTIME_OF_RECORD = "%dxq%dx" % (scanner_mod.FINGERPRINT_MTIME_AT, scanner_mod.FINGERPRINT.size
                                 - scanner_mod.FINGERPRINT_MTIME_AT - 8)
 
@@ -129,7 +133,9 @@ def _opt_text_list(args, key):
     value = args.get(key)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, compat.string_types) for v in value):
+    # the types of the whole list at once: a keepalive batch's 2 000 names, five times a
+    # second ("fingerprints")
+    if not isinstance(value, list) or not set(map(type, value)) <= _TEXTS:
         raise _bad("%r must be a list of strings or null" % key)
     return value
 
@@ -840,7 +846,7 @@ class Catalog(object):
         taken = self.scanner.learn_records(names, data)
         missed = self.scanner.learn_rows(rows, digests)
         size = scanner_mod.FINGERPRINT.size
-        for index in [i for i, ok in enumerate(taken) if not ok]:
+        for index in [] if all(taken) else [i for i, ok in enumerate(taken) if not ok]:
             fields = scanner_mod.FINGERPRINT.unpack_from(data, index * size)
             missed.append([names[index]] + list(fields[:5]) +
                           [binascii.hexlify(fields[5]).decode("ascii")])
@@ -882,26 +888,27 @@ class Catalog(object):
             # would keep up to 100 of them, ~75 KB each at 2 000 names (7 MB).
             unpack = self._mtimes_unpack = struct.Struct("<" + _MTIME_OF_RECORD * len(names))
         mtimes = unpack.unpack_from(data)
-        return [[name[start:], node, mtime] for name, mtime in zip(names, mtimes)
+        # A keepalive batch's names are all in the folder itself: seen at once by their
+        # count of "/", and their rows made by C calls, as tuples (none of them is changed)
+        if set(map(_SLASHES, names)) == set([info.count("/")]) and \
+                all(map(operator.methodcaller("startswith", info), names)):
+            return list(zip(map(operator.itemgetter(slice(start, None)), names),
+                            itertools.repeat(node), mtimes))
+        return [(name[start:], node, mtime) for name, mtime in zip(names, mtimes)
                 if name.startswith(info) and name.find(u"/", start) < 0]
 
     def _any_sent_by_us(self, names):
         """True when one of these names is of an item this node sends (looked up once per
-        folder: a keepalive batch's 2 000 names are in one)."""
-        seen = set()
-        for name in names:
-            if name in self._item_paths:
-                # an item's own path answers for itself only (scanner.item_of), never for
-                # the other names of its folder
-                if self._sent_by_us(name):
-                    return True
-                continue
-            folder = name.rpartition("/")[0]
-            if folder not in seen:
-                seen.add(folder)
-                if self._sent_by_us(name):
-                    return True
-        return False
+        folder, by its last name: a keepalive batch's 2 000 names are in one)."""
+        paths = self._item_paths.intersection(names)
+        if paths:
+            # an item's own path answers for itself only (scanner.item_of), never for the
+            # other names of its folder
+            if any(self._sent_by_us(name) for name in paths):
+                return True
+            names = [name for name in names if name not in paths]
+        folders = dict(zip(map(_FOLDER, map(_SPLIT_LAST, names)), names))
+        return any(self._sent_by_us(name) for name in folders.values())
 
     # -- agents -------------------------------------------------------------------------------
 

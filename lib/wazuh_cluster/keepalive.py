@@ -14,6 +14,7 @@ requests well under localsock.MAX_MESSAGE.
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import operator
 
 from wazuh_cluster import pathrules, scanner, staterows, text
 from wazuh_cluster.errors import ProtocolError, RequestError
@@ -28,13 +29,20 @@ ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its 
 AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
 
 
+_FIRST = operator.itemgetter(0)
+_STR = set([str])
+
+
 def _plain(names):
-    """The plain names among these (staterows.is_plain), for a batch at a few steps a name:
-    the peer chose them, and only plain ones are asked about (every valid name is)."""
-    if text.FAST_TEXT:
-        limit = pathrules.MAX_PATH
-        return [name for name in names if type(name) is str and len(name) <= limit and
-                name.isascii() and name.isprintable() and "\\" not in name]
+    """The plain names among these (staterows.is_plain) as a list. The peer chose them, and
+    only plain ones are asked about (every valid name is): a batch's 2 000 names are
+    checked as a whole first, each only when some is not plain."""
+    names = list(names)
+    if text.FAST_TEXT and names and set(map(type, names)) == _STR and \
+            max(map(len, names)) <= pathrules.MAX_PATH:
+        joined = u"".join(names)
+        if joined.isascii() and joined.isprintable() and u"\\" not in joined:
+            return names
     return [name for name in names if staterows.is_plain(name)]
 
 
@@ -72,7 +80,7 @@ def _agent_cost(row):
 def _told(learned, agents, node):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch."""
-    total = 2 * sum(len(row[0]) for row in learned) + ROW_COST * len(learned) + \
+    total = 2 * sum(map(len, map(_FIRST, learned))) + ROW_COST * len(learned) + \
         2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
     if total <= REQUEST_BYTES:
         if learned or agents:
@@ -97,7 +105,7 @@ def _received(learned, agents, node):
     and the agents."""
     request = {}
     if learned:
-        request["names"] = [row[0] for row in learned]
+        request["names"] = list(map(_FIRST, learned))
         request["records"] = binascii.b2a_base64(b"".join(
             row[1] for row in learned)).decode("ascii")
         if node is not None:
@@ -127,7 +135,7 @@ def records(link, incoming):
     the receiver refuses the rest). Without an answer (the internal daemon restarting) the
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
-    names = sorted(set(_plain([f.name for f in incoming if f.meta_only])))
+    names = sorted(_plain(set([f.name for f in incoming if f.meta_only])))
     known = {}
     size = scanner.FINGERPRINT.size
     try:

@@ -820,7 +820,7 @@ def test_the_mtimes_of_received_records_keep_no_format_per_batch_size(home):
         for size in range(1901, 2001):
             rows = cat._reported(names[:size], data[:size * scanner_mod.FINGERPRINT.size],
                                  "client02")
-            assert rows[-1] == [names[size - 1][len(info):], "client02", 7 + size - 1]
+            assert rows[-1] == (names[size - 1][len(info):], "client02", 7 + size - 1)
         del rows
         kept = tracemalloc.get_traced_memory()[0]
     finally:
