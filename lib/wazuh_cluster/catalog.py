@@ -49,10 +49,12 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import collections
 import itertools
 import json
 import operator
 import os
+import random
 import struct
 import time
 
@@ -105,6 +107,11 @@ HASH_SLICE = 0.1
 # Names a "fingerprints" request may ask about: each costs 68 bytes of answer, known or not
 # (keepalive.py asks at most REQUEST_BYTES / ROW_COST = 4 915 at a time).
 MAX_FINGERPRINT_NAMES = 16384
+# "fingerprints" requests kept for a "received" to refer to (each until it does): one a
+# batch in flight, ten clients' sessions at once; an older one is dropped, and a
+# "received" referring to it is refused (its sender then sends the names).
+ASKED_KEPT = 20
+TICKET_LIMIT = 1 << 53  # a ticket is a JSON number any reader takes exactly
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
@@ -210,6 +217,10 @@ class Catalog(object):
         self.max_event_names = max_event_names
         self._own_items(role)
         self._item_paths = frozenset(item.path for item in self.items)  # _any_sent_by_us
+        # "fingerprints" requests a "received" may refer to, by ticket (_cmd_received); the
+        # first ticket drawn at random, so none of an earlier run of this daemon is taken
+        self._asked = collections.OrderedDict()
+        self._next_ticket = random.SystemRandom().randrange(1, TICKET_LIMIT >> 1)
         self._wall = wall
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
                                            report=self._skipped)
@@ -808,7 +819,36 @@ class Catalog(object):
         names = _opt_text_list(args, "names") or []
         if len(names) > MAX_FINGERPRINT_NAMES:
             raise _bad("at most %d names a request" % MAX_FINGERPRINT_NAMES)
-        return localsock.WithData({"count": len(names)}, self.scanner.fingerprints(names))
+        result = {"count": len(names)}
+        data = self.scanner.fingerprints(names)
+        if names:
+            result["ticket"] = self._keep_asked(names)
+        return localsock.WithData(result, data)
+
+    def _keep_asked(self, names):
+        """The ticket by which a "received" refers to these names (_asked_names)."""
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1 if ticket + 1 < TICKET_LIMIT else 1
+        self._asked[ticket] = names
+        while len(self._asked) > ASKED_KEPT:
+            self._asked.popitem(last=False)
+        return ticket
+
+    def _asked_names(self, args):
+        """The names a "received" refers to by "ticket": those of the "fingerprints" request
+        that ticket answered (taken once), "of" of them, the ones at the indexes "at", in
+        that order; RequestError bad_request for a ticket not (or no longer) kept, or
+        anything else that does not match it. The records follow their order."""
+        ticket, count, at = args.get("ticket"), args.get("of"), args.get("at")
+        names = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
+        if names is None:
+            raise _bad("unknown ticket: send the names")
+        if type(count) not in _INTS or count != len(names):
+            raise _bad("the ticket was of %d names" % len(names))
+        if not isinstance(at, list) or not set(map(type, at)) <= _INTS or (at and (
+                min(at) < 0 or max(at) >= count)) or len(set(at)) != len(at):
+            raise _bad("'at' must be a list of distinct indexes of the ticket's names")
+        return list(map(names.__getitem__, at))
 
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
@@ -863,8 +903,14 @@ class Catalog(object):
         return result
 
     def _received_records(self, args):
-        """(names, FINGERPRINT records) of a "received" request, or RequestError."""
-        names = args.get("names", [])
+        """(names, FINGERPRINT records) of a "received" request, or RequestError: the names
+        as they are, or by "ticket" (_asked_names), never both."""
+        if "ticket" in args:
+            if "names" in args:
+                raise _bad("'names' or 'ticket', not both")
+            names = self._asked_names(args)
+        else:
+            names = args.get("names", [])
         if not isinstance(names, list) or not set(map(type, names)) <= _TEXTS:
             raise _bad("'names' must be a list of file names")
         try:

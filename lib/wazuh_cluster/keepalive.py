@@ -16,7 +16,7 @@ from __future__ import absolute_import, division, print_function
 import binascii
 import operator
 
-from wazuh_cluster import pathrules, scanner, staterows, text
+from wazuh_cluster import compat, pathrules, scanner, staterows, text
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
@@ -30,7 +30,9 @@ AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two name
 
 
 _FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
 _STR = set([str])
+_INTEGERS = frozenset(compat.integer_types)  # exact types: True is no ticket
 
 
 def _plain(names):
@@ -127,6 +129,18 @@ else:  # 2.7
     _hex = binascii.hexlify
 
 
+class Known(dict):
+    """What records() found: {name: (size, mtime_ns, ino, ctime_ns, sha256)}; and when the
+    internal daemon answered all the names in one request, the ticket of that answer and
+    the names in the order asked, for tell() to refer to."""
+    __slots__ = ("ticket", "asked")
+
+    def __init__(self):
+        dict.__init__(self)
+        self.ticket = None
+        self.asked = ()
+
+
 def records(link, incoming):
     """{name: (size, mtime_ns, ino, ctime_ns, sha256)} the internal daemon holds for the
     meta-only files of a batch (receive.Incoming), for Receiver.apply_batch(known=...).
@@ -136,12 +150,13 @@ def records(link, incoming):
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
     names = sorted(_plain(set([f.name for f in incoming if f.meta_only])))
-    known = {}
+    known = Known()
     size = scanner.FINGERPRINT.size
     try:
-        for chunk in _chunks(names, _name_cost,
-                             2 * sum(map(len, names)) + ROW_COST * len(names)):
-            _result, data = link.call_data("fingerprints", {"names": chunk})
+        chunks = list(_chunks(names, _name_cost,
+                              2 * sum(map(len, names)) + ROW_COST * len(names)))
+        for chunk in chunks:
+            result, data = link.call_data("fingerprints", {"names": chunk})
             if data is None or len(data) != size * len(chunk):
                 raise ProtocolError("a fingerprints answer of %s bytes for %d names"
                                     % (None if data is None else len(data), len(chunk)))
@@ -149,12 +164,38 @@ def records(link, incoming):
                 if record != _NO_RECORD:
                     known[name] = (record[0], record[1], record[2], record[3],
                                    _hex(record[5]))
+            ticket = result.get("ticket") if isinstance(result, dict) else None
+            if len(chunks) == 1 and type(ticket) in _INTEGERS:
+                known.ticket, known.asked = ticket, chunk
     except (RequestError, ProtocolError):
         pass
     return known
 
 
-def tell(link, learned, agents=(), node=None):
+def _by_ticket(learned, agents, node, known):
+    """The "received" request of a usual batch (one "fingerprints" request, one "received")
+    referring to the names asked by their ticket and indexes (catalog): no name sent
+    twice. None when it cannot: no ticket, a learned name not asked, a batch cut in
+    several requests."""
+    ticket = getattr(known, "ticket", None)
+    if ticket is None or not learned or 2 * sum(map(len, map(_FIRST, learned))) + \
+            ROW_COST * len(learned) + 2 * sum(len(row[0]) + len(row[1]) for row in agents) + \
+            AGENT_ROW_COST * len(agents) > REQUEST_BYTES:
+        return None
+    asked = known.asked
+    at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned)))
+    if None in at:
+        return None
+    request = {"ticket": ticket, "of": len(asked), "at": at, "records": binascii.b2a_base64(
+        b"".join(map(_SECOND, learned))).decode("ascii")}
+    if node is not None:
+        request["node"] = node
+    if agents:
+        request["agents"] = agents
+    return request
+
+
+def tell(link, learned, agents=(), node=None, known=None):
     """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered,
     and the [agent-info base name, node, mtime_ns?] rows of the agents a client's batch
     reported (catalog "agent_nodes"), in the same requests. `node`: the peer whose batch
@@ -163,7 +204,21 @@ def tell(link, learned, agents=(), node=None):
 
     Untold fingerprints (the internal daemon restarting) only make its next pass hash the
     files; agent rows raise RequestError as agent_nodes would.
+
+    With `known` (records()'s answer for this batch), the names are referred to by its
+    ticket; when the internal daemon refuses that (the ticket is no longer kept, or it is
+    an older daemon: nothing is taken then), they are sent.
     """
+    request = _by_ticket(learned, agents, node, known)
+    if request is not None:
+        try:
+            link.call("received", request)
+            return
+        except RequestError as err:
+            if err.code != "bad_request":
+                if agents or node is not None:
+                    raise
+                return
     for request in _told(learned, agents, node):
         try:
             link.call("received", request)
