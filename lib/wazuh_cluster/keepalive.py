@@ -149,7 +149,8 @@ def records(link, incoming):
     the receiver refuses the rest). Without an answer (the internal daemon restarting) the
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
-    names = sorted(_plain(set([f.name for f in incoming if f.meta_only])))
+    # each once, in no order: the internal daemon's map is in the order it found the files
+    names = _plain(set([f.name for f in incoming if f.meta_only]))
     known = Known()
     size = scanner.FINGERPRINT.size
     try:
