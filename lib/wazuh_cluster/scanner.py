@@ -84,6 +84,8 @@ _LOW64 = (1 << 64) - 1
 _SUMMED_MTIME = struct.Struct("<8xq%dxBQQ" % (_REC_LEN - 16))
 assert _SUMMED_MTIME.size == _REC_LEN + _SUMMED.size
 _NATIVE = frozenset([str])
+_PARTS = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
+_HEAD = operator.itemgetter(0)
 _INO_AT = 16  # offset of the inode in _FP
 _INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 _record_ino = operator.itemgetter(slice(_INO_AT, _INO_AT + _INO.size))  # packed, of a record
@@ -476,13 +478,14 @@ class Scanner(object):
                                 old, FINGERPRINT_MTIME_AT))):
                     # Same content: the summary's bucket and base still hold.
                     files[rel] = data[at:at + size] + old[_REC_LEN:]
-                    if seals:  # as _unseal(), without a call per keepalive
-                        seals.pop(rel.rpartition("/")[0], None)
                     if racy and rel in racy:
                         del racy[rel]
                     taken.append(True)
                     continue
             taken.append(False)
+        if seals:  # as _unseal() of each taken, once a folder (a batch's are in one)
+            for folder in set(map(_HEAD, map(_PARTS, itertools.compress(rels, taken)))):
+                seals.pop(folder, None)
         return taken
 
     # -- seeding from the database ------------------------------------------------------------
