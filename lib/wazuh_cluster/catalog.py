@@ -37,14 +37,18 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
-  fingerprints {names}                            -> {count} and count records after the
-                                                      reply (localsock.WithData), each
-                                                      scanner.FINGERPRINT (zeros: unknown)
+  fingerprints {names}                            -> {count, ticket} and count records
+                                                      after the reply (localsock.WithData),
+                                                      each scanner.FINGERPRINT (zeros:
+                                                      unknown); the ticket names these names
+                                                      for one "received" (ASKED_KEPT kept)
   received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]],
                agents?: [agent_nodes rows]}       -> {learned: n, hinted: n, updated?: n}
                                                       (keepalive.py: files given a new mtime
                                                       by wazuh-clusterd, and the agents the
-                                                      batch reported)
+                                                      batch reported); or {names | ticket,
+                                                      of, at; records, node?}: see
+                                                      _cmd_received
 """
 from __future__ import absolute_import, division, print_function
 
@@ -860,7 +864,10 @@ class Catalog(object):
         a second would keep busy.
 
         "names" and "records": a keepalive batch's files and, base64 in the same order,
-        their scanner.FINGERPRINT records (68 bytes each: no JSON value per number);
+        their scanner.FINGERPRINT records (68 bytes each: no JSON value per number); or
+        instead of "names", "ticket", "of" and "at": the ticket of the "fingerprints"
+        answer that asked about them, how many it asked, and their indexes there
+        (_asked_names: the names travel and are parsed once);
         "node" (optional): the node that reported those of them that are agent-info
         files, each with its record's mtime as its keepalive (db.record_agents).
         "rows" (optional): [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows (a

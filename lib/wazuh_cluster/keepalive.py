@@ -9,7 +9,12 @@ Then the internal daemon learns the file's new stat, so its next pass does not h
 
 Here: wazuh-clusterd's side of both conversations with the internal daemon ("fingerprints"
 before a batch, "received" after it, which also carries the agents the batch reported), in
-requests well under localsock.MAX_MESSAGE.
+requests well under localsock.MAX_MESSAGE. A usual batch's "received" refers to the names
+its "fingerprints" asked by that answer's ticket and their indexes (catalog._asked_names):
+the names travel and are parsed once. The link is shared by the sessions' threads, so other
+requests come between the two; a ticket is taken once, the internal daemon keeps the last
+few, and a "received" it refuses for its reference (nothing of it is taken then) is sent
+again with the names.
 """
 from __future__ import absolute_import, division, print_function
 
