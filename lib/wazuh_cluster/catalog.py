@@ -115,6 +115,7 @@ MAX_FINGERPRINT_NAMES = 16384
 # batch in flight, ten clients' sessions at once; an older one is dropped, and a
 # "received" referring to it is refused (its sender then sends the names).
 ASKED_KEPT = 20
+ASKED_BYTES = 6 << 20  # and their names' text at most (~95 bytes a name of a usual batch)
 TICKET_LIMIT = 1 << 53  # a ticket is a JSON number any reader takes exactly
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
@@ -149,6 +150,11 @@ def _opt_text_list(args, key):
     if not isinstance(value, list) or not set(map(type, value)) <= _TEXTS:
         raise _bad("%r must be a list of strings or null" % key)
     return value
+
+
+def _asked_size(names):
+    """What a list of names kept for a ticket holds, about: their text and a str each."""
+    return sum(map(len, names)) + 50 * len(names)
 
 
 def source_is_foreign(source, role):
@@ -224,6 +230,7 @@ class Catalog(object):
         # "fingerprints" requests a "received" may refer to, by ticket (_cmd_received); the
         # first ticket drawn at random, so none of an earlier run of this daemon is taken
         self._asked = collections.OrderedDict()
+        self._asked_bytes = 0
         self._next_ticket = random.SystemRandom().randrange(1, TICKET_LIMIT >> 1)
         self._wall = wall
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
@@ -833,9 +840,11 @@ class Catalog(object):
         """The ticket by which a "received" refers to these names (_asked_names)."""
         ticket = self._next_ticket
         self._next_ticket = ticket + 1 if ticket + 1 < TICKET_LIMIT else 1
-        self._asked[ticket] = names
-        while len(self._asked) > ASKED_KEPT:
-            self._asked.popitem(last=False)
+        size = _asked_size(names)
+        self._asked[ticket] = (names, size)
+        self._asked_bytes += size
+        while len(self._asked) > ASKED_KEPT or self._asked_bytes > ASKED_BYTES:
+            self._asked_bytes -= self._asked.popitem(last=False)[1][1]
         return ticket
 
     def _asked_names(self, args):
@@ -844,9 +853,11 @@ class Catalog(object):
         that order; RequestError bad_request for a ticket not (or no longer) kept, or
         anything else that does not match it. The records follow their order."""
         ticket, count, at = args.get("ticket"), args.get("of"), args.get("at")
-        names = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
-        if names is None:
+        kept = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
+        if kept is None:
             raise _bad("unknown ticket: send the names")
+        names, size = kept
+        self._asked_bytes -= size
         if type(count) not in _INTS or count != len(names):
             raise _bad("the ticket was of %d names" % len(names))
         if not isinstance(at, list) or not set(map(type, at)) <= _INTS or (at and (

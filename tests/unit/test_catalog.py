@@ -938,6 +938,14 @@ def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
     assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
     assert sorted(cat.db.agents()) == [n.rpartition("/")[2] for n in names]
     assert sorted(cat._asked) == sorted(tickets)
+    # and the names' text they hold is bounded too (a request may ask about 16 384 names)
+    many = [u"queue/agent-info/%s-%05d" % ("a" * 100, i)
+            for i in range(catalog_mod.MAX_FINGERPRINT_NAMES)]
+    tickets = [cat.handle("fingerprints", {"names": many}).result["ticket"] for _ in range(4)]
+    assert sorted(cat._asked) == sorted(tickets[-2:])
+    assert cat._asked_bytes == sum(catalog_mod._asked_size(names)
+                                   for names, _size in cat._asked.values()) <= \
+        catalog_mod.ASKED_BYTES
 
 
 def test_the_mtimes_of_received_records_keep_no_format_per_batch_size(home):
