@@ -122,6 +122,7 @@ _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
+_WITH_KEEPALIVE = frozenset([3])
 # A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
 _SPLIT_LAST = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
 _FOLDER = operator.itemgetter(0)
@@ -792,8 +793,9 @@ class Catalog(object):
         # A row's third value is the keepalive that node's batch applied: rows of two
         # batches may arrive in either order, the newest keepalive keeps its node
         # (db.record_agents). Without it, the file's as recorded here.
-        clean = [row if len(row) == 3 else [row[0], row[1], self._recorded_mtime(info + row[0])]
-                 for row in rows]
+        clean = rows if set(map(len, rows)) == _WITH_KEEPALIVE else [
+            row if len(row) == 3 else [row[0], row[1], self._recorded_mtime(info + row[0])]
+            for row in rows]
         # Which agents a node reports: the summaries of agent-info change (a client's own
         # too: _own_agents_only), those of the master's items do not (the 10 000 shared
         # files were summarised again after every keepalive batch).

@@ -19,6 +19,7 @@ again with the names.
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import itertools
 import operator
 
 from wazuh_cluster import compat, pathrules, scanner, staterows, text
@@ -36,6 +37,7 @@ AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two name
 
 _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
+_NAME, _META_ONLY = operator.attrgetter("name"), operator.attrgetter("meta_only")
 _STR = set([str])
 _INTEGERS = frozenset(compat.integer_types)  # exact types: True is no ticket
 
@@ -155,7 +157,7 @@ def records(link, incoming):
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
     # each once, in no order: the internal daemon's map is in the order it found the files
-    names = _plain(set([f.name for f in incoming if f.meta_only]))
+    names = _plain(set(itertools.compress(map(_NAME, incoming), map(_META_ONLY, incoming))))
     known = Known()
     size = scanner.FINGERPRINT.size
     try:
