@@ -86,6 +86,7 @@ assert _SUMMED_MTIME.size == _REC_LEN + _SUMMED.size
 _NATIVE = frozenset([str])
 _PARTS = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
 _HEAD = operator.itemgetter(0)
+_SLASHES = operator.methodcaller("count", "/")
 _INO_AT = 16  # offset of the inode in _FP
 _INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 _record_ino = operator.itemgetter(slice(_INO_AT, _INO_AT + _INO.size))  # packed, of a record
@@ -197,6 +198,16 @@ if hasattr(os.stat_result, "st_mtime_ns"):
 else:
     def _dir_fingerprint(st):
         return (int(round(st.st_mtime * 1e9)), int(round(st.st_ctime * 1e9)), st.st_ino)
+
+
+def _folders(names):
+    """The folders of these names (not empty): a batch's are all in one, seen by C calls
+    without a string made a name."""
+    folder = names[0].rpartition("/")[0]
+    if all(map(operator.methodcaller("startswith", folder + "/"), names)) and \
+            set(map(_SLASHES, names)) == set([folder.count("/") + 1]):
+        return [folder]
+    return set(map(_HEAD, map(_PARTS, names)))
 
 
 def _native(name):
@@ -483,8 +494,8 @@ class Scanner(object):
                     taken.append(True)
                     continue
             taken.append(False)
-        if seals:  # as _unseal() of each taken, once a folder (a batch's are in one)
-            for folder in set(map(_HEAD, map(_PARTS, itertools.compress(rels, taken)))):
+        if seals and any(taken):  # as _unseal() of each taken, once a folder
+            for folder in _folders(list(itertools.compress(rels, taken))):
                 seals.pop(folder, None)
         return taken
 
