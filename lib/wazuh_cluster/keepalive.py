@@ -183,20 +183,22 @@ def records(link, incoming):
 def _by_ticket(learned, agents, node, known):
     """The "received" request of a usual batch (one "fingerprints" request, one "received")
     referring to the names asked by their ticket and indexes (catalog): no name sent
-    twice. None when it cannot: no ticket, a learned name not asked, a batch cut in
-    several requests."""
+    twice; with no file learned but agent rows to tell, it gives the ticket back (the
+    internal daemon would keep its names until ASKED_KEPT later ones). None when it cannot:
+    no ticket, nothing to tell, a learned name not asked, a batch cut in several requests."""
     ticket = getattr(known, "ticket", None)
-    if ticket is None or not learned or 2 * sum(map(len, map(_FIRST, learned))) + \
+    if ticket is None or not (learned or agents) or 2 * sum(map(len, map(_FIRST, learned))) + \
             ROW_COST * len(learned) + 2 * sum(len(row[0]) + len(row[1]) for row in agents) + \
             AGENT_ROW_COST * len(agents) > REQUEST_BYTES:
         return None
     asked = known.asked
-    at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned)))
+    at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned))) \
+        if learned else []
     if None in at:
         return None
     request = {"ticket": ticket, "of": len(asked), "at": at, "records": binascii.b2a_base64(
         b"".join(map(_SECOND, learned))).decode("ascii")}
-    if node is not None:
+    if node is not None and learned:
         request["node"] = node
     if agents:
         request["agents"] = agents

@@ -866,6 +866,16 @@ def test_received_refers_to_the_names_asked_by_their_ticket(home, older):
             (NOW - (5 if name in learned_names else 30)) * 1e9)
     assert cat.db.agents() == dict((n.rpartition("/")[2], ("client02", int((NOW - 5) * 1e9)))
                                    for n in learned_names)
+    # A batch that learned nothing but has agent rows to tell gives its ticket back.
+    known = keepalive.records(wire, incoming)
+    assert older or known.ticket in cat._asked
+    keepalive.tell(wire, [], [[learned[0][0].rpartition("/")[2], "client03", int(NOW * 1e9)]],
+                   "client03", known)
+    told = wire.calls[-1][1]
+    assert ("ticket" in told) is not older and "node" not in told and "names" not in told
+    # (a wazuh-clusterd of before takes no ticket: its names stay until later ones come)
+    assert len(cat._asked) == (2 if older else 0)
+    assert cat.db.agents()[learned[0][0].rpartition("/")[2]] == ("client03", int(NOW * 1e9))
 
 
 def test_a_ticket_is_taken_once_and_a_mismatched_reference_is_refused_whole(home):
