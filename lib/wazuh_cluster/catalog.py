@@ -123,10 +123,10 @@ _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
 _WITH_KEEPALIVE = frozenset([3])
-# A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
 _SPLIT_LAST = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
 _FOLDER = operator.itemgetter(0)
 _SLASHES = operator.methodcaller("count", "/")
+# A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
 _MTIME_OF_RECORD = "%dxq%dx" % (scanner_mod.FINGERPRINT_MTIME_AT, scanner_mod.FINGERPRINT.size
                                 - scanner_mod.FINGERPRINT_MTIME_AT - 8)
 

@@ -86,12 +86,16 @@ def _agent_cost(row):
     return 2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
 
 
+def _told_bound(learned, agents):
+    """A bound of the JSON of "received" requests of these rows (their names sent)."""
+    return 2 * sum(map(len, map(_FIRST, learned))) + ROW_COST * len(learned) + \
+        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
+
+
 def _told(learned, agents, node):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch."""
-    total = 2 * sum(map(len, map(_FIRST, learned))) + ROW_COST * len(learned) + \
-        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
-    if total <= REQUEST_BYTES:
+    if _told_bound(learned, agents) <= REQUEST_BYTES:
         if learned or agents:
             yield _received(learned, agents, node)
         return
@@ -187,9 +191,8 @@ def _by_ticket(learned, agents, node, known):
     internal daemon would keep its names until ASKED_KEPT later ones). None when it cannot:
     no ticket, nothing to tell, a learned name not asked, a batch cut in several requests."""
     ticket = getattr(known, "ticket", None)
-    if ticket is None or not (learned or agents) or 2 * sum(map(len, map(_FIRST, learned))) + \
-            ROW_COST * len(learned) + 2 * sum(len(row[0]) + len(row[1]) for row in agents) + \
-            AGENT_ROW_COST * len(agents) > REQUEST_BYTES:
+    if ticket is None or not (learned or agents) or \
+            _told_bound(learned, agents) > REQUEST_BYTES:
         return None
     asked = known.asked
     at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned))) \
