@@ -37,21 +37,28 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   agent_nodes {rows: [[agent-info name, node]]}   -> {updated: n}
   meta_get    {key}                               -> {value: JSON value or null}
   meta_set    {key, value}  (null deletes)        -> {stored: true}
-  fingerprints {names}                            -> {count} and count records after the
-                                                      reply (localsock.WithData), each
-                                                      scanner.FINGERPRINT (zeros: unknown)
+  fingerprints {names}                            -> {count, ticket} and count records
+                                                      after the reply (localsock.WithData),
+                                                      each scanner.FINGERPRINT (zeros:
+                                                      unknown); the ticket names these names
+                                                      for one "received" (ASKED_KEPT kept)
   received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]],
                agents?: [agent_nodes rows]}       -> {learned: n, hinted: n, updated?: n}
                                                       (keepalive.py: files given a new mtime
                                                       by wazuh-clusterd, and the agents the
-                                                      batch reported)
+                                                      batch reported); or {names | ticket,
+                                                      of, at; records, node?}: see
+                                                      _cmd_received
 """
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import collections
 import itertools
 import json
+import operator
 import os
+import random
 import struct
 import time
 
@@ -104,11 +111,21 @@ HASH_SLICE = 0.1
 # Names a "fingerprints" request may ask about: each costs 68 bytes of answer, known or not
 # (keepalive.py asks at most REQUEST_BYTES / ROW_COST = 4 915 at a time).
 MAX_FINGERPRINT_NAMES = 16384
+# "fingerprints" requests kept for a "received" to refer to (each until it does): one a
+# batch in flight, ten clients' sessions at once; an older one is dropped, and a
+# "received" referring to it is refused (its sender then sends the names).
+ASKED_KEPT = 20
+ASKED_BYTES = 6 << 20  # and their names' text at most (~95 bytes a name of a usual batch)
+TICKET_LIMIT = 1 << 53  # a ticket is a JSON number any reader takes exactly
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
 _TEXTS = frozenset(compat.string_types)
 _LIST = frozenset([list])
 _AGENT_WIDTHS = frozenset([2, 3])
+_WITH_KEEPALIVE = frozenset([3])
+_SPLIT_LAST = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
+_FOLDER = operator.itemgetter(0)
+_SLASHES = operator.methodcaller("count", "/")
 # A FINGERPRINT record's mtime_ns and nothing else, as a struct format (Catalog._reported).
 _MTIME_OF_RECORD = "%dxq%dx" % (scanner_mod.FINGERPRINT_MTIME_AT, scanner_mod.FINGERPRINT.size
                                 - scanner_mod.FINGERPRINT_MTIME_AT - 8)
@@ -129,9 +146,16 @@ def _opt_text_list(args, key):
     value = args.get(key)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, compat.string_types) for v in value):
+    # the types of the whole list at once: a keepalive batch's 2 000 names, five times a
+    # second ("fingerprints")
+    if not isinstance(value, list) or not set(map(type, value)) <= _TEXTS:
         raise _bad("%r must be a list of strings or null" % key)
     return value
+
+
+def _asked_size(names):
+    """What a list of names kept for a ticket holds, about: their text and a str each."""
+    return sum(map(len, names)) + 50 * len(names)
 
 
 def source_is_foreign(source, role):
@@ -204,6 +228,11 @@ class Catalog(object):
         self.max_event_names = max_event_names
         self._own_items(role)
         self._item_paths = frozenset(item.path for item in self.items)  # _any_sent_by_us
+        # "fingerprints" requests a "received" may refer to, by ticket (_cmd_received); the
+        # first ticket drawn at random, so none of an earlier run of this daemon is taken
+        self._asked = collections.OrderedDict()
+        self._asked_bytes = 0
+        self._next_ticket = random.SystemRandom().randrange(1, TICKET_LIMIT >> 1)
         self._wall = wall
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
                                            report=self._skipped)
@@ -764,8 +793,9 @@ class Catalog(object):
         # A row's third value is the keepalive that node's batch applied: rows of two
         # batches may arrive in either order, the newest keepalive keeps its node
         # (db.record_agents). Without it, the file's as recorded here.
-        clean = [row if len(row) == 3 else [row[0], row[1], self._recorded_mtime(info + row[0])]
-                 for row in rows]
+        clean = rows if set(map(len, rows)) == _WITH_KEEPALIVE else [
+            row if len(row) == 3 else [row[0], row[1], self._recorded_mtime(info + row[0])]
+            for row in rows]
         # Which agents a node reports: the summaries of agent-info change (a client's own
         # too: _own_agents_only), those of the master's items do not (the 10 000 shared
         # files were summarised again after every keepalive batch).
@@ -802,7 +832,40 @@ class Catalog(object):
         names = _opt_text_list(args, "names") or []
         if len(names) > MAX_FINGERPRINT_NAMES:
             raise _bad("at most %d names a request" % MAX_FINGERPRINT_NAMES)
-        return localsock.WithData({"count": len(names)}, self.scanner.fingerprints(names))
+        result = {"count": len(names)}
+        data = self.scanner.fingerprints(names)
+        if names:
+            result["ticket"] = self._keep_asked(names)
+        return localsock.WithData(result, data)
+
+    def _keep_asked(self, names):
+        """The ticket by which a "received" refers to these names (_asked_names)."""
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1 if ticket + 1 < TICKET_LIMIT else 1
+        size = _asked_size(names)
+        self._asked[ticket] = (names, size)
+        self._asked_bytes += size
+        while len(self._asked) > ASKED_KEPT or self._asked_bytes > ASKED_BYTES:
+            self._asked_bytes -= self._asked.popitem(last=False)[1][1]
+        return ticket
+
+    def _asked_names(self, args):
+        """The names a "received" refers to by "ticket": those of the "fingerprints" request
+        that ticket answered (taken once), "of" of them, the ones at the indexes "at", in
+        that order; RequestError bad_request for a ticket not (or no longer) kept, or
+        anything else that does not match it. The records follow their order."""
+        ticket, count, at = args.get("ticket"), args.get("of"), args.get("at")
+        kept = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
+        if kept is None:
+            raise _bad("unknown ticket: send the names")
+        names, size = kept
+        self._asked_bytes -= size
+        if type(count) not in _INTS or count != len(names):
+            raise _bad("the ticket was of %d names" % len(names))
+        if not isinstance(at, list) or not set(map(type, at)) <= _INTS or (at and (
+                min(at) < 0 or max(at) >= count)) or len(set(at)) != len(at):
+            raise _bad("'at' must be a list of distinct indexes of the ticket's names")
+        return list(map(names.__getitem__, at))
 
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
@@ -814,7 +877,10 @@ class Catalog(object):
         a second would keep busy.
 
         "names" and "records": a keepalive batch's files and, base64 in the same order,
-        their scanner.FINGERPRINT records (68 bytes each: no JSON value per number);
+        their scanner.FINGERPRINT records (68 bytes each: no JSON value per number); or
+        instead of "names", "ticket", "of" and "at": the ticket of the "fingerprints"
+        answer that asked about them, how many it asked, and their indexes there
+        (_asked_names: the names travel and are parsed once);
         "node" (optional): the node that reported those of them that are agent-info
         files, each with its record's mtime as its keepalive (db.record_agents).
         "rows" (optional): [[name, size, mtime_ns, ino, ctime_ns, mode, sha256]] rows (a
@@ -840,7 +906,7 @@ class Catalog(object):
         taken = self.scanner.learn_records(names, data)
         missed = self.scanner.learn_rows(rows, digests)
         size = scanner_mod.FINGERPRINT.size
-        for index in [i for i, ok in enumerate(taken) if not ok]:
+        for index in [] if all(taken) else [i for i, ok in enumerate(taken) if not ok]:
             fields = scanner_mod.FINGERPRINT.unpack_from(data, index * size)
             missed.append([names[index]] + list(fields[:5]) +
                           [binascii.hexlify(fields[5]).decode("ascii")])
@@ -857,8 +923,14 @@ class Catalog(object):
         return result
 
     def _received_records(self, args):
-        """(names, FINGERPRINT records) of a "received" request, or RequestError."""
-        names = args.get("names", [])
+        """(names, FINGERPRINT records) of a "received" request, or RequestError: the names
+        as they are, or by "ticket" (_asked_names), never both."""
+        if "ticket" in args:
+            if "names" in args:
+                raise _bad("'names' or 'ticket', not both")
+            names = self._asked_names(args)
+        else:
+            names = args.get("names", [])
         if not isinstance(names, list) or not set(map(type, names)) <= _TEXTS:
             raise _bad("'names' must be a list of file names")
         try:
@@ -882,26 +954,27 @@ class Catalog(object):
             # would keep up to 100 of them, ~75 KB each at 2 000 names (7 MB).
             unpack = self._mtimes_unpack = struct.Struct("<" + _MTIME_OF_RECORD * len(names))
         mtimes = unpack.unpack_from(data)
-        return [[name[start:], node, mtime] for name, mtime in zip(names, mtimes)
+        # A keepalive batch's names are all in the folder itself: seen at once by their
+        # count of "/", and their rows made by C calls, as tuples (none of them is changed)
+        if set(map(_SLASHES, names)) == set([info.count("/")]) and \
+                all(map(operator.methodcaller("startswith", info), names)):
+            return list(zip(map(operator.itemgetter(slice(start, None)), names),
+                            itertools.repeat(node), mtimes))
+        return [(name[start:], node, mtime) for name, mtime in zip(names, mtimes)
                 if name.startswith(info) and name.find(u"/", start) < 0]
 
     def _any_sent_by_us(self, names):
         """True when one of these names is of an item this node sends (looked up once per
-        folder: a keepalive batch's 2 000 names are in one)."""
-        seen = set()
-        for name in names:
-            if name in self._item_paths:
-                # an item's own path answers for itself only (scanner.item_of), never for
-                # the other names of its folder
-                if self._sent_by_us(name):
-                    return True
-                continue
-            folder = name.rpartition("/")[0]
-            if folder not in seen:
-                seen.add(folder)
-                if self._sent_by_us(name):
-                    return True
-        return False
+        folder, by its last name: a keepalive batch's 2 000 names are in one)."""
+        paths = self._item_paths.intersection(names)
+        if paths:
+            # an item's own path answers for itself only (scanner.item_of), never for the
+            # other names of its folder
+            if any(self._sent_by_us(name) for name in paths):
+                return True
+            names = [name for name in names if name not in paths]
+        folders = dict(zip(map(_FOLDER, map(_SPLIT_LAST, names)), names))
+        return any(self._sent_by_us(name) for name in folders.values())
 
     # -- agents -------------------------------------------------------------------------------
 

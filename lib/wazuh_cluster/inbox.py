@@ -456,7 +456,7 @@ class Inbox(object):
                 agents = self.agent_rows(peer, states, reasons,
                                          self.applied_mtimes(incoming, told), told)
         # One call for a keepalive batch: its fingerprints and the agents it reported.
-        keepalive.tell(self.link, learned, agents, reporter)
+        keepalive.tell(self.link, learned, agents, reporter, known)
         states.update(refused)
         # Names the peer chose: escaped, cut and bounded in number (see staterows).
         invalid = dict((name, state) for name, state in states.items() if state == "invalid")

@@ -9,13 +9,20 @@ Then the internal daemon learns the file's new stat, so its next pass does not h
 
 Here: wazuh-clusterd's side of both conversations with the internal daemon ("fingerprints"
 before a batch, "received" after it, which also carries the agents the batch reported), in
-requests well under localsock.MAX_MESSAGE.
+requests well under localsock.MAX_MESSAGE. A usual batch's "received" refers to the names
+its "fingerprints" asked by that answer's ticket and their indexes (catalog._asked_names):
+the names travel and are parsed once. The link is shared by the sessions' threads, so other
+requests come between the two; a ticket is taken once, the internal daemon keeps the last
+few, and a "received" it refuses for its reference (nothing of it is taken then) is sent
+again with the names.
 """
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import itertools
+import operator
 
-from wazuh_cluster import pathrules, scanner, staterows, text
+from wazuh_cluster import compat, pathrules, scanner, staterows, text
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 # A client's keepalive batch (sync.BATCH_FILES = 2 000 agent-info files) asks once and tells
@@ -28,13 +35,23 @@ ROW_COST = 160  # JSON of a row's numbers, checksum and punctuation, beyond its 
 AGENT_ROW_COST = 32  # an agent row's mtime and punctuation, beyond its two names
 
 
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+_NAME, _META_ONLY = operator.attrgetter("name"), operator.attrgetter("meta_only")
+_STR = set([str])
+_INTEGERS = frozenset(compat.integer_types)  # exact types: True is no ticket
+
+
 def _plain(names):
-    """The plain names among these (staterows.is_plain), for a batch at a few steps a name:
-    the peer chose them, and only plain ones are asked about (every valid name is)."""
-    if text.FAST_TEXT:
-        limit = pathrules.MAX_PATH
-        return [name for name in names if type(name) is str and len(name) <= limit and
-                name.isascii() and name.isprintable() and "\\" not in name]
+    """The plain names among these (staterows.is_plain) as a list. The peer chose them, and
+    only plain ones are asked about (every valid name is): a batch's 2 000 names are
+    checked as a whole first, each only when some is not plain."""
+    names = list(names)
+    if text.FAST_TEXT and names and set(map(type, names)) == _STR and \
+            max(map(len, names)) <= pathrules.MAX_PATH:
+        joined = u"".join(names)
+        if joined.isascii() and joined.isprintable() and u"\\" not in joined:
+            return names
     return [name for name in names if staterows.is_plain(name)]
 
 
@@ -69,12 +86,16 @@ def _agent_cost(row):
     return 2 * (len(row[0]) + len(row[1])) + AGENT_ROW_COST
 
 
+def _told_bound(learned, agents):
+    """A bound of the JSON of "received" requests of these rows (their names sent)."""
+    return 2 * sum(map(len, map(_FIRST, learned))) + ROW_COST * len(learned) + \
+        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
+
+
 def _told(learned, agents, node):
     """"received" requests of the learned rows and the agent rows, each under REQUEST_BYTES:
     one request for a usual keepalive batch."""
-    total = 2 * sum(len(row[0]) for row in learned) + ROW_COST * len(learned) + \
-        2 * sum(len(row[0]) + len(row[1]) for row in agents) + AGENT_ROW_COST * len(agents)
-    if total <= REQUEST_BYTES:
+    if _told_bound(learned, agents) <= REQUEST_BYTES:
         if learned or agents:
             yield _received(learned, agents, node)
         return
@@ -97,7 +118,7 @@ def _received(learned, agents, node):
     and the agents."""
     request = {}
     if learned:
-        request["names"] = [row[0] for row in learned]
+        request["names"] = list(map(_FIRST, learned))
         request["records"] = binascii.b2a_base64(b"".join(
             row[1] for row in learned)).decode("ascii")
         if node is not None:
@@ -119,6 +140,18 @@ else:  # 2.7
     _hex = binascii.hexlify
 
 
+class Known(dict):
+    """What records() found: {name: (size, mtime_ns, ino, ctime_ns, sha256)}; and when the
+    internal daemon answered all the names in one request, the ticket of that answer and
+    the names in the order asked, for tell() to refer to."""
+    __slots__ = ("ticket", "asked")
+
+    def __init__(self):
+        dict.__init__(self)
+        self.ticket = None
+        self.asked = ()
+
+
 def records(link, incoming):
     """{name: (size, mtime_ns, ino, ctime_ns, sha256)} the internal daemon holds for the
     meta-only files of a batch (receive.Incoming), for Receiver.apply_batch(known=...).
@@ -127,13 +160,15 @@ def records(link, incoming):
     the receiver refuses the rest). Without an answer (the internal daemon restarting) the
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
-    names = sorted(set(_plain([f.name for f in incoming if f.meta_only])))
-    known = {}
+    # each once, in no order: the internal daemon's map is in the order it found the files
+    names = _plain(set(itertools.compress(map(_NAME, incoming), map(_META_ONLY, incoming))))
+    known = Known()
     size = scanner.FINGERPRINT.size
     try:
-        for chunk in _chunks(names, _name_cost,
-                             2 * sum(map(len, names)) + ROW_COST * len(names)):
-            _result, data = link.call_data("fingerprints", {"names": chunk})
+        chunks = list(_chunks(names, _name_cost,
+                              2 * sum(map(len, names)) + ROW_COST * len(names)))
+        for chunk in chunks:
+            result, data = link.call_data("fingerprints", {"names": chunk})
             if data is None or len(data) != size * len(chunk):
                 raise ProtocolError("a fingerprints answer of %s bytes for %d names"
                                     % (None if data is None else len(data), len(chunk)))
@@ -141,12 +176,39 @@ def records(link, incoming):
                 if record != _NO_RECORD:
                     known[name] = (record[0], record[1], record[2], record[3],
                                    _hex(record[5]))
+            ticket = result.get("ticket") if isinstance(result, dict) else None
+            if len(chunks) == 1 and type(ticket) in _INTEGERS:
+                known.ticket, known.asked = ticket, chunk
     except (RequestError, ProtocolError):
         pass
     return known
 
 
-def tell(link, learned, agents=(), node=None):
+def _by_ticket(learned, agents, node, known):
+    """The "received" request of a usual batch (one "fingerprints" request, one "received")
+    referring to the names asked by their ticket and indexes (catalog): no name sent
+    twice; with no file learned but agent rows to tell, it gives the ticket back (the
+    internal daemon would keep its names until ASKED_KEPT later ones). None when it cannot:
+    no ticket, nothing to tell, a learned name not asked, a batch cut in several requests."""
+    ticket = getattr(known, "ticket", None)
+    if ticket is None or not (learned or agents) or \
+            _told_bound(learned, agents) > REQUEST_BYTES:
+        return None
+    asked = known.asked
+    at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned))) \
+        if learned else []
+    if None in at:
+        return None
+    request = {"ticket": ticket, "of": len(asked), "at": at, "records": binascii.b2a_base64(
+        b"".join(map(_SECOND, learned))).decode("ascii")}
+    if node is not None and learned:
+        request["node"] = node
+    if agents:
+        request["agents"] = agents
+    return request
+
+
+def tell(link, learned, agents=(), node=None, known=None):
     """Tell the internal daemon the fingerprints Receiver.apply_batch(learned=...) gathered,
     and the [agent-info base name, node, mtime_ns?] rows of the agents a client's batch
     reported (catalog "agent_nodes"), in the same requests. `node`: the peer whose batch
@@ -155,7 +217,21 @@ def tell(link, learned, agents=(), node=None):
 
     Untold fingerprints (the internal daemon restarting) only make its next pass hash the
     files; agent rows raise RequestError as agent_nodes would.
+
+    With `known` (records()'s answer for this batch), the names are referred to by its
+    ticket; when the internal daemon refuses that (the ticket is no longer kept, or it is
+    an older daemon: nothing is taken then), they are sent.
     """
+    request = _by_ticket(learned, agents, node, known)
+    if request is not None:
+        try:
+            link.call("received", request)
+            return
+        except RequestError as err:
+            if err.code != "bad_request":
+                if agents or node is not None:
+                    raise
+                return
     for request in _told(learned, agents, node):
         try:
             link.call("received", request)

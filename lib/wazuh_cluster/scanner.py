@@ -83,6 +83,10 @@ _LOW64 = (1 << 64) - 1
 # A summed record's mtime_ns and summary fields in one unpack (summary_sums).
 _SUMMED_MTIME = struct.Struct("<8xq%dxBQQ" % (_REC_LEN - 16))
 assert _SUMMED_MTIME.size == _REC_LEN + _SUMMED.size
+_NATIVE = frozenset([str])
+_PARTS = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
+_HEAD = operator.itemgetter(0)
+_SLASHES = operator.methodcaller("count", "/")
 _INO_AT = 16  # offset of the inode in _FP
 _INO_CTIME = struct.Struct("<Qq")  # the inode and ctime_ns, at _INO_AT
 _record_ino = operator.itemgetter(slice(_INO_AT, _INO_AT + _INO.size))  # packed, of a record
@@ -194,6 +198,16 @@ if hasattr(os.stat_result, "st_mtime_ns"):
 else:
     def _dir_fingerprint(st):
         return (int(round(st.st_mtime * 1e9)), int(round(st.st_ctime * 1e9)), st.st_ino)
+
+
+def _folders(names):
+    """The folders of these names (not empty): a batch's are all in one, seen by C calls
+    without a string made a name."""
+    folder = names[0].rpartition("/")[0]
+    if all(map(operator.methodcaller("startswith", folder + "/"), names)) and \
+            set(map(_SLASHES, names)) == set([folder.count("/") + 1]):
+        return [folder]
+    return set(map(_HEAD, map(_PARTS, names)))
 
 
 def _native(name):
@@ -459,7 +473,8 @@ class Scanner(object):
         files, racy, unpack, mtime_of, seals = self._files, self._racy, \
             _INO_CTIME.unpack_from, _MTIME_NS.unpack_from, self._seals
         size = FINGERPRINT.size
-        rels = [rel if type(rel) is str else _native(rel) for rel in names]
+        # native as they come, nearly always (a name's type is looked at once per batch)
+        rels = names if set(map(type, names)) <= _NATIVE else [_native(rel) for rel in names]
         taken = []
         # The record is compared where it lies in `data` (no slice of it unless taken).
         for at, rel, old in zip(range(0, len(data), size), rels, compat.imap(files.get, rels)):
@@ -474,13 +489,14 @@ class Scanner(object):
                                 old, FINGERPRINT_MTIME_AT))):
                     # Same content: the summary's bucket and base still hold.
                     files[rel] = data[at:at + size] + old[_REC_LEN:]
-                    if seals:  # as _unseal(), without a call per keepalive
-                        seals.pop(rel.rpartition("/")[0], None)
-                    if rel in racy:
+                    if racy and rel in racy:
                         del racy[rel]
                     taken.append(True)
                     continue
             taken.append(False)
+        if seals and any(taken):  # as _unseal() of each taken, once a folder
+            for folder in _folders(list(itertools.compress(rels, taken))):
+                seals.pop(folder, None)
         return taken
 
     # -- seeding from the database ------------------------------------------------------------

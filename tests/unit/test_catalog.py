@@ -803,6 +803,161 @@ def test_received_records_learn_the_files_and_record_their_node_as_each_agents_r
     assert cat.handle("received", packed(other)) == {"learned": 0, "hinted": 1}
 
 
+class Wire(object):
+    """wazuh-clusterd's link to this catalog, each request and answer through JSON as the
+    socket carries them (localsock), recorded; `refuse_tickets`: an internal daemon of
+    before tickets (it answers none and refuses a "received" that has no names)."""
+
+    def __init__(self, cat, refuse_tickets=False):
+        self.cat, self.refuse_tickets, self.calls = cat, refuse_tickets, []
+
+    def call(self, cmd, args):
+        return self.call_data(cmd, args)[0]
+
+    def call_data(self, cmd, args):
+        request = localsock.decode(localsock.encode({"id": 1, "cmd": cmd, "args": args})[4:])
+        self.calls.append((cmd, request["args"]))
+        if self.refuse_tickets and "ticket" in request["args"]:
+            raise errors.RequestError("'records' must be base64 of one fingerprint record "
+                                      "per name", "bad_request")
+        result = self.cat.handle(cmd, request["args"])
+        data = None
+        if isinstance(result, localsock.WithData):
+            result, data = result.result, result.data
+            if self.refuse_tickets:
+                result.pop("ticket", None)
+        return localsock.decode(localsock.encode(result)[4:]), data
+
+
+def kept_alive_batch(home, cat, names):
+    """A keepalive batch of these files as wazuh-clusterd applies it: the meta-only updates
+    (receive.Incoming) and the learned rows (Receiver.apply_batch) of kept_alive_rows."""
+    from wazuh_cluster.receive import Incoming
+    rows = kept_alive_rows(home, cat, names)
+    incoming = [Incoming(row[0], None, row[6], row[2], True) for row in rows]
+    learned = [(row[0], scanner_mod.FINGERPRINT.pack(*(row[1:6] + [binascii.unhexlify(
+        row[6])]))) for row in rows]
+    return incoming, learned
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_received_refers_to_the_names_asked_by_their_ticket(home, older):
+    # A keepalive batch's "received" names its files by the ticket of the "fingerprints"
+    # request before it and their indexes there: no name travels or is parsed twice. An
+    # internal daemon of before answers no ticket: the names are sent as before.
+    from wazuh_cluster import keepalive
+    cat, names = scanned_agent_infos(home, 5)
+    wire = Wire(cat, refuse_tickets=older)
+    incoming, learned = kept_alive_batch(home, cat, names)
+    known = keepalive.records(wire, incoming)
+    assert sorted(known) == names
+    learned = learned[3:] + learned[:3]        # in the batch's order, not the asked one
+    keepalive.tell(wire, learned[1:], [], "client02", known)   # one file not touched here
+    (_cmd, asked), (cmd, told) = wire.calls
+    assert cmd == "received" and told["node"] == "client02"
+    if older:
+        assert "ticket" not in told and told["names"] == [row[0] for row in learned[1:]]
+    else:
+        assert "names" not in told and [asked["names"][i] for i in told["at"]] == \
+            [row[0] for row in learned[1:]]
+    learned_names = [row[0] for row in learned[1:]]
+    for name in names:
+        assert cat.scanner.get(name)["mtime_ns"] == int(
+            (NOW - (5 if name in learned_names else 30)) * 1e9)
+    assert cat.db.agents() == dict((n.rpartition("/")[2], ("client02", int((NOW - 5) * 1e9)))
+                                   for n in learned_names)
+    # A batch that learned nothing but has agent rows to tell gives its ticket back.
+    known = keepalive.records(wire, incoming)
+    assert older or known.ticket in cat._asked
+    keepalive.tell(wire, [], [[learned[0][0].rpartition("/")[2], "client03", int(NOW * 1e9)]],
+                   "client03", known)
+    told = wire.calls[-1][1]
+    assert ("ticket" in told) is not older and "node" not in told and "names" not in told
+    # (a wazuh-clusterd of before takes no ticket: its names stay until later ones come)
+    assert len(cat._asked) == (2 if older else 0)
+    assert cat.db.agents()[learned[0][0].rpartition("/")[2]] == ("client03", int(NOW * 1e9))
+
+
+def test_a_ticket_is_taken_once_and_a_mismatched_reference_is_refused_whole(home):
+    # Nothing of a "received" whose ticket is unknown (an earlier run of the daemon, taken
+    # already, dropped) or that does not match its names is taken; its sender then sends
+    # the names (keepalive.tell).
+    cat, names = scanned_agent_infos(home, 3)
+    rows = kept_alive_rows(home, cat, names)
+    request = dict(packed(rows), of=3, at=[0, 1, 2], node="client02")
+    del request["names"]
+    other = catalog_mod.Catalog(home, ITEMS, EXCLUDE, cat.db, cat.log, role="master",
+                                node_name="master01", wall=lambda: NOW)
+    assert other._next_ticket != cat._next_ticket    # drawn: another run's are not its own
+    for bad in (lambda t: dict(request, ticket=t + 1000),
+                lambda t: dict(request, ticket=str(t)),
+                lambda t: dict(request, ticket=float(t)),
+                lambda t: dict(request, ticket=None),
+                lambda t: dict(request, ticket=t, of=2),
+                lambda t: dict(request, ticket=t, of=True),
+                lambda t: dict(request, ticket=t, at=[0, 1, 3]),
+                lambda t: dict(request, ticket=t, at=[0, 1, -1]),
+                lambda t: dict(request, ticket=t, at=[0, 1, 1]),
+                lambda t: dict(request, ticket=t, at=[0, 1, True]),
+                lambda t: dict(request, ticket=t, at=[0, 1, 2.0]),
+                lambda t: dict(request, ticket=t, at=[0, 1]),
+                lambda t: dict(request, ticket=t, at="012"),
+                lambda t: dict(request, ticket=t, names=names)):
+        ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]
+        with pytest.raises(errors.RequestError) as info:
+            cat.handle("received", bad(ticket))
+        assert info.value.code == "bad_request"
+        assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 30) * 1e9) for n in names)
+        assert cat.db.agents() == {}
+        with pytest.raises(errors.RequestError):    # another run's daemon knows none
+            other.handle("received", dict(request, ticket=ticket))
+        cat._asked.pop(ticket, None)
+    ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]
+    assert cat.handle("received", dict(request, ticket=ticket, at=[2, 0, 1], records=packed(
+        [rows[2], rows[0], rows[1]])["records"])) == {"learned": 3, "hinted": 0, "updated": 3}
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
+    with pytest.raises(errors.RequestError) as info:   # taken once
+        cat.handle("received", dict(request, ticket=ticket))
+    assert info.value.code == "bad_request"
+
+
+def test_a_refused_reference_takes_its_ticket(home):
+    cat, names = scanned_agent_infos(home, 3)
+    request = dict(packed(kept_alive_rows(home, cat, names)), of=3, at=[0, 1, 2])
+    del request["names"]
+    ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]
+    with pytest.raises(errors.RequestError):
+        cat.handle("received", dict(request, ticket=ticket, at=[0, 1, 1]))
+    with pytest.raises(errors.RequestError):
+        cat.handle("received", dict(request, ticket=ticket))
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 30) * 1e9) for n in names)
+
+
+def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
+    from wazuh_cluster import keepalive
+    cat, names = scanned_agent_infos(home, 2)
+    wire = Wire(cat)
+    incoming, learned = kept_alive_batch(home, cat, names)
+    known = keepalive.records(wire, incoming)
+    tickets = [cat.handle("fingerprints", {"names": names}).result["ticket"]
+               for _ in range(catalog_mod.ASKED_KEPT)]
+    assert len(cat._asked) == catalog_mod.ASKED_KEPT and known.ticket not in cat._asked
+    keepalive.tell(wire, learned, [], "client02", known)  # refused, then told by its names
+    assert [cmd for cmd, _args in wire.calls] == ["fingerprints", "received", "received"]
+    assert "ticket" in wire.calls[1][1] and wire.calls[2][1]["names"] == names
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names)
+    assert sorted(cat.db.agents()) == [n.rpartition("/")[2] for n in names]
+    assert sorted(cat._asked) == sorted(tickets)
+    # and the names' text they hold is bounded too (a request may ask about 16 384 names)
+    many = [u"queue/agent-info/%s-%05d" % ("a" * 100, i)
+            for i in range(catalog_mod.MAX_FINGERPRINT_NAMES)]
+    tickets = [cat.handle("fingerprints", {"names": many}).result["ticket"] for _ in range(4)]
+    assert sorted(cat._asked) == sorted(tickets[-2:])
+    assert cat._asked_bytes == sum(catalog_mod._asked_size(names)
+                                   for names, _size in cat._asked.values()) <= \
+        catalog_mod.ASKED_BYTES
+
+
 def test_the_mtimes_of_received_records_keep_no_format_per_batch_size(home):
     # The agent rows of a "received" batch take their mtimes by one struct call of a
     # format as long as the batch: struct's module cache kept one compiled format per
@@ -820,7 +975,7 @@ def test_the_mtimes_of_received_records_keep_no_format_per_batch_size(home):
         for size in range(1901, 2001):
             rows = cat._reported(names[:size], data[:size * scanner_mod.FINGERPRINT.size],
                                  "client02")
-            assert rows[-1] == [names[size - 1][len(info):], "client02", 7 + size - 1]
+            assert rows[-1] == (names[size - 1][len(info):], "client02", 7 + size - 1)
         del rows
         kept = tracemalloc.get_traced_memory()[0]
     finally:
@@ -906,7 +1061,7 @@ def test_fingerprints_vouch_only_for_settled_records(home):
                               node_name="master01", wall=lambda: now[0])
     cat.tick(0.0)
     answer = cat.handle("fingerprints", {"names": [name, "queue/agent-info/none-any"]})
-    assert answer.result == {"count": 2}
+    assert answer.result["count"] == 2 and type(answer.result["ticket"]) in compat.integer_types
     assert answer.data == scanner_mod.NO_FINGERPRINT * 2
     now[0] += 2.5
     cat.tick(1.0)  # the poll that settles it

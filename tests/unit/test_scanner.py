@@ -833,6 +833,30 @@ def test_a_record_written_between_passes_takes_its_folders_seal_away(home):
     assert sorted(scan._seals) == ["etc/shared/default"]  # a seal speaks for records unchanged
 
 
+def test_learned_records_take_the_seals_of_their_folders_only(home):
+    # Learned in one call (a batch), the folders of the records taken are unsealed, each
+    # once, and only theirs: one refused leaves its folder's seal.
+    names = ["queue/agent-info/web01-any", "etc/shared/default/agent.conf",
+             "etc/shared/other/agent.conf", "queue/agent-info/web02-any"]
+    os.makedirs(os.path.join(home, "etc/shared/other"))
+    for name in names:
+        write(home, name, "x" + name)
+    scan, _ = make(home, wall=lambda: 4e9)
+    scan.full_pass()
+    scan.full_pass()
+    folders = ["etc/shared/default", "etc/shared/other", "queue/agent-info"]
+    assert all(folder in scan._seals for folder in folders)
+    rows, digests = [], []
+    for name in names:
+        digest = binascii.unhexlify(scan.get(name)["sha256"])
+        compat.set_mtime_ns(os.path.join(home, name), 5 * 10 ** 18)
+        rows.append([name] + list(scanner.fingerprint(os.lstat(os.path.join(home, name)))))
+        digests.append(digest if name != "etc/shared/other/agent.conf" else b"\1" * 32)
+    assert [row[0] for row in scan.learn_rows(rows, digests)] == [names[2]]
+    assert "etc/shared/other" in scan._seals
+    assert not any(folder in scan._seals for folder in (folders[0], folders[2]))
+
+
 def test_a_learned_keepalive_takes_its_folders_seal_away(home):
     # Scanner.learn_rows writes a record as check_files does (a receiver's keepalive).
     name = "queue/agent-info/web01-any"
