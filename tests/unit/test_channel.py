@@ -897,8 +897,9 @@ def test_a_parked_request_is_granted_what_decoding_it_holds():
         wire = len(body)
         data = wire - 4 - len(protocol.encode_body(head)) + 4
         cost = protocol.header_cost(body)
-        window = b._parked_window(_Parked(protocol.REQUEST, 0, body), wire)
+        window, counted = b._parked_window(_Parked(protocol.REQUEST, 0, body), wire)
         assert window >= wire + data + cost
+        assert counted == cost  # and handed to _decode: counted once
     finally:
         a.close()
         b.close()
