@@ -16,8 +16,9 @@ import os
 import threading
 import time
 
-from wazuh_cluster import (agents, background, compat, deltarx, keepalive, keyids, localedits,
-                           logs, metapack, protocol, receive, staterows, summary, text)
+from wazuh_cluster import (agents, background, compat, deltarx, fairlock, keepalive, keyids,
+                           localedits, logs, metapack, protocol, receive, staterows, summary,
+                           text)
 from wazuh_cluster.errors import ProtocolError, RequestError
 
 HELD_KEY = "held_client_keys"
@@ -100,6 +101,9 @@ _META_FIELDS = (("name", compat.string_types), ("sha256", compat.string_types),
 _INTEGERS = frozenset(compat.integer_types)  # exactly: a bool is no mtime
 _new_incoming = functools.partial(tuple.__new__, receive.Incoming)
 _NAME_OF = operator.attrgetter("name")
+# Keepalive batches are applied one at a time, in the order they came (see Inbox.sync_files).
+_TOUCHING = fairlock.FairLock()
+_NOT_PACKED = ("files", "meta", "delete", "delete_dirs", "deltas")
 
 
 def _meta_updates(header):
@@ -390,6 +394,8 @@ class Inbox(object):
         args, data, delta_refused = self.deltas.expand(args, data, sender_role,
                                                        session.peer_name)
         incoming, deletes, dirs = parse_batch(args, data)
+        # every name came packed (a keepalive batch): see _TOUCHING and compact_states
+        packed_only = metapack.NAMES in args and not any(args.get(key) for key in _NOT_PACKED)
         if isinstance(data, protocol.Inflater) and sender_role == "master" and \
                 self.touches_keys(incoming, deletes):
             # the removal guard compares the whole new client.keys with ours first
@@ -423,9 +429,16 @@ class Inbox(object):
             before = old if hold is None else None
             edits = self.edits.before(incoming, deletes, dirs)
             try:
-                states, reasons = self.receiver.apply_batch(
-                    incoming, deletes, dirs, sender_role=sender_role, peer=peer, known=known,
-                    learned=learned, fence=fence, replace=self.edits.replacer(edits))
+                # Two keepalive batches applied at once handed the GIL to each other at each
+                # of their system calls (five a keepalive): 800 context switches a second on
+                # a master taking 3 000 keepalives a second, 140 one at a time, and a fifth
+                # less CPU. A batch holds no claim (receive.py) while it waits here, so it
+                # waits at most for the batches before it, never for a batch waiting for it.
+                with (_TOUCHING if packed_only else _Unlocked()):
+                    states, reasons = self.receiver.apply_batch(
+                        incoming, deletes, dirs, sender_role=sender_role, peer=peer,
+                        known=known, learned=learned, fence=fence,
+                        replace=self.edits.replacer(edits))
             except BaseException:
                 self.edits.after(edits, None)
                 raise
