@@ -411,14 +411,15 @@ class Inbox(object):
         learned = []
         # Only a client.keys change needs the batch alone (its guard and agent cleaning);
         # other batches are applied alongside each other (the receiver claims names).
-        with (self.lock if self.touches_keys(incoming, deletes) else _Unlocked()):
+        # asked once of a keepalive batch's 2 000 names (each ask walks them all)
+        keys = self.touches_keys(incoming, deletes)
+        with (self.lock if keys else _Unlocked()):
             hold = None
             guarded = self.guards_removals(session, sender_role, incoming, deletes)
-            retouched = self.keys_retouched(incoming, deletes)
+            retouched = self.keys_retouched(incoming, deletes) if keys else None
             # client.keys as it is, read once (not at all while it is the file we wrote):
             # the append check, the guard and the agent cleanup all compare it
-            current = self.read_keys_stable() if not retouched and \
-                self.touches_keys(incoming, deletes) else None
+            current = self.read_keys_stable() if not retouched and keys else None
             appended = guarded and self.only_appended(incoming, current)
             old = compat.to_text(current[1], errors="replace") \
                 if current is not None and not appended else None
@@ -481,7 +482,8 @@ class Inbox(object):
         if metapack.NAMES in args:
             # a peer that sends the packed form reads the compact answer (metapack.py)
             answer = {"states": metapack.compact_states(
-                states, (f.name for f in parsed if f.meta_only)), metapack.COMPACT: True}
+                states, None if packed_only else (f.name for f in parsed if f.meta_only)),
+                metapack.COMPACT: True}
         if delta_refused:
             answer["delta_refused"] = delta_refused
         return answer, b""

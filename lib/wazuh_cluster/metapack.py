@@ -95,8 +95,12 @@ def decode(header):
     return names, list(map(_hex, digests)), mtimes
 
 
-def compact_states(states, packed_names):
-    """The answer's states with the synchronized `packed_names` left out (COMPACT)."""
+def compact_states(states, packed_names=None):
+    """The answer's states with the synchronized `packed_names` left out (COMPACT); None:
+    every name of the batch came packed (a keepalive batch), the states are theirs alone."""
+    if packed_names is None:
+        return dict((name, state) for name, state in states.items()
+                    if state != u"synchronized")
     packed = set(packed_names)
     return dict((name, state) for name, state in states.items()
                 if state != u"synchronized" or name not in packed)

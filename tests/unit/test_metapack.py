@@ -92,6 +92,8 @@ def test_a_compact_answer_stands_for_the_packed_names_only():
     states = {u"a": u"synchronized", u"b": u"failed", u"d": u"synchronized"}
     assert metapack.compact_states(states, [u"a", u"b"]) == \
         {u"b": u"failed", u"d": u"synchronized"}
+    # a batch of packed names alone (a keepalive batch): its states are theirs
+    assert metapack.compact_states(states) == {u"b": u"failed"}
 
 
 def test_the_packed_form_is_announced_and_taken_only_when_known():
