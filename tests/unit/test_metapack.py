@@ -335,3 +335,25 @@ def test_keepalive_batches_are_applied_one_at_a_time(home):  # noqa: F811
     as_json = [{"files": [], "meta": meta(NAMES[:5]), "delete": [], "delete_dirs": []},
                {"files": [], "meta": meta(NAMES[5:10]), "delete": [], "delete_dirs": []}]
     assert run(as_json) == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("gc"), "callbacks"), reason="gc.callbacks: 3.3+")
+def test_decoding_makes_no_object_per_record_for_the_garbage_collector():
+    # A keepalive batch's records were a tuple each: thousands of them, live together, made
+    # the cyclic garbage collector run several times a batch on a busy master.
+    import gc
+    names = [u"queue/agent-info/agent%05d-any" % i for i in range(metapack.MAX_NAMES)]
+    header = metapack.encode(meta(names))
+    runs = []
+
+    def count(phase, info):
+        if phase == "start":
+            runs.append(info)
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        decoded = metapack.decode(header)
+    finally:
+        gc.callbacks.remove(count)
+    assert list(decoded[0]) == names and len(decoded[1]) == len(decoded[2]) == len(names)
+    assert len(runs) <= 1
