@@ -431,10 +431,10 @@ class Inbox(object):
             edits = self.edits.before(incoming, deletes, dirs)
             try:
                 # Two keepalive batches applied at once handed the GIL to each other at each
-                # of their system calls (five a keepalive): 800 context switches a second on
-                # a master taking 3 000 keepalives a second, 140 one at a time, and a fifth
-                # less CPU. A batch holds no claim (receive.py) while it waits here, so it
-                # waits at most for the batches before it, never for a batch waiting for it.
+                # of their system calls (five a keepalive): on a master taking 3 000
+                # keepalives a second, 230-800 context switches a second, 150-170 one at a
+                # time, and an eighth less CPU (README). A batch holds no claim (receive.py)
+                # while it waits here: it waits for the batches before it, no batch for it.
                 with (_TOUCHING if packed_only else _Unlocked()):
                     states, reasons = self.receiver.apply_batch(
                         incoming, deletes, dirs, sender_role=sender_role, peer=peer,
