@@ -432,7 +432,7 @@ class Inbox(object):
             try:
                 # Two keepalive batches applied at once handed the GIL to each other at each
                 # of their system calls (five a keepalive): on a master taking 3 000
-                # keepalives a second, 230-800 context switches a second, 150-170 one at a
+                # keepalives a second, 230-1300 context switches a second, 150-170 one at a
                 # time, and an eighth less CPU (README). A batch holds no claim (receive.py)
                 # while it waits here: it waits for the batches before it, no batch for it.
                 with (_TOUCHING if packed_only else _Unlocked()):
