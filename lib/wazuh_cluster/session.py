@@ -430,18 +430,18 @@ class Session(object):
         return self.budget.grantable(self.holder, want)
 
     def _parked_window(self, parked, wire):
-        """The window of a parked request: what an uncompressed one needs, counted from its
-        header's text (a keepalive batch of 320 KB of names needs about 1.2 MB, where its
+        """(window, header cost or None) of a parked request: the window is what an
+        uncompressed one needs, counted from its header's text (a keepalive batch of 320 KB of names needs about 1.2 MB, where its
         worst case, SMALL_MESSAGE_COST times the frame, is 12.7 MB); the worst case for a
         compressed one."""
         window = self._window_for(parked.msg_type, parked.flags, wire)
         if parked.flags & protocol.FLAG_COMPRESSED:
-            return window
+            return window, None
         cost = protocol.header_cost(parked.body, self.max_header_bytes)
         if cost is None:   # refused when it is decoded
-            return min(window, wire + MIN_COST)
+            return min(window, wire + MIN_COST), None
         # decoding holds the body, its data copied out of it (at most the body) and the header
-        return min(window, 2 * wire + max(MIN_COST, cost))
+        return min(window, 2 * wire + max(MIN_COST, cost)), cost
 
     def _park(self, msg_type, flags, need, copies):
         """Read a request in one frame under a grant of the frame alone, when the budget can
@@ -605,7 +605,8 @@ class Session(object):
         decoded meanwhile holds its window in the queue until a worker serves it, so when
         every worker waited here none would, and the session's bytes and parked frames
         would be stuck for good (review of the ninth round)."""
-        extra = max(0, self._parked_window(parked, wire) - wire)
+        window, counted = self._parked_window(parked, wire)
+        extra = max(0, window - wire)
         try:
             if not self.budget.acquire(self.holder, extra, abandon=self._give_way,
                                        unpark=wire):
@@ -620,7 +621,7 @@ class Session(object):
         room = wire + extra
         try:
             header, data, cost = self._decode(parked.msg_type, parked.flags, [parked.body],
-                                              room)
+                                              room, counted)
             if cost > room:
                 self._too_large()
         except BaseException as exc:
@@ -660,11 +661,12 @@ class Session(object):
         if closed:   # close() gave back what was queued: this one gives back itself
             self.budget.release_parked(self.holder, wire)
 
-    def _decode(self, msg_type, flags, parts, room):
+    def _decode(self, msg_type, flags, parts, room, counted=None):
         """(header, data, bytes held from now on) of a message; `parts` is emptied.
 
         `room`: the bytes granted for it; what it needs on the way (parts joined or inflated
-        next to the frames) must fit.
+        next to the frames) must fit. `counted`: the header's protocol.header_cost when the
+        caller counted it already (a parked request: counted once, 0.3 ms a keepalive batch).
         """
         wire = sum(len(p) for p in parts)
         if flags & protocol.FLAG_COMPRESSED:
@@ -681,7 +683,7 @@ class Session(object):
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         del parts[:]
         header, data, head_cost = protocol.decode_costed(body, self.max_header_bytes,
-                                                         room - len(body))
+                                                         room - len(body), counted)
         return header, data, max(MIN_COST, len(data) + head_cost)
 
     def _streams(self, header):
