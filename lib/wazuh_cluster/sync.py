@@ -61,10 +61,12 @@ NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds
 ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
 
-def read_stable(path):
+def read_stable(path, digest_of=None):
     """(data, sha256, mtime_ns) of a regular file, or None when it changed while being read.
 
     A file rewritten during the read is sent later, never half old and half new.
+    `digest_of(data)`: its SHA-256 hex digits (versions.VersionStore's, which hashes only
+    what was appended to the version it holds); by default all of it is hashed.
     """
     try:
         before = os.lstat(path)
@@ -79,7 +81,11 @@ def read_stable(path):
     if (before.st_size, compat.stat_mtime_ns(before), before.st_ino) != \
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
-    return data, compat.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+    return data, (digest_of or _hex_sha256)(data), compat.stat_mtime_ns(after)
+
+
+def _hex_sha256(data):
+    return compat.sha256(data).hexdigest()
 
 
 def is_regular(path):

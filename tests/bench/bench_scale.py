@@ -271,15 +271,19 @@ class ScaleBench(benchlib.BenchNodes):
         end = start + opt.duration
         next_second = start
         print("\nchurn: %s (%g %% of every client's agent-info files a second), one agent "
-              "appended to client.keys a second, %d s" % (opt.churn, fraction * 100,
-                                                          opt.duration))
+              "appended to client.keys a second, %d s%s" % (
+                  opt.churn, fraction * 100, opt.duration,
+                  "".join(" (measurement: no %s)" % what for what, off in (
+                      ("appends", opt.no_appends), ("touches", opt.no_touches)) if off)))
         while True:
             stamp = now()
             if stamp >= next_second and stamp < end:
                 toucher.late(stamp - next_second)
                 next_second += 1.0
-                appends.append(self.append_agent(keys))
-                samples.extend(self.keepalives(toucher))
+                if not opt.no_appends:
+                    appends.append(self.append_agent(keys))
+                if not opt.no_touches:
+                    samples.extend(self.keepalives(toucher))
             self.observe_appends(appends, keys_lat, timeline)
             self.observe_keepalives(samples, alive_lat)
             if stamp >= end and not appends and not samples:
@@ -662,6 +666,11 @@ def parse_args(argv):
                         metavar="NAME=VALUE",
                         help="an internal option on every node (local_internal_options.conf), "
                              "e.g. cluster.max_inflight_bytes=25165824; repeatable")
+    parser.add_argument("--no-appends", action="store_true",
+                        help="measurement only: no agent appended during the churn (what the "
+                             "appends cost is the difference; the append figures are then nan)")
+    parser.add_argument("--no-touches", action="store_true",
+                        help="measurement only: no agent-info touched during the churn")
     parser.add_argument("--timeline", action="store_true",
                         help="print when every append reached each client")
     options = parser.parse_args(argv)
