@@ -836,7 +836,7 @@ class PeerSync(object):
                 batch.delete.append(name)
             batch.delete_dirs.extend(dirs)
             if not batch.empty():
-                calls.submit(batch)
+                calls.submit(batch, last=True)
                 batch = Batch()  # its grant is its call's now
         finally:
             batch.close_grant()  # one not submitted (an error) gives its room back here
@@ -961,11 +961,19 @@ class InFlight(object):
         self.submit(batch)
         return Batch(batch.max_bytes)
 
-    def submit(self, batch):
+    def submit(self, batch, last=False):
+        """Start the call of `batch`; the `last` one of a send runs in this thread (nothing
+        is read after it: a push of one append to ten clients started and joined a thread
+        per client for it), its error raised by finish() as any other's."""
         while len(self.running) >= self.depth:
             self._join(self.running.popleft())
         if self.error is not None:
             raise self.error
+        if last:
+            result = {}
+            self._run(batch, result)
+            self._joined(result)
+            return
         result = {}
         thread = threading.Thread(target=self._run, args=(batch, result), name="sync-files")
         thread.daemon = True
@@ -981,6 +989,9 @@ class InFlight(object):
     def _join(self, running):
         thread, result = running
         thread.join()
+        self._joined(result)
+
+    def _joined(self, result):
         if "error" in result:
             self.error = self.error or result["error"]
         else:
