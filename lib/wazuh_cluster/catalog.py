@@ -94,6 +94,7 @@ FOREIGN_SCAN_INTERVAL = 600.0
 # client.keys (hot) is also looked at this many times per poll, an lstat each time: an agent
 # added on the master reaches the clients a quarter of a poll after, not up to a whole one
 # (SPEC section 8's append latency: p50 1 s, p99 2 s, of which a 1 s poll took 0.5 / 1 s).
+# A change look_hot announced is hashed and recorded by the next poll (Catalog._check_hot).
 HOT_CHECKS_PER_POLL = 4
 # While the loop is awake anyway (a request, a tick), client.keys is looked at once this long
 # after the last look (an lstat), and a change is announced before it is hashed (look_hot).
