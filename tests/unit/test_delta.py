@@ -77,6 +77,27 @@ def test_prefix_and_suffix_are_found_across_blocks_and_at_every_offset():
         assert (made.head, made.tail, made.middle) == (at, len(base) - at - 1, b"!")
 
 
+def test_a_version_whole_at_the_start_of_the_other_is_compared_without_slices(monkeypatch):
+    # Every client.keys append linked the versions through 64 KiB slices of both (2.4 ms at
+    # 9.4 MB, once a second on a busy master); one of them whole at the start of the other
+    # is one comparison. Anything else still goes through the blocks.
+    sliced = []
+    real = delta._forward
+    monkeypatch.setattr(delta, "_forward", lambda x, lo, hi: sliced.append(lo) or real(x, lo, hi))
+    base = os.urandom(3 * delta.BLOCK + 17)
+    assert delta.common_prefix(base, base + b"new line\n") == len(base)
+    assert delta.common_prefix(base + b"new line\n", base) == len(base)
+    assert delta.common_prefix(base, base) == len(base)
+    assert delta.common_prefix(b"", base) == 0
+    made = delta.make(base, base + b"x")
+    assert (made.head, made.tail, made.middle) == (len(base), 0, b"x")
+    assert sliced == []
+    edited = bytearray(base + b"x")
+    edited[delta.BLOCK + 3] ^= 1
+    edited = bytes(edited)
+    assert delta.common_prefix(base, edited) == delta.BLOCK + 3 and sliced
+
+
 def test_a_rewrite_is_not_worth_a_delta_an_append_is():
     assert not delta.worth(delta.make(BIG, keys(3000, start=5000)), len(BIG))
     assert delta.worth(delta.make(BIG, BIG + line(99999)), len(BIG) + len(line(1)))
