@@ -34,6 +34,9 @@ master whose agent-info files are written in place, as its clients would have se
            daemon's RSS growth after it (RSS a few seconds later minus before); then on the
            first client: wall time, and the RSS growth of its clusterd and the master's.
 
+Measurement only: --no-appends or --no-touches leaves that activity out of the churn, so that
+the master's CPU of the other is the difference (README, Performance: the activity split).
+
 Every figure is printed next to its target (issue 11's table), with the load average (the
 machine is shared) and the interpreters. Every wait is bounded; the run stops by itself,
 stops every daemon it started and removes its folder (unless --keep).
