@@ -969,12 +969,11 @@ class InFlight(object):
             self._join(self.running.popleft())
         if self.error is not None:
             raise self.error
+        result = {}
         if last:
-            result = {}
             self._run(batch, result)
             self._joined(result)
             return
-        result = {}
         thread = threading.Thread(target=self._run, args=(batch, result), name="sync-files")
         thread.daemon = True
         thread.start()
