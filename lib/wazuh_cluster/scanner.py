@@ -696,13 +696,17 @@ class Scanner(object):
         self.last_poll = end
         return out.freeze()
 
-    def check_hot(self, only=None):
+    def check_hot(self, only=None, announced=None):
         """The hot files (client.keys) whose fingerprint changed: a ChangeSet. Between two
         polls (Catalog.tick): an lstat each, no folder; a file whose fingerprint is the one
-        hashed, even racy, waits for the next poll's settling hash. `only`: as in poll()."""
+        hashed, even racy, waits for the next poll's settling hash, and so does one whose
+        fingerprint is its value in `announced` (name -> packed fingerprint: hot_moved's,
+        announced to the peers already). `only`: as in poll()."""
         out = _Collector()
+        announced = announced or {}
         for item, rel, fingerprint in self._hot_looks(only):
-            if fingerprint is None or not self._files.get(rel, b"").startswith(fingerprint):
+            if fingerprint is None or not (self._files.get(rel, b"").startswith(fingerprint)
+                                           or announced.get(rel) == fingerprint):
                 self._check_path(item, rel, out)
         return out.freeze()
 

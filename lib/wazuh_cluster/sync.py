@@ -61,10 +61,12 @@ NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds
 ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
 
-def read_stable(path):
+def read_stable(path, digest_of=None):
     """(data, sha256, mtime_ns) of a regular file, or None when it changed while being read.
 
     A file rewritten during the read is sent later, never half old and half new.
+    `digest_of(data)`: its SHA-256 hex digits (versions.VersionStore's, which hashes only
+    what was appended to the version it holds); by default all of it is hashed.
     """
     try:
         before = os.lstat(path)
@@ -79,7 +81,11 @@ def read_stable(path):
     if (before.st_size, compat.stat_mtime_ns(before), before.st_ino) != \
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
-    return data, compat.sha256(data).hexdigest(), compat.stat_mtime_ns(after)
+    return data, (digest_of or _hex_sha256)(data), compat.stat_mtime_ns(after)
+
+
+def _hex_sha256(data):
+    return compat.sha256(data).hexdigest()
 
 
 def is_regular(path):
@@ -830,7 +836,7 @@ class PeerSync(object):
                 batch.delete.append(name)
             batch.delete_dirs.extend(dirs)
             if not batch.empty():
-                calls.submit(batch)
+                calls.submit(batch, last=True)
                 batch = Batch()  # its grant is its call's now
         finally:
             batch.close_grant()  # one not submitted (an error) gives its room back here
@@ -955,12 +961,19 @@ class InFlight(object):
         self.submit(batch)
         return Batch(batch.max_bytes)
 
-    def submit(self, batch):
+    def submit(self, batch, last=False):
+        """Start the call of `batch`; the `last` one of a send runs in this thread (nothing
+        is read after it: a push of one append to ten clients started and joined a thread
+        per client for it), its error raised by finish() as any other's."""
         while len(self.running) >= self.depth:
             self._join(self.running.popleft())
         if self.error is not None:
             raise self.error
         result = {}
+        if last:
+            self._run(batch, result)
+            self._joined(result)
+            return
         thread = threading.Thread(target=self._run, args=(batch, result), name="sync-files")
         thread.daemon = True
         thread.start()
@@ -975,6 +988,9 @@ class InFlight(object):
     def _join(self, running):
         thread, result = running
         thread.join()
+        self._joined(result)
+
+    def _joined(self, result):
         if "error" in result:
             self.error = self.error or result["error"]
         else:

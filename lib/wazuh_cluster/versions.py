@@ -19,6 +19,13 @@ smallest prefix and the smallest suffix along the way (each link's prefix and su
 shared by both ends, so the smallest ones are shared by the whole chain). The master then
 holds one client.keys, not two plus the one being read, and a client that is several appends
 behind still gets a delta instead of the whole file.
+
+A new version that starts with the bytes of the newest one held (an append) is not hashed
+whole: the SHA-256 state after those bytes is kept with them, and only the new tail is
+hashed from it. The prefix is proven by comparing the bytes read with the bytes held (a
+memcmp, ~10x cheaper than SHA-256), never assumed from sizes or times: an in-place edit
+anywhere in it gets the whole file hashed. Under an append a second this was ~6 of the
+~10 ms of wazuh-clusterd's read of a 9.4 MB client.keys.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -68,6 +75,10 @@ class VersionStore(object):
         # old sha256 -> (newer sha256, old size, common prefix, common suffix), LRU first
         self._links = collections.OrderedDict()
         self.waiting = 0                            # sessions waiting for such a read
+        # path -> (sha256 hex, SHA-256 state after exactly those bytes) of the newest
+        # version read (one per big file; a few hundred bytes each)
+        self._states = {}
+        self.tail_hashed = 0                        # reads hashed from a held version's state
 
     def wanted(self, size):
         # Up to the whole budget: a newer version links the older one and lets its bytes go
@@ -142,7 +153,12 @@ class VersionStore(object):
             mine.set()
 
     def _read(self, path, read_func):
-        got = read_func(path)
+        hashed = []
+        got = read_func(path, self._digest_of(path, hashed))
+        if got is not None and hashed and hashed[0][0] == got[1] and \
+                self.wanted(len(got[0])):
+            with self._lock:
+                self._states[path] = hashed[0]
         if got is not None and self.wanted(len(got[0])):
             with self._lock:
                 before = self._latest.get(path)
@@ -167,6 +183,25 @@ class VersionStore(object):
                 with self._lock:
                     self._latest[path] = (after, got[1], got[2])
         return got
+
+    def _digest_of(self, path, hashed):
+        """read_func's digest_of for a new read of `path`: the SHA-256 hex digits of the
+        bytes read, from the state kept after the newest version held when they start with
+        its bytes (see the module docstring); (hex digits, state) is appended to `hashed`."""
+        with self._lock:
+            prior = self._states.get(path)
+            held = None if prior is None else self._versions.get(prior[0])  # LRU unmoved
+
+        def digest_of(data):
+            if held is not None and len(data) >= len(held) and data.startswith(held):
+                state = prior[1].copy()
+                state.update(data[len(held):])
+                self.tail_hashed += 1
+            else:
+                state = compat.sha256(data)
+            hashed.append((state.hexdigest(), state))
+            return hashed[-1][0]
+        return digest_of
 
     def _link(self, old_sha256, new_sha256, new):
         """Keep how `new` differs from the stored version `old_sha256`, not its bytes."""

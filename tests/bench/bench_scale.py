@@ -34,6 +34,9 @@ master whose agent-info files are written in place, as its clients would have se
            daemon's RSS growth after it (RSS a few seconds later minus before); then on the
            first client: wall time, and the RSS growth of its clusterd and the master's.
 
+Measurement only: --no-appends or --no-touches leaves that activity out of the churn, so that
+the master's CPU of the other is the difference (README, Performance: the activity split).
+
 Every figure is printed next to its target (issue 11's table), with the load average (the
 machine is shared) and the interpreters. Every wait is bounded; the run stops by itself,
 stops every daemon it started and removes its folder (unless --keep).
@@ -271,15 +274,19 @@ class ScaleBench(benchlib.BenchNodes):
         end = start + opt.duration
         next_second = start
         print("\nchurn: %s (%g %% of every client's agent-info files a second), one agent "
-              "appended to client.keys a second, %d s" % (opt.churn, fraction * 100,
-                                                          opt.duration))
+              "appended to client.keys a second, %d s%s" % (
+                  opt.churn, fraction * 100, opt.duration,
+                  "".join(" (measurement: no %s)" % what for what, off in (
+                      ("appends", opt.no_appends), ("touches", opt.no_touches)) if off)))
         while True:
             stamp = now()
             if stamp >= next_second and stamp < end:
                 toucher.late(stamp - next_second)
                 next_second += 1.0
-                appends.append(self.append_agent(keys))
-                samples.extend(self.keepalives(toucher))
+                if not opt.no_appends:
+                    appends.append(self.append_agent(keys))
+                if not opt.no_touches:
+                    samples.extend(self.keepalives(toucher))
             self.observe_appends(appends, keys_lat, timeline)
             self.observe_keepalives(samples, alive_lat)
             if stamp >= end and not appends and not samples:
@@ -662,6 +669,11 @@ def parse_args(argv):
                         metavar="NAME=VALUE",
                         help="an internal option on every node (local_internal_options.conf), "
                              "e.g. cluster.max_inflight_bytes=25165824; repeatable")
+    parser.add_argument("--no-appends", action="store_true",
+                        help="measurement only: no agent appended during the churn (what the "
+                             "appends cost is the difference; the append figures are then nan)")
+    parser.add_argument("--no-touches", action="store_true",
+                        help="measurement only: no agent-info touched during the churn")
     parser.add_argument("--timeline", action="store_true",
                         help="print when every append reached each client")
     options = parser.parse_args(argv)

@@ -186,6 +186,38 @@ def test_an_error_of_one_call_is_raised_once_all_calls_ended():
     assert finished == [u"etc/shared/default/f1"]
 
 
+def test_the_last_batch_of_a_send_is_called_from_the_sending_thread():
+    """A push of one client.keys append to ten clients started and joined a thread per
+    client for its one batch; the last batch runs in the sender's thread, the others still
+    in flight meanwhile, and its error is raised by finish() once all ended."""
+    threads, finished = [], []
+
+    def call(batch):
+        name = batch.files[0]["name"]
+        threads.append((name[-2:], threading.current_thread()))
+        if name.endswith("f1"):
+            raise RequestError("no answer", "timeout")
+        finished.append(name)
+        return {name: "synchronized"}
+    one = Batch()
+    one.add_file(u"etc/shared/default/f0", b"x", "0" * 64, 1)
+    calls = InFlight(call, 2)
+    calls.submit(one, last=True)
+    assert calls.finish() == {u"etc/shared/default/f0": "synchronized"}
+    assert threads == [("f0", threading.current_thread())]
+    calls = InFlight(call, 2)
+    for n in (2, 1):
+        batch = Batch()
+        batch.add_file(u"etc/shared/default/f%d" % n, b"x", "0" * 64, 1)
+        calls.submit(batch, last=n == 1)
+    with pytest.raises(RequestError):
+        calls.finish()
+    assert finished == [u"etc/shared/default/f0", u"etc/shared/default/f2"]
+    where = dict(threads[1:])
+    assert where["f2"] is not threading.current_thread()
+    assert where["f1"] is threading.current_thread()
+
+
 def test_batches_are_read_under_grants_of_the_budget_and_give_them_back(tmpdir):
     """A master's batches are counted in its process budget (issue 11 item 4): granted
     before they are read, within the send pool, and all given back once sent."""
@@ -351,14 +383,14 @@ def test_a_big_file_appended_while_it_is_read_goes_at_once_in_its_newer_version(
     added = b"03000 agent03000 any %064x\n" % 3000
     seen, reads = [], []
 
-    def read(p):
+    def read(p, digest_of=None):
         reads.append(p)
         if len(reads) == 1:
             with open(p, "ab") as handle:
                 handle.write(added)     # the next append, during (or just before) the read
             if torn:
                 return None
-        return sync_mod.read_stable(p)
+        return sync_mod.read_stable(p, digest_of)
 
     def sync_files(session, args, data):
         seen.append(data)

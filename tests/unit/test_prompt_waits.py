@@ -48,7 +48,7 @@ def test_a_session_waiting_for_another_s_read_of_a_big_file_does_not_poll(tmp_pa
         handle.write(data)
     started, go, results = threading.Event(), threading.Event(), []
 
-    def slow_read(p):
+    def slow_read(p, digest_of=None):
         started.set()
         go.wait(WAIT)
         return data, "0" * 64, 1
