@@ -222,14 +222,18 @@ def _hashing_counted(monkeypatch):
     return fed
 
 
-def test_an_append_is_hashed_from_the_state_after_the_version_held(tmp_path, monkeypatch):
-    # wazuh-clusterd hashed the whole 9.4 MB client.keys again after every append (~6 ms
-    # of SHA-256 a second on the master); the bytes held prove the prefix, the tail is hashed.
+def _big_keys(tmp_path, monkeypatch):
+    """(path of a client.keys of BIG, a VersionStore, the counted SHA-256 feeds)."""
     path = str(tmp_path / "client.keys")
     with open(path, "wb") as handle:
         handle.write(BIG)
-    store = versions.VersionStore(min_bytes=1000)
-    fed = _hashing_counted(monkeypatch)
+    return path, versions.VersionStore(min_bytes=1000), _hashing_counted(monkeypatch)
+
+
+def test_an_append_is_hashed_from_the_state_after_the_version_held(tmp_path, monkeypatch):
+    # wazuh-clusterd hashed the whole 9.4 MB client.keys again after every append (~6 ms
+    # of SHA-256 a second on the master); the bytes held prove the prefix, the tail is hashed.
+    path, store, fed = _big_keys(tmp_path, monkeypatch)
     assert store.read(path, read_stable)[1] == sha(BIG) and sum(fed) == len(BIG)
     del fed[:]
     with open(path, "ab") as handle:
@@ -246,11 +250,7 @@ def test_an_append_is_hashed_from_the_state_after_the_version_held(tmp_path, mon
 def test_an_edit_in_place_with_an_append_is_hashed_whole(tmp_path, monkeypatch):
     # The held bytes are compared, not assumed from the size: an agent's key changed in the
     # middle (same length) while another is appended must not get the tail's checksum.
-    path = str(tmp_path / "client.keys")
-    with open(path, "wb") as handle:
-        handle.write(BIG)
-    store = versions.VersionStore(min_bytes=1000)
-    fed = _hashing_counted(monkeypatch)
+    path, store, fed = _big_keys(tmp_path, monkeypatch)
     store.read(path, read_stable)
     del fed[:]
     edited = bytearray(BIG)
