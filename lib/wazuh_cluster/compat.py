@@ -542,3 +542,16 @@ else:
     def json_loads(data):
         """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes)."""
         return _json.loads(data.decode("utf-8"))
+
+
+class _NoLock(object):
+    """A context manager that holds nothing (contextlib.nullcontext is 3.7+)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+NO_LOCK = _NoLock()

@@ -209,16 +209,6 @@ def manifest_queries(source, names, as_data, buckets=None):
         start = end
 
 
-class _Unlocked(object):
-    """A context manager that holds nothing (contextlib.nullcontext is 3.7+)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class Inbox(object):
     """Dispatcher entries sync_manifest and sync_files, and the held client.keys change."""
 
@@ -413,7 +403,7 @@ class Inbox(object):
         # other batches are applied alongside each other (the receiver claims names).
         # asked once of a keepalive batch's 2 000 names (each ask walks them all)
         keys = self.touches_keys(incoming, deletes)
-        with (self.lock if keys else _Unlocked()):
+        with (self.lock if keys else compat.NO_LOCK):
             hold = None
             guarded = self.guards_removals(session, sender_role, incoming, deletes)
             retouched = self.keys_retouched(incoming, deletes) if keys else None
@@ -434,12 +424,13 @@ class Inbox(object):
                 # of their system calls (five a keepalive): on a master taking 3 000
                 # keepalives a second, 230-1300 context switches a second, 150-170 one at a
                 # time, and an eighth less CPU (README). A batch holds no claim (receive.py)
-                # while it waits here: it waits for the batches before it, no batch for it.
-                with (_TOUCHING if packed_only else _Unlocked()):
-                    states, reasons = self.receiver.apply_batch(
-                        incoming, deletes, dirs, sender_role=sender_role, peer=peer,
-                        known=known, learned=learned, fence=fence,
-                        replace=self.edits.replacer(edits))
+                # while it waits for the lock: it waits for the batches before it, no batch
+                # for it. Held while setting times in place, not while flushing (syncfs).
+                states, reasons = self.receiver.apply_batch(
+                    incoming, deletes, dirs, sender_role=sender_role, peer=peer,
+                    known=known, learned=learned, fence=fence,
+                    replace=self.edits.replacer(edits),
+                    serial=_TOUCHING if packed_only else None)
             except BaseException:
                 self.edits.after(edits, None)
                 raise

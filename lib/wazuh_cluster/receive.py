@@ -141,7 +141,7 @@ class Receiver(object):
         self.proven = None
 
     def apply_batch(self, files=(), deletes=(), deleted_dirs=(), sender_role=None, peer=None,
-                    known=None, learned=None, fence=None, replace=None):
+                    known=None, learned=None, fence=None, replace=None, serial=None):
         """Apply one batch from a peer; return (states, reasons).
 
         files: iterable of Incoming (a generator is fine: each file's data is written to its
@@ -172,13 +172,17 @@ class Receiver(object):
             localedits.LocalEdits.replacer: replace(temp, target) instead of os.rename puts
             each file in place (and keeps what it replaced for a check); its
             remove(target), when it has one, deletes a file instead of os.unlink.
+        serial: a lock held while a batch of meta-only updates alone is set in place
+            (touches.touch_all), released before the batch is flushed: batches that wait
+            for each other's syncfs would queue behind a busy disk, where concurrent ones
+            share a journal commit.
         """
         sender = sender_role or ("client" if self.role == "master" else "master")
         return self._apply(files, deletes, deleted_dirs, sender, peer, known, learned, fence,
-                           replace)
+                           replace, serial)
 
     def _apply(self, files, deletes, deleted_dirs, sender, peer, known, learned, fence=None,
-               replace=None):
+               replace=None, serial=None):
         batch = _Batch(self, sender, len(files) if hasattr(files, "__len__") else None)
         batch.fence = fence
         batch.replace = replace or os.rename
@@ -187,7 +191,8 @@ class Receiver(object):
         batch.learned = learned if learned is not None else []
         try:
             if touches.touches_only(files, deletes, deleted_dirs, batch.known, Incoming):
-                touches.touch_all(batch, files)
+                with serial or compat.NO_LOCK:
+                    touches.touch_all(batch, files)
             for name in deleted_dirs:
                 self._claim(batch, name)
                 batch.run(name, batch.remove_dir, name)

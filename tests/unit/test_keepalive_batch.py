@@ -12,7 +12,7 @@ import pytest
 from test_keepalive import Apply, Held
 from test_receive import (AI, BASE_NS, EXCLUDE, ITEMS, SEC, home, log,  # noqa: F401
                           master_rx, mtime_ns, odd_agent_infos, outside, put, read, temp_files)
-from wazuh_cluster import claims, compat, fsops, pathrules, receive, scanner
+from wazuh_cluster import claims, compat, fsops, pathrules, receive, scanner, touches
 from wazuh_cluster.errors import PathRefused
 from wazuh_cluster.receive import Incoming
 
@@ -146,6 +146,45 @@ def test_a_keepalive_batch_is_applied_in_place_without_the_per_file_path(home, l
         (name, scanner.packed_record(scanner.fingerprint(os.lstat(os.path.join(home, name))),
                                      DIGEST))
         for name in names)
+
+
+class Serial(object):
+    """A lock that notes whether it is held."""
+
+    def __init__(self):
+        self.held = False
+
+    def __enter__(self):
+        assert not self.held
+        self.held = True
+
+    def __exit__(self, *exc):
+        self.held = False
+
+
+def test_a_serial_lock_is_held_while_setting_in_place_not_while_flushing(home, log, per_file,
+                                                                        monkeypatch):
+    # Keepalive batches wait for each other while they set times (inbox._TOUCHING), not
+    # while they flush: a syncfs each, one after another, would queue behind a busy disk.
+    names = agents(home, 20)
+    known = dict((name, record(home, name)) for name in names)
+    serial, seen = Serial(), []
+    touch_all, finish = touches.touch_all, receive.Receiver._finish
+
+    def touching(batch, files):
+        seen.append(("touch", serial.held))
+        return touch_all(batch, files)
+
+    def finishing(rx, batch):
+        seen.append(("finish", serial.held))
+        return finish(rx, batch)
+    monkeypatch.setattr(touches, "touch_all", touching)
+    monkeypatch.setattr(receive.Receiver, "_finish", finishing)
+    states, _reasons = master_rx(home, log).apply_batch(
+        [touch(name, BASE_NS + 5 * SEC) for name in names], known=known, serial=serial)
+    assert states == dict((name, "synchronized") for name in names) and per_file == []
+    assert seen[0] == ("touch", True) and ("finish", False) in seen
+    assert ("finish", True) not in seen and not serial.held
 
 
 def test_a_record_that_no_longer_holds_sends_the_file_to_be_read(home, log, per_file):

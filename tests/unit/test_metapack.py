@@ -291,50 +291,28 @@ def test_a_string_of_newlines_costs_lines_only_as_far_as_the_packed_form_can_spl
     assert protocol.json_cost(small) <= (compat.TEXT_CHAR_BYTES + 10) * len(small)
 
 
-def test_keepalive_batches_are_applied_one_at_a_time(home):  # noqa: F811
-    """Two packed keepalive batches applied at once handed the GIL to each other at each of
-    their system calls (a fifth of a master's CPU under the real keepalive rate): they wait
-    for each other (inbox._TOUCHING); other batches do not."""
-    import threading
+def test_keepalive_batches_are_set_in_place_one_at_a_time(home):  # noqa: F811
+    """Two packed keepalive batches set in place at once handed the GIL to each other at each
+    of their system calls (a fifth of a master's CPU under the real keepalive rate): their
+    receiver holds inbox._TOUCHING while it sets them (receive.apply_batch's serial, tested
+    in test_keepalive_batch); other batches do not."""
     from test_failover_fencing import InboxCfg, Layout
 
     class MasterCfg(InboxCfg):
         node_type = "master"
         is_master = True
     box = inbox.Inbox(MasterCfg(), Layout(home), NoDaemon())
-    lock = threading.Lock()
-    inside, most, second = [0], [0], threading.Event()
+    serials = []
     real = box.receiver.apply_batch
 
     def apply_batch(*args, **kw):
-        with lock:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-            if inside[0] > 1:
-                second.set()
-        second.wait(0.5)  # the other batch comes in meanwhile unless it waits for this one
-        try:
-            return real(*args, **kw)
-        finally:
-            with lock:
-                inside[0] -= 1
+        serials.append(kw.get("serial"))
+        return real(*args, **kw)
     box.receiver.apply_batch = apply_batch
-
-    def run(headers):
-        most[0] = 0
-        second.clear()
-        threads = [threading.Thread(target=box.sync_files, args=(Peer(), h, b""))
-                   for h in headers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return most[0]
-    packed = [header_of(meta(NAMES[:5])), header_of(meta(NAMES[5:10]))]
-    assert run(packed) == 1
-    as_json = [{"files": [], "meta": meta(NAMES[:5]), "delete": [], "delete_dirs": []},
-               {"files": [], "meta": meta(NAMES[5:10]), "delete": [], "delete_dirs": []}]
-    assert run(as_json) == 2
+    box.sync_files(Peer(), header_of(meta(NAMES[:5])), b"")
+    box.sync_files(Peer(), {"files": [], "meta": meta(NAMES[5:10]), "delete": [],
+                            "delete_dirs": []}, b"")
+    assert serials == [inbox._TOUCHING, None]
 
 
 @pytest.mark.skipif(not hasattr(__import__("gc"), "callbacks"), reason="gc.callbacks: 3.3+")
