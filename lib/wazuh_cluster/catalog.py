@@ -40,8 +40,9 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   fingerprints {names}                            -> {count, ticket} and count records
                                                       after the reply (localsock.WithData),
                                                       each scanner.FINGERPRINT (zeros:
-                                                      unknown); the ticket names these names
-                                                      for one "received" (ASKED_KEPT kept)
+                                                      unknown); the ticket (none for a name
+                                                      with a NUL) names these names for one
+                                                      "received" (ASKED_KEPT kept)
   received    {rows: [[name, size, mtime_ns, ino, ctime_ns, st_mode, sha256]],
                agents?: [agent_nodes rows]}       -> {learned: n, hinted: n, updated?: n}
                                                       (keepalive.py: files given a new mtime
@@ -60,6 +61,7 @@ import operator
 import os
 import random
 import struct
+import sys
 import time
 
 from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary
@@ -116,7 +118,7 @@ MAX_FINGERPRINT_NAMES = 16384
 # batch in flight, ten clients' sessions at once; an older one is dropped, and a
 # "received" referring to it is refused (its sender then sends the names).
 ASKED_KEPT = 20
-ASKED_BYTES = 6 << 20  # and their names' text at most (~95 bytes a name of a usual batch)
+ASKED_BYTES = 6 << 20  # and the bytes their names take at most (_asked_kept; ~96 a name)
 TICKET_LIMIT = 1 << 53  # a ticket is a JSON number any reader takes exactly
 _SHA_LEN = frozenset([64])
 _INTS = frozenset(compat.integer_types)  # exact types: True is no size nor time
@@ -154,9 +156,20 @@ def _opt_text_list(args, key):
     return value
 
 
-def _asked_size(names):
-    """What a list of names kept for a ticket holds, about: their text and a str each."""
-    return sum(map(len, names)) + 50 * len(names)
+def _asked_kept(names):
+    """(UTF-8 text of the names, NUL between them; how many; the bytes that takes) as kept
+    for a ticket, or None when they cannot be (a name with a NUL, or not UTF-8: its sender
+    sends the names). One bytes object: a list of texts took 4 bytes a character on 2.7
+    (UCS-4) and beyond U+FFFF on 3.x, and ~50 more a name, four times what was counted."""
+    try:
+        joined = u"\0".join(names)
+        blob = joined.encode("utf-8")
+    except UnicodeError:  # a lone surrogate on 3.x; bytes not ASCII on 2.7
+        return None
+    if joined.count(u"\0") != len(names) - 1:
+        return None
+    # the tuple, its count and size, and the OrderedDict's entry: ~200 bytes
+    return blob, len(names), sys.getsizeof(blob) + 200
 
 
 def source_is_foreign(source, role):
@@ -841,19 +854,20 @@ class Catalog(object):
             raise _bad("at most %d names a request" % MAX_FINGERPRINT_NAMES)
         result = {"count": len(names)}
         data = self.scanner.fingerprints(names)
-        if names:
-            result["ticket"] = self._keep_asked(names)
+        kept = _asked_kept(names) if names else None
+        if kept is not None:
+            result["ticket"] = self._keep_asked(kept)
         return localsock.WithData(result, data)
 
-    def _keep_asked(self, names):
-        """The ticket by which a "received" refers to these names (_asked_names)."""
+    def _keep_asked(self, kept):
+        """The ticket by which a "received" refers to these names (_asked_kept; see
+        _asked_names)."""
         ticket = self._next_ticket
         self._next_ticket = ticket + 1 if ticket + 1 < TICKET_LIMIT else 1
-        size = _asked_size(names)
-        self._asked[ticket] = (names, size)
-        self._asked_bytes += size
+        self._asked[ticket] = kept
+        self._asked_bytes += kept[2]
         while len(self._asked) > ASKED_KEPT or self._asked_bytes > ASKED_BYTES:
-            self._asked_bytes -= self._asked.popitem(last=False)[1][1]
+            self._asked_bytes -= self._asked.popitem(last=False)[1][2]
         return ticket
 
     def _asked_names(self, args):
@@ -865,13 +879,15 @@ class Catalog(object):
         kept = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
         if kept is None:
             raise _bad("unknown ticket: send the names")
-        names, size = kept
+        blob, kept_count, size = kept
         self._asked_bytes -= size
-        if type(count) not in _INTS or count != len(names):
-            raise _bad("the ticket was of %d names" % len(names))
+        if type(count) not in _INTS or count != kept_count:
+            raise _bad("the ticket was of %d names" % kept_count)
         if not isinstance(at, list) or not set(map(type, at)) <= _INTS or (at and (
                 min(at) < 0 or max(at) >= count)) or len(set(at)) != len(at):
             raise _bad("'at' must be a list of distinct indexes of the ticket's names")
+        # exactly the names kept: none holds a NUL (_asked_kept); made once it all matched
+        names = blob.decode("utf-8").split(u"\0")
         return list(map(names.__getitem__, at))
 
     def _cmd_received(self, args):

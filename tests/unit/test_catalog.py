@@ -986,9 +986,8 @@ def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
     many = [u"queue/agent-info/%s-%05d" % ("a" * 100, i)
             for i in range(catalog_mod.MAX_FINGERPRINT_NAMES)]
     tickets = [cat.handle("fingerprints", {"names": many}).result["ticket"] for _ in range(4)]
-    assert sorted(cat._asked) == sorted(tickets[-2:])
-    assert cat._asked_bytes == sum(catalog_mod._asked_size(names)
-                                   for names, _size in cat._asked.values()) <= \
+    assert sorted(cat._asked) == sorted(tickets[-3:])  # ~2 MB of UTF-8 each
+    assert cat._asked_bytes == sum(size for _blob, _count, size in cat._asked.values()) <= \
         catalog_mod.ASKED_BYTES
 
 
@@ -1232,3 +1231,47 @@ def test_an_announced_client_keys_pushed_before_its_hash_does_not_stay_pending(h
     cat.handle("set_states", {"rows": [["client01", "etc/client.keys", "synchronized"]]})
     assert cat.tick(0.3) is None            # hashed: the version announced, not named again
     assert cat.handle("pending", {"node": "client01"})["files"] == []
+
+
+def _held_bytes(value):
+    """Memory of a value and of what the lists and tuples in it hold (sys.getsizeof)."""
+    size = sys.getsizeof(value)
+    if isinstance(value, (list, tuple)):
+        size += sum(_held_bytes(item) for item in value)
+    return size
+
+
+def test_the_names_kept_for_tickets_stay_within_their_bytes_in_memory(home):
+    # ASKED_BYTES bounds what a hostile or buggy local client can make the internal daemon
+    # keep. The names were counted a byte a character and 50 a name: a text's character
+    # takes 4 bytes on 2.7 (UCS-4) and, beyond U+FFFF, on 3.x; 20 requests of 1 000 such
+    # names of 200 characters (800 KB of JSON each) held ~17.5 MB for a bound of 6 MB.
+    cat = make(home)
+    names = [u"queue/agent-info/%04d-%s" % (i, u"\U0001F600" * 200) for i in range(1000)]
+    wire = json.dumps({"names": names}, ensure_ascii=False).encode("utf-8")
+    assert len(wire) < localsock.MAX_MESSAGE
+    for _ in range(catalog_mod.ASKED_KEPT):
+        cat.handle("fingerprints", json.loads(wire.decode("utf-8")))
+    assert cat._asked
+    assert sum(_held_bytes(kept) for kept in cat._asked.values()) <= catalog_mod.ASKED_BYTES
+
+
+def test_names_that_cannot_be_kept_whole_get_no_ticket(home):
+    # The names of a ticket are kept as one UTF-8 text with a NUL between them: a name with
+    # a NUL (or not encodable) would come back cut or not at all, so it gets no ticket, and
+    # its sender sends the names (keepalive.tell).
+    cat = make(home)
+    answer = cat.handle("fingerprints", {"names": [u"queue/agent-info/a\0b", u"queue/c"]})
+    assert answer.result["count"] == 2 and "ticket" not in answer.result
+    assert not cat._asked and cat._asked_bytes == 0
+    # a lone surrogate: no ticket on 3.x (UTF-8 has none), the same name back on 2.7
+    names = [u"queue/agent-info/a", u"queue/agent-info/\udc80"]
+    answer = cat.handle("fingerprints", {"names": names})
+    assert answer.result["count"] == 2
+    if "ticket" in answer.result:
+        assert cat._asked_names({"ticket": answer.result["ticket"], "of": 2,
+                                 "at": [1, 0]}) == names[::-1]
+    assert not cat._asked and cat._asked_bytes == 0
+    names = [u"", u"queue/agent-info/\u00e9", u""]
+    ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]
+    assert cat._asked_names({"ticket": ticket, "of": 3, "at": [2, 1, 0]}) == names[::-1]
