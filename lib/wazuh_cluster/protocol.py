@@ -147,11 +147,14 @@ _PACKED_LINE_TEXT = 2 + metapack.RECORD.size * 4 // 3
 
 def _packed_lines(newlines, length):
     """The most lines splitting can make of a text of `length` bytes holding at most
-    `newlines` escaped newlines (its backslashes): metapack.decode splits only a header's one list of names, of at most
-    metapack.MAX_NAMES names with a record each. Any other string's newlines stay in it, so
+    `newlines` escaped newlines (its backslashes): metapack.decode splits only a header's
+    one list of names, of at most metapack.MAX_NAMES names with a record each. Any other string's newlines stay in it, so
     a hostile peer's string of a million of them costs at most those lines (~2 MB), not
     LINE_COST each, and a text's cost stays within a few times its length."""
-    return min(newlines, metapack.MAX_NAMES, length // _PACKED_LINE_TEXT)
+    if not newlines:
+        return 0
+    # n newlines make n + 1 lines
+    return min(newlines + 1, metapack.MAX_NAMES, length // _PACKED_LINE_TEXT)
 
 
 def header_cost(body, max_header=MAX_HEADER_BYTES):

@@ -256,7 +256,7 @@ def test_a_pid_file_naming_another_process_or_a_thread_is_stale(make_node):
     stop = threading.Event()
     thread, tid = _a_thread_id(stop)
     try:
-        for pid in (other.pid, tid):
+        for pid in (other.pid, tid, 0):
             stale = node.path("var", "run", "wazuh-clusterd-%d.pid" % pid)
             write_file(stale, u"%d\n" % pid)
             result = node.control("status")

@@ -318,6 +318,17 @@ def test_a_string_of_newlines_costs_lines_only_as_far_as_the_packed_form_can_spl
     assert protocol.json_cost(small) <= (2 * compat.TEXT_CHAR_BYTES + 10) * len(small)
 
 
+def test_every_line_a_split_makes_is_counted():
+    # n newlines split into n + 1 names: the last one has a line's cost too
+    from wazuh_cluster import protocol
+    assert protocol._packed_lines(0, 10 ** 6) == 0
+    assert protocol._packed_lines(1, 10 ** 6) == 2
+    assert protocol._packed_lines(10 ** 6, 10 ** 9) == metapack.MAX_NAMES
+    raw = json.dumps({"names": u"a" * 100 + u"\n" + u"b" * 100}).encode("ascii")
+    one = json.dumps({"names": u"a" * 100 + u"c" + u"b" * 100}).encode("ascii")
+    assert protocol.json_cost(raw) - protocol.json_cost(one) >= 2 * protocol.LINE_COST
+
+
 def test_keepalive_batches_are_set_in_place_one_at_a_time(home):  # noqa: F811
     """Two packed keepalive batches set in place at once handed the GIL to each other at each
     of their system calls (a fifth of a master's CPU under the real keepalive rate): their
