@@ -96,42 +96,15 @@ def json_cost(raw, start=0, end=None):
     spends on it, from the characters that open them, before anything is parsed, and the
     lines a header's packed updates may be split into at LINE_COST each (_packed_lines). A text
     character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
-    non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES; on 3.x a
-    byte, unless the text may hold a character beyond U+00FF), and as many times as the
-    decoding may hold copies of it at once.
+    non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
     """
     end = len(raw) if end is None else min(end, len(raw))
 
     def count(char):
         return raw.count(char, start, end)
-    length = max(0, end - start)
-    backslashes = count(b"\\")
-    lines = _packed_lines(backslashes, length)
-    # Split, the packed names are copied out of their text, which the header keeps: up to
-    # the text again (a hostile peer's long names: one newline is enough).
-    copies = 2 if lines else 1
-    char_bytes = compat.TEXT_CHAR_BYTES
-    if char_bytes == 1:   # 3.x (PEP 393)
-        if not _is_ascii(raw[start:end]):
-            # a character beyond U+00FF stores its whole string at 2 or 4 bytes a character,
-            # ASCII ones included, and so the whole text that json_loads decodes first
-            char_bytes, copies = 4, copies + 1
-        elif backslashes and raw.find(b"\\u", start, end) >= 0:
-            char_bytes = 4   # so may a \\u escape, in the strings decoded alone
-    return (char_bytes * length * copies + 64 * (count(b"{") + count(b"[")) +
-            30 * count(b'"') + 40 * count(b":") + 36 * count(b",") + LINE_COST * lines)
-
-
-def _is_ascii(text):
-    """`text`: a slice of bytes or of a bytearray (isascii: 3.7+, 8 us for 190 KB)."""
-    check = getattr(text, "isascii", None)
-    if check is not None:
-        return check()
-    try:
-        bytes(text).decode("ascii")
-    except UnicodeDecodeError:
-        return False
-    return True
+    return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
+            30 * count(b'"') + 40 * count(b":") + 36 * count(b",") +
+            LINE_COST * _packed_lines(count(b"\\"), end - start))
 
 
 # What a line of the packed form of a batch's metadata updates (metapack.py) may become once
