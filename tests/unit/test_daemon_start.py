@@ -57,7 +57,7 @@ def test_settle_gc_freezes_no_garbage():
     import gc
     import weakref
     if not hasattr(gc, "freeze"):
-        pytest.skip("gc.freeze is 3.7+")
+        return   # 3.7+: nothing is frozen before
 
     class Cycle(object):
         pass
