@@ -113,15 +113,13 @@ def json_cost(raw, start=0, end=None):
 # A string holds its characters at the width of its widest one: on 2.7 a non-ASCII one is
 # unicode (compat.TEXT_CHAR_BYTES, as every character is counted there); on 3.x (PEP 393) a
 # character beyond U+00FF makes the whole string 2 bytes a character, beyond U+FFFF 4,
-# ASCII ones included. Such a character comes as raw UTF-8 (a byte >= 0x80) or as a \u
-# escape of one: an honest peer's header is ASCII (json.dumps) and its names hold no \u
-# escape, so the search costs it one scan of a regular expression that finds nothing.
-if compat.PY2:
-    _WIDE_ESCAPE = re.compile(br"\\u(?!00[0-7])")   # beyond U+007F: unicode, not str
-    _SURROGATE_ESCAPE = None
-else:
-    _WIDE_ESCAPE = re.compile(br"\\u(?!00)")        # beyond U+00FF
-    _SURROGATE_ESCAPE = re.compile(br"\\u[dD][89abAB]")   # half of one beyond U+FFFF
+# ASCII ones included, and one beyond U+007F has the decoder build its string again (a
+# megabyte string ending in an escaped "\u00e9" peaked at 3.5 times its text). Such a
+# character comes as raw UTF-8 (a byte >= 0x80) or as a \u escape of one: an honest peer's
+# header is ASCII (json.dumps) and its names hold no \u escape, so the search costs it one
+# scan of a regular expression that finds nothing.
+_WIDE_ESCAPE = re.compile(br"\\u(?!00[0-7])")
+_SURROGATE_ESCAPE = re.compile(br"\\u[dD][89abAB]")   # half of one beyond U+FFFF
 _ASCII_BYTES = bytes(bytearray(range(128)))
 
 
@@ -199,24 +197,33 @@ def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None, cost=None):
     (n,) = _U32.unpack(body[:4])
     if n > max_header or 4 + n > len(body):
         raise ProtocolError("bad header length %d" % n)
-    raw = body[4:4 + n]
-    cost = _check_cost(raw, max_cost, cost)
-    header = _parse_header(raw)
+    cost = _check_cost(body, max_cost, cost, 4, 4 + n)
+    header = _parse_header(_text_of(body, 4 + n))
     return header, body[4 + n:], cost + metapack.split_copy(header)
 
 
-def _check_cost(raw, max_cost, cost=None):
+def _check_cost(raw, max_cost, cost=None, start=0, end=None):
     if cost is None:
-        cost = json_cost(raw)
+        cost = json_cost(raw, start, end)
     if max_cost is not None and cost > max_cost:
         raise ProtocolError("header of %d bytes would take about %d bytes decoded, more than "
-                            "the %d allowed" % (len(raw), cost, max_cost))
+                            "the %d allowed" % ((len(raw) if end is None else end) - start,
+                                                cost, max_cost))
     return cost
+
+
+if compat.PY2:
+    def _text_of(body, end):
+        return bytes(body[4:end])   # 2.7's json reads a str
+else:
+    def _text_of(body, end):
+        """The header's text, decoded where it lies (one copy fewer of a 190 KB batch)."""
+        return memoryview(body)[4:end]
 
 
 def _parse_header(raw):
     try:
-        header = compat.json_loads(bytes(raw))
+        header = compat.json_loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):
@@ -364,7 +371,7 @@ def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES, max_cost=None):
         raise ProtocolError("header of %d bytes (limit %d)" % (n, max_header))
     raw = inflater.read_exact(n, "header")
     cost = _check_cost(raw, max_cost)
-    header = _parse_header(raw)
+    header = _parse_header(bytes(raw))
     return header, cost + metapack.split_copy(header)
 
 
