@@ -540,8 +540,9 @@ else:
     import json as _json
 
     def json_loads(data):
-        """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes)."""
-        return _json.loads(data.decode("utf-8"))
+        """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes, or
+        a memoryview of them: decoded where they lie)."""
+        return _json.loads(str(data, "utf-8"))
 
 
 class _NoLock(object):

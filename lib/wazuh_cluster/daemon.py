@@ -141,9 +141,15 @@ def settle_gc():
     collected 50 objects in all), yet under that rate the collector's passes were about 3 %
     of wazuh-clusterd's CPU: at 700 new containers a pass, a keepalive batch's 2 000 rows
     start several, and every tenth of the tenth walks the whole heap. Frozen and at 7 000,
-    1.3 %. Reference counting still frees everything else at once."""
+    1.3 %. Reference counting still frees everything else at once.
+
+    Called once, when the daemon is ready (neither daemon reloads in place: SIGHUP is "restart
+    to apply" or a rescan). Cyclic garbage frozen would never be collected: what starting
+    left is collected first; what is frozen and later dropped (a session, a connection to
+    the internal daemon) is freed by reference counting."""
     import gc
     if hasattr(gc, "freeze"):
+        gc.collect()
         gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, middle, old)

@@ -101,13 +101,29 @@ def decode(header):
         raw = binascii.a2b_base64(compat.to_bytes(records))
     except (binascii.Error, TypeError, ValueError, UnicodeError):
         raise _bad("'%s' is not base64" % RECORDS)
-    names = compat.to_text(names)
-    count = names.count(u"\n") + 1  # counted before anything is split (MAX_NAMES)
+    if compat.PY2 and isinstance(names, compat.text_type):
+        try:   # ASCII (every honest name): split into str, a byte a character (split_copy)
+            names = names.encode("ascii")
+        except UnicodeError:
+            pass
+    count = names.count("\n") + 1  # counted before anything is split (MAX_NAMES)
     if count > MAX_NAMES:
         raise _bad("'%s' holds %d names, more than %d" % (NAMES, count, MAX_NAMES))
     if len(raw) != RECORD.size * count:
         raise _bad("'%s' holds %d bytes for %d names" % (RECORDS, len(raw), count))
-    return names.split(u"\n"), _digests(raw), _mtimes(raw)
+    return names.split("\n"), _digests(raw), _mtimes(raw)
+
+
+def split_copy(header):
+    """Bytes that splitting the packed names of a request `header` ({"cmd", "args"}) copies
+    out of their text, which the header keeps: a byte a character (the lines of a name
+    stored wider are counted by protocol.json_cost, which cannot tell packed names from any
+    other string before they are parsed; their per-line objects too: LINE_COST)."""
+    args = header.get("args") if isinstance(header, dict) else None
+    names = args.get(NAMES) if isinstance(args, dict) else None
+    if not isinstance(names, compat.string_types) or "\n" not in names:
+        return 0   # unsplit, a string is its only line (str.split gives the very object)
+    return len(names)
 
 
 def compact_states(states, packed_names=None):

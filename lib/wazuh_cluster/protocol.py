@@ -13,6 +13,7 @@ from __future__ import absolute_import, division, print_function
 
 import collections
 import json
+import re
 import struct
 import zlib
 
@@ -95,16 +96,61 @@ def json_cost(raw, start=0, end=None):
     its size): every structure, string, member and element is counted at what CPython
     spends on it, from the characters that open them, before anything is parsed, and the
     lines a header's packed updates may be split into at LINE_COST each (_packed_lines). A text
-    character is counted at what a decoded one may take (4 bytes in 2.7's unicode: a peer's
-    non-ASCII strings must not outgrow their count there; compat.TEXT_CHAR_BYTES).
+    character is counted at what a decoded one may take (_text_cost). What splitting packed
+    names copies out of their text is counted once they are parsed (metapack.split_copy).
     """
     end = len(raw) if end is None else min(end, len(raw))
 
     def count(char):
         return raw.count(char, start, end)
-    return (compat.TEXT_CHAR_BYTES * max(0, end - start) + 64 * (count(b"{") + count(b"[")) +
-            30 * count(b'"') + 40 * count(b":") + 36 * count(b",") +
-            LINE_COST * _packed_lines(count(b"\\"), end - start))
+    length = max(0, end - start)
+    backslashes = count(b"\\")
+    return (_text_cost(raw, start, end, length, backslashes) +
+            64 * (count(b"{") + count(b"[")) + 30 * count(b'"') + 40 * count(b":") +
+            36 * count(b",") + LINE_COST * _packed_lines(backslashes, length))
+
+
+# A string holds its characters at the width of its widest one: on 2.7 a non-ASCII one is
+# unicode (compat.TEXT_CHAR_BYTES, as every character is counted there); on 3.x (PEP 393) a
+# character beyond U+00FF makes the whole string 2 bytes a character, beyond U+FFFF 4,
+# ASCII ones included, and one beyond U+007F has the decoder build its string again (a
+# megabyte string ending in an escaped "\u00e9" peaked at 3.5 times its text). Such a
+# character comes as raw UTF-8 (a byte >= 0x80) or as a \u escape of one: an honest peer's
+# header is ASCII (json.dumps) and its names hold no \u escape, so the search costs it one
+# scan of a regular expression that finds nothing.
+_WIDE_ESCAPE = re.compile(br"\\u(?!00[0-7])")
+_SURROGATE_ESCAPE = re.compile(br"\\u[dD][89abAB]")   # half of one beyond U+FFFF
+_ASCII_BYTES = bytes(bytearray(range(128)))
+
+
+def _text_cost(raw, start, end, length, backslashes):
+    """What the strings json.loads makes of `length` bytes of JSON text may take, their
+    text's decoded copy (3.x) and what splitting packed names may copy of them, for wide
+    characters: one byte of text is at most one character."""
+    if _is_ascii(raw, start, end):
+        if not backslashes or not _WIDE_ESCAPE.search(raw, start, end):
+            # every string narrow (1 byte a character on 3.x, ASCII str on 2.7): a split
+            # copies no more than what metapack.split_copy counts once it is parsed
+            return compat.TEXT_CHAR_BYTES * length
+        width, decoded = compat.TEXT_CHAR_BYTES, 0
+        if not compat.PY2:
+            width = 4 if _SURROGATE_ESCAPE.search(raw, start, end) else 2
+    elif compat.PY2:
+        width, decoded = compat.TEXT_CHAR_BYTES, 0
+    else:   # 3.x decodes the whole text first, at the width of its widest character
+        width, decoded = 4, 4 * length
+    # the strings, and the wide lines a split copies out of one (it needs a newline: an escape)
+    copies = 2 if backslashes else 1
+    return width * length * copies + decoded
+
+
+if hasattr(bytes, "isascii"):
+    def _is_ascii(raw, start, end):
+        text = raw if start == 0 and end == len(raw) else raw[start:end]
+        return text.isascii()
+else:  # 2.7 and 3.6: deleting the ASCII bytes leaves nothing (no decoded copy)
+    def _is_ascii(raw, start, end):
+        return not bytes(raw[start:end]).translate(None, _ASCII_BYTES)
 
 
 # What a line of the packed form of a batch's metadata updates (metapack.py) may become once
@@ -143,30 +189,41 @@ def header_cost(body, max_header=MAX_HEADER_BYTES):
 
 
 def decode_costed(body, max_header=MAX_HEADER_BYTES, max_cost=None, cost=None):
-    """(header, raw data, json_cost of the header) of a body; the cost is checked first.
+    """(header, raw data, cost of the header) of a body: its json_cost, checked first, and
+    what splitting its packed names will copy (metapack.split_copy).
     `cost`: header_cost(body) when the caller counted it already (a parked request's window)."""
     if len(body) < 4:
         raise ProtocolError("body too short")
     (n,) = _U32.unpack(body[:4])
     if n > max_header or 4 + n > len(body):
         raise ProtocolError("bad header length %d" % n)
-    raw = body[4:4 + n]
-    cost = _check_cost(raw, max_cost, cost)
-    return _parse_header(raw), body[4 + n:], cost
+    cost = _check_cost(body, max_cost, cost, 4, 4 + n)
+    header = _parse_header(_text_of(body, 4 + n))
+    return header, body[4 + n:], cost + metapack.split_copy(header)
 
 
-def _check_cost(raw, max_cost, cost=None):
+def _check_cost(raw, max_cost, cost=None, start=0, end=None):
     if cost is None:
-        cost = json_cost(raw)
+        cost = json_cost(raw, start, end)
     if max_cost is not None and cost > max_cost:
         raise ProtocolError("header of %d bytes would take about %d bytes decoded, more than "
-                            "the %d allowed" % (len(raw), cost, max_cost))
+                            "the %d allowed" % ((len(raw) if end is None else end) - start,
+                                                cost, max_cost))
     return cost
+
+
+if compat.PY2:
+    def _text_of(body, end):
+        return bytes(body[4:end])   # 2.7's json reads a str
+else:
+    def _text_of(body, end):
+        """The header's text, decoded where it lies (one copy fewer of a 190 KB batch)."""
+        return memoryview(body)[4:end]
 
 
 def _parse_header(raw):
     try:
-        header = compat.json_loads(bytes(raw))
+        header = compat.json_loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
     if not isinstance(header, dict):
@@ -305,7 +362,7 @@ class Inflater(object):
 
 
 def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES, max_cost=None):
-    """(header dict, its json_cost) at the start of an inflated body (see decode_costed).
+    """(header dict, its cost) at the start of an inflated body (see decode_costed).
 
     The Inflater is left at the body's data.
     """
@@ -314,7 +371,8 @@ def decode_header_stream(inflater, max_header=MAX_HEADER_BYTES, max_cost=None):
         raise ProtocolError("header of %d bytes (limit %d)" % (n, max_header))
     raw = inflater.read_exact(n, "header")
     cost = _check_cost(raw, max_cost)
-    return _parse_header(raw), cost
+    header = _parse_header(bytes(raw))
+    return header, cost + metapack.split_copy(header)
 
 
 def iter_chunks(data, chunk_size=CHUNK_SIZE):

@@ -51,7 +51,9 @@ MISSED_KEEPALIVES = 3
 CONTROL_FRAME_FREE = 64 << 10
 MIN_COST = 4096      # what a queued request costs at least (its header dict, its tuple)
 # The window of a message that fits in one uncompressed frame: this many times the frame, at
-# least SMALL_WINDOW (protocol.json_cost is at most about 37 times the JSON text).
+# least SMALL_WINDOW (protocol.json_cost is at most about 37 times a JSON text of narrow
+# strings; one with wide characters, never an honest peer's, may cost more and is then
+# refused as too large).
 SMALL_MESSAGE_COST = 40
 SMALL_WINDOW = 64 << 10
 FRAME_COPIES = 2     # copies of a frame besides its body while it is read (see _admit)

@@ -991,6 +991,50 @@ def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
         catalog_mod.ASKED_BYTES
 
 
+def test_an_abandoned_batch_or_a_restart_never_applies_other_names_nor_holds_more(home):
+    # wazuh-clusterd's session dropped between a batch's "fingerprints" and its "received",
+    # its link reconnecting meanwhile, the internal daemon restarting: a ticket refers to
+    # the names it was drawn for or to none (the sender then sends the names), and those
+    # never told hold no more than the last ASKED_KEPT (and ASKED_BYTES) do.
+    from wazuh_cluster import keepalive
+    cat, names = scanned_agent_infos(home, 4)
+    first, second = names[:2], names[2:]
+    incoming, learned = kept_alive_batch(home, cat, names)
+    abandoned = keepalive.records(Wire(cat), incoming[:2])        # its session dropped
+    wire = Wire(cat)                                               # the link reconnected
+    known = keepalive.records(wire, incoming[2:])
+    keepalive.tell(wire, learned[2:], [], "client02", known)
+    assert "names" not in wire.calls[-1][1]                        # by its own ticket
+    assert sorted(cat.db.agents()) == [n.rpartition("/")[2] for n in second]
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 30) * 1e9) for n in first)
+    assert list(cat._asked) == [abandoned.ticket]                  # waits for its turn
+    for _ in range(catalog_mod.ASKED_KEPT):                        # other batches, abandoned
+        cat.handle("fingerprints", {"names": second})
+    assert len(cat._asked) == catalog_mod.ASKED_KEPT and abandoned.ticket not in cat._asked
+    assert cat._asked_bytes == sum(size for _blob, _count, size in cat._asked.values())
+    # The internal daemon restarted, and by chance drew the abandoned ticket for the same
+    # number of other names: a late "received" of the abandoned batch then names them.
+    restarted = catalog_mod.Catalog(home, ITEMS, EXCLUDE, cat.db, cat.log, role="master",
+                                    node_name="master01", wall=lambda: NOW)
+    restarted.handle("rescan", {})
+    restarted.tick(0.0)
+    restarted._next_ticket = abandoned.ticket
+    assert restarted.handle("fingerprints", {"names": second}).result["ticket"] == \
+        abandoned.ticket
+    request = keepalive._by_ticket(learned[:2], [], None, abandoned)
+    before = [restarted.scanner.row(n) for n in second]
+    # Not one record is taken for another file: a record names its inode and ctime
+    # (Scanner.learn_records), so no content is proven for the wrong name
+    assert restarted.handle("received", request) == {"learned": 0, "hinted": 2}
+    assert [restarted.scanner.row(n) for n in second] == before
+    late = Wire(restarted)
+    # ... and without that one-in-2**52 draw the ticket is unknown: the names are sent
+    restarted._asked.clear()
+    keepalive.tell(late, learned[:2], [], "client03", abandoned)
+    assert late.calls[-1][1]["names"] == first
+    assert all(restarted.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in first)
+
+
 def test_the_mtimes_of_received_records_keep_no_format_per_batch_size(home):
     # The agent rows of a "received" batch take their mtimes by one struct call of a
     # format as long as the batch: struct's module cache kept one compiled format per

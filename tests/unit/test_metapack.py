@@ -17,7 +17,7 @@ NAMES = [u"queue/agent-info/agent%05d-10.0.0.%d" % (i, i % 250) for i in range(3
 
 
 def meta(names=NAMES, mtime=BASE_NS):
-    return [{"name": name, "sha256": hashlib.sha256(name.encode("ascii")).hexdigest(),
+    return [{"name": name, "sha256": hashlib.sha256(name.encode("utf-8")).hexdigest(),
              "mtime_ns": mtime + i} for i, name in enumerate(names)]
 
 
@@ -254,6 +254,30 @@ def test_short_names_joined_by_unicode_escapes_make_no_more_than_their_cost():
                              b"\\u000a")
     incoming, peak, granted = _decoded(body)
     assert len(incoming) == 4000 and peak <= granted, (peak, granted)
+
+
+@pytest.mark.parametrize("names", [[u"a" * (1 << 20), u"b"],
+                                   [u"queue/agent-info/" + u"a" * 1000] * 1000,
+                                   [u"queue/agent-info/" + u"a" * 1000 + u"\u0100"] * 300,
+                                   NAMES],
+                         ids=["one-long-name", "long-names", "wide-names", "honest"])
+def test_the_names_split_out_of_their_text_are_counted_too(names):
+    # Split, the packed names are copied out of their joined text, which the header keeps
+    # while the batch is applied: a hostile peer's long names (one newline is enough) held
+    # twice what was granted. Counted once parsed (metapack.split_copy): before, a packed
+    # name's text cannot be told from a JSON-form name of a million newlines, which must
+    # still be answered "invalid" (test_hostile_text)
+    from test_protocol import _decoded_bytes
+    from wazuh_cluster import protocol
+    body = protocol.encode_body({"cmd": "sync_files", "args": header_of(meta(names))})
+    header, data, cost = protocol.decode_costed(body)
+    incoming = inbox.parse_batch(header["args"], data)[0]
+    assert [f.name for f in incoming] == names
+    seen = set()
+    held = _decoded_bytes(header, seen) + _decoded_bytes(incoming, seen)
+    assert held <= cost + len(data), (held, cost)
+    unsplit = dict(header["args"], **{metapack.NAMES: names[0]})
+    assert metapack.split_copy({"args": unsplit}) == 0   # no newline: no copy
 
 
 def test_a_batch_the_packed_form_cannot_carry_goes_as_json():

@@ -175,7 +175,7 @@ def _decoded_bytes(value, seen=None):
     if isinstance(value, dict):
         for key, member in value.items():
             size += _decoded_bytes(key, seen) + _decoded_bytes(member, seen)
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):
         for member in value:
             size += _decoded_bytes(member, seen)
     return size
@@ -210,9 +210,46 @@ def test_json_cost_bounds_non_ascii_strings_too(text):
     assert _decoded_bytes(header) <= protocol.json_cost(raw)
 
 
+@pytest.mark.parametrize("ensure_ascii", [False, True], ids=["utf-8", "escaped"])
+@pytest.mark.parametrize("wide", [u"\u0100", u"\U0001f600", u"\ud800"],
+                         ids=["bmp", "astral", "lone-surrogate"])
+@pytest.mark.parametrize("shape", ["one-long", "many-short"])
+def test_one_wide_character_widens_its_whole_string_and_is_counted_so(wide, ensure_ascii,
+                                                                      shape):
+    # 3.x stores a string at the width of its widest character (PEP 393): one beyond U+00FF,
+    # raw in UTF-8 or as a \u escape (a pair of them beyond U+FFFF), makes its ASCII ones 2
+    # or 4 bytes each; a reviewer's 1 MB string ending in one held 4 MB against 1 MB granted
+    if wide == u"\ud800" and not ensure_ascii:
+        return   # a lone surrogate has no UTF-8
+    text = u"a" * 20000 + wide if shape == "one-long" else [u"a" * 60 + wide] * 400
+    raw = json.dumps({"x": text}, ensure_ascii=ensure_ascii)
+    raw = raw.encode("utf-8") if isinstance(raw, compat.text_type) else raw
+    header = protocol.decode_body(struct.pack(">I", len(raw)) + raw)[0]
+    assert header["x"] == text
+    # what its strings hold is within what their text adds to the cost
+    assert _decoded_bytes(header["x"]) <= protocol.json_cost(raw) - protocol.json_cost(b'{"x":}')
+
+
+def test_escapes_that_widen_no_string_cost_nothing_more():
+    # an honest header is ASCII; escapes of ASCII control characters (a hostile name's
+    # ESC) leave a string narrow: they cost what any text costs, so a peer's refused names
+    # are still answered (test_hostile_text)
+    plain = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"z" * 6}).encode("ascii")
+    escaped = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"\x1b"}).encode("ascii")
+    assert len(plain) == len(escaped) and b"\\u001b" in escaped
+    assert protocol.json_cost(escaped) == protocol.json_cost(plain)
+    wider = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"\u0100"}).encode("ascii")
+    assert protocol.json_cost(wider) > protocol.json_cost(plain) + len(plain)
+
+
 def test_the_cost_of_a_header_is_counted_in_place_as_from_a_copy():
     header = protocol.encode_body({"names": [u"a\"b", u"c"], "n": {"x": 1}}, b"data")
     n = struct.unpack(">I", header[:4])[0]
     assert protocol.header_cost(header) == protocol.json_cost(header[4:4 + n])
     assert protocol.json_cost(b"xx[1,2]yy", 2, 7) == protocol.json_cost(b"[1,2]")
     assert protocol.header_cost(b"\xff\xff\xff\xff{}") is None     # its length is malformed
+    wide = protocol.encode_body({"names": [u"a\u0100\n"] * 10}) + b"\xff" * 10
+    n = struct.unpack(">I", wide[:4])[0]
+    assert protocol.header_cost(wide) == protocol.json_cost(wide[4:4 + n])
+    raw = json.dumps({"x": u"\xe9\n"}, ensure_ascii=False).encode("utf-8")
+    assert protocol.json_cost(b"xx" + raw + b"yy", 2, 2 + len(raw)) == protocol.json_cost(raw)
