@@ -39,6 +39,12 @@ _OPEN_AT = os.open in getattr(os, "supports_dir_fd", ())
 TOUCH_CHUNK = 256
 _NAME, _META_ONLY = operator.attrgetter("name"), operator.attrgetter("meta_only")
 _TEXT = set([compat.text_type])
+# (size, mtime_ns, ino, ctime_ns) of a stat: what a record says before its checksum
+if hasattr(os.stat_result, "st_mtime_ns"):
+    _head = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_ctime_ns")
+else:  # 2.7: the times through scanner.fingerprint's formula
+    def _head(st):
+        return scanner.fingerprint(st)[:4]
 
 
 def touches_only(files, deletes, deleted_dirs, known, incoming_type):
@@ -63,7 +69,7 @@ def touch_all(batch, files):
     try:
         for start in range(0, len(files), TOUCH_CHUNK):
             chunk = files[start:start + TOUCH_CHUNK]
-            names = [incoming.name for incoming in chunk]
+            names = list(map(_NAME, chunk))
             busy = rx.claims.claim_free(names, batch)
             batch.claimed.update(names)
             if busy:
@@ -155,13 +161,13 @@ class _Toucher(object):
             row = None  # stays None: left to stage(); False: decided here without a row
             try:
                 st = fstat(fd)
-                fp = fingerprint(st)
-                if not is_reg(fp[4]) or st.st_nlink != 1:
+                head = _head(st)
+                if not is_reg(st.st_mode) or st.st_nlink != 1:
                     pass
-                elif newer_only and mtime_ns <= fp[1] + slack and \
+                elif newer_only and mtime_ns <= head[1] + slack and \
                         batch._kept(name, st, item, mtime_ns):
                     row = False  # the local file is newer and stays (its state set)
-                elif fp[:4] == record[:4]:
+                elif head == record[:4]:
                     if plain:
                         try:
                             utime(fd, ns=(mtime_ns, mtime_ns))
