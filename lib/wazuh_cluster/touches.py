@@ -37,8 +37,7 @@ _OPEN_AT = os.open in getattr(os, "supports_dir_fd", ())
 # A keepalive batch claims its names this many at a time (claims.py): another batch that
 # waits for one of them waits for a chunk, not for the rest of the batch.
 TOUCH_CHUNK = 256
-_NAME, _META_ONLY = operator.attrgetter("name"), operator.attrgetter("meta_only")
-_TEXT = set([compat.text_type])
+_NAME = operator.attrgetter("name")
 # (size, mtime_ns, ino, ctime_ns) of a stat: what a record says before its checksum
 if hasattr(os.stat_result, "st_mtime_ns"):
     _head = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_ctime_ns")
@@ -49,14 +48,9 @@ else:  # 2.7: the times through scanner.fingerprint's formula
 
 def touches_only(files, deletes, deleted_dirs, known, incoming_type):
     """True for a batch of meta-only updates alone, with records (see touch_all)."""
-    if not known or deletes or deleted_dirs or not isinstance(files, list):
-        return False
-    # C loops over a keepalive batch's 2 000 records: their exact types, then the flag
-    if set(map(type, files)) == set([incoming_type]) and \
-            set(map(type, map(_NAME, files))) == _TEXT:
-        return all(map(_META_ONLY, files))
-    return all(type(f) is incoming_type and f.meta_only and isinstance(f.name, compat.text_type)
-               for f in files)
+    return bool(known) and not deletes and not deleted_dirs and isinstance(files, list) and \
+        all(type(f) is incoming_type and f.meta_only and isinstance(f.name, compat.text_type)
+            for f in files)
 
 
 def touch_all(batch, files):
