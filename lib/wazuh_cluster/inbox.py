@@ -101,6 +101,7 @@ _META_FIELDS = (("name", compat.string_types), ("sha256", compat.string_types),
 _INTEGERS = frozenset(compat.integer_types)  # exactly: a bool is no mtime
 _new_incoming = functools.partial(tuple.__new__, receive.Incoming)
 _NAME_OF = operator.attrgetter("name")
+_FIRST = operator.itemgetter(0)
 # Keepalive batches are applied one at a time, in the order they came (see Inbox.sync_files).
 _TOUCHING = fairlock.FairLock()
 _NOT_PACKED = ("files", "meta", "delete", "delete_dirs", "deltas")
@@ -174,9 +175,12 @@ def parse_batch(header, data):
 
 def stream_end(incoming):
     """For a streamed batch: drain what the receiver did not read and check the data's end."""
-    files = [f for f in incoming if isinstance(f.data, _StreamedFile)]
-    if files:
-        last = files[-1].data
+    last = None
+    for f in incoming:  # parse_batch's: the files with data first, then the meta-only ones
+        if not isinstance(f.data, _StreamedFile):
+            break
+        last = f.data
+    if last is not None:
         last.stream.finish(last.offset + last.size)
 
 
@@ -456,7 +460,7 @@ class Inbox(object):
         if self.role == "master" and self.info_dir:
             # the files touched in place are told with their records: the internal daemon
             # takes their agent rows from those (keepalive.tell's node)
-            reporter, told = peer, set(row[0] for row in learned)
+            reporter, told = peer, set(map(_FIRST, learned))
             if len(told) < len(states):  # else every name was touched in place
                 agents = self.agent_rows(peer, states, reasons,
                                          self.applied_mtimes(incoming, told), told)

@@ -19,6 +19,7 @@ again with the names.
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import collections
 import itertools
 import operator
 
@@ -39,6 +40,9 @@ _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
 _NAME, _META_ONLY = operator.attrgetter("name"), operator.attrgetter("meta_only")
 _STR = set([str])
+# the keys in the order given (a dict keeps it from 3.6 on)
+_ONCE_EACH = collections.OrderedDict.fromkeys if compat.PY2 else dict.fromkeys
+_PLAIN_BYTES = bytes(bytearray(range(0x20, 0x7f))).replace(b"\\", b"")
 _INTEGERS = frozenset(compat.integer_types)  # exact types: True is no ticket
 
 
@@ -50,7 +54,8 @@ def _plain(names):
     if text.FAST_TEXT and names and set(map(type, names)) == _STR and \
             max(map(len, names)) <= pathrules.MAX_PATH:
         joined = u"".join(names)
-        if joined.isascii() and joined.isprintable() and u"\\" not in joined:
+        # printable ASCII without a backslash: nothing left once those bytes are deleted
+        if joined.isascii() and not joined.encode("ascii").translate(None, _PLAIN_BYTES):
             return names
     return [name for name in names if staterows.is_plain(name)]
 
@@ -160,8 +165,10 @@ def records(link, incoming):
     the receiver refuses the rest). Without an answer (the internal daemon restarting) the
     files are simply read and hashed; an answer of the wrong size is no answer.
     """
-    # each once, in no order: the internal daemon's map is in the order it found the files
-    names = _plain(set(itertools.compress(map(_NAME, incoming), map(_META_ONLY, incoming))))
+    # each once, in the batch's order: "received" refers to them all at once when every
+    # one was set in place (_by_ticket)
+    names = _plain(_ONCE_EACH(itertools.compress(map(_NAME, incoming),
+                                                 map(_META_ONLY, incoming))))
     known = Known()
     size = scanner.FINGERPRINT.size
     try:
@@ -194,9 +201,10 @@ def _by_ticket(learned, agents, node, known):
     if ticket is None or not (learned or agents) or \
             _told_bound(learned, agents) > REQUEST_BYTES:
         return None
-    asked = known.asked
-    at = list(map(dict(zip(asked, range(len(asked)))).get, map(_FIRST, learned))) \
-        if learned else []
+    asked, told = known.asked, list(map(_FIRST, learned))
+    # a keepalive batch set in place whole: the names asked, in their order
+    at = list(range(len(asked))) if told == asked else \
+        list(map(dict(zip(asked, range(len(asked)))).get, told))
     if None in at:
         return None
     request = {"ticket": ticket, "of": len(asked), "at": at, "records": binascii.b2a_base64(

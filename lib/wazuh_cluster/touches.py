@@ -20,6 +20,7 @@ and its change under one claim.
 from __future__ import absolute_import, division, print_function
 
 import binascii
+import operator
 import os
 import stat
 
@@ -36,6 +37,13 @@ _OPEN_AT = os.open in getattr(os, "supports_dir_fd", ())
 # A keepalive batch claims its names this many at a time (claims.py): another batch that
 # waits for one of them waits for a chunk, not for the rest of the batch.
 TOUCH_CHUNK = 256
+_NAME = operator.attrgetter("name")
+# (size, mtime_ns, ino, ctime_ns) of a stat: what a record says before its checksum
+if hasattr(os.stat_result, "st_mtime_ns"):
+    _head = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_ctime_ns")
+else:  # 2.7: the times through scanner.fingerprint's formula
+    def _head(st):
+        return scanner.fingerprint(st)[:4]
 
 
 def touches_only(files, deletes, deleted_dirs, known, incoming_type):
@@ -55,7 +63,7 @@ def touch_all(batch, files):
     try:
         for start in range(0, len(files), TOUCH_CHUNK):
             chunk = files[start:start + TOUCH_CHUNK]
-            names = [incoming.name for incoming in chunk]
+            names = list(map(_NAME, chunk))
             busy = rx.claims.claim_free(names, batch)
             batch.claimed.update(names)
             if busy:
@@ -108,26 +116,36 @@ class _Toucher(object):
         # no fence, os.utime by descriptor: the time set without a call in between
         plain, utime, fstat, close, open_ = batch.fence is None and fsops.UTIME_FD, \
             os.utime, os.fstat, os.close, os.open
-        integers = compat.integer_types
+        integers, slack, known_get = compat.integer_types, MTIME_SLACK_NS, known.get
         names_dev = names = None  # in_place's list of names_dev
+        # The folder of the names before: a name that begins with it and whose last
+        # component its match takes has that folder (the match takes no "/").
+        prefix = cut = match = None
         for incoming in chunk:
-            name, mtime_ns = incoming.name, incoming.mtime_ns
-            record = known.get(name)
+            name, _, sha, mtime_ns, _ = incoming
+            record = known_get(name)
             # The record's checksum is our internal daemon's: the same, the sender's is valid.
-            if record is None or record[4] != incoming.sha256 or \
-                    type(mtime_ns) not in integers or \
+            if record is None or record[4] != sha or type(mtime_ns) not in integers or \
                     not 0 <= mtime_ns <= limit or (waiting and name in waiting):
                 yield incoming
                 continue
             # the folder's checks once per folder, the last component's here (Locator.folder)
-            folder, _, base = name.rpartition(u"/")
-            where = folders.get(folder)
-            if where is None:
-                where = folders[folder] = self._open_folder(folder)
-            if not where or not where[0](base):
+            if prefix is not None and name.startswith(prefix):
+                base = name[cut:]
+            else:
+                folder, _, base = name.rpartition(u"/")
+                where = folders.get(folder)
+                if where is None:
+                    where = folders[folder] = self._open_folder(folder)
+                if not where:
+                    prefix = None
+                    yield incoming  # stage() locates it again and gives the reason
+                    continue
+                match, item, dir_fd, path, dev = where
+                prefix, cut = folder + u"/", len(folder) + 1
+            if not match(base):
                 yield incoming  # stage() locates it again and gives the reason
                 continue
-            _, item, dir_fd, path, dev = where
             try:
                 fd = open_(base, READ_FLAGS, dir_fd=dir_fd) if dir_fd is not None else \
                     open_(os.path.join(path, compat.native_str(base)), READ_FLAGS)
@@ -137,13 +155,13 @@ class _Toucher(object):
             row = None  # stays None: left to stage(); False: decided here without a row
             try:
                 st = fstat(fd)
-                fp = fingerprint(st)
-                if not is_reg(fp[4]) or st.st_nlink != 1:
+                head = _head(st)
+                if not is_reg(st.st_mode) or st.st_nlink != 1:
                     pass
-                elif newer_only and mtime_ns <= fp[1] + MTIME_SLACK_NS and \
+                elif newer_only and mtime_ns <= head[1] + slack and \
                         batch._kept(name, st, item, mtime_ns):
                     row = False  # the local file is newer and stays (its state set)
-                elif fp[:4] == record[:4]:
+                elif head == record[:4]:
                     if plain:
                         try:
                             utime(fd, ns=(mtime_ns, mtime_ns))
@@ -160,8 +178,7 @@ class _Toucher(object):
                         elif dev not in unflushed:
                             unflushed[dev] = path
                         # what the internal daemon learns (keepalive.tell), packed here
-                        row = (name, pack(*(fingerprint(fstat(fd)) +
-                                            (unhexlify(record[4]),))))
+                        row = (name, pack(*(fingerprint(fstat(fd)) + (unhexlify(sha),))))
             except OSError as exc:
                 batch.failed(name, fsops.why(exc))
                 row = False

@@ -443,3 +443,32 @@ def test_two_touches_in_one_ctime_tick_told_in_the_other_order_keep_the_newer(ho
     assert scan.learn_records([A], newer) == [True]
     scan.learn_records([A], older)
     assert scan.get(A)["mtime_ns"] == BASE_NS + 20 * SEC
+
+
+class Ticketing(Link):
+    """An internal daemon whose "fingerprints" answers carry a ticket (catalog)."""
+
+    def call_data(self, cmd, args):
+        result, data = Link.call_data(self, cmd, args)
+        if cmd == "fingerprints":
+            result["ticket"] = 7
+        return result, data
+
+
+def test_the_names_are_asked_in_the_batchs_order_and_told_by_their_indexes():
+    # A keepalive batch set in place whole refers to the names it asked, in that order, by
+    # their indexes there (no map of the names to build); any other rows by theirs.
+    names = [u"queue/agent-info/agent-%05d-any" % i for i in range(300)]
+    incoming = [Incoming(n, None, "ab" * 32, BASE_NS, True) for n in names + names[:3]] + \
+        [Incoming(u"bad\\name", None, "ab" * 32, BASE_NS, True)]
+    for told in (names, names[::-1], names[5:9] + names[:2]):
+        link = Ticketing()
+        known = keepalive.records(link, incoming)
+        assert [args["names"] for cmd, args in link.calls] == [names]  # once each, in order
+        rows = [[n, 1, 2, 3, 4, 0o100660, "ab" * 32] for n in told]
+        keepalive.tell(link, [learned_row(row) for row in rows], [], "client1", known)
+        cmd, args = link.calls[-1]
+        assert cmd == "received" and args["ticket"] == 7 and args["of"] == len(names)
+        assert [names[at] for at in args["at"]] == told
+        data = binascii.a2b_base64(args["records"].encode("ascii"))
+        assert data == b"".join(learned_row(row)[1] for row in rows)

@@ -211,21 +211,30 @@ def test_a_checksum_other_than_the_records_is_read_and_refused(home, log, per_fi
     assert states[names[1]] == "synchronized"  # upper-case hex: read, and the same content
 
 
+@pytest.mark.parametrize("valid_first", [False, True])
 def test_hostile_names_in_a_keepalive_batch_are_refused_before_any_system_call(
-        home, log, outside, per_file):
-    names = agents(home, 1)
+        home, log, outside, per_file, valid_first):
+    # valid_first: after a name of the folder, its folder is known to the loop (the names
+    # that begin with it are checked by its last component alone: a "/" in the rest fails)
+    names = agents(home, 2 if valid_first else 1)
     victim = os.path.join(outside, "victim")
     before = mtime_ns(victim)
     hostile = [u"queue/agent-info/../../../" + os.path.relpath(victim, "/"),
-               u"queue/agent-info/.hidden", u"etc/client.keys", u"queue/agent-info/a\x01"]
+               u"queue/agent-info/.hidden", u"etc/client.keys", u"queue/agent-info/a\x01",
+               u"queue/agent-info//" + os.path.relpath(victim, "/")]
     known = dict((name, record(home, name, path=victim)) for name in hostile)
-    known[names[0]] = record(home, names[0])
+    for name in names:
+        known[name] = record(home, name)
+    batch = names[:1] + hostile + names[1:] if valid_first else hostile + names
     states, reasons = master_rx(home, log).apply_batch(
-        [touch(name, BASE_NS + 5 * SEC) for name in hostile + names], known=known)
+        [touch(name, BASE_NS + 5 * SEC) for name in batch], known=known)
     assert dict((name, states[name]) for name in hostile) == dict.fromkeys(hostile, "invalid")
     assert "'..' component" in reasons[hostile[0]] and "excluded" in reasons[hostile[1]]
     assert "master-owned" in reasons[hostile[2]] and "control" in reasons[hostile[3]]
-    assert mtime_ns(victim) == before and states[names[0]] == "synchronized"
+    assert "empty" in reasons[hostile[4]]
+    assert mtime_ns(victim) == before
+    assert [states[name] for name in names] == ["synchronized"] * len(names)
+    assert sorted(per_file) == sorted(hostile)
 
 
 def test_a_symlink_folder_or_fifo_in_a_keepalive_batch_is_refused_and_not_followed(
