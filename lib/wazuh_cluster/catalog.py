@@ -157,10 +157,11 @@ def _opt_text_list(args, key):
 
 
 def _asked_kept(names):
-    """(UTF-8 text of the names, NUL between them; how many; the bytes that takes) as kept
-    for a ticket, or None when they cannot be (a name with a NUL, or not UTF-8: its sender
-    sends the names). One bytes object: a list of texts took 4 bytes a character on 2.7
-    (UCS-4) and beyond U+FFFF on 3.x, and ~50 more a name, four times what was counted."""
+    """(UTF-8 text of the names, NUL between them; how many; the bytes that takes; the
+    folder they are all directly in, or None: _one_folder) as kept for a ticket, or None
+    when they cannot be (a name with a NUL, or not UTF-8: its sender sends the names). One
+    bytes object: a list of texts took 4 bytes a character on 2.7 (UCS-4) and beyond
+    U+FFFF on 3.x, and ~50 more a name, four times what was counted."""
     try:
         joined = u"\0".join(names)
         blob = joined.encode("utf-8")
@@ -169,7 +170,23 @@ def _asked_kept(names):
     if joined.count(u"\0") != len(names) - 1:
         return None
     # the tuple, its count and size, and the OrderedDict's entry: ~200 bytes
-    return blob, len(names), sys.getsizeof(blob) + 200
+    return blob, len(names), sys.getsizeof(blob) + 200, _one_folder(joined, names)
+
+
+def _one_folder(joined, names):
+    """The folder every one of `names` is directly in (a keepalive batch's: the agent-info
+    folder), or None; `joined`: the names with a NUL between them (none holds one). Seen
+    once, when a ticket is kept, by three C calls over that text: its "received" took the
+    same look three times, a Python call a name each (the item check, the folders the
+    scanner unseals, which of them are agent rows), ~0.4 us a keepalive."""
+    folder = names[0].rpartition(u"/")[0]
+    prefix = folder + u"/"
+    # each name after a NUL starts with the prefix, and no name has a "/" beyond it
+    if folder and joined.startswith(prefix) and \
+            joined.count(u"\0" + prefix) == len(names) - 1 and \
+            joined.count(u"/") == len(names) * prefix.count(u"/"):
+        return folder
+    return None
 
 
 def source_is_foreign(source, role):
@@ -873,13 +890,14 @@ class Catalog(object):
     def _asked_names(self, args):
         """The names a "received" refers to by "ticket": those of the "fingerprints" request
         that ticket answered (taken once), "of" of them, the ones at the indexes "at", in
-        that order; RequestError bad_request for a ticket not (or no longer) kept, or
-        anything else that does not match it. The records follow their order."""
+        that order, and the folder they are all directly in (or None: _one_folder);
+        RequestError bad_request for a ticket not (or no longer) kept, or anything else
+        that does not match it. The records follow their order."""
         ticket, count, at = args.get("ticket"), args.get("of"), args.get("at")
         kept = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
         if kept is None:
             raise _bad("unknown ticket: send the names")
-        blob, kept_count, size = kept
+        blob, kept_count, size, folder = kept
         self._asked_bytes -= size
         if type(count) not in _INTS or count != kept_count:
             raise _bad("the ticket was of %d names" % kept_count)
@@ -888,7 +906,7 @@ class Catalog(object):
             raise _bad("'at' must be a list of distinct indexes of the ticket's names")
         # exactly the names kept: none holds a NUL (_asked_kept); made once it all matched
         names = blob.decode("utf-8").split(u"\0")
-        return list(map(names.__getitem__, at))
+        return list(map(names.__getitem__, at)), folder
 
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or
@@ -912,7 +930,7 @@ class Catalog(object):
         Everything is checked before anything is taken, a column at a time (2 000 files a
         request, five requests a second on a master of 100 000 agents)."""
         agents = self._agent_rows(args["agents"]) if "agents" in args else []
-        names, data = self._received_records(args)
+        names, data, folder = self._received_records(args)
         node = _opt_text(args, "node")
         rows = _rows(args, "rows", 7) if "rows" in args else []
         names_of_rows = [row[0] for row in rows]
@@ -921,12 +939,12 @@ class Catalog(object):
         if set(map(type, names_of_rows)) <= _TEXTS and set(map(type, shas)) <= _TEXTS and \
                 set(map(len, shas)) <= _SHA_LEN and set(map(type, itertools.chain.from_iterable(
                     row[1:6] for row in rows))) <= _INTS and \
-                not self._any_sent_by_us(names_of_rows + names):
+                not self._any_sent_by_us(names_of_rows + names, None if rows else folder):
             digests = _digests(u"".join(shas))
         if digests is None:
             raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                        "mode, sha256]")
-        taken = self.scanner.learn_records(names, data)
+        taken = self.scanner.learn_records(names, data, folder)
         missed = self.scanner.learn_rows(rows, digests)
         size = scanner_mod.FINGERPRINT.size
         for index in [] if all(taken) else [i for i, ok in enumerate(taken) if not ok]:
@@ -940,18 +958,20 @@ class Catalog(object):
                 hinted += 1
         result = {"learned": len(rows) + len(names) - len(missed), "hinted": hinted}
         if node is not None and names:
-            agents.extend(self._reported(names, data, node))
+            agents.extend(self._reported(names, data, node, folder))
         if agents:
             result["updated"] = self._record_agents(agents)
         return result
 
     def _received_records(self, args):
-        """(names, FINGERPRINT records) of a "received" request, or RequestError: the names
-        as they are, or by "ticket" (_asked_names), never both."""
+        """(names, FINGERPRINT records, the folder the names are all directly in or None)
+        of a "received" request, or RequestError: the names as they are (no folder told), or
+        by "ticket" (_asked_names), never both."""
+        folder = None
         if "ticket" in args:
             if "names" in args:
                 raise _bad("'names' or 'ticket', not both")
-            names = self._asked_names(args)
+            names, folder = self._asked_names(args)
         else:
             names = args.get("names", [])
         if not isinstance(names, list) or not set(map(type, names)) <= _TEXTS:
@@ -962,12 +982,13 @@ class Catalog(object):
             data = None
         if data is None or len(data) != scanner_mod.FINGERPRINT.size * len(names):
             raise _bad("'records' must be base64 of one fingerprint record per name")
-        return names, data
+        return names, data, folder
 
-    def _reported(self, names, data, node):
+    def _reported(self, names, data, node, folder=None):
         """agent_nodes rows of the agent-info files among `names`, reported by `node` with
-        their records' mtimes (the time the receiver gave them). The mtimes are unpacked by
-        one C call for the whole batch: a call, an index and a slice per name were 1.4 us a
+        their records' mtimes (the time the receiver gave them); `folder`: the one the names
+        are all directly in, when known (_one_folder). The mtimes are unpacked by one C
+        call for the whole batch: a call, an index and a slice per name were 1.4 us a
         keepalive, more than the agents table's UPDATE."""
         info = self._item_path("agent-info", "queue/agent-info") + "/"
         start = len(info)
@@ -977,18 +998,21 @@ class Catalog(object):
             # would keep up to 100 of them, ~75 KB each at 2 000 names (7 MB).
             unpack = self._mtimes_unpack = struct.Struct("<" + _MTIME_OF_RECORD * len(names))
         mtimes = unpack.unpack_from(data)
-        # A keepalive batch's names are all in the folder itself: seen at once by their
-        # count of "/", and their rows made by C calls, as tuples (none of them is changed)
-        if set(map(_SLASHES, names)) == set([info.count("/")]) and \
+        # A keepalive batch's names are all in the folder itself: known from its ticket, or
+        # seen at once by their count of "/"; their rows made by C calls, as tuples (none
+        # of them is changed)
+        if folder is not None and folder + u"/" == info or folder is None and \
+                set(map(_SLASHES, names)) == set([info.count("/")]) and \
                 all(map(operator.methodcaller("startswith", info), names)):
             return list(zip(map(operator.itemgetter(slice(start, None)), names),
                             itertools.repeat(node), mtimes))
         return [(name[start:], node, mtime) for name, mtime in zip(names, mtimes)
                 if name.startswith(info) and name.find(u"/", start) < 0]
 
-    def _any_sent_by_us(self, names):
+    def _any_sent_by_us(self, names, folder=None):
         """True when one of these names is of an item this node sends (looked up once per
-        folder, by its last name: a keepalive batch's 2 000 names are in one)."""
+        folder, by its last name: a keepalive batch's 2 000 names are in one); `folder`:
+        the one they are all directly in, when known (_one_folder)."""
         paths = self._item_paths.intersection(names)
         if paths:
             # an item's own path answers for itself only (scanner.item_of), never for the
@@ -996,6 +1020,8 @@ class Catalog(object):
             if any(self._sent_by_us(name) for name in paths):
                 return True
             names = [name for name in names if name not in paths]
+        if folder is not None:
+            return bool(names) and self._sent_by_us(names[-1])
         folders = dict(zip(map(_FOLDER, map(_SPLIT_LAST, names)), names))
         return any(self._sent_by_us(name) for name in folders.values())
 

@@ -455,7 +455,7 @@ class Scanner(object):
         taken = self.learn_records([row[0] for row in names], b"".join(records))
         return missed + [row for row, ok in zip(names, taken) if not ok]
 
-    def learn_records(self, names, data):
+    def learn_records(self, names, data, folder=None):
         """Take each FINGERPRINT record of `data` (in the order of `names`: size, mtime_ns,
         ino, ctime_ns, st_mode, digest, as the "fingerprints" answer carries them) as the
         record of a file whose content is known to be the recorded one: a receiver gave it
@@ -469,6 +469,7 @@ class Scanner(object):
         unseen. Refused when it cannot be the newer look: another content or inode than
         recorded, or an older ctime (the ctime moves with every change and cannot be set),
         as when two sessions' keepalives of one file are told in the other order.
+        `folder`: the one the names are all directly in, when the caller knows it.
         """
         files, racy, unpack, mtime_of, seals = self._files, self._racy, \
             _INO_CTIME.unpack_from, _MTIME_NS.unpack_from, self._seals
@@ -495,7 +496,8 @@ class Scanner(object):
                     continue
             taken.append(False)
         if seals and any(taken):  # as _unseal() of each taken, once a folder
-            for folder in _folders(list(itertools.compress(rels, taken))):
+            for folder in [_native(folder)] if folder is not None else _folders(
+                    list(itertools.compress(rels, taken))):
                 seals.pop(folder, None)
         return taken
 

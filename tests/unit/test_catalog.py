@@ -987,7 +987,7 @@ def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
             for i in range(catalog_mod.MAX_FINGERPRINT_NAMES)]
     tickets = [cat.handle("fingerprints", {"names": many}).result["ticket"] for _ in range(4)]
     assert sorted(cat._asked) == sorted(tickets[-3:])  # ~2 MB of UTF-8 each
-    assert cat._asked_bytes == sum(size for _blob, _count, size in cat._asked.values()) <= \
+    assert cat._asked_bytes == sum(kept[2] for kept in cat._asked.values()) <= \
         catalog_mod.ASKED_BYTES
 
 
@@ -1314,8 +1314,46 @@ def test_names_that_cannot_be_kept_whole_get_no_ticket(home):
     assert answer.result["count"] == 2
     if "ticket" in answer.result:
         assert cat._asked_names({"ticket": answer.result["ticket"], "of": 2,
-                                 "at": [1, 0]}) == names[::-1]
+                                 "at": [1, 0]}) == (names[::-1], u"queue/agent-info")
     assert not cat._asked and cat._asked_bytes == 0
     names = [u"", u"queue/agent-info/\u00e9", u""]
     ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]
-    assert cat._asked_names({"ticket": ticket, "of": 3, "at": [2, 1, 0]}) == names[::-1]
+    assert cat._asked_names({"ticket": ticket, "of": 3, "at": [2, 1, 0]}) == (names[::-1],
+                                                                              None)
+
+
+def test_the_folder_a_tickets_names_are_all_in_is_seen_once_and_exactly():
+    # A keepalive batch's names are all directly in the agent-info folder: seen once when
+    # its ticket is kept (three C calls over the joined text), and its "received" does not
+    # look again at each name. Exactly: one name deeper or elsewhere, and there is none.
+    def one(names):
+        return catalog_mod._one_folder(u"\0".join(names), names)
+    assert one([u"queue/agent-info/a", u"queue/agent-info/b"]) == u"queue/agent-info"
+    assert one([u"queue/agent-info/a"]) == u"queue/agent-info"
+    for names in ([u"queue/agent-info/a", u"queue/agent-info/x/b"],   # one deeper
+                  [u"queue/agent-info/x/b", u"queue/agent-info/a"],
+                  [u"queue/agent-info/a", u"queue/agent-infox/b"],    # a sibling's start
+                  [u"queue/agent-info/a", u"queue/agent-info"],
+                  [u"queue/agent-info/a", u"etc/client.keys"],
+                  [u"a", u"b"]):                                      # no folder
+        assert one(names) is None, names
+
+
+def test_a_ticket_of_names_all_in_a_folder_this_node_sends_is_refused(home):
+    # The folder a ticket's names are all in answers for all of them (_any_sent_by_us): a
+    # master refuses a "received" of its own shared files by ticket as by names, and takes
+    # nothing of it.
+    names = ["etc/shared/default/f%d.txt" % i for i in range(3)]
+    for name in names:
+        write(home, name, "shared %s\n" % name, mtime_ns=int((NOW - 30) * 1e9))
+    cat = make(home)
+    cat.handle("rescan", {})
+    cat.tick(0.0)
+    before = [cat.scanner.get(name) for name in names]
+    answer = cat.handle("fingerprints", {"names": names})
+    records = binascii.b2a_base64(answer.data).decode("ascii")
+    with pytest.raises(errors.RequestError) as info:
+        cat.handle("received", {"ticket": answer.result["ticket"], "of": 3, "at": [0, 1, 2],
+                                "records": records, "node": "client02"})
+    assert info.value.code == "bad_request"
+    assert [cat.scanner.get(name) for name in names] == before and not cat.db.agents()
