@@ -1011,7 +1011,7 @@ def test_an_abandoned_batch_or_a_restart_never_applies_other_names_nor_holds_mor
     for _ in range(catalog_mod.ASKED_KEPT):                        # other batches, abandoned
         cat.handle("fingerprints", {"names": second})
     assert len(cat._asked) == catalog_mod.ASKED_KEPT and abandoned.ticket not in cat._asked
-    assert cat._asked_bytes == sum(size for _blob, _count, size in cat._asked.values())
+    assert cat._asked_bytes == sum(kept[2] for kept in cat._asked.values())
     # The internal daemon restarted, and by chance drew the abandoned ticket for the same
     # number of other names: a late "received" of the abandoned batch then names them.
     restarted = catalog_mod.Catalog(home, ITEMS, EXCLUDE, cat.db, cat.log, role="master",
