@@ -385,7 +385,8 @@ class Scanner(object):
         """Add the entries of the known files among `names` (of one item: `mtime_is_data` is
         its flag) to a summary's `counts` and `sums` per bucket (summary.Summary's; the sums
         are left unreduced, to_wire reduces them) with summary_entry (summary.entry, of
-        bytes), which makes an entry's (bucket, value); `form2`: form 2, whose value of an
+        bytes; a scanner made without one has no summaries), which makes an entry's
+        (bucket, value); `form2`: form 2, whose value of an
         agent-info entry is its base times (2 * mtime seconds + 1) (summary.mixed), else
         form 1.
 
