@@ -266,7 +266,7 @@ class Catalog(object):
         self._next_ticket = random.SystemRandom().randrange(1, TICKET_LIMIT >> 1)
         self._wall = wall
         self.scanner = scanner_mod.Scanner(home, self.items, exclude, clock=clock, wall=wall,
-                                           report=self._skipped)
+                                           report=self._skipped, summary_entry=summary.entry)
         self.scanner.load(db.iter_files())
         self.scanner.defer_hashing(self._foreign)
         self.scanner.between = self._between
@@ -727,8 +727,8 @@ class Catalog(object):
             # (after every keepalive this runs again for every client).
             item = self.scanner.item_of(info[:-1])
             totals = summary.Summary()
-            self.scanner.summary_sums(mine, bool(item and item.mtime_is_data), summary.entry,
-                                      form == 2, totals.counts, totals.sums)
+            self.scanner.summary_sums(mine, bool(item and item.mtime_is_data), form == 2,
+                                      totals.counts, totals.sums)
             result = {"buckets": totals.to_wire()}
             self._summaries[key] = result
             return result
@@ -747,8 +747,8 @@ class Catalog(object):
             names.setdefault(row[1], []).append(row[0])
         totals = summary.Summary(form)
         for item_name, item_names in names.items():
-            self.scanner.summary_sums(item_names, flags.get(item_name), summary.entry,
-                                      form == 2, totals.counts, totals.sums)
+            self.scanner.summary_sums(item_names, flags.get(item_name), form == 2,
+                                      totals.counts, totals.sums)
         result = {"buckets": totals.to_wire()}
         if groups is not None:
             result["groups"] = sorted(groups)

@@ -83,6 +83,8 @@ _LOW64 = (1 << 64) - 1
 # A summed record's mtime_ns and summary fields in one unpack (summary_sums).
 _SUMMED_MTIME = struct.Struct("<8xq%dxBQQ" % (_REC_LEN - 16))
 assert _SUMMED_MTIME.size == _REC_LEN + _SUMMED.size
+_SUMMED_REC_LEN = _SUMMED_MTIME.size  # a record that keeps its summary's bucket and base
+_SUMMED_LENS = frozenset([_SUMMED_REC_LEN])
 _NATIVE = frozenset([str])
 _PARTS = operator.methodcaller("rpartition", "/")  # a name's (folder, "/", base)
 _HEAD = operator.itemgetter(0)
@@ -243,7 +245,7 @@ class Scanner(object):
     """
 
     def __init__(self, home, items, exclude_patterns, clock=compat.monotonic, wall=time.time,
-                 report=None):
+                 report=None, summary_entry=None):
         self.home = compat.native_str(home)
         self.items = tuple(items)
         # The receiver's in-place temporary names (staging.py) are never files of an item.
@@ -254,6 +256,10 @@ class Scanner(object):
         self._clock = clock
         self._wall = wall
         self._report = report or (lambda name, reason: None)
+        # entry(name, SHA-256 hex digits, mtime_ns or None) -> (bucket, value) of bytes
+        # (summary.entry), for summary_sums; a file hashed keeps its entry's bucket and base
+        # from then on (_summed). None: no summaries (wazuh-clusterd's scanners).
+        self.summary_entry = summary_entry
         # Called before each folder a pass lists or rechecks (Catalog: a look at client.keys;
         # a pass over 10 000 shared files took up to 0.7 s under load), or None.
         self.between = None
@@ -375,44 +381,71 @@ class Scanner(object):
         item = self.item_of(name)
         return _row(name, item, rec)
 
-    def summary_sums(self, names, mtime_is_data, entry, form2, counts, sums):
+    def summary_sums(self, names, mtime_is_data, form2, counts, sums):
         """Add the entries of the known files among `names` (of one item: `mtime_is_data` is
         its flag) to a summary's `counts` and `sums` per bucket (summary.Summary's; the sums
-        are left unreduced, to_wire reduces them). `entry(name, SHA-256 hex digits, mtime_ns
-        or None)` (summary.entry, of bytes) makes an entry's (bucket, value); `form2`: form
-        2, whose value of an agent-info entry is its base times (2 * mtime seconds + 1)
-        (summary.mixed), else form 1.
+        are left unreduced, to_wire reduces them) with summary_entry (summary.entry, of
+        bytes; a scanner made without one has no summaries), which makes an entry's
+        (bucket, value); `form2`: form 2, whose value of an
+        agent-info entry is its base times (2 * mtime seconds + 1) (summary.mixed), else
+        form 1.
 
         Each file's bucket and base (its entry without the mtime) are kept at the end of its
         record while its content is the same (a keepalive keeps them: learn_rows, and a
-        touch a pass finds): a master summarises a client's 10 000 agent-info files again
-        after any of them changed, and computing every value anew (a SHA-256 each) was most
-        of an idle master's rounds. One loop, one unpack and no call per kept file: a value
-        per file yielded to a summing loop cost a third more (tests/bench/bench_summaries.py:
-        ten clients' summaries after a keepalive wave 0.13 -> 0.09 s on 3.11). Form 1
-        (an older peer) mixes the mtime into the SHA-256: an agent-info file's value is
-        computed anew each time."""
-        files, hexlify, native, get = self._files, binascii.hexlify, _native, self._files.get
-        read, keep, cached = _SUMMED_MTIME.unpack_from, _SUMMED.pack, _REC_LEN + _SUMMED.size
-        for name in names:
-            rel = name if type(name) is str else native(name)
-            rec = get(rel)
-            if rec is None:
-                continue
-            if len(rec) != cached:
+        touch a pass finds), made when the file is hashed (_summed): a master summarises a
+        client's 10 000 agent-info files again after any of them changed, and computing
+        every value anew (a SHA-256 each) was most of an idle master's rounds. One loop, one
+        unpack and no call per kept file: a value per file yielded to a summing loop cost a
+        third more (tests/bench/bench_summaries.py: ten clients' summaries after a keepalive
+        wave 0.13 -> 0.09 s on 3.11). Form 1 (an older peer) mixes the mtime into the
+        SHA-256: an agent-info file's value is computed anew each time."""
+        files = self._files
+        rels = names if set(map(type, names)) <= _NATIVE else [_native(name) for name in names]
+        found = list(compat.imap(files.get, rels))
+        if None in found or set(map(len, found)) != _SUMMED_LENS:
+            # a file not known, or loaded from the database (no kept values before its
+            # first summary): looked at one by one
+            known = [(rel, rec) for rel, rec in zip(rels, found) if rec is not None]
+            rels = [rel for rel, _rec in known]
+            found = [self._with_sums(rel, rec) for rel, rec in known]
+        read = _SUMMED_MTIME.unpack_from
+        if mtime_is_data and not form2:
+            entry = self.summary_entry
+            for rel, rec in zip(rels, found):
+                mtime_ns, bucket, _low, _high = read(rec)
+                counts[bucket] += 1
                 # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
-                bucket, base = entry(rel if compat.PY2 else rel.encode("ascii"),
-                                     hexlify(rec[_FP_LEN:_REC_LEN]), None)
-                rec = files[rel] = rec[:_REC_LEN] + keep(bucket, base & _LOW64, base >> 64)
-            mtime_ns, bucket, low, high = read(rec)
-            counts[bucket] += 1
-            if not mtime_is_data:
-                sums[bucket] += low | (high << 64)
-            elif form2:
-                sums[bucket] += (low | (high << 64)) * (2 * (mtime_ns // 1000000000) + 1)
-            else:
                 sums[bucket] += entry(rel if compat.PY2 else rel.encode("ascii"),
-                                      hexlify(rec[_FP_LEN:_REC_LEN]), mtime_ns)[1]
+                                      binascii.hexlify(rec[_FP_LEN:_REC_LEN]), mtime_ns)[1]
+        elif mtime_is_data:
+            for mtime_ns, bucket, low, high in compat.imap(read, found):
+                counts[bucket] += 1
+                sums[bucket] += (low | (high << 64)) * (2 * (mtime_ns // 1000000000) + 1)
+        else:
+            for _mtime_ns, bucket, low, high in compat.imap(read, found):
+                counts[bucket] += 1
+                sums[bucket] += low | (high << 64)
+
+    def _with_sums(self, rel, rec):
+        """The record of `rel`, `rec`, with its summary's bucket and base (_summed) when it
+        has none yet (a record loaded from the database), kept in the map."""
+        if len(rec) != _SUMMED_REC_LEN:
+            rec = self._files[rel] = rec[:_REC_LEN] + self._summed(rel, rec[_FP_LEN:_REC_LEN])
+        return rec
+
+    def _summed(self, rel, digest):
+        """The end of a record of file `rel` with this digest that keeps its summary entry's
+        bucket and base (summary_sums), b"" without summary_entry. Made when the file is
+        hashed (a SHA-256 of its name and checksum, next to the file's own): made at the
+        first summary after, it was 10 000 of them in a round's summary of a client's files
+        after its first sync, most of a 2.7 master's internal daemon in the minutes after
+        (issue 11)."""
+        entry = self.summary_entry
+        if entry is None:
+            return b""
+        bucket, base = entry(rel if compat.PY2 else rel.encode("ascii"),
+                             binascii.hexlify(digest), None)
+        return _SUMMED.pack(bucket, base & _LOW64, base >> 64)
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
@@ -846,7 +879,8 @@ class Scanner(object):
         digest, fp = result
         # A touch (same content) keeps the summary's bucket and base (summary_sums).
         self._files[rel] = _FP.pack(*fp) + digest + (
-            old[_REC_LEN:] if old is not None and old[_FP_LEN:_REC_LEN] == digest else b"")
+            old[_REC_LEN:] if old is not None and old[_FP_LEN:_REC_LEN] == digest and
+            len(old) > _REC_LEN else self._summed(rel, digest))
         self._unseal(rel)
         self._noted.pop(rel, None)
         changed_at = max(fp[1], fp[3])

@@ -120,6 +120,41 @@ def test_folder_lstats_iterates_the_lstats_of_names_in_its_folder(tmp_path):
                 list(in_folder.lstats([str("a"), str("missing")]))
 
 
+def test_without_dir_fd_a_single_threaded_process_lstats_names_from_inside_their_folder(
+        tmp_path, monkeypatch):
+    """2.7 has no dir_fd: the internal daemon (one thread) lstats a folder's names from
+    inside it (chdir), so the kernel walks no path per name, and is back in its working
+    folder after, a name missing or the folder gone too; with other threads, by the joined
+    paths (they would resolve their relative names in that folder meanwhile)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "a").write_bytes(b"x" * 3)
+    (folder / "b").write_bytes(b"x" * 5)
+    here = os.getcwd()
+    asked = []
+    real = os.lstat
+
+    def lstat(path):
+        asked.append(path)
+        return real(path)
+    monkeypatch.setattr(os, "lstat", lstat)
+    for threads, wanted in ((1, [str("a"), str("b")]),
+                            (2, [str(folder / "a"), str(folder / "b")])):
+        monkeypatch.setattr(compat.threading, "active_count", lambda: threads)
+        with compat.FolderLstat(str(folder), follow=False) as in_folder:
+            in_folder.close()   # as on 2.7: no descriptor
+            del asked[:]
+            assert [st.st_size for st in in_folder.lstats([str("a"), str("b")])] == [3, 5]
+            assert asked == wanted and os.getcwd() == here
+            with pytest.raises(OSError):
+                list(in_folder.lstats([str("a"), str("missing")]))
+            assert os.getcwd() == here
+        with compat.FolderLstat(str(tmp_path / "gone"), follow=False) as in_gone:
+            with pytest.raises(OSError):
+                list(in_gone.lstats([str("a")]))
+            assert os.getcwd() == here
+
+
 @pytest.mark.parametrize("sizes", [(), (0,), (3,), (compat.SHA256_SMALL,),
                                    (compat.SHA256_SMALL, 1), (100, compat.SHA256_SMALL, 7),
                                    (5 << 20,), (1000,) * 70])

@@ -296,37 +296,44 @@ def test_unreduced_sums_reduce_to_the_summary_of_the_mixed_values():
     assert got == want and got[9] == [0, "0" * 32]
 
 
-def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_only(
+def test_a_files_summary_entry_is_made_when_it_is_hashed_and_kept_while_its_content_is(
         home):  # noqa: F811
-    """Each file's bucket and base are kept with its record while its content is the same:
-    after an edit only that file is hashed anew (a SHA-256), after a keepalive none (form 2
-    mixes the mtime in by a multiplication), and the result is the summary of the rows as
-    they are now. Form 1 (an older peer's) hashes each agent-info entry with its mtime."""
+    """Each file's bucket and base are made when the file is hashed (not at the first summary
+    after: 10 000 SHA-256 in a 2.7 master's round with a client after its first sync) and
+    kept with its record while its content is the same: after an edit only that file is
+    hashed anew, after a keepalive none (form 2 mixes the mtime in by a multiplication),
+    and the result is the summary of the rows as they are now. Form 1 (an older peer's)
+    hashes each agent-info entry with its mtime. Records loaded from the database (a
+    restart) get theirs at their first summary."""
     from wazuh_cluster import deltarx
     clock = Clock()
     cat = make(home, clock=clock)
-    names = ["web%02d-any" % n for n in range(20)]
-    for n, name in enumerate(names):
-        write(home, "queue/agent-info/" + name, "Linux %d" % n, mtime_ns=(1500000000 + n) * SEC)
-    cat.tick(clock())
-    cat.handle("agent_nodes", {"rows": [[name, "c1"] for name in names]})
     made = []
 
     def entry(*args):
         made.append(args[0])
         return summary.entry(*args)
+    cat.scanner.summary_entry = entry
+    names = ["web%02d-any" % n for n in range(20)]
+    for n, name in enumerate(names):
+        write(home, "queue/agent-info/" + name, "Linux %d" % n, mtime_ns=(1500000000 + n) * SEC)
+    cat.tick(clock())
+    while cat.scanner.backlog():
+        cat.tick(clock())
+    assert sorted(made) == sorted(b"queue/agent-info/" + compat.to_bytes(n) for n in names)
+    del made[:]
+    cat.handle("agent_nodes", {"rows": [[name, "c1"] for name in names]})
 
-    def summed(form=2):
-        rows = [cat.scanner.row("queue/agent-info/" + name) for name in names]
+    def summed(form=2, scanner=cat.scanner):
+        rows = [scanner.row("queue/agent-info/" + name) for name in names]
         totals = summary.Summary()
-        cat.scanner.summary_sums(["queue/agent-info/" + name for name in names], True, entry,
-                                 form == 2, totals.counts, totals.sums)
+        scanner.summary_sums(["queue/agent-info/" + name for name in names], True, form == 2,
+                             totals.counts, totals.sums)
         got = totals.to_wire()
         assert got == summary.of_rows([r for r in rows if r], lambda item: True, form)
         return got
     first = summed()
-    assert len(made) == 20
-    del made[:]
+    assert made == []
     assert summed() == first and made == []
     assert summed(1) != first and len(made) == 20   # the forms differ for agent-info
     del made[:]
@@ -336,15 +343,27 @@ def test_a_clients_summary_is_made_again_from_the_records_whose_content_changed_
     write(home, "queue/agent-info/web07-any", "Linux 7 edited")
     os.unlink(os.path.join(home, "queue/agent-info/web11-any"))
     cat.tick(clock() + cat.foreign_scan_interval)
-    assert summed() != first
     assert made == [b"queue/agent-info/web07-any"]
-    # A touch a pass finds (the file read again, same content) keeps them too.
     del made[:]
+    assert summed() != first
+    assert made == []
+    # A touch a pass finds (the file read again, same content) keeps them too.
     compat.set_mtime_ns(os.path.join(home, "queue/agent-info/web05-any"), 1600000001 * SEC)
     cat.tick(clock() + 2 * cat.foreign_scan_interval)
     assert cat.scanner.row("queue/agent-info/web05-any")[3] == 1600000001 * SEC
-    summed()
+    now = summed()
     assert made == []
+    # Restarted: the records come from the database (a keepalive's is not stored there:
+    # hashed again by the first pass), the others' entries are made at the first summary.
+    again = make(home, clock=clock)
+    again.scanner.summary_entry = entry
+    again.tick(clock())
+    assert made == [b"queue/agent-info/web03-any"]
+    assert summed(scanner=again.scanner) == now
+    assert sorted(made) == sorted(b"queue/agent-info/" + compat.to_bytes(n)
+                                  for n in names if n != "web11-any")
+    del made[:]
+    assert summed(scanner=again.scanner) == now and made == []
 
 
 def test_a_summary_of_every_source_is_summed_from_the_kept_values(home,  # noqa: F811
