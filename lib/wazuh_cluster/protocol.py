@@ -226,6 +226,8 @@ def _parse_header(raw):
         header = compat.json_loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header is not valid JSON")
+    except RuntimeError:  # nested deeper than the recursion limit (3.x: RecursionError)
+        raise ProtocolError("header is nested too deep")
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     return header

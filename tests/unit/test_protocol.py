@@ -165,6 +165,20 @@ def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
     assert header == {"a": 1} and data == b"zz" and cost > 0
 
 
+def test_a_header_nested_too_deep_is_a_protocol_error():
+    # json.loads raised RuntimeError (2.7) or RecursionError (3.x): the session logged a
+    # peer's header as its own internal error, with a traceback each time (2.7 and 3.6-3.11
+    # at about 1 000 levels, within a small message's window; 3.12-3.13 at more)
+    raw = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    body = struct.pack(">I", len(raw)) + raw
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_costed(body, max_cost=1 << 30)
+    assert "nested too deep" in info.value.message
+    stream = protocol.Inflater([zlib.compress(struct.pack(">I", len(raw)) + raw)], 1 << 30)
+    with pytest.raises(ProtocolError):
+        protocol.decode_header_stream(stream, max_cost=1 << 30)
+
+
 def _decoded_bytes(value, seen=None):
     """What CPython holds for `value` and everything in it (each object once)."""
     seen = set() if seen is None else seen
