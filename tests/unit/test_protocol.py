@@ -244,6 +244,26 @@ def test_one_wide_character_widens_its_whole_string_and_is_counted_so(wide, ensu
     assert _decoded_bytes(header["x"]) <= protocol.json_cost(raw) - protocol.json_cost(b'{"x":}')
 
 
+@pytest.mark.parametrize("tail", [u"\u0100", u"\u00e9\u0100", u"\U0001f600",
+                                  u"\u00e9\u0100\U0001f600"],
+                         ids=["bmp", "latin-then-bmp", "astral", "latin-bmp-astral"])
+def test_a_long_string_widened_by_an_escape_peaks_within_its_cost(tail):
+    # 3.x decodes the ASCII text, then builds the string narrow and widens it at the escape:
+    # both buffers at once, over-allocated (4.75 times the text against 4 counted)
+    tracemalloc = pytest.importorskip("tracemalloc")
+    raw = json.dumps({"x": u"a" * 400000 + tail}).encode("ascii")
+    body = struct.pack(">I", len(raw)) + raw
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        header, _data, cost = protocol.decode_costed(body)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert header["x"].endswith(tail)
+    assert peak <= cost
+
+
 def test_escapes_that_widen_no_string_cost_nothing_more():
     # an honest header is ASCII; escapes of ASCII control characters (a hostile name's
     # ESC) leave a string narrow: they cost what any text costs, so a peer's refused names
