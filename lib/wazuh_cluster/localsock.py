@@ -52,6 +52,8 @@ def decode(data):
         obj = compat.json_loads(data)
     except ValueError:
         raise ProtocolError("message is not UTF-8 JSON")
+    except RuntimeError:  # nested deeper than the recursion limit (3.x: RecursionError)
+        raise ProtocolError("message is nested too deep")
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a JSON object")
     return obj

@@ -197,3 +197,12 @@ def test_call_data_refuses_a_streamed_answer():
     finally:
         worker.join()
         server.close()
+
+
+def test_a_message_nested_too_deep_is_a_protocol_error():
+    # json.loads raised RuntimeError (2.7) or RecursionError (3.x) out of the internal
+    # daemon's loop (InternalLoop.answer catches ProtocolError): 200 KB from any client of
+    # its socket stopped it
+    with pytest.raises(ProtocolError) as info:
+        localsock.decode(b"[" * 100000 + b"]" * 100000)
+    assert "nested too deep" in str(info.value)

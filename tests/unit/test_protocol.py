@@ -165,6 +165,20 @@ def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
     assert header == {"a": 1} and data == b"zz" and cost > 0
 
 
+def test_a_header_nested_too_deep_is_a_protocol_error():
+    # json.loads raised RuntimeError (2.7) or RecursionError (3.x): the session logged a
+    # peer's header as its own internal error, with a traceback each time (2.7 and 3.6-3.11
+    # at about 1 000 levels, within a small message's window; 3.12-3.13 at more)
+    raw = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    body = struct.pack(">I", len(raw)) + raw
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_costed(body, max_cost=1 << 30)
+    assert "nested too deep" in info.value.message
+    stream = protocol.Inflater([zlib.compress(struct.pack(">I", len(raw)) + raw)], 1 << 30)
+    with pytest.raises(ProtocolError):
+        protocol.decode_header_stream(stream, max_cost=1 << 30)
+
+
 def _decoded_bytes(value, seen=None):
     """What CPython holds for `value` and everything in it (each object once)."""
     seen = set() if seen is None else seen
@@ -228,6 +242,26 @@ def test_one_wide_character_widens_its_whole_string_and_is_counted_so(wide, ensu
     assert header["x"] == text
     # what its strings hold is within what their text adds to the cost
     assert _decoded_bytes(header["x"]) <= protocol.json_cost(raw) - protocol.json_cost(b'{"x":}')
+
+
+@pytest.mark.parametrize("tail", [u"\u0100", u"\u00e9\u0100", u"\U0001f600",
+                                  u"\u00e9\u0100\U0001f600"],
+                         ids=["bmp", "latin-then-bmp", "astral", "latin-bmp-astral"])
+def test_a_long_string_widened_by_an_escape_peaks_within_its_cost(tail):
+    # 3.x decodes the ASCII text, then builds the string narrow and widens it at the escape:
+    # both buffers at once, over-allocated (4.75 times the text against 4 counted)
+    tracemalloc = pytest.importorskip("tracemalloc")
+    raw = json.dumps({"x": u"a" * 400000 + tail}).encode("ascii")
+    body = struct.pack(">I", len(raw)) + raw
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        header, _data, cost = protocol.decode_costed(body)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert header["x"].endswith(tail)
+    assert peak <= cost
 
 
 def test_escapes_that_widen_no_string_cost_nothing_more():
