@@ -639,7 +639,7 @@ class Catalog(object):
                 "db": self.db.path, "db_in_memory": self.db.in_memory, "role": self.role,
                 "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
                 "peers": len(self.db.peers()), "hashed": self.scanner.hashed,
-                "racy": self.scanner.racy_count()}
+                "hot_hinted": self.scanner.hot_hinted, "racy": self.scanner.racy_count()}
 
     def _manifest_rows(self, args, refresh=True):
         """Scanner rows a manifest or summary request selects ({source?, items?, names?,

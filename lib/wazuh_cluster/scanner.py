@@ -293,6 +293,7 @@ class Scanner(object):
         self.full_pass_seconds = 0.0
         self.poll_seconds = 0.0
         self.hashed = 0  # files read and hashed since start (status; keepalive tests)
+        self.hot_hinted = 0  # hot files recorded from wazuh-clusterd's hash (hint_hot)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -879,7 +880,10 @@ class Scanner(object):
             self._deferred.add(rel)
             return
         self._hints.pop(rel, None)
-        hashed_at = int(self._wall() * 1e9) if not hinted or hint[2] is None else hint[2]
+        hashed_at = int(self._wall() * 1e9)
+        if hinted and hint[2] is not None:
+            hashed_at = hint[2]
+            self.hot_hinted += 1
         result = (hint[1], fp) if hinted else self._hash(rel)
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later

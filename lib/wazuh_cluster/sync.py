@@ -73,12 +73,13 @@ def read_stable(path, digest_of=None, seen=None):
     fstat was that same fingerprint before and after the read (hashtell.py).
     """
     try:
-        began = int(time.time() * 1e9)
         before = os.lstat(path)
         with open(path, "rb") as handle:
             # read(n) allocates n bytes first: MAX_FILE_BYTES for every 2 KB shared file was
             # a 48 MB mapping made, shrunk to a page of its own and unmapped, per file sent
             opened = os.fstat(handle.fileno())
+            # after that fstat: its times are never later than this (the racy rule)
+            began = int(time.time() * 1e9)
             data = handle.read(min(opened.st_size, MAX_FILE_BYTES) + 1)
             if seen is not None:
                 fingerprint = scanner.fingerprint(opened)

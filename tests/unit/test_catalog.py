@@ -1400,6 +1400,7 @@ def test_a_hash_clusterd_told_is_recorded_without_reading_client_keys(home):
     assert cat.tick(1.0)["changed"] == ["etc/client.keys"]
     assert cat.scanner.hashed == hashed
     assert cat.scanner.get("etc/client.keys")["sha256"] == FAKE
+    assert cat.handle("status", {})["hot_hinted"] == 1
     assert not cat.scanner.is_racy("etc/client.keys")
     assert cat.tick(2.0) is None and cat.scanner.hashed == hashed   # settled: not read
 
