@@ -27,6 +27,8 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   set_states  {rows: [[node, file, state]]}       -> {updated: n}
   states      {node?, files?}                     -> {rows: [[node, file, state]]}
   rescan      {}                                  -> {scheduled: true}
+  hashed      {name, fingerprint, sha256,          -> {taken}: wazuh-clusterd's checksum of
+               hashed_at}                             our client.keys it read (_cmd_hashed)
   peer_seen   {name, role, address?, version?}    -> {recorded: true}
   peers       {}                                  -> {peers: [{node, role, address, version,
                                                       last_seen}]}
