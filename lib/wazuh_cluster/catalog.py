@@ -27,6 +27,8 @@ Commands (args -> result; errors: RequestError codes unknown_command, bad_reques
   set_states  {rows: [[node, file, state]]}       -> {updated: n}
   states      {node?, files?}                     -> {rows: [[node, file, state]]}
   rescan      {}                                  -> {scheduled: true}
+  hashed      {name, fingerprint, sha256,          -> {taken}: wazuh-clusterd's checksum of
+               hashed_at}                             our client.keys it read (_cmd_hashed)
   peer_seen   {name, role, address?, version?}    -> {recorded: true}
   peers       {}                                  -> {peers: [{node, role, address, version,
                                                       last_seen}]}
@@ -64,7 +66,7 @@ import struct
 import sys
 import time
 
-from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary
+from wazuh_cluster import agentlist, agentrows, compat, errors, localsock, manifest, summary, text
 from wazuh_cluster import db as db_mod
 from wazuh_cluster import scanner as scanner_mod
 
@@ -307,6 +309,7 @@ class Catalog(object):
             "fingerprints": self._cmd_fingerprints,
             "received": self._cmd_received,
             "set_role": self._cmd_set_role,
+            "hashed": self._cmd_hashed,
         }
 
     def commands(self):
@@ -638,7 +641,7 @@ class Catalog(object):
                 "db": self.db.path, "db_in_memory": self.db.in_memory, "role": self.role,
                 "rescan_scheduled": self._rescan, "states": self.db.state_counts(),
                 "peers": len(self.db.peers()), "hashed": self.scanner.hashed,
-                "racy": self.scanner.racy_count()}
+                "hot_hinted": self.scanner.hot_hinted, "racy": self.scanner.racy_count()}
 
     def _manifest_rows(self, args, refresh=True):
         """Scanner rows a manifest or summary request selects ({source?, items?, names?,
@@ -907,6 +910,24 @@ class Catalog(object):
         # exactly the names kept: none holds a NUL (_asked_kept); made once it all matched
         names = blob.decode("utf-8").split(u"\0")
         return list(map(names.__getitem__, at)), folder
+
+    def _cmd_hashed(self, args):
+        """wazuh-clusterd read and hashed our hot file `name` (client.keys) to push it:
+        {name, fingerprint: [size, mtime_ns, ino, ctime_ns, mode] of its descriptor, the same
+        before and after the read, sha256, hashed_at: wall ns the read began} -> {taken}.
+        The next look records that checksum instead of hashing the file (9.4 MB, an append a
+        second) only while its lstat is exactly that fingerprint, under the racy rule
+        (Scanner.hint_hot); a name that is not a hot file this node sends is not taken."""
+        name, fp, sha, at = (args.get(key) for key in ("name", "fingerprint", "sha256",
+                                                        "hashed_at"))
+        if not (type(name) in _TEXTS and type(fp) in _LIST and len(fp) == 5 and
+                set(map(type, fp + [at])) <= _INTS and type(sha) in _TEXTS and
+                len(sha) == 64 and _digests(sha) is not None):
+            self.log.warning("malformed 'hashed' request (name %s) ignored",
+                             text.printable(name))
+            raise _bad("'hashed' is {name, fingerprint: [size, mtime_ns, ino, ctime_ns, "
+                       "mode], sha256, hashed_at}")
+        return {"taken": self.scanner.hint_hot(name, fp, sha, at, self._own)}
 
     def _cmd_received(self, args):
         """Files wazuh-clusterd just wrote or stamped, as it found them after its rename or

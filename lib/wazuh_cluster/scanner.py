@@ -276,7 +276,9 @@ class Scanner(object):
         self._racy = {}       # name -> wall ns from which one more hash settles it
         self._racy_due = []   # heap of (that time, name); stale entries are skipped
         self._noted = {}
-        self._hints = {}  # rel -> (fingerprint, digest) of a file wazuh-clusterd just wrote
+        # rel -> (fingerprint, digest, None) of a file wazuh-clusterd just wrote (hint), or
+        # (.., wall ns it began reading at) of our hot file it read (hint_hot)
+        self._hints = {}
         self._primed = False
         self._roots = []  # (item, native relative path)
         for item in self.items:
@@ -291,6 +293,7 @@ class Scanner(object):
         self.full_pass_seconds = 0.0
         self.poll_seconds = 0.0
         self.hashed = 0  # files read and hashed since start (status; keepalive tests)
+        self.hot_hinted = 0  # hot files recorded from wazuh-clusterd's hash (hint_hot)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -863,16 +866,24 @@ class Scanner(object):
         fp = _fingerprint(st)
         old = self._files.get(rel)
         self._deferred.discard(rel)
-        if old is not None and old.startswith(_FP.pack(*fp)) and (
-                rel not in self._racy or (self._racy_pending(rel) and not (item and item.hot))):
+        same = old is not None and old.startswith(_FP.pack(*fp))
+        if same and (rel not in self._racy or (self._racy_pending(rel) and
+                                                not (item and item.hot))):
             return
         hint = self._hints.get(rel)
-        hinted = hint is not None and hint[0] == tuple(fp)
+        # A hint of our own hot file (its hashed_at told) stands for a hash at that time,
+        # racy rule and all, and only for a fingerprint not recorded yet: a racy record's
+        # settling hash reads the file.
+        hinted = hint is not None and hint[0] == tuple(fp) and not (hint[2] is not None and
+                                                                     same)
         if not hinted and self._defers(item):
             self._deferred.add(rel)
             return
         self._hints.pop(rel, None)
         hashed_at = int(self._wall() * 1e9)
+        if hinted and hint[2] is not None:
+            hashed_at = hint[2]
+            self.hot_hinted += 1
         result = (hint[1], fp) if hinted else self._hash(rel)
         if result is None:
             return  # changed while reading, vanished or unreadable: retried later
@@ -884,7 +895,8 @@ class Scanner(object):
         self._unseal(rel)
         self._noted.pop(rel, None)
         changed_at = max(fp[1], fp[3])
-        if not hinted and hashed_at - RACY_NS <= changed_at <= hashed_at + RACY_NS:
+        if (not hinted or hint[2] is not None) and \
+                hashed_at - RACY_NS <= changed_at <= hashed_at + RACY_NS:
             when = max(hashed_at, changed_at) + RACY_NS
             self._racy[rel] = when
             heapq.heappush(self._racy_due, (when, rel))
@@ -903,9 +915,30 @@ class Scanner(object):
         at every change (and again while it was racy, ~2 s). Only the writer's fingerprint,
         taken after its rename, is trusted; anything written since changes it.
         """
+        self._keep_hint(compat.native_str(rel), (tuple(fp), binascii.unhexlify(sha256_hex),
+                                                 None))
+
+    def hint_hot(self, rel, fp, sha256_hex, hashed_at, only=None):
+        """wazuh-clusterd read our hot file `rel` (client.keys) to push it: its descriptor's
+        fstat was `fp` before and after the read, begun at wall ns `hashed_at`, and the bytes
+        read have this SHA-256. The next check takes it instead of reading 9.4 MB again while
+        the lstat is exactly `fp` and no record has that fingerprint, as if this scanner had
+        hashed it then: the racy rule (_check_file) marks it racy when its change is within
+        RACY_NS of `hashed_at`, and a racy hot file is read again at every poll until it
+        settles. False (nothing kept) when `rel` is not a hot file of an item in `only` (as
+        in poll()) or `hashed_at` is later than now."""
+        rel = compat.native_str(rel)
+        if hashed_at > int(self._wall() * 1e9) or not any(
+                item.kind == "file" and item.hot and r == rel and
+                (only is None or item.name in only) for item, r in self._roots):
+            return False
+        self._keep_hint(rel, (tuple(fp), binascii.unhexlify(sha256_hex), hashed_at))
+        return True
+
+    def _keep_hint(self, rel, hint):
         if len(self._hints) >= MAX_HINTS:
             self._hints.clear()
-        self._hints[compat.native_str(rel)] = (tuple(fp), binascii.unhexlify(sha256_hex))
+        self._hints[rel] = hint
 
     def _hash(self, rel):
         """SHA-256 of a file, stat-ed before and after; None when it moved under us."""

@@ -26,9 +26,11 @@ import math
 import os
 import stat
 import threading
+import time
 
-from wazuh_cluster import (background, compat, delta, deltasend, groupcommit, logs, manifest,
-                           metapack, outbox, protocol, staterows, summary, versions)
+from wazuh_cluster import (background, compat, delta, deltasend, groupcommit, hashtell, logs,
+                           manifest, metapack, outbox, protocol, scanner, staterows, summary,
+                           versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -61,20 +63,29 @@ NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds
 ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
 
-def read_stable(path, digest_of=None):
+def read_stable(path, digest_of=None, seen=None):
     """(data, sha256, mtime_ns) of a regular file, or None when it changed while being read.
 
     A file rewritten during the read is sent later, never half old and half new.
     `digest_of(data)`: its SHA-256 hex digits (versions.VersionStore's, which hashes only
     what was appended to the version it holds); by default all of it is hashed.
+    `seen`: a list, given (scanner fingerprint, wall ns the read began) when the descriptor's
+    fstat was that same fingerprint before and after the read (hashtell.py).
     """
     try:
         before = os.lstat(path)
         with open(path, "rb") as handle:
             # read(n) allocates n bytes first: MAX_FILE_BYTES for every 2 KB shared file was
             # a 48 MB mapping made, shrunk to a page of its own and unmapped, per file sent
-            size = os.fstat(handle.fileno()).st_size
-            data = handle.read(min(size, MAX_FILE_BYTES) + 1)
+            opened = os.fstat(handle.fileno())
+            # after that fstat: its times are never later than this (the racy rule)
+            began = int(time.time() * 1e9)
+            data = handle.read(min(opened.st_size, MAX_FILE_BYTES) + 1)
+            if seen is not None:
+                fingerprint = scanner.fingerprint(opened)
+                if scanner.fingerprint(os.fstat(handle.fileno())) == fingerprint and \
+                        len(data) == opened.st_size:
+                    seen.append((fingerprint, began))
         after = os.lstat(path)
     except (IOError, OSError):
         return None
@@ -1100,6 +1111,13 @@ class SyncManager(object):
         self.state_writer = groupcommit.GroupCommit(link.call)
         self.urgent_link = link.urgent()
         self.urgent_writer = groupcommit.GroupCommit(self.urgent_link.call)
+        # The checksums of the client.keys we read to push, for the internal daemon's record
+        # (hashtell.py); the internal daemon takes them only for a hot file it sends.
+        self.teller = None
+        if self.store is not None:
+            self.teller = hashtell.HashTeller(self.urgent_link.call, self.home, [
+                item.path for item in cfg.items if item.kind == "file" and item.hot])
+            self.store.told = self.teller.tell
 
     def worker_role(self, session):
         """The role this node sends to `session` in; None: no PeerSync (failover on)."""
@@ -1260,5 +1278,7 @@ class SyncManager(object):
                     for w in self.workers())
 
     def stop(self):
+        if self.teller is not None:
+            self.teller.stop()
         for worker in self.workers():
             worker.stop()

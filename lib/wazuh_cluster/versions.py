@@ -79,6 +79,10 @@ class VersionStore(object):
         # version read (one per big file; a few hundred bytes each)
         self._states = {}
         self.tail_hashed = 0                        # reads hashed from a held version's state
+        # callable(path, scanner fingerprint, sha256 hex, wall ns) for each new version read
+        # whose descriptor kept that fingerprint through the read (hashtell.py), or None;
+        # read_func then takes a third argument (sync.read_stable's `seen`)
+        self.told = None
 
     def wanted(self, size):
         # Up to the whole budget: a newer version links the older one and lets its bytes go
@@ -154,7 +158,13 @@ class VersionStore(object):
 
     def _read(self, path, read_func):
         hashed = []
-        got = read_func(path, self._digest_of(path, hashed))
+        if self.told is None:
+            got = read_func(path, self._digest_of(path, hashed))
+        else:
+            seen = []
+            got = read_func(path, self._digest_of(path, hashed), seen)
+            if got is not None and seen:
+                self.told(path, seen[0][0], got[1], seen[0][1])
         if got is not None and hashed and hashed[0][0] == got[1] and \
                 self.wanted(len(got[0])):
             with self._lock:

@@ -5,6 +5,7 @@ Every wait polls a condition with a bound; a failing test prints the nodes' logs
 """
 from __future__ import absolute_import, division, print_function
 
+import hashlib
 import io
 import os
 import re
@@ -91,3 +92,23 @@ def test_a_mass_removal_arriving_as_a_delta_is_held_back(cluster):
     with open(client1.path("etc", "client.keys")) as handle:
         assert handle.read() == KEYS
     assert applied(client1) and applied(client1)[-1] == (0, len(kept))
+
+
+def test_the_master_records_the_checksum_clusterd_took_of_an_append(cluster):
+    """wazuh-clusterd hashed the appended client.keys it pushed: the master's internal daemon
+    records that checksum instead of reading the file again (hashtell.py), and its record
+    is the file's true checksum. A poll may come before the hint (then it hashes, as
+    before): a few appends, until one is taken."""
+    from test_internal import call
+    master = cluster[0]
+    text = KEYS
+    for i in range(5000, 5010):
+        text += line(i)
+        replace(master, "etc/client.keys", text)
+        converge(cluster, parts=KEYS_ONLY)
+        if call(master, "status")["hot_hinted"]:
+            break
+    assert call(master, "status")["hot_hinted"] >= 1
+    want = hashlib.sha256(text.encode("ascii")).hexdigest()
+    wait_for(lambda: call(master, "manifest", {"names": ["etc/client.keys"]})["files"]
+             ["etc/client.keys"]["sha256"] == want, SYNC_WAIT, what="the master's record")

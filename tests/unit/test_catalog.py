@@ -9,6 +9,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -1357,3 +1358,107 @@ def test_a_ticket_of_names_all_in_a_folder_this_node_sends_is_refused(home):
                                 "records": records, "node": "client02"})
     assert info.value.code == "bad_request"
     assert [cat.scanner.get(name) for name in names] == before and not cat.db.agents()
+
+
+def hinting(home, role="master"):
+    """A catalog on a wall clock the test sets, and client.keys scanned by its first pass."""
+    write(home, "etc/client.keys", "001 web01 any k1\n")
+    log = logging.getLogger("test-catalog")
+    db = dbmod.ClusterDB(os.path.join(home, "var/db", "cluster.db"), log)
+    OPENED.append(db)
+    wall = [time.time() + 10]
+    cat = catalog_mod.Catalog(home, ITEMS, EXCLUDE, db, log, role=role, poll_interval=1.0,
+                              scan_interval=10.0, wall=lambda: wall[0])
+    cat.tick(0.0)
+    return cat, wall
+
+
+def appended(home, line=b"002 web02 any k2\n"):
+    """Append to client.keys: (its fingerprint now as a list, when it changed in ns)."""
+    path = os.path.join(home, "etc/client.keys")
+    with open(path, "ab") as handle:
+        handle.write(line)
+    st = os.lstat(path)
+    fp = list(scanner_mod.fingerprint(st))
+    return fp, max(fp[1], fp[3])
+
+
+FAKE = "%064x" % 0xabcdef   # no file has it: a record with it was taken from the hint, not read
+
+
+def test_a_hash_clusterd_told_is_recorded_without_reading_client_keys(home):
+    """wazuh-clusterd read and hashed the append it pushed: the poll records that checksum
+    (9.4 MB not hashed again, an append a second) while the lstat is exactly the one it
+    read, settled (its change more than RACY_NS before the read)."""
+    cat, wall = hinting(home)
+    fp, changed = appended(home)
+    wall[0] = changed / 1e9 + 5
+    hashed = cat.scanner.hashed
+    assert cat.handle("hashed", {"name": "etc/client.keys", "fingerprint": fp, "sha256": FAKE,
+                                 "hashed_at": changed + 3 * scanner_mod.RACY_NS // 2}) == \
+        {"taken": True}
+    assert cat.tick(1.0)["changed"] == ["etc/client.keys"]
+    assert cat.scanner.hashed == hashed
+    assert cat.scanner.get("etc/client.keys")["sha256"] == FAKE
+    assert cat.handle("status", {})["hot_hinted"] == 1
+    assert not cat.scanner.is_racy("etc/client.keys")
+    assert cat.tick(2.0) is None and cat.scanner.hashed == hashed   # settled: not read
+
+
+def test_a_hash_told_of_another_fingerprint_is_not_taken(home):
+    """Rewritten after wazuh-clusterd read it (same size, another mtime): hashed as before."""
+    cat, wall = hinting(home)
+    fp, changed = appended(home)
+    wall[0] = changed / 1e9 + 5
+    cat.handle("hashed", {"name": "etc/client.keys", "fingerprint": fp, "sha256": FAKE,
+                          "hashed_at": changed + 3 * scanner_mod.RACY_NS // 2})
+    path = os.path.join(home, "etc/client.keys")
+    with open(path, "r+b") as handle:
+        handle.write(b"009")
+    os.utime(path, (1, 1))
+    assert os.path.getsize(path) == fp[0]
+    hashed = cat.scanner.hashed
+    assert cat.tick(1.0)["changed"] == ["etc/client.keys"]
+    assert cat.scanner.hashed == hashed + 1
+    with open(path, "rb") as handle:
+        assert cat.scanner.get("etc/client.keys")["sha256"] == \
+            compat.sha256(handle.read()).hexdigest()
+
+
+def test_a_racy_hash_told_is_read_again_at_the_next_poll(home):
+    """Read by wazuh-clusterd in the clock tick of the append (as under churn), a rewrite of
+    the same size in that tick after its read would keep the fingerprint: the record it
+    gave is racy, as one this scanner took then would be, and the next poll reads the file
+    (a hot racy file is hashed at every poll until it settles)."""
+    cat, wall = hinting(home)
+    fp, changed = appended(home)
+    wall[0] = changed / 1e9 + 0.5
+    cat.handle("hashed", {"name": "etc/client.keys", "fingerprint": fp, "sha256": FAKE,
+                          "hashed_at": changed + 1000})
+    hashed = cat.scanner.hashed
+    assert cat.tick(1.0)["changed"] == ["etc/client.keys"]
+    assert cat.scanner.hashed == hashed and cat.scanner.is_racy("etc/client.keys")
+    assert cat.tick(2.0)["changed"] == ["etc/client.keys"]   # the real content differs
+    assert cat.scanner.hashed == hashed + 1
+    assert cat.scanner.get("etc/client.keys")["sha256"] != FAKE
+
+
+def test_a_hash_told_of_a_file_this_node_does_not_send_is_not_taken(home, caplog):
+    cat, wall = hinting(home, role="client")   # a client receives client.keys
+    fp, changed = appended(home)
+    wall[0] = changed / 1e9 + 5
+    args = {"name": "etc/client.keys", "fingerprint": fp, "sha256": FAKE,
+            "hashed_at": changed + 3 * scanner_mod.RACY_NS // 2}
+    assert cat.handle("hashed", args) == {"taken": False}
+    master, wall = hinting(home)
+    for name in ("etc/shared/default/agent.conf", "etc/client.keys/", "etc/../etc/client.keys"):
+        assert master.handle("hashed", dict(args, name=name)) == {"taken": False}
+    assert master.handle("hashed", dict(args, hashed_at=int(wall[0] * 1e9) + 10 ** 9)) == \
+        {"taken": False}   # "read" later than now
+    caplog.clear()
+    for bad in (dict(args, fingerprint=fp[:4]), dict(args, fingerprint=fp[:4] + [True]),
+                dict(args, sha256=FAKE.upper()), dict(args, sha256=FAKE[1:]),
+                dict(args, hashed_at=None), dict(args, name=5)):
+        with pytest.raises(errors.RequestError):
+            master.handle("hashed", bad)
+    assert len([r for r in caplog.records if "malformed 'hashed'" in r.getMessage()]) == 6

@@ -707,3 +707,63 @@ def test_the_scanner_takes_the_writers_hash_while_the_fingerprint_holds(tmp_path
     put(home, KEYS, BIG)
     scan.hint(KEYS, row[1:6], row[6])
     assert scan.poll().changed == [KEYS] and scan.get(KEYS)["sha256"] == sha(BIG)
+
+
+def test_each_new_version_read_is_told_with_the_fingerprint_it_was_read_at(tmp_path,
+                                                                          monkeypatch):
+    """The internal daemon records the checksum wazuh-clusterd took of a client.keys it read
+    (hashtell.py) only at the very fingerprint of the descriptor it read: told once per new
+    version, not when it is taken from memory, nor for a file that changed while read."""
+    from wazuh_cluster import hashtell, scanner
+    path, store, _fed = _big_keys(tmp_path, monkeypatch)
+    calls = []
+    newest = threading.Event()
+
+    def call(cmd, args):
+        calls.append((cmd, args))
+        if args["sha256"] == sha(BIG + line(99999)):
+            newest.set()
+    teller = hashtell.HashTeller(call, str(tmp_path), ["client.keys"])
+    told = []
+
+    def tell(*args):
+        told.append(args)
+        teller.tell(*args)
+    store.told = tell
+    before = int(time.time() * 1e9)
+    got = store.read(path, read_stable)
+    assert told == [(path, scanner.fingerprint(os.lstat(path)), got[1], told[0][3])]
+    assert before <= told[0][3] <= int(time.time() * 1e9)
+    store.read(path, read_stable)             # the same version, from memory: not told again
+    assert len(told) == 1
+    with open(path, "ab") as handle:
+        handle.write(line(99999))
+    got = store.read(path, read_stable)
+    assert len(told) == 2 and told[1][2] == got[1] == sha(BIG + line(99999))
+    assert newest.wait(60)   # sent from the teller's thread
+    teller.stop()
+    assert calls[-1] == ("hashed", {"name": "client.keys", "sha256": got[1],
+                                    "fingerprint": list(scanner.fingerprint(os.lstat(path))),
+                                    "hashed_at": told[1][3]})
+    assert len(calls) <= 2
+
+    def chmodded(p, digest_of=None, seen=None):
+        """Its mode changed during the read (a new ctime): read_stable's by-name check does
+        not look at those, the fingerprint the internal daemon would record does."""
+        real_fstat = os.fstat
+        fstats = []
+
+        def fstat(fd):
+            fstats.append(fd)
+            if len(fstats) == 2:
+                os.chmod(p, 0o600)
+            return real_fstat(fd)
+        monkeypatch.setattr(os, "fstat", fstat)
+        try:
+            return read_stable(p, digest_of, seen)
+        finally:
+            monkeypatch.setattr(os, "fstat", real_fstat)
+    with open(path, "ab") as handle:
+        handle.write(line(99998))
+    got = store.read(path, chmodded)
+    assert got[1] == sha(BIG + line(99999) + line(99998)) and len(told) == 2
