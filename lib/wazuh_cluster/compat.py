@@ -180,6 +180,9 @@ def scandir(path):
     return NameListing(path)
 
 
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _lstats_in(folder, names):
     """[lstat(name) for names in `folder`] by 2.7, which has no dir_fd: from inside the folder
     (chdir), back to the working folder after; the kernel walks no path per name (a 2.7
@@ -188,7 +191,7 @@ def _lstats_in(folder, names):
     would be resolved in `folder`. A folder not entered: the joined paths."""
     joined = imap(os.lstat, imap(os.path.join(folder, "").__add__, names))
     try:
-        here = os.open(".", os.O_RDONLY)  # a working folder we may not read: joined
+        here = os.open(".", _DIR_FLAGS)  # a working folder we may not read: joined
     except OSError:
         return joined
     try:
@@ -215,7 +218,7 @@ class FolderLstat(object):
         self._prefix = os.path.join(folder, "")
         if os.stat in getattr(os, "supports_dir_fd", ()) and \
                 os.stat in getattr(os, "supports_follow_symlinks", ()):
-            flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+            flags = _DIR_FLAGS
             if not follow:
                 flags |= getattr(os, "O_NOFOLLOW", 0)
             try:
