@@ -413,13 +413,10 @@ class Scanner(object):
             found = [self._with_sums(rel, rec) for rel, rec in known]
         read = _SUMMED_MTIME.unpack_from
         if mtime_is_data and not form2:
-            entry = self.summary_entry
             for rel, rec in zip(rels, found):
                 mtime_ns, bucket, _low, _high = read(rec)
                 counts[bucket] += 1
-                # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
-                sums[bucket] += entry(rel if compat.PY2 else rel.encode("ascii"),
-                                      binascii.hexlify(rec[_FP_LEN:_REC_LEN]), mtime_ns)[1]
+                sums[bucket] += self._entry(rel, rec[_FP_LEN:_REC_LEN], mtime_ns)[1]
         elif mtime_is_data:
             for mtime_ns, bucket, low, high in compat.imap(read, found):
                 counts[bucket] += 1
@@ -443,12 +440,16 @@ class Scanner(object):
         first summary after, it was 10 000 of them in a round's summary of a client's files
         after its first sync, most of a 2.7 master's internal daemon in the minutes after
         (issue 11)."""
-        entry = self.summary_entry
-        if entry is None:
+        if self.summary_entry is None:
             return b""
-        bucket, base = entry(rel if compat.PY2 else rel.encode("ascii"),
-                             binascii.hexlify(digest), None)
+        bucket, base = self._entry(rel, digest, None)
         return _SUMMED.pack(bucket, base & _LOW64, base >> 64)
+
+    def _entry(self, rel, digest, mtime_ns):
+        """summary_entry's (bucket, value) of file `rel` with this digest (raw bytes)."""
+        # A record's name is printable ASCII (_PORTABLE): its bytes are its str's.
+        return self.summary_entry(rel if compat.PY2 else rel.encode("ascii"),
+                                  binascii.hexlify(digest), mtime_ns)
 
     def racy_count(self):
         """Files to be hashed once more (see "Racy files" above)."""
