@@ -481,6 +481,13 @@ class Inbox(object):
                 metapack.COMPACT: True}
         if delta_refused:
             answer["delta_refused"] = delta_refused
+        if sender_role == "client":
+            # Reports older than ours (an agent that moved to another node): the client
+            # leaves its copy out of its rounds until it is newer (sync.PeerSync.kept_newer);
+            # else it sent it again, whole, in every round.
+            kept = [name for name, why in reasons.items() if why == receive.KEPT_NEWER]
+            if kept:
+                answer["kept_newer"] = kept
         return answer, b""
 
     sync_files.streams_data = True   # session.py: hand it the compressed data, not inflated

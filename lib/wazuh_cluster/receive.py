@@ -278,6 +278,11 @@ class _Fenced(Exception):
 
 
 FENCED = "refused: the sender no longer leads its term"
+# Reasons of an agent-info kept because ours is the newer keepalive: strictly newer (beyond
+# MTIME_SLACK_NS), or the same. The sender of a strictly older one is told (sync_files'
+# "kept_newer"), so that it leaves its stale copy out of its rounds (an agent that moved).
+KEPT_NEWER = "kept: the local file has a newer mtime"
+KEPT_SAME = "kept: the local file has the same mtime"
 
 
 class _Staged(collections.namedtuple("_Staged", ("name", "temp", "target", "folder", "dev",
@@ -546,7 +551,8 @@ class _Batch(object):
         # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
         if mtime_ns <= local_ns + MTIME_SLACK_NS and \
                 not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
-            self._set(name, SYNCHRONIZED, "kept: the local file has a newer mtime")
+            self._set(name, SYNCHRONIZED, KEPT_NEWER if mtime_ns + MTIME_SLACK_NS < local_ns
+                      else KEPT_SAME)
             return True
         return False
 

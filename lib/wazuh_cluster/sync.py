@@ -887,6 +887,8 @@ class PeerSync(object):
             raise RequestError("%s sent a malformed answer" % self.peer, "protocol")
         if batch.deltas:
             states.update(self.resend_refused(batch, result.get("delta_refused")))
+        if self.role == "client":
+            self.kept_newer(batch, result.get("kept_newer"), states)
         self.versions.note_sent(batch.files + batch.deltas, states)
         self.versions.note_meta(batch.meta, states)
         if self.pushed is not None and self.failover is not None and self.role == "master":
@@ -895,6 +897,26 @@ class PeerSync(object):
                                     + batch.deltas + batch.meta]
                         + [(name, None) for name in batch.delete], states)
         return states
+
+    def kept_newer(self, batch, names, states):
+        """The master kept its newer copy of these agent-info files we sent (their agent
+        moved to another node; ours is left from before): each is recorded in our agents
+        table as reported by the master at the mtime we sent, so that our rounds and pushes
+        leave it out until it is newer than that (Catalog._own_agents_only) and the
+        master's summary of our agents (without it) matches ours. Else it went whole in
+        every round, and the master refused it every time. Names the batch did not send
+        or did not find synchronized are ignored: the answer is the peer's."""
+        item = self.items.get("agent-info")
+        if not isinstance(names, list) or item is None or not item.mtime_is_data:
+            return
+        sent = dict((entry["name"], entry["mtime_ns"]) for entry in batch.files + batch.meta)
+        folder = item.path + "/"
+        rows = [[name[len(folder):], self.peer, sent[name]] for name in set(
+            name for name in names if isinstance(name, compat.string_types))
+            if name in sent and states.get(name) == "synchronized" and
+            name.startswith(folder) and "/" not in name[len(folder):]]
+        if rows:
+            self.link.call("agent_nodes", {"rows": rows})
 
     def resend_refused(self, batch, refused):
         """{name: state} of the whole files sent, in this same push or round, for the deltas
