@@ -769,6 +769,8 @@ class Inbox(object):
             if state != "synchronized" or name in told:
                 continue
             folder, _, base = name.rpartition("/")  # dirname and basename
-            if folder == self.info_dir and name not in reasons:
+            # the same keepalive as ours (KEPT_SAME) is a report too (PeerSync.reported)
+            if folder == self.info_dir and reasons.get(name, receive.KEPT_SAME) == \
+                    receive.KEPT_SAME:
                 rows.append([base, peer, mtimes[name]] if name in mtimes else [base, peer])
         return rows

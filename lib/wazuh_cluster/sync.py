@@ -673,6 +673,8 @@ class PeerSync(object):
                 mine, theirs, self.items, delete_extra=self.role == "master",
                 my_groups=groups)
             delete, dirs = spare_pushed(delete, dirs, pushed)
+            if buckets is not None and self.role == "client":
+                send_meta, same = self.reported(send_meta, same)
             self.versions.note_round(mine, theirs)
             # Only the entries sent as metadata are needed from here: the manifests (tens of
             # thousands of dicts) go before the transfers, and another round may begin.
@@ -694,6 +696,24 @@ class PeerSync(object):
         for k, part in enumerate((send_data, send_meta, delete, dirs, same)):
             counts[k] += len(part)
         return states
+
+    def reported(self, send_meta, same):
+        """(send_meta, same) of a client's round step over buckets whose summaries
+        differed: our agent-info files the master holds as we do go as metadata too. The
+        master's summary of our agents is of the agents its table says we report; a table
+        that lost rows (a lost database, held rows of a killed daemon) left agents that
+        keep alive no more (disconnected) out for good, and their buckets compared entry
+        by entry in every round. Such an update is our report: the master records it
+        (newest keepalive wins) and keeps its file as it is."""
+        item = self.items.get("agent-info")
+        if item is None or not item.mtime_is_data:
+            return send_meta, same
+        folder = item.path + "/"
+        ours = [name for name in same if name.startswith(folder)]
+        if not ours:
+            return send_meta, same
+        ours_set = set(ours)
+        return sorted(send_meta + ours), [name for name in same if name not in ours_set]
 
     def confirm_pending(self, pending, compared):
         """Of our files recorded pending for the peer before the summaries were made, those
@@ -901,17 +921,18 @@ class PeerSync(object):
     def kept_newer(self, batch, names, states):
         """The master kept its newer copy of these agent-info files we sent (their agent
         moved to another node; ours is left from before): each is recorded in our agents
-        table as reported by the master at the mtime we sent, so that our rounds and pushes
-        leave it out until it is newer than that (Catalog._own_agents_only) and the
-        master's summary of our agents (without it) matches ours. Else it went whole in
-        every round, and the master refused it every time. Names the batch did not send
-        or did not find synchronized are ignored: the answer is the peer's."""
+        table as reported elsewhere (by no node name: which one, the master does not say)
+        at the mtime we sent, so that our rounds and pushes leave it out until it is newer
+        than that (Catalog._own_agents_only) and the master's summary of our agents
+        (without it) matches ours. Else it went whole in every round, and the master
+        refused it every time. Names the batch did not send or did not find synchronized
+        are ignored: the answer is the peer's."""
         item = self.items.get("agent-info")
         if not isinstance(names, list) or item is None or not item.mtime_is_data:
             return
         sent = dict((entry["name"], entry["mtime_ns"]) for entry in batch.files + batch.meta)
         folder = item.path + "/"
-        rows = [[name[len(folder):], self.peer, sent[name]] for name in set(
+        rows = [[name[len(folder):], u"", sent[name]] for name in set(
             name for name in names if isinstance(name, compat.string_types))
             if name in sent and states.get(name) == "synchronized" and
             name.startswith(folder) and "/" not in name[len(folder):]]

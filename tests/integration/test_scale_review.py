@@ -57,3 +57,86 @@ def test_an_agent_moved_to_another_client_keeps_the_newest_and_rounds_go_quiet(m
     assert '"node_name":client1' in read_text(master, INFO)
     seen1 = len(rounds(client1, "master"))
     wait_rounds(client1, "master", seen1, nothing_to_compare, "compared nothing")
+
+
+# ------------------------------------------------------------------ client.keys deltas
+
+from test_delta import KEYS, KEYS_ONLY, applied, cluster, line, replace  # noqa: F401,E402
+from test_sync import converge, stop  # noqa: E402
+
+
+def _same_keys(master, client):
+    with open(master.path("etc", "client.keys"), "rb") as a, \
+            open(client.path("etc", "client.keys"), "rb") as b:
+        return a.read() == b.read()
+
+
+def test_every_kind_of_client_keys_change_ends_in_the_masters_exact_bytes(cluster):
+    """A key rewritten in the middle (same size), a truncation (agents removed: their
+    files backed up), a file shrunk and grown back to its size with other bytes, and
+    three versions the client missed while stopped: after each, both clients hold the
+    master's bytes exactly, by delta or by the whole file."""
+    master, client1, old1 = cluster
+    put(client1, "queue/agent-info/agent01999-any", agent_info("client1"))
+    lines = KEYS.splitlines(True)
+    steps = []
+    middle = list(lines)
+    middle[1000] = u"%05d agent%05d any %064x\n" % (1001, 1001, 0xabc)  # same size
+    steps.append(u"".join(middle))
+    steps.append(u"".join(middle[:1990]))                               # truncated
+    shrunk = middle[:1990]
+    del shrunk[500]
+    steps.append(u"".join(shrunk))
+    grown = list(shrunk)
+    grown.insert(1500, u"%05d agent%05d any %064x\n" % (7777, 7777, 7))  # back to its size
+    assert len(u"".join(grown)) == len(steps[1])
+    steps.append(u"".join(grown))
+    for text in steps:
+        replace(master, "etc/client.keys", text)
+        converge(cluster, parts=KEYS_ONLY)
+        assert _same_keys(master, client1) and _same_keys(master, old1)
+    assert len(applied(client1)) >= 3
+    # agent01999 left with the truncation: its agent-info backed up, then removed
+    wait_for(lambda: not os.path.exists(client1.path("queue", "agent-info",
+                                                     "agent01999-any")),
+             WAIT, 0.1, what="agent01999's agent-info removed on client1")
+    assert any(os.path.basename(folder) == "01999-agent01999-any" and "agent-info" in names
+               for folder, _, names in os.walk(client1.path("backup", "agents")))
+    # Versions missed while client1 was stopped: on its return, the master's bytes.
+    stop(client1)
+    text = steps[-1]
+    for i in range(8000, 8003):
+        text += line(i)
+        replace(master, "etc/client.keys", text)
+        converge([master, old1], parts=KEYS_ONLY)
+    client1.start()
+    converge(cluster, parts=KEYS_ONLY)
+    assert _same_keys(master, client1)
+    # and the next change after the restart still ends there
+    seen = len(applied(client1))
+    replace(master, "etc/client.keys", text + line(8003))
+    converge(cluster, parts=KEYS_ONLY)
+    assert _same_keys(master, client1) and _same_keys(master, old1)
+    wait_for(lambda: len(applied(client1)) > seen, WAIT, 0.1,
+             what="the change after the restart applied as a delta")
+
+
+def test_a_master_that_lost_its_agent_rows_relearns_them_from_the_rounds(make_node):
+    """The master's agents table is a cache (held rows die with a killed internal daemon,
+    a database is lost): an agent that no longer keeps alive (disconnected) is learned
+    again from the client's round, and the rounds go quiet, instead of the client's copy
+    going whole in every round."""
+    master, client1 = started_cluster(make_node, ("master", "client1"), "3s")
+    now = int(time.time())
+    put(client1, INFO, agent_info("client1"), mtime=now - 3600)
+    wait_for(lambda: _mtime(master, INFO) == now - 3600 and
+             reporting_node(master, "db01-10.0.0.5") == "client1", WAIT, 0.1,
+             what="client1's report on the master")
+    stop(master)
+    os.unlink(master.path("var", "db", "cluster.db"))
+    seen = len(rounds(client1, "master"))
+    master.start()
+    wait_for(lambda: reporting_node(master, "db01-10.0.0.5") == "client1", WAIT, 0.1,
+             what="the agent's node learned again")
+    wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")
+    assert _mtime(master, INFO) == now - 3600
