@@ -587,8 +587,11 @@ class _Batch(object):
                     raise TransferError("meta-only update but the local content differs")
                 try:
                     self._change(fsops.set_mtime, fd, None, mtime_ns)
+                    after = os.fstat(fd)
+                    if after.st_nlink != 1:  # the name is another file's now: tried again
+                        raise TransferError("replaced while its time was set")
                     self._make_durable(fd, where)
-                    return None, False, scanner.fingerprint(os.fstat(fd))
+                    return None, False, scanner.fingerprint(after)
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.EACCES):
                         raise

@@ -173,12 +173,16 @@ class _Toucher(object):
                     if done is None:
                         row = False  # refused by the fence (its state set)
                     elif done:  # else EPERM: stage() copies; another error fails there
-                        if fsync_budget and batch.fsynced < fsync_budget:
-                            batch._make_durable(fd, (path, dev))
-                        elif dev not in unflushed:
-                            unflushed[dev] = path
-                        # what the internal daemon learns (keepalive.tell), packed here
-                        row = (name, pack(*(fingerprint(fstat(fd)) + (unhexlify(sha),))))
+                        after = fstat(fd)
+                        # Renamed over or removed since the check: the time went to the
+                        # inode the name had; stage() decides the name's file now.
+                        if after.st_nlink == 1:
+                            if fsync_budget and batch.fsynced < fsync_budget:
+                                batch._make_durable(fd, (path, dev))
+                            elif dev not in unflushed:
+                                unflushed[dev] = path
+                            # what the internal daemon learns (keepalive.tell), packed here
+                            row = (name, pack(*(fingerprint(after) + (unhexlify(sha),))))
             except OSError as exc:
                 batch.failed(name, fsops.why(exc))
                 row = False

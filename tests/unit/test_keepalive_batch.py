@@ -399,3 +399,59 @@ def test_a_mixed_batch_goes_the_per_file_way(home, log, per_file):
     assert states == dict((name, "synchronized") for name in names)
     assert per_file == names
     assert compat.to_bytes(read(home, names[1])) == b"new\n"
+
+
+def replace_at_time_set(monkeypatch, home, name):
+    """The first time a time is set by descriptor on the file `name` has, a copy of it
+    with an older time (a restored backup) is renamed over it just before."""
+    victim = os.path.join(home, name)
+    done = []
+
+    def replacing(real):  # the time set by descriptor: os.utime (3.3+) or fsops.set_mtime
+        def set_time(target, *args, **kwargs):
+            if isinstance(target, int) and not done and \
+                    os.fstat(target).st_ino == os.lstat(victim).st_ino:
+                done.append(True)
+                put(home, name + u".restored", CONTENT, BASE_NS - 100 * SEC)
+                os.rename(victim + ".restored", victim)
+            return real(target, *args, **kwargs)
+        return set_time
+    monkeypatch.setattr(os, "utime", replacing(os.utime))
+    monkeypatch.setattr(fsops, "set_mtime", replacing(fsops.set_mtime))
+    return done
+
+
+def test_a_file_replaced_between_the_check_and_the_time_set_is_left_to_the_per_file_path(
+        home, log, per_file, monkeypatch):
+    """Renamed over (a restored backup: the same content, an older time) after the
+    keepalive path checked its descriptor and before it set the time: the time went to the
+    replaced inode, the name kept the older time, the batch said synchronized and the
+    internal daemon was told the replaced inode's record. The per-file path now decides
+    that name again on the file that has it."""
+    names = agents(home, 3)
+    known = dict((name, record(home, name)) for name in names)
+    done = replace_at_time_set(monkeypatch, home, names[1])
+    learned = []
+    states, _reasons = master_rx(home, log).apply_batch(
+        [touch(name, BASE_NS + 5 * SEC) for name in names], known=known, learned=learned)
+    assert done and per_file == [names[1]]
+    assert states == dict((name, "synchronized") for name in names)
+    for name in names:  # the newest keepalive on every name
+        assert abs(mtime_ns(os.path.join(home, name)) - BASE_NS - 5 * SEC) <= \
+            receive.MTIME_SLACK_NS
+    assert [row[0] for row in learned if row[0] == names[1]] in ([], [names[1]])
+    for name, packed in learned:
+        assert scanner.FINGERPRINT.unpack(packed)[2] == os.lstat(os.path.join(home, name)).st_ino
+
+
+def test_a_file_replaced_while_the_per_file_path_sets_its_time_is_not_synchronized(
+        home, log, monkeypatch):
+    """The same race on the per-file path (no record): the batch said synchronized of a
+    time that went to the replaced inode; the name is now failed, and sent again."""
+    names = agents(home, 2)
+    done = replace_at_time_set(monkeypatch, home, names[0])
+    states, reasons = master_rx(home, log).apply_batch(
+        [touch(name, BASE_NS + 5 * SEC) for name in names])
+    assert done
+    assert states[names[0]] == "failed" and "replaced" in reasons[names[0]]
+    assert states[names[1]] == "synchronized"

@@ -750,3 +750,43 @@ def test_a_round_step_deletes_nothing_a_push_sent_while_it_fetched_the_manifests
     sync.full_round()
     assert sorted(sum([d for d, _ in sent], [])) == [gone]
     assert sum([f for _, f in sent], []) == []
+
+
+class AgentLink(object):
+    """The internal daemon as kept_newer tells it: the agent_nodes rows noted."""
+
+    def __init__(self):
+        self.rows = []
+
+    def call(self, cmd, args):
+        assert cmd == "agent_nodes"
+        self.rows.extend(args["rows"])
+        return {"updated": len(args["rows"])}
+
+
+def test_a_client_records_only_the_agent_info_it_sent_that_the_master_kept_newer():
+    """The master's "kept_newer" (an agent that moved to another node) is the peer's word:
+    only agent-info names this batch sent and found synchronized are recorded, each as
+    reported by no node we know at the mtime we sent; anything else is ignored."""
+    link = AgentLink()
+    sync = PeerSync(Session(), "/nonexistent", "client", link, ITEMS, INTERVAL, DELAY, 30.0)
+    batch = Batch()
+    info, other = "queue/agent-info/db01-10.0.0.5", "queue/agent-info/web01-any"
+    batch.add_file(info, b"x", "0" * 64, 111)
+    batch.meta.append({"name": other, "sha256": "1" * 64, "mtime_ns": 222})
+    states = {info: "synchronized", other: "failed"}
+    sync.kept_newer(batch, [info, other, "queue/agent-info/never-sent", 5, None,
+                            "etc/client.keys"], states)
+    assert link.rows == [["db01-10.0.0.5", u"", 111]]
+    for hostile in ("queue/agent-info/db01-10.0.0.5", {"a": 1}, None, 7):
+        sync.kept_newer(batch, hostile, states)
+    assert link.rows == [["db01-10.0.0.5", u"", 111]]
+
+
+def test_a_clients_round_step_reports_equal_agent_info_of_differing_buckets_only():
+    sync = PeerSync(Session(), "/nonexistent", "client", None, ITEMS, INTERVAL, DELAY, 30.0)
+    info = ["queue/agent-info/a-any", "queue/agent-info/b-any"]
+    meta, same = sync.reported(["queue/agent-info/c-any"], info + ["etc/other"])
+    assert meta == sorted(info + ["queue/agent-info/c-any"]) and same == ["etc/other"]
+    master = PeerSync(Session(), "/nonexistent", "master", None, ITEMS, INTERVAL, DELAY, 30.0)
+    assert master.reported([], info) == ([], info)   # a master's items hold no agent-info
