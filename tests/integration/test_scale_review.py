@@ -140,3 +140,25 @@ def test_a_master_that_lost_its_agent_rows_relearns_them_from_the_rounds(make_no
              what="the agent's node learned again")
     wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")
     assert _mtime(master, INFO) == now - 3600
+
+
+# ------------------------------------------------------------------ a hostile peer
+
+from test_hostile import hostile, still_serves_real_client  # noqa: F401,E402
+
+
+def test_a_rogue_asking_one_name_many_times_gets_one_entry(hostile):
+    """sync_manifest with "names": each name at most once in the answer. A name repeated
+    30 000 times (1 MB of request) made an answer of one entry per repeat (5.4 MB), held
+    whole by both master daemons."""
+    master, client, dialer = hostile
+    name = "queue/agent-info/rogue-any"
+    put(master, name, agent_info("rogue"))
+
+    def ask(names):
+        return len(dialer.session.call("sync_manifest", {
+            "source": "client", "names": names, "manifest_in_data": True}, timeout=60)[1])
+    one = wait_for(lambda: ask([name]) > 2 and ask([name]), WAIT, 0.2,
+                   what="the master's record of the file")
+    assert ask([name] * 30000) == one
+    still_serves_real_client(master, client)
