@@ -525,7 +525,7 @@ class _Batch(object):
             entry = entry[:2]
         else:
             folder, dev, target, st = self._target(parts, item, create=True)
-            if st is not None and self._kept(name, st, item, mtime_ns):
+            if st is not None and self._kept(name, st, item, mtime_ns, target, sha):
                 return
             entry = self._write_temp((folder, dev), parts[-1], mtime_ns, item,
                                      _write_checked(sha) if streamed else fsops.write_all,
@@ -543,16 +543,22 @@ class _Batch(object):
                 self.clamp_example = (name, mtime_ns)
         return applied
 
-    def _kept(self, name, st, item, mtime_ns):
-        """True (and the name's state set) when the local file is newer and stays."""
+    def _kept(self, name, st, item, mtime_ns, target=None, sha=None):
+        """True (and the name's state set) when the local file is newer and stays.
+
+        With the `target` path and `sha` of a whole file sent: at the same mtime, other
+        content is no older than ours, and is taken (an edit in place that kept the
+        file's time must reach us, SPEC section 8: it was refused in every round)."""
         if not (self.rx.newer_only and item.mtime_is_data):
             return False
         local_ns = compat.stat_mtime_ns(st)
         # A local mtime beyond the bound is no keepalive anyone gave: it never wins.
         if mtime_ns <= local_ns + MTIME_SLACK_NS and \
                 not in_future(local_ns, self.now_ns, self.rx.times.max_future_ns):
-            self._set(name, SYNCHRONIZED, KEPT_NEWER if mtime_ns + MTIME_SLACK_NS < local_ns
-                      else KEPT_SAME)
+            newer = mtime_ns + MTIME_SLACK_NS < local_ns
+            if not newer and target is not None and _sha256_of(target) != sha:
+                return False
+            self._set(name, SYNCHRONIZED, KEPT_NEWER if newer else KEPT_SAME)
             return True
         return False
 
@@ -758,6 +764,20 @@ def _check_fields(incoming):
             not isinstance(incoming.data, (bytes, bytearray, memoryview)):
         raise PathRefused("bad data field")
     return sha.lower()
+
+
+def _sha256_of(path):
+    """SHA-256 hex of the regular file at `path` (not followed), or None."""
+    try:
+        fd = os.open(path, touches.READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        return fsops.sha256_of_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _proven(st, record, sha):

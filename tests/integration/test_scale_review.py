@@ -162,3 +162,22 @@ def test_a_rogue_asking_one_name_many_times_gets_one_entry(hostile):
                    what="the master's record of the file")
     assert ask([name] * 30000) == one
     still_serves_real_client(master, client)
+
+
+def test_an_agent_info_edited_in_place_with_its_size_and_mtime_kept_reaches_the_master(
+        make_node):
+    """SPEC section 8: an in-place edit anywhere is seen within one full pass. On a client,
+    an agent-info rewritten in place to the same size, its mtime then set back to what it
+    was (a tool that keeps times): the master must hold the new content."""
+    master, client1 = started_cluster(make_node, ("master", "client1"), "3s")
+    now = int(time.time())
+    put(client1, INFO, agent_info("client1"), mtime=now - 60)
+    wait_for(lambda: _mtime(master, INFO) == now - 60, WAIT, 0.1, what="client1's report")
+    path = client1.path(*INFO.split("/"))
+    with open(path, "r+b") as handle:
+        handle.write(b"Windows")
+    os.utime(path, (now - 60, now - 60))
+    wait_for(lambda: read_text(master, INFO) == read_text(client1, INFO), WAIT, 0.1,
+             what="the edit on the master")
+    seen = len(rounds(client1, "master"))
+    wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")

@@ -497,10 +497,24 @@ def test_newest_agent_info_wins_on_the_master(home, log):
 
 
 def test_same_keepalive_is_not_rewritten(home, log):
+    path = put(home, AI, b"a\n", BASE_NS)
+    inode = os.lstat(path).st_ino
+    states, reasons = master_rx(home, log).apply_batch([inc(AI, b"a\n", BASE_NS)])
+    assert states[AI] == "synchronized" and reasons[AI] == receive.KEPT_SAME
+    assert read(home, AI) == b"a\n" and os.lstat(path).st_ino == inode
+
+
+def test_other_content_at_the_same_keepalive_is_taken(home, log):
+    """An agent-info edited in place on its node, its time kept: the same mtime with other
+    content is no older than ours (SPEC section 8: an in-place edit is seen within one full
+    pass). It was kept out, and sent again in every round."""
     put(home, AI, b"a\n", BASE_NS)
     states, reasons = master_rx(home, log).apply_batch([inc(AI, b"b\n", BASE_NS)])
-    assert states[AI] == "synchronized" and AI in reasons
-    assert read(home, AI) == b"a\n"
+    assert states[AI] == "synchronized" and AI not in reasons
+    assert read(home, AI) == b"b\n"
+    assert abs(mtime_ns(os.path.join(home, AI)) - BASE_NS) <= receive.MTIME_SLACK_NS
+    states, reasons = master_rx(home, log).apply_batch([inc(AI, b"c\n", BASE_NS - SEC)])
+    assert reasons[AI] == receive.KEPT_NEWER and read(home, AI) == b"b\n"
 
 
 def test_newer_only_can_be_turned_off(home, log):
