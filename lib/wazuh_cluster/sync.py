@@ -28,9 +28,9 @@ import stat
 import threading
 import time
 
-from wazuh_cluster import (background, compat, delta, deltasend, groupcommit, hashtell, logs,
-                           manifest, metapack, outbox, protocol, scanner, staterows, summary,
-                           versions)
+from wazuh_cluster import (agentlist, background, compat, delta, deltasend, groupcommit,
+                           hashtell, logs, manifest, metapack, outbox, protocol, scanner,
+                           staterows, summary, versions)
 from wazuh_cluster.errors import ClusterError, ProtocolError, RequestError
 from wazuh_cluster.internal_link import InternalUnavailable
 
@@ -206,6 +206,7 @@ class PeerSync(object):
     """Sends what this node owns to one peer, from one thread, one request at a time."""
 
     state_writer = None  # groupcommit.GroupCommit of all peers (SyncManager), else one's own
+    node_name = None     # ours (SyncManager): the agent-info we report names it (reported())
     rows_held = 1000     # a round's state rows held at most until written (more: at a step's end)
     urgent_link = None   # InternalLink.urgent() (SyncManager): a small push's manifest
     urgent_writer = None  # GroupCommit on it (SyncManager): a small push's states
@@ -704,12 +705,15 @@ class PeerSync(object):
         that lost rows (a lost database, held rows of a killed daemon) left agents that
         keep alive no more (disconnected) out for good, and their buckets compared entry
         by entry in every round. Such an update is our report: the master records it
-        (newest keepalive wins) and keeps its file as it is."""
+        (newest keepalive wins) and keeps its file as it is. Not a copy naming another
+        node (a master made a client keeps its clients' files): the master would record
+        us as their reporter."""
         item = self.items.get("agent-info")
         if item is None or not item.mtime_is_data:
             return send_meta, same
         folder = item.path + "/"
-        ours = [name for name in same if name.startswith(folder)]
+        ours = [name for name in same if name.startswith(folder) and agentlist.read_node_name(
+            os.path.join(self.home, *name.split("/")))[1] in (None, self.node_name)]
         if not ours:
             return send_meta, same
         ours_set = set(ours)
@@ -1227,6 +1231,7 @@ class SyncManager(object):
                               phase=round_phase(self.cfg.node_name, session.peer_name,
                                                 self.cfg.interval), store=self.store)
             worker.summaries = bool(options.round_summaries)
+            worker.node_name = self.cfg.node_name
             worker.failover = self.failover
             worker.pushed = self.pushed
             worker.state_writer = self.state_writer

@@ -181,3 +181,17 @@ def test_an_agent_info_edited_in_place_with_its_size_and_mtime_kept_reaches_the_
              what="the edit on the master")
     seen = len(rounds(client1, "master"))
     wait_rounds(client1, "master", seen, nothing_to_compare, "compared nothing")
+
+
+def test_a_held_back_removal_then_a_new_version_ends_in_the_masters_bytes(cluster):
+    """A client.keys delta held back by the removal guard leaves the client on its old
+    version: the master must not take the held version as the client's base, and the next
+    change (all agents back, one more) ends in the master's exact bytes."""
+    master, client1, old1 = cluster
+    replace(master, "etc/client.keys", u"".join(line(i) for i in range(1, 781)))
+    wait_for(lambda: "held back" in client1.log(), WAIT, 0.1, what="the guard's warning")
+    with open(client1.path("etc", "client.keys")) as handle:
+        assert handle.read() == KEYS
+    replace(master, "etc/client.keys", KEYS + line(5000))
+    converge(cluster, parts=KEYS_ONLY)
+    assert _same_keys(master, client1) and _same_keys(master, old1)

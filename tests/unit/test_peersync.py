@@ -783,10 +783,18 @@ def test_a_client_records_only_the_agent_info_it_sent_that_the_master_kept_newer
     assert link.rows == [["db01-10.0.0.5", u"", 111]]
 
 
-def test_a_clients_round_step_reports_equal_agent_info_of_differing_buckets_only():
-    sync = PeerSync(Session(), "/nonexistent", "client", None, ITEMS, INTERVAL, DELAY, 30.0)
-    info = ["queue/agent-info/a-any", "queue/agent-info/b-any"]
-    meta, same = sync.reported(["queue/agent-info/c-any"], info + ["etc/other"])
-    assert meta == sorted(info + ["queue/agent-info/c-any"]) and same == ["etc/other"]
+def test_a_clients_round_step_reports_its_equal_agent_info_as_metadata(tmpdir):
+    """Equal agent-info of a bucket whose summaries differed goes as our report (the master
+    lost the row), but for a copy naming another node (a master made a client)."""
+    sync = PeerSync(Session(), str(tmpdir), "client", None, ITEMS, INTERVAL, DELAY, 30.0)
+    sync.node_name = "client-9"
+    info = ["queue/agent-info/a-any", "queue/agent-info/b-any", "queue/agent-info/c-any"]
+    folder = tmpdir.mkdir("queue").mkdir("agent-info")
+    folder.join("a-any").write('Linux a\n#"manager_hostname":m\n#"node_name":client-9\n')
+    folder.join("b-any").write("")  # pending: names no node
+    folder.join("c-any").write('Linux c\n#"node_name":client-2\n')
+    meta, same = sync.reported(["queue/agent-info/d-any"], info + ["etc/other"])
+    assert meta == info[:2] + ["queue/agent-info/d-any"]
+    assert same == ["queue/agent-info/c-any", "etc/other"]
     master = PeerSync(Session(), "/nonexistent", "master", None, ITEMS, INTERVAL, DELAY, 30.0)
     assert master.reported([], info) == ([], info)   # a master's items hold no agent-info
