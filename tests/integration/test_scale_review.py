@@ -10,9 +10,11 @@ import time
 
 from harness import make_node, read_text, wait_for  # noqa: F401
 from harness import base_install, python, tmp_prefix_dir, workspace  # noqa: F401
+from test_delta import KEYS, KEYS_ONLY, applied, cluster, line, replace  # noqa: F401
+from test_hostile import hostile, still_serves_real_client  # noqa: F401
 from test_keepalive import reporting_node
-from test_sync import agent_info, put
 from test_rounds import WAIT, nothing_to_compare, rounds, started_cluster, wait_rounds
+from test_sync import agent_info, converge, put, stop
 
 INFO = "queue/agent-info/db01-10.0.0.5"
 
@@ -60,9 +62,6 @@ def test_an_agent_moved_to_another_client_keeps_the_newest_and_rounds_go_quiet(m
 
 
 # ------------------------------------------------------------------ client.keys deltas
-
-from test_delta import KEYS, KEYS_ONLY, applied, cluster, line, replace  # noqa: F401,E402
-from test_sync import converge, stop  # noqa: E402
 
 
 def _same_keys(master, client):
@@ -143,8 +142,6 @@ def test_a_master_that_lost_its_agent_rows_relearns_them_from_the_rounds(make_no
 
 
 # ------------------------------------------------------------------ a hostile peer
-
-from test_hostile import hostile, still_serves_real_client  # noqa: F401,E402
 
 
 def test_a_rogue_asking_one_name_many_times_gets_one_entry(hostile):
