@@ -148,7 +148,7 @@ def test_the_store_keeps_big_files_within_its_budget_least_recent_out():
     for data in olds:
         store.put(sha(data), data)
     assert store.bytes <= store.budget
-    assert store.get(sha(olds[0])) is None and store.get(sha(olds[3])) == olds[3]
+    assert store.get(sha(olds[0])) is None and versions.bytes_of(store.get(sha(olds[3]))) == olds[3]
 
 
 def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
@@ -157,16 +157,16 @@ def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
         handle.write(BIG)
     reads = []
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         reads.append(p)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     first = store.read(path, read)
     second = store.read(path, read)
-    assert first[0] == second[0] == BIG and len(reads) == 1
+    assert versions.bytes_of(first[0]) == versions.bytes_of(second[0]) == BIG and len(reads) == 1
     with open(path, "ab") as handle:
         handle.write(line(99999))
-    assert store.read(path, read)[0] == BIG + line(99999) and len(reads) == 2
+    assert versions.bytes_of(store.read(path, read)[0]) == BIG + line(99999) and len(reads) == 2
 
 
 def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
@@ -177,11 +177,11 @@ def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
         handle.write(BIG)
     started, go, reads, results = threading.Event(), threading.Event(), [], []
 
-    def slow_read(p, digest_of=None):
+    def slow_read(p, reading=None, seen=None):
         reads.append(p)
         started.set()
         go.wait(WAIT)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     threads = [threading.Thread(target=lambda: results.append(store.read(path, slow_read)))
                for _ in range(2)]
@@ -196,7 +196,8 @@ def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
     for thread in threads:
         thread.join(WAIT)
     assert waited == 1 and len(reads) == 1
-    assert [r[0] for r in results] == [BIG, BIG] and results[0][0] is results[1][0]
+    assert [versions.bytes_of(r[0]) for r in results] == [BIG, BIG] and \
+        results[0][0] is results[1][0]
 
 
 def _hashing_counted(monkeypatch):
@@ -239,7 +240,7 @@ def test_an_append_is_hashed_from_the_state_after_the_version_held(tmp_path, mon
     with open(path, "ab") as handle:
         handle.write(line(99999))
     got = store.read(path, read_stable)
-    assert got[0] == BIG + line(99999) and got[1] == sha(BIG + line(99999))
+    assert versions.bytes_of(got[0]) == BIG + line(99999) and got[1] == sha(BIG + line(99999))
     assert sum(fed) == len(line(99999)) and store.tail_hashed == 1
     with open(path, "ab") as handle:   # and again from the new version's state
         handle.write(line(99998))
@@ -272,9 +273,9 @@ def test_small_files_are_never_waited_for(tmp_path):
         handle.write(b"x" * 10)
     reads = []
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         reads.append(p)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     assert store.read(path, read)[0] == store.read(path, read)[0] == b"x" * 10
     assert len(reads) == 2
@@ -297,7 +298,7 @@ def test_older_versions_are_links_and_a_delta_spans_several_changes(tmp_path):
         with open(path, "wb") as handle:
             handle.write(b"".join(lines))
         os.utime(path, None)
-        seen.append(store.read(path, read_stable)[0])
+        seen.append(versions.bytes_of(store.read(path, read_stable)[0]))
     newest = seen[-1]
     assert store.bytes == len(newest)  # one version's bytes, whatever came before
     for base in seen[:-1]:
@@ -327,7 +328,7 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     for i in range(6):
         with open(path, "wb") as handle:
             handle.write(data)
-        assert store.read(path, read_stable)[0] == data
+        assert versions.bytes_of(store.read(path, read_stable)[0]) == data
         held.append(sha(data))
         data += line(90000 + i)
     newest = data[:-len(line(90005))]
@@ -341,7 +342,7 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     grown = racy + line(91001)
     with open(path, "wb") as handle:
         handle.write(grown)
-    assert store.read(path, read_stable)[0] == grown and store.bytes == len(grown)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == grown and store.bytes == len(grown)
     assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
     # ...and the newest known version stays linked, though the two held filled the budget:
     # the new bytes were put first and evicted it, and every peer holding it (under churn,
@@ -352,7 +353,7 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     rewrite = keys(3000, start=5000)
     with open(path, "wb") as handle:
         handle.write(rewrite)
-    assert store.read(path, read_stable)[0] == rewrite and store.bytes == len(rewrite)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == rewrite and store.bytes == len(rewrite)
     assert store.delta(held[0], sha(rewrite), rewrite) is None
 
 
@@ -369,16 +370,16 @@ def test_big_files_are_read_one_at_a_time_small_ones_freely(tmp_path):
     big = {"in": 0, "most": 0}
     lock, gate = threading.Lock(), threading.Event()
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         if p.endswith("small"):
-            return read_stable(p, digest_of)
+            return read_stable(p, reading, seen)
         with lock:
             big["in"] += 1
             big["most"] = max(big["most"], big["in"])
         gate.wait(30)
         with lock:
             big["in"] -= 1
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     threads = [threading.Thread(target=store.read, args=(p, read)) for p in paths[:2]]
     for t in threads:
         t.start()
@@ -390,7 +391,7 @@ def test_big_files_are_read_one_at_a_time_small_ones_freely(tmp_path):
     for t in threads:
         t.join(30)
     assert big["most"] == 1
-    assert [store.read(p, read)[0] for p in paths[:2]] == [BIG, BIG + line(1)]
+    assert [versions.bytes_of(store.read(p, read)[0]) for p in paths[:2]] == [BIG, BIG + line(1)]
 
 
 # -- deltasend.PeerVersions ---------------------------------------------------------------------
@@ -747,7 +748,7 @@ def test_each_new_version_read_is_told_with_the_fingerprint_it_was_read_at(tmp_p
                                     "hashed_at": told[1][3]})
     assert len(calls) <= 2
 
-    def chmodded(p, digest_of=None, seen=None):
+    def chmodded(p, reading=None, seen=None):
         """Its mode changed during the read (a new ctime): read_stable's by-name check does
         not look at those, the fingerprint the internal daemon would record does."""
         real_fstat = os.fstat
@@ -760,7 +761,7 @@ def test_each_new_version_read_is_told_with_the_fingerprint_it_was_read_at(tmp_p
             return real_fstat(fd)
         monkeypatch.setattr(os, "fstat", fstat)
         try:
-            return read_stable(p, digest_of, seen)
+            return read_stable(p, reading, seen)
         finally:
             monkeypatch.setattr(os, "fstat", real_fstat)
     with open(path, "ab") as handle:
