@@ -20,8 +20,9 @@ class PeerVersions(object):
     """Per peer: name -> (SHA-256, mtime_ns) of the version it holds, for our big files.
 
     `store`: the shared versions.VersionStore, or None when no delta goes to this peer;
-    `items`: our items by name; `read_func(path, reading=None, seen=None)`: sync.read_stable. Used by
-    the peer's sync thread and its sync_files calls in flight (single dict operations only).
+    `items`: our items by name; `read_func(path, reading=None, seen=None)`:
+    sync.read_stable. Used by the peer's sync thread and its sync_files calls in flight (single
+    dict operations only).
     """
 
     def __init__(self, store, home, items, read_func):

@@ -148,7 +148,8 @@ def test_the_store_keeps_big_files_within_its_budget_least_recent_out():
     for data in olds:
         store.put(sha(data), data)
     assert store.bytes <= store.budget
-    assert store.get(sha(olds[0])) is None and versions.bytes_of(store.get(sha(olds[3]))) == olds[3]
+    assert store.get(sha(olds[0])) is None
+    assert versions.bytes_of(store.get(sha(olds[3]))) == olds[3]
 
 
 def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
@@ -494,7 +495,8 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     grown = racy + line(91001)
     with open(path, "wb") as handle:
         handle.write(grown)
-    assert versions.bytes_of(store.read(path, read_stable)[0]) == grown and store.bytes == len(grown)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == grown
+    assert store.bytes == len(grown)
     assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
     # ...and the newest known version stays linked, though the two held filled the budget:
     # the new bytes were put first and evicted it, and every peer holding it (under churn,
@@ -505,7 +507,8 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     rewrite = keys(3000, start=5000)
     with open(path, "wb") as handle:
         handle.write(rewrite)
-    assert versions.bytes_of(store.read(path, read_stable)[0]) == rewrite and store.bytes == len(rewrite)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == rewrite
+    assert store.bytes == len(rewrite)
     assert store.delta(held[0], sha(rewrite), rewrite) is None
 
 
