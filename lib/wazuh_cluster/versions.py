@@ -111,10 +111,10 @@ class Version(object):
             return self
         base, tail = self._parts
         used = self._size - len(base)
-        if used + len(more) > FOLD_BYTES:
-            return Version(b"".join((self[0:self._size], more)))
         if tail is None or len(tail) != used:  # not the end of its chain: a tail of its own
             tail = bytearray(tail[:used] if tail is not None else b"")
+        if used + len(more) > FOLD_BYTES:  # one new string: its bytes are not copied twice
+            return Version(b"".join((base, bytes(tail[:used]), more)))
         tail.extend(more)
         return Version(base, tail, self._size + len(more))
 
