@@ -20,8 +20,9 @@ class PeerVersions(object):
     """Per peer: name -> (SHA-256, mtime_ns) of the version it holds, for our big files.
 
     `store`: the shared versions.VersionStore, or None when no delta goes to this peer;
-    `items`: our items by name; `read_func(path, digest_of=None)`: sync.read_stable. Used by
-    the peer's sync thread and its sync_files calls in flight (single dict operations only).
+    `items`: our items by name; `read_func(path, reading=None, seen=None)`:
+    sync.read_stable. Used by the peer's sync thread and its sync_files calls in flight (single
+    dict operations only).
     """
 
     def __init__(self, store, home, items, read_func):
@@ -42,7 +43,8 @@ class PeerVersions(object):
 
     def read(self, name):
         """(data, sha256, mtime_ns) of our file `name`, or None when it is gone, or changed
-        while read STABLE_READS times in a row.
+        while read STABLE_READS times in a row; data is a versions.Version when the file is
+        read into the store (versions.bytes_of for its byte string).
 
         Read again at once when it changed: what changed it is newer still, and the caller
         postponing it sends it only after sync.RETRY_DELAY. Under an append a second, a read

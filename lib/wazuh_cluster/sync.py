@@ -63,15 +63,30 @@ NOT_ACTING = "not_acting"   # RequestError code: a master's batch while it holds
 ACTING_POLL = 0.2           # how often a leader without its lease looks again (seconds)
 
 
-def read_stable(path, digest_of=None, seen=None):
+class WholeReading(object):
+    """read_stable's default `reading`: the whole file read into one string, hashed whole."""
+
+    @staticmethod
+    def read(handle, most):
+        return handle.read(most)
+
+    @staticmethod
+    def digest(data):
+        return compat.sha256(data).hexdigest()
+
+
+def read_stable(path, reading=None, seen=None):
     """(data, sha256, mtime_ns) of a regular file, or None when it changed while being read.
 
     A file rewritten during the read is sent later, never half old and half new.
-    `digest_of(data)`: its SHA-256 hex digits (versions.VersionStore's, which hashes only
-    what was appended to the version it holds); by default all of it is hashed.
+    `reading`: reading.read(handle, most) returns at most `most` bytes of the open file (the
+    data: bytes, or a versions.Version) and reading.digest(data) their SHA-256 hex digits;
+    versions.VersionStore's reads only what was appended to the version it holds, and hashes
+    only that (None: WholeReading).
     `seen`: a list, given (scanner fingerprint, wall ns the read began) when the descriptor's
     fstat was that same fingerprint before and after the read (hashtell.py).
     """
+    reading = reading or WholeReading
     try:
         before = os.lstat(path)
         with open(path, "rb") as handle:
@@ -80,7 +95,7 @@ def read_stable(path, digest_of=None, seen=None):
             opened = os.fstat(handle.fileno())
             # after that fstat: its times are never later than this (the racy rule)
             began = int(time.time() * 1e9)
-            data = handle.read(min(opened.st_size, MAX_FILE_BYTES) + 1)
+            data = reading.read(handle, min(opened.st_size, MAX_FILE_BYTES) + 1)
             if seen is not None:
                 fingerprint = scanner.fingerprint(opened)
                 if scanner.fingerprint(os.fstat(handle.fileno())) == fingerprint and \
@@ -92,11 +107,7 @@ def read_stable(path, digest_of=None, seen=None):
     if (before.st_size, compat.stat_mtime_ns(before), before.st_ino) != \
             (after.st_size, compat.stat_mtime_ns(after), after.st_ino) or len(data) != after.st_size:
         return None
-    return data, (digest_of or _hex_sha256)(data), compat.stat_mtime_ns(after)
-
-
-def _hex_sha256(data):
-    return compat.sha256(data).hexdigest()
+    return data, reading.digest(data), compat.stat_mtime_ns(after)
 
 
 def is_regular(path):
@@ -1093,6 +1104,7 @@ class Batch(object):
             self.grant.close()
 
     def add_file(self, name, data, sha256, mtime_ns):
+        data = versions.bytes_of(data)  # a big file's version joined: it goes whole
         self.files.append({"name": name, "sha256": sha256, "mtime_ns": mtime_ns,
                            "size": len(data)})
         self.data.append(data)

@@ -26,6 +26,18 @@ hashed from it. The prefix is proven by comparing the bytes read with the bytes 
 memcmp, ~10x cheaper than SHA-256), never assumed from sizes or times: an in-place edit
 anywhere in it gets the whole file hashed. Under an append a second this was ~6 of the
 ~10 ms of wazuh-clusterd's read of a 9.4 MB client.keys.
+
+Nor is an append read into a new buffer of the whole file. The newest version is held as
+its bytes plus a tail of what was appended since (Version); a new read compares the file with
+it in CHUNK_BYTES pieces (each piece a small string from malloc's heap, compared in place
+with the held bytes) and reads only what follows as a new tail. A fresh 9.4 MB string each
+append was a new mapping (daemon.py fixes malloc's mmap threshold at 256 KiB for the memory
+bound): ~2 300 page faults, each page zeroed by the kernel, then the old one unmapped. A
+delta from a version of the chain is then only a slice of the tail; the whole file is
+joined only when it goes whole (bytes_of), once per version (kept joined), and the tail is
+folded into new bytes once it passes FOLD_BYTES, so no tail copy needs a mapping of its own.
+Any byte of the file that differs from the held version's (an edit, a rewrite, a shorter
+file) gets the whole file read and hashed as before.
 """
 from __future__ import absolute_import, division, print_function
 
@@ -42,6 +54,12 @@ BUDGET_BYTES = 10 << 20
 DELTAS_KEPT = 16
 LINKS_KEPT = 256   # versions a delta can start from without their bytes (a few numbers each)
 DELTA_KEPT_BYTES = 64 << 10  # a larger middle (a rewrite) is made again when asked again
+# Pieces of a file compared with the version held: below malloc's mmap threshold (daemon.py),
+# so each is taken from the heap and given back to it, never a mapping of its own.
+CHUNK_BYTES = 128 << 10
+# A tail longer than this is folded into the version's bytes (one new string, ~11 minutes
+# of client.keys appends at one agent a second): its copies stay below the mmap threshold.
+FOLD_BYTES = 64 << 10
 
 
 def most(budget):
@@ -50,6 +68,91 @@ def most(budget):
     version it replaces lets its bytes go only once the new one is read) and the deltas it
     keeps."""
     return 2 * budget + DELTAS_KEPT * DELTA_KEPT_BYTES
+
+
+class Version(object):
+    """The bytes of one version of a file, read-only: `base` (a byte string) followed by the
+    first (len - len(base)) bytes of `tail`, a bytearray only ever appended to and shared by
+    the later versions of a chain of appends (each a snapshot: what one version covers never
+    changes). Sliced, it gives byte strings; delta.py takes it as it takes bytes."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self, base, tail=None, size=None):
+        self._parts = (base, tail)  # swapped whole (join): readers take both at once
+        self._size = len(base) if size is None else size
+
+    def __len__(self):
+        return self._size
+
+    def __getitem__(self, key):
+        start, stop, _ = key.indices(self._size)  # slices only, step 1
+        base, tail = self._parts
+        cut = len(base)
+        if stop <= cut:
+            return base[start:stop]
+        if start >= cut:
+            return bytes(tail[start - cut:stop - cut])
+        return b"".join((base[start:], bytes(tail[:stop - cut])))
+
+    def join(self):
+        """The whole version as one byte string: made once (a whole-file send), then held
+        instead of its parts."""
+        base, tail = self._parts
+        if tail is None:
+            return base
+        whole = self[0:self._size]
+        self._parts = (whole, None)
+        return whole
+
+    def extended(self, more):
+        """This version followed by the byte string `more`: a Version sharing its bytes."""
+        if not more:
+            return self
+        base, tail = self._parts
+        used = self._size - len(base)
+        if tail is None or len(tail) != used:  # not the end of its chain: a tail of its own
+            tail = bytearray(tail[:used] if tail is not None else b"")
+        if used + len(more) > FOLD_BYTES:  # one new string: its bytes are not copied twice
+            return Version(b"".join((base, bytes(tail[:used]), more)))
+        tail.extend(more)
+        return Version(base, tail, self._size + len(more))
+
+    def matches(self, offset, piece):
+        """True when the byte string `piece` is this version's bytes from `offset` on."""
+        base, tail = self._parts
+        end = offset + len(piece)
+        if end > self._size:
+            return False
+        cut = len(base)
+        if end <= cut:
+            return base.startswith(piece, offset)  # compared in place: no copy of base
+        if offset < cut and not base.startswith(piece[:cut - offset], offset):
+            return False
+        start = max(offset, cut)
+        return tail[start - cut:end - cut] == piece[start - offset:]
+
+    def startswith(self, other):
+        """True when this version begins with `other` (a Version or a byte string)."""
+        if len(other) > self._size:
+            return False
+        if isinstance(other, Version):
+            mine, theirs = self._parts[0], other._parts[0]
+            if mine is theirs:  # one chain: the shared bytes are the same object
+                return self.matches(len(mine), other[len(mine):len(other)])
+        for offset in range(0, len(other), CHUNK_BYTES):
+            if not self.matches(offset, other[offset:offset + CHUNK_BYTES]):
+                return False
+        return True
+
+
+def bytes_of(data):
+    """The byte string of `data`, a Version or bytes (a whole-file send)."""
+    return data.join() if isinstance(data, Version) else data
+
+
+def _version(data):
+    return data if isinstance(data, Version) else Version(data)
 
 
 def fingerprint(st):
@@ -65,7 +168,7 @@ class VersionStore(object):
         self.budget = budget
         self.bytes = 0
         self.deltas_made = 0
-        self._versions = collections.OrderedDict()  # sha256 hex -> bytes, LRU first
+        self._versions = collections.OrderedDict()  # sha256 hex -> Version, LRU first
         self._latest = {}                           # path -> (fingerprint, sha256, mtime_ns)
         self._deltas = collections.OrderedDict()    # (base sha, new sha) -> Delta or None
         self._lock = threading.Lock()
@@ -97,20 +200,23 @@ class VersionStore(object):
             return data
 
     def put(self, sha256, data):
-        """Keep `data` (whose SHA-256 is `sha256`) when it is big enough and fits."""
+        """Keep `data` (bytes or a Version; its SHA-256 is `sha256`) when it is big enough
+        and fits. Charged its length: its bytes and its tail (the versions of a chain share
+        theirs, but an older one is linked and let go before the newer one is put)."""
         if not self.wanted(len(data)):
             return
         with self._lock:
             if sha256 in self._versions:
                 return
-            self._versions[sha256] = data
+            self._versions[sha256] = _version(data)
             self.bytes += len(data)
             while self.bytes > self.budget:
                 _, old = self._versions.popitem(last=False)
                 self.bytes -= len(old)
 
     def read(self, path, read_func):
-        """(data, sha256, mtime_ns) of the file at `path`, or None (see sync.read_stable).
+        """(data, sha256, mtime_ns) of the file at `path`, or None (see sync.read_stable);
+        data is a Version when the file is big (bytes_of() for its byte string).
 
         From memory when its stat fingerprint is the one of the newest version read;
         otherwise read_func(path), kept when big. A big file is read by one session at a
@@ -157,19 +263,16 @@ class VersionStore(object):
             mine.set()
 
     def _read(self, path, read_func):
-        hashed = []
-        if self.told is None:
-            got = read_func(path, self._digest_of(path, hashed))
-        else:
-            seen = []
-            got = read_func(path, self._digest_of(path, hashed), seen)
-            if got is not None and seen:
-                self.told(path, seen[0][0], got[1], seen[0][1])
-        if got is not None and hashed and hashed[0][0] == got[1] and \
-                self.wanted(len(got[0])):
-            with self._lock:
-                self._states[path] = hashed[0]
+        reading = self._reading_of(path)
+        seen = [] if self.told is not None else None
+        got = read_func(path, reading, seen)
+        if got is not None and seen:
+            self.told(path, seen[0][0], got[1], seen[0][1])
         if got is not None and self.wanted(len(got[0])):
+            got = (_version(got[0]),) + tuple(got[1:])
+            if reading.hashed and reading.hashed[0] == got[1]:
+                with self._lock:
+                    self._states[path] = reading.hashed
             with self._lock:
                 before = self._latest.get(path)
                 # Versions held in bytes that this one starts with (one read while the file
@@ -194,27 +297,16 @@ class VersionStore(object):
                     self._latest[path] = (after, got[1], got[2])
         return got
 
-    def _digest_of(self, path, hashed):
-        """read_func's digest_of for a new read of `path`: the SHA-256 hex digits of the
-        bytes read, from the state kept after the newest version held when they start with
-        its bytes (see the module docstring); (hex digits, state) is appended to `hashed`."""
+    def _reading_of(self, path):
+        """read_func's `reading` for a new read of `path` (see _Reading)."""
         with self._lock:
             prior = self._states.get(path)
             held = None if prior is None else self._versions.get(prior[0])  # LRU unmoved
-
-        def digest_of(data):
-            if held is not None and len(data) >= len(held) and data.startswith(held):
-                state = prior[1].copy()
-                state.update(data[len(held):])
-                self.tail_hashed += 1
-            else:
-                state = compat.sha256(data)
-            hashed.append((state.hexdigest(), state))
-            return hashed[-1][0]
-        return digest_of
+        return _Reading(self, held, None if held is None else prior[1])
 
     def _link(self, old_sha256, new_sha256, new):
-        """Keep how `new` differs from the stored version `old_sha256`, not its bytes."""
+        """Keep how `new` (a Version) differs from the stored version `old_sha256`, not
+        its bytes (one chain of appends: a comparison of their tails)."""
         old = self.get(old_sha256)
         if old is None:
             return
@@ -247,10 +339,11 @@ class VersionStore(object):
         return delta.Delta(size, head, tail, new[head:len(new) - tail])
 
     def delta(self, base_sha256, new_sha256, new):
-        """The delta.Delta from the base (stored, or linked to `new`) to `new`, or None when
-        the base is unknown or the delta is not worth it; made once per pair for every
-        session."""
+        """The delta.Delta from the base (stored, or linked to `new`: bytes or a Version) to
+        `new`, or None when the base is unknown or the delta is not worth it; made once per
+        pair for every session."""
         key = (base_sha256, new_sha256)
+        new = _version(new)
         with self._making:
             with self._lock:
                 if key in self._deltas:
@@ -273,3 +366,48 @@ class VersionStore(object):
                 while len(self._deltas) > DELTAS_KEPT:
                     self._deltas.popitem(last=False)
             return made
+
+
+class _Reading(object):
+    """How sync.read_stable reads and hashes one new version of a big file (one at a time).
+
+    `held`: the newest version read of that file (a Version, or None) and `state` the SHA-256
+    state after exactly its bytes. The file is compared with `held` piece by piece; when it
+    begins with all of it, only the rest is read, as a Version extending it, and only the rest
+    is hashed, from `state`. Otherwise the file is read and hashed whole (bytes).
+    """
+
+    def __init__(self, store, held, state):
+        self.store = store
+        self.held = held
+        self.state = state
+        self.more = None    # the bytes read after `held`, when the file begins with it
+        self.hashed = None  # (hex digits, SHA-256 state after them) of the last digest
+
+    def read(self, handle, most):
+        """At most `most` bytes of the open file `handle`."""
+        held = self.held
+        self.more = None
+        if held is not None and len(held) < most:
+            offset = 0
+            while offset < len(held):
+                piece = handle.read(min(CHUNK_BYTES, len(held) - offset))
+                if not piece or not held.matches(offset, piece):
+                    break
+                offset += len(piece)
+            else:
+                self.more = handle.read(most - len(held))
+                return held.extended(self.more)
+            handle.seek(0)
+        return handle.read(most)
+
+    def digest(self, data):
+        """The SHA-256 hex digits of `data`, what read() returned."""
+        if self.more is not None:
+            state = self.state.copy()
+            state.update(self.more)
+            self.store.tail_hashed += 1
+        else:
+            state = compat.sha256(bytes_of(data))
+        self.hashed = (state.hexdigest(), state)
+        return self.hashed[0]

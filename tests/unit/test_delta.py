@@ -148,7 +148,8 @@ def test_the_store_keeps_big_files_within_its_budget_least_recent_out():
     for data in olds:
         store.put(sha(data), data)
     assert store.bytes <= store.budget
-    assert store.get(sha(olds[0])) is None and store.get(sha(olds[3])) == olds[3]
+    assert store.get(sha(olds[0])) is None
+    assert versions.bytes_of(store.get(sha(olds[3]))) == olds[3]
 
 
 def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
@@ -157,16 +158,16 @@ def test_a_file_is_read_once_while_its_fingerprint_holds(tmp_path):
         handle.write(BIG)
     reads = []
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         reads.append(p)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     first = store.read(path, read)
     second = store.read(path, read)
-    assert first[0] == second[0] == BIG and len(reads) == 1
+    assert versions.bytes_of(first[0]) == versions.bytes_of(second[0]) == BIG and len(reads) == 1
     with open(path, "ab") as handle:
         handle.write(line(99999))
-    assert store.read(path, read)[0] == BIG + line(99999) and len(reads) == 2
+    assert versions.bytes_of(store.read(path, read)[0]) == BIG + line(99999) and len(reads) == 2
 
 
 def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
@@ -177,11 +178,11 @@ def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
         handle.write(BIG)
     started, go, reads, results = threading.Event(), threading.Event(), [], []
 
-    def slow_read(p, digest_of=None):
+    def slow_read(p, reading=None, seen=None):
         reads.append(p)
         started.set()
         go.wait(WAIT)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     threads = [threading.Thread(target=lambda: results.append(store.read(path, slow_read)))
                for _ in range(2)]
@@ -196,7 +197,8 @@ def test_sessions_reading_a_changed_big_file_at_once_read_it_once(tmp_path):
     for thread in threads:
         thread.join(WAIT)
     assert waited == 1 and len(reads) == 1
-    assert [r[0] for r in results] == [BIG, BIG] and results[0][0] is results[1][0]
+    assert [versions.bytes_of(r[0]) for r in results] == [BIG, BIG] and \
+        results[0][0] is results[1][0]
 
 
 def _hashing_counted(monkeypatch):
@@ -239,7 +241,7 @@ def test_an_append_is_hashed_from_the_state_after_the_version_held(tmp_path, mon
     with open(path, "ab") as handle:
         handle.write(line(99999))
     got = store.read(path, read_stable)
-    assert got[0] == BIG + line(99999) and got[1] == sha(BIG + line(99999))
+    assert versions.bytes_of(got[0]) == BIG + line(99999) and got[1] == sha(BIG + line(99999))
     assert sum(fed) == len(line(99999)) and store.tail_hashed == 1
     with open(path, "ab") as handle:   # and again from the new version's state
         handle.write(line(99998))
@@ -266,15 +268,167 @@ def test_an_edit_in_place_with_an_append_is_hashed_whole(tmp_path, monkeypatch):
     assert store.read(path, read_stable)[1] == sha(shrunk) and store.tail_hashed == 0
 
 
+def whole(version):
+    """Its bytes, without joining it (a join is kept: the chain would end there)."""
+    return version[0:len(version)]
+
+
+def _reads_counted(monkeypatch):
+    """The sizes asked of every read of a file opened by sync.read_stable."""
+    from wazuh_cluster import sync as sync_mod
+    asked = []
+    real_open = open
+
+    class Counted(object):
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, size):
+            asked.append(size)
+            return self.handle.read(size)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(sync_mod, "open", lambda *a: Counted(real_open(*a)), raising=False)
+    return asked
+
+
+def test_a_chain_of_appends_is_read_as_tails_with_the_exact_bytes_and_checksum(tmp_path,
+                                                                                monkeypatch):
+    # Each append was read into a new string of the whole file (a new 9.4 MB mapping with
+    # malloc's threshold fixed: ~2 300 page faults an append on the master). The file is
+    # compared with the version held in pieces and only what follows is read.
+    monkeypatch.setattr(versions, "CHUNK_BYTES", 4096)  # BIG in several pieces
+    path, store, fed = _big_keys(tmp_path, monkeypatch)
+    first = store.read(path, read_stable)
+    asked = _reads_counted(monkeypatch)
+    data, shas = BIG, [first[1]]
+    for i in range(5):
+        data += line(99000 + i)
+        with open(path, "ab") as handle:
+            handle.write(line(99000 + i))
+        del fed[:]
+        got = store.read(path, read_stable)
+        assert whole(got[0]) == data and got[1] == sha(data)
+        assert sum(fed) == len(line(99000 + i))      # only the tail hashed
+        assert store.bytes == len(data)             # the version held counts base and tail
+        shas.append(got[1])
+    assert max(asked) <= 4096 and len(asked) > 5 * len(BIG) // 4096  # never whole
+    assert store.tail_hashed == 5
+    # A delta from any version of the chain is the tail since, and applies to the exact bytes.
+    for i, base_sha in enumerate(shas[:-1]):
+        base = BIG + b"".join(line(99000 + j) for j in range(i))
+        made = store.delta(base_sha, shas[-1], got[0])
+        assert made.middle == data[len(base):] and made.base_size == len(base)
+        result = delta.apply(base, made.head, made.tail, made.middle, len(data))
+        assert sha(result) == shas[-1] and result == data
+    # A whole-file send joins it once; the store then holds the joined string only.
+    joined = versions.bytes_of(got[0])
+    assert joined == data and versions.bytes_of(store.get(shas[-1])) is joined
+    assert store.bytes == len(data)
+
+
+@pytest.mark.parametrize("where", ["middle", "chunk end", "chunk start", "last byte held",
+                                   "inside the tail"])
+def test_an_edit_anywhere_in_the_version_held_as_tails_is_caught(tmp_path, monkeypatch, where):
+    # The version held is bytes plus appended tails: an edit in either, or across a piece's
+    # border, must get the whole file read and hashed, never the held bytes with a new tail.
+    monkeypatch.setattr(versions, "CHUNK_BYTES", 4096)  # BIG in several pieces
+    path, store, fed = _big_keys(tmp_path, monkeypatch)
+    store.read(path, read_stable)
+    data = BIG
+    for i in range(3):
+        data += line(99000 + i)
+        with open(path, "ab") as handle:
+            handle.write(line(99000 + i))
+        store.read(path, read_stable)
+    at = {"middle": len(BIG) // 2, "chunk end": versions.CHUNK_BYTES - 1,
+          "chunk start": versions.CHUNK_BYTES, "last byte held": len(data) - 1,
+          "inside the tail": len(BIG) + 3}[where]
+    edited = bytearray(data)
+    edited[at] ^= 1
+    edited = bytes(edited) + line(99999)
+    with open(path, "r+b") as handle:
+        handle.write(edited)
+    hashed = store.tail_hashed
+    got = store.read(path, read_stable)
+    assert whole(got[0]) == edited and got[1] == sha(edited)
+    assert store.tail_hashed == hashed and store.bytes == len(edited)
+    # ...and the next append is a tail of that version again.
+    with open(path, "ab") as handle:
+        handle.write(line(99998))
+    got = store.read(path, read_stable)
+    assert whole(got[0]) == edited + line(99998)
+    assert got[1] == sha(edited + line(99998)) and store.tail_hashed == hashed + 1
+
+
+def test_a_long_tail_is_folded_into_the_version_s_bytes(tmp_path, monkeypatch):
+    # Tails stay short (their copies below malloc's mmap threshold): past FOLD_BYTES the
+    # version is one string again, and the chain of links and deltas goes on across it.
+    monkeypatch.setattr(versions, "FOLD_BYTES", 3 * len(line(0)))
+    path = str(tmp_path / "client.keys")
+    with open(path, "wb") as handle:
+        handle.write(BIG)
+    store = versions.VersionStore(min_bytes=1000)
+    shas = [store.read(path, read_stable)[1]]
+    data = BIG
+    for i in range(8):
+        data += line(99000 + i)
+        with open(path, "ab") as handle:
+            handle.write(line(99000 + i))
+        got = store.read(path, read_stable)
+        assert whole(got[0]) == data and got[1] == sha(data)
+        assert store.bytes == len(data)
+        assert len(got[0]) - len(got[0]._parts[0]) <= versions.FOLD_BYTES
+        shas.append(got[1])
+    assert store.tail_hashed == 8
+    made = store.delta(shas[0], shas[-1], got[0])
+    assert made.middle == data[len(BIG):]
+
+
+def test_a_version_is_a_snapshot_whatever_is_appended_after_it():
+    # Versions of a chain share one tail; a version extended again from an older one (a
+    # file truncated back and appended otherwise) must not change what the others hold.
+    first = versions.Version(b"abc")
+    second = first.extended(b"de")
+    third = second.extended(b"fg")
+    other = second.extended(b"XY")
+    assert [versions.bytes_of(v) for v in (first, second, third, other)] == \
+        [b"abc", b"abcde", b"abcdefg", b"abcdeXY"]
+    assert third[1:6] == b"bcdef" and third[4:7] == b"efg" and third[0:2] == b"ab"
+    assert third.startswith(second) and not other.startswith(third)
+    assert other.startswith(b"abcdeX") and not other.startswith(b"abcdeZ")
+    assert third.matches(2, b"cdef") and not third.matches(2, b"cdeX")
+    assert not third.matches(5, b"fgh")  # past its end
+
+
+def test_a_version_held_as_tails_goes_whole_as_one_byte_string():
+    # The encoder sends byte strings: a version of a chain of appends is joined for a
+    # whole-file send (a peer that holds no version of the chain), with its exact size.
+    from wazuh_cluster import sync as sync_mod
+    version = versions.Version(BIG).extended(line(1)).extended(line(2))
+    batch = sync_mod.Batch()
+    batch.add_file(KEYS, version, sha(BIG + line(1) + line(2)), 1)
+    assert batch.data == [BIG + line(1) + line(2)] and isinstance(batch.data[0], bytes)
+    assert batch.files[0]["size"] == batch.size == len(BIG + line(1) + line(2))
+
+
 def test_small_files_are_never_waited_for(tmp_path):
     path = str(tmp_path / "small")
     with open(path, "wb") as handle:
         handle.write(b"x" * 10)
     reads = []
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         reads.append(p)
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     store = versions.VersionStore(min_bytes=1000)
     assert store.read(path, read)[0] == store.read(path, read)[0] == b"x" * 10
     assert len(reads) == 2
@@ -297,7 +451,7 @@ def test_older_versions_are_links_and_a_delta_spans_several_changes(tmp_path):
         with open(path, "wb") as handle:
             handle.write(b"".join(lines))
         os.utime(path, None)
-        seen.append(store.read(path, read_stable)[0])
+        seen.append(versions.bytes_of(store.read(path, read_stable)[0]))
     newest = seen[-1]
     assert store.bytes == len(newest)  # one version's bytes, whatever came before
     for base in seen[:-1]:
@@ -327,7 +481,7 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     for i in range(6):
         with open(path, "wb") as handle:
             handle.write(data)
-        assert store.read(path, read_stable)[0] == data
+        assert versions.bytes_of(store.read(path, read_stable)[0]) == data
         held.append(sha(data))
         data += line(90000 + i)
     newest = data[:-len(line(90005))]
@@ -341,7 +495,8 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     grown = racy + line(91001)
     with open(path, "wb") as handle:
         handle.write(grown)
-    assert store.read(path, read_stable)[0] == grown and store.bytes == len(grown)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == grown
+    assert store.bytes == len(grown)
     assert store.delta(sha(racy), sha(grown), grown).middle == line(91001)
     # ...and the newest known version stays linked, though the two held filled the budget:
     # the new bytes were put first and evicted it, and every peer holding it (under churn,
@@ -352,7 +507,8 @@ def test_a_peer_many_appends_behind_still_gets_a_delta(tmp_path):
     rewrite = keys(3000, start=5000)
     with open(path, "wb") as handle:
         handle.write(rewrite)
-    assert store.read(path, read_stable)[0] == rewrite and store.bytes == len(rewrite)
+    assert versions.bytes_of(store.read(path, read_stable)[0]) == rewrite
+    assert store.bytes == len(rewrite)
     assert store.delta(held[0], sha(rewrite), rewrite) is None
 
 
@@ -369,16 +525,16 @@ def test_big_files_are_read_one_at_a_time_small_ones_freely(tmp_path):
     big = {"in": 0, "most": 0}
     lock, gate = threading.Lock(), threading.Event()
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         if p.endswith("small"):
-            return read_stable(p, digest_of)
+            return read_stable(p, reading, seen)
         with lock:
             big["in"] += 1
             big["most"] = max(big["most"], big["in"])
         gate.wait(30)
         with lock:
             big["in"] -= 1
-        return read_stable(p, digest_of)
+        return read_stable(p, reading, seen)
     threads = [threading.Thread(target=store.read, args=(p, read)) for p in paths[:2]]
     for t in threads:
         t.start()
@@ -390,7 +546,7 @@ def test_big_files_are_read_one_at_a_time_small_ones_freely(tmp_path):
     for t in threads:
         t.join(30)
     assert big["most"] == 1
-    assert [store.read(p, read)[0] for p in paths[:2]] == [BIG, BIG + line(1)]
+    assert [versions.bytes_of(store.read(p, read)[0]) for p in paths[:2]] == [BIG, BIG + line(1)]
 
 
 # -- deltasend.PeerVersions ---------------------------------------------------------------------
@@ -747,7 +903,7 @@ def test_each_new_version_read_is_told_with_the_fingerprint_it_was_read_at(tmp_p
                                     "hashed_at": told[1][3]})
     assert len(calls) <= 2
 
-    def chmodded(p, digest_of=None, seen=None):
+    def chmodded(p, reading=None, seen=None):
         """Its mode changed during the read (a new ctime): read_stable's by-name check does
         not look at those, the fingerprint the internal daemon would record does."""
         real_fstat = os.fstat
@@ -760,7 +916,7 @@ def test_each_new_version_read_is_told_with_the_fingerprint_it_was_read_at(tmp_p
             return real_fstat(fd)
         monkeypatch.setattr(os, "fstat", fstat)
         try:
-            return read_stable(p, digest_of, seen)
+            return read_stable(p, reading, seen)
         finally:
             monkeypatch.setattr(os, "fstat", real_fstat)
     with open(path, "ab") as handle:

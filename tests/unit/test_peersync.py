@@ -383,14 +383,14 @@ def test_a_big_file_appended_while_it_is_read_goes_at_once_in_its_newer_version(
     added = b"03000 agent03000 any %064x\n" % 3000
     seen, reads = [], []
 
-    def read(p, digest_of=None):
+    def read(p, reading=None, seen=None):
         reads.append(p)
         if len(reads) == 1:
             with open(p, "ab") as handle:
                 handle.write(added)     # the next append, during (or just before) the read
             if torn:
                 return None
-        return sync_mod.read_stable(p, digest_of)
+        return sync_mod.read_stable(p, reading, seen)
 
     def sync_files(session, args, data):
         seen.append(data)
