@@ -887,9 +887,8 @@ class Catalog(object):
             for row in rows]
         # Which agents a node reports: the summaries of agent-info change (a client's own
         # too: _own_agents_only), those of the master's items do not (the 10 000 shared
-        # files were summarised again after every keepalive batch).
-        # A master's kept summaries of its clients' agent-info follow the table's
-        # generation instead (_node_summary): a keepalive batch's rows do not move it.
+        # files were summarised again after every keepalive batch). A master's of each
+        # client's agent-info is kept while the table's generation is (_node_summary).
         self._forget_summaries_of(set(item.source for item in self.items
                                       if item.name == "agent-info"), node_sums=False)
         return self.db.record_agents(clean, self._clock())
@@ -1017,14 +1016,16 @@ class Catalog(object):
             raise _bad("rows are [received file name, size, mtime_ns, ino, ctime_ns, "
                        "mode, sha256]")
         info = self._item_path("agent-info", "queue/agent-info") + "/"
-        followed = node in self._node_sums and self._all_directly_in(info, names, folder)
-        replaced = [] if followed else None
+        # a keepalive batch of one client: its kept summary follows it (_node_summary)
+        batch = bool(self._node_sums) and node is not None and \
+            self._all_directly_in(info, names, folder)
+        replaced = [] if batch and node in self._node_sums else None
         taken = self.scanner.learn_records(names, data, folder, replaced)
-        if followed:
+        if replaced is not None:
             self._follow_keepalives(node, replaced, data, taken)
-        elif self._node_sums and (any(taken) and (node is None or not self._all_directly_in(
-                info, names, folder)) or any(name.startswith(info) for name in names_of_rows)):
-            # agent-info files of no known client changed: every client's summary may move
+        elif self._node_sums and (any(taken) and not batch or
+                                  any(name.startswith(info) for name in names_of_rows)):
+            # agent-info of no known client may have changed: any client's summary may move
             self._node_sums = {}
         missed = self.scanner.learn_rows(rows, digests)
         size = scanner_mod.FINGERPRINT.size
