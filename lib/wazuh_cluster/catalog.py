@@ -721,7 +721,8 @@ class Catalog(object):
 
         With "node" (a master asked by that client), only the agent-info files the agents
         table says it reports. Cached until the next stored change or agents update: an
-        idle master answers its clients' rounds without a pass over 100 000 rows each.
+        idle master answers its clients' rounds without a pass over 100 000 rows each (a
+        master's of a client in form 2 follows that client's keepalives: _node_summary).
         """
         node = _opt_text(args, "node")
         try:
