@@ -458,7 +458,8 @@ def followed(home):  # noqa: F811
     return cat, c1, c2, _counting_sums(cat)
 
 
-def test_a_clients_summary_follows_its_keepalives_without_being_made_again(home, followed):  # noqa: F811,E501
+def test_a_clients_summary_follows_its_keepalives_without_being_made_again(
+        home, followed):  # noqa: F811
     """After every agent of a client kept alive (a master's 15-25 ms of CPU per client
     round on 2.7, made anew each time), its summary is what its keepalives moved: the
     summary of the files as they are now, and no file summed again."""
@@ -487,7 +488,8 @@ def test_a_moved_agent_makes_both_clients_summaries_anew(home, followed):  # noq
     assert made == [len(c1) - 1, len(c2) + 1]
 
 
-def test_a_summary_follows_some_keepalives_a_file_then_is_made_anew(home, followed):  # noqa: F811,E501
+def test_a_summary_follows_some_keepalives_a_file_then_is_made_anew(
+        home, followed):  # noqa: F811
     """Each keepalive followed costs a product; at the real rate (every file every 10 s)
     following them all would cost more than making the summary once a round."""
     from wazuh_cluster import catalog as catalog_mod
@@ -506,7 +508,8 @@ def test_a_summary_follows_some_keepalives_a_file_then_is_made_anew(home, follow
     assert made == [len(c1)]
 
 
-def test_agent_info_taken_without_a_node_makes_every_clients_summary_anew(home, followed):  # noqa: F811,E501
+def test_agent_info_taken_without_a_node_makes_every_clients_summary_anew(
+        home, followed):  # noqa: F811
     cat, c1, c2, made = followed
     _kept_alive(home, cat, c2[:2], None, 1600000000)
     for node, mine in (("c1", c1), ("c2", c2)):
