@@ -118,6 +118,9 @@ class ClusterDB(object):
         self._agent_rows = []       # [agent file name, node, keepalive_ns]: record_agents
         self._agents_since = None   # when the first of them came (record_agents' `now`)
         self._agents_failed = False  # the last write of them failed (_flush_to_read)
+        # Moves on every write of agent rows that may have changed which node reports which
+        # agent (agents_generation); a keepalive from an agent's own node does not move it.
+        self._agents_generation = 0
         self._invalid_bound = None  # an upper bound of the invalid rows (None: count them)
         self.in_memory = False
         self._open()
@@ -564,6 +567,7 @@ class ClusterDB(object):
             self._write_agents(sorted(held, key=_FIRST), self._wall())
         except sqlite3.Error:
             self._agents_failed = True
+            self._agents_generation += 1  # held rows the table does not show: as moved
             if now is not None:
                 self._agents_since = now
             raise
@@ -598,6 +602,7 @@ class ClusterDB(object):
                     "UPDATE agents SET keepalive_ns = ?, updated = ? WHERE name = ? AND node = ?"
                     " AND (? IS NULL OR keepalive_ns IS NULL OR keepalive_ns <= ?)",
                     ((r[2], now, r[0], r[1], r[2], r[2]) for r in held)).rowcount != count:
+                self._agents_generation += 1
                 def rows():
                     return ((r[1], r[2], now, r[0], r[2], r[2]) for r in held)
                 # A row updates at most one (name is the key): when all did, none is new.
@@ -606,6 +611,15 @@ class ClusterDB(object):
                         " VALUES (?, ?, ?, ?)", ((r[0], r[1], r[2], now) for r in held)
                 ).rowcount:
                     conn.executemany(full, rows())
+
+    def agents_generation(self):
+        """A number that stays the same while the agents table's node of every agent does
+        (held rows written first, as before a read): any agent row that was not a keepalive
+        from the agent's own node (a new agent, another node, an older keepalive, a failed
+        write) moves it. A master keeps each client's summary up to date through its
+        keepalives while it stays (Catalog._cmd_summary)."""
+        self._flush_to_read()
+        return self._agents_generation
 
     def agent_names(self, node, prefix=""):
         """The agent-info file names recorded as sent by `node` (a list, each once), each

@@ -492,7 +492,7 @@ class Scanner(object):
         taken = self.learn_records([row[0] for row in names], b"".join(records))
         return missed + [row for row, ok in zip(names, taken) if not ok]
 
-    def learn_records(self, names, data, folder=None):
+    def learn_records(self, names, data, folder=None, replaced=None):
         """Take each FINGERPRINT record of `data` (in the order of `names`: size, mtime_ns,
         ino, ctime_ns, st_mode, digest, as the "fingerprints" answer carries them) as the
         record of a file whose content is known to be the recorded one: a receiver gave it
@@ -507,6 +507,8 @@ class Scanner(object):
         recorded, or an older ctime (the ctime moves with every change and cannot be set),
         as when two sessions' keepalives of one file are told in the other order.
         `folder`: the one the names are all directly in, when the caller knows it.
+        `replaced`: a list to which the record each taken one replaces is appended, in
+        order (mtime_moves).
         """
         files, racy, unpack, mtime_of, seals = self._files, self._racy, \
             _INO_CTIME.unpack_from, _MTIME_NS.unpack_from, self._seals
@@ -529,6 +531,8 @@ class Scanner(object):
                     files[rel] = data[at:at + size] + old[_REC_LEN:]
                     if racy and rel in racy:
                         del racy[rel]
+                    if replaced is not None:
+                        replaced.append(old)
                     taken.append(True)
                     continue
             taken.append(False)
@@ -537,6 +541,25 @@ class Scanner(object):
                     list(itertools.compress(rels, taken))):
                 seals.pop(folder, None)
         return taken
+
+    @staticmethod
+    def mtime_moves(replaced, data, taken, sums):
+        """Add to form 2's unreduced `sums` per bucket (summary_sums') what learn_records
+        moved them by: each taken record of `data` (FINGERPRINT records, `taken` its answer)
+        against the one it `replaced` (the same content: its base is kept), its base times
+        twice the seconds its mtime moved (summary.mixed). False, with some added or none,
+        when a replaced record keeps no base (loaded from the database, never summed)."""
+        read, mtime_of, size = _SUMMED_MTIME.unpack_from, _MTIME_NS.unpack_from, \
+            FINGERPRINT.size
+        for old, index in zip(replaced, itertools.compress(itertools.count(), taken)):
+            if len(old) != _SUMMED_REC_LEN:
+                return False
+            mtime_ns, bucket, low, high = read(old)
+            moved = mtime_of(data, index * size + FINGERPRINT_MTIME_AT)[0] // 1000000000 - \
+                mtime_ns // 1000000000
+            if moved:
+                sums[bucket] += (low | (high << 64)) * 2 * moved
+        return True
 
     # -- seeding from the database ------------------------------------------------------------
 

@@ -347,6 +347,23 @@ def test_held_agent_rows_leave_the_rows_updating_them_in_turn_would(folder):
     assert stored_agents(held) == stored_agents(direct)
 
 
+def test_the_agents_generation_moves_only_when_an_agents_node_may_have(folder):
+    # A master keeps each client's summary while it stays (Catalog._node_summary): a
+    # keepalive from an agent's own node leaves it; a new agent, a move, an older keepalive
+    # (refused: the row is not what the sender thinks) move it, held rows written first.
+    db = open_db(folder)
+    db.record_agents([["a-any", "n1", 10], ["b-any", "n1", 10]])
+    first = db.agents_generation()
+    db.record_agents([["a-any", "n1", 20], ["b-any", "n1", 15]], now=1.0)
+    assert db.agents_generation() == first
+    for rows in ([["c-any", "n1", 5]], [["a-any", "n2", 30]], [["b-any", "n2", 5]]):
+        before = db.agents_generation()
+        db.record_agents(rows, now=2.0)
+        assert db.agents_generation() != before
+    assert stored_agents(db) == {"a-any": ("n2", 30), "b-any": ("n1", 15),
+                                 "c-any": ("n1", 5)}
+
+
 def test_held_agent_rows_are_written_when_due_when_many_and_at_close(folder, monkeypatch):
     db = open_db(folder)
     db.record_agents([["a-any", "n1", 1], ["b-any", "n1", 1]])

@@ -401,3 +401,118 @@ def test_a_summary_of_every_source_is_summed_from_the_kept_values(home,  # noqa:
     mine = cat.handle("summary", {"source": "master", "groups": True, "form": 2})
     assert hashed == []
     assert mine["groups"] == ["etc/shared/g0", "etc/shared/g1", "etc/shared/g2"]
+
+
+def _kept_alive(home, cat, names, node, seconds):
+    """A keepalive batch as a master's wazuh-clusterd tells it: each agent-info file given
+    mtime `seconds` (+ its index), then its lstat and checksum as "received" records."""
+    import base64
+    from wazuh_cluster import scanner as scanner_mod
+    records = []
+    for n, name in enumerate(names):
+        path = os.path.join(home, "queue/agent-info", name)
+        compat.set_mtime_ns(path, (seconds + n) * SEC + 7)
+        records.append(scanner_mod.packed_record(
+            scanner_mod.fingerprint(os.lstat(path)),
+            cat.scanner.row("queue/agent-info/" + name)[7]))
+    return cat.handle("received", {"names": ["queue/agent-info/" + n for n in names],
+                                   "records": base64.b64encode(b"".join(records)).decode(),
+                                   "node": node})
+
+
+def _of_files(cat, names, form=2):
+    return summary.of_rows([cat.scanner.row("queue/agent-info/" + n) for n in names],
+                           lambda item: item == "agent-info", form)
+
+
+def _counting_sums(cat):
+    made = []
+    real = cat.scanner.summary_sums
+
+    def summary_sums(names, *args):
+        made.append(len(names))
+        return real(names, *args)
+    cat.scanner.summary_sums = summary_sums
+    return made
+
+
+@pytest.fixture
+def followed(home):  # noqa: F811
+    """A master whose clients c1 (agents 0-19) and c2 (20-29) have had their form-2
+    summaries made once: (catalog, c1's names, c2's names, summary_sums' calls since)."""
+    clock = Clock()
+    cat = make(home, clock=clock)
+    names = ["web%02d-any" % n for n in range(30)]
+    for n, name in enumerate(names):
+        write(home, "queue/agent-info/" + name, "Linux %d" % n,
+              mtime_ns=(1500000000 + n) * SEC + 123)
+    cat.tick(clock())
+    while cat.scanner.backlog():
+        cat.tick(clock())
+    cat.handle("agent_nodes", {"rows": [[n, "c1" if i < 20 else "c2"]
+                                        for i, n in enumerate(names)]})
+    c1, c2 = names[:20], names[20:]
+    for node, mine in (("c1", c1), ("c2", c2)):
+        assert cat.handle("summary", {"source": "client", "node": node, "form": 2})[
+            "buckets"] == _of_files(cat, mine)
+    return cat, c1, c2, _counting_sums(cat)
+
+
+def test_a_clients_summary_follows_its_keepalives_without_being_made_again(
+        home, followed):  # noqa: F811
+    """After every agent of a client kept alive (a master's 15-25 ms of CPU per client
+    round on 2.7, made anew each time), its summary is what its keepalives moved: the
+    summary of the files as they are now, and no file summed again."""
+    cat, c1, c2, made = followed
+    before = cat.handle("summary", {"source": "client", "node": "c1", "form": 2})
+    _kept_alive(home, cat, c1, "c1", 1600000000)
+    cat.handle("agent_nodes", {"rows": [[n, "c1"] for n in c1]})   # as with any batch
+    after = cat.handle("summary", {"source": "client", "node": "c1", "form": 2})
+    assert after["buckets"] == _of_files(cat, c1) != before["buckets"]
+    assert cat.handle("summary", {"source": "client", "node": "c2", "form": 2})[
+        "buckets"] == _of_files(cat, c2)
+    assert made == []
+    # form 1 (an older client) mixes the mtime into the hash: made anew
+    assert cat.handle("summary", {"source": "client", "node": "c1"})["buckets"] == \
+        _of_files(cat, c1, 1)
+    assert made == [len(c1)]
+
+
+def test_a_moved_agent_makes_both_clients_summaries_anew(home, followed):  # noqa: F811
+    cat, c1, c2, made = followed
+    _kept_alive(home, cat, c1[:1], "c2", 1600000000)   # web00 now reports through c2
+    assert cat.handle("summary", {"source": "client", "node": "c1", "form": 2})[
+        "buckets"] == _of_files(cat, c1[1:])
+    assert cat.handle("summary", {"source": "client", "node": "c2", "form": 2})[
+        "buckets"] == _of_files(cat, c1[:1] + c2)
+    assert made == [len(c1) - 1, len(c2) + 1]
+
+
+def test_a_summary_follows_some_keepalives_a_file_then_is_made_anew(
+        home, followed):  # noqa: F811
+    """Each keepalive followed costs a product; at the real rate (every file every 10 s)
+    following them all would cost more than making the summary once a round."""
+    from wazuh_cluster import catalog as catalog_mod
+    cat, c1, c2, made = followed
+    for rounds in range(2):   # a round asks again: as many followed before the next
+        for wave in range(catalog_mod.NODE_SUM_KEEPALIVES):
+            _kept_alive(home, cat, c1, "c1", 1600000000 + 100 * wave + 1000 * rounds)
+        assert cat.handle("summary", {"source": "client", "node": "c1", "form": 2})[
+            "buckets"] == _of_files(cat, c1)
+    assert made == []
+    for wave in range(catalog_mod.NODE_SUM_KEEPALIVES):
+        _kept_alive(home, cat, c1, "c1", 1700000000 + 100 * wave)
+    _kept_alive(home, cat, c1[:1], "c1", 1800000000)
+    assert cat.handle("summary", {"source": "client", "node": "c1", "form": 2})[
+        "buckets"] == _of_files(cat, c1)
+    assert made == [len(c1)]
+
+
+def test_agent_info_taken_without_a_node_makes_every_clients_summary_anew(
+        home, followed):  # noqa: F811
+    cat, c1, c2, made = followed
+    _kept_alive(home, cat, c2[:2], None, 1600000000)
+    for node, mine in (("c1", c1), ("c2", c2)):
+        assert cat.handle("summary", {"source": "client", "node": node, "form": 2})[
+            "buckets"] == _of_files(cat, mine)
+    assert made == [len(c1), len(c2)]
