@@ -120,7 +120,10 @@ MAX_FINGERPRINT_NAMES = 16384
 # batch in flight, ten clients' sessions at once; an older one is dropped, and a
 # "received" referring to it is refused (its sender then sends the names).
 ASKED_KEPT = 20
-ASKED_BYTES = 6 << 20  # and the bytes their names take at most (_asked_kept; ~96 a name)
+ASKED_BYTES = 6 << 20  # and the bytes their names take at most (_asked_kept; ~110 a name)
+# What a kept name costs beyond its own size (_asked_kept): the allocator's rounding and
+# the list's pointer.
+_NAME_OVERHEAD = 16
 TICKET_LIMIT = 1 << 53  # a ticket is a JSON number any reader takes exactly
 # A master's summary of a client's agent-info follows that client's keepalives (the moves of
 # their mtimes) for up to this many per file it sums between two rounds, then is made anew
@@ -165,20 +168,21 @@ def _opt_text_list(args, key):
 
 
 def _asked_kept(names):
-    """(UTF-8 text of the names, NUL between them; how many; the bytes that takes; the
-    folder they are all directly in, or None: _one_folder) as kept for a ticket, or None
-    when they cannot be (a name with a NUL, or not UTF-8: its sender sends the names). One
-    bytes object: a list of texts took 4 bytes a character on 2.7 (UCS-4) and beyond
-    U+FFFF on 3.x, and ~50 more a name, four times what was counted."""
-    try:
-        joined = u"\0".join(names)
-        blob = joined.encode("utf-8")
-    except UnicodeError:  # a lone surrogate on 3.x; bytes not ASCII on 2.7
-        return None
+    """(the names, as a list; how many; the bytes that takes at most; the folder they are
+    all directly in, or None: _one_folder) as kept for a ticket, or None when they cannot
+    be (a name with a NUL: its sender sends the names).
+
+    The very objects the "fingerprints" answer looked up, their hashes computed (native
+    text on 3.x, and on 2.7 a batch's, from a long JSON document: compat.json_loads): its
+    "received" looks them up again (learn_records, twice a taken one) and the item check
+    hashes them. Kept as UTF-8 text in one bytes object, they were decoded, split and
+    hashed again for it (in process, 100 000 records, 2 000-name batches: "received"
+    1.85-2.16 -> 1.49-1.63 us a keepalive). A name costs its str and a pointer."""
+    joined = u"\0".join(names)  # (2.7: a JSON str is ASCII)
     if joined.count(u"\0") != len(names) - 1:
         return None
-    # the tuple, its count and size, and the OrderedDict's entry: ~200 bytes
-    return blob, len(names), sys.getsizeof(blob) + 200, _one_folder(joined, names)
+    size = sum(map(sys.getsizeof, names)) + _NAME_OVERHEAD * len(names) + 200
+    return list(names), len(names), size, _one_folder(joined, names)
 
 
 def _one_folder(joined, names):
@@ -951,16 +955,17 @@ class Catalog(object):
         kept = self._asked.pop(ticket, None) if type(ticket) in _INTS else None
         if kept is None:
             raise _bad("unknown ticket: send the names")
-        blob, kept_count, size, folder = kept
+        kept_names, kept_count, size, folder = kept
         self._asked_bytes -= size
         if type(count) not in _INTS or count != kept_count:
             raise _bad("the ticket was of %d names" % kept_count)
         if not isinstance(at, list) or not set(map(type, at)) <= _INTS or (at and (
                 min(at) < 0 or max(at) >= count)) or len(set(at)) != len(at):
             raise _bad("'at' must be a list of distinct indexes of the ticket's names")
-        # exactly the names kept: none holds a NUL (_asked_kept); made once it all matched
-        names = blob.decode("utf-8").split(u"\0")
-        return list(map(names.__getitem__, at)), folder
+        # a keepalive batch set in place whole: the names asked, in their order
+        if at == list(range(count)):
+            return kept_names, folder
+        return list(map(kept_names.__getitem__, at)), folder
 
     def _cmd_hashed(self, args):
         """wazuh-clusterd read and hashed our hot file `name` (client.keys) to push it:

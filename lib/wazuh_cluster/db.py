@@ -85,6 +85,18 @@ MIGRATIONS = (
         # naming it, even with the same value, rewrites the index entry.
         "CREATE INDEX agents_node_name ON agents (node, name)",
     )),
+    (6, (
+        # The agents table keyed by name alone (WITHOUT ROWID): a keepalive's UPDATE seeks
+        # one B-tree, not the name's index and then the table by rowid, whose pages follow
+        # the order agents were first recorded in, not the name order a flush writes in.
+        "CREATE TABLE agents_by_name (name TEXT PRIMARY KEY, node TEXT, keepalive_ns INTEGER,"
+        " updated REAL NOT NULL) WITHOUT ROWID",
+        "INSERT INTO agents_by_name (name, node, keepalive_ns, updated)"
+        " SELECT name, node, keepalive_ns, updated FROM agents WHERE name IS NOT NULL",
+        "DROP TABLE agents",
+        "ALTER TABLE agents_by_name RENAME TO agents",
+        "CREATE INDEX agents_node_name ON agents (node, name)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -227,6 +227,12 @@ def _native(name):
 _JSON_TEXT = compat.text_type if compat.PY2 else None
 
 
+def native_names(names):
+    """`names` as the map keeps them (_native each), the list itself when they are already
+    (3.x, and a long JSON document's on 2.7: compat.json_loads), looked at once a batch."""
+    return names if set(map(type, names)) <= _NATIVE else [_native(name) for name in names]
+
+
 def _kind_word(mode):
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -403,7 +409,7 @@ class Scanner(object):
         wave 0.13 -> 0.09 s on 3.11). Form 1 (an older peer) mixes the mtime into the
         SHA-256: an agent-info file's value is computed anew each time."""
         files = self._files
-        rels = names if set(map(type, names)) <= _NATIVE else [_native(name) for name in names]
+        rels = native_names(names)
         found = list(compat.imap(files.get, rels))
         if None in found or set(map(len, found)) != _SUMMED_LENS:
             # a file not known, or loaded from the database (no kept values before its
@@ -467,7 +473,7 @@ class Scanner(object):
         the records as they are: 2 000 names of a keepalive batch cost a lookup each, not a
         row of Python values and its JSON."""
         racy, none = self._racy, NO_FINGERPRINT
-        rels = [_native(name) for name in names] if compat.PY2 else names
+        rels = native_names(names)
         found = compat.imap(self._files.get, rels)
         if not racy:  # as nearly always: no lookup of each name there
             return b"".join([none if rec is None else rec[:_REC_LEN] for rec in found])
@@ -514,7 +520,7 @@ class Scanner(object):
             _INO_CTIME.unpack_from, _MTIME_NS.unpack_from, self._seals
         size = FINGERPRINT.size
         # native as they come, nearly always (a name's type is looked at once per batch)
-        rels = names if set(map(type, names)) <= _NATIVE else [_native(rel) for rel in names]
+        rels = native_names(names)
         taken = []
         # The record is compared where it lies in `data` (no slice of it unless taken).
         for at, rel, old in zip(range(0, len(data), size), rels, compat.imap(files.get, rels)):

@@ -913,6 +913,33 @@ def test_received_refers_to_the_names_asked_by_their_ticket(home, older):
     assert cat.db.agents()[learned[0][0].rpartition("/")[2]] == ("client03", int(NOW * 1e9))
 
 
+@pytest.mark.parametrize("skip", [0, 1])
+def test_a_tickets_received_learns_the_very_names_its_fingerprints_looked_up(home, skip):
+    # The names a ticket keeps are the objects the "fingerprints" answer looked up (their
+    # hashes computed), handed to learn_records as they are, not text decoded again: each
+    # lookup of a keepalive's name costs its hash and a compare with the stored key.
+    from wazuh_cluster import keepalive
+    cat, names = scanned_agent_infos(home, 4)
+    looked, learned = [], []
+    fingerprints, learn_records = cat.scanner.fingerprints, cat.scanner.learn_records
+
+    def spy_fingerprints(names):
+        looked.extend(names)
+        return fingerprints(names)
+
+    def spy_learn_records(names, data, folder=None):
+        learned.extend(names)
+        return learn_records(names, data, folder)
+    cat.scanner.fingerprints, cat.scanner.learn_records = spy_fingerprints, spy_learn_records
+    wire = Wire(cat)
+    incoming, rows = kept_alive_batch(home, cat, names)
+    known = keepalive.records(wire, incoming)
+    keepalive.tell(wire, rows[skip:], [], "client02", known)
+    assert "ticket" in wire.calls[-1][1]
+    assert learned == names[skip:] and all(a is b for a, b in zip(learned, looked[skip:]))
+    assert all(cat.scanner.get(n)["mtime_ns"] == int((NOW - 5) * 1e9) for n in names[skip:])
+
+
 def test_a_ticket_is_taken_once_and_a_mismatched_reference_is_refused_whole(home):
     # Nothing of a "received" whose ticket is unknown (an earlier run of the daemon, taken
     # already, dropped) or that does not match its names is taken; its sender then sends
@@ -987,7 +1014,12 @@ def test_only_the_latest_fingerprints_requests_are_kept_for_a_ticket(home):
     many = [u"queue/agent-info/%s-%05d" % ("a" * 100, i)
             for i in range(catalog_mod.MAX_FINGERPRINT_NAMES)]
     tickets = [cat.handle("fingerprints", {"names": many}).result["ticket"] for _ in range(4)]
-    assert sorted(cat._asked) == sorted(tickets[-3:])  # ~2 MB of UTF-8 each
+    # as many of the latest as their names' str objects fit (~2.7 MB each on 3.x, three times
+    # that as 2.7's unicode: 4 bytes a character)
+    each = sum(_held_bytes(name) for name in many)
+    assert 2.5e6 < each * (1 if sys.version_info[0] > 2 else 0.3) < 3e6
+    fit = min(4, catalog_mod.ASKED_BYTES // each)
+    assert sorted(cat._asked) == sorted(tickets[4 - fit:])
     assert cat._asked_bytes == sum(kept[2] for kept in cat._asked.values()) <= \
         catalog_mod.ASKED_BYTES
 
@@ -1302,20 +1334,19 @@ def test_the_names_kept_for_tickets_stay_within_their_bytes_in_memory(home):
 
 
 def test_names_that_cannot_be_kept_whole_get_no_ticket(home):
-    # The names of a ticket are kept as one UTF-8 text with a NUL between them: a name with
-    # a NUL (or not encodable) would come back cut or not at all, so it gets no ticket, and
-    # its sender sends the names (keepalive.tell).
+    # The folder of a ticket's names is seen in their text with a NUL between them
+    # (_one_folder): a name with a NUL gets no ticket, and its sender sends the names
+    # (keepalive.tell).
     cat = make(home)
     answer = cat.handle("fingerprints", {"names": [u"queue/agent-info/a\0b", u"queue/c"]})
     assert answer.result["count"] == 2 and "ticket" not in answer.result
     assert not cat._asked and cat._asked_bytes == 0
-    # a lone surrogate: no ticket on 3.x (UTF-8 has none), the same name back on 2.7
+    # a lone surrogate (no UTF-8 has it): the same name back
     names = [u"queue/agent-info/a", u"queue/agent-info/\udc80"]
     answer = cat.handle("fingerprints", {"names": names})
     assert answer.result["count"] == 2
-    if "ticket" in answer.result:
-        assert cat._asked_names({"ticket": answer.result["ticket"], "of": 2,
-                                 "at": [1, 0]}) == (names[::-1], u"queue/agent-info")
+    assert cat._asked_names({"ticket": answer.result["ticket"], "of": 2,
+                             "at": [1, 0]}) == (names[::-1], u"queue/agent-info")
     assert not cat._asked and cat._asked_bytes == 0
     names = [u"", u"queue/agent-info/\u00e9", u""]
     ticket = cat.handle("fingerprints", {"names": names}).result["ticket"]

@@ -319,6 +319,42 @@ def test_agent_names_reads_only_that_nodes_agents(folder):
     assert set(map(type, db.agents())) == set([compat.text_type])
 
 
+def _agent_update_plan(conn):
+    return " ".join(str(r[-1]) for r in conn.execute(
+        "EXPLAIN QUERY PLAN UPDATE agents SET keepalive_ns = ?, updated = ? WHERE name = ?"
+        " AND node = ?", (1, 1.0, "a", "n1")))
+
+
+def test_a_keepalive_updates_the_agents_table_by_one_search(folder):
+    # 10 000 keepalives a second each UPDATE an agent's row by name, a fifth of the master's
+    # internal daemon: the table is keyed by name itself (WITHOUT ROWID), so a row is one
+    # B-tree search, not the name's index then the table by rowid, and a flush in name
+    # order walks its pages once. An older database is migrated, its rows kept.
+    path = os.path.join(folder, "cluster.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (5)")
+    for _version, statements in dbmod.MIGRATIONS[:5]:
+        for sql in statements:
+            conn.execute(sql)
+    conn.executemany("INSERT INTO agents VALUES (?, ?, ?, 1.0)",
+                     [("b-any", "n1", 7), ("a-any", "n2", None)])
+    assert "sqlite_autoindex_agents_1" in _agent_update_plan(conn)
+    conn.commit()
+    conn.close()
+    db = dbmod.ClusterDB(path, ListLog())
+    assert db.version() == dbmod.SCHEMA_VERSION
+    assert stored_agents(db) == {"a-any": ("n2", None), "b-any": ("n1", 7)}
+    fresh = dbmod.ClusterDB(os.path.join(folder, "fresh.db"), ListLog())
+    for conn in (db._conn, fresh._conn):
+        assert "PRIMARY KEY (name=?)" in _agent_update_plan(conn)
+        with pytest.raises(sqlite3.OperationalError):
+            conn.execute("SELECT rowid FROM agents")
+    db.record_agents([["a-any", "n2", 9], ["c-any", "n3", 1]])
+    assert stored_agents(db) == {"a-any": ("n2", 9), "b-any": ("n1", 7), "c-any": ("n3", 1)}
+    assert db.agent_names("n2") == ["a-any"]
+
+
 def stored_agents(db):
     """The agents table as it is in the file (not what record_agents holds)."""
     return dict((r[0], (r[1], r[2])) for r in db._conn.execute(
