@@ -250,7 +250,7 @@ def shim_peaks(python, library, names, size, local=False, env=None):
 
 def main(argv):
     size = int(argv[1]) if len(argv) > 1 else 1 << 20
-    method = argv[2] if len(argv) > 2 else ("shim" if sys.version_info[0] == 2 else "traced")
+    method = (argv[2:3] or [""])[0] or ("shim" if sys.version_info[0] == 2 else "traced")
     local = len(argv) > 3 and argv[3] == "local"
     names = sorted(SHAPES)
     if method == "shim":
