@@ -109,10 +109,10 @@ def json_cost(raw, start=0, end=None):
     def count(char):
         return raw.count(char, start, end)
     length = max(0, end - start)
-    backslashes = count(b"\\")
-    kept, parsing, split = _text_cost(raw, start, end, length, backslashes)
+    backslashes, quotes = count(b"\\"), count(b'"')
+    kept, parsing, split = _text_cost(raw, start, end, length, backslashes, quotes)
     return (kept + max(parsing, split + LINE_COST * _packed_lines(backslashes, length)) +
-            _DICT * count(b"{") + _LIST * count(b"[") + _QUOTE * count(b'"') +
+            _DICT * count(b"{") + _LIST * count(b"[") + _QUOTE * quotes +
             _COLON * count(b":") + _COMMA * count(b",") + _BASE)
 
 
@@ -142,13 +142,14 @@ def _weights():
 _DICT, _LIST, _QUOTE, _COLON, _COMMA, _SLOT, _PIECE, _BASE = _weights()
 
 
-def _pieces(raw, start, end, length, backslashes, width, wide):
-    """What the pieces of strings with escapes take at most (3.6-3.8, 2.7): their text at
-    `width` a character (on 2.7 with what unicode.join allocates beyond the string it makes,
-    doubling until the pieces fit: up to the string again), a slot for every escape and every
+def _pieces(raw, start, end, length, backslashes, quotes, width, wide):
+    """What the pieces of strings with escapes take at most (3.6-3.8, 2.7): the text of the
+    longest such string (one is built at a time: _longest_escaped) at `width` a character
+    (on 2.7 with what unicode.join allocates beyond the string it makes, doubling until the
+    pieces fit: up to the string again), a slot for every escape and every
     piece of text between them, and a string for a piece of text of two bytes or more (one
-    byte is a cached character) and, `wide`, for an escape beyond U+00FF (six bytes of text
-    at least). An escape takes two bytes or more ("\\\\" is two backslashes, any other one
+    byte is a cached character) and, `wide`, for a \\u escape (one beyond U+00FF is not
+    cached). An escape takes two bytes or more ("\\\\" is two backslashes, any other one
     backslash), so a text of escapes alone (a hostile name of a million newlines) has no
     piece of text."""
     if not _PIECE:
@@ -156,8 +157,34 @@ def _pieces(raw, start, end, length, backslashes, width, wide):
     doubled = raw.count(b"\\\\", start, end)   # within a run: its "\\\\" escapes
     plain = max(0, length - 2 * backslashes + 2 * doubled)
     texts = min(backslashes + 1, plain // 2)
-    return (width * (plain + _JOIN * length) + _SLOT * (backslashes + texts) +
-            _PIECE * texts + (_PIECE * (length // 6) if wide else 0))
+    escapes = raw.count(b"\\u", start, end) if wide else 0   # each may be one
+    longest = _longest_escaped(raw, start, end, quotes)
+    return (width * (min(plain, longest) + _JOIN * longest) +
+            _SLOT * (backslashes + texts) + _PIECE * (texts + escapes))
+
+
+# Strings with escapes are looked for one by one in a text of at most this many quotes: a
+# rogue's answer of 3 000 refused names beside a 1 MiB plain one, kept answerable on 2.7.
+_QUOTES_LOOKED_AT = 1 << 16
+
+
+def _longest_escaped(raw, start, end, quotes):
+    """The most bytes of text one string holding an escape has: the longest run between an
+    opening quote and the next one that holds a backslash, when the text is known to pair
+    its quotes (no escaped quote) and has few; else the whole text."""
+    if quotes > _QUOTES_LOOKED_AT or raw.find(b'\\"', start, end) >= 0:
+        return end - start
+    longest, find = 0, raw.find
+    opening = find(b'"', start, end)
+    while opening >= 0:
+        closing = find(b'"', opening + 1, end)
+        if closing < 0:
+            closing = end
+        if closing - opening - 1 > longest and find(b"\\", opening + 1, closing) >= 0:
+            longest = closing - opening - 1
+        opening = find(b'"', closing + 1, end) if closing < end else -1
+    # a backslash outside any string (not JSON) fails the parse where it stands
+    return longest
 
 
 def json_cost_at_most(length):
@@ -182,7 +209,7 @@ _SURROGATE_ESCAPE = re.compile(br"\\u[dD][89abAB]")   # half of one beyond U+FFF
 _ASCII_BYTES = bytes(bytearray(range(128)))
 
 
-def _text_cost(raw, start, end, length, backslashes):
+def _text_cost(raw, start, end, length, backslashes, quotes):
     """(kept, parsing, split): what the strings and numbers json.loads makes of `length`
     bytes of JSON text may take, what parsing them holds besides (the text's copy: 2.7's
     bytes, 3.x's decoded str; the pieces of strings with escapes on 3.6-3.8 and 2.7) and
@@ -194,8 +221,8 @@ def _text_cost(raw, start, end, length, backslashes):
             # split copies no more than what metapack.split_copy counts once it is parsed.
             # Parsing holds the copy, a number's own copy (its int is 0.42 bytes a digit),
             # 2.7's str of a string next to its unicode, and the pieces.
-            pieces = _pieces(raw, start, end, length, backslashes, compat.TEXT_CHAR_BYTES,
-                             False) if backslashes else 0
+            pieces = _pieces(raw, start, end, length, backslashes, quotes,
+                             compat.TEXT_CHAR_BYTES, False) if backslashes else 0
             return compat.TEXT_CHAR_BYTES * length, _NARROW * length // 2 + pieces, 0
         width, decoded = compat.TEXT_CHAR_BYTES, 2 * length
         if not compat.PY2:
@@ -213,7 +240,7 @@ def _text_cost(raw, start, end, length, backslashes):
         return width * length, decoded, 0
     # the wide lines a split copies out of a string (it needs a newline: an escape)
     return (width * length,
-            decoded + _pieces(raw, start, end, length, backslashes, width, True),
+            decoded + _pieces(raw, start, end, length, backslashes, quotes, width, True),
             width * length)
 
 
@@ -222,6 +249,8 @@ def _text_cost(raw, start, end, length, backslashes):
 # the str that replaces a string's unicode (1 each)
 _NARROW = 2 * 2 if compat.PY2 else 3
 _JOIN = 1 if compat.PY2 else 0   # see _pieces
+
+
 if hasattr(bytes, "isascii"):
     def _is_ascii(raw, start, end):
         text = raw if start == 0 and end == len(raw) else raw[start:end]

@@ -2,14 +2,15 @@
 
 A peer's header is charged (protocol.json_cost, then metapack.split_copy) before it is
 parsed; the charge must bound the most memory parsing it holds at once, whatever its shape
-and on every interpreter. Each shape here is a header of about `size` bytes of text; peak()
-measures one decode (and, for packed names, their split) in this process: tracemalloc on
-3.x, the resident set's high-water mark on 2.7 (no tracemalloc), run in a child process
-with malloc returning freed large blocks at once (rss_peaks), so what it counts is pages
-touched: it can only over-count what Python held.
+and on every interpreter. Each shape here is a header of about `size` bytes of text, and
+one decode (with the split of its packed names) is measured: by tracemalloc on 3.x
+(traced_peak), on 2.7 (no tracemalloc) in a child process with SHIM preloaded, which counts
+every malloc and takes PyObject_Malloc's place (shim_peaks). The resident set is no
+measure: memory freed earlier and reused unseen made it under-count by half.
 
-Run as a script for the table of every shape: peak / charge per shape (and the local
-socket's messages, localsock.decode against localsock.json cost).
+Run as a script for the table of every shape, peak / charge:
+    python header_shapes.py [SIZE] [traced|shim] [local]
+("local": the internal daemon's messages, localsock.decode against json_cost).
 """
 from __future__ import absolute_import, division, print_function
 

@@ -274,7 +274,8 @@ def test_escapes_that_widen_no_string_cost_nothing_more():
     # (on 3.6-3.8 and 2.7 the escape is one more piece of the string: a slot, a few bytes)
     assert abs(protocol.json_cost(escaped) - protocol.json_cost(plain)) <= 256
     wider = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"\u0100"}).encode("ascii")
-    assert protocol.json_cost(wider) > protocol.json_cost(plain) + len(plain)
+    if not compat.PY2:   # 2.7's unicode is 4 bytes a character whatever it holds
+        assert protocol.json_cost(wider) > protocol.json_cost(plain) + len(plain)
 
 
 def test_the_cost_of_a_header_is_counted_in_place_as_from_a_copy():
