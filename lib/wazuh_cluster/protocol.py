@@ -146,18 +146,18 @@ def _pieces(raw, start, end, length, backslashes, quotes, width, wide):
     """What the pieces of strings with escapes take at most (3.6-3.8, 2.7): the text of the
     longest such string (one is built at a time: _longest_escaped) at `width` a character
     (on 2.7 with what unicode.join allocates beyond the string it makes, doubling until the
-    pieces fit: up to the string again), a slot for every escape and every
-    piece of text between them, and a string for a piece of text of two bytes or more (one
-    byte is a cached character) and, `wide`, for a \\u escape (one beyond U+00FF is not
-    cached). An escape takes two bytes or more ("\\\\" is two backslashes, any other one
-    backslash), so a text of escapes alone (a hostile name of a million newlines) has no
-    piece of text."""
+    pieces fit: up to the string again), a slot for every escape and every piece of text
+    between them, and a string for a piece of text of two bytes or more (one byte is a
+    cached character) and, `wide`, for a \\u escape beyond U+00FF. An escape takes two
+    bytes or more ("\\\\" is two backslashes, any other one backslash), so a text of
+    escapes alone (a hostile name of a million newlines) has no piece of text."""
     if not _PIECE:
         return 0
     doubled = raw.count(b"\\\\", start, end)   # within a run: its "\\\\" escapes
     plain = max(0, length - 2 * backslashes + 2 * doubled)
     texts = min(backslashes + 1, plain // 2)
-    escapes = raw.count(b"\\u", start, end) if wide else 0   # each may be one
+    # each \u escape beyond U+00FF may be a string (below, a cached character)
+    escapes = raw.count(b"\\u", start, end) - raw.count(b"\\u00", start, end) if wide else 0
     longest = _longest_escaped(raw, start, end, quotes)
     return (width * (min(plain, longest) + _JOIN * longest) +
             _SLOT * (backslashes + texts) + _PIECE * (texts + escapes))
