@@ -531,6 +531,37 @@ else:
 TEXT_CHAR_BYTES = 1 if not PY2 else (4 if sys.maxunicode > 0xFFFF else 2)
 JSON_NATIVE_FROM = 64 << 10  # bytes of JSON text (about 370 entries of a batch)
 
+# 2.7 and 3.6 make an int of any number of digits, in a time that grows as their square,
+# holding the GIL: a header's 400 000-digit number took 0.9 s, its 16 MiB would take some
+# 25 minutes. 3.7.14 and later refuse more than this many digits themselves (ValueError);
+# here a number that long is refused the same way (an honest one has at most 20 digits).
+MAX_INT_DIGITS = 4300
+
+
+def _bounded_int(text):
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError("a number of %d digits (at most %d)" % (len(text), MAX_INT_DIGITS))
+    return int(text)
+
+
+_INT_HOOK = {"parse_int": _bounded_int}
+# digits to "0", every other byte to ".": a run of more digits than allowed is then found by
+# one search (an int hook on every number doubled the parsing of 2 000 file entries)
+_DIGITS = bytes(bytearray(48 if 48 <= byte <= 57 else 46 for byte in range(256)))
+_TOO_MANY_DIGITS = b"0" * (MAX_INT_DIGITS + 1)
+
+
+if hasattr(sys, "set_int_max_str_digits"):
+    def _int_hook(data):
+        return {}
+else:
+    def _int_hook(data):
+        """The int hook where `data` may hold too long a number (2.7, 3.6), else none."""
+        if len(data) > MAX_INT_DIGITS and \
+                _TOO_MANY_DIGITS in bytes(data).translate(_DIGITS):
+            return _INT_HOOK
+        return {}
+
 if PY2:  # pragma: no cover - exercised by the 2.7 run
     import json as _json
 
@@ -540,12 +571,19 @@ if PY2:  # pragma: no cover - exercised by the 2.7 run
         except UnicodeError:
             return value
 
+    # Distinct keys `memo` keeps: a document's field names are few; names as keys (an
+    # answer's states) are each once anyway, and a dict of them all grown at once beside
+    # the object's own took a hostile peer's header of keys to 1.6 times its cost.
+    _MEMO_KEYS = 256
+
     def _ascii_pairs(memo):
         """An object_pairs_hook: the object with its ASCII string values (and those of a list
-        value) as str, and each key once per document in `memo` (2.7's C decoder makes a
-        new one for every object: 4 keys were 290 of a batch entry's bytes)."""
+        value) as str, and each of the first _MEMO_KEYS keys once per document in `memo`
+        (2.7's C decoder makes a new one for every object: 4 keys were 290 of a batch
+        entry's bytes)."""
         def pairs_hook(pairs):
             out = {}
+            keep = len(memo) + len(pairs) <= _MEMO_KEYS
             for key, value in pairs:
                 kind = type(value)
                 if kind is unicode:  # noqa: F821
@@ -554,7 +592,7 @@ if PY2:  # pragma: no cover - exercised by the 2.7 run
                     for at, element in enumerate(value):
                         if type(element) is unicode:  # noqa: F821
                             value[at] = _ascii_str(element)
-                out[memo.setdefault(key, key)] = value
+                out[memo.setdefault(key, key) if keep else memo.get(key, key)] = value
             return out
         return pairs_hook
 
@@ -565,15 +603,16 @@ if PY2:  # pragma: no cover - exercised by the 2.7 run
         above; that costs 2.7 twice the decoding time, so a short one is decoded as it is).
         """
         if len(data) < JSON_NATIVE_FROM:
-            return _json.loads(data)
-        return _json.loads(data, object_pairs_hook=_ascii_pairs({}))
+            return _json.loads(data, **_int_hook(data))
+        return _json.loads(data, object_pairs_hook=_ascii_pairs({}), **_int_hook(data))
 else:
     import json as _json
 
     def json_loads(data):
         """json.loads of a peer's or the internal daemon's message, UTF-8 `data` (bytes, or
         a memoryview of them: decoded where they lie)."""
-        return _json.loads(str(data, "utf-8"))
+        hook = _int_hook(data)   # its copies gone before the text is decoded
+        return _json.loads(str(data, "utf-8"), **hook)
 
 
 class _NoLock(object):

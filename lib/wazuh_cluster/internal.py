@@ -147,7 +147,7 @@ class InternalLoop(object):
     def answer(self, body, conn):
         """The reply to one request; its "result" may be a localsock.WithData."""
         try:
-            request = localsock.decode(body)
+            request = localsock.decode(body, localsock.MAX_REQUEST_COST)
         except ProtocolError as err:
             return localsock.error_reply(None, "protocol", str(err))
         request_id = request.get("id")

@@ -15,6 +15,7 @@ import collections
 import json
 import re
 import struct
+import sys
 import zlib
 
 from wazuh_cluster import compat, compresscache, metapack
@@ -89,25 +90,110 @@ def decode_body(body, max_header=MAX_HEADER_BYTES):
 
 
 def json_cost(raw, start=0, end=None):
-    """About the most bytes of Python objects that json.loads(raw) can make (raw: bytes;
+    """The most bytes json.loads(raw) holds at once, its text's copy included (raw: bytes;
     `start`, `end`: of the text within raw, which is not copied).
 
-    JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 24 times
-    its size): every structure, string, member and element is counted at what CPython
-    spends on it, from the characters that open them, before anything is parsed, and the
-    lines a header's packed updates may be split into at LINE_COST each (_packed_lines). A text
-    character is counted at what a decoded one may take (_text_cost). What splitting packed
-    names copies out of their text is counted once they are parsed (metapack.split_copy).
+    JSON text of a few bytes can become tens of bytes of objects ("[[],[],...]": 30 times
+    its size): every structure, string, member and element is counted at what this
+    interpreter spends on it at most (_weights), from the characters that open them, before
+    anything is parsed. A text character is counted at what a decoded one may take, and
+    what only parsing holds (the text's copy, the pieces of strings with escapes) apart
+    (_text_cost): the lines a header's packed updates may be split into, at LINE_COST each
+    (_packed_lines), come once it is parsed, so only the larger of the two is counted. What
+    splitting packed names copies out of their text is counted once they are parsed
+    (metapack.split_copy). tests/unit/header_shapes.py measures the peak of each hostile
+    shape against it (test_header_peaks).
     """
     end = len(raw) if end is None else min(end, len(raw))
 
     def count(char):
         return raw.count(char, start, end)
     length = max(0, end - start)
-    backslashes = count(b"\\")
-    return (_text_cost(raw, start, end, length, backslashes) +
-            64 * (count(b"{") + count(b"[")) + 30 * count(b'"') + 40 * count(b":") +
-            36 * count(b",") + LINE_COST * _packed_lines(backslashes, length))
+    backslashes, quotes = count(b"\\"), count(b'"')
+    kept, parsing, split = _text_cost(raw, start, end, length, backslashes, quotes)
+    return (kept + max(parsing, split + LINE_COST * _packed_lines(backslashes, length)) +
+            _DICT * count(b"{") + _LIST * count(b"[") + _QUOTE * quotes +
+            _COLON * count(b":") + _COMMA * count(b",") + _BASE)
+
+
+def _weights():
+    """(dict, list, quote, colon, comma, slot, piece, base): the most bytes json.loads holds
+    for each "{", "[", '"', ":" and "," of its text beyond the text's own characters, for
+    each piece of a string with escapes (_pieces) and for any text (the decoder's own
+    objects), here (measured by tests/unit/header_shapes.py, every shape's peak, rounded
+    up):
+    - a "[" is a list grown to its first element (88 bytes on 3.11, 130 on 2.7);
+    - a "{" a dict (64 bytes on 3.9+, 240 on 3.6-3.7, 280 on 2.7 with its list of pairs);
+    - a ":" its key and its entries in the object's dict and the decoder's memo of keys,
+      both just grown (the most a key takes: 177 bytes on 3.11, 217 on 3.6, 2.7's pair
+      and dict 370); a "," an element's slot or a member;
+    - a piece: 3.6-3.8 and 2.7 build a string with escapes as a list of pieces, the text
+      before each escape and the escape, each a string but a single Latin-1 character
+      (cached): its slot in the list (9 bytes, twice that while the list grows) and its
+      string (3.x: 49-76 bytes beyond its characters; 2.7: unicode, 88). "ab\\n" repeated
+      peaked at 18.8 MB for 1 MB of text on 3.6; 3.9+ write the string in place."""
+    if compat.PY2:
+        return 300, 136, 30, 256, 40, 20, 120, 32768
+    if sys.version_info < (3, 9):
+        return 256, 112, 30, 112, 36, 20, 96, 4096
+    return 64, 96, 30, 72, 36, 0, 0, 4096
+
+
+_DICT, _LIST, _QUOTE, _COLON, _COMMA, _SLOT, _PIECE, _BASE = _weights()
+
+
+def _pieces(raw, start, end, length, backslashes, quotes, width, wide):
+    """What the pieces of strings with escapes take at most (3.6-3.8, 2.7): the text of the
+    longest such string (one is built at a time: _longest_escaped) at `width` a character
+    (on 2.7 with what unicode.join allocates beyond the string it makes, doubling until the
+    pieces fit: up to the string again), a slot for every escape and every piece of text
+    between them, and a string for a piece of text of two bytes or more (one byte is a
+    cached character) and, `wide`, for a \\u escape beyond U+00FF. An escape takes two
+    bytes or more ("\\\\" is two backslashes, any other one backslash), so a text of
+    escapes alone (a hostile name of a million newlines) has no piece of text."""
+    if not _PIECE:
+        return 0
+    doubled = raw.count(b"\\\\", start, end)   # within a run: its "\\\\" escapes
+    plain = max(0, length - 2 * backslashes + 2 * doubled)
+    texts = min(backslashes + 1, plain // 2)
+    # each \u escape beyond U+00FF may be a string (below, a cached character)
+    escapes = raw.count(b"\\u", start, end) - raw.count(b"\\u00", start, end) if wide else 0
+    longest = _longest_escaped(raw, start, end, quotes)
+    return (width * (min(plain, longest) + _JOIN * longest) +
+            _SLOT * (backslashes + texts) + _PIECE * (texts + escapes))
+
+
+# Strings with escapes are looked for one by one in a text of at most this many quotes: a
+# rogue's answer of 3 000 refused names beside a 1 MiB plain one, kept answerable on 2.7.
+_QUOTES_LOOKED_AT = 1 << 16
+
+
+def _longest_escaped(raw, start, end, quotes):
+    """The most bytes of text one string holding an escape has: the longest run between an
+    opening quote and the next one that holds a backslash, when the text is known to pair
+    its quotes (no escaped quote) and has few; else the whole text."""
+    if quotes > _QUOTES_LOOKED_AT or raw.find(b'\\"', start, end) >= 0:
+        return end - start
+    longest, find = 0, raw.find
+    opening = find(b'"', start, end)
+    while opening >= 0:
+        closing = find(b'"', opening + 1, end)
+        if closing < 0:
+            closing = end
+        if closing - opening - 1 > longest and find(b"\\", opening + 1, closing) >= 0:
+            longest = closing - opening - 1
+        opening = find(b'"', closing + 1, end) if closing < end else -1
+    # a backslash outside any string (not JSON) fails the parse where it stands
+    return longest
+
+
+def json_cost_at_most(length):
+    """The most json_cost gives any text of `length` bytes, without reading it (a caller
+    whose bound this is under needs not count): every byte the dearest structure or escape
+    with its packed line's share, and text at its widest, with what splitting copies."""
+    per_byte = max(_DICT, _LIST, _QUOTE, _COLON, _COMMA,
+                   _SLOT + LINE_COST // _PACKED_LINE_TEXT + 1, (_SLOT + _PIECE) // 2 + 1)
+    return length * (per_byte + _PIECE // 6 + 1 + 5 * 4) + _BASE
 
 
 # A string holds its characters at the width of its widest one: on 2.7 a non-ASCII one is
@@ -123,30 +209,46 @@ _SURROGATE_ESCAPE = re.compile(br"\\u[dD][89abAB]")   # half of one beyond U+FFF
 _ASCII_BYTES = bytes(bytearray(range(128)))
 
 
-def _text_cost(raw, start, end, length, backslashes):
-    """What the strings json.loads makes of `length` bytes of JSON text may take, their
-    text's decoded copy (3.x) and what splitting packed names may copy of them, for wide
-    characters: one byte of text is at most one character."""
+def _text_cost(raw, start, end, length, backslashes, quotes):
+    """(kept, parsing, split): what the strings and numbers json.loads makes of `length`
+    bytes of JSON text may take, what parsing them holds besides (the text's copy: 2.7's
+    bytes, 3.x's decoded str; the pieces of strings with escapes on 3.6-3.8 and 2.7) and
+    what splitting packed names may copy of them beyond split_copy, for wide characters.
+    One byte of text is at most one character."""
     if _is_ascii(raw, start, end):
         if not backslashes or not _WIDE_ESCAPE.search(raw, start, end):
-            # every string narrow (1 byte a character on 3.x, ASCII str on 2.7): a split
-            # copies no more than what metapack.split_copy counts once it is parsed
-            return compat.TEXT_CHAR_BYTES * length
-        width, decoded = compat.TEXT_CHAR_BYTES, 0
+            # every string narrow (1 byte a character on 3.x; on 2.7 unicode, then str): a
+            # split copies no more than what metapack.split_copy counts once it is parsed.
+            # Parsing holds the copy, a number's own copy (its int is 0.42 bytes a digit),
+            # 2.7's str of a string next to its unicode, and the pieces.
+            pieces = _pieces(raw, start, end, length, backslashes, quotes,
+                             compat.TEXT_CHAR_BYTES, False) if backslashes else 0
+            return compat.TEXT_CHAR_BYTES * length, _NARROW * length // 2 + pieces, 0
+        width, decoded = compat.TEXT_CHAR_BYTES, 2 * length
         if not compat.PY2:
             width = 4 if _SURROGATE_ESCAPE.search(raw, start, end) else 2
-            # the text decoded (a byte a character), and a string's buffer at its width
-            # before the escape, kept next to the wider one while the decoder widens it,
-            # both over-allocated by a quarter ("a" * 10 ** 6 + "\u0100" escaped peaked at
-            # 4.75 times its text, against 4 counted)
-            decoded = length + width * length // 2
-    elif compat.PY2:
-        width, decoded = compat.TEXT_CHAR_BYTES, 0
+            # the text decoded (a byte a character), and a string's buffer before an
+            # escape widens it, kept next to the wider one while the decoder widens it,
+            # both over-allocated by a quarter: a string widened to 2 bytes a character
+            # peaked at 4.75 times its text, one widened to 2 then 4 at 8.5 times
+            decoded = (1 + width) * length
+    elif compat.PY2:   # the text's copy, and what its encoding as ASCII made before failing
+        width, decoded = compat.TEXT_CHAR_BYTES, 2 * length
     else:   # 3.x decodes the whole text first, at the width of its widest character
         width, decoded = 4, 4 * length
-    # the strings, and the wide lines a split copies out of one (it needs a newline: an escape)
-    copies = 2 if backslashes else 1
-    return width * length * copies + decoded
+    if not backslashes:
+        return width * length, decoded, 0
+    # the wide lines a split copies out of a string (it needs a newline: an escape)
+    return (width * length,
+            decoded + _pieces(raw, start, end, length, backslashes, quotes, width, True),
+            width * length)
+
+
+# What parsing holds beyond the strings, in halves of a byte a byte of ASCII text: the
+# copy (1) and a number's (1, of which its int keeps 0.42) on 3.x; on 2.7 the copy and
+# the str that replaces a string's unicode (1 each)
+_NARROW = 2 * 2 if compat.PY2 else 3
+_JOIN = 1 if compat.PY2 else 0   # see _pieces
 
 
 if hasattr(bytes, "isascii"):
@@ -229,13 +331,24 @@ else:
 def _parse_header(raw):
     try:
         header = compat.json_loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise ProtocolError("header is not valid JSON")
+    except ValueError as err:
+        raise ProtocolError("header is not valid JSON%s" % number_too_long(err))
     except RuntimeError:  # nested deeper than the recursion limit (3.x: RecursionError)
         raise ProtocolError("header is nested too deep")
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     return header
+
+
+def number_too_long(err):
+    """What to add to "not valid JSON" when a number was refused for its digits
+    (compat.MAX_INT_DIGITS; 3.7.14+ refuse it themselves): the error's own text holds
+    the peer's digit count, nothing of its text."""
+    if "digits" not in str(err):
+        return ""
+    return ": a number of more than %d digits" % compat.MAX_INT_DIGITS
 
 
 def worth_compressing(data):

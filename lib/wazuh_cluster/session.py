@@ -51,9 +51,9 @@ MISSED_KEEPALIVES = 3
 CONTROL_FRAME_FREE = 64 << 10
 MIN_COST = 4096      # what a queued request costs at least (its header dict, its tuple)
 # The window of a message that fits in one uncompressed frame: this many times the frame, at
-# least SMALL_WINDOW (protocol.json_cost is at most about 37 times a JSON text of narrow
-# strings; one with wide characters, never an honest peer's, may cost more and is then
-# refused as too large).
+# least SMALL_WINDOW (protocol.json_cost of an honest header is at most 17 times its text:
+# 2.7, file entries as objects; a denser one, never an honest peer's, may cost up to ~110
+# times, "[{},{},...]" on 2.7, and is then refused as too large).
 SMALL_MESSAGE_COST = 40
 SMALL_WINDOW = 64 << 10
 FRAME_COPIES = 2     # copies of a frame besides its body while it is read (see _admit)

@@ -950,7 +950,8 @@ def test_a_parked_requests_header_is_costed_once(monkeypatch):
     real_unpark = b._unpark
     b._unpark = lambda *args: unparked.append(1) or real_unpark(*args)
     try:
-        result, _ = a.call("echo", {"x": u"marker-of-this-request", "y": [u"z"] * 1000})
+        names = [u"queue/agent-info/agent%04d-any" % i for i in range(150)]
+        result, _ = a.call("echo", {"x": u"marker-of-this-request", "y": names})
         assert result == {"n": 2}
         assert unparked == [1] and counted == [1]
     finally:

