@@ -927,9 +927,9 @@ def test_a_tickets_received_learns_the_very_names_its_fingerprints_looked_up(hom
         looked.extend(names)
         return fingerprints(names)
 
-    def spy_learn_records(names, data, folder=None):
+    def spy_learn_records(names, data, folder=None, replaced=None):
         learned.extend(names)
-        return learn_records(names, data, folder)
+        return learn_records(names, data, folder, replaced)
     cat.scanner.fingerprints, cat.scanner.learn_records = spy_fingerprints, spy_learn_records
     wire = Wire(cat)
     incoming, rows = kept_alive_batch(home, cat, names)
