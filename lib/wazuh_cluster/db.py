@@ -99,6 +99,10 @@ MIGRATIONS = (
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+# WITHOUT ROWID came with SQLite 3.8.2: on an older library (CentOS 6's 3.6.20, CentOS 7's
+# 3.7.17) a migration that needs it is recorded as done without its statements; the table
+# it would rebuild keeps its rowid, with the same columns and key.
+_WITHOUT_ROWID_SINCE = (3, 8, 2)
 
 
 class _Unusable(Exception):
@@ -201,6 +205,9 @@ class ClusterDB(object):
         for version, statements in MIGRATIONS:
             if version <= current:
                 continue
+            if sqlite3.sqlite_version_info < _WITHOUT_ROWID_SINCE and \
+                    any("WITHOUT ROWID" in sql for sql in statements):
+                statements = ()
             with self.transaction() as conn:
                 for sql in statements:
                     conn.execute(sql)

@@ -355,6 +355,20 @@ def test_a_keepalive_updates_the_agents_table_by_one_search(folder):
     assert db.agent_names("n2") == ["a-any"]
 
 
+def test_an_old_sqlite_migrates_without_without_rowid(folder, monkeypatch):
+    # SPEC section 1: the SQL runs on SQLite 3.6.20 (CentOS 6; CentOS 7 has 3.7.17), and
+    # WITHOUT ROWID came with 3.8.2: there, schema 6 failed with a syntax error at every
+    # start. The agents table keeps its rowid and works as before.
+    monkeypatch.setattr(dbmod.sqlite3, "sqlite_version_info", (3, 6, 20))
+    db = open_db(folder)
+    assert db.version() == dbmod.SCHEMA_VERSION
+    db._conn.execute("SELECT rowid FROM agents").fetchall()  # a table with its rowid
+    db.record_agents([["a-any", "n2", 9], ["c-any", "n3", 1]])
+    assert stored_agents(db) == {"a-any": ("n2", 9), "c-any": ("n3", 1)}
+    assert db.agent_names("n2") == ["a-any"]
+    db.close()
+
+
 def stored_agents(db):
     """The agents table as it is in the file (not what record_agents holds)."""
     return dict((r[0], (r[1], r[2])) for r in db._conn.execute(
