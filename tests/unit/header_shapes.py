@@ -77,6 +77,12 @@ def _keys(size):
     return b"{" + b",".join(b'"k%d":0' % i for i in range(size // 8)) + b"}"
 
 
+def _objects_of_distinct_keys(size):
+    """[{"0":0},{"1":0},...]: many small objects, each with a key of its own (a new key
+    string, an entry of the decoder's memo of keys, and its dict's table of entries)."""
+    return b'{"x":[' + b",".join(b'{"%d":0}' % i for i in range(size // 12)) + b"]}"
+
+
 def _nested(size, depth=400):
     one = b"[" * depth + b"]" * depth
     return b'{"x":[' + b",".join([one] * max(1, size // (len(one) + 1))) + b"]}"
@@ -95,6 +101,7 @@ SHAPES = {
     "duplicate-keys": lambda size: b"{" + _repeat(b'"a":0,', size)[:-1] + b"}",
     "lists": lambda size: b'{"x":[' + _repeat(b"[],", size)[:-1] + b"]}",
     "objects": lambda size: b'{"x":[' + _repeat(b"{},", size)[:-1] + b"]}",
+    "objects-distinct-keys": _objects_of_distinct_keys,
     "nested": _nested,
     "literals": lambda size: b'{"x":[' + _repeat(b"true,null,", size)[:-1] + b"]}",
     "floats": lambda size: b'{"x":[' + _repeat(b"1.5,", size)[:-1] + b"]}",
