@@ -5,8 +5,9 @@ database is a cache of what the files and the peers say: it can always be rebuil
 rescan, so a corrupt, unreadable or foreign file is moved aside and a fresh one created
 instead of refusing to start (a crash loop helps nobody).
 
-SQL stays within SQLite 3.6.20 (CentOS 6): no UPSERT (INSERT OR REPLACE instead), no WITHOUT
-ROWID, no CTEs, no partial indexes; WAL only where the library has it; connect(timeout=...)
+SQL stays within SQLite 3.6.20 (CentOS 6): no UPSERT (INSERT OR REPLACE instead), no CTEs,
+no partial indexes; WAL and the agents table WITHOUT ROWID (migration 6) only where the
+library has them, the same table with a rowid elsewhere; connect(timeout=...)
 instead of PRAGMA busy_timeout; writers in BEGIN IMMEDIATE through transaction(); bound
 parameters only; one transaction per batch (keepalives: per second, ClusterDB.record_agents).
 """
