@@ -251,7 +251,9 @@ class VersionStore(object):
                     self.waiting -= 1
         if mine is None:  # small, or changed under every read we waited for: read it here
             if not self.wanted(fp[0]):
-                return self._read(path, read_func)
+                # outside _one_read: not from the version held, whose tail only one read
+                # at a time may extend (the file may have grown big again since its lstat)
+                return self._read(path, read_func, extend=False)
             with self._one_read:
                 return self._read(path, read_func)
         try:
@@ -262,8 +264,8 @@ class VersionStore(object):
                 del self._reading[path]
             mine.set()
 
-    def _read(self, path, read_func):
-        reading = self._reading_of(path)
+    def _read(self, path, read_func, extend=True):
+        reading = self._reading_of(path) if extend else _Reading(self, None, None)
         seen = [] if self.told is not None else None
         got = read_func(path, reading, seen)
         if got is not None and seen:

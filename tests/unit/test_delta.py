@@ -268,6 +268,24 @@ def test_an_edit_in_place_with_an_append_is_hashed_whole(tmp_path, monkeypatch):
     assert store.read(path, read_stable)[1] == sha(shrunk) and store.tail_hashed == 0
 
 
+def test_a_read_of_a_file_seen_small_does_not_extend_the_version_held(tmp_path, monkeypatch):
+    # A file seen small is read outside the store's one big read at a time: had it grown
+    # big again from the version held, that read extended the shared tail beside the big
+    # read's, and one version's bytes were the other's append.
+    path, store, fed = _big_keys(tmp_path, monkeypatch)
+    held = store.read(path, read_stable)[0]
+    with open(path, "wb") as handle:
+        handle.write(b"small\n")
+
+    def grown_back(p, reading, seen=None):
+        with open(p, "wb") as handle:   # between the lstat and the read
+            handle.write(BIG + line(99999))
+        return read_stable(p, reading, seen)
+    got = store.read(path, grown_back)
+    assert versions.bytes_of(got[0]) == BIG + line(99999) and got[1] == sha(BIG + line(99999))
+    assert store.tail_hashed == 0 and whole(held) == BIG
+
+
 def whole(version):
     """Its bytes, without joining it (a join is kept: the chain would end there)."""
     return version[0:len(version)]
