@@ -11,6 +11,9 @@ import time
 
 PY2 = sys.version_info[0] == 2
 VERSION = "%d.%d.%d" % sys.version_info[:3]
+# 3.9 and later build a string with escapes in place; before, from a list of its pieces
+# (what protocol.json_cost charges for them)
+JSON_PIECES = sys.version_info < (3, 9)
 
 if PY2:  # pragma: no cover - exercised by the 2.7 run
     import SocketServer as socketserver  # noqa: F401

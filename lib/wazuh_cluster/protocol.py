@@ -15,7 +15,6 @@ import collections
 import json
 import re
 import struct
-import sys
 import zlib
 
 from wazuh_cluster import compat, compresscache, metapack
@@ -137,7 +136,7 @@ def _weights():
     times its charge on 3.9-3.10 and 1.2 times on 3.11-3.13 at 64."""
     if compat.PY2:
         return 300, 136, 30, 256, 40, 20, 120, 32768
-    if sys.version_info < (3, 9):
+    if compat.JSON_PIECES:
         return 256, 112, 30, 112, 36, 20, 96, 4096
     return 256, 96, 30, 72, 36, 0, 0, 4096
 
